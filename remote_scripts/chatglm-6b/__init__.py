@@ -1,0 +1,1 @@
+"""Model, config and tokenizer code for chatglm-6b; copy this folder's .py files next to the official weights."""

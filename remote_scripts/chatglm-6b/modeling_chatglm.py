@@ -1,0 +1,523 @@
+"""ChatGLM-6B (GLM) model, written for this toolkit to run on current PyTorch and transformers 5.x.
+
+Loads the official checkpoints unchanged (same parameter names and shapes) and computes the same function as the
+official code: post-LN "DeepNorm" blocks (residual = sqrt(2L) * normalised input), per-head fused QKV, 2-D rotary
+positions (main position | block position), a prefix-LM mask (the context before <sop> is bidirectional), plain GeLU
+MLP and an output layer tied to the word embeddings.
+
+Differences from the official code, all on purpose:
+- Inputs take the usual 2-D padding mask (1 = token, 0 = pad); the model derives the prefix-LM mask and the 2-D
+  positions itself, without per-sample host syncs. The official boolean [B, 1, S, S] mask (True = blocked) is
+  still accepted by forward().
+- The KV cache is a transformers `Cache` (batch-first), attention is `scaled_dot_product_attention`.
+- Rotary angles: frequencies are rounded to fp16 exactly as the official module builds them; the angles are
+  computed in fp32 and rounded to fp16 for half-precision models, which reproduces the official fp32 and fp16
+  tables (bf16 models get the fp16 table the model was trained with instead of a coarser bf16 one).
+"""
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_chatglm import ChatGLMConfig
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """Official NaN/Inf guard: if any score is not finite, force token id 5 (kept for identical behaviour)."""
+
+    def __call__(self, input_ids, scores):
+        bad = ~torch.isfinite(scores).all()
+        forced = torch.zeros_like(scores)
+        forced[..., 5] = 5e4
+        return torch.where(bad, forced, scores)
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None):
+    """Position i predicts labels[i+1]; cross-entropy in fp32; -100 is ignored.
+
+    With `num_items_in_batch` (passed by the Trainer under gradient accumulation) the sum is divided by the number of
+    target tokens of the whole accumulated batch, so accumulation gives the same gradient as one large batch.
+    """
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:].to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class RotaryEmbedding(nn.Module):
+    """Frequencies for one 64-dim half of a head. `inv_freq` is a buffer only so that the state dict has the official
+    key; like the official code we never read it back, the table always comes from the formula."""
+
+    def __init__(self, dim, base=10000.0, device=None):
+        super().__init__()
+        self.dim = dim
+        self.base = base
+        self.register_buffer("inv_freq", self.frequencies(device), persistent=True)
+
+    def frequencies(self, device=None):
+        # The official module rounds the frequencies to fp16 when it is built; the trained weights expect that.
+        exact = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
+        return exact.half().float()
+
+    def forward(self, positions, dtype):
+        """positions [B, S] -> (cos, sin), each [B, 1, S, dim] (frequencies repeated for the rotate-half layout)."""
+        angles = positions[..., None].float() * self.frequencies(positions.device)
+        if dtype != torch.float32:
+            angles = angles.half().float()  # the official half-precision table holds fp16 angles
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_2d(x, main, block):
+    """First half of each head rotated by the main position, second half by the block position (rotate-half pairs)."""
+    x_main, x_block = x.chunk(2, dim=-1)
+    x_main = x_main * main[0] + rotate_half(x_main) * main[1]
+    x_block = x_block * block[0] + rotate_half(x_block) * block[1]
+    return torch.cat((x_main, x_block), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, device=device)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, device=device)
+        self.rotary_emb = RotaryEmbedding(self.head_dim // 2, device=device)
+
+    def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
+        batch, seq, _ = hidden_states.shape
+        # Fused rows come in per-head blocks of [q | k | v].
+        qkv = self.query_key_value(hidden_states).view(batch, seq, self.num_heads, 3 * self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))
+        main, block = rotary
+        q, k = apply_rotary_2d(q, main, block), apply_rotary_2d(k, main, block)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        elif prefix_key is not None:
+            k, v = torch.cat((prefix_key, k), dim=2), torch.cat((prefix_value, v), dim=2)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and seq > 1)
+        return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class GLU(nn.Module):
+    """The official name; the MLP is plain (not gated): dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))."""
+
+    def __init__(self, config, device=None):
+        super().__init__()
+        inner = config.inner_hidden_size or 4 * config.hidden_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner, device=device)
+        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size, device=device)
+
+    def forward(self, hidden_states):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx, device=None):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+        self.attention = SelfAttention(config, layer_idx, device=device)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+        self.mlp = GLU(config, device=device)
+        self.alpha = math.sqrt(2 * config.num_layers)
+
+    def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
+        normed = self.input_layernorm(hidden_states)
+        hidden_states = normed * self.alpha + self.attention(normed, attention_mask, rotary, prefix_key, prefix_value, past_key_values)
+        normed = self.post_attention_layernorm(hidden_states)
+        return normed * self.alpha + self.mlp(normed)
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2 prefix: per layer one key and one value of `pre_seq_len` positions for every head."""
+
+    def __init__(self, config):
+        super().__init__()
+        width = config.num_layers * config.hidden_size * 2
+        self.prefix_projection = config.prefix_projection
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, width)
+            )
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, width)
+
+    def forward(self, prefix):
+        embedded = self.embedding(prefix)
+        return self.trans(embedded) if self.prefix_projection else embedded
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.frequencies(module.inv_freq.device))
+
+    def get_position_ids(self, input_ids, attention_mask=None):
+        """[B, 2, S] 2-D positions of a full sequence, counted from its first real token (left padding gets 0).
+
+        Row 0 (main): the index before <sop>, the [gMASK] (else [MASK]) index from <sop> on.
+        Row 1 (block): 0 before <sop>, then 1, 2, 3, ..."""
+        batch, seq = input_ids.shape
+        index = torch.arange(seq, device=input_ids.device)
+        relative = index.expand(batch, -1) if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        context_len = first_index(input_ids == self.config.bos_token_id, default=seq)
+        gmask, mask = input_ids == self.config.gmask_token_id, input_ids == self.config.mask_token_id
+        mask_index = first_index(gmask, default=first_index(mask, default=(context_len - 1).clamp(min=0)))
+        after = index[None] >= context_len[:, None]
+        start = relative.gather(1, context_len.clamp(max=seq - 1)[:, None])
+        main = torch.where(after, relative.gather(1, mask_index[:, None]), relative)
+        block = torch.where(after, relative - start + 1, 0)
+        return torch.stack((main, block), dim=1)
+
+
+def first_index(hits, default):
+    """Index of the first True per row, `default` where a row has none."""
+    index = hits.int().argmax(-1)
+    return torch.where(hits.any(-1), index, torch.as_tensor(default, device=hits.device))
+
+
+def build_glm_attention_mask(input_ids, attention_mask, query_len, past_len, prefix_len, bos_token_id):
+    """Boolean mask [B, 1, q, prefix+past+q] with True = may attend, or None where SDPA needs none.
+
+    Prefill: key j is visible from query i iff j is in the context (before <sop>) or j <= i. Decoding: every earlier
+    key. Padding keys are hidden; padded query rows see every key so that no softmax row is empty."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        allowed = ~attention_mask.bool()  # official format: True = blocked
+        if prefix_len:
+            allowed = torch.cat((allowed.new_ones(*allowed.shape[:-1], prefix_len), allowed), dim=-1)
+        return allowed | ~allowed.any(-1, keepdim=True)  # fully blocked (pad) rows: avoid NaN
+    key_len = prefix_len + past_len + query_len
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    key_index = torch.arange(key_len, device=input_ids.device) - prefix_len  # prefix columns are negative: visible
+    query_index = torch.arange(query_len, device=input_ids.device) + past_len
+    allowed = key_index[None, None, :] <= query_index[None, :, None]
+    if past_len == 0:
+        context_len = first_index(input_ids == bos_token_id, default=query_len)
+        allowed = allowed | (key_index[None, None, :] < context_len[:, None, None])
+    elif query_len == 1 and not padded:
+        return None
+    if padded:
+        keep = attention_mask.bool()
+        key_keep = torch.cat((keep.new_ones(keep.shape[0], prefix_len), keep), dim=-1)
+        allowed = (allowed & key_keep[:, None, :]) | ~keep[:, -query_len:, None]
+    return allowed[:, None]
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
+        super().__init__(config)
+        if config.quantization_bit:
+            raise ValueError(
+                f"config.json sets quantization_bit={config.quantization_bit}: the official int4/int8 checkpoints need "
+                "cpm_kernels, which has no Hopper support. Load the fp16/bf16 weights instead (quantize after loading)."
+            )
+        self.num_layers = config.num_layers
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
+        self.layers = nn.ModuleList([GLMBlock(config, i, device=device) for i in range(config.num_layers)])
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+        self.pre_seq_len = config.pre_seq_len or 0
+        if self.pre_seq_len:
+            # P-tuning v2 trains only the prefix: freeze the rest, as the official model does.
+            for param in self.parameters():
+                param.requires_grad = False
+            self.prefix_encoder = PrefixEncoder(config)
+            self.prefix_dropout = nn.Dropout(0.1)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def get_prompt(self, batch_size, device, dtype):
+        """Prefix keys/values per layer, each [B, heads, pre_seq_len, head_dim]."""
+        prefix = torch.arange(self.pre_seq_len, device=device)[None].expand(batch_size, -1)
+        past = self.prefix_encoder(prefix).to(dtype)
+        past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_heads, self.head_dim)
+        past = self.prefix_dropout(past).permute(2, 0, 3, 1, 4)  # [2L, B, heads, pre, d]
+        return [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if isinstance(past_key_values, (tuple, list)):
+            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a tuple")
+        if input_ids is None:
+            raise ValueError("ChatGLM-6B needs input_ids: the <sop> and [gMASK] tokens define its positions and mask")
+        hidden_states = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        prefix_kv = [(None, None)] * self.num_layers
+        if self.pre_seq_len and cached == 0:
+            prefix_kv = self.get_prompt(batch, hidden_states.device, hidden_states.dtype)
+            if past_key_values is not None:
+                for layer_idx, (key, value) in enumerate(prefix_kv):
+                    past_key_values.update(key, value, layer_idx)
+                prefix_kv = [(None, None)] * self.num_layers
+                cached = self.pre_seq_len
+        past_len = max(cached - self.pre_seq_len, 0)
+
+        if position_ids is None:
+            if past_len:
+                raise ValueError("ChatGLM-6B decoding with a cache needs position_ids (generate() supplies them)")
+            if not bool((input_ids == self.config.bos_token_id).any(-1).all()):
+                raise ValueError(f"ChatGLM-6B inputs need a <sop> token (id {self.config.bos_token_id}) in every sequence")
+            position_ids = self.get_position_ids(input_ids, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None)
+        main = self.layers[0].attention.rotary_emb(position_ids[:, 0], hidden_states.dtype)
+        block = self.layers[0].attention.rotary_emb(position_ids[:, 1], hidden_states.dtype)
+        mask = build_glm_attention_mask(input_ids, attention_mask, seq, past_len, self.pre_seq_len, self.config.bos_token_id)
+
+        all_hidden_states = () if output_hidden_states else None
+        for layer, (prefix_key, prefix_value) in zip(self.layers, prefix_kv):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(hidden_states, mask, (main, block), prefix_key, prefix_value, past_key_values=past_key_values)
+        hidden_states = self.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
+        super().__init__(config)
+        self.max_sequence_length = config.max_sequence_length
+        self.transformer = ChatGLMModel(config, device=device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, logits_to_keep=None, **kwargs
+    ):
+        # Positions always come from the full sequence (they depend on where <sop> and [gMASK] are).
+        position_ids = self.get_position_ids(input_ids, attention_mask)
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        seen = max(cached - self.transformer.pre_seq_len, 0)
+        inputs = {
+            "input_ids": input_ids[:, seen:],
+            "position_ids": position_ids[..., seen:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    @torch.inference_mode()
+    def stream_generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        past_key_values=None,
+        max_length=None,
+        max_new_tokens=None,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        eos_token_id=None,
+        logits_processor=None,
+    ):
+        """Token-by-token decoding with a KV cache. Yields (new_token_ids [B, n], cache) after every step.
+
+        Stops when every sequence has produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.eos_token_id, device=input_ids.device).flatten()
+        prompt_len = input_ids.shape[1]
+        if max_new_tokens is None:
+            max_new_tokens = (max_length or self.max_sequence_length) - attention_mask.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"prompt of {attention_mask.shape[1]} tokens leaves no room under max_length={max_length}")
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        processors.extend(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        if do_sample:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
+        for _ in range(max_new_tokens):
+            position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
+            outputs = self(
+                input_ids=step_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            scores = processors(sequence, outputs.logits[:, -1].float())
+            if do_sample:
+                next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            next_tokens = torch.where(unfinished, next_tokens, eos[0])
+            step_ids = next_tokens[:, None]
+            sequence = torch.cat((sequence, step_ids), dim=1)
+            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
+            unfinished &= ~torch.isin(next_tokens, eos)
+            yield sequence[:, prompt_len:], past_key_values
+            if not unfinished.any():
+                break
+
+    @staticmethod
+    def build_prompt(query, history=None):
+        """Official v1 format: the bare query without history; with history, [Round i] blocks numbered from 0."""
+        if not history:
+            return query
+        prompt = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
+        return prompt + f"[Round {len(history)}]\n问：{query}\n答："
+
+    @staticmethod
+    def process_response(response):
+        """The tokenizer folds full-width punctuation to ASCII (NFKC); put it back next to Chinese characters."""
+        response = response.strip().replace("[[训练时间]]", "2023年")
+        for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "？")):
+            mark = re.escape(ascii_mark)
+            response = re.sub(r"([\u4e00-\u9fff])" + mark, r"\g<1>" + full_width, response)
+            response = re.sub(mark + r"([\u4e00-\u9fff])", full_width + r"\g<1>", response)
+        return response
+
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history=None,
+        max_length: int = 2048,
+        do_sample=True,
+        top_p=0.7,
+        temperature=0.95,
+        logits_processor=None,
+        **kwargs,
+    ):
+        """Yields (response so far, history + this turn) as tokens arrive."""
+        history = list(history or [])
+        inputs = tokenizer([self.build_prompt(query, history)], return_tensors="pt")
+        input_ids = inputs["input_ids"].to(self.device)
+        gen_kwargs = dict(max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature)
+        gen_kwargs.update(kwargs)
+        for new_ids, _ in self.stream_generate(input_ids, torch.ones_like(input_ids), eos_token_id=[tokenizer.eos_token_id], logits_processor=logits_processor, **gen_kwargs):
+            response = tokenizer.decode(new_ids[0].tolist())
+            # Hold back a half-decoded multi-byte character.
+            if response and response[-1] != "\ufffd":
+                response = self.process_response(response)
+                yield response, history + [(query, response)]
+
+    def chat(self, tokenizer, query: str, history=None, max_length: int = 2048, num_beams=1, do_sample=True, top_p=0.7, temperature=0.95, logits_processor=None, **kwargs):
+        if num_beams != 1:
+            raise ValueError("chat() decodes one beam; use generate() for beam search")
+        result = ("", list(history or []) + [(query, "")])
+        for result in self.stream_chat(tokenizer, query, history, max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature, logits_processor=logits_processor, **kwargs):
+            pass
+        return result

@@ -1,0 +1,626 @@
+"""ChatGLM3-6B model, written for this toolkit to run on current PyTorch and transformers 5.x.
+
+The network is the same as ChatGLM2-6B; the chat format (role tokens, tool calls) is ChatGLM3's.
+
+Loads the official checkpoints unchanged (same parameter names and shapes) and computes the same function as the
+official code: pre-norm RMSNorm blocks, grouped-query attention with fused QKV, partial interleaved rotary embedding on
+the first half of each head, SwiGLU MLP. Internally tensors are batch-first and attention is PyTorch's
+`scaled_dot_product_attention`; the KV cache is a transformers `Cache` holding un-expanded key/value groups.
+"""
+import ast
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+
+from .configuration_chatglm import ChatGLMConfig
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """Official NaN/Inf guard: if any score is not finite, force token id 5 (kept for identical behaviour)."""
+
+    def __call__(self, input_ids, scores):
+        bad = ~torch.isfinite(scores).all()
+        forced = torch.zeros_like(scores)
+        forced[..., 5] = 5e4
+        return torch.where(bad, forced, scores)
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None):
+    """Position i predicts labels[i+1]; cross-entropy in fp32; -100 is ignored.
+
+    With `num_items_in_batch` (passed by the Trainer under gradient accumulation) the sum is divided by the number of
+    target tokens of the whole accumulated batch, so accumulation gives the same gradient as one large batch.
+    """
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:].to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, hidden_states):
+        # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
+        input_dtype = hidden_states.dtype
+        hidden_fp32 = hidden_states.float()
+        hidden_fp32 = hidden_fp32 * torch.rsqrt(hidden_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * hidden_fp32).to(input_dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Frequencies of the partial rotary embedding. `inv_freq` is kept as a buffer only so that the state dict has
+    the official key; like the official code we never read it, the table always comes from the formula in fp32."""
+
+    def __init__(self, dim, rope_ratio=1.0, device=None):
+        super().__init__()
+        self.dim = dim
+        self.base = 10000.0 * rope_ratio
+        self.register_buffer("inv_freq", self.frequencies(device), persistent=True)
+
+    def frequencies(self, device=None):
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
+
+    def forward(self, position_ids, dtype):
+        """position_ids [B, S] -> (cos, sin), each [B, 1, S, dim/2] in `dtype` (angles computed in fp32)."""
+        angles = position_ids[..., None].float() * self.frequencies(position_ids.device)
+        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
+    x: [B, heads, S, head_dim]."""
+    rot_dim = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x_even, x_odd = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
+    """Boolean mask [B, 1, q, prefix+past+q] with True = may attend, or None where SDPA needs none
+    (plain causal prefill, or one query token that sees everything).
+
+    attention_mask: [B, past+q] with 1 = token, 0 = padding (prefix positions are always visible).
+    Padded query rows see every key so that no softmax row is empty (their outputs are never used)."""
+    key_len = prefix_len + past_len + query_len
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (query_len == 1 or key_len == query_len):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(query_len, device=device)[:, None] + prefix_len + past_len
+    allowed = (torch.arange(key_len, device=device)[None, :] <= query_pos)[None]
+    if padded:
+        if attention_mask.shape[-1] != past_len + query_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past {past_len} + new {query_len}"
+            )
+        keep = attention_mask.bool()
+        key_keep = torch.cat((keep.new_ones(keep.shape[0], prefix_len), keep), dim=-1)
+        allowed = (allowed & key_keep[:, None, :]) | ~keep[:, -query_len:, None]
+    return allowed[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.num_kv_heads = config.multi_query_group_num if config.multi_query_attention else self.num_heads
+        self.attention_dropout = config.attention_dropout
+        projection = self.num_heads * self.head_dim
+        self.query_key_value = nn.Linear(
+            config.hidden_size,
+            projection + 2 * self.num_kv_heads * self.head_dim,
+            bias=config.add_bias_linear or config.add_qkv_bias,
+            device=device,
+        )
+        self.dense = nn.Linear(projection, config.hidden_size, bias=config.add_bias_linear, device=device)
+
+    def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
+        batch, seq, _ = hidden_states.shape
+        qkv = self.query_key_value(hidden_states)
+        # Fused rows: [q of all heads | k of all groups | v of all groups].
+        q, k, v = qkv.split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1
+        )
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        elif prefix_key is not None:
+            k, v = torch.cat((prefix_key, k), dim=2), torch.cat((prefix_value, v), dim=2)
+        # Query head n uses key/value group n // (heads / groups), which is what enable_gqa does.
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            is_causal=attention_mask is None and seq > 1,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.dense(context)
+
+
+class MLP(nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        # Fused rows: [gate | up]; SiLU goes on the gate half.
+        self.dense_h_to_4h = nn.Linear(
+            config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device
+        )
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
+
+    def forward(self, hidden_states):
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+def make_norm(config, device=None):
+    if config.rmsnorm:
+        return RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx, device=None):
+        super().__init__()
+        self.post_norm_residual = config.apply_residual_connection_post_layernorm
+        self.input_layernorm = make_norm(config, device)
+        self.self_attention = SelfAttention(config, layer_idx, device=device)
+        self.post_attention_layernorm = make_norm(config, device)
+        self.mlp = MLP(config, device=device)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
+        normed = self.input_layernorm(hidden_states)
+        attention_out = self.self_attention(normed, attention_mask, rotary, prefix_key, prefix_value, past_key_values)
+        residual = normed if self.post_norm_residual else hidden_states
+        hidden_states = residual + F.dropout(attention_out, p=self.hidden_dropout, training=self.training)
+        normed = self.post_attention_layernorm(hidden_states)
+        residual = normed if self.post_norm_residual else hidden_states
+        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training)
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.layers = nn.ModuleList([GLMBlock(config, i, device=device) for i in range(config.num_layers)])
+        self.final_layernorm = make_norm(config, device) if config.post_layer_norm else None
+
+
+class Embedding(nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, device=device)
+        self.fp32_residual_connection = config.fp32_residual_connection
+
+    def forward(self, input_ids):
+        embeddings = self.word_embeddings(input_ids)
+        return embeddings.float() if self.fp32_residual_connection else embeddings
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2 prefix: per layer one key and one value of `pre_seq_len` positions for every key/value group."""
+
+    def __init__(self, config):
+        super().__init__()
+        num_kv_heads = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
+        width = config.num_layers * config.kv_channels * num_kv_heads * 2
+        self.prefix_projection = config.prefix_projection
+        self.embedding = nn.Embedding(config.pre_seq_len, width)
+        if self.prefix_projection:
+            self.trans = nn.Sequential(
+                nn.Linear(width, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, width)
+            )
+
+    def forward(self, prefix):
+        embedded = self.embedding(prefix)
+        return self.trans(embedded) if self.prefix_projection else embedded
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.frequencies(module.inv_freq.device))
+
+    def get_position_ids(self, input_ids, attention_mask=None):
+        """0-based positions of the real tokens; left padding gets position 0 (as the official tokenizer gives).
+        With a mask, only the mask counts (it may also cover cached tokens that input_ids lacks)."""
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config: ChatGLMConfig, device=None, empty_init=True):
+        super().__init__(config)
+        if config.quantization_bit:
+            raise ValueError(
+                f"config.json sets quantization_bit={config.quantization_bit}: the official int4/int8 checkpoints need "
+                "cpm_kernels, which has no Hopper support. Load the fp16/bf16 weights instead (quantize after loading)."
+            )
+        self.num_layers = config.num_layers
+        self.num_kv_heads = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.embedding = Embedding(config, device=device)
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels // 2, rope_ratio=getattr(config, "rope_ratio", 1.0), device=device)
+        self.encoder = GLMTransformer(config, device=device)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+        self.pre_seq_len = config.pre_seq_len or 0
+        if self.pre_seq_len:
+            # P-tuning v2 trains only the prefix: freeze the rest, as the official model does.
+            for param in self.parameters():
+                param.requires_grad = False
+            self.prefix_encoder = PrefixEncoder(config)
+            self.prefix_dropout = nn.Dropout(0.1)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embedding.word_embeddings = value
+
+    def get_prompt(self, batch_size, device, dtype):
+        """Prefix keys/values per layer, each [B, groups, pre_seq_len, head_dim]."""
+        prefix = torch.arange(self.pre_seq_len, device=device)[None].expand(batch_size, -1)
+        past = self.prefix_encoder(prefix).to(dtype)
+        past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_kv_heads, self.head_dim)
+        past = self.prefix_dropout(past).permute(2, 0, 3, 1, 4)  # [2L, B, groups, pre, d]
+        return [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if isinstance(past_key_values, (tuple, list)):
+            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a tuple")
+        hidden_states = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = hidden_states.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        prefix_kv = [(None, None)] * self.num_layers
+        if self.pre_seq_len and cached == 0:
+            prefix_kv = self.get_prompt(batch, hidden_states.device, hidden_states.dtype)
+            if past_key_values is not None:
+                # Put the prefix into the cache once; later steps see it as past.
+                for layer_idx, (key, value) in enumerate(prefix_kv):
+                    past_key_values.update(key, value, layer_idx)
+                prefix_kv = [(None, None)] * self.num_layers
+                cached = self.pre_seq_len
+        past_len = max(cached - self.pre_seq_len, 0)
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = self.get_position_ids(hidden_states, attention_mask)[:, -seq:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq, device=hidden_states.device).expand(batch, -1)
+        rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
+        mask = build_attention_mask(attention_mask, seq, past_len, self.pre_seq_len)
+
+        all_hidden_states = () if output_hidden_states else None
+        for layer, (prefix_key, prefix_value) in zip(self.encoder.layers, prefix_kv):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = layer(hidden_states, mask, rotary, prefix_key, prefix_value, past_key_values=past_key_values)
+        if self.encoder.final_layernorm is not None:
+            hidden_states = self.encoder.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
+        super().__init__(config)
+        self.max_sequence_length = config.seq_length
+        self.transformer = ChatGLMModel(config, device=device)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.transformer.output_layer
+
+    def set_output_embeddings(self, value):
+        self.transformer.output_layer = value
+
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
+        outputs = self.transformer(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.transformer.output_layer(hidden_states)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, logits_to_keep=None, **kwargs
+    ):
+        # Positions always come from the full sequence and its padding mask, never from cache bookkeeping.
+        position_ids = self.get_position_ids(input_ids, attention_mask)
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        seen = max(cached - self.transformer.pre_seq_len, 0)
+        inputs = {
+            "input_ids": input_ids[:, seen:],
+            "position_ids": position_ids[:, seen:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    @torch.inference_mode()
+    def stream_generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        past_key_values=None,
+        max_length=None,
+        max_new_tokens=None,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        eos_token_id=None,
+        logits_processor=None,
+    ):
+        """Token-by-token decoding with a KV cache. Yields (new_token_ids [B, n], cache) after every step.
+
+        attention_mask covers the cached tokens too (excluding any P-tuning prefix). Stops when every sequence has
+        produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.eos_token_id, device=input_ids.device).flatten()
+        prompt_len = input_ids.shape[1]
+        if max_new_tokens is None:
+            max_new_tokens = (max_length or self.max_sequence_length) - attention_mask.shape[1]
+        if max_new_tokens < 1:
+            raise ValueError(f"prompt of {attention_mask.shape[1]} tokens leaves no room under max_length={max_length}")
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        processors.extend(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        if do_sample:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
+        for _ in range(max_new_tokens):
+            position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
+            outputs = self(
+                input_ids=step_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            scores = processors(sequence, outputs.logits[:, -1].float())
+            if do_sample:
+                next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            next_tokens = torch.where(unfinished, next_tokens, eos[0])
+            step_ids = next_tokens[:, None]
+            sequence = torch.cat((sequence, step_ids), dim=1)
+            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
+            unfinished &= ~torch.isin(next_tokens, eos)
+            yield sequence[:, prompt_len:], past_key_values
+            if not unfinished.any():
+                break
+
+    @staticmethod
+    def process_response(output, history):
+        """Split the decoded reply at <|assistant|>; each part is `metadata\ncontent`. A part with metadata is a tool
+        call: with tools declared in the system message its `tool_call(k=v, ...)` line becomes a parameter dict.
+        Returns the last part's content and the history with every part appended."""
+        content = ""
+        history = list(history)
+        for segment in output.split("<|assistant|>"):
+            metadata, content = segment.split("\n", 1) if "\n" in segment else ("", segment)
+            if not metadata.strip():
+                content = content.strip()
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                content = content.replace("[[训练时间]]", "2023年")
+            else:
+                history.append({"role": "assistant", "metadata": metadata, "content": content})
+                if history[0]["role"] == "system" and "tools" in history[0]:
+                    code = "\n".join(content.split("\n")[1:-1])  # drop the code-fence lines
+                    content = {"name": metadata.strip(), "parameters": parse_tool_call(code)}
+                else:
+                    content = {"name": metadata.strip(), "content": content}
+        return content, history
+
+    def _chat_inputs(self, tokenizer, query, history, role, past_key_values):
+        if past_key_values is None:
+            inputs = tokenizer.build_chat_input(query, history=history, role=role)
+            return inputs["input_ids"].to(self.device), inputs["attention_mask"].to(self.device)
+        # Continuing from a cache: only the new message (the official code encodes it with the [gMASK] sop prefix).
+        input_ids = tokenizer.build_chat_input(query, role=role)["input_ids"].to(self.device)
+        past = past_key_values.get_seq_length() - self.transformer.pre_seq_len
+        return input_ids, torch.ones(1, past + input_ids.shape[1], dtype=torch.long, device=self.device)
+
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history=None,
+        role: str = "user",
+        past_key_values=None,
+        max_length: int = 8192,
+        do_sample=True,
+        top_p=0.8,
+        temperature=0.8,
+        logits_processor=None,
+        return_past_key_values=False,
+        **kwargs,
+    ):
+        """Yields (response so far, history with this turn) as tokens arrive; with `return_past_key_values` also the
+        cache, which a later call can continue from. The caller's history list is not modified."""
+        history = list(history or [])
+        input_ids, attention_mask = self._chat_inputs(tokenizer, query, history, role, past_key_values)
+        stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+        history.append({"role": role, "content": query})
+        gen_kwargs = dict(max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature)
+        gen_kwargs.update(kwargs)
+        for new_ids, cache in self.stream_generate(
+            input_ids, attention_mask, past_key_values, eos_token_id=stop_ids, logits_processor=logits_processor, **gen_kwargs
+        ):
+            ids = new_ids[0].tolist()
+            if ids and ids[-1] in stop_ids:
+                ids = ids[:-1]
+            response = tokenizer.decode(ids)
+            # Hold back a half-decoded multi-byte character.
+            if response and response[-1] != "\ufffd":
+                response, new_history = self.process_response(response, history)
+                yield (response, new_history, cache) if return_past_key_values else (response, new_history)
+
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int = 8192, num_beams=1, do_sample=True, top_p=0.8, temperature=0.8, logits_processor=None, **kwargs):
+        if num_beams != 1:
+            raise ValueError("chat() decodes one beam; use generate() for beam search")
+        result = ("", list(history or []) + [{"role": role, "content": query}])
+        for result in self.stream_chat(tokenizer, query, history, role=role, max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature, logits_processor=logits_processor, **kwargs):
+            pass
+        return result
+
+
+def parse_tool_call(code):
+    """Keyword arguments of `tool_call(k=v, ...)`, read as Python literals (the official code runs eval on it)."""
+    try:
+        call = ast.parse(code.strip(), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call") or call.args:
+            raise ValueError("not a tool_call(k=v, ...) expression")
+        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read the tool call {code!r}: {err}") from err
+
+
+class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
+    """Classification from the final hidden state at the last position (left padding keeps it a real token)."""
+
+    def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = ChatGLMModel(config, device=device)
+        self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else nn.Identity()
+        self.post_init()
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+        outputs = self.transformer(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+        )
+        pooled = self.dropout(outputs.last_hidden_state[:, -1])
+        logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif self.config.problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits.float(), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        output = SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()

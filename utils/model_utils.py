@@ -1,0 +1,148 @@
+"""Load a ChatGLM model folder with this toolkit's own model/tokenizer code.
+
+Official model folders ship `.py` files that no longer run on transformers 5.x, so we never execute them: the version
+is read from config.json and the classes come from `remote_scripts/<version>/`.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REMOTE_SCRIPTS = REPO_ROOT / "remote_scripts"
+VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
+TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.model", "chatglm3-6b": "tokenizer.model"}
+WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing a file or its files disagree; the message names the file and the fix."""
+
+
+def read_config(model_dir) -> dict:
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise ModelFolderError(
+            f"{config_path}: not found. A model folder needs the config.json of its checkpoint "
+            "(e.g. from THUDM/chatglm2-6b) next to the weights."
+        )
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def detect_model_version(config: dict, source="config.json") -> str:
+    """Which of ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B a config.json describes.
+
+    v1 has GLM-specific fields; v2 and v3 share the network and differ only in their name (the long-context variants
+    share seq_length with v2, so the name is what counts; seq_length 8192 is the fallback hint for v3)."""
+    if config.get("model_type") not in (None, "chatglm"):
+        raise ModelFolderError(
+            f"{source}: model_type is {config.get('model_type')!r}; this loader handles ChatGLM "
+            "(model_type 'chatglm'). Natively supported models load with transformers' AutoModel."
+        )
+    v1_fields = ("position_encoding_2d", "inner_hidden_size", "gmask_token_id", "max_sequence_length")
+    if any(field in config for field in v1_fields):
+        return "chatglm-6b"
+    v2_fields = ("padded_vocab_size", "multi_query_attention", "kv_channels", "rmsnorm")
+    if all(field in config for field in v2_fields):
+        name = str(config.get("_name_or_path", "")).lower()
+        if "chatglm3" in name:
+            return "chatglm3-6b"
+        if "chatglm2" in name:
+            return "chatglm2-6b"
+        return "chatglm3-6b" if config.get("seq_length") == 8192 else "chatglm2-6b"
+    raise ModelFolderError(
+        f"{source}: cannot tell the ChatGLM version: expected either the ChatGLM-6B fields {v1_fields} or all of the "
+        f"ChatGLM2/3 fields {v2_fields}. Use the config.json that came with the checkpoint."
+    )
+
+
+def remote_module(version: str, name: str):
+    """`remote_scripts/<version>/<name>.py` imported as a submodule of its folder (the files use relative imports)."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown ChatGLM version {version!r}; expected one of {VERSIONS}")
+    package = "chatglm_remote_" + version.replace("-", "_")
+    if package not in sys.modules:
+        folder = REMOTE_SCRIPTS / version
+        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.{name}")
+
+
+def find_weight_files(model_dir) -> list:
+    model_dir = Path(model_dir)
+    for pattern in WEIGHT_PATTERNS:
+        found = sorted(model_dir.glob(pattern))
+        if found:
+            return found
+    raise ModelFolderError(
+        f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
+        "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder."
+    )
+
+
+def resolve_dtype(dtype, device: str):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if str(device).startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def load_tokenizer(model_dir, version=None):
+    model_dir = Path(model_dir)
+    version = version or detect_model_version(read_config(model_dir), str(model_dir / "config.json"))
+    vocab_file = model_dir / TOKENIZER_FILES[version]
+    if not vocab_file.is_file():
+        raise ModelFolderError(
+            f"{vocab_file}: not found. {version} needs its sentencepiece file {TOKENIZER_FILES[version]} "
+            "(from the official checkpoint) in the model folder."
+        )
+    return remote_module(version, "tokenization_chatglm").ChatGLMTokenizer.from_pretrained(str(model_dir))
+
+
+def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=None, **model_kwargs):
+    """Model + tokenizer from an official-layout folder, built with our remote_scripts for its version.
+
+    dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. device: auto, cpu, cuda, cuda:N.
+    Extra keyword arguments go to the config (e.g. pre_seq_len=128 for P-tuning v2)."""
+    model_dir = Path(model_dir)
+    config_dict = read_config(model_dir)
+    version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
+    find_weight_files(model_dir)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    tokenizer = load_tokenizer(model_dir, version)
+    config = remote_module(version, "configuration_chatglm").ChatGLMConfig.from_pretrained(str(model_dir), **model_kwargs)
+    if len(tokenizer) > config.vocab_size:
+        raise ModelFolderError(
+            f"{model_dir / TOKENIZER_FILES[version]}: the tokenizer has {len(tokenizer)} tokens but config.json's "
+            f"vocab_size/padded_vocab_size is {config.vocab_size}; tokenizer and weights come from different models."
+        )
+    model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
+    model = model_class.from_pretrained(
+        str(model_dir), config=config, dtype=dtype, device_map=device if device != "cpu" else None
+    )
+    model.model_version = version
+    return model.eval(), tokenizer

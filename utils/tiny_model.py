@@ -1,0 +1,95 @@
+"""Make a small model folder in the official layout (config.json, weights, tokenizer file, our .py files).
+
+The config keeps every field of the real config.json and shrinks only the sizes, so the same code paths run as for
+the 6B models. Weights are random. Used by the tests, and to try the scripts without downloading 12 GB:
+
+    python -m utils.tiny_model --version chatglm2-6b --tokenizer_dir path/to/chatglm2-6b --output_dir model_hub/tiny-chatglm2
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, VERSIONS, remote_module
+
+TINY_SIZES = {
+    "chatglm-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=160),
+    "chatglm2-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=160),
+}
+TINY_SIZES["chatglm3-6b"] = TINY_SIZES["chatglm2-6b"]
+MODEL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")
+
+
+def copy_remote_scripts(version, output_dir):
+    """Our model/config/tokenizer code next to the weights, so that trust_remote_code loads it."""
+    for name in MODEL_FILES:
+        shutil.copy2(REMOTE_SCRIPTS / version / name, Path(output_dir) / name)
+
+
+def build_random_model(version, config_dict, seed=0, dtype=torch.float32):
+    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**config_dict)
+    torch.manual_seed(seed)
+    model = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
+    return model.to(dtype)
+
+
+def save_sharded_bin(state_dict, output_dir, num_shards=2):
+    """The legacy layout of the official checkpoints: pytorch_model-0000i-of-0000n.bin plus an index."""
+    names = list(state_dict)
+    per_shard = -(-len(names) // num_shards)
+    weight_map = {}
+    for shard in range(num_shards):
+        file_name = f"pytorch_model-{shard + 1:05d}-of-{num_shards:05d}.bin"
+        part = {name: state_dict[name].contiguous() for name in names[shard * per_shard:(shard + 1) * per_shard]}
+        torch.save(part, Path(output_dir) / file_name)
+        weight_map.update({name: file_name for name in part})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(output_dir) / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny_model(version, output_dir, tokenizer_dir, seed=0, weights_format="safetensors", dtype=torch.float32, **overrides):
+    """Write a tiny `version` model folder to output_dir; returns its path. Refuses to overwrite a non-empty folder."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown version {version!r}; expected one of {VERSIONS}")
+    output_dir, tokenizer_dir = Path(output_dir), Path(tokenizer_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir}: exists and is not empty; choose another --output_dir or remove it")
+    config_dict = json.loads((tokenizer_dir / "config.json").read_text(encoding="utf-8"))
+    config_dict.update(TINY_SIZES[version])
+    config_dict.update(overrides)
+    model = build_random_model(version, config_dict, seed=seed, dtype=dtype)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    if weights_format == "safetensors":
+        save_file(state_dict, str(output_dir / "model.safetensors"), metadata={"format": "pt"})
+    elif weights_format == "bin":
+        save_sharded_bin(state_dict, output_dir)
+    else:
+        raise ValueError(f"weights_format {weights_format!r}: expected safetensors or bin")
+    config_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+    (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2, ensure_ascii=False))
+    for name in (TOKENIZER_FILES[version], "tokenizer_config.json"):
+        shutil.copy2(tokenizer_dir / name, output_dir / name)
+    copy_remote_scripts(version, output_dir)
+    return output_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", choices=VERSIONS, required=True)
+    parser.add_argument("--tokenizer_dir", required=True, help="folder with the real config.json, tokenizer file and tokenizer_config.json")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights_format", choices=("safetensors", "bin"), default="safetensors")
+    args = parser.parse_args()
+    path = make_tiny_model(args.version, args.output_dir, args.tokenizer_dir, seed=args.seed, weights_format=args.weights_format)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
