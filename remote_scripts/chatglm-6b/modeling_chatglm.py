@@ -181,6 +181,19 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_all_but_prefix()  # loading builds fresh parameters, so the freeze of __init__ is gone
+        return loaded
+
+    def freeze_all_but_prefix(self):
+        """P-tuning v2 trains only the prefix encoder, as in the official model."""
+        if self.config.pre_seq_len:
+            for name, param in self.named_parameters():
+                param.requires_grad = "prefix_encoder." in name
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
@@ -253,13 +266,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
         self.pre_seq_len = config.pre_seq_len or 0
         if self.pre_seq_len:
-            # P-tuning v2 trains only the prefix: freeze the rest, as the official model does.
-            for param in self.parameters():
-                param.requires_grad = False
             self.prefix_encoder = PrefixEncoder(config)
             self.prefix_dropout = nn.Dropout(0.1)
         self.gradient_checkpointing = False
         self.post_init()
+        self.freeze_all_but_prefix()
 
     def get_input_embeddings(self):
         return self.word_embeddings

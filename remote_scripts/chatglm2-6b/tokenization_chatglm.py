@@ -1,0 +1,173 @@
+"""Tokenizer for ChatGLM2-6B (v2), written against transformers 5.x.
+
+Stand-alone file: it is copied next to the official ``tokenizer.model`` and loaded through
+``AutoTokenizer.from_pretrained(dir, trust_remote_code=True)``.
+"""
+
+import os
+import shutil
+
+import sentencepiece as spm
+from transformers import PreTrainedTokenizer
+from transformers.utils import PaddingStrategy
+
+VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+
+# Appended after the sentencepiece vocabulary, in id order.
+SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+
+
+class ChatGLMTokenizer(PreTrainedTokenizer):
+    """ChatGLM2-6B tokenizer (sentencepiece BPE model, identity normalisation, spaces kept).
+
+    Encoding: text goes to sentencepiece unchanged (dummy prefix added). A single sequence is
+    ``[gMASK] sop`` + text; a pair is ``[gMASK] sop`` + A + B + ``</s>``. The five GLM specials get the
+    ids 64789..64793 after the sentencepiece vocabulary; typing their names in text does not produce
+    them. ``</s>`` (2) is eos, ``<unk>`` (0) is both unk and pad.
+
+    Decoding: the appended specials and ids 0, 1, 2 (and ids outside the vocabulary) vanish; the rest
+    is joined by sentencepiece. ``convert_ids_to_tokens`` still shows the specials' names.
+
+    Padding is always on the left with id 0 (any other side raises ValueError). Whenever the padding
+    step runs (every call in transformers 5.x, batched or not), ``attention_mask`` (1 = token, 0 = pad)
+    and ``position_ids`` (0..n-1 for the tokens, 0 for pads) are emitted.
+    """
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask", "position_ids"]
+    padding_side = "left"
+
+    def __init__(self, vocab_file, eos_token="</s>", unk_token="<unk>", pad_token="<unk>", **kwargs):
+        if kwargs.pop("padding_side", "left") != "left":
+            raise ValueError("ChatGLM models expect left padding; padding_side must be 'left'.")
+        # The base __init__ queries the vocabulary, so everything it needs must exist first.
+        self.vocab_file = vocab_file
+        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
+        n_pieces = self.sp_model.get_piece_size()
+        self.glm_special_tokens = {name: n_pieces + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self._special_names = {i: name for name, i in self.glm_special_tokens.items()}
+        # Token strings that decode to nothing: the GLM specials and the sentencepiece control pieces.
+        self._silent_tokens = set(SPECIAL_TOKENS) | {"", "<unk>", "<s>", "</s>"}
+        self._base_vocab = {self.sp_model.id_to_piece(i): i for i in range(n_pieces)}
+        self._base_vocab.update(self.glm_special_tokens)
+
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        super().__init__(eos_token=eos_token, unk_token=unk_token, pad_token=pad_token, padding_side="left", **kwargs)
+
+    # ----------------------------------------------------------------------------- vocabulary
+
+    @property
+    def vocab_size(self):
+        return self.sp_model.get_piece_size() + len(self.glm_special_tokens)
+
+    def get_vocab(self):
+        return {**self._base_vocab, **self._added_tokens_encoder}
+
+    def get_command(self, name):
+        """Id of a GLM special token (``[gMASK]``, ``sop``, ...) or of ``<unk>``/``<s>``/``</s>``."""
+        if name in self.glm_special_tokens:
+            return self.glm_special_tokens[name]
+        if name in ("<unk>", "<s>", "</s>"):
+            return self.sp_model.piece_to_id(name)
+        raise ValueError(f"{name!r} is not a special token of this tokenizer.")
+
+    def _convert_token_to_id(self, token):
+        return self._base_vocab.get(token, self.sp_model.unk_id())
+
+    def _convert_id_to_token(self, index):
+        if index in self._special_names:
+            return self._special_names[index]
+        if 0 <= index < self.sp_model.get_piece_size():
+            return self.sp_model.id_to_piece(index)
+        return ""
+
+    # ------------------------------------------------------------------------------- encoding
+
+    def _tokenize(self, text, **kwargs):
+        return self.sp_model.encode(text, out_type=str)
+
+    def _prefix_ids(self):
+        return [self.glm_special_tokens["[gMASK]"], self.glm_special_tokens["sop"]]
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        ids = self._prefix_ids() + token_ids_0
+        if token_ids_1 is not None:
+            ids = ids + token_ids_1 + [self.eos_token_id]
+        return ids
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise ValueError("token_ids_1 must be None when the ids already contain special tokens.")
+            special = set(self.all_special_ids) | set(self._special_names)
+            return [1 if int(i) in special else 0 for i in token_ids_0]
+        mask = [1, 1] + [0] * len(token_ids_0)
+        if token_ids_1 is not None:
+            mask += [0] * len(token_ids_1) + [1]
+        return mask
+
+    def build_prompt(self, query, history=None):
+        """ChatGLM2 chat prompt (§6.2): 1-based rounds, double newlines, wrapper even without history."""
+        history = history or []
+        prompt = ""
+        for i, (old_query, response) in enumerate(history):
+            prompt += f"[Round {i + 1}]\n\n问：{old_query}\n\n答：{response}\n\n"
+        prompt += f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+        return prompt
+
+    # ------------------------------------------------------------------------------- decoding
+
+    def convert_tokens_to_string(self, tokens):
+        return self.sp_model.decode_pieces([t for t in tokens if t not in self._silent_tokens])
+
+    # -------------------------------------------------------------------------------- padding
+
+    def _pad(
+        self,
+        encoded_inputs,
+        max_length=None,
+        padding_strategy=PaddingStrategy.DO_NOT_PAD,
+        pad_to_multiple_of=None,
+        padding_side=None,
+        return_attention_mask=None,
+    ):
+        side = padding_side if padding_side is not None else self.padding_side
+        if side != "left":
+            raise ValueError(f"ChatGLM models expect left padding; got padding_side={side!r}.")
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+
+        input_ids = encoded_inputs["input_ids"]
+        length = len(input_ids)
+        if padding_strategy == PaddingStrategy.LONGEST:
+            max_length = length
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+
+        if return_attention_mask and "attention_mask" not in encoded_inputs:
+            encoded_inputs["attention_mask"] = [1] * length
+        if "position_ids" not in encoded_inputs:
+            encoded_inputs["position_ids"] = list(range(length))
+
+        if padding_strategy == PaddingStrategy.DO_NOT_PAD or max_length is None or max_length <= length:
+            return encoded_inputs
+        pad = max_length - length
+        encoded_inputs["input_ids"] = [self.pad_token_id] * pad + list(input_ids)
+        encoded_inputs["position_ids"] = [0] * pad + list(encoded_inputs["position_ids"])
+        if "attention_mask" in encoded_inputs:
+            encoded_inputs["attention_mask"] = [0] * pad + list(encoded_inputs["attention_mask"])
+        if "token_type_ids" in encoded_inputs:
+            encoded_inputs["token_type_ids"] = [self.pad_token_type_id] * pad + list(encoded_inputs["token_type_ids"])
+        if "special_tokens_mask" in encoded_inputs:
+            encoded_inputs["special_tokens_mask"] = [1] * pad + list(encoded_inputs["special_tokens_mask"])
+        return encoded_inputs
+
+    # --------------------------------------------------------------------------------- saving
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        out_file = os.path.join(
+            save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        )
+        if os.path.abspath(self.vocab_file) != os.path.abspath(out_file):
+            shutil.copyfile(self.vocab_file, out_file)
+        return (out_file,)
