@@ -234,8 +234,10 @@ def test_v2_v3_roundtrip(toks, text):
     ids = toks["v2"](text)["input_ids"]
     assert toks["v2"].decode(ids) == text
     ids = toks["v3"](text)["input_ids"]
-    assert toks["v3"].decode(ids) == "[gMASK]sop" + text
-    assert toks["v3"].decode(ids, skip_special_tokens=True) == text
+    # One sentencepiece join over all pieces (official): the first piece's dummy-prefix space follows "sop".
+    assert toks["v3"].decode(ids) == "[gMASK]sop" + (" " + text if text else "")
+    # Only eos/unk/pad are registered specials, so skip_special_tokens keeps [gMASK] and sop (official).
+    assert toks["v3"].decode(ids, skip_special_tokens=True) == toks["v3"].decode(ids)
     assert toks["v3"].decode(ids[2:]) == text
 
 
@@ -324,7 +326,9 @@ def test_v2_v3_batch_left_padding(toks, version):
     assert padded["special_tokens_mask"] == [1, 1, 1, 1, 0, 0]
     multiple = tok(["你好"], padding=True, pad_to_multiple_of=8)
     assert multiple["input_ids"] == [[0] * 4 + [64790, 64792, 36474, 54591]]
-    assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == ["你好", "Hello\nworld"]
+    decoded = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    # v2 decodes [gMASK] sop to nothing; v3 keeps their names and joins all pieces at once (both official).
+    assert decoded == (["你好", "Hello\nworld"] if version == "v2" else ["[gMASK]sop 你好", "[gMASK]sop Hello\nworld"])
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
@@ -400,10 +404,10 @@ def test_v3_specials_and_decode(toks, model_dirs, sps):
     roles = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
     assert [tok.get_command(r) for r in roles] == [64794, 64795, 64796, 64797]
     assert tok.convert_tokens_to_ids(roles + ["[gMASK]"]) == [64794, 64795, 64796, 64797, 64790]
-    assert tok.decode([64796, 30910, 13, 13755]) == "<|assistant|>\n Hello"
+    assert tok.decode([64796, 30910, 13, 13755]) == "<|assistant|> \n Hello"
     assert tok.decode([13755, 64795]) == "Hello<|user|>"
     assert tok.decode([13755, 0, 1, 2, -1, 64798, 65000, 993]) == "Hello world"
-    assert tok.decode([64796, 13755, 64795], skip_special_tokens=True) == "Hello"
+    assert tok.decode([64796, 13755, 64795, 2], skip_special_tokens=True) == "<|assistant|> Hello<|user|>"
 
     # Role names typed in text stay text by default (no prompt injection) ...
     ids = tok("<|user|>hi")["input_ids"]
@@ -411,12 +415,12 @@ def test_v3_specials_and_decode(toks, model_dirs, sps):
     # ... and become their ids with encode_special_tokens=True.
     enc = load(model_dirs["v3"], encode_special_tokens=True)
     assert enc("<|user|>hi")["input_ids"] == V2_PREFIX + [64795] + sp.encode("hi")
-    # Decoded chat input re-encodes to the same ids (the chat-template use case).
     history = [{"role": "system", "content": "You are ChatGLM3."}, {"role": "user", "content": "hi"}]
     chat_ids = tok.build_chat_input("你好", history=history)["input_ids"][0].tolist()
-    text = tok.decode(chat_ids)
-    assert text == "[gMASK]sop<|system|>\n You are ChatGLM3.<|user|>\n hi<|user|>\n 你好<|assistant|>"
-    assert enc(text, add_special_tokens=False)["input_ids"] == chat_ids
+    assert tok.decode(chat_ids) == "[gMASK]sop<|system|> \n You are ChatGLM3.<|user|> \n hi<|user|> \n 你好<|assistant|>"
+    # The chat-template rendering ("\n " after each role) encodes to the build_chat_input ids (spec 6.3).
+    template = "[gMASK]sop<|system|>\n You are ChatGLM3.<|user|>\n hi<|user|>\n 你好<|assistant|>"
+    assert enc(template, add_special_tokens=False)["input_ids"] == chat_ids
 
 
 # ------------------------------------------------------------------- AutoTokenizer & save/reload
@@ -442,3 +446,9 @@ def test_save_pretrained_roundtrip(toks, tmp_path, version):
     if version == "v1":
         assert reloaded.gmask_token_id == V1_GMASK
         assert V1_GMASK not in reloaded("[gMASK]")["input_ids"][:-2]
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_v2_v3_typed_eos_and_unk_stay_text(toks, sps, version):
+    text = "say </s> or <unk> here"
+    assert toks[version](text)["input_ids"] == V2_PREFIX + sps[version].encode(text)

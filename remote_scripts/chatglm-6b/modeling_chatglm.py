@@ -1,7 +1,7 @@
 """ChatGLM-6B (GLM) model, written for this toolkit to run on current PyTorch and transformers 5.x.
 
 Loads the official checkpoints unchanged (same parameter names and shapes) and computes the same function as the
-official code: post-LN "DeepNorm" blocks (residual = sqrt(2L) * normalised input), per-head fused QKV, 2-D rotary
+official code: post-LN "DeepNorm" blocks (residual = sqrt(56) * normalised input, for any depth), per-head fused QKV, 2-D rotary
 positions (main position | block position), a prefix-LM mask (the context before <sop> is bidirectional), plain GeLU
 MLP and an output layer tied to the word embeddings.
 
@@ -145,7 +145,8 @@ class GLMBlock(GradientCheckpointingLayer):
         self.attention = SelfAttention(config, layer_idx, device=device)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
         self.mlp = GLU(config, device=device)
-        self.alpha = math.sqrt(2 * config.num_layers)
+        # The official blocks never receive num_layers and use their default of 28 whatever the depth: sqrt(56).
+        self.alpha = math.sqrt(2 * 28)
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         normed = self.input_layernorm(hidden_states)

@@ -52,6 +52,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self._base_vocab.update(self.glm_special_tokens)
 
         kwargs.setdefault("clean_up_tokenization_spaces", False)
+        # The official tokenizer never splits "</s>" or "<unk>" typed in text out as special ids: user text
+        # cannot inject an end of sequence.
+        kwargs.setdefault("split_special_tokens", True)
         super().__init__(eos_token=eos_token, unk_token=unk_token, pad_token=pad_token, padding_side="left", **kwargs)
 
     # ----------------------------------------------------------------------------- vocabulary

@@ -44,11 +44,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     names, which map to their ids (needed to encode a rendered chat template).
 
     Decoding: the nine specials decode to their literal names (chat post-processing splits on
-    ``<|assistant|>``); ids 0, 1, 2, negative ids and ids above 64797 decode to nothing. Each stretch of
-    ordinary pieces between specials is joined by sentencepiece separately, so the dummy-prefix space
-    after a role token is dropped and the decoded text re-encodes (with ``encode_special_tokens=True``)
-    to the same ids. Deviation from the official tokenizer: ``skip_special_tokens=True`` also drops the
-    nine specials, which the official one keeps.
+    ``<|assistant|>``); ids 0, 1, 2, negative ids and ids above 64797 decode to nothing. All pieces are
+    joined by sentencepiece at once, as in the official tokenizer, so the dummy-prefix space of a piece
+    that follows a special is kept. ``skip_special_tokens=True`` drops only eos/unk/pad, as officially.
 
     Generation should stop on ``[2, 64795, 64797]`` (``</s>``, ``<|user|>``, ``<|observation|>``).
 
@@ -86,6 +84,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self._base_vocab.update(self.glm_special_tokens)
 
         kwargs.setdefault("clean_up_tokenization_spaces", False)
+        # The official tokenizer never splits "</s>" or "<unk>" typed in text out as special ids: user text
+        # cannot inject an end of sequence.
+        kwargs.setdefault("split_special_tokens", True)
         super().__init__(
             eos_token=eos_token,
             unk_token=unk_token,
@@ -181,28 +182,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # ------------------------------------------------------------------------------- decoding
 
-    def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
-        tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
-        if isinstance(tokens, str):
-            tokens = [tokens]
-        text = self._join_tokens(tokens, keep_specials=not skip_special_tokens)
-        if clean_up_tokenization_spaces is None:
-            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
-
     def convert_tokens_to_string(self, tokens):
-        return self._join_tokens(tokens, keep_specials=True)
-
-    def _join_tokens(self, tokens, keep_specials):
-        # Specials split the pieces into stretches that sentencepiece joins one by one.
-        text, pieces = "", []
-        for token in tokens:
-            if token in self.glm_special_tokens:
-                text += self.sp_model.decode_pieces(pieces) + (token if keep_specials else "")
-                pieces = []
-            elif token not in self._silent_tokens:
-                pieces.append(token)
-        return text + self.sp_model.decode_pieces(pieces)
+        # One sentencepiece join over all pieces, as the official tokenizer does: the nine specials are unknown
+        # to sentencepiece and pass through verbatim (so "sop" + "▁你" gives "sop 你").
+        return self.sp_model.decode_pieces([token for token in tokens if token not in self._silent_tokens])
 
     # -------------------------------------------------------------------------------- padding
 
