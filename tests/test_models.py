@@ -345,3 +345,25 @@ def test_version_is_detected_from_the_official_configs():
 
     for version in VERSIONS:
         assert detect_model_version(json.loads((TOKENIZERS / version / "config.json").read_text())) == version
+
+
+class _PicklePayload:
+    """Unpickling this runs code (writes a marker file): what weights_only=True must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_legacy_bin_is_read_with_weights_only(tmp_path):
+    model_dir = make_tiny_model("chatglm2-6b", tmp_path / "bin", TOKENIZERS / "chatglm2-6b", weights_format="bin")
+    shard = model_dir / "pytorch_model-00001-of-00002.bin"
+    state = torch.load(shard, weights_only=True)
+    marker = tmp_path / "payload_ran"
+    state["payload"] = _PicklePayload(str(marker))
+    torch.save(state, shard)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
+    assert not marker.exists()
