@@ -1,0 +1,148 @@
+"""Convert raw data into instruction data: data/<data_name>/instruct_data/{train,dev}.txt, one JSON object a line,
+{"instruct", "query", "answer"} (+ "history" for multi-turn conversations). Run from the repository root.
+
+    python process.py                      # the demo: data/demo_ner/raw/{train,dev}.json -> data/demo_ner/instruct_data
+    python process.py --data_name msra \\
+        --train_file ../shared/data/msra/bio/val_sentences.txt,../shared/data/msra/ori_data/msra_1000.txt \\
+        --dev_file ../shared/data/msra/bio/test.txt
+    python process.py --data_name cluener --train_file ../shared/data/cluener/train.json \\
+        --dev_file ../shared/data/cluener/dev.json
+    python process.py --data_name adgen --train_file ../shared/data/adgen/dev_content_summary.json \\
+        --dev_file "" --dev_ratio 0.1
+    python process.py --data_name weibo --train_file ../shared/data/weibo_ner/weiboNER_2nd_conll.train \\
+        --dev_file ../shared/data/weibo_ner/weiboNER_2nd_conll.dev --skip_bad_lines
+
+train_file and dev_file take a comma-separated list of files; each file's format is detected from its name and
+content (bio, bio_parallel, span_json, cluener, adgen, alpaca, conversation; see utils/ner_data.py) unless
+--input_format names one for all. For NER the answer is one `实体_类型` line per distinct entity, or 没有.
+Bad input stops with the file, line and field; --skip_bad_lines skips such lines (or sentences) and counts them.
+Existing output files are kept unless --overwrite.
+"""
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from utils import ner_data
+from utils.config_utils import parse_config
+from utils.data_io import BadLines, DataError, write_jsonl
+
+DEFAULTS = {
+    "data_name": "demo_ner",
+    "train_file": "data/demo_ner/raw/train.json",  # comma-separated list of files
+    "dev_file": "data/demo_ner/raw/dev.json",  # "" for none
+    "input_format": "auto",  # auto, or one of utils.ner_data.FORMATS for every file
+    "output_dir": "",  # "" = data/<data_name>/instruct_data
+    "dev_ratio": 0.0,  # > 0 and no dev_file: this fraction of train becomes dev (shuffled with seed)
+    "seed": 42,
+    "max_text_chars": 0,  # NER only: > 0 cuts longer texts there and drops the entities past the cut
+    "skip_bad_lines": False,
+    "overwrite": False,
+}
+config = parse_config(DEFAULTS, description=__doc__)
+
+# ---------------------------------------------------------------------------------------------------- checks
+if config["input_format"] != "auto" and config["input_format"] not in ner_data.FORMATS:
+    sys.exit(f"error: --input_format must be auto or one of {', '.join(ner_data.FORMATS)}, not {config['input_format']!r}")
+if config["train_file"] != DEFAULTS["train_file"] and config["dev_file"] == DEFAULTS["dev_file"]:
+    sys.exit("error: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, or --dev_file \"\" "
+             "(no dev set, or one split off with --dev_ratio)")
+if not 0.0 <= config["dev_ratio"] < 1.0:
+    sys.exit(f"error: --dev_ratio must be in [0, 1), not {config['dev_ratio']}")
+if config["dev_ratio"] > 0 and config["dev_file"]:
+    sys.exit("error: --dev_ratio splits dev off train when there is no --dev_file; give one or the other")
+train_files = [f.strip() for f in config["train_file"].split(",") if f.strip()]
+dev_files = [f.strip() for f in config["dev_file"].split(",") if f.strip()]
+if not train_files:
+    sys.exit("error: --train_file is empty")
+
+output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
+outputs = {"train": output_dir / "train.txt", "dev": output_dir / "dev.txt"}
+existing = [str(p) for p in outputs.values() if p.is_file() and p.stat().st_size > 0]
+if existing and not config["overwrite"]:
+    sys.exit(f"error: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --output_dir")
+
+# ---------------------------------------------------------------------------------------------------- read
+bad_lines = {"train": BadLines(skip=config["skip_bad_lines"]), "dev": BadLines(skip=config["skip_bad_lines"])}
+items = {"train": [], "dev": []}  # NER: (input_format, text, raw entities); generation: records
+kinds, formats = set(), set()
+try:
+    for split, files in (("train", train_files), ("dev", dev_files)):
+        for file in files:
+            input_format = ner_data.detect_format(file) if config["input_format"] == "auto" else config["input_format"]
+            kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
+            kinds.add(kind)
+            formats.add(input_format)
+            before = len(items[split])
+            for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
+                items[split].append((input_format, *item) if kind == "ner" else item[0])
+            print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
+except DataError as err:
+    hint = "\n(--skip_bad_lines skips such lines and counts them)" if err.line and not config["skip_bad_lines"] else ""
+    sys.exit(f"error: {err}{hint}")
+if len(kinds) > 1:
+    sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
+kind = kinds.pop()
+
+if config["dev_ratio"] > 0:
+    order = list(range(len(items["train"])))
+    random.Random(config["seed"]).shuffle(order)
+    n_dev = max(1, round(len(order) * config["dev_ratio"])) if len(order) > 1 else 0
+    dev_index = set(order[:n_dev])
+    items["dev"] = [item for i, item in enumerate(items["train"]) if i in dev_index]
+    items["train"] = [item for i, item in enumerate(items["train"]) if i not in dev_index]
+    print(f"dev: {n_dev} samples split off train (dev_ratio={config['dev_ratio']}, seed={config['seed']})")
+
+# ---------------------------------------------------------------------------------------------------- convert
+records = {"train": [], "dev": []}
+truncated, dropped = Counter(), Counter()
+entity_counts = {"train": Counter(), "dev": Counter()}  # distinct (entity, type) per sample, as in the answers
+if kind == "ner":
+    unmapped = Counter()
+    examples = {"train": [], "dev": []}  # (text, entities with type names)
+    for split in ("train", "dev"):
+        for input_format, text, entities in items[split]:
+            mapped, raw_kept = ner_data.map_types(entities, input_format)
+            unmapped.update(raw_kept)
+            if config["max_text_chars"] and len(text) > config["max_text_chars"]:
+                text, mapped, n_dropped = ner_data.truncate(text, mapped, config["max_text_chars"])
+                truncated[split] += 1
+                dropped[split] += n_dropped
+            examples[split].append((text, mapped))
+            entity_counts[split].update(name for _, name in dict.fromkeys((e, name) for e, name, _ in mapped))
+    type_names = [name for split in ("train", "dev") for _, mapped in examples[split] for _, name, _ in mapped]
+    instruct = ner_data.choose_instruct(type_names, formats)
+    for split in ("train", "dev"):
+        records[split] = [ner_data.ner_record(text, mapped, instruct) for text, mapped in examples[split]]
+    print(f"instruct: {instruct}")
+    if unmapped:
+        print("types kept as raw names (no mapping): " + ", ".join(f"{t} {n}" for t, n in unmapped.most_common()))
+else:
+    records = items
+
+# ---------------------------------------------------------------------------------------------------- report
+for split in ("train", "dev"):
+    if not records[split] and split == "dev" and not dev_files and not config["dev_ratio"]:
+        print("dev: none (no --dev_file, --dev_ratio 0)")
+        continue
+    print(f"{split}: {len(records[split])} samples")
+    if kind == "ner":
+        by_type = entity_counts[split].most_common()
+        print("  entities by type: " + (", ".join(f"{t} {n}" for t, n in by_type) or "none"))
+        print(f"  empty answers ({ner_data.NO_ENTITY}): {sum(r['answer'] == ner_data.NO_ENTITY for r in records[split])}")
+        print(f"  truncated texts: {truncated[split]} (entities dropped: {dropped[split]})")
+    else:
+        print(f"  with history: {sum('history' in r for r in records[split])}")
+    print("  " + bad_lines[split].summary().replace("\n", "\n  "))
+if records["dev"]:
+    train_queries = {(r["instruct"], r["query"]) for r in records["train"]}
+    print(f"dev samples whose instruct and query also occur in train: "
+          f"{sum((r['instruct'], r['query']) in train_queries for r in records['dev'])}")
+
+# ---------------------------------------------------------------------------------------------------- write
+if not records["train"]:
+    sys.exit("error: no training samples")
+for split in ("train", "dev"):
+    if records[split]:
+        write_jsonl(outputs[split], records[split])
+        print(f"wrote {outputs[split]} ({len(records[split])} lines)")

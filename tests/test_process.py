@@ -1,0 +1,422 @@
+"""process.py and utils/ner_data.py: every raw format from ../shared/data converts to the expected records, the
+printed counts match the files, bad input stops naming file, line and field (or is skipped and counted), output is
+never overwritten by accident, and the committed demo data is exactly what its generator and process.py make.
+"""
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from utils import ner_data
+from utils.data_io import BadLines, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+MSRA, CLUENER = DATA / "msra", DATA / "cluener"
+DEMO = REPO / "data" / "demo_ner"
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def run_process(*args):
+    return subprocess.run([sys.executable, "process.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return path
+
+
+def ner_records(reader, path, input_format, bad_lines=None, instruct=ner_data.MSRA_INSTRUCT):
+    out = []
+    for _, text, entities in reader(path, bad_lines):
+        mapped, _ = ner_data.map_types(entities, input_format)
+        out.append(ner_data.ner_record(text, mapped, instruct))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- units
+
+
+def test_tag_spans_bio_and_bmes():
+    assert ner_data.tag_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC"]) == [(0, 2, "PER"), (3, 4, "LOC"), (4, 6, "LOC")]
+    assert ner_data.tag_spans(["B-ORG", "M-ORG", "E-ORG", "S-NAME", "O"], closed=True) == [(0, 3, "ORG"), (3, 4, "NAME")]
+    with pytest.raises(ner_data.TagError, match="does not continue") as err:
+        ner_data.tag_spans(["O", "I-PER"])
+    assert err.value.index == 1
+    with pytest.raises(ner_data.TagError, match="does not continue"):
+        ner_data.tag_spans(["B-PER", "I-LOC"])
+    with pytest.raises(ner_data.TagError, match="malformed tag 'X-PER'"):
+        ner_data.tag_spans(["X-PER"])
+    with pytest.raises(ner_data.TagError, match="not closed"):
+        ner_data.tag_spans(["B-ORG", "M-ORG", "O"], closed=True)
+
+
+def test_answer_dedup_order_and_types():
+    entities = [("北京", "地名", 9), ("张三", "人名", 0), ("北京", "地名", 2), ("北京", "机构名", 12)]
+    assert ner_data.ner_answer(entities) == "张三_人名\n北京_地名\n北京_机构名"
+    assert ner_data.ner_answer([]) == "没有"
+    record = ner_data.ner_record("张三去北京", [("张三", "人名", 0)])
+    assert record == {"instruct": ner_data.MSRA_INSTRUCT, "query": "文本：张三去北京", "answer": "张三_人名"}
+    assert [ner_data.map_type(t) for t in ("PER", "loc", "GPE.NAM", "PER.NOM", "ORG.NOM", "NAME", "EDU")] == [
+        "人名", "地名", "地名", "人物泛称", "机构泛称", "人名", None]
+    assert ner_data.map_type("scene", "cluener") == "景点" and ner_data.map_type("PER", "cluener") is None
+    assert ner_data.map_types([("清华", "EDU", 0), ("王五", "NAME", 3)]) == ([("清华", "EDU", 0), ("王五", "人名", 3)], ["EDU"])
+    assert ner_data.choose_instruct(["人名", "地名"]) == ner_data.MSRA_INSTRUCT
+    assert ner_data.choose_instruct(["人名"], {"cluener"}) == ner_data.CLUENER_INSTRUCT
+    assert ner_data.choose_instruct(["EDU", "人名", "人物泛称", "EDU"]) == ner_data.ner_instruct(["人名", "人物泛称", "EDU"])
+    for name in ner_data.CLUENER_TYPE_NAMES.values():
+        assert name in ner_data.CLUENER_INSTRUCT
+
+
+# ---------------------------------------------------------------------------------------------------- real data
+
+
+def test_msra_span_json_matches_seed_conversion():
+    path = MSRA / "ori_data" / "msra_1000.txt"
+    assert ner_data.detect_format(path) == "span_json"
+    examples = list(ner_data.read_span_json(path))
+    assert len(examples) == 1000
+    line, text, entities = examples[2]
+    assert line == 3 and text.startswith("因有关日寇在京掠夺文物详情")
+    assert entities == [("日", "LOC", 3), ("京", "LOC", 6), ("北京", "LOC", 27)]  # end exclusive: text[3:4] == "日"
+    records = ner_records(ner_data.read_span_json, path, "span_json")
+    assert records[2]["answer"] == "日_地名\n京_地名\n北京_地名"
+    seed = {r["query"]: r["answer"] for r in read_jsonl(MSRA / "instruct_data" / "dev.txt")}
+    assert len(seed) == 1000 and {r["query"] for r in records} == set(seed)
+    assert [r["answer"] for r in records] == [seed[r["query"]] for r in records]
+    assert sum(r["answer"] == "没有" for r in records) == 656
+
+
+def test_msra_bio_test_first_sentence():
+    path = MSRA / "bio" / "test.txt"
+    assert ner_data.detect_format(path) == "bio"
+    records = ner_records(ner_data.read_bio, path, "bio")
+    assert len(records) == 3442
+    assert records[0]["query"].startswith("文本：中共中央致中国致公党十一大的贺词各位代表")
+    assert records[0]["answer"] == ("中共中央_机构名\n中国致公党十一大_机构名\n中国致公党第十一次全国代表大会_机构名\n"
+                                    "中国共产党中央委员会_机构名\n致公党_机构名")
+    assert records[1]["answer"] == "致公党_机构名\n邓小平_人名\n致公党十大_机构名"
+    # Empty answers are exactly the sentences whose tags are all O (counted here without the parser).
+    blocks = [b for b in (MSRA / "bio" / "test.txt").read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    all_o = sum(all(line.split("\t")[1] == "O" for line in b.strip("\n").split("\n")) for b in blocks)
+    assert sum(r["answer"] == "没有" for r in records) == all_o == 1467
+
+
+def test_msra_parallel_val():
+    path = MSRA / "bio" / "val_sentences.txt"
+    assert ner_data.detect_format(path) == "bio_parallel"
+    records = ner_records(ner_data.read_bio_parallel, path, "bio_parallel")
+    assert len(records) == 3000
+    assert records[0]["answer"] == "江苏_地名\n如皋市_地名\n城西乡_地名"
+    assert records[2]["answer"] == "黄登仁_人名\n洪泽县委_机构名\n沭阳县委_机构名\n宿迁市_地名"
+    # 52 val sentences are also in the seed project's conversion of msra_1000: same answers, but for one sentence
+    # whose two annotations differ (val's tags also mark 汉口 as a place).
+    seed = {r["query"]: r["answer"] for r in read_jsonl(MSRA / "instruct_data" / "dev.txt")}
+    shared = [r for r in records if r["query"] in seed]
+    assert len(shared) == 52
+    differ = [(r["answer"], seed[r["query"]]) for r in shared if r["answer"] != seed[r["query"]]]
+    assert differ == [("汉口_地名\n界限路_地名\n圣罗以女子中学_机构名", "界限路_地名\n圣罗以女子中学_机构名")]
+
+
+def test_cluener_first_dev_record():
+    path = CLUENER / "dev.json"
+    assert ner_data.detect_format(path) == "cluener"
+    records = ner_records(ner_data.read_cluener, path, "cluener", instruct=ner_data.CLUENER_INSTRUCT)
+    assert len(records) == 1343
+    assert records[0] == {"instruct": ner_data.CLUENER_INSTRUCT,
+                          "query": "文本：彭小军认为，国内银行现在走的是台湾的发卡模式，先通过跑马圈地再在圈的地里面选择客户，",
+                          "answer": "彭小军_人名\n台湾_地址"}
+    assert records[2]["answer"] == "突袭黑暗雅典娜》_游戏\nRiddick_人名\nJohns_人名"
+
+
+def test_peoples_daily_weibo_resume():
+    daily = list(ner_data.read_bio(DATA / "peoples_daily" / "example.dev"))
+    assert len(daily) == 2318
+    first = next(e for e in daily if e[2])
+    assert first[0] == 71 and first[2] == [("青岛海牛队", "ORG", 5), ("广州松日队", "ORG", 11)]
+
+    weibo = list(ner_data.read_bio(DATA / "weibo_ner" / "weiboNER_2nd_conll.dev"))
+    assert len(weibo) == 270 and weibo[0][1] == "口腔溃疡加上这玩意～酸酸甜甜好滋味。"  # segment digits dropped
+    line, text, entities = next(e for e in weibo if e[2])
+    assert (line, text) == (111, "老百姓心新乡新闻网话说这几天新乡天气还好吧偷笑")
+    assert ner_data.ner_answer(ner_data.map_types(entities)[0]) == "老百姓_人物泛称\n新乡_地名"
+    assert not any(ch.isdigit() for _, text, _ in weibo[:20] for ch in text)
+
+    resume = list(ner_data.read_bio(DATA / "resume_ner" / "dev.char.bmes"))
+    assert len(resume) == 463
+    mapped, unmapped = ner_data.map_types(resume[0][2])
+    assert ner_data.ner_answer(mapped).split("\n")[:4] == ["吴重阳_人名", "中国国籍_CONT", "大学本科_EDU", "教授级高工_TITLE"]
+    assert set(unmapped) == {"CONT", "EDU", "TITLE"}
+
+
+def test_bad_real_bio_sentences_stop_or_are_counted():
+    path = DATA / "resume_ner" / "train.char.bmes"
+    with pytest.raises(DataError) as err:
+        list(ner_data.read_bio(path))
+    assert (err.value.line, err.value.field) == (62390, "tag") and "not closed with E-" in str(err.value)
+    bad = BadLines(skip=True)
+    assert len(list(ner_data.read_bio(path, bad))) == 3817 and bad.count == 5
+    bad = BadLines(skip=True)
+    assert len(list(ner_data.read_bio(DATA / "weibo_ner" / "weiboNER_2nd_conll.train", bad))) == 1342
+    assert bad.count == 8 and bad.examples[next(iter(bad.reasons))].endswith("weiboNER_2nd_conll.train:1266")
+
+
+def test_adgen_both_layouts():
+    first = DATA / "adgen" / "dev_content_summary.json"
+    second = DATA / "adgen" / "dev_instruction_output.jsonl"
+    assert ner_data.detect_format(first) == ner_data.detect_format(second) == "adgen"
+    records = [r for _, r in ner_data.read_adgen(first)]
+    assert len(records) == 1070 and records == [r for _, r in ner_data.read_adgen(second)]
+    assert records[0]["instruct"] == ner_data.ADGEN_INSTRUCT
+    assert records[0]["query"] == "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞"
+    assert records[0]["answer"].startswith("简约而不简单的牛仔外套，白色的衣身十分百搭。")
+
+
+def test_alpaca():
+    path = DATA / "alpaca_zh" / "alpaca_zh_demo_llamafactory.json"
+    assert ner_data.detect_format(path) == "alpaca"
+    records = [r for _, r in ner_data.read_alpaca(path)]
+    assert len(records) == 1000
+    assert records[1] == {"instruct": "输入三支篮球队的名称并生成一个适当的口号。",
+                          "query": "输入：俄克拉荷马城雷霆队，芝加哥公牛队，布鲁克林网队。",
+                          "answer": '输出： "雷霆，公牛和网队：各显神通，角逐群雄!"'}
+    other = DATA / "alpaca_zh" / "alpaca_chinese_dataset_part00_first1000.json"
+    with pytest.raises(DataError) as err:  # record 285 has an empty output
+        list(ner_data.read_alpaca(other))
+    assert (err.value.line, err.value.field, err.value.problem) == ("record 285", "output", "empty")
+    bad = BadLines(skip=True)
+    assert len(list(ner_data.read_alpaca(other, bad))) == 999 and bad.count == 1
+
+
+def test_history_alpaca_and_conversation(tmp_path):
+    llama = write(tmp_path / "llama.json", json.dumps([{"instruction": "再说一遍", "input": "", "output": "好的：你好",
+                                                          "history": [["说你好", "你好"]]}], ensure_ascii=False))
+    assert [r for _, r in ner_data.read_alpaca(llama)] == [
+        {"instruct": "再说一遍", "query": "", "answer": "好的：你好", "history": [["说你好", "你好"]]}]
+    chats = [
+        {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
+                           {"from": "human", "value": "1+1=?"}, {"from": "gpt", "value": "2"}]},
+        {"messages": [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "在吗"},
+                      {"role": "assistant", "content": "在"}]},
+    ]
+    path = write(tmp_path / "chat.jsonl", "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
+    assert ner_data.detect_format(path) == "conversation"
+    assert [r for _, r in ner_data.read_conversation(path)] == [
+        {"instruct": "", "query": "1+1=?", "answer": "2", "history": [["你好", "你好！"]]},
+        {"instruct": "你是助手", "query": "在吗", "answer": "在"},
+    ]
+    out = tmp_path / "out"
+    result = run_process("--train_file", path, "--dev_file", "", "--output_dir", out)
+    assert result.returncode == 0, result.stderr
+    assert "train: 2 samples\n  with history: 1\n  skipped lines: 0" in result.stdout
+    assert read_jsonl(out / "train.txt")[0]["history"] == [["你好", "你好！"]]
+    assert not (out / "dev.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- process.py
+
+
+def test_process_counts_and_files(tmp_path):
+    span = [
+        {"text": "张三在北京工作。", "entity_list": [
+            {"entity_index": {"begin": 3, "end": 5}, "entity_type": "LOC", "entity": "北京"},
+            {"entity_index": {"begin": 0, "end": 2}, "entity_type": "PER", "entity": "张三"}]},
+        {"text": "今天天气很好。", "entity_list": []},
+        {"text": "北京和北京大学", "entity_list": [
+            {"entity_index": {"begin": 0, "end": 2}, "entity_type": "LOC", "entity": "北京"},
+            {"entity_index": {"begin": 3, "end": 7}, "entity_type": "ORG", "entity": "北京大学"},
+            {"entity_index": {"begin": 3, "end": 5}, "entity_type": "LOC", "entity": "北京"}]},
+    ]
+    train = write(tmp_path / "train.json", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in span))
+    dev = write(tmp_path / "dev.txt", "李\tB-PER\n四\tI-PER\n好\tO\n\n无\tO\n\n去\tO\n上\tB-LOC\n海\tI-LOC\n")
+    out = tmp_path / "out"
+    result = run_process("--data_name", "tiny", "--train_file", train, "--dev_file", dev, "--output_dir", out)
+    assert result.returncode == 0, result.stderr
+    assert f"train: {train} (span_json): 3 samples" in result.stdout
+    assert f"dev: {dev} (bio): 3 samples" in result.stdout
+    assert ("train: 3 samples\n  entities by type: 地名 2, 人名 1, 机构名 1\n  empty answers (没有): 1\n"
+            "  truncated texts: 0 (entities dropped: 0)\n  skipped lines: 0") in result.stdout
+    assert "dev: 3 samples\n  entities by type: 人名 1, 地名 1\n  empty answers (没有): 1" in result.stdout
+    instruct = ner_data.MSRA_INSTRUCT
+    assert read_jsonl(out / "train.txt") == [
+        {"instruct": instruct, "query": "文本：张三在北京工作。", "answer": "张三_人名\n北京_地名"},
+        {"instruct": instruct, "query": "文本：今天天气很好。", "answer": "没有"},
+        {"instruct": instruct, "query": "文本：北京和北京大学", "answer": "北京_地名\n北京大学_机构名"},
+    ]
+    assert [r["answer"] for r in read_jsonl(out / "dev.txt")] == ["李四_人名", "没有", "上海_地名"]
+
+    # max_text_chars cuts texts and drops the entities past the cut, and says so.
+    result = run_process("--train_file", train, "--dev_file", "", "--output_dir", tmp_path / "cut", "--max_text_chars", 4)
+    assert "truncated texts: 3 (entities dropped: 3)" in result.stdout
+    assert [r["answer"] for r in read_jsonl(tmp_path / "cut" / "train.txt")] == ["张三_人名", "没有", "北京_地名"]
+
+
+def test_process_unmapped_types_are_kept_and_reported(tmp_path):
+    bmes = write(tmp_path / "r.char.bmes", "王 B-NAME\n五 E-NAME\n读 O\n硕 B-EDU\n士 E-EDU\n\n汉 S-RACE\n")
+    result = run_process("--train_file", bmes, "--dev_file", "", "--output_dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert "types kept as raw names (no mapping): EDU 1, RACE 1" in result.stdout
+    records = read_jsonl(tmp_path / "o" / "train.txt")
+    assert [r["answer"] for r in records] == ["王五_人名\n硕士_EDU", "汉_RACE"]
+    assert records[0]["instruct"] == ner_data.ner_instruct(["人名", "EDU", "RACE"])
+
+
+def test_process_msra_and_cluener_commands(tmp_path):
+    result = run_process("--data_name", "msra", "--train_file",
+                         f"{MSRA / 'bio' / 'val_sentences.txt'},{MSRA / 'ori_data' / 'msra_1000.txt'}",
+                         "--dev_file", MSRA / "bio" / "test.txt", "--output_dir", tmp_path / "msra")
+    assert result.returncode == 0, result.stderr
+    assert "train: 4000 samples" in result.stdout and "dev: 3442 samples" in result.stdout
+    assert "empty answers (没有): 1467" in result.stdout
+    train = read_jsonl(tmp_path / "msra" / "train.txt")
+    assert len(train) == 4000 and train[0]["answer"] == "江苏_地名\n如皋市_地名\n城西乡_地名"
+    assert train[3002]["answer"] == "日_地名\n京_地名\n北京_地名"
+    assert {r["instruct"] for r in train} == {ner_data.MSRA_INSTRUCT}
+
+    result = run_process("--data_name", "cluener", "--train_file", CLUENER / "train.json", "--dev_file",
+                         CLUENER / "dev.json", "--output_dir", tmp_path / "cluener")
+    assert result.returncode == 0, result.stderr
+    assert "train: 10748 samples" in result.stdout and "dev: 1343 samples" in result.stdout
+    dev = read_jsonl(tmp_path / "cluener" / "dev.txt")
+    assert dev[0]["answer"] == "彭小军_人名\n台湾_地址" and dev[0]["instruct"] == ner_data.CLUENER_INSTRUCT
+    # entities by type count distinct (entity, type) per sample: the answers' lines.
+    counted = Counter(line.rpartition("_")[2] for r in dev if r["answer"] != "没有" for line in r["answer"].split("\n"))
+    assert "  entities by type: " + ", ".join(f"{t} {n}" for t, n in counted.most_common()) in result.stdout
+
+
+GOOD_SPAN = '{"text": "张三来了", "entity_list": [{"entity_index": {"begin": 0, "end": 2}, "entity_type": "PER", "entity": "张三"}]}\n'
+BAD_CASES = {
+    # name: (file name, content with the bad record on line 2, expected line, expected field, message part)
+    "malformed_json": ("a.json", GOOD_SPAN + '{"text": "李四", "entity_list": [\n' + GOOD_SPAN, 2, None, "not valid JSON"),
+    "missing_field": ("a.json", GOOD_SPAN + '{"entity_list": []}\n' + GOOD_SPAN, 2, "text", "missing"),
+    "wrong_type": ("a.json", GOOD_SPAN + '{"text": 5, "entity_list": []}\n' + GOOD_SPAN, 2, "text", "expected a string, got int"),
+    "entity_list_type": ("a.json", GOOD_SPAN + '{"text": "好", "entity_list": {}}\n' + GOOD_SPAN, 2, "entity_list", "expected a JSON array"),
+    "span_mismatch": ("a.json", GOOD_SPAN + '{"text": "我见到王五", "entity_list": [{"entity_index": {"begin": 2, "end": 4}, '
+                      '"entity_type": "PER", "entity": "王五"}]}\n' + GOOD_SPAN, 2, "entity_list[0].entity_index", "gives '到王'"),
+    "span_inclusive": ("a.json", GOOD_SPAN + '{"text": "王五好", "entity_list": [{"entity_index": {"begin": 0, "end": 1}, '
+                       '"entity_type": "PER", "entity": "王五"}]}\n' + GOOD_SPAN, 2, "entity_list[0].entity_index", "end inclusive"),
+    "cluener_span": ("c.json", '{"text": "王五好", "label": {"name": {"王五": [[0, 1]]}}}\n{"text": "王五好", "label": {"name": {"王五": [[0, 2]]}}}\n'
+                     '{"text": "好", "label": {}}\n', 2, "label.name.王五", "[0, 2] gives '王五好'"),
+    "empty_output": ("g.jsonl", '{"instruction": "说", "input": "", "output": "好"}\n{"instruction": "说", "input": "", "output": " "}\n'
+                     '{"instruction": "写", "output": "嗯"}\n', 2, "output", "empty"),
+    "adgen_empty": ("adgen.json", '{"content": "类型#裙", "summary": "好看"}\n{"content": "类型#裤", "summary": ""}\n'
+                    '{"content": "类型#鞋", "summary": "舒服"}\n', 2, "summary", "empty"),
+    "conversation_role": ("chat.jsonl", '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}\n'
+                          '{"conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}\n'
+                          '{"conversations": [{"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}\n',
+                          2, "conversations[0].from", "expected one of"),
+    "bio_bad_tag": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tX-PER\n四\tI-PER\n\n好\tO\n", 4, "tag", "malformed tag 'X-PER'"),
+    "bio_i_after_o": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tO\n四\tI-PER\n\n好\tO\n", 5, "tag", "does not continue"),
+    "bio_columns": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tO\tO\n四\tO\n\n好\tO\n", 4, "tag", "expected 'character<TAB>tag'"),
+    "encoding": ("e.json", (GOOD_SPAN + GOOD_SPAN).encode() + b'{"text": "\xb9\xfa", "entity_list": []}\n', 3, None, "not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_stops_with_file_line_field(tmp_path, case):
+    name, content, line, field, message = BAD_CASES[case]
+    path = write(tmp_path / name, content)
+    out = tmp_path / "out"
+    result = run_process("--train_file", path, "--dev_file", "", "--output_dir", out)
+    assert result.returncode == 1 and result.stdout.count("wrote") == 0
+    expected = f"error: {path}:{line}: " + (f"field {field!r}: " if field else "")
+    assert expected in result.stderr and message in result.stderr, result.stderr
+    assert not out.exists()
+    if case == "encoding":
+        return  # an undecodable file cannot be read at all: it always stops
+    result = run_process("--train_file", path, "--dev_file", "", "--output_dir", out, "--skip_bad_lines")
+    assert result.returncode == 0, result.stderr
+    assert "train: 2 samples" in result.stdout
+    assert f"skipped lines: 1\n    1 x " in result.stdout and f"(first at {path}:{line})" in result.stdout
+    assert len(read_jsonl(out / "train.txt")) == 2
+
+
+def test_parallel_files(tmp_path):
+    sentences = write(tmp_path / "x_sentences.txt", "张 三 来 了\n好 的\n李 四\n")
+    tags = write(tmp_path / "x_tags.txt", "B-PER I-PER O O\nO\nB-PER I-PER\n")
+    result = run_process("--train_file", sentences, "--dev_file", "", "--output_dir", tmp_path / "o")
+    assert result.returncode == 1
+    assert f"error: {tags}:2: field 'tags': 1 tags for the 2 characters" in result.stderr
+    result = run_process("--train_file", sentences, "--dev_file", "", "--output_dir", tmp_path / "o", "--skip_bad_lines")
+    assert [r["answer"] for r in read_jsonl(tmp_path / "o" / "train.txt")] == ["张三_人名", "李四_人名"]
+    assert "skipped lines: 1" in result.stdout
+    write(tags, "B-PER I-PER O O\nO O\n")  # one line short: the files no longer pair up, even with --skip_bad_lines
+    result = run_process("--train_file", sentences, "--dev_file", "", "--output_dir", tmp_path / "p", "--skip_bad_lines")
+    assert result.returncode == 1 and f"{tags}:3: field 'tags': 2 lines of tags but 3 sentences" in result.stderr
+
+
+def test_no_overwrite_without_flag(tmp_path):
+    train = write(tmp_path / "t.json", GOOD_SPAN)
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "train.txt", "keep me\n")
+    result = run_process("--train_file", train, "--dev_file", "", "--output_dir", out)
+    assert result.returncode == 1 and "already exist" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "train.txt").read_text() == "keep me\n"
+    result = run_process("--train_file", train, "--dev_file", "", "--output_dir", out, "--overwrite")
+    assert result.returncode == 0 and read_jsonl(out / "train.txt")[0]["answer"] == "张三_人名"
+
+
+def test_config_mistakes_are_refused(tmp_path):
+    train = write(tmp_path / "t.json", GOOD_SPAN)
+    result = run_process("--train_file", train, "--output_dir", tmp_path / "o")  # dev_file left at the demo's
+    assert result.returncode == 1 and "--dev_file is still the demo's" in result.stderr
+    result = run_process("--train_file", train, "--dev_file", train, "--dev_ratio", 0.1, "--output_dir", tmp_path / "o")
+    assert result.returncode == 1 and "give one or the other" in result.stderr
+    mixed = write(tmp_path / "g.jsonl", '{"instruction": "说", "input": "", "output": "好"}\n')
+    result = run_process("--train_file", f"{train},{mixed}", "--dev_file", "", "--output_dir", tmp_path / "o")
+    assert result.returncode == 1 and "mix NER and generation" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_dev_ratio_split_is_deterministic(tmp_path):
+    lines = "".join(json.dumps({"instruction": f"问题{i}", "input": "", "output": f"答案{i}"}, ensure_ascii=False) + "\n"
+                    for i in range(20))
+    train = write(tmp_path / "a.jsonl", lines)
+    splits = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = run_process("--train_file", train, "--dev_file", "", "--dev_ratio", 0.25, "--seed", seed,
+                             "--output_dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        assert "dev: 5 samples split off train" in result.stdout and "train: 15 samples" in result.stdout
+        split = [[r["instruct"] for r in read_jsonl(tmp_path / name / f"{s}.txt")] for s in ("train", "dev")]
+        assert sorted(split[0] + split[1]) == sorted(f"问题{i}" for i in range(20))
+        splits.append(split)
+    assert splits[0] == splits[1] and splits[0] != splits[2]
+
+
+# ---------------------------------------------------------------------------------------------------- demo data
+
+
+def test_demo_data_is_reproducible(tmp_path):
+    result = subprocess.run([sys.executable, str(DEMO / "make_demo_data.py"), "--out_dir", str(tmp_path / "raw")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for split in ("train", "dev"):
+        assert (tmp_path / "raw" / f"{split}.json").read_bytes() == (DEMO / "raw" / f"{split}.json").read_bytes()
+    result = run_process("--output_dir", tmp_path / "instruct")  # the defaults: demo raw files
+    assert result.returncode == 0, result.stderr
+    for split in ("train", "dev"):
+        assert (tmp_path / "instruct" / f"{split}.txt").read_bytes() == (DEMO / "instruct_data" / f"{split}.txt").read_bytes()
+
+
+def test_demo_data_shape():
+    train = list(ner_data.read_span_json(DEMO / "raw" / "train.json"))
+    dev = list(ner_data.read_span_json(DEMO / "raw" / "dev.json"))
+    assert 400 <= len(train) <= 700 and 100 <= len(dev) <= 200
+    assert {t for _, _, ents in train for _, t, _ in ents} == {"PER", "LOC", "ORG"}
+    counts = Counter(len(ents) for _, _, ents in train)
+    assert set(counts) >= {0, 1, 2, 3} and 0.1 < counts[0] / len(train) < 0.3
+    seen = {e for _, _, ents in train for e, _, _ in ents}
+    dev_entities = [e for _, _, ents in dev for e, _, _ in ents]
+    assert sum(e not in seen for e in dev_entities) / len(dev_entities) > 0.8  # mostly unseen names
+    assert not {t for _, t, _ in train} & {t for _, t, _ in dev}  # no sentence in both
+    size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert size < 300_000

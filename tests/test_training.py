@@ -1,0 +1,106 @@
+"""The training scripts on tiny models (CPU): they overfit 16 real MSRA examples, the adapter reloads with PEFT
+and decodes the trained answers, and a resumed run ends where an uninterrupted one does."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import REPO_ROOT, SHARED, TOKENIZERS, VERSIONS
+from utils.dataset import get_prompt_format, read_instruction_records
+from utils.generation import generate_answers
+from utils.model_utils import load_model_and_tokenizer
+from utils.tiny_model import make_tiny_model
+
+# LoRA on every linear layer with a high learning rate: enough for a 2-layer random model to memorise 16 answers.
+OVERFIT = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0", "--lora_target_modules=all", "--learning_rate=1e-2",
+           "--warmup_steps=0", "--per_device_train_batch_size=16", "--logging_steps=5", "--report_to=none"]
+
+
+@pytest.fixture(scope="session")
+def sixteen_examples(tmp_path_factory):
+    """The 16 shortest records of the MSRA instruction file in ../shared (real sentences and entities)."""
+    lines = (SHARED / "data" / "msra" / "instruct_data" / "dev.txt").read_text(encoding="utf-8").splitlines()
+    lines = sorted(lines, key=len)[:16]
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def trainable_models(tmp_path_factory):
+    """Tiny models whose random output layer can express confident predictions: with the default 0.02 init, a
+    64-wide final RMSNorm times a frozen random output layer caps every logit near 1, so nothing can be learned."""
+    root = tmp_path_factory.mktemp("trainable")
+    return {v: make_tiny_model(v, root / v, TOKENIZERS / v, seed=0, initializer_range=0.3) for v in VERSIONS}
+
+
+def run_script(script, *args):
+    result = subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def logged_losses(run_dir, checkpoint_step):
+    state = json.loads((run_dir / f"checkpoint-{checkpoint_step}" / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def assert_adapter_reproduces_answers(model_dir, adapter_dir, data_file):
+    base, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
+    version = base.model_version
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    records = read_instruction_records(data_file)
+    answers = generate_answers(model, tokenizer, get_prompt_format(tokenizer, version), records, max_new_tokens=48, batch_size=16)
+    # The reference as the tokenizer can write it (ChatGLM-6B folds full-width punctuation, NFKC).
+    expected = [tokenizer.decode(tokenizer.encode(r["answer"], add_special_tokens=False)).strip() for r in records]
+    matches = sum(a == e for a, e in zip(answers, expected))
+    assert matches == len(records), list(zip(answers, expected))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_train_trainer_overfits_and_the_adapter_reproduces_the_answers(version, trainable_models, sixteen_examples, tmp_path):
+    run_dir = tmp_path / "run"
+    run_script("train_trainer.py", f"--model_dir={trainable_models[version]}", f"--train_file={sixteen_examples}",
+               f"--dev_file={sixteen_examples}", f"--output_dir={run_dir}", "--max_steps=60", "--save_steps=60",
+               "--eval_steps=60", *OVERFIT)
+    adapter_dir = run_dir / "adapter_model"
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= {p.name for p in adapter_dir.iterdir()}
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    losses = logged_losses(run_dir, 60)
+    assert losses[60] < 0.5 * losses[1], losses
+    train_args = json.loads((adapter_dir / "train_args.json").read_text())
+    assert train_args["model_version"] == version and train_args["data"]["train"]["samples"] == 16
+    assert_adapter_reproduces_answers(trainable_models[version], adapter_dir, sixteen_examples)
+
+
+def test_train_trainer_resumed_run_ends_at_the_uninterrupted_loss(trainable_models, sixteen_examples, tmp_path):
+    common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+              "--max_steps=30", "--save_steps=15", *OVERFIT, "--per_device_train_batch_size=4", "--learning_rate=3e-3",
+              "--lora_dropout=0.1"]
+    full = tmp_path / "full"
+    run_script("train_trainer.py", f"--output_dir={full}", *common)
+    # An interruption after step 15: only checkpoint-15 survives.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / "checkpoint-30")
+    shutil.rmtree(interrupted / "adapter_model")
+    run_script("train_trainer.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
+    uninterrupted, resumed = logged_losses(full, 30), logged_losses(interrupted, 30)
+    assert resumed[30] == pytest.approx(uninterrupted[30], rel=0.01)
+    assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)
+
+
+def test_train_trainer_never_overwrites_a_finished_run(trainable_models, sixteen_examples, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "adapter_model").mkdir()
+    result = subprocess.run(
+        [sys.executable, "train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+         f"--output_dir={run_dir}", "--max_steps=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "already holds a run" in result.stderr
+    assert (run_dir / "adapter_model").is_dir()

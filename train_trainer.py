@@ -1,0 +1,161 @@
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA, using the Hugging Face Trainer.
+
+    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra
+    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
+    deepspeed train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra     # uses deepspeed.json
+
+Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
+checkpoint/<data_name>/train_trainer/:
+    adapter_model/   the LoRA adapter in PEFT format + train_args.json
+    checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
+    runs/            TensorBoard logs;  loss.png  the loss curve
+"""
+import json
+import os
+import time
+
+import torch
+import transformers
+from transformers import TrainingArguments
+
+from utils.config_utils import parse_config
+from utils.dataset import InstructionDataset, PaddingCollator
+from utils.model_utils import load_model_and_tokenizer
+from utils.train_utils import (
+    Trainer,
+    add_lora,
+    checkpoint_dir,
+    data_paths,
+    find_resume_checkpoint,
+    peak_memory_gib,
+    plot_loss,
+    prepare_output_dir,
+    save_adapter,
+)
+
+DEFAULTS = {
+    "model_dir": "model_hub/chatglm2-6b",
+    "data_name": "demo_ner",
+    "train_file": "",  # default: data/<data_name>/instruct_data/train.txt
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
+    "output_dir": "",  # default: checkpoint/<data_name>/train_trainer
+    "max_source_length": 256,
+    "max_target_length": 128,
+    "skip_bad_lines": False,
+    "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
+    "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
+    "num_train_epochs": 3.0,
+    "max_steps": -1,  # > 0 overrides num_train_epochs
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2e-4,
+    "weight_decay": 0.0,
+    "warmup_steps": 0.03,  # a fraction of the total steps if < 1
+    "lr_scheduler_type": "linear",
+    "max_grad_norm": 1.0,
+    "gradient_checkpointing": False,
+    "logging_steps": 10,
+    "eval_steps": 50,
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "seed": 42,
+    "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
+    "overwrite_output_dir": False,
+    "deepspeed": "",  # a DeepSpeed config file; under the deepspeed launcher defaults to deepspeed.json
+    "local_rank": -1,  # set by the deepspeed launcher
+    "report_to": "tensorboard",
+}
+
+
+def main(config):
+    output_dir = checkpoint_dir(config, "train_trainer")
+    launched_by_deepspeed = config["local_rank"] >= 0
+    deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched_by_deepspeed else None)
+    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    if int(os.environ.get("RANK", "0")) == 0:  # one process guards and creates the folder
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+
+    # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one.
+    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=config["dtype"], device="cpu" if deepspeed_config else "auto")
+    weight_dtype = next(model.parameters()).dtype
+    if config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = add_lora(model, config["lora"])
+    model.print_trainable_parameters()
+
+    train_file, dev_file = data_paths(config)
+    train_data = InstructionDataset(train_file, tokenizer, model.model_version, config["max_source_length"], config["max_target_length"], config["skip_bad_lines"])
+    print(train_data.describe())
+    eval_data = None
+    if dev_file.is_file():
+        eval_data = InstructionDataset(dev_file, tokenizer, model.model_version, config["max_source_length"], config["max_target_length"], config["skip_bad_lines"])
+        print(eval_data.describe())
+    else:
+        print(f"{dev_file}: not found, training without evaluation")
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=config["num_train_epochs"],
+        max_steps=config["max_steps"],
+        per_device_train_batch_size=config["per_device_train_batch_size"],
+        per_device_eval_batch_size=config["per_device_eval_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        learning_rate=config["learning_rate"],
+        weight_decay=config["weight_decay"],
+        warmup_steps=config["warmup_steps"],
+        lr_scheduler_type=config["lr_scheduler_type"],
+        max_grad_norm=config["max_grad_norm"],
+        # Mixed precision follows the weights: LoRA weights stay fp32, compute runs in the weights' half type.
+        fp16=weight_dtype == torch.float16,
+        bf16=weight_dtype == torch.bfloat16,
+        logging_steps=config["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="steps" if eval_data is not None else "no",
+        eval_steps=config["eval_steps"],
+        save_strategy="steps",
+        save_steps=config["save_steps"],
+        save_total_limit=config["save_total_limit"],
+        seed=config["seed"],
+        deepspeed=deepspeed_config,
+        report_to=[r for r in config["report_to"].split(",") if r and r != "none"],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    if not trainer.is_world_process_zero():
+        return
+    metrics = dict(result.metrics)
+    if eval_data is not None:
+        metrics.update(trainer.evaluate())
+    metrics["train_tokens_per_second"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
+    metrics["peak_memory_gib"] = peak_memory_gib()
+    train_args = {
+        "script": "train_trainer.py",
+        "config": config,
+        "model_version": model.model_version,
+        "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data else None},
+        "metrics": metrics,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    adapter_dir = save_adapter(model, output_dir, train_args)
+    plot_loss(trainer.state.log_history, output_dir / "loss.png")
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    print(f"adapter: {adapter_dir}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
+
+
+if __name__ == "__main__":
+    main(parse_config(DEFAULTS, description=__doc__))

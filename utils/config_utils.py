@@ -1,0 +1,113 @@
+"""Script configuration: a plain dict of defaults at the top of each script, overridden from the command line.
+
+    config = parse_config(DEFAULTS)            # python train_trainer.py --learning_rate=3e-4 --lora_r 16
+
+`--key=value` and `--key value` both work; nested dicts are addressed with their keys joined by `_`
+(`{"lora": {"r": 8}}` -> `--lora_r`). Values are typed from the default (bool, int, float, str; lists and dicts
+as JSON; a default of None takes any string, with `none`/`null` meaning None). An unknown key is an error that
+names the closest valid keys. `--help` lists every key with its default.
+"""
+import copy
+import difflib
+import json
+import sys
+
+TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def flatten(config: dict, prefix="") -> dict:
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def set_flat(config: dict, flat_key: str, value, prefix=""):
+    """Write `value` at the nested position that `flat_key` names."""
+    for key, current in config.items():
+        name = f"{prefix}{key}"
+        if name == flat_key:
+            config[key] = value
+            return True
+        if isinstance(current, dict) and current and flat_key.startswith(name + "_"):
+            if set_flat(current, flat_key, value, name + "_"):
+                return True
+    return False
+
+
+def convert(key: str, text: str, default):
+    """`text` as the type of `default`."""
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered in TRUE | FALSE:
+                return lowered in TRUE
+            raise ValueError(f"expected one of {sorted(TRUE | FALSE)}")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, (list, dict)):
+            value = json.loads(text)
+            if not isinstance(value, type(default)):
+                raise ValueError(f"expected a JSON {type(default).__name__}")
+            return value
+        if default is None:
+            return None if text.lower() in ("none", "null") else text
+        return text
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--{key}: cannot read {text!r} as {type(default).__name__} ({err})") from err
+
+
+def apply_overrides(defaults: dict, argv) -> dict:
+    """A copy of `defaults` with the `--key=value` / `--key value` pairs of argv applied."""
+    config = copy.deepcopy(defaults)
+    flat = flatten(config)
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value or --key value")
+        key, has_value, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in flat:
+            close = difflib.get_close_matches(key, flat, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (--help lists all)")
+        if not has_value:
+            if index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+                index += 1
+                text = argv[index]
+            elif isinstance(flat[key], bool):
+                text = "true"  # a bare boolean flag switches it on
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        value = convert(key, text, flat[key])
+        flat[key] = value
+        set_flat(config, key, value)
+        index += 1
+    return config
+
+
+def describe(defaults: dict) -> str:
+    return "\n".join(f"  --{key}={json.dumps(value, ensure_ascii=False)}" for key, value in flatten(defaults).items())
+
+
+def parse_config(defaults: dict, argv=None, description="") -> dict:
+    """The script's config: defaults overridden by the command line. Exits with a clear message on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print((description.strip() + "\n\n" if description else "") + "Options (defaults shown):\n" + describe(defaults))
+        sys.exit(0)
+    try:
+        return apply_overrides(defaults, argv)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,224 @@
+"""Instruction data -> token ids and labels, the official way for each model version.
+
+A record is `{"instruct", "query", "answer"}` (plus optional `"history": [[user, assistant], ...]`), as written by
+process.py. The user message is instruct and query joined by a newline. Prompts are built by the same functions
+the models' chat() uses, so training and inference see the same text:
+
+- ChatGLM-6B:  prompt + [gMASK] <sop> + answer + <eop>; labels from <sop> on (the loss also predicts <sop>).
+- ChatGLM2-6B: [gMASK] sop + "[Round 1]\\n\\n问：...\\n\\n答：" + answer + </s>; labels on answer and </s>.
+- ChatGLM3-6B: [gMASK] sop <|user|> \\n message <|assistant|> + \\n answer + </s>; labels after <|assistant|>.
+- Other models (e.g. GLM-4, Llama): the tokenizer's chat template; labels on the assistant turn.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from utils.data_io import BadLines, DataError, iter_json_lines, require_str
+from utils.model_utils import remote_module
+
+
+def user_message(record) -> str:
+    return "\n".join(part for part in (record["instruct"], record["query"]) if part)
+
+
+def read_instruction_records(path, bad_lines: BadLines = None) -> list:
+    """Validated records of an instruction file; bad lines raise DataError (file, line, field) or are counted."""
+    bad_lines = bad_lines or BadLines()
+    records = []
+    for line, record in iter_json_lines(path, bad_lines):
+        try:
+            instruct = require_str(record, "instruct", path, line, allow_empty=True)
+            query = require_str(record, "query", path, line, allow_empty=True)
+            if not (instruct.strip() or query.strip()):
+                raise DataError(path, line, "instruct and query are both empty", "query")
+            answer = require_str(record, "answer", path, line)
+            history = record.get("history", [])
+            if not (isinstance(history, list) and all(
+                isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
+            )):
+                raise DataError(path, line, "expected a list of [user, assistant] string pairs", "history")
+            records.append({"instruct": instruct, "query": query, "answer": answer, "history": [list(t) for t in history], "line": line})
+        except DataError as error:
+            bad_lines.handle(error)
+    if not records:
+        raise DataError(path, None, "no usable records")
+    return records
+
+
+class ChatGLMPromptFormat:
+    """Prompt and answer ids of ChatGLM-6B / 2-6B / 3-6B, built with the functions their chat() uses."""
+
+    def __init__(self, tokenizer, version):
+        self.tokenizer, self.version = tokenizer, version
+        if version == "chatglm-6b":
+            self.build_v1_prompt = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration.build_prompt
+            # The <sop> ending the prompt is also a target: [gMASK] predicts it.
+            self.labels_from_prompt_end = 1
+        else:
+            self.labels_from_prompt_end = 0
+
+    @property
+    def stop_token_ids(self):
+        if self.version == "chatglm3-6b":
+            return [self.tokenizer.eos_token_id, self.tokenizer.get_command("<|user|>"), self.tokenizer.get_command("<|observation|>")]
+        return [self.tokenizer.eos_token_id]
+
+    def prompt_ids(self, message, history) -> list:
+        tokenizer = self.tokenizer
+        if self.version == "chatglm-6b":
+            text = self.build_v1_prompt(message, [tuple(turn) for turn in history])
+            return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+        if self.version == "chatglm2-6b":
+            return tokenizer.encode(tokenizer.build_prompt(message, [tuple(turn) for turn in history]))
+        messages = [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
+        return tokenizer.build_chat_input(message, history=messages)["input_ids"][0].tolist()
+
+    def answer_parts(self, answer):
+        """(content ids, closing ids) of the answer turn; truncation cuts only the content."""
+        if self.version == "chatglm3-6b":
+            # What the model writes after <|assistant|>: an empty metadata line, then the content.
+            content = self.tokenizer.build_single_message("assistant", "", answer)[1:]
+        else:
+            content = self.tokenizer.encode(answer, add_special_tokens=False)
+        return content, [self.tokenizer.eos_token_id]
+
+
+class ChatTemplatePromptFormat:
+    """Models that transformers supports natively: their tokenizer's chat template."""
+
+    labels_from_prompt_end = 0
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{type(tokenizer).__name__} has no chat_template; cannot build prompts for this model")
+        self.tokenizer = tokenizer
+
+    @property
+    def stop_token_ids(self):
+        return [self.tokenizer.eos_token_id]
+
+    def _ids(self, messages, generation_prompt):
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    @staticmethod
+    def _messages(message, history):
+        return [{"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)] + [
+            {"role": "user", "content": message}
+        ]
+
+    def prompt_ids(self, message, history) -> list:
+        return self._ids(self._messages(message, history), generation_prompt=True)
+
+    def answer_parts(self, answer):
+        """The assistant turn as the template renders it after a generation prompt: (content ids, the trailing
+        special tokens that close the turn), so that the model learns to end its turn the template's way."""
+        messages = self._messages("", [])
+        prompt = self._ids(messages, generation_prompt=True)
+        full = self._ids(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the chat template renders the prompt differently once an answer follows; cannot mask labels")
+        tail = full[len(prompt):]
+        special = set(self.tokenizer.all_special_ids)
+        split = len(tail)
+        while split and tail[split - 1] in special:
+            split -= 1
+        return tail[:split], tail[split:]
+
+
+def get_prompt_format(tokenizer, version=None):
+    """The prompt format of a ChatGLM version, or the chat template of any other model's tokenizer."""
+    if version in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b"):
+        return ChatGLMPromptFormat(tokenizer, version)
+    return ChatTemplatePromptFormat(tokenizer)
+
+
+def fit_prompt(prompt_format, message, history, max_length):
+    """Prompt ids of at most max_length tokens: oldest history turns go first, then the message's tail.
+    Returns (ids, truncated)."""
+    ids = prompt_format.prompt_ids(message, history)
+    if len(ids) <= max_length:
+        return ids, False
+    while history and len(ids) > max_length:
+        history = history[1:]
+        ids = prompt_format.prompt_ids(message, history)
+    message_ids = prompt_format.tokenizer.encode(message, add_special_tokens=False)
+    keep = len(message_ids) - (len(ids) - max_length)
+    while len(ids) > max_length:
+        if keep <= 0:
+            raise ValueError(f"max_source_length={max_length} is shorter than the prompt template itself")
+        ids = prompt_format.prompt_ids(prompt_format.tokenizer.decode(message_ids[:keep]), history)
+        keep -= 1
+    return ids, True
+
+
+def encode_example(record, prompt_format, max_source_length, max_target_length):
+    """input_ids and labels (-100 on the prompt) of one record, plus which parts were truncated."""
+    prompt, prompt_cut = fit_prompt(prompt_format, user_message(record), record.get("history", []), max_source_length)
+    content, closing = prompt_format.answer_parts(record["answer"])
+    answer_cut = len(content) > max_target_length
+    answer = content[:max_target_length] + closing
+    masked = len(prompt) - prompt_format.labels_from_prompt_end
+    input_ids = prompt + answer
+    labels = [-100] * masked + input_ids[masked:]
+    return {"input_ids": input_ids, "labels": labels}, prompt_cut, answer_cut
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """A whole instruction file, encoded once. `stats` counts samples, truncations and skipped lines."""
+
+    def __init__(self, path, tokenizer, version=None, max_source_length=512, max_target_length=256, skip_bad_lines=False):
+        bad_lines = BadLines(skip=skip_bad_lines)
+        records = read_instruction_records(path, bad_lines)
+        prompt_format = get_prompt_format(tokenizer, version)
+        self.examples, cut_prompts, cut_answers = [], 0, 0
+        for record in records:
+            example, prompt_cut, answer_cut = encode_example(record, prompt_format, max_source_length, max_target_length)
+            self.examples.append(example)
+            cut_prompts += prompt_cut
+            cut_answers += answer_cut
+        self.stats = {
+            "file": str(path),
+            "samples": len(self.examples),
+            "truncated_prompts": cut_prompts,
+            "truncated_answers": cut_answers,
+            "skipped_lines": bad_lines.count,
+            "tokens": sum(len(e["input_ids"]) for e in self.examples),
+        }
+        self.skipped_summary = bad_lines.summary()
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+    def describe(self):
+        s = self.stats
+        text = (f"{s['file']}: {s['samples']} samples, {s['tokens']} tokens; truncated prompts {s['truncated_prompts']}"
+                f" (max_source_length), truncated answers {s['truncated_answers']} (max_target_length)")
+        return text + ("\n" + self.skipped_summary if s["skipped_lines"] else "")
+
+
+@dataclass
+class PaddingCollator:
+    """Pads a batch to its longest example (dynamic padding). Training pads on the right: the ChatGLM models take
+    positions from the attention mask, and natively supported models count positions from the first token."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+    padding_side: str = "right"
+
+    def __call__(self, features):
+        longest = max(len(f["input_ids"]) for f in features)
+        longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for feature in features:
+            pad = longest - len(feature["input_ids"])
+            rows = (feature["input_ids"], [1] * len(feature["input_ids"]), feature.get("labels"))
+            fills = (self.pad_token_id, 0, -100)
+            for key, row, fill in zip(batch, rows, fills):
+                if row is None:
+                    continue
+                batch[key].append(row + [fill] * pad if self.padding_side == "right" else [fill] * pad + row)
+        return {key: torch.tensor(rows) for key, rows in batch.items() if rows}

@@ -1,0 +1,40 @@
+"""Answers to instruction records: the prompts of utils.dataset, left-padded batches, transformers' generate()."""
+import torch
+from tqdm import tqdm
+
+from utils.dataset import PaddingCollator, fit_prompt, user_message
+
+
+def decode_answer(tokenizer, ids, stop_ids) -> str:
+    """Text of generated ids up to the first stop token. ChatGLM3 starts its turn with an (empty) metadata line,
+    which strip() removes like the official post-processing does."""
+    for index, token in enumerate(ids):
+        if token in stop_ids:
+            ids = ids[:index]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, prompt_format, records, max_source_length=512, max_new_tokens=128, batch_size=8,
+                     do_sample=False, show_progress=False, **generate_kwargs):
+    """One answer string per record (greedy unless do_sample)."""
+    stop_ids = prompt_format.stop_token_ids
+    collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
+    answers = []
+    batches = range(0, len(records), batch_size)
+    for start in tqdm(batches, desc="generating", disable=not show_progress):
+        prompts = [fit_prompt(prompt_format, user_message(r), r.get("history", []), max_source_length)[0] for r in records[start:start + batch_size]]
+        batch = collate([{"input_ids": p} for p in prompts])
+        output = model.generate(
+            input_ids=batch["input_ids"].to(model.device),
+            attention_mask=batch["attention_mask"].to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            **generate_kwargs,
+        )
+        width = batch["input_ids"].shape[1]
+        answers += [decode_answer(tokenizer, row[width:].tolist(), stop_ids) for row in output]
+    return answers

@@ -1,0 +1,539 @@
+"""Raw data sets parsed into examples, and examples turned into instruction records.
+
+Instruction record (one JSON object a line in `instruct_data/{train,dev}.txt`):
+
+    {"instruct": str, "query": str, "answer": str}          # + "history": [[user, assistant], ...] for multi-turn
+
+NER readers yield `(line, text, entities)`, with `entities` a list of `(entity, raw_type, begin)`: the entity
+string, the type as the data names it, and its character offset in `text`. `map_types` turns raw types into the
+Chinese type names of the answers; `ner_record` builds the record. Generation readers yield `(line, record)`.
+Every reader takes `(path, bad_lines)`: a bad line or sentence raises `DataError` naming file, line and field, or,
+when `bad_lines.skip` is set, is counted there and left out.
+
+Formats (`FORMATS`, `detect_format` picks one from the file name and content):
+
+- bio: `char<TAB>tag` (or `char tag`) a line, blank line between sentences. Tags BIO, or BIOES / BMES (a file
+  with any E-/S-/M- tag must close every entity with E- or use S-). Weibo's `char+segment position` tokens
+  (`口0`) are recognised per file (every token longer than one character, ending in digits) and the digits
+  dropped. Tokens are joined without spaces (character-level data).
+- bio_parallel: `*sentences*.txt` with the matching `*tags*.txt` beside it, space-separated, line by line.
+- span_json: `{"text", "entity_list": [{"entity_index": {"begin", "end"}, "entity_type", "entity"}]}` a line.
+  `end` is EXCLUSIVE (`text[begin:end] == entity`), as in MSRA's msra_1000.txt (checked on all its entities).
+- cluener: `{"text", "label": {type: {entity: [[begin, end], ...]}}}`; `end` is INCLUSIVE (CLUENER 2020).
+- adgen: `{"content", "summary"}` or `{"instruction", "output"}` (ADGEN attributes); fixed instruction.
+- alpaca: `{"instruction", "input", "output"}`, JSON array or lines; optional LLaMA-Factory `history`
+  ([[user, assistant], ...]) and `system` (put before the instruction).
+- conversation: ShareGPT `{"conversations": [{"from": "human"|"user", "value"}, {"from": "gpt"|"assistant",
+  "value"}, ...]}` (also `messages` with `role`/`content`; an optional first `system` turn or top-level
+  `system` becomes the instruct). The last turn is query/answer, earlier turns the history.
+
+Type names. MSRA / People's Daily PER/LOC/ORG -> 人名/地名/机构名. Other BIO/span data: PER, PERSON, NAME, NR ->
+人名; LOC, LOCATION, GPE, NS -> 地名; ORG, ORGANIZATION, NT -> 机构名 (case-insensitive). Weibo's `X.NAM` (named
+mention) maps like X; `X.NOM` (nominal mention such as 粉丝, 老师) is not a name, so it gets its own type:
+PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.NOM -> 机构泛称. CLUENER has its own table
+(`CLUENER_TYPE_NAMES`). Any other type (Resume's CONT, EDU, TITLE, PRO, RACE, ...) keeps its raw name.
+"""
+import json
+import re
+from pathlib import Path
+
+from utils.data_io import BadLines, DataError, iter_json_records, read_text, require_str
+
+QUERY_PREFIX = "文本："
+NO_ENTITY = "没有"
+NER_INSTRUCT_TEMPLATE = "请找出文本中的{types}，每行写一个'实体_类型'，如果没有就回答'没有'。"
+ADGEN_INSTRUCT = "请根据下面给出的商品属性，为这件商品写一段吸引人的广告文案。"
+
+MSRA_TYPES = ("人名", "地名", "机构名")
+CLUENER_TYPE_NAMES = {
+    "name": "人名", "address": "地址", "organization": "组织机构", "company": "公司", "government": "政府",
+    "book": "书名", "game": "游戏", "movie": "电影", "position": "职位", "scene": "景点",
+}
+GENERIC_TYPE_NAMES = {
+    "PER": "人名", "PERSON": "人名", "NAME": "人名", "NR": "人名",
+    "LOC": "地名", "LOCATION": "地名", "GPE": "地名", "NS": "地名",
+    "ORG": "机构名", "ORGANIZATION": "机构名", "NT": "机构名",
+}
+NOMINAL_TYPE_NAMES = {"PER": "人物泛称", "PERSON": "人物泛称", "LOC": "地点泛称", "GPE": "地区泛称", "ORG": "机构泛称"}
+# Order of the types in a generated instruct: these first, then the others as they first appear.
+TYPE_ORDER = tuple(dict.fromkeys(MSRA_TYPES + tuple(NOMINAL_TYPE_NAMES.values()) + tuple(CLUENER_TYPE_NAMES.values())))
+
+
+def ner_instruct(type_names) -> str:
+    return NER_INSTRUCT_TEMPLATE.format(types="、".join(type_names))
+
+
+MSRA_INSTRUCT = ner_instruct(MSRA_TYPES)
+CLUENER_INSTRUCT = ner_instruct(CLUENER_TYPE_NAMES.values())
+
+NER_FORMATS = ("bio", "bio_parallel", "span_json", "cluener")
+GENERATION_FORMATS = ("adgen", "alpaca", "conversation")
+
+TAG_RE = re.compile(r"^([BIMES])-(\S+)$")
+SEGMENT_TOKEN_RE = re.compile(r"^(\D+|.)(\d+)$", re.DOTALL)  # Weibo: character(s) + segment position
+ADGEN_RE = re.compile(r"^[^#*]+#[^*]+(\*[^#*]+#[^*]+)*$")
+
+
+# ---------------------------------------------------------------------------------------------------- types
+
+
+def map_type(raw_type: str, input_format: str = "bio"):
+    """The Chinese type name for a raw type, or None when there is no mapping (the caller keeps the raw name)."""
+    if input_format == "cluener":
+        return CLUENER_TYPE_NAMES.get(raw_type.lower())
+    base, dot, kind = raw_type.upper().partition(".")
+    if not dot or kind == "NAM":
+        return GENERIC_TYPE_NAMES.get(base)
+    if kind == "NOM":
+        return NOMINAL_TYPE_NAMES.get(base)
+    return None
+
+
+def map_types(entities, input_format="bio"):
+    """(entities with type names, raw types that had no mapping and were kept as they are)."""
+    mapped, unmapped = [], []
+    for entity, raw_type, begin in entities:
+        name = map_type(raw_type, input_format)
+        if name is None:
+            name = raw_type
+            unmapped.append(raw_type)
+        mapped.append((entity, name, begin))
+    return mapped, unmapped
+
+
+def choose_instruct(type_names, input_formats=()) -> str:
+    """The instruct for a data set whose answers use `type_names`: the MSRA or CLUENER constant when the types
+    fit that label set, else one that lists the types (known ones in TYPE_ORDER, then as given)."""
+    names = list(dict.fromkeys(type_names))
+    if "cluener" in input_formats and set(names) <= set(CLUENER_TYPE_NAMES.values()):
+        return CLUENER_INSTRUCT
+    if set(names) <= set(MSRA_TYPES):
+        return MSRA_INSTRUCT
+    known = [name for name in TYPE_ORDER if name in names]
+    return ner_instruct(known + [name for name in names if name not in known])
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+
+def ner_answer(entities) -> str:
+    """`实体_类型` lines, one per distinct (entity, type) in order of first appearance, or 没有."""
+    seen = dict.fromkeys((entity, name) for entity, name, _ in sorted(entities, key=lambda e: e[2]))
+    return "\n".join(f"{entity}_{name}" for entity, name in seen) or NO_ENTITY
+
+
+def ner_record(text, entities, instruct=MSRA_INSTRUCT) -> dict:
+    """The instruction record of one NER example (`entities` with type names already mapped)."""
+    return {"instruct": instruct, "query": QUERY_PREFIX + text, "answer": ner_answer(entities)}
+
+
+def truncate(text, entities, max_chars):
+    """(text cut to max_chars, entities that lie wholly inside it, number of entities dropped)."""
+    if not max_chars or len(text) <= max_chars:
+        return text, list(entities), 0
+    kept = [e for e in entities if e[2] + len(e[0]) <= max_chars]
+    return text[:max_chars], kept, len(entities) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------------- tags
+
+
+class TagError(ValueError):
+    def __init__(self, index, problem):
+        self.index = index
+        super().__init__(problem)
+
+
+def uses_closed_scheme(tags) -> bool:
+    """True for BIOES / BMES tag sets (any E-, S- or M- tag): entities must then end with E- or be S-."""
+    return any(tag[:2] in ("E-", "S-", "M-") for tag in tags)
+
+
+def tag_spans(tags, closed=False):
+    """[(begin, end, type)] (end exclusive, token indices) from BIO / BIOES / BMES tags.
+
+    Raises TagError(index, problem) for a tag that is not O or B-/I-/M-/E-/S- + type, an I-/M-/E- that does not
+    continue an entity of its type, and (closed=True) an entity left without its E-.
+    """
+    spans, start, kind = [], None, None
+    for index, tag in enumerate(tags):
+        if tag == "O":
+            prefix, tag_kind = "O", None
+        else:
+            match = TAG_RE.match(tag)
+            if not match:
+                raise TagError(index, f"malformed tag {tag!r} (expected O, or B-/I-/M-/E-/S- and a type)")
+            prefix, tag_kind = match.groups()
+        if prefix in ("I", "M", "E"):
+            if start is None or tag_kind != kind:
+                previous = tags[index - 1] if index else "the sentence start"
+                raise TagError(index, f"{prefix}- tag does not continue an entity of its type (after {previous})")
+            if prefix == "E":
+                spans.append((start, index + 1, kind))
+                start = None
+            continue
+        if start is not None:
+            if closed:
+                raise TagError(index, f"entity {kind} opened with B- is not closed with E- (next tag {tag})")
+            spans.append((start, index, kind))
+            start = None
+        if prefix == "B":
+            start, kind = index, tag_kind
+        elif prefix == "S":
+            spans.append((index, index + 1, tag_kind))
+    if start is not None:
+        if closed:
+            raise TagError(len(tags) - 1, f"entity {kind} opened with B- is not closed with E- at the sentence end")
+        spans.append((start, len(tags), kind))
+    return spans
+
+
+def tokens_to_example(tokens, spans):
+    """(text, [(entity, raw_type, begin)]) from tokens joined without spaces (character-level data)."""
+    offsets = [0]
+    for token in tokens:
+        offsets.append(offsets[-1] + len(token))
+    text = "".join(tokens)
+    return text, [(text[offsets[b]:offsets[e]], kind, offsets[b]) for b, e, kind in spans]
+
+
+# ---------------------------------------------------------------------------------------------------- NER readers
+
+
+def split_bio_line(line):
+    """(token, tag) of a `token<TAB>tag` / `token tag` line, or None when it does not have exactly two columns."""
+    parts = line.split("\t") if "\t" in line else line.split(" ")
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        return None
+    return parts[0], parts[1]
+
+
+def read_bio(path, bad_lines: BadLines = None):
+    """(line of the sentence's first token, text, entities) per sentence of a char-per-line tagged file."""
+    bad_lines = bad_lines or BadLines()
+    sentences, current = [], []  # each sentence: [(line, token, tag) or (line, None, problem)]
+    for number, raw in enumerate(read_text(path).split("\n"), start=1):
+        line = raw.rstrip("\r").rstrip(" \t")
+        if not line.strip(" \t"):
+            if current:
+                sentences.append(current)
+            current = []
+            continue
+        pair = split_bio_line(line)
+        current.append((number, *pair) if pair else (number, None, f"expected 'character<TAB>tag', got {line!r}"))
+    if current:
+        sentences.append(current)
+
+    rows = [row for sentence in sentences for row in sentence if row[1] is not None]
+    # Weibo style when every token is longer than one character and ends in its segment position. The character
+    # is one code point, except where the corpus has two U+FFFD for a lost emoji, so take the non-digits before
+    # the position (or the first character when it is itself a digit: "115" is "1" at position 15).
+    strip_digits = bool(rows) and all(len(token) > 1 and SEGMENT_TOKEN_RE.match(token) for _, token, _ in rows)
+    closed = uses_closed_scheme([tag for _, _, tag in rows])
+    for sentence in sentences:
+        try:
+            for number, token, problem in sentence:
+                if token is None:
+                    raise DataError(path, number, problem, "tag")
+            tokens = [SEGMENT_TOKEN_RE.match(t).group(1) if strip_digits else t for _, t, _ in sentence]
+            try:
+                spans = tag_spans([tag for _, _, tag in sentence], closed)
+            except TagError as err:
+                raise DataError(path, sentence[err.index][0], str(err), "tag") from None
+        except DataError as err:
+            bad_lines.handle(err)
+            continue
+        yield (sentence[0][0], *tokens_to_example(tokens, spans))
+
+
+def parallel_tags_path(path) -> Path:
+    path = Path(path)
+    head, found, tail = path.name.rpartition("sentences")
+    if not found:
+        raise DataError(path, None, "a bio_parallel file is named *sentences* and has a *tags* file beside it")
+    return path.with_name(head + "tags" + tail)
+
+
+def read_bio_parallel(path, bad_lines: BadLines = None):
+    """(line, text, entities) per line of `*sentences*` (space-separated characters) and its `*tags*` file."""
+    bad_lines = bad_lines or BadLines()
+    tags_path = parallel_tags_path(path)
+    sentence_lines = read_text(path).split("\n")
+    tag_lines = read_text(tags_path).split("\n")
+    while sentence_lines and not sentence_lines[-1].strip():
+        sentence_lines.pop()
+    while tag_lines and not tag_lines[-1].strip():
+        tag_lines.pop()
+    if len(sentence_lines) != len(tag_lines):
+        # Not skippable: every line after the first missing one would pair the wrong tags with the wrong text.
+        raise DataError(tags_path, min(len(sentence_lines), len(tag_lines)) + 1,
+                        f"{len(tag_lines)} lines of tags but {len(sentence_lines)} sentences in {path}; "
+                        "the two files must be parallel", "tags")
+    split = lambda line: [part for part in re.split(r"[ \t]+", line.strip(" \t\r")) if part]  # noqa: E731
+    closed = uses_closed_scheme([tag for line in tag_lines for tag in split(line)])
+    for number, (sentence_line, tag_line) in enumerate(zip(sentence_lines, tag_lines), start=1):
+        tokens, tags = split(sentence_line), split(tag_line)
+        if not tokens and not tags:
+            continue
+        try:
+            if len(tokens) != len(tags):
+                raise DataError(tags_path, number, f"{len(tags)} tags for the {len(tokens)} characters of line "
+                                f"{number} of {Path(path).name}", "tags")
+            try:
+                spans = tag_spans(tags, closed)
+            except TagError as err:
+                raise DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags") from None
+        except DataError as err:
+            bad_lines.handle(err)
+            continue
+        yield (number, *tokens_to_example(tokens, spans))
+
+
+def require_int(value, path, line, field):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
+    return value
+
+
+def require_str_at(record, key, path, line, prefix, allow_empty=False):
+    """record[key] as a string, with the error naming the field as `prefix.key`."""
+    try:
+        return require_str(record, key, path, line, allow_empty)
+    except DataError as err:
+        raise DataError(path, line, err.problem, f"{prefix}.{key}") from None
+
+
+def require_type(value, kind, path, line, field):
+    if not isinstance(value, kind):
+        raise DataError(path, line, f"expected a JSON {kind.__name__.replace('dict', 'object').replace('list', 'array')}, "
+                        f"got {type(value).__name__}", field)
+    return value
+
+
+def span_json_example(record, path, line):
+    """(text, entities) of one span-JSON record; `end` is exclusive."""
+    text = require_str(record, "text", path, line)
+    if "entity_list" not in record:
+        raise DataError(path, line, "missing", "entity_list")
+    entity_list = require_type(record["entity_list"], list, path, line, "entity_list")
+    entities = []
+    for k, item in enumerate(entity_list):
+        field = f"entity_list[{k}]"
+        require_type(item, dict, path, line, field)
+        entity = require_str_at(item, "entity", path, line, field)
+        raw_type = require_str_at(item, "entity_type", path, line, field)
+        if "entity_index" not in item:
+            raise DataError(path, line, "missing", f"{field}.entity_index")
+        index = require_type(item["entity_index"], dict, path, line, f"{field}.entity_index")
+        for key in ("begin", "end"):
+            if key not in index:
+                raise DataError(path, line, "missing", f"{field}.entity_index.{key}")
+        begin = require_int(index["begin"], path, line, f"{field}.entity_index.begin")
+        end = require_int(index["end"], path, line, f"{field}.entity_index.end")
+        if not 0 <= begin < end <= len(text) or text[begin:end] != entity:
+            hint = " (it matches with end inclusive, but span_json ends are exclusive)" if text[begin:end + 1] == entity else ""
+            raise DataError(path, line, f"begin={begin}, end={end} gives {text[begin:end]!r}, not the entity "
+                            f"{entity!r}{hint}", f"{field}.entity_index")
+        entities.append((entity, raw_type, begin))
+    return text, sorted(entities, key=lambda e: e[2])
+
+
+def cluener_example(record, path, line):
+    """(text, entities) of one CLUENER record; its `end` is inclusive."""
+    text = require_str(record, "text", path, line)
+    if "label" not in record:
+        raise DataError(path, line, "missing", "label")
+    label = require_type(record["label"], dict, path, line, "label")
+    entities = []
+    for raw_type, by_entity in label.items():
+        require_type(by_entity, dict, path, line, f"label.{raw_type}")
+        for entity, spans in by_entity.items():
+            field = f"label.{raw_type}.{entity}"
+            require_type(spans, list, path, line, field)
+            if not entity or not spans:
+                raise DataError(path, line, "empty entity or span list", field)
+            for span in spans:
+                if not (isinstance(span, list) and len(span) == 2):
+                    raise DataError(path, line, f"expected [begin, end], got {span!r}", field)
+                begin, end = (require_int(v, path, line, field) for v in span)
+                if not 0 <= begin <= end < len(text) or text[begin:end + 1] != entity:
+                    hint = " (it matches with end exclusive, but CLUENER ends are inclusive)" if text[begin:end] == entity else ""
+                    raise DataError(path, line, f"[{begin}, {end}] gives {text[begin:end + 1]!r}, not the entity "
+                                    f"{entity!r}{hint}", field)
+                entities.append((entity, raw_type, begin))
+    return text, sorted(entities, key=lambda e: e[2])
+
+
+def _read_json_ner(path, bad_lines, parse):
+    bad_lines = bad_lines or BadLines()
+    for number, record in iter_json_records(path, bad_lines):
+        try:
+            yield (number, *parse(record, path, number))
+        except DataError as err:
+            bad_lines.handle(err)
+
+
+def read_span_json(path, bad_lines: BadLines = None):
+    return _read_json_ner(path, bad_lines, span_json_example)
+
+
+def read_cluener(path, bad_lines: BadLines = None):
+    return _read_json_ner(path, bad_lines, cluener_example)
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def adgen_record(record, path, line):
+    if isinstance(record, dict) and "content" not in record and "instruction" in record:
+        query_field, answer_field = "instruction", "output"
+    else:
+        query_field, answer_field = "content", "summary"
+    query = require_str(record, query_field, path, line)
+    return {"instruct": ADGEN_INSTRUCT, "query": query, "answer": require_str(record, answer_field, path, line)}
+
+
+def read_history(value, path, line, field):
+    """[[user, assistant], ...] with every entry a non-empty string."""
+    require_type(value, list, path, line, field)
+    for k, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise DataError(path, line, f"expected [user, assistant], got {pair!r}"[:200], f"{field}[{k}]")
+        for j, text in enumerate(pair):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(path, line, "expected a non-empty string", f"{field}[{k}][{j}]")
+    return [list(pair) for pair in value]
+
+
+def alpaca_record(record, path, line):
+    instruction = require_str(record, "instruction", path, line)
+    query = require_str(record, "input", path, line, allow_empty=True) if "input" in record else ""
+    answer = require_str(record, "output", path, line)
+    system = require_str(record, "system", path, line, allow_empty=True) if "system" in record else ""
+    result = {"instruct": f"{system}\n{instruction}" if system.strip() else instruction, "query": query, "answer": answer}
+    history = read_history(record["history"], path, line, "history") if record.get("history") is not None else []
+    if history:
+        result["history"] = history
+    return result
+
+
+USER_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
+
+
+def conversation_record(record, path, line):
+    require_type(record, dict, path, line, None)
+    key = "conversations" if "conversations" in record or "messages" not in record else "messages"
+    if key not in record:
+        raise DataError(path, line, "missing", key)
+    turns = require_type(record[key], list, path, line, key)
+    system = require_str(record, "system", path, line, allow_empty=True) if "system" in record else ""
+    roles, texts = [], []
+    for k, turn in enumerate(turns):
+        field = f"{key}[{k}]"
+        require_type(turn, dict, path, line, field)
+        role_key = "from" if "from" in turn else "role"
+        text_key = "value" if "value" in turn else "content"
+        role = require_str_at(turn, role_key, path, line, field)
+        text = require_str_at(turn, text_key, path, line, field)
+        if role == "system" and k == 0:
+            system = text
+            continue
+        expected = USER_ROLES if len(roles) % 2 == 0 else ASSISTANT_ROLES
+        if role not in expected:
+            raise DataError(path, line, f"expected one of {list(expected)} (turns alternate, user first), got {role!r}",
+                            f"{field}.{role_key}")
+        roles.append(role)
+        texts.append(text)
+    if not texts or len(texts) % 2:
+        raise DataError(path, line, f"{len(texts)} user/assistant turns; a conversation ends with an assistant turn", key)
+    pairs = [texts[i:i + 2] for i in range(0, len(texts), 2)]
+    result = {"instruct": system, "query": pairs[-1][0], "answer": pairs[-1][1]}
+    if len(pairs) > 1:
+        result["history"] = pairs[:-1]
+    return result
+
+
+def _read_json_generation(path, bad_lines, build):
+    bad_lines = bad_lines or BadLines()
+    for number, record in iter_json_records(path, bad_lines):
+        try:
+            yield number, build(record, path, number)
+        except DataError as err:
+            bad_lines.handle(err)
+
+
+def read_adgen(path, bad_lines: BadLines = None):
+    return _read_json_generation(path, bad_lines, adgen_record)
+
+
+def read_alpaca(path, bad_lines: BadLines = None):
+    return _read_json_generation(path, bad_lines, alpaca_record)
+
+
+def read_conversation(path, bad_lines: BadLines = None):
+    return _read_json_generation(path, bad_lines, conversation_record)
+
+
+READERS = {
+    "bio": read_bio, "bio_parallel": read_bio_parallel, "span_json": read_span_json, "cluener": read_cluener,
+    "adgen": read_adgen, "alpaca": read_alpaca, "conversation": read_conversation,
+}
+FORMATS = tuple(READERS)
+
+
+# ---------------------------------------------------------------------------------------------------- detection
+
+
+def json_format(record, path):
+    """The format of a JSON record, from its keys."""
+    keys = set(record)
+    if keys & {"conversations", "messages"}:
+        return "conversation"
+    if "entity_list" in keys:
+        return "span_json"
+    if {"text", "label"} <= keys:
+        return "cluener"
+    if keys & {"content", "summary"}:
+        return "adgen"
+    if "instruction" in keys:
+        instruction = record["instruction"]
+        if not keys & {"input", "history", "system"} and isinstance(instruction, str) and ADGEN_RE.match(instruction):
+            return "adgen"
+        return "alpaca"
+    raise DataError(path, None, f"cannot tell the format from the keys {sorted(keys)}; pass --input_format "
+                    f"(one of {', '.join(FORMATS)})")
+
+
+def detect_format(path) -> str:
+    """The input format of a file, from its name (`*sentences*` with a `*tags*` beside it) and its first records."""
+    path = Path(path)
+    if "sentences" in path.name and parallel_tags_path(path).is_file():
+        return "bio_parallel"
+    text = read_text(path)
+    body = text.lstrip()
+    if body.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(path, err.lineno, f"not valid JSON ({err.msg} at column {err.colno})") from err
+        sample = [r for r in records if isinstance(r, dict)][:1]
+    elif body.startswith("{"):
+        sample = []
+        for line in text.splitlines()[:200]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                sample = [record]
+                break
+    else:
+        lines = [line.rstrip("\r").rstrip(" \t") for line in text.split("\n")[:200] if line.strip()]
+        pairs = [split_bio_line(line) for line in lines]
+        if any(pair and (pair[1] == "O" or TAG_RE.match(pair[1])) for pair in pairs):
+            return "bio"
+        raise DataError(path, None, "cannot tell the format (not JSON, not 'character<TAB>tag' lines); "
+                        f"pass --input_format (one of {', '.join(FORMATS)})")
+    if not sample:
+        raise DataError(path, None, "no JSON object found to tell the format from; pass --input_format")
+    return json_format(sample[0], path)

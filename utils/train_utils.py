@@ -1,0 +1,122 @@
+"""Pieces the training scripts share: output folders that are never overwritten by accident, LoRA setup, the
+adapter export (PEFT format + train_args.json), the loss plot and a Trainer that logs peak memory."""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from utils.data_io import write_atomic
+
+ADAPTER_DIR = "adapter_model"
+CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def data_paths(config):
+    """train/dev files: explicit paths, or data/<data_name>/instruct_data/{train,dev}.txt."""
+    default = Path("data") / config["data_name"] / "instruct_data"
+    return Path(config["train_file"] or default / "train.txt"), Path(config["dev_file"] or default / "dev.txt")
+
+
+def checkpoint_dir(config, script):
+    """checkpoint/<data_name>/<script>/ unless output_dir is given."""
+    return Path(config["output_dir"] or Path("checkpoint") / config["data_name"] / script)
+
+
+def last_checkpoint(output_dir):
+    return transformers.trainer_utils.get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def find_resume_checkpoint(output_dir, resume_from_checkpoint):
+    """The checkpoint to resume from: None for a fresh run, the latest checkpoint-N for "auto", or the given path."""
+    if not resume_from_checkpoint:
+        return None
+    auto = resume_from_checkpoint in ("auto", "true", "latest")
+    resume = last_checkpoint(output_dir) if auto else resume_from_checkpoint
+    if not resume or not Path(resume).is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint!r}: no checkpoint-* folder found in {output_dir}")
+    return resume
+
+
+def prepare_output_dir(output_dir, resume, overwrite):
+    """Create output_dir. A folder that already holds a run is reused only when resuming, or emptied first when
+    overwrite is set: a finished run is never overwritten by accident."""
+    output_dir = Path(output_dir)
+    if not resume and output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} already holds a run. Resume it with --resume_from_checkpoint=auto, replace it with "
+                "--overwrite_output_dir=true, or choose another --output_dir."
+            )
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def lora_target_modules(spec):
+    """'query_key_value' (the default of the seeds), 'all' (every linear layer of the blocks), or a comma list."""
+    if spec == "all":
+        return list(CHATGLM_LINEAR_LAYERS)
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def add_lora(model, lora):
+    """Wrap the model with LoRA adapters (kept in fp32 on half-precision weights by peft)."""
+    config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora_target_modules(lora["target_modules"]),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapter(model, output_dir, train_args: dict):
+    """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors) and the run's settings, in
+    <output_dir>/adapter_model/. Written next to the old one and swapped in, so a crash keeps the last good adapter."""
+    final = Path(output_dir) / ADAPTER_DIR
+    staging = final.with_name(ADAPTER_DIR + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def plot_loss(log_history, path):
+    """Training (and eval) loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for points, label in ((train, "train loss"), (evals, "eval loss")):
+        if points:
+            axes.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def peak_memory_gib():
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+class Trainer(transformers.Trainer):
+    """transformers.Trainer that also logs the peak GPU memory (tokens/s come from include_num_input_tokens_seen)."""
+
+    def log(self, logs, start_time=None):
+        if torch.cuda.is_available():
+            logs["peak_memory_gib"] = peak_memory_gib()
+        super().log(logs, start_time)
