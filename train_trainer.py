@@ -10,16 +10,14 @@ checkpoint/<data_name>/train_trainer/:
     checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
-import json
 import os
 import time
 
 import torch
-import transformers
 from transformers import TrainingArguments
 
 from utils.config_utils import parse_config
-from utils.dataset import InstructionDataset, PaddingCollator
+from utils.dataset import PaddingCollator
 from utils.model_utils import load_model_and_tokenizer
 from utils.train_utils import (
     Trainer,
@@ -27,10 +25,9 @@ from utils.train_utils import (
     checkpoint_dir,
     data_paths,
     find_resume_checkpoint,
-    peak_memory_gib,
-    plot_loss,
+    finish_trainer_run,
+    load_datasets,
     prepare_output_dir,
-    save_adapter,
 )
 
 DEFAULTS = {
@@ -85,15 +82,8 @@ def main(config):
     model = add_lora(model, config["lora"])
     model.print_trainable_parameters()
 
-    train_file, dev_file = data_paths(config)
-    train_data = InstructionDataset(train_file, tokenizer, model.model_version, config["max_source_length"], config["max_target_length"], config["skip_bad_lines"])
-    print(train_data.describe())
-    eval_data = None
-    if dev_file.is_file():
-        eval_data = InstructionDataset(dev_file, tokenizer, model.model_version, config["max_source_length"], config["max_target_length"], config["skip_bad_lines"])
-        print(eval_data.describe())
-    else:
-        print(f"{dev_file}: not found, training without evaluation")
+    train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model.model_version, config["max_source_length"],
+                                          config["max_target_length"], config["skip_bad_lines"])
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     args = TrainingArguments(
@@ -135,26 +125,8 @@ def main(config):
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    if not trainer.is_world_process_zero():
-        return
-    metrics = dict(result.metrics)
-    if eval_data is not None:
-        metrics.update(trainer.evaluate())
-    metrics["train_tokens_per_second"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
-    metrics["peak_memory_gib"] = peak_memory_gib()
-    train_args = {
-        "script": "train_trainer.py",
-        "config": config,
-        "model_version": model.model_version,
-        "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data else None},
-        "metrics": metrics,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "wall_seconds": round(time.time() - started, 1),
-    }
-    adapter_dir = save_adapter(model, output_dir, train_args)
-    plot_loss(trainer.state.log_history, output_dir / "loss.png")
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
-    print(f"adapter: {adapter_dir}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
+    if trainer.is_world_process_zero():
+        finish_trainer_run(trainer, result, "train_trainer.py", config, model.model_version, output_dir, started)
 
 
 if __name__ == "__main__":

@@ -9,33 +9,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import REPO_ROOT, SHARED, TOKENIZERS, VERSIONS
+from conftest import REPO_ROOT, VERSIONS
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
-from utils.tiny_model import make_tiny_model
 
 # LoRA on every linear layer with a high learning rate: enough for a 2-layer random model to memorise 16 answers.
 OVERFIT = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0", "--lora_target_modules=all", "--learning_rate=1e-2",
            "--warmup_steps=0", "--per_device_train_batch_size=16", "--logging_steps=5", "--report_to=none"]
-
-
-@pytest.fixture(scope="session")
-def sixteen_examples(tmp_path_factory):
-    """The 16 shortest records of the MSRA instruction file in ../shared (real sentences and entities)."""
-    lines = (SHARED / "data" / "msra" / "instruct_data" / "dev.txt").read_text(encoding="utf-8").splitlines()
-    lines = sorted(lines, key=len)[:16]
-    path = tmp_path_factory.mktemp("data") / "train.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def trainable_models(tmp_path_factory):
-    """Tiny models whose random output layer can express confident predictions: with the default 0.02 init, a
-    64-wide final RMSNorm times a frozen random output layer caps every logit near 1, so nothing can be learned."""
-    root = tmp_path_factory.mktemp("trainable")
-    return {v: make_tiny_model(v, root / v, TOKENIZERS / v, seed=0, initializer_range=0.3) for v in VERSIONS}
 
 
 def run_script(script, *args):

@@ -122,11 +122,12 @@ def load_tokenizer(model_dir, version=None):
     return remote_module(version, "tokenization_chatglm").ChatGLMTokenizer.from_pretrained(str(model_dir))
 
 
-def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=None, **model_kwargs):
+def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=None, quantization_config=None, **model_kwargs):
     """Model + tokenizer from an official-layout folder, built with our remote_scripts for its version.
 
     dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. device: auto, cpu, cuda, cuda:N.
-    Extra keyword arguments go to the config (e.g. pre_seq_len=128 for P-tuning v2)."""
+    quantization_config: e.g. a transformers BitsAndBytesConfig (QLoRA). Extra keyword arguments go to the
+    config (e.g. pre_seq_len=128 for P-tuning v2)."""
     model_dir = Path(model_dir)
     config_dict = read_config(model_dir)
     version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
@@ -142,7 +143,8 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
         )
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
     model = model_class.from_pretrained(
-        str(model_dir), config=config, dtype=dtype, device_map=device if device != "cpu" else None
+        str(model_dir), config=config, dtype=dtype, device_map=device if device != "cpu" else None,
+        quantization_config=quantization_config,
     )
     model.model_version = version
     return model.eval(), tokenizer

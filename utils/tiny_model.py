@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, VERSIONS, remote_module
 
 TINY_SIZES = {
-    "chatglm-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=160),
-    "chatglm2-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=160),
+    # Widths are multiples of 64 like the real ones (4096, 13696, 16384): bitsandbytes packs 4-bit weights by such blocks.
+    "chatglm-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=256),
+    "chatglm2-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=256),
 }
 TINY_SIZES["chatglm3-6b"] = TINY_SIZES["chatglm2-6b"]
 MODEL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")

@@ -2,6 +2,7 @@
 adapter export (PEFT format + train_args.json), the loss plot and a Trainer that logs peak memory."""
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from utils.data_io import write_atomic
+from utils.dataset import InstructionDataset
 
 ADAPTER_DIR = "adapter_model"
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -120,3 +122,40 @@ class Trainer(transformers.Trainer):
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = peak_memory_gib()
         super().log(logs, start_time)
+
+
+def load_datasets(train_file, dev_file, tokenizer, version, max_source_length, max_target_length, skip_bad_lines):
+    """Encoded train and dev sets (dev is None when its file does not exist); prints their counts."""
+    def load(path):
+        data = InstructionDataset(path, tokenizer, version, max_source_length, max_target_length, skip_bad_lines)
+        print(data.describe())
+        return data
+
+    train_data = load(train_file)
+    if not Path(dev_file).is_file():
+        print(f"{dev_file}: not found, training without evaluation")
+        return train_data, None
+    return train_data, load(dev_file)
+
+
+def finish_trainer_run(trainer, train_result, script, config, model_version, output_dir, started):
+    """After Trainer.train(): final metrics, the adapter with train_args.json, the loss plot; prints where they are."""
+    metrics = dict(train_result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    metrics["train_tokens_per_second"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
+    metrics["peak_memory_gib"] = peak_memory_gib()
+    train_args = {
+        "script": script,
+        "config": config,
+        "model_version": model_version,
+        "data": {"train": trainer.train_dataset.stats, "dev": trainer.eval_dataset.stats if trainer.eval_dataset else None},
+        "metrics": metrics,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    adapter_dir = save_adapter(trainer.model, output_dir, train_args)
+    plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    print(f"adapter: {adapter_dir}\nloss curve: {Path(output_dir) / 'loss.png'}\nTensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
+    return metrics

@@ -1,0 +1,122 @@
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with 4-bit QLoRA: the base weights in bitsandbytes NF4 with
+double quantization, LoRA adapters on every linear layer, trained with the Hugging Face Trainer.
+
+    python train_qlora.py --train_args_json chatGLM_6B_QLoRA.json --model_dir model_hub/chatglm2-6b \\
+        --train_data_path data/msra/instruct_data/train.txt --eval_data_path data/msra/instruct_data/dev.txt \\
+        --lora_rank 8 --lora_dropout 0.05 --compute_dtype bf16
+    python train_qlora.py --data_name msra --resume_from_checkpoint auto
+
+The JSON file holds TrainingArguments (steps, batch size, learning rate, optimizer, ...). Writes
+checkpoint/<data_name>/train_qlora/ (unless the JSON or --output_dir names a folder): adapter_model/ (PEFT
+adapter + train_args.json), checkpoint-N/ for resuming, runs/ (TensorBoard), loss.png.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from peft import prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, HfArgumentParser, TrainingArguments
+
+from utils.config_utils import parse_config
+from utils.dataset import PaddingCollator
+from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.train_utils import (
+    Trainer,
+    add_lora,
+    checkpoint_dir,
+    data_paths,
+    find_resume_checkpoint,
+    finish_trainer_run,
+    load_datasets,
+    prepare_output_dir,
+)
+
+DEFAULTS = {
+    "train_args_json": "chatGLM_6B_QLoRA.json",
+    "model_dir": "model_hub/chatglm2-6b",
+    "data_name": "demo_ner",
+    "train_data_path": "",  # default: data/<data_name>/instruct_data/train.txt
+    "eval_data_path": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
+    "output_dir": "",  # default: the JSON's output_dir, else checkpoint/<data_name>/train_qlora
+    "max_source_length": 256,
+    "max_target_length": 128,
+    "skip_bad_lines": False,
+    "lora_rank": 8,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "lora_target_modules": "all",  # every linear layer of the blocks; or a comma list such as query_key_value
+    "compute_dtype": "auto",  # dtype of the 4-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
+    "gradient_checkpointing": True,
+    "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in the output folder, or a path
+    "overwrite_output_dir": False,
+}
+
+
+def training_arguments(json_path, output_dir, compute_dtype, has_eval):
+    """TrainingArguments from the JSON file; an unknown key is an error. The script sets what it owns."""
+    values = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    values.update(
+        output_dir=str(output_dir),
+        fp16=compute_dtype == torch.float16,
+        bf16=compute_dtype == torch.bfloat16,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if not has_eval:
+        values["eval_strategy"] = "no"
+    try:
+        (args,) = HfArgumentParser(TrainingArguments).parse_dict(values)
+    except ValueError as err:
+        raise SystemExit(f"{json_path}: {err}") from err
+    return args
+
+
+def main(config):
+    json_output_dir = json.loads(Path(config["train_args_json"]).read_text(encoding="utf-8")).get("output_dir")
+    output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir(config, "train_qlora"))
+    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+
+    device = resolve_device("auto")
+    compute_dtype = resolve_dtype(config["compute_dtype"], device)
+    train_file, dev_file = data_paths({**config, "train_file": config["train_data_path"], "dev_file": config["eval_data_path"]})
+    # Read the TrainingArguments first: a typo in the JSON should not wait for a 6B model to load.
+    args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization)
+    # k-bit preparation: trainable-side casts and input gradients, so checkpointing works with frozen 4-bit weights.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config["gradient_checkpointing"])
+    lora = {"r": config["lora_rank"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
+            "target_modules": config["lora_target_modules"]}
+    model = add_lora(model, lora)
+    model.print_trainable_parameters()
+
+    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config["max_source_length"],
+                                          config["max_target_length"], config["skip_bad_lines"])
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        finish_trainer_run(trainer, result, "train_qlora.py", config, model.model_version, output_dir, started)
+
+
+if __name__ == "__main__":
+    main(parse_config(DEFAULTS, description=__doc__))
