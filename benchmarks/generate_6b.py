@@ -14,21 +14,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.model_utils import DTYPES, VERSIONS, read_config, remote_module  # noqa: E402
+from utils.model_utils import DTYPES, VERSIONS, read_config  # noqa: E402
+from utils.tiny_model import build_random_model  # noqa: E402
 
 
-def build_random_model(version, config_dir, dtype):
-    config_dict = read_config(Path(config_dir) / version)
-    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**config_dict)
-    model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("cuda"):
-            model = model_class(config)  # random init straight on the GPU, in the target dtype
-    finally:
-        torch.set_default_dtype(default_dtype)
+def load_random_model(version, config_dir, dtype):
+    with torch.device("cuda"):
+        model = build_random_model(version, read_config(Path(config_dir) / version), dtype=dtype)
     return model.eval()
 
 
@@ -54,7 +46,7 @@ def measure(version, args):
     dtype = DTYPES[args.dtype]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build_random_model(version, args.config_dir, dtype)
+    model = load_random_model(version, args.config_dir, dtype)
     weights_gib = torch.cuda.memory_allocated() / 2**30
     input_ids = random_prompt(model, args.batch_size, args.prompt_len)
     mask = torch.ones_like(input_ids)

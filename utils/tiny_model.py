@@ -31,10 +31,16 @@ def copy_remote_scripts(version, output_dir):
 
 
 def build_random_model(version, config_dict, seed=0, dtype=torch.float32):
+    """A randomly initialised model, built directly in `dtype` on the current default device (torch.device(...)
+    as a context manager picks it: a 6B model initialises in seconds on a GPU)."""
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**config_dict)
     torch.manual_seed(seed)
-    model = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
-    return model.to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def save_sharded_bin(state_dict, output_dir, num_shards=2):
@@ -52,20 +58,25 @@ def save_sharded_bin(state_dict, output_dir, num_shards=2):
     (Path(output_dir) / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_tiny_model(version, output_dir, tokenizer_dir, seed=0, weights_format="safetensors", dtype=torch.float32, **overrides):
-    """Write a tiny `version` model folder to output_dir; returns its path. Refuses to overwrite a non-empty folder."""
+def make_tiny_model(version, output_dir, tokenizer_dir, seed=0, weights_format="safetensors", dtype=torch.float32,
+                    full_size=False, device="cpu", **overrides):
+    """Write a tiny `version` model folder to output_dir (or, with full_size, one of the real size, e.g. for GPU
+    benchmarks with device="cuda"); returns its path. Refuses to overwrite a non-empty folder."""
     if version not in VERSIONS:
         raise ValueError(f"unknown version {version!r}; expected one of {VERSIONS}")
     output_dir, tokenizer_dir = Path(output_dir), Path(tokenizer_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir}: exists and is not empty; choose another --output_dir or remove it")
     config_dict = json.loads((tokenizer_dir / "config.json").read_text(encoding="utf-8"))
-    config_dict.update(TINY_SIZES[version])
+    if not full_size:
+        config_dict.update(TINY_SIZES[version])
     config_dict.update(overrides)
-    model = build_random_model(version, config_dict, seed=seed, dtype=dtype)
+    with torch.device(device):
+        model = build_random_model(version, config_dict, seed=seed, dtype=dtype)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    state_dict = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    state_dict = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    del model
     if weights_format == "safetensors":
         save_file(state_dict, str(output_dir / "model.safetensors"), metadata={"format": "pt"})
     elif weights_format == "bin":
@@ -87,8 +98,13 @@ def main():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights_format", choices=("safetensors", "bin"), default="safetensors")
+    parser.add_argument("--full_size", action="store_true", help="the real size of the config (random weights)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster at 6B)")
     args = parser.parse_args()
-    path = make_tiny_model(args.version, args.output_dir, args.tokenizer_dir, seed=args.seed, weights_format=args.weights_format)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    path = make_tiny_model(args.version, args.output_dir, args.tokenizer_dir, seed=args.seed, weights_format=args.weights_format,
+                           dtype=dtype, full_size=args.full_size, device=args.device)
     print(f"wrote {path}")
 
 
