@@ -9,21 +9,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import REPO_ROOT, VERSIONS
+from conftest import OVERFIT, REPO_ROOT, VERSIONS, run_script  # noqa: F401  (OVERFIT, run_script: used by other test files)
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
-
-# LoRA on every linear layer with a high learning rate: enough for a 2-layer random model to memorise 16 answers.
-OVERFIT = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0", "--lora_target_modules=all", "--learning_rate=1e-2",
-           "--warmup_steps=0", "--per_device_train_batch_size=16", "--logging_steps=5", "--report_to=none"]
-
-
-def run_script(script, *args):
-    result = subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
 
 def logged_losses(run_dir, checkpoint_step):
     state = json.loads((run_dir / f"checkpoint-{checkpoint_step}" / "trainer_state.json").read_text())
@@ -43,11 +32,8 @@ def assert_adapter_reproduces_answers(model_dir, adapter_dir, data_file):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_train_trainer_overfits_and_the_adapter_reproduces_the_answers(version, trainable_models, sixteen_examples, tmp_path):
-    run_dir = tmp_path / "run"
-    run_script("train_trainer.py", f"--model_dir={trainable_models[version]}", f"--train_file={sixteen_examples}",
-               f"--dev_file={sixteen_examples}", f"--output_dir={run_dir}", "--max_steps=60", "--save_steps=60",
-               "--eval_steps=60", *OVERFIT)
+def test_train_trainer_overfits_and_the_adapter_reproduces_the_answers(version, trainable_models, trained_adapter, sixteen_examples):
+    run_dir = trained_adapter(version)
     adapter_dir = run_dir / "adapter_model"
     assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= {p.name for p in adapter_dir.iterdir()}
     assert (run_dir / "loss.png").stat().st_size > 1000

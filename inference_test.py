@@ -1,0 +1,111 @@
+"""How fast a model answers: prefill and decode tokens/s, time to first token, peak memory.
+
+    python inference_test.py --model_path=model_hub/chatglm2-6b
+    python inference_test.py --model_path=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
+    python inference_test.py --model_path=model_hub/chatglm2-6b,model_hub/chatglm2-6b-ner-int8,model_hub/chatglm2-6b-ner-int4 --json=speed.json
+
+Each model folder in --model_path (merged and quantized folders from merge_lora_and_quantize.py too) gets a row;
+with --lora_path the first one also gets a "+ adapter" row. Decoding goes through the models' own stream_generate
+(the loop behind chat()), greedily, for exactly max_new_tokens tokens (no early stop), on a batch of identical
+prompts of about prompt_len tokens.
+"""
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from utils.config_utils import parse_config
+from utils.data_io import write_atomic
+from utils.dataset import fit_prompt, get_prompt_format
+from utils.model_utils import load_model_and_tokenizer
+
+DEFAULTS = {
+    "model_path": "model_hub/chatglm2-6b",  # comma-separated model folders
+    "lora_path": "",
+    "batch_size": 1,
+    "prompt_len": 32,
+    "max_new_tokens": 256,
+    "repeats": 1,  # timed runs per row (the best is reported), after one warm-up
+    "dtype": "auto",
+    "device": "auto",
+    "json": "",  # also write the rows here
+}
+PROMPT_TEXT = "请介绍一下清华大学的历史、学科设置和它在中国高等教育中的地位，并谈谈它对科学研究的贡献。" * 20
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+
+
+def measure(model, input_ids, max_new_tokens):
+    """Seconds to the first token and in total for one greedy run of exactly max_new_tokens tokens."""
+    synchronize(input_ids.device)
+    started = time.perf_counter()
+    first = None
+    for _ in model.stream_generate(input_ids, torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[-1]):
+        if first is None:
+            synchronize(input_ids.device)
+            first = time.perf_counter() - started
+    synchronize(input_ids.device)
+    return first, time.perf_counter() - started
+
+
+def benchmark(name, model, input_ids, config):
+    device = input_ids.device
+    measure(model, input_ids, min(8, config["max_new_tokens"]))  # warm-up
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    runs = [measure(model, input_ids, config["max_new_tokens"]) for _ in range(config["repeats"])]
+    ttft, total = min(runs, key=lambda run: run[1])
+    batch, prompt_len = input_ids.shape
+    decode_tokens = batch * (config["max_new_tokens"] - 1)
+    return {
+        "model": name,
+        "batch_size": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": config["max_new_tokens"],
+        "ttft_ms": round(ttft * 1e3, 1),
+        "prefill_tokens_per_s": round(batch * prompt_len / ttft, 1),
+        "decode_tokens_per_s": round(decode_tokens / (total - ttft), 1) if total > ttft else None,
+        "peak_memory_gib": round(peak_memory_gib(device), 2),
+        "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+    }
+
+
+def main(config):
+    rows = []
+    for index, model_path in enumerate(p for p in config["model_path"].split(",") if p):
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=config["dtype"], device=config["device"])
+        bits = getattr(model.config, "quantization_bit", 0)
+        label = Path(model_path).name + (f" (int{bits})" if bits else f" ({str(model.dtype).removeprefix('torch.')})")
+        prompt = fit_prompt(get_prompt_format(tokenizer, model.model_version), PROMPT_TEXT, [], config["prompt_len"])[0]
+        input_ids = torch.tensor([prompt] * config["batch_size"], device=model.device)
+        rows.append(benchmark(label, model, input_ids, config))
+        if index == 0 and config["lora_path"]:
+            adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
+            rows.append(benchmark(label + " + adapter", adapted, input_ids, config))
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    columns = ["model", "batch_size", "prompt_len", "new_tokens", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_gib"]
+    print(f"# {rows[0]['device']}, torch {torch.__version__}")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if config["json"]:
+        write_atomic(config["json"], json.dumps(rows, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main(parse_config(DEFAULTS, description=__doc__))

@@ -1,0 +1,99 @@
+"""Reading model answers back into structure, and scoring them.
+
+NER answers are `实体_类型` lines (process.py writes them so), or `没有` for none. Parsing is forgiving about what
+models write: blank lines, surrounding spaces, duplicates, either underscore width, list markers; a line that is
+not `entity_type` is counted as malformed rather than guessed at. Entities are compared after NFKC normalisation,
+because ChatGLM-6B's tokenizer cannot write full-width punctuation and digits (it folds them to ASCII).
+"""
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+NONE_ANSWERS = {"没有", "无", "none", "None"}
+LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.、)])\s*")
+
+
+@dataclass
+class ParsedAnswer:
+    entities: set = field(default_factory=set)  # {(entity, type)}
+    malformed: list = field(default_factory=list)  # lines that are not entity_type
+
+
+def parse_ner_answer(text: str) -> ParsedAnswer:
+    parsed = ParsedAnswer()
+    for line in text.replace("\r", "\n").split("\n"):
+        line = LIST_MARKER.sub("", line).strip()
+        if not line or line in NONE_ANSWERS:
+            continue
+        entity, separator, entity_type = unicodedata.normalize("NFKC", line).rpartition("_")
+        if not separator or not entity.strip() or not entity_type.strip():
+            parsed.malformed.append(line)
+            continue
+        parsed.entities.add((entity.strip(), entity_type.strip()))
+    return parsed
+
+
+def prf(true_positives, predicted, gold):
+    precision = true_positives / predicted if predicted else 0.0
+    recall = true_positives / gold if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": true_positives, "predicted": predicted, "gold": gold}
+
+
+def ner_metrics(predictions, references) -> dict:
+    """Entity-level precision/recall/F1 over (entity, type) pairs: micro over all types and per type (types
+    present in the references or the predictions), plus the count of malformed predicted lines."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    tp, predicted, gold = Counter(), Counter(), Counter()
+    malformed = exact = 0
+    for prediction, reference in zip(predictions, references):
+        pred, ref = parse_ner_answer(prediction), parse_ner_answer(reference)
+        malformed += len(pred.malformed)
+        exact += pred.entities == ref.entities
+        for entity_type in {t for _, t in pred.entities | ref.entities}:
+            pred_t = {e for e in pred.entities if e[1] == entity_type}
+            ref_t = {e for e in ref.entities if e[1] == entity_type}
+            tp[entity_type] += len(pred_t & ref_t)
+            predicted[entity_type] += len(pred_t)
+            gold[entity_type] += len(ref_t)
+    per_type = {t: prf(tp[t], predicted[t], gold[t]) for t in sorted(set(predicted) | set(gold))}
+    return {
+        "micro": prf(sum(tp.values()), sum(predicted.values()), sum(gold.values())),
+        "per_type": per_type,
+        "exact_match": exact / len(references) if references else 0.0,
+        "malformed_lines": malformed,
+        "samples": len(references),
+    }
+
+
+def generation_metrics(predictions, references) -> dict:
+    """BLEU-4 (sacrebleu, Chinese tokenisation: one token per CJK character) and ROUGE-1/2/L F-scores (rouge-score)
+    on characters, all in percent."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize="zh")
+
+    class CharacterTokenizer:
+        def tokenize(self, text):
+            return [ch for ch in text if not ch.isspace()]
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=CharacterTokenizer())
+    totals = Counter()
+    for prediction, reference in zip(predictions, references):
+        for name, score in scorer.score(reference, prediction).items():
+            totals[name] += score.fmeasure
+    count = max(len(references), 1)
+    return {"bleu-4": bleu.score, **{name: 100 * totals[name] / count for name in ("rouge1", "rouge2", "rougeL")},
+            "samples": len(references)}
+
+
+def format_ner_report(metrics) -> str:
+    rows = [("micro", metrics["micro"])] + list(metrics["per_type"].items())
+    lines = [f"{'type':<10} {'precision':>9} {'recall':>7} {'f1':>7} {'gold':>6} {'pred':>6}"]
+    for name, m in rows:
+        lines.append(f"{name:<10} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['gold']:>6} {m['predicted']:>6}")
+    lines.append(f"exact match {metrics['exact_match']:.4f} over {metrics['samples']} samples; malformed lines {metrics['malformed_lines']}")
+    return "\n".join(lines)
