@@ -36,6 +36,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_chatglm import ChatGLMConfig
+from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
@@ -100,14 +101,22 @@ def apply_rotary_2d(x, main, block):
     return torch.cat((x_main, x_block), dim=-1)
 
 
+def make_linear(config, in_features, out_features, device=None):
+    """A block's linear layer (all have a bias in v1): nn.Linear, or QuantizedLinear (int8 / packed int4 weight +
+    per-row scale) when config.quantization_bit is 4 or 8, so that a quantized checkpoint loads directly."""
+    if config.quantization_bit:
+        return QuantizedLinear(in_features, out_features, config.quantization_bit, bias=True, device=device)
+    return nn.Linear(in_features, out_features, device=device)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx, device=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, device=device)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, device=device)
+        self.query_key_value = make_linear(config, config.hidden_size, 3 * config.hidden_size, device=device)
+        self.dense = make_linear(config, config.hidden_size, config.hidden_size, device=device)
         self.rotary_emb = RotaryEmbedding(self.head_dim // 2, device=device)
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
@@ -131,8 +140,8 @@ class GLU(nn.Module):
     def __init__(self, config, device=None):
         super().__init__()
         inner = config.inner_hidden_size or 4 * config.hidden_size
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner, device=device)
-        self.dense_4h_to_h = nn.Linear(inner, config.hidden_size, device=device)
+        self.dense_h_to_4h = make_linear(config, config.hidden_size, inner, device=device)
+        self.dense_4h_to_h = make_linear(config, inner, config.hidden_size, device=device)
 
     def forward(self, hidden_states):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
@@ -187,6 +196,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_all_but_prefix()  # loading builds fresh parameters, so the freeze of __init__ is gone
+        model.freeze_quantized_weights()
         return loaded
 
     def freeze_all_but_prefix(self):
@@ -195,10 +205,22 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             for name, param in self.named_parameters():
                 param.requires_grad = "prefix_encoder." in name
 
+    def freeze_quantized_weights(self):
+        """Quantized weights and their scales are never trained (loading re-creates them with requires_grad set)."""
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                module.weight.requires_grad_(False)
+                module.weight_scale.requires_grad_(False)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.frequencies(module.inv_freq.device))
+        elif isinstance(module, QuantizedLinear):
+            init.zeros_(module.weight)
+            init.ones_(module.weight_scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     def get_position_ids(self, input_ids, attention_mask=None):
         """[B, 2, S] 2-D positions of a full sequence, counted from its first real token (left padding gets 0).
@@ -216,6 +238,14 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         main = torch.where(after, relative.gather(1, mask_index[:, None]), relative)
         block = torch.where(after, relative - start + 1, 0)
         return torch.stack((main, block), dim=1)
+
+
+def check_no_quantized_embeddings(config):
+    if getattr(config, "quantization_embeddings", False):
+        raise ValueError(
+            "config.json sets quantization_embeddings=true (quantized word embeddings and lm_head): not supported by "
+            "this code; use a checkpoint with quantized blocks only (e.g. chatglm-6b-int4 / -int8) or the float weights"
+        )
 
 
 def first_index(hits, default):
@@ -254,11 +284,10 @@ def build_glm_attention_mask(input_ids, attention_mask, query_len, past_len, pre
 class ChatGLMModel(ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
         super().__init__(config)
+        # 4 / 8: the blocks are built with quantized layers, so an int4/int8 checkpoint (e.g. chatglm-6b-int4) loads.
         if config.quantization_bit:
-            raise ValueError(
-                f"config.json sets quantization_bit={config.quantization_bit}: the official int4/int8 checkpoints need "
-                "cpm_kernels, which has no Hopper support. Load the fp16/bf16 weights instead (quantize after loading)."
-            )
+            check_bits(config.quantization_bit, "config.json quantization_bit")
+            check_no_quantized_embeddings(config)
         self.num_layers = config.num_layers
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -275,6 +304,23 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.word_embeddings
+
+    def quantize(self, bits):
+        """Quantize the four linear layers of every block in place to int8 (bits=8) or int4 (bits=4), with one scale
+        per output row, and record it in config.quantization_bit (so the saved model reloads quantized). bits=0
+        leaves the model as it is. The word embedding stays in full precision. Returns the model."""
+        if bits == 0:
+            return self
+        check_bits(bits)
+        current = self.config.quantization_bit or 0
+        if current == bits:
+            return self
+        if current:
+            raise ValueError(f"the model is already quantized to {current} bits; load its float weights to quantize to {bits}")
+        check_no_quantized_embeddings(self.config)
+        quantize_model(self, bits)
+        self.config.quantization_bit = bits
+        return self
 
     def set_input_embeddings(self, value):
         self.word_embeddings = value
@@ -360,6 +406,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def quantize(self, bits):
+        """Weight-only int8 (bits=8) / int4 (bits=4) quantization of the blocks in place, as the official
+        `model.quantize(bits)`; embeddings, norms and lm_head stay in full precision. Returns the model."""
+        self.transformer.quantize(bits)
+        self.config.quantization_bit = self.transformer.config.quantization_bit
+        return self
 
     def set_output_embeddings(self, value):
         self.lm_head = value

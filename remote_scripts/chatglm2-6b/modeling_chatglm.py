@@ -29,6 +29,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_chatglm import ChatGLMConfig
+from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
@@ -123,6 +124,14 @@ def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
     return allowed[:, None]
 
 
+def make_linear(config, in_features, out_features, bias, device=None):
+    """A block's linear layer: nn.Linear, or QuantizedLinear (int8 / packed int4 weight + per-row scale) when
+    config.quantization_bit is 4 or 8, so that a quantized checkpoint loads directly."""
+    if config.quantization_bit:
+        return QuantizedLinear(in_features, out_features, config.quantization_bit, bias=bias, device=device)
+    return nn.Linear(in_features, out_features, bias=bias, device=device)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx, device=None):
         super().__init__()
@@ -132,13 +141,14 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = config.multi_query_group_num if config.multi_query_attention else self.num_heads
         self.attention_dropout = config.attention_dropout
         projection = self.num_heads * self.head_dim
-        self.query_key_value = nn.Linear(
+        self.query_key_value = make_linear(
+            config,
             config.hidden_size,
             projection + 2 * self.num_kv_heads * self.head_dim,
             bias=config.add_bias_linear or config.add_qkv_bias,
             device=device,
         )
-        self.dense = nn.Linear(projection, config.hidden_size, bias=config.add_bias_linear, device=device)
+        self.dense = make_linear(config, projection, config.hidden_size, bias=config.add_bias_linear, device=device)
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         batch, seq, _ = hidden_states.shape
@@ -174,10 +184,12 @@ class MLP(nn.Module):
     def __init__(self, config, device=None):
         super().__init__()
         # Fused rows: [gate | up]; SiLU goes on the gate half.
-        self.dense_h_to_4h = nn.Linear(
-            config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device
+        self.dense_h_to_4h = make_linear(
+            config, config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device
         )
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
+        self.dense_4h_to_h = make_linear(
+            config, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device
+        )
 
     def forward(self, hidden_states):
         gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
@@ -259,6 +271,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_all_but_prefix()  # loading builds fresh parameters, so the freeze of __init__ is gone
+        model.freeze_quantized_weights()
         return loaded
 
     def freeze_all_but_prefix(self):
@@ -267,10 +280,22 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             for name, param in self.named_parameters():
                 param.requires_grad = "prefix_encoder." in name
 
+    def freeze_quantized_weights(self):
+        """Quantized weights and their scales are never trained (loading re-creates them with requires_grad set)."""
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                module.weight.requires_grad_(False)
+                module.weight_scale.requires_grad_(False)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.frequencies(module.inv_freq.device))
+        elif isinstance(module, QuantizedLinear):
+            init.zeros_(module.weight)
+            init.ones_(module.weight_scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     def get_position_ids(self, input_ids, attention_mask=None):
         """0-based positions of the real tokens; left padding gets position 0 (as the official tokenizer gives).
@@ -283,11 +308,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 class ChatGLMModel(ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig, device=None, empty_init=True):
         super().__init__(config)
+        # 4 / 8: the blocks are built with quantized layers, so an int4/int8 checkpoint (e.g. chatglm2-6b-int4) loads.
         if config.quantization_bit:
-            raise ValueError(
-                f"config.json sets quantization_bit={config.quantization_bit}: the official int4/int8 checkpoints need "
-                "cpm_kernels, which has no Hopper support. Load the fp16/bf16 weights instead (quantize after loading)."
-            )
+            check_bits(config.quantization_bit, "config.json quantization_bit")
         self.num_layers = config.num_layers
         self.num_kv_heads = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
         self.head_dim = config.kv_channels
@@ -305,6 +328,22 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.embedding.word_embeddings
+
+    def quantize(self, bits):
+        """Quantize the four linear layers of every block in place to int8 (bits=8) or int4 (bits=4), with one scale
+        per output row, and record it in config.quantization_bit (so the saved model reloads quantized). bits=0
+        leaves the model as it is. Returns the model."""
+        if bits == 0:
+            return self
+        check_bits(bits)
+        current = self.config.quantization_bit or 0
+        if current == bits:
+            return self
+        if current:
+            raise ValueError(f"the model is already quantized to {current} bits; load its float weights to quantize to {bits}")
+        quantize_model(self, bits)
+        self.config.quantization_bit = bits
+        return self
 
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
@@ -385,6 +424,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.transformer.output_layer
+
+    def quantize(self, bits):
+        """Weight-only int8 (bits=8) / int4 (bits=4) quantization of the blocks in place, as the official
+        `model.quantize(bits)`; embeddings, norms and the output layer stay in full precision. Returns the model."""
+        self.transformer.quantize(bits)
+        self.config.quantization_bit = self.transformer.config.quantization_bit
+        return self
 
     def set_output_embeddings(self, value):
         self.transformer.output_layer = value

@@ -1,0 +1,378 @@
+"""Merge a LoRA adapter into its ChatGLM base model, optionally quantize to int8 / int4, and write one model folder
+that loads anywhere with transformers + torch alone (AutoModel / AutoTokenizer with trust_remote_code=True).
+
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner --qbits 0
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner-int4 --qbits 4
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/adapter_model --model_dir model_hub/chatglm3-6b --output_path model_hub/chatglm3-6b-msra-int8 --qbits 8 --dtype bf16 --max_shard_size 1GB
+
+Then, on any machine:
+
+    model = AutoModel.from_pretrained("model_hub/chatglm2-6b-ner", trust_remote_code=True, dtype="auto").cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained("model_hub/chatglm2-6b-ner", trust_remote_code=True)
+
+Steps: the base (--model_dir, default: base_model_name_or_path of the adapter's adapter_config.json) is loaded in fp32
+on the CPU so the merge is exact (a 6B model needs about 25 GB of RAM), the PEFT adapter is merged into the weights,
+--qbits 8 / 4 quantizes the four linear layers of every block (symmetric, one scale per output row, int4 packed two
+per byte: spec section 7, remote_scripts/<version>/quantization.py), and the float tensors are cast to --dtype.
+
+The output folder holds model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json when
+the weights exceed --max_shard_size), config.json (official auto_map, quantization_bit), the tokenizer file with
+tokenizer_config.json, and the version's configuration/modeling/tokenization/quantization .py files from
+--remote_scripts_dir. It is written to a hidden sibling folder and renamed at the end, so a failed run leaves no
+half-written output. Refused before any heavy work: an existing --output_path, an adapter made for another base
+(other version in train_args.json, layers the base does not have, or other layer sizes), --qbits other than 0/4/8,
+and a base that is itself quantized.
+"""
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from utils.config_utils import parse_config
+from utils.model_utils import (
+    DTYPES,
+    REPO_ROOT,
+    TOKENIZER_FILES,
+    ModelFolderError,
+    detect_model_version,
+    load_model_and_tokenizer,
+    read_config,
+    remote_module,
+)
+from utils.tiny_model import MODEL_FILES
+
+DEFAULTS = {
+    "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
+    "output_path": "",  # required: the new model folder (must not exist yet)
+    "model_dir": "",  # base model folder; default: base_model_name_or_path of adapter_config.json
+    "qbits": 0,  # 0 = keep float weights, 8 = int8, 4 = int4
+    "dtype": "fp16",  # dtype of the saved float tensors (embeddings, norms, output layer, scales, biases): fp16, bf16, fp32
+    "max_shard_size": "2GB",  # larger weights are split into model-0000i-of-0000n.safetensors (+ index); e.g. 500MB, 4GiB
+    "remote_scripts_dir": "remote_scripts",  # where <version>/{configuration,modeling,tokenization,quantization}_*.py come from
+}
+SUPPORTED_QBITS = (0, 4, 8)
+AUTO_MAP = {
+    "chatglm-6b": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    },
+    "chatglm2-6b": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+    },
+}
+AUTO_MAP["chatglm3-6b"] = AUTO_MAP["chatglm2-6b"]
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
+
+
+class MergeError(ValueError):
+    """The request cannot be carried out; the message says why and what to change."""
+
+
+def parse_size(text) -> int:
+    """'2GB' -> 2e9 bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024); a plain number is bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise MergeError(f"--max_shard_size={text!r}: expected a size such as 2GB, 500MB or 4GiB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MergeError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+
+
+def adapter_weights_file(lora_path):
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (lora_path / name).is_file():
+            return lora_path / name
+    raise MergeError(f"{lora_path}: no adapter_model.safetensors (or adapter_model.bin); is this a PEFT adapter folder?")
+
+
+def adapter_shapes(weights_file):
+    """Tensor name -> shape of the adapter, without reading the tensors."""
+    if weights_file.suffix == ".safetensors":
+        with safe_open(str(weights_file), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    state = torch.load(str(weights_file), map_location="meta", weights_only=True)
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+def resolve_remote_scripts(remote_scripts_dir, version):
+    folder = Path(remote_scripts_dir)
+    if not folder.is_absolute() and not folder.is_dir() and (REPO_ROOT / folder).is_dir():
+        folder = REPO_ROOT / folder
+    missing = [name for name in MODEL_FILES if not (folder / version / name).is_file()]
+    if missing:
+        raise MergeError(f"{folder / version}: missing {', '.join(missing)}; --remote_scripts_dir must hold <version>/{{{','.join(MODEL_FILES)}}}")
+    return folder / version
+
+
+def base_layer_shapes(version, base_config):
+    """Module name -> (out_features, in_features) of every linear / embedding layer of the base, built on the meta
+    device from its config (no weights are read)."""
+    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**base_config)
+    with torch.device("meta"):
+        model = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+        elif isinstance(module, torch.nn.Embedding):
+            shapes[name] = (module.num_embeddings, module.embedding_dim)
+    return shapes
+
+
+def check_adapter_fits_base(lora_path, model_dir, version, base_config, adapter_config, train_args):
+    """Refuse an adapter trained on another base: another version in train_args.json, target modules or layers the
+    base lacks, or lora_A / lora_B shapes that do not match the base's layer sizes."""
+    trained_on = (train_args or {}).get("model_version")
+    if trained_on and trained_on != version:
+        raise MergeError(
+            f"{lora_path} was trained on {trained_on} (train_args.json model_version) but {model_dir} is {version}; "
+            f"pass the {trained_on} base with --model_dir"
+        )
+    peft_type = adapter_config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise MergeError(f"{lora_path}: peft_type is {peft_type}; this script merges LoRA adapters")
+    layers = base_layer_shapes(version, base_config)
+    targets = adapter_config.get("target_modules") or []
+    if isinstance(targets, str):
+        found = any(re.fullmatch(targets, name) for name in layers)
+        targets_text = f"target_modules regex {targets!r}"
+    else:
+        found = all(any(name == t or name.endswith("." + t) for name in layers) for t in targets)
+        targets_text = f"target_modules {sorted(targets)}"
+    if targets and not found:
+        raise MergeError(
+            f"{lora_path}: adapter_config.json {targets_text} does not match the layers of {model_dir} ({version}); "
+            "the adapter was made for another model"
+        )
+    problems = []
+    for key, shape in adapter_shapes(adapter_weights_file(lora_path)).items():
+        match = LORA_KEY.match(key)
+        if not match:
+            continue
+        module, part = match.group("module"), match.group("part")
+        if module not in layers:
+            problems.append(f"{module}: the base has no such layer")
+            continue
+        out_features, in_features = layers[module]
+        if part == "A" and shape[-1] != in_features:
+            problems.append(f"{module}: lora_A {list(shape)} expects {shape[-1]} inputs, the base layer is [{out_features}, {in_features}]")
+        elif part == "B" and shape[0] != out_features:
+            problems.append(f"{module}: lora_B {list(shape)} gives {shape[0]} outputs, the base layer is [{out_features}, {in_features}]")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise MergeError(
+            f"the adapter {lora_path} does not fit the base {model_dir} ({version}); it was trained on another base:\n  "
+            + "\n  ".join(problems[:5]) + more
+        )
+
+
+def plan(config):
+    """Every check that needs no weights; returns the resolved paths and settings."""
+    qbits = config["qbits"]
+    if qbits not in SUPPORTED_QBITS:
+        raise MergeError(f"--qbits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
+    if config["dtype"] not in DTYPES:
+        raise MergeError(f"--dtype={config['dtype']!r}: expected fp16, bf16 or fp32")
+    max_shard_bytes = parse_size(config["max_shard_size"])
+    if not config["output_path"]:
+        raise MergeError("--output_path is required: the folder to write the merged model to (it must not exist yet)")
+    output_path = Path(config["output_path"])
+    if output_path.exists():
+        raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
+
+    lora_path = Path(config["lora_path"])
+    if not (lora_path / "adapter_config.json").is_file():
+        raise MergeError(f"{lora_path}: no adapter_config.json; --lora_path must be a PEFT adapter folder (e.g. <run>/adapter_model)")
+    adapter_config = read_json(lora_path / "adapter_config.json")
+    train_args = read_json(lora_path / "train_args.json") if (lora_path / "train_args.json").is_file() else None
+
+    if config["model_dir"]:
+        model_dir = Path(config["model_dir"])
+    else:
+        base_name = adapter_config.get("base_model_name_or_path")
+        if not base_name:
+            raise MergeError(f"{lora_path / 'adapter_config.json'} names no base_model_name_or_path; pass --model_dir")
+        model_dir = Path(base_name)
+        if not model_dir.is_dir():
+            raise MergeError(
+                f"the adapter's base {base_name!r} (base_model_name_or_path in {lora_path / 'adapter_config.json'}) "
+                "is not a folder here; pass the base model folder with --model_dir"
+            )
+    try:
+        base_config = read_config(model_dir)
+        version = detect_model_version(base_config, str(model_dir / "config.json"))
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
+    if base_config.get("quantization_bit"):
+        raise MergeError(
+            f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can only be merged "
+            "into float weights: use the fp16/bf16 base"
+        )
+    check_adapter_fits_base(lora_path, model_dir, version, base_config, adapter_config, train_args)
+    scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
+    return {
+        "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
+        "lora_path": lora_path, "model_dir": model_dir, "version": version, "base_config": base_config, "scripts": scripts,
+    }
+
+
+def load_adapter(base, lora_path, model_dir):
+    """PeftModel over `base`; PEFT's size-mismatch error becomes a MergeError naming both folders and the shapes."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(lora_path))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        shapes = re.findall(
+            r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+            r"the shape in current model is torch\.Size\((\[[^\]]*\])\)", str(err)
+        )
+        details = "\n  ".join(
+            f"{name.removeprefix('base_model.model.').replace('.default.', '.')}: adapter {a}, base {b}" for name, a, b in shapes[:5]
+        ) or str(err)
+        if len(shapes) > 5:
+            details += f"\n  (and {len(shapes) - 5} more)"
+        raise MergeError(f"the adapter {lora_path} does not fit the base {model_dir}; it was trained on another base:\n  {details}") from err
+
+
+def unique_state_dict(model):
+    """The state dict with tensors that share memory (v1's lm_head tied to the embedding) copied apart, as
+    safetensors stores each tensor on its own."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        state[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return state
+
+
+def save_shards(state, folder, max_shard_bytes):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes
+    (each tensor in one shard; a tensor larger than the limit gets a shard of its own). Returns the file names."""
+    shards, current, current_bytes = [], [], 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    weight_map, names = {}, []
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in shard})
+        names.append(file_name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names
+
+
+def output_config(job):
+    """The base's config.json with the official auto_map, quantization_bit and the saved dtype."""
+    config = dict(job["base_config"])
+    config["auto_map"] = AUTO_MAP[job["version"]]
+    config["quantization_bit"] = job["qbits"]
+    config["torch_dtype"] = str(job["dtype"]).replace("torch.", "")
+    config.pop("dtype", None)
+    if detect_model_version(config) != job["version"]:  # v2/v3 are told apart by name: keep it explicit
+        config["_name_or_path"] = f"THUDM/{job['version']}"
+    return config
+
+
+def check_saved_keys(state, config, version):
+    """The written state dict must be exactly what the model built from the written config.json expects
+    (so AutoModel loads it strictly)."""
+    model_config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**config)
+    with torch.device("meta"):
+        expected = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(model_config).state_dict()
+    written = {name: (tuple(t.shape), t.dtype == torch.int8) for name, t in state.items()}
+    wanted = {name: (tuple(t.shape), t.dtype == torch.int8) for name, t in expected.items()}
+    if written != wanted:
+        differ = sorted(set(written.items()) ^ set(wanted.items()))[:5]
+        raise RuntimeError(f"internal error: the merged state dict does not match the model of its config.json: {differ}")
+
+
+def write_model_folder(job, model, folder):
+    state = unique_state_dict(model)
+    config = output_config(job)
+    check_saved_keys(state, config, job["version"])
+    files = save_shards(state, folder, job["max_shard_bytes"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    model_dir, version = job["model_dir"], job["version"]
+    vocab = model_dir / TOKENIZER_FILES[version]
+    shutil.copy2(vocab, folder / vocab.name)
+    tokenizer_config_path = model_dir / "tokenizer_config.json"
+    tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else {"tokenizer_class": "ChatGLMTokenizer"}
+    tokenizer_config["auto_map"] = TOKENIZER_AUTO_MAP
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copy2(model_dir / "generation_config.json", folder / "generation_config.json")
+    for name in MODEL_FILES:
+        shutil.copy2(job["scripts"] / name, folder / name)
+    return files
+
+
+def main(config):
+    job = plan(config)
+    print(f"base: {job['model_dir']} ({job['version']}); adapter: {job['lora_path']}; "
+          f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
+
+    base, _ = load_model_and_tokenizer(job["model_dir"], dtype="fp32", device="cpu", version=job["version"])
+    model = load_adapter(base, job["lora_path"], job["model_dir"])
+    model = model.merge_and_unload(safe_merge=True)
+    print("merged the adapter into the weights (fp32)")
+    if job["qbits"]:
+        model.quantize(job["qbits"])
+        print(f"quantized the block layers to int{job['qbits']}")
+    model = model.to(job["dtype"]).eval()
+
+    output_path = job["output_path"]
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
+    try:
+        files = write_model_folder(job, model, staging)
+        if output_path.exists():
+            raise MergeError(f"{output_path} appeared while merging; nothing was written, choose another --output_path")
+        staging.rename(output_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = sum((output_path / name).stat().st_size for name in files)
+    print(f"wrote {output_path} ({len(files)} weight file(s), {size / 2**20:.1f} MiB)")
+    return output_path
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(DEFAULTS, description=__doc__))
+    except (MergeError, ModelFolderError) as err:
+        sys.exit(f"error: {err}")
