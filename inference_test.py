@@ -62,7 +62,7 @@ def measure(model, input_ids, max_new_tokens):
 
 def benchmark(name, model, input_ids, config):
     device = input_ids.device
-    measure(model, input_ids, min(8, config["max_new_tokens"]))  # warm-up
+    measure(model, input_ids, config["max_new_tokens"])  # full-length warm-up: a short one left the first run of a process slow
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = [measure(model, input_ids, config["max_new_tokens"]) for _ in range(config["repeats"])]

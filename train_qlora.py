@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig, HfArgumentParser, TrainingArguments
+from transformers import BitsAndBytesConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
@@ -98,6 +98,7 @@ def main(config):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config["gradient_checkpointing"])
     lora = {"r": config["lora_rank"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
             "target_modules": config["lora_target_modules"]}
+    set_seed(args.seed)  # the LoRA initialisation follows the JSON's seed
     model = add_lora(model, lora)
     model.print_trainable_parameters()
 
@@ -114,8 +115,9 @@ def main(config):
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
     if trainer.is_world_process_zero():
-        finish_trainer_run(trainer, result, "train_qlora.py", config, model.model_version, output_dir, started)
+        finish_trainer_run(trainer, result, final_eval, "train_qlora.py", config, model.model_version, output_dir, started)
 
 
 if __name__ == "__main__":

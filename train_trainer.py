@@ -14,11 +14,12 @@ import os
 import time
 
 import torch
+import transformers
 from transformers import TrainingArguments
 
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
     add_lora,
@@ -73,12 +74,16 @@ def main(config):
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards and creates the folder
         prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
-    # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one.
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=config["dtype"], device="cpu" if deepspeed_config else "auto")
+    # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The dtype is
+    # chosen for the device that trains, also when the weights are loaded on the CPU first.
+    training_device = resolve_device("auto")
+    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=resolve_dtype(config["dtype"], training_device),
+                                                device="cpu" if deepspeed_config else training_device)
     weight_dtype = next(model.parameters()).dtype
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    transformers.set_seed(config["seed"])  # the LoRA initialisation follows --seed
     model = add_lora(model, config["lora"])
     model.print_trainable_parameters()
 
@@ -125,8 +130,9 @@ def main(config):
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
     if trainer.is_world_process_zero():
-        finish_trainer_run(trainer, result, "train_trainer.py", config, model.model_version, output_dir, started)
+        finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
 
 
 if __name__ == "__main__":

@@ -138,11 +138,10 @@ def load_datasets(train_file, dev_file, tokenizer, version, max_source_length, m
     return train_data, load(dev_file)
 
 
-def finish_trainer_run(trainer, train_result, script, config, model_version, output_dir, started):
-    """After Trainer.train(): final metrics, the adapter with train_args.json, the loss plot; prints where they are."""
-    metrics = dict(train_result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+def finish_trainer_run(trainer, train_result, final_eval, script, config, model_version, output_dir, started):
+    """On the main process after Trainer.train() and a final evaluate() (which all processes must run): final
+    metrics, the adapter with train_args.json, the loss plot; prints where they are."""
+    metrics = {**train_result.metrics, **final_eval}
     metrics["train_tokens_per_second"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
     metrics["peak_memory_gib"] = peak_memory_gib()
     train_args = {

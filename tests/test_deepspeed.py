@@ -1,0 +1,150 @@
+"""DeepSpeed on CPU (DeepSpeed's CPU accelerator, gloo): train_deepspeed.py overfits 16 real MSRA examples on the tiny
+models and its adapter decodes the trained answers, as one plain process and under the `deepspeed` launcher; a
+resumed run continues exactly; `deepspeed train_trainer.py` trains with deepspeed.json (ZeRO-2); a finished run is
+never overwritten. The first DeepSpeed process builds a small shm comm op once (cached in ~/.cache/torch_extensions)."""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import OVERFIT, REPO_ROOT
+from test_training import assert_adapter_reproduces_answers, logged_losses
+from utils.model_utils import load_model_and_tokenizer
+
+# train_deepspeed.py has no report_to: it always writes TensorBoard logs. Warmup 2: DeepSpeed's WarmupDecayLR warms
+# up for at least 2 steps anyway, and the Trainer of transformers 5.17 passes warmup 0 on, which DeepSpeed 0.19.8
+# refuses (5.23 passes max(1, warmup)).
+WARMUP, LEARNING_RATE = "--warmup_steps=2", "--learning_rate=1.5e-2"
+DS_OVERFIT = [arg for arg in OVERFIT if not arg.startswith("--report_to")] + [WARMUP, LEARNING_RATE]
+# Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2; DeepSpeed's WarmupDecayLR spends the
+# first two at rate 0. The tiny ChatGLM-6B (130k vocabulary, 2-D positions) learns the slowest.
+OVERFIT_STEPS = {"chatglm-6b": 50, "chatglm2-6b": 30, "chatglm3-6b": 30}
+# How each version is started: two as a plain python process, one under the launcher (with gradient accumulation,
+# whose loss must equal the one large batch's).
+LAUNCH = {"chatglm-6b": "python", "chatglm2-6b": "deepspeed", "chatglm3-6b": "python"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(script, *args, launcher="python", check=True, timeout=900):
+    if launcher == "deepspeed":  # what the `deepspeed` command runs, with this Python whatever PATH holds
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()), script, *args]
+    else:
+        command = [sys.executable, script, *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{' '.join(command[:7])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def overfit_runs(trainable_models, sixteen_examples, tmp_path_factory):
+    """run(version) -> output folder of train_deepspeed.py overfitting the 16 examples (each run once per module)."""
+    done = {}
+
+    def get(version):
+        if version not in done:
+            run_dir, steps = tmp_path_factory.mktemp("ds_" + version) / "run", OVERFIT_STEPS[version]
+            batching = ["--per_device_train_batch_size=8", "--gradient_accumulation_steps=2"] if LAUNCH[version] == "deepspeed" else []
+            run("train_deepspeed.py", f"--model_dir={trainable_models[version]}", f"--train_file={sixteen_examples}",
+                f"--dev_file={sixteen_examples}", f"--output_dir={run_dir}", f"--max_steps={steps}", f"--save_steps={steps}",
+                f"--eval_steps={steps}", *DS_OVERFIT, *batching, launcher=LAUNCH[version])
+            done[version] = run_dir
+        return done[version]
+
+    return get
+
+
+@pytest.mark.parametrize("version", list(LAUNCH))
+def test_train_deepspeed_overfits_and_the_adapter_reproduces_the_answers(version, overfit_runs, trainable_models, sixteen_examples):
+    run_dir, steps = overfit_runs(version), OVERFIT_STEPS[version]
+    adapter_dir = run_dir / "adapter_model"
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_args.json"} <= {p.name for p in adapter_dir.iterdir()}
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert list((run_dir / "runs").glob("events.out.tfevents.*"))
+    checkpoint = run_dir / f"checkpoint-{steps}"
+    assert (checkpoint / f"global_step{steps}").is_dir() and (checkpoint / "rng_state_0.pth").is_file()
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    losses = logged_losses(run_dir, steps)
+    assert losses[steps] < 0.5 * losses[1], losses
+
+    train_args = json.loads((adapter_dir / "train_args.json").read_text())
+    assert train_args["script"] == "train_deepspeed.py" and train_args["model_version"] == version
+    assert train_args["data"]["train"]["samples"] == 16 and train_args["world_size"] == 1
+    ds_config = train_args["deepspeed_config"]
+    assert ds_config["zero_optimization"]["stage"] == 2 and "auto" not in json.dumps(ds_config)
+    assert ds_config["gradient_accumulation_steps"] == (2 if LAUNCH[version] == "deepspeed" else 1)
+    metrics = train_args["metrics"]
+    assert metrics["global_step"] == steps and metrics["train_tokens_per_second"] > 0 and metrics["eval_loss"] < 0.5
+    assert_adapter_reproduces_answers(trainable_models[version], adapter_dir, sixteen_examples)
+
+
+def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_models, sixteen_examples, tmp_path):
+    # 16 examples in micro-batches of 4, 3 per step: an epoch is a step of 3 micro-batches and one of 1. The
+    # checkpoint at step 3 lies inside the second epoch and between two log lines, with LoRA dropout on.
+    common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+              "--max_steps=6", "--save_steps=3", *DS_OVERFIT, "--per_device_train_batch_size=4",
+              "--gradient_accumulation_steps=3", "--learning_rate=3e-3", "--lora_dropout=0.1", "--logging_steps=2"]
+    full = tmp_path / "full"
+    run("train_deepspeed.py", f"--output_dir={full}", *common)
+    # An interruption after step 3: only checkpoint-3 survives.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / "checkpoint-6")
+    shutil.rmtree(interrupted / "adapter_model")
+    result = run("train_deepspeed.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
+    assert "resuming from" in result.stdout and "step 3, epoch 1, 3 micro-batches into it" in result.stdout
+    uninterrupted, resumed = logged_losses(full, 6), logged_losses(interrupted, 6)
+    assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 4, 6]
+    assert resumed[4] == pytest.approx(uninterrupted[4], rel=0.01)
+    assert resumed[6] == pytest.approx(uninterrupted[6], rel=0.01)
+    assert (interrupted / "adapter_model" / "adapter_model.safetensors").is_file()
+
+
+def test_deepspeed_launcher_runs_train_trainer_with_zero2(trainable_models, sixteen_examples, overfit_runs, tmp_path):
+    run_dir = tmp_path / "run"
+    run("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+                 "--dev_file=none.txt", f"--output_dir={run_dir}", "--max_steps=3", "--save_steps=3", *OVERFIT,
+                 WARMUP, LEARNING_RATE, "--logging_steps=1", launcher="deepspeed")
+    # The Trainer ran the DeepSpeed engine with ZeRO-2 from deepspeed.json (its checkpoint is a DeepSpeed one).
+    optim_states = run_dir / "checkpoint-3" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    saved = torch.load(optim_states, map_location="cpu", weights_only=False)  # written by this test's run
+    assert int(saved["optimizer_state_dict"]["zero_stage"]) == 2
+    # The Trainer and train_deepspeed.py fill the "auto" entries alike (same lr, warmup, clipping, precision, ZeRO).
+    trainer_ds, script_ds = saved["ds_config"], json.loads((overfit_runs("chatglm2-6b") / "adapter_model" / "train_args.json").read_text())["deepspeed_config"]
+    for key in ("gradient_clipping", "optimizer", "bf16", "fp16", "zero_optimization"):
+        assert trainer_ds[key] == script_ds[key], key
+    ignore = {"total_num_steps"}  # 3 steps here, 30 there
+    assert {k: v for k, v in trainer_ds["scheduler"]["params"].items() if k not in ignore} == \
+           {k: v for k, v in script_ds["scheduler"]["params"].items() if k not in ignore}
+    adapter_dir = run_dir / "adapter_model"
+    train_args = json.loads((adapter_dir / "train_args.json").read_text())
+    assert train_args["script"] == "train_trainer.py" and train_args["config"]["local_rank"] == 0
+    base, _ = load_model_and_tokenizer(trainable_models["chatglm2-6b"], dtype="fp32", device="cpu")
+    PeftModel.from_pretrained(base, str(adapter_dir))
+    # Both scripts normalise by the target tokens of the whole step: train_deepspeed.py's first loss, over two
+    # accumulated micro-batches of 8 (before any update; LoRA B starts at 0), is the Trainer's over one batch of 16.
+    trainer_losses = logged_losses(run_dir, 3)
+    assert logged_losses(overfit_runs("chatglm2-6b"), OVERFIT_STEPS["chatglm2-6b"])[1] == pytest.approx(trainer_losses[1], rel=1e-4)
+
+
+def test_train_deepspeed_never_overwrites_a_finished_run(trainable_models, sixteen_examples, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "adapter_model").mkdir()
+    args = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", f"--output_dir={run_dir}", "--max_steps=1"]
+    result = run("train_deepspeed.py", *args, check=False, timeout=300)
+    assert result.returncode != 0 and "already holds a run" in result.stderr
+    assert (run_dir / "adapter_model").is_dir()
+    # Resuming needs a checkpoint to resume from.
+    result = run("train_deepspeed.py", *args, "--resume_from_checkpoint=auto", check=False, timeout=300)
+    assert result.returncode != 0 and "no checkpoint-* folder found" in result.stderr

@@ -1,0 +1,463 @@
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA in a plain DeepSpeed training loop.
+
+    deepspeed train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra
+    deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --per_device_train_batch_size=2
+    deepspeed train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
+    python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # one process, no launcher
+
+The same training as train_trainer.py (same config keys, data, LoRA, loss normalisation and outputs), written out as
+a loop around `deepspeed.initialize`, so that every step is visible. The ZeRO stage and optimizer come from
+--deepspeed (deepspeed.json: ZeRO-2, AdamW); its "auto" values are filled from this script's config the way the
+Trainer fills them, so `deepspeed train_trainer.py` and this script train alike. deepspeed.json names no scheduler,
+so both use the Trainer's linear warmup and decay (a "scheduler" section, if you add one, is honoured). The loss of a step is normalised by
+the target tokens of all its micro-batches on all processes, so accumulation and data parallelism change nothing.
+Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
+checkpoint/<data_name>/train_deepspeed/:
+    adapter_model/   the LoRA adapter in PEFT format + train_args.json
+    checkpoint-N/    DeepSpeed checkpoints (global_stepN/: LoRA weights, optimizer, schedule, data position) for
+                     --resume_from_checkpoint, RNG states, the adapter of step N, trainer_state.json (the log so far)
+    runs/            TensorBoard logs;  loss.png  the loss curve
+"""
+import itertools
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import transformers
+from deepspeed.accelerator import get_accelerator
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from utils.config_utils import parse_config
+from utils.dataset import PaddingCollator
+from utils.model_utils import load_model_and_tokenizer, resolve_dtype
+from utils.train_utils import (
+    add_lora,
+    checkpoint_dir,
+    data_paths,
+    find_resume_checkpoint,
+    load_datasets,
+    peak_memory_gib,
+    plot_loss,
+    prepare_output_dir,
+    save_adapter,
+)
+
+DEFAULTS = {
+    "model_dir": "model_hub/chatglm2-6b",
+    "data_name": "demo_ner",
+    "train_file": "",  # default: data/<data_name>/instruct_data/train.txt
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
+    "output_dir": "",  # default: checkpoint/<data_name>/train_deepspeed
+    "max_source_length": 256,
+    "max_target_length": 128,
+    "skip_bad_lines": False,
+    "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
+    "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
+    "num_train_epochs": 3.0,
+    "max_steps": -1,  # > 0 overrides num_train_epochs
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2e-4,
+    "weight_decay": 0.0,
+    "warmup_steps": 0.03,  # a fraction of the total steps if < 1
+    "max_grad_norm": 1.0,
+    "gradient_checkpointing": False,
+    "logging_steps": 10,
+    "eval_steps": 50,
+    "save_steps": 50,
+    "save_total_limit": 2,  # checkpoint-N folders kept (<= 0: all)
+    "seed": 42,
+    "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
+    "overwrite_output_dir": False,
+    "deepspeed": "deepspeed.json",  # the DeepSpeed config; its "auto" values are filled from this config
+    "local_rank": -1,  # set by the deepspeed launcher
+}
+# What the Trainer puts into "auto" optimizer fields (TrainingArguments' defaults; train_trainer.py does not set them).
+ADAM_BETAS, ADAM_EPSILON = [0.9, 0.999], 1e-8
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_deepspeed_config(path, values, must_match):
+    """The DeepSpeed config file with every "auto" replaced from `values` (dotted keys). A value written out in the
+    file that disagrees with the script's config is an error, as in the Trainer's DeepSpeed integration."""
+    ds_config = json.loads(Path(path).read_text(encoding="utf-8"))
+    mismatches = []
+    for dotted, value in values.items():
+        *parents, key = dotted.split(".")
+        node = ds_config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            continue
+        if node[key] == "auto":
+            node[key] = value
+        elif dotted in must_match and node[key] != value:
+            mismatches.append(f"{path}: {dotted}={node[key]!r} but the config gives {value!r}")
+
+    def autos(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from autos(value, f"{prefix}{key}.")
+            elif value == "auto":
+                yield prefix + key
+
+    left = list(autos(ds_config))
+    if left:
+        raise ValueError(f"{path}: no value for the \"auto\" entries {left}; write numbers there")
+    if mismatches:
+        raise ValueError("DeepSpeed config and script config disagree (use \"auto\" or make them equal):\n" + "\n".join(mismatches))
+    return ds_config
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start its epoch part-way, after the samples a checkpoint has trained on."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_reduce_sum(value):
+    """Sum of a number or tensor over all ranks, as a tensor on this rank's device."""
+    tensor = value.detach().clone().to(device) if torch.is_tensor(value) else torch.tensor(value, device=device)
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def every(steps):
+    """Whether the step just taken is a multiple of `steps` (never for steps <= 0)."""
+    return steps > 0 and global_step % steps == 0
+
+
+def memory_stats():
+    if torch.cuda.is_available():
+        return {"peak_memory_gib": peak_memory_gib()}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config and the process group. The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain
+# `python train_deepspeed.py` gets a group of one.
+config = parse_config(DEFAULTS, description=__doc__)
+if "RANK" not in os.environ:
+    local_rank = max(config["local_rank"], 0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))
+accelerator = get_accelerator()  # cuda on GPUs, cpu otherwise (backend nccl / gloo)
+deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+rank, world_size = dist.get_rank(), dist.get_world_size()
+local_rank = int(os.environ["LOCAL_RANK"])
+if accelerator.device_name() == "cpu":
+    device = torch.device("cpu")
+else:
+    accelerator.set_device(local_rank)
+    device = torch.device(accelerator.device_name(local_rank))
+master = rank == 0
+
+# The output folder: one process guards and creates it; every process learns whether that failed.
+output_dir = checkpoint_dir(config, "train_deepspeed")
+resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+failure = [None]
+if master:
+    try:
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+    except Exception as error:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
+        failure[0] = error
+dist.broadcast_object_list(failure, src=0)
+if failure[0] is not None:
+    raise failure[0]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model with LoRA. "auto" dtype follows the device the engine trains on (bf16/fp16 on GPUs, fp32 on CPU).
+transformers.set_seed(config["seed"])
+weight_dtype = resolve_dtype(config["dtype"], device.type)
+model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=weight_dtype, device=str(device))
+model_version = model.model_version
+if config["gradient_checkpointing"]:
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+model = add_lora(model, config["lora"])
+if master:
+    model.print_trainable_parameters()
+
+# Data: each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
+train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model_version, config["max_source_length"],
+                                      config["max_target_length"], config["skip_bad_lines"])
+collate = PaddingCollator(tokenizer.pad_token_id)
+batch_size, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
+sampler = ResumableSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=config["seed"])
+# Own generators: iterating a loader then leaves the global RNG (LoRA dropout) alone, so a resumed run draws the
+# same dropout masks as an uninterrupted one.
+train_loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(config["seed"]))
+eval_loader = None
+if eval_data is not None:
+    eval_loader = DataLoader(Subset(eval_data, range(rank, len(eval_data), world_size)), batch_size=config["per_device_eval_batch_size"],
+                             collate_fn=collate, generator=torch.Generator().manual_seed(config["seed"]))
+    # Every rank runs the same number of forward passes (ZeRO-3 gathers weights in them); extra ones are not counted.
+    eval_batches = math.ceil(math.ceil(len(eval_data) / world_size) / config["per_device_eval_batch_size"])
+
+# Steps as the Trainer counts them: an epoch's last optimizer step takes the micro-batches that are left.
+micro_batches_per_epoch = math.ceil(sampler.num_samples / batch_size)
+steps_per_epoch = max(math.ceil(micro_batches_per_epoch / accumulation), 1)
+if config["max_steps"] > 0:
+    total_steps = config["max_steps"]
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+else:
+    total_steps = math.ceil(config["num_train_epochs"] * steps_per_epoch)
+    num_epochs = math.ceil(config["num_train_epochs"])
+warmup = config["warmup_steps"]
+warmup_steps = int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed engine. The "auto" entries get what the Trainer would put there for the same config.
+hidden_size = model.config.hidden_size
+auto_values = {
+    "train_micro_batch_size_per_gpu": batch_size,
+    "gradient_accumulation_steps": accumulation,
+    "train_batch_size": batch_size * accumulation * world_size,
+    "gradient_clipping": config["max_grad_norm"],
+    "optimizer.params.lr": config["learning_rate"],
+    "optimizer.params.betas": ADAM_BETAS,
+    "optimizer.params.eps": ADAM_EPSILON,
+    "optimizer.params.weight_decay": config["weight_decay"],
+    "scheduler.params.warmup_min_lr": 0,
+    "scheduler.params.warmup_max_lr": config["learning_rate"],
+    # DeepSpeed refuses 0 warmup steps (and warms up for at least 2): the Trainer passes max(1, warmup), so do we.
+    "scheduler.params.warmup_num_steps": max(1, warmup_steps),
+    "scheduler.params.total_num_steps": total_steps,
+    "fp16.enabled": weight_dtype == torch.float16,
+    "bf16.enabled": weight_dtype == torch.bfloat16,
+    "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+    "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+    "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+}
+not_matched = {"scheduler.params.warmup_min_lr", "zero_optimization.reduce_bucket_size",
+               "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold"}
+ds_config = resolve_deepspeed_config(config["deepspeed"], auto_values, must_match=set(auto_values) - not_matched)
+if master:
+    print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
+# A config without a "scheduler" gets the Trainer's own default, linear warmup then linear decay to 0 (which, unlike
+# DeepSpeed's WarmupDecayLR, takes warmup 0 and starts at the full rate after warmup_steps steps exactly).
+linear_schedule = None
+if "scheduler" not in ds_config:
+    def linear_schedule(optimizer):
+        return transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+trainable = [p for p in model.parameters() if p.requires_grad]
+engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config, lr_scheduler=linear_schedule)
+if master:
+    print(f"ZeRO stage {engine.zero_optimization_stage()}, {world_size} process(es), {total_steps} steps "
+          f"({steps_per_epoch} per epoch, warmup {warmup_steps}), {batch_size * accumulation * world_size} examples per step")
+
+# Resume: weights, optimizer and schedule from the DeepSpeed checkpoint; step, data position, log and RNG from the
+# client state (RNG per rank, next to it).
+global_step, epoch, batches_done, tokens_seen, log_history = 0, 0, 0, 0, []
+pending = {"loss": 0.0, "steps": 0, "tokens": 0}  # summed over ranks since the last log line
+if resume:
+    resume = Path(resume)
+    load_path, client = engine.load_checkpoint(str(resume), load_module_strict=False)  # the tag in resume/latest
+    if load_path is None or "batches_done" not in client:
+        raise FileNotFoundError(f"{resume}: not a checkpoint of train_deepspeed.py (no DeepSpeed state with its client state)")
+    if client["world_size"] != world_size or client["micro_batches_per_epoch"] != micro_batches_per_epoch:
+        raise ValueError(f"{resume}: saved with world_size={client['world_size']} and {client['micro_batches_per_epoch']} "
+                         f"micro-batches per epoch; this run has {world_size} and {micro_batches_per_epoch}: the data order would differ")
+    global_step, epoch, batches_done = client["global_step"], client["epoch"], client["batches_done"]
+    tokens_seen, log_history, pending = client["tokens_seen"], client["log_history"], client["pending"]
+    set_rng_state(torch.load(resume / f"rng_state_{rank}.pth", weights_only=True))
+    if batches_done >= micro_batches_per_epoch:
+        epoch, batches_done = epoch + 1, 0
+    if master:
+        print(f"resuming from {resume}: step {global_step}, epoch {epoch}, {batches_done} micro-batches into it")
+start_step, tokens_at_start = global_step, tokens_seen
+
+writer = SummaryWriter(str(output_dir / "runs"), purge_step=global_step if resume else None) if master else None
+
+
+def evaluate():
+    """Eval loss as the Trainer computes it: each batch's mean over its target tokens, averaged over the examples."""
+    engine.eval()
+    total, count = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        batches = iter(eval_loader)
+        for _ in range(eval_batches):
+            batch = next(batches, None)
+            counted = batch is not None
+            batch = {key: value.to(device) for key, value in (batch or collate([eval_data[0]])).items()}
+            loss = engine(**batch).loss.float()
+            if counted:
+                total += loss * len(batch["input_ids"])
+                count += len(batch["input_ids"])
+    engine.train()
+    return (all_reduce_sum(total) / all_reduce_sum(count)).item()
+
+
+def save_checkpoint():
+    """checkpoint-N/ as the Trainer lays it out under DeepSpeed: global_stepN/ (DeepSpeed state of the trainable
+    weights, optimizer, schedule; client state: step, data position, log) + latest, rng_state_<rank>.pth, the adapter
+    of step N and trainer_state.json. Older checkpoints beyond save_total_limit are removed."""
+    folder = output_dir / f"checkpoint-{global_step}"
+    # What was trained since the last log line, so that a resumed run logs the same averages.
+    pending = {"loss": all_reduce_sum(loss_since_log).item(), "steps": steps_since_log, "tokens": int(all_reduce_sum(tokens_since_log))}
+    client = {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "tokens_seen": tokens_seen,
+              "pending": pending, "log_history": log_history, "world_size": world_size,
+              "micro_batches_per_epoch": micro_batches_per_epoch}
+    engine.save_checkpoint(str(folder), tag=f"global_step{global_step}", client_state=client, exclude_frozen_parameters=True)
+    torch.save(rng_state(), folder / f"rng_state_{rank}.pth")
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
+        if master:
+            engine.module.save_pretrained(str(folder), safe_serialization=True)
+    if master:
+        state = {"global_step": global_step, "epoch": epoch + batches_done / micro_batches_per_epoch, "log_history": log_history}
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if config["save_total_limit"] > 0:
+            saved = sorted((p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+                           key=lambda p: int(p.name.split("-")[1]))
+            for old in saved[: -config["save_total_limit"]]:
+                shutil.rmtree(old)
+    dist.barrier()
+
+
+def log(entry):
+    entry = {**entry, "epoch": round(epoch + batches_done / micro_batches_per_epoch, 4), "step": global_step}
+    log_history.append(entry)
+    if master:
+        for key, value in entry.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                writer.add_scalar(("eval/" + key[5:]) if key.startswith("eval_") else f"train/{key}", value, global_step)
+        writer.flush()
+        tqdm.write(json.dumps(entry))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training. Each optimizer step takes `accumulation` micro-batches; the loss is summed over their target tokens and
+# divided by the target tokens of all of them on all ranks (as the Trainer does with num_items_in_batch), so
+# accumulation and data parallelism give the gradient of one large batch.
+engine.train()
+progress = tqdm(total=total_steps, initial=global_step, desc="training", disable=not master, dynamic_ncols=True)
+# Counted on each rank, summed over ranks when logged; what a checkpoint had pending goes to rank 0.
+loss_since_log = torch.tensor(pending["loss"] if master else 0.0, device=device)
+steps_since_log, tokens_since_log = pending["steps"], pending["tokens"] if master else 0
+run_loss, eval_loss = torch.zeros((), device=device), None
+started = log_started = time.time()
+while global_step < total_steps and epoch < num_epochs:
+    sampler.set_epoch(epoch)
+    sampler.skip = batches_done * batch_size
+    batches = iter(train_loader)
+    while global_step < total_steps:
+        micro_batches = list(itertools.islice(batches, accumulation))
+        if not micro_batches:
+            break
+        num_targets = all_reduce_sum(sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in micro_batches))
+        learning_rate = engine.get_lr()[0]  # the rate this step uses
+        step_loss = torch.zeros((), device=device)
+        for index, batch in enumerate(micro_batches):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
+            loss = engine(**batch, num_items_in_batch=num_targets).loss
+            # DeepSpeed averages gradients over ranks; the loss is already normalised over all of them.
+            engine.backward(loss * world_size, scale_wrt_gas=False)
+            engine.step()
+            step_loss += loss.detach()
+            tokens_since_log += int(batch["attention_mask"].sum())
+        global_step += 1
+        batches_done += len(micro_batches)
+        loss_since_log += step_loss
+        run_loss += step_loss
+        steps_since_log += 1
+        progress.update(1)
+
+        final = global_step >= total_steps
+        if global_step == 1 or every(config["logging_steps"]) or final:
+            mean_loss = (all_reduce_sum(loss_since_log) / steps_since_log).item()
+            tokens = int(all_reduce_sum(tokens_since_log))
+            tokens_seen += tokens
+            grad_norm = engine.get_global_grad_norm()
+            log({"loss": round(mean_loss, 6), "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                 "learning_rate": learning_rate, "tokens_per_second": round(tokens / (time.time() - log_started), 1),
+                 "num_input_tokens_seen": tokens_seen, **memory_stats()})
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            loss_since_log.zero_()
+            steps_since_log, tokens_since_log, log_started = 0, 0, time.time()
+        paused = time.time()  # evaluation and saving do not count in the next line's tokens/s
+        if eval_loader is not None and (every(config["eval_steps"]) or final):
+            eval_loss = evaluate()
+            log({"eval_loss": round(eval_loss, 6)})
+        if every(config["save_steps"]) or final:
+            save_checkpoint()
+        log_started += time.time() - paused
+    if global_step < total_steps:
+        epoch, batches_done = epoch + 1, 0
+progress.close()
+train_runtime = time.time() - started
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The adapter in PEFT format with the run's settings and metrics, the loss curve.
+steps_run = global_step - start_step
+metrics = {
+    "train_runtime": round(train_runtime, 2),
+    "train_loss": all_reduce_sum(run_loss).item() / max(steps_run, 1),
+    "train_steps_per_second": round(steps_run / train_runtime, 3),
+    "epoch": round(epoch + batches_done / micro_batches_per_epoch, 4),
+    "global_step": global_step,
+    "num_input_tokens_seen": tokens_seen,
+    "train_tokens_per_second": round((tokens_seen - tokens_at_start) / train_runtime, 1),  # this run's tokens
+    **memory_stats(),
+}
+if eval_loss is not None:
+    metrics["eval_loss"] = eval_loss
+train_args = {
+    "script": "train_deepspeed.py",
+    "config": config,
+    "model_version": model_version,
+    "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data else None},
+    "metrics": metrics,
+    "deepspeed_config": ds_config,
+    "world_size": world_size,
+    "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__},
+    "wall_seconds": round(train_runtime, 1),
+}
+with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+    if master:
+        adapter_dir = save_adapter(engine.module, output_dir, train_args)
+if master:
+    writer.close()
+    plot_loss(log_history, output_dir / "loss.png")
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    print(f"adapter: {adapter_dir}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
+dist.barrier()
+dist.destroy_process_group()
