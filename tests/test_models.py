@@ -330,9 +330,9 @@ def test_loader_errors_name_the_file_and_the_fix(tiny_model_dirs, tmp_path):
     (small_vocab / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFolderError, match="64794 tokens but config.json's vocab_size/padded_vocab_size is 1000"):
         load_model_and_tokenizer(small_vocab)
-    config["model_type"] = "llama"
+    config["model_type"] = "not_a_model"
     (small_vocab / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFolderError, match="model_type is 'llama'"):
+    with pytest.raises(ModelFolderError, match="model_type is 'not_a_model'"):
         load_model_and_tokenizer(small_vocab)
     config = {"model_type": "chatglm", "hidden_size": 8}
     (small_vocab / "config.json").write_text(json.dumps(config))

@@ -46,8 +46,8 @@ def detect_model_version(config: dict, source="config.json") -> str:
     share seq_length with v2, so the name is what counts; seq_length 8192 is the fallback hint for v3)."""
     if config.get("model_type") not in (None, "chatglm"):
         raise ModelFolderError(
-            f"{source}: model_type is {config.get('model_type')!r}; this loader handles ChatGLM "
-            "(model_type 'chatglm'). Natively supported models load with transformers' AutoModel."
+            f"{source}: model_type is {config.get('model_type')!r}, which is neither ChatGLM (model_type 'chatglm') "
+            "nor a model type that this transformers version knows."
         )
     v1_fields = ("position_encoding_2d", "inner_hidden_size", "gmask_token_id", "max_sequence_length")
     if any(field in config for field in v1_fields):
@@ -122,14 +122,36 @@ def load_tokenizer(model_dir, version=None):
     return remote_module(version, "tokenization_chatglm").ChatGLMTokenizer.from_pretrained(str(model_dir))
 
 
+def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config=None):
+    """A model that transformers supports itself (e.g. GLM-4, Llama): AutoModelForCausalLM + AutoTokenizer.
+    Its prompts come from the tokenizer's chat template (model_version None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=dtype, device_map=device if device != "cpu" else None, quantization_config=quantization_config
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked out anyway
+    model.model_version = None
+    return model.eval(), tokenizer
+
+
 def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=None, quantization_config=None, **model_kwargs):
-    """Model + tokenizer from an official-layout folder, built with our remote_scripts for its version.
+    """Model + tokenizer from an official-layout folder, built with our remote_scripts for its version; other
+    model types that transformers knows load through its Auto classes.
 
     dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. device: auto, cpu, cuda, cuda:N.
     quantization_config: e.g. a transformers BitsAndBytesConfig (QLoRA). Extra keyword arguments go to the
     config (e.g. pre_seq_len=128 for P-tuning v2)."""
     model_dir = Path(model_dir)
     config_dict = read_config(model_dir)
+    if version is None and config_dict.get("model_type") not in (None, "chatglm"):
+        from transformers import CONFIG_MAPPING
+
+        if config_dict["model_type"] in CONFIG_MAPPING:
+            device = resolve_device(device)
+            return load_native_model_and_tokenizer(model_dir, resolve_dtype(dtype, device), device, quantization_config)
     version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
     find_weight_files(model_dir)
     device = resolve_device(device)
