@@ -142,7 +142,10 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     """On the main process after Trainer.train() and a final evaluate() (which all processes must run): final
     metrics, the adapter with train_args.json, the loss plot; prints where they are."""
     metrics = {**train_result.metrics, **final_eval}
-    metrics["train_tokens_per_second"] = round(metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
+    # The Trainer logs tokens/s of this session (a resumed run counts only its own tokens); before the first log
+    # step there is none, so fall back to all tokens over this session's runtime.
+    session_rates = [entry["train_tokens_per_second"] for entry in trainer.state.log_history if "train_tokens_per_second" in entry]
+    metrics["train_tokens_per_second"] = round(session_rates[-1] if session_rates else metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
     metrics["peak_memory_gib"] = peak_memory_gib()
     train_args = {
         "script": script,
