@@ -16,13 +16,12 @@ from conftest import OVERFIT, REPO_ROOT
 from test_training import assert_adapter_reproduces_answers, logged_losses
 from utils.model_utils import load_model_and_tokenizer
 
-# train_deepspeed.py has no report_to: it always writes TensorBoard logs. Warmup 2: DeepSpeed's WarmupDecayLR warms
-# up for at least 2 steps anyway, and the Trainer of transformers 5.17 passes warmup 0 on, which DeepSpeed 0.19.8
-# refuses (5.23 passes max(1, warmup)).
+# train_deepspeed.py has no report_to: it always writes TensorBoard logs. Both scripts use the Trainer's linear
+# schedule (deepspeed.json names no scheduler); two warmup steps as a realistic setting.
 WARMUP, LEARNING_RATE = "--warmup_steps=2", "--learning_rate=1.5e-2"
 DS_OVERFIT = [arg for arg in OVERFIT if not arg.startswith("--report_to")] + [WARMUP, LEARNING_RATE]
-# Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2; DeepSpeed's WarmupDecayLR spends the
-# first two at rate 0. The tiny ChatGLM-6B (130k vocabulary, 2-D positions) learns the slowest.
+# Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2. The tiny ChatGLM-6B (130k vocabulary,
+# 2-D positions) learns the slowest.
 OVERFIT_STEPS = {"chatglm-6b": 50, "chatglm2-6b": 30, "chatglm3-6b": 30}
 # How each version is started: two as a plain python process, one under the launcher (with gradient accumulation,
 # whose loss must equal the one large batch's).
@@ -123,9 +122,8 @@ def test_deepspeed_launcher_runs_train_trainer_with_zero2(trainable_models, sixt
     trainer_ds, script_ds = saved["ds_config"], json.loads((overfit_runs("chatglm2-6b") / "adapter_model" / "train_args.json").read_text())["deepspeed_config"]
     for key in ("gradient_clipping", "optimizer", "bf16", "fp16", "zero_optimization"):
         assert trainer_ds[key] == script_ds[key], key
-    ignore = {"total_num_steps"}  # 3 steps here, 30 there
-    assert {k: v for k, v in trainer_ds["scheduler"]["params"].items() if k not in ignore} == \
-           {k: v for k, v in script_ds["scheduler"]["params"].items() if k not in ignore}
+    # deepspeed.json names no scheduler: both use the Trainer's linear warmup and decay, not a DeepSpeed one.
+    assert "scheduler" not in trainer_ds and "scheduler" not in script_ds
     adapter_dir = run_dir / "adapter_model"
     train_args = json.loads((adapter_dir / "train_args.json").read_text())
     assert train_args["script"] == "train_trainer.py" and train_args["config"]["local_rank"] == 0
