@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -236,6 +237,126 @@ def test_loss_ignores_prompt_and_padding_positions(tiny_model_dirs):
     logits = model(ids).logits
     expected = torch.nn.functional.cross_entropy(logits[0, 4:-1], ids[0, 5:])
     torch.testing.assert_close(model(ids, labels=labels).loss, expected)
+
+
+def reference_causal_lm_loss(logits, labels, num_items_in_batch=None):
+    """The loss as computed before the chunked path: full logits upcast to fp32, one cross-entropy."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def prompt_and_padding_masked_batch(tokenizer):
+    """The three prompts left-padded; labels = the ids with padding and each sequence's first 4 tokens at -100."""
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    first_real = (batch["attention_mask"] == 0).sum(1)
+    for row, start in enumerate(first_real.tolist()):
+        labels[row, start:start + 4] = -100
+    return batch, labels
+
+
+def loss_and_gradients(model, compute_loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    loss = compute_loss()
+    loss.backward()
+    return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+def assert_same_loss_and_gradients(actual, expected):
+    """Loss to 1e-6 relative; each gradient to 1e-5 of its largest entry (fp32 rounding of sums in another order:
+    in float64 the two paths agree to 1e-16)."""
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=0, equal_nan=True)
+    assert len(actual[1]) == len(expected[1])
+    for got, want in zip(actual[1], expected[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()) + 1e-12)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("num_items_in_batch", [None, 50])
+@pytest.mark.parametrize("chunk_rows", [7, None])
+def test_chunked_loss_and_gradients_equal_the_full_logits_formula(version, num_items_in_batch, chunk_rows, tiny_model_dirs, monkeypatch):
+    model, tokenizer = load_auto(tiny_model_dirs[version])
+    model.train()
+    batch, labels = prompt_and_padding_masked_batch(tokenizer)
+    targets = int((labels[:, 1:] != -100).sum())
+    if chunk_rows:
+        # Several chunks, the last one partial.
+        monkeypatch.setattr(sys.modules[type(model).__module__], "LOSS_CHUNK_ROWS", chunk_rows)
+        assert targets > 2 * chunk_rows and targets % chunk_rows
+    expected = loss_and_gradients(model, lambda: reference_causal_lm_loss(model(**batch).logits, labels, num_items_in_batch))
+    actual = loss_and_gradients(model, lambda: model(**batch, labels=labels, num_items_in_batch=num_items_in_batch).loss)
+    assert all(g.abs().sum() > 0 for g in expected[1][:1])
+    assert_same_loss_and_gradients(actual, expected)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_chunked_loss_calls_a_lora_wrapped_output_layer(version, tiny_model_dirs, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_auto(tiny_model_dirs[version])
+    output_name = "lm_head" if version == "chatglm-6b" else "output_layer"
+    # Random A and B: the adapter changes the logits, so a loss that bypassed it would differ.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", output_name], lora_dropout=0.0, init_lora_weights=False)
+    lora = get_peft_model(model, config)
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear
+    lora.train()
+    monkeypatch.setattr(sys.modules[type(model).__module__], "LOSS_CHUNK_ROWS", 7)
+    batch, labels = prompt_and_padding_masked_batch(tokenizer)
+    expected = loss_and_gradients(lora, lambda: reference_causal_lm_loss(lora(**batch).logits, labels))
+    actual = loss_and_gradients(lora, lambda: lora(**batch, labels=labels).loss)
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert any(output_name in n for n in names) and len(names) == len(actual[1])
+    assert_same_loss_and_gradients(actual, expected)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("num_items_in_batch", [None, 5])
+def test_loss_of_a_batch_without_targets_is_unchanged(version, num_items_in_batch, tiny_model_dirs):
+    # Mean over no targets is nan (as F.cross_entropy gives), a sum over none is 0; backward works and gives zeros.
+    model, tokenizer = load_auto(tiny_model_dirs[version])
+    model.train()
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    expected = loss_and_gradients(model, lambda: reference_causal_lm_loss(model(**batch).logits, labels, num_items_in_batch))
+    actual = loss_and_gradients(model, lambda: model(**batch, labels=labels, num_items_in_batch=num_items_in_batch).loss)
+    assert torch.isnan(actual[0]) if num_items_in_batch is None else actual[0] == 0
+    assert_same_loss_and_gradients(actual, expected)
+    assert all(not g.any() for g in actual[1])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_training_forward_with_labels_returns_no_logits_and_eval_returns_them(version, tiny_model_dirs):
+    model, tokenizer = load_auto(tiny_model_dirs[version])
+    batch, labels = prompt_and_padding_masked_batch(tokenizer)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model.train()
+    saved_shapes = []
+
+    def pack(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    # Nothing of vocabulary width is kept for backward (checkpointed chunks keep nothing of their own).
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        outputs = model(**batch, labels=labels)
+    assert saved_shapes and all(shape[-1:] != (vocab,) for shape in saved_shapes)
+    assert outputs.logits is None and torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    assert torch.equal(model(**batch, labels=labels, return_dict=False)[0], outputs.loss)
+    assert model(**batch).logits.shape == (*labels.shape, vocab)  # no labels: logits as always
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(**batch, labels=labels)
+        last = model(**batch, labels=labels, logits_to_keep=1)
+    assert evaluated.logits.shape == (*labels.shape, vocab)
+    torch.testing.assert_close(evaluated.loss, reference_causal_lm_loss(evaluated.logits, labels), rtol=1e-6, atol=0)
+    # logits_to_keep trims the logits, never the loss.
+    torch.testing.assert_close(last.logits, evaluated.logits[:, -1:])
+    assert torch.equal(last.loss, evaluated.loss)
 
 
 class ScriptedAnswer:

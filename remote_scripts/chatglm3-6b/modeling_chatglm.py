@@ -45,19 +45,48 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return torch.where(bad, forced, scores)
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None):
+# Rows (target tokens) that go through the output layer at once in causal_lm_loss. 4096 rows of fp32 logits are
+# 1 GiB at ChatGLM2/3's 65024 tokens (2 GiB at ChatGLM-6B's 130528). Read at every call, so tests can force chunks.
+LOSS_CHUNK_ROWS = 4096
+
+
+def _chunk_loss(output_layer, hidden_states, targets):
+    """Summed fp32 cross-entropy of one chunk of rows: its logits exist only inside this call."""
+    logits = output_layer(hidden_states).float()
+    return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+
+
+def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None, chunk_rows=None):
     """Position i predicts labels[i+1]; cross-entropy in fp32; -100 is ignored.
+
+    Computed from the final hidden states [B, S, H] without ever building [B, S, vocab] logits: only the positions
+    that have a target go through the output layer (in SFT, the answer tokens), `chunk_rows` (default
+    LOSS_CHUNK_ROWS) at a time, each chunk under non-reentrant activation checkpointing, so that one chunk's logits,
+    their fp32 copy and their gradient are all that exists at a time, in forward and in backward. The output layer
+    is called as a module, so that a LoRA-wrapped output layer and device-placement hooks work as in a plain call.
 
     With `num_items_in_batch` (passed by the Trainer under gradient accumulation) the sum is divided by the number of
     target tokens of the whole accumulated batch, so accumulation gives the same gradient as one large batch.
+    Without it, the mean over the target tokens: nan for a batch without targets, as F.cross_entropy's mean gives.
     """
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:].to(logits.device)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction)
-    if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
-    return loss
+    chunk_rows = chunk_rows or LOSS_CHUNK_ROWS
+    targets = labels[:, 1:].to(hidden_states.device)
+    keep = targets != -100
+    # One boolean index for the whole batch (one host sync), not one per sample.
+    hidden_states, targets = hidden_states[:, :-1][keep], targets[keep]
+    count = targets.shape[0]
+    total = None
+    # At least one chunk, even an empty one: a batch without targets still gives a loss on the graph, as before.
+    for start in range(0, max(count, 1), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled():
+            part = torch.utils.checkpoint.checkpoint(
+                _chunk_loss, output_layer, hidden_states[rows], targets[rows], use_reentrant=False
+            )
+        else:
+            part = _chunk_loss(output_layer, hidden_states[rows], targets[rows])
+        total = part if total is None else total + part
+    return total / (count if num_items_in_batch is None else num_items_in_batch)
 
 
 class RMSNorm(nn.Module):
@@ -453,6 +482,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         num_items_in_batch=None,
         **kwargs,
     ):
+        """Causal LM forward. With `labels`, the loss comes from causal_lm_loss (the output layer runs only on the
+        positions that have a target, in checkpointed chunks). `logits` ([B, S or logits_to_keep, vocab]) are
+        computed when there are no labels or the model is in eval mode; in training mode with labels they are None,
+        so that training never materialises the full logits (the Trainer and train_deepspeed.py read only the loss
+        then; evaluation runs in eval mode and gets both). `logits_to_keep` trims the logits, never the loss."""
         outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -463,10 +497,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.transformer.output_layer(hidden_states)
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        output_layer = self.transformer.output_layer
+        loss = causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch) if labels is not None else None
+        logits = None
+        if labels is None or not self.training:
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+            logits = output_layer(hidden_states)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
