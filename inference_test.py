@@ -11,7 +11,6 @@ prompts of about prompt_len tokens.
 """
 import json
 import resource
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from peft import PeftModel
 from utils.config_utils import parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
+from utils.generation import time_generation
 from utils.model_utils import load_model_and_tokenizer
 
 DEFAULTS = {
@@ -31,14 +31,10 @@ DEFAULTS = {
     "repeats": 1,  # timed runs per row (the best is reported), after one warm-up
     "dtype": "auto",
     "device": "auto",
+    "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA, plain elsewhere), plain, static, compiled
     "json": "",  # also write the rows here
 }
 PROMPT_TEXT = "请介绍一下清华大学的历史、学科设置和它在中国高等教育中的地位，并谈谈它对科学研究的贡献。" * 20
-
-
-def synchronize(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def peak_memory_gib(device):
@@ -47,25 +43,13 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
 
 
-def measure(model, input_ids, max_new_tokens):
-    """Seconds to the first token and in total for one greedy run of exactly max_new_tokens tokens."""
-    synchronize(input_ids.device)
-    started = time.perf_counter()
-    first = None
-    for _ in model.stream_generate(input_ids, torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[-1]):
-        if first is None:
-            synchronize(input_ids.device)
-            first = time.perf_counter() - started
-    synchronize(input_ids.device)
-    return first, time.perf_counter() - started
-
-
 def benchmark(name, model, input_ids, config):
     device = input_ids.device
-    measure(model, input_ids, config["max_new_tokens"])  # full-length warm-up: a short one left the first run of a process slow
+    # Full-length warm-up (and, for decode=compiled, the compilation): a short one left the first run of a process slow.
+    time_generation(model, input_ids, config["max_new_tokens"], config["decode"])
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    runs = [measure(model, input_ids, config["max_new_tokens"]) for _ in range(config["repeats"])]
+    runs = [time_generation(model, input_ids, config["max_new_tokens"], config["decode"]) for _ in range(config["repeats"])]
     ttft, total = min(runs, key=lambda run: run[1])
     batch, prompt_len = input_ids.shape
     decode_tokens = batch * (config["max_new_tokens"] - 1)

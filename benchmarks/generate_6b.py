@@ -59,12 +59,18 @@ def measure(version, args):
             "HF generate": lambda n: model.generate(
                 input_ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0
             ),
-            "stream_generate (chat)": lambda n: list(
-                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1])
+            "stream_generate plain": lambda n: list(
+                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="plain")
+            ),
+            "stream_generate compiled": lambda n: list(
+                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="compiled")
             ),
         }
-        for name, run in loops.items():
-            run(args.max_new_tokens)  # full-length warm-up: a short one left the first generate() of a process 3x slow
+        for name in args.loops.split(","):
+            run = loops[name]
+            started = time.perf_counter()
+            run(args.max_new_tokens)  # full-length warm-up (and compilation): a short one left the first run slow
+            print(f"{version} {name}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
             torch.cuda.reset_peak_memory_stats()
             _, total_s = timed(lambda: run(args.max_new_tokens))
             decode_s = total_s - prefill_s
@@ -93,6 +99,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--loops", default="stream_generate plain,stream_generate compiled",
+                        help="comma-separated: HF generate, stream_generate plain, stream_generate compiled")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -1,4 +1,6 @@
-"""Answers to instruction records: the prompts of utils.dataset, left-padded batches, transformers' generate()."""
+"""Answers to instruction records (the prompts of utils.dataset, left-padded batches) and generation timing."""
+import time
+
 import torch
 from tqdm import tqdm
 
@@ -38,3 +40,23 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
         width = batch["input_ids"].shape[1]
         answers += [decode_answer(tokenizer, row[width:].tolist(), stop_ids) for row in output]
     return answers
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generation(model, input_ids, max_new_tokens, decode="auto"):
+    """(seconds to the first token, seconds in all) of one greedy stream_generate run of exactly max_new_tokens
+    tokens (no stop token) on input_ids [B, S]. Decode tokens/s = B * (max_new_tokens - 1) / (total - first)."""
+    synchronize(input_ids.device)
+    started = time.perf_counter()
+    first = None
+    for _ in model.stream_generate(input_ids, torch.ones_like(input_ids), do_sample=False, max_new_tokens=max_new_tokens,
+                                   eos_token_id=[-1], decode=decode):
+        if first is None:
+            synchronize(input_ids.device)
+            first = time.perf_counter() - started
+    synchronize(input_ids.device)
+    return first, time.perf_counter() - started

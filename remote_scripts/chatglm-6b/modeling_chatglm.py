@@ -14,6 +14,7 @@ Differences from the official code, all on purpose:
   computed in fp32 and rounded to fp16 for half-precision models, which reproduces the official fp32 and fp16
   tables (bf16 models get the fp16 table the model was trained with instead of a coarser bf16 one).
 """
+import functools
 import math
 import re
 from typing import Optional
@@ -117,11 +118,40 @@ class RotaryEmbedding(nn.Module):
         return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
 
 
+# Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
+COMPILE_ELEMENTWISE = True
+
+
+def compiled_on_cuda(fn):
+    """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
+    backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
+    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not COMPILE_ELEMENTWISE or not args[0].is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+
+    return run
+
+
+@compiled_on_cuda
+def scaled_residual(normed, alpha, update):
+    """DeepNorm residual: alpha * normalised input + the sublayer's output."""
+    return normed * alpha + update
+
+
 def rotate_half(x):
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
 
 
+@compiled_on_cuda
 def apply_rotary_2d(x, main, block):
     """First half of each head rotated by the main position, second half by the block position (rotate-half pairs)."""
     x_main, x_block = x.chunk(2, dim=-1)
@@ -129,6 +159,88 @@ def apply_rotary_2d(x, main, block):
     x_block = x_block * block[0] + rotate_half(x_block) * block[1]
     return torch.cat((x_main, x_block), dim=-1)
 
+
+class StaticKVCache:
+    """Keys and values of every layer in buffers of fixed size [layers, B, kv_heads, capacity, head_dim], plus the
+    decoding state (next slot, next positions, which slots hold real tokens) as device tensors.
+
+    Fixed shapes and addresses let one decode step be captured as a CUDA graph and replayed for every token (the
+    gpt-fast recipe); every update happens on the device, so a step needs no host sync. The prompt is prefilled by the
+    ordinary forward pass into a DynamicCache and copied in with `load`. A model keeps one and reuses it while batch,
+    capacity and dtype stay the same: callers get `StaticCacheRef` handles, which notice when a later generation has
+    reused the buffers."""
+
+    def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, position_shape, dtype, device):
+        self.capacity = capacity
+        self.keys = torch.zeros(num_layers, batch, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # False: padding or not yet filled
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's key/value goes
+        self.positions = torch.zeros(batch, *position_shape, dtype=torch.long, device=device)  # of the next token
+        self.length = 0  # host-side count of filled slots (prefix included), kept in step with `slot`
+        self.serial = 0  # bumped by every load, so that stale handles can be detected
+        for tensor in (self.keys, self.values, self.valid, self.slot, self.positions):
+            torch._dynamo.mark_static_address(tensor)
+
+    def fits(self, batch, capacity, dtype, device):
+        return (self.keys.shape[1], self.capacity, self.keys.dtype, self.keys.device) == (batch, capacity, dtype, device)
+
+    @torch.no_grad()
+    def load(self, cache, attention_mask, prefix_len, next_positions):
+        """Copy a prefilled DynamicCache in; attention_mask [B, n] covers its non-prefix slots."""
+        length = cache.get_seq_length()
+        for layer_idx, layer in enumerate(cache.layers):
+            self.keys[layer_idx, :, :, :length] = layer.keys
+            self.values[layer_idx, :, :, :length] = layer.values
+        self.valid.zero_()
+        self.valid[:, :prefix_len] = True
+        self.valid[:, prefix_len:length] = attention_mask.bool()
+        self.slot.fill_(length)
+        self.positions.copy_(next_positions)
+        self.length = length
+        self.serial += 1
+        return StaticCacheRef(self)
+
+    def update(self, key, value, layer_idx):
+        """Write one step's key/value [B, kv_heads, 1, head_dim] at `slot`; attention reads the whole buffer (the
+        slots not yet written are masked by `valid`)."""
+        self.keys[layer_idx].index_copy_(2, self.slot, key)
+        self.values[layer_idx].index_copy_(2, self.slot, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class StaticCacheRef:
+    """What stream_generate yields as the cache on the static path: the filled part of a StaticKVCache, valid until
+    the model's next generation reuses the buffers. Passing it back to continue a conversation copies it out first."""
+
+    def __init__(self, cache):
+        self.cache, self.serial, self.length = cache, cache.serial, cache.length
+
+    def get_seq_length(self, layer_idx=0):
+        return self.length
+
+    def to_dynamic(self, config):
+        if self.serial != self.cache.serial:
+            raise RuntimeError(
+                "this KV cache was overwritten by a later generation of the same model (the static cache is reused); "
+                "continue a conversation before starting another one, or decode with decode='plain'"
+            )
+        dynamic = DynamicCache(config=config)
+        for layer_idx in range(self.cache.keys.shape[0]):
+            dynamic.update(
+                self.cache.keys[layer_idx, :, :, : self.length].clone(),
+                self.cache.values[layer_idx, :, :, : self.length].clone(),
+                layer_idx,
+            )
+        return dynamic
+
+
+def static_cache_capacity(needed, limit):
+    """Slots to allocate: a power of two >= 256 (few distinct sizes, so few recompilations), at most `limit`."""
+    capacity = 256
+    while capacity < needed:
+        capacity *= 2
+    return max(min(capacity, limit), needed)
 
 def make_linear(config, in_features, out_features, device=None):
     """A block's linear layer (all have a bias in v1): nn.Linear, or QuantizedLinear (int8 / packed int4 weight +
@@ -188,9 +300,10 @@ class GLMBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         normed = self.input_layernorm(hidden_states)
-        hidden_states = normed * self.alpha + self.attention(normed, attention_mask, rotary, prefix_key, prefix_value, past_key_values)
+        attention_out = self.attention(normed, attention_mask, rotary, prefix_key, prefix_value, past_key_values)
+        hidden_states = scaled_residual(normed, self.alpha, attention_out)
         normed = self.post_attention_layernorm(hidden_states)
-        return normed * self.alpha + self.mlp(normed)
+        return scaled_residual(normed, self.alpha, self.mlp(normed))
 
 
 class PrefixEncoder(nn.Module):
@@ -422,6 +535,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def decode_hidden_states(self, input_ids, cache: StaticKVCache):
+        """Final hidden states [B, 1, H] of one new token per sequence, at `cache.positions` [B, 2, 1], attending to
+        the valid slots of `cache`. The lean body of forward() for the static path: nothing here depends on host values."""
+        hidden_states = self.word_embeddings(input_ids)
+        rotary_emb = self.layers[0].attention.rotary_emb
+        rotary = (rotary_emb(cache.positions[:, 0], hidden_states.dtype), rotary_emb(cache.positions[:, 1], hidden_states.dtype))
+        mask = cache.valid[:, None, None, :]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask, rotary, past_key_values=cache)
+        return self.final_layernorm(hidden_states)
+
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
@@ -520,12 +644,21 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         repetition_penalty=1.0,
         eos_token_id=None,
         logits_processor=None,
+        decode="auto",
     ):
         """Token-by-token decoding with a KV cache. Yields (new_token_ids [B, n], cache) after every step.
 
-        Stops when every sequence has produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`."""
+        Stops when every sequence has produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`.
+
+        decode: "plain" runs forward() with a growing DynamicCache for every token. "compiled" prefills with forward(),
+        then decodes into a StaticKVCache with one torch.compile'd step replayed as a CUDA graph (CUDA only; the first
+        call per batch size and cache size compiles, which takes a while). "static" is the same step without
+        compiling (for tests). "auto": "compiled" on CUDA, "plain" elsewhere. All give the same tokens."""
+        decode = self.resolve_decode_mode(decode, input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if isinstance(past_key_values, StaticCacheRef):
+            past_key_values = past_key_values.to_dynamic(self.config)
         if past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.eos_token_id, device=input_ids.device).flatten()
@@ -548,29 +681,92 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 processors.append(TopPLogitsWarper(top_p))
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
-        for _ in range(max_new_tokens):
-            position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
-            outputs = self(
-                input_ids=step_ids,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            scores = processors(sequence, outputs.logits[:, -1].float())
+        static = None  # the StaticKVCache once the prompt is in
+        for step in range(max_new_tokens):
+            if static is None:
+                position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
+                outputs = self(
+                    input_ids=step_ids,
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    past_key_values=past_key_values,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                logits = outputs.logits[:, -1].float()
+            else:
+                logits = self.static_decode_step(step_ids, static, compiled=decode == "compiled")
+                static.length += 1
+            scores = processors(sequence, logits)
             if do_sample:
                 next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
                 next_tokens = scores.argmax(-1)
             next_tokens = torch.where(unfinished, next_tokens, eos[0])
+            if step == 0 and decode != "plain" and max_new_tokens > 1:
+                needed = past_key_values.get_seq_length() + max_new_tokens - 1
+                static = self.static_cache(input_ids.shape[0], needed, past_key_values.layers[0].keys.dtype, input_ids.device)
+                next_positions = self.advance_positions(position_ids[..., -1:].clone())
+                static.load(past_key_values, attention_mask, self.transformer.pre_seq_len, next_positions)
             step_ids = next_tokens[:, None]
             sequence = torch.cat((sequence, step_ids), dim=1)
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
             unfinished &= ~torch.isin(next_tokens, eos)
-            yield sequence[:, prompt_len:], past_key_values
+            yield sequence[:, prompt_len:], (StaticCacheRef(static) if static is not None else past_key_values)
             if not unfinished.any():
                 break
+
+    @staticmethod
+    def resolve_decode_mode(decode, input_ids):
+        modes = ("auto", "plain", "static", "compiled")
+        if decode not in modes:
+            raise ValueError(f"decode={decode!r}: use one of {', '.join(modes)}")
+        if decode == "compiled" and not input_ids.is_cuda:
+            raise ValueError("decode='compiled' replays CUDA graphs and needs the model on a CUDA device")
+        if decode == "auto":
+            return "compiled" if input_ids.is_cuda else "plain"
+        return decode
+
+    @staticmethod
+    def advance_positions(positions):
+        """2-D positions [B, 2, 1] of the next token from those of the current one, in place: after <sop> (block
+        position > 0) the block position moves on and the main one stays; a sequence without <sop> is all context,
+        where the main position moves on."""
+        after_sop = positions[:, 1:] > 0
+        return positions.add_(torch.cat((~after_sop, after_sop), dim=1).long())
+
+    def static_cache(self, batch, needed, dtype, device):
+        """The model's StaticKVCache for this batch size, with room for `needed` slots (reused when it fits)."""
+        capacity = static_cache_capacity(needed, self.max_sequence_length + self.transformer.pre_seq_len)
+        cache = self.__dict__.get("_static_kv")
+        if cache is None or not cache.fits(batch, capacity, dtype, device):
+            self.__dict__["_static_kv"] = None  # free the old buffers before allocating new ones
+            transformer = self.transformer
+            cache = StaticKVCache(
+                transformer.num_layers, batch, transformer.num_heads, capacity, transformer.head_dim, (2, 1), dtype, device
+            )
+            self.__dict__["_static_kv"] = cache
+        return cache
+
+    def static_decode_step(self, input_ids, cache, compiled=False):
+        """fp32 logits [B, vocab] of one new token per sequence; advances the cache. With `compiled`, the step runs
+        through torch.compile(mode="reduce-overhead"): one CUDA graph replay per token."""
+        if not compiled:
+            return self._static_decode_step(input_ids, cache)
+        step = self.__dict__.get("_compiled_decode_step")
+        if step is None:
+            step = torch.compile(self._static_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.__dict__["_compiled_decode_step"] = step
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        return step(input_ids, cache)
+
+    def _static_decode_step(self, input_ids, cache):
+        cache.valid.index_fill_(1, cache.slot, True)
+        hidden_states = self.transformer.decode_hidden_states(input_ids, cache)
+        logits = self.lm_head(hidden_states[:, -1]).float()
+        cache.slot.add_(1)
+        self.advance_positions(cache.positions)
+        return logits
 
     @staticmethod
     def build_prompt(query, history=None):

@@ -5,6 +5,7 @@ official code: pre-norm RMSNorm blocks, grouped-query attention with fused QKV, 
 the first half of each head, SwiGLU MLP. Internally tensors are batch-first and attention is PyTorch's
 `scaled_dot_product_attention`; the KV cache is a transformers `Cache` holding un-expanded key/value groups.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -86,6 +87,43 @@ def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None,
     return total / (count if num_items_in_batch is None else num_items_in_batch)
 
 
+# Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
+COMPILE_ELEMENTWISE = True
+
+
+def compiled_on_cuda(fn):
+    """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
+    backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
+    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it)."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not COMPILE_ELEMENTWISE or not args[0].is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+
+    return run
+
+
+@compiled_on_cuda
+def rms_norm(hidden_states, weight, eps):
+    # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
+    hidden_fp32 = hidden_states.float()
+    hidden_fp32 = hidden_fp32 * torch.rsqrt(hidden_fp32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * hidden_fp32).to(hidden_states.dtype)
+
+
+@compiled_on_cuda
+def swiglu(gate_and_up):
+    """Fused rows [gate | up] -> silu(gate) * up."""
+    gate, up = gate_and_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
         super().__init__()
@@ -93,11 +131,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states):
-        # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
-        input_dtype = hidden_states.dtype
-        hidden_fp32 = hidden_states.float()
-        hidden_fp32 = hidden_fp32 * torch.rsqrt(hidden_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * hidden_fp32).to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -119,6 +153,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
 
 
+@compiled_on_cuda
 def apply_rotary(x, cos, sin):
     """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
     x: [B, heads, S, head_dim]."""
@@ -152,6 +187,88 @@ def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
         allowed = (allowed & key_keep[:, None, :]) | ~keep[:, -query_len:, None]
     return allowed[:, None]
 
+
+class StaticKVCache:
+    """Keys and values of every layer in buffers of fixed size [layers, B, kv_heads, capacity, head_dim], plus the
+    decoding state (next slot, next positions, which slots hold real tokens) as device tensors.
+
+    Fixed shapes and addresses let one decode step be captured as a CUDA graph and replayed for every token (the
+    gpt-fast recipe); every update happens on the device, so a step needs no host sync. The prompt is prefilled by the
+    ordinary forward pass into a DynamicCache and copied in with `load`. A model keeps one and reuses it while batch,
+    capacity and dtype stay the same: callers get `StaticCacheRef` handles, which notice when a later generation has
+    reused the buffers."""
+
+    def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, position_shape, dtype, device):
+        self.capacity = capacity
+        self.keys = torch.zeros(num_layers, batch, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # False: padding or not yet filled
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's key/value goes
+        self.positions = torch.zeros(batch, *position_shape, dtype=torch.long, device=device)  # of the next token
+        self.length = 0  # host-side count of filled slots (prefix included), kept in step with `slot`
+        self.serial = 0  # bumped by every load, so that stale handles can be detected
+        for tensor in (self.keys, self.values, self.valid, self.slot, self.positions):
+            torch._dynamo.mark_static_address(tensor)
+
+    def fits(self, batch, capacity, dtype, device):
+        return (self.keys.shape[1], self.capacity, self.keys.dtype, self.keys.device) == (batch, capacity, dtype, device)
+
+    @torch.no_grad()
+    def load(self, cache, attention_mask, prefix_len, next_positions):
+        """Copy a prefilled DynamicCache in; attention_mask [B, n] covers its non-prefix slots."""
+        length = cache.get_seq_length()
+        for layer_idx, layer in enumerate(cache.layers):
+            self.keys[layer_idx, :, :, :length] = layer.keys
+            self.values[layer_idx, :, :, :length] = layer.values
+        self.valid.zero_()
+        self.valid[:, :prefix_len] = True
+        self.valid[:, prefix_len:length] = attention_mask.bool()
+        self.slot.fill_(length)
+        self.positions.copy_(next_positions)
+        self.length = length
+        self.serial += 1
+        return StaticCacheRef(self)
+
+    def update(self, key, value, layer_idx):
+        """Write one step's key/value [B, kv_heads, 1, head_dim] at `slot`; attention reads the whole buffer (the
+        slots not yet written are masked by `valid`)."""
+        self.keys[layer_idx].index_copy_(2, self.slot, key)
+        self.values[layer_idx].index_copy_(2, self.slot, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class StaticCacheRef:
+    """What stream_generate yields as the cache on the static path: the filled part of a StaticKVCache, valid until
+    the model's next generation reuses the buffers. Passing it back to continue a conversation copies it out first."""
+
+    def __init__(self, cache):
+        self.cache, self.serial, self.length = cache, cache.serial, cache.length
+
+    def get_seq_length(self, layer_idx=0):
+        return self.length
+
+    def to_dynamic(self, config):
+        if self.serial != self.cache.serial:
+            raise RuntimeError(
+                "this KV cache was overwritten by a later generation of the same model (the static cache is reused); "
+                "continue a conversation before starting another one, or decode with decode='plain'"
+            )
+        dynamic = DynamicCache(config=config)
+        for layer_idx in range(self.cache.keys.shape[0]):
+            dynamic.update(
+                self.cache.keys[layer_idx, :, :, : self.length].clone(),
+                self.cache.values[layer_idx, :, :, : self.length].clone(),
+                layer_idx,
+            )
+        return dynamic
+
+
+def static_cache_capacity(needed, limit):
+    """Slots to allocate: a power of two >= 256 (few distinct sizes, so few recompilations), at most `limit`."""
+    capacity = 256
+    while capacity < needed:
+        capacity *= 2
+    return max(min(capacity, limit), needed)
 
 def make_linear(config, in_features, out_features, bias, device=None):
     """A block's linear layer: nn.Linear, or QuantizedLinear (int8 / packed int4 weight + per-row scale) when
@@ -196,16 +313,22 @@ class SelfAttention(nn.Module):
         elif prefix_key is not None:
             k, v = torch.cat((prefix_key, k), dim=2), torch.cat((prefix_value, v), dim=2)
         # Query head n uses key/value group n // (heads / groups), which is what enable_gqa does.
-        context = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            is_causal=attention_mask is None and seq > 1,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        if seq == 1 and self.num_kv_heads != self.num_heads and not self.training:
+            # One new token: the heads of a group become that group's queries, so no key/value is repeated.
+            grouped = q.reshape(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+            context = F.scaled_dot_product_attention(grouped, k, v, attn_mask=attention_mask)
+            context = context.reshape(batch, 1, self.num_heads * self.head_dim)
+        else:
+            context = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attention_mask,
+                is_causal=attention_mask is None and seq > 1,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            context = context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.dense(context)
 
 
@@ -221,8 +344,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, hidden_states):
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(hidden_states)))
 
 
 def make_norm(config, device=None):
@@ -443,6 +565,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def decode_hidden_states(self, input_ids, cache: StaticKVCache):
+        """Final hidden states [B, 1, H] of one new token per sequence, at `cache.positions`, attending to the valid
+        slots of `cache`. The lean body of forward() for the static path: nothing here depends on host values."""
+        hidden_states = self.embedding(input_ids)
+        rotary = self.rotary_pos_emb(cache.positions, hidden_states.dtype)
+        mask = cache.valid[:, None, None, :]
+        for layer in self.encoder.layers:
+            hidden_states = layer(hidden_states, mask, rotary, past_key_values=cache)
+        if self.encoder.final_layernorm is not None:
+            hidden_states = self.encoder.final_layernorm(hidden_states)
+        return hidden_states
+
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
@@ -539,13 +673,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         repetition_penalty=1.0,
         eos_token_id=None,
         logits_processor=None,
+        decode="auto",
     ):
         """Token-by-token decoding with a KV cache. Yields (new_token_ids [B, n], cache) after every step.
 
         attention_mask covers the cached tokens too (excluding any P-tuning prefix). Stops when every sequence has
-        produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`."""
+        produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`.
+
+        decode: "plain" runs forward() with a growing DynamicCache for every token. "compiled" prefills with forward(),
+        then decodes into a StaticKVCache with one torch.compile'd step replayed as a CUDA graph (CUDA only; the first
+        call per batch size and cache size compiles, which takes a while). "static" is the same step without
+        compiling (for tests). "auto": "compiled" on CUDA, "plain" elsewhere. All give the same tokens."""
+        decode = self.resolve_decode_mode(decode, input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if isinstance(past_key_values, StaticCacheRef):
+            past_key_values = past_key_values.to_dynamic(self.config)
         if past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         eos = torch.tensor(eos_token_id if eos_token_id is not None else self.config.eos_token_id, device=input_ids.device).flatten()
@@ -568,29 +711,89 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 processors.append(TopPLogitsWarper(top_p))
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
-        for _ in range(max_new_tokens):
-            position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
-            outputs = self(
-                input_ids=step_ids,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            scores = processors(sequence, outputs.logits[:, -1].float())
+        static = None  # the StaticKVCache once the prompt is in
+        for step in range(max_new_tokens):
+            if static is None:
+                position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
+                outputs = self(
+                    input_ids=step_ids,
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    past_key_values=past_key_values,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                logits = outputs.logits[:, -1].float()
+            else:
+                logits = self.static_decode_step(step_ids, static, compiled=decode == "compiled")
+                static.length += 1
+            scores = processors(sequence, logits)
             if do_sample:
                 next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
                 next_tokens = scores.argmax(-1)
             next_tokens = torch.where(unfinished, next_tokens, eos[0])
+            if step == 0 and decode != "plain" and max_new_tokens > 1:
+                needed = past_key_values.get_seq_length() + max_new_tokens - 1
+                static = self.static_cache(input_ids.shape[0], needed, past_key_values.layers[0].keys.dtype, input_ids.device)
+                next_positions = self.advance_positions(position_ids[..., -1:].clone())
+                static.load(past_key_values, attention_mask, self.transformer.pre_seq_len, next_positions)
             step_ids = next_tokens[:, None]
             sequence = torch.cat((sequence, step_ids), dim=1)
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
             unfinished &= ~torch.isin(next_tokens, eos)
-            yield sequence[:, prompt_len:], past_key_values
+            yield sequence[:, prompt_len:], (StaticCacheRef(static) if static is not None else past_key_values)
             if not unfinished.any():
                 break
+
+    @staticmethod
+    def resolve_decode_mode(decode, input_ids):
+        modes = ("auto", "plain", "static", "compiled")
+        if decode not in modes:
+            raise ValueError(f"decode={decode!r}: use one of {', '.join(modes)}")
+        if decode == "compiled" and not input_ids.is_cuda:
+            raise ValueError("decode='compiled' replays CUDA graphs and needs the model on a CUDA device")
+        if decode == "auto":
+            return "compiled" if input_ids.is_cuda else "plain"
+        return decode
+
+    @staticmethod
+    def advance_positions(positions):
+        """Positions of the next token from those of the current one, in place: one further along."""
+        return positions.add_(1)
+
+    def static_cache(self, batch, needed, dtype, device):
+        """The model's StaticKVCache for this batch size, with room for `needed` slots (reused when it fits)."""
+        capacity = static_cache_capacity(needed, self.max_sequence_length + self.transformer.pre_seq_len)
+        cache = self.__dict__.get("_static_kv")
+        if cache is None or not cache.fits(batch, capacity, dtype, device):
+            self.__dict__["_static_kv"] = None  # free the old buffers before allocating new ones
+            transformer = self.transformer
+            cache = StaticKVCache(
+                transformer.num_layers, batch, transformer.num_kv_heads, capacity, transformer.head_dim, (1,), dtype, device
+            )
+            self.__dict__["_static_kv"] = cache
+        return cache
+
+    def static_decode_step(self, input_ids, cache, compiled=False):
+        """fp32 logits [B, vocab] of one new token per sequence; advances the cache. With `compiled`, the step runs
+        through torch.compile(mode="reduce-overhead"): one CUDA graph replay per token."""
+        if not compiled:
+            return self._static_decode_step(input_ids, cache)
+        step = self.__dict__.get("_compiled_decode_step")
+        if step is None:
+            step = torch.compile(self._static_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.__dict__["_compiled_decode_step"] = step
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        return step(input_ids, cache)
+
+    def _static_decode_step(self, input_ids, cache):
+        cache.valid.index_fill_(1, cache.slot, True)
+        hidden_states = self.transformer.decode_hidden_states(input_ids, cache)
+        logits = self.transformer.output_layer(hidden_states[:, -1]).float()
+        cache.slot.add_(1)
+        self.advance_positions(cache.positions)
+        return logits
 
     @staticmethod
     def process_response(response):

@@ -1,0 +1,140 @@
+"""The static-cache decode path of stream_generate (what chat, predict and inference_test use on CUDA) against the plain
+path, on tiny models with peaked random weights. On CPU the static step runs eagerly ("static"); on a CUDA machine the
+same checks also run the torch.compile'd CUDA-graph step ("compiled")."""
+import pytest
+import torch
+
+from conftest import VERSIONS
+from utils.model_utils import load_model_and_tokenizer, remote_module
+
+PROMPTS = ["你好", "ChatGLM-6B是清华大学开源的模型。请介绍一下自己", "Hello\nworld\t!"]
+FAST_MODES = ["static"] + (["compiled"] if torch.cuda.is_available() else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class RecordScores:
+    """Logits processor that keeps a copy of the scores of every step and changes nothing."""
+
+    def __init__(self):
+        self.scores = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        return scores
+
+
+def decode(model, batch, mode, **kwargs):
+    recorder = RecordScores()
+    *_, (new_ids, cache) = model.stream_generate(
+        batch["input_ids"], batch["attention_mask"], max_new_tokens=24, eos_token_id=[-1], decode=mode,
+        logits_processor=[recorder], **kwargs,
+    )
+    return new_ids, torch.stack(recorder.scores), cache
+
+
+@pytest.fixture(scope="module")
+def models(trainable_models):
+    return {v: load_model_and_tokenizer(trainable_models[v], dtype="fp32", device=DEVICE) for v in VERSIONS}
+
+
+@pytest.mark.parametrize("mode", FAST_MODES)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fast_path_gives_the_plain_path_tokens_and_scores(version, mode, models):
+    model, tokenizer = models[version]
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to(DEVICE)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "left padding must be exercised"
+    # The repetition penalty keeps random tiny models (v1 above all) from repeating one token, so that every step
+    # feeds a different token back.
+    plain_ids, plain_scores, plain_cache = decode(model, batch, "plain", do_sample=False, repetition_penalty=1.5)
+    fast_ids, fast_scores, fast_cache = decode(model, batch, mode, do_sample=False, repetition_penalty=1.5)
+    assert fast_ids.tolist() == plain_ids.tolist()
+    assert len(set(plain_ids[0].tolist())) > 3, "a degenerate answer would not test much"
+    torch.testing.assert_close(fast_scores, plain_scores, atol=1e-4, rtol=1e-4)
+    assert fast_cache.get_seq_length() == plain_cache.get_seq_length()
+    # Sampling: the same random draws give the same tokens.
+    torch.manual_seed(3)
+    sampled_plain = decode(model, batch, "plain", do_sample=True, top_p=0.9, temperature=0.8)[0]
+    torch.manual_seed(3)
+    sampled_fast = decode(model, batch, mode, do_sample=True, top_p=0.9, temperature=0.8)[0]
+    assert sampled_fast.tolist() == sampled_plain.tolist()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fast_path_with_a_p_tuning_prefix(version, trainable_models):
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device=DEVICE, pre_seq_len=4)
+    with torch.no_grad():
+        for param in model.transformer.prefix_encoder.parameters():
+            param.normal_(std=1.0)
+    model.eval()
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to(DEVICE)
+    plain_ids, plain_scores, _ = decode(model, batch, "plain", do_sample=False)
+    for mode in FAST_MODES:
+        fast_ids, fast_scores, cache = decode(model, batch, mode, do_sample=False)
+        assert fast_ids.tolist() == plain_ids.tolist()
+        torch.testing.assert_close(fast_scores, plain_scores, atol=1e-4, rtol=1e-4)
+        assert cache.get_seq_length() == 4 + batch["input_ids"].shape[1] + 23
+
+
+@pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
+def test_chat_continues_from_a_static_cache_and_refuses_a_stale_one(version, models):
+    model, tokenizer = models[version]
+    kwargs = dict(do_sample=False, max_new_tokens=6, return_past_key_values=True)
+
+    def turn(query, history, cache, mode):
+        *_, (response, history, cache) = model.stream_chat(tokenizer, query, history, past_key_values=cache, decode=mode, **kwargs)
+        return response, history, cache
+
+    plain_first = turn("你好", [], None, "plain")
+    plain_second = turn("再见", plain_first[1], plain_first[2], "plain")
+    fast_first = turn("你好", [], None, "static")
+    assert type(fast_first[2]).__name__ == "StaticCacheRef"
+    fast_second = turn("再见", fast_first[1], fast_first[2], "static")
+    assert fast_first[:2] == plain_first[:2] and fast_second[:2] == plain_second[:2]
+    assert fast_second[2].get_seq_length() == plain_second[2].get_seq_length()
+    # fast_first's cache shares buffers with the model's later generations: continuing it now must fail loudly.
+    with pytest.raises(RuntimeError, match="overwritten by a later generation"):
+        turn("再见", fast_first[1], fast_first[2], "static")
+
+
+def test_cache_sizes_are_few_powers_of_two_within_the_limit():
+    capacity = remote_module("chatglm2-6b", "modeling_chatglm").static_cache_capacity
+    assert [capacity(n, 32768) for n in (1, 256, 257, 1000, 5000)] == [256, 256, 512, 1024, 8192]
+    assert capacity(300, 400) == 400 and capacity(500, 400) == 500  # over the model's limit: exactly what is needed
+
+
+def test_compiled_decoding_needs_cuda_and_unknown_modes_are_refused(models):
+    model, tokenizer = models["chatglm2-6b"]
+    ids = tokenizer(["你好"], return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match="one of auto, plain, static, compiled"):
+        next(model.stream_generate(ids, max_new_tokens=2, decode="fast"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+            next(model.stream_generate(ids, max_new_tokens=2, decode="compiled"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled element-wise kernels run on CUDA only")
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compiled_elementwise_kernels_give_the_eager_loss_and_gradients(version, trainable_models):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device="cuda")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value", "dense_h_to_4h"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # non-zero B, so that every LoRA weight gets a gradient
+    # The class was loaded from the model folder's own copy of modeling_chatglm.py: switch that module's flag.
+    modeling = __import__(type(model.base_model.model).__module__, fromlist=["COMPILE_ELEMENTWISE"])
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    results = {}
+    for compiled in (False, True):
+        modeling.COMPILE_ELEMENTWISE = compiled
+        model.zero_grad()
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        results[compiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    modeling.COMPILE_ELEMENTWISE = True
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
