@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from peft import prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from utils.config_utils import parse_config
@@ -30,6 +29,7 @@ from utils.train_utils import (
     find_resume_checkpoint,
     finish_trainer_run,
     load_datasets,
+    prepare_kbit_model,
     prepare_output_dir,
 )
 
@@ -94,8 +94,8 @@ def main(config):
         bnb_4bit_compute_dtype=compute_dtype,
     )
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization)
-    # k-bit preparation: trainable-side casts and input gradients, so checkpointing works with frozen 4-bit weights.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config["gradient_checkpointing"])
+    # Frozen base, unquantized weights kept in the compute dtype (no fp32 copies), non-reentrant checkpointing.
+    model = prepare_kbit_model(model, compute_dtype, gradient_checkpointing=config["gradient_checkpointing"])
     lora = {"r": config["lora_rank"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
             "target_modules": config["lora_target_modules"]}
     set_seed(args.seed)  # the LoRA initialisation follows the JSON's seed

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from peft import PeftModel
 
 from conftest import REPO_ROOT, VERSIONS
@@ -53,6 +54,42 @@ def test_train_qlora_overfits_and_the_adapter_reproduces_the_answers(version, tr
     answers = generate_answers(model, tokenizer, get_prompt_format(tokenizer, version), records, max_new_tokens=48, batch_size=16)
     expected = [tokenizer.decode(tokenizer.encode(r["answer"], add_special_tokens=False)).strip() for r in records]
     assert answers == expected
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kbit_preparation_keeps_unquantized_weights_in_the_compute_dtype(version, trainable_models):
+    from transformers import BitsAndBytesConfig
+
+    from utils.train_utils import add_lora, prepare_kbit_model
+
+    dtype = torch.bfloat16
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype=dtype, device="cpu", quantization_config=quantization)
+    model = prepare_kbit_model(model, dtype)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.get_input_embeddings().weight.dtype == dtype and model.get_output_embeddings().weight.dtype == dtype
+    unquantized = [p for p in model.parameters() if type(p).__name__ != "Params4bit"]
+    assert unquantized and all(p.dtype == dtype for p in unquantized)  # norms and biases too: no fp32 copies
+    blocks = model.transformer.layers if version == "chatglm-6b" else model.transformer.encoder.layers
+    assert all(block.gradient_checkpointing for block in blocks)
+    assert blocks[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+    lora = add_lora(model, {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all"})
+    adapters = {name: p for name, p in lora.named_parameters() if "lora_" in name}
+    assert len(adapters) == 2 * 4 * model.config.num_layers
+    assert {name for name, p in lora.named_parameters() if p.requires_grad} == set(adapters)
+    assert all(p.dtype == torch.float32 for p in adapters.values())
+    # A training step reaches every adapter through the checkpointed blocks (lora_B starts at zero, so lora_A's
+    # gradient is zero on the first step; lora_B's is not).
+    lora.train()
+    batch = tokenizer(["你好", "ChatGLM-6B是清华大学开源的模型"], padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    outputs = lora(**batch, labels=labels)
+    assert outputs.logits is None and outputs.loss.dtype == torch.float32 and torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapters.values())
+    assert all(p.grad.abs().sum() > 0 for name, p in adapters.items() if "lora_B" in name)
 
 
 def test_train_qlora_resumed_run_ends_at_the_uninterrupted_loss(trainable_models, sixteen_examples, tmp_path):

@@ -1,5 +1,5 @@
-"""Pieces the training scripts share: output folders that are never overwritten by accident, LoRA setup, the
-adapter export (PEFT format + train_args.json), the loss plot and a Trainer that logs peak memory."""
+"""Pieces the training scripts share: output folders that are never overwritten by accident, LoRA setup (and the
+k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json), the loss plot and a Trainer that logs peak memory."""
 import json
 import shutil
 import time
@@ -61,6 +61,33 @@ def lora_target_modules(spec):
     if spec == "all":
         return list(CHATGLM_LINEAR_LAYERS)
     return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
+    """Ready a model with bitsandbytes 4-bit (or 8-bit) weights for LoRA training; our replacement for peft's
+    prepare_model_for_kbit_training, which casts every parameter that is not quantized to fp32.
+
+    For ChatGLM2/3 that cast puts the 65024 x 4096 word embeddings and output layer in fp32 (2 GiB instead of 1 GiB
+    in bf16), and with them the residual stream and the output-layer matmul of every step. Nothing needs it: RMSNorm computes
+    its statistics in fp32 and ChatGLM-6B's LayerNorm accumulates in fp32 internally, and the loss upcasts each chunk
+    of logits to fp32. So here every unquantized parameter (embeddings, output layer, norms, biases) stays in
+    `compute_dtype`, as in LoRA training on unquantized weights (train_trainer.py). Returns the model, which:
+
+    - has every parameter frozen (add_lora then adds the trainable adapters, which peft keeps in fp32);
+    - with gradient_checkpointing, checkpoints its blocks with use_reentrant=False (peft's function passed none, so
+      torch fell back to the deprecated reentrant variant) and makes the embedding output require grad, as
+      train_trainer.py does (only the reentrant variant needs that: it gives no gradient to the LoRA weights of a
+      block whose inputs need none).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+        # Quantized storage (Params4bit, possibly with a float quant_storage; Int8Params) is left as it is.
+        if param.is_floating_point() and type(param).__name__ not in ("Params4bit", "Int8Params") and param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
 
 
 def add_lora(model, lora):
