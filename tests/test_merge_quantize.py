@@ -193,7 +193,7 @@ def test_merged_folders_load_standalone_in_a_fresh_process(version, merged, fres
     for kind, folder in ((k, merged[version, k]) for k in MERGES):
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "tokenizer_config.json", "configuration_chatglm.py", "modeling_chatglm.py",
-                "tokenization_chatglm.py", "quantization.py"} <= names
+                "tokenization_chatglm.py", "quantization.py", "kernels.py"} <= names
         assert not any(name.startswith(".") for name in names)
         result = fresh_process[f"{version}/{kind}"]
         assert all(not value for value in result["loading"].values()), (kind, result["loading"])

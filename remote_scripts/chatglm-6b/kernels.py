@@ -1,0 +1,388 @@
+"""A Triton kernel for decode-time linear layers: y = x W^T (+ b) with few activation rows (M <= 16).
+
+Why: generating one token at a time turns every linear layer into a matrix-vector product whose speed is the speed of
+streaming the weight from memory. cuBLAS launches too few blocks for that on 4096-wide layers with M=1 (no split-K:
+about 1.1 TB/s of the ~2.95 TB/s an H100 can copy), and our int8/int4 layers (quantization.py) dequantize the whole
+weight before every matmul. This kernel streams the stored weight once, in any of three formats:
+- float [N, K] in the dtype of x (plain nn.Linear weights);
+- int8 [N, K] with one scale per output row: w[n, k] = scale[n] * q[n, k];
+- int4 packed two per byte, int8 [N, K/2] (the layout of quantization.py: byte j of a row holds column 2j in its high
+  nibble and column 2j+1 in its low nibble, both signed), with one scale per output row.
+The scale is applied to the fp32 accumulator, the bias added, and the result cast once to x's dtype.
+
+Design:
+- grid (N blocks, K splits); each program streams [BLOCK_N, BLOCK_K] weight tiles (coalesced along K) over its share
+  of K. The split count is chosen per shape (launch_config) so that every SM gets several programs; a second kernel
+  then sums the fp32 partials [SPLIT_K, M, N] in a fixed order, scales, adds the bias and casts (a single split
+  finishes in the first kernel). No atomics: the same input gives bit-identical output on every call (decoding tests
+  compare tokens).
+- Two inner loops. FMA: multiply-and-add on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 accumulator, summed over K
+  once at the end; for M == 1 with float and int8 weights, where a tensor-core tile would be 15/16 padding. Dot:
+  tl.dot of the weight tile with x^T padded to 16 rows (masked), the weight as the large operand so that one pass
+  over it serves all rows; for 1 < M <= 16, and for int4 at any M (fewer instructions per byte than its FMA loop).
+- No int-to-float conversion instructions (a quarter of the FP32 rate on Hopper): an int8 q becomes fp32 by adding it
+  to the bit pattern of 2^23 + 128 and subtracting 2^23 + 128; int4 nibbles go straight into the top mantissa bits
+  of 1.0 (see _int4_offset_fp32), two values per shift and logic op for tensor-core operands.
+
+Use (callers fall back to F.linear wherever the predicate says no):
+
+    if small_batch_kernel_applies(x, layer.in_features):
+        y = small_batch_linear(x, layer.weight, layer.bias, scale=layer.weight_scale, bits=layer.bits)  # or bits=None
+
+The op is registered with torch.library.triton_op (torch >= 2.6), so torch.compile (including CUDA graphs with
+mode="reduce-overhead") sees the Triton launches: no host syncs, no data-dependent control flow. Triton is imported
+guarded: without it (CPU installs) this module still imports and small_batch_kernel_applies() says False. With
+TRITON_INTERPRET=1 the kernels run on CPU tensors in Triton's interpreter (the tests do that).
+"""
+import functools
+import hashlib
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # not installed (CPU installs) or unusable: callers fall back to F.linear
+    triton = None
+
+MAX_ROWS = 16  # rows of x (tokens) the kernel serves; more rows are a compute-bound matmul, cuBLAS's job
+MIN_BLOCK_K = 64  # in_features must be a multiple of this (tiny test models are 64 wide)
+# Preferred K step (values) per (format, tensor-core path): 128-256 contiguous bytes per weight row and step; int8 on
+# tensor cores takes 128 to stay under ~100 registers (256 needs 186: 2 programs per SM). 13696 (ChatGLM2's FFN
+# width) = 128 * 107, so that shape gets 128 whatever the format.
+PREFERRED_BLOCK_K = {(0, False): 128, (0, True): 128, (8, False): 256, (8, True): 128, (4, False): 256, (4, True): 256}
+BYTES_PER_VALUE = {0: 2, 8: 1, 4: 0.5}
+PROGRAMS_PER_SM = 4  # aim for this many programs per SM (several resident per SM hide memory latency)
+MAX_BYTES_PER_PROGRAM = 256 * 1024  # and split long rows further, so that the last wave of programs is short
+MIN_STEPS_PER_SPLIT = 2  # a program runs at least 2 K steps where K allows, so its loads overlap its math
+PARTIAL_TRAFFIC = 0.5  # fp32 partial sums (written, then read; mostly in L2) stay under half the weight's bytes
+DEFAULT_SM_COUNT = 132  # H100 SXM; used where there is no CUDA device (the interpreter)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _format_bits(bits):
+    if bits in (None, 0):
+        return 0
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits!r}: expected None (float weight), 8 (int8) or 4 (packed int4)")
+    return bits
+
+
+def split_count(M, N, K, bits, block_n, block_k, sm_count=DEFAULT_SM_COUNT):
+    """How many K splits: enough programs for every SM, programs of at most MAX_BYTES_PER_PROGRAM, no split shorter
+    than MIN_STEPS_PER_SPLIT steps (where K allows) and bounded partial-sum traffic; no empty split."""
+    steps = K // block_k
+    row_block_bytes = block_n * K * BYTES_PER_VALUE[bits]
+    split_k = max(_ceil_div(PROGRAMS_PER_SM * sm_count, _ceil_div(N, block_n)),
+                  math.ceil(row_block_bytes / MAX_BYTES_PER_PROGRAM))
+    partial_limit = int(PARTIAL_TRAFFIC * K * BYTES_PER_VALUE[bits] / (8 * M))  # split * M * N * 8 <= share * N * K * b
+    split_k = max(1, min(split_k, steps // MIN_STEPS_PER_SPLIT, partial_limit))
+    return _ceil_div(steps, _ceil_div(steps, split_k))
+
+
+def launch_config(M, N, K, bits=None, sm_count=DEFAULT_SM_COUNT):
+    """[block_n, block_k, split_k, num_warps, num_stages, use_dot] for x [M, K] and a weight of N rows: a pure
+    function of the shape and the SM count, so a shape always runs the same way (and gives the same bits).
+
+    Choices, from the SASS of the loops (instructions per weight byte; ~10 is the issue limit at full bandwidth on an
+    H100): float 2 (FMA) / 1 (dot), int8 4.8 (FMA) / 6 (dot), int4 8.3 (FMA) / 6.3 (dot with 128 rows). So M == 1
+    uses the FMA path for float and int8 weights, int4 always uses tensor cores, and more rows always do."""
+    bits = _format_bits(bits)
+    if K % MIN_BLOCK_K:
+        raise ValueError(f"in_features={K} is not a multiple of {MIN_BLOCK_K}")
+    use_dot = M > 1 or bits == 4
+    block_k = PREFERRED_BLOCK_K[bits, use_dot]
+    while K % block_k:
+        block_k //= 2
+    if not use_dot:  # FMA path: a [block_n, block_k] fp32 accumulator, 64 registers per thread at 4 warps
+        block_n = 8192 // block_k
+    elif bits == 4:  # 128 rows halve the cost of x per weight byte, where the layer is tall enough to keep every SM busy
+        wide_split = split_count(M, N, K, bits, 128, block_k, sm_count)
+        block_n = 128 if _ceil_div(N, 128) * wide_split >= 2 * sm_count else 64
+    else:
+        block_n = 64
+    num_stages = 3 if use_dot else 1  # the FMA loop is not software-pipelined either way: occupancy hides latency
+    return [block_n, block_k, split_count(M, N, K, bits, block_n, block_k, sm_count), 4, num_stages, int(use_dot)]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int8_to_float(q):
+        """int8 values -> exact fp32 via 2^23 + (q + 128) - (2^23 + 128)."""
+        bits = q.to(tl.int32) + 0x4B000080
+        return bits.to(tl.float32, bitcast=True) - 8388736.0
+
+    # int4: a row of K values is K/8 little-endian int32 words; nibble i (bits 4i..4i+3) of word j is column
+    # 8j + (i ^ 1) (byte i//2 holds column 2(i//2) in its high nibble). A signed nibble s XOR 8 is s + 8 in 0..15;
+    # placed in the top four mantissa bits of 1.0 it is the float 1 + (s + 8)/16 = 1.5 + s/16, exact, made with one
+    # shift and one logic op: no int-to-float conversion, no subtraction per value. The offset is undone once per
+    # program from the sum of x: sum(s * x) = 16 * (sum((1.5 + s/16) * x) - 1.5 * sum(x)).
+
+    @triton.jit
+    def _int4_offset_fp32(words, I: tl.constexpr):
+        """Nibble I of each word as fp32 1.5 + s/16 (its mantissa's top four bits are bits 19..22)."""
+        if I * 4 <= 19:
+            moved = words << (19 - I * 4)
+        else:
+            moved = words >> (I * 4 - 19)
+        return ((moved & 0x780000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _int4_offset_half_pair(words, P: tl.constexpr, DTYPE: tl.constexpr):
+        """Nibbles P and P + 4 of each word (16 bits apart) as 1.5 + s/16 in DTYPE (bf16 or fp16), both made by one
+        shift and one logic op on the word; returns (nibble P, nibble P + 4)."""
+        IS_BF16: tl.constexpr = DTYPE == tl.bfloat16
+        TOP: tl.constexpr = 3 if IS_BF16 else 6  # lowest of the top four mantissa bits of a 16-bit float
+        MASK: tl.constexpr = 0x00780078 if IS_BF16 else 0x03C003C0
+        ONES: tl.constexpr = 0x3FC03FC0 if IS_BF16 else 0x3E003E00  # 1.0 with the nibble's sign bit flipped
+        if P * 4 <= TOP:
+            moved = words << (TOP - P * 4)
+        else:
+            moved = words >> (P * 4 - TOP)
+        pair = (moved & MASK) ^ ONES
+        return pair.to(tl.int16).to(DTYPE, bitcast=True), (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+
+    @triton.jit
+    def _dot(a, b, acc, DOT_IN_FP32: tl.constexpr):
+        """acc + a @ b. DOT_IN_FP32 only under the interpreter with bf16: its tl.dot multiplies the raw bf16 bit
+        patterns (triton 3.9); bf16 products are exact in fp32, so the result is the same."""
+        if DOT_IN_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _finish(acc, offs_n, n_mask, scale_ptr, bias_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Per-row scale and bias on the fp32 result; acc's last axis runs over offs_n."""
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _small_batch_linear_kernel(
+        x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+        M, N, K, stride_xm, stride_wn, chunks_per_split,
+        BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        USE_DOT: tl.constexpr, PARTIAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+    ):
+        """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k; writes out[pid_k, m, n]
+        (fp32 partials) when PARTIAL, else the finished out[m, n] in out's dtype."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        if BITS == 4:  # read as int32 words, 8 values each (see _int4_offset_fp32)
+            w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
+        else:
+            w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # int64: 130528 x 4096 is near the int32 limit
+        STORED_K: tl.constexpr = BLOCK_K // 8 if BITS == 4 else BLOCK_K  # weight elements per row and step
+        offs_s = tl.arange(0, STORED_K)
+        k_begin = pid_k * chunks_per_split * BLOCK_K
+        k_end = tl.minimum(k_begin + chunks_per_split * BLOCK_K, K)
+
+        if USE_DOT:
+            offs_m = tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T tiles [K step, BLOCK_M]
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            x_total = tl.zeros([STORED_K, BLOCK_M], dtype=tl.float32)  # int4: sum of x, for the offset
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                if BITS == 4:
+                    words = tl.load(w_rows + (k0 // 8 + offs_s)[None, :], mask=n_mask[:, None], other=0)
+                    for p in tl.static_range(4):
+                        low, high = _int4_offset_half_pair(words, p, x_ptr.dtype.element_ty)
+                        x_low = tl.load(x_cols + (k0 + 8 * offs_s + (p ^ 1))[:, None], mask=m_mask[None, :], other=0.0)
+                        x_high = tl.load(x_cols + (k0 + 8 * offs_s + ((p + 4) ^ 1))[:, None], mask=m_mask[None, :],
+                                         other=0.0)
+                        acc = _dot(low, x_low, acc, DOT_IN_FP32)
+                        acc = _dot(high, x_high, acc, DOT_IN_FP32)
+                        x_total += x_low.to(tl.float32) + x_high.to(tl.float32)
+                else:
+                    w = tl.load(w_rows + (k0 + offs_s)[None, :], mask=n_mask[:, None], other=0)
+                    if BITS == 8:
+                        w = _int8_to_float(w).to(x_ptr.dtype.element_ty)  # |q| <= 128 is exact in bf16/fp16
+                    x_t = tl.load(x_cols + (k0 + offs_s)[:, None], mask=m_mask[None, :], other=0.0)
+                    acc = _dot(w, x_t, acc, DOT_IN_FP32)
+            if BITS == 4:
+                acc = 16.0 * (acc - 1.5 * tl.sum(x_total, axis=0)[None, :])
+            result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+            out_mask = m_mask[:, None] & n_mask[None, :]
+            out_offs = offs_m[:, None] * N + offs_n[None, :]
+        else:  # M == 1
+            acc2 = tl.zeros([BLOCK_N, STORED_K], dtype=tl.float32)
+            x_total = tl.zeros([STORED_K], dtype=tl.float32)
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                if BITS == 4:
+                    words = tl.load(w_rows + (k0 // 8 + offs_s)[None, :], mask=n_mask[:, None], other=0)
+                    for i in tl.static_range(8):
+                        x_i = tl.load(x_ptr + k0 + 8 * offs_s + (i ^ 1)).to(tl.float32)
+                        acc2 += _int4_offset_fp32(words, i) * x_i[None, :]
+                        x_total += x_i
+                else:
+                    w = tl.load(w_rows + (k0 + offs_s)[None, :], mask=n_mask[:, None], other=0)
+                    w = _int8_to_float(w) if BITS == 8 else w.to(tl.float32)
+                    acc2 += w * tl.load(x_ptr + k0 + offs_s).to(tl.float32)[None, :]
+            result = tl.sum(acc2, axis=1)
+            if BITS == 4:
+                result = 16.0 * (result - 1.5 * tl.sum(x_total, axis=0))
+            result = result[None, :]  # [1, BLOCK_N]
+            out_mask = n_mask[None, :]
+            out_offs = offs_n[None, :]
+
+        if PARTIAL:
+            tl.store(out_ptr + pid_k * M * N + out_offs, result, mask=out_mask)
+        else:
+            result = _finish(result, offs_n[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+            tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _sum_splits_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, MN, N, split_k,
+                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """out[m, n] = cast(scale[n] * sum_s partial[s, m, n] + bias[n]). All splits are loaded at once (one memory
+        latency, not split_k in a row) and summed by tl.sum, whose order is fixed by the compiled code."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        splits = tl.arange(0, SPLITS)
+        tile = tl.load(partial_ptr + splits[:, None] * MN + offs[None, :],
+                       mask=(splits[:, None] < split_k) & mask[None, :], other=0.0)
+        acc = _finish(tl.sum(tile, axis=0), offs % N, mask, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # Under TRITON_INTERPRET=1, triton.jit gives interpreted functions that take CPU tensors.
+    _INTERPRETED = type(_small_batch_linear_kernel).__name__ == "InterpretedFunction"
+else:
+    _INTERPRETED = False
+
+
+def _wrap(kernel):
+    """The kernel as torch.compile wants it inside a triton_op (torch >= 2.6), or as is (eager, interpreter)."""
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    return kernel if wrap_triton is None or _INTERPRETED else wrap_triton(kernel)
+
+
+def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           scale: Optional[torch.Tensor], bits: int, config: Optional[List[int]]) -> torch.Tensor:
+    """x [M, K] (unit stride along K) -> [M, N]; the body of the registered op (also its shape function)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    # Checked here, not in small_batch_linear: torch.compile traces this body, and storage_offset() breaks its graph.
+    if bits == 4 and (weight.storage_offset() % 4 or weight.stride(0) % 4):  # storages themselves are aligned
+        raise ValueError("int4 weights are read as int32 words: the tensor and its rows must start at multiples of 4 bytes")
+    sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda \
+        else DEFAULT_SM_COUNT
+    block_n, block_k, split_k, num_warps, num_stages, use_dot = (
+        config if config is not None else launch_config(M, N, K, bits, sm_count))
+    if K % block_k or not (use_dot or M == 1):
+        raise ValueError(f"config {config}: block_k must divide K={K}, and the FMA loop (use_dot 0) serves M == 1 only")
+    chunks = K // block_k
+    chunks_per_split = _ceil_div(chunks, split_k)
+    split_k = _ceil_div(chunks, chunks_per_split)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    target = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    has_scale, has_bias = scale is not None, bias is not None
+    # Unused pointer arguments get any tensor; the constexpr flags keep the kernel from reading them.
+    _wrap(_small_batch_linear_kernel)[(_ceil_div(N, block_n), split_k)](
+        x, weight, scale if has_scale else x, bias if has_bias else x, target,
+        M, N, K, x.stride(0), weight.stride(0), chunks_per_split,
+        BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS if use_dot else 1,
+        USE_DOT=bool(use_dot), PARTIAL=split_k > 1, HAS_SCALE=has_scale, HAS_BIAS=has_bias,
+        DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages,
+    )
+    if split_k > 1:
+        splits = triton.next_power_of_2(split_k)
+        block = max(32, 4096 // splits)  # 4096 partials per program
+        _wrap(_sum_splits_kernel)[(_ceil_div(M * N, block),)](
+            target, scale if has_scale else x, bias if has_bias else x, out, M * N, N, split_k,
+            HAS_SCALE=has_scale, HAS_BIAS=has_bias, SPLITS=splits, BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+def _register_op():
+    """The registered op, or the plain function where torch has no triton_op (< 2.6) or triton runs interpreted.
+
+    Every copy of this file (one per model folder, plus the copies transformers makes of a model folder) is imported
+    as its own module; identical copies share one registration (the name carries a hash of this file), a changed
+    file gets its own."""
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton is None or triton_op is None or _INTERPRETED:
+        return _small_batch_linear_2d
+    try:
+        digest = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+    except OSError:
+        digest = "unhashed"
+    namespace, name = "chatglm_kernels", f"small_batch_linear_{digest}"
+    if hasattr(getattr(torch.ops, namespace), name):
+        return getattr(getattr(torch.ops, namespace), name)
+    return triton_op(f"{namespace}::{name}", _small_batch_linear_2d, mutates_args=())
+
+
+_op = _register_op() if triton is not None else None
+
+
+def small_batch_kernel_applies(x, in_features):
+    """Whether small_batch_linear can compute a linear layer with `in_features` inputs on x; if not, use F.linear.
+
+    True only with Triton available, x on CUDA (or any device under TRITON_INTERPRET=1), x in bf16/fp16, at most
+    MAX_ROWS rows, in_features a multiple of MIN_BLOCK_K, and no gradient needed for x (the kernel has no backward)."""
+    if triton is None or not (x.is_cuda or _INTERPRETED):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() == 0 or x.shape[-1] != in_features:
+        return False
+    if in_features % MIN_BLOCK_K or not 1 <= x.numel() // in_features <= MAX_ROWS:
+        return False
+    return not (x.requires_grad and torch.is_grad_enabled())
+
+
+def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=None):
+    """F.linear(x, dequantized weight, bias) for x [..., K] with at most MAX_ROWS rows, accumulated in fp32.
+
+    weight: float [N, K] in x's dtype (bits None), int8 [N, K] (bits 8) or packed int4 int8 [N, K/2] (bits 4), with
+    unit stride along its last dim; scale: [N], any float dtype, required for 8 and 4 bits; bias: [N] or None. Returns
+    [..., N] in x's dtype. `config` overrides launch_config (tests, benchmarks). Check small_batch_kernel_applies()
+    first: shapes it refuses raise ValueError here."""
+    if triton is None:
+        raise RuntimeError("small_batch_linear needs Triton (pip install triton); use F.linear instead")
+    bits = _format_bits(bits)
+    K = x.shape[-1]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be bf16 or fp16, got {x.dtype}")
+    if K % MIN_BLOCK_K:
+        raise ValueError(f"in_features={K} is not a multiple of {MIN_BLOCK_K}")
+    M = x.numel() // K
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"x has {M} rows; the kernel serves 1..{MAX_ROWS}")
+    stored_k = K // 2 if bits == 4 else K
+    if weight.dim() != 2 or weight.shape[1] != stored_k or weight.stride(1) != 1:
+        raise ValueError(f"weight must be [N, {stored_k}] with unit stride along dim 1 for x [..., {K}] and "
+                         f"bits={bits or None}, got shape {tuple(weight.shape)}, strides {weight.stride()}")
+    N = weight.shape[0]
+    if bits == 0 and weight.dtype != x.dtype:
+        raise ValueError(f"float weight dtype {weight.dtype} differs from x's {x.dtype}")
+    if bits and (weight.dtype != torch.int8 or scale is None or scale.shape != (N,)):
+        raise ValueError(f"{bits}-bit weights need an int8 weight and a scale of shape [{N}]")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    if any(t is not None and t.device != x.device for t in (weight, bias, scale)):
+        raise ValueError("x, weight, bias and scale must be on one device")
+    x2d = x.reshape(M, K)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    scale = scale.contiguous() if bits else None
+    bias = bias.contiguous() if bias is not None else None
+    out = _op(x2d, weight, bias, scale, bits, None if config is None else [int(v) for v in config])
+    return out.reshape(*x.shape[:-1], N)
