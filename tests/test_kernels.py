@@ -1,0 +1,176 @@
+"""remote_scripts/<version>/kernels.py, the Triton kernel for decode-time linear layers, on CPU.
+
+There is no GPU here, so the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which must be set before triton
+is imported: one subprocess runs every numeric case). Each case is compared with a float64 reference of
+F.linear(x, dequantized weight, bias) on tiny shapes, with the launch configuration of the heuristic and with forced
+ones (split-K with uneven splits, both inner loops); the cases with bias run twice to check bit-identical output. The launch
+heuristic, the predicate and the import without triton run in this process.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, VERSIONS
+from utils.model_utils import remote_module
+from utils.tiny_model import MODEL_FILES
+
+REAL_SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (12288, 4096), (16384, 4096), (4096, 16384),
+               (65024, 4096), (130528, 4096)]
+TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3}
+
+# (name, N, K, config or None). None: launch_config's choice. Forced configs are
+# [block_n, block_k, split_k, num_warps, num_stages, use_dot]; the FMA loop (use_dot 0) serves M == 1 only.
+SHAPES = [
+    ("auto-130x64", 130, 64, None),  # N not a multiple of the block, K one step
+    ("auto-64x256", 64, 256, None),
+    ("split-uneven-130x192", 130, 192, [32, 64, 2, 4, 1, 1]),  # 3 K steps in 2 splits (2 + 1), dot loop
+    ("split-3-100x256-fma", 100, 256, [16, 64, 3, 4, 1, 0]),  # 4 steps in 3 splits -> 2 splits of 2, FMA loop
+    ("split-4-260x256", 260, 256, [64, 64, 4, 4, 3, 1]),
+]
+
+INTERPRETER_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from utils.model_utils import remote_module
+
+kernels = remote_module("chatglm2-6b", "kernels")
+quantization = remote_module("chatglm2-6b", "quantization")
+shapes, out_path = json.loads(sys.argv[2]), sys.argv[3]
+assert kernels._INTERPRETED, "TRITON_INTERPRET=1 did not reach triton"
+dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+results = {}
+generator = torch.Generator().manual_seed(0)
+for name, N, K, config in shapes:
+    for dtype_name, dtype in dtypes.items():
+        for fmt in ("float", "int8", "int4"):
+            bits = {"float": None, "int8": 8, "int4": 4}[fmt]
+            for M in (1, 3, 16):
+                if config is not None and not config[5] and M > 1:
+                    continue
+                for with_bias in (False, True):
+                    weight = torch.randn(N, K, generator=generator)
+                    x = torch.randn(M, K, generator=generator).to(dtype)
+                    if M == 16:  # leading dims [2, 8] and a row stride wider than K
+                        x = torch.cat((x, x[:, :64]), dim=1)[:, :K].reshape(2, 8, K)
+                    bias = torch.randn(N, generator=generator).to(dtype) if with_bias else None
+                    if bits:
+                        stored, scale = quantization.quantize_weight(weight, bits, scale_dtype=dtype)
+                        exact = quantization.dequantize_weight(stored, scale, bits, torch.float64)
+                    else:
+                        stored, scale = weight.to(dtype), None
+                        exact = stored.double()
+                    reference = x.double() @ exact.T + (bias.double() if with_bias else 0)
+                    out = kernels.small_batch_linear(x, stored, bias, scale, bits, config=config)
+                    # Repeat once per shape, format and M (the interpreter is slow): the same bits again?
+                    again = kernels.small_batch_linear(x, stored, bias, scale, bits, config=config) if with_bias else out
+                    key = f"{name}/{dtype_name}/{fmt}/M{M}/{'bias' if with_bias else 'nobias'}"
+                    results[key] = {
+                        "error": ((out.double() - reference).norm() / reference.norm()).item(),
+                        "identical": torch.equal(out, again),
+                        "shape_ok": out.shape == x.shape[:-1] + (N,) and out.dtype == dtype,
+                    }
+
+def applies(x, k=None):
+    return kernels.small_batch_kernel_applies(x, x.shape[-1] if k is None else k)
+
+bf16 = torch.bfloat16
+needs_grad = torch.randn(1, 64, dtype=bf16, requires_grad=True)
+with torch.no_grad():
+    no_grad_ok = applies(needs_grad)
+results["predicate"] = {
+    "valid": applies(torch.randn(3, 64, dtype=bf16)) and applies(torch.randn(2, 8, 128, dtype=torch.float16)),
+    "m16": applies(torch.randn(16, 64, dtype=bf16)),
+    "m17": applies(torch.randn(17, 64, dtype=bf16)),
+    "k96": applies(torch.randn(1, 96, dtype=bf16)),
+    "k_mismatch": applies(torch.randn(1, 64, dtype=bf16), 128),
+    "fp32": applies(torch.randn(1, 64)),
+    "grad": applies(needs_grad),
+    "grad_under_no_grad": no_grad_ok,
+}
+with open(out_path, "w") as handle:
+    json.dump(results, handle)
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("kernels") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(REPO_ROOT), json.dumps(SHAPES), str(out)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", [shape[0] for shape in SHAPES])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_matches_float64_reference_and_repeats_bit_identically(interpreted, name, fmt, dtype):
+    cases = {key: value for key, value in interpreted.items() if key.startswith(f"{name}/{dtype}/{fmt}/")}
+    config = {shape[0]: shape[3] for shape in SHAPES}[name]
+    fma_only = config is not None and not config[5]
+    assert len(cases) == (2 if fma_only else 6), sorted(cases)  # M 1 (FMA) or M 1, 3, 16; with and without bias
+    for key, case in cases.items():
+        assert case["shape_ok"], key
+        assert case["error"] < TOLERANCE[dtype], f"{key}: relative error {case['error']:.2e}"
+        assert case["identical"], f"{key}: two calls gave different bits"
+
+
+def test_predicate_under_the_interpreter(interpreted):
+    verdict = interpreted["predicate"]
+    assert verdict["valid"] and verdict["m16"] and verdict["grad_under_no_grad"]
+    assert not (verdict["m17"] or verdict["k96"] or verdict["k_mismatch"] or verdict["fp32"] or verdict["grad"]), verdict
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process runs the interpreter")
+def test_predicate_is_false_on_cpu_without_the_interpreter():
+    import torch
+
+    kernels = remote_module("chatglm2-6b", "kernels")
+    assert not kernels._INTERPRETED
+    assert not kernels.small_batch_kernel_applies(torch.randn(1, 64, dtype=torch.bfloat16), 64)
+
+
+def test_imports_without_triton_and_then_never_applies():
+    script = (
+        "import sys; sys.modules['triton'] = None; sys.path.insert(0, sys.argv[1]);"
+        "import torch; from utils.model_utils import remote_module;"
+        "k = remote_module('chatglm2-6b', 'kernels'); assert k.triton is None;"
+        "assert not k.small_batch_kernel_applies(torch.randn(1, 64, dtype=torch.bfloat16), 64);"
+        "raised = False\n"
+        "try: k.small_batch_linear(torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16))\n"
+        "except RuntimeError: raised = True\n"
+        "assert raised"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_launch_config_fills_an_h100_and_is_a_function_of_the_shape(bits, M):
+    kernels = remote_module("chatglm2-6b", "kernels")
+    for N, K in REAL_SHAPES:
+        config = kernels.launch_config(M, N, K, bits, sm_count=132)
+        block_n, block_k, split_k, num_warps, num_stages, use_dot = config
+        assert config == kernels.launch_config(M, N, K, bits, sm_count=132)
+        assert K % block_k == 0 and block_k >= kernels.MIN_BLOCK_K
+        steps = K // block_k
+        per_split = -(-steps // split_k)
+        assert 1 <= split_k <= steps and -(-steps // per_split) == split_k, "no empty split"
+        assert -(-N // block_n) * split_k >= 2 * 132, (N, K, config)  # at least ~2 programs per SM
+        assert use_dot == (M > 1 or bits == 4)
+
+
+def test_model_folders_carry_identical_self_contained_copies():
+    assert "kernels.py" in MODEL_FILES
+    texts = {version: (REPO_ROOT / "remote_scripts" / version / "kernels.py").read_text() for version in VERSIONS}
+    assert len(set(texts.values())) == 1, "remote_scripts/*/kernels.py must be byte-identical copies"
+    text = texts[VERSIONS[0]]
+    assert "from utils" not in text and "import utils" not in text
