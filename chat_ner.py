@@ -30,6 +30,7 @@ DEFAULTS = {
     "top_p": 0.8,
     "dtype": "auto",
     "device": "auto",
+    "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA: the first answer waits for the compilation), plain
 }
 
 
@@ -82,7 +83,7 @@ def main(config):
         shown, response, new_history = "", "", history
         for response, new_history in model.stream_chat(tokenizer, message(text), history, max_length=config["max_length"],
                                                        do_sample=config["do_sample"], temperature=config["temperature"],
-                                                       top_p=config["top_p"]):
+                                                       top_p=config["top_p"], decode=config["decode"]):
             # Hold back the last character: ChatGLM-6B's post-processing rewrites punctuation once the next
             # character arrives.
             if response[:-1].startswith(shown):

@@ -40,6 +40,7 @@ DEFAULTS = {
     "before_after": False,
     "dtype": "auto",
     "device": "auto",
+    "decode": "auto",  # ChatGLM decode loop: auto (compiled CUDA-graph steps on CUDA, plain on CPU), plain, static, compiled
     "skip_bad_lines": False,
 }
 
@@ -86,7 +87,7 @@ def main(config):
         model = PeftModel.from_pretrained(model, lora_path).eval()
     prompt_format = get_prompt_format(tokenizer, version)
     generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],
-                      batch_size=config["batch_size"], do_sample=config["do_sample"], show_progress=True)
+                      batch_size=config["batch_size"], do_sample=config["do_sample"], decode=config["decode"], show_progress=True)
     if config["do_sample"]:
         generation.update(temperature=config["temperature"], top_p=config["top_p"], top_k=config["top_k"])
 

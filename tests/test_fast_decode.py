@@ -138,3 +138,44 @@ def test_compiled_elementwise_kernels_give_the_eager_loss_and_gradients(version,
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the int8/int4 decode kernels run on CUDA only")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("version", ["chatglm-6b", "chatglm2-6b"])
+def test_quantized_decoding_kernels_match_the_dequantizing_path(version, bits, trainable_models):
+    from transformers.cache_utils import DynamicCache
+
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="bf16", device="cuda")
+    model.quantize(bits)
+    quantization = __import__(type(model).__module__.rsplit(".", 1)[0] + ".quantization", fromlist=["small_batch_linear"])
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
+    kernel, applies = quantization.small_batch_linear, quantization.small_batch_kernel_applies
+    calls = []
+
+    def second_step_logits(use_kernel):
+        """Logits of one decode step (3 rows: the kernel's case) after the same prefill (many rows: dequantized)."""
+        quantization.small_batch_linear = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+        if not use_kernel:
+            quantization.small_batch_kernel_applies = lambda *args: False
+        try:
+            cache = DynamicCache(config=model.config)
+            first = model(**batch, past_key_values=cache, use_cache=True).logits[:, -1]
+            sequence = torch.cat((batch["input_ids"], first.argmax(-1, keepdim=True)), dim=1)
+            mask = torch.cat((batch["attention_mask"], torch.ones_like(sequence[:, -1:])), dim=1)
+            inputs = model.prepare_inputs_for_generation(sequence, past_key_values=cache, attention_mask=mask)
+            return model(**inputs).logits[:, -1].float()
+        finally:
+            quantization.small_batch_linear, quantization.small_batch_kernel_applies = kernel, applies
+
+    dequantized = second_step_logits(use_kernel=False)
+    assert not calls
+    with_kernel = second_step_logits(use_kernel=True)
+    # The kernel ran for the decode step (K = 64 layers of int4 fall back: they need 128 | K).
+    assert calls
+    # The kernel sums exact q * x products in fp32; the fallback rounds s * q to bf16 first: close, not equal.
+    assert ((with_kernel - dequantized).norm() / dequantized.norm()).item() < 2e-2
+    # The compiled CUDA-graph step runs the same kernel: its second-step scores match the eager ones.
+    eager = decode(model, batch, "plain", do_sample=False)[1][1]
+    compiled = decode(model, batch, "compiled", do_sample=False)[1][1]
+    assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2

@@ -86,6 +86,8 @@ results["predicate"] = {
     "m16": applies(torch.randn(16, 64, dtype=bf16)),
     "m17": applies(torch.randn(17, 64, dtype=bf16)),
     "k96": applies(torch.randn(1, 96, dtype=bf16)),
+    "int4_k64": kernels.small_batch_kernel_applies(torch.randn(1, 64, dtype=bf16), 64, 4),
+    "int4_k128": kernels.small_batch_kernel_applies(torch.randn(1, 128, dtype=bf16), 128, 4),
     "k_mismatch": applies(torch.randn(1, 64, dtype=bf16), 128),
     "fp32": applies(torch.randn(1, 64)),
     "grad": applies(needs_grad),
@@ -125,6 +127,8 @@ def test_predicate_under_the_interpreter(interpreted):
     verdict = interpreted["predicate"]
     assert verdict["valid"] and verdict["m16"] and verdict["grad_under_no_grad"]
     assert not (verdict["m17"] or verdict["k96"] or verdict["k_mismatch"] or verdict["fp32"] or verdict["grad"]), verdict
+    # int4 needs 128 | K (a GPU tl.dot over K/8 packed words needs at least 16 of them).
+    assert verdict["int4_k128"] and not verdict["int4_k64"], verdict
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process runs the interpreter")

@@ -17,28 +17,34 @@ def decode_answer(tokenizer, ids, stop_ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+# generate() arguments that stream_generate (ChatGLM's own decode loop, with the static-cache fast path) also takes.
+STREAM_GENERATE_KWARGS = {"temperature", "top_k", "top_p", "repetition_penalty"}
+
+
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompt_format, records, max_source_length=512, max_new_tokens=128, batch_size=8,
-                     do_sample=False, show_progress=False, **generate_kwargs):
-    """One answer string per record (greedy unless do_sample)."""
+                     do_sample=False, show_progress=False, decode="auto", **generate_kwargs):
+    """One answer string per record (greedy unless do_sample).
+
+    ChatGLM models decode with their stream_generate (decode="auto": compiled CUDA-graph steps on CUDA, see
+    modeling_chatglm.py); other models, or generate() options stream_generate lacks (beams...), use generate()."""
     stop_ids = prompt_format.stop_token_ids
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
+    own_loop = hasattr(model, "stream_generate") and set(generate_kwargs) <= STREAM_GENERATE_KWARGS
     answers = []
     batches = range(0, len(records), batch_size)
     for start in tqdm(batches, desc="generating", disable=not show_progress):
         prompts = [fit_prompt(prompt_format, user_message(r), r.get("history", []), max_source_length)[0] for r in records[start:start + batch_size]]
         batch = collate([{"input_ids": p} for p in prompts])
-        output = model.generate(
-            input_ids=batch["input_ids"].to(model.device),
-            attention_mask=batch["attention_mask"].to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            **generate_kwargs,
-        )
-        width = batch["input_ids"].shape[1]
-        answers += [decode_answer(tokenizer, row[width:].tolist(), stop_ids) for row in output]
+        input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+        if own_loop:
+            *_, (new_ids, _) = model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                     eos_token_id=stop_ids, decode=decode, **generate_kwargs)
+        else:
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                    do_sample=do_sample, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+            new_ids = output[:, input_ids.shape[1]:]
+        answers += [decode_answer(tokenizer, row.tolist(), stop_ids) for row in new_ids]
     return answers
 
 

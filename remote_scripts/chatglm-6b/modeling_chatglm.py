@@ -50,9 +50,10 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return torch.where(bad, forced, scores)
 
 
-# Rows (target tokens) that go through the output layer at once in causal_lm_loss. 4096 rows of fp32 logits are
-# 1 GiB at ChatGLM2/3's 65024 tokens (2 GiB at ChatGLM-6B's 130528). Read at every call, so tests can force chunks.
-LOSS_CHUNK_ROWS = 4096
+# Rows (target tokens) that go through the output layer at once in causal_lm_loss. 1024 rows of fp32 logits are
+# 0.25 GiB at ChatGLM2/3's 65024 tokens (0.5 GiB at ChatGLM-6B's 130528); a chunk's backward holds a few such
+# copies at once, and the matmuls stay large enough to run at full speed. Read at every call, so tests can force chunks.
+LOSS_CHUNK_ROWS = 1024
 
 
 def _chunk_loss(output_layer, hidden_states, targets):
@@ -109,9 +110,18 @@ class RotaryEmbedding(nn.Module):
         exact = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
         return exact.half().float()
 
+    def frequency_table(self, device):
+        """The frequencies, computed eagerly once per device and kept outside the state dict: compiled code computing
+        the power differently by one ulp can land on the other side of an fp16 rounding and change a frequency."""
+        table = self.__dict__.get("_frequency_table")
+        if table is None or table.device != torch.device(device):
+            table = self.frequencies("cpu").to(device)
+            self.__dict__["_frequency_table"] = table
+        return table
+
     def forward(self, positions, dtype):
         """positions [B, S] -> (cos, sin), each [B, 1, S, dim] (frequencies repeated for the rotate-half layout)."""
-        angles = positions[..., None].float() * self.frequencies(positions.device)
+        angles = positions[..., None].float() * self.frequency_table(positions.device)
         if dtype != torch.float32:
             angles = angles.half().float()  # the official half-precision table holds fp16 angles
         angles = torch.cat((angles, angles), dim=-1)

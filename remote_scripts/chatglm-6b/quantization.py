@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization of the ChatGLM blocks, in plain PyTorch (written for this toolkit).
+"""Weight-only int8 / int4 quantization of the ChatGLM blocks (written for this toolkit).
 
 The scheme and the checkpoint layout are those of the official `-int8` / `-int4` checkpoints:
 - symmetric, one scale per output row: s_r = max_c |W_rc| / (2^(bits-1) - 1), i.e. /127 for int8 and /7 for int4;
@@ -8,9 +8,10 @@ The scheme and the checkpoint layout are those of the official `-int8` / `-int4`
 - state dict of a quantized layer: `weight` (int8 [out, in] or [out, in/2]), `weight_scale` ([out], the model's
   float dtype) and the unchanged full-precision `bias`, if the layer has one.
 
-The forward pass dequantizes the whole weight (w = s_r * q) in the dtype of the activations and does an ordinary
-matmul. No custom kernels (cpm_kernels is not needed), so the same code runs on CPU and on any CUDA GPU. The quantized
-weights are not trainable; gradients still flow to the inputs.
+With few rows (decoding) on CUDA, the forward pass streams the stored int8 / packed int4 weight through the Triton
+kernel of kernels.py, which applies the row scales to its fp32 sums. Otherwise (prefill, training, CPU) it dequantizes
+the whole weight (w = s_r * q) in the dtype of the activations and does an ordinary matmul. cpm_kernels is not needed.
+The quantized weights are not trainable; gradients still flow to the inputs.
 
 Only the four linear layers of every block are quantized (query_key_value, the attention output dense,
 dense_h_to_4h, dense_4h_to_h); embeddings, norms and the output layer stay in full precision.
@@ -20,6 +21,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernels import small_batch_kernel_applies, small_batch_linear
 
 SUPPORTED_BITS = (4, 8)
 QUANTIZED_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -131,6 +134,8 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype or self.weight_scale.dtype)
 
     def forward(self, x):
+        if small_batch_kernel_applies(x, self.in_features, self.bits):  # decoding on CUDA: stream the int8/int4 weight as it is
+            return small_batch_linear(x, self.weight, self.bias, scale=self.weight_scale, bits=self.bits)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)

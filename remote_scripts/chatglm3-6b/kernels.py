@@ -50,6 +50,8 @@ except Exception:  # not installed (CPU installs) or unusable: callers fall back
 
 MAX_ROWS = 16  # rows of x (tokens) the kernel serves; more rows are a compute-bound matmul, cuBLAS's job
 MIN_BLOCK_K = 64  # in_features must be a multiple of this (tiny test models are 64 wide)
+# int4 runs tl.dot over K/8 packed words per step, and a GPU tl.dot needs at least 16: int4 layers need 128 | K.
+INT4_MIN_BLOCK_K = 128
 # Preferred K step (values) per (format, tensor-core path): 128-256 contiguous bytes per weight row and step; int8 on
 # tensor cores takes 128 to stay under ~100 registers (256 needs 186: 2 programs per SM). 13696 (ChatGLM2's FFN
 # width) = 128 * 107, so that shape gets 128 whatever the format.
@@ -334,16 +336,19 @@ def _register_op():
 _op = _register_op() if triton is not None else None
 
 
-def small_batch_kernel_applies(x, in_features):
+def small_batch_kernel_applies(x, in_features, bits=None):
     """Whether small_batch_linear can compute a linear layer with `in_features` inputs on x; if not, use F.linear.
 
     True only with Triton available, x on CUDA (or any device under TRITON_INTERPRET=1), x in bf16/fp16, at most
-    MAX_ROWS rows, in_features a multiple of MIN_BLOCK_K, and no gradient needed for x (the kernel has no backward)."""
+    MAX_ROWS rows, in_features a multiple of MIN_BLOCK_K (INT4_MIN_BLOCK_K for bits=4), and no gradient needed for
+    x (the kernel has no backward)."""
     if triton is None or not (x.is_cuda or _INTERPRETED):
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() == 0 or x.shape[-1] != in_features:
         return False
     if in_features % MIN_BLOCK_K or not 1 <= x.numel() // in_features <= MAX_ROWS:
+        return False
+    if bits == 4 and in_features % INT4_MIN_BLOCK_K:
         return False
     return not (x.requires_grad and torch.is_grad_enabled())
 

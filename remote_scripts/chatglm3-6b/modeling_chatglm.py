@@ -46,9 +46,10 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         return torch.where(bad, forced, scores)
 
 
-# Rows (target tokens) that go through the output layer at once in causal_lm_loss. 4096 rows of fp32 logits are
-# 1 GiB at ChatGLM2/3's 65024 tokens (2 GiB at ChatGLM-6B's 130528). Read at every call, so tests can force chunks.
-LOSS_CHUNK_ROWS = 4096
+# Rows (target tokens) that go through the output layer at once in causal_lm_loss. 1024 rows of fp32 logits are
+# 0.25 GiB at ChatGLM2/3's 65024 tokens (0.5 GiB at ChatGLM-6B's 130528); a chunk's backward holds a few such
+# copies at once, and the matmuls stay large enough to run at full speed. Read at every call, so tests can force chunks.
+LOSS_CHUNK_ROWS = 1024
 
 
 def _chunk_loss(output_layer, hidden_states, targets):

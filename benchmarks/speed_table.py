@@ -1,0 +1,227 @@
+"""The GPU-speed table: decode and training speed of the real-size models (random weights, the real config.json) next
+to the figures of the official code on the same kind of machine. Needs CUDA.
+
+    python benchmarks/speed_table.py --config_dir ../shared/assets/tokenizers --work_dir /tmp/speed --json speed.json
+
+Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through stream_generate as chat() uses it):
+  decode-v2-b1, decode-v1-b1   ChatGLM2-6B / ChatGLM-6B, batch 1, 256 new tokens, compiled CUDA-graph decode
+  decode-v2-b16                ChatGLM2-6B, batch 16, 128 new tokens
+  decode-v2-int8-b1, decode-v2-int4-b1
+                               ChatGLM2-6B quantized with the layout merge_lora_and_quantize.py writes (model.quantize)
+  lora-v2, lora-v1             LoRA r=8 on query_key_value, batch 8 x 512, AdamW, bf16 autocast (as the Trainer runs)
+  qlora-v2                     NF4 + double quantization (loaded as train_qlora.py loads it), LoRA r=8 on
+                               query_key_value, batch 4 x 512, gradient checkpointing, paged AdamW 32-bit
+Training rows: every position carries a label (the most loss work), steady state: the mean of --train_steps steps
+after --warmup_steps, peak memory over the timed steps.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from utils.generation import time_generation  # noqa: E402
+from utils.model_utils import load_model_and_tokenizer, read_config  # noqa: E402
+from utils.tiny_model import build_random_model, make_tiny_model  # noqa: E402
+from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
+
+# Official remote code + transformers 4.40 + peft 0.10 on an H100 (the GPU-speed issue), and the targets set there.
+REFERENCE = {
+    "decode-v2-b1": ("ChatGLM2-6B decode, batch 1", 15.6, ">= 200 tok/s"),
+    "decode-v1-b1": ("ChatGLM-6B decode, batch 1", 22.4, ">= 180 tok/s"),
+    "decode-v2-b16": ("ChatGLM2-6B decode, batch 16 (128 new)", 234, ">= 2,500 tok/s"),
+    "decode-v2-int8-b1": ("ChatGLM2-6B int8 decode, batch 1", None, "(no target)"),
+    "decode-v2-int4-b1": ("ChatGLM2-6B int4 decode, batch 1", 25.3, ">= 1.7x bf16 batch 1"),
+    "lora-v2": ("ChatGLM2-6B LoRA, 8 x 512", 15988, ">= 20,000 tok/s, <= 24 GiB"),
+    "lora-v1": ("ChatGLM-6B LoRA, 8 x 512", 11459, ">= 16,000 tok/s, <= 40 GiB"),
+    "qlora-v2": ("ChatGLM2-6B QLoRA NF4, 4 x 512, GC", 6678, ">= 8,000 tok/s, <= 8 GiB"),
+}
+REFERENCE_PEAK = {"lora-v2": 35.1, "lora-v1": 64.7, "qlora-v2": 22.7}
+VERSION = {"v1": "chatglm-6b", "v2": "chatglm2-6b"}
+
+
+def random_model(version, config_dir):
+    with torch.device("cuda"):
+        model = build_random_model(version, read_config(Path(config_dir) / version), dtype=torch.bfloat16)
+    return model.eval()
+
+
+def prompt_ids(model, batch, length):
+    """Random text tokens with the model's prompt markers: v1 ends with [gMASK] <sop>, v2 starts with [gMASK] sop."""
+    body = torch.randint(5, 60000, (batch, length - 2), device="cuda")
+    config = model.config
+    if hasattr(config, "gmask_token_id"):
+        tail = torch.tensor([config.gmask_token_id, config.bos_token_id], device="cuda").expand(batch, -1)
+        return torch.cat((body, tail), dim=1)
+    return torch.cat((torch.tensor([64790, 64792], device="cuda").expand(batch, -1), body), dim=1)
+
+
+def write_profile(path, run):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    Path(path).write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70))
+
+
+def decode_row(model, batch, new_tokens, decode, repeats=3, profile_path=None):
+    model.eval()
+    input_ids = prompt_ids(model, batch, 32)
+    started = time.perf_counter()
+    time_generation(model, input_ids, new_tokens, decode)  # warm-up, and compilation for a new batch size
+    warmup_s = time.perf_counter() - started
+    torch.cuda.reset_peak_memory_stats()
+    runs = [time_generation(model, input_ids, new_tokens, decode) for _ in range(repeats)]
+    if profile_path:
+        write_profile(profile_path, lambda: time_generation(model, input_ids, new_tokens, decode))
+    first, total = min(runs, key=lambda run: run[1])
+    return {
+        "tokens_per_s": round(batch * (new_tokens - 1) / (total - first), 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "detail": f"{decode}, prefill {first * 1e3:.0f} ms, warm-up {warmup_s:.0f} s",
+    }
+
+
+def train_row(model, batch, seq, steps, warmup, optimizer_cls=torch.optim.AdamW, profile_path=None, **optimizer_kwargs):
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_cls(trainable, lr=1e-4, **optimizer_kwargs)
+    input_ids = prompt_ids(model, batch, seq)
+    if hasattr(model.config, "gmask_token_id"):  # v1: [gMASK] <sop> mid-sequence, so half is the bidirectional context
+        input_ids = torch.cat((input_ids[:, -2:], input_ids[:, :-2]), dim=1).roll(seq // 2, dims=1)
+    labels = input_ids.clone()
+    losses = []
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(warmup):
+        losses.append(step())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step())
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / steps
+    if profile_path:
+        write_profile(profile_path, step)
+    return {
+        "tokens_per_s": round(batch * seq / seconds),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "detail": f"{seconds * 1e3:.0f} ms/step, loss {losses[0].item():.3f} -> {losses[-1].item():.3f}",
+    }
+
+
+def lora(model):
+    return add_lora(model, {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"})
+
+
+def run_rows(rows, args):
+    results = {}
+
+    def profile(name):
+        return Path(args.profile_dir) / f"profile_{name}.txt" if args.profile_dir else None
+
+    if any(r.startswith("decode-v2") or r == "lora-v2" for r in rows):
+        model = random_model("chatglm2-6b", args.config_dir)
+        for name, batch, tokens in (("decode-v2-b1", 1, 256), ("decode-v2-b16", 16, 128)):
+            if name in rows:
+                results[name] = decode_row(model, batch, tokens, args.decode, profile_path=profile(name))
+                print(name, results[name], flush=True)
+        if "lora-v2" in rows:
+            peft_model = lora(model)
+            results["lora-v2"] = train_row(peft_model, 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-v2"))
+            print("lora-v2", results["lora-v2"], flush=True)
+            del peft_model
+        model = None
+        torch.cuda.empty_cache()
+        for bits in (8, 4):  # quantization works in place: each starts from fresh float weights
+            name = f"decode-v2-int{bits}-b1"
+            if name in rows:
+                model = random_model("chatglm2-6b", args.config_dir).quantize(bits)
+                results[name] = decode_row(model, 1, 256, args.decode, profile_path=profile(name))
+                print(name, results[name], flush=True)
+                model = None
+                torch.cuda.empty_cache()
+    if "decode-v1-b1" in rows or "lora-v1" in rows:
+        model = random_model("chatglm-6b", args.config_dir)
+        if "decode-v1-b1" in rows:
+            results["decode-v1-b1"] = decode_row(model, 1, 256, args.decode)
+            print("decode-v1-b1", results["decode-v1-b1"], flush=True)
+        if "lora-v1" in rows:
+            results["lora-v1"] = train_row(lora(model), 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-v1"))
+            print("lora-v1", results["lora-v1"], flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if "qlora-v2" in rows:
+        import bitsandbytes as bnb
+        from transformers import BitsAndBytesConfig
+
+        model_dir = Path(args.work_dir) / "chatglm2-6b-random"
+        if not (model_dir / "config.json").exists():
+            make_tiny_model("chatglm2-6b", model_dir, Path(args.config_dir) / "chatglm2-6b", dtype=torch.bfloat16, full_size=True, device="cuda")
+        torch.cuda.empty_cache()
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        model, _ = load_model_and_tokenizer(model_dir, dtype="bf16", device="cuda", quantization_config=quantization)
+        model = lora(prepare_kbit_model(model, torch.bfloat16, gradient_checkpointing=True))
+        results["qlora-v2"] = train_row(model, 4, 512, args.train_steps, args.warmup_steps, optimizer_cls=bnb.optim.PagedAdamW32bit,
+                                        profile_path=profile("qlora-v2"))
+        print("qlora-v2", results["qlora-v2"], flush=True)
+    return results
+
+
+def print_table(results):
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print("| workload | official code | target | ours | ours / official | peak GiB (official) | notes |")
+    print("|---|---|---|---|---|---|---|")
+    bf16_b1 = results.get("decode-v2-b1", {}).get("tokens_per_s")
+    for name, (title, official, target) in REFERENCE.items():
+        if name not in results:
+            continue
+        row = results[name]
+        ours = row["tokens_per_s"]
+        ratio = f"{ours / official:.1f}x" if official else ""
+        note = row["detail"]
+        if name == "decode-v2-int4-b1" and bf16_b1:
+            note += f"; {ours / bf16_b1:.2f}x our bf16 batch 1"
+        peak = f"{row['peak_gib']}" + (f" ({REFERENCE_PEAK[name]})" if name in REFERENCE_PEAK else "")
+        print(f"| {title} | {official or ''} | {target} | {ours:,} tok/s | {ratio} | {peak} | {note} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_dir", required=True, help="folder with <version>/config.json and tokenizer files")
+    parser.add_argument("--work_dir", default="/tmp/speed_table", help="where the random QLoRA model folder is written")
+    parser.add_argument("--rows", default=",".join(REFERENCE))
+    parser.add_argument("--decode", default="compiled", choices=["plain", "static", "compiled"])
+    parser.add_argument("--train_steps", type=int, default=10)
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--profile_dir", help="write kernel profiles here: one training step, or 16 decode steps, per row")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    rows = args.rows.split(",")
+    unknown = set(rows) - set(REFERENCE)
+    if unknown:
+        sys.exit(f"unknown rows {sorted(unknown)}; choose from {', '.join(REFERENCE)}")
+    results = run_rows(rows, args)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
