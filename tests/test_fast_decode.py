@@ -153,6 +153,7 @@ def test_quantized_decoding_kernels_match_the_dequantizing_path(version, bits, t
     kernel, applies = quantization.small_batch_linear, quantization.small_batch_kernel_applies
     calls = []
 
+    @torch.inference_mode()  # as in decoding: the kernel has no backward, so inputs that need grad never reach it
     def second_step_logits(use_kernel):
         """Logits of one decode step (3 rows: the kernel's case) after the same prefill (many rows: dequantized)."""
         quantization.small_batch_linear = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
