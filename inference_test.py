@@ -7,7 +7,8 @@
 Each model folder in --model_path (merged and quantized folders from merge_lora_and_quantize.py too) gets a row;
 with --lora_path the first one also gets a "+ adapter" row. Decoding goes through the models' own stream_generate
 (the loop behind chat()), greedily, for exactly max_new_tokens tokens (no early stop), on a batch of identical
-prompts of about prompt_len tokens.
+prompts of about prompt_len tokens. --decode picks the loop (auto: compiled CUDA-graph steps on CUDA, plain on CPU);
+the warm-up run before the timed ones also absorbs the compilation.
 """
 import json
 import resource
