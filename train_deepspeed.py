@@ -26,7 +26,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
+from utils.distributed import free_port, set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (
     add_lora,
@@ -87,12 +87,6 @@ DEFAULTS = {
 }
 # What the Trainer puts into "auto" optimizer fields (TrainingArguments' defaults; train_trainer.py does not set them).
 ADAM_BETAS, ADAM_EPSILON = [0.9, 0.999], 1e-8
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_deepspeed_config(path, values, must_match):
@@ -172,9 +166,10 @@ def memory_stats():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Config and the process group. The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain
-# `python train_deepspeed.py` gets a group of one.
+# Config and the process group. The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under mpirun they
+# come from MPI (mpi4py); a plain `python train_deepspeed.py` gets a group of one.
 config = parse_config(DEFAULTS, description=__doc__)
+set_env_from_mpi()
 if "RANK" not in os.environ:
     local_rank = max(config["local_rank"], 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
+from utils.distributed import set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
@@ -27,6 +28,7 @@ from utils.train_utils import (
     data_paths,
     find_resume_checkpoint,
     finish_trainer_run,
+    gathered_trainable_parameters,
     load_datasets,
     prepare_output_dir,
 )
@@ -60,7 +62,7 @@ DEFAULTS = {
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
     "overwrite_output_dir": False,
-    "deepspeed": "",  # a DeepSpeed config file; under the deepspeed launcher defaults to deepspeed.json
+    "deepspeed": "",  # a DeepSpeed config file; under the deepspeed launcher or mpirun defaults to deepspeed.json
     "local_rank": -1,  # set by the deepspeed launcher
     "report_to": "tensorboard",
 }
@@ -68,7 +70,8 @@ DEFAULTS = {
 
 def main(config):
     output_dir = checkpoint_dir(config, "train_trainer")
-    launched_by_deepspeed = config["local_rank"] >= 0
+    launched_by_mpi = set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launcher would set them
+    launched_by_deepspeed = config["local_rank"] >= 0 or launched_by_mpi
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched_by_deepspeed else None)
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards and creates the folder
@@ -131,8 +134,9 @@ def main(config):
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
-    if trainer.is_world_process_zero():
-        finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
+    with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
+        if trainer.is_world_process_zero():
+            finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
 
 
 if __name__ == "__main__":

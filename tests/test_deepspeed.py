@@ -1,7 +1,8 @@
 """DeepSpeed on CPU (DeepSpeed's CPU accelerator, gloo): train_deepspeed.py overfits 16 real MSRA examples on the tiny
 models and its adapter decodes the trained answers, as one plain process and under the `deepspeed` launcher; a
 resumed run continues exactly; `deepspeed train_trainer.py` trains with deepspeed.json (ZeRO-2); a finished run is
-never overwritten. The first DeepSpeed process builds a small shm comm op once (cached in ~/.cache/torch_extensions)."""
+never overwritten. Two processes with ZeRO-2 and ZeRO-3, under the launcher and under mpirun, train like one process
+with the same global batch and save the whole adapter. The first DeepSpeed process builds a small shm comm op once (cached in ~/.cache/torch_extensions)."""
 import json
 import shutil
 import socket
@@ -146,3 +147,88 @@ def test_train_deepspeed_never_overwrites_a_finished_run(trainable_models, sixte
     # Resuming needs a checkpoint to resume from.
     result = run("train_deepspeed.py", *args, "--resume_from_checkpoint=auto", check=False, timeout=300)
     assert result.returncode != 0 and "no checkpoint-* folder found" in result.stderr
+
+
+# --- Several processes (gloo on CPU): ZeRO-2 / ZeRO-3 under the deepspeed launcher and under mpirun ---------------
+MPIRUN = shutil.which("mpirun")
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin libopenmpi-dev)")
+ZERO_CONFIGS = {2: "deepspeed.json", 3: "deepspeed_zero3.json"}
+
+
+def run_processes(script, launcher, *args, processes=2, timeout=900):
+    """The script on `processes` ranks: `deepspeed --num_gpus N` (gloo on CPU) or `mpirun -np N python`."""
+    if launcher == "mpirun":
+        command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(processes), sys.executable, script, *args]
+    else:
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
+                   str(free_port()), script, *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command[:8])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def scale_out_data(sixteen_examples):
+    return [f"--train_file={sixteen_examples}", f"--dev_file={sixteen_examples}", "--max_steps=4", "--logging_steps=1",
+            "--eval_steps=1000", "--save_steps=1000", "--seed=7", "--learning_rate=1e-3", "--warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(trainable_models, scale_out_data, tmp_path_factory):
+    """script -> (train_loss, adapter) of 1 process with batch 4 x 2 accumulation steps: the global batch of 2 x 4."""
+    done = {}
+
+    def get(script):
+        if script not in done:
+            out = tmp_path_factory.mktemp("one") / "run"
+            extra = ["--report_to=none"] if script == "train_trainer.py" else []
+            run(script, f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={out}", *scale_out_data,
+                "--per_device_train_batch_size=4", "--gradient_accumulation_steps=2", *extra)
+            done[script] = out
+        return done[script]
+
+    return get
+
+
+def adapter_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter_model" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("script,launcher,zero", [
+    ("train_deepspeed.py", "deepspeed", 2),
+    ("train_deepspeed.py", "deepspeed", 3),
+    pytest.param("train_deepspeed.py", "mpirun", 2, marks=needs_mpirun),
+    pytest.param("train_deepspeed.py", "mpirun", 3, marks=needs_mpirun),
+    ("train_trainer.py", "deepspeed", 3),
+    pytest.param("train_trainer.py", "mpirun", 2, marks=needs_mpirun),
+])
+def test_two_processes_train_like_one_with_the_same_global_batch(script, launcher, zero, trainable_models, scale_out_data,
+                                                                  one_process_reference, tmp_path):
+    reference = one_process_reference(script)
+    out = tmp_path / "run"
+    extra = ["--report_to=none"] if script == "train_trainer.py" else []
+    ds_config = REPO_ROOT / ZERO_CONFIGS[zero]
+    if zero == 3:  # partition even the small LoRA matrices, so that saving must gather them
+        settings = json.loads(ds_config.read_text())
+        settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        ds_config = tmp_path / "zero3.json"
+        ds_config.write_text(json.dumps(settings))
+    result = run_processes(script, launcher, f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={out}",
+                           *scale_out_data, "--per_device_train_batch_size=4", f"--deepspeed={ds_config}", *extra)
+    saved = json.loads((out / "adapter_model" / "train_args.json").read_text())
+    expected = json.loads((reference / "adapter_model" / "train_args.json").read_text())
+    assert saved["world_size"] == 2
+    assert saved["deepspeed_config"]["zero_optimization"]["stage"] == zero
+    assert saved["deepspeed_config"]["train_batch_size"] == 8 and saved["deepspeed_config"]["gradient_accumulation_steps"] == 1
+    loss, reference_loss = saved["metrics"]["train_loss"], expected["metrics"]["train_loss"]
+    assert abs(loss - reference_loss) <= 0.01 * abs(reference_loss), (loss, reference_loss)
+    # One process logged and saved (rank 0 only): one final metrics block in the output, not two.
+    assert (result.stdout + result.stderr).count('"train_loss"') == 1
+    # The adapter is whole (ZeRO-3 partitions the LoRA weights: saving gathers them) and matches the one process.
+    mine, theirs = adapter_weights(out), adapter_weights(reference)
+    assert mine.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert mine[name].shape == tensor.shape, name
+        torch.testing.assert_close(mine[name], tensor, atol=5e-3, rtol=0.05, msg=name)

@@ -1,5 +1,6 @@
 """Pieces the training scripts share: output folders that are never overwritten by accident, LoRA setup (and the
 k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json), the loss plot and a Trainer that logs peak memory."""
+import contextlib
 import json
 import shutil
 import time
@@ -165,6 +166,20 @@ def load_datasets(train_file, dev_file, tokenizer, version, max_source_length, m
     return train_data, load(dev_file)
 
 
+@contextlib.contextmanager
+def gathered_trainable_parameters(model):
+    """Under DeepSpeed ZeRO-3 every process must take part in gathering the partitioned trainable (LoRA) weights, so
+    that rank 0 can save them whole; without ZeRO-3 partitioning this does nothing."""
+    partitioned = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
 def finish_trainer_run(trainer, train_result, final_eval, script, config, model_version, output_dir, started):
     """On the main process after Trainer.train() and a final evaluate() (which all processes must run): final
     metrics, the adapter with train_args.json, the loss plot; prints where they are."""
@@ -180,6 +195,8 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
         "model_version": model_version,
         "data": {"train": trainer.train_dataset.stats, "dev": trainer.eval_dataset.stats if trainer.eval_dataset else None},
         "metrics": metrics,
+        "world_size": trainer.args.world_size,
+        "deepspeed_config": trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_seconds": round(time.time() - started, 1),
     }

@@ -1,0 +1,46 @@
+"""Process-group environment for the training scripts, whichever way they were started.
+
+The `deepspeed` launcher (and torchrun) set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for every
+process. `mpirun -np N python train_deepspeed.py` sets only MPI's own variables: there the ranks, the local rank
+(ranks sharing a node) and rank 0's address and a free port are learned through mpi4py and written into the same
+variables, so that DeepSpeed, the Trainer and torch.distributed start as under the launcher.
+"""
+import os
+import socket
+
+MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi():
+    return "RANK" not in os.environ and any(name in os.environ for name in MPI_ENV_MARKERS)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def set_env_from_mpi():
+    """Under mpirun, fill the torch.distributed variables from MPI (mpi4py); returns True if it did."""
+    if not launched_by_mpi():
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise SystemExit(
+            "started by mpirun, but mpi4py is missing: pip install mpi4py (with an MPI library installed, e.g. "
+            "apt-get install openmpi-bin libopenmpi-dev)"
+        ) from error
+    world = MPI.COMM_WORLD
+    local_rank = world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    # Rank 0's address as the other nodes reach it, and a port that is free there.
+    master = world.bcast((socket.gethostbyname(socket.gethostname()), free_port()) if world.Get_rank() == 0 else None, root=0)
+    os.environ.update(
+        RANK=str(world.Get_rank()),
+        WORLD_SIZE=str(world.Get_size()),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", master[0]),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(master[1])),
+    )
+    return True
