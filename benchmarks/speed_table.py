@@ -24,9 +24,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from utils.generation import time_generation  # noqa: E402
-from utils.model_utils import load_model_and_tokenizer, read_config  # noqa: E402
-from utils.tiny_model import build_random_model, make_tiny_model  # noqa: E402
+from utils.model_utils import load_model_and_tokenizer  # noqa: E402
+from utils.tiny_model import make_tiny_model  # noqa: E402
 from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
 
 # Official remote code + transformers 4.40 + peft 0.10 on an H100 (the GPU-speed issue), and the targets set there.
@@ -44,22 +45,6 @@ REFERENCE_PEAK = {"lora-v2": 35.1, "lora-v1": 64.7, "qlora-v2": 22.7}
 VERSION = {"v1": "chatglm-6b", "v2": "chatglm2-6b"}
 
 
-def random_model(version, config_dir):
-    with torch.device("cuda"):
-        model = build_random_model(version, read_config(Path(config_dir) / version), dtype=torch.bfloat16)
-    return model.eval()
-
-
-def prompt_ids(model, batch, length):
-    """Random text tokens with the model's prompt markers: v1 ends with [gMASK] <sop>, v2 starts with [gMASK] sop."""
-    body = torch.randint(5, 60000, (batch, length - 2), device="cuda")
-    config = model.config
-    if hasattr(config, "gmask_token_id"):
-        tail = torch.tensor([config.gmask_token_id, config.bos_token_id], device="cuda").expand(batch, -1)
-        return torch.cat((body, tail), dim=1)
-    return torch.cat((torch.tensor([64790, 64792], device="cuda").expand(batch, -1), body), dim=1)
-
-
 def write_profile(path, run):
     from torch.profiler import ProfilerActivity, profile
 
@@ -71,7 +56,7 @@ def write_profile(path, run):
 
 def decode_row(model, batch, new_tokens, decode, repeats=3, profile_path=None):
     model.eval()
-    input_ids = prompt_ids(model, batch, 32)
+    input_ids = random_prompt(model, batch, 32)
     started = time.perf_counter()
     time_generation(model, input_ids, new_tokens, decode)  # warm-up, and compilation for a new batch size
     warmup_s = time.perf_counter() - started
@@ -91,7 +76,7 @@ def train_row(model, batch, seq, steps, warmup, optimizer_cls=torch.optim.AdamW,
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer_cls(trainable, lr=1e-4, **optimizer_kwargs)
-    input_ids = prompt_ids(model, batch, seq)
+    input_ids = random_prompt(model, batch, seq)
     if hasattr(model.config, "gmask_token_id"):  # v1: [gMASK] <sop> mid-sequence, so half is the bidirectional context
         input_ids = torch.cat((input_ids[:, -2:], input_ids[:, :-2]), dim=1).roll(seq // 2, dims=1)
     labels = input_ids.clone()
@@ -134,7 +119,7 @@ def run_rows(rows, args):
         return Path(args.profile_dir) / f"profile_{name}.txt" if args.profile_dir else None
 
     if any(r.startswith("decode-v2") or r == "lora-v2" for r in rows):
-        model = random_model("chatglm2-6b", args.config_dir)
+        model = load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16)
         for name, batch, tokens in (("decode-v2-b1", 1, 256), ("decode-v2-b16", 16, 128)):
             if name in rows:
                 results[name] = decode_row(model, batch, tokens, args.decode, profile_path=profile(name))
@@ -149,13 +134,13 @@ def run_rows(rows, args):
         for bits in (8, 4):  # quantization works in place: each starts from fresh float weights
             name = f"decode-v2-int{bits}-b1"
             if name in rows:
-                model = random_model("chatglm2-6b", args.config_dir).quantize(bits)
+                model = load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16).quantize(bits)
                 results[name] = decode_row(model, 1, 256, args.decode, profile_path=profile(name))
                 print(name, results[name], flush=True)
                 model = None
                 torch.cuda.empty_cache()
     if "decode-v1-b1" in rows or "lora-v1" in rows:
-        model = random_model("chatglm-6b", args.config_dir)
+        model = load_random_model("chatglm-6b", args.config_dir, torch.bfloat16)
         if "decode-v1-b1" in rows:
             results["decode-v1-b1"] = decode_row(model, 1, 256, args.decode)
             print("decode-v1-b1", results["decode-v1-b1"], flush=True)

@@ -5,7 +5,6 @@ never overwritten. Two processes with ZeRO-2 and ZeRO-3, under the launcher and 
 with the same global batch and save the whole adapter. The first DeepSpeed process builds a small shm comm op once (cached in ~/.cache/torch_extensions)."""
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from peft import PeftModel
 
 from conftest import OVERFIT, REPO_ROOT
 from test_training import assert_adapter_reproduces_answers, logged_losses
+from utils.distributed import free_port
 from utils.model_utils import load_model_and_tokenizer
 
 # train_deepspeed.py has no report_to: it always writes TensorBoard logs. Both scripts use the Trainer's linear
@@ -27,12 +27,6 @@ OVERFIT_STEPS = {"chatglm-6b": 50, "chatglm2-6b": 30, "chatglm3-6b": 30}
 # How each version is started: two as a plain python process, one under the launcher (with gradient accumulation,
 # whose loss must equal the one large batch's).
 LAUNCH = {"chatglm-6b": "python", "chatglm2-6b": "deepspeed", "chatglm3-6b": "python"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(script, *args, launcher="python", check=True, timeout=900):
