@@ -15,6 +15,7 @@ Training rows: every position carries a label (the most loss work), steady state
 after --warmup_steps, peak memory over the timed steps.
 """
 import argparse
+import gc
 import json
 import sys
 import time
@@ -46,12 +47,30 @@ VERSION = {"v1": "chatglm-6b", "v2": "chatglm2-6b"}
 
 
 def write_profile(path, run):
+    """Kernel table (by GPU time) and operator table (by host time) of one `run`, with how busy the GPU was."""
     from torch.profiler import ProfilerActivity, profile
 
+    started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    Path(path).write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70))
+    wall_us = (time.perf_counter() - started) * 1e6
+    events = prof.key_averages()
+    gpu_us = sum(event.self_device_time_total for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+    header = f"wall {wall_us / 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms: GPU busy {gpu_us / wall_us:.0%}\n"
+    Path(path).write_text(
+        header
+        + events.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
+        + "\n"
+        + events.table(sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=90)
+    )
+
+
+def release():
+    """Free a model that a compiled decode step still references (the step and its CUDA-graph pool hold it)."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def decode_row(model, batch, new_tokens, decode, repeats=3, profile_path=None):
@@ -130,7 +149,7 @@ def run_rows(rows, args):
             print("lora-v2", results["lora-v2"], flush=True)
             del peft_model
         model = None
-        torch.cuda.empty_cache()
+        release()
         for bits in (8, 4):  # quantization works in place: each starts from fresh float weights
             name = f"decode-v2-int{bits}-b1"
             if name in rows:
@@ -138,17 +157,17 @@ def run_rows(rows, args):
                 results[name] = decode_row(model, 1, 256, args.decode, profile_path=profile(name))
                 print(name, results[name], flush=True)
                 model = None
-                torch.cuda.empty_cache()
+                release()
     if "decode-v1-b1" in rows or "lora-v1" in rows:
         model = load_random_model("chatglm-6b", args.config_dir, torch.bfloat16)
         if "decode-v1-b1" in rows:
-            results["decode-v1-b1"] = decode_row(model, 1, 256, args.decode)
+            results["decode-v1-b1"] = decode_row(model, 1, 256, args.decode, profile_path=profile("decode-v1-b1"))
             print("decode-v1-b1", results["decode-v1-b1"], flush=True)
         if "lora-v1" in rows:
             results["lora-v1"] = train_row(lora(model), 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-v1"))
             print("lora-v1", results["lora-v1"], flush=True)
         del model
-        torch.cuda.empty_cache()
+        release()
     if "qlora-v2" in rows:
         import bitsandbytes as bnb
         from transformers import BitsAndBytesConfig
