@@ -10,12 +10,11 @@ Each line you type is wrapped the way the adapter was trained: the task instruct
 import sys
 from pathlib import Path
 
-from peft import PeftModel
-
 from utils.config_utils import parse_config
 from utils.data_io import iter_json_lines
 from utils.dataset import get_prompt_format, user_message
-from utils.model_utils import load_model_and_tokenizer
+from utils.generation import StableText, stream_chat_reply
+from utils.model_utils import ModelFolderError, load_model_with_adapter
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 
 DEFAULTS = {
@@ -45,19 +44,18 @@ def training_instruct(data_name):
 
 def main(config):
     lora_path = config["lora_path"] or str(Path("checkpoint") / config["data_name"] / "train_trainer" / "adapter_model")
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=config["dtype"], device=config["device"])
+    try:
+        model, tokenizer = load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"])
+    except ModelFolderError as err:
+        raise SystemExit(str(err)) from err
     version = model.model_version
-    if lora_path.lower() != "none":
-        if not (Path(lora_path) / "adapter_config.json").is_file():
-            raise SystemExit(f"{lora_path}: no adapter_config.json. Train one first (python train_trainer.py) or pass --lora_path=none.")
-        model = PeftModel.from_pretrained(model, lora_path)
-    model.eval()
     instruct = "" if config["raw"] else config["instruct"] or training_instruct(config["data_name"])
 
     def message(text):
         return text if config["raw"] else user_message({"instruct": instruct, "query": QUERY_PREFIX + text})
 
-    example = tokenizer.decode(get_prompt_format(tokenizer, version).prompt_ids(message("<你的句子>"), []))
+    prompt_format = get_prompt_format(tokenizer, version)
+    example = tokenizer.decode(prompt_format.prompt_ids(message("<你的句子>"), []))
     interactive = sys.stdin.isatty()
     print(f"{version} + {lora_path}. The prompt of a first turn looks like:\n---\n{example}\n---\n"
           "Type a sentence; 'clear' forgets the history, 'exit' quits.", flush=True)
@@ -80,17 +78,18 @@ def main(config):
         if not interactive:
             print(f"\n用户：{text}", flush=True)
         print("ChatGLM：", end="", flush=True)
-        shown, response, new_history = "", "", history
-        for response, new_history in model.stream_chat(tokenizer, message(text), history, max_length=config["max_length"],
-                                                       do_sample=config["do_sample"], temperature=config["temperature"],
-                                                       top_p=config["top_p"], decode=config["decode"]):
-            # Hold back the last character: ChatGLM-6B's post-processing rewrites punctuation once the next
-            # character arrives.
-            if response[:-1].startswith(shown):
-                print(response[len(shown):-1], end="", flush=True)
-                shown = response[:-1]
-        print(response[len(shown):] if response.startswith(shown) else "\n" + response, flush=True)
-        history = new_history
+        prompt_ids = prompt_format.prompt_ids(message(text), history)
+        if len(prompt_ids) >= config["max_length"]:
+            print(f"(the prompt has {len(prompt_ids)} tokens, no room under --max_length={config['max_length']}; type 'clear')", flush=True)
+            continue
+        stable = StableText()
+        for reply in stream_chat_reply(model, tokenizer, prompt_ids, config["max_length"] - len(prompt_ids),
+                                       do_sample=config["do_sample"], temperature=config["temperature"],
+                                       top_p=config["top_p"], decode=config["decode"]):
+            piece = stable.update(reply.text, final=reply.finish_reason is not None)
+            print("\n" + reply.text if piece is None else piece, end="", flush=True)
+        print(flush=True)
+        history = history + [(message(text), reply.text)]
 
 
 if __name__ == "__main__":

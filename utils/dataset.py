@@ -63,14 +63,22 @@ class ChatGLMPromptFormat:
             return [self.tokenizer.eos_token_id, self.tokenizer.get_command("<|user|>"), self.tokenizer.get_command("<|observation|>")]
         return [self.tokenizer.eos_token_id]
 
-    def prompt_ids(self, message, history) -> list:
+    def prompt_ids(self, message, history, system="") -> list:
+        """Ids of the prompt that asks for the answer to `message` after the [user, assistant] turns of `history`.
+        `system`: ChatGLM3-6B's system turn; ChatGLM-6B and ChatGLM2-6B have none, so it opens the first user message."""
         tokenizer = self.tokenizer
+        if system and self.version != "chatglm3-6b":
+            if history:
+                history = [(f"{system}\n{history[0][0]}", history[0][1]), *history[1:]]
+            else:
+                message = f"{system}\n{message}"
         if self.version == "chatglm-6b":
             text = self.build_v1_prompt(message, [tuple(turn) for turn in history])
             return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
         if self.version == "chatglm2-6b":
             return tokenizer.encode(tokenizer.build_prompt(message, [tuple(turn) for turn in history]))
-        messages = [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
         return tokenizer.build_chat_input(message, history=messages)["input_ids"][0].tolist()
 
     def answer_parts(self, answer):
@@ -102,13 +110,13 @@ class ChatTemplatePromptFormat:
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     @staticmethod
-    def _messages(message, history):
-        return [{"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)] + [
-            {"role": "user", "content": message}
-        ]
+    def _messages(message, history, system=""):
+        return ([{"role": "system", "content": system}] if system else []) + [
+            {"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)
+        ] + [{"role": "user", "content": message}]
 
-    def prompt_ids(self, message, history) -> list:
-        return self._ids(self._messages(message, history), generation_prompt=True)
+    def prompt_ids(self, message, history, system="") -> list:
+        return self._ids(self._messages(message, history, system), generation_prompt=True)
 
     def answer_parts(self, answer):
         """The assistant turn as the template renders it after a generation prompt: (content ids, the trailing

@@ -1,10 +1,11 @@
 """Answers to instruction records (the prompts of utils.dataset, left-padded batches) and generation timing."""
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from utils.dataset import PaddingCollator, fit_prompt, user_message
+from utils.dataset import PaddingCollator, fit_prompt, get_prompt_format, user_message
 
 
 def decode_answer(tokenizer, ids, stop_ids) -> str:
@@ -66,3 +67,72 @@ def time_generation(model, input_ids, max_new_tokens, decode="auto"):
             first = time.perf_counter() - started
     synchronize(input_ids.device)
     return first, time.perf_counter() - started
+
+
+@dataclass
+class ChatReply:
+    """A chat answer as it grows: its text (post-processed like the model's chat() does) and token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = None  # set on the last one: "stop" (the model ended its turn) or "length" (max_new_tokens)
+
+
+def reply_text(model, tokenizer, ids) -> str:
+    """The answer text of generated ids (stop token removed), post-processed by the model's own process_response:
+    ChatGLM-6B restores full-width punctuation, ChatGLM3-6B drops the empty metadata line of its turn."""
+    text = tokenizer.decode(ids)
+    version = getattr(model, "model_version", None)
+    if version == "chatglm3-6b":
+        content, _ = model.process_response(text, [])
+        return content if isinstance(content, str) else text.strip()  # a tool call (dict): the raw text
+    if version in ("chatglm-6b", "chatglm2-6b"):
+        return model.process_response(text)
+    return text.strip()
+
+
+@torch.inference_mode()
+def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, decode="auto"):
+    """Answers one prompt (ids of utils.dataset's prompt formats) token by token with the model's stream_generate:
+    yields a ChatReply after each token that completes a character, the last one with its finish_reason.
+
+    Not re-entrant per model: callers serialise the generations of one model (the static cache lives on the model)."""
+    if not hasattr(model, "stream_generate"):
+        raise ValueError(f"{type(model).__name__} has no stream_generate; chat serving needs a ChatGLM model")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
+    input_ids = torch.tensor([list(prompt_ids)], device=model.device)
+    for new_ids, _ in model.stream_generate(input_ids, torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                            do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                            eos_token_id=stop_ids, decode=decode):
+        ids = new_ids[0].tolist()
+        finish = "stop" if ids[-1] in stop_ids else "length" if len(ids) >= max_new_tokens else None
+        if finish == "stop":
+            ids = ids[:-1]
+        text = reply_text(model, tokenizer, ids)
+        if finish is None and text.endswith("\ufffd"):
+            continue  # half of a multi-byte character: wait for the rest
+        yield ChatReply(text.rstrip("\ufffd"), len(prompt_ids), len(ids), finish)
+        if finish:
+            return
+
+
+class StableText:
+    """The settled part of a streamed reply, for output that cannot be taken back (a terminal, server-sent events).
+
+    The last character stays held back while the reply grows: post-processing may still rewrite it (ChatGLM-6B turns
+    ',' into '，' once a Chinese character follows it)."""
+
+    def __init__(self):
+        self.shown = ""
+
+    def update(self, text, final=False):
+        """The text settled since the last call ("" if none); on the final text, the rest. None if the reply was
+        rewritten before what has been shown already (then only the full text is right)."""
+        settled = text if final else text[:-1]
+        if not settled.startswith(self.shown):
+            return None if final else ""
+        piece, self.shown = settled[len(self.shown):], settled
+        return piece

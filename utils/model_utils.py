@@ -170,3 +170,20 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     )
     model.model_version = version
     return model.eval(), tokenizer
+
+
+def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto"):
+    """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
+    or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with the PEFT adapter of lora_path
+    on top. A missing adapter is reported before the base is loaded."""
+    use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
+    if use_adapter and not (Path(lora_path) / "adapter_config.json").is_file():
+        raise ModelFolderError(
+            f"{lora_path}: no adapter_config.json. Train one first (python train_trainer.py) or pass --lora_path=none."
+        )
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device)
+    if use_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(lora_path)).eval()
+    return model, tokenizer
