@@ -25,27 +25,23 @@ and a base that is itself quantized.
 """
 import json
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from utils.config_utils import parse_config
 from utils.model_utils import (
     DTYPES,
     REPO_ROOT,
-    TOKENIZER_FILES,
     ModelFolderError,
     detect_model_version,
     load_model_and_tokenizer,
     read_config,
     remote_module,
 )
-from utils.tiny_model import MODEL_FILES
+from utils.model_folder import MODEL_FILES, folder_config, staged_folder, unique_state_dict, write_model_folder
 
 DEFAULTS = {
     "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
@@ -57,22 +53,6 @@ DEFAULTS = {
     "remote_scripts_dir": "remote_scripts",  # where <version>/{configuration,modeling,tokenization,quantization}_*.py come from
 }
 SUPPORTED_QBITS = (0, 4, 8)
-AUTO_MAP = {
-    "chatglm-6b": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-    },
-    "chatglm2-6b": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
-    },
-}
-AUTO_MAP["chatglm3-6b"] = AUTO_MAP["chatglm2-6b"]
-TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
 
@@ -255,90 +235,10 @@ def load_adapter(base, lora_path, model_dir):
         raise MergeError(f"the adapter {lora_path} does not fit the base {model_dir}; it was trained on another base:\n  {details}") from err
 
 
-def unique_state_dict(model):
-    """The state dict with tensors that share memory (v1's lm_head tied to the embedding) copied apart, as
-    safetensors stores each tensor on its own."""
-    seen, state = set(), {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        state[name] = tensor.clone() if key in seen else tensor.contiguous()
-        seen.add(key)
-    return state
-
-
-def save_shards(state, folder, max_shard_bytes):
-    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes
-    (each tensor in one shard; a tensor larger than the limit gets a shard of its own). Returns the file names."""
-    shards, current, current_bytes = [], [], 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(name)
-        current_bytes += size
-    if current:
-        shards.append(current)
-    if len(shards) == 1:
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    weight_map, names = {}, []
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
-        weight_map.update({name: file_name for name in shard})
-        names.append(file_name)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return names
-
-
-def output_config(job):
-    """The base's config.json with the official auto_map, quantization_bit and the saved dtype."""
-    config = dict(job["base_config"])
-    config["auto_map"] = AUTO_MAP[job["version"]]
-    config["quantization_bit"] = job["qbits"]
-    config["torch_dtype"] = str(job["dtype"]).replace("torch.", "")
-    config.pop("dtype", None)
-    if detect_model_version(config) != job["version"]:  # v2/v3 are told apart by name: keep it explicit
-        config["_name_or_path"] = f"THUDM/{job['version']}"
-    return config
-
-
-def check_saved_keys(state, config, version):
-    """The written state dict must be exactly what the model built from the written config.json expects
-    (so AutoModel loads it strictly)."""
-    model_config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**config)
-    with torch.device("meta"):
-        expected = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(model_config).state_dict()
-    written = {name: (tuple(t.shape), t.dtype == torch.int8) for name, t in state.items()}
-    wanted = {name: (tuple(t.shape), t.dtype == torch.int8) for name, t in expected.items()}
-    if written != wanted:
-        differ = sorted(set(written.items()) ^ set(wanted.items()))[:5]
-        raise RuntimeError(f"internal error: the merged state dict does not match the model of its config.json: {differ}")
-
-
-def write_model_folder(job, model, folder):
-    state = unique_state_dict(model)
-    config = output_config(job)
-    check_saved_keys(state, config, job["version"])
-    files = save_shards(state, folder, job["max_shard_bytes"])
-    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    model_dir, version = job["model_dir"], job["version"]
-    vocab = model_dir / TOKENIZER_FILES[version]
-    shutil.copy2(vocab, folder / vocab.name)
-    tokenizer_config_path = model_dir / "tokenizer_config.json"
-    tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else {"tokenizer_class": "ChatGLMTokenizer"}
-    tokenizer_config["auto_map"] = TOKENIZER_AUTO_MAP
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if (model_dir / "generation_config.json").is_file():
-        shutil.copy2(model_dir / "generation_config.json", folder / "generation_config.json")
-    for name in MODEL_FILES:
-        shutil.copy2(job["scripts"] / name, folder / name)
-    return files
+def write_merged_folder(job, model, folder):
+    config = folder_config(job["base_config"], job["version"], job["dtype"], job["qbits"])
+    return write_model_folder(folder, unique_state_dict(model), config, job["version"], job["model_dir"],
+                              job["max_shard_bytes"], scripts_dir=job["scripts"])
 
 
 def main(config):
@@ -356,16 +256,8 @@ def main(config):
     model = model.to(job["dtype"]).eval()
 
     output_path = job["output_path"]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
-    try:
-        files = write_model_folder(job, model, staging)
-        if output_path.exists():
-            raise MergeError(f"{output_path} appeared while merging; nothing was written, choose another --output_path")
-        staging.rename(output_path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_folder(output_path) as staging:
+        files = write_merged_folder(job, model, staging)
     size = sum((output_path / name).stat().st_size for name in files)
     print(f"wrote {output_path} ({len(files)} weight file(s), {size / 2**20:.1f} MiB)")
     return output_path
@@ -374,5 +266,5 @@ def main(config):
 if __name__ == "__main__":
     try:
         main(parse_config(DEFAULTS, description=__doc__))
-    except (MergeError, ModelFolderError) as err:
+    except (MergeError, ModelFolderError, FileExistsError) as err:
         sys.exit(f"error: {err}")

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT, VERSIONS
 from utils.model_utils import remote_module
-from utils.tiny_model import MODEL_FILES
+from utils.model_folder import MODEL_FILES
 
 REAL_SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (12288, 4096), (16384, 4096), (4096, 16384),
                (65024, 4096), (130528, 4096)]

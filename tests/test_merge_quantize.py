@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 import merge_lora_and_quantize as merge_script
+import utils.model_folder as model_folder
 from conftest import REPO_ROOT, TOKENIZERS, VERSIONS
 from utils.model_utils import DTYPES, load_model_and_tokenizer, remote_module
 from utils.tiny_model import make_tiny_model
@@ -446,7 +447,7 @@ def test_refusals_are_clear_and_leave_nothing_behind(adapters, merged, trainable
     def broken_save(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(merge_script, "save_shards", broken_save)
+    monkeypatch.setattr(model_folder, "save_shards", broken_save)
     with pytest.raises(OSError, match="disk full"):
         merge(lora_path=adapters["chatglm2-6b"], output_path=target)
     assert not target.exists()

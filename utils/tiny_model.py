@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from utils.model_folder import MODEL_FILES
 from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, VERSIONS, remote_module
 
 TINY_SIZES = {
@@ -21,9 +22,6 @@ TINY_SIZES = {
     "chatglm2-6b": dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, ffn_hidden_size=256),
 }
 TINY_SIZES["chatglm3-6b"] = TINY_SIZES["chatglm2-6b"]
-MODEL_FILES = (
-    "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
-)
 
 
 def copy_remote_scripts(version, output_dir):

@@ -1,0 +1,145 @@
+"""Writing a model folder in the official layout, loadable with transformers + torch alone (AutoModel / AutoTokenizer
+with trust_remote_code=True): weights as safetensors (sharded above a size), config.json with the official auto_map,
+the tokenizer file with tokenizer_config.json, generation_config.json if the source has one, and the version's .py
+files. merge_lora_and_quantize.py writes merged (and quantized) models with it, the training scripts the weights of a
+full fine-tuning run (--method=full).
+
+Folders are written under a hidden sibling name and renamed at the end, so a failure never leaves a half-written
+model where a good one was (or was expected)."""
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
+
+MODEL_FILES = (
+    "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
+)
+AUTO_MAP = {
+    "chatglm-6b": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    },
+    "chatglm2-6b": {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+    },
+}
+AUTO_MAP["chatglm3-6b"] = AUTO_MAP["chatglm2-6b"]
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+
+
+def unique_state_dict(model):
+    """The state dict with tensors that share memory (v1's lm_head tied to the embedding) copied apart, as
+    safetensors stores each tensor on its own."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        state[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return state
+
+
+def save_shards(state, folder, max_shard_bytes):
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes
+    (each tensor in one shard; a tensor larger than the limit gets a shard of its own). Returns the file names."""
+    shards, current, current_bytes = [], [], 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    weight_map, names = {}, []
+    for index, shard in enumerate(shards, start=1):
+        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in shard})
+        names.append(file_name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names
+
+
+def folder_config(base_config, version, dtype, qbits=0):
+    """The base's config.json with the official auto_map, quantization_bit and the saved dtype."""
+    config = dict(base_config)
+    config["auto_map"] = AUTO_MAP[version]
+    config["quantization_bit"] = qbits
+    config["torch_dtype"] = str(dtype).replace("torch.", "")
+    config.pop("dtype", None)
+    if detect_model_version(config) != version:  # v2/v3 are told apart by name: keep it explicit
+        config["_name_or_path"] = f"THUDM/{version}"
+    return config
+
+
+def check_state_matches_config(state, config, version):
+    """The state dict must be exactly what the model built from `config` expects (so AutoModel loads it strictly)."""
+    model_config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**config)
+    with torch.device("meta"):
+        expected = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(model_config).state_dict()
+    written = {name: (tuple(t.shape), t.dtype == torch.int8) for name, t in state.items()}
+    wanted = {name: (tuple(t.shape), t.dtype == torch.int8) for name, t in expected.items()}
+    if written != wanted:
+        differ = sorted(set(written.items()) ^ set(wanted.items()))[:5]
+        raise RuntimeError(f"internal error: the state dict does not match the model of its config.json: {differ}")
+
+
+def write_model_folder(folder, state, config, version, source_dir, max_shard_bytes, scripts_dir=None):
+    """Fill `folder` (existing, empty): weights from `state`, config.json from `config`, the tokenizer (and
+    generation_config.json) of the model folder `source_dir`, the .py files of `scripts_dir` (default: this
+    repository's remote_scripts/<version>). Returns the weight file names."""
+    folder, source_dir = Path(folder), Path(source_dir)
+    scripts_dir = Path(scripts_dir) if scripts_dir else REMOTE_SCRIPTS / version
+    check_state_matches_config(state, config, version)
+    files = save_shards(state, folder, max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    vocab = source_dir / TOKENIZER_FILES[version]
+    shutil.copy2(vocab, folder / vocab.name)
+    tokenizer_config_path = source_dir / "tokenizer_config.json"
+    tokenizer_config = (json.loads(tokenizer_config_path.read_text(encoding="utf-8")) if tokenizer_config_path.is_file()
+                        else {"tokenizer_class": "ChatGLMTokenizer"})
+    tokenizer_config["auto_map"] = TOKENIZER_AUTO_MAP
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (source_dir / "generation_config.json").is_file():
+        shutil.copy2(source_dir / "generation_config.json", folder / "generation_config.json")
+    for name in MODEL_FILES:
+        shutil.copy2(scripts_dir / name, folder / name)
+    return files
+
+
+@contextlib.contextmanager
+def staged_folder(output_path, replace=False):
+    """Yields a new hidden sibling folder of `output_path` to write into; renamed to `output_path` when the block
+    ends without error, removed otherwise. An existing `output_path` is an error, unless `replace` (then it is
+    removed only once the new folder is complete)."""
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
+    try:
+        yield staging
+        if output_path.exists():
+            if not replace:
+                raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
+            shutil.rmtree(output_path)
+        staging.rename(output_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
