@@ -1,0 +1,377 @@
+"""An OpenAI-compatible HTTP API for a ChatGLM model: a base + LoRA adapter, or a merged (and quantized) folder.
+
+    python api_server.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
+    python api_server.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=8000 --api_key=env:CHATGLM_API_KEY
+
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with "stream": true the answer comes token by
+token as server-sent events, closed by `data: [DONE]`). Any OpenAI client works, e.g.
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused unless --api_key is set")
+    client.chat.completions.create(model="chatglm2-6b", messages=[{"role": "user", "content": "你好"}])
+
+Messages: optional system messages first, then user and assistant turns in alternation, ending with a user turn.
+ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
+message. "temperature": 0 decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
+({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
+in line (first come, first served), more get 429. Binds 127.0.0.1 unless --host says otherwise.
+"""
+import asyncio
+import hmac
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from utils.config_utils import parse_config
+from utils.dataset import get_prompt_format
+from utils.generation import StableText, stream_chat_reply
+from utils.model_utils import ModelFolderError, load_model_with_adapter
+
+DEFAULTS = {
+    "model_dir": "model_hub/chatglm2-6b",
+    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
+    "model_name": "",  # the id clients send as "model"; default: the folder name of model_dir
+    "host": "127.0.0.1",  # 0.0.0.0 serves every network interface (set an --api_key then)
+    "port": 8000,
+    "api_key": "",  # require "Authorization: Bearer <key>"; "env:NAME" reads the key from environment variable NAME
+    "max_input_tokens": 2048,  # longer prompts (all messages) are refused with 400 context_length_exceeded
+    "max_new_tokens": 1024,  # the largest max_tokens a request may ask for, and the default when it asks none
+    "max_waiting": 8,  # requests that may wait for the running one; more are refused with 429
+    "max_request_bytes": 1_000_000,  # larger request bodies are refused with 413
+    "temperature": 0.8,  # sampling defaults for requests that leave them out
+    "top_p": 0.8,
+    "dtype": "auto",
+    "device": "auto",
+    "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA: the first answer waits for the compilation), plain
+    "log_level": "info",
+}
+
+
+class ApiError(Exception):
+    """An answer in the OpenAI error shape."""
+
+    def __init__(self, status, message, code=None, param=None, error_type="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.error_type = status, message, code, param, error_type
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+
+def error_response(error: ApiError):
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+# ---- the request, as OpenAI documents it (the fields this server can honour; the rest are refused by name) ----
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Optional[str] = None
+
+    def text(self):
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    messages: list[Message]
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    seed: Optional[int] = None
+    n: Optional[Literal[1]] = None  # one answer per request
+    stop: Optional[Union[str, list[str]]] = None  # refused unless empty (see check_unsupported)
+    frequency_penalty: Optional[float] = None  # accepted only as 0
+    presence_penalty: Optional[float] = None  # accepted only as 0
+    user: Optional[str] = None  # ignored
+
+
+def check_unsupported(request: ChatRequest):
+    if request.stop:
+        raise ApiError(400, "'stop' sequences are not supported by this server; leave it out", "unsupported_parameter", "stop")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            raise ApiError(400, f"'{name}' is not supported by this server; leave it out or send 0", "unsupported_parameter", name)
+
+
+def validation_error(err: ValidationError):
+    errors = err.errors()
+    first = max(errors, key=lambda e: len(e["loc"]))  # the deepest: for a union, the member that fits the input best
+    # loc names fields and list indices, and for a union also the member type tried ("str", "list[TextPart]"): left out
+    fields = {name for model in (ChatRequest, Message, TextPart, StreamOptions) for name in model.model_fields}
+    loc = [part for part in first["loc"] if isinstance(part, int) or part in fields]
+    if first["type"] == "extra_forbidden":  # the unknown name itself ends loc
+        loc = [part for part in first["loc"][:-1] if isinstance(part, int) or part in fields] + [first["loc"][-1]]
+    param = ".".join(str(part) for part in loc) or None
+    if first["type"] == "extra_forbidden":
+        return ApiError(400, f"unrecognized request argument supplied: {param}", "unsupported_parameter", param)
+    if first["type"] == "missing":
+        return ApiError(400, f"missing required parameter: '{param}'", "missing_required_parameter", param)
+    given = f" (got {json.dumps(first.get('input'), ensure_ascii=False)[:80]})" if "input" in first else ""
+    return ApiError(400, f"invalid value for '{param}': {first['msg']}{given}", "invalid_value", param)
+
+
+def split_messages(messages):
+    """(system text, [[user, assistant], ...] history, last user message) of the request's messages."""
+    if not messages:
+        raise ApiError(400, "'messages' is empty: send at least one user message", "invalid_value", "messages")
+    system, index = [], 0
+    while index < len(messages) and messages[index].role in ("system", "developer"):
+        system.append(messages[index].text())
+        index += 1
+    turns = messages[index:]
+    for offset, message in enumerate(turns):
+        expected = "user" if offset % 2 == 0 else "assistant"
+        if message.role != expected:
+            where = f"messages.{index + offset}.role"
+            if message.role in ("system", "developer"):
+                raise ApiError(400, f"'{where}': system messages must come before the conversation", "invalid_value", where)
+            raise ApiError(400, f"'{where}' is {message.role!r} but {expected!r} was expected: after the system messages, "
+                                "user and assistant messages alternate, starting with user", "invalid_value", where)
+    if not turns or turns[-1].role != "user":
+        raise ApiError(400, "the last message must be a user message (the one to answer)", "invalid_value", "messages")
+    history = [[turns[i].text(), turns[i + 1].text()] for i in range(0, len(turns) - 1, 2)]
+    return "\n".join(system), history, turns[-1].text()
+
+
+class GenerationQueue:
+    """One generation at a time on the model (its KV cache and compiled decode step are shared); the others wait
+    in arrival order, at most `max_waiting` of them."""
+
+    def __init__(self, max_waiting):
+        self.lock = asyncio.Lock()
+        self.max_waiting = max_waiting
+        self.waiting = 0
+
+    async def __aenter__(self):
+        if self.waiting >= self.max_waiting and self.lock.locked():
+            raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting; try again later",
+                           "server_busy", error_type="rate_limit_error")
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+
+    async def __aexit__(self, *exc):
+        self.lock.release()
+
+
+def read_api_key(setting):
+    if setting.startswith("env:"):
+        name = setting[4:]
+        if not os.environ.get(name):
+            raise SystemExit(f"--api_key={setting}: the environment variable {name} is not set or empty")
+        return os.environ[name]
+    return setting
+
+
+def create_app(model, tokenizer, config) -> FastAPI:
+    """The API of one loaded model (config: DEFAULTS with the command line applied)."""
+    model_name = config["model_name"] or Path(config["model_dir"]).name
+    api_key = read_api_key(config["api_key"]) if config["api_key"] else ""
+    prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
+    context = getattr(model, "max_sequence_length", None)
+    queue = GenerationQueue(config["max_waiting"])
+    created = int(time.time())
+    app = FastAPI(title="ChatGLM OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.queue = queue
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
+                                       codes.get(error.status_code)))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, error):
+        return error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}", error_type="server_error"))
+
+    async def check_key(request: Request):
+        if not api_key:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", "invalid_api_key")
+
+    def model_card():
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "local"}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def get_model(name: str):
+        if name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model_not_found", "model")
+        return model_card()
+
+    async def read_request(request: Request) -> ChatRequest:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config["max_request_bytes"]:
+                raise ApiError(413, f"the request body is larger than {config['max_request_bytes']} bytes", "request_too_large")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"the request body is not valid JSON: {err}", "invalid_json") from err
+        if not isinstance(payload, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+        try:
+            parsed = ChatRequest.model_validate(payload)
+        except ValidationError as err:
+            raise validation_error(err) from err
+        check_unsupported(parsed)
+        return parsed
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(request: Request):
+        chat = await read_request(request)
+        if chat.model != model_name:
+            raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {model_name!r}", "model_not_found", "model")
+        system, history, message = split_messages(chat.messages)
+        prompt_ids = prompt_format.prompt_ids(message, history, system)
+        if len(prompt_ids) > config["max_input_tokens"]:
+            raise ApiError(400, f"the messages take {len(prompt_ids)} tokens; this server accepts at most "
+                                f"{config['max_input_tokens']}. Shorten the messages or leave out old turns.",
+                           "context_length_exceeded", "messages")
+        max_tokens = chat.max_completion_tokens or chat.max_tokens or config["max_new_tokens"]
+        if max_tokens > config["max_new_tokens"]:
+            param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+            raise ApiError(400, f"'{param}' is {max_tokens}; this server allows at most {config['max_new_tokens']}",
+                           "invalid_value", param)
+        if context and len(prompt_ids) + max_tokens > context:
+            raise ApiError(400, f"{len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
+                                f"{context} tokens; ask for fewer tokens", "context_length_exceeded", "max_tokens")
+        temperature = config["temperature"] if chat.temperature is None else chat.temperature
+        top_p = config["top_p"] if chat.top_p is None else chat.top_p
+        generation = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                          top_p=top_p, decode=config["decode"])
+
+        def replies():
+            if chat.seed is not None:
+                torch.manual_seed(chat.seed)
+            return stream_chat_reply(model, tokenizer, prompt_ids, **generation)
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+
+        def usage(reply):
+            return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                    "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+        def last_reply():
+            for reply in replies():
+                pass
+            return reply
+
+        if not chat.stream:
+            async with queue:
+                reply = await run_in_threadpool(last_reply)
+            return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                                 "finish_reason": reply.finish_reason}],
+                    "usage": usage(reply)}
+
+        if queue.waiting >= queue.max_waiting and queue.lock.locked():  # refuse before the stream starts (a 429, not an event)
+            raise ApiError(429, f"the server is busy: {queue.waiting} requests are already waiting; try again later",
+                           "server_busy", error_type="rate_limit_error")
+
+        def event(delta, finish_reason=None, **extra):
+            chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        async def events():
+            done = object()
+            try:
+                await queue.__aenter__()
+            except ApiError as err:  # grew busy since the check above
+                yield f"data: {json.dumps(err.body())}\n\n"
+                return
+            try:
+                yield event({"role": "assistant", "content": ""})
+                stream = replies()
+                stable = StableText()
+                try:
+                    while True:
+                        # One token per thread hop; a client that goes away cancels us between tokens, and the
+                        # finally below ends the generation before the next request may start.
+                        reply = await run_in_threadpool(next, stream, done)
+                        if reply is done:
+                            break
+                        piece = stable.update(reply.text, final=reply.finish_reason is not None)
+                        if piece:
+                            yield event({"content": piece})
+                        if reply.finish_reason:
+                            yield event({}, reply.finish_reason)
+                            if chat.stream_options and chat.stream_options.include_usage:
+                                chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": now,
+                                         "model": model_name, "choices": [], "usage": usage(reply)}
+                                yield f"data: {json.dumps(chunk)}\n\n"
+                except Exception as err:  # headers are out: report it as an event in the error shape
+                    failure = ApiError(500, f"generation failed: {type(err).__name__}: {err}", error_type="server_error")
+                    yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
+                finally:
+                    stream.close()  # not running: a cancelled thread hop waits for its token to finish
+            finally:
+                await queue.__aexit__()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def main(config):
+    import uvicorn
+
+    try:
+        model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
+                                                   device=config["device"])
+    except ModelFolderError as err:
+        raise SystemExit(str(err)) from err
+    if not hasattr(model, "stream_generate"):
+        raise SystemExit(f"{config['model_dir']}: api_server.py serves ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B)")
+    app = create_app(model, tokenizer, config)
+    print(f"serving {config['model_dir']}" + (f" + {config['lora_path']}" if config["lora_path"].lower() != "none" else "")
+          + f" as model {config['model_name'] or Path(config['model_dir']).name!r}"
+          + (", API key required" if config["api_key"] else ""), flush=True)
+    uvicorn.run(app, host=config["host"], port=config["port"], log_level=config["log_level"])
+
+
+if __name__ == "__main__":
+    main(parse_config(DEFAULTS, description=__doc__))

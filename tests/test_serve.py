@@ -1,0 +1,354 @@
+"""web_demo.py and api_server.py on tiny models (CPU): the answers of an adapter trained on 16 real MSRA examples,
+served to the official openai client and to headless Chromium; bad requests; one generation at a time."""
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from conftest import REPO_ROOT
+from utils.dataset import get_prompt_format, read_instruction_records, user_message
+from utils.distributed import free_port
+from utils.generation import StableText, stream_chat_reply
+from utils.model_utils import ModelFolderError, load_model_with_adapter
+
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"  # git-ignored; the browser test leaves its screenshot here
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def served(trained_adapter, trainable_models, sixteen_examples):
+    """The tiny ChatGLM2 base, the adapter trained on the 16 examples, the model with the adapter (loaded here, as
+    the reference) and the examples."""
+    base = trainable_models["chatglm2-6b"]
+    adapter = trained_adapter("chatglm2-6b") / "adapter_model"
+    model, tokenizer = load_model_with_adapter(base, adapter, dtype="fp32", device="cpu")
+    return {"base": base, "adapter": adapter, "model": model, "tokenizer": tokenizer,
+            "records": read_instruction_records(sixteen_examples)}
+
+
+def greedy_chat(served, message, history=()):
+    """The model's own chat() (its own prompt building) as the reference answer."""
+    response, _ = served["model"].chat(served["tokenizer"], message, history=[tuple(t) for t in history], do_sample=False)
+    return response
+
+
+class Server:
+    """A script started as a server on a free port of 127.0.0.1; its output goes to a log file."""
+
+    def __init__(self, script, args, log_path, ready_path, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen([sys.executable, script, f"--port={self.port}", *args], cwd=REPO_ROOT,
+                                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.process.poll() is None, f"{script} exited:\n{self.log()}"
+            try:
+                urllib.request.urlopen(self.url + ready_path, timeout=5)
+                break
+            except urllib.error.HTTPError:
+                break  # answering (e.g. 401 without a key)
+            except OSError:
+                assert time.monotonic() < deadline, f"{script} did not answer within 180 s:\n{self.log()}"
+                time.sleep(0.5)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def listening_address(port):
+    """The local IPv4 address a socket listens on for `port` (from /proc/net/tcp)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if int(hex_port, 16) == port and state == "0A":  # LISTEN
+            return ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+    return None
+
+
+# ---- the shared pieces ----
+
+def test_stable_text_holds_back_what_post_processing_may_rewrite():
+    stable = StableText()
+    # ChatGLM-6B's post-processing turns ',' into '，' once a Chinese character follows it.
+    pieces = [stable.update(text) for text in ("你", "你好", "你好,", "你好，世")]
+    assert pieces == ["", "你", "好", "，"]
+    assert stable.update("你好，世界", final=True) == "世界"
+    rewritten = StableText()
+    rewritten.update("[[训练时")
+    assert rewritten.update("2023年", final=True) is None  # what was shown cannot be taken back
+
+
+@pytest.mark.parametrize("version", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b"])
+def test_stream_chat_reply_equals_the_models_chat(version, tiny_model_dirs):
+    """The served answer is the model's own chat() answer (same prompt, same post-processing) for every version,
+    streamed: every partial text continues into the final one and the settled pieces add up to it."""
+    model, tokenizer = load_model_with_adapter(tiny_model_dirs[version], "none", dtype="fp32", device="cpu")
+    history = [["你好", "你好，有什么可以帮你？"]]
+    prompt_ids = get_prompt_format(tokenizer, version).prompt_ids("北京在哪里?", history)
+    replies = list(stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens=12))
+    if version == "chatglm3-6b":  # its chat() takes the history as messages
+        native = [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
+    else:
+        native = [tuple(turn) for turn in history]
+    expected, _ = model.chat(tokenizer, "北京在哪里?", history=native, do_sample=False, max_new_tokens=12)
+    final = replies[-1]
+    assert final.text == expected and final.prompt_tokens == len(prompt_ids)
+    assert [r.finish_reason for r in replies[:-1]] == [None] * (len(replies) - 1)
+    assert final.finish_reason in ("stop", "length") and 1 <= final.completion_tokens <= 12
+    assert (final.finish_reason == "length") == (final.completion_tokens == 12)
+    stable = StableText()
+    assert "".join(stable.update(r.text, final=r.finish_reason is not None) for r in replies) == final.text
+
+
+def test_missing_adapter_is_reported_before_loading(tmp_path, tiny_model_dirs):
+    with pytest.raises(ModelFolderError, match="no adapter_config.json"):
+        load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], tmp_path / "no_adapter")
+
+
+# ---- api_server.py ----
+
+@pytest.fixture(scope="module")
+def api(served, tmp_path_factory):
+    log = tmp_path_factory.mktemp("api") / "api_server.log"
+    server = Server("api_server.py", [f"--model_dir={served['base']}", f"--lora_path={served['adapter']}", "--model_name=ner",
+                                      "--api_key=env:SERVE_TEST_KEY", "--max_input_tokens=1024", "--max_new_tokens=64",
+                                      "--max_request_bytes=100000", "--log_level=warning"],
+                    log, "/v1/models", env={"SERVE_TEST_KEY": API_KEY})
+    yield server
+    server.stop()
+
+
+def test_api_answers_the_openai_client(api, served):
+    from openai import OpenAI
+
+    records = served["records"]
+    client = OpenAI(base_url=api.url + "/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["ner"]
+    first = user_message(records[0])
+    completion = client.chat.completions.create(model="ner", messages=[{"role": "user", "content": first}], temperature=0)
+    assert completion.choices[0].message.content == records[0]["answer"]  # what the adapter was trained to answer
+    assert completion.choices[0].finish_reason == "stop" and completion.choices[0].message.role == "assistant"
+    prompt_tokens = len(get_prompt_format(served["tokenizer"], "chatglm2-6b").prompt_ids(first, []))
+    assert completion.usage.prompt_tokens == prompt_tokens and completion.usage.completion_tokens > 1
+
+    # Streaming, with the first turn as history: the pieces add up to the model's own chat() answer.
+    second = user_message(records[1])
+    messages = [{"role": "user", "content": first}, {"role": "assistant", "content": records[0]["answer"]},
+                {"role": "user", "content": second}]
+    stream = client.chat.completions.create(model="ner", messages=messages, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1  # token by token, not one block
+    assert "".join(pieces) == greedy_chat(served, second, [(first, records[0]["answer"])])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens > 1 and not chunks[-1].choices
+
+    # max_tokens cuts the answer: finish_reason "length" after exactly that many tokens; a system message is put
+    # in front of the first user message (ChatGLM2 has no system turn).
+    short = client.chat.completions.create(model="ner", messages=[{"role": "system", "content": records[0]["instruct"]},
+                                                                  {"role": "user", "content": records[0]["query"]}],
+                                           temperature=0, max_tokens=2)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+    assert records[0]["answer"].startswith(short.choices[0].message.content)
+
+
+def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, served):
+    good = {"model": "ner", "messages": [{"role": "user", "content": user_message(served["records"][0])}], "temperature": 0}
+    too_long = "".join(chr(0x4E00 + i) for i in range(3000))
+    cases = [  # (body, expected status, expected code, expected param)
+        (b'{"model": "ner", "messages": [', 400, "invalid_json", None),
+        (b"[1, 2]", 400, "invalid_json", None),
+        ({**good, "model": "gpt-4o"}, 404, "model_not_found", "model"),
+        ({**good, "messages": []}, 400, "invalid_value", "messages"),
+        ({"model": "ner"}, 400, "missing_required_parameter", "messages"),
+        ({**good, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+        ({**good, "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value", "messages.0.content"),
+        ({**good, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, "invalid_value", "messages.0.content.0.type"),
+        ({**good, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+        ({**good, "messages": good["messages"] * 2}, 400, "invalid_value", "messages.1.role"),
+        ({**good, "messages": [{"role": "user", "content": too_long}]}, 400, "context_length_exceeded", "messages"),
+        ({**good, "max_tokens": 65}, 400, "invalid_value", "max_tokens"),
+        ({**good, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+        ({**good, "temperature": 3}, 400, "invalid_value", "temperature"),
+        ({**good, "stream": "yes"}, 400, "invalid_value", "stream"),
+        ({**good, "n": 2}, 400, "invalid_value", "n"),
+        ({**good, "stop": ["\n"]}, 400, "unsupported_parameter", "stop"),
+        ({**good, "tools": []}, 400, "unsupported_parameter", "tools"),
+        ({**good, "messages": [{"role": "user", "content": "x" * 100_001}]}, 413, "request_too_large", None),
+    ]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=api.url, timeout=60) as client:
+        for body, status, code, param in cases:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            response = client.post("/v1/chat/completions", content=content, headers=headers)
+            assert response.status_code == status, (body if isinstance(body, bytes) else str(body)[:200], response.text)
+            error = response.json()["error"]
+            assert (error["code"], error["param"]) == (code, param) and error["message"] and error["type"], response.text
+        for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            response = client.post("/v1/chat/completions", json=good, headers=auth)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/nothing", headers=headers).json()["error"]["code"] == "not_found"
+        # Still serving, with the right answer.
+        response = client.post("/v1/chat/completions", json=good, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == served["records"][0]["answer"]
+    assert api.process.poll() is None
+    assert listening_address(api.port) == "127.0.0.1"  # no --host given: loopback only
+
+
+def record_generations(model, log, gate=None):
+    """Wrap model.stream_generate to log (event, call number); with a gate, every token waits for it."""
+    original, calls = model.stream_generate, iter(range(1000))
+
+    def logged(*args, **kwargs):
+        call = next(calls)
+        log.append(("start", call))
+        try:
+            for item in original(*args, **kwargs):
+                log.append(("token", call))
+                if gate is not None:
+                    assert gate.wait(timeout=120)
+                yield item
+        finally:
+            log.append(("end", call))
+
+    model.stream_generate = logged
+
+
+def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_model_dirs):
+    import api_server
+
+    model, tokenizer = load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], "none", dtype="fp32", device="cpu")
+    log = []
+    record_generations(model, log)
+    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_new_tokens=16))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 16, "temperature": 0}
+
+    async def concurrently():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json={**body, "stream": stream})
+                                          for stream in (True, False, True)))
+
+    responses = asyncio.run(concurrently())
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    # Each generation's events are contiguous: start, its tokens, end, then the next one.
+    calls = [call for _, call in log]
+    assert calls == sorted(calls) and [e for e, _ in log].count("start") == 3
+    streamed = ["".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                        for line in response.text.splitlines() if line.startswith("data: {")) for response in responses[::2]]
+    assert streamed == [responses[1].json()["choices"][0]["message"]["content"]] * 2  # the same greedy answer
+
+    # max_waiting=0: while one generation runs, the next request is refused with 429 (JSON, before any stream).
+    gate = threading.Event()
+    record_generations(model, [], gate)
+    busy_app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_waiting=0))
+
+    async def busy():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=busy_app), base_url="http://test", timeout=120) as client:
+            running = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            for _ in range(6000):  # until the first request holds the model
+                if busy_app.state.queue.lock.locked():
+                    break
+                await asyncio.sleep(0.01)
+            refused = [await client.post("/v1/chat/completions", json={**body, "stream": s}) for s in (False, True)]
+            gate.set()
+            return refused, await running
+
+    refused, finished = asyncio.run(busy())
+    assert [r.status_code for r in refused] == [429, 429]
+    assert all(r.json()["error"]["code"] == "server_busy" for r in refused)
+    assert finished.status_code == 200
+
+
+# ---- web_demo.py ----
+
+def test_web_chat_streams_keeps_history_and_regenerates(served):
+    import web_demo
+
+    records = served["records"]
+    warnings = []
+    chat = web_demo.WebChat(served["model"], served["tokenizer"], warn=warnings.append)
+    sampling = (64, 0.8, 0.8, False)  # max new tokens, top_p, temperature, greedy
+    first = user_message(records[0])
+    states = list(chat.submit(first, [], *sampling))
+    answers = [history[-1][1] for _, history, _ in states]
+    assert answers[0] == "" and answers[-1] == records[0]["answer"]
+    assert len(set(answers)) >= 3 and all(records[0]["answer"].startswith(a) for a in answers)  # grows token by token
+    chatbot, history, textbox = states[-1]
+    assert textbox == "" and chatbot == [{"role": "user", "content": first}, {"role": "assistant", "content": answers[-1]}]
+    second = user_message(records[1])
+    *_, (chatbot, history, _) = chat.submit(second, history, *sampling)
+    assert history == [[first, records[0]["answer"]], [second, greedy_chat(served, second, [(first, records[0]["answer"])])]]
+    *_, (chatbot, regenerated) = chat.regenerate(history, *sampling)
+    assert regenerated == history and len(chatbot) == 4
+    # A conversation longer than the prompt budget loses its oldest turns, with a warning.
+    short = web_demo.WebChat(served["model"], served["tokenizer"], max_input_tokens=len(
+        get_prompt_format(served["tokenizer"], "chatglm2-6b").prompt_ids(second, [])) + 5, warn=warnings.append)
+    *_, (_, shortened, _) = short.submit(second, history, *sampling)
+    assert shortened[-1] == [second, records[1]["answer"]] and len(shortened) == 3 and "oldest turns" in warnings[-1]
+
+
+def test_web_demo_in_headless_chromium(served, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium, see README): no browser to drive")
+    from playwright.sync_api import expect, sync_playwright
+
+    records = served["records"]
+    first, second = user_message(records[0]), user_message(records[1])
+    second_answer = greedy_chat(served, second, [(first, records[0]["answer"])])
+    server = Server("web_demo.py", [f"--model_dir={served['base']}", f"--lora_path={served['adapter']}", "--do_sample=false",
+                                    "--max_new_tokens=64"], tmp_path / "web_demo.log", "/")
+    try:
+        assert listening_address(server.port) == "127.0.0.1"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(server.url)
+            bot = page.locator('#chat [data-testid="bot"]')
+            question = page.locator("#question textarea")
+            question.fill(first)
+            question.press("Enter")
+            expect(bot.nth(0)).to_have_text(records[0]["answer"], timeout=120_000)
+            question.fill(second)
+            page.locator("#send").click()
+            expect(bot.nth(1)).to_have_text(second_answer, timeout=120_000)  # answered with the first turn as history
+            expect(page.locator('#chat [data-testid="user"]')).to_have_count(2)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            screenshot = ARTIFACTS / "web_demo.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"screenshot: {screenshot}")
+            page.locator("#regenerate").click()
+            expect(bot).to_have_count(2)
+            expect(bot.nth(1)).to_have_text(second_answer, timeout=120_000)  # greedy: the same answer again
+            page.locator("#clear").click()
+            expect(bot).to_have_count(0)
+            question.fill(second)
+            question.press("Enter")  # after Clear the history is empty: the second question alone
+            expect(bot.nth(0)).to_have_text(records[1]["answer"], timeout=120_000)
+            browser.close()
+    finally:
+        server.stop()
+    assert screenshot.stat().st_size > 10_000

@@ -1,0 +1,140 @@
+"""A chat in the browser (Gradio) with a ChatGLM model: a base + LoRA adapter, or a merged (and quantized) folder.
+
+    python web_demo.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
+    python web_demo.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=7860
+
+then open http://127.0.0.1:7860. The answer appears token by token. The conversation so far is the history of the
+next question (its oldest turns are left out when the prompt would pass --max_input_tokens). Regenerate answers the
+last question again, Stop ends an answer early, Clear starts a new conversation; the sampling controls are under the
+chat. One answer is generated at a time; other questions wait in Gradio's queue. The page binds 127.0.0.1 unless
+--host says otherwise (--host=0.0.0.0 shows it to the whole network).
+"""
+from pathlib import Path
+
+from utils.config_utils import parse_config
+from utils.dataset import fit_prompt, get_prompt_format
+from utils.generation import stream_chat_reply
+from utils.model_utils import ModelFolderError, load_model_with_adapter
+
+DEFAULTS = {
+    "model_dir": "model_hub/chatglm2-6b",
+    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
+    "host": "127.0.0.1",
+    "port": 7860,
+    "max_input_tokens": 2048,  # prompt budget: the oldest turns are left out to fit it
+    "max_new_tokens": 512,  # the start value of the page's slider
+    "max_new_tokens_limit": 4096,  # the slider's maximum
+    "do_sample": True,
+    "temperature": 0.8,
+    "top_p": 0.8,
+    "dtype": "auto",
+    "device": "auto",
+    "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA: the first answer waits for the compilation), plain
+}
+
+
+def chat_messages(turns):
+    """Gradio's chatbot value for [[user, assistant], ...] turns."""
+    return [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+
+
+class WebChat:
+    """The page's actions on one model. History is a list of [user, assistant] turns (the page keeps it in a State)."""
+
+    def __init__(self, model, tokenizer, max_input_tokens=2048, decode="auto", warn=print):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
+        self.max_input_tokens, self.decode, self.warn = max_input_tokens, decode, warn
+
+    def answer(self, message, history, max_new_tokens, top_p, temperature, do_sample):
+        """Yields (chatbot value, history) as the answer to `message` grows; the history includes the partial turn,
+        so that an answer stopped early stays in the conversation."""
+        history = [list(turn) for turn in history or []]
+        yield chat_messages(history + [[message, ""]]), history + [[message, ""]]
+        try:
+            prompt_ids, truncated = fit_prompt(self.prompt_format, message, history, self.max_input_tokens)
+        except ValueError as err:
+            self.warn(f"cannot build a prompt within max_input_tokens={self.max_input_tokens}: {err}")
+            yield chat_messages(history), history
+            return
+        if truncated:
+            self.warn(f"the conversation is longer than max_input_tokens={self.max_input_tokens}: its oldest turns "
+                      "(or the end of a very long question) were left out of the prompt")
+        for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, int(max_new_tokens), do_sample=bool(do_sample),
+                                       temperature=float(temperature), top_p=float(top_p), decode=self.decode):
+            turns = history + [[message, reply.text]]
+            yield chat_messages(turns), turns
+
+    def submit(self, message, history, *sampling):
+        """Send: yields (chatbot value, history, text box value)."""
+        if not message or not message.strip():
+            yield chat_messages(history or []), history or [], ""
+            return
+        for chat, turns in self.answer(message, history, *sampling):
+            yield chat, turns, ""
+
+    def regenerate(self, history, *sampling):
+        """Answer the last question again: yields (chatbot value, history)."""
+        if not history:
+            yield [], []
+            return
+        *earlier, (question, _) = history
+        yield from self.answer(question, earlier, *sampling)
+
+
+def build_demo(web_chat: WebChat, config, title):
+    import gradio as gr
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"### {title}")
+        chatbot = gr.Chatbot(label="Chat", elem_id="chat", height=480, buttons=["copy"])
+        history = gr.State([])
+        with gr.Row():
+            question = gr.Textbox(show_label=False, placeholder="Type a question, Enter sends it", elem_id="question", scale=6)
+            send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+        with gr.Row():
+            regenerate = gr.Button("Regenerate", elem_id="regenerate")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Generation", open=False):
+            max_new_tokens = gr.Slider(1, config["max_new_tokens_limit"], value=config["max_new_tokens"], step=1,
+                                       label="Max new tokens", elem_id="max_new_tokens")
+            top_p = gr.Slider(0.01, 1.0, value=config["top_p"], step=0.01, label="Top p", elem_id="top_p")
+            temperature = gr.Slider(0.01, 2.0, value=config["temperature"], step=0.01, label="Temperature", elem_id="temperature")
+            do_sample = gr.Checkbox(value=config["do_sample"], label="Sample (off: greedy, the same answer every time)",
+                                    elem_id="do_sample")
+        sampling = [max_new_tokens, top_p, temperature, do_sample]
+        # One concurrency group for every event that generates: never two generations on the model at once.
+        common = dict(concurrency_limit=1, concurrency_id="generate", show_progress="hidden")
+        answering = [
+            question.submit(web_chat.submit, [question, history, *sampling], [chatbot, history, question], **common),
+            send.click(web_chat.submit, [question, history, *sampling], [chatbot, history, question], **common),
+            regenerate.click(web_chat.regenerate, [history, *sampling], [chatbot, history], **common),
+        ]
+        stop.click(None, cancels=answering)
+        clear.click(lambda: ([], [], ""), None, [chatbot, history, question], cancels=answering)
+        chatbot.clear(lambda: [], None, history, cancels=answering)  # the chat's own trash button
+    return demo
+
+
+def main(config):
+    try:
+        model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
+                                                   device=config["device"])
+    except ModelFolderError as err:
+        raise SystemExit(str(err)) from err
+    if not hasattr(model, "stream_generate"):
+        raise SystemExit(f"{config['model_dir']}: web_demo.py serves ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B)")
+    import gradio as gr
+
+    adapter = config["lora_path"] if config["lora_path"].lower() != "none" else ""
+    name = Path(config["model_dir"]).name
+    title = (name if name == model.model_version else f"{name} ({model.model_version})") + (f" + {adapter}" if adapter else "")
+    web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning)
+    demo = build_demo(web_chat, config, title)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=config["host"], server_port=config["port"], show_error=True, footer_links=[])
+
+
+if __name__ == "__main__":
+    main(parse_config(DEFAULTS, description=__doc__))
