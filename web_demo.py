@@ -60,7 +60,13 @@ class WebChat:
         if truncated:
             self.warn(f"the conversation is longer than max_input_tokens={self.max_input_tokens}: its oldest turns "
                       "(or the end of a very long question) were left out of the prompt")
-        for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, int(max_new_tokens), do_sample=bool(do_sample),
+        context = getattr(self.model, "max_sequence_length", None)  # the model's position limit
+        max_new_tokens = min(int(max_new_tokens), context - len(prompt_ids)) if context else int(max_new_tokens)
+        if max_new_tokens < 1:
+            self.warn(f"the prompt ({len(prompt_ids)} tokens) fills the model's context of {context} tokens; Clear and ask again")
+            yield chat_messages(history), history
+            return
+        for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, max_new_tokens, do_sample=bool(do_sample),
                                        temperature=float(temperature), top_p=float(top_p), decode=self.decode):
             turns = history + [[message, reply.text]]
             yield chat_messages(turns), turns
