@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -83,8 +83,8 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = None
+    content: str | list[TextPart]
+    name: str | None = None
 
     def text(self):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -99,18 +99,18 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     messages: list[Message]
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
-    n: Optional[Literal[1]] = None  # one answer per request
-    stop: Optional[Union[str, list[str]]] = None  # refused unless empty (see check_unsupported)
-    frequency_penalty: Optional[float] = None  # accepted only as 0
-    presence_penalty: Optional[float] = None  # accepted only as 0
-    user: Optional[str] = None  # ignored
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    n: Literal[1] | None = None  # one answer per request
+    stop: str | list[str] | None = None  # refused unless empty (see check_unsupported)
+    frequency_penalty: float | None = None  # accepted only as 0
+    presence_penalty: float | None = None  # accepted only as 0
+    user: str | None = None  # ignored
 
 
 def check_unsupported(request: ChatRequest):
@@ -170,10 +170,13 @@ class GenerationQueue:
         self.max_waiting = max_waiting
         self.waiting = 0
 
-    async def __aenter__(self):
+    def check_room(self):
         if self.waiting >= self.max_waiting and self.lock.locked():
             raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting; try again later",
                            "server_busy", error_type="rate_limit_error")
+
+    async def __aenter__(self):
+        self.check_room()
         self.waiting += 1
         try:
             await self.lock.acquire()
@@ -306,9 +309,7 @@ def create_app(model, tokenizer, config) -> FastAPI:
                                  "finish_reason": reply.finish_reason}],
                     "usage": usage(reply)}
 
-        if queue.waiting >= queue.max_waiting and queue.lock.locked():  # refuse before the stream starts (a 429, not an event)
-            raise ApiError(429, f"the server is busy: {queue.waiting} requests are already waiting; try again later",
-                           "server_busy", error_type="rate_limit_error")
+        queue.check_room()  # refuse before the stream starts: a 429 answer rather than an error event
 
         def event(delta, finish_reason=None, **extra):
             chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,

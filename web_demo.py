@@ -119,7 +119,7 @@ def build_demo(web_chat: WebChat, config, title):
         ]
         stop.click(None, cancels=answering)
         clear.click(lambda: ([], [], ""), None, [chatbot, history, question], cancels=answering)
-        chatbot.clear(lambda: [], None, history, cancels=answering)  # the chat's own trash button
+        chatbot.clear(list, None, history, cancels=answering)  # the chat's own trash button
     return demo
 
 

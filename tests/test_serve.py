@@ -76,7 +76,9 @@ class Server:
 
 def listening_address(port):
     """The local IPv4 address a socket listens on for `port` (from /proc/net/tcp)."""
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
         local, state = line.split()[1], line.split()[3]
         address, hex_port = local.split(":")
         if int(hex_port, 16) == port and state == "0A":  # LISTEN
