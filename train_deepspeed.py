@@ -1,9 +1,11 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA in a plain DeepSpeed training loop.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA (or every weight) in a plain DeepSpeed training loop.
 
     deepspeed train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra
     deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --per_device_train_batch_size=2
     deepspeed train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
     python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # one process, no launcher
+    mpirun -np 2 python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # ranks from MPI
+    deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
 
 The same training as train_trainer.py (same config keys, data, LoRA, loss normalisation and outputs), written out as
 a loop around `deepspeed.initialize`, so that every step is visible. The ZeRO stage and optimizer come from
@@ -14,8 +16,9 @@ the target tokens of all its micro-batches on all processes, so accumulation and
 Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
 checkpoint/<data_name>/train_deepspeed/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
-    checkpoint-N/    DeepSpeed checkpoints (global_stepN/: LoRA weights, optimizer, schedule, data position) for
-                     --resume_from_checkpoint, RNG states, the adapter of step N, trainer_state.json (the log so far)
+    model/           --method=full: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
+    checkpoint-N/    DeepSpeed checkpoints (global_stepN/: trained weights, optimizer, schedule, data position) for
+                     --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log)
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
 import itertools
@@ -44,14 +47,18 @@ from utils.distributed import free_port, set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (
     add_lora,
+    check_method,
     checkpoint_dir,
     data_paths,
     find_resume_checkpoint,
+    gathered_state_dict,
     load_datasets,
     peak_memory_gib,
     plot_loss,
     prepare_output_dir,
+    print_trainable_parameters,
     save_adapter,
+    save_full_model,
 )
 
 DEFAULTS = {
@@ -63,6 +70,7 @@ DEFAULTS = {
     "max_source_length": 256,
     "max_target_length": 128,
     "skip_bad_lines": False,
+    "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight (DeepSpeed keeps the fp32 master copy)
     "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 3.0,
@@ -198,7 +206,9 @@ if failure[0] is not None:
     raise failure[0]
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model with LoRA. "auto" dtype follows the device the engine trains on (bf16/fp16 on GPUs, fp32 on CPU).
+# Model with LoRA, or all weights trainable (--method=full). "auto" dtype follows the device the engine trains on
+# (bf16/fp16 on GPUs, fp32 on CPU); with half-precision weights DeepSpeed keeps the fp32 master copy of what it trains.
+full = check_method(config["method"]) == "full"
 transformers.set_seed(config["seed"])
 weight_dtype = resolve_dtype(config["dtype"], device.type)
 model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=weight_dtype, device=str(device))
@@ -206,9 +216,10 @@ model_version = model.model_version
 if config["gradient_checkpointing"]:
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
-model = add_lora(model, config["lora"])
+if not full:
+    model = add_lora(model, config["lora"])
 if master:
-    model.print_trainable_parameters()
+    print_trainable_parameters(model)
 
 # Data: each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
 train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model_version, config["max_source_length"],
@@ -333,9 +344,10 @@ def save_checkpoint():
               "micro_batches_per_epoch": micro_batches_per_epoch}
     engine.save_checkpoint(str(folder), tag=f"global_step{global_step}", client_state=client, exclude_frozen_parameters=True)
     torch.save(rng_state(), folder / f"rng_state_{rank}.pth")
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
-        if master:
-            engine.module.save_pretrained(str(folder), safe_serialization=True)
+    if not full:  # the adapter of step N (full fine-tuning: the DeepSpeed state holds the weights)
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
+            if master:
+                engine.module.save_pretrained(str(folder), safe_serialization=True)
     if master:
         state = {"global_step": global_step, "epoch": epoch + batches_done / micro_batches_per_epoch, "log_history": log_history}
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -421,7 +433,7 @@ progress.close()
 train_runtime = time.time() - started
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The adapter in PEFT format with the run's settings and metrics, the loss curve.
+# The adapter in PEFT format (or the fully fine-tuned model folder) with the run's settings and metrics, the loss curve.
 steps_run = global_step - start_step
 metrics = {
     "train_runtime": round(train_runtime, 2),
@@ -446,13 +458,18 @@ train_args = {
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__},
     "wall_seconds": round(train_runtime, 1),
 }
-with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+if full:  # every rank takes part in gathering the ZeRO-3 shards, one weight at a time
+    state = gathered_state_dict(engine.module, keep=master)
     if master:
-        adapter_dir = save_adapter(engine.module, output_dir, train_args)
+        saved = f"model: {save_full_model(state, model_version, config['model_dir'], output_dir, train_args)}"
+else:
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        if master:
+            saved = f"adapter: {save_adapter(engine.module, output_dir, train_args)}"
 if master:
     writer.close()
     plot_loss(log_history, output_dir / "loss.png")
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
-    print(f"adapter: {adapter_dir}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
+    print(f"{saved}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
 dist.barrier()
 dist.destroy_process_group()

@@ -1,12 +1,18 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA, using the Hugging Face Trainer.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA (or every weight), using the Hugging Face Trainer.
 
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
     deepspeed train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra     # uses deepspeed.json
+    deepspeed --num_gpus 2 train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
+
+--method=full trains every weight instead of LoRA adapters. Without DeepSpeed the weights are then kept in fp32 and
+the compute runs in bf16/fp16 autocast; under DeepSpeed they are bf16/fp16 and DeepSpeed keeps the fp32 master copy
+(a 6B model needs ZeRO-3 over several GPUs, or deepspeed_zero3_offload.json).
 
 Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
 checkpoint/<data_name>/train_trainer/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
+    model/           --method=full: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
@@ -27,10 +33,13 @@ from utils.train_utils import (
     checkpoint_dir,
     data_paths,
     find_resume_checkpoint,
+    check_method,
     finish_trainer_run,
+    gathered_state_dict,
     gathered_trainable_parameters,
     load_datasets,
     prepare_output_dir,
+    print_trainable_parameters,
 )
 
 DEFAULTS = {
@@ -42,6 +51,7 @@ DEFAULTS = {
     "max_source_length": 256,
     "max_target_length": 128,
     "skip_bad_lines": False,
+    "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight
     "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 3.0,
@@ -77,18 +87,23 @@ def main(config):
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards and creates the folder
         prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
-    # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The dtype is
-    # chosen for the device that trains, also when the weights are loaded on the CPU first.
+    # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
+    # is chosen for the device that trains, also when the weights are loaded on the CPU first. The weights are in it
+    # too, except for full fine-tuning without DeepSpeed: there they stay fp32 (the master copy the optimizer updates).
+    full = check_method(config["method"]) == "full"
     training_device = resolve_device("auto")
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=resolve_dtype(config["dtype"], training_device),
+    compute_dtype = resolve_dtype(config["dtype"], training_device)
+    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=torch.float32 if full and not deepspeed_config else compute_dtype,
                                                 device="cpu" if deepspeed_config else training_device)
-    weight_dtype = next(model.parameters()).dtype
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     transformers.set_seed(config["seed"])  # the LoRA initialisation follows --seed
-    model = add_lora(model, config["lora"])
-    model.print_trainable_parameters()
+    if full:
+        print_trainable_parameters(model)
+    else:
+        model = add_lora(model, config["lora"])
+        model.print_trainable_parameters()
 
     train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model.model_version, config["max_source_length"],
                                           config["max_target_length"], config["skip_bad_lines"])
@@ -106,9 +121,9 @@ def main(config):
         warmup_steps=config["warmup_steps"],
         lr_scheduler_type=config["lr_scheduler_type"],
         max_grad_norm=config["max_grad_norm"],
-        # Mixed precision follows the weights: LoRA weights stay fp32, compute runs in the weights' half type.
-        fp16=weight_dtype == torch.float16,
-        bf16=weight_dtype == torch.bfloat16,
+        # Mixed precision: trained weights (LoRA, or all of them with --method=full) fp32, compute in the half type.
+        fp16=compute_dtype == torch.float16,
+        bf16=compute_dtype == torch.bfloat16,
         logging_steps=config["logging_steps"],
         logging_first_step=True,
         eval_strategy="steps" if eval_data is not None else "no",
@@ -134,6 +149,11 @@ def main(config):
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
+    if full:  # every process takes part in gathering ZeRO-3 shards; the saved weights are in the compute dtype
+        state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
+        if trainer.is_world_process_zero():
+            finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started, state)
+        return
     with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
         if trainer.is_world_process_zero():
             finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)

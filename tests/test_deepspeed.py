@@ -2,7 +2,10 @@
 models and its adapter decodes the trained answers, as one plain process and under the `deepspeed` launcher; a
 resumed run continues exactly; `deepspeed train_trainer.py` trains with deepspeed.json (ZeRO-2); a finished run is
 never overwritten. Two processes with ZeRO-2 and ZeRO-3, under the launcher and under mpirun, train like one process
-with the same global batch and save the whole adapter. The first DeepSpeed process builds a small shm comm op once (cached in ~/.cache/torch_extensions)."""
+with the same global batch and save the whole adapter. Full fine-tuning with ZeRO-3 + CPU offload on two processes
+trains like one process, resumes from its two-process checkpoint, and saves the whole model. The first DeepSpeed
+process builds a small shm comm op once, the first offload run DeepSpeed's CPU Adam (about a minute); both are cached
+in ~/.cache/torch_extensions."""
 import json
 import shutil
 import subprocess
@@ -13,7 +16,7 @@ import torch
 from peft import PeftModel
 
 from conftest import OVERFIT, REPO_ROOT
-from test_training import assert_adapter_reproduces_answers, logged_losses
+from test_training import assert_adapter_reproduces_answers, assert_full_model_folder, logged_losses
 from utils.distributed import free_port
 from utils.model_utils import load_model_and_tokenizer
 
@@ -226,3 +229,56 @@ def test_two_processes_train_like_one_with_the_same_global_batch(script, launche
     for name, tensor in theirs.items():
         assert mine[name].shape == tensor.shape, name
         torch.testing.assert_close(mine[name], tensor, atol=5e-3, rtol=0.05, msg=name)
+
+
+def model_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def assert_same_weights(mine, theirs, model_dir):
+    """Equal state dicts of two full fine-tuning runs, except ChatGLM2's key bias: its true gradient is 0 (it adds the
+    same amount to every score of a query), so Adam turns rounding noise into +-lr steps that differ between runs."""
+    config = json.loads((model_dir / "config.json").read_text())
+    query_width, key_width = (config[n] * config["kv_channels"] for n in ("num_attention_heads", "multi_query_group_num"))
+    assert mine.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        other = mine[name]
+        if name.endswith("query_key_value.bias"):
+            other, tensor = other.clone(), tensor.clone()
+            other[query_width:query_width + key_width] = 0
+            tensor[query_width:query_width + key_width] = 0
+        torch.testing.assert_close(other, tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and_saves_the_whole_model(
+        trainable_models, sixteen_examples, scale_out_data, tmp_path):
+    model_dir = trainable_models["chatglm2-6b"]
+    common = [f"--model_dir={model_dir}", "--method=full", *scale_out_data, "--save_steps=2", "--per_device_train_batch_size=4"]
+    # One process (deepspeed.json: ZeRO-2), batch 4 x 2 accumulation steps: the global batch of the two processes.
+    one = tmp_path / "one"
+    run("train_deepspeed.py", f"--output_dir={one}", *common, "--gradient_accumulation_steps=2")
+    two = tmp_path / "two"
+    offload = ["--deepspeed=deepspeed_zero3_offload.json"]
+    run_processes("train_deepspeed.py", "deepspeed", f"--output_dir={two}", *common, *offload)
+    saved = assert_full_model_folder(two, model_dir, sixteen_examples, "train_deepspeed.py")
+    zero = saved["deepspeed_config"]["zero_optimization"]
+    assert saved["world_size"] == 2 and zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert saved["deepspeed_config"]["train_batch_size"] == 8
+    reference = json.loads((one / "model" / "train_args.json").read_text())["metrics"]["train_loss"]
+    assert abs(saved["metrics"]["train_loss"] - reference) <= 0.01 * abs(reference)
+    # Gathered whole from the two shards and equal to the one process's weights.
+    assert_same_weights(model_weights(two), model_weights(one), model_dir)
+    # Interrupted after step 2: both ranks' shards of checkpoint-2 bring the run back to the same end.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "model")
+    assert len(list((resumed / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))) == 2
+    result = run_processes("train_deepspeed.py", "deepspeed", f"--output_dir={resumed}", *common, *offload, "--resume_from_checkpoint=auto")
+    assert "resuming from" in result.stdout and "step 2" in result.stdout
+    uninterrupted, again = logged_losses(two, 4), logged_losses(resumed, 4)
+    assert again[3] == pytest.approx(uninterrupted[3], rel=1e-4) and again[4] == pytest.approx(uninterrupted[4], rel=1e-4)
+    assert_same_weights(model_weights(resumed), model_weights(two), model_dir)
+

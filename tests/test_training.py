@@ -19,6 +19,45 @@ def logged_losses(run_dir, checkpoint_step):
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
+def saved_model_eval_loss(model_dir, data_file, batch_size=4, world_size=1):
+    """Eval loss of a saved model folder on data_file as the training scripts compute it: each batch's mean over its
+    target tokens, averaged over the examples. With several processes each evaluates examples rank, rank + world_size,
+    ... (train_deepspeed.py's split; the batches, and so the figure, depend on it)."""
+    from utils.dataset import InstructionDataset, PaddingCollator
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
+    data = InstructionDataset(data_file, tokenizer, model.model_version, 256, 128, False)
+    collate = PaddingCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rank in range(world_size):
+            share = list(range(rank, len(data), world_size))
+            for start in range(0, len(share), batch_size):
+                batch = [data[i] for i in share[start:start + batch_size]]
+                total += model(**collate(batch)).loss.item() * len(batch)
+                count += len(batch)
+    return total / count
+
+
+def assert_full_model_folder(run_dir, base_dir, data_file, script):
+    """--method=full wrote run_dir/model/, a model folder that loads like the base, with every weight trained, whose
+    eval loss on data_file is the one the run logged last; and no adapter."""
+    from safetensors.torch import load_file
+
+    model_dir = run_dir / "model"
+    assert not (run_dir / "adapter_model").exists()
+    train_args = json.loads((model_dir / "train_args.json").read_text())
+    assert train_args["script"] == script and train_args["config"]["method"] == "full"
+    trained, base = load_file(str(model_dir / "model.safetensors")), load_file(str(base_dir / "model.safetensors"))
+    assert trained.keys() == base.keys()
+    changed = [name for name in base if not torch.equal(trained[name], base[name])]
+    unchanged = sorted(set(base) - set(changed) - {name for name in base if name.endswith("inv_freq")})
+    assert not unchanged, unchanged
+    world_size = train_args["world_size"]
+    assert saved_model_eval_loss(model_dir, data_file, world_size=world_size) == pytest.approx(train_args["metrics"]["eval_loss"], rel=1e-4)
+    return train_args
+
+
 def assert_adapter_reproduces_answers(model_dir, adapter_dir, data_file):
     base, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
     version = base.model_version
@@ -71,3 +110,17 @@ def test_train_trainer_never_overwrites_a_finished_run(trainable_models, sixteen
     )
     assert result.returncode != 0 and "already holds a run" in result.stderr
     assert (run_dir / "adapter_model").is_dir()
+
+
+def test_train_trainer_full_fine_tuning_writes_a_model_folder(trainable_models, sixteen_examples, tmp_path):
+    # ChatGLM-6B: its output layer is tied to the word embeddings, which the folder must store apart and load back.
+    run_dir, model_dir = tmp_path / "run", trainable_models["chatglm-6b"]
+    run_script("train_trainer.py", f"--model_dir={model_dir}", f"--train_file={sixteen_examples}", f"--dev_file={sixteen_examples}",
+               f"--output_dir={run_dir}", "--method=full", "--max_steps=6", "--save_steps=6", "--eval_steps=6",
+               "--learning_rate=1e-3", "--warmup_steps=0", "--per_device_train_batch_size=8", "--logging_steps=1", "--report_to=none")
+    train_args = assert_full_model_folder(run_dir, model_dir, sixteen_examples, "train_trainer.py")
+    losses = logged_losses(run_dir, 6)
+    assert losses[6] < 0.85 * losses[1], losses
+    # Without DeepSpeed the trained weights are the fp32 master copy (on CPU the compute is fp32 as well).
+    assert train_args["deepspeed_config"] is None and json.loads((run_dir / "model" / "config.json").read_text())["torch_dtype"] == "float32"
+

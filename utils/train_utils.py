@@ -1,5 +1,6 @@
 """Pieces the training scripts share: output folders that are never overwritten by accident, LoRA setup (and the
-k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json), the loss plot and a Trainer that logs peak memory."""
+k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json) or, for full fine-tuning, the model
+export (an official-layout model folder + train_args.json), the loss plot and a Trainer that logs peak memory."""
 import contextlib
 import json
 import shutil
@@ -12,8 +13,14 @@ from peft import LoraConfig, get_peft_model
 
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset
+from utils.model_folder import folder_config, staged_folder, write_model_folder
+from utils.model_utils import read_config
 
 ADAPTER_DIR = "adapter_model"
+FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
+# lora: train LoRA adapters on frozen weights; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
+METHODS = ("lora", "full")
+FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
@@ -91,6 +98,18 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
     return model
 
 
+def check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"--method={method!r}: use lora (LoRA adapters) or full (every weight)")
+    return method
+
+
+def print_trainable_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
 def add_lora(model, lora):
     """Wrap the model with LoRA adapters (kept in fp32 on half-precision weights by peft)."""
     config = LoraConfig(
@@ -114,6 +133,41 @@ def save_adapter(model, output_dir, train_args: dict):
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
+    return final
+
+
+def gathered_state_dict(model, keep, dtype=None):
+    """The model's whole state dict on the CPU (cast to `dtype` if given) for the process that saves (`keep`), else
+    None. Under DeepSpeed ZeRO-3 every process must call it: each weight is gathered from its shards in turn, so no
+    GPU holds more than one whole weight beyond its shard. Tied weights (ChatGLM-6B's output layer) are copied apart,
+    as safetensors stores each tensor on its own."""
+    import deepspeed
+
+    state, copies = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in copies:
+            context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None) if hasattr(tensor, "ds_id") else contextlib.nullcontext()
+            with context:
+                copy = tensor.detach().to("cpu", copy=True) if keep else None
+            if copy is not None and dtype is not None and copy.is_floating_point():
+                copy = copy.to(dtype)
+            copies[id(tensor)] = copy
+            state[name] = copy
+        elif keep:
+            state[name] = copies[id(tensor)].clone()
+    return state if keep else None
+
+
+def save_full_model(state, model_version, source_dir, output_dir, train_args: dict):
+    """A fully fine-tuned model as a model folder in the official layout, <output_dir>/model/: the weights of `state`,
+    the config.json, tokenizer and our .py files (from the base model folder `source_dir`), and train_args.json. It
+    loads like any base model (--model_dir=<output_dir>/model). Written aside and swapped in, as the adapter is."""
+    final = Path(output_dir) / FULL_MODEL_DIR
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    config = folder_config(read_config(source_dir), model_version, dtype)
+    with staged_folder(final, replace=True) as staging:
+        write_model_folder(staging, state, config, model_version, source_dir, FULL_MODEL_SHARD_BYTES)
+        write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
     return final
 
 
@@ -180,9 +234,10 @@ def gathered_trainable_parameters(model):
         yield
 
 
-def finish_trainer_run(trainer, train_result, final_eval, script, config, model_version, output_dir, started):
+def finish_trainer_run(trainer, train_result, final_eval, script, config, model_version, output_dir, started, full_state=None):
     """On the main process after Trainer.train() and a final evaluate() (which all processes must run): final
-    metrics, the adapter with train_args.json, the loss plot; prints where they are."""
+    metrics, the adapter with train_args.json (or, given the gathered `full_state` of a full fine-tuning, the model
+    folder), the loss plot; prints where they are."""
     metrics = {**train_result.metrics, **final_eval}
     # The Trainer logs tokens/s of this session (a resumed run counts only its own tokens); before the first log
     # step there is none, so fall back to all tokens over this session's runtime.
@@ -200,8 +255,11 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_seconds": round(time.time() - started, 1),
     }
-    adapter_dir = save_adapter(trainer.model, output_dir, train_args)
+    if full_state is not None:
+        saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
+    else:
+        saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
     plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
-    print(f"adapter: {adapter_dir}\nloss curve: {Path(output_dir) / 'loss.png'}\nTensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
+    print(f"{saved}\nloss curve: {Path(output_dir) / 'loss.png'}\nTensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
     return metrics
