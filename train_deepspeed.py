@@ -85,7 +85,7 @@ DEFAULTS = {
     "gradient_checkpointing": False,
     "logging_steps": 10,
     "eval_steps": 50,
-    "save_steps": 50,
+    "save_steps": 50,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
     "save_total_limit": 2,  # checkpoint-N folders kept (<= 0: all)
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
@@ -424,7 +424,7 @@ while global_step < total_steps and epoch < num_epochs:
         if eval_loader is not None and (every(config["eval_steps"]) or final):
             eval_loss = evaluate()
             log({"eval_loss": round(eval_loss, 6)})
-        if every(config["save_steps"]) or final:
+        if every(config["save_steps"]) or (final and config["save_steps"] > 0):
             save_checkpoint()
         log_started += time.time() - paused
     if global_step < total_steps:

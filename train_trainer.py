@@ -67,7 +67,7 @@ DEFAULTS = {
     "gradient_checkpointing": False,
     "logging_steps": 10,
     "eval_steps": 50,
-    "save_steps": 50,
+    "save_steps": 50,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
     "save_total_limit": 2,
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
@@ -128,8 +128,8 @@ def main(config):
         logging_first_step=True,
         eval_strategy="steps" if eval_data is not None else "no",
         eval_steps=config["eval_steps"],
-        save_strategy="steps",
-        save_steps=config["save_steps"],
+        save_strategy="steps" if config["save_steps"] > 0 else "no",
+        save_steps=max(config["save_steps"], 1),
         save_total_limit=config["save_total_limit"],
         seed=config["seed"],
         deepspeed=deepspeed_config,

@@ -12,7 +12,7 @@ python benchmarks/train_6b.py --tokenizer_dir "$tokenizer_dir" --work_dir "$work
   --json "$results/train.json" 2>&1 | tee "$results/train.log" | grep -E "^\||^#|^\\$|failed|written"
 cp "$work"/*.log "$results/" 2>/dev/null || true
 
-adapter=$work/runs/train_trainer/adapter_model
+adapter=$work/runs/train_trainer-lora-1/adapter_model
 for bits in 8 4; do
   rm -rf "$work/merged-int$bits"
   /usr/bin/time -f "merge int$bits: %e s, peak RSS %M KiB" python merge_lora_and_quantize.py --lora_path "$adapter" \
