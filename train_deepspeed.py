@@ -69,6 +69,8 @@ DEFAULTS = {
     "output_dir": "",  # default: checkpoint/<data_name>/train_deepspeed
     "max_source_length": 256,
     "max_target_length": 128,
+    "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records for causal-LM training
+    "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
     "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight (DeepSpeed keeps the fp32 master copy)
     "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
@@ -222,8 +224,7 @@ if master:
     print_trainable_parameters(model)
 
 # Data: each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
-train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model_version, config["max_source_length"],
-                                      config["max_target_length"], config["skip_bad_lines"])
+train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model_version, config)
 collate = PaddingCollator(tokenizer.pad_token_id)
 batch_size, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
 sampler = ResumableSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=config["seed"])

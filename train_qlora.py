@@ -102,8 +102,7 @@ def main(config):
     model = add_lora(model, lora)
     model.print_trainable_parameters()
 
-    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config["max_source_length"],
-                                          config["max_target_length"], config["skip_bad_lines"])
+    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config)
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     trainer = Trainer(

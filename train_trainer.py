@@ -50,6 +50,8 @@ DEFAULTS = {
     "output_dir": "",  # default: checkpoint/<data_name>/train_trainer
     "max_source_length": 256,
     "max_target_length": 128,
+    "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records for causal-LM training
+    "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
     "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight
     "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
@@ -105,8 +107,7 @@ def main(config):
         model = add_lora(model, config["lora"])
         model.print_trainable_parameters()
 
-    train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model.model_version, config["max_source_length"],
-                                          config["max_target_length"], config["skip_bad_lines"])
+    train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model.model_version, config)
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     args = TrainingArguments(

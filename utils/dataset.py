@@ -8,6 +8,9 @@ the models' chat() uses, so training and inference see the same text:
 - ChatGLM2-6B: [gMASK] sop + "[Round 1]\\n\\n问：...\\n\\n答：" + answer + </s>; labels on answer and </s>.
 - ChatGLM3-6B: [gMASK] sop <|user|> \\n message <|assistant|> + \\n answer + </s>; labels after <|assistant|>.
 - Other models (e.g. GLM-4, Llama): the tokenizer's chat template; labels on the assistant turn.
+
+Plain text for causal-LM (pre)training is the other format (`TextDataset`): records `{"text"}`, joined with </s> and
+cut into blocks, each opened by the tokenizer's prefix ([gMASK] sop for ChatGLM2/3) as every prompt is.
 """
 from dataclasses import dataclass
 
@@ -205,6 +208,61 @@ class InstructionDataset(torch.utils.data.Dataset):
         s = self.stats
         text = (f"{s['file']}: {s['samples']} samples, {s['tokens']} tokens; truncated prompts {s['truncated_prompts']}"
                 f" (max_source_length), truncated answers {s['truncated_answers']} (max_target_length)")
+        return text + ("\n" + self.skipped_summary if s["skipped_lines"] else "")
+
+
+def read_text_records(path, bad_lines: BadLines = None) -> list:
+    """(line, text) of every record `{"text": ...}` of a JSON-lines file; bad lines raise DataError or are counted."""
+    bad_lines = bad_lines or BadLines()
+    texts = []
+    for line, record in iter_json_lines(path, bad_lines):
+        try:
+            texts.append((line, require_str(record, "text", path, line)))
+        except DataError as error:
+            bad_lines.handle(error)
+    if not texts:
+        raise DataError(path, None, "no usable records")
+    return texts
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """Plain text for causal-LM training: every record's tokens followed by </s>, all of them in file order, cut into
+    blocks of `block_size` tokens. Each block starts with the tokenizer's prefix (ChatGLM2/3: [gMASK] sop), which
+    carries no label; every other token is a target. Nothing is dropped: the last block is just shorter."""
+
+    def __init__(self, path, tokenizer, block_size=512, skip_bad_lines=False):
+        bad_lines = BadLines(skip=skip_bad_lines)
+        texts = read_text_records(path, bad_lines)
+        prefix = tokenizer.build_inputs_with_special_tokens([])
+        if block_size <= len(prefix):
+            raise ValueError(f"block_size={block_size}: must exceed the {len(prefix)} prefix tokens")
+        stream = []
+        for _, text in texts:
+            stream += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        step = block_size - len(prefix)
+        self.examples = [
+            {"input_ids": prefix + stream[start:start + step], "labels": [-100] * len(prefix) + stream[start:start + step]}
+            for start in range(0, len(stream), step)
+        ]
+        self.stats = {
+            "file": str(path),
+            "records": len(texts),
+            "samples": len(self.examples),
+            "text_tokens": len(stream),
+            "skipped_lines": bad_lines.count,
+            "tokens": sum(len(e["input_ids"]) for e in self.examples),
+        }
+        self.skipped_summary = bad_lines.summary()
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+    def describe(self):
+        s = self.stats
+        text = f"{s['file']}: {s['records']} texts, {s['text_tokens']} tokens (with </s>) in {s['samples']} blocks"
         return text + ("\n" + self.skipped_summary if s["skipped_lines"] else "")
 
 

@@ -8,6 +8,7 @@ Folders are written under a hidden sibling name and renamed at the end, so a fai
 model where a good one was (or was expected)."""
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -135,6 +136,11 @@ def staged_folder(output_path, replace=False):
     staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
     try:
         yield staging
+        # mkdtemp (and safetensors) create private files; a model folder gets the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (staging, *staging.rglob("*")):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if output_path.exists():
             if not replace:
                 raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")

@@ -12,7 +12,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from utils.data_io import write_atomic
-from utils.dataset import InstructionDataset
+from utils.dataset import InstructionDataset, TextDataset
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import read_config
 
@@ -206,10 +206,23 @@ class Trainer(transformers.Trainer):
         super().log(logs, start_time)
 
 
-def load_datasets(train_file, dev_file, tokenizer, version, max_source_length, max_target_length, skip_bad_lines):
-    """Encoded train and dev sets (dev is None when its file does not exist); prints their counts."""
+DATA_FORMATS = ("instruction", "text")
+
+
+def load_datasets(train_file, dev_file, tokenizer, version, config):
+    """Encoded train and dev sets (dev is None when its file does not exist); prints their counts. config's
+    data_format: "instruction" (records {instruct, query, answer}, cut to max_source_length / max_target_length) or
+    "text" (records {text}, causal-LM blocks of block_size tokens)."""
+    data_format = config.get("data_format", "instruction")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"--data_format={data_format!r}: use instruction or text")
+
     def load(path):
-        data = InstructionDataset(path, tokenizer, version, max_source_length, max_target_length, skip_bad_lines)
+        if data_format == "text":
+            data = TextDataset(path, tokenizer, config["block_size"], config["skip_bad_lines"])
+        else:
+            data = InstructionDataset(path, tokenizer, version, config["max_source_length"], config["max_target_length"],
+                                      config["skip_bad_lines"])
         print(data.describe())
         return data
 
