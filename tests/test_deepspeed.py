@@ -282,3 +282,14 @@ def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and
     assert again[3] == pytest.approx(uninterrupted[3], rel=1e-4) and again[4] == pytest.approx(uninterrupted[4], rel=1e-4)
     assert_same_weights(model_weights(resumed), model_weights(two), model_dir)
 
+
+def test_train_trainer_full_fine_tuning_with_zero3_on_two_processes_saves_the_whole_model(
+        trainable_models, sixteen_examples, scale_out_data, tmp_path):
+    out = tmp_path / "run"
+    run_processes("train_trainer.py", "deepspeed", f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={out}",
+                  "--method=full", *scale_out_data, "--save_steps=0", "--per_device_train_batch_size=4",
+                  "--deepspeed=deepspeed_zero3.json", "--report_to=none")
+    saved = assert_full_model_folder(out, trainable_models["chatglm2-6b"], sixteen_examples, "train_trainer.py")
+    assert saved["world_size"] == 2 and saved["deepspeed_config"]["zero_optimization"]["stage"] == 3
+    assert not list(out.glob("checkpoint-*"))  # --save_steps=0: no checkpoints, the final model all the same
+
