@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from utils.generation import time_generation  # noqa: E402
-from utils.model_utils import load_model_and_tokenizer  # noqa: E402
+from utils.model_utils import load_model_and_tokenizer, remote_module  # noqa: E402
 from utils.tiny_model import make_tiny_model  # noqa: E402
 from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
 
@@ -212,7 +212,10 @@ def main():
     parser.add_argument("--decode", default="compiled", choices=["plain", "static", "compiled"])
     parser.add_argument("--train_steps", type=int, default=10)
     parser.add_argument("--warmup_steps", type=int, default=3)
-    parser.add_argument("--profile_dir", help="write kernel profiles here: one training step, or 16 decode steps, per row")
+    parser.add_argument("--profile_dir", help="write kernel profiles here: one training step, or one decode run, per row")
+    parser.add_argument("--eager_elementwise", action="store_true",
+                        help="training rows with the element-wise functions eager (COMPILE_ELEMENTWISE=False): fewer host "
+                             "calls, more kernels; a comparison for host-bound steps such as QLoRA's")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -221,6 +224,9 @@ def main():
     unknown = set(rows) - set(REFERENCE)
     if unknown:
         sys.exit(f"unknown rows {sorted(unknown)}; choose from {', '.join(REFERENCE)}")
+    if args.eager_elementwise:
+        for version in VERSION.values():
+            remote_module(version, "modeling_chatglm").COMPILE_ELEMENTWISE = False
     results = run_rows(rows, args)
     print_table(results)
     if args.json:
