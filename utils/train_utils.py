@@ -141,12 +141,14 @@ def gathered_state_dict(model, keep, dtype=None):
     None. Under DeepSpeed ZeRO-3 every process must call it: each weight is gathered from its shards in turn, so no
     GPU holds more than one whole weight beyond its shard. Tied weights (ChatGLM-6B's output layer) are copied apart,
     as safetensors stores each tensor on its own."""
-    import deepspeed
-
     state, copies = {}, {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in copies:
-            context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None) if hasattr(tensor, "ds_id") else contextlib.nullcontext()
+            context = contextlib.nullcontext()
+            if hasattr(tensor, "ds_id"):  # a ZeRO-3 partitioned parameter
+                import deepspeed
+
+                context = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
             with context:
                 copy = tensor.detach().to("cpu", copy=True) if keep else None
             if copy is not None and dtype is not None and copy.is_floating_point():
