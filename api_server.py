@@ -362,11 +362,9 @@ def main(config):
 
     try:
         model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
-                                                   device=config["device"])
+                                                   device=config["device"], chatglm_only=True)
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
-    if not hasattr(model, "stream_generate"):
-        raise SystemExit(f"{config['model_dir']}: api_server.py serves ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B)")
     app = create_app(model, tokenizer, config)
     print(f"serving {config['model_dir']}" + (f" + {config['lora_path']}" if config["lora_path"].lower() != "none" else "")
           + f" as model {config['model_name'] or Path(config['model_dir']).name!r}"

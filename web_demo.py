@@ -126,11 +126,9 @@ def build_demo(web_chat: WebChat, config, title):
 def main(config):
     try:
         model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
-                                                   device=config["device"])
+                                                   device=config["device"], chatglm_only=True)
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
-    if not hasattr(model, "stream_generate"):
-        raise SystemExit(f"{config['model_dir']}: web_demo.py serves ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B)")
     import gradio as gr
 
     adapter = config["lora_path"] if config["lora_path"].lower() != "none" else ""

@@ -175,7 +175,23 @@ def encode_example(record, prompt_format, max_source_length, max_target_length):
     return {"input_ids": input_ids, "labels": labels}, prompt_cut, answer_cut
 
 
-class InstructionDataset(torch.utils.data.Dataset):
+class EncodedDataset(torch.utils.data.Dataset):
+    """Examples encoded once at load time ({input_ids, labels}), with `stats` and the skipped-lines summary."""
+
+    examples: list
+    skipped_summary: str
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+    def with_skipped(self, text):
+        return text + ("\n" + self.skipped_summary if self.stats["skipped_lines"] else "")
+
+
+class InstructionDataset(EncodedDataset):
     """A whole instruction file, encoded once. `stats` counts samples, truncations and skipped lines."""
 
     def __init__(self, path, tokenizer, version=None, max_source_length=512, max_target_length=256, skip_bad_lines=False):
@@ -198,26 +214,20 @@ class InstructionDataset(torch.utils.data.Dataset):
         }
         self.skipped_summary = bad_lines.summary()
 
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, index):
-        return self.examples[index]
-
     def describe(self):
         s = self.stats
-        text = (f"{s['file']}: {s['samples']} samples, {s['tokens']} tokens; truncated prompts {s['truncated_prompts']}"
-                f" (max_source_length), truncated answers {s['truncated_answers']} (max_target_length)")
-        return text + ("\n" + self.skipped_summary if s["skipped_lines"] else "")
+        return self.with_skipped(f"{s['file']}: {s['samples']} samples, {s['tokens']} tokens; truncated prompts "
+                                 f"{s['truncated_prompts']} (max_source_length), truncated answers {s['truncated_answers']} "
+                                 "(max_target_length)")
 
 
 def read_text_records(path, bad_lines: BadLines = None) -> list:
-    """(line, text) of every record `{"text": ...}` of a JSON-lines file; bad lines raise DataError or are counted."""
+    """The text of every record `{"text": ...}` of a JSON-lines file; bad lines raise DataError or are counted."""
     bad_lines = bad_lines or BadLines()
     texts = []
     for line, record in iter_json_lines(path, bad_lines):
         try:
-            texts.append((line, require_str(record, "text", path, line)))
+            texts.append(require_str(record, "text", path, line))
         except DataError as error:
             bad_lines.handle(error)
     if not texts:
@@ -225,7 +235,7 @@ def read_text_records(path, bad_lines: BadLines = None) -> list:
     return texts
 
 
-class TextDataset(torch.utils.data.Dataset):
+class TextDataset(EncodedDataset):
     """Plain text for causal-LM training: every record's tokens followed by </s>, all of them in file order, cut into
     blocks of `block_size` tokens. Each block starts with the tokenizer's prefix (ChatGLM2/3: [gMASK] sop), which
     carries no label; every other token is a target. Nothing is dropped: the last block is just shorter."""
@@ -237,7 +247,7 @@ class TextDataset(torch.utils.data.Dataset):
         if block_size <= len(prefix):
             raise ValueError(f"block_size={block_size}: must exceed the {len(prefix)} prefix tokens")
         stream = []
-        for _, text in texts:
+        for text in texts:
             stream += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
         step = block_size - len(prefix)
         self.examples = [
@@ -254,16 +264,9 @@ class TextDataset(torch.utils.data.Dataset):
         }
         self.skipped_summary = bad_lines.summary()
 
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, index):
-        return self.examples[index]
-
     def describe(self):
         s = self.stats
-        text = f"{s['file']}: {s['records']} texts, {s['text_tokens']} tokens (with </s>) in {s['samples']} blocks"
-        return text + ("\n" + self.skipped_summary if s["skipped_lines"] else "")
+        return self.with_skipped(f"{s['file']}: {s['records']} texts, {s['text_tokens']} tokens (with </s>) in {s['samples']} blocks")
 
 
 @dataclass

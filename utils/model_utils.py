@@ -172,16 +172,19 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     return model.eval(), tokenizer
 
 
-def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto"):
+def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", chatglm_only=False):
     """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
     or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with the PEFT adapter of lora_path
-    on top. A missing adapter is reported before the base is loaded."""
+    on top. A missing adapter is reported before the base is loaded; with chatglm_only, a model without ChatGLM's
+    stream_generate (what the servers stream with) is refused."""
     use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
     if use_adapter and not (Path(lora_path) / "adapter_config.json").is_file():
         raise ModelFolderError(
             f"{lora_path}: no adapter_config.json. Train one first (python train_trainer.py) or pass --lora_path=none."
         )
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device)
+    if chatglm_only and not hasattr(model, "stream_generate"):
+        raise ModelFolderError(f"{model_dir}: only ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) can be served")
     if use_adapter:
         from peft import PeftModel
 
