@@ -1,6 +1,9 @@
+import fcntl
 import json
+import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,29 @@ TOKENIZERS = SHARED / "assets" / "tokenizers"
 VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 
 sys.path.insert(0, str(REPO_ROOT))
+
+# DeepSpeed JIT-builds C++ ops (its CPU shm comm op, CPU Adam) into TORCH_EXTENSIONS_DIR and guards each build with a
+# bare `lock` file. A process killed inside that guard leaves the file behind, and every later DeepSpeed process then
+# waits on it forever (one CI run timed out that way). The tests therefore build into a folder of their own, kept
+# between runs (the builds take about a minute), and a test session that holds that folder's flock - the kernel drops
+# it when its holder dies, so holding it means no other test session is running - removes `lock` files left there.
+EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatglm-lora-tests" / "torch_extensions"
+
+
+def pytest_configure(config):
+    EXTENSIONS_DIR.mkdir(parents=True, exist_ok=True)
+    session_lock = open(EXTENSIONS_DIR / ".test-session", "w")  # noqa: SIM115 (held open for the whole session)
+    try:
+        fcntl.flock(session_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another test session is running and may be building: leave its locks alone
+        session_lock.close()
+    else:
+        for stale in EXTENSIONS_DIR.glob("*/*/lock"):
+            stale.unlink()
+        config._extensions_session_lock = session_lock  # held (open) until this process ends
+    # One subfolder per Python and torch build, as torch's own default folder does.
+    build = f"py{sys.version_info.major}{sys.version_info.minor}_torch{version('torch')}"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR / build)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ never overwritten. Two processes with ZeRO-2 and ZeRO-3, under the launcher and 
 with the same global batch and save the whole adapter. Full fine-tuning with ZeRO-3 + CPU offload on two processes
 trains like one process, resumes from its two-process checkpoint, and saves the whole model. The first DeepSpeed
 process builds a small shm comm op once, the first offload run DeepSpeed's CPU Adam (about a minute); both are cached
-in ~/.cache/torch_extensions."""
+in the tests' own extensions folder (see conftest.py)."""
 import json
 import shutil
 import subprocess
