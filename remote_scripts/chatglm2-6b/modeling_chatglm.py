@@ -716,7 +716,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
         static = None  # the StaticKVCache once the prompt is in
-        queued = None  # logits of a static step launched before the previous tokens were yielded
         for step in range(max_new_tokens):
             if static is None:
                 position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
@@ -730,8 +729,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 )
                 logits = outputs.logits[:, -1].float()
             else:
-                logits = queued if queued is not None else self.static_decode_step(step_ids, static, compiled=decode == "compiled")
-                queued = None
+                logits = self.static_decode_step(step_ids, static, compiled=decode == "compiled")
                 static.length += 1
             scores = processors(sequence, logits)
             if do_sample:
@@ -748,10 +746,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             sequence = torch.cat((sequence, step_ids), dim=1)
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
             unfinished &= ~torch.isin(next_tokens, eos)
-            if static is not None and step + 1 < max_new_tokens:
-                # Queue the next step before the host waits for this one's tokens (the end check below, the caller's
-                # detokenising): the GPU computes while the host works. Only the step after the last token is wasted.
-                queued = self.static_decode_step(step_ids, static, compiled=decode == "compiled")
             yield sequence[:, prompt_len:], (StaticCacheRef(static) if static is not None else past_key_values)
             if not unfinished.any():
                 break
