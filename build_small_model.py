@@ -2,7 +2,7 @@
 tokenizer trained on it in the ChatGLM2 format, and a model folder with random weights. Pretraining is then ordinary
 full fine-tuning with train_trainer.py on plain text (see model_hub/README.md for the whole recipe and its figures):
 
-    python build_small_model.py            # data/pretrain_zh/{train,dev}.txt and model_hub/chatglm2-small-init/
+    python build_small_model.py            # data/pretrain_zh/text_data/{train,dev}.txt and model_hub/chatglm2-small-init/
     python train_trainer.py --model_dir=model_hub/chatglm2-small-init --data_name=pretrain_zh --data_format=text \
         --method=full --block_size=512 ...
 
@@ -33,7 +33,7 @@ from utils.model_utils import remote_module
 
 DEFAULTS = {
     "shared_data_dir": "../shared/data",
-    "corpus_dir": "data/pretrain_zh",  # {train,dev}.txt of {"text"} records are written here
+    "corpus_dir": "data/pretrain_zh/text_data",  # {train,dev}.txt of {"text"} records are written here
     "output_dir": "model_hub/chatglm2-small-init",  # the model folder with random weights (must not exist)
     "dev_fraction": 0.02,
     "seed": 0,
@@ -46,6 +46,7 @@ DEFAULTS = {
     "multi_query_group_num": 2,  # key/value heads, as ChatGLM2-6B's grouped-query attention
     "ffn_hidden_size": 704,
     "seq_length": 2048,
+    "dropout": 0.1,  # hidden and attention dropout: the corpus (about 1 M tokens) is read for many epochs
 }
 GLM_SPECIALS = 5  # [MASK] [gMASK] [sMASK] sop eop, appended by tokenization_chatglm.py
 
@@ -163,9 +164,9 @@ def model_config(config, pieces):
     return {
         "_name_or_path": "chatglm2-small", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
         "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
-        "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
+        "apply_residual_connection_post_layernorm": False, "attention_dropout": config["dropout"], "attention_softmax_in_fp32": True,
         "bias_dropout_fusion": True, "ffn_hidden_size": config["ffn_hidden_size"], "fp32_residual_connection": False,
-        "hidden_dropout": 0.0, "hidden_size": hidden, "kv_channels": hidden // heads, "layernorm_epsilon": 1e-5,
+        "hidden_dropout": config["dropout"], "hidden_size": hidden, "kv_channels": hidden // heads, "layernorm_epsilon": 1e-5,
         "multi_query_attention": True, "multi_query_group_num": config["multi_query_group_num"], "num_attention_heads": heads,
         "num_layers": config["num_layers"], "original_rope": True, "padded_vocab_size": -(-(pieces + GLM_SPECIALS) // 64) * 64,
         "post_layer_norm": True, "rmsnorm": True, "seq_length": config["seq_length"], "use_cache": True,

@@ -25,8 +25,9 @@ CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_
 
 
 def data_paths(config):
-    """train/dev files: explicit paths, or data/<data_name>/instruct_data/{train,dev}.txt."""
-    default = Path("data") / config["data_name"] / "instruct_data"
+    """train/dev files: explicit paths, or data/<data_name>/instruct_data/{train,dev}.txt (process.py's output;
+    text_data/ for --data_format=text, build_small_model.py's corpus)."""
+    default = Path("data") / config["data_name"] / ("text_data" if config.get("data_format") == "text" else "instruct_data")
     return Path(config["train_file"] or default / "train.txt"), Path(config["dev_file"] or default / "dev.txt")
 
 
