@@ -18,7 +18,7 @@ from utils.model_utils import ModelFolderError, load_model_with_adapter
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-6b",
+    "model_dir": "model_hub/chatglm2-small",
     "lora_path": "",  # default: checkpoint/<data_name>/train_trainer/adapter_model; "none" for the model alone
     "data_name": "demo_ner",
     "instruct": "",  # default: the instruction of data/<data_name>/instruct_data/train.txt (else the MSRA one)

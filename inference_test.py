@@ -24,7 +24,7 @@ from utils.generation import time_generation
 from utils.model_utils import load_model_and_tokenizer
 
 DEFAULTS = {
-    "model_path": "model_hub/chatglm2-6b",  # comma-separated model folders
+    "model_path": "model_hub/chatglm2-small",  # comma-separated model folders
     "lora_path": "",
     "batch_size": 1,
     "prompt_len": 32,

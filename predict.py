@@ -23,7 +23,7 @@ from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-6b",
+    "model_dir": "model_hub/chatglm2-small",
     "lora_path": "",  # default: checkpoint/<data_name>/train_trainer/adapter_model; "none" for the model alone
     "data_name": "demo_ner",
     "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt

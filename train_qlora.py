@@ -35,7 +35,7 @@ from utils.train_utils import (
 
 DEFAULTS = {
     "train_args_json": "chatGLM_6B_QLoRA.json",
-    "model_dir": "model_hub/chatglm2-6b",
+    "model_dir": "model_hub/chatglm2-small",
     "data_name": "demo_ner",
     "train_data_path": "",  # default: data/<data_name>/instruct_data/train.txt
     "eval_data_path": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)

@@ -43,10 +43,10 @@ from utils.train_utils import (
 )
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-6b",
+    "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
     "data_name": "demo_ner",
-    "train_file": "",  # default: data/<data_name>/instruct_data/train.txt
-    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
+    "train_file": "",  # default: data/<data_name>/instruct_data/train.txt (text_data/ for data_format=text)
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt, text_data/ likewise (no eval if it does not exist)
     "output_dir": "",  # default: checkpoint/<data_name>/train_trainer
     "max_source_length": 256,
     "max_target_length": 128,
@@ -54,22 +54,22 @@ DEFAULTS = {
     "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
     "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight
-    "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"},
+    "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
-    "num_train_epochs": 3.0,
+    "num_train_epochs": 10.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
-    "per_device_train_batch_size": 4,
+    "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
-    "learning_rate": 2e-4,
+    "learning_rate": 3e-3,  # for the small model; 6B models: about 2e-4
     "weight_decay": 0.0,
-    "warmup_steps": 0.03,  # a fraction of the total steps if < 1
+    "warmup_steps": 0.05,  # a fraction of the total steps if < 1
     "lr_scheduler_type": "linear",
     "max_grad_norm": 1.0,
     "gradient_checkpointing": False,
     "logging_steps": 10,
-    "eval_steps": 50,
-    "save_steps": 50,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
+    "eval_steps": 100,
+    "save_steps": 100,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
     "save_total_limit": 2,
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path

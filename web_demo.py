@@ -17,7 +17,7 @@ from utils.generation import stream_chat_reply
 from utils.model_utils import ModelFolderError, load_model_with_adapter
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-6b",
+    "model_dir": "model_hub/chatglm2-small",
     "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
     "host": "127.0.0.1",
     "port": 7860,

@@ -41,4 +41,4 @@ def test_scripts_exit_with_the_message_and_list_their_options():
     bad = subprocess.run([sys.executable, "train_trainer.py", "--learning_rat=1"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "did you mean --learning_rate" in bad.stderr
     shown = subprocess.run([sys.executable, "train_trainer.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert shown.returncode == 0 and "--lora_target_modules=\"query_key_value\"" in shown.stdout
+    assert shown.returncode == 0 and "--lora_target_modules=\"all\"" in shown.stdout

@@ -95,3 +95,29 @@ def test_train_trainer_trains_on_plain_text(built, tmp_path):
     # The pretrained folder loads as a base model for the next step (LoRA tuning, predict.py).
     model, _ = load_model_and_tokenizer(run_dir / "model", dtype="fp32", device="cpu")
     assert model.config.num_layers == 2
+
+
+SHIPPED = REPO_ROOT / "model_hub" / "chatglm2-small"
+
+
+def test_shipped_model_is_small_and_loads_as_chatglm2():
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 20 * 10**6
+    model, tokenizer = load_model_and_tokenizer(SHIPPED)
+    assert model.model_version == "chatglm2-6b"
+    assert 5e6 <= sum(p.numel() for p in model.parameters()) <= 20e6
+    text = "中国人民银行在北京召开会议。"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_a_short_lora_run_on_the_shipped_model_raises_f1_on_a_fixed_ner_set(sixteen_examples, tmp_path):
+    """The scripts' defaults (the shipped model, its LoRA recipe): 40 steps on 16 real MSRA sentences, then predict.py
+    --before_after on the same 16. Untuned, the model writes no well-formed entity line."""
+    run_dir = tmp_path / "run"
+    run_script("train_trainer.py", f"--train_file={sixteen_examples}", f"--dev_file={sixteen_examples}",
+               f"--output_dir={run_dir}", "--max_steps=40", "--save_steps=0", "--eval_steps=40", "--report_to=none")
+    assert json.loads((run_dir / "adapter_model" / "adapter_config.json").read_text())["r"] == 32
+    run_script("predict.py", f"--lora_path={run_dir / 'adapter_model'}", f"--dev_file={sixteen_examples}", "--before_after")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model_dir"] == "model_hub/chatglm2-small"
+    before, after = metrics["base"]["micro"]["f1"], metrics["adapter"]["micro"]["f1"]
+    assert before < 0.1 and after >= before + 0.5, (before, after)
