@@ -1,6 +1,6 @@
 """Make what the project's small ChatGLM2-architecture model starts from: a Chinese pretraining corpus, a SentencePiece
 tokenizer trained on it in the ChatGLM2 format, and a model folder with random weights. Pretraining is then ordinary
-full fine-tuning with train_trainer.py on plain text (see model_hub/README.md for the whole recipe and its figures):
+full fine-tuning with train_trainer.py on plain text (see model_hub/chatglm2-small/README.md for the whole recipe and its figures):
 
     python build_small_model.py            # data/pretrain_zh/text_data/{train,dev}.txt and model_hub/chatglm2-small-init/
     python train_trainer.py --model_dir=model_hub/chatglm2-small-init --data_name=pretrain_zh --data_format=text \

@@ -7,6 +7,9 @@
     mpirun -np 2 python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # ranks from MPI
     deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
 
+The defaults (model, LoRA, learning rate, epochs) are the shipped small model's; with a 6B model add about
+--learning_rate=2e-4 --num_train_epochs=3.
+
 The same training as train_trainer.py (same config keys, data, LoRA, loss normalisation and outputs), written out as
 a loop around `deepspeed.initialize`, so that every step is visible. The ZeRO stage and optimizer come from
 --deepspeed (deepspeed.json: ZeRO-2, AdamW); its "auto" values are filled from this script's config the way the

@@ -1,10 +1,12 @@
 """Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA (or every weight), using the Hugging Face Trainer.
 
-    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra
+    python train_trainer.py                          # the shipped small model on the demo NER data (the defaults)
+    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --learning_rate=2e-4 --num_train_epochs=3
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
     deepspeed train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra     # uses deepspeed.json
     deepspeed --num_gpus 2 train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
 
+The default learning rate and epoch count suit the small model; a 6B model wants about 2e-4 and 3 epochs.
 --method=full trains every weight instead of LoRA adapters. Without DeepSpeed the weights are then kept in fp32 and
 the compute runs in bf16/fp16 autocast; under DeepSpeed they are bf16/fp16 and DeepSpeed keeps the fp32 master copy
 (a 6B model needs ZeRO-3 over several GPUs, or deepspeed_zero3_offload.json).
