@@ -58,6 +58,7 @@ def write_profile(path, run):
     events = prof.key_averages()
     gpu_us = sum(event.self_device_time_total for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
     header = f"wall {wall_us / 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms: GPU busy {gpu_us / wall_us:.0%}\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(
         header
         + events.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
