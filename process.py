@@ -35,6 +35,8 @@ DEFAULTS = {
     "output_dir": "",  # "" = data/<data_name>/instruct_data
     "dev_ratio": 0.0,  # > 0 and no dev_file: this fraction of train becomes dev (shuffled with seed)
     "seed": 42,
+    "augment_copies": 0,  # NER only: > 0 adds this many copies of each train example with its entities swapped for
+    # other train entities of the same type (mention replacement; utils/ner_data.replace_mentions), shuffled in
     "max_text_chars": 0,  # NER only: > 0 cuts longer texts there and drops the entities past the cut
     "skip_bad_lines": False,
     "overwrite": False,
@@ -110,6 +112,12 @@ if kind == "ner":
                 dropped[split] += n_dropped
             examples[split].append((text, mapped))
             entity_counts[split].update(name for _, name in dict.fromkeys((e, name) for e, name, _ in mapped))
+    if config["augment_copies"] > 0:
+        augmented, left_out = ner_data.replace_mentions(examples["train"], config["augment_copies"], config["seed"])
+        examples["train"] += augmented
+        random.Random(config["seed"]).shuffle(examples["train"])
+        print(f"train: {len(augmented)} examples added by mention replacement ({config['augment_copies']} per example "
+              f"with entities; {left_out} examples with overlapping or unplaced entities not augmented)")
     type_names = [name for split in ("train", "dev") for _, mapped in examples[split] for _, name, _ in mapped]
     instruct = ner_data.choose_instruct(type_names, formats)
     for split in ("train", "dev"):

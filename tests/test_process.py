@@ -2,6 +2,7 @@
 printed counts match the files, bad input stops naming file, line and field (or is skipped and counted), output is
 never overwritten by accident, and the committed demo data is exactly what its generator and process.py make.
 """
+import itertools
 import json
 import subprocess
 import sys
@@ -289,6 +290,42 @@ def test_process_msra_and_cluener_commands(tmp_path):
     # entities by type count distinct (entity, type) per sample: the answers' lines.
     counted = Counter(line.rpartition("_")[2] for r in dev if r["answer"] != "没有" for line in r["answer"].split("\n"))
     assert "  entities by type: " + ", ".join(f"{t} {n}" for t, n in counted.most_common()) in result.stdout
+
+
+def test_mention_replacement_on_msra_keeps_spans_and_types(tmp_path):
+    examples = []
+    for input_format, path in (("bio_parallel", MSRA / "bio" / "val_sentences.txt"), ("span_json", MSRA / "ori_data" / "msra_1000.txt")):
+        for _, text, entities in ner_data.READERS[input_format](path, None):
+            examples.append((text, ner_data.map_types(entities, input_format)[0]))
+    pool = {(entity, name) for _, entities in examples for entity, name, _ in entities}
+    augmented, left_out = ner_data.replace_mentions(examples, 2, seed=1)
+    with_entities = [e for e in examples if e[1]]
+    assert left_out == 0 and len(augmented) == 2 * len(with_entities) == 4422
+    changed = 0
+    for (text, entities), (new_text, new_entities) in zip([e for e in with_entities for _ in range(2)], augmented):
+        assert [name for _, name, _ in sorted(entities, key=lambda e: e[2])] == [name for _, name, _ in new_entities]
+        for entity, name, begin in new_entities:
+            assert new_text[begin:begin + len(entity)] == entity and (entity, name) in pool
+        # the text around the mentions is kept: removing the mentions leaves the same context
+        def context(t, ents):
+            return [t[a[2] + len(a[0]):b[2]] for a, b in itertools.pairwise(ents)]
+        assert context(text, sorted(entities, key=lambda e: e[2])) == context(new_text, new_entities)
+        changed += new_text != text
+    assert changed > 0.9 * len(augmented)
+    assert ner_data.replace_mentions(examples, 2, seed=1) == (augmented, left_out)  # deterministic
+    # Overlapping mentions cannot be swapped one by one: such an example is counted, not augmented.
+    assert ner_data.replace_mentions([("北京大学", [("北京大学", "机构名", 0), ("北京", "地名", 0)])], 3) == ([], 1)
+
+    result = run_process("--data_name", "msra", "--train_file",
+                         f"{MSRA / 'bio' / 'val_sentences.txt'},{MSRA / 'ori_data' / 'msra_1000.txt'}",
+                         "--dev_file", MSRA / "bio" / "test.txt", "--output_dir", tmp_path / "msra", "--augment_copies", "2")
+    assert result.returncode == 0, result.stderr
+    assert "train: 4422 examples added by mention replacement" in result.stdout and "train: 8422 samples" in result.stdout
+    train, dev = read_jsonl(tmp_path / "msra" / "train.txt"), read_jsonl(tmp_path / "msra" / "dev.txt")
+    assert len(train) == 8422 and len(dev) == 3442  # dev (the test set) is never augmented
+    for record in train:
+        text = record["query"].removeprefix(ner_data.QUERY_PREFIX)
+        assert record["answer"] == "没有" or all(line.rpartition("_")[0] in text for line in record["answer"].split("\n"))
 
 
 GOOD_SPAN = '{"text": "张三来了", "entity_list": [{"entity_index": {"begin": 0, "end": 2}, "entity_type": "PER", "entity": "张三"}]}\n'
