@@ -12,10 +12,10 @@ summaries and Alpaca-zh instructions with their answers. The MSRA test set is ne
 removed wherever another set holds them, so that the test figures stay clean. Texts are deduplicated, shuffled with
 --seed and split into train and dev (--dev_fraction). Every set that is missing or unreadable is an error.
 
-Tokenizer: SentencePiece BPE with ChatGLM2's settings (identity normalisation, spaces kept, a dummy prefix, digits
-split, byte fallback so that no character is ever unknown; <unk> 0, <s> 1, </s> 2), --vocab_size pieces, to which the
-tokenizer code appends ChatGLM2's five specials ([MASK] [gMASK] [sMASK] sop eop). The model is the ChatGLM2 network
-(same code as ChatGLM2-6B: remote_scripts/chatglm2-6b) at the sizes below, its vocabulary padded to a multiple of 64.
+Tokenizer: SentencePiece, one piece per character (--tokenizer_type=bpe for BPE pieces), with ChatGLM2's settings
+(identity normalisation, spaces kept, a dummy prefix, digits split, byte fallback so that no character is ever unknown;
+<unk> 0, <s> 1, </s> 2), at most --vocab_size pieces, to which the tokenizer code appends ChatGLM2's five specials
+([MASK] [gMASK] [sMASK] sop eop). The model is the ChatGLM2 network (same code as ChatGLM2-6B: remote_scripts/chatglm2-6b) at the sizes below, its vocabulary padded to a multiple of 64.
 """
 import io
 import json
@@ -37,7 +37,10 @@ DEFAULTS = {
     "output_dir": "model_hub/chatglm2-small-init",  # the model folder with random weights (must not exist)
     "dev_fraction": 0.02,
     "seed": 0,
-    "vocab_size": 8000,  # sentencepiece pieces; the five GLM specials come after them
+    "tokenizer_type": "char",  # "char": one piece per character, so an entity in the answer is the same tokens as in
+    # the question, which a small model copies far more easily (MSRA F1 0.437 against 0.391 with "bpe" pieces)
+    "vocab_size": 5000,  # at most this many sentencepiece pieces (char: 4,532 characters and bytes reach the coverage);
+    # the five GLM specials come after them
     "tokenizer_sentences": 0,  # > 0: train the tokenizer on this many sampled texts (faster, for tests)
     "character_coverage": 0.9995,  # characters rarer than this share get no piece of their own (bytes instead)
     "num_layers": 6,
@@ -148,7 +151,7 @@ def train_tokenizer(texts, config):
         texts = random.Random(config["seed"]).sample(texts, min(len(texts), config["tokenizer_sentences"]))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=config["vocab_size"], model_type="bpe",
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=config["vocab_size"], model_type=config["tokenizer_type"],
         character_coverage=config["character_coverage"], byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=16384, num_threads=2, minloglevel=2,
@@ -176,6 +179,8 @@ def model_config(config, pieces):
 
 def main(config):
     output_dir = Path(config["output_dir"])
+    if config["tokenizer_type"] not in ("bpe", "char"):
+        raise SystemExit(f"--tokenizer_type={config['tokenizer_type']}: expected bpe or char")
     if output_dir.exists():
         raise SystemExit(f"{output_dir} already exists; remove it or choose another --output_dir")
     texts = build_corpus(config)

@@ -13,7 +13,7 @@ from utils.data_io import DataError
 from utils.dataset import TextDataset
 from utils.model_utils import load_model_and_tokenizer
 
-SMALL = ["--vocab_size=3000", "--tokenizer_sentences=3000", "--character_coverage=0.98", "--num_layers=2", "--hidden_size=64", "--num_attention_heads=4",
+SMALL = ["--tokenizer_type=bpe", "--vocab_size=3000", "--tokenizer_sentences=3000", "--character_coverage=0.98", "--num_layers=2", "--hidden_size=64", "--num_attention_heads=4",
          "--ffn_hidden_size=128", "--seq_length=512"]
 
 
@@ -57,6 +57,25 @@ def test_corpus_leaves_out_the_msra_test_set_and_the_tokenizer_is_lossless(built
     assert "<0xF0>" in tokenizer.convert_ids_to_tokens(tokenizer.encode("😀", add_special_tokens=False))  # as UTF-8 bytes
     mode = (root / "init" / "model.safetensors").stat().st_mode
     assert mode & stat.S_IRGRP and (root / "init").stat().st_mode & stat.S_IXOTH  # not the private mode of a temp folder
+
+
+def test_char_tokenizer(built):
+    """--tokenizer_type=char (the default): one piece per character (bytes for the rest), so an entity is the same
+    tokens in the question and in the answer."""
+    import sentencepiece as spm
+
+    import build_small_model
+    root, _ = built
+    texts = corpus_texts(root / "corpus" / "train.txt")[:3000]
+    config = dict(build_small_model.DEFAULTS, tokenizer_type="char", vocab_size=2000, tokenizer_sentences=0)
+    sp = spm.SentencePieceProcessor(model_proto=build_small_model.train_tokenizer(texts, config))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert len(pieces) == 2000 and all(len(p) == 1 or sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)
+                                       for i, p in enumerate(pieces))
+    for text in texts[:200] + ["蒋玲帆傍晚从佛山回来。"]:
+        ids = sp.encode(text)
+        assert sp.decode(ids) == text
+    assert sp.encode("据天津教育局介绍", out_type=str) == ["▁", *"据天津教育局介绍"]
 
 
 def test_text_dataset_keeps_every_token_and_reports_bad_lines(built, tmp_path):
