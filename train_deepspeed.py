@@ -78,7 +78,7 @@ DEFAULTS = {
     "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight (DeepSpeed keeps the fp32 master copy)
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
-    "num_train_epochs": 10.0,
+    "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 4,
