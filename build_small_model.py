@@ -15,7 +15,8 @@ removed wherever another set holds them, so that the test figures stay clean. Te
 Tokenizer: SentencePiece, one piece per character (--tokenizer_type=bpe for BPE pieces), with ChatGLM2's settings
 (identity normalisation, spaces kept, a dummy prefix, digits split, byte fallback so that no character is ever unknown;
 <unk> 0, <s> 1, </s> 2), at most --vocab_size pieces, to which the tokenizer code appends ChatGLM2's five specials
-([MASK] [gMASK] [sMASK] sop eop). The model is the ChatGLM2 network (same code as ChatGLM2-6B: remote_scripts/chatglm2-6b) at the sizes below, its vocabulary padded to a multiple of 64.
+([MASK] [gMASK] [sMASK] sop eop). The model is the ChatGLM2 network (same code as ChatGLM2-6B:
+remote_scripts/chatglm2-6b) at the sizes below, its vocabulary padded to a multiple of 64.
 """
 import io
 import json

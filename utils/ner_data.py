@@ -154,21 +154,22 @@ def replace_mentions(examples, copies, seed=0):
     for text, entities in examples:
         if not entities:
             continue
-        spans = sorted(entities, key=lambda e: -1 if e[2] is None else e[2])
-        if spans[0][2] is None or any(b[2] < a[2] + len(a[0]) for a, b in itertools.pairwise(spans)):
+        if any(begin is None for _, _, begin in entities):
+            left_out += 1
+            continue
+        spans = sorted(entities, key=lambda e: e[2])
+        if any(b[2] < a[2] + len(a[0]) for a, b in itertools.pairwise(spans)):
             left_out += 1
             continue
         for _ in range(copies):
-            replacement, pieces, length, position, new_entities = {}, [], 0, 0, []
+            replacement, new_text, position, new_entities = {}, "", 0, []
             for entity, name, begin in spans:
                 new = replacement.setdefault((entity, name), rng.choice(pool[name]))
-                pieces += [text[position:begin], new]
-                length += begin - position
-                new_entities.append((new, name, length))
-                length += len(new)
+                new_text += text[position:begin]
+                new_entities.append((new, name, len(new_text)))
+                new_text += new
                 position = begin + len(entity)
-            pieces.append(text[position:])
-            augmented.append(("".join(pieces), new_entities))
+            augmented.append((new_text + text[position:], new_entities))
     return augmented, left_out
 
 
