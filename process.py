@@ -111,13 +111,15 @@ if kind == "ner":
                 truncated[split] += 1
                 dropped[split] += n_dropped
             examples[split].append((text, mapped))
-            entity_counts[split].update(name for _, name in dict.fromkeys((e, name) for e, name, _ in mapped))
     if config["augment_copies"] > 0:
         augmented, left_out = ner_data.replace_mentions(examples["train"], config["augment_copies"], config["seed"])
         examples["train"] += augmented
         random.Random(config["seed"]).shuffle(examples["train"])
         print(f"train: {len(augmented)} examples added by mention replacement ({config['augment_copies']} per example "
               f"with entities; {left_out} examples with overlapping or unplaced entities not augmented)")
+    for split in ("train", "dev"):  # after augmentation: the counts describe the samples written
+        for _, mapped in examples[split]:
+            entity_counts[split].update(name for _, name in dict.fromkeys((e, name) for e, name, _ in mapped))
     type_names = [name for split in ("train", "dev") for _, mapped in examples[split] for _, name, _ in mapped]
     instruct = ner_data.choose_instruct(type_names, formats)
     for split in ("train", "dev"):
