@@ -6,8 +6,10 @@
 
 Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json next to the adapter (or in
 checkpoint/<data_name>/base/ without one) and prints the metrics: for NER entity-level precision, recall and F1,
-micro and per type; for generation BLEU-4 and ROUGE-1/2/L on characters. --before_after also runs the base model
-without the adapter, so the gain is visible.
+micro and per type; for generation BLEU-4 and ROUGE-1/2/L on characters. NER scoring drops the predicted entities
+that the input text does not contain (an entity is a span of the text; one that is not there was made up), counts
+them and also gives the scores with them (--drop_entities_not_in_text=false scores them all). --before_after also
+runs the base model without the adapter, so the gain is visible.
 """
 import json
 import time
@@ -18,7 +20,7 @@ from peft import PeftModel
 from utils.config_utils import parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, user_message
-from utils.decode_utils import format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
+from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
 
@@ -41,13 +43,15 @@ DEFAULTS = {
     "dtype": "auto",
     "device": "auto",
     "decode": "auto",  # ChatGLM decode loop: auto (compiled CUDA-graph steps on CUDA, plain on CPU), plain, static, compiled
+    "drop_entities_not_in_text": "auto",  # NER scoring drops predicted entities that the input text does not contain
+    # (made up, not extracted); the report also gives the scores with them. auto = true for NER; true, false
     "skip_bad_lines": False,
 }
 
 
-def score(task, predictions, references):
+def score(task, predictions, references, sources=None):
     if task == "ner":
-        return ner_metrics(predictions, references)
+        return ner_metrics(predictions, references, sources)
     return generation_metrics(predictions, references)
 
 
@@ -81,6 +85,11 @@ def main(config):
     if task == "auto":
         task = "ner" if all(not parse_ner_answer(a).malformed for a in references) else "generation"
 
+    drop_made_up = {"auto": task == "ner", "true": True, "false": False}.get(str(config["drop_entities_not_in_text"]).lower())
+    if drop_made_up is None or (drop_made_up and task != "ner"):
+        raise SystemExit(f"--drop_entities_not_in_text={config['drop_entities_not_in_text']}: use auto, or true/false for NER")
+    sources = [user_message(r) for r in records] if drop_made_up else None
+
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=config["dtype"], device=config["device"])
     version = model.model_version
     if use_adapter:
@@ -94,7 +103,7 @@ def main(config):
     def evaluate(name):
         started = time.time()
         predictions = generate_answers(model, tokenizer, prompt_format, records, **generation)
-        metrics = score(task, predictions, references)
+        metrics = score(task, predictions, references, sources)
         metrics["seconds"] = round(time.time() - started, 1)
         print(f"\n[{name}] {len(records)} samples from {dev_file} in {metrics['seconds']} s\n{report(task, metrics)}")
         return {"predictions": predictions, "metrics": metrics}
@@ -105,11 +114,16 @@ def main(config):
         with model.disable_adapter():
             results["base"] = evaluate("base")
 
+    def made_up(prediction, source):  # the entities scoring dropped, as entity_type lines
+        entities = parse_ner_answer(prediction).entities
+        return sorted(f"{e}_{t}" for e, t in entities - entities_in_text(entities, source))
+
     write_jsonl(output_dir / "predictions.jsonl", [
-        {"input": user_message(r), "reference": r["answer"], "prediction": p, **({"base_prediction": b} if "base" in results else {})}
+        {"input": user_message(r), "reference": r["answer"], "prediction": p,
+         **({"not_in_text": made_up(p, user_message(r))} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
         for r, p, b in zip(records, results[main_name]["predictions"], results.get("base", results[main_name])["predictions"])
     ])
-    summary = {"task": task, "dev_file": str(dev_file), "model_dir": config["model_dir"], "lora_path": lora_path if use_adapter else None,
+    summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"], "lora_path": lora_path if use_adapter else None,
                **{name: result["metrics"] for name, result in results.items()}}
     write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False))
     if "base" in results:

@@ -30,6 +30,24 @@ def test_ner_metrics_match_a_hand_computation():
     assert metrics["malformed_lines"] == 1 and metrics["exact_match"] == pytest.approx(0.25)
 
 
+def test_ner_metrics_drop_predicted_entities_that_the_text_does_not_contain():
+    sources = ["文本：张三在北京工作。", "文本：华为发布新手机。", "文本：李四去了上海。", "文本：今天下雨。"]
+    predictions = ["张三_人名\n北京_地名\n北京大学_机构名", "没有", "李四_人名\n上海_机构名\n胡说", "王五_人名"]
+    references = ["张三_人名\n北京_地名", "华为_机构名", "李四_人名\n上海_地名", "没有"]
+    metrics = ner_metrics(predictions, references, sources)
+    # 北京大学 and 王五 are not in their texts: dropped. Kept: 张三, 北京, 李四, 上海/机构 = 4, of which 3 correct.
+    assert metrics["not_in_text"]["dropped"] == 2
+    assert (metrics["micro"]["tp"], metrics["micro"]["predicted"], metrics["micro"]["gold"]) == (3, 4, 5)
+    assert metrics["per_type"]["人名"]["predicted"] == 2 and metrics["exact_match"] == pytest.approx(0.5)
+    kept_with_them = metrics["not_in_text"]["micro_with_them"]
+    assert (kept_with_them["tp"], kept_with_them["predicted"]) == (3, 6)
+    assert kept_with_them["f1"] < metrics["micro"]["f1"]
+    # Full-width text and the half-width entity a ChatGLM-6B answer has: the same after NFKC, so kept.
+    assert ner_metrics(["IBM_机构名"], ["ＩＢＭ_机构名"], ["文本：ＩＢＭ公司"])["not_in_text"]["dropped"] == 0
+    with pytest.raises(ValueError, match="sources"):
+        ner_metrics(predictions, references, sources[:3])
+
+
 def test_generation_metrics_use_characters():
     perfect = generation_metrics(["这件连衣裙很漂亮"], ["这件连衣裙很漂亮"])
     assert perfect["bleu-4"] == pytest.approx(100.0) and perfect["rouge1"] == pytest.approx(100.0)
@@ -62,6 +80,9 @@ def test_predict_f1_equals_the_hand_computed_value(trained_adapter, trainable_mo
     first = json.loads(lines[0])
     assert len(lines) == 16 and first["prediction"] == records[0]["answer"] and first["reference"] == altered[0]["answer"]
     assert "base_prediction" in first
+    # The trained answers copy their entities from the text, so scoring dropped none of them.
+    assert metrics["drop_entities_not_in_text"] is True and metrics["adapter"]["not_in_text"]["dropped"] == 0
+    assert all(json.loads(line)["not_in_text"] == [] for line in lines)
 
 
 def test_chat_ner_answers_piped_questions_and_keeps_history(trained_adapter, trainable_models, sixteen_examples):

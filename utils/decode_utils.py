@@ -3,7 +3,8 @@
 NER answers are `实体_类型` lines (process.py writes them so), or `没有` for none. Parsing is forgiving about what
 models write: blank lines, surrounding spaces, duplicates, either underscore width, list markers; a line that is
 not `entity_type` is counted as malformed rather than guessed at. Entities are compared after NFKC normalisation,
-because ChatGLM-6B's tokenizer cannot write full-width punctuation and digits (it folds them to ASCII).
+because ChatGLM-6B's tokenizer cannot write full-width punctuation and digits (it folds them to ASCII). Scoring can
+drop predicted entities that do not occur in the input text (ner_metrics' sources).
 """
 import re
 import unicodedata
@@ -41,31 +42,52 @@ def prf(true_positives, predicted, gold):
     return {"precision": precision, "recall": recall, "f1": f1, "tp": true_positives, "predicted": predicted, "gold": gold}
 
 
-def ner_metrics(predictions, references) -> dict:
-    """Entity-level precision/recall/F1 over (entity, type) pairs: micro over all types and per type (types
-    present in the references or the predictions), plus the count of malformed predicted lines."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+def entities_in_text(entities, text) -> set:
+    """The (entity, type) pairs whose entity occurs in text (NFKC-normalised, as the entities are)."""
+    text = unicodedata.normalize("NFKC", text)
+    return {pair for pair in entities if pair[0] in text}
+
+
+def entity_counts(predicted_sets, gold_sets):
     tp, predicted, gold = Counter(), Counter(), Counter()
-    malformed = exact = 0
-    for prediction, reference in zip(predictions, references):
-        pred, ref = parse_ner_answer(prediction), parse_ner_answer(reference)
-        malformed += len(pred.malformed)
-        exact += pred.entities == ref.entities
-        for entity_type in {t for _, t in pred.entities | ref.entities}:
-            pred_t = {e for e in pred.entities if e[1] == entity_type}
-            ref_t = {e for e in ref.entities if e[1] == entity_type}
+    for pred, ref in zip(predicted_sets, gold_sets):
+        for entity_type in {t for _, t in pred | ref}:
+            pred_t = {e for e in pred if e[1] == entity_type}
+            ref_t = {e for e in ref if e[1] == entity_type}
             tp[entity_type] += len(pred_t & ref_t)
             predicted[entity_type] += len(pred_t)
             gold[entity_type] += len(ref_t)
-    per_type = {t: prf(tp[t], predicted[t], gold[t]) for t in sorted(set(predicted) | set(gold))}
-    return {
+    return tp, predicted, gold
+
+
+def ner_metrics(predictions, references, sources=None) -> dict:
+    """Entity-level precision/recall/F1 over (entity, type) pairs: micro over all types and per type (types
+    present in the references or the predictions), plus the count of malformed predicted lines.
+
+    sources (the input text of each prediction): predicted entities that do not occur in their input are dropped
+    before scoring, since an entity is a span of the text and one that is not there was made up; how many were
+    dropped and the micro scores with them kept are reported too (`not_in_text`)."""
+    if len(predictions) != len(references) or (sources is not None and len(sources) != len(references)):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references"
+                         + (f" and {len(sources)} sources" if sources is not None else ""))
+    parsed = [parse_ner_answer(prediction) for prediction in predictions]
+    gold_sets = [parse_ner_answer(reference).entities for reference in references]
+    predicted_sets = [p.entities for p in parsed]
+    if sources is not None:
+        predicted_sets = [entities_in_text(entities, source) for entities, source in zip(predicted_sets, sources)]
+    tp, predicted, gold = entity_counts(predicted_sets, gold_sets)
+    metrics = {
         "micro": prf(sum(tp.values()), sum(predicted.values()), sum(gold.values())),
-        "per_type": per_type,
-        "exact_match": exact / len(references) if references else 0.0,
-        "malformed_lines": malformed,
+        "per_type": {t: prf(tp[t], predicted[t], gold[t]) for t in sorted(set(predicted) | set(gold))},
+        "exact_match": sum(p == g for p, g in zip(predicted_sets, gold_sets)) / len(references) if references else 0.0,
+        "malformed_lines": sum(len(p.malformed) for p in parsed),
         "samples": len(references),
     }
+    if sources is not None:
+        all_tp, all_predicted, _ = entity_counts([p.entities for p in parsed], gold_sets)
+        metrics["not_in_text"] = {"dropped": sum(all_predicted.values()) - sum(predicted.values()),
+                                  "micro_with_them": prf(sum(all_tp.values()), sum(all_predicted.values()), sum(gold.values()))}
+    return metrics
 
 
 def generation_metrics(predictions, references) -> dict:
@@ -96,4 +118,8 @@ def format_ner_report(metrics) -> str:
     for name, m in rows:
         lines.append(f"{name:<10} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['gold']:>6} {m['predicted']:>6}")
     lines.append(f"exact match {metrics['exact_match']:.4f} over {metrics['samples']} samples; malformed lines {metrics['malformed_lines']}")
+    if "not_in_text" in metrics:
+        check = metrics["not_in_text"]
+        lines.append(f"{check['dropped']} predicted entities not in their input text were dropped (with them: precision "
+                     f"{check['micro_with_them']['precision']:.4f}, f1 {check['micro_with_them']['f1']:.4f})")
     return "\n".join(lines)
