@@ -51,6 +51,7 @@ from utils.model_utils import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (
     add_lora,
     check_method,
+    check_weights_finite,
     checkpoint_dir,
     data_paths,
     find_resume_checkpoint,
@@ -417,6 +418,7 @@ while global_step < total_steps and epoch < num_epochs:
             mean_loss = (all_reduce_sum(loss_since_log) / steps_since_log).item()
             tokens = int(all_reduce_sum(tokens_since_log))
             tokens_seen += tokens
+            check_weights_finite(engine.module, global_step)
             grad_norm = engine.get_global_grad_norm()
             log({"loss": round(mean_loss, 6), "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  "learning_rate": learning_rate, "tokens_per_second": round(tokens / (time.time() - log_started), 1),

@@ -6,7 +6,9 @@ with the same global batch and save the whole adapter. Full fine-tuning with ZeR
 trains like one process, resumes from its two-process checkpoint, and saves the whole model. The first DeepSpeed
 process builds a small shm comm op once, the first offload run DeepSpeed's CPU Adam (about a minute); both are cached
 in the tests' own extensions folder (see conftest.py)."""
+import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,19 @@ OVERFIT_STEPS = {"chatglm-6b": 50, "chatglm2-6b": 30, "chatglm3-6b": 30}
 # How each version is started: two as a plain python process, one under the launcher (with gradient accumulation,
 # whose loss must equal the one large batch's).
 LAUNCH = {"chatglm-6b": "python", "chatglm2-6b": "deepspeed", "chatglm3-6b": "python"}
+
+
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_shm_buffers():
+    """DeepSpeed's CPU all-reduce leaves a 66 MB shared-memory file per rank and run in /dev/shm (deepspeed 0.19.8
+    never calls its shared_close), which is RAM: the ones these tests' runs made go once the module is done."""
+    before = set(glob.glob(SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(SHM_BUFFERS)) - before:
+        os.remove(path)
 
 
 def run(script, *args, launcher="python", check=True, timeout=900):

@@ -127,3 +127,16 @@ def test_train_trainer_full_fine_tuning_writes_a_model_folder(trainable_models, 
     # Without DeepSpeed the trained weights are the fp32 master copy (on CPU the compute is fp32 as well).
     assert train_args["deepspeed_config"] is None and json.loads((run_dir / "model" / "config.json").read_text())["torch_dtype"] == "float32"
 
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_adapter(trainable_models, sixteen_examples, tmp_path):
+    # An absurd learning rate drives the LoRA weights to inf and then NaN within a few steps.
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+         f"--output_dir={run_dir}", "--max_steps=20", "--logging_steps=1", "--save_steps=0", "--learning_rate=1e30",
+         "--warmup_steps=0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "TrainingDiverged: training diverged at step" in result.stderr and "lower --learning_rate" in result.stderr
+    assert not (run_dir / "adapter_model").exists()

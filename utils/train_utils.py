@@ -200,12 +200,29 @@ def peak_memory_gib():
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def check_weights_finite(model, step):
+    """Stops a run whose trained weights hold NaN or inf: no later step can repair them, and the Trainer's log would
+    go on printing loss 0 (it leaves non-finite losses out of its averages) until a useless adapter is saved."""
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and p.numel() and not torch.isfinite(p).all()]
+    if broken:
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {len(broken)} trained weight tensors hold NaN/inf (first: {broken[0]}). "
+            "The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) and train again.")
+
+
 class Trainer(transformers.Trainer):
-    """transformers.Trainer that also logs the peak GPU memory (tokens/s come from include_num_input_tokens_seen)."""
+    """transformers.Trainer that also logs the peak GPU memory (tokens/s come from include_num_input_tokens_seen) and
+    stops with TrainingDiverged once the trained weights are NaN/inf (checked at each training log line)."""
 
     def log(self, logs, start_time=None):
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = peak_memory_gib()
+        if "loss" in logs:
+            check_weights_finite(self.model, self.state.global_step)
         super().log(logs, start_time)
 
 
