@@ -119,9 +119,10 @@ def main(config):
         return sorted(f"{e}_{t}" for e, t in entities - entities_in_text(entities, source))
 
     write_jsonl(output_dir / "predictions.jsonl", [
-        {"input": user_message(r), "reference": r["answer"], "prediction": p,
-         **({"not_in_text": made_up(p, user_message(r))} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
-        for r, p, b in zip(records, results[main_name]["predictions"], results.get("base", results[main_name])["predictions"])
+        {"input": message, "reference": r["answer"], "prediction": p,
+         **({"not_in_text": made_up(p, message)} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
+        for r, message, p, b in zip(records, sources or map(user_message, records), results[main_name]["predictions"],
+                                    results.get("base", results[main_name])["predictions"])
     ])
     summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"], "lora_path": lora_path if use_adapter else None,
                **{name: result["metrics"] for name, result in results.items()}}

@@ -207,8 +207,13 @@ class TrainingDiverged(RuntimeError):
 def check_weights_finite(model, step):
     """Stops a run whose trained weights hold NaN or inf: no later step can repair them, and the Trainer's log would
     go on printing loss 0 (it leaves non-finite losses out of its averages) until a useless adapter is saved."""
-    broken = [name for name, p in model.named_parameters() if p.requires_grad and p.numel() and not torch.isfinite(p).all()]
-    if broken:
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.numel()]
+    if not trained:
+        return
+    # One sum per tensor (NaN/inf carry through it) and one host sync for all of them.
+    finite = torch.stack([torch.isfinite(p.sum(dtype=torch.float32)).to(trained[0][1].device) for _, p in trained])
+    if not finite.all():
+        broken = [name for (name, _), ok in zip(trained, finite.tolist()) if not ok]
         raise TrainingDiverged(
             f"training diverged at step {step}: {len(broken)} trained weight tensors hold NaN/inf (first: {broken[0]}). "
             "The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) and train again.")
