@@ -10,13 +10,15 @@
     python process.py --data_name adgen --train_file ../shared/data/adgen/dev_content_summary.json \\
         --dev_file "" --dev_ratio 0.1
     python process.py --data_name weibo --train_file ../shared/data/weibo_ner/weiboNER_2nd_conll.train \\
-        --dev_file ../shared/data/weibo_ner/weiboNER_2nd_conll.dev --skip_bad_lines
+        --dev_file ../shared/data/weibo_ner/weiboNER_2nd_conll.dev
 
 train_file and dev_file take a comma-separated list of files; each file's format is detected from its name and
 content (bio, bio_parallel, span_json, cluener, adgen, alpaca, conversation; see utils/ner_data.py) unless
 --input_format names one for all. For NER the answer is one `实体_类型` line per distinct entity, or 没有.
 Bad input stops with the file, line and field; --skip_bad_lines skips such lines (or sentences) and counts them.
-Existing output files are kept unless --overwrite.
+In BIO files an I- tag that does not continue an entity of its type opens a new entity, as conlleval and seqeval read
+it; such repairs are counted per split (--strict_tags makes them errors instead). Existing output files are kept
+unless --overwrite, which also removes a dev.txt that the new run does not produce.
 """
 import random
 import sys
@@ -39,9 +41,19 @@ DEFAULTS = {
     # other train entities of the same type (mention replacement; utils/ner_data.replace_mentions), shuffled in
     "max_text_chars": 0,  # NER only: > 0 cuts longer texts there and drops the entities past the cut
     "skip_bad_lines": False,
+    "strict_tags": False,  # an I- tag that does not continue an entity of its type is an error, not a new entity
     "overwrite": False,
+    "debug": False,  # errors show their Python traceback
 }
 config = parse_config(DEFAULTS, description=__doc__)
+
+
+def fail(message, error=None):
+    """Stop with one line on stderr and exit status 1 (--debug: raise `error` instead, with its traceback)."""
+    if error is not None and config["debug"]:
+        raise error
+    sys.exit(f"error: {message}")
+
 
 # ---------------------------------------------------------------------------------------------------- checks
 if config["input_format"] != "auto" and config["input_format"] not in ner_data.FORMATS:
@@ -53,6 +65,9 @@ if not 0.0 <= config["dev_ratio"] < 1.0:
     sys.exit(f"error: --dev_ratio must be in [0, 1), not {config['dev_ratio']}")
 if config["dev_ratio"] > 0 and config["dev_file"]:
     sys.exit("error: --dev_ratio splits dev off train when there is no --dev_file; give one or the other")
+for key in ("augment_copies", "max_text_chars"):
+    if config[key] < 0:
+        sys.exit(f"error: --{key} must be 0 (off) or more, not {config[key]}")
 train_files = [f.strip() for f in config["train_file"].split(",") if f.strip()]
 dev_files = [f.strip() for f in config["dev_file"].split(",") if f.strip()]
 if not train_files:
@@ -60,12 +75,20 @@ if not train_files:
 
 output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
 outputs = {"train": output_dir / "train.txt", "dev": output_dir / "dev.txt"}
+# Refused before any reading rather than failing on write: a file where a folder of output_dir should be, and a
+# folder (or anything else) where an output file should be.
+folder = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+if not folder.is_dir():
+    sys.exit(f"error: {folder} is a file, not a folder; choose another --output_dir")
+for path in outputs.values():
+    if path.exists() and not path.is_file():
+        sys.exit(f"error: {path} exists and is not a file; remove it or choose another --output_dir")
 existing = [str(p) for p in outputs.values() if p.is_file() and p.stat().st_size > 0]
 if existing and not config["overwrite"]:
     sys.exit(f"error: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --output_dir")
 
 # ---------------------------------------------------------------------------------------------------- read
-bad_lines = {"train": BadLines(skip=config["skip_bad_lines"]), "dev": BadLines(skip=config["skip_bad_lines"])}
+bad_lines = {split: BadLines(config["skip_bad_lines"], config["strict_tags"]) for split in ("train", "dev")}
 items = {"train": [], "dev": []}  # NER: (input_format, text, raw entities); generation: records
 kinds, formats = set(), set()
 try:
@@ -80,8 +103,7 @@ try:
                 items[split].append((input_format, *item) if kind == "ner" else item[0])
             print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
 except DataError as err:
-    hint = "\n(--skip_bad_lines skips such lines and counts them)" if err.line and not config["skip_bad_lines"] else ""
-    sys.exit(f"error: {err}{hint}")
+    fail(f"{err}" + (" (--skip_bad_lines skips such lines and counts them)" if err.skippable else ""), err)
 if len(kinds) > 1:
     sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
 kind = kinds.pop()
@@ -144,6 +166,9 @@ for split in ("train", "dev"):
     else:
         print(f"  with history: {sum('history' in r for r in records[split])}")
     print("  " + bad_lines[split].summary().replace("\n", "\n  "))
+if any(bad_lines[split].repaired.total for split in ("train", "dev")):
+    print("repaired: an I- tag that does not continue an entity of its type opens a new entity, as conlleval and "
+          "seqeval read it; --strict_tags stops on such tags instead")
 if records["dev"]:
     train_queries = {(r["instruct"], r["query"]) for r in records["train"]}
     print(f"dev samples whose instruct and query also occur in train: "
@@ -152,7 +177,13 @@ if records["dev"]:
 # ---------------------------------------------------------------------------------------------------- write
 if not records["train"]:
     sys.exit("error: no training samples")
-for split in ("train", "dev"):
-    if records[split]:
-        write_jsonl(outputs[split], records[split])
-        print(f"wrote {outputs[split]} ({len(records[split])} lines)")
+for split in ("train", "dev"):  # train first: a stale dev.txt is removed only once the new train.txt is in place
+    try:
+        if records[split]:
+            write_jsonl(outputs[split], records[split])
+            print(f"wrote {outputs[split]} ({len(records[split])} lines)")
+        elif outputs[split].is_file():  # from an earlier run (--overwrite, or empty): it must not pass for this run's
+            outputs[split].unlink()
+            print(f"removed {outputs[split]}: left from an earlier run, and this run has no {split} samples")
+    except OSError as err:
+        fail(f"cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})", err)

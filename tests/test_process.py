@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from utils import ner_data
-from utils.data_io import BadLines, DataError
+from utils.data_io import BadLines, DataError, iter_json_lines
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -46,13 +46,24 @@ def ner_records(reader, path, input_format, bad_lines=None, instruct=ner_data.MS
 
 
 def test_tag_spans_bio_and_bmes():
-    assert ner_data.tag_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC"]) == [(0, 2, "PER"), (3, 4, "LOC"), (4, 6, "LOC")]
-    assert ner_data.tag_spans(["B-ORG", "M-ORG", "E-ORG", "S-NAME", "O"], closed=True) == [(0, 3, "ORG"), (3, 4, "NAME")]
+    assert ner_data.tag_spans(["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC"]) == ([(0, 2, "PER"), (3, 4, "LOC"), (4, 6, "LOC")], [])
+    assert ner_data.tag_spans(["B-ORG", "M-ORG", "E-ORG", "S-NAME", "O"], closed=True) == ([(0, 3, "ORG"), (3, 4, "NAME")], [])
+    # BIO, read as conlleval and seqeval (default mode) read it: an I- tag after O, at the start, or after an entity of
+    # another type opens an entity of its own type; each such tag is returned for the caller to count.
+    spans, repaired = ner_data.tag_spans(["I-PER", "I-PER", "O", "I-LOC", "B-ORG", "I-PER", "I-PER", "B-LOC", "I-ORG"])
+    assert spans == [(0, 2, "PER"), (3, 4, "LOC"), (4, 5, "ORG"), (5, 7, "PER"), (7, 8, "LOC"), (8, 9, "ORG")]
+    assert [(e.index, str(e)) for e in repaired] == [
+        (0, "I- tag does not continue an entity of its type (after the sentence start)"),
+        (3, "I- tag does not continue an entity of its type (after O)"),
+        (5, "I- tag does not continue an entity of its type (after B-ORG)"),
+        (8, "I- tag does not continue an entity of its type (after B-LOC)")]
+    assert {e.reason for e in repaired} == {"I- tag does not continue an entity of its type"}
+    # BIOES / BMES mark both ends of every entity: there a piece without its start is an error.
     with pytest.raises(ner_data.TagError, match="does not continue") as err:
-        ner_data.tag_spans(["O", "I-PER"])
+        ner_data.tag_spans(["O", "M-PER", "E-PER"], closed=True)
     assert err.value.index == 1
     with pytest.raises(ner_data.TagError, match="does not continue"):
-        ner_data.tag_spans(["B-PER", "I-LOC"])
+        ner_data.tag_spans(["B-PER", "E-LOC"], closed=True)
     with pytest.raises(ner_data.TagError, match="malformed tag 'X-PER'"):
         ner_data.tag_spans(["X-PER"])
     with pytest.raises(ner_data.TagError, match="not closed"):
@@ -164,9 +175,43 @@ def test_bad_real_bio_sentences_stop_or_are_counted():
     assert (err.value.line, err.value.field) == (62390, "tag") and "not closed with E-" in str(err.value)
     bad = BadLines(skip=True)
     assert len(list(ner_data.read_bio(path, bad))) == 3817 and bad.count == 5
-    bad = BadLines(skip=True)
-    assert len(list(ner_data.read_bio(DATA / "weibo_ner" / "weiboNER_2nd_conll.train", bad))) == 1342
-    assert bad.count == 8 and bad.examples[next(iter(bad.reasons))].endswith("weiboNER_2nd_conll.train:1266")
+
+
+def test_weibo_i_tags_without_b_open_entities(tmp_path):
+    """Weibo NER's train file has I- tags after O (and one I-PER.NOM right after I-PER.NAM), as many CoNLL files do:
+    read as conlleval reads them by default (counted, per split), an error with --strict_tags."""
+    path = DATA / "weibo_ner" / "weiboNER_2nd_conll.train"
+    bad = BadLines()
+    weibo = {line: (text, entities) for line, text, entities in ner_data.read_bio(path, bad)}
+    assert len(weibo) == 1350 and bad.count == 0 and bad.repaired.total == 10
+    assert bad.repaired.counts == {"field 'tag': I- tag does not continue an entity of its type": 10}
+    assert bad.repaired.examples[next(iter(bad.repaired.counts))] == [f"{path}:1266", f"{path}:22000", f"{path}:24537"]
+    text, entities = weibo[1259]  # 雯子 B-PER.NAM I-PER.NAM, then 小菇凉 I-PER.NOM (line 1266): two entities
+    assert text.startswith("我就是激动雯子小菇凉") and entities[:2] == [("雯子", "PER.NAM", 5), ("小菇凉", "PER.NOM", 7)]
+    line = max(n for n in weibo if n <= 22000)  # ... 博 O, 粉 I-PER.NOM (line 22000), 丝 I-PER.NOM
+    assert ("粉丝", "PER.NOM", 22000 - line) in weibo[line][1]
+
+    strict = BadLines(strict_tags=True)
+    with pytest.raises(DataError) as err:
+        list(ner_data.read_bio(path, strict))
+    assert (err.value.line, err.value.field) == (1266, "tag") and "(after I-PER.NAM)" in str(err.value)
+    strict = BadLines(skip=True, strict_tags=True)
+    assert len(list(ner_data.read_bio(path, strict))) == 1342 and strict.count == 8 and strict.repaired.total == 0
+
+    dev = DATA / "weibo_ner" / "weiboNER_2nd_conll.dev"
+    result = run_process("--data_name", "weibo", "--train_file", path, "--dev_file", dev, "--output_dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    train_report, dev_report = result.stdout.split("\ntrain: 1350 samples\n")[1].split("\ndev: 270 samples\n")
+    assert (f"  skipped lines: 0\n  repaired: 10\n    10 x field 'tag': I- tag does not continue an entity of its type "
+            f"(at {path}:1266, {path}:22000, {path}:24537, ...)") in train_report
+    assert "repaired" not in dev_report.split("\nrepaired: an I- tag")[0]  # the dev file has none
+    assert "--strict_tags stops on such tags instead" in result.stdout
+    assert len(read_jsonl(tmp_path / "o" / "train.txt")) == 1350
+    result = run_process("--data_name", "weibo", "--train_file", path, "--dev_file", dev, "--output_dir", tmp_path / "s",
+                         "--strict_tags")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: {path}:1266: field 'tag': I- tag does not continue an entity of its type (after I-PER.NAM)")
+    assert "--skip_bad_lines skips such lines" in result.stderr and not (tmp_path / "s").exists()
 
 
 def test_adgen_both_layouts():
@@ -339,8 +384,15 @@ BAD_CASES = {
                       '"entity_type": "PER", "entity": "王五"}]}\n' + GOOD_SPAN, 2, "entity_list[0].entity_index", "gives '到王'"),
     "span_inclusive": ("a.json", GOOD_SPAN + '{"text": "王五好", "entity_list": [{"entity_index": {"begin": 0, "end": 1}, '
                        '"entity_type": "PER", "entity": "王五"}]}\n' + GOOD_SPAN, 2, "entity_list[0].entity_index", "end inclusive"),
+    "span_out_of_range": ("a.json", GOOD_SPAN + '{"text": "张三", "entity_list": [{"entity_index": {"begin": 1, "end": 10}, '
+                          '"entity_type": "PER", "entity": "三"}]}\n' + GOOD_SPAN, 2, "entity_list[0].entity_index",
+                          "begin=1, end=10 is out of range: the text has 2 characters (0 <= begin < end <= 2)"),
     "cluener_span": ("c.json", '{"text": "王五好", "label": {"name": {"王五": [[0, 1]]}}}\n{"text": "王五好", "label": {"name": {"王五": [[0, 2]]}}}\n'
-                     '{"text": "好", "label": {}}\n', 2, "label.name.王五", "[0, 2] gives '王五好'"),
+                     '{"text": "好", "label": {}}\n', 2, "label.name", "[0, 2] gives '王五好', not the entity '王五'"),
+    "cluener_out_of_range": ("c.json", '{"text": "王五好", "label": {"name": {"王五": [[0, 1]]}}}\n{"text": "王五", "label": {"name": '
+                             '{"王五": [[0, 2]]}}}\n{"text": "好", "label": {}}\n', 2, "label.name",
+                             "[0, 2] for the entity '王五' is out of range: the text has 2 characters (0 <= begin <= end < 2) "
+                             "(it matches with end exclusive, but CLUENER ends are inclusive)"),
     "empty_output": ("g.jsonl", '{"instruction": "说", "input": "", "output": "好"}\n{"instruction": "说", "input": "", "output": " "}\n'
                      '{"instruction": "写", "output": "嗯"}\n', 2, "output", "empty"),
     "adgen_empty": ("adgen.json", '{"content": "类型#裙", "summary": "好看"}\n{"content": "类型#裤", "summary": ""}\n'
@@ -350,7 +402,7 @@ BAD_CASES = {
                           '{"conversations": [{"from": "user", "value": "c"}, {"from": "assistant", "value": "d"}]}\n',
                           2, "conversations[0].from", "expected one of"),
     "bio_bad_tag": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tX-PER\n四\tI-PER\n\n好\tO\n", 4, "tag", "malformed tag 'X-PER'"),
-    "bio_i_after_o": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tO\n四\tI-PER\n\n好\tO\n", 5, "tag", "does not continue"),
+    "bioes_e_after_o": ("b.txt", "张\tB-PER\n三\tE-PER\n\n李\tO\n四\tE-PER\n\n好\tO\n", 5, "tag", "does not continue"),
     "bio_columns": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tO\tO\n四\tO\n\n好\tO\n", 4, "tag", "expected 'character<TAB>tag'"),
     "encoding": ("e.json", (GOOD_SPAN + GOOD_SPAN).encode() + b'{"text": "\xb9\xfa", "entity_list": []}\n', 3, None, "not valid UTF-8"),
 }
@@ -365,13 +417,16 @@ def test_bad_input_stops_with_file_line_field(tmp_path, case):
     assert result.returncode == 1 and result.stdout.count("wrote") == 0
     expected = f"error: {path}:{line}: " + (f"field {field!r}: " if field else "")
     assert expected in result.stderr and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "gives '三', not the entity '三'" not in result.stderr
+    # the hint only where skipping would help: a file that is not UTF-8 cannot be read at all
+    assert ("(--skip_bad_lines skips such lines and counts them)" in result.stderr) == (case != "encoding")
     assert not out.exists()
     if case == "encoding":
         return  # an undecodable file cannot be read at all: it always stops
     result = run_process("--train_file", path, "--dev_file", "", "--output_dir", out, "--skip_bad_lines")
     assert result.returncode == 0, result.stderr
     assert "train: 2 samples" in result.stdout
-    assert f"skipped lines: 1\n    1 x " in result.stdout and f"(first at {path}:{line})" in result.stdout
+    assert f"skipped lines: 1\n    1 x " in result.stdout and f"(at {path}:{line})" in result.stdout
     assert len(read_jsonl(out / "train.txt")) == 2
 
 
@@ -387,6 +442,12 @@ def test_parallel_files(tmp_path):
     write(tags, "B-PER I-PER O O\nO O\n")  # one line short: the files no longer pair up, even with --skip_bad_lines
     result = run_process("--train_file", sentences, "--dev_file", "", "--output_dir", tmp_path / "p", "--skip_bad_lines")
     assert result.returncode == 1 and f"{tags}:3: field 'tags': 2 lines of tags but 3 sentences" in result.stderr
+    result = run_process("--train_file", sentences, "--dev_file", "", "--output_dir", tmp_path / "p")
+    assert result.returncode == 1 and "2 lines of tags" in result.stderr and "--skip_bad_lines" not in result.stderr
+    write(tags, "B-PER I-PER O O\nO O\nO I-PER\n")  # the same BIO reading as read_bio: 四 opens a PER entity
+    result = run_process("--train_file", sentences, "--dev_file", "", "--output_dir", tmp_path / "q")
+    assert result.returncode == 0 and [r["answer"] for r in read_jsonl(tmp_path / "q" / "train.txt")] == ["张三_人名", "没有", "四_人名"]
+    assert f"repaired: 1\n    1 x field 'tags': I- tag does not continue an entity of its type (at {tags}:3)" in result.stdout
 
 
 def test_no_overwrite_without_flag(tmp_path):
@@ -399,6 +460,119 @@ def test_no_overwrite_without_flag(tmp_path):
     assert (out / "train.txt").read_text() == "keep me\n"
     result = run_process("--train_file", train, "--dev_file", "", "--output_dir", out, "--overwrite")
     assert result.returncode == 0 and read_jsonl(out / "train.txt")[0]["answer"] == "张三_人名"
+
+
+def test_overwrite_removes_a_dev_file_the_run_does_not_produce(tmp_path):
+    train = write(tmp_path / "t.json", GOOD_SPAN)
+    out = tmp_path / "out"
+    assert run_process("--train_file", train, "--dev_file", train, "--output_dir", out).returncode == 0
+    assert (out / "dev.txt").is_file()
+    # a run that fails leaves both files as they were
+    bad = write(tmp_path / "bad.json", '{"text": 5, "entity_list": []}\n')
+    result = run_process("--train_file", bad, "--dev_file", "", "--output_dir", out, "--overwrite")
+    assert result.returncode == 1 and (out / "dev.txt").read_text(encoding="utf-8") == (out / "train.txt").read_text(encoding="utf-8")
+    other = write(tmp_path / "o.json", GOOD_SPAN.replace("来了", "走了"))
+    result = run_process("--train_file", other, "--dev_file", "", "--output_dir", out, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "dev.txt").exists() and read_jsonl(out / "train.txt")[0]["query"] == "文本：张三走了"
+    # removed after the new train.txt is written, and said so
+    assert f"wrote {out / 'train.txt'} (1 lines)\nremoved {out / 'dev.txt'}: left from an earlier run" in result.stdout
+
+
+# str.splitlines() splits at all of these; a JSON string may hold the last three raw (json.dumps leaves them so)
+SPLITLINES_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def test_line_break_characters_inside_json_strings(tmp_path):
+    records = [{"instruction": f"说{ch}一句", "input": "", "output": f"好{ch}的"} for ch in SPLITLINES_BREAKS]
+    # As other tools write them (and process.py did): \x85, U+2028, U+2029 raw; \r\n line ends; a bad last line.
+    path = write(tmp_path / "in.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records) + '{"instruction"\r\n')
+    bad = BadLines(skip=True)
+    assert list(iter_json_lines(path, bad)) == list(enumerate(records, start=1))
+    assert bad.count == 1 and bad.skipped.examples == {"not valid JSON (Expecting ':' delimiter)": [f"{path}:9"]}
+    # A raw control character is invalid JSON, reported at its own line; the lines after it keep their numbers.
+    raw = write(tmp_path / "raw.jsonl", '{"instruction": "a\x1cb", "output": "c"}\n' + json.dumps(records[6], ensure_ascii=False) + "\n{\n")
+    bad = BadLines(skip=True)
+    assert list(iter_json_lines(raw, bad)) == [(2, records[6])]
+    assert [e for examples in bad.skipped.examples.values() for e in examples] == [f"{raw}:1", f"{raw}:3"]
+
+    out = tmp_path / "out"
+    result = run_process("--train_file", path, "--dev_file", "", "--output_dir", out, "--skip_bad_lines")
+    assert result.returncode == 0, result.stderr
+    assert "train: 8 samples" in result.stdout and f"skipped lines: 1\n    1 x not valid JSON (Expecting ':' delimiter) (at {path}:9)" in result.stdout
+    # process.py's output: one line a record for any line reader (the characters escaped), read back the same
+    text = (out / "train.txt").read_text(encoding="utf-8")
+    assert len(text.splitlines()) == text.count("\n") == 8 and "\\u2028" in text
+    expected = [{"instruct": r["instruction"], "query": "", "answer": r["output"]} for r in records]
+    assert [r for _, r in iter_json_lines(out / "train.txt")] == expected
+    from utils.dataset import read_instruction_records  # what the training scripts and predict.py read it with
+
+    read = read_instruction_records(out / "train.txt")
+    assert [{k: r[k] for k in ("instruct", "query", "answer")} for r in read] == expected
+    assert [r["line"] for r in read] == list(range(1, 9))
+
+
+def test_bad_lines_are_grouped_by_kind_and_echoed_short(tmp_path):
+    # 5 spans that miss their entity, 4 lines of three columns: each bad line has other content, but one reason per kind
+    spans = "".join(json.dumps({"text": f"文本{i}号", "entity_list": [{"entity_index": {"begin": 0, "end": 2}, "entity_type": "PER",
+                                                                     "entity": f"人{i}"}]}, ensure_ascii=False) + "\n" for i in range(5))
+    path = write(tmp_path / "a.json", GOOD_SPAN + spans)
+    result = run_process("--train_file", path, "--dev_file", "", "--output_dir", tmp_path / "a", "--skip_bad_lines")
+    assert result.returncode == 0, result.stderr
+    assert (f"skipped lines: 5\n    5 x field 'entity_list[].entity_index': span does not give the entity "
+            f"(at {path}:2, {path}:3, {path}:4, ...)\ndev: none") in result.stdout
+    long_line = "长" * 1_000_000
+    bio = write(tmp_path / "b.txt", "张\tB-PER\n\n" + "".join(f"{c}\tO\tO\n\n" for c in "甲乙丙") + f"{long_line}\tO\tO\n")
+    result = run_process("--train_file", bio, "--dev_file", "", "--output_dir", tmp_path / "b", "--skip_bad_lines")
+    assert result.returncode == 0, result.stderr
+    assert (f"skipped lines: 4\n    4 x field 'tag': expected 'character<TAB>tag' (at {bio}:3, {bio}:5, {bio}:7, ...)"
+            in result.stdout) and len(result.stdout) < 2000
+    # a bad line is echoed up to 80 characters, with its length
+    result = run_process("--train_file", write(tmp_path / "c.txt", f"张\tB-PER\n\n{long_line}\tO\tO\n"), "--dev_file", "",
+                         "--output_dir", tmp_path / "c")
+    assert result.returncode == 1 and len(result.stderr) < 400
+    assert f"got {'长' * 80!r}... (1000004 characters)" in result.stderr
+
+
+ONE_LINE_ERRORS = {
+    # name: (files to make {path: content}, the first one the train file; more arguments; expected message start)
+    "lone_surrogate": ({"g.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "x\\ud800y"}\n'}, [],
+                       "{dir}/g.jsonl:2: field 'output': lone surrogate '\\ud800' (half of a UTF-16 pair, not a character)"),
+    "lone_surrogate_array": ({"c.json": '[{"text": "ab", "label": {"name": {"a\\udc00": [[0, 0]]}}}]'}, [],
+                             "{dir}/c.json:record 1: field 'label.name.a\\udc00': lone surrogate '\\udc00'"),
+    "deep_json_line": ({"g.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": ' + "[" * 100_000 + "\n"}, [],
+                       "{dir}/g.jsonl:2: JSON nested too deeply to parse"),
+    "deep_json_array": ({"g.json": "[" * 100_000}, [], "{dir}/g.json: JSON nested too deeply to parse"),
+    "huge_number": ({"g.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ' + "1" * 5000 + "}\n"}, [],
+                    "{dir}/g.jsonl:2: cannot read the JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    "output_dir_is_a_file": ({"t.json": GOOD_SPAN, "f": "x"}, ["--output_dir", "{dir}/f/sub"], "{dir}/f is a file, not a folder"),
+    "train_txt_is_a_folder": ({"t.json": GOOD_SPAN, "o/train.txt/x": ""}, ["--output_dir", "{dir}/o"],
+                              "{dir}/o/train.txt exists and is not a file"),
+    "missing_file": ({}, ["--train_file", "{dir}/nope.json"], "{dir}/nope.json: file not found"),
+    "folder_as_input": ({"d/x": ""}, ["--train_file", "{dir}/d"], "{dir}/d: is a folder, not a file"),
+    "gbk": ({"t.txt": "张\tB-PER\n三\tI-PER\n".encode("gbk")}, [], "{dir}/t.txt:1: not valid UTF-8"),
+    "negative_max_text_chars": ({"t.json": GOOD_SPAN}, ["--max_text_chars", "-1"], "--max_text_chars must be 0 (off) or more"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_LINE_ERRORS))
+def test_errors_are_one_line_and_exit_1(tmp_path, case):
+    files, args, expected = ONE_LINE_ERRORS[case]
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write(tmp_path / name, content)
+    train = tmp_path / next(iter(files), "")
+    arguments = ["--train_file", train, "--dev_file", "", "--output_dir", tmp_path / "out",
+                 *(a.replace("{dir}", str(tmp_path)) for a in args)]  # a later --key wins
+    result = run_process(*arguments)
+    assert result.returncode == 1 and result.stderr.startswith("error: " + expected.replace("{dir}", str(tmp_path))), result.stderr
+    assert result.stderr.count("\n") == 1 and "wrote" not in result.stdout
+    if case == "lone_surrogate":  # --debug keeps the traceback; --skip_bad_lines skips the line
+        result = run_process(*arguments, "--debug")
+        assert result.returncode == 1 and "Traceback" in result.stderr and "lone surrogate" in result.stderr
+        result = run_process(*arguments, "--skip_bad_lines")
+        assert result.returncode == 0 and "1 x field 'output': lone surrogate (half of a UTF-16 pair)" in result.stdout
+        assert read_jsonl(tmp_path / "out" / "train.txt") == [{"instruct": "a", "query": "", "answer": "b"}]
 
 
 def test_config_mistakes_are_refused(tmp_path):

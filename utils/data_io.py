@@ -6,52 +6,113 @@ interrupted run never leaves a half-written file where a good one was.
 """
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 
+# Line breaks to str.splitlines() and other line readers that json.dumps(ensure_ascii=False) leaves raw inside strings
+# (it escapes those below U+0020): write_jsonl escapes them. The readers here split at \n only (text_lines).
+LINE_BREAKS_IN_STRINGS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+FIELD_INDEX = re.compile(r"\[\d+\]")
+
+
+def excerpt(text: str, limit=80) -> str:
+    """repr of text for a message, cut after `limit` characters (with the full length) so a huge line stays short."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def json_shape(value) -> str:
+    """A JSON value described by its types for a message ("[int, str]", "dict"): never the value itself, which may be
+    huge or nested too deeply to print."""
+    if isinstance(value, list):
+        return "[" + ", ".join(type(v).__name__ for v in value[:4]) + (", ..." if len(value) > 4 else "") + "]"
+    return type(value).__name__
+
+
 class DataError(ValueError):
-    def __init__(self, path, line, problem, field=None):
+    """A problem in an input file. `reason` is what BadLines counts by: the field with its indices left out, then
+    `reason` (the kind of problem, given where the problem quotes the data) or else the problem. `skippable`: set
+    when BadLines raised it, i.e. --skip_bad_lines would have skipped it."""
+
+    skippable = False
+
+    def __init__(self, path, line, problem, field=None, reason=None):
         self.path, self.line, self.field, self.problem = str(path), line, field, problem
+        self.reason = (f"field {FIELD_INDEX.sub('[]', field)!r}: " if field else "") + (reason or problem)
         # line: a line number, or a label such as "record 12" for the items of a JSON array
         where = f"{path}:{line}" if line else str(path)
         super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + problem)
 
 
-class BadLines:
-    """Either raise on the first bad line, or (skip=True) count skipped lines by reason."""
+class Tally:
+    """Counts of problems by reason, with the locations of the first few of each."""
 
-    def __init__(self, skip=False):
-        self.skip = skip
-        self.reasons = Counter()
+    def __init__(self):
+        self.counts = Counter()
         self.examples = {}
+
+    def add(self, error: DataError):
+        self.counts[error.reason] += 1
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < 3:
+            examples.append(f"{error.path}:{error.line}")
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    def lines(self):
+        return [f"  {n} x {reason} (at {', '.join(self.examples[reason])}{', ...' if n > 3 else ''})"
+                for reason, n in self.counts.most_common()]
+
+
+class BadLines:
+    """Either raise on the first bad line, or (skip=True) count skipped lines by reason. Problems that the standard
+    reading repairs (an I- tag that opens an entity) are counted as repaired, or with strict_tags are bad lines."""
+
+    def __init__(self, skip=False, strict_tags=False):
+        self.skip, self.strict_tags = skip, strict_tags
+        self.skipped, self.repaired = Tally(), Tally()
 
     def handle(self, error: DataError):
         if not self.skip:
+            error.skippable = True
             raise error
-        reason = (f"field {error.field!r}: " if error.field else "") + error.problem
-        self.reasons[reason] += 1
-        self.examples.setdefault(reason, f"{error.path}:{error.line}")
+        self.skipped.add(error)
+
+    def repair(self, error: DataError):
+        """Count a repaired problem; with strict_tags raise it instead, for the caller to handle as a bad line."""
+        if self.strict_tags:
+            raise error
+        self.repaired.add(error)
 
     @property
     def count(self):
-        return sum(self.reasons.values())
+        return self.skipped.total
 
     def summary(self):
-        if not self.count:
-            return "skipped lines: 0"
-        lines = [f"skipped lines: {self.count}"]
-        lines += [f"  {n} x {reason} (first at {self.examples[reason]})" for reason, n in self.reasons.most_common()]
+        lines = [f"skipped lines: {self.count}", *self.skipped.lines()]
+        if self.repaired.total:
+            lines += [f"repaired: {self.repaired.total}", *self.repaired.lines()]
         return "\n".join(lines)
 
 
 def read_text(path) -> str:
     """The file as text (UTF-8, BOM allowed); undecodable bytes are an error naming the line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, None, "is a folder, not a file")
     if not path.is_file():
         raise DataError(path, None, "file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(path, None, f"cannot read the file ({err.strerror})") from err
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -59,28 +120,73 @@ def read_text(path) -> str:
         raise DataError(path, line, f"not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); re-save the file as UTF-8") from err
 
 
+def text_lines(text):
+    """The lines of a text file split at \n only (a \r before it dropped), unlike str.splitlines()."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def parse_json(text, path, line=None):
+    """json.loads, with invalid JSON and JSON that Python cannot read as DataError (line: where text starts; None
+    for a whole file, whose error names the line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(path, line or err.lineno, f"not valid JSON ({err.msg} at column {err.colno})",
+                        reason=f"not valid JSON ({err.msg})") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise DataError(path, line, f"cannot read the JSON ({err})", reason="cannot read the JSON") from None
+    except RecursionError:
+        raise DataError(path, line, "JSON nested too deeply to parse; flatten or remove it") from None
+
+
+def check_surrogates(value, path, line):
+    """Raise a DataError naming the field of the first string with a lone surrogate (half of a UTF-16 pair, which a
+    \\ud800-style escape can leave in a JSON string; it cannot be written as UTF-8)."""
+    stack = [(None, value)]
+    while stack:  # iterative: a record may be nested deeper than Python's recursion limit allows
+        field, item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                name = f"{field}.{key}" if field else key
+                stack += [(name, key), (name, child)]  # the key is a string too
+        elif isinstance(item, list):
+            stack.extend((f"{field or ''}[{k}]", child) for k, child in enumerate(item))
+        elif isinstance(item, str) and (found := LONE_SURROGATE.search(item)):
+            raise DataError(path, line, f"lone surrogate {found.group()!r} (half of a UTF-16 pair, not a character); "
+                            "fix or remove it", field, reason="lone surrogate (half of a UTF-16 pair)")
+
+
 def iter_json_lines(path, bad_lines: BadLines = None):
     """(line number, object) for each non-blank line of a JSON-lines file."""
     bad_lines = bad_lines or BadLines()
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(text_lines(read_text(path)), start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            bad_lines.handle(DataError(path, number, f"not valid JSON ({err.msg} at column {err.colno})"))
+            record = parse_json(line, path, number)
+            if "\\u" in line:  # the file is valid UTF-8: only an escape can make a lone surrogate
+                check_surrogates(record, path, number)
+        except DataError as err:
+            bad_lines.handle(err)
+            continue
+        yield number, record
 
 
 def iter_json_records(path, bad_lines: BadLines = None):
     """(line number, object) from a JSON array file or a JSON-lines file (detected from the first character)."""
+    bad_lines = bad_lines or BadLines()
     text = read_text(path)
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(path, err.lineno, f"not valid JSON ({err.msg} at column {err.colno})") from err
+        records = parse_json(text, path)
+        escapes = "\\u" in text  # the file is valid UTF-8: only an escape can make a lone surrogate
         # A JSON array has no line per record: errors name the record's position instead.
         for index, record in enumerate(records, start=1):
+            try:
+                if escapes:
+                    check_surrogates(record, path, f"record {index}")
+            except DataError as err:
+                bad_lines.handle(err)
+                continue
             yield f"record {index}", record
     else:
         yield from iter_json_lines(path, bad_lines)
@@ -117,5 +223,13 @@ def write_atomic(path, text: str):
         raise
 
 
+def json_line(record) -> str:
+    """One JSON-lines line: UTF-8 text kept readable, the characters other line readers split at escaped."""
+    line = json.dumps(record, ensure_ascii=False)
+    for char, escape in LINE_BREAKS_IN_STRINGS.items():
+        line = line.replace(char, escape)
+    return line + "\n"
+
+
 def write_jsonl(path, records):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(path, "".join(json_line(r) for r in records))

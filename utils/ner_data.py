@@ -13,7 +13,9 @@ when `bad_lines.skip` is set, is counted there and left out.
 Formats (`FORMATS`, `detect_format` picks one from the file name and content):
 
 - bio: `char<TAB>tag` (or `char tag`) a line, blank line between sentences. Tags BIO, or BIOES / BMES (a file
-  with any E-/S-/M- tag must close every entity with E- or use S-). Weibo's `char+segment position` tokens
+  with any E-/S-/M- tag must close every entity with E- or use S-). In BIO, an I- tag that does not continue an
+  entity of its type opens a new entity, as conlleval and seqeval read it (counted as repaired; an error with
+  `BadLines(strict_tags=True)`). Weibo's `char+segment position` tokens
   (`口0`) are recognised per file (every token longer than one character, ending in digits) and the digits
   dropped. Tokens are joined without spaces (character-level data).
 - bio_parallel: `*sentences*.txt` with the matching `*tags*.txt` beside it, space-separated, line by line.
@@ -39,7 +41,9 @@ import random
 import re
 from pathlib import Path
 
-from utils.data_io import BadLines, DataError, iter_json_records, read_text, require_str
+from utils.data_io import (
+    BadLines, DataError, excerpt, iter_json_records, json_shape, parse_json, read_text, require_str, text_lines,
+)
 
 QUERY_PREFIX = "文本："
 NO_ENTITY = "没有"
@@ -177,8 +181,8 @@ def replace_mentions(examples, copies, seed=0):
 
 
 class TagError(ValueError):
-    def __init__(self, index, problem):
-        self.index = index
+    def __init__(self, index, problem, reason):
+        self.index, self.reason = index, reason  # reason: the kind of problem, without the tags
         super().__init__(problem)
 
 
@@ -188,31 +192,46 @@ def uses_closed_scheme(tags) -> bool:
 
 
 def tag_spans(tags, closed=False):
-    """[(begin, end, type)] (end exclusive, token indices) from BIO / BIOES / BMES tags.
+    """([(begin, end, type)] (end exclusive, token indices), [TagError of each repaired tag]) from BIO / BIOES / BMES
+    tags.
 
-    Raises TagError(index, problem) for a tag that is not O or B-/I-/M-/E-/S- + type, an I-/M-/E- that does not
-    continue an entity of its type, and (closed=True) an entity left without its E-.
+    BIO: an I- tag that does not continue an entity of its type (after O, at the sentence start, or after an entity
+    of another type) opens a new entity of its type, as conlleval and seqeval (by default) read it; the TagError of
+    each such tag is returned for the caller to count or refuse. BIOES / BMES (closed=True) mark where every entity
+    begins and ends, so there such a tag is an error. Raises TagError(index, problem, reason) for a tag that is not O
+    or B-/I-/M-/E-/S- + type, and (closed=True) for an I-/M-/E- that does not continue an entity of its type or an
+    entity left without its E-.
     """
-    spans, start, kind = [], None, None
+    spans, repaired, start, kind = [], [], None, None
     for index, tag in enumerate(tags):
         if tag == "O":
             prefix, tag_kind = "O", None
         else:
             match = TAG_RE.match(tag)
             if not match:
-                raise TagError(index, f"malformed tag {tag!r} (expected O, or B-/I-/M-/E-/S- and a type)")
+                raise TagError(index, f"malformed tag {excerpt(tag)} (expected O, or B-/I-/M-/E-/S- and a type)",
+                               "malformed tag (expected O, or B-/I-/M-/E-/S- and a type)")
             prefix, tag_kind = match.groups()
         if prefix in ("I", "M", "E"):
             if start is None or tag_kind != kind:
                 previous = tags[index - 1] if index else "the sentence start"
-                raise TagError(index, f"{prefix}- tag does not continue an entity of its type (after {previous})")
+                error = TagError(index, f"{prefix}- tag does not continue an entity of its type (after {previous})",
+                                 f"{prefix}- tag does not continue an entity of its type")
+                if closed:
+                    raise error
+                repaired.append(error)
+                if start is not None:
+                    spans.append((start, index, kind))
+                start, kind = index, tag_kind
+                continue
             if prefix == "E":
                 spans.append((start, index + 1, kind))
                 start = None
             continue
         if start is not None:
             if closed:
-                raise TagError(index, f"entity {kind} opened with B- is not closed with E- (next tag {tag})")
+                raise TagError(index, f"entity {kind} opened with B- is not closed with E- (next tag {tag})",
+                               "entity opened with B- is not closed with E-")
             spans.append((start, index, kind))
             start = None
         if prefix == "B":
@@ -221,9 +240,10 @@ def tag_spans(tags, closed=False):
             spans.append((index, index + 1, tag_kind))
     if start is not None:
         if closed:
-            raise TagError(len(tags) - 1, f"entity {kind} opened with B- is not closed with E- at the sentence end")
+            raise TagError(len(tags) - 1, f"entity {kind} opened with B- is not closed with E- at the sentence end",
+                           "entity opened with B- is not closed with E-")
         spans.append((start, len(tags), kind))
-    return spans
+    return spans, repaired
 
 
 def tokens_to_example(tokens, spans):
@@ -258,7 +278,8 @@ def read_bio(path, bad_lines: BadLines = None):
             current = []
             continue
         pair = split_bio_line(line)
-        current.append((number, *pair) if pair else (number, None, f"expected 'character<TAB>tag', got {line!r}"))
+        current.append((number, *pair) if pair
+                       else (number, None, f"expected 'character<TAB>tag', got {excerpt(line)}"))
     if current:
         sentences.append(current)
 
@@ -272,12 +293,14 @@ def read_bio(path, bad_lines: BadLines = None):
         try:
             for number, token, problem in sentence:
                 if token is None:
-                    raise DataError(path, number, problem, "tag")
+                    raise DataError(path, number, problem, "tag", "expected 'character<TAB>tag'")
             tokens = [SEGMENT_TOKEN_RE.match(t).group(1) if strip_digits else t for _, t, _ in sentence]
             try:
-                spans = tag_spans([tag for _, _, tag in sentence], closed)
+                spans, repaired = tag_spans([tag for _, _, tag in sentence], closed)
             except TagError as err:
-                raise DataError(path, sentence[err.index][0], str(err), "tag") from None
+                raise DataError(path, sentence[err.index][0], str(err), "tag", err.reason) from None
+            for err in repaired:
+                bad_lines.repair(DataError(path, sentence[err.index][0], str(err), "tag", err.reason))
         except DataError as err:
             bad_lines.handle(err)
             continue
@@ -316,11 +339,13 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
         try:
             if len(tokens) != len(tags):
                 raise DataError(tags_path, number, f"{len(tags)} tags for the {len(tokens)} characters of line "
-                                f"{number} of {Path(path).name}", "tags")
+                                f"{number} of {Path(path).name}", "tags", "not one tag per character")
             try:
-                spans = tag_spans(tags, closed)
+                spans, repaired = tag_spans(tags, closed)
             except TagError as err:
-                raise DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags") from None
+                raise DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags", err.reason) from None
+            for err in repaired:
+                bad_lines.repair(DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags", err.reason))
         except DataError as err:
             bad_lines.handle(err)
             continue
@@ -368,10 +393,13 @@ def span_json_example(record, path, line):
                 raise DataError(path, line, "missing", f"{field}.entity_index.{key}")
         begin = require_int(index["begin"], path, line, f"{field}.entity_index.begin")
         end = require_int(index["end"], path, line, f"{field}.entity_index.end")
-        if not 0 <= begin < end <= len(text) or text[begin:end] != entity:
+        if not 0 <= begin < end <= len(text):
+            raise DataError(path, line, f"begin={begin}, end={end} is out of range: the text has {len(text)} "
+                            f"characters (0 <= begin < end <= {len(text)})", f"{field}.entity_index", "span out of range")
+        if text[begin:end] != entity:
             hint = " (it matches with end inclusive, but span_json ends are exclusive)" if text[begin:end + 1] == entity else ""
-            raise DataError(path, line, f"begin={begin}, end={end} gives {text[begin:end]!r}, not the entity "
-                            f"{entity!r}{hint}", f"{field}.entity_index")
+            raise DataError(path, line, f"begin={begin}, end={end} gives {excerpt(text[begin:end])}, not the entity "
+                            f"{excerpt(entity)}{hint}", f"{field}.entity_index", "span does not give the entity")
         entities.append((entity, raw_type, begin))
     return text, sorted(entities, key=lambda e: e[2])
 
@@ -384,20 +412,28 @@ def cluener_example(record, path, line):
     label = require_type(record["label"], dict, path, line, "label")
     entities = []
     for raw_type, by_entity in label.items():
-        require_type(by_entity, dict, path, line, f"label.{raw_type}")
+        field = f"label.{raw_type}"  # each message names the entity: in the field, it would count every one apart
+        require_type(by_entity, dict, path, line, field)
         for entity, spans in by_entity.items():
-            field = f"label.{raw_type}.{entity}"
-            require_type(spans, list, path, line, field)
-            if not entity or not spans:
-                raise DataError(path, line, "empty entity or span list", field)
+            if not entity or not (isinstance(spans, list) and spans):
+                raise DataError(path, line, f"expected an entity and a non-empty list of [begin, end], got the entity "
+                                f"{excerpt(entity)} with {json_shape(spans)}", field,
+                                "expected an entity and a non-empty list of [begin, end]")
             for span in spans:
-                if not (isinstance(span, list) and len(span) == 2):
-                    raise DataError(path, line, f"expected [begin, end], got {span!r}", field)
-                begin, end = (require_int(v, path, line, field) for v in span)
-                if not 0 <= begin <= end < len(text) or text[begin:end + 1] != entity:
-                    hint = " (it matches with end exclusive, but CLUENER ends are inclusive)" if text[begin:end] == entity else ""
-                    raise DataError(path, line, f"[{begin}, {end}] gives {text[begin:end + 1]!r}, not the entity "
-                                    f"{entity!r}{hint}", field)
+                if not (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)):
+                    raise DataError(path, line, f"expected [begin, end] (integers) for the entity {excerpt(entity)}, "
+                                    f"got {json_shape(span)}", field, "expected [begin, end] (integers)")
+                begin, end = span
+                # CLUENER ends are inclusive: say so when the span fits with an exclusive end
+                hint = (" (it matches with end exclusive, but CLUENER ends are inclusive)"
+                        if 0 <= begin < end <= len(text) and text[begin:end] == entity else "")
+                if not 0 <= begin <= end < len(text):
+                    raise DataError(path, line, f"[{begin}, {end}] for the entity {excerpt(entity)} is out of range: "
+                                    f"the text has {len(text)} characters (0 <= begin <= end < {len(text)}){hint}",
+                                    field, "span out of range")
+                if text[begin:end + 1] != entity:
+                    raise DataError(path, line, f"[{begin}, {end}] gives {excerpt(text[begin:end + 1])}, not the "
+                                    f"entity {excerpt(entity)}{hint}", field, "span does not give the entity")
                 entities.append((entity, raw_type, begin))
     return text, sorted(entities, key=lambda e: e[2])
 
@@ -436,7 +472,8 @@ def read_history(value, path, line, field):
     require_type(value, list, path, line, field)
     for k, pair in enumerate(value):
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise DataError(path, line, f"expected [user, assistant], got {pair!r}"[:200], f"{field}[{k}]")
+            raise DataError(path, line, f"expected [user, assistant], got {json_shape(pair)}", f"{field}[{k}]",
+                            "expected [user, assistant]")
         for j, text in enumerate(pair):
             if not isinstance(text, str) or not text.strip():
                 raise DataError(path, line, "expected a non-empty string", f"{field}[{k}][{j}]")
@@ -478,12 +515,13 @@ def conversation_record(record, path, line):
             continue
         expected = USER_ROLES if len(roles) % 2 == 0 else ASSISTANT_ROLES
         if role not in expected:
-            raise DataError(path, line, f"expected one of {list(expected)} (turns alternate, user first), got {role!r}",
-                            f"{field}.{role_key}")
+            raise DataError(path, line, f"expected one of {list(expected)} (turns alternate, user first), got "
+                            f"{excerpt(role)}", f"{field}.{role_key}", f"expected one of {list(expected)}")
         roles.append(role)
         texts.append(text)
     if not texts or len(texts) % 2:
-        raise DataError(path, line, f"{len(texts)} user/assistant turns; a conversation ends with an assistant turn", key)
+        raise DataError(path, line, f"{len(texts)} user/assistant turns; a conversation ends with an assistant turn",
+                        key, "a conversation ends with an assistant turn")
     pairs = [texts[i:i + 2] for i in range(0, len(texts), 2)]
     result = {"instruct": system, "query": pairs[-1][0], "answer": pairs[-1][1]}
     if len(pairs) > 1:
@@ -550,17 +588,13 @@ def detect_format(path) -> str:
     text = read_text(path)
     body = text.lstrip()
     if body.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(path, err.lineno, f"not valid JSON ({err.msg} at column {err.colno})") from err
-        sample = [r for r in records if isinstance(r, dict)][:1]
+        sample = [r for r in parse_json(text, path) if isinstance(r, dict)][:1]
     elif body.startswith("{"):
         sample = []
-        for line in text.splitlines()[:200]:
+        for number, line in enumerate(text_lines(text)[:200], start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_json(line, path, number)
+            except DataError:
                 continue
             if isinstance(record, dict):
                 sample = [record]
