@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 from utils.config_utils import parse_config
+from utils.errors import UserError
 from utils.model_utils import (
     DTYPES,
     REPO_ROOT,
@@ -57,7 +58,7 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """The request cannot be carried out; the message says why and what to change."""
 
 

@@ -103,7 +103,7 @@ try:
                 items[split].append((input_format, *item) if kind == "ner" else item[0])
             print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
 except DataError as err:
-    fail(f"{err}" + (" (--skip_bad_lines skips such lines and counts them)" if err.skippable else ""), err)
+    fail(f"{err}{err.hint}", err)
 if len(kinds) > 1:
     sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
 kind = kinds.pop()

@@ -29,9 +29,7 @@ import json
 import math
 import os
 import random
-import re
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -54,16 +52,15 @@ from utils.train_utils import (
     check_weights_finite,
     checkpoint_dir,
     data_paths,
-    find_resume_checkpoint,
     gathered_state_dict,
     load_datasets,
     peak_memory_gib,
     plot_loss,
-    prepare_output_dir,
     print_trainable_parameters,
     save_adapter,
     save_full_model,
 )
+from utils.run_dirs import check_output_dir, finish_output_dir, find_resume_checkpoint, mark_complete, prepare_output_dir, rotate_checkpoints
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
@@ -92,10 +89,10 @@ DEFAULTS = {
     "logging_steps": 10,
     "eval_steps": 100,
     "save_steps": 100,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
-    "save_total_limit": 2,  # checkpoint-N folders kept (<= 0: all)
+    "save_total_limit": 2,  # complete checkpoint-N folders kept (<= 0: all)
     "seed": 42,
-    "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
-    "overwrite_output_dir": False,
+    "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in output_dir, or a path
+    "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
     "deepspeed": "deepspeed.json",  # the DeepSpeed config; its "auto" values are filled from this config
     "local_rank": -1,  # set by the deepspeed launcher
 }
@@ -198,18 +195,10 @@ else:
     device = torch.device(accelerator.device_name(local_rank))
 master = rank == 0
 
-# The output folder: one process guards and creates it; every process learns whether that failed.
+# The output folder: refused before anything loads if it holds a run that is neither resumed nor overwritten.
 output_dir = checkpoint_dir(config, "train_deepspeed")
 resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
-failure = [None]
-if master:
-    try:
-        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
-    except Exception as error:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
-        failure[0] = error
-dist.broadcast_object_list(failure, src=0)
-if failure[0] is not None:
-    raise failure[0]
+check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model with LoRA, or all weights trainable (--method=full). "auto" dtype follows the device the engine trains on
@@ -242,6 +231,18 @@ if eval_data is not None:
                              collate_fn=collate, generator=torch.Generator().manual_seed(config["seed"]))
     # Every rank runs the same number of forward passes (ZeRO-3 gathers weights in them); extra ones are not counted.
     eval_batches = math.ceil(math.ceil(len(eval_data) / world_size) / config["per_device_eval_batch_size"])
+
+# Config, model and data are good: only now is an overwritten run moved aside. One process does it; every process
+# learns whether that failed.
+failure = [None]
+if master:
+    try:
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+    except Exception as error:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
+        failure[0] = error
+dist.broadcast_object_list(failure, src=0)
+if failure[0] is not None:
+    raise failure[0]
 
 # Steps as the Trainer counts them: an epoch's last optimizer step takes the micro-batches that are left.
 micro_batches_per_epoch = math.ceil(sampler.num_samples / batch_size)
@@ -299,6 +300,7 @@ if master:
 # client state (RNG per rank, next to it).
 global_step, epoch, batches_done, tokens_seen, log_history = 0, 0, 0, 0, []
 pending = {"loss": 0.0, "steps": 0, "tokens": 0}  # summed over ranks since the last log line
+loss_sum_at_start = 0.0  # the step losses of earlier sessions, summed: train_loss covers every step
 if resume:
     resume = Path(resume)
     load_path, client = engine.load_checkpoint(str(resume), load_module_strict=False)  # the tag in resume/latest
@@ -309,6 +311,7 @@ if resume:
                          f"micro-batches per epoch; this run has {world_size} and {micro_batches_per_epoch}: the data order would differ")
     global_step, epoch, batches_done = client["global_step"], client["epoch"], client["batches_done"]
     tokens_seen, log_history, pending = client["tokens_seen"], client["log_history"], client["pending"]
+    loss_sum_at_start = client["train_loss_sum"]
     set_rng_state(torch.load(resume / f"rng_state_{rank}.pth", weights_only=True))
     if batches_done >= micro_batches_per_epoch:
         epoch, batches_done = epoch + 1, 0
@@ -339,14 +342,16 @@ def evaluate():
 
 def save_checkpoint():
     """checkpoint-N/ as the Trainer lays it out under DeepSpeed: global_stepN/ (DeepSpeed state of the trainable
-    weights, optimizer, schedule; client state: step, data position, log) + latest, rng_state_<rank>.pth, the adapter
-    of step N and trainer_state.json. Older checkpoints beyond save_total_limit are removed."""
+    weights, optimizer, schedule; client state: step, data position, log, loss sum) + latest, rng_state_<rank>.pth,
+    the adapter of step N and trainer_state.json. Once every rank has written its part, the checkpoint is marked
+    complete and only then are older checkpoints beyond save_total_limit removed (utils/run_dirs.py)."""
     folder = output_dir / f"checkpoint-{global_step}"
     # What was trained since the last log line, so that a resumed run logs the same averages.
     pending = {"loss": all_reduce_sum(loss_since_log).item(), "steps": steps_since_log, "tokens": int(all_reduce_sum(tokens_since_log))}
     client = {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "tokens_seen": tokens_seen,
               "pending": pending, "log_history": log_history, "world_size": world_size,
-              "micro_batches_per_epoch": micro_batches_per_epoch}
+              "micro_batches_per_epoch": micro_batches_per_epoch,
+              "train_loss_sum": loss_sum_at_start + all_reduce_sum(run_loss).item()}
     engine.save_checkpoint(str(folder), tag=f"global_step{global_step}", client_state=client, exclude_frozen_parameters=True)
     torch.save(rng_state(), folder / f"rng_state_{rank}.pth")
     if not full:  # the adapter of step N (full fine-tuning: the DeepSpeed state holds the weights)
@@ -356,11 +361,10 @@ def save_checkpoint():
     if master:
         state = {"global_step": global_step, "epoch": epoch + batches_done / micro_batches_per_epoch, "log_history": log_history}
         (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if config["save_total_limit"] > 0:
-            saved = sorted((p for p in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-                           key=lambda p: int(p.name.split("-")[1]))
-            for old in saved[: -config["save_total_limit"]]:
-                shutil.rmtree(old)
+    dist.barrier()  # every rank's part is written
+    if master:
+        mark_complete(folder)
+        rotate_checkpoints(output_dir, config["save_total_limit"])
     dist.barrier()
 
 
@@ -384,7 +388,9 @@ progress = tqdm(total=total_steps, initial=global_step, desc="training", disable
 # Counted on each rank, summed over ranks when logged; what a checkpoint had pending goes to rank 0.
 loss_since_log = torch.tensor(pending["loss"] if master else 0.0, device=device)
 steps_since_log, tokens_since_log = pending["steps"], pending["tokens"] if master else 0
-run_loss, eval_loss = torch.zeros((), device=device), None
+run_loss = torch.zeros((), device=device)
+# A run resumed from its last checkpoint trains no step: its metrics keep the last eval loss it logged.
+eval_loss = next((entry["eval_loss"] for entry in reversed(log_history) if "eval_loss" in entry), None)
 started = log_started = time.time()
 while global_step < total_steps and epoch < num_epochs:
     sampler.set_epoch(epoch)
@@ -443,7 +449,7 @@ train_runtime = time.time() - started
 steps_run = global_step - start_step
 metrics = {
     "train_runtime": round(train_runtime, 2),
-    "train_loss": all_reduce_sum(run_loss).item() / max(steps_run, 1),
+    "train_loss": (loss_sum_at_start + all_reduce_sum(run_loss).item()) / max(global_step, 1),  # over every step
     "train_steps_per_second": round(steps_run / train_runtime, 3),
     "epoch": round(epoch + batches_done / micro_batches_per_epoch, 4),
     "global_step": global_step,
@@ -475,6 +481,7 @@ else:
 if master:
     writer.close()
     plot_loss(log_history, output_dir / "loss.png")
+    finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"{saved}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
 dist.barrier()

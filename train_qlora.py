@@ -26,12 +26,11 @@ from utils.train_utils import (
     add_lora,
     checkpoint_dir,
     data_paths,
-    find_resume_checkpoint,
     finish_trainer_run,
     load_datasets,
     prepare_kbit_model,
-    prepare_output_dir,
 )
+from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
 
 DEFAULTS = {
     "train_args_json": "chatGLM_6B_QLoRA.json",
@@ -49,8 +48,8 @@ DEFAULTS = {
     "lora_target_modules": "all",  # every linear layer of the blocks; or a comma list such as query_key_value
     "compute_dtype": "auto",  # dtype of the 4-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
     "gradient_checkpointing": True,
-    "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in the output folder, or a path
-    "overwrite_output_dir": False,
+    "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in the output folder, or a path
+    "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
 }
 
 
@@ -79,8 +78,7 @@ def main(config):
     json_output_dir = json.loads(Path(config["train_args_json"]).read_text(encoding="utf-8")).get("output_dir")
     output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir(config, "train_qlora"))
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+    check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 
     device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["compute_dtype"], device)
@@ -103,6 +101,9 @@ def main(config):
     model.print_trainable_parameters()
 
     train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config)
+    # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     trainer = Trainer(

@@ -34,15 +34,14 @@ from utils.train_utils import (
     add_lora,
     checkpoint_dir,
     data_paths,
-    find_resume_checkpoint,
     check_method,
     finish_trainer_run,
     gathered_state_dict,
     gathered_trainable_parameters,
     load_datasets,
-    prepare_output_dir,
     print_trainable_parameters,
 )
+from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
@@ -72,10 +71,10 @@ DEFAULTS = {
     "logging_steps": 10,
     "eval_steps": 100,
     "save_steps": 100,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
-    "save_total_limit": 2,
+    "save_total_limit": 2,  # complete checkpoint-N folders kept (<= 0: all)
     "seed": 42,
-    "resume_from_checkpoint": "",  # "auto" = latest checkpoint-N in output_dir, or a path
-    "overwrite_output_dir": False,
+    "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in output_dir, or a path
+    "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
     "deepspeed": "",  # a DeepSpeed config file; under the deepspeed launcher or mpirun defaults to deepspeed.json
     "local_rank": -1,  # set by the deepspeed launcher
     "report_to": "tensorboard",
@@ -88,8 +87,7 @@ def main(config):
     launched_by_deepspeed = config["local_rank"] >= 0 or launched_by_mpi
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched_by_deepspeed else None)
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
-    if int(os.environ.get("RANK", "0")) == 0:  # one process guards and creates the folder
-        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+    check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
     # is chosen for the device that trains, also when the weights are loaded on the CPU first. The weights are in it
@@ -110,6 +108,9 @@ def main(config):
         model.print_trainable_parameters()
 
     train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model.model_version, config)
+    # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     args = TrainingArguments(

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from conftest import REPO_ROOT, VERSIONS
-from test_training import logged_losses, run_script
+from test_training import final_train_loss, logged_losses, run_script
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
@@ -107,6 +107,7 @@ def test_train_qlora_resumed_run_ends_at_the_uninterrupted_loss(trainable_models
     uninterrupted, resumed = logged_losses(full, 20), logged_losses(interrupted, 20)
     assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)
     assert resumed[15] == pytest.approx(uninterrupted[15], rel=0.01)
+    assert final_train_loss(interrupted) == pytest.approx(final_train_loss(full), rel=1e-3)  # over all 20 steps
 
 
 def test_train_qlora_rejects_unknown_training_arguments(trainable_models, sixteen_examples, tmp_path):

@@ -19,6 +19,10 @@ def logged_losses(run_dir, checkpoint_step):
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
+def final_train_loss(run_dir):
+    return json.loads((run_dir / "adapter_model" / "train_args.json").read_text())["metrics"]["train_loss"]
+
+
 def saved_model_eval_loss(model_dir, data_file, batch_size=4, world_size=1):
     """Eval loss of a saved model folder on data_file as the training scripts compute it: each batch's mean over its
     target tokens, averaged over the examples. With several processes each evaluates examples rank, rank + world_size,
@@ -101,6 +105,8 @@ def test_train_trainer_resumed_run_ends_at_the_uninterrupted_loss(trainable_mode
     uninterrupted, resumed = logged_losses(full, 30), logged_losses(interrupted, 30)
     assert resumed[30] == pytest.approx(uninterrupted[30], rel=0.01)
     assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)
+    # train_loss covers all 30 steps, not only the 15 of the resumed part.
+    assert final_train_loss(interrupted) == pytest.approx(final_train_loss(full), rel=1e-3)
 
 
 def test_train_trainer_never_overwrites_a_finished_run(trainable_models, sixteen_examples, tmp_path):
@@ -138,5 +144,5 @@ def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_adapter(trainabl
          "--warmup_steps=0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "TrainingDiverged: training diverged at step" in result.stderr and "lower --learning_rate" in result.stderr
+    assert "error: training diverged at step" in result.stderr and "lower --learning_rate" in result.stderr
     assert not (run_dir / "adapter_model").exists()

@@ -12,10 +12,12 @@ import difflib
 import json
 import sys
 
+from utils.errors import UserError, install_error_hook
+
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -102,10 +104,16 @@ def describe(defaults: dict) -> str:
 
 
 def parse_config(defaults: dict, argv=None, description="") -> dict:
-    """The script's config: defaults overridden by the command line. Exits with a clear message on bad input."""
+    """The script's config: defaults overridden by the command line. Exits with a clear message on bad input. Also
+    installs the error hook of utils/errors.py: from here on an error that is the input's fault prints one line and
+    exits 1 (`--debug`, accepted by every script, shows its traceback too)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "debug" not in flatten(defaults) and "--debug" in argv
+    argv = [arg for arg in argv if not (debug and arg == "--debug")]
+    install_error_hook(debug)
     if "-h" in argv or "--help" in argv:
-        print((description.strip() + "\n\n" if description else "") + "Options (defaults shown):\n" + describe(defaults))
+        print((description.strip() + "\n\n" if description else "") + "Options (defaults shown):\n" + describe(defaults)
+              + "\n  --debug  (show the traceback of an error, not only its message)")
         sys.exit(0)
     try:
         return apply_overrides(defaults, argv)

@@ -11,6 +11,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from utils.errors import UserError
+
 
 # Line breaks to str.splitlines() and other line readers that json.dumps(ensure_ascii=False) leaves raw inside strings
 # (it escapes those below U+0020): write_jsonl escapes them. The readers here split at \n only (text_lines).
@@ -34,12 +36,16 @@ def json_shape(value) -> str:
     return type(value).__name__
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in an input file. `reason` is what BadLines counts by: the field with its indices left out, then
     `reason` (the kind of problem, given where the problem quotes the data) or else the problem. `skippable`: set
     when BadLines raised it, i.e. --skip_bad_lines would have skipped it."""
 
     skippable = False
+
+    @property
+    def hint(self):
+        return " (--skip_bad_lines skips such lines and counts them)" if self.skippable else ""
 
     def __init__(self, path, line, problem, field=None, reason=None):
         self.path, self.line, self.field, self.problem = str(path), line, field, problem
@@ -206,14 +212,26 @@ def require_str(record, field, path, line, allow_empty=False):
     return value
 
 
+def fsync_path(path):
+    """Flush a file's data (or a folder's entries) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_atomic(path, text: str):
-    """Write text to path through a temporary file in the same folder, then rename it into place."""
+    """Write text to path through a temporary file in the same folder, flushed to disk and then renamed into place
+    (the rename flushed too): after a crash or power loss the path holds the old text or the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -221,6 +239,7 @@ def write_atomic(path, text: str):
     except BaseException:
         os.unlink(temporary)
         raise
+    fsync_path(path.parent)
 
 
 def json_line(record) -> str:

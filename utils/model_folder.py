@@ -4,19 +4,18 @@ the tokenizer file with tokenizer_config.json, generation_config.json if the sou
 files. merge_lora_and_quantize.py writes merged (and quantized) models with it, the training scripts the weights of a
 full fine-tuning run (--method=full).
 
-Folders are written under a hidden sibling name and renamed at the end, so a failure never leaves a half-written
+Folders are written under a hidden sibling name and swapped in at the end, so a failure never leaves a half-written
 model where a good one was (or was expected)."""
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
+from utils.run_dirs import StagingFolder, current_umask, fsync_tree, replace_folder
 
 MODEL_FILES = (
     "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
@@ -128,24 +127,23 @@ def write_model_folder(folder, state, config, version, source_dir, max_shard_byt
 
 @contextlib.contextmanager
 def staged_folder(output_path, replace=False):
-    """Yields a new hidden sibling folder of `output_path` to write into; renamed to `output_path` when the block
-    ends without error, removed otherwise. An existing `output_path` is an error, unless `replace` (then it is
-    removed only once the new folder is complete)."""
+    """Yields a new hidden sibling folder of `output_path` to write into; when the block ends without error it is
+    flushed to disk and swapped in at `output_path`, otherwise removed. An existing `output_path` is an error, unless
+    `replace` (then it is replaced only by the complete new folder). A staging folder left by a killed process is
+    removed by the next one (utils/run_dirs.py)."""
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.partial-", dir=output_path.parent))
+    staging = StagingFolder(output_path)
     try:
-        yield staging
-        # mkdtemp (and safetensors) create private files; a model folder gets the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (staging, *staging.rglob("*")):
+        yield staging.path
+        # mkstemp (and safetensors) create private files; a model folder gets the usual permissions
+        umask = current_umask()
+        for path in (staging.path, *staging.path.rglob("*")):
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        if output_path.exists():
-            if not replace:
-                raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
-            shutil.rmtree(output_path)
-        staging.rename(output_path)
+        fsync_tree(staging.path)
+        if output_path.exists() and not replace:
+            raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
+        replace_folder(staging.path, output_path)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.release(remove=True)
         raise
+    staging.release(remove=False)

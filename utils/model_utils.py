@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_SCRIPTS = REPO_ROOT / "remote_scripts"
 VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
@@ -22,7 +24,7 @@ DTYPES = {
 }
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError, ValueError):
     """A model folder is missing a file or its files disagree; the message names the file and the fix."""
 
 

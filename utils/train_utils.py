@@ -3,18 +3,20 @@ k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json)
 export (an official-layout model folder + train_args.json), the loss plot and a Trainer that logs peak memory."""
 import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from transformers.trainer_pt_utils import nested_gather
 
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, TextDataset
+from utils.errors import UserError
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import read_config
+from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
 
 ADAPTER_DIR = "adapter_model"
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
@@ -34,35 +36,6 @@ def data_paths(config):
 def checkpoint_dir(config, script):
     """checkpoint/<data_name>/<script>/ unless output_dir is given."""
     return Path(config["output_dir"] or Path("checkpoint") / config["data_name"] / script)
-
-
-def last_checkpoint(output_dir):
-    return transformers.trainer_utils.get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-
-
-def find_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint to resume from: None for a fresh run, the latest checkpoint-N for "auto", or the given path."""
-    if not resume_from_checkpoint:
-        return None
-    auto = resume_from_checkpoint in ("auto", "true", "latest")
-    resume = last_checkpoint(output_dir) if auto else resume_from_checkpoint
-    if not resume or not Path(resume).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint={resume_from_checkpoint!r}: no checkpoint-* folder found in {output_dir}")
-    return resume
-
-
-def prepare_output_dir(output_dir, resume, overwrite):
-    """Create output_dir. A folder that already holds a run is reused only when resuming, or emptied first when
-    overwrite is set: a finished run is never overwritten by accident."""
-    output_dir = Path(output_dir)
-    if not resume and output_dir.is_dir() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} already holds a run. Resume it with --resume_from_checkpoint=auto, replace it with "
-                "--overwrite_output_dir=true, or choose another --output_dir."
-            )
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def lora_target_modules(spec):
@@ -125,15 +98,11 @@ def add_lora(model, lora):
 
 def save_adapter(model, output_dir, train_args: dict):
     """The adapter in PEFT format (adapter_config.json + adapter_model.safetensors) and the run's settings, in
-    <output_dir>/adapter_model/. Written next to the old one and swapped in, so a crash keeps the last good adapter."""
+    <output_dir>/adapter_model/. Written aside and swapped in, so a crash keeps the last good adapter."""
     final = Path(output_dir) / ADAPTER_DIR
-    staging = final.with_name(ADAPTER_DIR + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), safe_serialization=True)
-    write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+    with staged_folder(final, replace=True) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
     return final
 
 
@@ -200,7 +169,7 @@ def peak_memory_gib():
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     pass
 
 
@@ -219,9 +188,36 @@ def check_weights_finite(model, step):
             "The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) and train again.")
 
 
+class _NothingLeftToTrain(Exception):
+    pass
+
+
+class _StopAtPlannedEnd(transformers.TrainerCallback):
+    """The Trainer checks for the end of training only after a step: resumed from a checkpoint of the last step
+    (killed during the final save) it would train one step too many. This stops it before that step."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _NothingLeftToTrain
+
+
 class Trainer(transformers.Trainer):
-    """transformers.Trainer that also logs the peak GPU memory (tokens/s come from include_num_input_tokens_seen) and
-    stops with TrainingDiverged once the trained weights are NaN/inf (checked at each training log line)."""
+    """transformers.Trainer that
+    - logs the peak GPU memory (tokens/s come from include_num_input_tokens_seen), and stops with TrainingDiverged once
+      the trained weights are NaN/inf (checked at each training log line);
+    - marks each checkpoint complete once all of it is on disk, and only then rotates old ones out (the Trainer's own
+      rotation, which could delete the last complete checkpoint before the new one is whole, is turned off), so
+      --resume_from_checkpoint=auto never picks a checkpoint cut off by a crash (utils/run_dirs.py);
+    - reports train_loss over all the steps of a resumed run (the Trainer averages over the resumed part only), from
+      the loss sum recorded in each checkpoint's marker;
+    - trains no extra step when resumed from the checkpoint of the last step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = self.args.save_total_limit or 0
+        self.args.save_total_limit = None
+        self.add_callback(_StopAtPlannedEnd)
+        self.loss_sum_at_start = 0.0
 
     def log(self, logs, start_time=None):
         if torch.cuda.is_available():
@@ -229,6 +225,32 @@ class Trainer(transformers.Trainer):
         if "loss" in logs:
             check_weights_finite(self.model, self.state.global_step)
         super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        step_at_start = 0
+        if resume_from_checkpoint:
+            record = checkpoint_record(resume_from_checkpoint)
+            self.loss_sum_at_start, step_at_start = record["train_loss_sum"], record["step"]
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except _NothingLeftToTrain:  # the checkpoint's weights are loaded; finish as the Trainer would
+            output = self._finalize_training(None, 0, time.time())
+        loss = (self.loss_sum_at_start + output.training_loss * (output.global_step - step_at_start)) / max(output.global_step, 1)
+        output.metrics["train_loss"] = loss
+        return transformers.trainer_utils.TrainOutput(output.global_step, loss, output.metrics)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # The loss summed over every step so far: this session's logged part, what is pending since the last log
+        # line (averaged over processes as the log does; every process takes part), and what earlier sessions did.
+        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        loss_sum = self.loss_sum_at_start + self._total_loss_scalar + pending
+        self.accelerator.wait_for_everyone()  # every process has written its part of the checkpoint
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            mark_complete(run_dir / f"checkpoint-{self.state.global_step}", {"train_loss_sum": loss_sum})
+            rotate_checkpoints(run_dir, self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
 
 
 DATA_FORMATS = ("instruction", "text")
@@ -298,6 +320,7 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     else:
         saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
     plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
+    finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"{saved}\nloss curve: {Path(output_dir) / 'loss.png'}\nTensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
     return metrics

@@ -1,0 +1,150 @@
+"""Run folders that survive crashes (utils/run_dirs.py): which checkpoints count as complete, rotation, overwriting a
+run only once the new one has loaded its data, staging folders of dead writers cleaned up, folders swapped whole; and
+the scripts' one-line errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO_ROOT
+from utils import run_dirs
+from utils.model_folder import staged_folder
+
+
+def fake_checkpoint(run_dir, step, complete=True):
+    folder = run_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").write_bytes(b"x" * 1000)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        run_dirs.mark_complete(folder, {"train_loss_sum": float(step)})
+    return folder
+
+
+def test_auto_resumes_from_the_newest_complete_checkpoint_and_says_what_it_skipped(tmp_path, capsys):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 6, complete=False)  # killed before its marker
+    cut = fake_checkpoint(tmp_path, 8)
+    (cut / "optimizer.pt").write_bytes(b"x" * 10)  # marked, then cut short (a disk that lost the end of a file)
+    fake_checkpoint(tmp_path, 10)
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    assert run_dirs.find_resume_checkpoint(tmp_path, "auto") == tmp_path / "checkpoint-4"
+    out = capsys.readouterr().out
+    assert "checkpoint-10 (trainer_state.json is missing)" in out
+    assert "checkpoint-8 (optimizer.pt has 10 bytes, not the 1000 it was saved with)" in out
+    assert "checkpoint-6 (no checkpoint_complete.json: its save was cut off)" in out
+    assert run_dirs.checkpoint_record(tmp_path / "checkpoint-4")["train_loss_sum"] == 4.0
+    # A path given by hand must be complete too.
+    with pytest.raises(run_dirs.CheckpointError, match="checkpoint-6: not a complete checkpoint .no checkpoint_complete.json"):
+        run_dirs.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-6"))
+    # Rotation keeps the newest complete ones and removes every incomplete one.
+    fake_checkpoint(tmp_path, 12)
+    run_dirs.rotate_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-4"]
+    # No complete checkpoint at all: a clear error naming the incomplete ones.
+    empty = tmp_path / "other"
+    fake_checkpoint(empty, 3, complete=False)
+    with pytest.raises(run_dirs.CheckpointError, match=r"no complete checkpoint-N folder in .*other; incomplete: checkpoint-3"):
+        run_dirs.find_resume_checkpoint(empty, "auto")
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_replace_folder_swaps_a_whole_folder_in(exchange, tmp_path, monkeypatch):
+    if not exchange:
+        monkeypatch.setattr(run_dirs, "_exchange", lambda first, second: False)
+    final, new = tmp_path / "adapter_model", tmp_path / "new"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    run_dirs.replace_folder(new, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_model"]
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+
+
+def test_a_staging_folder_of_a_killed_writer_is_removed_by_the_next_one_and_a_live_ones_is_kept(tmp_path):
+    output = tmp_path / "merged"
+    # One writer is killed (SIGKILL) inside its staging folder; another is alive and holds its lock.
+    writer = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from utils.model_folder import staged_folder
+        with staged_folder({str(output)!r}) as staging:
+            (staging / "model.safetensors").write_bytes(b"x" * 100)
+            print(staging.name, flush=True)
+            if sys.argv[1] == "die":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)
+    """)
+    dead = subprocess.run([sys.executable, "-c", writer, "die"], capture_output=True, text=True, timeout=60)
+    assert dead.returncode == -signal.SIGKILL
+    dead_staging = tmp_path / dead.stdout.strip()
+    assert dead_staging.is_dir()
+    alive = subprocess.Popen([sys.executable, "-c", writer, "live"], stdout=subprocess.PIPE, text=True)
+    try:
+        # The next writer removes the dead one's folder and its lock, and says so.
+        assert alive.stdout.readline().strip() == f"removed {dead_staging}: a staging folder left by an interrupted run"
+        live_staging = tmp_path / alive.stdout.readline().strip()
+        assert not dead_staging.exists() and not dead_staging.with_name(dead_staging.name + ".lock").exists()
+        with staged_folder(output) as staging:
+            (staging / "config.json").write_text("{}")
+        assert live_staging.is_dir()
+        assert [p.name for p in output.iterdir()] == ["config.json"]
+    finally:
+        alive.kill()
+        alive.wait()
+    # Once its writer is gone, the next writer removes that one too.
+    with staged_folder(output, replace=True):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_prepare_output_dir_keeps_the_last_finished_run_until_the_new_one_finishes(tmp_path):
+    run_dir, previous = tmp_path / "run", tmp_path / "run.previous"
+    (run_dir / "adapter_model").mkdir(parents=True)
+    (run_dir / "adapter_model" / "old").write_text("old adapter")
+    with pytest.raises(run_dirs.OutputDirError, match="already holds a run"):
+        run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=False)
+    run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=True)
+    assert (previous / "adapter_model" / "old").read_text() == "old adapter" and list(run_dir.iterdir()) == []
+    # The new run is killed before it finishes, and overwritten again: its leftovers go, the finished run stays.
+    (run_dir / "checkpoint-3").mkdir()
+    run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=True)
+    assert list(run_dir.iterdir()) == [] and (previous / "adapter_model" / "old").is_file()
+    run_dirs.finish_output_dir(run_dir)
+    assert not previous.exists()
+
+
+def test_overwrite_checks_the_data_first_and_errors_are_one_line(trainable_models, sixteen_examples, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "adapter_model").mkdir(parents=True)
+    (run_dir / "adapter_model" / "adapter_model.safetensors").write_bytes(b"the old adapter")
+    (run_dir / "notes.txt").write_text("mine")
+    bad = tmp_path / "train.txt"
+    bad.write_text(sixteen_examples.read_text(encoding="utf-8") + '{"instruct": 1}\n', encoding="utf-8")
+    args = [sys.executable, "train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={bad}",
+            "--dev_file=none.txt", f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--max_steps=2", "--save_steps=0",
+            "--report_to=none"]
+    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}:17: field 'instruct': expected a string, got int (--skip_bad_lines skips such lines and counts them)")
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter_model", "notes.txt"] and not (tmp_path / "run.previous").exists()
+    assert (run_dir / "adapter_model" / "adapter_model.safetensors").read_bytes() == b"the old adapter"
+    # --debug shows the traceback as well.
+    result = subprocess.run([*args, "--debug"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "DataError" in result.stderr
+    # With good data the new run replaces the old one, and the old one is gone once the new adapter is written.
+    args[3] = f"--train_file={sixteen_examples}"
+    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the old run is kept in" in result.stdout and "removed the old run" in result.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter_model", "loss.png"]
+    assert (run_dir / "adapter_model" / "adapter_config.json").is_file() and not (tmp_path / "run.previous").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.txt"]

@@ -1,0 +1,280 @@
+"""Run folders and checkpoints that a crash at any instant (kill -9, power loss) leaves loadable.
+
+- A checkpoint-N/ folder counts only once its marker file, `checkpoint_complete.json`, exists. The marker is written
+  last, after every file of the checkpoint is on disk (fsync), and records each file's size; `auto` resumes from the
+  newest complete checkpoint and says which newer ones it skipped and why. Old checkpoints are rotated out only after
+  the new one is complete.
+- Finished outputs (the adapter, a model folder) are written into a staging folder beside their place and swapped in
+  with one rename, so the old one stays until the new one is whole. A staging folder holds an flock on its `.lock` file
+  while it is written; one whose lock nobody holds was left by a dead process, and the next writer removes it.
+- Overwriting a run (--overwrite_output_dir) moves the old run to `<output_dir>.previous/` only once the new run's
+  config, model and data have loaded, and deletes it once the new run has written its final output.
+"""
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from utils.data_io import fsync_path, write_atomic
+from utils.errors import UserError
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+class CheckpointError(UserError, FileNotFoundError):
+    pass
+
+
+class OutputDirError(UserError, FileExistsError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ durable writes
+
+def fsync_tree(folder):
+    """Every file and folder under `folder`, and `folder` itself, flushed to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _exchange(first, second):
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):  # kernel or file system without it
+        return False
+    raise OSError(error, os.strerror(error), str(first))
+
+
+def replace_folder(new, final):
+    """Put the folder `new` at `final`, replacing what is there, so that at every instant `final` is either the old
+    folder or the new one (one atomic exchange where the system has it; else two renames, with the old folder kept
+    under `<final>.old-<pid>` in between)."""
+    new, final = Path(new), Path(final)
+    if not final.exists():
+        os.rename(new, final)
+    elif _exchange(new, final):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(new, final)
+        shutil.rmtree(old)
+    fsync_path(final.parent)
+
+
+# ------------------------------------------------------------------------------------------------ staging folders
+
+def remove_dead_staging(output_path):
+    """Remove the staging folders of `output_path` left by processes that died while writing them (their lock is
+    free); returns the removed paths. Staging folders of live writers are left alone."""
+    output_path = Path(output_path)
+    removed = []
+    for lock_path in output_path.parent.glob(f".{glob_escape(output_path.name)}.partial-*.lock"):
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is alive
+            staging = lock_path.with_name(lock_path.name[: -len(".lock")])
+            shutil.rmtree(staging, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+            removed.append(staging)
+    for staging in removed:
+        print(f"removed {staging}: a staging folder left by an interrupted run")
+    return removed
+
+
+def glob_escape(name):
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+class StagingFolder:
+    """A new hidden folder beside `output_path` to write into, locked by this process while it exists."""
+
+    def __init__(self, output_path):
+        output_path = Path(output_path)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_staging(output_path)
+        # The lock exists (and is held) before the folder, so no folder is ever without a lock that tells its state.
+        handle, lock_path = tempfile.mkstemp(prefix=f".{output_path.name}.partial-", suffix=".lock", dir=output_path.parent)
+        self.lock = os.fdopen(handle, "w")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)
+        self.lock_path = Path(lock_path)
+        self.path = self.lock_path.with_name(self.lock_path.name[: -len(".lock")])
+        self.path.mkdir()
+
+    def release(self, remove):
+        if remove:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.lock_path.unlink(missing_ok=True)
+        self.lock.close()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def checkpoint_step(path):
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints(output_dir):
+    """The checkpoint-N folders of a run, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def mark_complete(folder, record=None):
+    """Flush every file of the checkpoint `folder` to disk, then write its marker: the step, each file's size and
+    `record` (what else a resumed run needs, e.g. the loss summed over all steps so far)."""
+    folder = Path(folder)
+    fsync_tree(folder)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
+    marker = {"step": checkpoint_step(folder), "files": files, **(record or {})}
+    write_atomic(folder / COMPLETE_MARKER, json.dumps(marker, indent=1))
+
+
+def incomplete_reason(folder):
+    """None for a complete checkpoint, else why it is not one."""
+    folder = Path(folder)
+    marker_path = folder / COMPLETE_MARKER
+    if not marker_path.is_file():
+        return f"no {COMPLETE_MARKER}: its save was cut off"
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        files = marker["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE_MARKER} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, not the {size} it was saved with"
+    return None
+
+
+def checkpoint_record(folder):
+    """The marker of a complete checkpoint (step, files and what the training script recorded)."""
+    return json.loads((Path(folder) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+
+
+def latest_complete_checkpoint(output_dir):
+    """(newest complete checkpoint or None, [(newer incomplete checkpoint, reason), ...])."""
+    skipped = []
+    for folder in reversed(checkpoints(output_dir)):
+        reason = incomplete_reason(folder)
+        if reason is None:
+            return folder, skipped
+        skipped.append((folder, reason))
+    return None, skipped
+
+
+def find_resume_checkpoint(output_dir, resume_from_checkpoint):
+    """The checkpoint to resume from: None for a fresh run, the newest complete checkpoint-N for "auto", or the given
+    path (which must be complete). Prints the incomplete checkpoints that "auto" passed over."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint in ("auto", "true", "latest"):
+        found, skipped = latest_complete_checkpoint(output_dir)
+        for folder, reason in skipped:
+            print(f"resume: skipping {folder} ({reason})")
+        if found is None:
+            detail = f"; incomplete: {', '.join(f'{f.name} ({r})' for f, r in skipped)}" if skipped else ""
+            raise CheckpointError(f"--resume_from_checkpoint=auto: no complete checkpoint-N folder in {output_dir}{detail}. "
+                                  "Start again with --overwrite_output_dir=true.")
+        return found
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: no such folder")
+    reason = incomplete_reason(path)
+    if reason:
+        raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: not a complete checkpoint ({reason}); "
+                              "--resume_from_checkpoint=auto takes the newest complete one")
+    return path
+
+
+def rotate_checkpoints(output_dir, keep):
+    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older ones and every incomplete one
+    (called right after the newest was marked complete, so an incomplete one is a leftover of a crash)."""
+    complete = []
+    for folder in checkpoints(output_dir):
+        if incomplete_reason(folder) is None:
+            complete.append(folder)
+        else:
+            shutil.rmtree(folder)
+    for folder in complete[: -keep] if keep > 0 else []:
+        shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------------------------------------ the run folder
+
+def previous_run_dir(output_dir):
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + ".previous")
+
+
+def holds_run(output_dir):
+    output_dir = Path(output_dir)
+    return output_dir.is_dir() and any(output_dir.iterdir())
+
+
+def check_output_dir(output_dir, resume, overwrite):
+    """Before anything is loaded: a folder that already holds a run is used only to resume it or to overwrite it."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"--output_dir={output_dir} is a file, not a folder")
+    if not resume and not overwrite and holds_run(output_dir):
+        raise OutputDirError(
+            f"{output_dir} already holds a run. Resume it with --resume_from_checkpoint=auto, replace it with "
+            "--overwrite_output_dir=true, or choose another --output_dir.")
+
+
+def prepare_output_dir(output_dir, resume, overwrite):
+    """Create output_dir for a run whose config, model and data have loaded. Overwriting moves the old run to
+    <output_dir>.previous/ (finish_output_dir deletes it once this run has written its final output). A
+    .previous/ that is already there holds the last finished run, and output_dir an unfinished overwrite of it:
+    the unfinished one is replaced."""
+    check_output_dir(output_dir, resume, overwrite)
+    output_dir = Path(output_dir)
+    if not resume and overwrite and holds_run(output_dir):
+        previous = previous_run_dir(output_dir)
+        if previous.exists():
+            shutil.rmtree(output_dir)
+            print(f"overwrite: removed the unfinished run in {output_dir}; the last finished run stays in {previous} "
+                  "until this one has written its final output")
+        else:
+            os.rename(output_dir, previous)
+            print(f"overwrite: the old run is kept in {previous} until this one has written its final output")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def finish_output_dir(output_dir):
+    """After the run's final output is written: the run it overwrote is no longer needed."""
+    previous = previous_run_dir(output_dir)
+    if previous.exists():
+        shutil.rmtree(previous)
+        print(f"overwrite: removed the old run {previous}")
