@@ -93,6 +93,20 @@ def adapter_weights(run_dir):
     return load_file(str(Path(run_dir) / "adapter_model" / "adapter_model.safetensors"))
 
 
+def choose_moments(changes, count):
+    """`count` of the moments 1..len(changes): the first and the last, every rename and removal (the steps that make a
+    checkpoint complete, swap an adapter in, rotate old checkpoints out), then evenly spread ones."""
+    if len(changes) <= count:
+        return list(range(1, len(changes) + 1))
+    chosen = {1, len(changes)} | {i for i, change in enumerate(changes, start=1) if change.startswith(("os.rename", "shutil.rmtree"))}
+    spread = [round(1 + i * (len(changes) - 1) / (count - 1)) for i in range(count)]
+    for moment in sorted(spread, key=lambda m: min(abs(m - c) for c in chosen), reverse=True):
+        if len(chosen) >= count:
+            break
+        chosen.add(moment)
+    return sorted(chosen)[:count] if len(chosen) > count else sorted(chosen)
+
+
 def drive(script, common, output_root, last_checkpoint, max_moments):
     """The uninterrupted run, then for each chosen moment a killed run and its resumption."""
     output_root = Path(output_root)
@@ -101,7 +115,7 @@ def drive(script, common, output_root, last_checkpoint, max_moments):
     status, changes = run_child(script, [*common, f"--output_dir={reference_dir}"], output_root, arm_on=f"checkpoint-{last_checkpoint}")
     assert status == 0 and changes, f"the uninterrupted run failed ({status})"
     reference = adapter_weights(reference_dir)
-    moments = sorted({round(1 + i * (len(changes) - 1) / (max_moments - 1)) for i in range(max_moments)}) if len(changes) > max_moments else list(range(1, len(changes) + 1))
+    moments = choose_moments(changes, max_moments)
     results = []
     for moment in moments:
         run_dir = output_root / f"killed-{moment}"

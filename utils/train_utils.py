@@ -3,6 +3,7 @@ k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json)
 export (an official-layout model folder + train_args.json), the loss plot and a Trainer that logs peak memory."""
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -161,8 +162,10 @@ def plot_loss(log_history, path):
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    partial = Path(path).with_name(f".{Path(path).name}.partial")
+    figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
+    os.replace(partial, path)  # a crash never leaves half a picture where the last one was
 
 
 def peak_memory_gib():
