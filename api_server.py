@@ -105,7 +105,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # 64-bit, as OpenAI documents it
     n: Literal[1] | None = None  # one answer per request
     stop: str | list[str] | None = None  # refused unless empty (see check_unsupported)
     frequency_penalty: float | None = None  # accepted only as 0
@@ -249,8 +249,14 @@ def create_app(model, tokenizer, config) -> FastAPI:
                 raise ApiError(413, f"the request body is larger than {config['max_request_bytes']} bytes", "request_too_large")
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}", "invalid_json") from err
+            # An escape of half a UTF-16 pair ("\ud800") decodes to a string that no tokenizer or answer can encode.
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError as err:
+            raise ApiError(400, "the request body has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                                "not a character", "invalid_json") from err
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, an integer of > 4300 digits
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise ApiError(400, f"the request body is not valid JSON: {reason}", "invalid_json") from err
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
         try:

@@ -180,6 +180,10 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
     cases = [  # (body, expected status, expected code, expected param)
         (b'{"model": "ner", "messages": [', 400, "invalid_json", None),
         (b"[1, 2]", 400, "invalid_json", None),
+        (b"[" * 100_000, 400, "invalid_json", None),  # nested deeper than Python's recursion limit (within 100 kB)
+        (b'{"model": "ner", "user": ' + b"1" * 5000 + b"}", 400, "invalid_json", None),  # more digits than int() takes
+        # half a UTF-16 surrogate pair: valid JSON, but no character (nothing can encode it as UTF-8)
+        (json.dumps({**good, "messages": [{"role": "user", "content": "\ud800"}]}).encode(), 400, "invalid_json", None),
         ({**good, "model": "gpt-4o"}, 404, "model_not_found", "model"),
         ({**good, "messages": []}, 400, "invalid_value", "messages"),
         ({"model": "ner"}, 400, "missing_required_parameter", "messages"),
@@ -195,6 +199,8 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
         ({**good, "temperature": 3}, 400, "invalid_value", "temperature"),
         ({**good, "stream": "yes"}, 400, "invalid_value", "stream"),
         ({**good, "n": 2}, 400, "invalid_value", "n"),
+        ({**good, "seed": 2**63}, 400, "invalid_value", "seed"),  # seeds are 64-bit signed, as OpenAI documents
+        ({**good, "seed": 2**64}, 400, "invalid_value", "seed"),  # more than torch.manual_seed takes
         ({**good, "stop": ["\n"]}, 400, "unsupported_parameter", "stop"),
         ({**good, "tools": []}, 400, "unsupported_parameter", "tools"),
         ({**good, "messages": [{"role": "user", "content": "x" * 100_001}]}, 413, "request_too_large", None),
@@ -217,6 +223,7 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == served["records"][0]["answer"]
     assert api.process.poll() is None
+    assert "Traceback" not in api.log_path.read_text(errors="replace")  # all answered as client errors
     assert listening_address(api.port) == "127.0.0.1"  # no --host given: loopback only
 
 
