@@ -227,6 +227,105 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
     assert listening_address(api.port) == "127.0.0.1"  # no --host given: loopback only
 
 
+def test_api_answers_only_loopback_hosts_and_pages_and_json_bodies(api):
+    """Against DNS rebinding (a web page's own name, resolved to 127.0.0.1, arrives as Host) and cross-site requests
+    (a web page's browser adds Origin; text/plain goes out without a CORS preflight, JSON does not)."""
+    good = {"model": "ner", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 1}
+    port = api.port
+    with httpx.Client(base_url=api.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        def refused(response, code):
+            error = response.json()["error"]
+            return response.status_code == 403 and error["code"] == code and error["type"] and error["message"]
+
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil.example",
+                     "0.0.0.0", f"evil.example@127.0.0.1:{port}", "192.168.1.5"):
+            assert refused(client.get("/v1/models", headers={"Host": host}), "host_not_allowed"), host
+        assert refused(client.post("/v1/chat/completions", json=good, headers={"Host": "evil.example"}), "host_not_allowed")
+        for host in ("localhost", f"LocalHost:{port}", f"127.0.0.1:{port}", "127.1.2.3", f"[::1]:{port}"):
+            assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+
+        for origin in ("http://evil.example", f"http://evil.example:{port}", "https://localhost.evil.example", "null",
+                       "file://", "ftp://localhost"):
+            assert refused(client.post("/v1/chat/completions", json=good, headers={"Origin": origin}), "origin_not_allowed"), origin
+        assert refused(client.get("/v1/models", headers={"Origin": "http://evil.example"}), "origin_not_allowed")
+        for origin in ("http://localhost:3000", f"http://127.0.0.1:{port}", "https://[::1]:8080"):
+            assert client.get("/v1/models", headers={"Origin": origin}).status_code == 200, origin
+
+        content = json.dumps(good).encode()
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            response = client.post("/v1/chat/completions", content=content,
+                                   headers={"Content-Type": content_type} if content_type else {})
+            assert response.status_code == 415, (content_type, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+        response = client.post("/v1/chat/completions", content=content,
+                               headers={"Content-Type": "Application/JSON; charset=utf-8", "Origin": "http://localhost:3000"})
+        assert response.status_code == 200, response.text
+
+
+def test_api_host_and_origin_options():
+    """--allowed_hosts and --allowed_origins add to the loopback names and pages; a specific --host address is a name
+    clients may use; "*" allows any host. The check in front of a stand-in app (the model plays no part)."""
+    import api_server
+    from fastapi.responses import PlainTextResponse
+
+    async def answered(config, host, origin=None):
+        app = api_server.HostAndOriginCheck(PlainTextResponse("ok"), dict(api_server.DEFAULTS, **config))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
+            response = await client.get("/v1/models", headers={"Host": host, **({"Origin": origin} if origin else {})})
+        if response.status_code == 403:
+            assert response.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+            return False
+        assert response.text == "ok"
+        return True
+
+    cases = [  # (options, Host, Origin, answered)
+        ({}, "api.example", None, False),
+        ({"host": "0.0.0.0"}, "192.168.1.5:8000", None, False),  # every interface, but only loopback names by default
+        ({"host": "0.0.0.0"}, "localhost:8000", None, True),
+        ({"host": "192.168.1.5"}, "192.168.1.5:8000", None, True),  # the address it binds
+        ({"host": "192.168.1.5"}, "api.example", None, False),
+        ({"host": "0.0.0.0", "allowed_hosts": "api.example, 10.0.0.7"}, "API.example:8000", None, True),
+        ({"host": "0.0.0.0", "allowed_hosts": "api.example, 10.0.0.7"}, "10.0.0.7", None, True),
+        ({"host": "0.0.0.0", "allowed_hosts": "api.example, 10.0.0.7"}, "www.api.example", None, False),
+        ({"allowed_hosts": "api.example"}, "api.example", None, True),  # on loopback behind a proxy
+        ({"allowed_hosts": "*"}, "anything.example:1234", None, True),
+        ({"allowed_hosts": "*"}, "anything.example", "https://anything.example", False),  # Origin is its own check
+        ({"allowed_origins": "https://chat.example"}, "localhost", "https://chat.example", True),
+        ({"allowed_origins": "https://chat.example"}, "localhost", "http://chat.example", False),
+        ({"allowed_origins": "https://chat.example"}, "localhost", "https://evil.example", False),
+    ]
+    for options, host, origin, expected in cases:
+        assert asyncio.run(answered(options, host, origin)) == expected, (options, host, origin)
+
+
+def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, capsys):
+    """An --api_key=env:NAME without the variable stops the server before the minutes of loading; a server open to
+    the network without a key warns."""
+    import api_server
+    from utils.model_utils import ModelFolderError
+
+    loaded = []
+
+    def loader(*args, **kwargs):  # stands in for the load: records it, then stops main() there
+        loaded.append(args)
+        raise ModelFolderError("stopped at loading")
+
+    monkeypatch.setattr(api_server, "load_model_with_adapter", loader)
+    monkeypatch.delenv("SERVE_TEST_UNSET", raising=False)
+    monkeypatch.setenv("SERVE_TEST_EMPTY", "")
+    for name in ("SERVE_TEST_UNSET", "SERVE_TEST_EMPTY"):
+        with pytest.raises(SystemExit, match=f"environment variable {name} is not set or empty"):
+            api_server.main(dict(api_server.DEFAULTS, api_key=f"env:{name}"))
+    assert loaded == []
+
+    for host, api_key, warned in (("0.0.0.0", "", True), ("192.168.1.5", "", True), ("0.0.0.0", "a-key", False),
+                                  ("127.0.0.1", "", False), ("localhost", "", False), ("::1", "", False)):
+        with pytest.raises(SystemExit, match="stopped at loading"):
+            api_server.main(dict(api_server.DEFAULTS, host=host, api_key=api_key))
+        err = capsys.readouterr().err
+        assert ("WARNING" in err and f"--host={host}" in err and "--api_key" in err) == warned, (host, api_key, err)
+
+
 def record_generations(model, log, gate=None):
     """Wrap model.stream_generate to log (event, call number); with a gate, every token waits for it."""
     original, calls = model.stream_generate, iter(range(1000))
@@ -256,7 +355,7 @@ def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_mod
     body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 16, "temperature": 0}
 
     async def concurrently():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=120) as client:
             return await asyncio.gather(*(client.post("/v1/chat/completions", json={**body, "stream": stream})
                                           for stream in (True, False, True)))
 
@@ -275,7 +374,7 @@ def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_mod
     busy_app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_waiting=0))
 
     async def busy():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=busy_app), base_url="http://test", timeout=120) as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=busy_app), base_url="http://localhost", timeout=120) as client:
             running = asyncio.create_task(client.post("/v1/chat/completions", json=body))
             for _ in range(6000):  # until the first request holds the model
                 if busy_app.state.queue.lock.locked():
