@@ -14,7 +14,7 @@ Messages: optional system messages first, then user and assistant turns in alter
 ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
 message. "temperature": 0 decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
 ({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
-in line (first come, first served), more get 429.
+in line (first come, first served), more get 429; a request whose client disconnects while it waits is dropped.
 
 Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests from web pages (a
 browser can reach a server on 127.0.0.1 too), the API answers 403 to a request whose Host header is not this
@@ -175,6 +175,13 @@ def split_messages(messages):
     return "\n".join(system), history, turns[-1].text()
 
 
+async def client_left(request: Request):
+    """Returns once the client has disconnected. Only for after the body is read: receive() then has nothing else
+    to report."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class GenerationQueue:
     """One generation at a time on the model (its KV cache and compiled decode step are shared); the others wait
     in arrival order, at most `max_waiting` of them."""
@@ -189,15 +196,30 @@ class GenerationQueue:
             raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting; try again later",
                            "server_busy", error_type="rate_limit_error")
 
-    async def __aenter__(self):
+    async def take_turn(self, request: Request):
+        """Wait for the model. True: it is this request's (release() it after); False: the client went away first,
+        and its place in line was given up at once (nobody would read the answer)."""
         self.check_room()
         self.waiting += 1
+        turn = asyncio.ensure_future(self.lock.acquire())
+        left = asyncio.ensure_future(client_left(request))
         try:
-            await self.lock.acquire()
+            await asyncio.wait((turn, left), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request was cancelled while in line
+            if not turn.cancel():  # its acquire had already finished
+                self.lock.release()
+            raise
         finally:
             self.waiting -= 1
+            left.cancel()
+        if turn.cancel():  # still in line (a cancelled acquire never takes the lock): the client left
+            return False
+        if await request.is_disconnected():  # left just as its turn came
+            self.lock.release()
+            return False
+        return True
 
-    async def __aexit__(self, *exc):
+    def release(self):
         self.lock.release()
 
 
@@ -384,8 +406,12 @@ def create_app(model, tokenizer, config) -> FastAPI:
             return reply
 
         if not chat.stream:
-            async with queue:
+            if not await queue.take_turn(request):
+                raise ApiError(499, "the client closed the connection while the request waited", "client_closed_request")
+            try:
                 reply = await run_in_threadpool(last_reply)
+            finally:
+                queue.release()
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": reply.finish_reason}],
@@ -401,7 +427,8 @@ def create_app(model, tokenizer, config) -> FastAPI:
         async def events():
             done = object()
             try:
-                await queue.__aenter__()
+                if not await queue.take_turn(request):
+                    return
             except ApiError as err:  # grew busy since the check above
                 yield f"data: {json.dumps(err.body())}\n\n"
                 return
@@ -431,7 +458,7 @@ def create_app(model, tokenizer, config) -> FastAPI:
                 finally:
                     stream.close()  # not running: a cancelled thread hop waits for its token to finish
             finally:
-                await queue.__aexit__()
+                queue.release()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -4,11 +4,13 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -326,6 +328,13 @@ def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, cap
         assert ("WARNING" in err and f"--host={host}" in err and "--api_key" in err) == warned, (host, api_key, err)
 
 
+def wait_until(condition, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
 def record_generations(model, log, gate=None):
     """Wrap model.stream_generate to log (event, call number); with a gate, every token waits for it."""
     original, calls = model.stream_generate, iter(range(1000))
@@ -388,6 +397,51 @@ def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_mod
     assert [r.status_code for r in refused] == [429, 429]
     assert all(r.json()["error"]["code"] == "server_busy" for r in refused)
     assert finished.status_code == 200
+
+
+def test_api_drops_requests_whose_client_left_while_waiting(tiny_model_dirs):
+    """Over real HTTP (uvicorn in a thread, so that the test can hold the model): requests waiting for the model
+    whose clients disconnect leave the line at once and are never generated."""
+    import uvicorn
+
+    import api_server
+
+    model, tokenizer = load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], "none", dtype="fp32", device="cpu")
+    log, gate = [], threading.Event()
+    record_generations(model, log, gate)
+    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_new_tokens=4))
+    queue = app.state.queue
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0}
+
+    def send_and_leave_open(request):
+        data = json.dumps(request).encode()
+        sock = socket.create_connection(("127.0.0.1", server.config.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        return sock
+
+    try:
+        wait_until(lambda: server.started, "uvicorn started")
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, url, json=body, timeout=120)
+            wait_until(lambda: log, "the first request generates")  # and holds the model: its tokens wait for the gate
+            abandoned = [send_and_leave_open({**body, "stream": stream}) for stream in (False, True)]
+            wait_until(lambda: queue.waiting == 2, "two requests wait")
+            for sock in abandoned:
+                sock.close()
+            wait_until(lambda: queue.waiting == 0, "the requests whose clients left no longer wait")
+            gate.set()
+            assert running.result().status_code == 200
+        assert httpx.post(url, json=body, timeout=120).status_code == 200  # still serving
+        assert [event for event, _ in log].count("start") == 2  # the first and the last: the abandoned ones never ran
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 # ---- web_demo.py ----
