@@ -14,12 +14,21 @@ Messages: optional system messages first, then user and assistant turns in alter
 ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
 message. "temperature": 0 decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
 ({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
-in line (first come, first served), more get 429. Binds 127.0.0.1 unless --host says otherwise.
+in line (first come, first served), more get 429; a request whose client disconnects while it waits is dropped.
+
+Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests from web pages (a
+browser can reach a server on 127.0.0.1 too), the API answers 403 to a request whose Host header is not this
+machine's loopback (localhost, 127.x.x.x, [::1]) or another allowed host (--allowed_hosts, and the --host address),
+or whose Origin header is not a loopback page or one of --allowed_origins; POST bodies must be sent as
+application/json (415 otherwise), which a web page cannot do cross-site without the server's consent.
 """
 import asyncio
 import hmac
+import ipaddress
 import json
 import os
+import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +39,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.config_utils import parse_config
@@ -43,6 +53,10 @@ DEFAULTS = {
     "model_name": "",  # the id clients send as "model"; default: the folder name of model_dir
     "host": "127.0.0.1",  # 0.0.0.0 serves every network interface (set an --api_key then)
     "port": 8000,
+    # Host header names answered besides loopback and the --host address (comma-separated, no port): the names
+    # clients use to reach the server, e.g. through a reverse proxy; "*": any
+    "allowed_hosts": "",
+    "allowed_origins": "",  # web pages (e.g. https://chat.example.com) allowed besides loopback ones; comma-separated
     "api_key": "",  # require "Authorization: Bearer <key>"; "env:NAME" reads the key from environment variable NAME
     "max_input_tokens": 2048,  # longer prompts (all messages) are refused with 400 context_length_exceeded
     "max_new_tokens": 1024,  # the largest max_tokens a request may ask for, and the default when it asks none
@@ -105,7 +119,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # 64-bit, as OpenAI documents it
     n: Literal[1] | None = None  # one answer per request
     stop: str | list[str] | None = None  # refused unless empty (see check_unsupported)
     frequency_penalty: float | None = None  # accepted only as 0
@@ -161,6 +175,13 @@ def split_messages(messages):
     return "\n".join(system), history, turns[-1].text()
 
 
+async def client_left(request: Request):
+    """Returns once the client has disconnected. Only for after the body is read: receive() then has nothing else
+    to report."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class GenerationQueue:
     """One generation at a time on the model (its KV cache and compiled decode step are shared); the others wait
     in arrival order, at most `max_waiting` of them."""
@@ -175,19 +196,91 @@ class GenerationQueue:
             raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting; try again later",
                            "server_busy", error_type="rate_limit_error")
 
-    async def __aenter__(self):
+    async def take_turn(self, request: Request):
+        """Wait for the model. True: it is this request's (release() it after); False: the client went away first,
+        and its place in line was given up at once (nobody would read the answer)."""
         self.check_room()
         self.waiting += 1
+        turn = asyncio.ensure_future(self.lock.acquire())
+        left = asyncio.ensure_future(client_left(request))
         try:
-            await self.lock.acquire()
+            await asyncio.wait((turn, left), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this request was cancelled while in line
+            if not turn.cancel():  # its acquire had already finished
+                self.lock.release()
+            raise
         finally:
             self.waiting -= 1
+            left.cancel()
+        if turn.cancel():  # still in line (a cancelled acquire never takes the lock): the client left
+            return False
+        if await request.is_disconnected():  # left just as its turn came
+            self.lock.release()
+            return False
+        return True
 
-    async def __aexit__(self, *exc):
+    def release(self):
         self.lock.release()
 
 
+def is_loopback(host):
+    """Whether a host name or address (no port, no brackets) is this machine's loopback: localhost, 127.x.x.x, ::1."""
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def authority_host(authority):
+    """The host of a Host header or URL authority ("name:port", "[::1]:port"), lowercased, without port or
+    brackets; None for anything else (user info, paths...)."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\[\]:@/\s]+)(:\d*)?", authority)
+    return match and match.group(1).strip("[]").lower()
+
+
+def comma_list(text):
+    """The items of a comma-separated option, lowercased, without a trailing "/" (an origin has none)."""
+    return {item.strip().lower().rstrip("/") for item in text.split(",") if item.strip()}
+
+
+class HostAndOriginCheck:
+    """ASGI middleware: refuses (403) requests meant for another host (DNS rebinding: a web page of evil.example
+    whose name now resolves to 127.0.0.1) or sent by a web page of another site (its browser adds Origin).
+    Loopback hosts and pages are always allowed; config's allowed_hosts and allowed_origins add others."""
+
+    def __init__(self, app, config):
+        self.app = app
+        self.hosts = comma_list(config["allowed_hosts"])
+        bound = config["host"].strip("[]").lower()
+        if bound not in ("", "0.0.0.0", "::"):  # a specific address: clients may name it
+            self.hosts.add(bound)
+        self.origins = comma_list(config["allowed_origins"])
+
+    def refusal(self, headers):
+        host = authority_host(headers.get("host", ""))
+        if "*" not in self.hosts and not (host and (is_loopback(host) or host in self.hosts)):
+            return ApiError(403, f"this server does not answer for the host {headers.get('host')!r} (Host header); "
+                                 "allow it with --allowed_hosts", "host_not_allowed", error_type="permission_error")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower().rstrip("/") not in self.origins:
+            scheme, _, authority = origin.partition("://")
+            page_host = authority_host(authority)
+            if scheme.lower() not in ("http", "https") or not page_host or not is_loopback(page_host):
+                return ApiError(403, f"requests from web pages of {origin!r} (Origin header) are not allowed; allow "
+                                     "them with --allowed_origins", "origin_not_allowed", error_type="permission_error")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.refusal(Headers(scope=scope))
+            if refusal:
+                await error_response(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def read_api_key(setting):
+    """The key of --api_key: the text itself, or for "env:NAME" the environment variable NAME (which must be set)."""
     if setting.startswith("env:"):
         name = setting[4:]
         if not os.environ.get(name):
@@ -199,12 +292,13 @@ def read_api_key(setting):
 def create_app(model, tokenizer, config) -> FastAPI:
     """The API of one loaded model (config: DEFAULTS with the command line applied)."""
     model_name = config["model_name"] or Path(config["model_dir"]).name
-    api_key = read_api_key(config["api_key"]) if config["api_key"] else ""
+    api_key = read_api_key(config["api_key"])
     prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
     context = getattr(model, "max_sequence_length", None)
     queue = GenerationQueue(config["max_waiting"])
     created = int(time.time())
     app = FastAPI(title="ChatGLM OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostAndOriginCheck, config=config)
     app.state.queue = queue
 
     @app.exception_handler(ApiError)
@@ -242,6 +336,10 @@ def create_app(model, tokenizer, config) -> FastAPI:
         return model_card()
 
     async def read_request(request: Request) -> ChatRequest:
+        # A web page may POST text/plain to any site without asking (no CORS preflight); JSON it may not.
+        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "send the request body as JSON, with the header 'Content-Type: application/json'",
+                           "unsupported_media_type")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -249,8 +347,14 @@ def create_app(model, tokenizer, config) -> FastAPI:
                 raise ApiError(413, f"the request body is larger than {config['max_request_bytes']} bytes", "request_too_large")
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}", "invalid_json") from err
+            # An escape of half a UTF-16 pair ("\ud800") decodes to a string that no tokenizer or answer can encode.
+            json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError as err:
+            raise ApiError(400, "the request body has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                                "not a character", "invalid_json") from err
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, an integer of > 4300 digits
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise ApiError(400, f"the request body is not valid JSON: {reason}", "invalid_json") from err
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_json")
         try:
@@ -302,8 +406,12 @@ def create_app(model, tokenizer, config) -> FastAPI:
             return reply
 
         if not chat.stream:
-            async with queue:
+            if not await queue.take_turn(request):
+                raise ApiError(499, "the client closed the connection while the request waited", "client_closed_request")
+            try:
                 reply = await run_in_threadpool(last_reply)
+            finally:
+                queue.release()
             return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                                  "finish_reason": reply.finish_reason}],
@@ -319,7 +427,8 @@ def create_app(model, tokenizer, config) -> FastAPI:
         async def events():
             done = object()
             try:
-                await queue.__aenter__()
+                if not await queue.take_turn(request):
+                    return
             except ApiError as err:  # grew busy since the check above
                 yield f"data: {json.dumps(err.body())}\n\n"
                 return
@@ -349,7 +458,7 @@ def create_app(model, tokenizer, config) -> FastAPI:
                 finally:
                     stream.close()  # not running: a cancelled thread hop waits for its token to finish
             finally:
-                await queue.__aexit__()
+                queue.release()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -360,6 +469,11 @@ def create_app(model, tokenizer, config) -> FastAPI:
 def main(config):
     import uvicorn
 
+    api_key = read_api_key(config["api_key"])  # a missing variable is reported before minutes of loading
+    if not api_key and not is_loopback(config["host"].strip("[]")):
+        print(f"WARNING: --host={config['host']} opens the API to the network without an API key: anyone who can "
+              "reach this machine can use the model. Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).",
+              file=sys.stderr, flush=True)
     try:
         model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
                                                    device=config["device"], chatglm_only=True)

@@ -4,11 +4,13 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -180,6 +182,10 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
     cases = [  # (body, expected status, expected code, expected param)
         (b'{"model": "ner", "messages": [', 400, "invalid_json", None),
         (b"[1, 2]", 400, "invalid_json", None),
+        (b"[" * 100_000, 400, "invalid_json", None),  # nested deeper than Python's recursion limit (within 100 kB)
+        (b'{"model": "ner", "user": ' + b"1" * 5000 + b"}", 400, "invalid_json", None),  # more digits than int() takes
+        # half a UTF-16 surrogate pair: valid JSON, but no character (nothing can encode it as UTF-8)
+        (json.dumps({**good, "messages": [{"role": "user", "content": "\ud800"}]}).encode(), 400, "invalid_json", None),
         ({**good, "model": "gpt-4o"}, 404, "model_not_found", "model"),
         ({**good, "messages": []}, 400, "invalid_value", "messages"),
         ({"model": "ner"}, 400, "missing_required_parameter", "messages"),
@@ -195,6 +201,8 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
         ({**good, "temperature": 3}, 400, "invalid_value", "temperature"),
         ({**good, "stream": "yes"}, 400, "invalid_value", "stream"),
         ({**good, "n": 2}, 400, "invalid_value", "n"),
+        ({**good, "seed": 2**63}, 400, "invalid_value", "seed"),  # seeds are 64-bit signed, as OpenAI documents
+        ({**good, "seed": 2**64}, 400, "invalid_value", "seed"),  # more than torch.manual_seed takes
         ({**good, "stop": ["\n"]}, 400, "unsupported_parameter", "stop"),
         ({**good, "tools": []}, 400, "unsupported_parameter", "tools"),
         ({**good, "messages": [{"role": "user", "content": "x" * 100_001}]}, 413, "request_too_large", None),
@@ -217,7 +225,114 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == served["records"][0]["answer"]
     assert api.process.poll() is None
+    assert "Traceback" not in api.log_path.read_text(errors="replace")  # all answered as client errors
     assert listening_address(api.port) == "127.0.0.1"  # no --host given: loopback only
+
+
+def test_api_answers_only_loopback_hosts_and_pages_and_json_bodies(api):
+    """Against DNS rebinding (a web page's own name, resolved to 127.0.0.1, arrives as Host) and cross-site requests
+    (a web page's browser adds Origin; text/plain goes out without a CORS preflight, JSON does not)."""
+    good = {"model": "ner", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 1}
+    port = api.port
+    with httpx.Client(base_url=api.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        def refused(response, code):
+            error = response.json()["error"]
+            return response.status_code == 403 and error["code"] == code and error["type"] and error["message"]
+
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil.example",
+                     "0.0.0.0", f"evil.example@127.0.0.1:{port}", "192.168.1.5"):
+            assert refused(client.get("/v1/models", headers={"Host": host}), "host_not_allowed"), host
+        assert refused(client.post("/v1/chat/completions", json=good, headers={"Host": "evil.example"}), "host_not_allowed")
+        for host in ("localhost", f"LocalHost:{port}", f"127.0.0.1:{port}", "127.1.2.3", f"[::1]:{port}"):
+            assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+
+        for origin in ("http://evil.example", f"http://evil.example:{port}", "https://localhost.evil.example", "null",
+                       "file://", "ftp://localhost"):
+            assert refused(client.post("/v1/chat/completions", json=good, headers={"Origin": origin}), "origin_not_allowed"), origin
+        assert refused(client.get("/v1/models", headers={"Origin": "http://evil.example"}), "origin_not_allowed")
+        for origin in ("http://localhost:3000", f"http://127.0.0.1:{port}", "https://[::1]:8080"):
+            assert client.get("/v1/models", headers={"Origin": origin}).status_code == 200, origin
+
+        content = json.dumps(good).encode()
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            response = client.post("/v1/chat/completions", content=content,
+                                   headers={"Content-Type": content_type} if content_type else {})
+            assert response.status_code == 415, (content_type, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+        response = client.post("/v1/chat/completions", content=content,
+                               headers={"Content-Type": "Application/JSON; charset=utf-8", "Origin": "http://localhost:3000"})
+        assert response.status_code == 200, response.text
+
+
+def test_api_host_and_origin_options():
+    """--allowed_hosts and --allowed_origins add to the loopback names and pages; a specific --host address is a name
+    clients may use; "*" allows any host. The check in front of a stand-in app (the model plays no part)."""
+    import api_server
+    from fastapi.responses import PlainTextResponse
+
+    async def answered(config, host, origin=None):
+        app = api_server.HostAndOriginCheck(PlainTextResponse("ok"), dict(api_server.DEFAULTS, **config))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
+            response = await client.get("/v1/models", headers={"Host": host, **({"Origin": origin} if origin else {})})
+        if response.status_code == 403:
+            assert response.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+            return False
+        assert response.text == "ok"
+        return True
+
+    cases = [  # (options, Host, Origin, answered)
+        ({}, "api.example", None, False),
+        ({"host": "0.0.0.0"}, "192.168.1.5:8000", None, False),  # every interface, but only loopback names by default
+        ({"host": "0.0.0.0"}, "localhost:8000", None, True),
+        ({"host": "192.168.1.5"}, "192.168.1.5:8000", None, True),  # the address it binds
+        ({"host": "192.168.1.5"}, "api.example", None, False),
+        ({"host": "0.0.0.0", "allowed_hosts": "api.example, 10.0.0.7"}, "API.example:8000", None, True),
+        ({"host": "0.0.0.0", "allowed_hosts": "api.example, 10.0.0.7"}, "10.0.0.7", None, True),
+        ({"host": "0.0.0.0", "allowed_hosts": "api.example, 10.0.0.7"}, "www.api.example", None, False),
+        ({"allowed_hosts": "api.example"}, "api.example", None, True),  # on loopback behind a proxy
+        ({"allowed_hosts": "*"}, "anything.example:1234", None, True),
+        ({"allowed_hosts": "*"}, "anything.example", "https://anything.example", False),  # Origin is its own check
+        ({"allowed_origins": "https://chat.example"}, "localhost", "https://chat.example", True),
+        ({"allowed_origins": "https://chat.example"}, "localhost", "http://chat.example", False),
+        ({"allowed_origins": "https://chat.example"}, "localhost", "https://evil.example", False),
+    ]
+    for options, host, origin, expected in cases:
+        assert asyncio.run(answered(options, host, origin)) == expected, (options, host, origin)
+
+
+def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, capsys):
+    """An --api_key=env:NAME without the variable stops the server before the minutes of loading; a server open to
+    the network without a key warns."""
+    import api_server
+    from utils.model_utils import ModelFolderError
+
+    loaded = []
+
+    def loader(*args, **kwargs):  # stands in for the load: records it, then stops main() there
+        loaded.append(args)
+        raise ModelFolderError("stopped at loading")
+
+    monkeypatch.setattr(api_server, "load_model_with_adapter", loader)
+    monkeypatch.delenv("SERVE_TEST_UNSET", raising=False)
+    monkeypatch.setenv("SERVE_TEST_EMPTY", "")
+    for name in ("SERVE_TEST_UNSET", "SERVE_TEST_EMPTY"):
+        with pytest.raises(SystemExit, match=f"environment variable {name} is not set or empty"):
+            api_server.main(dict(api_server.DEFAULTS, api_key=f"env:{name}"))
+    assert loaded == []
+
+    for host, api_key, warned in (("0.0.0.0", "", True), ("192.168.1.5", "", True), ("0.0.0.0", "a-key", False),
+                                  ("127.0.0.1", "", False), ("localhost", "", False), ("::1", "", False)):
+        with pytest.raises(SystemExit, match="stopped at loading"):
+            api_server.main(dict(api_server.DEFAULTS, host=host, api_key=api_key))
+        err = capsys.readouterr().err
+        assert ("WARNING" in err and f"--host={host}" in err and "--api_key" in err) == warned, (host, api_key, err)
+
+
+def wait_until(condition, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
 
 
 def record_generations(model, log, gate=None):
@@ -249,7 +364,7 @@ def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_mod
     body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 16, "temperature": 0}
 
     async def concurrently():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=120) as client:
             return await asyncio.gather(*(client.post("/v1/chat/completions", json={**body, "stream": stream})
                                           for stream in (True, False, True)))
 
@@ -268,7 +383,7 @@ def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_mod
     busy_app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_waiting=0))
 
     async def busy():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=busy_app), base_url="http://test", timeout=120) as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=busy_app), base_url="http://localhost", timeout=120) as client:
             running = asyncio.create_task(client.post("/v1/chat/completions", json=body))
             for _ in range(6000):  # until the first request holds the model
                 if busy_app.state.queue.lock.locked():
@@ -282,6 +397,51 @@ def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_mod
     assert [r.status_code for r in refused] == [429, 429]
     assert all(r.json()["error"]["code"] == "server_busy" for r in refused)
     assert finished.status_code == 200
+
+
+def test_api_drops_requests_whose_client_left_while_waiting(tiny_model_dirs):
+    """Over real HTTP (uvicorn in a thread, so that the test can hold the model): requests waiting for the model
+    whose clients disconnect leave the line at once and are never generated."""
+    import uvicorn
+
+    import api_server
+
+    model, tokenizer = load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], "none", dtype="fp32", device="cpu")
+    log, gate = [], threading.Event()
+    record_generations(model, log, gate)
+    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_new_tokens=4))
+    queue = app.state.queue
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0}
+
+    def send_and_leave_open(request):
+        data = json.dumps(request).encode()
+        sock = socket.create_connection(("127.0.0.1", server.config.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        return sock
+
+    try:
+        wait_until(lambda: server.started, "uvicorn started")
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, url, json=body, timeout=120)
+            wait_until(lambda: log, "the first request generates")  # and holds the model: its tokens wait for the gate
+            abandoned = [send_and_leave_open({**body, "stream": stream}) for stream in (False, True)]
+            wait_until(lambda: queue.waiting == 2, "two requests wait")
+            for sock in abandoned:
+                sock.close()
+            wait_until(lambda: queue.waiting == 0, "the requests whose clients left no longer wait")
+            gate.set()
+            assert running.result().status_code == 200
+        assert httpx.post(url, json=body, timeout=120).status_code == 200  # still serving
+        assert [event for event, _ in log].count("start") == 2  # the first and the last: the abandoned ones never ran
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 # ---- web_demo.py ----
