@@ -13,9 +13,8 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, VERSIONS
+from conftest import REPO_ROOT
 from utils.model_utils import remote_module
-from utils.model_folder import MODEL_FILES
 
 REAL_SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (12288, 4096), (16384, 4096), (4096, 16384),
                (65024, 4096), (130528, 4096)]
@@ -172,9 +171,5 @@ def test_launch_config_fills_an_h100_and_is_a_function_of_the_shape(bits, M):
         assert use_dot == (M > 1 or bits == 4)
 
 
-def test_model_folders_carry_identical_self_contained_copies():
-    assert "kernels.py" in MODEL_FILES
-    texts = {version: (REPO_ROOT / "remote_scripts" / version / "kernels.py").read_text() for version in VERSIONS}
-    assert len(set(texts.values())) == 1, "remote_scripts/*/kernels.py must be byte-identical copies"
-    text = texts[VERSIONS[0]]
-    assert "from utils" not in text and "import utils" not in text
+# That remote_scripts/*/kernels.py (like quantization.py) are byte-identical, self-contained copies is checked with the
+# other copies by utils/check_copies.py, in tests/test_check_copies.py.

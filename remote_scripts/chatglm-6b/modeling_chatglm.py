@@ -40,6 +40,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:InvalidScoreLogitsProcessor
 class InvalidScoreLogitsProcessor(LogitsProcessor):
     """Official NaN/Inf guard: if any score is not finite, force token id 5 (kept for identical behaviour)."""
 
@@ -53,15 +54,18 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
 # Rows (target tokens) that go through the output layer at once in causal_lm_loss. 1024 rows of fp32 logits are
 # 0.25 GiB at ChatGLM2/3's 65024 tokens (0.5 GiB at ChatGLM-6B's 130528); a chunk's backward holds a few such
 # copies at once, and the matmuls stay large enough to run at full speed. Read at every call, so tests can force chunks.
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:LOSS_CHUNK_ROWS
 LOSS_CHUNK_ROWS = 1024
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:_chunk_loss
 def _chunk_loss(output_layer, hidden_states, targets):
     """Summed fp32 cross-entropy of one chunk of rows: its logits exist only inside this call."""
     logits = output_layer(hidden_states).float()
     return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:causal_lm_loss
 def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None, chunk_rows=None):
     """Position i predicts labels[i+1]; cross-entropy in fp32; -100 is ignored.
 
@@ -129,9 +133,11 @@ class RotaryEmbedding(nn.Module):
 
 
 # Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_ELEMENTWISE
 COMPILE_ELEMENTWISE = True
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
 def compiled_on_cuda(fn):
     """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
     backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
@@ -170,6 +176,7 @@ def apply_rotary_2d(x, main, block):
     return torch.cat((x_main, x_block), dim=-1)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticKVCache
 class StaticKVCache:
     """Keys and values of every layer in per-layer buffers of fixed size [B, kv_heads, capacity, head_dim], plus the
     decoding state (next slot, next positions, which slots hold real tokens) as device tensors.
@@ -222,6 +229,7 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticCacheRef
 class StaticCacheRef:
     """What stream_generate yields as the cache on the static path: the filled part of a StaticKVCache, valid until
     the model's next generation reuses the buffers. Passing it back to continue a conversation copies it out first."""
@@ -248,6 +256,7 @@ class StaticCacheRef:
         return dynamic
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:static_cache_capacity
 def static_cache_capacity(needed, limit):
     """Slots to allocate: a power of two >= 256 (few distinct sizes, so few recompilations), at most `limit`."""
     capacity = 256
@@ -334,6 +343,7 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, width)
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:PrefixEncoder.forward
     def forward(self, prefix):
         embedded = self.embedding(prefix)
         return self.trans(embedded) if self.prefix_projection else embedded
@@ -346,6 +356,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMPreTrainedModel.from_pretrained
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
@@ -354,12 +365,14 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         model.freeze_quantized_weights()
         return loaded
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMPreTrainedModel.freeze_all_but_prefix
     def freeze_all_but_prefix(self):
         """P-tuning v2 trains only the prefix encoder, as in the official model."""
         if self.config.pre_seq_len:
             for name, param in self.named_parameters():
                 param.requires_grad = "prefix_encoder." in name
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMPreTrainedModel.freeze_quantized_weights
     def freeze_quantized_weights(self):
         """Quantized weights and their scales are never trained (loading re-creates them with requires_grad set)."""
         for module in self.modules():
@@ -367,6 +380,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 module.weight.requires_grad_(False)
                 module.weight_scale.requires_grad_(False)
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMPreTrainedModel._init_weights
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, RotaryEmbedding):
@@ -729,6 +743,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             if not unfinished.any():
                 break
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.resolve_decode_mode
     @staticmethod
     def resolve_decode_mode(decode, input_ids):
         modes = ("auto", "plain", "static", "compiled")
@@ -761,6 +776,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             self.__dict__["_static_kv"] = cache
         return cache
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.static_decode_step
     def static_decode_step(self, input_ids, cache, compiled=False):
         """fp32 logits [B, vocab] of one new token per sequence; advances the cache. With `compiled`, the step runs
         through torch.compile(mode="reduce-overhead"): one CUDA graph replay per token."""

@@ -122,6 +122,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def vocab_size(self):
         return self.num_image_tokens + self.sp_model.get_piece_size()
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.get_vocab
     def get_vocab(self):
         return {**self._base_vocab, **self._added_tokens_encoder}
 
@@ -247,6 +248,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # --------------------------------------------------------------------------------- saving
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.save_vocabulary
     def save_vocabulary(self, save_directory, filename_prefix=None):
         out_file = os.path.join(
             save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]

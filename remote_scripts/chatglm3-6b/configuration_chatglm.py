@@ -2,6 +2,7 @@
 from transformers import PretrainedConfig
 
 
+# Copied from remote_scripts/chatglm2-6b/configuration_chatglm.py:ChatGLMConfig
 class ChatGLMConfig(PretrainedConfig):
     model_type = "chatglm"
     # transformers' generic code (caches, generate) asks for these standard names.

@@ -36,6 +36,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:InvalidScoreLogitsProcessor
 class InvalidScoreLogitsProcessor(LogitsProcessor):
     """Official NaN/Inf guard: if any score is not finite, force token id 5 (kept for identical behaviour)."""
 
@@ -49,15 +50,18 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
 # Rows (target tokens) that go through the output layer at once in causal_lm_loss. 1024 rows of fp32 logits are
 # 0.25 GiB at ChatGLM2/3's 65024 tokens (0.5 GiB at ChatGLM-6B's 130528); a chunk's backward holds a few such
 # copies at once, and the matmuls stay large enough to run at full speed. Read at every call, so tests can force chunks.
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:LOSS_CHUNK_ROWS
 LOSS_CHUNK_ROWS = 1024
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:_chunk_loss
 def _chunk_loss(output_layer, hidden_states, targets):
     """Summed fp32 cross-entropy of one chunk of rows: its logits exist only inside this call."""
     logits = output_layer(hidden_states).float()
     return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:causal_lm_loss
 def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None, chunk_rows=None):
     """Position i predicts labels[i+1]; cross-entropy in fp32; -100 is ignored.
 
@@ -92,9 +96,11 @@ def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None,
 
 
 # Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_ELEMENTWISE
 COMPILE_ELEMENTWISE = True
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
 def compiled_on_cuda(fn):
     """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
     backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
@@ -113,6 +119,7 @@ def compiled_on_cuda(fn):
     return run
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:rms_norm
 @compiled_on_cuda
 def rms_norm(hidden_states, weight, eps):
     # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
@@ -121,6 +128,7 @@ def rms_norm(hidden_states, weight, eps):
     return (weight * hidden_fp32).to(hidden_states.dtype)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:swiglu
 @compiled_on_cuda
 def swiglu(gate_and_up):
     """Fused rows [gate | up] -> silu(gate) * up."""
@@ -128,6 +136,7 @@ def swiglu(gate_and_up):
     return F.silu(gate) * up
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:RMSNorm
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-5, device=None, dtype=None):
         super().__init__()
@@ -138,6 +147,7 @@ class RMSNorm(nn.Module):
         return rms_norm(hidden_states, self.weight, self.eps)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:RotaryEmbedding
 class RotaryEmbedding(nn.Module):
     """Frequencies of the partial rotary embedding. `inv_freq` is kept as a buffer only so that the state dict has
     the official key; like the official code we never read it, the table always comes from the formula in fp32."""
@@ -157,6 +167,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:apply_rotary
 @compiled_on_cuda
 def apply_rotary(x, cos, sin):
     """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
@@ -168,6 +179,7 @@ def apply_rotary(x, cos, sin):
     return torch.cat((rotated, x_pass), dim=-1)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:build_attention_mask
 def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
     """Boolean mask [B, 1, q, prefix+past+q] with True = may attend, or None where SDPA needs none
     (plain causal prefill, or one query token that sees everything).
@@ -192,6 +204,7 @@ def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
     return allowed[:, None]
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticKVCache
 class StaticKVCache:
     """Keys and values of every layer in per-layer buffers of fixed size [B, kv_heads, capacity, head_dim], plus the
     decoding state (next slot, next positions, which slots hold real tokens) as device tensors.
@@ -244,6 +257,7 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticCacheRef
 class StaticCacheRef:
     """What stream_generate yields as the cache on the static path: the filled part of a StaticKVCache, valid until
     the model's next generation reuses the buffers. Passing it back to continue a conversation copies it out first."""
@@ -270,6 +284,7 @@ class StaticCacheRef:
         return dynamic
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:static_cache_capacity
 def static_cache_capacity(needed, limit):
     """Slots to allocate: a power of two >= 256 (few distinct sizes, so few recompilations), at most `limit`."""
     capacity = 256
@@ -277,6 +292,7 @@ def static_cache_capacity(needed, limit):
         capacity *= 2
     return max(min(capacity, limit), needed)
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:make_linear
 def make_linear(config, in_features, out_features, bias, device=None):
     """A block's linear layer: nn.Linear, or QuantizedLinear (int8 / packed int4 weight + per-row scale) when
     config.quantization_bit is 4 or 8, so that a quantized checkpoint loads directly."""
@@ -285,6 +301,7 @@ def make_linear(config, in_features, out_features, bias, device=None):
     return nn.Linear(in_features, out_features, bias=bias, device=device)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:SelfAttention
 class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx, device=None):
         super().__init__()
@@ -339,6 +356,7 @@ class SelfAttention(nn.Module):
         return self.dense(context)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:MLP
 class MLP(nn.Module):
     def __init__(self, config, device=None):
         super().__init__()
@@ -354,12 +372,14 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(hidden_states)))
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:make_norm
 def make_norm(config, device=None):
     if config.rmsnorm:
         return RMSNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
     return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, device=device)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:GLMBlock
 class GLMBlock(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx, device=None):
         super().__init__()
@@ -380,6 +400,7 @@ class GLMBlock(GradientCheckpointingLayer):
         return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:GLMTransformer
 class GLMTransformer(nn.Module):
     def __init__(self, config, device=None):
         super().__init__()
@@ -387,6 +408,7 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = make_norm(config, device) if config.post_layer_norm else None
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:Embedding
 class Embedding(nn.Module):
     def __init__(self, config, device=None):
         super().__init__()
@@ -398,6 +420,7 @@ class Embedding(nn.Module):
         return embeddings.float() if self.fp32_residual_connection else embeddings
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:PrefixEncoder
 class PrefixEncoder(nn.Module):
     """P-tuning v2 prefix: per layer one key and one value of `pre_seq_len` positions for every key/value group."""
 
@@ -417,6 +440,7 @@ class PrefixEncoder(nn.Module):
         return self.trans(embedded) if self.prefix_projection else embedded
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMPreTrainedModel
 class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
@@ -463,6 +487,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMModel
 class ChatGLMModel(ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig, device=None, empty_init=True):
         super().__init__(config)
@@ -586,15 +611,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.__init__
     def __init__(self, config: ChatGLMConfig, empty_init=True, device=None):
         super().__init__(config)
         self.max_sequence_length = config.seq_length
         self.transformer = ChatGLMModel(config, device=device)
         self.post_init()
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.get_output_embeddings
     def get_output_embeddings(self):
         return self.transformer.output_layer
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.quantize
     def quantize(self, bits):
         """Weight-only int8 (bits=8) / int4 (bits=4) quantization of the blocks in place, as the official
         `model.quantize(bits)`; embeddings, norms and the output layer stay in full precision. Returns the model."""
@@ -602,9 +630,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.config.quantization_bit = self.transformer.config.quantization_bit
         return self
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.set_output_embeddings
     def set_output_embeddings(self, value):
         self.transformer.output_layer = value
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.forward
     def forward(
         self,
         input_ids=None,
@@ -647,6 +677,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.prepare_inputs_for_generation
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, logits_to_keep=None, **kwargs
     ):
@@ -665,6 +696,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             inputs["logits_to_keep"] = logits_to_keep
         return inputs
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.stream_generate
     @torch.inference_mode()
     def stream_generate(
         self,
@@ -753,6 +785,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             if not unfinished.any():
                 break
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.resolve_decode_mode
     @staticmethod
     def resolve_decode_mode(decode, input_ids):
         modes = ("auto", "plain", "static", "compiled")
@@ -764,11 +797,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             return "compiled" if input_ids.is_cuda else "plain"
         return decode
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.advance_positions
     @staticmethod
     def advance_positions(positions):
         """Positions of the next token from those of the current one, in place: one further along."""
         return positions.add_(1)
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.static_cache
     def static_cache(self, batch, needed, dtype, device):
         """The model's StaticKVCache for this batch size, with room for `needed` slots (reused when it fits)."""
         capacity = static_cache_capacity(needed, self.max_sequence_length + self.transformer.pre_seq_len)
@@ -782,6 +817,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             self.__dict__["_static_kv"] = cache
         return cache
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.static_decode_step
     def static_decode_step(self, input_ids, cache, compiled=False):
         """fp32 logits [B, vocab] of one new token per sequence; advances the cache. With `compiled`, the step runs
         through torch.compile(mode="reduce-overhead"): one CUDA graph replay per token."""
@@ -794,6 +830,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         return step(input_ids, cache)
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration._static_decode_step
     def _static_decode_step(self, input_ids, cache):
         cache.valid.index_fill_(1, cache.slot, True)
         hidden_states = self.transformer.decode_hidden_states(input_ids, cache)
@@ -888,6 +925,7 @@ def parse_tool_call(code):
         raise ValueError(f"cannot read the tool call {code!r}: {err}") from err
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForSequenceClassification
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     """Classification from the final hidden state at the last position (left padding keeps it a real token)."""
 

@@ -13,6 +13,7 @@ import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 from transformers.utils import PaddingStrategy
 
+# Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:VOCAB_FILES_NAMES
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 
 # Appended after the sentencepiece vocabulary, in id order.
@@ -98,10 +99,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # ----------------------------------------------------------------------------- vocabulary
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.vocab_size
     @property
     def vocab_size(self):
         return self.sp_model.get_piece_size() + len(self.glm_special_tokens)
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.get_vocab
     def get_vocab(self):
         return {**self._base_vocab, **self._added_tokens_encoder}
 
@@ -113,9 +116,11 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             return self.sp_model.piece_to_id(name)
         raise ValueError(f"{name!r} is not a special token of this tokenizer.")
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer._convert_token_to_id
     def _convert_token_to_id(self, token):
         return self._base_vocab.get(token, self.sp_model.unk_id())
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer._convert_id_to_token
     def _convert_id_to_token(self, index):
         if index in self._special_names:
             return self._special_names[index]
@@ -137,15 +142,18 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 tokens.extend(self.sp_model.encode(chunk, out_type=str))
         return tokens
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer._prefix_ids
     def _prefix_ids(self):
         return [self.glm_special_tokens["[gMASK]"], self.glm_special_tokens["sop"]]
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.build_inputs_with_special_tokens
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         ids = self._prefix_ids() + token_ids_0
         if token_ids_1 is not None:
             ids = ids + token_ids_1 + [self.eos_token_id]
         return ids
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.get_special_tokens_mask
     def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
         if already_has_special_tokens:
             if token_ids_1 is not None:
@@ -189,6 +197,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # -------------------------------------------------------------------------------- padding
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer._pad
     def _pad(
         self,
         encoded_inputs,
@@ -231,6 +240,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # --------------------------------------------------------------------------------- saving
 
+    # Copied from remote_scripts/chatglm2-6b/tokenization_chatglm.py:ChatGLMTokenizer.save_vocabulary
     def save_vocabulary(self, save_directory, filename_prefix=None):
         out_file = os.path.join(
             save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
