@@ -108,14 +108,16 @@ def parse_config(defaults: dict, argv=None, description="") -> dict:
     installs the error hook of utils/errors.py: from here on an error that is the input's fault prints one line and
     exits 1 (`--debug`, accepted by every script, shows its traceback too)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "debug" not in flatten(defaults) and "--debug" in argv
-    argv = [arg for arg in argv if not (debug and arg == "--debug")]
-    install_error_hook(debug)
+    own_debug_key = "debug" in flatten(defaults)  # a script may list it among its options
+    debug = not own_debug_key and "--debug" in argv
+    argv = [arg for arg in argv if own_debug_key or arg != "--debug"]
     if "-h" in argv or "--help" in argv:
         print((description.strip() + "\n\n" if description else "") + "Options (defaults shown):\n" + describe(defaults)
-              + "\n  --debug  (show the traceback of an error, not only its message)")
+              + ("" if own_debug_key else "\n  --debug  (show the traceback of an error, not only its message)"))
         sys.exit(0)
     try:
-        return apply_overrides(defaults, argv)
+        config = apply_overrides(defaults, argv)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    install_error_hook(config["debug"] if own_debug_key else debug)
+    return config

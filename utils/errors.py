@@ -17,6 +17,7 @@ def install_error_hook(debug=False):
             traceback.print_exception(kind, error, trace)
         if issubclass(kind, UserError):
             print(f"error: {error}{getattr(error, 'hint', '')}", file=sys.stderr)
-        sys.exit(1)
+        # No sys.exit here: Python exits with status 1 after an uncaught exception anyway, and hooks that wrap this
+        # one (torch.distributed prefixes each line with the rank) print what it wrote only once it returns.
 
     sys.excepthook = hook
