@@ -5,7 +5,8 @@
     python inference_test.py --model_path=model_hub/chatglm2-6b,model_hub/chatglm2-6b-ner-int8,model_hub/chatglm2-6b-ner-int4 --json=speed.json
 
 Each model folder in --model_path (merged and quantized folders from merge_lora_and_quantize.py too) gets a row;
-with --lora_path the first one also gets a "+ adapter" row. Decoding goes through the models' own stream_generate
+with --lora_path the first one also gets a "+ adapter" row (the adapter folded into the weights, as predict.py and the
+servers decode; --fold_adapter=false measures PEFT's separate layers instead). Decoding goes through the models' own stream_generate
 (the loop behind chat()), greedily, for exactly max_new_tokens tokens (no early stop), on a batch of identical
 prompts of about prompt_len tokens. --decode picks the loop (auto: compiled CUDA-graph steps on CUDA, plain on CPU);
 the warm-up run before the timed ones also absorbs the compilation.
@@ -21,7 +22,7 @@ from utils.config_utils import parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_utils import fold_adapter, load_model_and_tokenizer
 
 DEFAULTS = {
     "model_path": "model_hub/chatglm2-small",  # comma-separated model folders
@@ -33,6 +34,7 @@ DEFAULTS = {
     "dtype": "auto",
     "device": "auto",
     "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA, plain elsewhere), plain, static, compiled
+    "fold_adapter": True,  # the adapter added into the weights, as the other scripts decode; false: PEFT's layers
     "json": "",  # also write the rows here
 }
 PROMPT_TEXT = "请介绍一下清华大学的历史、学科设置和它在中国高等教育中的地位，并谈谈它对科学研究的贡献。" * 20
@@ -78,7 +80,9 @@ def main(config):
         rows.append(benchmark(label, model, input_ids, config))
         if index == 0 and config["lora_path"]:
             adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
-            rows.append(benchmark(label + " + adapter", adapted, input_ids, config))
+            if config["fold_adapter"]:
+                adapted = fold_adapter(adapted)
+            rows.append(benchmark(label + (" + adapter" if config["fold_adapter"] else " + adapter (PEFT layers)"), adapted, input_ids, config))
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -15,14 +15,12 @@ import json
 import time
 from pathlib import Path
 
-from peft import PeftModel
-
 from utils.config_utils import parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, user_message
 from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
 from utils.generation import generate_answers
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_utils import fold_adapter, load_model_with_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -70,8 +68,6 @@ def main(config):
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
     lora_path = config["lora_path"] or str(Path("checkpoint") / config["data_name"] / "train_trainer" / "adapter_model")
     use_adapter = lora_path.lower() != "none"
-    if use_adapter and not (Path(lora_path) / "adapter_config.json").is_file():
-        raise SystemExit(f"{lora_path}: no adapter_config.json. Train one first (python train_trainer.py) or pass --lora_path=none.")
     output_dir = Path(config["output_dir"] or (Path(lora_path).parent if use_adapter else Path("checkpoint") / config["data_name"] / "base"))
 
     bad_lines = BadLines(skip=config["skip_bad_lines"])
@@ -90,10 +86,12 @@ def main(config):
         raise SystemExit(f"--drop_entities_not_in_text={config['drop_entities_not_in_text']}: use auto, or true/false for NER")
     sources = [user_message(r) for r in records] if drop_made_up else None
 
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=config["dtype"], device=config["device"])
+    # The adapter is folded into the weights for generation (base speed); with --before_after only after the base has
+    # been scored with the adapter disabled, as folding changes the base weights.
+    before_after = config["before_after"] and use_adapter
+    model, tokenizer = load_model_with_adapter(config["model_dir"], lora_path if use_adapter else None, dtype=config["dtype"],
+                                               device=config["device"], fold=not before_after)
     version = model.model_version
-    if use_adapter:
-        model = PeftModel.from_pretrained(model, lora_path).eval()
     prompt_format = get_prompt_format(tokenizer, version)
     generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],
                       batch_size=config["batch_size"], do_sample=config["do_sample"], decode=config["decode"], show_progress=True)
@@ -109,10 +107,12 @@ def main(config):
         return {"predictions": predictions, "metrics": metrics}
 
     main_name = "adapter" if use_adapter else "model"
-    results = {main_name: evaluate(main_name)}
-    if config["before_after"] and use_adapter:
+    results = {}
+    if before_after:
         with model.disable_adapter():
             results["base"] = evaluate("base")
+        model = fold_adapter(model)
+    results[main_name] = evaluate(main_name)
 
     def made_up(prediction, source):  # the entities scoring dropped, as entity_type lines
         entities = parse_ner_answer(prediction).entities

@@ -2,10 +2,11 @@
 import json
 
 import pytest
+import torch
 
-from conftest import run_script
+from conftest import VERSIONS, run_script
 from utils.data_io import write_jsonl
-from utils.dataset import read_instruction_records
+from utils.dataset import read_instruction_records, user_message
 from utils.decode_utils import generation_metrics, ner_metrics, parse_ner_answer
 
 
@@ -120,3 +121,33 @@ def test_inference_test_reports_prefill_decode_and_memory(trained_adapter, train
         assert row["batch_size"] == 2 and row["new_tokens"] == 8 and 20 <= row["prompt_len"] <= 24
         assert row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_memory_gib"] > 0
     assert "| chatglm2-6b (float32) + adapter |" in result.stdout
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_folded_adapter_decodes_what_the_peft_layers_decode(version, trained_adapter, trainable_models, sixteen_examples):
+    """predict.py, chat_ner.py, the servers and inference_test.py fold the adapter into the weights for generation."""
+    from peft import PeftModel
+
+    from utils.dataset import PaddingCollator, get_prompt_format
+    from utils.generation import generate_answers
+    from utils.model_utils import fold_adapter, load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device="cpu")
+    model = PeftModel.from_pretrained(base, str(trained_adapter(version) / "adapter_model")).eval()
+    records = read_instruction_records(sixteen_examples)
+    prompt_format = get_prompt_format(tokenizer, version)
+    batch = PaddingCollator(tokenizer.pad_token_id, padding_side="left")([{"input_ids": prompt_format.prompt_ids(user_message(r), [])} for r in records])
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+        with model.disable_adapter():
+            base_answers = generate_answers(model, tokenizer, prompt_format, records, max_new_tokens=48, batch_size=16)
+    peft_answers = generate_answers(model, tokenizer, prompt_format, records, max_new_tokens=48, batch_size=16)
+    folded = fold_adapter(model)
+    assert not [name for name, _ in folded.named_modules() if "lora" in name.lower()] and type(folded) is type(base)
+    with torch.no_grad():
+        real = batch["attention_mask"].bool()  # left padding: the padded positions' outputs mean nothing
+        difference = (folded(**batch).logits - peft_logits)[real].abs().max().item()
+    scale = peft_logits[real].abs().max().item()
+    assert difference < 1e-4 * scale, (difference, scale)  # fp32 rounding: W x + B (A x) against (W + B A) x
+    assert generate_answers(folded, tokenizer, prompt_format, records, max_new_tokens=48, batch_size=16) == peft_answers
+    assert peft_answers != base_answers  # the adapter changes the answers, so the comparison means something

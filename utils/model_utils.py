@@ -174,11 +174,12 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     return model.eval(), tokenizer
 
 
-def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", chatglm_only=False):
+def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", chatglm_only=False, fold=True):
     """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
     or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with the PEFT adapter of lora_path
-    on top. A missing adapter is reported before the base is loaded; with chatglm_only, a model without ChatGLM's
-    stream_generate (what the servers stream with) is refused."""
+    on top, folded into the weights (fold_adapter) unless fold=False (a PeftModel then: predict.py's --before_after
+    scores the base with the adapter disabled first). A missing adapter is reported before the base is loaded; with
+    chatglm_only, a model without ChatGLM's stream_generate (what the servers stream with) is refused."""
     use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
     if use_adapter and not (Path(lora_path) / "adapter_config.json").is_file():
         raise ModelFolderError(
@@ -191,4 +192,19 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(lora_path)).eval()
+        if fold:
+            model = fold_adapter(model)
     return model, tokenizer
+
+
+def fold_adapter(model):
+    """The base model of a PeftModel with its LoRA weights added into the base weights (W + scale * B A, computed in
+    the adapter's fp32 and rounded once to the weights' dtype) and the PEFT layers removed: generation then runs at
+    the base model's speed (PEFT's extra matmuls and Python per layer cost several times the base's decode step).
+    The base weights are changed in place. A base whose weights are quantized (int8/int4 folders) keeps the adapter
+    as PEFT layers: adding the adapter to quantized weights would round it away."""
+    quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if quantized:
+        print(f"adapter kept as separate layers: the base weights are quantized ({quantized[0]}, ...)")
+        return model
+    return model.merge_and_unload()
