@@ -54,6 +54,7 @@ from utils.train_utils import (
     data_paths,
     gathered_state_dict,
     load_datasets,
+    prepare_packing,
     peak_memory_gib,
     plot_loss,
     print_trainable_parameters,
@@ -78,7 +79,16 @@ DEFAULTS = {
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
-    "per_device_train_batch_size": 16,
+    "per_device_train_batch_size": 16,  # with packing: rows of packed samples (up to pack_tokens tokens each)
+    # Packed training: several samples per row, each attending only to itself (positions restart per sample), the
+    # loss normalised over the target tokens of the step as unpacked, so a packed run trains like the unpacked one on
+    # fewer, fuller rows. per_device_train_batch_size then counts rows, not samples. Models that cannot pack train
+    # unpacked in batches grouped by length (the log says so).
+    "packing": False,
+    # Tokens per packed row (the row budget: peak memory follows it, not the longest sample). 2048 is a placeholder
+    # of the order of the 6B models' usual context, several default-length samples (max_source_length +
+    # max_target_length = 384) per row; the budget that trains fastest on a GPU is still to be measured.
+    "pack_tokens": 2048,
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
     "learning_rate": 3e-3,  # for the small model; 6B models: about 2e-4
@@ -218,6 +228,9 @@ if master:
 
 # Data: each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
 train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model_version, config)
+train_data, group_by_length = prepare_packing(model, train_data, config, log=print if master else lambda text: None)
+if group_by_length and master:
+    print("train_deepspeed.py has no length-grouped sampler: training unpacked in shuffled batches")
 collate = PaddingCollator(tokenizer.pad_token_id)
 batch_size, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
 sampler = ResumableSampler(train_data, num_replicas=world_size, rank=rank, shuffle=True, seed=config["seed"])
@@ -411,7 +424,7 @@ while global_step < total_steps and epoch < num_epochs:
             engine.backward(loss * world_size, scale_wrt_gas=False)
             engine.step()
             step_loss += loss.detach()
-            tokens_since_log += int(batch["attention_mask"].sum())
+            tokens_since_log += int(batch["attention_mask"].ne(0).sum())  # packed rows: segment ids
         global_step += 1
         batches_done += len(micro_batches)
         loss_since_log += step_loss

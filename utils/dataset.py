@@ -284,10 +284,95 @@ class PaddingCollator:
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for feature in features:
             pad = longest - len(feature["input_ids"])
-            rows = (feature["input_ids"], [1] * len(feature["input_ids"]), feature.get("labels"))
+            # A packed row (PackedDataset) brings its own mask: segment ids 1, 2, 3, ... (padding stays 0).
+            rows = (feature["input_ids"], feature.get("attention_mask") or [1] * len(feature["input_ids"]), feature.get("labels"))
             fills = (self.pad_token_id, 0, -100)
             for key, row, fill in zip(batch, rows, fills):
                 if row is None:
                     continue
                 batch[key].append(row + [fill] * pad if self.padding_side == "right" else [fill] * pad + row)
         return {key: torch.tensor(rows) for key, rows in batch.items() if rows}
+
+
+def pack_lengths(lengths, budget, seed=0):
+    """Rows of example indices, each holding at most `budget` tokens (an example longer than that gets a row of its
+    own): first-fit decreasing (longest first, each into the first row with room), which fills rows best; ties in
+    length are broken in an order shuffled with `seed`. The rows come out shuffled with `seed`, the examples of a row
+    in the order they were placed."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order.sort(key=lambda i: -lengths[i])
+    rows, room = [], []
+    for i in order:
+        # The first row with room: a linear scan, fine for the data sizes here (rows are few and fill up fast).
+        row = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+        if row is None:
+            rows.append([i])
+            room.append(budget - lengths[i])
+        else:
+            rows[row].append(i)
+            room[row] -= lengths[i]
+    return [rows[r] for r in torch.randperm(len(rows), generator=generator).tolist()]
+
+
+def pack_examples(examples):
+    """One row of several encoded examples: input_ids and labels concatenated, attention_mask the segment ids
+    1, 2, 3, ... of the examples (the convention the ChatGLM models read, see build_attention_mask; for native models
+    `packed_inputs_hook` turns it into restarting position_ids). Each example keeps its labels, except that the first
+    token of each is never a target: an example's first label is never predicted unpacked either (the loss shifts
+    labels by one), and packed it would make the last token of the previous example predict across the boundary."""
+    row = {"input_ids": [], "labels": [], "attention_mask": []}
+    for segment, example in enumerate(examples, start=1):
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [-100] + example["labels"][1:]
+        row["attention_mask"] += [segment] * len(example["input_ids"])
+    return row
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Encoded examples packed several to a row of at most `pack_tokens` tokens (pack_lengths), once, at load time
+    with the run's seed; the sampler shuffles the rows each epoch. Each example attends only to itself (see
+    pack_examples), so a packed step trains as the same examples unpacked: the training scripts divide the summed
+    token losses by the number of target tokens in the step, which packing does not change. A batch then holds
+    `per_device_train_batch_size` rows, each of several examples. `stats`: the data's, plus rows and fill ratio."""
+
+    def __init__(self, data: EncodedDataset, pack_tokens: int, seed=0):
+        if pack_tokens <= 0:
+            raise ValueError(f"pack_tokens={pack_tokens}: must be positive")
+        self.data, self.pack_tokens = data, pack_tokens
+        lengths = [len(example["input_ids"]) for example in data.examples]
+        self.rows = pack_lengths(lengths, pack_tokens, seed)
+        tokens = sum(lengths)
+        self.stats = {**data.stats, "pack_tokens": pack_tokens, "packed_rows": len(self.rows),
+                      "fill_ratio": round(tokens / (len(self.rows) * pack_tokens), 4),
+                      "longer_than_pack_tokens": sum(length > pack_tokens for length in lengths)}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return pack_examples([self.data.examples[i] for i in self.rows[index]])
+
+    def describe(self):
+        s = self.stats
+        text = (f"packing: {s['samples']} samples in {s['packed_rows']} rows of at most {s['pack_tokens']} tokens "
+                f"(fill ratio {s['fill_ratio']:.1%})")
+        if s["longer_than_pack_tokens"]:
+            text += f"; {s['longer_than_pack_tokens']} samples are longer than pack_tokens and have a row each"
+        return text
+
+
+def packed_inputs_hook(module, args, kwargs):
+    """Forward pre-hook (with_kwargs) for models that transformers supports natively: a packed batch's mask of
+    segment ids becomes position_ids that restart at each example, and no attention_mask. transformers then finds
+    the packed sequences from the positions (masking_utils.find_packed_sequence_indices, used when there is neither
+    mask nor cache) and builds a block-diagonal causal mask, for sdpa and eager attention alike. A 0/1 mask passes."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or not bool((mask > 1).any()):
+        return args, kwargs
+    index = torch.arange(mask.shape[-1], device=mask.device)
+    new = torch.ones_like(mask, dtype=torch.bool)
+    new[:, 1:] = mask[:, 1:] != mask[:, :-1]
+    kwargs = {**kwargs, "attention_mask": None, "use_cache": False,
+              "position_ids": index - torch.where(new, index, 0).cummax(-1).values}
+    return args, kwargs

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import nested_gather
 
 from utils.data_io import write_atomic
-from utils.dataset import InstructionDataset, TextDataset
+from utils.dataset import InstructionDataset, PackedDataset, TextDataset, packed_inputs_hook
 from utils.errors import UserError
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import read_config
@@ -222,6 +222,12 @@ class Trainer(transformers.Trainer):
         self.add_callback(_StopAtPlannedEnd)
         self.loss_sum_at_start = 0.0
 
+    def _track_num_input_tokens(self, inputs):
+        # Packed rows carry segment ids (1, 2, 3, ...) in attention_mask: count tokens, not ids.
+        if isinstance(inputs.get("attention_mask"), torch.Tensor) and inputs["attention_mask"].dim() == 2:
+            inputs = {**inputs, "attention_mask": inputs["attention_mask"].ne(0)}
+        super()._track_num_input_tokens(inputs)
+
     def log(self, logs, start_time=None):
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = peak_memory_gib()
@@ -281,6 +287,34 @@ def load_datasets(train_file, dev_file, tokenizer, version, config):
         print(f"{dev_file}: not found, training without evaluation")
         return train_data, None
     return train_data, load(dev_file)
+
+
+def can_pack(model):
+    """Whether packed rows train `model` as the unpacked examples: the ChatGLM models read the segment ids in the
+    mask themselves; models of transformers' own code get restarting position_ids (packed_inputs_hook), from which
+    transformers builds a block-diagonal mask. Other (remote-code) models might attend across examples."""
+    if getattr(model, "model_version", None) in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b"):
+        return True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__.startswith("transformers.models.")
+
+
+def prepare_packing(model, train_data, config, log=print):
+    """--packing=true: the training set as a PackedDataset of rows of at most pack_tokens tokens (prints how many
+    samples went into how many rows), and for a native transformers model the hook that turns the rows' segment ids
+    into restarting position_ids. Returns (train data, group_by_length): a model that cannot pack trains on the
+    unpacked examples in batches grouped by length instead (less padding), and the log says so."""
+    if not config.get("packing"):
+        return train_data, False
+    if not can_pack(model):
+        log(f"packing: {type(model).__name__} cannot isolate packed samples from one another; training unpacked, in "
+            "batches grouped by length instead")
+        return train_data, True
+    if getattr(model, "model_version", None) is None:
+        model.register_forward_pre_hook(packed_inputs_hook, with_kwargs=True)
+    packed = PackedDataset(train_data, config["pack_tokens"], config["seed"])
+    log(packed.describe())
+    return packed, False
 
 
 @contextlib.contextmanager

@@ -176,6 +176,21 @@ def apply_rotary_2d(x, main, block):
     return torch.cat((x_main, x_block), dim=-1)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:is_packed
+def is_packed(attention_mask, query_len, past_len):
+    """Whether a prefill's attention_mask holds the segment ids of packed samples (any value > 1)."""
+    return attention_mask is not None and past_len == 0 and query_len > 1 and bool((attention_mask > 1).any())
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:segment_starts
+def segment_starts(segments):
+    """[B, S] index of the first token of each token's segment (a segment: a run of equal ids in `segments`)."""
+    index = torch.arange(segments.shape[-1], device=segments.device).expand_as(segments)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return torch.where(new, index, 0).cummax(-1).values
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticKVCache
 class StaticKVCache:
     """Keys and values of every layer in per-layer buffers of fixed size [B, kv_heads, capacity, head_dim], plus the
@@ -406,7 +421,21 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         start = relative.gather(1, context_len.clamp(max=seq - 1)[:, None])
         main = torch.where(after, relative.gather(1, mask_index[:, None]), relative)
         block = torch.where(after, relative - start + 1, 0)
-        return torch.stack((main, block), dim=1)
+        positions = torch.stack((main, block), dim=1)
+        if attention_mask is None or attention_mask.dim() != 2:
+            return positions
+        # Rows of packed samples (segment ids > 1 in the mask): the same 2-D positions, restarting at each segment.
+        # Chosen per row without a host sync; a 0/1 row keeps the positions above.
+        segments = attention_mask
+        relative = index - segment_starts(segments)
+        context = first_in_segment(input_ids == self.config.bos_token_id, segments, seq)
+        no_mask = first_in_segment(mask, segments, (context - 1).clamp(min=0))
+        mask_index = first_in_segment(gmask, segments, no_mask).clamp(max=seq - 1)
+        after = index >= context
+        main = torch.where(after, relative.gather(1, mask_index), relative)
+        block = torch.where(after, index - context + 1, 0)
+        packed = (segments > 1).any(-1)[:, None, None]
+        return torch.where(packed, torch.stack((main, block), dim=1), positions)
 
 
 def check_no_quantized_embeddings(config):
@@ -423,16 +452,36 @@ def first_index(hits, default):
     return torch.where(hits.any(-1), index, torch.as_tensor(default, device=hits.device))
 
 
+def first_in_segment(hits, segments, default):
+    """[B, S]: for each token, the index of the first True of `hits` in its segment (a run of equal ids in
+    `segments`, [B, S]; each id names one run, as in a packed row), `default` (a number or [B, S]) where none."""
+    batch, seq = hits.shape
+    index = torch.arange(seq, device=hits.device).expand(batch, -1)
+    firsts = torch.full((batch, seq + 1), seq, dtype=torch.long, device=hits.device)
+    firsts = firsts.scatter_reduce(1, segments.long(), torch.where(hits, index, seq), "amin").gather(1, segments.long())
+    return torch.where(firsts < seq, firsts, torch.as_tensor(default, device=hits.device))
+
+
 def build_glm_attention_mask(input_ids, attention_mask, query_len, past_len, prefix_len, bos_token_id):
     """Boolean mask [B, 1, q, prefix+past+q] with True = may attend, or None where SDPA needs none.
 
     Prefill: key j is visible from query i iff j is in the context (before <sop>) or j <= i. Decoding: every earlier
-    key. Padding keys are hidden; padded query rows see every key so that no softmax row is empty."""
+    key. Padding keys are hidden; padded query rows see every key so that no softmax row is empty.
+    Packed samples (utils/dataset.py PackedDataset): a prefill's 2-D mask holds segment ids 1, 2, 3, ... (0 =
+    padding); the same prefix-LM mask then holds within each segment, and no key of another segment is visible."""
     if attention_mask is not None and attention_mask.dim() == 4:
         allowed = ~attention_mask.bool()  # official format: True = blocked
         if prefix_len:
             allowed = torch.cat((allowed.new_ones(*allowed.shape[:-1], prefix_len), allowed), dim=-1)
         return allowed | ~allowed.any(-1, keepdim=True)  # fully blocked (pad) rows: avoid NaN
+    if is_packed(attention_mask, query_len, past_len):
+        segments = attention_mask
+        index = torch.arange(query_len, device=input_ids.device)
+        context = first_in_segment(input_ids == bos_token_id, segments, query_len)  # per query token
+        allowed = (index[None, None, :] <= index[None, :, None]) | (index[None, None, :] < context[:, :, None])
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :]) & (segments != 0)[:, None, :]
+        allowed = torch.cat((allowed.new_ones(*allowed.shape[:2], prefix_len), allowed), dim=-1)
+        return (allowed | (segments == 0)[:, :, None])[:, None]
     key_len = prefix_len + past_len + query_len
     padded = attention_mask is not None and not bool(attention_mask.all())
     key_index = torch.arange(key_len, device=input_ids.device) - prefix_len  # prefix columns are negative: visible

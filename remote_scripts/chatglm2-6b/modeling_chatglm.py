@@ -165,13 +165,26 @@ def apply_rotary(x, cos, sin):
     return torch.cat((rotated, x_pass), dim=-1)
 
 
+def is_packed(attention_mask, query_len, past_len):
+    """Whether a prefill's attention_mask holds the segment ids of packed samples (any value > 1)."""
+    return attention_mask is not None and past_len == 0 and query_len > 1 and bool((attention_mask > 1).any())
+
+
 def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
     """Boolean mask [B, 1, q, prefix+past+q] with True = may attend, or None where SDPA needs none
     (plain causal prefill, or one query token that sees everything).
 
     attention_mask: [B, past+q] with 1 = token, 0 = padding (prefix positions are always visible).
-    Padded query rows see every key so that no softmax row is empty (their outputs are never used)."""
+    Padded query rows see every key so that no softmax row is empty (their outputs are never used).
+    Packed samples (utils/dataset.py PackedDataset): a prefill's mask holds segment ids 1, 2, 3, ... (0 = padding);
+    a token then attends causally to the tokens of its own segment only (block-diagonal causal mask)."""
     key_len = prefix_len + past_len + query_len
+    if is_packed(attention_mask, query_len, past_len):
+        segments = attention_mask
+        allowed = torch.ones(query_len, query_len, dtype=torch.bool, device=segments.device).tril()[None]
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :]) & (segments != 0)[:, None, :]
+        allowed = torch.cat((allowed.new_ones(*allowed.shape[:2], prefix_len), allowed), dim=-1)
+        return (allowed | (segments == 0)[:, :, None])[:, None]
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (query_len == 1 or key_len == query_len):
         return None
@@ -187,6 +200,19 @@ def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
         key_keep = torch.cat((keep.new_ones(keep.shape[0], prefix_len), keep), dim=-1)
         allowed = (allowed & key_keep[:, None, :]) | ~keep[:, -query_len:, None]
     return allowed[:, None]
+
+
+def segment_starts(segments):
+    """[B, S] index of the first token of each token's segment (a segment: a run of equal ids in `segments`)."""
+    index = torch.arange(segments.shape[-1], device=segments.device).expand_as(segments)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return torch.where(new, index, 0).cummax(-1).values
+
+
+def segment_positions(segments):
+    """[B, S] 0-based positions that restart at each segment of `segments` (padding: its own run)."""
+    return torch.arange(segments.shape[-1], device=segments.device) - segment_starts(segments)
 
 
 class StaticKVCache:
@@ -457,7 +483,10 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         With a mask, only the mask counts (it may also cover cached tokens that input_ids lacks)."""
         if attention_mask is None:
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # Rows of packed samples (segment ids > 1 in the mask): positions restart at each segment. Chosen per row
+        # without a host sync; a 0/1 row keeps the positions above.
+        return torch.where((attention_mask > 1).any(-1, keepdim=True), segment_positions(attention_mask), positions)
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):

@@ -1,0 +1,244 @@
+"""Packed instruction training (--packing=true): several samples per row, each attending only to itself.
+
+On tiny v1/v2/v3 models and a tiny native Llama: a packed row gives every sample the logits, loss and gradients it
+gets alone; changing one sample of a row changes nothing of another (and the same check on the row without its
+segment ids does see the change, so it would catch a leak); train_trainer.py --packing=true trains."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import OVERFIT, VERSIONS, run_script
+from test_training import logged_losses
+from utils.dataset import InstructionDataset, PackedDataset, PaddingCollator, pack_examples, pack_lengths, packed_inputs_hook
+from utils.model_utils import load_model_and_tokenizer
+from utils.train_utils import prepare_packing
+
+MODELS = (*VERSIONS, "llama")
+
+
+@pytest.fixture(scope="module")
+def setups(trainable_models, sixteen_examples):
+    """version -> (fp32 model in eval mode, five encoded examples, pad id). The native Llama gets synthetic examples
+    (a prompt without labels, then an answer) and the hook that train_trainer.py installs when it packs."""
+    cache = {}
+
+    def get(version):
+        if version not in cache:
+            if version == "llama":
+                torch.manual_seed(0)
+                config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                                     attn_implementation="sdpa")
+                model = LlamaForCausalLM(config).eval()
+                model.register_forward_pre_hook(packed_inputs_hook, with_kwargs=True)
+                generator = torch.Generator().manual_seed(0)
+                examples = []
+                for prompt_len, answer_len in ((9, 4), (5, 7), (12, 3), (6, 6), (8, 2)):
+                    ids = torch.randint(3, 300, (prompt_len + answer_len,), generator=generator).tolist()
+                    examples.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:]})
+                cache[version] = model, examples, 0
+            else:
+                model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device="cpu")
+                data = InstructionDataset(sixteen_examples, tokenizer, version, max_source_length=64, max_target_length=32)
+                cache[version] = model.eval(), data.examples[:5], tokenizer.pad_token_id
+        return cache[version]
+
+    return get
+
+
+def forward(model, batch, **kwargs):
+    return model(**batch, **kwargs)
+
+
+def sample_loss(logits, labels):
+    """Summed cross-entropy of one sample: position i predicts labels[i + 1]."""
+    return F.cross_entropy(logits[:-1].float(), torch.tensor(labels[1:]), ignore_index=-100, reduction="sum")
+
+
+def packed_batch(examples, pad_id):
+    """Two rows: examples 0-2 packed in one, 3-4 in the other (padded to the first)."""
+    return PaddingCollator(pad_id)([pack_examples(examples[:3]), pack_examples(examples[3:])])
+
+
+def segments_of(examples):
+    """(row, start, example) of each example in packed_batch's layout."""
+    places, starts = [], {0: 0, 1: 0}
+    for index, example in enumerate(examples):
+        row = 0 if index < 3 else 1
+        places.append((row, starts[row], example))
+        starts[row] += len(example["input_ids"])
+    return places
+
+
+@pytest.mark.parametrize("version", MODELS)
+def test_packed_rows_give_each_sample_its_own_logits_and_loss(setups, version):
+    model, examples, pad_id = setups(version)
+    batch = packed_batch(examples, pad_id)
+    assert batch["attention_mask"].max() == 3 and batch["attention_mask"][1, -1] == 0  # segment ids, then padding
+    with torch.no_grad():
+        packed_logits = forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits
+        for row, start, example in segments_of(examples):
+            alone = forward(model, {"input_ids": torch.tensor([example["input_ids"]])}).logits[0]
+            inside = packed_logits[row, start:start + len(example["input_ids"])]
+            torch.testing.assert_close(inside, alone, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(sample_loss(inside, example["labels"]), sample_loss(alone, example["labels"]),
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", MODELS)
+def test_packed_batch_gives_the_gradients_of_the_unpacked_batch(setups, version):
+    """The same five samples, packed in two rows or padded in five, under the training scripts' normalisation (the
+    summed token losses divided by num_items_in_batch, the step's target tokens): the same loss and gradients."""
+    model, examples, pad_id = setups(version)
+    unpacked = PaddingCollator(pad_id)(examples)
+    packed = packed_batch(examples, pad_id)
+    targets = int(unpacked["labels"][:, 1:].ne(-100).sum())
+    assert int(packed["labels"][:, 1:].ne(-100).sum()) == targets  # packing neither adds nor drops a target
+    results = []
+    for batch in (unpacked, packed):
+        model.zero_grad()
+        loss = forward(model, batch, num_items_in_batch=torch.tensor(targets)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 5
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_positions_restart_per_sample(setups, version):
+    """Each sample of a packed row gets the positions it has alone (ChatGLM-6B: its 2-D positions, built from its
+    own [gMASK] and <sop>). Rotary embeddings are relative: with a block-diagonal mask a sample's positions shifted by
+    a constant would change its logits by little more than rounding, so this is checked here directly."""
+    model, examples, pad_id = setups(version)
+    batch = packed_batch(examples, pad_id)
+    packed = model.get_position_ids(batch["input_ids"], batch["attention_mask"])
+    for row, start, example in segments_of(examples):
+        ids = torch.tensor([example["input_ids"]])
+        alone = model.get_position_ids(ids, torch.ones_like(ids))[0]
+        assert packed[row, ..., start:start + ids.shape[1]].tolist() == alone.tolist()
+    # A 0/1 mask (right padding) keeps the positions of before.
+    ones = batch["attention_mask"].ne(0).long()
+    if version != "chatglm-6b":
+        assert model.get_position_ids(batch["input_ids"], ones).tolist() == (ones.cumsum(-1) - 1).clamp(min=0).tolist()
+
+
+def changed_first_sample(batch, examples):
+    """The packed batch with the prompt tokens of sample 0 (row 0) replaced by others (specials kept: [gMASK] and
+    <sop> stay where ChatGLM-6B looks for them)."""
+    changed = {k: v.clone() for k, v in batch.items()}
+    first = examples[0]
+    prompt = [i for i, label in enumerate(first["labels"]) if label == -100][1:-3]  # inner prompt tokens
+    ids = changed["input_ids"][0]
+    ids[prompt] = ids[prompt].flip(0)
+    ids[prompt[0]] = examples[1]["input_ids"][1]
+    return changed
+
+
+@pytest.mark.parametrize("version", MODELS)
+def test_no_attention_crosses_a_sample_boundary(setups, version):
+    model, examples, pad_id = setups(version)
+    batch = {k: v for k, v in packed_batch(examples, pad_id).items() if k != "labels"}
+    changed = changed_first_sample(batch, examples)
+    length = len(examples[0]["input_ids"])
+    with torch.no_grad():
+        before, after = forward(model, batch).logits, forward(model, changed).logits
+        # Sanity: the change does reach sample 0 itself.
+        assert (before[0, :length] - after[0, :length]).abs().max() > 1e-3
+        # Samples 1 and 2 of the row see nothing of it.
+        torch.testing.assert_close(after[0, length:], before[0, length:], atol=1e-6, rtol=0)
+        # The same rows with a plain 0/1 mask (one sequence per row): the change leaks into the next samples, so the
+        # assertion above would catch a mask that lets attention cross the boundary.
+        flat, flat_changed = ({**b, "attention_mask": b["attention_mask"].ne(0).long()} for b in (batch, changed))
+        leak = (forward(model, flat).logits[0, length:] - forward(model, flat_changed).logits[0, length:]).abs().max()
+        assert leak > 1e-3
+
+
+def test_pack_lengths_and_pack_examples():
+    lengths = [5, 9, 3, 12, 7, 1, 4, 20]
+    rows = pack_lengths(lengths, budget=12, seed=1)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # every example exactly once
+    assert all(sum(lengths[i] for i in row) <= 12 for row in rows if len(row) > 1)
+    assert [7] in rows  # longer than the budget: a row of its own
+    assert len(rows) == 5  # first-fit decreasing: 20 | 12 | 9+3 | 7+5 | 4+1 (sum 61 over 5 rows)
+    assert pack_lengths(lengths, 12, seed=1) == rows and pack_lengths(lengths, 12, seed=2) != rows
+    row = pack_examples([{"input_ids": [1, 2, 3], "labels": [5, -100, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}])
+    # Each sample's first token is never a target: it would be predicted from the previous sample's last token.
+    assert row == {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, -100, 5], "attention_mask": [1, 1, 1, 2, 2]}
+
+
+def test_packed_dataset_stats(setups, sixteen_examples):
+    _, examples, _ = setups("chatglm2-6b")
+
+    class Data:
+        pass
+
+    data = Data()
+    data.examples, data.stats = examples, {"samples": len(examples)}
+    packed = PackedDataset(data, pack_tokens=2 * max(len(e["input_ids"]) for e in examples), seed=0)
+    assert len(packed) < len(examples) and packed.stats["packed_rows"] == len(packed)
+    assert sorted(sum((row for row in packed.rows), [])) == list(range(len(examples)))
+    assert f"{len(examples)} samples in {len(packed)} rows" in packed.describe()
+
+
+def test_train_trainer_trains_packed(trainable_models, sixteen_examples, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [a for a in OVERFIT if not a.startswith("--per_device_train_batch_size")]
+    result = run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+                        f"--dev_file={tmp_path / 'none.txt'}", f"--output_dir={run_dir}", "--max_steps=30", "--save_steps=30",
+                        "--packing=true", "--pack_tokens=256", "--per_device_train_batch_size=4", *args)
+    assert "packing: 16 samples in " in result.stdout, result.stdout[-2000:]
+    train_args = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
+    stats = train_args["data"]["train"]
+    assert 1 < stats["packed_rows"] < 16 and 0 < stats["fill_ratio"] <= 1
+    state = json.loads((run_dir / "checkpoint-30" / "trainer_state.json").read_text())
+    losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    assert losses[30] < 0.5 * losses[1], losses
+
+
+def test_train_deepspeed_trains_packed_chatglm_6b(trainable_models, sixteen_examples, tmp_path):
+    """train_deepspeed.py (one plain process) packs too; here ChatGLM-6B, with its 2-D positions and prefix-LM mask."""
+    run_dir = tmp_path / "run"
+    args = [a for a in OVERFIT if not a.startswith(("--per_device_train_batch_size", "--report_to"))]
+    result = run_script("train_deepspeed.py", f"--model_dir={trainable_models['chatglm-6b']}", f"--train_file={sixteen_examples}",
+                        f"--dev_file={tmp_path / 'none.txt'}", f"--output_dir={run_dir}", "--max_steps=20", "--save_steps=20",
+                        "--packing=true", "--pack_tokens=256", "--per_device_train_batch_size=4", *args)
+    assert "packing: 16 samples in " in result.stdout, result.stdout[-2000:]
+    losses = logged_losses(run_dir, 20)
+    assert losses[20] < 0.2 * losses[1], losses
+    train_args = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
+    # 20 steps of 4 rows: every row once per epoch when 4 rows hold the 16 samples; tokens, not segment ids, counted.
+    data = train_args["data"]["train"]
+    if data["packed_rows"] == 4:
+        assert train_args["metrics"]["num_input_tokens_seen"] == 20 * data["tokens"]
+
+
+def test_models_that_cannot_pack_train_grouped_by_length(setups):
+    """A model outside transformers' own code (e.g. other remote code) might attend across samples: no packing, length
+    grouping instead, and the log says so. A native transformers model packs, through the position-ids hook."""
+
+    class RemoteCodeModel(torch.nn.Module):
+        model_version = None
+
+    logged = []
+    data = object()
+    assert prepare_packing(RemoteCodeModel(), data, {"packing": True, "pack_tokens": 64, "seed": 0}, logged.append) == (data, True)
+    assert "grouped by length" in logged[0]
+    assert prepare_packing(RemoteCodeModel(), data, {"packing": False}, logged.append) == (data, False) and len(logged) == 1
+    _, examples, _ = setups("chatglm2-6b")
+
+    class Data:
+        stats = {"samples": len(examples)}
+
+    Data.examples = examples
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    packed, grouped = prepare_packing(llama, Data(), {"packing": True, "pack_tokens": 256, "seed": 0}, logged.append)
+    assert isinstance(packed, PackedDataset) and not grouped and logged[-1].startswith("packing: 5 samples in ")
+    assert llama._forward_pre_hooks  # segment ids -> restarting position_ids
