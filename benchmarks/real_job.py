@@ -1,0 +1,141 @@
+"""The user's real job, timed end to end with the project's own scripts on a real-size ChatGLM2-6B (random weights, the
+real config.json): process MSRA (val + msra_1000 as train, test as dev) -> train one epoch with the seed-style settings
+(LoRA r 8 on query_key_value, batch 12, max_source_length 128, max_target_length 32), unpacked and packed -> predict.py
+over the whole MSRA test set with the adapter (32 new tokens) -> chat: time to the first streamed token and tokens/s.
+Prints one table: wall time of each stage, real (non-padding) tokens/s, peak GPU memory.
+
+    python benchmarks/real_job.py --tokenizer_dir ../shared/assets/tokenizers/chatglm2-6b --msra_dir ../shared/data/msra \
+        --work_dir /tmp/real_job --json real_job.json
+    python benchmarks/real_job.py ... --tiny      # a tiny model on the CPU, a few steps: checks the stages, measures nothing
+
+Each stage runs as a user would run it (a new process per script), so the wall times include start-up, loading and
+compilation; the table also gives the scripts' own figures (train_runtime, predict seconds) without them.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from utils.tiny_model import make_tiny_model  # noqa: E402
+
+SEED_STYLE = ["--lora_r=8", "--lora_alpha=32", "--lora_dropout=0.05", "--lora_target_modules=query_key_value",
+              "--max_source_length=128", "--max_target_length=32", "--learning_rate=2e-4", "--warmup_steps=0.05",
+              "--save_steps=0", "--eval_steps=100000", "--logging_steps=10", "--report_to=none", "--dev_file=none.txt"]
+
+
+def run(name, command, log_dir):
+    """Run a script, its output in <log_dir>/<name>.log; returns the wall seconds."""
+    print("$ " + " ".join(map(str, command)), flush=True)
+    started = time.perf_counter()
+    with open(log_dir / f"{name}.log", "w") as log:
+        code = subprocess.run(list(map(str, command)), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - started
+    if code != 0:
+        tail = "\n".join((log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-25:])
+        raise SystemExit(f"{name} failed (exit {code}) after {seconds:.0f} s:\n{tail}")
+    return seconds
+
+
+def chat_timing(model_dir, lora_path, questions, max_new_tokens):
+    """Seconds to the first streamed token of the first answer (the model already loaded), and decode tokens/s of
+    each answer, as chat_ner.py and the servers stream (stream_chat_reply, decode="auto")."""
+    from utils.dataset import get_prompt_format
+    from utils.generation import stream_chat_reply
+    from utils.model_utils import load_model_with_adapter
+
+    model, tokenizer = load_model_with_adapter(model_dir, lora_path)
+    prompt_format = get_prompt_format(tokenizer, model.model_version)
+    rows = []
+    for question in questions:
+        started, first, tokens = time.perf_counter(), None, 0
+        for reply in stream_chat_reply(model, tokenizer, prompt_format.prompt_ids(question, []), max_new_tokens):
+            if first is None:
+                first = time.perf_counter() - started
+            tokens = reply.completion_tokens
+        total = time.perf_counter() - started
+        rows.append({"first_token_s": round(first, 2), "tokens": tokens,
+                     "tokens_per_s": round((tokens - 1) / (total - first), 1) if tokens > 1 and total > first else None})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer_dir", required=True, help="the real chatglm2-6b config.json and tokenizer.model")
+    parser.add_argument("--msra_dir", required=True, help="MSRA as in ../shared/data/msra (bio/, ori_data/)")
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--pack_tokens", type=int, default=1024)
+    parser.add_argument("--packed_batch_size", type=int, default=2, help="rows of pack_tokens per step when packed")
+    parser.add_argument("--stages", default="process,train,train-packed,predict,chat")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (or --tiny)")
+    work, msra = Path(args.work_dir), Path(args.msra_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, data_dir = work / ("tiny-model" if args.tiny else "model"), work / "data"
+    if not model_dir.exists():
+        started = time.time()
+        if args.tiny:
+            make_tiny_model("chatglm2-6b", model_dir, args.tokenizer_dir)
+        else:
+            make_tiny_model("chatglm2-6b", model_dir, args.tokenizer_dir, dtype=torch.bfloat16, full_size=True, device="cuda")
+        print(f"random chatglm2-6b written to {model_dir} in {time.time() - started:.0f} s", flush=True)
+    stages = args.stages.split(",")
+    limit = ["--max_steps=6"] if args.tiny else []
+    rows = []
+
+    if "process" in stages:
+        seconds = run("process", [sys.executable, "process.py", "--data_name=msra",
+                                  f"--train_file={msra / 'bio' / 'val_sentences.txt'},{msra / 'ori_data' / 'msra_1000.txt'}",
+                                  f"--dev_file={msra / 'bio' / 'test.txt'}", f"--output_dir={data_dir}", "--overwrite"], work)
+        rows.append({"stage": "process.py (MSRA -> instruction data)", "wall_s": round(seconds, 1)})
+
+    for stage, extra in (("train", ["--per_device_train_batch_size=12"]),
+                         ("train-packed", ["--packing=true", f"--pack_tokens={args.pack_tokens}", f"--per_device_train_batch_size={args.packed_batch_size}"])):
+        if stage not in stages:
+            continue
+        run_dir = work / "runs" / stage
+        seconds = run(stage, [sys.executable, "train_trainer.py", f"--model_dir={model_dir}", f"--train_file={data_dir / 'train.txt'}",
+                              f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--num_train_epochs=1", *SEED_STYLE, *extra, *limit], work)
+        metrics = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())["metrics"]
+        rows.append({"stage": f"train_trainer.py, 1 epoch, {'packed ' + str(args.pack_tokens) + ' x ' + str(args.packed_batch_size) if 'packed' in stage else 'batch 12'}",
+                     "wall_s": round(seconds, 1), "script_s": round(metrics["train_runtime"], 1),
+                     "real_tokens_per_s": round(metrics["num_input_tokens_seen"] / metrics["train_runtime"]),
+                     "peak_gib": metrics.get("peak_memory_gib"), "train_loss": round(metrics["train_loss"], 4)})
+
+    adapter = work / "runs" / "train" / "adapter_model"
+    if "predict" in stages:
+        out = work / "predict"
+        seconds = run("predict", [sys.executable, "predict.py", f"--model_dir={model_dir}", f"--lora_path={adapter}",
+                                  f"--dev_file={data_dir / 'dev.txt'}", f"--output_dir={out}", "--max_new_tokens=32", "--batch_size=32",
+                                  *(["--num_samples=64"] if args.tiny else [])], work)
+        metrics = json.loads((out / "metrics.json").read_text())
+        samples = sum(1 for _ in open(out / "predictions.jsonl", encoding="utf-8"))
+        rows.append({"stage": f"predict.py with the adapter, {samples} sentences, 32 new tokens, batch 32",
+                     "wall_s": round(seconds, 1), "script_s": metrics["adapter"]["seconds"]})
+
+    if "chat" in stages:
+        started = time.perf_counter()
+        chat = chat_timing(model_dir, adapter, ["文本：中国人民银行在北京召开会议。", "文本：王小明去了上海。", "文本：今天天气很好。"], 64)
+        rows.append({"stage": "chat (load + 3 answers, 64 new tokens)", "wall_s": round(time.perf_counter() - started, 1),
+                     "first_token_s": chat[0]["first_token_s"], "chat_tokens_per_s": [r["tokens_per_s"] for r in chat]})
+
+    device = "CPU (--tiny)" if args.tiny else torch.cuda.get_device_name()
+    print(f"\n# {device}, torch {torch.__version__}, ChatGLM2-6B random weights, {time.strftime('%Y-%m-%d')}")
+    columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "peak_gib", "train_loss", "first_token_s", "chat_tokens_per_s"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
