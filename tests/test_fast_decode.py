@@ -1,6 +1,8 @@
 """The static-cache decode path of stream_generate (what chat, predict and inference_test use on CUDA) against the plain
 path, on tiny models with peaked random weights. On CPU the static step runs eagerly ("static"); on a CUDA machine the
-same checks also run the torch.compile'd CUDA-graph step ("compiled")."""
+same checks also run the step captured as a CUDA graph ("graph") and its torch.compile'd version ("compiled")."""
+import sys
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from conftest import VERSIONS
 from utils.model_utils import load_model_and_tokenizer, remote_module
 
 PROMPTS = ["你好", "ChatGLM-6B是清华大学开源的模型。请介绍一下自己", "Hello\nworld\t!"]
-FAST_MODES = ["static"] + (["compiled"] if torch.cuda.is_available() else [])
+FAST_MODES = ["static"] + (["graph", "compiled"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,11 +107,37 @@ def test_cache_sizes_are_few_powers_of_two_within_the_limit():
 def test_compiled_decoding_needs_cuda_and_unknown_modes_are_refused(models):
     model, tokenizer = models["chatglm2-6b"]
     ids = tokenizer(["你好"], return_tensors="pt")["input_ids"]
-    with pytest.raises(ValueError, match="one of auto, plain, static, compiled"):
+    with pytest.raises(ValueError, match="one of auto, plain, static, graph, compiled"):
         next(model.stream_generate(ids, max_new_tokens=2, decode="fast"))
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
-            next(model.stream_generate(ids, max_new_tokens=2, decode="compiled"))
+        for mode in ("graph", "compiled"):
+            with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+                next(model.stream_generate(ids, max_new_tokens=2, decode=mode))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_captured_decode_step_follows_adapter_switches_and_folding(trainable_models):
+    """A CUDA graph replays the kernels and tensors it recorded: switching the adapter off, or folding it into the
+    weights, must capture again rather than replay the old step."""
+    from utils.model_utils import fold_adapter
+    from utils.train_utils import add_lora
+
+    model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm2-6b"], dtype="fp32", device="cuda")
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
+    base_ids = decode(model, batch, "plain", do_sample=False)[0]
+    adapted = add_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "query_key_value"}).eval()
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    adapter_ids = decode(adapted, batch, "plain", do_sample=False)[0]
+    assert adapter_ids.tolist() != base_ids.tolist(), "the adapter must change the answer for this test to mean anything"
+    assert decode(adapted, batch, "graph", do_sample=False)[0].tolist() == adapter_ids.tolist()
+    with adapted.disable_adapter():
+        assert decode(adapted, batch, "graph", do_sample=False)[0].tolist() == base_ids.tolist()
+    assert decode(adapted, batch, "graph", do_sample=False)[0].tolist() == adapter_ids.tolist()
+    folded = fold_adapter(adapted)
+    assert decode(folded, batch, "graph", do_sample=False)[0].tolist() == adapter_ids.tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled element-wise kernels run on CUDA only")
@@ -180,3 +208,24 @@ def test_quantized_decoding_kernels_match_the_dequantizing_path(version, bits, t
     eager = decode(model, batch, "plain", do_sample=False)[1][1]
     compiled = decode(model, batch, "compiled", do_sample=False)[1][1]
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled element-wise kernels run on CUDA only")
+def test_generation_starts_on_eager_kernels_and_recaptures_once_compiled_ones_are_ready(trainable_models):
+    """Generation does not wait for the compiler: the first captured step uses eager element-wise kernels while a
+    background thread compiles them; a later step captures again with the compiled ones, and the tokens stay those
+    of the plain path."""
+    import time
+
+    model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm3-6b"], dtype="fp32", device="cuda")
+    modeling = sys.modules[type(model).__module__]
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
+    plain_ids = decode(model, batch, "plain", do_sample=False)[0]
+    assert decode(model, batch, "graph", do_sample=False)[0].tolist() == plain_ids.tolist()
+    deadline = time.monotonic() + 300
+    while modeling.BACKGROUND_COMPILE_JOBS.qsize() or modeling.KERNELS_COMPILED_FOR_GENERATION == 0:
+        assert time.monotonic() < deadline, "the background compilation did not finish"
+        time.sleep(0.5)
+    ids, _, cache = decode(model, batch, "graph", do_sample=False)
+    assert ids.tolist() == plain_ids.tolist()
+    assert cache.cache.graph_kernels > 0, "the step was not captured again with the compiled kernels"

@@ -16,7 +16,10 @@ Differences from the official code, all on purpose:
 """
 import functools
 import math
+import queue
 import re
+import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -137,12 +140,58 @@ class RotaryEmbedding(nn.Module):
 COMPILE_ELEMENTWISE = True
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:KERNELS_COMPILED_FOR_GENERATION
+KERNELS_COMPILED_FOR_GENERATION = 0
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:BACKGROUND_COMPILE_JOBS
+BACKGROUND_COMPILE_JOBS = None
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compile_in_background
+def compile_in_background(job):
+    global BACKGROUND_COMPILE_JOBS
+    if BACKGROUND_COMPILE_JOBS is None:
+        BACKGROUND_COMPILE_JOBS = queue.SimpleQueue()
+        threading.Thread(target=run_compile_jobs, args=(BACKGROUND_COMPILE_JOBS,), name="chatglm-compile", daemon=True).start()
+    BACKGROUND_COMPILE_JOBS.put(job)
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:run_compile_jobs
+def run_compile_jobs(jobs):
+    global KERNELS_COMPILED_FOR_GENERATION
+    while True:
+        compiled, args, inference, done = jobs.get()
+        try:  # on its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed
+            with torch.inference_mode(inference), torch.cuda.stream(torch.cuda.Stream(args[0].device)):
+                compiled(*args)
+                torch.cuda.current_stream().synchronize()
+        except Exception as error:  # the function stays eager for these shapes
+            warnings.warn(f"compiling {getattr(compiled, '__name__', 'an element-wise function')} for generation failed, it stays eager: {error}")
+            continue
+        done()
+        KERNELS_COMPILED_FOR_GENERATION += 1
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:shape_kind
+def shape_kind(args):
+    """What torch.compile(dynamic=True) specialises on, roughly: dtypes, ranks, which sizes are 0 or 1, layout."""
+    return tuple(
+        (a.dtype, a.device, tuple(min(size, 2) for size in a.shape), a.is_contiguous()) if isinstance(a, torch.Tensor) else a
+        for a in args
+    ) + (torch.is_inference_mode_enabled(),)
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
 def compiled_on_cuda(fn):
     """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
     backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
-    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it)."""
-    compiled = None
+    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
+
+    Training (gradients on) compiles at the first call and waits for it. Generation does not wait: until a background
+    thread has compiled `fn` for a call's kind of shapes (about a second per function and kind), such calls run eagerly,
+    so the first answer starts at once. Eager and compiled kernels round differently in the last bit."""
+    compiled, ready, queued = None, set(), set()
 
     @functools.wraps(fn)
     def run(*args):
@@ -151,7 +200,16 @@ def compiled_on_cuda(fn):
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
+        if torch.is_grad_enabled():
+            return compiled(*args)
+        kind = shape_kind(args)
+        if kind in ready:
+            return compiled(*args)
+        if kind not in queued and not torch.cuda.is_current_stream_capturing():
+            queued.add(kind)
+            stand_ins = [torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in args]  # values do not matter
+            compile_in_background((compiled, stand_ins, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
+        return fn(*args)
 
     return run
 
@@ -213,6 +271,8 @@ class StaticKVCache:
         self.positions = torch.zeros(batch, *position_shape, dtype=torch.long, device=device)  # of the next token
         self.length = 0  # host-side count of filled slots (prefix included), kept in step with `slot`
         self.serial = 0  # bumped by every load, so that stale handles can be detected
+        self.graph = None  # the decode step captured as a CUDA graph (graph_step), with its key, input and output
+        self.graph_key = self.graph_ids = self.graph_logits = self.graph_kernels = None
         for tensor in (*self.keys, *self.values, self.valid, self.slot, self.positions):
             torch._dynamo.mark_static_address(tensor)
 
@@ -242,6 +302,34 @@ class StaticKVCache:
         self.keys[layer_idx].index_copy_(2, self.slot, key)
         self.values[layer_idx].index_copy_(2, self.slot, value)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def keep_graph_for(self, key):
+        """Drop the captured step unless it was captured for `key` (the model's layers and weights, decode_graph_key)."""
+        if key != self.graph_key:
+            self.graph, self.graph_key = None, key
+
+    def graph_step(self, step, input_ids):
+        """`step(input_ids, self)` replayed from a CUDA graph. The first call (and the first after keep_graph_for
+        dropped the graph, or after more compiled element-wise kernels have become ready) runs the step eagerly, then
+        records it: recording runs nothing, so the state advances once. The logits returned are overwritten by the next
+        replay."""
+        if self.graph is not None and self.graph_kernels == KERNELS_COMPILED_FOR_GENERATION:
+            self.graph_ids.copy_(input_ids)
+            self.graph.replay()
+            return self.graph_logits
+        current = torch.cuda.current_stream(input_ids.device)
+        warmup = torch.cuda.Stream(input_ids.device)
+        warmup.wait_stream(current)
+        with torch.cuda.stream(warmup):  # first run off the capture stream, as CUDA graphs require (lazy set-up)
+            logits = step(input_ids, self)
+        current.wait_stream(warmup)
+        self.graph_ids = input_ids.clone()
+        self.graph_kernels = KERNELS_COMPILED_FOR_GENERATION  # read before recording: a kernel may become ready meanwhile
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.graph_logits = step(self.graph_ids, self)
+        self.graph = graph
+        return logits
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticCacheRef
@@ -771,7 +859,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 )
                 logits = outputs.logits[:, -1].float()
             else:
-                logits = self.static_decode_step(step_ids, static, compiled=decode == "compiled")
+                logits = self.static_decode_step(step_ids, static, decode)
                 static.length += 1
             scores = processors(sequence, logits)
             if do_sample:
@@ -784,6 +872,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 static = self.static_cache(input_ids.shape[0], needed, past_key_values.layers[0].keys.dtype, input_ids.device)
                 next_positions = self.advance_positions(position_ids[..., -1:].clone())
                 static.load(past_key_values, attention_mask, self.transformer.pre_seq_len, next_positions)
+                if decode == "graph":
+                    static.keep_graph_for(self.decode_graph_key())
             step_ids = next_tokens[:, None]
             sequence = torch.cat((sequence, step_ids), dim=1)
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
@@ -795,13 +885,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.resolve_decode_mode
     @staticmethod
     def resolve_decode_mode(decode, input_ids):
-        modes = ("auto", "plain", "static", "compiled")
+        modes = ("auto", "plain", "static", "graph", "compiled")
         if decode not in modes:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(modes)}")
-        if decode == "compiled" and not input_ids.is_cuda:
-            raise ValueError("decode='compiled' replays CUDA graphs and needs the model on a CUDA device")
+        if decode in ("graph", "compiled") and not input_ids.is_cuda:
+            raise ValueError(f"decode={decode!r} replays CUDA graphs and needs the model on a CUDA device")
         if decode == "auto":
-            return "compiled" if input_ids.is_cuda else "plain"
+            return "graph" if input_ids.is_cuda else "plain"
         return decode
 
     @staticmethod
@@ -826,11 +916,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return cache
 
     # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.static_decode_step
-    def static_decode_step(self, input_ids, cache, compiled=False):
-        """fp32 logits [B, vocab] of one new token per sequence; advances the cache. With `compiled`, the step runs
-        through torch.compile(mode="reduce-overhead"): one CUDA graph replay per token."""
-        if not compiled:
+    def static_decode_step(self, input_ids, cache, mode="static"):
+        """fp32 logits [B, vocab] of one new token per sequence; advances the cache. mode: "static" runs the step
+        eagerly, "graph" replays it as a CUDA graph (one launch per token instead of hundreds), "compiled" runs it
+        through torch.compile(mode="reduce-overhead") (fused kernels, also replayed as a CUDA graph)."""
+        if mode == "static":
             return self._static_decode_step(input_ids, cache)
+        if mode == "graph":
+            return cache.graph_step(self._static_decode_step, input_ids)
         step = self.__dict__.get("_compiled_decode_step")
         if step is None:
             step = torch.compile(self._static_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -845,6 +938,18 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         cache.slot.add_(1)
         self.advance_positions(cache.positions)
         return logits
+
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.decode_graph_key
+    def decode_graph_key(self):
+        """What a captured decode step depends on besides its cache: every layer and the address of every weight, and
+        the switches of adapter layers (PEFT's disable_adapter(), merging). A graph replays the kernels it recorded on
+        the tensors it recorded, so any change here means capturing again."""
+        modules = list(self.modules())
+        switches = tuple(
+            (module.disable_adapters, tuple(module.active_adapters), tuple(module.merged_adapters))
+            for module in modules if hasattr(module, "merged_adapters")  # PEFT's adapter layers
+        )
+        return tuple(map(type, modules)), switches, tuple(param.data_ptr() for param in self.parameters())
 
     @staticmethod
     def build_prompt(query, history=None):
