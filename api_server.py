@@ -66,7 +66,7 @@ DEFAULTS = {
     "top_p": 0.8,
     "dtype": "auto",
     "device": "auto",
-    "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA: the first answer waits for the compilation), plain
+    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
     "log_level": "info",
 }
 

@@ -8,7 +8,7 @@ Each model folder in --model_path (merged and quantized folders from merge_lora_
 with --lora_path the first one also gets a "+ adapter" row (the adapter folded into the weights, as predict.py and the
 servers decode; --fold_adapter=false measures PEFT's separate layers instead). Decoding goes through the models' own stream_generate
 (the loop behind chat()), greedily, for exactly max_new_tokens tokens (no early stop), on a batch of identical
-prompts of about prompt_len tokens. --decode picks the loop (auto: compiled CUDA-graph steps on CUDA, plain on CPU);
+prompts of about prompt_len tokens. --decode picks the loop (auto: CUDA-graph steps on CUDA, plain on CPU);
 the warm-up run before the timed ones also absorbs the compilation.
 """
 import json
@@ -21,7 +21,7 @@ from peft import PeftModel
 from utils.config_utils import parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
-from utils.generation import time_generation
+from utils.generation import time_generation, wait_for_compiled_kernels
 from utils.model_utils import fold_adapter, load_model_and_tokenizer
 
 DEFAULTS = {
@@ -33,7 +33,7 @@ DEFAULTS = {
     "repeats": 1,  # timed runs per row (the best is reported), after one warm-up
     "dtype": "auto",
     "device": "auto",
-    "decode": "auto",  # auto (compiled CUDA-graph steps on CUDA, plain elsewhere), plain, static, compiled
+    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain elsewhere), plain, static, graph, compiled
     "fold_adapter": True,  # the adapter added into the weights, as the other scripts decode; false: PEFT's layers
     "json": "",  # also write the rows here
 }
@@ -48,8 +48,9 @@ def peak_memory_gib(device):
 
 def benchmark(name, model, input_ids, config):
     device = input_ids.device
-    # Full-length warm-up (and, for decode=compiled, the compilation): a short one left the first run of a process slow.
+    # Full-length warm-up (and the compilations it starts): a short one left the first run of a process slow.
     time_generation(model, input_ids, config["max_new_tokens"], config["decode"])
+    wait_for_compiled_kernels(model)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = [time_generation(model, input_ids, config["max_new_tokens"], config["decode"]) for _ in range(config["repeats"])]

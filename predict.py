@@ -40,7 +40,7 @@ DEFAULTS = {
     "before_after": False,
     "dtype": "auto",
     "device": "auto",
-    "decode": "auto",  # ChatGLM decode loop: auto (compiled CUDA-graph steps on CUDA, plain on CPU), plain, static, compiled
+    "decode": "auto",  # ChatGLM decode loop: auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
     "drop_entities_not_in_text": "auto",  # NER scoring drops predicted entities that the input text does not contain
     # (made up, not extracted); the report also gives the scores with them. auto = true for NER; true, false
     "skip_bad_lines": False,

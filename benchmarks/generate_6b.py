@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.generation import wait_for_compiled_kernels  # noqa: E402
 from utils.model_utils import DTYPES, VERSIONS, read_config  # noqa: E402
 from utils.tiny_model import build_random_model  # noqa: E402
 
@@ -62,14 +63,15 @@ def measure(version, args):
             "stream_generate plain": lambda n: list(
                 model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="plain")
             ),
-            "stream_generate compiled": lambda n: list(
-                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="compiled")
+            "stream_generate graph": lambda n: list(
+                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="graph")
             ),
         }
         for name in args.loops.split(","):
             run = loops[name]
             started = time.perf_counter()
             run(args.max_new_tokens)  # full-length warm-up (and compilation): a short one left the first run slow
+            wait_for_compiled_kernels(model)
             print(f"{version} {name}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
             torch.cuda.reset_peak_memory_stats()
             _, total_s = timed(lambda: run(args.max_new_tokens))
@@ -99,8 +101,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--loops", default="stream_generate plain,stream_generate compiled",
-                        help="comma-separated: HF generate, stream_generate plain, stream_generate compiled")
+    parser.add_argument("--loops", default="stream_generate plain,stream_generate graph",
+                        help="comma-separated: HF generate, stream_generate plain, stream_generate graph")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -4,7 +4,7 @@ to the figures of the official code on the same kind of machine. Needs CUDA.
     python benchmarks/speed_table.py --config_dir ../shared/assets/tokenizers --work_dir /tmp/speed --json speed.json
 
 Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through stream_generate as chat() uses it):
-  decode-v2-b1, decode-v1-b1   ChatGLM2-6B / ChatGLM-6B, batch 1, 256 new tokens, compiled CUDA-graph decode
+  decode-v2-b1, decode-v1-b1   ChatGLM2-6B / ChatGLM-6B, batch 1, 256 new tokens, CUDA-graph decode (--decode)
   decode-v2-b16                ChatGLM2-6B, batch 16, 128 new tokens
   decode-v2-int8-b1, decode-v2-int4-b1
                                ChatGLM2-6B quantized with the layout merge_lora_and_quantize.py writes (model.quantize)
@@ -26,7 +26,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
-from utils.generation import time_generation  # noqa: E402
+from utils.generation import time_generation, wait_for_compiled_kernels  # noqa: E402
 from utils.model_utils import load_model_and_tokenizer, remote_module  # noqa: E402
 from utils.tiny_model import make_tiny_model  # noqa: E402
 from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
@@ -79,6 +79,7 @@ def decode_row(model, batch, new_tokens, decode, repeats=3, profile_path=None):
     input_ids = random_prompt(model, batch, 32)
     started = time.perf_counter()
     time_generation(model, input_ids, new_tokens, decode)  # warm-up, and compilation for a new batch size
+    wait_for_compiled_kernels(model)
     warmup_s = time.perf_counter() - started
     torch.cuda.reset_peak_memory_stats()
     runs = [time_generation(model, input_ids, new_tokens, decode) for _ in range(repeats)]
@@ -210,7 +211,7 @@ def main():
     parser.add_argument("--config_dir", required=True, help="folder with <version>/config.json and tokenizer files")
     parser.add_argument("--work_dir", default="/tmp/speed_table", help="where the random QLoRA model folder is written")
     parser.add_argument("--rows", default=",".join(REFERENCE))
-    parser.add_argument("--decode", default="compiled", choices=["plain", "static", "compiled"])
+    parser.add_argument("--decode", default="graph", choices=["plain", "static", "graph", "compiled"])
     parser.add_argument("--train_steps", type=int, default=10)
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--profile_dir", help="write kernel profiles here: one training step, or one decode run, per row")

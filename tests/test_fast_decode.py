@@ -215,17 +215,12 @@ def test_generation_starts_on_eager_kernels_and_recaptures_once_compiled_ones_ar
     """Generation does not wait for the compiler: the first captured step uses eager element-wise kernels while a
     background thread compiles them; a later step captures again with the compiled ones, and the tokens stay those
     of the plain path."""
-    import time
-
     model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm3-6b"], dtype="fp32", device="cuda")
     modeling = sys.modules[type(model).__module__]
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
     plain_ids = decode(model, batch, "plain", do_sample=False)[0]
     assert decode(model, batch, "graph", do_sample=False)[0].tolist() == plain_ids.tolist()
-    deadline = time.monotonic() + 300
-    while modeling.BACKGROUND_COMPILE_JOBS.qsize() or modeling.KERNELS_COMPILED_FOR_GENERATION == 0:
-        assert time.monotonic() < deadline, "the background compilation did not finish"
-        time.sleep(0.5)
+    modeling.wait_for_background_compiles()
     ids, _, cache = decode(model, batch, "graph", do_sample=False)
     assert ids.tolist() == plain_ids.tolist()
     assert cache.cache.graph_kernels > 0, "the step was not captured again with the compiled kernels"

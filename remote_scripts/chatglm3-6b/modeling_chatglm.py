@@ -115,7 +115,7 @@ BACKGROUND_COMPILE_JOBS = None
 def compile_in_background(job):
     global BACKGROUND_COMPILE_JOBS
     if BACKGROUND_COMPILE_JOBS is None:
-        BACKGROUND_COMPILE_JOBS = queue.SimpleQueue()
+        BACKGROUND_COMPILE_JOBS = queue.Queue()
         threading.Thread(target=run_compile_jobs, args=(BACKGROUND_COMPILE_JOBS,), name="chatglm-compile", daemon=True).start()
     BACKGROUND_COMPILE_JOBS.put(job)
 
@@ -131,9 +131,18 @@ def run_compile_jobs(jobs):
                 torch.cuda.current_stream().synchronize()
         except Exception as error:  # the function stays eager for these shapes
             warnings.warn(f"compiling {getattr(compiled, '__name__', 'an element-wise function')} for generation failed, it stays eager: {error}")
-            continue
-        done()
-        KERNELS_COMPILED_FOR_GENERATION += 1
+        else:
+            done()
+            KERNELS_COMPILED_FOR_GENERATION += 1
+        jobs.task_done()
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:wait_for_background_compiles
+def wait_for_background_compiles():
+    """Block until the background thread has compiled every element-wise kernel asked for so far (benchmarks of the
+    steady decode speed call it after a warm-up)."""
+    if BACKGROUND_COMPILE_JOBS is not None:
+        BACKGROUND_COMPILE_JOBS.join()
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:shape_kind
