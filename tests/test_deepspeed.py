@@ -171,7 +171,10 @@ ZERO_CONFIGS = {2: "deepspeed.json", 3: "deepspeed_zero3.json"}
 def run_processes(script, launcher, *args, processes=2, timeout=900):
     """The script on `processes` ranks: `deepspeed --num_gpus N` (gloo on CPU) or `mpirun -np N python`."""
     if launcher == "mpirun":
-        command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", str(processes), sys.executable, script, *args]
+        # --noprefix: Open MPI started by its full path puts its own bin folder (/usr/bin) first on the ranks' PATH,
+        # where a different ninja than pip's hashes build commands differently, and every DeepSpeed process then rebuilt
+        # its shm op (about 40 s each) as ranks and plain processes took turns.
+        command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--noprefix", "-np", str(processes), sys.executable, script, *args]
     else:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
                    str(free_port()), script, *args]
