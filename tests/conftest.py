@@ -1,8 +1,11 @@
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from importlib.metadata import version
 from pathlib import Path
 
@@ -76,9 +79,62 @@ OVERFIT = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0", "--lora_targe
            "--warmup_steps=0", "--per_device_train_batch_size=16", "--logging_steps=5", "--report_to=none"]
 
 
-def run_script(script, *args, timeout=900):
-    result = subprocess.run([sys.executable, script, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+class ScriptRunner:
+    """`python script.py args` in a child forked from tests/script_runner.py, which has imported the heavy libraries
+    once (each fresh interpreter spends ~7 s of 2 cores importing torch, transformers, peft and DeepSpeed)."""
+
+    def __init__(self):
+        self.server = None
+        self.lock = threading.Lock()
+
+    def run(self, argv, env=None, timeout=900, input=None):
+        """subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, input=input) for argv = [script, *args]."""
+        with self.lock, tempfile.TemporaryDirectory() as tmp:
+            if self.server is None or self.server.poll() is not None:
+                self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_runner.py"))], cwd=REPO_ROOT,
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            out, err, stdin = Path(tmp) / "stdout", Path(tmp) / "stderr", Path(tmp) / "stdin"
+            if input is not None:
+                stdin.write_text(input, encoding="utf-8")
+            request = {"argv": [str(a) for a in argv], "cwd": str(REPO_ROOT), "stdout": str(out), "stderr": str(err),
+                       "env": {**os.environ, **(env or {})}, "stdin": str(stdin) if input is not None else None}
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+            pid = json.loads(self.server.stdout.readline())["pid"]
+            timed_out = threading.Event()
+
+            def kill():
+                timed_out.set()
+                os.kill(pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            try:
+                returncode = json.loads(self.server.stdout.readline())["returncode"]
+            finally:
+                timer.cancel()
+            stdout, stderr = (path.read_text(encoding="utf-8", errors="replace") for path in (out, err))
+            if timed_out.is_set():
+                raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+            return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+
+    def close(self):
+        if self.server is not None and self.server.poll() is None:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+
+
+SCRIPTS = ScriptRunner()
+
+
+def pytest_unconfigure(config):
+    SCRIPTS.close()
+
+
+def run_script(script, *args, timeout=900, check=True, env=None):
+    result = SCRIPTS.run([script, *args], env=env, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 

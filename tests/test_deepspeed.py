@@ -17,7 +17,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import OVERFIT, REPO_ROOT
+from conftest import OVERFIT, REPO_ROOT, SCRIPTS
 from test_training import assert_adapter_reproduces_answers, assert_full_model_folder, final_train_loss, logged_losses
 from utils.distributed import free_port
 from utils.model_utils import load_model_and_tokenizer
@@ -50,9 +50,10 @@ def remove_shm_buffers():
 def run(script, *args, launcher="python", check=True, timeout=900):
     if launcher == "deepspeed":  # what the `deepspeed` command runs, with this Python whatever PATH holds
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()), script, *args]
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     else:
-        command = [sys.executable, script, *args]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        command = [script, *args]
+        result = SCRIPTS.run(command, timeout=timeout)
     if check:
         assert result.returncode == 0, f"{' '.join(command[:7])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result

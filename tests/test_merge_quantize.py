@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import merge_lora_and_quantize as merge_script
 import utils.model_folder as model_folder
-from conftest import REPO_ROOT, TOKENIZERS, VERSIONS
+from conftest import TOKENIZERS, VERSIONS, run_script
 from utils.model_utils import DTYPES, load_model_and_tokenizer, remote_module
 from utils.tiny_model import make_tiny_model
 
@@ -374,7 +374,7 @@ def test_quantize_rejects_bad_bits_and_double_quantization(version, tiny_model_d
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    return run_script(*args, timeout=600, check=False)
 
 
 def test_script_merges_an_adapter_trained_by_train_trainer(trainable_models, sixteen_examples, tmp_path):

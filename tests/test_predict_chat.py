@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import VERSIONS, run_script
+from conftest import SCRIPTS, VERSIONS, run_script
 from utils.data_io import write_jsonl
 from utils.dataset import read_instruction_records, user_message
 from utils.decode_utils import generation_metrics, ner_metrics, parse_ner_answer
@@ -90,15 +90,10 @@ def test_chat_ner_answers_piped_questions_and_keeps_history(trained_adapter, tra
     run_dir = trained_adapter("chatglm2-6b")
     records = read_instruction_records(sixteen_examples)
     texts = [r["query"].removeprefix("文本：") for r in records[:2]]
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-
-    result = subprocess.run(
-        [sys.executable, "chat_ner.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--lora_path={run_dir / 'adapter_model'}",
+    result = SCRIPTS.run(
+        ["chat_ner.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--lora_path={run_dir / 'adapter_model'}",
          f"--instruct={records[0]['instruct']}"],
-        input=f"{texts[0]}\n{texts[1]}\nclear\n{texts[1]}\nexit\n", cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        input=f"{texts[0]}\n{texts[1]}\nclear\n{texts[1]}\nexit\n", timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout

@@ -2,7 +2,6 @@
 run only once the new one has loaded its data, staging folders of dead writers cleaned up, folders swapped whole; and
 the scripts' one-line errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_script
 from utils import run_dirs
 from utils.model_folder import staged_folder
 
@@ -127,10 +126,10 @@ def test_overwrite_checks_the_data_first_and_errors_are_one_line(trainable_model
     (run_dir / "notes.txt").write_text("mine")
     bad = tmp_path / "train.txt"
     bad.write_text(sixteen_examples.read_text(encoding="utf-8") + '{"instruct": 1}\n', encoding="utf-8")
-    args = [sys.executable, "train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={bad}",
+    args = ["train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={bad}",
             "--dev_file=none.txt", f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--max_steps=2", "--save_steps=0",
             "--report_to=none"]
-    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script(*args, timeout=300, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {bad}:17: field 'instruct': expected a string, got int (--skip_bad_lines skips such lines and counts them)")
@@ -138,11 +137,11 @@ def test_overwrite_checks_the_data_first_and_errors_are_one_line(trainable_model
     assert sorted(p.name for p in run_dir.iterdir()) == ["adapter_model", "notes.txt"] and not (tmp_path / "run.previous").exists()
     assert (run_dir / "adapter_model" / "adapter_model.safetensors").read_bytes() == b"the old adapter"
     # --debug shows the traceback as well.
-    result = subprocess.run([*args, "--debug"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script(*args, "--debug", timeout=300, check=False)
     assert result.returncode == 1 and "Traceback" in result.stderr and "DataError" in result.stderr
     # With good data the new run replaces the old one, and the old one is gone once the new adapter is written.
-    args[3] = f"--train_file={sixteen_examples}"
-    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    args[2] = f"--train_file={sixteen_examples}"
+    result = run_script(*args, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the old run is kept in" in result.stdout and "removed the old run" in result.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == ["adapter_model", "loss.png"]

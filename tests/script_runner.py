@@ -1,0 +1,82 @@
+"""Runs the project's scripts for the tests as `python script.py args` would, in a process forked from this one, which
+has imported torch, transformers, peft and DeepSpeed once: a script run then skips their ~7 s of imports.
+
+The tests start it once (conftest.script_runner) and write one JSON request per line to its stdin:
+{"argv": [script, *args], "cwd", "stdout", "stderr", "env", "stdin" (a file, or none)}. It forks a child for each, answers {"pid"} at once and
+{"returncode"} when the child has ended. The child runs the script as __main__ with its stdout and stderr (file
+descriptors 1 and 2) sent to the named files, and ends as the interpreter would: SystemExit gives the exit status, an
+uncaught exception goes to sys.excepthook (the scripts install their own) and exits 1, then non-daemon threads are
+joined and atexit functions run. This process runs no torch operation itself, so no thread pool is copied into a
+child half-started."""
+import json
+import os
+import sys
+
+# The answers go to the real stdout; everything else this process prints (libraries do, on import) to /dev/null.
+ANSWERS = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+
+import deepspeed  # noqa: E402, F401  (imported to be inherited by the children)
+import peft  # noqa: E402, F401
+import torch  # noqa: E402, F401
+import transformers  # noqa: E402, F401
+from transformers import Trainer  # noqa: E402, F401
+
+
+def run_child(request):
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    stdin = os.open(request.get("stdin") or os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)  # noqa: SIM115
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)  # noqa: SIM115
+    script = os.path.abspath(request["argv"][0])
+    sys.argv = [request["argv"][0], *request["argv"][1:]]
+    sys.path[0] = os.path.dirname(script)
+    code = 0
+    try:
+        import runpy
+
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - reported as a fresh interpreter would
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    try:
+        import atexit
+        import threading
+
+        threading._shutdown()
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main():
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            ANSWERS.close()
+            run_child(request)
+        ANSWERS.write(json.dumps({"pid": pid}) + "\n")
+        _, status = os.waitpid(pid, 0)
+        ANSWERS.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
