@@ -7,8 +7,9 @@
 Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json next to the adapter (or in
 checkpoint/<data_name>/base/ without one) and prints the metrics: for NER entity-level precision, recall and F1,
 micro and per type; for generation BLEU-4 and ROUGE-1/2/L on characters. NER scoring drops the predicted entities
-that the input text does not contain (an entity is a span of the text; one that is not there was made up), counts
-them and also gives the scores with them (--drop_entities_not_in_text=false scores them all). --before_after also
+that the sentence (the query without its `文本：` prefix; not the instruction) does not contain (an entity is a span
+of the text; one that is not there was made up), counts them and also gives the scores with them
+(--drop_entities_not_in_text=false scores them all). --before_after also
 runs the base model without the adapter, so the gain is visible.
 """
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from utils.config_utils import parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
-from utils.dataset import get_prompt_format, read_instruction_records, user_message
+from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
 from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
 from utils.generation import generate_answers
 from utils.model_utils import fold_adapter, load_model_with_adapter
@@ -84,7 +85,7 @@ def main(config):
     drop_made_up = {"auto": task == "ner", "true": True, "false": False}.get(str(config["drop_entities_not_in_text"]).lower())
     if drop_made_up is None or (drop_made_up and task != "ner"):
         raise SystemExit(f"--drop_entities_not_in_text={config['drop_entities_not_in_text']}: use auto, or true/false for NER")
-    sources = [user_message(r) for r in records] if drop_made_up else None
+    sources = [source_text(r) for r in records] if drop_made_up else None  # the sentence, not the instruction
 
     # The adapter is folded into the weights for generation (base speed); with --before_after only after the base has
     # been scored with the adapter disabled, as folding changes the base weights.
@@ -119,10 +120,9 @@ def main(config):
         return sorted(f"{e}_{t}" for e, t in entities - entities_in_text(entities, source))
 
     write_jsonl(output_dir / "predictions.jsonl", [
-        {"input": message, "reference": r["answer"], "prediction": p,
-         **({"not_in_text": made_up(p, message)} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
-        for r, message, p, b in zip(records, sources or map(user_message, records), results[main_name]["predictions"],
-                                    results.get("base", results[main_name])["predictions"])
+        {"input": user_message(r), "reference": r["answer"], "prediction": p,
+         **({"not_in_text": made_up(p, source_text(r))} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
+        for r, p, b in zip(records, results[main_name]["predictions"], results.get("base", results[main_name])["predictions"])
     ])
     summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"], "lora_path": lora_path if use_adapter else None,
                **{name: result["metrics"] for name, result in results.items()}}

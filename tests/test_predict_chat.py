@@ -6,7 +6,7 @@ import torch
 
 from conftest import SCRIPTS, VERSIONS, run_script
 from utils.data_io import write_jsonl
-from utils.dataset import read_instruction_records, user_message
+from utils.dataset import read_instruction_records, source_text, user_message
 from utils.decode_utils import generation_metrics, ner_metrics, parse_ner_answer
 
 
@@ -47,6 +47,19 @@ def test_ner_metrics_drop_predicted_entities_that_the_text_does_not_contain():
     assert ner_metrics(["IBM_机构名"], ["ＩＢＭ_机构名"], ["文本：ＩＢＭ公司"])["not_in_text"]["dropped"] == 0
     with pytest.raises(ValueError, match="sources"):
         ner_metrics(predictions, references, sources[:3])
+
+
+def test_made_up_entities_are_checked_against_the_sentence_not_the_instruction():
+    """The instruction names the types and says 实体 and 文本: predicting those is making them up, since the sentence
+    does not contain them (the filter used to search the instruction and the query together)."""
+    record = {"instruct": "请找出文本中的人名、地名、机构名，每行写一个'实体_类型'，如果没有就回答'没有'。",
+              "query": "文本：张三在北京工作。", "answer": "张三_人名\n北京_地名"}
+    assert source_text(record) == "张三在北京工作。"
+    prediction = "张三_人名\n北京_地名\n人名_人名\n实体_机构名\n文本_地名\n找出_人名"
+    metrics = ner_metrics([prediction], [record["answer"]], [source_text(record)])
+    assert metrics["not_in_text"]["dropped"] == 4 and metrics["micro"]["precision"] == 1.0
+    # A query without the prefix (a user's own data) is the sentence itself.
+    assert source_text({"instruct": "", "query": "李四去了上海。"}) == "李四去了上海。"
 
 
 def test_generation_metrics_use_characters():

@@ -18,10 +18,17 @@ import torch
 
 from utils.data_io import BadLines, DataError, iter_json_lines, require_str
 from utils.model_utils import remote_module
+from utils.ner_data import QUERY_PREFIX
 
 
 def user_message(record) -> str:
     return "\n".join(part for part in (record["instruct"], record["query"]) if part)
+
+
+def source_text(record) -> str:
+    """The text an answer is extracted from: the query without process.py's `文本：` prefix. Not the instruction: its
+    type names and wording are no entities of the text."""
+    return record["query"].removeprefix(QUERY_PREFIX)
 
 
 def read_instruction_records(path, bad_lines: BadLines = None) -> list:
