@@ -4,7 +4,7 @@ NER answers are `实体_类型` lines (process.py writes them so), or `没有` f
 models write: blank lines, surrounding spaces, duplicates, either underscore width, list markers; a line that is
 not `entity_type` is counted as malformed rather than guessed at. Entities are compared after NFKC normalisation,
 because ChatGLM-6B's tokenizer cannot write full-width punctuation and digits (it folds them to ASCII). Scoring can
-drop predicted entities that do not occur in the input text (ner_metrics' sources).
+drop predicted entities that do not occur in the sentence they were extracted from (ner_metrics' sources).
 """
 import re
 import unicodedata
@@ -120,6 +120,6 @@ def format_ner_report(metrics) -> str:
     lines.append(f"exact match {metrics['exact_match']:.4f} over {metrics['samples']} samples; malformed lines {metrics['malformed_lines']}")
     if "not_in_text" in metrics:
         check = metrics["not_in_text"]
-        lines.append(f"{check['dropped']} predicted entities not in their input text were dropped (with them: precision "
+        lines.append(f"{check['dropped']} predicted entities not in their sentence were dropped (with them: precision "
                      f"{check['micro_with_them']['precision']:.4f}, f1 {check['micro_with_them']['f1']:.4f})")
     return "\n".join(lines)
