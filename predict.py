@@ -42,7 +42,7 @@ DEFAULTS = {
     "dtype": "auto",
     "device": "auto",
     "decode": "auto",  # ChatGLM decode loop: auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
-    "drop_entities_not_in_text": "auto",  # NER scoring drops predicted entities that the input text does not contain
+    "drop_entities_not_in_text": "auto",  # NER scoring drops predicted entities that the sentence does not contain
     # (made up, not extracted); the report also gives the scores with them. auto = true for NER; true, false
     "skip_bad_lines": False,
 }
@@ -121,8 +121,9 @@ def main(config):
 
     write_jsonl(output_dir / "predictions.jsonl", [
         {"input": user_message(r), "reference": r["answer"], "prediction": p,
-         **({"not_in_text": made_up(p, source_text(r))} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
-        for r, p, b in zip(records, results[main_name]["predictions"], results.get("base", results[main_name])["predictions"])
+         **({"not_in_text": made_up(p, source)} if drop_made_up else {}), **({"base_prediction": b} if "base" in results else {})}
+        for r, source, p, b in zip(records, sources or [None] * len(records), results[main_name]["predictions"],
+                                   results.get("base", results[main_name])["predictions"])
     ])
     summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"], "lora_path": lora_path if use_adapter else None,
                **{name: result["metrics"] for name, result in results.items()}}

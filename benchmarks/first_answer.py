@@ -29,21 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def seconds(fn):
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - started
-
-
 def measure(option, args):
     """One option, in this process: returns its row."""
-    from generate_6b import load_random_model, random_prompt
+    from generate_6b import load_random_model, random_prompt, timed
     from utils.generation import generate_answers, time_generation
 
     decode = option.split("-")[0]
-    (model, load_s) = seconds(lambda: load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16))
+    (model, load_s) = timed(lambda: load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16))
     if "eager-elementwise" in option:
         sys.modules[type(model).__module__].COMPILE_ELEMENTWISE = False
     model.model_version = "chatglm2-6b"
@@ -58,7 +50,7 @@ def measure(option, args):
         row["b1_tokens_per_s"] = round(max(speeds), 1)
         if decode != "plain":
             batch = random_prompt(model, 16, 48)
-            (_, first_run_s) = seconds(lambda: time_generation(model, batch, 128, decode))
+            (_, first_run_s) = timed(lambda: time_generation(model, batch, 128, decode))
             first, total = time_generation(model, batch, 128, decode)
             row.update(b16_first_run_s=round(first_run_s, 2), b16_tokens_per_s=round(16 * 127 / (total - first), 1))
     if args.dev_file and decode != "plain":
@@ -69,7 +61,7 @@ def measure(option, args):
         tokenizer = load_tokenizer(Path(args.config_dir) / "chatglm2-6b", "chatglm2-6b")
         records = read_instruction_records(Path(args.dev_file), BadLines(skip=False))
         prompt_format = get_prompt_format(tokenizer, "chatglm2-6b")
-        answers, predict_s = seconds(lambda: generate_answers(model, tokenizer, prompt_format, records, max_source_length=128,
+        answers, predict_s = timed(lambda: generate_answers(model, tokenizer, prompt_format, records, max_source_length=128,
                                                               max_new_tokens=32, batch_size=32, decode=decode))
         row.update(predict_records=len(answers), predict_s=round(predict_s, 1))
     row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
