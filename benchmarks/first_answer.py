@@ -1,14 +1,17 @@
 """How long a user waits for the first answer, and how fast decoding is from then on, for each decode loop of
-stream_generate: random ChatGLM2-6B weights with the real config.json, bf16, each option in a new process with empty
+stream_generate: random ChatGLM2-6B weights with the real config.json, bf16, each option in new processes with empty
 compile caches (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR in a fresh folder), as on a user's first run.
 
-Per option it measures, after the model is loaded: the first streamed token and the whole first chat answer (batch 1,
---chat_tokens new tokens, a 48-token prompt), the decode speed of the next answers, a batch-16 decode speed (128 new
-tokens; the first run's seconds too), and with --dev_file the predict.py loop (utils.generation.generate_answers) over
-that file's records, batch 32, 32 new tokens, from its first batch (compilation included) to its last answer. Needs CUDA.
+Two workloads per option, each in its own process, timed from the loaded model:
+- chat: the first streamed token and the whole first answer (batch 1, --chat_tokens new tokens, a 48-token prompt),
+  the decode speed of the first answer and of the next two, the seconds until the background compilations have
+  finished, then the steady decode speed at batch 1 and batch 16;
+- predict (with --dev_file): the predict.py loop (utils.generation.generate_answers) over that file's records, batch
+  32, 32 new tokens, from the first batch (compilation included) to the last answer.
+Needs CUDA.
 
     python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --dev_file data/msra/instruct_data/dev.txt \
-        --options graph,graph-eager-elementwise,compiled --json first_answer.json
+        --options graph,graph-warm,compiled,graph-eager-elementwise --json first_answer.json
 
 Options: plain, static, graph, compiled (the `decode` modes); "-warm" reuses the caches of the option's earlier run
 (a persistent compile cache); "-eager-elementwise" also turns off the compiled element-wise kernels (norms, rotary,
@@ -29,49 +32,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(option, args):
-    """One option, in this process: returns its row."""
-    from generate_6b import load_random_model, random_prompt, timed
-    from utils.generation import generate_answers, time_generation
+def chat_workload(model, decode, args):
+    from generate_6b import random_prompt
+    from utils.generation import time_generation, wait_for_compiled_kernels
+
+    row = {}
+    first, total = time_generation(model, random_prompt(model, 1, 48), args.chat_tokens, decode)
+    row.update(first_token_s=round(first, 2), first_answer_s=round(total, 2),
+               first_answer_tokens_per_s=round((args.chat_tokens - 1) / (total - first), 1))
+    speeds = []
+    for _ in range(2):
+        first, total = time_generation(model, random_prompt(model, 1, 48), args.chat_tokens, decode)
+        speeds.append(round((args.chat_tokens - 1) / (total - first), 1))
+    row["next_answers_tokens_per_s"] = speeds
+    wait_for_compiled_kernels(model)
+    row["compiled_after_s"] = round(time.perf_counter() - args.loaded_at, 1)
+    first, total = time_generation(model, random_prompt(model, 1, 48), 256, decode)  # captures again if kernels changed
+    first, total = time_generation(model, random_prompt(model, 1, 48), 256, decode)
+    row["b1_tokens_per_s"] = round(255 / (total - first), 1)
+    if decode != "plain":
+        batch = random_prompt(model, 16, 32)
+        time_generation(model, batch, 128, decode)
+        wait_for_compiled_kernels(model)
+        time_generation(model, batch, 128, decode)
+        first, total = time_generation(model, batch, 128, decode)
+        row["b16_tokens_per_s"] = round(16 * 127 / (total - first), 1)
+    return row
+
+
+def predict_workload(model, decode, args):
+    from utils.data_io import BadLines
+    from utils.dataset import get_prompt_format, read_instruction_records
+    from utils.generation import generate_answers
+    from utils.model_utils import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(args.config_dir) / "chatglm2-6b", "chatglm2-6b")
+    records = read_instruction_records(Path(args.dev_file), BadLines(skip=False))
+    prompt_format = get_prompt_format(tokenizer, "chatglm2-6b")
+    started = time.perf_counter()
+    answers = generate_answers(model, tokenizer, prompt_format, records, max_source_length=128, max_new_tokens=32,
+                               batch_size=32, decode=decode)
+    torch.cuda.synchronize()
+    return {"predict_records": len(answers), "predict_s": round(time.perf_counter() - started, 1)}
+
+
+def measure(option, workload, args):
+    """One option and workload, in this process: returns its row."""
+    from generate_6b import load_random_model, timed
 
     decode = option.split("-")[0]
     (model, load_s) = timed(lambda: load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16))
+    args.loaded_at = time.perf_counter()
     if "eager-elementwise" in option:
         sys.modules[type(model).__module__].COMPILE_ELEMENTWISE = False
     model.model_version = "chatglm2-6b"
-    row = {"option": option, "load_s": round(load_s, 1)}
     with torch.inference_mode():
-        first, total = time_generation(model, random_prompt(model, 1, 48), args.chat_tokens, decode)
-        row.update(first_token_s=round(first, 2), first_answer_s=round(total, 2))
-        speeds = []
-        for _ in range(2):
-            first, total = time_generation(model, random_prompt(model, 1, 48), args.chat_tokens, decode)
-            speeds.append((args.chat_tokens - 1) / (total - first))
-        row["b1_tokens_per_s"] = round(max(speeds), 1)
-        if decode != "plain":
-            batch = random_prompt(model, 16, 48)
-            (_, first_run_s) = timed(lambda: time_generation(model, batch, 128, decode))
-            first, total = time_generation(model, batch, 128, decode)
-            row.update(b16_first_run_s=round(first_run_s, 2), b16_tokens_per_s=round(16 * 127 / (total - first), 1))
-    if args.dev_file and decode != "plain":
-        from utils.data_io import BadLines
-        from utils.dataset import get_prompt_format, read_instruction_records
-        from utils.model_utils import load_tokenizer
-
-        tokenizer = load_tokenizer(Path(args.config_dir) / "chatglm2-6b", "chatglm2-6b")
-        records = read_instruction_records(Path(args.dev_file), BadLines(skip=False))
-        prompt_format = get_prompt_format(tokenizer, "chatglm2-6b")
-        answers, predict_s = timed(lambda: generate_answers(model, tokenizer, prompt_format, records, max_source_length=128,
-                                                              max_new_tokens=32, batch_size=32, decode=decode))
-        row.update(predict_records=len(answers), predict_s=round(predict_s, 1))
-    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return row
+        row = {"load_s": round(load_s, 1)} | (chat_workload if workload == "chat" else predict_workload)(model, decode, args)
+    return row | {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_dir", required=True, help="folder with chatglm2-6b/config.json and its tokenizer files")
-    parser.add_argument("--options", default="graph,graph-eager-elementwise,compiled")
+    parser.add_argument("--options", default="graph,graph-warm,compiled,graph-eager-elementwise")
     parser.add_argument("--dev_file", default="", help="instruction records for the predict loop (process.py's dev.txt)")
     parser.add_argument("--chat_tokens", type=int, default=64)
     parser.add_argument("--json", default="")
@@ -80,10 +103,12 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     if args.one:
-        print("ROW " + json.dumps(measure(args.one, args)), flush=True)
+        option, workload = args.one.split(":")
+        print("ROW " + json.dumps(measure(option, workload, args)), flush=True)
         return
 
     rows, caches = [], {}
+    workloads = ["chat"] + (["predict"] if args.dev_file else [])
     for option in args.options.split(","):
         base = option.removesuffix("-warm")
         if option.endswith("-warm") and base not in caches:
@@ -91,21 +116,26 @@ def main():
         cache_dir = caches.get(base) if option.endswith("-warm") else tempfile.mkdtemp(prefix="compile-cache-")
         caches[option] = caches[base] = cache_dir
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache_dir}/inductor", TRITON_CACHE_DIR=f"{cache_dir}/triton")
-        command = [sys.executable, __file__, "--one", base, "--config_dir", args.config_dir, "--dev_file", args.dev_file,
-                   "--chat_tokens", str(args.chat_tokens)]
-        started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
-        if done.returncode or not lines:
-            print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
-            sys.exit(f"{option} failed (exit {done.returncode})")
-        row = json.loads(lines[-1][4:]) | {"option": option, "process_s": round(time.perf_counter() - started, 1)}
+        row = {"option": option}
+        for workload in workloads:
+            if workload == "predict" and base.startswith("plain"):
+                continue
+            command = [sys.executable, __file__, "--one", f"{base}:{workload}", "--config_dir", args.config_dir,
+                       "--dev_file", args.dev_file, "--chat_tokens", str(args.chat_tokens)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            if done.returncode or not lines:
+                print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
+                sys.exit(f"{option} {workload} failed (exit {done.returncode})")
+            found = json.loads(lines[-1][4:])
+            row |= {("predict_peak_gib" if workload == "predict" and key == "peak_gib" else key): value for key, value in found.items()
+                    if not (workload == "predict" and key == "load_s")}
         print(json.dumps(row), flush=True)
         rows.append(row)
 
     print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, ChatGLM2-6B random weights, bf16, {time.strftime('%Y-%m-%d')}")
-    columns = ["option", "load_s", "first_token_s", "first_answer_s", "b1_tokens_per_s", "b16_first_run_s", "b16_tokens_per_s",
-               "predict_s", "peak_gib", "process_s"]
+    columns = ["option", "first_token_s", "first_answer_s", "first_answer_tokens_per_s", "next_answers_tokens_per_s",
+               "compiled_after_s", "b1_tokens_per_s", "b16_tokens_per_s", "predict_s", "peak_gib", "predict_peak_gib"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")

@@ -1,6 +1,8 @@
 """The static-cache decode path of stream_generate (what chat, predict and inference_test use on CUDA) against the plain
 path, on tiny models with peaked random weights. On CPU the static step runs eagerly ("static"); on a CUDA machine the
 same checks also run the step captured as a CUDA graph ("graph") and its torch.compile'd version ("compiled")."""
+import sys
+
 import pytest
 import torch
 
@@ -207,3 +209,18 @@ def test_quantized_decoding_kernels_match_the_dequantizing_path(version, bits, t
     compiled = decode(model, batch, "compiled", do_sample=False)[1][1]
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled element-wise kernels run on CUDA only")
+def test_generation_starts_on_eager_kernels_and_recaptures_once_compiled_ones_are_ready(trainable_models):
+    """Generation does not wait for the compiler: the first captured step uses eager element-wise kernels while a
+    background thread compiles them; a later step captures again with the compiled ones, and the tokens stay those
+    of the plain path."""
+    model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm3-6b"], dtype="fp32", device="cuda")
+    modeling = sys.modules[type(model).__module__]
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
+    plain_ids = decode(model, batch, "plain", do_sample=False)[0]
+    assert decode(model, batch, "graph", do_sample=False)[0].tolist() == plain_ids.tolist()
+    modeling.wait_for_background_compiles()
+    ids, _, cache = decode(model, batch, "graph", do_sample=False)
+    assert ids.tolist() == plain_ids.tolist()
+    assert cache.cache.graph_kernels > 0, "the step was not captured again with the compiled kernels"

@@ -9,6 +9,9 @@ the first half of each head, SwiGLU MLP. Internally tensors are batch-first and 
 """
 import ast
 import functools
+import queue
+import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -100,12 +103,67 @@ def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None,
 COMPILE_ELEMENTWISE = True
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:KERNELS_COMPILED_FOR_GENERATION
+KERNELS_COMPILED_FOR_GENERATION = 0
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:BACKGROUND_COMPILE_JOBS
+BACKGROUND_COMPILE_JOBS = None
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compile_in_background
+def compile_in_background(job):
+    global BACKGROUND_COMPILE_JOBS
+    if BACKGROUND_COMPILE_JOBS is None:
+        BACKGROUND_COMPILE_JOBS = queue.Queue()
+        threading.Thread(target=run_compile_jobs, args=(BACKGROUND_COMPILE_JOBS,), name="chatglm-compile", daemon=True).start()
+    BACKGROUND_COMPILE_JOBS.put(job)
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:run_compile_jobs
+def run_compile_jobs(jobs):
+    global KERNELS_COMPILED_FOR_GENERATION
+    while True:
+        compiled, args, inference, done = jobs.get()
+        try:  # on its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed
+            with torch.inference_mode(inference), torch.cuda.stream(torch.cuda.Stream(args[0].device)):
+                compiled(*args)
+                torch.cuda.current_stream().synchronize()
+        except Exception as error:  # the function stays eager for these shapes
+            warnings.warn(f"compiling {getattr(compiled, '__name__', 'an element-wise function')} for generation failed, it stays eager: {error}")
+        else:
+            done()
+            KERNELS_COMPILED_FOR_GENERATION += 1
+        jobs.task_done()
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:wait_for_background_compiles
+def wait_for_background_compiles():
+    """Block until the background thread has compiled every element-wise kernel asked for so far (benchmarks of the
+    steady decode speed call it after a warm-up)."""
+    if BACKGROUND_COMPILE_JOBS is not None:
+        BACKGROUND_COMPILE_JOBS.join()
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:shape_kind
+def shape_kind(args):
+    """What torch.compile(dynamic=True) specialises on, roughly: dtypes, ranks, which sizes are 0 or 1, layout."""
+    return tuple(
+        (a.dtype, a.device, tuple(min(size, 2) for size in a.shape), a.is_contiguous()) if isinstance(a, torch.Tensor) else a
+        for a in args
+    ) + (torch.is_inference_mode_enabled(),)
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
 def compiled_on_cuda(fn):
     """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
     backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
-    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it)."""
-    compiled = None
+    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
+
+    Training (gradients on) compiles at the first call and waits for it. Generation does not wait: until a background
+    thread has compiled `fn` for a call's kind of shapes (about a second per function and kind), such calls run eagerly,
+    so the first answer starts at once. Eager and compiled kernels round differently in the last bit."""
+    compiled, ready, queued = None, set(), set()
 
     @functools.wraps(fn)
     def run(*args):
@@ -114,7 +172,16 @@ def compiled_on_cuda(fn):
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
+        if torch.is_grad_enabled():
+            return compiled(*args)
+        kind = shape_kind(args)
+        if kind in ready:
+            return compiled(*args)
+        if kind not in queued and not torch.cuda.is_current_stream_capturing():
+            queued.add(kind)
+            stand_ins = [torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in args]  # values do not matter
+            compile_in_background((compiled, stand_ins, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
+        return fn(*args)
 
     return run
 
@@ -256,7 +323,7 @@ class StaticKVCache:
         self.length = 0  # host-side count of filled slots (prefix included), kept in step with `slot`
         self.serial = 0  # bumped by every load, so that stale handles can be detected
         self.graph = None  # the decode step captured as a CUDA graph (graph_step), with its key, input and output
-        self.graph_key = self.graph_ids = self.graph_logits = None
+        self.graph_key = self.graph_ids = self.graph_logits = self.graph_kernels = None
         for tensor in (*self.keys, *self.values, self.valid, self.slot, self.positions):
             torch._dynamo.mark_static_address(tensor)
 
@@ -294,9 +361,10 @@ class StaticKVCache:
 
     def graph_step(self, step, input_ids):
         """`step(input_ids, self)` replayed from a CUDA graph. The first call (and the first after keep_graph_for
-        dropped the graph) runs the step eagerly, then records it: recording runs nothing, so the state advances once.
-        The logits returned are overwritten by the next replay."""
-        if self.graph is not None:
+        dropped the graph, or after more compiled element-wise kernels have become ready) runs the step eagerly, then
+        records it: recording runs nothing, so the state advances once. The logits returned are overwritten by the next
+        replay."""
+        if self.graph is not None and self.graph_kernels == KERNELS_COMPILED_FOR_GENERATION:
             self.graph_ids.copy_(input_ids)
             self.graph.replay()
             return self.graph_logits
@@ -307,6 +375,7 @@ class StaticKVCache:
             logits = step(input_ids, self)
         current.wait_stream(warmup)
         self.graph_ids = input_ids.clone()
+        self.graph_kernels = KERNELS_COMPILED_FOR_GENERATION  # read before recording: a kernel may become ready meanwhile
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.graph_logits = step(self.graph_ids, self)
