@@ -88,7 +88,8 @@ def measure(option, workload, args):
     model.model_version = "chatglm2-6b"
     with torch.inference_mode():
         row = {"load_s": round(load_s, 1)} | (chat_workload if workload == "chat" else predict_workload)(model, decode, args)
-    return row | {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    compilations = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # graphs torch.compile made in this process
+    return row | {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "compilations": compilations}
 
 
 def main():
@@ -128,14 +129,15 @@ def main():
                 print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
                 sys.exit(f"{option} {workload} failed (exit {done.returncode})")
             found = json.loads(lines[-1][4:])
-            row |= {("predict_peak_gib" if workload == "predict" and key == "peak_gib" else key): value for key, value in found.items()
+            row |= {(f"predict_{key}" if workload == "predict" and key in ("peak_gib", "compilations") else key): value for key, value in found.items()
                     if not (workload == "predict" and key == "load_s")}
         print(json.dumps(row), flush=True)
         rows.append(row)
 
     print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, ChatGLM2-6B random weights, bf16, {time.strftime('%Y-%m-%d')}")
     columns = ["option", "first_token_s", "first_answer_s", "first_answer_tokens_per_s", "next_answers_tokens_per_s",
-               "compiled_after_s", "b1_tokens_per_s", "b16_tokens_per_s", "predict_s", "peak_gib", "predict_peak_gib"]
+               "compiled_after_s", "b1_tokens_per_s", "b16_tokens_per_s", "compilations", "predict_s", "predict_compilations",
+               "peak_gib", "predict_peak_gib"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")

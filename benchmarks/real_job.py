@@ -69,9 +69,8 @@ def main():
     parser.add_argument("--tokenizer_dir", required=True, help="the real chatglm2-6b config.json and tokenizer.model")
     parser.add_argument("--msra_dir", required=True, help="MSRA as in ../shared/data/msra (bio/, ori_data/)")
     parser.add_argument("--work_dir", required=True)
-    parser.add_argument("--pack_tokens", type=int, default=1024)
-    parser.add_argument("--packed_batch_size", type=int, default=2, help="rows of pack_tokens per step when packed")
-    parser.add_argument("--stages", default="process,train,train-packed,predict,chat")
+    parser.add_argument("--packs", default="2048x2", help="packed runs: pack_tokens x rows per step, comma-separated")
+    parser.add_argument("--stages", default="process,train,packed,predict,chat,components")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -97,20 +96,25 @@ def main():
                                   f"--dev_file={msra / 'bio' / 'test.txt'}", f"--output_dir={data_dir}", "--overwrite"], work)
         rows.append({"stage": "process.py (MSRA -> instruction data)", "wall_s": round(seconds, 1)})
 
-    for stage, extra in (("train", ["--per_device_train_batch_size=12"]),
-                         ("train-packed", ["--packing=true", f"--pack_tokens={args.pack_tokens}", f"--per_device_train_batch_size={args.packed_batch_size}"])):
-        if stage not in stages:
-            continue
+    trainings = [("train", "batch 12", ["--per_device_train_batch_size=12"])] if "train" in stages else []
+    for pack in args.packs.split(",") if "packed" in stages else []:
+        tokens, rows_per_step = pack.split("x")
+        trainings.append((f"train-packed-{pack}", f"packed {tokens} x {rows_per_step}",
+                          ["--packing=true", f"--pack_tokens={tokens}", f"--per_device_train_batch_size={rows_per_step}"]))
+    for stage, title, extra in trainings:
         run_dir = work / "runs" / stage
         seconds = run(stage, [sys.executable, "train_trainer.py", f"--model_dir={model_dir}", f"--train_file={data_dir / 'train.txt'}",
                               f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--num_train_epochs=1", *SEED_STYLE, *extra, *limit], work)
-        metrics = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())["metrics"]
-        rows.append({"stage": f"train_trainer.py, 1 epoch, {'packed ' + str(args.pack_tokens) + ' x ' + str(args.packed_batch_size) if 'packed' in stage else 'batch 12'}",
+        record = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
+        metrics = record["metrics"]
+        rows.append({"stage": f"train_trainer.py, 1 epoch, {title}", "kind": "train",
                      "wall_s": round(seconds, 1), "script_s": round(metrics["train_runtime"], 1),
                      "real_tokens_per_s": round(metrics["num_input_tokens_seen"] / metrics["train_runtime"]),
+                     "between_logs_tokens_per_s": metrics.get("steady_tokens_per_second"),
                      "peak_gib": metrics.get("peak_memory_gib"), "train_loss": round(metrics["train_loss"], 4)})
 
-    adapter = work / "runs" / "train" / "adapter_model"
+    adapter = next(work / "runs" / stage / "adapter_model" for stage in ["train", *(f"train-packed-{p}" for p in args.packs.split(","))]
+                   if (work / "runs" / stage / "adapter_model").exists())
     if "predict" in stages:
         out = work / "predict"
         seconds = run("predict", [sys.executable, "predict.py", f"--model_dir={model_dir}", f"--lora_path={adapter}",
@@ -124,12 +128,27 @@ def main():
     if "chat" in stages:
         started = time.perf_counter()
         chat = chat_timing(model_dir, adapter, ["文本：中国人民银行在北京召开会议。", "文本：王小明去了上海。", "文本：今天天气很好。"], 64)
-        rows.append({"stage": "chat (load + 3 answers, 64 new tokens)", "wall_s": round(time.perf_counter() - started, 1),
+        rows.append({"stage": "chat (load + 3 answers, 64 new tokens)", "kind": "chat", "wall_s": round(time.perf_counter() - started, 1),
                      "first_token_s": chat[0]["first_token_s"], "chat_tokens_per_s": [r["tokens_per_s"] for r in chat]})
+
+    if "components" in stages and not args.tiny:  # the speed table's rows that these stages are made of, in this run
+        components = work / "components.json"
+        run("components", [sys.executable, "benchmarks/speed_table.py", f"--config_dir={Path(args.tokenizer_dir).parent}",
+                           "--rows=decode-v2-b1,decode-v2-b16,lora-v2", f"--json={components}"], work)
+        found = json.loads(components.read_text())
+        for row in rows:
+            if row.get("kind") == "train":
+                row["of_component"] = f"{row['between_logs_tokens_per_s'] / found['lora-v2']['tokens_per_s']:.0%} of LoRA 8 x 512 ({found['lora-v2']['tokens_per_s']:,})"
+            elif row.get("kind") == "chat" and row["chat_tokens_per_s"][-1]:
+                row["of_component"] = f"{row['chat_tokens_per_s'][-1] / found['decode-v2-b1']['tokens_per_s']:.0%} of decode batch 1 ({found['decode-v2-b1']['tokens_per_s']})"
+        rows.append({"stage": "components (speed_table.py): decode b1 / b16 tok/s, LoRA 8 x 512 tok/s",
+                     "real_tokens_per_s": " / ".join(str(found[k]["tokens_per_s"]) for k in ("decode-v2-b1", "decode-v2-b16", "lora-v2")),
+                     "peak_gib": found["lora-v2"]["peak_gib"]})
 
     device = "CPU (--tiny)" if args.tiny else torch.cuda.get_device_name()
     print(f"\n# {device}, torch {torch.__version__}, ChatGLM2-6B random weights, {time.strftime('%Y-%m-%d')}")
-    columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "peak_gib", "train_loss", "first_token_s", "chat_tokens_per_s"]
+    columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "between_logs_tokens_per_s", "peak_gib", "train_loss",
+               "first_token_s", "chat_tokens_per_s", "of_component"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")

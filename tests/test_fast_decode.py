@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import VERSIONS
 from utils.model_utils import load_model_and_tokenizer, remote_module
@@ -224,3 +225,54 @@ def test_generation_starts_on_eager_kernels_and_recaptures_once_compiled_ones_ar
     ids, _, cache = decode(model, batch, "graph", do_sample=False)
     assert ids.tolist() == plain_ids.tolist()
     assert cache.cache.graph_kernels > 0, "the step was not captured again with the compiled kernels"
+
+
+def test_elementwise_functions_compile_once_for_every_batch_and_length(monkeypatch):
+    """The element-wise functions (RMSNorm, SwiGLU, rotary) compile once per grad mode for prefill, one-token steps and
+    every batch size: sizes of 1 are not special-cased (they were: four compilations each, most of a first answer's
+    wait). Generation calls never compile in the caller's thread: they run the eager stand-in until the background
+    thread has compiled, then the compiled function. Run on CPU with a backend that only counts what torch.compile
+    hands it, on fresh copies of the functions (the module's own keep their state)."""
+    import threading
+
+    modeling = remote_module("chatglm2-6b", "modeling_chatglm")
+    compiled_in = []  # the thread of each compilation
+
+    def counting_backend(graph_module, example_inputs):
+        compiled_in.append(threading.current_thread().name)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counting_backend, **kwargs))
+    monkeypatch.setattr(modeling, "COMPILE_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    rms_norm = modeling.compiled_on_cuda(((0, 1),), eager=modeling.rms_norm_eager)(modeling.rms_norm.__wrapped__)
+    swiglu = modeling.compiled_on_cuda(((0, 1),))(modeling.swiglu.__wrapped__)
+    apply_rotary = modeling.compiled_on_cuda(((0, 1), (0, 1), (0, 1)))(modeling.apply_rotary.__wrapped__)
+    hidden, heads, head_dim = 64, 6, 16  # 4 query heads and 2 key groups rotated, 2 value groups not
+    weight, projection = torch.randn(hidden), torch.randn((heads + 2) * head_dim, hidden)
+    rotary = modeling.RotaryEmbedding(head_dim // 2)
+    shapes = [(1, 48), (1, 1), (16, 1), (16, 60), (3, 1), (1, 7)]  # prefill, step, batch step, batch prefill, ...
+
+    def run_all(batch, seq, requires_grad):
+        states = torch.randn(batch, seq, hidden, requires_grad=requires_grad)
+        qkv = F.linear(states, projection)  # the projection's output, as attention passes it
+        cos, sin = rotary(torch.arange(seq).expand(batch, seq), torch.float32)
+        outputs = (rms_norm(states, weight, 1e-5), swiglu(torch.cat((qkv, qkv), -1)), apply_rotary(qkv, cos, sin, heads, head_dim))
+        expected = (modeling.rms_norm.__wrapped__(states, weight, 1e-5), modeling.swiglu.__wrapped__(torch.cat((qkv, qkv), -1)),
+                    modeling.apply_rotary.__wrapped__(qkv, cos, sin, heads, head_dim))
+        for output, reference in zip(outputs, expected):
+            torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
+        if requires_grad:
+            sum(output.sum() for output in outputs).backward()
+
+    for batch, seq in shapes:  # training: compiled at the first call, in this thread
+        run_all(batch, seq, requires_grad=True)
+    assert compiled_in == ["MainThread"] * 3
+    with torch.inference_mode():
+        for batch, seq in shapes:
+            run_all(batch, seq, requires_grad=False)
+        modeling.wait_for_background_compiles()
+        for batch, seq in shapes:  # now through the compiled functions, which need nothing new
+            run_all(batch, seq, requires_grad=False)
+    assert compiled_in == ["MainThread"] * 3 + ["chatglm-compile"] * 3

@@ -221,6 +221,8 @@ class Trainer(transformers.Trainer):
         self.args.save_total_limit = None
         self.add_callback(_StopAtPlannedEnd)
         self.loss_sum_at_start = 0.0
+        self.first_training_log = None  # (wall clock, tokens seen) at the first training log line of this session
+        self.steady_tokens_per_second = None  # real tokens/s from that line to the latest one
 
     def _track_num_input_tokens(self, inputs):
         # Packed rows carry segment ids (1, 2, 3, ...) in attention_mask: count tokens, not ids.
@@ -233,6 +235,12 @@ class Trainer(transformers.Trainer):
             logs["peak_memory_gib"] = peak_memory_gib()
         if "loss" in logs:
             check_weights_finite(self.model, self.state.global_step)
+            # The steady rate leaves out the steps before the first log line (compilation, allocator and cuBLAS set-up).
+            now, seen = time.perf_counter(), self.state.num_input_tokens_seen
+            if self.first_training_log is None:
+                self.first_training_log = (now, seen)
+            elif now > self.first_training_log[0]:
+                self.steady_tokens_per_second = round((seen - self.first_training_log[1]) / (now - self.first_training_log[0]), 1)
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -340,6 +348,8 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     # step there is none, so fall back to all tokens over this session's runtime.
     session_rates = [entry["train_tokens_per_second"] for entry in trainer.state.log_history if "train_tokens_per_second" in entry]
     metrics["train_tokens_per_second"] = round(session_rates[-1] if session_rates else metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
+    if trainer.steady_tokens_per_second is not None:
+        metrics["steady_tokens_per_second"] = trainer.steady_tokens_per_second
     metrics["peak_memory_gib"] = peak_memory_gib()
     train_args = {
         "script": script,

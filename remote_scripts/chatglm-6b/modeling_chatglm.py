@@ -14,6 +14,7 @@ Differences from the official code, all on purpose:
   computed in fp32 and rounded to fp16 for half-precision models, which reproduces the official fp32 and fp16
   tables (bf16 models get the fp16 table the model was trained with instead of a coarser bf16 one).
 """
+import contextlib
 import functools
 import math
 import queue
@@ -140,6 +141,9 @@ class RotaryEmbedding(nn.Module):
 COMPILE_ELEMENTWISE = True
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_DEVICES
+COMPILE_DEVICES = ("cuda",)
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:KERNELS_COMPILED_FOR_GENERATION
 KERNELS_COMPILED_FOR_GENERATION = 0
 
@@ -162,15 +166,21 @@ def run_compile_jobs(jobs):
     global KERNELS_COMPILED_FOR_GENERATION
     while True:
         compiled, args, inference, done = jobs.get()
-        try:  # on its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed
-            with torch.inference_mode(inference), torch.cuda.stream(torch.cuda.Stream(args[0].device)):
+        # Grad mode is per thread and guarded on by torch.compile: set as the main thread's (jobs come from no-grad calls;
+        # no_grad after inference_mode, whose False turns grad mode on).
+        # On its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed.
+        try:
+            on_cuda = args[0].is_cuda
+            with torch.inference_mode(inference), torch.no_grad(), torch.cuda.stream(torch.cuda.Stream(args[0].device) if on_cuda else None):
                 compiled(*args)
-                torch.cuda.current_stream().synchronize()
+                if on_cuda:
+                    torch.cuda.current_stream().synchronize()
         except Exception as error:  # the function stays eager for these shapes
             warnings.warn(f"compiling {getattr(compiled, '__name__', 'an element-wise function')} for generation failed, it stays eager: {error}")
         else:
             done()
             KERNELS_COMPILED_FOR_GENERATION += 1
+        del args  # the call's tensors, kept alive until here
         jobs.task_done()
 
 
@@ -191,39 +201,71 @@ def shape_kind(args):
     ) + (torch.is_inference_mode_enabled(),)
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:size_oblivious
+def size_oblivious():
+    """While compiling: sizes of 1 are not special-cased, so one compilation serves decode steps (one token, batch 1)
+    and prefill alike instead of one per pattern of 1s (dims given to compiled_on_cuda only)."""
+    from torch.fx.experimental import _config as shape_config
+
+    if not hasattr(shape_config, "backed_size_oblivious"):  # older torch: compiled once per pattern of 1s
+        return contextlib.nullcontext()
+    return shape_config.patch(backed_size_oblivious=True)
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
-def compiled_on_cuda(fn):
-    """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
-    backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
-    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
+def compiled_on_cuda(varying_dims=None, eager=None):
+    """Run the decorated function through torch.compile when its first argument is on a CUDA device: one fused kernel
+    forward and one backward instead of a chain of small ones, and only the inputs saved for backward instead of every
+    intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
 
+    varying_dims: for each leading tensor argument, the dims whose size changes between calls (batch, sequence); those
+    are compiled for any size, the others for the size they have. None: every dim of every argument may vary.
     Training (gradients on) compiles at the first call and waits for it. Generation does not wait: until a background
-    thread has compiled `fn` for a call's kind of shapes (about a second per function and kind), such calls run eagerly,
-    so the first answer starts at once. Eager and compiled kernels round differently in the last bit."""
-    compiled, ready, queued = None, set(), set()
+    thread has compiled the function for a call's kind of shapes (a few seconds, once), such calls run `eager` (a
+    faster stand-in made of fused torch ops, the function itself when None), so the first answer starts at once.
+    Eager and compiled kernels round differently in the last bit."""
 
-    @functools.wraps(fn)
-    def run(*args):
-        nonlocal compiled
-        if not COMPILE_ELEMENTWISE or not args[0].is_cuda or torch.compiler.is_compiling():
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        if torch.is_grad_enabled():
-            return compiled(*args)
-        kind = shape_kind(args)
-        if kind in ready:
-            return compiled(*args)
-        if kind not in queued and not torch.cuda.is_current_stream_capturing():
-            queued.add(kind)
-            stand_ins = [torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in args]  # values do not matter
-            compile_in_background((compiled, stand_ins, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
-        return fn(*args)
+    def wrap(fn):
+        compiled, ready, queued, seen = None, set(), set(), set()
 
-    return run
+        @functools.wraps(fn)
+        def call_compiled(*args):
+            if varying_dims is None:
+                return compiled(*args)
+            for tensor, dims in zip(args, varying_dims):
+                for dim in dims:
+                    torch._dynamo.mark_dynamic(tensor, dim)
+            with size_oblivious():
+                return compiled(*args)
+
+        @functools.wraps(fn)
+        def run(*args):
+            nonlocal compiled
+            if not COMPILE_ELEMENTWISE or args[0].device.type not in COMPILE_DEVICES or torch.compiler.is_compiling():
+                return fn(*args)
+            if compiled is None:
+                compiled = torch.compile(fn, dynamic=True if varying_dims is None else None)
+            kind = shape_kind(args)
+            if torch.is_grad_enabled():
+                if kind in seen:  # compiled already: skip marking dims and patching the config (host time per call)
+                    return compiled(*args)
+                seen.add(kind)
+                return call_compiled(*args)
+            if kind in ready:
+                return compiled(*args)
+            if kind not in queued and not (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+                queued.add(kind)
+                # The call's own tensors (only read; the job holds them until its kernel has run): a copy could differ
+                # in strides or in being a view, which torch.compile guards on, and the next call would compile again.
+                compile_in_background((call_compiled, args, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
+            return (eager or fn)(*args)
+
+        return run
+
+    return wrap
 
 
-@compiled_on_cuda
+@compiled_on_cuda()
 def scaled_residual(normed, alpha, update):
     """DeepNorm residual: alpha * normalised input + the sublayer's output."""
     return normed * alpha + update
@@ -234,7 +276,7 @@ def rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
-@compiled_on_cuda
+@compiled_on_cuda()
 def apply_rotary_2d(x, main, block):
     """First half of each head rotated by the main position, second half by the block position (rotate-half pairs)."""
     x_main, x_block = x.chunk(2, dim=-1)

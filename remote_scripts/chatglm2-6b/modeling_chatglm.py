@@ -5,6 +5,7 @@ official code: pre-norm RMSNorm blocks, grouped-query attention with fused QKV, 
 the first half of each head, SwiGLU MLP. Internally tensors are batch-first and attention is PyTorch's
 `scaled_dot_product_attention`; the KV cache is a transformers `Cache` holding un-expanded key/value groups.
 """
+import contextlib
 import functools
 import queue
 import threading
@@ -94,6 +95,9 @@ def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None,
 # Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
 COMPILE_ELEMENTWISE = True
 
+# Devices whose element-wise functions compile (CPU tests add "cpu" with a light backend to check what compiles when).
+COMPILE_DEVICES = ("cuda",)
+
 # How many element-wise kernels for generation the background thread has compiled so far: a decode step captured as a
 # CUDA graph with eager stand-ins is captured again once this has grown (StaticKVCache.graph_step).
 KERNELS_COMPILED_FOR_GENERATION = 0
@@ -114,15 +118,21 @@ def run_compile_jobs(jobs):
     global KERNELS_COMPILED_FOR_GENERATION
     while True:
         compiled, args, inference, done = jobs.get()
-        try:  # on its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed
-            with torch.inference_mode(inference), torch.cuda.stream(torch.cuda.Stream(args[0].device)):
+        # Grad mode is per thread and guarded on by torch.compile: set as the main thread's (jobs come from no-grad calls;
+        # no_grad after inference_mode, whose False turns grad mode on).
+        # On its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed.
+        try:
+            on_cuda = args[0].is_cuda
+            with torch.inference_mode(inference), torch.no_grad(), torch.cuda.stream(torch.cuda.Stream(args[0].device) if on_cuda else None):
                 compiled(*args)
-                torch.cuda.current_stream().synchronize()
+                if on_cuda:
+                    torch.cuda.current_stream().synchronize()
         except Exception as error:  # the function stays eager for these shapes
             warnings.warn(f"compiling {getattr(compiled, '__name__', 'an element-wise function')} for generation failed, it stays eager: {error}")
         else:
             done()
             KERNELS_COMPILED_FOR_GENERATION += 1
+        del args  # the call's tensors, kept alive until here
         jobs.task_done()
 
 
@@ -141,38 +151,74 @@ def shape_kind(args):
     ) + (torch.is_inference_mode_enabled(),)
 
 
-def compiled_on_cuda(fn):
-    """Run `fn` through torch.compile when its first argument is on a CUDA device: one fused kernel forward and one
-    backward instead of a chain of small ones, and only the inputs saved for backward instead of every intermediate.
-    Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
+def size_oblivious():
+    """While compiling: sizes of 1 are not special-cased, so one compilation serves decode steps (one token, batch 1)
+    and prefill alike instead of one per pattern of 1s (dims given to compiled_on_cuda only)."""
+    from torch.fx.experimental import _config as shape_config
 
+    if not hasattr(shape_config, "backed_size_oblivious"):  # older torch: compiled once per pattern of 1s
+        return contextlib.nullcontext()
+    return shape_config.patch(backed_size_oblivious=True)
+
+
+def compiled_on_cuda(varying_dims=None, eager=None):
+    """Run the decorated function through torch.compile when its first argument is on a CUDA device: one fused kernel
+    forward and one backward instead of a chain of small ones, and only the inputs saved for backward instead of every
+    intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
+
+    varying_dims: for each leading tensor argument, the dims whose size changes between calls (batch, sequence); those
+    are compiled for any size, the others for the size they have. None: every dim of every argument may vary.
     Training (gradients on) compiles at the first call and waits for it. Generation does not wait: until a background
-    thread has compiled `fn` for a call's kind of shapes (about a second per function and kind), such calls run eagerly,
-    so the first answer starts at once. Eager and compiled kernels round differently in the last bit."""
-    compiled, ready, queued = None, set(), set()
+    thread has compiled the function for a call's kind of shapes (a few seconds, once), such calls run `eager` (a
+    faster stand-in made of fused torch ops, the function itself when None), so the first answer starts at once.
+    Eager and compiled kernels round differently in the last bit."""
 
-    @functools.wraps(fn)
-    def run(*args):
-        nonlocal compiled
-        if not COMPILE_ELEMENTWISE or not args[0].is_cuda or torch.compiler.is_compiling():
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        if torch.is_grad_enabled():
-            return compiled(*args)
-        kind = shape_kind(args)
-        if kind in ready:
-            return compiled(*args)
-        if kind not in queued and not torch.cuda.is_current_stream_capturing():
-            queued.add(kind)
-            stand_ins = [torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in args]  # values do not matter
-            compile_in_background((compiled, stand_ins, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
-        return fn(*args)
+    def wrap(fn):
+        compiled, ready, queued, seen = None, set(), set(), set()
 
-    return run
+        @functools.wraps(fn)
+        def call_compiled(*args):
+            if varying_dims is None:
+                return compiled(*args)
+            for tensor, dims in zip(args, varying_dims):
+                for dim in dims:
+                    torch._dynamo.mark_dynamic(tensor, dim)
+            with size_oblivious():
+                return compiled(*args)
+
+        @functools.wraps(fn)
+        def run(*args):
+            nonlocal compiled
+            if not COMPILE_ELEMENTWISE or args[0].device.type not in COMPILE_DEVICES or torch.compiler.is_compiling():
+                return fn(*args)
+            if compiled is None:
+                compiled = torch.compile(fn, dynamic=True if varying_dims is None else None)
+            kind = shape_kind(args)
+            if torch.is_grad_enabled():
+                if kind in seen:  # compiled already: skip marking dims and patching the config (host time per call)
+                    return compiled(*args)
+                seen.add(kind)
+                return call_compiled(*args)
+            if kind in ready:
+                return compiled(*args)
+            if kind not in queued and not (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+                queued.add(kind)
+                # The call's own tensors (only read; the job holds them until its kernel has run): a copy could differ
+                # in strides or in being a view, which torch.compile guards on, and the next call would compile again.
+                compile_in_background((call_compiled, args, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
+            return (eager or fn)(*args)
+
+        return run
+
+    return wrap
 
 
-@compiled_on_cuda
+def rms_norm_eager(hidden_states, weight, eps):
+    """rms_norm as one fused torch kernel (CUDA), statistics in fp32: generation's stand-in until rms_norm is compiled."""
+    return F.rms_norm(hidden_states, hidden_states.shape[-1:], weight, eps)
+
+
+@compiled_on_cuda(varying_dims=((0, 1),), eager=rms_norm_eager)
 def rms_norm(hidden_states, weight, eps):
     # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
     hidden_fp32 = hidden_states.float()
@@ -180,7 +226,7 @@ def rms_norm(hidden_states, weight, eps):
     return (weight * hidden_fp32).to(hidden_states.dtype)
 
 
-@compiled_on_cuda
+@compiled_on_cuda(varying_dims=((0, 1),))
 def swiglu(gate_and_up):
     """Fused rows [gate | up] -> silu(gate) * up."""
     gate, up = gate_and_up.chunk(2, dim=-1)
@@ -211,15 +257,18 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
 
     def forward(self, position_ids, dtype):
-        """position_ids [B, S] -> (cos, sin), each [B, 1, S, dim/2] in `dtype` (angles computed in fp32)."""
-        angles = position_ids[..., None].float() * self.frequencies(position_ids.device)
-        return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+        """position_ids [B, S] -> (cos, sin), each [B, S, 1, dim/2] in `dtype` (angles computed in fp32)."""
+        angles = position_ids[..., None, None].float() * self.frequencies(position_ids.device)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-@compiled_on_cuda
-def apply_rotary(x, cos, sin):
+@compiled_on_cuda(varying_dims=((0, 1), (0, 1), (0, 1)))
+def apply_rotary(qkv, cos, sin, heads, head_dim):
     """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
-    x: [B, heads, S, head_dim]."""
+    qkv: fused rows [B, S, (heads + ...) * head_dim], of which the first `heads` heads are rotated (the queries and
+    keys: one call for both); cos, sin: [B, S, 1, head_dim / 4]. Returns [B, S, heads, head_dim]. The slicing happens
+    here, on the projection's dense output, so that torch.compile sees the same layout for every batch and length."""
+    x = qkv[..., : heads * head_dim].unflatten(-1, (heads, head_dim))
     rot_dim = cos.shape[-1] * 2
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     x_even, x_odd = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
@@ -421,15 +470,11 @@ class SelfAttention(nn.Module):
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         batch, seq, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states)
-        # Fused rows: [q of all heads | k of all groups | v of all groups].
-        q, k, v = qkv.split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1
-        )
-        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Fused rows: [q of all heads | k of all groups | v of all groups]; q and k are rotated in one call.
+        rotated_heads = self.num_heads + self.num_kv_heads
+        qk = apply_rotary(qkv, *rotary, rotated_heads, self.head_dim)
+        q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[..., rotated_heads * self.head_dim :].unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         elif prefix_key is not None:
