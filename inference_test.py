@@ -21,7 +21,7 @@ from peft import PeftModel
 from utils.config_utils import parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
-from utils.generation import time_generation, wait_for_compiled_kernels
+from utils.generation import time_generation
 from utils.model_utils import fold_adapter, load_model_and_tokenizer
 
 DEFAULTS = {
@@ -48,9 +48,8 @@ def peak_memory_gib(device):
 
 def benchmark(name, model, input_ids, config):
     device = input_ids.device
-    # Full-length warm-up (and the compilations it starts): a short one left the first run of a process slow.
+    # Full-length warm-up (and, for decode=compiled, the compilation): a short one left the first run of a process slow.
     time_generation(model, input_ids, config["max_new_tokens"], config["decode"])
-    wait_for_compiled_kernels(model)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = [time_generation(model, input_ids, config["max_new_tokens"], config["decode"]) for _ in range(config["repeats"])]

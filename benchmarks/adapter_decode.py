@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
-from utils.generation import time_generation, wait_for_compiled_kernels  # noqa: E402
+from utils.generation import time_generation  # noqa: E402
 from utils.model_utils import fold_adapter  # noqa: E402
 from utils.train_utils import add_lora  # noqa: E402
 
@@ -26,7 +26,6 @@ def measure(name, model, input_ids, args):
     started = time.perf_counter()
     with torch.inference_mode():
         time_generation(model, input_ids, args.new_tokens, args.decode)
-        wait_for_compiled_kernels(model)
         warmup = time.perf_counter() - started
         runs = [time_generation(model, input_ids, args.new_tokens, args.decode) for _ in range(args.repeats)]
     first, total = min(runs, key=lambda run: run[1])

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.generation import wait_for_compiled_kernels  # noqa: E402
 from utils.model_utils import DTYPES, VERSIONS, read_config  # noqa: E402
 from utils.tiny_model import build_random_model  # noqa: E402
 
@@ -71,7 +70,6 @@ def measure(version, args):
             run = loops[name]
             started = time.perf_counter()
             run(args.max_new_tokens)  # full-length warm-up (and compilation): a short one left the first run slow
-            wait_for_compiled_kernels(model)
             print(f"{version} {name}: warm-up {time.perf_counter() - started:.1f} s", flush=True)
             torch.cuda.reset_peak_memory_stats()
             _, total_s = timed(lambda: run(args.max_new_tokens))

@@ -26,7 +26,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
-from utils.generation import time_generation, wait_for_compiled_kernels  # noqa: E402
+from utils.generation import time_generation  # noqa: E402
 from utils.model_utils import load_model_and_tokenizer, remote_module  # noqa: E402
 from utils.tiny_model import make_tiny_model  # noqa: E402
 from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
@@ -81,7 +81,6 @@ def decode_row(model, batch, new_tokens, decode, repeats=3, profile_path=None):
     input_ids = random_prompt(model, batch, 32)
     started = time.perf_counter()
     time_generation(model, input_ids, new_tokens, decode)  # warm-up, and compilation for a new batch size
-    wait_for_compiled_kernels(model)
     warmup_s = time.perf_counter() - started
     torch.cuda.reset_peak_memory_stats()
     runs = [time_generation(model, input_ids, new_tokens, decode) for _ in range(repeats)]

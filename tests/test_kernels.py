@@ -173,3 +173,102 @@ def test_launch_config_fills_an_h100_and_is_a_function_of_the_shape(bits, M):
 
 # That remote_scripts/*/kernels.py (like quantization.py) are byte-identical, self-contained copies is checked with the
 # other copies by utils/check_copies.py, in tests/test_check_copies.py.
+
+
+ELEMENTWISE_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from utils.model_utils import remote_module
+
+kernels = remote_module("chatglm2-6b", "kernels")
+modeling = remote_module("chatglm2-6b", "modeling_chatglm")
+assert kernels._INTERPRETED, "TRITON_INTERPRET=1 did not reach triton"
+generator = torch.Generator().manual_seed(0)
+results = {}
+
+def relative_error(out, reference):
+    return ((out.double() - reference).norm() / reference.norm()).item()
+
+for dtype_name, dtype in {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.items():
+    for batch, seq, hidden in ((2, 3, 64), (1, 1, 96)):  # 96: a row narrower than its power-of-two block
+        x = torch.randn(batch, seq, hidden, generator=generator).to(dtype)
+        weight = torch.randn(hidden, generator=generator).to(dtype)
+        reference = weight.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+        out = kernels.triton_rms_norm(x, weight, 1e-5)
+        results[f"rms_norm/{dtype_name}/{batch}x{seq}x{hidden}"] = [relative_error(out, reference), out.shape == x.shape and out.dtype == dtype]
+    for width in (80, 1100):  # one block, and two blocks of 1024 with a ragged end
+        rows = torch.randn(2, 3, 2 * width, generator=generator).to(dtype)
+        gate, up = rows.double().chunk(2, dim=-1)
+        out = kernels.triton_swiglu(rows)
+        results[f"swiglu/{dtype_name}/{width}"] = [relative_error(out, torch.nn.functional.silu(gate) * up), out.shape == (2, 3, width)]
+    for heads, groups, head_dim, angle_batch in ((4, 2, 16, 2), (6, 1, 128, 1)):  # ChatGLM2's head: 64 rotated dims of 128
+        qkv = torch.randn(2, 5, (heads + 2 * groups) * head_dim, generator=generator).to(dtype)
+        rotary = modeling.RotaryEmbedding(head_dim // 2)
+        cos, sin = rotary(torch.arange(5).expand(angle_batch, 5), dtype)  # angle_batch 1: one table for the batch
+        expected = modeling.apply_rotary.__wrapped__(qkv.double(), cos.double(), sin.double(), heads + groups, head_dim)
+        out = kernels.triton_rotary(qkv, cos, sin, heads + groups, head_dim)
+        results[f"rotary/{dtype_name}/{heads}+{groups}x{head_dim}"] = [relative_error(out, expected), out.shape == expected.shape]
+
+# A tiny ChatGLM2 without gradients takes these kernels once its device compiles (on CUDA; here the CPU, interpreted).
+model = modeling.ChatGLMForConditionalGeneration(modeling.ChatGLMConfig(
+    num_layers=2, hidden_size=64, ffn_hidden_size=160, kv_channels=16, num_attention_heads=4, multi_query_group_num=2,
+    padded_vocab_size=128, seq_length=64, multi_query_attention=True)).eval()
+ids = torch.randint(0, 128, (2, 7), generator=generator)
+
+class Counted:  # counts the launches of a Triton kernel
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+counted = {name: Counted(getattr(kernels, name)) for name in ("_rms_norm_kernel", "_swiglu_kernel", "_rotary_kernel")}
+for name, kernel in counted.items():
+    setattr(kernels, name, kernel)
+
+def no_compiling(*args, **kwargs):
+    raise AssertionError("generation compiled instead of taking the Triton kernels")
+
+torch.compile = no_compiling
+with torch.no_grad():
+    plain = model(input_ids=ids).logits.double()
+    modeling.COMPILE_DEVICES = ("cuda", "cpu")  # this CPU now stands for a CUDA device
+    with_kernels = model(input_ids=ids).logits
+results["model"] = {"error": relative_error(with_kernels, plain), "launches": {n: k.launches for n, k in counted.items()}}
+with open(sys.argv[2], "w") as handle:
+    json.dump(results, handle)
+"""
+
+
+@pytest.fixture(scope="module")
+def elementwise_interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("elementwise") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", ELEMENTWISE_SCRIPT, str(REPO_ROOT), str(out)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rotary"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_elementwise_kernels_match_a_float64_reference(elementwise_interpreted, op, dtype):
+    """Generation's RMSNorm, SwiGLU and rotary kernels against float64 references (the rotary one: the model's own
+    apply_rotary in float64): rows narrower than their block, several blocks, one angle table for a whole batch."""
+    cases = {key: value for key, value in elementwise_interpreted.items() if key.startswith(f"{op}/{dtype}/")}
+    assert len(cases) == 2, sorted(cases)
+    for key, (error, shape_ok) in cases.items():
+        assert shape_ok, key
+        assert error < {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-5}[dtype], f"{key}: relative error {error:.2e}"
+
+
+def test_a_model_without_gradients_runs_the_elementwise_kernels_and_compiles_nothing(elementwise_interpreted):
+    """On a device where the element-wise functions compile, a forward pass without gradients launches the Triton
+    kernels (2 layers: 2 norms each + the final one, one SwiGLU and one rotary call each) and never torch.compile,
+    and gives the eager model's logits."""
+    model = elementwise_interpreted["model"]
+    assert model["launches"] == {"_rms_norm_kernel": 5, "_swiglu_kernel": 2, "_rotary_kernel": 2}, model
+    assert model["error"] < 1e-5, model

@@ -1,5 +1,4 @@
 """Answers to instruction records (the prompts of utils.dataset, left-padded batches) and generation timing."""
-import sys
 import time
 from dataclasses import dataclass
 
@@ -48,15 +47,6 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
             new_ids = output[:, input_ids.shape[1]:]
         answers += [decode_answer(tokenizer, row.tolist(), stop_ids) for row in new_ids]
     return answers
-
-
-def wait_for_compiled_kernels(model):
-    """Wait until the ChatGLM model's background thread has compiled the element-wise kernels generation has asked for
-    (generation runs eager stand-ins meanwhile): steady-speed measurements call it after their warm-up."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    wait = getattr(sys.modules.get(type(base).__module__), "wait_for_background_compiles", None)
-    if wait is not None:
-        wait()
 
 
 def synchronize(device):

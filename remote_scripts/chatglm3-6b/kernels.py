@@ -264,6 +264,52 @@ if triton is not None:
         acc = _finish(tl.sum(tile, axis=0), offs % N, mask, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    # Element-wise kernels for generation (ChatGLM2/3's RMSNorm, SwiGLU, rotary): one program per token row, math in
+    # fp32, one rounding at the store, as torch.compile's fused kernels do.
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, row_stride, H, eps, BLOCK: tl.constexpr):
+        """out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        x = tl.load(x_ptr + row * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * H + cols, (weight * (x * inv_rms)).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_kernel(x_ptr, out_ptr, row_stride, F, BLOCK: tl.constexpr):
+        """out[r, j] = silu(x[r, j]) * x[r, F + j] (rows [gate | up])."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F
+        gate = tl.load(x_ptr + row * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * row_stride + F + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * F + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, heads,
+                       HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, HEADS_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr):
+        """The first `heads` heads of a fused qkv row: pairs (2i, 2i+1), i < PAIRS, rotated by angle i (interleaved,
+        GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied."""
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.arange(0, HEADS_BLOCK)[:, None]
+        pair = tl.arange(0, PAIRS)[None, :]
+        head_mask = head < heads
+        source = qkv_ptr + row * row_stride + head * HEAD_DIM
+        target = out_ptr + row * heads * HEAD_DIM + head * HEAD_DIM
+        even = tl.load(source + 2 * pair, mask=head_mask, other=0.0).to(tl.float32)
+        odd = tl.load(source + 2 * pair + 1, mask=head_mask, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + row * PAIRS + pair).to(tl.float32)
+        sin = tl.load(sin_ptr + row * PAIRS + pair).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        tl.store(target + 2 * pair, (even * cos - odd * sin).to(dtype), mask=head_mask)
+        tl.store(target + 2 * pair + 1, (odd * cos + even * sin).to(dtype), mask=head_mask)
+        rest = 2 * PAIRS + tl.arange(0, PASS_BLOCK)[None, :]
+        rest_mask = head_mask & (rest < HEAD_DIM)
+        tl.store(target + rest, tl.load(source + rest, mask=rest_mask, other=0.0), mask=rest_mask)
+
     # Under TRITON_INTERPRET=1, triton.jit gives interpreted functions that take CPU tensors.
     _INTERPRETED = type(_small_batch_linear_kernel).__name__ == "InterpretedFunction"
 else:
@@ -391,3 +437,62 @@ def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=No
     bias = bias.contiguous() if bias is not None else None
     out = _op(x2d, weight, bias, scale, bits, None if config is None else [int(v) for v in config])
     return out.reshape(*x.shape[:-1], N)
+
+
+def elementwise_kernels_apply(x):
+    """Whether triton_rms_norm, triton_swiglu and triton_rotary can take x (and the other arguments of the same call):
+    Triton available, x on CUDA (or any device under TRITON_INTERPRET=1), a float dtype. They have no backward:
+    callers use them without gradients only."""
+    return triton is not None and (x.is_cuda or _INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _rows(x):
+    """x [..., D] as rows [R, D] with unit stride along D (a view where possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _warps(block):
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def triton_rms_norm(hidden_states, weight, eps):
+    """RMSNorm over the last dim (statistics in fp32, one rounding), in hidden_states' dtype."""
+    rows = _rows(hidden_states)
+    out = torch.empty(rows.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    if rows.numel():
+        H = rows.shape[1]
+        block = triton.next_power_of_2(H)
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, rows.stride(0), H, eps, BLOCK=block, num_warps=_warps(block))
+    return out.view(hidden_states.shape)
+
+
+def triton_swiglu(gate_and_up):
+    """silu(gate) * up for fused rows [gate | up] [..., 2F] -> [..., F]."""
+    rows = _rows(gate_and_up)
+    F = rows.shape[1] // 2
+    out = torch.empty(rows.shape[0], F, dtype=gate_and_up.dtype, device=gate_and_up.device)
+    if rows.numel():
+        block = min(triton.next_power_of_2(F), 1024)
+        _swiglu_kernel[(rows.shape[0], _ceil_div(F, block))](rows, out, rows.stride(0), F, BLOCK=block, num_warps=4)
+    return out.view(*gate_and_up.shape[:-1], F)
+
+
+def _angle_rows(table, qkv):
+    """cos or sin [B or 1, S, 1, P] as one row [B * S, P] per row of qkv [B, S, ...]."""
+    return table.expand(*qkv.shape[:-1], 1, table.shape[-1]).reshape(-1, table.shape[-1]).contiguous()
+
+
+def triton_rotary(qkv, cos, sin, heads, head_dim):
+    """The first `heads` heads of fused rows qkv [B, S, (heads + ...) * head_dim], rotated by cos, sin [B, S, 1, P]
+    (interleaved pairs over the first 2P dims of each head; P a power of two): [B, S, heads, head_dim]."""
+    rows = _rows(qkv)
+    pairs = cos.shape[-1]
+    out = torch.empty(rows.shape[0], heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if rows.numel():
+        _rotary_kernel[(rows.shape[0],)](
+            rows, _angle_rows(cos, qkv), _angle_rows(sin, qkv), out, rows.stride(0), heads,
+            HEAD_DIM=head_dim, PAIRS=pairs, HEADS_BLOCK=triton.next_power_of_2(heads),
+            PASS_BLOCK=max(triton.next_power_of_2(head_dim - 2 * pairs), 1), num_warps=4,
+        )
+    return out.view(*qkv.shape[:-1], heads, head_dim)

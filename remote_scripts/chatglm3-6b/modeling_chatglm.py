@@ -10,9 +10,6 @@ the first half of each head, SwiGLU MLP. Internally tensors are batch-first and 
 import ast
 import contextlib
 import functools
-import queue
-import threading
-import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +34,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_chatglm import ChatGLMConfig
+from .kernels import elementwise_kernels_apply, triton_rms_norm, triton_rotary, triton_swiglu
 from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
@@ -107,61 +105,13 @@ COMPILE_ELEMENTWISE = True
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_DEVICES
 COMPILE_DEVICES = ("cuda",)
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:KERNELS_COMPILED_FOR_GENERATION
-KERNELS_COMPILED_FOR_GENERATION = 0
-
-
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:BACKGROUND_COMPILE_JOBS
-BACKGROUND_COMPILE_JOBS = None
-
-
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compile_in_background
-def compile_in_background(job):
-    global BACKGROUND_COMPILE_JOBS
-    if BACKGROUND_COMPILE_JOBS is None:
-        BACKGROUND_COMPILE_JOBS = queue.Queue()
-        threading.Thread(target=run_compile_jobs, args=(BACKGROUND_COMPILE_JOBS,), name="chatglm-compile", daemon=True).start()
-    BACKGROUND_COMPILE_JOBS.put(job)
-
-
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:run_compile_jobs
-def run_compile_jobs(jobs):
-    global KERNELS_COMPILED_FOR_GENERATION
-    while True:
-        compiled, args, inference, done = jobs.get()
-        # Grad mode is per thread and guarded on by torch.compile: set as the main thread's (jobs come from no-grad calls;
-        # no_grad after inference_mode, whose False turns grad mode on).
-        # On its own stream, so that a CUDA graph being captured meanwhile on the main thread is not disturbed.
-        try:
-            on_cuda = args[0].is_cuda
-            with torch.inference_mode(inference), torch.no_grad(), torch.cuda.stream(torch.cuda.Stream(args[0].device) if on_cuda else None):
-                compiled(*args)
-                if on_cuda:
-                    torch.cuda.current_stream().synchronize()
-        except Exception as error:  # the function stays eager for these shapes
-            warnings.warn(f"compiling {getattr(compiled, '__name__', 'an element-wise function')} for generation failed, it stays eager: {error}")
-        else:
-            done()
-            KERNELS_COMPILED_FOR_GENERATION += 1
-        del args  # the call's tensors, kept alive until here
-        jobs.task_done()
-
-
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:wait_for_background_compiles
-def wait_for_background_compiles():
-    """Block until the background thread has compiled every element-wise kernel asked for so far (benchmarks of the
-    steady decode speed call it after a warm-up)."""
-    if BACKGROUND_COMPILE_JOBS is not None:
-        BACKGROUND_COMPILE_JOBS.join()
-
-
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:shape_kind
 def shape_kind(args):
     """What torch.compile(dynamic=True) specialises on, roughly: dtypes, ranks, which sizes are 0 or 1, layout."""
     return tuple(
         (a.dtype, a.device, tuple(min(size, 2) for size in a.shape), a.is_contiguous()) if isinstance(a, torch.Tensor) else a
         for a in args
-    ) + (torch.is_inference_mode_enabled(),)
+    ) + (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:size_oblivious
@@ -176,66 +126,46 @@ def size_oblivious():
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
-def compiled_on_cuda(varying_dims=None, eager=None):
+def compiled_on_cuda(varying_dims=None, generation_kernel=None):
     """Run the decorated function through torch.compile when its first argument is on a CUDA device: one fused kernel
     forward and one backward instead of a chain of small ones, and only the inputs saved for backward instead of every
     intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
 
     varying_dims: for each leading tensor argument, the dims whose size changes between calls (batch, sequence); those
-    are compiled for any size, the others for the size they have. None: every dim of every argument may vary.
-    Training (gradients on) compiles at the first call and waits for it. Generation does not wait: until a background
-    thread has compiled the function for a call's kind of shapes (a few seconds, once), such calls run `eager` (a
-    faster stand-in made of fused torch ops, the function itself when None), so the first answer starts at once.
-    Eager and compiled kernels round differently in the last bit."""
+    are compiled for any size, 1 included, the others for the size they have (None: every dim of every argument may
+    vary, sizes of 1 compiled apart). generation_kernel: a Triton kernel of kernels.py computing the same without
+    gradients (prefill and decoding), where it applies: it is ready in a fraction of a second where torch.compile
+    takes seconds per function, so a first answer does not wait for a compiler. Both round once, from fp32."""
 
     def wrap(fn):
-        compiled, ready, queued, seen = None, set(), set(), set()
-
-        @functools.wraps(fn)
-        def call_compiled(*args):
-            if varying_dims is None:
-                return compiled(*args)
-            for tensor, dims in zip(args, varying_dims):
-                for dim in dims:
-                    torch._dynamo.mark_dynamic(tensor, dim)
-            with size_oblivious():
-                return compiled(*args)
+        compiled, seen = None, set()
 
         @functools.wraps(fn)
         def run(*args):
             nonlocal compiled
             if not COMPILE_ELEMENTWISE or args[0].device.type not in COMPILE_DEVICES or torch.compiler.is_compiling():
                 return fn(*args)
+            if generation_kernel is not None and not torch.is_grad_enabled() and elementwise_kernels_apply(args[0]):
+                return generation_kernel(*args)
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True if varying_dims is None else None)
             kind = shape_kind(args)
-            if torch.is_grad_enabled():
-                if kind in seen:  # compiled already: skip marking dims and patching the config (host time per call)
-                    return compiled(*args)
-                seen.add(kind)
-                return call_compiled(*args)
-            if kind in ready:
+            if kind in seen:  # compiled for these already: no marking of dims, no config patch (host time per call)
                 return compiled(*args)
-            if kind not in queued and not (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
-                queued.add(kind)
-                # The call's own tensors (only read; the job holds them until its kernel has run): a copy could differ
-                # in strides or in being a view, which torch.compile guards on, and the next call would compile again.
-                compile_in_background((call_compiled, args, torch.is_inference_mode_enabled(), functools.partial(ready.add, kind)))
-            return (eager or fn)(*args)
+            seen.add(kind)
+            for tensor, dims in zip(args, varying_dims or ()):
+                for dim in dims:
+                    torch._dynamo.mark_dynamic(tensor, dim)
+            with size_oblivious() if varying_dims is not None else contextlib.nullcontext():
+                return compiled(*args)
 
         return run
 
     return wrap
 
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:rms_norm_eager
-def rms_norm_eager(hidden_states, weight, eps):
-    """rms_norm as one fused torch kernel (CUDA), statistics in fp32: generation's stand-in until rms_norm is compiled."""
-    return F.rms_norm(hidden_states, hidden_states.shape[-1:], weight, eps)
-
-
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:rms_norm
-@compiled_on_cuda(varying_dims=((0, 1),), eager=rms_norm_eager)
+@compiled_on_cuda(varying_dims=((0, 1),), generation_kernel=triton_rms_norm)
 def rms_norm(hidden_states, weight, eps):
     # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
     hidden_fp32 = hidden_states.float()
@@ -244,7 +174,7 @@ def rms_norm(hidden_states, weight, eps):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:swiglu
-@compiled_on_cuda(varying_dims=((0, 1),))
+@compiled_on_cuda(varying_dims=((0, 1),), generation_kernel=triton_swiglu)
 def swiglu(gate_and_up):
     """Fused rows [gate | up] -> silu(gate) * up."""
     gate, up = gate_and_up.chunk(2, dim=-1)
@@ -283,7 +213,7 @@ class RotaryEmbedding(nn.Module):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:apply_rotary
-@compiled_on_cuda(varying_dims=((0, 1), (0, 1), (0, 1)))
+@compiled_on_cuda(varying_dims=((0, 1), (0, 1), (0, 1)), generation_kernel=triton_rotary)
 def apply_rotary(qkv, cos, sin, heads, head_dim):
     """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
     qkv: fused rows [B, S, (heads + ...) * head_dim], of which the first `heads` heads are rotated (the queries and
@@ -374,7 +304,7 @@ class StaticKVCache:
         self.length = 0  # host-side count of filled slots (prefix included), kept in step with `slot`
         self.serial = 0  # bumped by every load, so that stale handles can be detected
         self.graph = None  # the decode step captured as a CUDA graph (graph_step), with its key, input and output
-        self.graph_key = self.graph_ids = self.graph_logits = self.graph_kernels = None
+        self.graph_key = self.graph_ids = self.graph_logits = None
         for tensor in (*self.keys, *self.values, self.valid, self.slot, self.positions):
             torch._dynamo.mark_static_address(tensor)
 
@@ -412,10 +342,9 @@ class StaticKVCache:
 
     def graph_step(self, step, input_ids):
         """`step(input_ids, self)` replayed from a CUDA graph. The first call (and the first after keep_graph_for
-        dropped the graph, or after more compiled element-wise kernels have become ready) runs the step eagerly, then
-        records it: recording runs nothing, so the state advances once. The logits returned are overwritten by the next
-        replay."""
-        if self.graph is not None and self.graph_kernels == KERNELS_COMPILED_FOR_GENERATION:
+        dropped the graph) runs the step eagerly, then records it: recording runs nothing, so the state advances once.
+        The logits returned are overwritten by the next replay."""
+        if self.graph is not None:
             self.graph_ids.copy_(input_ids)
             self.graph.replay()
             return self.graph_logits
@@ -426,7 +355,6 @@ class StaticKVCache:
             logits = step(input_ids, self)
         current.wait_stream(warmup)
         self.graph_ids = input_ids.clone()
-        self.graph_kernels = KERNELS_COMPILED_FOR_GENERATION  # read before recording: a kernel may become ready meanwhile
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.graph_logits = step(self.graph_ids, self)
