@@ -70,6 +70,7 @@ def main():
     parser.add_argument("--msra_dir", required=True, help="MSRA as in ../shared/data/msra (bio/, ori_data/)")
     parser.add_argument("--work_dir", required=True)
     parser.add_argument("--packs", default="2048x2", help="packed runs: pack_tokens x rows per step, comma-separated")
+    parser.add_argument("--predict_batch_sizes", default="32", help="predict.py runs, comma-separated batch sizes")
     parser.add_argument("--stages", default="process,train,packed,predict,chat,components")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", default="")
@@ -115,14 +116,14 @@ def main():
 
     adapter = next(work / "runs" / stage / "adapter_model" for stage in ["train", *(f"train-packed-{p}" for p in args.packs.split(","))]
                    if (work / "runs" / stage / "adapter_model").exists())
-    if "predict" in stages:
-        out = work / "predict"
-        seconds = run("predict", [sys.executable, "predict.py", f"--model_dir={model_dir}", f"--lora_path={adapter}",
-                                  f"--dev_file={data_dir / 'dev.txt'}", f"--output_dir={out}", "--max_new_tokens=32", "--batch_size=32",
-                                  *(["--num_samples=64"] if args.tiny else [])], work)
+    for batch_size in args.predict_batch_sizes.split(",") if "predict" in stages else []:
+        out = work / f"predict-b{batch_size}"
+        seconds = run(f"predict-b{batch_size}", [sys.executable, "predict.py", f"--model_dir={model_dir}", f"--lora_path={adapter}",
+                                                  f"--dev_file={data_dir / 'dev.txt'}", f"--output_dir={out}", "--max_new_tokens=32",
+                                                  f"--batch_size={batch_size}", *(["--num_samples=64"] if args.tiny else [])], work)
         metrics = json.loads((out / "metrics.json").read_text())
         samples = sum(1 for _ in open(out / "predictions.jsonl", encoding="utf-8"))
-        rows.append({"stage": f"predict.py with the adapter, {samples} sentences, 32 new tokens, batch 32",
+        rows.append({"stage": f"predict.py with the adapter, {samples} sentences, 32 new tokens, batch {batch_size}",
                      "wall_s": round(seconds, 1), "script_s": metrics["adapter"]["seconds"]})
 
     if "chat" in stages:
