@@ -8,7 +8,6 @@ the first half of each head, SwiGLU MLP. Internally tensors are batch-first and 
 `scaled_dot_product_attention`; the KV cache is a transformers `Cache` holding un-expanded key/value groups.
 """
 import ast
-import contextlib
 import functools
 from typing import Optional
 
@@ -105,40 +104,20 @@ COMPILE_ELEMENTWISE = True
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_DEVICES
 COMPILE_DEVICES = ("cuda",)
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:shape_kind
-def shape_kind(args):
-    """What torch.compile(dynamic=True) specialises on, roughly: dtypes, ranks, which sizes are 0 or 1, layout."""
-    return tuple(
-        (a.dtype, a.device, tuple(min(size, 2) for size in a.shape), a.is_contiguous()) if isinstance(a, torch.Tensor) else a
-        for a in args
-    ) + (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-
-
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:size_oblivious
-def size_oblivious():
-    """While compiling: sizes of 1 are not special-cased, so one compilation serves decode steps (one token, batch 1)
-    and prefill alike instead of one per pattern of 1s (dims given to compiled_on_cuda only)."""
-    from torch.fx.experimental import _config as shape_config
-
-    if not hasattr(shape_config, "backed_size_oblivious"):  # older torch: compiled once per pattern of 1s
-        return contextlib.nullcontext()
-    return shape_config.patch(backed_size_oblivious=True)
-
-
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
-def compiled_on_cuda(varying_dims=None, generation_kernel=None):
-    """Run the decorated function through torch.compile when its first argument is on a CUDA device: one fused kernel
-    forward and one backward instead of a chain of small ones, and only the inputs saved for backward instead of every
-    intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
+def compiled_on_cuda(generation_kernel=None):
+    """Run the decorated function through torch.compile (dynamic shapes) when its first argument is on a CUDA device:
+    one fused kernel forward and one backward instead of a chain of small ones, and only the inputs saved for backward
+    instead of every intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode
+    step inlines it).
 
-    varying_dims: for each leading tensor argument, the dims whose size changes between calls (batch, sequence); those
-    are compiled for any size, 1 included, the others for the size they have (None: every dim of every argument may
-    vary, sizes of 1 compiled apart). generation_kernel: a Triton kernel of kernels.py computing the same without
-    gradients (prefill and decoding), where it applies: it is ready in a fraction of a second where torch.compile
-    takes seconds per function, so a first answer does not wait for a compiler. Both round once, from fp32."""
+    generation_kernel: a Triton kernel of kernels.py computing the same without gradients (prefill and decoding),
+    where it applies. It is ready in a fraction of a second, where torch.compile takes seconds per function and
+    compiles again for each pattern of sizes of 1 (a decode step, batch 1), so a first answer does not wait for a
+    compiler. Both round once, from fp32."""
 
     def wrap(fn):
-        compiled, seen = None, set()
+        compiled = None
 
         @functools.wraps(fn)
         def run(*args):
@@ -148,16 +127,8 @@ def compiled_on_cuda(varying_dims=None, generation_kernel=None):
             if generation_kernel is not None and not torch.is_grad_enabled() and elementwise_kernels_apply(args[0]):
                 return generation_kernel(*args)
             if compiled is None:
-                compiled = torch.compile(fn, dynamic=True if varying_dims is None else None)
-            kind = shape_kind(args)
-            if kind in seen:  # compiled for these already: no marking of dims, no config patch (host time per call)
-                return compiled(*args)
-            seen.add(kind)
-            for tensor, dims in zip(args, varying_dims or ()):
-                for dim in dims:
-                    torch._dynamo.mark_dynamic(tensor, dim)
-            with size_oblivious() if varying_dims is not None else contextlib.nullcontext():
-                return compiled(*args)
+                compiled = torch.compile(fn, dynamic=True)
+            return compiled(*args)
 
         return run
 
@@ -165,7 +136,7 @@ def compiled_on_cuda(varying_dims=None, generation_kernel=None):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:rms_norm
-@compiled_on_cuda(varying_dims=((0, 1),), generation_kernel=triton_rms_norm)
+@compiled_on_cuda(generation_kernel=triton_rms_norm)
 def rms_norm(hidden_states, weight, eps):
     # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
     hidden_fp32 = hidden_states.float()
@@ -174,7 +145,7 @@ def rms_norm(hidden_states, weight, eps):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:swiglu
-@compiled_on_cuda(varying_dims=((0, 1),), generation_kernel=triton_swiglu)
+@compiled_on_cuda(generation_kernel=triton_swiglu)
 def swiglu(gate_and_up):
     """Fused rows [gate | up] -> silu(gate) * up."""
     gate, up = gate_and_up.chunk(2, dim=-1)
@@ -213,7 +184,7 @@ class RotaryEmbedding(nn.Module):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:apply_rotary
-@compiled_on_cuda(varying_dims=((0, 1), (0, 1), (0, 1)), generation_kernel=triton_rotary)
+@compiled_on_cuda(generation_kernel=triton_rotary)
 def apply_rotary(qkv, cos, sin, heads, head_dim):
     """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
     qkv: fused rows [B, S, (heads + ...) * head_dim], of which the first `heads` heads are rotated (the queries and
