@@ -85,9 +85,9 @@ DEFAULTS = {
     # fewer, fuller rows. per_device_train_batch_size then counts rows, not samples. Models that cannot pack train
     # unpacked in batches grouped by length (the log says so).
     "packing": False,
-    # Tokens per packed row (the row budget: peak memory follows it, not the longest sample). 2048 is a placeholder
-    # of the order of the 6B models' usual context, several default-length samples (max_source_length +
-    # max_target_length = 384) per row; the budget that trains fastest on a GPU is still to be measured.
+    # Tokens per packed row (the row budget: peak memory follows it and the rows per step, not the longest sample).
+    # Measured on an H200 (ChatGLM2-6B LoRA, MSRA): 2 rows of 2048 trained at ~14,200 real tokens/s (24.4 GiB), 4 rows
+    # of 1024 at ~10,900 (24.1 GiB), 2 rows of 1024 at ~13,000 (18.0 GiB); docs/benchmarks.md.
     "pack_tokens": 2048,
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
