@@ -42,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from utils.adapters import take_run_settings
 from utils.config_utils import parse_config
 from utils.dataset import get_prompt_format
 from utils.generation import StableText, stream_chat_reply
@@ -475,6 +476,7 @@ def main(config):
               "reach this machine can use the model. Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).",
               file=sys.stderr, flush=True)
     try:
+        take_run_settings(config)  # an adapter brings its run's base unless --model_dir says otherwise
         model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
                                                    device=config["device"], chatglm_only=True)
     except ModelFolderError as err:

@@ -8,10 +8,9 @@ Each line you type is wrapped the way the adapter was trained: the task instruct
 (--raw sends it as it is). The conversation history is kept; `clear` forgets it, `exit` (or end of input) quits.
 """
 import sys
-from pathlib import Path
 
+from utils.adapters import default_adapter, run_instruction, take_run_settings
 from utils.config_utils import parse_config
-from utils.data_io import iter_json_lines
 from utils.dataset import get_prompt_format, user_message
 from utils.generation import StableText, stream_chat_reply
 from utils.model_utils import ModelFolderError, load_model_with_adapter
@@ -19,9 +18,11 @@ from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
-    "lora_path": "",  # default: checkpoint/<data_name>/train_trainer/adapter_model; "none" for the model alone
+    # default: the newest run's checkpoint/<data_name>/*/adapter_model; "none" for the model alone. The run's
+    # train_args.json gives model_dir unless set here.
+    "lora_path": "",
     "data_name": "demo_ner",
-    "instruct": "",  # default: the instruction of data/<data_name>/instruct_data/train.txt (else the MSRA one)
+    "instruct": "",  # default: the instruction of the run's training data (else the MSRA one)
     "raw": False,  # send typed text as it is, without instruction and 文本： prefix
     "max_length": 2048,
     "do_sample": False,
@@ -33,23 +34,15 @@ DEFAULTS = {
 }
 
 
-def training_instruct(data_name):
-    """The instruction the adapter was trained with: the first record of the data's train file."""
-    train_file = Path("data") / data_name / "instruct_data" / "train.txt"
-    if train_file.is_file():
-        for _, record in iter_json_lines(train_file):
-            return record["instruct"]
-    return MSRA_INSTRUCT
-
-
 def main(config):
-    lora_path = config["lora_path"] or str(Path("checkpoint") / config["data_name"] / "train_trainer" / "adapter_model")
+    lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
     try:
+        take_run_settings(config)
         model, tokenizer = load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"])
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
     version = model.model_version
-    instruct = "" if config["raw"] else config["instruct"] or training_instruct(config["data_name"])
+    instruct = "" if config["raw"] else config["instruct"] or run_instruction(lora_path) or MSRA_INSTRUCT
 
     def message(text):
         return text if config["raw"] else user_message({"instruct": instruct, "query": QUERY_PREFIX + text})

@@ -1,10 +1,10 @@
 """How fast a model answers: prefill and decode tokens/s, time to first token, peak memory.
 
-    python inference_test.py --model_path=model_hub/chatglm2-6b
-    python inference_test.py --model_path=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
-    python inference_test.py --model_path=model_hub/chatglm2-6b,model_hub/chatglm2-6b-ner-int8,model_hub/chatglm2-6b-ner-int4 --json=speed.json
+    python inference_test.py --model_dir=model_hub/chatglm2-6b
+    python inference_test.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
+    python inference_test.py --model_dir=model_hub/chatglm2-6b,model_hub/chatglm2-6b-ner-int8,model_hub/chatglm2-6b-ner-int4 --json=speed.json
 
-Each model folder in --model_path (merged and quantized folders from merge_lora_and_quantize.py too) gets a row;
+Each model folder in --model_dir (merged and quantized folders from merge_lora_and_quantize.py too) gets a row;
 with --lora_path the first one also gets a "+ adapter" row (the adapter folded into the weights, as predict.py and the
 servers decode; --fold_adapter=false measures PEFT's separate layers instead). Decoding goes through the models' own stream_generate
 (the loop behind chat()), greedily, for exactly max_new_tokens tokens (no early stop), on a batch of identical
@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from utils.adapters import check_adapter_fits_base, take_run_settings, uses_adapter
 from utils.config_utils import parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
-from utils.model_utils import fold_adapter, load_model_and_tokenizer
+from utils.model_utils import fold_adapter, load_model_and_tokenizer, read_config
 
 DEFAULTS = {
-    "model_path": "model_hub/chatglm2-small",  # comma-separated model folders
+    "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base
     "lora_path": "",
     "batch_size": 1,
     "prompt_len": 32,
@@ -71,14 +72,16 @@ def benchmark(name, model, input_ids, config):
 
 def main(config):
     rows = []
-    for index, model_path in enumerate(p for p in config["model_path"].split(",") if p):
+    take_run_settings(config)
+    for index, model_path in enumerate(p for p in config["model_dir"].split(",") if p):
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=config["dtype"], device=config["device"])
         bits = getattr(model.config, "quantization_bit", 0)
         label = Path(model_path).name + (f" (int{bits})" if bits else f" ({str(model.dtype).removeprefix('torch.')})")
         prompt = fit_prompt(get_prompt_format(tokenizer, model.model_version), PROMPT_TEXT, [], config["prompt_len"])[0]
         input_ids = torch.tensor([prompt] * config["batch_size"], device=model.device)
         rows.append(benchmark(label, model, input_ids, config))
-        if index == 0 and config["lora_path"]:
+        if index == 0 and uses_adapter(config["lora_path"]):
+            check_adapter_fits_base(config["lora_path"], model_path, model.model_version, read_config(model_path))
             adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
             if config["fold_adapter"]:
                 adapted = fold_adapter(adapted)
@@ -97,4 +100,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(parse_config(DEFAULTS, description=__doc__))
+    main(parse_config(DEFAULTS, description=__doc__, renamed={"model_path": "model_dir"}))

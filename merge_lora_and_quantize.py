@@ -23,14 +23,12 @@ half-written output. Refused before any heavy work: an existing --output_path, a
 (other version in train_args.json, layers the base does not have, or other layer sizes), --qbits other than 0/4/8,
 and a base that is itself quantized.
 """
-import json
 import re
 import sys
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
 
+from utils.adapters import check_adapter_fits_base, read_json
 from utils.config_utils import parse_config
 from utils.errors import UserError
 from utils.model_utils import (
@@ -40,7 +38,6 @@ from utils.model_utils import (
     detect_model_version,
     load_model_and_tokenizer,
     read_config,
-    remote_module,
 )
 from utils.model_folder import MODEL_FILES, folder_config, staged_folder, unique_state_dict, write_model_folder
 
@@ -55,7 +52,6 @@ DEFAULTS = {
 }
 SUPPORTED_QBITS = (0, 4, 8)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
 
 
 class MergeError(UserError, ValueError):
@@ -70,29 +66,6 @@ def parse_size(text) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
 
 
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise MergeError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
-
-
-def adapter_weights_file(lora_path):
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (lora_path / name).is_file():
-            return lora_path / name
-    raise MergeError(f"{lora_path}: no adapter_model.safetensors (or adapter_model.bin); is this a PEFT adapter folder?")
-
-
-def adapter_shapes(weights_file):
-    """Tensor name -> shape of the adapter, without reading the tensors."""
-    if weights_file.suffix == ".safetensors":
-        with safe_open(str(weights_file), framework="pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    state = torch.load(str(weights_file), map_location="meta", weights_only=True)
-    return {name: tuple(tensor.shape) for name, tensor in state.items()}
-
-
 def resolve_remote_scripts(remote_scripts_dir, version):
     folder = Path(remote_scripts_dir)
     if not folder.is_absolute() and not folder.is_dir() and (REPO_ROOT / folder).is_dir():
@@ -101,68 +74,6 @@ def resolve_remote_scripts(remote_scripts_dir, version):
     if missing:
         raise MergeError(f"{folder / version}: missing {', '.join(missing)}; --remote_scripts_dir must hold <version>/{{{','.join(MODEL_FILES)}}}")
     return folder / version
-
-
-def base_layer_shapes(version, base_config):
-    """Module name -> (out_features, in_features) of every linear / embedding layer of the base, built on the meta
-    device from its config (no weights are read)."""
-    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**base_config)
-    with torch.device("meta"):
-        model = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-        elif isinstance(module, torch.nn.Embedding):
-            shapes[name] = (module.num_embeddings, module.embedding_dim)
-    return shapes
-
-
-def check_adapter_fits_base(lora_path, model_dir, version, base_config, adapter_config, train_args):
-    """Refuse an adapter trained on another base: another version in train_args.json, target modules or layers the
-    base lacks, or lora_A / lora_B shapes that do not match the base's layer sizes."""
-    trained_on = (train_args or {}).get("model_version")
-    if trained_on and trained_on != version:
-        raise MergeError(
-            f"{lora_path} was trained on {trained_on} (train_args.json model_version) but {model_dir} is {version}; "
-            f"pass the {trained_on} base with --model_dir"
-        )
-    peft_type = adapter_config.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise MergeError(f"{lora_path}: peft_type is {peft_type}; this script merges LoRA adapters")
-    layers = base_layer_shapes(version, base_config)
-    targets = adapter_config.get("target_modules") or []
-    if isinstance(targets, str):
-        found = any(re.fullmatch(targets, name) for name in layers)
-        targets_text = f"target_modules regex {targets!r}"
-    else:
-        found = all(any(name == t or name.endswith("." + t) for name in layers) for t in targets)
-        targets_text = f"target_modules {sorted(targets)}"
-    if targets and not found:
-        raise MergeError(
-            f"{lora_path}: adapter_config.json {targets_text} does not match the layers of {model_dir} ({version}); "
-            "the adapter was made for another model"
-        )
-    problems = []
-    for key, shape in adapter_shapes(adapter_weights_file(lora_path)).items():
-        match = LORA_KEY.match(key)
-        if not match:
-            continue
-        module, part = match.group("module"), match.group("part")
-        if module not in layers:
-            problems.append(f"{module}: the base has no such layer")
-            continue
-        out_features, in_features = layers[module]
-        if part == "A" and shape[-1] != in_features:
-            problems.append(f"{module}: lora_A {list(shape)} expects {shape[-1]} inputs, the base layer is [{out_features}, {in_features}]")
-        elif part == "B" and shape[0] != out_features:
-            problems.append(f"{module}: lora_B {list(shape)} gives {shape[0]} outputs, the base layer is [{out_features}, {in_features}]")
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise MergeError(
-            f"the adapter {lora_path} does not fit the base {model_dir} ({version}); it was trained on another base:\n  "
-            + "\n  ".join(problems[:5]) + more
-        )
 
 
 def plan(config):
@@ -182,8 +93,13 @@ def plan(config):
     lora_path = Path(config["lora_path"])
     if not (lora_path / "adapter_config.json").is_file():
         raise MergeError(f"{lora_path}: no adapter_config.json; --lora_path must be a PEFT adapter folder (e.g. <run>/adapter_model)")
-    adapter_config = read_json(lora_path / "adapter_config.json")
-    train_args = read_json(lora_path / "train_args.json") if (lora_path / "train_args.json").is_file() else None
+    try:
+        adapter_config = read_json(lora_path / "adapter_config.json")
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
+    peft_type = adapter_config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise MergeError(f"{lora_path}: peft_type is {peft_type}; this script merges LoRA adapters")
 
     if config["model_dir"]:
         model_dir = Path(config["model_dir"])
@@ -207,7 +123,10 @@ def plan(config):
             f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can only be merged "
             "into float weights: use the fp16/bf16 base"
         )
-    check_adapter_fits_base(lora_path, model_dir, version, base_config, adapter_config, train_args)
+    try:
+        check_adapter_fits_base(lora_path, model_dir, version, base_config)
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
     scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
     return {
         "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,

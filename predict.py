@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from utils.adapters import default_adapter, take_run_settings, uses_adapter
 from utils.config_utils import parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
@@ -25,7 +26,9 @@ from utils.model_utils import fold_adapter, load_model_with_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
-    "lora_path": "",  # default: checkpoint/<data_name>/train_trainer/adapter_model; "none" for the model alone
+    # default: the newest run's checkpoint/<data_name>/*/adapter_model; "none" for the model alone. The run's
+    # train_args.json gives model_dir and max_source_length unless set here.
+    "lora_path": "",
     "data_name": "demo_ner",
     "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt
     "output_dir": "",  # default: the adapter's run folder, or checkpoint/<data_name>/base
@@ -67,8 +70,9 @@ def headline(task, metrics):
 def main(config):
     data_dir = Path("data") / config["data_name"] / "instruct_data"
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
-    lora_path = config["lora_path"] or str(Path("checkpoint") / config["data_name"] / "train_trainer" / "adapter_model")
-    use_adapter = lora_path.lower() != "none"
+    lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
+    use_adapter = uses_adapter(lora_path)
+    take_run_settings(config, ("model_dir", "max_source_length"))
     output_dir = Path(config["output_dir"] or (Path(lora_path).parent if use_adapter else Path("checkpoint") / config["data_name"] / "base"))
 
     bad_lines = BadLines(skip=config["skip_bad_lines"])
@@ -125,7 +129,8 @@ def main(config):
         for r, source, p, b in zip(records, sources or [None] * len(records), results[main_name]["predictions"],
                                    results.get("base", results[main_name])["predictions"])
     ])
-    summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"], "lora_path": lora_path if use_adapter else None,
+    summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"],
+               "lora_path": lora_path if use_adapter else None, "max_source_length": config["max_source_length"],
                **{name: result["metrics"] for name, result in results.items()}}
     write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False))
     if "base" in results:

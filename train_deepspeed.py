@@ -94,6 +94,7 @@ DEFAULTS = {
     "learning_rate": 3e-3,  # for the small model; 6B models: about 2e-4
     "weight_decay": 0.0,
     "warmup_steps": 0.05,  # a fraction of the total steps if < 1
+    "lr_scheduler_type": "linear",  # transformers' names: linear, cosine, constant_with_warmup, ... (without a "scheduler" in --deepspeed)
     "max_grad_norm": 1.0,
     "gradient_checkpointing": False,
     "logging_steps": 10,
@@ -105,6 +106,7 @@ DEFAULTS = {
     "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
     "deepspeed": "deepspeed.json",  # the DeepSpeed config; its "auto" values are filled from this config
     "local_rank": -1,  # set by the deepspeed launcher
+    "report_to": "tensorboard",  # tensorboard (runs/), or none
 }
 # What the Trainer puts into "auto" optimizer fields (TrainingArguments' defaults; train_trainer.py does not set them).
 ADAM_BETAS, ADAM_EPSILON = [0.9, 0.999], 1e-8
@@ -297,14 +299,14 @@ not_matched = {"scheduler.params.warmup_min_lr", "zero_optimization.reduce_bucke
 ds_config = resolve_deepspeed_config(config["deepspeed"], auto_values, must_match=set(auto_values) - not_matched)
 if master:
     print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
-# A config without a "scheduler" gets the Trainer's own default, linear warmup then linear decay to 0 (which, unlike
-# DeepSpeed's WarmupDecayLR, takes warmup 0 and starts at the full rate after warmup_steps steps exactly).
-linear_schedule = None
+# A config without a "scheduler" gets the Trainer's schedule of that name (default: linear warmup then linear decay to
+# 0, which, unlike DeepSpeed's WarmupDecayLR, takes warmup 0 and starts at the full rate after warmup_steps steps).
+trainer_schedule = None
 if "scheduler" not in ds_config:
-    def linear_schedule(optimizer):
-        return transformers.get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    def trainer_schedule(optimizer):
+        return transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps)
 trainable = [p for p in model.parameters() if p.requires_grad]
-engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config, lr_scheduler=linear_schedule)
+engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config, lr_scheduler=trainer_schedule)
 if master:
     print(f"ZeRO stage {engine.zero_optimization_stage()}, {world_size} process(es), {total_steps} steps "
           f"({steps_per_epoch} per epoch, warmup {warmup_steps}), {batch_size * accumulation * world_size} examples per step")
@@ -332,7 +334,8 @@ if resume:
         print(f"resuming from {resume}: step {global_step}, epoch {epoch}, {batches_done} micro-batches into it")
 start_step, tokens_at_start = global_step, tokens_seen
 
-writer = SummaryWriter(str(output_dir / "runs"), purge_step=global_step if resume else None) if master else None
+tensorboard = master and "tensorboard" in config["report_to"].split(",")
+writer = SummaryWriter(str(output_dir / "runs"), purge_step=global_step if resume else None) if tensorboard else None
 
 
 def evaluate():
@@ -384,11 +387,12 @@ def save_checkpoint():
 def log(entry):
     entry = {**entry, "epoch": round(epoch + batches_done / micro_batches_per_epoch, 4), "step": global_step}
     log_history.append(entry)
-    if master:
+    if writer:
         for key, value in entry.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
                 writer.add_scalar(("eval/" + key[5:]) if key.startswith("eval_") else f"train/{key}", value, global_step)
         writer.flush()
+    if master:
         tqdm.write(json.dumps(entry))
 
 
@@ -491,8 +495,9 @@ else:
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if master:
             saved = f"adapter: {save_adapter(engine.module, output_dir, train_args)}"
-if master:
+if writer:
     writer.close()
+if master:
     plot_loss(log_history, output_dir / "loss.png")
     finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))

@@ -2,8 +2,8 @@
 double quantization, LoRA adapters on every linear layer, trained with the Hugging Face Trainer.
 
     python train_qlora.py --train_args_json chatGLM_6B_QLoRA.json --model_dir model_hub/chatglm2-6b \\
-        --train_data_path data/msra/instruct_data/train.txt --eval_data_path data/msra/instruct_data/dev.txt \\
-        --lora_rank 8 --lora_dropout 0.05 --compute_dtype bf16
+        --train_file data/msra/instruct_data/train.txt --dev_file data/msra/instruct_data/dev.txt \\
+        --lora_r 8 --lora_dropout 0.05 --dtype bf16
     python train_qlora.py --data_name msra --resume_from_checkpoint auto
 
 The JSON file holds TrainingArguments (steps, batch size, learning rate, optimizer, ...). Writes
@@ -36,21 +36,22 @@ DEFAULTS = {
     "train_args_json": "chatGLM_6B_QLoRA.json",
     "model_dir": "model_hub/chatglm2-small",
     "data_name": "demo_ner",
-    "train_data_path": "",  # default: data/<data_name>/instruct_data/train.txt
-    "eval_data_path": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
+    "train_file": "",  # default: data/<data_name>/instruct_data/train.txt
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
     "output_dir": "",  # default: the JSON's output_dir, else checkpoint/<data_name>/train_qlora
     "max_source_length": 256,
     "max_target_length": 128,
     "skip_bad_lines": False,
-    "lora_rank": 8,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    "lora_target_modules": "all",  # every linear layer of the blocks; or a comma list such as query_key_value
-    "compute_dtype": "auto",  # dtype of the 4-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
+    # target_modules: all = every linear layer of the blocks; or a comma list such as query_key_value
+    "lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all"},
+    "dtype": "auto",  # dtype of the 4-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
     "gradient_checkpointing": True,
     "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in the output folder, or a path
     "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
 }
+
+# The names this script had before the training scripts shared one vocabulary (accepted for one more release).
+RENAMED = {"train_data_path": "train_file", "eval_data_path": "dev_file", "lora_rank": "lora_r", "compute_dtype": "dtype"}
 
 
 def training_arguments(json_path, output_dir, compute_dtype, has_eval):
@@ -81,8 +82,8 @@ def main(config):
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 
     device = resolve_device("auto")
-    compute_dtype = resolve_dtype(config["compute_dtype"], device)
-    train_file, dev_file = data_paths({**config, "train_file": config["train_data_path"], "dev_file": config["eval_data_path"]})
+    compute_dtype = resolve_dtype(config["dtype"], device)
+    train_file, dev_file = data_paths(config)
     # Read the TrainingArguments first: a typo in the JSON should not wait for a 6B model to load.
     args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
     quantization = BitsAndBytesConfig(
@@ -94,10 +95,8 @@ def main(config):
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization)
     # Frozen base, unquantized weights kept in the compute dtype (no fp32 copies), non-reentrant checkpointing.
     model = prepare_kbit_model(model, compute_dtype, gradient_checkpointing=config["gradient_checkpointing"])
-    lora = {"r": config["lora_rank"], "alpha": config["lora_alpha"], "dropout": config["lora_dropout"],
-            "target_modules": config["lora_target_modules"]}
     set_seed(args.seed)  # the LoRA initialisation follows the JSON's seed
-    model = add_lora(model, lora)
+    model = add_lora(model, config["lora"])
     model.print_trainable_parameters()
 
     train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config)
@@ -121,4 +120,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(parse_config(DEFAULTS, description=__doc__))
+    main(parse_config(DEFAULTS, description=__doc__, renamed=RENAMED))

@@ -11,6 +11,7 @@ chat. One answer is generated at a time; other questions wait in Gradio's queue.
 """
 from pathlib import Path
 
+from utils.adapters import take_run_settings
 from utils.config_utils import parse_config
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import stream_chat_reply
@@ -125,6 +126,7 @@ def build_demo(web_chat: WebChat, config, title):
 
 def main(config):
     try:
+        take_run_settings(config)  # an adapter brings its run's base unless --model_dir says otherwise
         model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
                                                    device=config["device"], chatglm_only=True)
     except ModelFolderError as err:

@@ -19,5 +19,5 @@ for bits in 8 4; do
     --model_dir "$work/model" --output_path "$work/merged-int$bits" --qbits $bits --dtype bf16 2>&1 | tail -3 | tee -a "$results/merge.log"
 done
 
-python inference_test.py --model_path="$work/model,$work/merged-int8,$work/merged-int4" --lora_path="$adapter" \
+python inference_test.py --model_dir="$work/model,$work/merged-int8,$work/merged-int4" --lora_path="$adapter" \
   --max_new_tokens=128 --json="$results/inference.json" 2>&1 | grep -E "^\||^#" | tee "$results/inference.log"

@@ -70,8 +70,8 @@ def commands(script, processes, model_dir, data_dir, run_dir, args):
     json_path = run_dir.parent / "qlora_args.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(train_args))
-    return [sys.executable, script, *common, f"--train_args_json={json_path}", "--compute_dtype=bf16",
-            f"--train_data_path={data_dir / 'train.txt'}", f"--eval_data_path={data_dir / 'dev.txt'}"]
+    return [sys.executable, script, *common, f"--train_args_json={json_path}", "--dtype=bf16",
+            f"--train_file={data_dir / 'train.txt'}", f"--dev_file={data_dir / 'dev.txt'}"]
 
 
 def logged_rates(log_path):

@@ -121,7 +121,7 @@ def test_chat_ner_answers_piped_questions_and_keeps_history(trained_adapter, tra
 def test_inference_test_reports_prefill_decode_and_memory(trained_adapter, trainable_models, tmp_path):
     run_dir = trained_adapter("chatglm2-6b")
     json_path = tmp_path / "speed.json"
-    result = run_script("inference_test.py", f"--model_path={trainable_models['chatglm2-6b']}", f"--lora_path={run_dir / 'adapter_model'}",
+    result = run_script("inference_test.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--lora_path={run_dir / 'adapter_model'}",
                         "--max_new_tokens=8", "--prompt_len=24", "--batch_size=2", f"--json={json_path}")
     rows = json.loads(json_path.read_text())
     assert [r["model"] for r in rows] == ["chatglm2-6b (float32)", "chatglm2-6b (float32) + adapter"]

@@ -14,7 +14,7 @@ from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
 
-LORA = ["--lora_rank=32", "--lora_alpha=64", "--lora_dropout=0.0"]
+LORA = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0"]
 
 
 def train_args_json(tmp_path, **values):
@@ -35,8 +35,8 @@ def test_train_qlora_overfits_and_the_adapter_reproduces_the_answers(version, tr
     run_dir = tmp_path / "run"
     args_json = train_args_json(tmp_path, max_steps=60, save_steps=60, eval_steps=60)
     result = run_script("train_qlora.py", f"--train_args_json={args_json}", f"--model_dir={trainable_models[version]}",
-                        f"--train_data_path={sixteen_examples}", f"--eval_data_path={sixteen_examples}",
-                        f"--output_dir={run_dir}", "--compute_dtype=fp32", *LORA)
+                        f"--train_file={sixteen_examples}", f"--dev_file={sixteen_examples}",
+                        f"--output_dir={run_dir}", "--dtype=fp32", *LORA)
     assert "trainable params" in result.stdout
     losses = logged_losses(run_dir, 60)
     assert losses[60] < 0.5 * losses[1], losses
@@ -94,7 +94,7 @@ def test_train_qlora_resumed_run_ends_at_the_uninterrupted_loss(trainable_models
     args_json = train_args_json(tmp_path, max_steps=20, save_steps=10, eval_strategy="no", per_device_train_batch_size=4,
                                 learning_rate=3e-3)
     common = [f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm2-6b']}",
-              f"--train_data_path={sixteen_examples}", "--eval_data_path=none.txt", "--compute_dtype=fp32", *LORA]
+              f"--train_file={sixteen_examples}", "--dev_file=none.txt", "--dtype=fp32", *LORA]
     full = tmp_path / "full"
     run_script("train_qlora.py", f"--output_dir={full}", *common)
     interrupted = tmp_path / "interrupted"
@@ -112,6 +112,6 @@ def test_train_qlora_rejects_unknown_training_arguments(trainable_models, sixtee
     args_json = train_args_json(tmp_path, max_steps=1, learning_rat=1e-3)
     result = run_script(
         "train_qlora.py", f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm2-6b']}",
-        f"--train_data_path={sixteen_examples}", f"--output_dir={tmp_path / 'run'}", timeout=300, check=False,
+        f"--train_file={sixteen_examples}", f"--output_dir={tmp_path / 'run'}", timeout=300, check=False,
     )
     assert result.returncode != 0 and "learning_rat" in result.stderr and str(args_json) in result.stderr

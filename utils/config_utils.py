@@ -69,9 +69,19 @@ def convert(key: str, text: str, default):
         raise ConfigError(f"--{key}: cannot read {text!r} as {type(default).__name__} ({err})") from err
 
 
-def apply_overrides(defaults: dict, argv) -> dict:
-    """A copy of `defaults` with the `--key=value` / `--key value` pairs of argv applied."""
-    config = copy.deepcopy(defaults)
+class Config(dict):
+    """A script's config: a plain dict that also knows which (flat) keys the command line set, in `given`, so that
+    settings read from elsewhere (a run's train_args.json) fill in only what the user left out."""
+
+    given = frozenset()
+
+
+def apply_overrides(defaults: dict, argv, renamed=None) -> dict:
+    """A copy of `defaults` with the `--key=value` / `--key value` pairs of argv applied (a Config). `renamed` maps
+    old option names to their current ones: an old name still works, with a note on stderr."""
+    config = Config(copy.deepcopy(defaults))
+    given = set()
+    renamed = renamed or {}
     flat = flatten(config)
     index = 0
     while index < len(argv):
@@ -80,6 +90,9 @@ def apply_overrides(defaults: dict, argv) -> dict:
             raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value or --key value")
         key, has_value, text = arg[2:].partition("=")
         key = key.replace("-", "_")
+        if key in renamed:
+            print(f"note: --{key} is now --{renamed[key]}; the old name will be removed in the next release", file=sys.stderr)
+            key = renamed[key]
         if key not in flat:
             close = difflib.get_close_matches(key, flat, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
@@ -95,7 +108,9 @@ def apply_overrides(defaults: dict, argv) -> dict:
         value = convert(key, text, flat[key])
         flat[key] = value
         set_flat(config, key, value)
+        given.add(key)
         index += 1
+    config.given = frozenset(given)
     return config
 
 
@@ -103,7 +118,7 @@ def describe(defaults: dict) -> str:
     return "\n".join(f"  --{key}={json.dumps(value, ensure_ascii=False)}" for key, value in flatten(defaults).items())
 
 
-def parse_config(defaults: dict, argv=None, description="") -> dict:
+def parse_config(defaults: dict, argv=None, description="", renamed=None) -> dict:
     """The script's config: defaults overridden by the command line. Exits with a clear message on bad input. Also
     installs the error hook of utils/errors.py: from here on an error that is the input's fault prints one line and
     exits 1 (`--debug`, accepted by every script, shows its traceback too)."""
@@ -116,7 +131,7 @@ def parse_config(defaults: dict, argv=None, description="") -> dict:
               + ("" if own_debug_key else "\n  --debug  (show the traceback of an error, not only its message)"))
         sys.exit(0)
     try:
-        config = apply_overrides(defaults, argv)
+        config = apply_overrides(defaults, argv, renamed)
     except ConfigError as err:
         sys.exit(f"error: {err}")
     install_error_hook(config["debug"] if own_debug_key else debug)

@@ -178,13 +178,21 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
     """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
     or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with the PEFT adapter of lora_path
     on top, folded into the weights (fold_adapter) unless fold=False (a PeftModel then: predict.py's --before_after
-    scores the base with the adapter disabled first). A missing adapter is reported before the base is loaded; with
+    scores the base with the adapter disabled first). A missing adapter, or one trained on another base
+    (utils.adapters.check_adapter_fits_base), is reported before the base is loaded; with
     chatglm_only, a model without ChatGLM's stream_generate (what the servers stream with) is refused."""
     use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
     if use_adapter and not (Path(lora_path) / "adapter_config.json").is_file():
         raise ModelFolderError(
             f"{lora_path}: no adapter_config.json. Train one first (python train_trainer.py) or pass --lora_path=none."
         )
+    if use_adapter:
+        from utils.adapters import check_adapter_fits_base
+
+        base_config = read_config(model_dir)
+        if base_config.get("model_type") in (None, "chatglm"):  # native transformers models: PEFT checks the shapes
+            version = detect_model_version(base_config, str(Path(model_dir) / "config.json"))
+            check_adapter_fits_base(lora_path, model_dir, version, base_config)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device)
     if chatglm_only and not hasattr(model, "stream_generate"):
         raise ModelFolderError(f"{model_dir}: only ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) can be served")
