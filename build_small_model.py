@@ -28,9 +28,10 @@ import sentencepiece as spm
 import torch
 
 from utils.config_utils import parse_config
-from utils.data_io import read_text, write_jsonl
+from utils.data_io import BadLines, read_text, write_jsonl
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import remote_module
+from utils.ner_data import read_bio
 
 DEFAULTS = {
     "shared_data_dir": "../shared/data",
@@ -61,19 +62,14 @@ def json_lines(path):
     return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
-def char_tag_sentences(path, separator=None, strip_digit=False):
-    """Sentences of a one-character-a-line tagged file (char, tag; blank line between sentences)."""
-    sentences, current = [], []
-    for line in read_text(path).splitlines():
-        if not line.strip():
-            if current:
-                sentences.append("".join(current))
-            current = []
-            continue
-        char = line.split(separator)[0] if separator else line.split()[0]
-        current.append(char[:-1] if strip_digit and char[-1:].isdigit() and len(char) > 1 else char)
-    if current:
-        sentences.append("".join(current))
+def tagged_sentences(path):
+    """The sentences of a one-character-a-line tagged file (MSRA, People's Daily, Weibo, Resume), read as process.py
+    reads them (utils.ner_data.read_bio: Weibo's segment positions removed). Sentences whose tags are broken are left
+    out and counted (Resume's train file has one)."""
+    bad_lines = BadLines(skip=True)
+    sentences = [text for _, text, _ in read_bio(path, bad_lines)]
+    if bad_lines.count:
+        print(bad_lines.summary())
     return sentences
 
 
@@ -85,11 +81,11 @@ def read_sources(data_dir):
         "msra_1000": [record["text"] for record in json_lines(data_dir / "msra/ori_data/msra_1000.txt")],
         "msra_instruct": [record["query"].removeprefix("文本：") for record in json_lines(data_dir / "msra/instruct_data/dev.txt")],
         "cluener": [record["text"] for name in ("train.json", "dev.json") for record in json_lines(data_dir / "cluener" / name)],
-        "peoples_daily": char_tag_sentences(data_dir / "peoples_daily/example.dev"),
+        "peoples_daily": tagged_sentences(data_dir / "peoples_daily/example.dev"),
         "weibo": [s for name in ("weiboNER_2nd_conll.train", "weiboNER_2nd_conll.dev")
                   if (data_dir / "weibo_ner" / name).is_file()
-                  for s in char_tag_sentences(data_dir / "weibo_ner" / name, separator="\t", strip_digit=True)],
-        "resume": [s for name in ("train.char.bmes", "dev.char.bmes") for s in char_tag_sentences(data_dir / "resume_ner" / name)],
+                  for s in tagged_sentences(data_dir / "weibo_ner" / name)],
+        "resume": [s for name in ("train.char.bmes", "dev.char.bmes") for s in tagged_sentences(data_dir / "resume_ner" / name)],
         "adgen": [record["summary"] for record in json_lines(data_dir / "adgen/dev_content_summary.json")],
         "alpaca_zh": [
             "\n".join(part for part in (record["instruction"], record.get("input", ""), record["output"]) if part)
@@ -99,7 +95,7 @@ def read_sources(data_dir):
     }
     if not sources["weibo"]:
         raise FileNotFoundError(f"{data_dir / 'weibo_ner'}: no weiboNER_2nd_conll.train or .dev")
-    msra_test = set(char_tag_sentences(data_dir / "msra/bio/test.txt"))
+    msra_test = set(tagged_sentences(data_dir / "msra/bio/test.txt"))
     return sources, msra_test
 
 

@@ -76,13 +76,13 @@ def test_answer_dedup_order_and_types():
     assert ner_data.ner_answer([]) == "没有"
     record = ner_data.ner_record("张三去北京", [("张三", "人名", 0)])
     assert record == {"instruct": ner_data.MSRA_INSTRUCT, "query": "文本：张三去北京", "answer": "张三_人名"}
-    assert [ner_data.map_type(t) for t in ("PER", "loc", "GPE.NAM", "PER.NOM", "ORG.NOM", "NAME", "EDU")] == [
-        "人名", "地名", "地名", "人物泛称", "机构泛称", "人名", None]
+    assert [ner_data.map_type(t) for t in ("PER", "loc", "GPE.NAM", "PER.NOM", "ORG.NOM", "NAME", "EDU", "DATE")] == [
+        "人名", "地名", "地名", "人物泛称", "机构泛称", "人名", "学历", None]
     assert ner_data.map_type("scene", "cluener") == "景点" and ner_data.map_type("PER", "cluener") is None
-    assert ner_data.map_types([("清华", "EDU", 0), ("王五", "NAME", 3)]) == ([("清华", "EDU", 0), ("王五", "人名", 3)], ["EDU"])
+    assert ner_data.map_types([("今天", "DATE", 0), ("王五", "NAME", 3)]) == ([("今天", "DATE", 0), ("王五", "人名", 3)], ["DATE"])
     assert ner_data.choose_instruct(["人名", "地名"]) == ner_data.MSRA_INSTRUCT
     assert ner_data.choose_instruct(["人名"], {"cluener"}) == ner_data.CLUENER_INSTRUCT
-    assert ner_data.choose_instruct(["EDU", "人名", "人物泛称", "EDU"]) == ner_data.ner_instruct(["人名", "人物泛称", "EDU"])
+    assert ner_data.choose_instruct(["DATE", "人名", "人物泛称", "DATE"]) == ner_data.ner_instruct(["人名", "人物泛称", "DATE"])
     for name in ner_data.CLUENER_TYPE_NAMES.values():
         assert name in ner_data.CLUENER_INSTRUCT
 
@@ -164,8 +164,11 @@ def test_peoples_daily_weibo_resume():
     resume = list(ner_data.read_bio(DATA / "resume_ner" / "dev.char.bmes"))
     assert len(resume) == 463
     mapped, unmapped = ner_data.map_types(resume[0][2])
-    assert ner_data.ner_answer(mapped).split("\n")[:4] == ["吴重阳_人名", "中国国籍_CONT", "大学本科_EDU", "教授级高工_TITLE"]
-    assert set(unmapped) == {"CONT", "EDU", "TITLE"}
+    assert ner_data.ner_answer(mapped).split("\n")[:4] == ["吴重阳_人名", "中国国籍_国籍", "大学本科_学历", "教授级高工_职称"]
+    assert not unmapped  # every Resume type has a Chinese name
+    every_type = {raw for _, _, entities in resume for _, raw, _ in entities}
+    assert every_type == {"NAME", "CONT", "RACE", "EDU", "PRO", "TITLE", "ORG", "LOC"}
+    assert not ner_data.map_types([e for _, _, entities in resume for e in entities])[1]
 
 
 def test_bad_real_bio_sentences_stop_or_are_counted():
@@ -305,13 +308,13 @@ def test_process_counts_and_files(tmp_path):
 
 
 def test_process_unmapped_types_are_kept_and_reported(tmp_path):
-    bmes = write(tmp_path / "r.char.bmes", "王 B-NAME\n五 E-NAME\n读 O\n硕 B-EDU\n士 E-EDU\n\n汉 S-RACE\n")
+    bmes = write(tmp_path / "r.char.bmes", "王 B-NAME\n五 E-NAME\n读 O\n今 B-DATE\n天 E-DATE\n\n汉 S-RACE\n元 S-MONEY\n")
     result = run_process("--train_file", bmes, "--dev_file", "", "--output_dir", tmp_path / "o")
     assert result.returncode == 0, result.stderr
-    assert "types kept as raw names (no mapping): EDU 1, RACE 1" in result.stdout
+    assert "types kept as raw names (no mapping): DATE 1, MONEY 1" in result.stdout
     records = read_jsonl(tmp_path / "o" / "train.txt")
-    assert [r["answer"] for r in records] == ["王五_人名\n硕士_EDU", "汉_RACE"]
-    assert records[0]["instruct"] == ner_data.ner_instruct(["人名", "EDU", "RACE"])
+    assert [r["answer"] for r in records] == ["王五_人名\n今天_DATE", "汉_民族\n元_MONEY"]
+    assert records[0]["instruct"] == ner_data.ner_instruct(["人名", "DATE", "民族", "MONEY"])
 
 
 def test_process_msra_and_cluener_commands(tmp_path):
