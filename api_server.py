@@ -42,11 +42,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from utils.adapters import take_run_settings
+from utils.adapters import load_run
 from utils.config_utils import parse_config
 from utils.dataset import get_prompt_format
 from utils.generation import StableText, stream_chat_reply
-from utils.model_utils import ModelFolderError, load_model_with_adapter
+from utils.model_utils import ModelFolderError
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -476,9 +476,7 @@ def main(config):
               "reach this machine can use the model. Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).",
               file=sys.stderr, flush=True)
     try:
-        take_run_settings(config)  # an adapter brings its run's base unless --model_dir says otherwise
-        model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
-                                                   device=config["device"], chatglm_only=True)
+        model, tokenizer = load_run(config, chatglm_only=True)  # an adapter brings its run's base unless --model_dir is given
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
     app = create_app(model, tokenizer, config)

@@ -9,11 +9,11 @@ Each line you type is wrapped the way the adapter was trained: the task instruct
 """
 import sys
 
-from utils.adapters import default_adapter, run_instruction, take_run_settings
+from utils.adapters import default_adapter, load_run, run_instruction
 from utils.config_utils import parse_config
 from utils.dataset import get_prompt_format, user_message
 from utils.generation import StableText, stream_chat_reply
-from utils.model_utils import ModelFolderError, load_model_with_adapter
+from utils.model_utils import ModelFolderError
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 
 DEFAULTS = {
@@ -37,8 +37,7 @@ DEFAULTS = {
 def main(config):
     lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
     try:
-        take_run_settings(config)
-        model, tokenizer = load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"])
+        model, tokenizer = load_run(config)
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
     version = model.model_version

@@ -16,13 +16,13 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import default_adapter, take_run_settings, uses_adapter
+from utils.adapters import default_adapter, load_run, uses_adapter
 from utils.config_utils import parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
 from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
 from utils.generation import generate_answers
-from utils.model_utils import fold_adapter, load_model_with_adapter
+from utils.model_utils import fold_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -72,7 +72,6 @@ def main(config):
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
     lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
     use_adapter = uses_adapter(lora_path)
-    take_run_settings(config, ("model_dir", "max_source_length"))
     output_dir = Path(config["output_dir"] or (Path(lora_path).parent if use_adapter else Path("checkpoint") / config["data_name"] / "base"))
 
     bad_lines = BadLines(skip=config["skip_bad_lines"])
@@ -94,8 +93,7 @@ def main(config):
     # The adapter is folded into the weights for generation (base speed); with --before_after only after the base has
     # been scored with the adapter disabled, as folding changes the base weights.
     before_after = config["before_after"] and use_adapter
-    model, tokenizer = load_model_with_adapter(config["model_dir"], lora_path if use_adapter else None, dtype=config["dtype"],
-                                               device=config["device"], fold=not before_after)
+    model, tokenizer = load_run(config, ("model_dir", "max_source_length"), fold=not before_after)
     version = model.model_version
     prompt_format = get_prompt_format(tokenizer, version)
     generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],

@@ -11,11 +11,11 @@ chat. One answer is generated at a time; other questions wait in Gradio's queue.
 """
 from pathlib import Path
 
-from utils.adapters import take_run_settings
+from utils.adapters import load_run
 from utils.config_utils import parse_config
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import stream_chat_reply
-from utils.model_utils import ModelFolderError, load_model_with_adapter
+from utils.model_utils import ModelFolderError
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -126,9 +126,7 @@ def build_demo(web_chat: WebChat, config, title):
 
 def main(config):
     try:
-        take_run_settings(config)  # an adapter brings its run's base unless --model_dir says otherwise
-        model, tokenizer = load_model_with_adapter(config["model_dir"], config["lora_path"], dtype=config["dtype"],
-                                                   device=config["device"], chatglm_only=True)
+        model, tokenizer = load_run(config, chatglm_only=True)  # an adapter brings its run's base unless --model_dir is given
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
     import gradio as gr

@@ -1,6 +1,7 @@
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,21 @@ def run_script(script, *args, timeout=900, check=True, env=None):
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
+
+
+def train_then_resume(run, script, tmp_path, common, interrupted_after, last_step):
+    """The resume-equivalence recipe of every training script: train `script` (run(script, *args)) without
+    interruption into tmp_path/full; copy that as a run interrupted after checkpoint-`interrupted_after` (checkpoint-
+    `last_step` and the adapter removed) and resume it with --resume_from_checkpoint=auto. Returns (full, resumed run
+    folder, the resuming run's CompletedProcess)."""
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    run(script, f"--output_dir={full}", *common)
+    shutil.copytree(full, interrupted)
+    shutil.rmtree(interrupted / f"checkpoint-{last_step}")
+    shutil.rmtree(interrupted / "adapter_model")
+    assert (interrupted / f"checkpoint-{interrupted_after}").is_dir()
+    result = run(script, f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
+    return full, interrupted, result
 
 
 @pytest.fixture(scope="session")

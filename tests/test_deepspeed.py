@@ -17,7 +17,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import OVERFIT, REPO_ROOT, SCRIPTS
+from conftest import OVERFIT, REPO_ROOT, run_script, train_then_resume
 from test_training import assert_adapter_reproduces_answers, assert_full_model_folder, final_train_loss, logged_losses
 from utils.distributed import free_port
 from utils.model_utils import load_model_and_tokenizer
@@ -48,14 +48,14 @@ def remove_shm_buffers():
 
 
 def run(script, *args, launcher="python", check=True, timeout=900):
-    if launcher == "deepspeed":  # what the `deepspeed` command runs, with this Python whatever PATH holds
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()), script, *args]
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    else:
-        command = [script, *args]
-        result = SCRIPTS.run(command, timeout=timeout)
+    """run_script, or the script under the `deepspeed` launcher (what that command runs, with this Python whatever
+    PATH holds)."""
+    if launcher != "deepspeed":
+        return run_script(script, *args, check=check, timeout=timeout)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()), script, *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     if check:
-        assert result.returncode == 0, f"{' '.join(command[:7])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        assert result.returncode == 0, f"deepspeed {script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
 
 
@@ -107,14 +107,8 @@ def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_mo
     common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
               "--max_steps=6", "--save_steps=3", *DS_OVERFIT, "--per_device_train_batch_size=4",
               "--gradient_accumulation_steps=3", "--learning_rate=3e-3", "--lora_dropout=0.1", "--logging_steps=2"]
-    full = tmp_path / "full"
-    run("train_deepspeed.py", f"--output_dir={full}", *common)
     # An interruption after step 3: only checkpoint-3 survives.
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(full, interrupted)
-    shutil.rmtree(interrupted / "checkpoint-6")
-    shutil.rmtree(interrupted / "adapter_model")
-    result = run("train_deepspeed.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
+    full, interrupted, result = train_then_resume(run, "train_deepspeed.py", tmp_path, common, 3, 6)
     assert "resuming from" in result.stdout and "step 3, epoch 1, 3 micro-batches into it" in result.stdout
     uninterrupted, resumed = logged_losses(full, 6), logged_losses(interrupted, 6)
     assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 4, 6]

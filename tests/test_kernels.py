@@ -97,14 +97,19 @@ with open(out_path, "w") as handle:
 """
 
 
-@pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
+def run_interpreted(script, *args):
+    """Run `script` (python -c) with TRITON_INTERPRET=1 and the arguments REPO_ROOT, *args."""
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("kernels") / "results.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(REPO_ROOT), json.dumps(SHAPES), str(out)],
+    result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), *map(str, args)],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels") / "results.json"
+    run_interpreted(INTERPRETER_SCRIPT, json.dumps(SHAPES), out)
     return json.loads(out.read_text())
 
 
@@ -244,12 +249,8 @@ with open(sys.argv[2], "w") as handle:
 
 @pytest.fixture(scope="module")
 def elementwise_interpreted(tmp_path_factory):
-    pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("elementwise") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", ELEMENTWISE_SCRIPT, str(REPO_ROOT), str(out)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    run_interpreted(ELEMENTWISE_SCRIPT, out)
     return json.loads(out.read_text())
 
 

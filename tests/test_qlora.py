@@ -2,13 +2,12 @@
 layer; it overfits 16 real MSRA examples, the adapter reloads onto the 4-bit base and decodes the trained answers,
 and a resumed run ends where an uninterrupted one does."""
 import json
-import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 
-from conftest import REPO_ROOT, VERSIONS
+from conftest import REPO_ROOT, VERSIONS, train_then_resume
 from test_training import final_train_loss, logged_losses, run_script
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
@@ -95,13 +94,7 @@ def test_train_qlora_resumed_run_ends_at_the_uninterrupted_loss(trainable_models
                                 learning_rate=3e-3)
     common = [f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm2-6b']}",
               f"--train_file={sixteen_examples}", "--dev_file=none.txt", "--dtype=fp32", *LORA]
-    full = tmp_path / "full"
-    run_script("train_qlora.py", f"--output_dir={full}", *common)
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(full, interrupted)
-    shutil.rmtree(interrupted / "checkpoint-20")
-    shutil.rmtree(interrupted / "adapter_model")
-    run_script("train_qlora.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
+    full, interrupted, _ = train_then_resume(run_script, "train_qlora.py", tmp_path, common, 10, 20)
     uninterrupted, resumed = logged_losses(full, 20), logged_losses(interrupted, 20)
     assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)
     assert resumed[15] == pytest.approx(uninterrupted[15], rel=0.01)

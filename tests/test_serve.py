@@ -312,7 +312,7 @@ def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, cap
         loaded.append(args)
         raise ModelFolderError("stopped at loading")
 
-    monkeypatch.setattr(api_server, "load_model_with_adapter", loader)
+    monkeypatch.setattr(api_server, "load_run", loader)
     monkeypatch.delenv("SERVE_TEST_UNSET", raising=False)
     monkeypatch.setenv("SERVE_TEST_EMPTY", "")
     for name in ("SERVE_TEST_UNSET", "SERVE_TEST_EMPTY"):

@@ -1,7 +1,6 @@
 """The training scripts on tiny models (CPU): they overfit 16 real MSRA examples, the adapter reloads with PEFT
 and decodes the trained answers, and a resumed run ends where an uninterrupted one does."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import OVERFIT, REPO_ROOT, VERSIONS, run_script  # noqa: F401  (OVERFIT, run_script: used by other test files)
+from conftest import OVERFIT, REPO_ROOT, VERSIONS, run_script, train_then_resume  # noqa: F401  (OVERFIT, run_script: used by other test files)
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
@@ -94,14 +93,8 @@ def test_train_trainer_resumed_run_ends_at_the_uninterrupted_loss(trainable_mode
     common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
               "--max_steps=30", "--save_steps=15", *OVERFIT, "--per_device_train_batch_size=4", "--learning_rate=3e-3",
               "--lora_dropout=0.1"]
-    full = tmp_path / "full"
-    run_script("train_trainer.py", f"--output_dir={full}", *common)
     # An interruption after step 15: only checkpoint-15 survives.
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(full, interrupted)
-    shutil.rmtree(interrupted / "checkpoint-30")
-    shutil.rmtree(interrupted / "adapter_model")
-    run_script("train_trainer.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
+    full, interrupted, _ = train_then_resume(run_script, "train_trainer.py", tmp_path, common, 15, 30)
     uninterrupted, resumed = logged_losses(full, 30), logged_losses(interrupted, 30)
     assert resumed[30] == pytest.approx(uninterrupted[30], rel=0.01)
     assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)

@@ -69,6 +69,18 @@ def take_run_settings(config, keys=("model_dir",)):
     return taken
 
 
+def load_run(config, keys=("model_dir",), chatglm_only=False, fold=True):
+    """Model + tokenizer for a script's --model_dir and --lora_path (and --dtype, --device): the run's settings for
+    `keys` first (take_run_settings), then utils.model_utils.load_model_with_adapter, which refuses an adapter on
+    another base before reading weights. The one way the inference scripts load what they serve."""
+    from utils.model_utils import load_model_with_adapter
+
+    take_run_settings(config, keys)
+    lora_path = config["lora_path"] if uses_adapter(config["lora_path"]) else None
+    return load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"],
+                                   chatglm_only=chatglm_only, fold=fold)
+
+
 def run_instruction(lora_path):
     """The instruction of the records the adapter was trained on (the first record of the run's train file), or None
     where the run or its train file is not known here."""
