@@ -156,6 +156,71 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+class TrainingState:
+    """Where training stands: saved with every checkpoint (DeepSpeed's client state, state_dict) and restored from it
+    (load_state_dict) in this one place. The counters since the last log line and this session's loss sum stay on
+    the device, per rank (no host sync per step): saving sums them over ranks, restoring gives the carried-over sums
+    to rank 0. world_size and micro_batches_per_epoch are saved to refuse a resume that would order the data
+    differently."""
+
+    def __init__(self, world_size, micro_batches_per_epoch):
+        self.world_size, self.micro_batches_per_epoch = world_size, micro_batches_per_epoch
+        self.global_step = self.epoch = self.batches_done = 0  # batches_done: micro-batches of this epoch trained
+        self.tokens_seen = 0  # real tokens of the logged steps, all ranks
+        self.log_history = []
+        self.loss_sum_before = 0.0  # the step losses of earlier sessions, summed: train_loss covers every step
+        self.loss_since_log = torch.zeros((), device=device)
+        self.steps_since_log = self.tokens_since_log = 0
+        self.session_loss = torch.zeros((), device=device)  # the step losses of this session, this rank
+
+    def epoch_progress(self):
+        return self.epoch + self.batches_done / self.micro_batches_per_epoch
+
+    def train_loss(self):
+        """Mean step loss over every step, earlier sessions included (collective: every rank calls it)."""
+        return (self.loss_sum_before + all_reduce_sum(self.session_loss).item()) / max(self.global_step, 1)
+
+    def state_dict(self):
+        """Collective: every rank calls it (the counters are summed over ranks)."""
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "tokens_seen": self.tokens_seen, "log_history": self.log_history, "world_size": self.world_size,
+                "micro_batches_per_epoch": self.micro_batches_per_epoch,
+                "train_loss_sum": self.loss_sum_before + all_reduce_sum(self.session_loss).item(),
+                # what was trained since the last log line, so that a resumed run logs the same averages
+                "pending": {"loss": all_reduce_sum(self.loss_since_log).item(), "steps": self.steps_since_log,
+                            "tokens": int(all_reduce_sum(self.tokens_since_log))}}
+
+    def load_state_dict(self, saved, source):
+        if "batches_done" not in saved:
+            raise FileNotFoundError(f"{source}: not a checkpoint of train_deepspeed.py (no DeepSpeed state with its client state)")
+        if (saved["world_size"], saved["micro_batches_per_epoch"]) != (self.world_size, self.micro_batches_per_epoch):
+            raise ValueError(f"{source}: saved with world_size={saved['world_size']} and {saved['micro_batches_per_epoch']} "
+                             f"micro-batches per epoch; this run has {self.world_size} and {self.micro_batches_per_epoch}: "
+                             "the data order would differ")
+        self.global_step, self.epoch, self.batches_done = saved["global_step"], saved["epoch"], saved["batches_done"]
+        self.tokens_seen, self.log_history = saved["tokens_seen"], saved["log_history"]
+        self.loss_sum_before = saved["train_loss_sum"]
+        pending = saved["pending"]
+        self.loss_since_log.fill_(pending["loss"] if master else 0.0)
+        self.steps_since_log, self.tokens_since_log = pending["steps"], pending["tokens"] if master else 0
+        if self.batches_done >= self.micro_batches_per_epoch:  # saved at the end of an epoch
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def step_done(self, micro_batches, step_loss):
+        self.global_step += 1
+        self.batches_done += micro_batches
+        self.loss_since_log += step_loss
+        self.session_loss += step_loss
+        self.steps_since_log += 1
+
+    def log_line_done(self):
+        self.loss_since_log.zero_()
+        self.steps_since_log = self.tokens_since_log = 0
+
+    def next_epoch(self):
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+
 def rng_state():
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -179,7 +244,7 @@ def all_reduce_sum(value):
 
 def every(steps):
     """Whether the step just taken is a multiple of `steps` (never for steps <= 0)."""
-    return steps > 0 and global_step % steps == 0
+    return steps > 0 and state.global_step % steps == 0
 
 
 def memory_stats():
@@ -311,31 +376,20 @@ if master:
     print(f"ZeRO stage {engine.zero_optimization_stage()}, {world_size} process(es), {total_steps} steps "
           f"({steps_per_epoch} per epoch, warmup {warmup_steps}), {batch_size * accumulation * world_size} examples per step")
 
-# Resume: weights, optimizer and schedule from the DeepSpeed checkpoint; step, data position, log and RNG from the
-# client state (RNG per rank, next to it).
-global_step, epoch, batches_done, tokens_seen, log_history = 0, 0, 0, 0, []
-pending = {"loss": 0.0, "steps": 0, "tokens": 0}  # summed over ranks since the last log line
-loss_sum_at_start = 0.0  # the step losses of earlier sessions, summed: train_loss covers every step
+# Resume: weights, optimizer and schedule from the DeepSpeed checkpoint; where training stands from its client state;
+# RNG per rank, next to it.
+state = TrainingState(world_size, micro_batches_per_epoch)
 if resume:
     resume = Path(resume)
     load_path, client = engine.load_checkpoint(str(resume), load_module_strict=False)  # the tag in resume/latest
-    if load_path is None or "batches_done" not in client:
-        raise FileNotFoundError(f"{resume}: not a checkpoint of train_deepspeed.py (no DeepSpeed state with its client state)")
-    if client["world_size"] != world_size or client["micro_batches_per_epoch"] != micro_batches_per_epoch:
-        raise ValueError(f"{resume}: saved with world_size={client['world_size']} and {client['micro_batches_per_epoch']} "
-                         f"micro-batches per epoch; this run has {world_size} and {micro_batches_per_epoch}: the data order would differ")
-    global_step, epoch, batches_done = client["global_step"], client["epoch"], client["batches_done"]
-    tokens_seen, log_history, pending = client["tokens_seen"], client["log_history"], client["pending"]
-    loss_sum_at_start = client["train_loss_sum"]
+    state.load_state_dict(client if load_path is not None else {}, resume)
     set_rng_state(torch.load(resume / f"rng_state_{rank}.pth", weights_only=True))
-    if batches_done >= micro_batches_per_epoch:
-        epoch, batches_done = epoch + 1, 0
     if master:
-        print(f"resuming from {resume}: step {global_step}, epoch {epoch}, {batches_done} micro-batches into it")
-start_step, tokens_at_start = global_step, tokens_seen
+        print(f"resuming from {resume}: step {state.global_step}, epoch {state.epoch}, {state.batches_done} micro-batches into it")
+start_step, tokens_at_start = state.global_step, state.tokens_seen
 
 tensorboard = master and "tensorboard" in config["report_to"].split(",")
-writer = SummaryWriter(str(output_dir / "runs"), purge_step=global_step if resume else None) if tensorboard else None
+writer = SummaryWriter(str(output_dir / "runs"), purge_step=state.global_step if resume else None) if tensorboard else None
 
 
 def evaluate():
@@ -358,25 +412,20 @@ def evaluate():
 
 def save_checkpoint():
     """checkpoint-N/ as the Trainer lays it out under DeepSpeed: global_stepN/ (DeepSpeed state of the trainable
-    weights, optimizer, schedule; client state: step, data position, log, loss sum) + latest, rng_state_<rank>.pth,
+    weights, optimizer, schedule; client state: the TrainingState) + latest, rng_state_<rank>.pth,
     the adapter of step N and trainer_state.json. Once every rank has written its part, the checkpoint is marked
     complete and only then are older checkpoints beyond save_total_limit removed (utils/run_dirs.py)."""
-    folder = output_dir / f"checkpoint-{global_step}"
-    # What was trained since the last log line, so that a resumed run logs the same averages.
-    pending = {"loss": all_reduce_sum(loss_since_log).item(), "steps": steps_since_log, "tokens": int(all_reduce_sum(tokens_since_log))}
-    client = {"global_step": global_step, "epoch": epoch, "batches_done": batches_done, "tokens_seen": tokens_seen,
-              "pending": pending, "log_history": log_history, "world_size": world_size,
-              "micro_batches_per_epoch": micro_batches_per_epoch,
-              "train_loss_sum": loss_sum_at_start + all_reduce_sum(run_loss).item()}
-    engine.save_checkpoint(str(folder), tag=f"global_step{global_step}", client_state=client, exclude_frozen_parameters=True)
+    folder = output_dir / f"checkpoint-{state.global_step}"
+    engine.save_checkpoint(str(folder), tag=f"global_step{state.global_step}", client_state=state.state_dict(),
+                           exclude_frozen_parameters=True)
     torch.save(rng_state(), folder / f"rng_state_{rank}.pth")
     if not full:  # the adapter of step N (full fine-tuning: the DeepSpeed state holds the weights)
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
             if master:
                 engine.module.save_pretrained(str(folder), safe_serialization=True)
     if master:
-        state = {"global_step": global_step, "epoch": epoch + batches_done / micro_batches_per_epoch, "log_history": log_history}
-        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        trainer_state = {"global_step": state.global_step, "epoch": state.epoch_progress(), "log_history": state.log_history}
+        (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     dist.barrier()  # every rank's part is written
     if master:
         mark_complete(folder)
@@ -385,12 +434,12 @@ def save_checkpoint():
 
 
 def log(entry):
-    entry = {**entry, "epoch": round(epoch + batches_done / micro_batches_per_epoch, 4), "step": global_step}
-    log_history.append(entry)
+    entry = {**entry, "epoch": round(state.epoch_progress(), 4), "step": state.global_step}
+    state.log_history.append(entry)
     if writer:
         for key, value in entry.items():
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
-                writer.add_scalar(("eval/" + key[5:]) if key.startswith("eval_") else f"train/{key}", value, global_step)
+                writer.add_scalar(("eval/" + key[5:]) if key.startswith("eval_") else f"train/{key}", value, state.global_step)
         writer.flush()
     if master:
         tqdm.write(json.dumps(entry))
@@ -401,19 +450,15 @@ def log(entry):
 # divided by the target tokens of all of them on all ranks (as the Trainer does with num_items_in_batch), so
 # accumulation and data parallelism give the gradient of one large batch.
 engine.train()
-progress = tqdm(total=total_steps, initial=global_step, desc="training", disable=not master, dynamic_ncols=True)
-# Counted on each rank, summed over ranks when logged; what a checkpoint had pending goes to rank 0.
-loss_since_log = torch.tensor(pending["loss"] if master else 0.0, device=device)
-steps_since_log, tokens_since_log = pending["steps"], pending["tokens"] if master else 0
-run_loss = torch.zeros((), device=device)
+progress = tqdm(total=total_steps, initial=state.global_step, desc="training", disable=not master, dynamic_ncols=True)
 # A run resumed from its last checkpoint trains no step: its metrics keep the last eval loss it logged.
-eval_loss = next((entry["eval_loss"] for entry in reversed(log_history) if "eval_loss" in entry), None)
+eval_loss = next((entry["eval_loss"] for entry in reversed(state.log_history) if "eval_loss" in entry), None)
 started = log_started = time.time()
-while global_step < total_steps and epoch < num_epochs:
-    sampler.set_epoch(epoch)
-    sampler.skip = batches_done * batch_size
+while state.global_step < total_steps and state.epoch < num_epochs:
+    sampler.set_epoch(state.epoch)
+    sampler.skip = state.batches_done * batch_size
     batches = iter(train_loader)
-    while global_step < total_steps:
+    while state.global_step < total_steps:
         micro_batches = list(itertools.islice(batches, accumulation))
         if not micro_batches:
             break
@@ -428,27 +473,23 @@ while global_step < total_steps and epoch < num_epochs:
             engine.backward(loss * world_size, scale_wrt_gas=False)
             engine.step()
             step_loss += loss.detach()
-            tokens_since_log += int(batch["attention_mask"].ne(0).sum())  # packed rows: segment ids
-        global_step += 1
-        batches_done += len(micro_batches)
-        loss_since_log += step_loss
-        run_loss += step_loss
-        steps_since_log += 1
+            state.tokens_since_log += int(batch["attention_mask"].ne(0).sum())  # packed rows: segment ids
+        state.step_done(len(micro_batches), step_loss)
         progress.update(1)
 
-        final = global_step >= total_steps
-        if global_step == 1 or every(config["logging_steps"]) or final:
-            mean_loss = (all_reduce_sum(loss_since_log) / steps_since_log).item()
-            tokens = int(all_reduce_sum(tokens_since_log))
-            tokens_seen += tokens
-            check_weights_finite(engine.module, global_step)
+        final = state.global_step >= total_steps
+        if state.global_step == 1 or every(config["logging_steps"]) or final:
+            mean_loss = (all_reduce_sum(state.loss_since_log) / state.steps_since_log).item()
+            tokens = int(all_reduce_sum(state.tokens_since_log))
+            state.tokens_seen += tokens
+            check_weights_finite(engine.module, state.global_step)
             grad_norm = engine.get_global_grad_norm()
             log({"loss": round(mean_loss, 6), "grad_norm": float(grad_norm) if grad_norm is not None else None,
                  "learning_rate": learning_rate, "tokens_per_second": round(tokens / (time.time() - log_started), 1),
-                 "num_input_tokens_seen": tokens_seen, **memory_stats()})
+                 "num_input_tokens_seen": state.tokens_seen, **memory_stats()})
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-            loss_since_log.zero_()
-            steps_since_log, tokens_since_log, log_started = 0, 0, time.time()
+            state.log_line_done()
+            log_started = time.time()
         paused = time.time()  # evaluation and saving do not count in the next line's tokens/s
         if eval_loader is not None and (every(config["eval_steps"]) or final):
             eval_loss = evaluate()
@@ -456,22 +497,22 @@ while global_step < total_steps and epoch < num_epochs:
         if every(config["save_steps"]) or (final and config["save_steps"] > 0):
             save_checkpoint()
         log_started += time.time() - paused
-    if global_step < total_steps:
-        epoch, batches_done = epoch + 1, 0
+    if state.global_step < total_steps:
+        state.next_epoch()
 progress.close()
 train_runtime = time.time() - started
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The adapter in PEFT format (or the fully fine-tuned model folder) with the run's settings and metrics, the loss curve.
-steps_run = global_step - start_step
+steps_run = state.global_step - start_step
 metrics = {
     "train_runtime": round(train_runtime, 2),
-    "train_loss": (loss_sum_at_start + all_reduce_sum(run_loss).item()) / max(global_step, 1),  # over every step
+    "train_loss": state.train_loss(),  # over every step, earlier sessions included
     "train_steps_per_second": round(steps_run / train_runtime, 3),
-    "epoch": round(epoch + batches_done / micro_batches_per_epoch, 4),
-    "global_step": global_step,
-    "num_input_tokens_seen": tokens_seen,
-    "train_tokens_per_second": round((tokens_seen - tokens_at_start) / train_runtime, 1),  # this run's tokens
+    "epoch": round(state.epoch_progress(), 4),
+    "global_step": state.global_step,
+    "num_input_tokens_seen": state.tokens_seen,
+    "train_tokens_per_second": round((state.tokens_seen - tokens_at_start) / train_runtime, 1),  # this run's tokens
     **memory_stats(),
 }
 if eval_loss is not None:
@@ -488,9 +529,9 @@ train_args = {
     "wall_seconds": round(train_runtime, 1),
 }
 if full:  # every rank takes part in gathering the ZeRO-3 shards, one weight at a time
-    state = gathered_state_dict(engine.module, keep=master)
+    full_state = gathered_state_dict(engine.module, keep=master)
     if master:
-        saved = f"model: {save_full_model(state, model_version, config['model_dir'], output_dir, train_args)}"
+        saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
 else:
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if master:
@@ -498,7 +539,7 @@ else:
 if writer:
     writer.close()
 if master:
-    plot_loss(log_history, output_dir / "loss.png")
+    plot_loss(state.log_history, output_dir / "loss.png")
     finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"{saved}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
