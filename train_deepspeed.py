@@ -273,7 +273,7 @@ else:
 master = rank == 0
 
 # The output folder: refused before anything loads if it holds a run that is neither resumed nor overwritten.
-output_dir = checkpoint_dir(config, "train_deepspeed")
+output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_deepspeed")
 resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
 check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
@@ -294,8 +294,11 @@ if master:
     print_trainable_parameters(model)
 
 # Data: each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
-train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model_version, config)
-train_data, group_by_length = prepare_packing(model, train_data, config, log=print if master else lambda text: None)
+train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], config["data_format"])
+train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model_version, config["data_format"], config["max_source_length"],
+                                      config["max_target_length"], config["block_size"], config["skip_bad_lines"])
+train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"], config["seed"],
+                                           log=print if master else lambda text: None)
 if group_by_length and master:
     print("train_deepspeed.py has no length-grouped sampler: training unpacked in shuffled batches")
 collate = PaddingCollator(tokenizer.pad_token_id)
@@ -542,6 +545,6 @@ if master:
     plot_loss(state.log_history, output_dir / "loss.png")
     finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
-    print(f"{saved}\nloss curve: {output_dir / 'loss.png'}\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}")
+    print(f"{saved}\nloss curve: {output_dir / 'loss.png'}" + (f"\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}" if tensorboard else ""))
 dist.barrier()
 dist.destroy_process_group()

@@ -77,13 +77,13 @@ def training_arguments(json_path, output_dir, compute_dtype, has_eval):
 
 def main(config):
     json_output_dir = json.loads(Path(config["train_args_json"]).read_text(encoding="utf-8")).get("output_dir")
-    output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir(config, "train_qlora"))
+    output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir("", config["data_name"], "train_qlora"))
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 
     device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], device)
-    train_file, dev_file = data_paths(config)
+    train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"])
     # Read the TrainingArguments first: a typo in the JSON should not wait for a 6B model to load.
     args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
     quantization = BitsAndBytesConfig(
@@ -99,7 +99,9 @@ def main(config):
     model = add_lora(model, config["lora"])
     model.print_trainable_parameters()
 
-    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config)
+    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, "instruction",
+                                          config["max_source_length"], config["max_target_length"],
+                                          skip_bad_lines=config["skip_bad_lines"])
     # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])

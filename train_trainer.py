@@ -92,7 +92,7 @@ DEFAULTS = {
 
 
 def main(config):
-    output_dir = checkpoint_dir(config, "train_trainer")
+    output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_trainer")
     launched_by_mpi = set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launcher would set them
     launched_by_deepspeed = config["local_rank"] >= 0 or launched_by_mpi
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched_by_deepspeed else None)
@@ -117,8 +117,10 @@ def main(config):
         model = add_lora(model, config["lora"])
         model.print_trainable_parameters()
 
-    train_data, eval_data = load_datasets(*data_paths(config), tokenizer, model.model_version, config)
-    train_data, group_by_length = prepare_packing(model, train_data, config)
+    train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], config["data_format"])
+    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
+                                          config["max_target_length"], config["block_size"], config["skip_bad_lines"])
+    train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"], config["seed"])
     # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])

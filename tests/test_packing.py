@@ -228,9 +228,9 @@ def test_models_that_cannot_pack_train_grouped_by_length(setups):
 
     logged = []
     data = object()
-    assert prepare_packing(RemoteCodeModel(), data, {"packing": True, "pack_tokens": 64, "seed": 0}, logged.append) == (data, True)
+    assert prepare_packing(RemoteCodeModel(), data, True, 64, 0, logged.append) == (data, True)
     assert "grouped by length" in logged[0]
-    assert prepare_packing(RemoteCodeModel(), data, {"packing": False}, logged.append) == (data, False) and len(logged) == 1
+    assert prepare_packing(RemoteCodeModel(), data, False, 64, 0, logged.append) == (data, False) and len(logged) == 1
     _, examples, _ = setups("chatglm2-6b")
 
     class Data:
@@ -239,6 +239,6 @@ def test_models_that_cannot_pack_train_grouped_by_length(setups):
     Data.examples = examples
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2))
-    packed, grouped = prepare_packing(llama, Data(), {"packing": True, "pack_tokens": 256, "seed": 0}, logged.append)
+    packed, grouped = prepare_packing(llama, Data(), True, 256, 0, logged.append)
     assert isinstance(packed, PackedDataset) and not grouped and logged[-1].startswith("packing: 5 samples in ")
     assert llama._forward_pre_hooks  # segment ids -> restarting position_ids

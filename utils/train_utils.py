@@ -27,16 +27,16 @@ FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
-def data_paths(config):
+def data_paths(data_name, train_file="", dev_file="", data_format="instruction"):
     """train/dev files: explicit paths, or data/<data_name>/instruct_data/{train,dev}.txt (process.py's output;
-    text_data/ for --data_format=text, build_small_model.py's corpus)."""
-    default = Path("data") / config["data_name"] / ("text_data" if config.get("data_format") == "text" else "instruct_data")
-    return Path(config["train_file"] or default / "train.txt"), Path(config["dev_file"] or default / "dev.txt")
+    text_data/ for data_format text, build_small_model.py's corpus)."""
+    default = Path("data") / data_name / ("text_data" if data_format == "text" else "instruct_data")
+    return Path(train_file or default / "train.txt"), Path(dev_file or default / "dev.txt")
 
 
-def checkpoint_dir(config, script):
-    """checkpoint/<data_name>/<script>/ unless output_dir is given."""
-    return Path(config["output_dir"] or Path("checkpoint") / config["data_name"] / script)
+def checkpoint_dir(output_dir, data_name, script):
+    """output_dir if given, else checkpoint/<data_name>/<script>/."""
+    return Path(output_dir or Path("checkpoint") / data_name / script)
 
 
 def lora_target_modules(spec):
@@ -273,20 +273,19 @@ class Trainer(transformers.Trainer):
 DATA_FORMATS = ("instruction", "text")
 
 
-def load_datasets(train_file, dev_file, tokenizer, version, config):
-    """Encoded train and dev sets (dev is None when its file does not exist); prints their counts. config's
-    data_format: "instruction" (records {instruct, query, answer}, cut to max_source_length / max_target_length) or
-    "text" (records {text}, causal-LM blocks of block_size tokens)."""
-    data_format = config.get("data_format", "instruction")
+def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruction", max_source_length=256,
+                  max_target_length=128, block_size=512, skip_bad_lines=False):
+    """Encoded train and dev sets (dev is None when its file does not exist); prints their counts. data_format:
+    "instruction" (records {instruct, query, answer}, cut to max_source_length / max_target_length) or "text"
+    (records {text}, causal-LM blocks of block_size tokens)."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"--data_format={data_format!r}: use instruction or text")
 
     def load(path):
         if data_format == "text":
-            data = TextDataset(path, tokenizer, config["block_size"], config["skip_bad_lines"])
+            data = TextDataset(path, tokenizer, block_size, skip_bad_lines)
         else:
-            data = InstructionDataset(path, tokenizer, version, config["max_source_length"], config["max_target_length"],
-                                      config["skip_bad_lines"])
+            data = InstructionDataset(path, tokenizer, version, max_source_length, max_target_length, skip_bad_lines)
         print(data.describe())
         return data
 
@@ -307,12 +306,12 @@ def can_pack(model):
     return type(base).__module__.startswith("transformers.models.")
 
 
-def prepare_packing(model, train_data, config, log=print):
-    """--packing=true: the training set as a PackedDataset of rows of at most pack_tokens tokens (prints how many
+def prepare_packing(model, train_data, packing, pack_tokens, seed, log=print):
+    """packing: the training set as a PackedDataset of rows of at most pack_tokens tokens (prints how many
     samples went into how many rows), and for a native transformers model the hook that turns the rows' segment ids
     into restarting position_ids. Returns (train data, group_by_length): a model that cannot pack trains on the
     unpacked examples in batches grouped by length instead (less padding), and the log says so."""
-    if not config.get("packing"):
+    if not packing:
         return train_data, False
     if not can_pack(model):
         log(f"packing: {type(model).__name__} cannot isolate packed samples from one another; training unpacked, in "
@@ -320,7 +319,7 @@ def prepare_packing(model, train_data, config, log=print):
         return train_data, True
     if getattr(model, "model_version", None) is None:
         model.register_forward_pre_hook(packed_inputs_hook, with_kwargs=True)
-    packed = PackedDataset(train_data, config["pack_tokens"], config["seed"])
+    packed = PackedDataset(train_data, pack_tokens, seed)
     log(packed.describe())
     return packed, False
 
