@@ -37,7 +37,6 @@ PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.N
 every answer of a data set is in Chinese. Any other type keeps its raw name (process.py counts them).
 """
 import itertools
-import json
 import random
 import re
 from pathlib import Path
@@ -441,13 +440,20 @@ def cluener_example(record, path, line):
     return text, sorted(entities, key=lambda e: e[2])
 
 
-def _read_json_ner(path, bad_lines, parse):
+def read_json_records(path, bad_lines, build):
+    """(line, build(record, path, line)) for each JSON record of path; a record that build refuses (DataError) goes to
+    bad_lines (raised, or skipped and counted)."""
     bad_lines = bad_lines or BadLines()
     for number, record in iter_json_records(path, bad_lines):
         try:
-            yield (number, *parse(record, path, number))
+            yield number, build(record, path, number)
         except DataError as err:
             bad_lines.handle(err)
+
+
+def _read_json_ner(path, bad_lines, parse):
+    """(line, text, entities) per record."""
+    return ((number, *parsed) for number, parsed in read_json_records(path, bad_lines, parse))
 
 
 def read_span_json(path, bad_lines: BadLines = None):
@@ -532,25 +538,16 @@ def conversation_record(record, path, line):
     return result
 
 
-def _read_json_generation(path, bad_lines, build):
-    bad_lines = bad_lines or BadLines()
-    for number, record in iter_json_records(path, bad_lines):
-        try:
-            yield number, build(record, path, number)
-        except DataError as err:
-            bad_lines.handle(err)
-
-
 def read_adgen(path, bad_lines: BadLines = None):
-    return _read_json_generation(path, bad_lines, adgen_record)
+    return read_json_records(path, bad_lines, adgen_record)
 
 
 def read_alpaca(path, bad_lines: BadLines = None):
-    return _read_json_generation(path, bad_lines, alpaca_record)
+    return read_json_records(path, bad_lines, alpaca_record)
 
 
 def read_conversation(path, bad_lines: BadLines = None):
-    return _read_json_generation(path, bad_lines, conversation_record)
+    return read_json_records(path, bad_lines, conversation_record)
 
 
 READERS = {
