@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from utils.config_utils import Config
-from utils.model_utils import ModelFolderError, remote_module
+from utils.model_utils import ModelFolderError, load_model_with_adapter, remote_module
 
 ADAPTER_DIR = "adapter_model"
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
@@ -73,8 +73,6 @@ def load_run(config, keys=("model_dir",), chatglm_only=False, fold=True):
     """Model + tokenizer for a script's --model_dir and --lora_path (and --dtype, --device): the run's settings for
     `keys` first (take_run_settings), then utils.model_utils.load_model_with_adapter, which refuses an adapter on
     another base before reading weights. The one way the inference scripts load what they serve."""
-    from utils.model_utils import load_model_with_adapter
-
     take_run_settings(config, keys)
     lora_path = config["lora_path"] if uses_adapter(config["lora_path"]) else None
     return load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"],
@@ -84,15 +82,17 @@ def load_run(config, keys=("model_dir",), chatglm_only=False, fold=True):
 def run_instruction(lora_path):
     """The instruction of the records the adapter was trained on (the first record of the run's train file), or None
     where the run or its train file is not known here."""
-    trained = read_run_record(lora_path).get("config", {}) if uses_adapter(lora_path) else {}
-    train_file = str(trained.get("train_file") or trained.get("train_data_path") or "").split(",")[0]
-    if not train_file and trained.get("data_name"):
-        train_file = Path("data") / trained["data_name"] / "instruct_data" / "train.txt"
-    if not train_file or not Path(train_file).is_file():
-        return None
     from utils.data_io import iter_json_lines
+    from utils.train_utils import data_paths  # where the training scripts found the file (imports the training stack)
 
-    for _, record in iter_json_lines(Path(train_file)):
+    trained = read_run_record(lora_path).get("config", {}) if uses_adapter(lora_path) else {}
+    if not trained.get("data_name"):
+        return None
+    train_file = str(trained.get("train_file") or trained.get("train_data_path") or "").split(",")[0]
+    train_file, _ = data_paths(trained["data_name"], train_file)
+    if not train_file.is_file():
+        return None
+    for _, record in iter_json_lines(train_file):
         return record.get("instruct")
     return None
 

@@ -12,6 +12,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import nested_gather
 
+from utils.adapters import ADAPTER_DIR
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, packed_inputs_hook
 from utils.errors import UserError
@@ -19,7 +20,6 @@ from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import read_config
 from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
 
-ADAPTER_DIR = "adapter_model"
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
 # lora: train LoRA adapters on frozen weights; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
 METHODS = ("lora", "full")
