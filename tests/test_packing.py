@@ -242,3 +242,77 @@ def test_models_that_cannot_pack_train_grouped_by_length(setups):
     packed, grouped = prepare_packing(llama, Data(), True, 256, 0, logged.append)
     assert isinstance(packed, PackedDataset) and not grouped and logged[-1].startswith("packing: 5 samples in ")
     assert llama._forward_pre_hooks  # segment ids -> restarting position_ids
+
+
+def test_packed_segments_cut_at_every_segment_and_row_start():
+    """The variable-length attention's cuts: where the segment id changes and where a row begins (row 1 starts with
+    the id that row 0 ends with: still a new segment), padding runs as segments of their own."""
+    from utils.model_utils import remote_module
+
+    modeling = remote_module("chatglm2-6b", "modeling_chatglm")
+    segments = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [3, 3, 3, 3, 4, 4, 4, 4]])
+    packed = modeling.PackedSegments(segments)
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 6, 8, 12, 16] and packed.cu_seqlens.dtype == torch.int32
+    assert packed.max_len == 4
+    assert not modeling.PackedSegments.applies(segments, 8, 0, 0, torch.zeros(1), 0.0)  # CPU: the dense mask
+
+
+def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa=False):
+    """What flash attention's variable-length kernel computes, segment by segment (window (-1, 0): causal)."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
+    bounds = cu_q.tolist()
+    assert max(b - a for a, b in zip(bounds, bounds[1:])) == max_q
+    out = torch.empty_like(q)
+    for start, end in zip(bounds, bounds[1:]):
+        part = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
+def test_the_variable_length_attention_path_gives_the_masked_logits(setups, version, monkeypatch):
+    """The packed path of ChatGLM2/3 on CUDA (flash attention over segments, no dense mask), with the kernel replaced
+    by a per-segment reference: q, k, v reach it flattened and cut where they should, and the result is put back in
+    place, so the logits equal the dense block-diagonal mask's."""
+    model, examples, pad_id = setups(version)
+    modeling = __import__(type(model).__module__, fromlist=["PackedSegments"])
+    batch = {k: v for k, v in packed_batch(examples, pad_id).items() if k != "labels"}
+    with torch.no_grad():
+        masked = forward(model, batch).logits
+        calls = []
+        monkeypatch.setattr(modeling, "varlen_attn", lambda *a, **kw: calls.append(1) or reference_varlen_attn(*a, **kw))
+        monkeypatch.setattr(modeling.PackedSegments, "applies", staticmethod(lambda mask, q, past, *rest: modeling.is_packed(mask, q, past)))
+        varlen = forward(model, batch).logits
+    assert len(calls) == model.config.num_layers
+    real = batch["attention_mask"] != 0  # padding's outputs are never used (the dense mask lets it see every key)
+    assert (~real).any()
+    torch.testing.assert_close(varlen[real], masked[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs CUDA")
+@pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
+def test_packed_training_on_cuda_uses_flash_segments_and_gives_the_masked_loss_and_gradients(trainable_models,
+                                                                                             sixteen_examples, version):
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="bf16", device="cuda")
+    modeling = __import__(type(model).__module__, fromlist=["PackedSegments"])
+    examples = InstructionDataset(sixteen_examples, tokenizer, version, max_source_length=64, max_target_length=32).examples
+    batch = {k: v.cuda() for k, v in packed_batch(examples, tokenizer.pad_token_id).items()}
+    model.train()
+    results = []
+    for use_varlen in (True, False):
+        model.zero_grad()
+        original = modeling.PackedSegments.applies
+        if not use_varlen:
+            modeling.PackedSegments.applies = staticmethod(lambda *args: False)
+        try:
+            loss = forward(model, batch).loss
+            loss.backward()
+        finally:
+            modeling.PackedSegments.applies = original
+        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    assert modeling.PackedSegments.applies(batch["attention_mask"], batch["input_ids"].shape[1], 0, 0,
+                                           torch.zeros(1, device="cuda", dtype=torch.bfloat16), 0.0)
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=2e-2, rtol=2e-2)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=5e-2, rtol=5e-2, msg=name)

@@ -9,6 +9,7 @@ the first half of each head, SwiGLU MLP. Internally tensors are batch-first and 
 """
 import ast
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -31,6 +32,11 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+
+try:  # flash attention over variable-length segments (torch >= 2.10), for packed training rows
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 from .configuration_chatglm import ChatGLMConfig
 from .kernels import elementwise_kernels_apply, triton_rms_norm, triton_rotary, triton_swiglu
@@ -237,6 +243,45 @@ def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
     return allowed[:, None]
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:PackedSegments
+class PackedSegments:
+    """Packed rows (segment ids in the mask) for flash attention's variable-length kernel: the batch flattened to one
+    sequence of tokens, cut where a segment or a row begins. Each segment (padding runs included: their outputs are
+    never used) attends causally to itself only, the block-diagonal mask of build_attention_mask, but with no
+    [S, S] mask and no work on the blocks outside the diagonal."""
+
+    def __init__(self, segments):
+        batch, seq = segments.shape
+        flat = segments.reshape(-1)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        starts[::seq] = True
+        bounds = torch.cat((starts.nonzero().flatten(), flat.new_tensor([flat.numel()])))
+        self.cu_seqlens = bounds.to(torch.int32)
+        self.max_len = int((bounds[1:] - bounds[:-1]).max())  # the one host sync, once per forward
+        self.batch, self.seq = batch, seq
+
+    @staticmethod
+    def applies(attention_mask, query_len, past_len, prefix_len, hidden_states, dropout):
+        """Where the variable-length kernel can replace the dense mask: a packed prefill on CUDA in fp16/bf16, with
+        no P-tuning prefix (seen by every segment) and no attention dropout."""
+        return (varlen_attn is not None and hidden_states.is_cuda and hidden_states.dtype in (torch.float16, torch.bfloat16)
+                and not prefix_len and not dropout and is_packed(attention_mask, query_len, past_len))
+
+    def attend(self, q, k, v):
+        """q [B, S, heads, d], k and v [B, S, kv_heads, d] -> [B, S, heads * d]. Fewer key/value heads than query
+        heads are passed as they are (flash attention's grouped-query support)."""
+        tokens = self.batch * self.seq
+        q, k, v = (t.reshape(tokens, *t.shape[2:]) for t in (q, k, v))
+        out = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, window_size=(-1, 0),
+                          **({"enable_gqa": True} if VARLEN_HAS_GQA_FLAG and k.shape[1] != q.shape[1] else {}))
+        return out.reshape(self.batch, self.seq, -1)
+
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:VARLEN_HAS_GQA_FLAG
+VARLEN_HAS_GQA_FLAG = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:segment_starts
 def segment_starts(segments):
     """[B, S] index of the first token of each token's segment (a segment: a run of equal ids in `segments`)."""
@@ -402,8 +447,12 @@ class SelfAttention(nn.Module):
         # Fused rows: [q of all heads | k of all groups | v of all groups]; q and k are rotated in one call.
         rotated_heads = self.num_heads + self.num_kv_heads
         qk = apply_rotary(qkv, *rotary, rotated_heads, self.head_dim)
+        v = qkv[..., rotated_heads * self.head_dim :].unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if isinstance(attention_mask, PackedSegments):
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+            return self.dense(attention_mask.attend(q, k, v))
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[..., rotated_heads * self.head_dim :].unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         elif prefix_key is not None:
@@ -654,7 +703,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + seq, device=hidden_states.device).expand(batch, -1)
         rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
-        mask = build_attention_mask(attention_mask, seq, past_len, self.pre_seq_len)
+        if PackedSegments.applies(attention_mask, seq, past_len, self.pre_seq_len, hidden_states,
+                                  self.training and self.config.attention_dropout):
+            mask = PackedSegments(attention_mask)
+        else:
+            mask = build_attention_mask(attention_mask, seq, past_len, self.pre_seq_len)
 
         all_hidden_states = () if output_hidden_states else None
         for layer, (prefix_key, prefix_value) in zip(self.encoder.layers, prefix_kv):
