@@ -169,3 +169,11 @@ def trained_adapter(trainable_models, sixteen_examples, tmp_path_factory):
         return runs[version]
 
     return train
+
+
+def pytest_collection_finish(session):
+    """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes: each
+    keeps one core busy for tens of seconds), so that they run beside the tests collected before them."""
+    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
+        if hasattr(module, "start_background_runs"):
+            module.start_background_runs()

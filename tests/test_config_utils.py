@@ -1,9 +1,6 @@
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import run_script
 from utils.config_utils import ConfigError, apply_overrides
 
 DEFAULTS = {"learning_rate": 2e-4, "max_steps": -1, "gradient_checkpointing": False, "model_dir": "model_hub/x",
@@ -38,7 +35,7 @@ def test_values_that_do_not_fit_the_default_type_are_errors():
 
 
 def test_scripts_exit_with_the_message_and_list_their_options():
-    bad = subprocess.run([sys.executable, "train_trainer.py", "--learning_rat=1"], cwd=REPO_ROOT, capture_output=True, text=True)
+    bad = run_script("train_trainer.py", "--learning_rat=1", check=False)
     assert bad.returncode != 0 and "did you mean --learning_rate" in bad.stderr
-    shown = subprocess.run([sys.executable, "train_trainer.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    shown = run_script("train_trainer.py", "--help", check=False)
     assert shown.returncode == 0 and "--lora_target_modules=\"all\"" in shown.stdout

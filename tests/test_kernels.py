@@ -1,15 +1,18 @@
 """remote_scripts/<version>/kernels.py, the Triton kernel for decode-time linear layers, on CPU.
 
 There is no GPU here, so the kernels run in Triton's interpreter (TRITON_INTERPRET=1, which must be set before triton
-is imported: one subprocess runs every numeric case). Each case is compared with a float64 reference of
+is imported: one subprocess runs every numeric case, started when the tests are collected, beside the other tests). Each case is compared with a float64 reference of
 F.linear(x, dequantized weight, bias) on tiny shapes, with the launch configuration of the heuristic and with forced
 ones (split-K with uneven splits, both inner loops); the cases with bias run twice to check bit-identical output. The launch
 heuristic, the predicate and the import without triton run in this process.
 """
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -97,20 +100,49 @@ with open(out_path, "w") as handle:
 """
 
 
-def run_interpreted(script, *args):
-    """Run `script` (python -c) with TRITON_INTERPRET=1 and the arguments REPO_ROOT, *args."""
+class InterpretedRun:
+    """`script` (python -c) run with TRITON_INTERPRET=1 and the arguments REPO_ROOT, *args, out_path: the script writes
+    its results as JSON to out_path. Started when created, so that the slow interpreter (about 40 s of one core) runs
+    beside the tests collected before this file's (conftest.pytest_collection_finish calls start_background_runs)."""
+
+    def __init__(self, script, *args):
+        self.folder = tempfile.TemporaryDirectory(prefix="triton-interpreted-")
+        self.out_path = Path(self.folder.name) / "results.json"
+        self.stderr = open(Path(self.folder.name) / "stderr", "w+")  # noqa: SIM115 - read back in result()
+        self.process = subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT), *map(str, args), str(self.out_path)],
+                                        cwd=REPO_ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
+                                        stdout=subprocess.DEVNULL, stderr=self.stderr)
+
+    def result(self):
+        try:
+            returncode = self.process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        self.stderr.seek(0)
+        assert returncode == 0, self.stderr.read()[-5000:]
+        return json.loads(self.out_path.read_text())
+
+
+RUNS = {}
+
+
+def start_background_runs():
+    """The module's interpreter runs, started once (at collection, or by the first fixture that needs them)."""
+    if not RUNS and importlib.util.find_spec("triton") is not None:
+        RUNS["linear"] = InterpretedRun(INTERPRETER_SCRIPT, json.dumps(SHAPES))
+        RUNS["elementwise"] = InterpretedRun(ELEMENTWISE_SCRIPT)
+    return RUNS
+
+
+def interpreted_result(name):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", script, str(REPO_ROOT), *map(str, args)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
+    return start_background_runs()[name].result()
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kernels") / "results.json"
-    run_interpreted(INTERPRETER_SCRIPT, json.dumps(SHAPES), out)
-    return json.loads(out.read_text())
+def interpreted():
+    return interpreted_result("linear")
 
 
 @pytest.mark.parametrize("name", [shape[0] for shape in SHAPES])
@@ -248,10 +280,8 @@ with open(sys.argv[2], "w") as handle:
 
 
 @pytest.fixture(scope="module")
-def elementwise_interpreted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("elementwise") / "results.json"
-    run_interpreted(ELEMENTWISE_SCRIPT, out)
-    return json.loads(out.read_text())
+def elementwise_interpreted():
+    return interpreted_result("elementwise")
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rotary"])

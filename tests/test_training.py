@@ -1,14 +1,12 @@
 """The training scripts on tiny models (CPU): they overfit 16 real MSRA examples, the adapter reloads with PEFT
 and decodes the trained answers, and a resumed run ends where an uninterrupted one does."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from peft import PeftModel
 
-from conftest import OVERFIT, REPO_ROOT, VERSIONS, run_script, train_then_resume  # noqa: F401  (OVERFIT, run_script: used by other test files)
+from conftest import OVERFIT, VERSIONS, run_script, train_then_resume  # noqa: F401  (OVERFIT: used by other test files)
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import load_model_and_tokenizer
@@ -106,10 +104,8 @@ def test_train_trainer_never_overwrites_a_finished_run(trainable_models, sixteen
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "adapter_model").mkdir()
-    result = subprocess.run(
-        [sys.executable, "train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-         f"--output_dir={run_dir}", "--max_steps=1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
+    result = run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+                        f"--output_dir={run_dir}", "--max_steps=1", check=False, timeout=300)
     assert result.returncode != 0 and "already holds a run" in result.stderr
     assert (run_dir / "adapter_model").is_dir()
 
@@ -131,11 +127,9 @@ def test_train_trainer_full_fine_tuning_writes_a_model_folder(trainable_models, 
 def test_a_diverging_run_stops_with_a_clear_error_and_writes_no_adapter(trainable_models, sixteen_examples, tmp_path):
     # An absurd learning rate drives the LoRA weights to inf and then NaN within a few steps.
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-         f"--output_dir={run_dir}", "--max_steps=20", "--logging_steps=1", "--save_steps=0", "--learning_rate=1e30",
-         "--warmup_steps=0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
+    result = run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+                        f"--output_dir={run_dir}", "--max_steps=20", "--logging_steps=1", "--save_steps=0",
+                        "--learning_rate=1e30", "--warmup_steps=0", check=False, timeout=300)
     assert result.returncode != 0
     assert "error: training diverged at step" in result.stderr and "lower --learning_rate" in result.stderr
     assert not (run_dir / "adapter_model").exists()
