@@ -86,9 +86,9 @@ DEFAULTS = {
     # unpacked in batches grouped by length (the log says so).
     "packing": False,
     # Tokens per packed row (the row budget: peak memory follows it and the rows per step, not the longest sample).
-    # Measured on an H200 (ChatGLM2-6B LoRA, MSRA): 2 rows of 2048 trained at ~14,200 real tokens/s (24.4 GiB), 4 rows
-    # of 1024 at ~10,900 (24.1 GiB), 2 rows of 1024 at ~13,000 (18.0 GiB); docs/benchmarks.md.
-    "pack_tokens": 2048,
+    # Measured on an H200 (ChatGLM2-6B LoRA r 8, MSRA, real tokens/s between log lines): one row of 2560 a step
+    # 15,700 at 19.4 GiB; one of 3072 18,200 at 20.9 GiB; two of 2048 17,800 at 24.0 GiB; docs/benchmarks.md.
+    "pack_tokens": 2560,
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
     "learning_rate": 3e-3,  # for the small model; 6B models: about 2e-4

@@ -3,6 +3,7 @@
     python train_trainer.py                          # the shipped small model on the demo NER data (the defaults)
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --learning_rate=2e-4 --num_train_epochs=3
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
+    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=ptuning --pre_seq_len=128 --learning_rate=2e-2
     deepspeed train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra     # uses deepspeed.json
     deepspeed --num_gpus 2 train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
 
@@ -14,6 +15,7 @@ the compute runs in bf16/fp16 autocast; under DeepSpeed they are bf16/fp16 and D
 Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
 checkpoint/<data_name>/train_trainer/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
+    prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
     model/           --method=full: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
     runs/            TensorBoard logs;  loss.png  the loss curve
@@ -55,8 +57,12 @@ DEFAULTS = {
     "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records for causal-LM training
     "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
-    "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight
+    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; full: every weight
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
+    # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer; with
+    # prefix_projection they come from a two-layer MLP. The official runs used pre_seq_len 128 and learning rate 2e-2.
+    "pre_seq_len": 128,
+    "prefix_projection": False,
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
@@ -67,9 +73,9 @@ DEFAULTS = {
     # unpacked in batches grouped by length (the log says so).
     "packing": False,
     # Tokens per packed row (the row budget: peak memory follows it and the rows per step, not the longest sample).
-    # Measured on an H200 (ChatGLM2-6B LoRA, MSRA): 2 rows of 2048 trained at ~14,200 real tokens/s (24.4 GiB), 4 rows
-    # of 1024 at ~10,900 (24.1 GiB), 2 rows of 1024 at ~13,000 (18.0 GiB); docs/benchmarks.md.
-    "pack_tokens": 2048,
+    # Measured on an H200 (ChatGLM2-6B LoRA r 8, MSRA, real tokens/s between log lines): one row of 2560 a step
+    # 15,700 at 19.4 GiB; one of 3072 18,200 at 20.9 GiB; two of 2048 17,800 at 24.0 GiB; docs/benchmarks.md.
+    "pack_tokens": 2560,
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
     "learning_rate": 3e-3,  # for the small model; 6B models: about 2e-4
@@ -102,16 +108,25 @@ def main(config):
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
     # is chosen for the device that trains, also when the weights are loaded on the CPU first. The weights are in it
     # too, except for full fine-tuning without DeepSpeed: there they stay fp32 (the master copy the optimizer updates).
-    full = check_method(config["method"]) == "full"
+    method = check_method(config["method"])
+    full, ptuning = method == "full", method == "ptuning"
     training_device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], training_device)
+    prefix = {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}
+    transformers.set_seed(config["seed"])  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=torch.float32 if full and not deepspeed_config else compute_dtype,
-                                                device="cpu" if deepspeed_config else training_device)
+                                                device="cpu" if deepspeed_config else training_device, **prefix)
+    if ptuning and not hasattr(model, "transformer"):
+        raise ValueError(f"--method=ptuning: {config['model_dir']} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     transformers.set_seed(config["seed"])  # the LoRA initialisation follows --seed
-    if full:
+    if ptuning:
+        # Only the prefix encoder trains (the model froze the rest), in fp32 on a half-precision base, as officially.
+        model.transformer.prefix_encoder.float()
+        print_trainable_parameters(model)
+    elif full:
         print_trainable_parameters(model)
     else:
         model = add_lora(model, config["lora"])
@@ -163,6 +178,7 @@ def main(config):
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
+        prefix_only=ptuning,
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

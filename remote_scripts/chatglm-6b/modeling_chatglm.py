@@ -802,6 +802,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
         static = None  # the StaticKVCache once the prompt is in
+        lookahead = None  # logits of the next step, computed early (see the capture below)
         for step in range(max_new_tokens):
             if static is None:
                 position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
@@ -814,6 +815,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                     logits_to_keep=1,
                 )
                 logits = outputs.logits[:, -1].float()
+            elif lookahead is not None:  # this step ran before the previous token was handed out
+                logits, lookahead = lookahead, None
             else:
                 logits = self.static_decode_step(step_ids, static, decode)
                 static.length += 1
@@ -834,6 +837,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             sequence = torch.cat((sequence, step_ids), dim=1)
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
             unfinished &= ~torch.isin(next_tokens, eos)
+            if step == 0 and decode == "graph" and static.graph is None and max_new_tokens > 1 and unfinished.any():
+                # The first step on a new cache is run eagerly and captured (and its kernels set up): done before the
+                # first token is handed out, so that the answer then streams at the replayed step's pace instead of
+                # pausing after its first token.
+                lookahead = self.static_decode_step(step_ids, static, decode)
+                static.length += 1
             yield sequence[:, prompt_len:], (StaticCacheRef(static) if static is not None else past_key_values)
             if not unfinished.any():
                 break
