@@ -22,7 +22,7 @@ from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
 from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
 from utils.generation import generate_answers
-from utils.model_utils import fold_adapter
+from utils.model_utils import adapter_disabled, fold_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -112,7 +112,7 @@ def main(config):
     main_name = "adapter" if use_adapter else "model"
     results = {}
     if before_after:
-        with model.disable_adapter():
+        with adapter_disabled(model):
             results["base"] = evaluate("base")
         model = fold_adapter(model)
     results[main_name] = evaluate(main_name)

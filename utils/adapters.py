@@ -1,5 +1,6 @@
-"""The run folder as the hand-off from training to every later script: an adapter folder (`<run>/adapter_model`)
-holds the PEFT adapter and train_args.json, the record of the run that made it (its config, model version, data).
+"""The run folder as the hand-off from training to every later script: an adapter folder (`<run>/adapter_model`, or
+`<run>/prefix_model` for P-tuning v2) holds the PEFT adapter (or the prefix) and train_args.json, the record of the
+run that made it (its config, model version, data).
 
 - read_run_record: that record ({} for an adapter made elsewhere).
 - settings_from_run: the run's base model, lengths, ... for the options a script's command line did not set.
@@ -17,6 +18,7 @@ from utils.config_utils import Config
 from utils.model_utils import ModelFolderError, load_model_with_adapter, remote_module
 
 ADAPTER_DIR = "adapter_model"
+PREFIX_DIR = "prefix_model"  # what --method=ptuning writes
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
 
 
@@ -56,12 +58,19 @@ def uses_adapter(lora_path):
     return bool(lora_path) and str(lora_path).lower() != "none"
 
 
+def is_trained_folder(path):
+    """A LoRA adapter (adapter_config.json) or a P-tuning v2 checkpoint: what --lora_path takes."""
+    from utils.model_utils import prefix_checkpoint_config
+
+    return (Path(path) / "adapter_config.json").is_file() or prefix_checkpoint_config(path) is not None
+
+
 def take_run_settings(config, keys=("model_dir",)):
     """For a script given --lora_path: the run's settings for `keys` that the command line left out
     (settings_from_run), said on one line. Nothing for "none" or a folder without adapter_config.json (the loader
     reports that)."""
     lora_path = config["lora_path"]
-    if not uses_adapter(lora_path) or not (Path(lora_path) / "adapter_config.json").is_file():
+    if not uses_adapter(lora_path) or not is_trained_folder(lora_path):
         return {}
     taken = settings_from_run(config, lora_path, keys)
     if taken:
@@ -98,9 +107,12 @@ def run_instruction(lora_path):
 
 
 def default_adapter(data_name, checkpoint_root="checkpoint"):
-    """The adapter of the newest training run of `data_name` (checkpoint/<data_name>/<script>/adapter_model, by the
-    time its adapter was written); train_trainer's path where there is none yet (for the error message)."""
-    found = sorted(Path(checkpoint_root, data_name).glob(f"*/{ADAPTER_DIR}/adapter_config.json"), key=lambda p: p.stat().st_mtime)
+    """The adapter (or P-tuning prefix) of the newest training run of `data_name` (checkpoint/<data_name>/<script>/
+    adapter_model or prefix_model, by the time it was written); train_trainer's adapter path where there is none yet
+    (for the error message)."""
+    root = Path(checkpoint_root, data_name)
+    found = [*root.glob(f"*/{ADAPTER_DIR}/adapter_config.json"), *root.glob(f"*/{PREFIX_DIR}/config.json")]
+    found.sort(key=lambda p: p.stat().st_mtime)
     return str(found[-1].parent if found else Path(checkpoint_root) / data_name / "train_trainer" / ADAPTER_DIR)
 
 
@@ -179,4 +191,31 @@ def check_adapter_fits_base(lora_path, model_dir, version, base_config):
         raise ModelFolderError(
             f"the adapter {lora_path} does not fit the base {model_dir} ({version}); it was trained on another base:\n  "
             + "\n  ".join(problems[:5]) + more
+        )
+
+
+def check_prefix_fits_base(prefix_path, model_dir, version, base_config):
+    """Refuse a P-tuning v2 checkpoint made for another base, naming both: another version (its train_args.json, or
+    its own config.json), or prefix encoder tensors whose shapes the base's layers, heads and widths do not give."""
+    from utils.model_utils import PREFIX_KEY, PREFIX_WEIGHT_FILES, detect_model_version, prefix_checkpoint_config, read_config
+
+    prefix_path = Path(prefix_path)
+    own_config = read_config(prefix_path)
+    trained_on = read_run_record(prefix_path).get("model_version") or detect_model_version(own_config, str(prefix_path / "config.json"))
+    if trained_on != version:
+        raise ModelFolderError(
+            f"the P-tuning checkpoint {prefix_path} was made for {trained_on} but the base {model_dir} is {version}; "
+            f"pass its {trained_on} base with --model_dir"
+        )
+    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
+        **{k: v for k, v in base_config.items() if k != "quantization_bit"}, **prefix_checkpoint_config(prefix_path))
+    with torch.device("meta"):
+        encoder = remote_module(version, "modeling_chatglm").PrefixEncoder(config)
+    expected = {PREFIX_KEY + name: tuple(t.shape) for name, t in encoder.state_dict().items()}
+    file = next(prefix_path / name for name in PREFIX_WEIGHT_FILES if (prefix_path / name).is_file())
+    found = {name: shape for name, shape in adapter_shapes(file).items() if name.startswith(PREFIX_KEY)}
+    if found != expected:
+        raise ModelFolderError(
+            f"the P-tuning checkpoint {prefix_path} does not fit the base {model_dir} ({version}): its prefix encoder is "
+            f"{found}, the base's layers and heads give {expected}; it was made for another base"
         )

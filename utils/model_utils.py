@@ -3,6 +3,7 @@
 Official model folders ship `.py` files that no longer run on transformers 5.x, so we never execute them: the version
 is read from config.json and the classes come from `remote_scripts/<version>/`.
 """
+import contextlib
 import importlib.util
 import json
 import sys
@@ -176,27 +177,39 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
 
 def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", chatglm_only=False, fold=True):
     """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
-    or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with the PEFT adapter of lora_path
-    on top, folded into the weights (fold_adapter) unless fold=False (a PeftModel then: predict.py's --before_after
-    scores the base with the adapter disabled first). A missing adapter, or one trained on another base
-    (utils.adapters.check_adapter_fits_base), is reported before the base is loaded; with
-    chatglm_only, a model without ChatGLM's stream_generate (what the servers stream with) is refused."""
+    or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with what lora_path holds on top:
+    - a PEFT adapter (adapter_config.json), folded into the weights (fold_adapter) unless fold=False (a PeftModel
+      then: predict.py's --before_after scores the base with the adapter disabled first);
+    - a P-tuning v2 checkpoint (ours, or the official ptuning/ scripts' output): the base built with its prefix
+      length and its prefix encoder's weights (load_prefix_checkpoint).
+    A missing adapter, or one trained on another base (utils.adapters.check_adapter_fits_base), is reported before
+    the base is loaded; with chatglm_only, a model without ChatGLM's stream_generate (what the servers stream with)
+    is refused."""
     use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
-    if use_adapter and not (Path(lora_path) / "adapter_config.json").is_file():
+    prefix = prefix_checkpoint_config(lora_path) if use_adapter else None
+    if use_adapter and prefix is None and not (Path(lora_path) / "adapter_config.json").is_file():
         raise ModelFolderError(
-            f"{lora_path}: no adapter_config.json. Train one first (python train_trainer.py) or pass --lora_path=none."
+            f"{lora_path}: no adapter_config.json (a LoRA adapter) nor a P-tuning checkpoint (config.json with "
+            "pre_seq_len). Train one first (python train_trainer.py) or pass --lora_path=none."
         )
     if use_adapter:
-        from utils.adapters import check_adapter_fits_base
+        from utils.adapters import check_adapter_fits_base, check_prefix_fits_base
 
         base_config = read_config(model_dir)
         if base_config.get("model_type") in (None, "chatglm"):  # native transformers models: PEFT checks the shapes
             version = detect_model_version(base_config, str(Path(model_dir) / "config.json"))
-            check_adapter_fits_base(lora_path, model_dir, version, base_config)
-    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device)
+            if prefix is None:
+                check_adapter_fits_base(lora_path, model_dir, version, base_config)
+            else:
+                check_prefix_fits_base(lora_path, model_dir, version, base_config)
+        elif prefix is not None:
+            raise ModelFolderError(f"{lora_path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} is another model")
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device, **(prefix or {}))
     if chatglm_only and not hasattr(model, "stream_generate"):
         raise ModelFolderError(f"{model_dir}: only ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) can be served")
-    if use_adapter:
+    if prefix is not None:
+        load_prefix_checkpoint(model, lora_path)
+    elif use_adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(lora_path)).eval()
@@ -205,12 +218,87 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
     return model, tokenizer
 
 
+# --- P-tuning v2 checkpoints: the prefix encoder's weights under the official names, and a config.json carrying
+# pre_seq_len / prefix_projection (what THUDM's ptuning/ scripts save and load, also in our safetensors form).
+PREFIX_KEY = "transformer.prefix_encoder."
+PREFIX_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def prefix_checkpoint_config(path):
+    """{"pre_seq_len", "prefix_projection"} of a P-tuning v2 checkpoint folder, or None for any other folder (one
+    without a config.json that sets pre_seq_len, or without a weights file)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file() or not any((Path(path) / name).is_file() for name in PREFIX_WEIGHT_FILES):
+        return None
+    config = read_config(path)
+    if not config.get("pre_seq_len"):
+        return None
+    return {"pre_seq_len": int(config["pre_seq_len"]), "prefix_projection": bool(config.get("prefix_projection", False))}
+
+
+def read_prefix_weights(path) -> dict:
+    """The prefix encoder's tensors of a P-tuning checkpoint, under the names the encoder itself uses (embedding.weight,
+    trans.0.weight, ...). A legacy .bin is read with weights_only=True. Other tensors in the file are an error: a
+    folder holding a whole model is not a P-tuning checkpoint to put on a base."""
+    path = Path(path)
+    file = next(path / name for name in PREFIX_WEIGHT_FILES if (path / name).is_file())
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    others = sorted(name for name in state if not name.startswith(PREFIX_KEY))
+    if others or not state:
+        raise ModelFolderError(
+            f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 checkpoint, "
+            f"found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a whole model folder goes in --model_dir"
+        )
+    return {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}
+
+
+def load_prefix_checkpoint(model, path):
+    """Put the prefix encoder of the P-tuning checkpoint `path` into `model` (built with its pre_seq_len and
+    prefix_projection), kept in fp32 as it was trained. Names and shapes must match exactly."""
+    encoder = model.transformer.prefix_encoder
+    state = read_prefix_weights(path)
+    expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    if found != expected:
+        raise ModelFolderError(f"{path}: prefix encoder tensors {found} do not fit the model's {expected}")
+    encoder.float()
+    with torch.no_grad():
+        for name, tensor in encoder.state_dict().items():
+            tensor.copy_(state[name])
+    return model
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """The base model's behaviour inside the block: a PeftModel's adapter disabled, or a P-tuning model's prefix
+    switched off (prefix length 0 while inside)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+        return
+    transformer = model.transformer
+    pre_seq_len = transformer.pre_seq_len
+    transformer.pre_seq_len = 0
+    try:
+        yield
+    finally:
+        transformer.pre_seq_len = pre_seq_len
+
+
 def fold_adapter(model):
     """The base model of a PeftModel with its LoRA weights added into the base weights (W + scale * B A, computed in
     the adapter's fp32 and rounded once to the weights' dtype) and the PEFT layers removed: generation then runs at
     the base model's speed (PEFT's extra matmuls and Python per layer cost several times the base's decode step).
     The base weights are changed in place. A base whose weights are quantized (int8/int4 folders) keeps the adapter
-    as PEFT layers: adding the adapter to quantized weights would round it away."""
+    as PEFT layers: adding the adapter to quantized weights would round it away. A model that is no PeftModel (a
+    P-tuning prefix has nothing to fold) is returned as it is."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
     quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if quantized:
         print(f"adapter kept as separate layers: the base weights are quantized ({quantized[0]}, ...)")

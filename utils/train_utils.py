@@ -12,17 +12,18 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import nested_gather
 
-from utils.adapters import ADAPTER_DIR
+from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, packed_inputs_hook
 from utils.errors import UserError
 from utils.model_folder import folder_config, staged_folder, write_model_folder
-from utils.model_utils import read_config
+from utils.model_utils import PREFIX_KEY, read_config
 from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
 
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
-# lora: train LoRA adapters on frozen weights; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
-METHODS = ("lora", "full")
+# lora: train LoRA adapters on frozen weights; ptuning: train a P-tuning v2 prefix (the official ChatGLM method) on
+# frozen weights; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
+METHODS = ("lora", "ptuning", "full")
 FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -75,8 +76,35 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
 
 def check_method(method):
     if method not in METHODS:
-        raise ValueError(f"--method={method!r}: use lora (LoRA adapters) or full (every weight)")
+        raise ValueError(f"--method={method!r}: use lora (LoRA adapters), ptuning (a P-tuning v2 prefix) or full (every weight)")
     return method
+
+
+def prefix_state(model):
+    """The trained prefix encoder's tensors under their official names (transformer.prefix_encoder.*), on the CPU."""
+    return {name: param.detach().to("cpu", copy=True) for name, param in model.named_parameters()
+            if name.startswith(PREFIX_KEY)}
+
+
+def write_prefix_checkpoint(folder, state, config):
+    """A P-tuning v2 checkpoint as the official ptuning scripts lay it out, in safetensors: the prefix encoder's
+    weights (model.safetensors) and the model's config.json, which records pre_seq_len and prefix_projection."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.to_json_file(str(folder / "config.json"))
+
+
+def save_prefix(model, output_dir, train_args: dict):
+    """The P-tuning v2 checkpoint and the run's settings, in <output_dir>/prefix_model/; predict.py, chat_ner.py,
+    the servers and merge_lora_and_quantize.py take it by --lora_path. Written aside and swapped in."""
+    final = Path(output_dir) / PREFIX_DIR
+    with staged_folder(final, replace=True) as staging:
+        write_prefix_checkpoint(staging, prefix_state(model), model.config)
+        write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
+    return final
 
 
 def print_trainable_parameters(model):
@@ -215,8 +243,9 @@ class Trainer(transformers.Trainer):
       the loss sum recorded in each checkpoint's marker;
     - trains no extra step when resumed from the checkpoint of the last step."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, prefix_only=False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.prefix_only = prefix_only  # P-tuning: checkpoints hold the prefix encoder, not the frozen 6B weights
         self.keep_checkpoints = self.args.save_total_limit or 0
         self.args.save_total_limit = None
         self.add_callback(_StopAtPlannedEnd)
@@ -255,6 +284,22 @@ class Trainer(transformers.Trainer):
         loss = (self.loss_sum_at_start + output.training_loss * (output.global_step - step_at_start)) / max(output.global_step, 1)
         output.metrics["train_loss"] = loss
         return transformers.trainer_utils.TrainOutput(output.global_step, loss, output.metrics)
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.prefix_only:
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            state = prefix_state(self.model) if state_dict is None else {
+                name: tensor.detach().to("cpu", copy=True) for name, tensor in state_dict.items() if name.startswith(PREFIX_KEY)}
+            write_prefix_checkpoint(output_dir or self.args.output_dir, state, self.model.config)
+            torch.save(self.args, os.path.join(output_dir or self.args.output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self.prefix_only:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from utils.model_utils import load_prefix_checkpoint
+
+        load_prefix_checkpoint(model or self.model, resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -363,6 +408,8 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     }
     if full_state is not None:
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
+    elif trainer.prefix_only:
+        saved = f"P-tuning v2 prefix: {save_prefix(trainer.model, output_dir, train_args)}"
     else:
         saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
     plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
