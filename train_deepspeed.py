@@ -19,6 +19,7 @@ the target tokens of all its micro-batches on all processes, so accumulation and
 Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
 checkpoint/<data_name>/train_deepspeed/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
+    prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
     model/           --method=full: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    DeepSpeed checkpoints (global_stepN/: trained weights, optimizer, schedule, data position) for
                      --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log)
@@ -58,8 +59,11 @@ from utils.train_utils import (
     peak_memory_gib,
     plot_loss,
     print_trainable_parameters,
+    prefix_state,
     save_adapter,
     save_full_model,
+    save_prefix,
+    write_prefix_checkpoint,
 )
 from utils.run_dirs import check_output_dir, finish_output_dir, find_resume_checkpoint, mark_complete, prepare_output_dir, rotate_checkpoints
 
@@ -74,8 +78,12 @@ DEFAULTS = {
     "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records for causal-LM training
     "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
-    "method": "lora",  # lora: LoRA adapters on frozen weights; full: every weight (DeepSpeed keeps the fp32 master copy)
+    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; full: every weight (DeepSpeed keeps the fp32 master copy)
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
+    # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer; with
+    # prefix_projection they come from a two-layer MLP. The official runs used pre_seq_len 128 and learning rate 2e-2.
+    "pre_seq_len": 128,
+    "prefix_projection": False,
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
@@ -280,15 +288,21 @@ check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 # ---------------------------------------------------------------------------------------------------------------------
 # Model with LoRA, or all weights trainable (--method=full). "auto" dtype follows the device the engine trains on
 # (bf16/fp16 on GPUs, fp32 on CPU); with half-precision weights DeepSpeed keeps the fp32 master copy of what it trains.
-full = check_method(config["method"]) == "full"
-transformers.set_seed(config["seed"])
+method = check_method(config["method"])
+full, ptuning = method == "full", method == "ptuning"
+transformers.set_seed(config["seed"])  # the LoRA weights, or the prefix encoder as the model loads, follow --seed
 weight_dtype = resolve_dtype(config["dtype"], device.type)
-model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=weight_dtype, device=str(device))
+prefix = {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}
+model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=weight_dtype, device=str(device), **prefix)
 model_version = model.model_version
+if ptuning and not hasattr(model, "transformer"):
+    raise ValueError(f"--method=ptuning: {config['model_dir']} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
 if config["gradient_checkpointing"]:
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
-if not full:
+if ptuning:
+    model.transformer.prefix_encoder.float()  # only it trains (the model froze the rest); the engine keeps fp32 masters
+elif not full:
     model = add_lora(model, config["lora"])
 if master:
     print_trainable_parameters(model)
@@ -422,9 +436,11 @@ def save_checkpoint():
     engine.save_checkpoint(str(folder), tag=f"global_step{state.global_step}", client_state=state.state_dict(),
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), folder / f"rng_state_{rank}.pth")
-    if not full:  # the adapter of step N (full fine-tuning: the DeepSpeed state holds the weights)
+    if not full:  # the adapter or prefix of step N (full fine-tuning: the DeepSpeed state holds the weights)
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
-            if master:
+            if master and ptuning:
+                write_prefix_checkpoint(folder, prefix_state(engine.module), engine.module.config)
+            elif master:
                 engine.module.save_pretrained(str(folder), safe_serialization=True)
     if master:
         trainer_state = {"global_step": state.global_step, "epoch": state.epoch_progress(), "log_history": state.log_history}
@@ -537,7 +553,9 @@ if full:  # every rank takes part in gathering the ZeRO-3 shards, one weight at 
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
 else:
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-        if master:
+        if master and ptuning:
+            saved = f"P-tuning v2 prefix: {save_prefix(engine.module, output_dir, train_args)}"
+        elif master:
             saved = f"adapter: {save_adapter(engine.module, output_dir, train_args)}"
 if writer:
     writer.close()

@@ -117,3 +117,20 @@ def test_predict_takes_the_prefix_by_lora_path_and_scores_the_base_without_it(pt
     assert metrics["lora_path"] == str(run_dir / "prefix_model") and {"base", "adapter"} <= set(metrics)
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(predictions) == 16
+
+
+def test_train_deepspeed_trains_a_prefix_and_writes_it_in_the_official_layout(trainable_models, sixteen_examples, tmp_path):
+    """train_deepspeed.py (one plain process, DeepSpeed on CPU): the same P-tuning checkpoint; DeepSpeed's state in
+    checkpoint-N holds the trained prefix only (frozen weights excluded)."""
+    run_dir = tmp_path / "run"
+    run_script("train_deepspeed.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+               "--dev_file=none.txt", f"--output_dir={run_dir}", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}",
+               "--learning_rate=0.3", "--warmup_steps=0", "--max_steps=12", "--save_steps=12",
+               "--per_device_train_batch_size=16", "--logging_steps=4")
+    losses = logged_losses(run_dir, 12)
+    assert losses[12] < losses[1] - 0.2, losses  # the same full batch each step: without training it stays put
+    for folder in (run_dir / "prefix_model", run_dir / "checkpoint-12"):
+        assert list(load_file(str(folder / "model.safetensors"))) == ["transformer.prefix_encoder.embedding.weight"], folder
+        assert json.loads((folder / "config.json").read_text())["pre_seq_len"] == PRE_SEQ_LEN
+    model, _ = load_model_with_adapter(trainable_models["chatglm2-6b"], run_dir / "prefix_model", dtype="fp32", device="cpu")
+    assert model.transformer.pre_seq_len == PRE_SEQ_LEN
