@@ -42,7 +42,8 @@ import re
 from pathlib import Path
 
 from utils.data_io import (
-    BadLines, DataError, excerpt, iter_json_records, json_shape, parse_json, read_text, require_str, text_lines,
+    BadLines, DataError, excerpt, iter_json_records, json_shape, parse_json, read_text, require_int, require_str,
+    require_str_at, require_type, text_lines,
 )
 
 QUERY_PREFIX = "文本："
@@ -352,27 +353,6 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
             bad_lines.handle(err)
             continue
         yield (number, *tokens_to_example(tokens, spans))
-
-
-def require_int(value, path, line, field):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
-    return value
-
-
-def require_str_at(record, key, path, line, prefix, allow_empty=False):
-    """record[key] as a string, with the error naming the field as `prefix.key`."""
-    try:
-        return require_str(record, key, path, line, allow_empty)
-    except DataError as err:
-        raise DataError(path, line, err.problem, f"{prefix}.{key}") from None
-
-
-def require_type(value, kind, path, line, field):
-    if not isinstance(value, kind):
-        raise DataError(path, line, f"expected a JSON {kind.__name__.replace('dict', 'object').replace('list', 'array')}, "
-                        f"got {type(value).__name__}", field)
-    return value
 
 
 def span_json_example(record, path, line):
