@@ -1,5 +1,6 @@
 """Convert raw data into instruction data: data/<data_name>/instruct_data/{train,dev}.txt, one JSON object a line,
-{"instruct", "query", "answer"} (+ "history" for multi-turn conversations). Run from the repository root.
+{"instruct", "query", "answer"} (+ "history" for multi-turn conversations), or for conversations with tool calls a
+ChatGLM3 conversation record {"conversations": [...]} (utils/conversations.py). Run from the repository root.
 
     python process.py                      # the demo: data/demo_ner/raw/{train,dev}.json -> data/demo_ner/instruct_data
     python process.py --data_name msra \\
@@ -14,12 +15,14 @@
 
 train_file and dev_file take a comma-separated list of files; each file's format is detected from its name and
 content (bio, bio_parallel, span_json, cluener, adgen, alpaca, conversation; see utils/ner_data.py) unless
---input_format names one for all. For NER the answer is one `实体_类型` line per distinct entity, or 没有.
+--input_format names one for all; conversation reads ShareGPT, OpenAI and ChatGLM3 chat data, tool calls included.
+For NER the answer is one `实体_类型` line per distinct entity, or 没有.
 Bad input stops with the file, line and field; --skip_bad_lines skips such lines (or sentences) and counts them.
 In BIO files an I- tag that does not continue an entity of its type opens a new entity, as conlleval and seqeval read
 it; such repairs are counted per split (--strict_tags makes them errors instead). Existing output files are kept
 unless --overwrite, which also removes a dev.txt that the new run does not produce.
 """
+import json
 import random
 import sys
 from collections import Counter
@@ -53,6 +56,13 @@ def fail(message, error=None):
     if error is not None and config["debug"]:
         raise error
     sys.exit(f"error: {message}")
+
+
+def prompt_key(record):
+    """What a sample asks: instruct and query, or a conversation's messages before its last answer."""
+    if "conversations" in record:
+        return json.dumps(record["conversations"][:-1], ensure_ascii=False, sort_keys=True)
+    return record["instruct"], record["query"]
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -165,14 +175,16 @@ for split in ("train", "dev"):
         print(f"  truncated texts: {truncated[split]} (entities dropped: {dropped[split]})")
     else:
         print(f"  with history: {sum('history' in r for r in records[split])}")
+        if conversations := sum("conversations" in r for r in records[split]):
+            print(f"  conversation records (tool calls, observations or unlearnt turns): {conversations}")
     print("  " + bad_lines[split].summary().replace("\n", "\n  "))
 if any(bad_lines[split].repaired.total for split in ("train", "dev")):
     print("repaired: an I- tag that does not continue an entity of its type opens a new entity, as conlleval and "
           "seqeval read it; --strict_tags stops on such tags instead")
 if records["dev"]:
-    train_queries = {(r["instruct"], r["query"]) for r in records["train"]}
-    print(f"dev samples whose instruct and query also occur in train: "
-          f"{sum((r['instruct'], r['query']) in train_queries for r in records['dev'])}")
+    train_prompts = {prompt_key(r) for r in records["train"]}
+    print(f"dev samples whose instruct and query (or conversation) also occur in train: "
+          f"{sum(prompt_key(r) in train_prompts for r in records['dev'])}")
 
 # ---------------------------------------------------------------------------------------------------- write
 if not records["train"]:

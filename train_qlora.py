@@ -42,6 +42,9 @@ DEFAULTS = {
     "max_source_length": 256,
     "max_target_length": 128,
     "skip_bad_lines": False,
+    "loss_on_all_turns": False,  # multi-turn records: every history answer is learnt, not only the last answer
+    # (ChatGLM3 conversation records always learn every assistant message without "loss": false)
+    "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
     # target_modules: all = every linear layer of the blocks; or a comma list such as query_key_value
     "lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all"},
     "dtype": "auto",  # dtype of the 4-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
@@ -101,7 +104,8 @@ def main(config):
 
     train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, "instruction",
                                           config["max_source_length"], config["max_target_length"],
-                                          skip_bad_lines=config["skip_bad_lines"])
+                                          skip_bad_lines=config["skip_bad_lines"], loss_on_all_turns=config["loss_on_all_turns"],
+                                          show_example=config["show_example"])
     # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])

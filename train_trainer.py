@@ -57,6 +57,9 @@ DEFAULTS = {
     "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records for causal-LM training
     "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
+    "loss_on_all_turns": False,  # multi-turn records: every history answer is learnt, not only the last answer
+    # (ChatGLM3 conversation records always learn every assistant message without "loss": false)
+    "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
     "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; full: every weight
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
     # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer; with
@@ -134,7 +137,8 @@ def main(config):
 
     train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], config["data_format"])
     train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
-                                          config["max_target_length"], config["block_size"], config["skip_bad_lines"])
+                                          config["max_target_length"], config["block_size"], config["skip_bad_lines"],
+                                          config["loss_on_all_turns"], config["show_example"])
     train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"], config["seed"])
     # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
     if int(os.environ.get("RANK", "0")) == 0:

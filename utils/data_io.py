@@ -212,6 +212,27 @@ def require_str(record, field, path, line, allow_empty=False):
     return value
 
 
+def require_int(value, path, line, field):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
+    return value
+
+
+def require_str_at(record, key, path, line, prefix, allow_empty=False):
+    """record[key] as a string, with the error naming the field as `prefix.key`."""
+    try:
+        return require_str(record, key, path, line, allow_empty)
+    except DataError as err:
+        raise DataError(path, line, err.problem, f"{prefix}.{key}") from None
+
+
+def require_type(value, kind, path, line, field):
+    if not isinstance(value, kind):
+        raise DataError(path, line, f"expected a JSON {kind.__name__.replace('dict', 'object').replace('list', 'array')}, "
+                        f"got {type(value).__name__}", field)
+    return value
+
+
 def fsync_path(path):
     """Flush a file's data (or a folder's entries) to disk."""
     descriptor = os.open(path, os.O_RDONLY)

@@ -9,13 +9,25 @@ the models' chat() uses, so training and inference see the same text:
 - ChatGLM3-6B: [gMASK] sop <|user|> \\n message <|assistant|> + \\n answer + </s>; labels after <|assistant|>.
 - Other models (e.g. GLM-4, Llama): the tokenizer's chat template; labels on the assistant turn.
 
+Multi-turn data: an instruction record's `history` answers are context only, unless `loss_on_all_turns` makes every
+answer a target. A ChatGLM3 conversation record (`{"conversations": [...]}`, utils/conversations.py: tool calls and
+observations too) learns every assistant message that does not say `"loss": false`. On ChatGLM3-6B a multi-turn
+sample is one sequence laid out as ChatGLM3's finetune_demo does (encode_chatglm3_conversation): every message is
+encoded on its own there, so each turn's prompt in it is exactly what chat() builds for that turn. ChatGLM-6B and
+ChatGLM2-6B re-encode the whole history text at every turn (an answer's tokens differ inside the later prompts, and no
+</s> follows it there), and ChatGLM-6B's prompt is bidirectional, so one sequence cannot hold every turn as chat()
+sees it: each learnt answer becomes a sample of its own, its exact chat() prompt + answer (turn_records), as for
+chat-template models.
+
 Plain text for causal-LM (pre)training is the other format (`TextDataset`): records `{"text"}`, joined with </s> and
 cut into blocks, each opened by the tokenizer's prefix ([gMASK] sop for ChatGLM2/3) as every prompt is.
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
 
+from utils.conversations import conversation_messages, plain_turns
 from utils.data_io import BadLines, DataError, iter_json_lines, require_str
 from utils.model_utils import remote_module
 from utils.ner_data import QUERY_PREFIX
@@ -31,12 +43,20 @@ def source_text(record) -> str:
     return record["query"].removeprefix(QUERY_PREFIX)
 
 
-def read_instruction_records(path, bad_lines: BadLines = None) -> list:
-    """Validated records of an instruction file; bad lines raise DataError (file, line, field) or are counted."""
+def read_instruction_records(path, bad_lines: BadLines = None, conversations=False) -> list:
+    """Validated records of an instruction file; bad lines raise DataError (file, line, field) or are counted.
+    conversations: ChatGLM3 conversation records are read too, as {"conversations": messages, "line"} (training)."""
     bad_lines = bad_lines or BadLines()
     records = []
     for line, record in iter_json_lines(path, bad_lines):
         try:
+            if isinstance(record, dict) and "conversations" in record:
+                if not conversations:
+                    raise DataError(path, line, "a conversation record; this reads instruction records {instruct, "
+                                    "query, answer}", "conversations", "a conversation record")
+                messages = conversation_messages(record, path, line, chatglm3_only=True)
+                records.append({"conversations": messages, "line": line})
+                continue
             instruct = require_str(record, "instruct", path, line, allow_empty=True)
             query = require_str(record, "query", path, line, allow_empty=True)
             if not (instruct.strip() or query.strip()):
@@ -105,6 +125,7 @@ class ChatTemplatePromptFormat:
     """Models that transformers supports natively: their tokenizer's chat template."""
 
     labels_from_prompt_end = 0
+    version = None
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):
@@ -151,28 +172,39 @@ def get_prompt_format(tokenizer, version=None):
     return ChatTemplatePromptFormat(tokenizer)
 
 
-def fit_prompt(prompt_format, message, history, max_length):
-    """Prompt ids of at most max_length tokens: oldest history turns go first, then the message's tail.
-    Returns (ids, truncated)."""
-    ids = prompt_format.prompt_ids(message, history)
+def fit_turns(build, tokenizer, message, history, max_length):
+    """The prompt build(message, history) in at most max_length ids: the oldest history entries go first, then the
+    message's tail. Returns (ids, message, history, truncated), the message and history as kept."""
+    ids = build(message, history)
     if len(ids) <= max_length:
-        return ids, False
+        return ids, message, history, False
     while history and len(ids) > max_length:
         history = history[1:]
-        ids = prompt_format.prompt_ids(message, history)
-    message_ids = prompt_format.tokenizer.encode(message, add_special_tokens=False)
+        ids = build(message, history)
+    message_ids = tokenizer.encode(message, add_special_tokens=False)
     keep = len(message_ids) - (len(ids) - max_length)
     while len(ids) > max_length:
         if keep <= 0:
             raise ValueError(f"max_source_length={max_length} is shorter than the prompt template itself")
-        ids = prompt_format.prompt_ids(prompt_format.tokenizer.decode(message_ids[:keep]), history)
+        message = tokenizer.decode(message_ids[:keep])
+        ids = build(message, history)
         keep -= 1
-    return ids, True
+    return ids, message, history, True
+
+
+def fit_prompt(prompt_format, message, history, max_length, system=""):
+    """Prompt ids of at most max_length tokens: oldest history turns go first, then the message's tail.
+    Returns (ids, truncated)."""
+    ids, _, _, truncated = fit_turns(lambda text, turns: prompt_format.prompt_ids(text, turns, system),
+                                     prompt_format.tokenizer, message, history, max_length)
+    return ids, truncated
 
 
 def encode_example(record, prompt_format, max_source_length, max_target_length):
-    """input_ids and labels (-100 on the prompt) of one record, plus which parts were truncated."""
-    prompt, prompt_cut = fit_prompt(prompt_format, user_message(record), record.get("history", []), max_source_length)
+    """input_ids and labels (-100 on the prompt) of one record, plus which parts were truncated. A record made by
+    turn_records may carry a `system` text."""
+    prompt, prompt_cut = fit_prompt(prompt_format, user_message(record), record.get("history", []), max_source_length,
+                                    record.get("system", ""))
     content, closing = prompt_format.answer_parts(record["answer"])
     answer_cut = len(content) > max_target_length
     answer = content[:max_target_length] + closing
@@ -180,6 +212,124 @@ def encode_example(record, prompt_format, max_source_length, max_target_length):
     input_ids = prompt + answer
     labels = [-100] * masked + input_ids[masked:]
     return {"input_ids": input_ids, "labels": labels}, prompt_cut, answer_cut
+
+
+def turn_records(system, turns):
+    """One instruction record per learnt answer of plain turns [(user, assistant, learnt)]: that turn's question with
+    the turns before it as history, i.e. exactly what chat() is given at that turn."""
+    records, history = [], []
+    for user, assistant, learnt in turns:
+        if learnt:
+            records.append({"instruct": "", "query": user, "answer": assistant, "history": list(history), "system": system})
+        history.append([user, assistant])
+    return records
+
+
+def history_messages(record):
+    """An instruction record's turns as ChatGLM3 messages, every answer learnt."""
+    turns = [*record["history"], (user_message(record), record["answer"])]
+    return [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
+
+
+def learnt(message):
+    return message["role"] == "assistant" and message.get("loss", True)
+
+
+def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_target_length):
+    """input_ids and labels of a ChatGLM3 conversation, laid out as ChatGLM3's finetune_demo does: [gMASK] sop, every
+    message as the chat input has it (the tokenizer's build_message), then </s>.
+
+    Targets: every learnt assistant message after its role token, and the one token that follows the message: the
+    next message's role token, or </s> at the end. That token ends the turn at inference (chat() stops at </s>,
+    <|user|> and <|observation|>; between two parts of one answer the model writes <|assistant|>), and it is learnt
+    as the single-turn encoding (encode_example) learns its </s>: a one-turn conversation gives the same ids and labels
+    either way. Labels equal the ids at the targets; the model shifts them.
+
+    Truncation as fit_prompt: the prompt (all before the last message's content) fits max_source_length by dropping
+    the oldest rounds (a user message and all up to the next one; the system message stays), then the tail of the
+    last round's user message; the last message's content is cut to max_target_length. Earlier answers are never cut:
+    the later turns see them whole. Returns (example, prompt cut, answer cut, learnt answers dropped with their
+    rounds)."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]  # a user message first (utils/conversations.py checks the order)
+    starts = [i for i, message in enumerate(rest) if message["role"] == "user"]
+    *history, last_round = [rest[a:b] for a, b in zip(starts, starts[1:] + [len(rest)])]
+    user, middle, last = last_round[0], last_round[1:-1], last_round[-1]
+    prefix = tokenizer.build_inputs_with_special_tokens([])  # [gMASK] sop
+
+    def arrange(message, rounds):
+        return system + [m for kept in rounds for m in kept] + [{**user, "content": message}] + middle
+
+    def prompt(message, rounds):
+        ids = prefix + [i for m in arrange(message, rounds) for i in tokenizer.build_message(m)]
+        return ids + tokenizer.build_message(last)[:1]  # the last message's role token
+
+    _, message, rounds, prompt_cut = fit_turns(prompt, tokenizer, user["content"], history, max_source_length)
+    dropped = sum(learnt(m) for gone in history[:len(history) - len(rounds)] for m in gone)
+    input_ids, spans = list(prefix), []
+    for m in arrange(message, rounds):
+        ids = tokenizer.build_message(m)
+        if learnt(m):
+            spans.append((len(input_ids), len(input_ids) + len(ids)))
+        input_ids += ids
+    role, *content = tokenizer.build_message(last)
+    if learnt(last):
+        spans.append((len(input_ids), len(input_ids) + 1 + min(len(content), max_target_length)))
+    input_ids += [role] + content[:max_target_length] + [tokenizer.eos_token_id]
+    labels = [-100] * len(input_ids)
+    for start, end in spans:
+        labels[start + 1:end + 1] = input_ids[start + 1:end + 1]  # after the role token, through the next token
+    return {"input_ids": input_ids, "labels": labels}, prompt_cut, len(content) > max_target_length, dropped
+
+
+def encode_record(record, prompt_format, max_source_length, max_target_length, loss_on_all_turns=False, path=""):
+    """The samples of one record (an instruction or a conversation record) and its counts: (samples, truncated
+    prompts, truncated answers, learnt answers dropped with the oldest rounds). See the module docstring for the
+    multi-turn layouts; a conversation that only ChatGLM3-6B can express raises DataError on other models."""
+    multi_turn = "conversations" in record or (loss_on_all_turns and record.get("history"))
+    if not multi_turn:
+        example, prompt_cut, answer_cut = encode_example(record, prompt_format, max_source_length, max_target_length)
+        return [example], int(prompt_cut), int(answer_cut), 0
+    if prompt_format.version == "chatglm3-6b":
+        messages = record.get("conversations") or history_messages(record)
+        try:
+            example, prompt_cut, answer_cut, dropped = encode_chatglm3_conversation(
+                prompt_format.tokenizer, messages, max_source_length, max_target_length)
+        except ValueError:  # what must stay (system and tools, the last round's calls and observations) is too long
+            raise DataError(path, record["line"], f"longer than max_source_length={max_source_length} even with only "
+                            "the last round left and its user message cut", "conversations",
+                            "longer than max_source_length") from None
+        return [example], int(prompt_cut), int(answer_cut), dropped
+    if "conversations" in record:
+        turns = plain_turns(record["conversations"])
+        if turns is None:
+            raise DataError(path, record["line"], f"tool calls, observations and consecutive assistant messages need "
+                            f"ChatGLM3-6B; {prompt_format.version or 'this model'} learns alternating user and "
+                            "assistant turns", "conversations", "a conversation that needs ChatGLM3-6B")
+        system, turns = turns
+    else:
+        system = ""
+        turns = [(user, assistant, True) for user, assistant in record["history"]] + [(user_message(record), record["answer"], True)]
+    samples, prompt_cuts, answer_cuts = [], 0, 0
+    for turn in turn_records(system, turns):
+        example, prompt_cut, answer_cut = encode_example(turn, prompt_format, max_source_length, max_target_length)
+        samples.append(example)
+        prompt_cuts += prompt_cut
+        answer_cuts += answer_cut
+    return samples, prompt_cuts, answer_cuts, 0
+
+
+def format_example(example, tokenizer) -> str:
+    """An encoded sample as text, to check a data format by eye: one line per run of tokens in the loss (`loss`) or
+    not (`----`), each token as its piece and id. A target whose label is not its own id (no layout here makes one)
+    shows `->label`."""
+    ids, labels = example["input_ids"], example["labels"]
+    lines = [f"{len(ids)} tokens, {sum(label != -100 for label in labels)} of them in the loss"]
+    tokens = zip(tokenizer.convert_ids_to_tokens(ids), ids, labels)
+    for in_loss, run in itertools.groupby(tokens, key=lambda token: token[2] != -100):
+        shown = ", ".join(f"{piece!r} {i}" + (f"->{label}" if in_loss and label != i else "") for piece, i, label in run)
+        lines.append(f"{'loss' if in_loss else '----'}  {shown}")
+    return "\n".join(lines)
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -199,23 +349,36 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 class InstructionDataset(EncodedDataset):
-    """A whole instruction file, encoded once. `stats` counts samples, truncations and skipped lines."""
+    """A whole instruction file (conversation records too), encoded once. `stats` counts records, samples,
+    truncations and skipped lines. loss_on_all_turns: every answer of a record's history is a target too."""
 
-    def __init__(self, path, tokenizer, version=None, max_source_length=512, max_target_length=256, skip_bad_lines=False):
+    def __init__(self, path, tokenizer, version=None, max_source_length=512, max_target_length=256, skip_bad_lines=False,
+                 loss_on_all_turns=False):
         bad_lines = BadLines(skip=skip_bad_lines)
-        records = read_instruction_records(path, bad_lines)
+        records = read_instruction_records(path, bad_lines, conversations=True)
         prompt_format = get_prompt_format(tokenizer, version)
-        self.examples, cut_prompts, cut_answers = [], 0, 0
+        self.examples, encoded, cut_prompts, cut_answers, dropped = [], 0, 0, 0, 0
         for record in records:
-            example, prompt_cut, answer_cut = encode_example(record, prompt_format, max_source_length, max_target_length)
-            self.examples.append(example)
-            cut_prompts += prompt_cut
-            cut_answers += answer_cut
+            try:
+                examples, prompt_cuts, answer_cuts, dropped_answers = encode_record(
+                    record, prompt_format, max_source_length, max_target_length, loss_on_all_turns, path)
+            except DataError as error:
+                bad_lines.handle(error)
+                continue
+            self.examples += examples
+            encoded += 1
+            cut_prompts += prompt_cuts
+            cut_answers += answer_cuts
+            dropped += dropped_answers
+        if not self.examples:
+            raise DataError(path, None, "no usable records")
         self.stats = {
             "file": str(path),
+            "records": encoded,
             "samples": len(self.examples),
             "truncated_prompts": cut_prompts,
             "truncated_answers": cut_answers,
+            "dropped_answers": dropped,
             "skipped_lines": bad_lines.count,
             "tokens": sum(len(e["input_ids"]) for e in self.examples),
         }
@@ -223,9 +386,13 @@ class InstructionDataset(EncodedDataset):
 
     def describe(self):
         s = self.stats
-        return self.with_skipped(f"{s['file']}: {s['samples']} samples, {s['tokens']} tokens; truncated prompts "
-                                 f"{s['truncated_prompts']} (max_source_length), truncated answers {s['truncated_answers']} "
-                                 "(max_target_length)")
+        samples = f"{s['samples']} samples" + (f" from {s['records']} records (one per learnt answer)"
+                                               if s["samples"] != s["records"] else "")
+        text = (f"{s['file']}: {samples}, {s['tokens']} tokens; truncated prompts {s['truncated_prompts']} "
+                f"(max_source_length), truncated answers {s['truncated_answers']} (max_target_length)")
+        if s["dropped_answers"]:
+            text += f"; learnt answers left out with the oldest turns {s['dropped_answers']} (max_source_length)"
+        return self.with_skipped(text)
 
 
 def read_text_records(path, bad_lines: BadLines = None) -> list:

@@ -27,7 +27,9 @@ Formats (`FORMATS`, `detect_format` picks one from the file name and content):
   ([[user, assistant], ...]) and `system` (put before the instruction).
 - conversation: ShareGPT `{"conversations": [{"from": "human"|"user", "value"}, {"from": "gpt"|"assistant",
   "value"}, ...]}` (also `messages` with `role`/`content`; an optional first `system` turn or top-level
-  `system` becomes the instruct). The last turn is query/answer, earlier turns the history.
+  `system` becomes the instruct). The last turn is query/answer, earlier turns the history. Conversations with tool
+  calls (ShareGPT function_call/observation, OpenAI tool_calls/tool, ChatGLM3 metadata/observation) become ChatGLM3
+  conversation records `{"conversations": [...]}` instead (utils/conversations.py).
 
 Type names. MSRA / People's Daily PER/LOC/ORG -> 人名/地名/机构名. Other BIO/span data: PER, PERSON, NAME, NR ->
 人名; LOC, LOCATION, GPE, NS -> 地名; ORG, ORGANIZATION, NT -> 机构名 (case-insensitive). Weibo's `X.NAM` (named
@@ -41,8 +43,10 @@ import random
 import re
 from pathlib import Path
 
+from utils.conversations import conversation_record
 from utils.data_io import (
-    BadLines, DataError, excerpt, iter_json_records, json_shape, parse_json, read_text, require_str, text_lines,
+    BadLines, DataError, excerpt, iter_json_records, json_shape, parse_json, read_text, require_int, require_str,
+    require_str_at, require_type, text_lines,
 )
 
 QUERY_PREFIX = "文本："
@@ -354,27 +358,6 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
         yield (number, *tokens_to_example(tokens, spans))
 
 
-def require_int(value, path, line, field):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
-    return value
-
-
-def require_str_at(record, key, path, line, prefix, allow_empty=False):
-    """record[key] as a string, with the error naming the field as `prefix.key`."""
-    try:
-        return require_str(record, key, path, line, allow_empty)
-    except DataError as err:
-        raise DataError(path, line, err.problem, f"{prefix}.{key}") from None
-
-
-def require_type(value, kind, path, line, field):
-    if not isinstance(value, kind):
-        raise DataError(path, line, f"expected a JSON {kind.__name__.replace('dict', 'object').replace('list', 'array')}, "
-                        f"got {type(value).__name__}", field)
-    return value
-
-
 def span_json_example(record, path, line):
     """(text, entities) of one span-JSON record; `end` is exclusive."""
     text = require_str(record, "text", path, line)
@@ -498,43 +481,6 @@ def alpaca_record(record, path, line):
     history = read_history(record["history"], path, line, "history") if record.get("history") is not None else []
     if history:
         result["history"] = history
-    return result
-
-
-USER_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant")
-
-
-def conversation_record(record, path, line):
-    require_type(record, dict, path, line, None)
-    key = "conversations" if "conversations" in record or "messages" not in record else "messages"
-    if key not in record:
-        raise DataError(path, line, "missing", key)
-    turns = require_type(record[key], list, path, line, key)
-    system = require_str(record, "system", path, line, allow_empty=True) if "system" in record else ""
-    roles, texts = [], []
-    for k, turn in enumerate(turns):
-        field = f"{key}[{k}]"
-        require_type(turn, dict, path, line, field)
-        role_key = "from" if "from" in turn else "role"
-        text_key = "value" if "value" in turn else "content"
-        role = require_str_at(turn, role_key, path, line, field)
-        text = require_str_at(turn, text_key, path, line, field)
-        if role == "system" and k == 0:
-            system = text
-            continue
-        expected = USER_ROLES if len(roles) % 2 == 0 else ASSISTANT_ROLES
-        if role not in expected:
-            raise DataError(path, line, f"expected one of {list(expected)} (turns alternate, user first), got "
-                            f"{excerpt(role)}", f"{field}.{role_key}", f"expected one of {list(expected)}")
-        roles.append(role)
-        texts.append(text)
-    if not texts or len(texts) % 2:
-        raise DataError(path, line, f"{len(texts)} user/assistant turns; a conversation ends with an assistant turn",
-                        key, "a conversation ends with an assistant turn")
-    pairs = [texts[i:i + 2] for i in range(0, len(texts), 2)]
-    result = {"instruct": system, "query": pairs[-1][0], "answer": pairs[-1][1]}
-    if len(pairs) > 1:
-        result["history"] = pairs[:-1]
     return result
 
 

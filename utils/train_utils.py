@@ -14,7 +14,7 @@ from transformers.trainer_pt_utils import nested_gather
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.data_io import write_atomic
-from utils.dataset import InstructionDataset, PackedDataset, TextDataset, packed_inputs_hook
+from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import PREFIX_KEY, read_config
@@ -319,10 +319,11 @@ DATA_FORMATS = ("instruction", "text")
 
 
 def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruction", max_source_length=256,
-                  max_target_length=128, block_size=512, skip_bad_lines=False):
+                  max_target_length=128, block_size=512, skip_bad_lines=False, loss_on_all_turns=False, show_example=False):
     """Encoded train and dev sets (dev is None when its file does not exist); prints their counts. data_format:
-    "instruction" (records {instruct, query, answer}, cut to max_source_length / max_target_length) or "text"
-    (records {text}, causal-LM blocks of block_size tokens)."""
+    "instruction" (records {instruct, query, answer}, or ChatGLM3 conversation records, cut to max_source_length /
+    max_target_length; loss_on_all_turns: every answer of a record's history is learnt too) or "text" (records
+    {text}, causal-LM blocks of block_size tokens). show_example: also print the first training sample's tokens."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"--data_format={data_format!r}: use instruction or text")
 
@@ -330,11 +331,14 @@ def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruc
         if data_format == "text":
             data = TextDataset(path, tokenizer, block_size, skip_bad_lines)
         else:
-            data = InstructionDataset(path, tokenizer, version, max_source_length, max_target_length, skip_bad_lines)
+            data = InstructionDataset(path, tokenizer, version, max_source_length, max_target_length, skip_bad_lines,
+                                      loss_on_all_turns)
         print(data.describe())
         return data
 
     train_data = load(train_file)
+    if show_example:
+        print(f"the first sample of {train_file}: " + format_example(train_data[0], tokenizer))
     if not Path(dev_file).is_file():
         print(f"{dev_file}: not found, training without evaluation")
         return train_data, None

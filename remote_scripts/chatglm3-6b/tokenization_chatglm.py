@@ -172,6 +172,14 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         role_ids = [self.glm_special_tokens[f"<|{role}|>"]] + self.sp_model.encode(f"{metadata}\n")
         return role_ids + self.sp_model.encode(message)
 
+    def build_message(self, item):
+        """Ids of one ``{"role", "content", "metadata"?, "tools"?}`` message of a chat history: a system message's
+        ``tools`` follow its content as JSON (indent 4, non-ASCII kept)."""
+        content = item["content"]
+        if item["role"] == "system" and "tools" in item:
+            content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
+        return self.build_single_message(item["role"], item.get("metadata", ""), content)
+
     def build_chat_input(self, query, history=None, role="user"):
         """Chat prompt ids as a ``"pt"`` BatchEncoding of batch size 1.
 
@@ -180,10 +188,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         """
         input_ids = []
         for item in history or []:
-            content = item["content"]
-            if item["role"] == "system" and "tools" in item:
-                content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-            input_ids.extend(self.build_single_message(item["role"], item.get("metadata", ""), content))
+            input_ids.extend(self.build_message(item))
         input_ids.extend(self.build_single_message(role, "", query))
         input_ids.append(self.glm_special_tokens["<|assistant|>"])
         return self.prepare_for_model(input_ids, return_tensors="pt", prepend_batch_axis=True)
