@@ -23,7 +23,7 @@ from utils.config_utils import parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
-from utils.model_utils import fold_adapter, load_model_and_tokenizer, read_config
+from utils.model_utils import fold_adapter, load_model_and_tokenizer, load_model_with_adapter, prefix_checkpoint_config, read_config
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base
@@ -80,7 +80,12 @@ def main(config):
         prompt = fit_prompt(get_prompt_format(tokenizer, model.model_version), PROMPT_TEXT, [], config["prompt_len"])[0]
         input_ids = torch.tensor([prompt] * config["batch_size"], device=model.device)
         rows.append(benchmark(label, model, input_ids, config))
-        if index == 0 and uses_adapter(config["lora_path"]):
+        if index == 0 and uses_adapter(config["lora_path"]) and prefix_checkpoint_config(config["lora_path"]):
+            del model  # the base rebuilt with the prefix's positions (the loader checks that it fits)
+            adapted, _ = load_model_with_adapter(model_path, config["lora_path"], dtype=config["dtype"], device=config["device"])
+            rows.append(benchmark(label + " + P-tuning prefix", adapted, input_ids, config))
+            model = adapted
+        elif index == 0 and uses_adapter(config["lora_path"]):
             check_adapter_fits_base(config["lora_path"], model_path, model.model_version, read_config(model_path))
             adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
             if config["fold_adapter"]:

@@ -1,9 +1,11 @@
-"""Merge a LoRA adapter into its ChatGLM base model, optionally quantize to int8 / int4, and write one model folder
-that loads anywhere with transformers + torch alone (AutoModel / AutoTokenizer with trust_remote_code=True).
+"""Merge a LoRA adapter into its ChatGLM base model (or put a P-tuning v2 prefix beside its weights), optionally
+quantize to int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel /
+AutoTokenizer with trust_remote_code=True).
 
     python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner --qbits 0
     python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner-int4 --qbits 4
     python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/adapter_model --model_dir model_hub/chatglm3-6b --output_path model_hub/chatglm3-6b-msra-int8 --qbits 8 --dtype bf16 --max_shard_size 1GB
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/chatglm2-6b-msra-ptuning --qbits 4
 
 Then, on any machine:
 
@@ -11,7 +13,8 @@ Then, on any machine:
     tokenizer = AutoTokenizer.from_pretrained("model_hub/chatglm2-6b-ner", trust_remote_code=True)
 
 Steps: the base (--model_dir, default: base_model_name_or_path of the adapter's adapter_config.json) is loaded in fp32
-on the CPU so the merge is exact (a 6B model needs about 25 GB of RAM), the PEFT adapter is merged into the weights,
+on the CPU so the merge is exact (a 6B model needs about 25 GB of RAM), the PEFT adapter is merged into the weights
+(a P-tuning prefix is kept as it is, its encoder's weights written with the model's and pre_seq_len in config.json),
 --qbits 8 / 4 quantizes the four linear layers of every block (symmetric, one scale per output row, int4 packed two
 per byte: spec section 7, remote_scripts/<version>/quantization.py), and the float tensors are cast to --dtype.
 
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 
 
-from utils.adapters import check_adapter_fits_base, read_json
+from utils.adapters import check_adapter_fits_base, check_prefix_fits_base, read_json, read_run_record
 from utils.config_utils import parse_config
 from utils.errors import UserError
 from utils.model_utils import (
@@ -37,6 +40,8 @@ from utils.model_utils import (
     ModelFolderError,
     detect_model_version,
     load_model_and_tokenizer,
+    load_model_with_adapter,
+    prefix_checkpoint_config,
     read_config,
 )
 from utils.model_folder import MODEL_FILES, folder_config, staged_folder, unique_state_dict, write_model_folder
@@ -91,10 +96,12 @@ def plan(config):
         raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
 
     lora_path = Path(config["lora_path"])
-    if not (lora_path / "adapter_config.json").is_file():
-        raise MergeError(f"{lora_path}: no adapter_config.json; --lora_path must be a PEFT adapter folder (e.g. <run>/adapter_model)")
+    prefix = prefix_checkpoint_config(lora_path)
+    if prefix is None and not (lora_path / "adapter_config.json").is_file():
+        raise MergeError(f"{lora_path}: no adapter_config.json nor a P-tuning checkpoint (config.json with pre_seq_len); "
+                         "--lora_path must be a PEFT adapter folder (e.g. <run>/adapter_model) or <run>/prefix_model")
     try:
-        adapter_config = read_json(lora_path / "adapter_config.json")
+        adapter_config = read_json(lora_path / "adapter_config.json") if prefix is None else {}
     except ModelFolderError as err:
         raise MergeError(str(err)) from err
     peft_type = adapter_config.get("peft_type", "LORA")
@@ -103,6 +110,12 @@ def plan(config):
 
     if config["model_dir"]:
         model_dir = Path(config["model_dir"])
+    elif prefix is not None:  # a P-tuning run records its base in train_args.json
+        base_name = read_run_record(lora_path).get("config", {}).get("model_dir")
+        if not base_name or not Path(base_name).is_dir():
+            raise MergeError(f"{lora_path}: the P-tuning checkpoint's base is not known here (model_dir in its "
+                             "train_args.json); pass the base model folder with --model_dir")
+        model_dir = Path(base_name)
     else:
         base_name = adapter_config.get("base_model_name_or_path")
         if not base_name:
@@ -124,13 +137,17 @@ def plan(config):
             "into float weights: use the fp16/bf16 base"
         )
     try:
-        check_adapter_fits_base(lora_path, model_dir, version, base_config)
+        if prefix is None:
+            check_adapter_fits_base(lora_path, model_dir, version, base_config)
+        else:
+            check_prefix_fits_base(lora_path, model_dir, version, base_config)
     except ModelFolderError as err:
         raise MergeError(str(err)) from err
     scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
     return {
         "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
         "lora_path": lora_path, "model_dir": model_dir, "version": version, "base_config": base_config, "scripts": scripts,
+        "prefix": prefix,
     }
 
 
@@ -156,7 +173,8 @@ def load_adapter(base, lora_path, model_dir):
 
 
 def write_merged_folder(job, model, folder):
-    config = folder_config(job["base_config"], job["version"], job["dtype"], job["qbits"])
+    # A P-tuning prefix travels in the folder: its weights, and pre_seq_len / prefix_projection in config.json.
+    config = folder_config({**job["base_config"], **(job["prefix"] or {})}, job["version"], job["dtype"], job["qbits"])
     return write_model_folder(folder, unique_state_dict(model), config, job["version"], job["model_dir"],
                               job["max_shard_bytes"], scripts_dir=job["scripts"])
 
@@ -166,10 +184,14 @@ def main(config):
     print(f"base: {job['model_dir']} ({job['version']}); adapter: {job['lora_path']}; "
           f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
 
-    base, _ = load_model_and_tokenizer(job["model_dir"], dtype="fp32", device="cpu", version=job["version"])
-    model = load_adapter(base, job["lora_path"], job["model_dir"])
-    model = model.merge_and_unload(safe_merge=True)
-    print("merged the adapter into the weights (fp32)")
+    if job["prefix"]:
+        model, _ = load_model_with_adapter(job["model_dir"], job["lora_path"], dtype="fp32", device="cpu")
+        print(f"the P-tuning prefix ({job['prefix']['pre_seq_len']} positions) goes into the folder with the weights")
+    else:
+        base, _ = load_model_and_tokenizer(job["model_dir"], dtype="fp32", device="cpu", version=job["version"])
+        model = load_adapter(base, job["lora_path"], job["model_dir"])
+        model = model.merge_and_unload(safe_merge=True)
+        print("merged the adapter into the weights (fp32)")
     if job["qbits"]:
         model.quantize(job["qbits"])
         print(f"quantized the block layers to int{job['qbits']}")
