@@ -20,7 +20,7 @@ Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and wr
 checkpoint/<data_name>/train_deepspeed/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
     prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
-    model/           --method=full: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
+    model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    DeepSpeed checkpoints (global_stepN/: trained weights, optimizer, schedule, data position) for
                      --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log)
     runs/            TensorBoard logs;  loss.png  the loss curve
@@ -53,6 +53,7 @@ from utils.train_utils import (
     check_weights_finite,
     checkpoint_dir,
     data_paths,
+    freeze_all_but,
     gathered_state_dict,
     load_datasets,
     prepare_packing,
@@ -81,12 +82,16 @@ DEFAULTS = {
     "loss_on_all_turns": False,  # multi-turn records: every history answer is learnt, not only the last answer
     # (ChatGLM3 conversation records always learn every assistant message without "loss": false)
     "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
-    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; full: every weight (DeepSpeed keeps the fp32 master copy)
+    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; freeze: the last blocks; full: every weight (DeepSpeed keeps the fp32 master copy)
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
     # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer; with
     # prefix_projection they come from a two-layer MLP. The official runs used pre_seq_len 128 and learning rate 2e-2.
     "pre_seq_len": 128,
     "prefix_projection": False,
+    # method=freeze (freeze tuning): the last trainable_layers blocks train (a negative number: the first ones), within
+    # them the parameters named by trainable_modules ("all", or e.g. "mlp,self_attention"), plus those outside the
+    # blocks named by extra_modules (e.g. "final_layernorm,output_layer"). The run writes a whole model folder.
+    "freeze": {"trainable_layers": 2, "trainable_modules": "all", "extra_modules": ""},
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
@@ -292,7 +297,7 @@ check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 # Model with LoRA, or all weights trainable (--method=full). "auto" dtype follows the device the engine trains on
 # (bf16/fp16 on GPUs, fp32 on CPU); with half-precision weights DeepSpeed keeps the fp32 master copy of what it trains.
 method = check_method(config["method"])
-full, ptuning = method == "full", method == "ptuning"
+full, ptuning, freeze = method == "full", method == "ptuning", method == "freeze"
 transformers.set_seed(config["seed"])  # the LoRA weights, or the prefix encoder as the model loads, follow --seed
 weight_dtype = resolve_dtype(config["dtype"], device.type)
 prefix = {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}
@@ -305,6 +310,8 @@ if config["gradient_checkpointing"]:
     model.enable_input_require_grads()
 if ptuning:
     model.transformer.prefix_encoder.float()  # only it trains (the model froze the rest); the engine keeps fp32 masters
+elif freeze:
+    freeze_all_but(model, **config["freeze"])  # the engine keeps fp32 master copies of the trained blocks
 elif not full:
     model = add_lora(model, config["lora"])
 if master:
@@ -440,7 +447,7 @@ def save_checkpoint():
     engine.save_checkpoint(str(folder), tag=f"global_step{state.global_step}", client_state=state.state_dict(),
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), folder / f"rng_state_{rank}.pth")
-    if not full:  # the adapter or prefix of step N (full fine-tuning: the DeepSpeed state holds the weights)
+    if not (full or freeze):  # the adapter or prefix of step N (otherwise the DeepSpeed state holds the weights)
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
             if master and ptuning:
                 write_prefix_checkpoint(folder, prefix_state(engine.module), engine.module.config)
@@ -551,7 +558,7 @@ train_args = {
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__},
     "wall_seconds": round(train_runtime, 1),
 }
-if full:  # every rank takes part in gathering the ZeRO-3 shards, one weight at a time
+if full or freeze:  # every rank takes part in gathering the ZeRO-3 shards, one weight at a time
     full_state = gathered_state_dict(engine.module, keep=master)
     if master:
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"

@@ -16,7 +16,7 @@ Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and wr
 checkpoint/<data_name>/train_trainer/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
     prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
-    model/           --method=full: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
+    model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
@@ -38,6 +38,7 @@ from utils.train_utils import (
     data_paths,
     check_method,
     finish_trainer_run,
+    freeze_all_but,
     gathered_state_dict,
     gathered_trainable_parameters,
     load_datasets,
@@ -60,12 +61,16 @@ DEFAULTS = {
     "loss_on_all_turns": False,  # multi-turn records: every history answer is learnt, not only the last answer
     # (ChatGLM3 conversation records always learn every assistant message without "loss": false)
     "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
-    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; full: every weight
+    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; freeze: the last blocks; full: every weight
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
     # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer; with
     # prefix_projection they come from a two-layer MLP. The official runs used pre_seq_len 128 and learning rate 2e-2.
     "pre_seq_len": 128,
     "prefix_projection": False,
+    # method=freeze (freeze tuning): the last trainable_layers blocks train (a negative number: the first ones), within
+    # them the parameters named by trainable_modules ("all", or e.g. "mlp,self_attention"), plus those outside the
+    # blocks named by extra_modules (e.g. "final_layernorm,output_layer"). The run writes a whole model folder.
+    "freeze": {"trainable_layers": 2, "trainable_modules": "all", "extra_modules": ""},
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
@@ -112,7 +117,7 @@ def main(config):
     # is chosen for the device that trains, also when the weights are loaded on the CPU first. The weights are in it
     # too, except for full fine-tuning without DeepSpeed: there they stay fp32 (the master copy the optimizer updates).
     method = check_method(config["method"])
-    full, ptuning = method == "full", method == "ptuning"
+    full, ptuning, freeze = method == "full", method == "ptuning", method == "freeze"
     training_device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], training_device)
     prefix = {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}
@@ -128,6 +133,13 @@ def main(config):
     if ptuning:
         # Only the prefix encoder trains (the model froze the rest), in fp32 on a half-precision base, as officially.
         model.transformer.prefix_encoder.float()
+        print_trainable_parameters(model)
+    elif freeze:
+        freeze_all_but(model, **config["freeze"])
+        if not deepspeed_config:  # the trained blocks in fp32 (the optimizer's master copy), compute in the half type
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         print_trainable_parameters(model)
     elif full:
         print_trainable_parameters(model)
@@ -182,12 +194,12 @@ def main(config):
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
-        prefix_only=ptuning,
+        trainable_only=ptuning or freeze,
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
-    if full:  # every process takes part in gathering ZeRO-3 shards; the saved weights are in the compute dtype
+    if full or freeze:  # every process takes part in gathering ZeRO-3 shards; the saved weights are in the compute dtype
         state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
         if trainer.is_world_process_zero():
             finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started, state)

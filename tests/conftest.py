@@ -142,13 +142,15 @@ def run_script(script, *args, timeout=900, check=True, env=None):
 def train_then_resume(run, script, tmp_path, common, interrupted_after, last_step):
     """The resume-equivalence recipe of every training script: train `script` (run(script, *args)) without
     interruption into tmp_path/full; copy that as a run interrupted after checkpoint-`interrupted_after` (checkpoint-
-    `last_step` and the adapter removed) and resume it with --resume_from_checkpoint=auto. Returns (full, resumed run
-    folder, the resuming run's CompletedProcess)."""
+    `last_step` and the run's output, adapter, prefix or model folder, removed) and resume it with
+    --resume_from_checkpoint=auto. Returns (full, resumed run folder, the resuming run's CompletedProcess)."""
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     run(script, f"--output_dir={full}", *common)
     shutil.copytree(full, interrupted)
     shutil.rmtree(interrupted / f"checkpoint-{last_step}")
-    shutil.rmtree(interrupted / "adapter_model")
+    outputs = [interrupted / name for name in ("adapter_model", "prefix_model", "model") if (interrupted / name).is_dir()]
+    assert len(outputs) == 1, outputs  # what the run wrote at its end
+    shutil.rmtree(outputs[0])
     assert (interrupted / f"checkpoint-{interrupted_after}").is_dir()
     result = run(script, f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common)
     return full, interrupted, result
@@ -171,9 +173,16 @@ def trained_adapter(trainable_models, sixteen_examples, tmp_path_factory):
     return train
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of modules with background runs (start_background_runs, below) go last, so that their runs overlap
+    the rest of the suite instead of being waited for."""
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "start_background_runs"))
+
+
 def pytest_collection_finish(session):
-    """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes: each
-    keeps one core busy for tens of seconds), so that they run beside the tests collected before them."""
+    """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes,
+    tests/test_crash_resume.py's drivers: each keeps one core busy for tens of seconds), so that they run beside the
+    other tests."""
     for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
         if hasattr(module, "start_background_runs"):
             module.start_background_runs()

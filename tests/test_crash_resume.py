@@ -7,12 +7,17 @@ without its marker, a half-swapped adapter, a rotation half done.
 
 Starting a Python process with torch, transformers and DeepSpeed takes seconds, so this file is also its own driver:
 run as a script it imports them once and forks one child per run (the driver itself computes nothing, so forking is
-safe), and prints a JSON summary that the test reads."""
+safe), and prints a JSON summary that the test reads. The two drivers (one per training script) start when the tests
+are collected and run one after the other beside the rest of the suite; these tests, run last, read their summaries."""
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -137,31 +142,58 @@ def common_args(model_dir, train_file):
             "--lora_dropout=0.0", "--logging_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def crash_setup(tmp_path_factory):
+def make_setup(root):
+    """The tiny model and the 16 training lines the runs use, under `root`."""
     from utils.tiny_model import make_tiny_model
 
-    root = tmp_path_factory.mktemp("crash")
     model_dir = make_tiny_model("chatglm2-6b", root / "model", TOKENIZERS / "chatglm2-6b", seed=0, initializer_range=0.3)
     lines = (REPO_ROOT.parent / "shared" / "data" / "msra" / "instruct_data" / "dev.txt").read_text(encoding="utf-8").splitlines()[:16]
     train_file = root / "train.txt"
     train_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root, model_dir, train_file
+    return model_dir, train_file
 
 
-@pytest.mark.parametrize("script,extra", [("train_trainer.py", ["--lr_scheduler_type=constant", "--report_to=none"]), ("train_deepspeed.py", [])])
-def test_a_run_killed_at_any_moment_of_its_save_resumes_to_the_uninterrupted_weights(script, extra, crash_setup, tmp_path):
-    root, model_dir, train_file = crash_setup
-    common = common_args(model_dir, train_file) + extra
-    if script == "train_deepspeed.py":  # deepspeed.json names no scheduler: a constant rate, as the Trainer's "constant"
-        config = tmp_path / "deepspeed_constant.json"
-        ds = json.loads((REPO_ROOT / "deepspeed.json").read_text())
-        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-2, "warmup_max_lr": 1e-2, "warmup_num_steps": 1, "warmup_type": "linear"}}
-        config.write_text(json.dumps(ds))
-        common.append(f"--deepspeed={config}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, __file__, script, json.dumps(common), str(tmp_path), "6", "10"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=900, env=env)
+SCRIPTS = {"train_trainer.py": ["--lr_scheduler_type=constant", "--report_to=none"], "train_deepspeed.py": []}
+RUNS = {}
+
+
+def start_background_runs():
+    """Both drivers, one after the other, in a thread of this process: each is one single-threaded process busy for
+    tens of seconds, so they run beside the tests collected before this file's (conftest.pytest_collection_finish
+    starts them; the test waits for its script's)."""
+    if RUNS:
+        return RUNS
+    root = Path(tempfile.mkdtemp(prefix="crash-resume-"))
+    RUNS.update({script: {"done": threading.Event(), "result": None} for script in SCRIPTS})
+
+    def run_all():
+        # The tiny model is made in a process of its own: the drivers must run no torch operation before they fork.
+        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True)
+        for script in SCRIPTS:
+            if setup.returncode:
+                RUNS[script]["result"], _ = setup, RUNS[script]["done"].set()
+                continue
+            try:
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+                RUNS[script]["result"] = subprocess.run(
+                    [sys.executable, __file__, script, str(root), str(root / script), "6", "10"], cwd=REPO_ROOT,
+                    capture_output=True, text=True, timeout=900, env=env)
+            except Exception as error:  # noqa: BLE001 - the test reports it
+                RUNS[script]["result"] = error
+            finally:
+                RUNS[script]["done"].set()
+
+    threading.Thread(target=run_all, daemon=True).start()
+    atexit.register(shutil.rmtree, root, True)
+    return RUNS
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_a_run_killed_at_any_moment_of_its_save_resumes_to_the_uninterrupted_weights(script):
+    run = start_background_runs()[script]
+    assert run["done"].wait(timeout=1800), f"{script}: the crash driver did not finish"
+    result = run["result"]
+    assert isinstance(result, subprocess.CompletedProcess), result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     print(json.dumps(summary["results"], indent=1))  # shown with -s: where each run was killed and what it left
@@ -177,9 +209,13 @@ def test_a_run_killed_at_any_moment_of_its_save_resumes_to_the_uninterrupted_wei
           f"{max(r['max_difference'] for r in results):.3g}")
 
 
-if __name__ == "__main__":  # the driver: script, common args (JSON), output root, last checkpoint step, moments
+if __name__ == "__main__":  # the driver: script, setup folder, output root, last checkpoint step, moments
     sys.path.insert(0, str(REPO_ROOT))
     os.chdir(REPO_ROOT)
+    script, setup_root = sys.argv[1], Path(sys.argv[2])
+    if script == "setup":
+        make_setup(setup_root)
+        sys.exit(0)
     # Imported once here, shared by every forked child.
     import matplotlib.pyplot  # noqa: F401 - the loss plot
     import utils.model_utils
@@ -187,7 +223,16 @@ if __name__ == "__main__":  # the driver: script, common args (JSON), output roo
 
     utils.model_utils.remote_module("chatglm2-6b", "modeling_chatglm")
 
-    if sys.argv[1] == "train_deepspeed.py":
+    model_dir, train_file = (setup_root / "model", setup_root / "train.txt")
+    common = common_args(model_dir, train_file) + SCRIPTS[script]
+    if script == "train_deepspeed.py":
         import deepspeed  # noqa: F401
-    summary = drive(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+
+        # deepspeed.json names no scheduler: a constant rate, as the Trainer's "constant".
+        ds = json.loads((REPO_ROOT / "deepspeed.json").read_text())
+        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-2, "warmup_max_lr": 1e-2, "warmup_num_steps": 1,
+                                                          "warmup_type": "linear"}}
+        (setup_root / "deepspeed_constant.json").write_text(json.dumps(ds))
+        common.append(f"--deepspeed={setup_root / 'deepspeed_constant.json'}")
+    summary = drive(script, common, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     print(json.dumps(summary))

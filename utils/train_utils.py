@@ -4,6 +4,7 @@ export (an official-layout model folder + train_args.json), the loss plot and a 
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, 
 
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
 # lora: train LoRA adapters on frozen weights; ptuning: train a P-tuning v2 prefix (the official ChatGLM method) on
-# frozen weights; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
-METHODS = ("lora", "ptuning", "full")
+# frozen weights; freeze: train the last blocks only; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
+METHODS = ("lora", "ptuning", "freeze", "full")
 FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -76,8 +77,45 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
 
 def check_method(method):
     if method not in METHODS:
-        raise ValueError(f"--method={method!r}: use lora (LoRA adapters), ptuning (a P-tuning v2 prefix) or full (every weight)")
+        raise ValueError(f"--method={method!r}: use lora (LoRA adapters), ptuning (a P-tuning v2 prefix), freeze (the "
+                         "last blocks) or full (every weight)")
     return method
+
+
+BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")  # transformer.encoder.layers.N. (ChatGLM2/3), transformer.layers.N. (v1), model.layers.N.
+
+
+def freeze_all_but(model, trainable_layers, trainable_modules="all", extra_modules=""):
+    """Freeze tuning (as LLaMA-Factory's): only the last `trainable_layers` blocks train (the first ones for a
+    negative number), within them only the parameters whose names contain one of the comma-separated
+    `trainable_modules` ("all": the whole block), plus any parameter outside the blocks whose name contains one of
+    `extra_modules` (e.g. "final_layernorm,output_layer"). Returns the trained parameter names; an option that selects
+    nothing is an error that lists what there is."""
+    blocks = sorted({int(m.group(1)) for name, _ in model.named_parameters() if (m := BLOCK_INDEX.search(name))})
+    if not blocks or trainable_layers == 0 or abs(trainable_layers) > len(blocks):
+        raise ValueError(f"--freeze_trainable_layers={trainable_layers}: the model has {len(blocks)} blocks; give 1..{len(blocks)} "
+                         "(the last N) or -1..-N (the first N)")
+    chosen = set(blocks[-trainable_layers:] if trainable_layers > 0 else blocks[:-trainable_layers])
+    modules = [m.strip() for m in trainable_modules.split(",") if m.strip()]
+    extras = [m.strip() for m in extra_modules.split(",") if m.strip()]
+    trained = []
+    for name, param in model.named_parameters():
+        match = BLOCK_INDEX.search(name)
+        if match:
+            train = int(match.group(1)) in chosen and (modules == ["all"] or any(f".{m}." in name for m in modules))
+        else:
+            train = any(m in name for m in extras)
+        param.requires_grad_(train)
+        if train:
+            trained.append(name)
+    inside = {name.split(".layers.", 1)[1].split(".", 1)[1] for name, _ in model.named_parameters() if BLOCK_INDEX.search(name)}
+    if modules != ["all"] and not any(f".{m}." in f".{n}" for m in modules for n in inside):
+        raise ValueError(f"--freeze_trainable_modules={trainable_modules!r} matches nothing in a block; a block holds "
+                         f"{sorted(inside)}")
+    missing = [m for m in extras if not any(m in name and not BLOCK_INDEX.search(name) for name, _ in model.named_parameters())]
+    if missing:
+        raise ValueError(f"--freeze_extra_modules: {missing} match no parameter outside the blocks")
+    return trained
 
 
 def prefix_state(model):
@@ -243,9 +281,11 @@ class Trainer(transformers.Trainer):
       the loss sum recorded in each checkpoint's marker;
     - trains no extra step when resumed from the checkpoint of the last step."""
 
-    def __init__(self, *args, prefix_only=False, **kwargs):
+    def __init__(self, *args, trainable_only=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prefix_only = prefix_only  # P-tuning: checkpoints hold the prefix encoder, not the frozen 6B weights
+        # P-tuning and freeze tuning: checkpoints hold the trained tensors (the prefix encoder, the chosen blocks),
+        # not the frozen 6B weights, which resuming takes from the base again.
+        self.trainable_only = trainable_only
         self.keep_checkpoints = self.args.save_total_limit or 0
         self.args.save_total_limit = None
         self.add_callback(_StopAtPlannedEnd)
@@ -286,20 +326,31 @@ class Trainer(transformers.Trainer):
         return transformers.trainer_utils.TrainOutput(output.global_step, loss, output.metrics)
 
     def _save(self, output_dir=None, state_dict=None):
-        if not self.prefix_only:
+        if not self.trainable_only:
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
-            state = prefix_state(self.model) if state_dict is None else {
-                name: tensor.detach().to("cpu", copy=True) for name, tensor in state_dict.items() if name.startswith(PREFIX_KEY)}
+            trained = {name for name, param in self.model.named_parameters() if param.requires_grad}
+            source = state_dict if state_dict is not None else dict(self.model.named_parameters())
+            state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in source.items() if name in trained}
+            # The official P-tuning layout: these tensors in model.safetensors, the model's config.json beside them.
             write_prefix_checkpoint(output_dir or self.args.output_dir, state, self.model.config)
             torch.save(self.args, os.path.join(output_dir or self.args.output_dir, transformers.trainer.TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self.prefix_only:
+        if not self.trainable_only:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from utils.model_utils import load_prefix_checkpoint
+        from safetensors.torch import load_file
 
-        load_prefix_checkpoint(model or self.model, resume_from_checkpoint)
+        model = model or self.model
+        state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
+        trained = {name for name, param in model.named_parameters() if param.requires_grad}
+        if set(state) != trained:
+            raise ValueError(f"{resume_from_checkpoint}: holds {sorted(set(state) - trained)[:3]} / lacks "
+                             f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings it was made with")
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                parameters[name].copy_(tensor)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -412,7 +463,7 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     }
     if full_state is not None:
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
-    elif trainer.prefix_only:
+    elif config["method"] == "ptuning":
         saved = f"P-tuning v2 prefix: {save_prefix(trainer.model, output_dir, train_args)}"
     else:
         saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
