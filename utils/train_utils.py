@@ -463,7 +463,7 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     }
     if full_state is not None:
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
-    elif config["method"] == "ptuning":
+    elif config.get("method") == "ptuning":  # train_qlora.py has no method: LoRA
         saved = f"P-tuning v2 prefix: {save_prefix(trainer.model, output_dir, train_args)}"
     else:
         saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
