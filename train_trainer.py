@@ -29,7 +29,7 @@ from transformers import TrainingArguments
 
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
-from utils.distributed import set_env_from_mpi
+from utils.distributed import leave_process_group, set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
@@ -203,10 +203,11 @@ def main(config):
         state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
         if trainer.is_world_process_zero():
             finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started, state)
-        return
-    with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
-        if trainer.is_world_process_zero():
-            finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
+    else:
+        with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
+            if trainer.is_world_process_zero():
+                finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
+    leave_process_group()
 
 
 if __name__ == "__main__":

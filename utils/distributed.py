@@ -44,3 +44,14 @@ def set_env_from_mpi():
         MASTER_PORT=os.environ.get("MASTER_PORT", str(master[1])),
     )
     return True
+
+
+def leave_process_group():
+    """At the end of a run on several processes: every rank waits until rank 0 has saved, then leaves the process
+    group. A rank that exits while another still works tears its communication threads down under it ("terminate
+    called without an active exception"), and the launcher then kills the whole job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

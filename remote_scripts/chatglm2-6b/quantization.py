@@ -11,7 +11,8 @@ The scheme and the checkpoint layout are those of the official `-int8` / `-int4`
 With few rows (decoding) on CUDA, the forward pass streams the stored int8 / packed int4 weight through the Triton
 kernel of kernels.py, which applies the row scales to its fp32 sums. Otherwise (prefill, training, CPU) it dequantizes
 the whole weight (w = s_r * q) in the dtype of the activations and does an ordinary matmul. cpm_kernels is not needed.
-The quantized weights are not trainable; gradients still flow to the inputs.
+The quantized weights are not trainable; gradients still flow to the inputs (and biases), with the weight dequantized
+again in the backward pass instead of kept (DequantizingLinear), so that P-tuning or LoRA on an int4 base stays small.
 
 Only the four linear layers of every block are quantized (query_key_value, the attention output dense,
 dense_h_to_4h, dense_4h_to_h); embeddings, norms and the output layer stay in full precision.
@@ -95,6 +96,28 @@ def dequantize_weight(q, scale, bits, dtype=None):
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
+class DequantizingLinear(torch.autograd.Function):
+    """F.linear(x, dequantized weight, bias) that keeps only the stored int8 / int4 weight for the backward pass and
+    dequantizes it again there: the gradient with respect to x (P-tuning or LoRA on a quantized base) then costs no
+    full-precision copy of every layer's weight held from the forward to the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bits, bias):
+        ctx.save_for_backward(weight, scale)
+        ctx.bits, ctx.has_bias = bits, bias is not None
+        return F.linear(x, dequantize_weight(weight, scale, bits, x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_weight(weight, scale, ctx.bits, grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, None, grad_bias
+
+
 class QuantizedLinear(nn.Module):
     """A linear layer with an int8 (or packed int4) weight and per-row scales; y = x (s * q)^T + b.
 
@@ -136,6 +159,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x):
         if small_batch_kernel_applies(x, self.in_features, self.bits):  # decoding on CUDA: stream the int8/int4 weight as it is
             return small_batch_linear(x, self.weight, self.bias, scale=self.weight_scale, bits=self.bits)
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return DequantizingLinear.apply(x, self.weight, self.weight_scale, self.bits, self.bias)
         weight = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
