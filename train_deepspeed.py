@@ -64,7 +64,7 @@ from utils.train_utils import (
     save_adapter,
     save_full_model,
     save_prefix,
-    write_prefix_checkpoint,
+    write_partial_checkpoint,
 )
 from utils.run_dirs import check_output_dir, finish_output_dir, find_resume_checkpoint, mark_complete, prepare_output_dir, rotate_checkpoints
 
@@ -450,7 +450,7 @@ def save_checkpoint():
     if not (full or freeze):  # the adapter or prefix of step N (otherwise the DeepSpeed state holds the weights)
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):  # whole LoRA weights under ZeRO-3
             if master and ptuning:
-                write_prefix_checkpoint(folder, prefix_state(engine.module), engine.module.config)
+                write_partial_checkpoint(folder, prefix_state(engine.module), engine.module.config)
             elif master:
                 engine.module.save_pretrained(str(folder), safe_serialization=True)
     if master:

@@ -15,7 +15,16 @@ import torch
 from safetensors import safe_open
 
 from utils.config_utils import Config
-from utils.model_utils import ModelFolderError, load_model_with_adapter, remote_module
+from utils.model_utils import (
+    PREFIX_KEY,
+    ModelFolderError,
+    detect_model_version,
+    load_model_with_adapter,
+    prefix_checkpoint_config,
+    prefix_weights_file,
+    read_config,
+    remote_module,
+)
 
 ADAPTER_DIR = "adapter_model"
 PREFIX_DIR = "prefix_model"  # what --method=ptuning writes
@@ -60,8 +69,6 @@ def uses_adapter(lora_path):
 
 def is_trained_folder(path):
     """A LoRA adapter (adapter_config.json) or a P-tuning v2 checkpoint: what --lora_path takes."""
-    from utils.model_utils import prefix_checkpoint_config
-
     return (Path(path) / "adapter_config.json").is_file() or prefix_checkpoint_config(path) is not None
 
 
@@ -197,8 +204,6 @@ def check_adapter_fits_base(lora_path, model_dir, version, base_config):
 def check_prefix_fits_base(prefix_path, model_dir, version, base_config):
     """Refuse a P-tuning v2 checkpoint made for another base, naming both: another version (its train_args.json, or
     its own config.json), or prefix encoder tensors whose shapes the base's layers, heads and widths do not give."""
-    from utils.model_utils import PREFIX_KEY, PREFIX_WEIGHT_FILES, detect_model_version, prefix_checkpoint_config, read_config
-
     prefix_path = Path(prefix_path)
     own_config = read_config(prefix_path)
     trained_on = read_run_record(prefix_path).get("model_version") or detect_model_version(own_config, str(prefix_path / "config.json"))
@@ -212,8 +217,8 @@ def check_prefix_fits_base(prefix_path, model_dir, version, base_config):
     with torch.device("meta"):
         encoder = remote_module(version, "modeling_chatglm").PrefixEncoder(config)
     expected = {PREFIX_KEY + name: tuple(t.shape) for name, t in encoder.state_dict().items()}
-    file = next(prefix_path / name for name in PREFIX_WEIGHT_FILES if (prefix_path / name).is_file())
-    found = {name: shape for name, shape in adapter_shapes(file).items() if name.startswith(PREFIX_KEY)}
+    shapes = adapter_shapes(prefix_weights_file(prefix_path))
+    found = {name: shape for name, shape in shapes.items() if name.startswith(PREFIX_KEY)}
     if found != expected:
         raise ModelFolderError(
             f"the P-tuning checkpoint {prefix_path} does not fit the base {model_dir} ({version}): its prefix encoder is "

@@ -224,11 +224,17 @@ PREFIX_KEY = "transformer.prefix_encoder."
 PREFIX_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+def prefix_weights_file(path):
+    """The weights file of a P-tuning checkpoint folder (ours: model.safetensors; the official: pytorch_model.bin),
+    or None."""
+    return next((Path(path) / name for name in PREFIX_WEIGHT_FILES if (Path(path) / name).is_file()), None)
+
+
 def prefix_checkpoint_config(path):
     """{"pre_seq_len", "prefix_projection"} of a P-tuning v2 checkpoint folder, or None for any other folder (one
     without a config.json that sets pre_seq_len, or without a weights file)."""
     config_path = Path(path) / "config.json"
-    if not config_path.is_file() or not any((Path(path) / name).is_file() for name in PREFIX_WEIGHT_FILES):
+    if not config_path.is_file() or prefix_weights_file(path) is None:
         return None
     config = read_config(path)
     if not config.get("pre_seq_len"):
@@ -240,8 +246,7 @@ def read_prefix_weights(path) -> dict:
     """The prefix encoder's tensors of a P-tuning checkpoint, under the names the encoder itself uses (embedding.weight,
     trans.0.weight, ...). A legacy .bin is read with weights_only=True. Other tensors in the file are an error: a
     folder holding a whole model is not a P-tuning checkpoint to put on a base."""
-    path = Path(path)
-    file = next(path / name for name in PREFIX_WEIGHT_FILES if (path / name).is_file())
+    file = prefix_weights_file(path)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 

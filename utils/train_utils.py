@@ -124,9 +124,10 @@ def prefix_state(model):
             if name.startswith(PREFIX_KEY)}
 
 
-def write_prefix_checkpoint(folder, state, config):
-    """A P-tuning v2 checkpoint as the official ptuning scripts lay it out, in safetensors: the prefix encoder's
-    weights (model.safetensors) and the model's config.json, which records pre_seq_len and prefix_projection."""
+def write_partial_checkpoint(folder, state, config):
+    """The tensors a run trains (`state`) and the model's config.json: the layout of the official P-tuning v2
+    checkpoints (for a prefix, config.json records pre_seq_len and prefix_projection), in safetensors; freeze
+    tuning's checkpoints use it for the chosen blocks."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -140,7 +141,7 @@ def save_prefix(model, output_dir, train_args: dict):
     the servers and merge_lora_and_quantize.py take it by --lora_path. Written aside and swapped in."""
     final = Path(output_dir) / PREFIX_DIR
     with staged_folder(final, replace=True) as staging:
-        write_prefix_checkpoint(staging, prefix_state(model), model.config)
+        write_partial_checkpoint(staging, prefix_state(model), model.config)
         write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
     return final
 
@@ -333,7 +334,7 @@ class Trainer(transformers.Trainer):
             source = state_dict if state_dict is not None else dict(self.model.named_parameters())
             state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in source.items() if name in trained}
             # The official P-tuning layout: these tensors in model.safetensors, the model's config.json beside them.
-            write_prefix_checkpoint(output_dir or self.args.output_dir, state, self.model.config)
+            write_partial_checkpoint(output_dir or self.args.output_dir, state, self.model.config)
             torch.save(self.args, os.path.join(output_dir or self.args.output_dir, transformers.trainer.TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
