@@ -295,7 +295,7 @@ def create_app(model, tokenizer, config) -> FastAPI:
     model_name = config["model_name"] or Path(config["model_dir"]).name
     api_key = read_api_key(config["api_key"])
     prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
-    context = getattr(model, "max_sequence_length", None)
+    context = getattr(model, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", None)
     queue = GenerationQueue(config["max_waiting"])
     created = int(time.time())
     app = FastAPI(title="ChatGLM OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
@@ -476,7 +476,7 @@ def main(config):
               "reach this machine can use the model. Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).",
               file=sys.stderr, flush=True)
     try:
-        model, tokenizer = load_run(config, chatglm_only=True)  # an adapter brings its run's base unless --model_dir is given
+        model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
     app = create_app(model, tokenizer, config)

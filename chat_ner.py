@@ -49,7 +49,7 @@ def main(config):
     prompt_format = get_prompt_format(tokenizer, version)
     example = tokenizer.decode(prompt_format.prompt_ids(message("<你的句子>"), []))
     interactive = sys.stdin.isatty()
-    print(f"{version} + {lora_path}. The prompt of a first turn looks like:\n---\n{example}\n---\n"
+    print(f"{version or model.config.model_type} + {lora_path}. The prompt of a first turn looks like:\n---\n{example}\n---\n"
           "Type a sentence; 'clear' forgets the history, 'exit' quits.", flush=True)
     history = []
     while True:

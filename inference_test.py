@@ -86,7 +86,8 @@ def main(config):
             rows.append(benchmark(label + " + P-tuning prefix", adapted, input_ids, config))
             model = adapted
         elif index == 0 and uses_adapter(config["lora_path"]):
-            check_adapter_fits_base(config["lora_path"], model_path, model.model_version, read_config(model_path))
+            if model.model_version is not None:  # ChatGLM; on transformers' own models PEFT checks the shapes
+                check_adapter_fits_base(config["lora_path"], model_path, model.model_version, read_config(model_path))
             adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
             if config["fold_adapter"]:
                 adapted = fold_adapter(adapted)

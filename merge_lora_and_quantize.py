@@ -1,6 +1,7 @@
 """Merge a LoRA adapter into its ChatGLM base model (or put a P-tuning v2 prefix beside its weights), optionally
 quantize to int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel /
-AutoTokenizer with trust_remote_code=True).
+AutoTokenizer with trust_remote_code=True). A GLM-4 (or other transformers-native) base is merged too, into a folder
+of its own layout (--qbits 0 only: int8/int4 here is ChatGLM's quantization).
 
     python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner --qbits 0
     python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner-int4 --qbits 4
@@ -44,7 +45,14 @@ from utils.model_utils import (
     prefix_checkpoint_config,
     read_config,
 )
-from utils.model_folder import MODEL_FILES, folder_config, staged_folder, unique_state_dict, write_model_folder
+from utils.model_folder import (
+    MODEL_FILES,
+    folder_config,
+    staged_folder,
+    unique_state_dict,
+    write_model_folder,
+    write_native_model_folder,
+)
 
 DEFAULTS = {
     "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
@@ -128,6 +136,19 @@ def plan(config):
             )
     try:
         base_config = read_config(model_dir)
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
+    if base_config.get("model_type") not in (None, "chatglm"):  # GLM-4 and others of transformers' own classes
+        if qbits:
+            raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
+                             f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
+                             "(bitsandbytes, as train_qlora.py does)")
+        if prefix is not None:
+            raise MergeError(f"{lora_path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} is another model")
+        return {"qbits": 0, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
+                "lora_path": lora_path, "model_dir": model_dir, "version": None, "base_config": base_config,
+                "scripts": None, "prefix": None}
+    try:
         version = detect_model_version(base_config, str(model_dir / "config.json"))
     except ModelFolderError as err:
         raise MergeError(str(err)) from err
@@ -173,6 +194,8 @@ def load_adapter(base, lora_path, model_dir):
 
 
 def write_merged_folder(job, model, folder):
+    if job["version"] is None:  # a model of transformers' own classes: its config and tokenizer files, our weights
+        return write_native_model_folder(folder, unique_state_dict(model), job["model_dir"], job["max_shard_bytes"])
     # A P-tuning prefix travels in the folder: its weights, and pre_seq_len / prefix_projection in config.json.
     config = folder_config({**job["base_config"], **(job["prefix"] or {})}, job["version"], job["dtype"], job["qbits"])
     return write_model_folder(folder, unique_state_dict(model), config, job["version"], job["model_dir"],
@@ -181,7 +204,7 @@ def write_merged_folder(job, model, folder):
 
 def main(config):
     job = plan(config)
-    print(f"base: {job['model_dir']} ({job['version']}); adapter: {job['lora_path']}; "
+    print(f"base: {job['model_dir']} ({job['version'] or job['base_config']['model_type']}); adapter: {job['lora_path']}; "
           f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
 
     if job["prefix"]:

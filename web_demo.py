@@ -126,7 +126,7 @@ def build_demo(web_chat: WebChat, config, title):
 
 def main(config):
     try:
-        model, tokenizer = load_run(config, chatglm_only=True)  # an adapter brings its run's base unless --model_dir is given
+        model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
     except ModelFolderError as err:
         raise SystemExit(str(err)) from err
     import gradio as gr

@@ -27,6 +27,8 @@ def load_random_model(version, config_dir, dtype):
 def random_prompt(model, batch, prompt_len):
     body = torch.randint(5, 60000, (batch, prompt_len - 2), device="cuda")
     config = model.config
+    if getattr(config, "model_type", "chatglm") != "chatglm":  # GLM-4: [gMASK] <sop> of its real vocabulary, then text
+        return torch.cat((torch.tensor([151331, 151333], device="cuda").expand(batch, -1), body), dim=1)
     if hasattr(config, "gmask_token_id"):  # v1: text, then [gMASK] <sop>
         tail = torch.tensor([config.gmask_token_id, config.bos_token_id], device="cuda").expand(batch, -1)
         return torch.cat((body, tail), dim=1)

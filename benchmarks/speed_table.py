@@ -11,6 +11,13 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
   lora-v2, lora-v1             LoRA r=8 on query_key_value, batch 8 x 512, AdamW, bf16 autocast (as the Trainer runs)
   qlora-v2                     NF4 + double quantization (loaded as train_qlora.py loads it), LoRA r=8 on
                                query_key_value, batch 4 x 512, gradient checkpointing, paged AdamW 32-bit
+  ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
+                               train_trainer.py --method=ptuning has it), batch 8 x 512, on the bf16 / our int4 base
+  decode-glm4-b1, decode-glm4-b1-plain
+                               GLM-4-9B (transformers' GlmConfig defaults = glm-4-9b-chat-hf's config.json) through
+                               our stream path (utils.generation.stream_generate: generate() with the static cache and
+                               its compiled step; plain: generate()'s default dynamic cache, eager)
+  lora-glm4                    GLM-4-9B LoRA r=8 on q_proj,k_proj,v_proj (the role of query_key_value), 8 x 512
 Training rows: every position carries a label (the most loss work), steady state: the mean of --train_steps steps
 after --warmup_steps, peak memory over the timed steps.
 """
@@ -27,8 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from utils.generation import time_generation  # noqa: E402
-from utils.model_utils import load_model_and_tokenizer, remote_module  # noqa: E402
-from utils.tiny_model import make_tiny_model  # noqa: E402
+from utils.model_utils import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
+from utils.tiny_model import build_random_model, make_tiny_model  # noqa: E402
 from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
 
 # Official remote code + transformers 4.40 + peft 0.10 on the same H200 (random 6B weights, bf16; measured 2026-12-02),
@@ -43,6 +50,11 @@ REFERENCE = {
     "lora-v2": ("ChatGLM2-6B LoRA, 8 x 512", 16787, ">= 20,000 tok/s, <= 24 GiB"),
     "lora-v1": ("ChatGLM-6B LoRA, 8 x 512", 13111, ">= 16,000 tok/s, <= 40 GiB"),
     "qlora-v2": ("ChatGLM2-6B QLoRA NF4, 4 x 512, GC", 7276, ">= 8,000 tok/s, <= 8 GiB"),
+    "ptuning-v2": ("ChatGLM2-6B P-tuning v2 (pre_seq_len 128), 8 x 512", None, "(next to LoRA's row)"),
+    "ptuning-v2-int4": ("ChatGLM2-6B P-tuning v2 on our int4 base, 8 x 512", None, "(memory)"),
+    "decode-glm4-b1": ("GLM-4-9B decode, batch 1 (floor: 18.8 GB of weights / 4.26 TB/s = 4.4 ms, 227 tok/s)", None, "(no target)"),
+    "decode-glm4-b1-plain": ("GLM-4-9B decode, batch 1, generate()'s default dynamic cache", None, "(reference)"),
+    "lora-glm4": ("GLM-4-9B LoRA, 8 x 512", None, "(no target)"),
 }
 REFERENCE_PEAK = {"lora-v2": 35.1, "lora-v1": 64.7, "qlora-v2": 22.7}
 VERSION = {"v1": "chatglm-6b", "v2": "chatglm2-6b"}
@@ -170,6 +182,36 @@ def run_rows(rows, args):
             results["lora-v1"] = train_row(lora(model), 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-v1"))
             print("lora-v1", results["lora-v1"], flush=True)
         del model
+        release()
+    for name, bits in (("ptuning-v2", 0), ("ptuning-v2-int4", 4)):
+        if name in rows:
+            with torch.device("cuda"):  # the model freezes all but its prefix encoder when pre_seq_len is set
+                model = build_random_model("chatglm2-6b", {**read_config(Path(args.config_dir) / "chatglm2-6b"), "pre_seq_len": 128},
+                                           dtype=torch.bfloat16)
+            if bits:
+                model.quantize(bits)
+            model.transformer.prefix_encoder.float()
+            results[name] = train_row(model, 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile(name))
+            print(name, results[name], flush=True)
+            model = None
+            release()
+    if any(r.endswith("glm4") or "-glm4-" in r for r in rows):
+        from transformers import AutoModelForCausalLM, GlmConfig
+
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
+        model.model_version = None
+        for name, decode in (("decode-glm4-b1", args.decode), ("decode-glm4-b1-plain", "plain")):
+            if name in rows:
+                results[name] = decode_row(model, 1, 256, decode, profile_path=profile(name))
+                print(name, results[name], flush=True)
+        if "lora-glm4" in rows:
+            peft_model = add_lora(model, {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "q_proj,k_proj,v_proj"})
+            results["lora-glm4"] = train_row(peft_model, 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-glm4"))
+            print("lora-glm4", results["lora-glm4"], flush=True)
+            del peft_model
+        model = None
         release()
     if "qlora-v2" in rows:
         import bitsandbytes as bnb

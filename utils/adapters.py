@@ -85,14 +85,13 @@ def take_run_settings(config, keys=("model_dir",)):
     return taken
 
 
-def load_run(config, keys=("model_dir",), chatglm_only=False, fold=True):
+def load_run(config, keys=("model_dir",), fold=True):
     """Model + tokenizer for a script's --model_dir and --lora_path (and --dtype, --device): the run's settings for
     `keys` first (take_run_settings), then utils.model_utils.load_model_with_adapter, which refuses an adapter on
     another base before reading weights. The one way the inference scripts load what they serve."""
     take_run_settings(config, keys)
     lora_path = config["lora_path"] if uses_adapter(config["lora_path"]) else None
-    return load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"],
-                                   chatglm_only=chatglm_only, fold=fold)
+    return load_model_with_adapter(config["model_dir"], lora_path, dtype=config["dtype"], device=config["device"], fold=fold)
 
 
 def run_instruction(lora_path):

@@ -23,7 +23,9 @@ Plain text for causal-LM (pre)training is the other format (`TextDataset`): reco
 cut into blocks, each opened by the tokenizer's prefix ([gMASK] sop for ChatGLM2/3) as every prompt is.
 """
 import itertools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -122,7 +124,12 @@ class ChatGLMPromptFormat:
 
 
 class ChatTemplatePromptFormat:
-    """Models that transformers supports natively: their tokenizer's chat template."""
+    """Models that transformers supports natively (GLM-4, Llama...): their tokenizer's chat template.
+
+    The answer turn ends with the special tokens the template writes after an assistant message; a template that
+    writes none there (GLM-4's) ends it with the role token that opens the next turn (<|user|>, as GLM-4's own
+    finetuning appends). Generation stops at those, the tokenizer's eos and the model folder's generation_config
+    eos ids (GLM-4: <|endoftext|>, <|user|>, <|observation|>)."""
 
     labels_from_prompt_end = 0
     version = None
@@ -131,10 +138,12 @@ class ChatTemplatePromptFormat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"{type(tokenizer).__name__} has no chat_template; cannot build prompts for this model")
         self.tokenizer = tokenizer
+        self.turn_end = self._turn_end()
 
     @property
     def stop_token_ids(self):
-        return [self.tokenizer.eos_token_id]
+        ids = [self.tokenizer.eos_token_id, *self.turn_end, *folder_eos_ids(self.tokenizer.name_or_path)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def _ids(self, messages, generation_prompt):
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
@@ -149,20 +158,43 @@ class ChatTemplatePromptFormat:
     def prompt_ids(self, message, history, system="") -> list:
         return self._ids(self._messages(message, history, system), generation_prompt=True)
 
-    def answer_parts(self, answer):
-        """The assistant turn as the template renders it after a generation prompt: (content ids, the trailing
-        special tokens that close the turn), so that the model learns to end its turn the template's way."""
-        messages = self._messages("", [])
+    def _rendered_answer(self, answer):
+        """Ids after the generation prompt once `answer` follows it (a placeholder question: some templates skip
+        empty messages)."""
+        messages = self._messages("x", [])
         prompt = self._ids(messages, generation_prompt=True)
         full = self._ids(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise ValueError("the chat template renders the prompt differently once an answer follows; cannot mask labels")
-        tail = full[len(prompt):]
-        special = set(self.tokenizer.all_special_ids)
-        split = len(tail)
-        while split and tail[split - 1] in special:
-            split -= 1
-        return tail[:split], tail[split:]
+        return messages, full, full[len(prompt):]
+
+    def _turn_end(self):
+        messages, full, tail = self._rendered_answer("x")
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}  # the placeholder may be unknown
+        closing = list(itertools.takewhile(lambda i: i in special, reversed(tail)))[::-1]
+        if closing:
+            return closing
+        longer = self._ids(messages + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "x"}], generation_prompt=False)
+        following = longer[len(full): len(full) + 1]
+        return following if following and following[0] in special else [self.tokenizer.eos_token_id]
+
+    def answer_parts(self, answer):
+        """(content ids, the ids that close the turn): the assistant turn as the template renders it after a
+        generation prompt, so that the model learns to end its turn the template's way."""
+        _, _, tail = self._rendered_answer(answer)
+        closing = tail[len(tail) - len(self.turn_end):] if tail[len(tail) - len(self.turn_end):] == self.turn_end else []
+        return tail[: len(tail) - len(closing)], self.turn_end
+
+
+def folder_eos_ids(model_dir) -> list:
+    """eos_token_id of a model folder's generation_config.json (else config.json), as a list; [] if there is none."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir or "") / name
+        if model_dir and path.is_file():
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            if eos is not None:
+                return eos if isinstance(eos, list) else [eos]
+    return []
 
 
 def get_prompt_format(tokenizer, version=None):

@@ -2,12 +2,14 @@
 with trust_remote_code=True): weights as safetensors (sharded above a size), config.json with the official auto_map,
 the tokenizer file with tokenizer_config.json, generation_config.json if the source has one, and the version's .py
 files. merge_lora_and_quantize.py writes merged (and quantized) models with it, the training scripts the weights of a
-full fine-tuning run (--method=full).
+full fine-tuning run (--method=full). Models that transformers supports itself (GLM-4) get their own layout:
+their config.json and tokenizer files with our safetensors weights (write_native_model_folder).
 
 Folders are written under a hidden sibling name and swapped in at the end, so a failure never leaves a half-written
 model where a good one was (or was expected)."""
 import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -122,6 +124,26 @@ def write_model_folder(folder, state, config, version, source_dir, max_shard_byt
         shutil.copy2(source_dir / "generation_config.json", folder / "generation_config.json")
     for name in MODEL_FILES:
         shutil.copy2(scripts_dir / name, folder / name)
+    return files
+
+
+# What a native model folder holds besides its tokenizer and generation files: these are written anew.
+NATIVE_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def write_native_model_folder(folder, state, source_dir, max_shard_bytes):
+    """Fill `folder` (existing, empty) for a model that transformers loads with its own classes (GLM-4...): weights
+    from `state` (safetensors), the source folder's config.json with the saved dtype, and every other file of the
+    source folder (tokenizer, chat template, generation_config.json). Returns the weight file names."""
+    folder, source_dir = Path(folder), Path(source_dir)
+    files = save_shards(state, folder, max_shard_bytes)
+    config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = str(next(t.dtype for t in state.values() if t.is_floating_point())).replace("torch.", "")
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for path in source_dir.iterdir():
+        if path.is_file() and path.name != "config.json" and not NATIVE_WEIGHT_FILES.match(path.name):
+            shutil.copy2(path, folder / path.name)
     return files
 
 

@@ -175,7 +175,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     return model.eval(), tokenizer
 
 
-def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", chatglm_only=False, fold=True):
+def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", fold=True):
     """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
     or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with what lora_path holds on top:
     - a PEFT adapter (adapter_config.json), folded into the weights (fold_adapter) unless fold=False (a PeftModel
@@ -183,8 +183,7 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
     - a P-tuning v2 checkpoint (ours, or the official ptuning/ scripts' output): the base built with its prefix
       length and its prefix encoder's weights (load_prefix_checkpoint).
     A missing adapter, or one trained on another base (utils.adapters.check_adapter_fits_base), is reported before
-    the base is loaded; with chatglm_only, a model without ChatGLM's stream_generate (what the servers stream with)
-    is refused."""
+    the base is loaded."""
     use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
     prefix = prefix_checkpoint_config(lora_path) if use_adapter else None
     if use_adapter and prefix is None and not (Path(lora_path) / "adapter_config.json").is_file():
@@ -205,8 +204,6 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
         elif prefix is not None:
             raise ModelFolderError(f"{lora_path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} is another model")
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device, **(prefix or {}))
-    if chatglm_only and not hasattr(model, "stream_generate"):
-        raise ModelFolderError(f"{model_dir}: only ChatGLM models (ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B) can be served")
     if prefix is not None:
         load_prefix_checkpoint(model, lora_path)
     elif use_adapter:

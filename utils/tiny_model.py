@@ -91,6 +91,63 @@ def make_tiny_model(version, output_dir, tokenizer_dir, seed=0, weights_format="
     return output_dir
 
 
+# GLM-4's special tokens in the order of the real tokenizer (ids 151329.. there), and its chat template's rendering
+# of messages without tools: "[gMASK]<sop>" then, per message with content, "<|role|>{metadata}\n{content}"; a
+# generation prompt is "<|assistant|>" alone (the model writes the "\n"). No token closes an assistant turn in the
+# template: the next role token does, <|user|> at the end of a chat (the official finetuning appends it).
+GLM4_SPECIAL_TOKENS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                       "<|end_of_video|>"]
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}"
+    "<|{{ item['role'] }}|>{{ item['metadata'] | default('') }}\n{{ item['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GLM4_TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                       initializer_range=0.3)  # large random weights: a tiny model learns in a few dozen steps
+
+
+def train_glm4_tokenizer(texts, vocab_size=1500):
+    """A byte-level BPE tokenizer (GLM-4's is one too) trained on `texts`, with GLM-4's special tokens and chat
+    template: a stand-in for the real 151k vocabulary that tests can build in a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_special_tokens(GLM4_SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=GLM4_SPECIAL_TOKENS[1:], padding_side="left",
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = GLM4_CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_tiny_glm4(output_dir, texts, model_type="glm", seed=0, **overrides):
+    """A tiny GLM-4 folder as transformers' own classes load it: model_type "glm" (glm-4-9b-chat-hf layout,
+    GlmForCausalLM) or "glm4" (GLM-4-0414, Glm4ForCausalLM); the real config's fields with small sizes, random
+    weights, a tokenizer trained on `texts` (train_glm4_tokenizer). Its stop tokens are those of the real
+    generation config: <|endoftext|>, <|user|>, <|observation|>."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir}: exists and is not empty; choose another --output_dir or remove it")
+    tokenizer = train_glm4_tokenizer(texts)
+    stop_ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), eos_token_id=stop_ids, pad_token_id=stop_ids[0],
+                                  **{**GLM4_TINY_SIZES, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=stop_ids[0], do_sample=False)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", choices=VERSIONS, required=True)

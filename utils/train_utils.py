@@ -17,7 +17,7 @@ from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
-from utils.model_folder import folder_config, staged_folder, write_model_folder
+from utils.model_folder import folder_config, staged_folder, write_model_folder, write_native_model_folder
 from utils.model_utils import PREFIX_KEY, read_config
 from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
 
@@ -41,10 +41,11 @@ def checkpoint_dir(output_dir, data_name, script):
     return Path(output_dir or Path("checkpoint") / data_name / script)
 
 
-def lora_target_modules(spec):
-    """'query_key_value' (the default of the seeds), 'all' (every linear layer of the blocks), or a comma list."""
+def lora_target_modules(spec, chatglm=True):
+    """'query_key_value' (the default of the seeds), 'all' (every linear layer of the blocks: ChatGLM's four, or on
+    other models peft's "all-linear", every linear layer but the output layer), or a comma list."""
     if spec == "all":
-        return list(CHATGLM_LINEAR_LAYERS)
+        return list(CHATGLM_LINEAR_LAYERS) if chatglm else "all-linear"
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
@@ -158,7 +159,7 @@ def add_lora(model, lora):
         r=lora["r"],
         lora_alpha=lora["alpha"],
         lora_dropout=lora["dropout"],
-        target_modules=lora_target_modules(lora["target_modules"]),
+        target_modules=lora_target_modules(lora["target_modules"], chatglm=getattr(model, "model_version", None) is not None),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -204,9 +205,12 @@ def save_full_model(state, model_version, source_dir, output_dir, train_args: di
     loads like any base model (--model_dir=<output_dir>/model). Written aside and swapped in, as the adapter is."""
     final = Path(output_dir) / FULL_MODEL_DIR
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-    config = folder_config(read_config(source_dir), model_version, dtype)
     with staged_folder(final, replace=True) as staging:
-        write_model_folder(staging, state, config, model_version, source_dir, FULL_MODEL_SHARD_BYTES)
+        if model_version is None:  # a model of transformers' own classes (GLM-4): its own config and tokenizer files
+            write_native_model_folder(staging, state, source_dir, FULL_MODEL_SHARD_BYTES)
+        else:
+            write_model_folder(staging, state, folder_config(read_config(source_dir), model_version, dtype), model_version,
+                               source_dir, FULL_MODEL_SHARD_BYTES)
         write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
     return final
 

@@ -1,0 +1,155 @@
+"""GLM-4 through transformers' own classes (GlmForCausalLM: glm-4-9b-chat-hf; Glm4ForCausalLM: GLM-4-0414), on tiny
+models with a byte-level tokenizer trained here with GLM-4's special tokens and chat template (utils/tiny_model.py):
+prompts and labels as GLM-4's own finetuning lays them out, then LoRA, full and QLoRA training, predict, chat, merge
+and the API server on them."""
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from conftest import REPO_ROOT, SCRIPTS, run_script
+from test_training import logged_losses
+from utils.dataset import encode_example, get_prompt_format, read_instruction_records, user_message
+from utils.generation import generate_answers, stream_chat_reply
+from utils.model_utils import load_model_and_tokenizer, load_model_with_adapter
+from utils.tiny_model import make_tiny_glm4
+
+DEMO_TRAIN = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt"
+DEMO_DEV = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "dev.txt"
+
+
+@pytest.fixture(scope="module")
+def glm4_dirs(tmp_path_factory):
+    """{"glm": glm-4-9b-chat-hf layout, "glm4": GLM-4-0414 layout}, tiny, tokenizers trained on the demo data."""
+    texts = [f"{user_message(r)}\n{r['answer']}" for r in read_instruction_records(DEMO_TRAIN)]
+    return {kind: make_tiny_glm4(tmp_path_factory.mktemp(kind) / "model", texts, model_type=kind) for kind in ("glm", "glm4")}
+
+
+@pytest.fixture(scope="module")
+def lora_run(glm4_dirs, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("glm4_lora") / "run"
+    run_script("train_trainer.py", f"--model_dir={glm4_dirs['glm']}", f"--output_dir={run_dir}", "--max_steps=40",
+               "--per_device_train_batch_size=16", "--learning_rate=1e-2", "--lora_r=16", "--lora_alpha=32",
+               "--warmup_steps=0", "--save_steps=40", "--eval_steps=40", "--logging_steps=5", "--report_to=none")
+    return run_dir
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_prompt_labels_and_stop_tokens_are_glm4s(kind, glm4_dirs):
+    model, tokenizer = load_model_and_tokenizer(glm4_dirs[kind], dtype="fp32", device="cpu")
+    assert type(model).__name__ == {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}[kind] and model.model_version is None
+    prompt_format = get_prompt_format(tokenizer, None)
+    record = read_instruction_records(DEMO_TRAIN)[0]
+    example, _, _ = encode_example(record, prompt_format, 256, 64)
+    # GLM-4's finetuning: every message after [gMASK]<sop> as the template renders it, then <|user|> ends the
+    # answer; the loss covers what follows <|assistant|>: "\n", the answer and that <|user|>.
+    prompt = f"[gMASK]<sop><|user|>\n{user_message(record)}<|assistant|>"
+    target = f"\n{record['answer']}<|user|>"
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    assert example["input_ids"] == prompt_ids + tokenizer.encode(target, add_special_tokens=False)
+    assert example["labels"] == [-100] * len(prompt_ids) + example["input_ids"][len(prompt_ids):]
+    assert prompt_format.prompt_ids(user_message(record), []) == prompt_ids
+    assert prompt_format.stop_token_ids == tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    # An earlier turn stays in the prompt as GLM-4's chat does: the answer followed by the next <|user|>.
+    history_prompt = prompt_format.prompt_ids("下一句", [["第一句", "没有"]])
+    assert tokenizer.decode(history_prompt) == "[gMASK]<sop><|user|>\n第一句<|assistant|>\n没有<|user|>\n下一句<|assistant|>"
+
+
+def test_lora_run_predicts_chats_merges_and_serves(glm4_dirs, lora_run, tmp_path):
+    import api_server
+
+    losses = logged_losses(lora_run, 40)
+    assert losses[40] < 0.5 * losses[1], losses
+    assert json.loads((lora_run / "adapter_model" / "adapter_config.json").read_text())["target_modules"]  # every linear layer
+
+    # predict.py takes the base from the run.
+    run_script("predict.py", f"--lora_path={lora_run / 'adapter_model'}", "--num_samples=8", f"--output_dir={tmp_path / 'pred'}",
+               "--max_new_tokens=24", "--batch_size=8")
+    metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert metrics["adapter"]["samples"] == 8 and metrics["task"] == "ner"
+
+    # chat_ner.py streams the answer of every typed line.
+    chat = SCRIPTS.run(["chat_ner.py", f"--lora_path={lora_run / 'adapter_model'}", "--max_length=96"],
+                       input="蒋玲帆傍晚从佛山回来。\nexit\n")
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "[gMASK]<sop><|user|>" in chat.stdout and "用户：蒋玲帆傍晚从佛山回来。" in chat.stdout
+
+    # merge: the merged folder gives the logits of base + adapter.
+    merged = tmp_path / "merged"
+    run_script("merge_lora_and_quantize.py", f"--lora_path={lora_run / 'adapter_model'}", f"--output_path={merged}", "--dtype=fp32")
+    with_adapter, tokenizer = load_model_with_adapter(glm4_dirs["glm"], lora_run / "adapter_model", dtype="fp32", device="cpu", fold=False)
+    model, merged_tokenizer = load_model_and_tokenizer(merged, dtype="fp32", device="cpu")
+    assert type(model).__name__ == "GlmForCausalLM" and merged_tokenizer.chat_template == tokenizer.chat_template
+    records = read_instruction_records(DEMO_DEV)[:2]
+    prompt_format = get_prompt_format(merged_tokenizer, None)
+    ids = torch.tensor([prompt_format.prompt_ids(user_message(records[0]), [])])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
+    refused = run_script("merge_lora_and_quantize.py", f"--lora_path={lora_run / 'adapter_model'}",
+                         f"--output_path={tmp_path / 'int4'}", "--qbits=4", check=False)
+    assert refused.returncode != 0 and "ChatGLM's own quantization" in refused.stderr
+
+    # Chat streaming: the reply grows token by token to generate()'s greedy answer; leaving early stops the worker.
+    greedy = generate_answers(model, merged_tokenizer, prompt_format, records, max_new_tokens=24, batch_size=2)
+    replies = list(stream_chat_reply(model, merged_tokenizer, ids[0].tolist(), max_new_tokens=24))
+    assert replies[-1].text == greedy[0] and replies[-1].finish_reason in ("stop", "length")
+    assert [r.completion_tokens for r in replies] == sorted(r.completion_tokens for r in replies)
+    stream = stream_chat_reply(model, merged_tokenizer, ids[0].tolist(), max_new_tokens=24)
+    next(stream)
+    stream.close()  # returns once the generation stopped: the next one runs at once
+    assert list(stream_chat_reply(model, merged_tokenizer, ids[0].tolist(), max_new_tokens=24))[-1].text == greedy[0]
+
+    # The OpenAI-compatible API on the merged folder answers as generate() does, streamed or not.
+    app = api_server.create_app(model, merged_tokenizer, dict(api_server.DEFAULTS, model_dir=str(merged), max_new_tokens=24))
+    body = {"model": "merged", "messages": [{"role": "user", "content": user_message(records[1])}], "max_tokens": 24, "temperature": 0}
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=120) as client:
+            return [await client.post("/v1/chat/completions", json={**body, "stream": stream}) for stream in (False, True)]
+
+    plain, streamed = asyncio.run(ask())
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == greedy[1]
+    pieces = [json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(pieces) == greedy[1]
+
+
+def test_full_and_qlora_training(glm4_dirs, tmp_path):
+    run_dir = tmp_path / "full"
+    run_script("train_trainer.py", f"--model_dir={glm4_dirs['glm4']}", f"--output_dir={run_dir}", "--method=full",
+               "--max_steps=10", "--per_device_train_batch_size=16", "--learning_rate=3e-3", "--warmup_steps=0",
+               "--save_steps=10", "--eval_steps=10", "--logging_steps=5", "--report_to=none")
+    losses = logged_losses(run_dir, 10)
+    assert losses[10] < 0.7 * losses[1], losses
+    model, tokenizer = load_model_and_tokenizer(run_dir / "model", dtype="fp32", device="cpu")
+    assert type(model).__name__ == "Glm4ForCausalLM" and tokenizer.chat_template
+    base, _ = load_model_and_tokenizer(glm4_dirs["glm4"], dtype="fp32", device="cpu")
+    changed = [name for name, tensor in model.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])]
+    assert len(changed) == len(base.state_dict())  # every weight trained
+
+    args = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-2, "warmup_steps": 0,
+            "logging_steps": 5, "report_to": [], "max_steps": 10, "save_steps": 10, "eval_steps": 10}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    qlora_dir = tmp_path / "qlora"
+    result = run_script("train_qlora.py", f"--train_args_json={tmp_path / 'args.json'}", f"--model_dir={glm4_dirs['glm']}",
+                        f"--output_dir={qlora_dir}", "--dtype=fp32", "--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0")
+    assert "trainable params" in result.stdout
+    losses = logged_losses(qlora_dir, 10)
+    assert losses[10] < 0.7 * losses[5], losses
+    model, _ = load_model_with_adapter(glm4_dirs["glm"], qlora_dir / "adapter_model", dtype="fp32", device="cpu")
+    assert type(model).__name__ == "GlmForCausalLM"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_cache_decode_on_cuda_equals_the_dynamic_cache(glm4_dirs):
+    model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cuda")
+    prompt_format = get_prompt_format(tokenizer, None)
+    records = read_instruction_records(DEMO_DEV)[:6]
+    plain = generate_answers(model, tokenizer, prompt_format, records, max_new_tokens=24, batch_size=3, decode="plain")
+    assert generate_answers(model, tokenizer, prompt_format, records, max_new_tokens=24, batch_size=3, decode="auto") == plain
+    ids = prompt_format.prompt_ids(user_message(records[0]), [])
+    streamed = [r.text for r in stream_chat_reply(model, tokenizer, ids, max_new_tokens=24, decode="auto")]
+    # (a random model writes broken UTF-8 too: the streamed reply drops a trailing half character)
+    assert streamed[-1] == generate_answers(model, tokenizer, prompt_format, records[:1], max_new_tokens=24, decode="plain")[0].rstrip("\ufffd")
