@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import nested_gather
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
+from utils.config_utils import ConfigError
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
@@ -25,6 +26,7 @@ FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model fold
 # lora: train LoRA adapters on frozen weights; ptuning: train a P-tuning v2 prefix (the official ChatGLM method) on
 # frozen weights; freeze: train the last blocks only; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
 METHODS = ("lora", "ptuning", "freeze", "full")
+METHOD_HELP = {"lora": "LoRA adapters", "ptuning": "a P-tuning v2 prefix", "freeze": "the last blocks", "full": "every weight"}
 FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -75,11 +77,33 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
     return model
 
 
-def check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r}: use lora (LoRA adapters), ptuning (a P-tuning v2 prefix), freeze (the "
-                         "last blocks) or full (every weight)")
+def check_method(method, methods=METHODS, script=None):
+    """`method` if it is one of `methods` (what the calling script trains), else a ConfigError naming the option and
+    the choices (and, for a script that trains fewer, where the others are)."""
+    if method not in methods:
+        choices = [f"{m} ({METHOD_HELP[m]})" for m in methods]
+        others = [m for m in METHODS if m not in methods]
+        where = f"; {script} trains no {' or '.join(others)} (train_trainer.py does)" if script and others else ""
+        raise ConfigError(f"--method={method!r}: use {', '.join(choices[:-1])} or {choices[-1]}{where}")
     return method
+
+
+def prefix_settings(config):
+    """The model-config keywords of --method=ptuning (pre_seq_len, prefix_projection) for load_model_and_tokenizer:
+    the model is built with its prefix encoder, initialised as it loads."""
+    return {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]}
+
+
+def train_prefix_only(model, model_dir):
+    """P-tuning v2 (THUDM's): the prefix encoder trains, in fp32 (also on a half-precision or k-bit base, as
+    officially), and nothing else does. Refuses a model without one (P-tuning v2 here is ChatGLM's own)."""
+    if not hasattr(getattr(model, "transformer", None), "pre_seq_len"):
+        raise ConfigError(f"--method=ptuning: {model_dir} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
+    if not model.transformer.pre_seq_len:
+        raise ConfigError("--method=ptuning needs --pre_seq_len > 0 (the prefix length; the official runs used 128)")
+    model.freeze_all_but_prefix()
+    model.transformer.prefix_encoder.float()
+    return model
 
 
 BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")  # transformer.encoder.layers.N. (ChatGLM2/3), transformer.layers.N. (v1), model.layers.N.
