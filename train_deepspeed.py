@@ -59,11 +59,13 @@ from utils.train_utils import (
     prepare_packing,
     peak_memory_gib,
     plot_loss,
+    prefix_settings,
     print_trainable_parameters,
     prefix_state,
     save_adapter,
     save_full_model,
     save_prefix,
+    train_prefix_only,
     write_partial_checkpoint,
 )
 from utils.run_dirs import check_output_dir, finish_output_dir, find_resume_checkpoint, mark_complete, prepare_output_dir, rotate_checkpoints
@@ -300,16 +302,14 @@ method = check_method(config["method"])
 full, ptuning, freeze = method == "full", method == "ptuning", method == "freeze"
 transformers.set_seed(config["seed"])  # the LoRA weights, or the prefix encoder as the model loads, follow --seed
 weight_dtype = resolve_dtype(config["dtype"], device.type)
-prefix = {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}
+prefix = prefix_settings(config) if ptuning else {}
 model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=weight_dtype, device=str(device), **prefix)
 model_version = model.model_version
-if ptuning and not hasattr(model, "transformer"):
-    raise ValueError(f"--method=ptuning: {config['model_dir']} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
 if config["gradient_checkpointing"]:
     model.gradient_checkpointing_enable()
     model.enable_input_require_grads()
 if ptuning:
-    model.transformer.prefix_encoder.float()  # only it trains (the model froze the rest); the engine keeps fp32 masters
+    train_prefix_only(model, config["model_dir"])  # the prefix encoder alone, in fp32; the engine keeps fp32 masters
 elif freeze:
     freeze_all_but(model, **config["freeze"])  # the engine keeps fp32 master copies of the trained blocks
 elif not full:

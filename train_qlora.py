@@ -1,14 +1,21 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with 4-bit QLoRA: the base weights in bitsandbytes NF4 with
-double quantization, LoRA adapters on every linear layer, trained with the Hugging Face Trainer.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B on a quantized base (QLoRA): the base weights in bitsandbytes
+NF4 with double quantization (--quant_bits=4, the default) or LLM.int8 (--quant_bits=8), frozen; trained on top of
+them with the Hugging Face Trainer, either LoRA adapters on every linear layer (--method=lora, the default) or
+THUDM's P-tuning v2 prefix (--method=ptuning: only the prefix encoder trains, in fp32, as in train_trainer.py).
+Both bit widths also run on CPU (bitsandbytes' CPU backend), slowly.
 
     python train_qlora.py --train_args_json chatGLM_6B_QLoRA.json --model_dir model_hub/chatglm2-6b \\
         --train_file data/msra/instruct_data/train.txt --dev_file data/msra/instruct_data/dev.txt \\
         --lora_r 8 --lora_dropout 0.05 --dtype bf16
     python train_qlora.py --data_name msra --resume_from_checkpoint auto
+    python train_qlora.py --train_args_json my_ptuning.json --model_dir model_hub/chatglm2-6b --data_name msra \\
+        --method ptuning --pre_seq_len 128 --quant_bits 8     # the JSON with learning_rate 2e-2, as officially
 
 The JSON file holds TrainingArguments (steps, batch size, learning rate, optimizer, ...). Writes
 checkpoint/<data_name>/train_qlora/ (unless the JSON or --output_dir names a folder): adapter_model/ (PEFT
-adapter + train_args.json), checkpoint-N/ for resuming, runs/ (TensorBoard), loss.png.
+adapter + train_args.json) or, with --method=ptuning, prefix_model/ (the prefix in the official layout, as
+train_trainer.py writes it, + train_args.json; it goes on the unquantized base by --lora_path), checkpoint-N/ for
+resuming (with ptuning: the prefix only), runs/ (TensorBoard), loss.png.
 """
 import json
 import os
@@ -16,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import BitsAndBytesConfig, HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
@@ -24,11 +31,16 @@ from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_
 from utils.train_utils import (
     Trainer,
     add_lora,
+    check_method,
     checkpoint_dir,
     data_paths,
     finish_trainer_run,
+    kbit_quantization_config,
     load_datasets,
+    prefix_settings,
     prepare_kbit_model,
+    print_trainable_parameters,
+    train_prefix_only,
 )
 from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
 
@@ -45,9 +57,15 @@ DEFAULTS = {
     "loss_on_all_turns": False,  # multi-turn records: every history answer is learnt, not only the last answer
     # (ChatGLM3 conversation records always learn every assistant message without "loss": false)
     "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
+    "method": "lora",  # lora: LoRA adapters; ptuning: a P-tuning v2 prefix (both on the frozen quantized base)
+    "quant_bits": 4,  # the base: 4 = bitsandbytes NF4 with double quantization (QLoRA), 8 = bitsandbytes LLM.int8
+    # method=ptuning, as in train_trainer.py: learnt keys and values of pre_seq_len positions in every layer; with
+    # prefix_projection they come from a two-layer MLP (kept unquantized). The official runs used 128 and lr 2e-2.
+    "pre_seq_len": 128,
+    "prefix_projection": False,
     # target_modules: all = every linear layer of the blocks; or a comma list such as query_key_value
     "lora": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all"},
-    "dtype": "auto",  # dtype of the 4-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
+    "dtype": "auto",  # dtype of the k-bit matmuls and the other weights: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16
     "gradient_checkpointing": True,
     "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in the output folder, or a path
     "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
@@ -79,6 +97,7 @@ def training_arguments(json_path, output_dir, compute_dtype, has_eval):
 
 
 def main(config):
+    ptuning = check_method(config["method"], ("lora", "ptuning"), "train_qlora.py") == "ptuning"
     json_output_dir = json.loads(Path(config["train_args_json"]).read_text(encoding="utf-8")).get("output_dir")
     output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir("", config["data_name"], "train_qlora"))
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
@@ -89,18 +108,19 @@ def main(config):
     train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"])
     # Read the TrainingArguments first: a typo in the JSON should not wait for a 6B model to load.
     args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization)
+    quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
+    set_seed(args.seed)  # the prefix encoder is initialised as the model loads
+    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization,
+                                                **(prefix_settings(config) if ptuning else {}))
     # Frozen base, unquantized weights kept in the compute dtype (no fp32 copies), non-reentrant checkpointing.
     model = prepare_kbit_model(model, compute_dtype, gradient_checkpointing=config["gradient_checkpointing"])
-    set_seed(args.seed)  # the LoRA initialisation follows the JSON's seed
-    model = add_lora(model, config["lora"])
-    model.print_trainable_parameters()
+    if ptuning:  # no LoRA: the prefix encoder alone trains, in fp32
+        train_prefix_only(model, config["model_dir"])
+        print_trainable_parameters(model)
+    else:
+        set_seed(args.seed)  # the LoRA initialisation follows the JSON's seed
+        model = add_lora(model, config["lora"])
+        model.print_trainable_parameters()
 
     train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, "instruction",
                                           config["max_source_length"], config["max_target_length"],
@@ -117,6 +137,7 @@ def main(config):
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
+        trainable_only=ptuning,  # checkpoints hold the prefix, not the quantized base
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

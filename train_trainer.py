@@ -43,7 +43,9 @@ from utils.train_utils import (
     gathered_trainable_parameters,
     load_datasets,
     prepare_packing,
+    prefix_settings,
     print_trainable_parameters,
+    train_prefix_only,
 )
 from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
 
@@ -120,19 +122,16 @@ def main(config):
     full, ptuning, freeze = method == "full", method == "ptuning", method == "freeze"
     training_device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], training_device)
-    prefix = {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}
+    prefix = prefix_settings(config) if ptuning else {}
     transformers.set_seed(config["seed"])  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=torch.float32 if full and not deepspeed_config else compute_dtype,
                                                 device="cpu" if deepspeed_config else training_device, **prefix)
-    if ptuning and not hasattr(model, "transformer"):
-        raise ValueError(f"--method=ptuning: {config['model_dir']} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     transformers.set_seed(config["seed"])  # the LoRA initialisation follows --seed
     if ptuning:
-        # Only the prefix encoder trains (the model froze the rest), in fp32 on a half-precision base, as officially.
-        model.transformer.prefix_encoder.float()
+        train_prefix_only(model, config["model_dir"])  # in fp32 on a half-precision base, as officially
         print_trainable_parameters(model)
     elif freeze:
         freeze_all_but(model, **config["freeze"])

@@ -1,17 +1,21 @@
 """train_qlora.py on tiny models, on CPU: bitsandbytes NF4 (double quantization) base weights, LoRA on every linear
 layer; it overfits 16 real MSRA examples, the adapter reloads onto the 4-bit base and decodes the trained answers,
-and a resumed run ends where an uninterrupted one does."""
+and a resumed run ends where an uninterrupted one does. --method=ptuning trains a P-tuning v2 prefix alone on the NF4
+(or LLM.int8) base, writes it as train_trainer.py does, and it reloads onto the quantized base and the float one."""
 import json
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, VERSIONS, train_then_resume
+from test_ptuning import mean_loss
 from test_training import final_train_loss, logged_losses, run_script
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_utils import adapter_disabled, load_model_and_tokenizer, load_model_with_adapter, load_prefix_checkpoint
+from utils.train_utils import kbit_quantization_config
 
 LORA = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0"]
 
@@ -108,3 +112,83 @@ def test_train_qlora_rejects_unknown_training_arguments(trainable_models, sixtee
         f"--train_file={sixteen_examples}", f"--output_dir={tmp_path / 'run'}", timeout=300, check=False,
     )
     assert result.returncode != 0 and "learning_rat" in result.stderr and str(args_json) in result.stderr
+
+
+PRE_SEQ_LEN = 16
+PTUNING_STEPS = 8
+PREFIX = "transformer.prefix_encoder."
+
+
+@pytest.mark.parametrize("version,bits,projection", [("chatglm2-6b", 4, False), ("chatglm3-6b", 8, True)])
+def test_train_qlora_ptuning_trains_the_prefix_alone_on_the_kbit_base_and_it_reloads(version, bits, projection, trainable_models,
+                                                                                      sixteen_examples, tmp_path):
+    """ChatGLM2 on NF4; ChatGLM3 on LLM.int8 with prefix_projection (its MLP must stay a float module: quantized it
+    could neither train nor run). ChatGLM-6B trains on NF4 in the resume test below."""
+    run_dir, model_dir = tmp_path / "run", trainable_models[version]
+    # A high constant rate: the prefix of a 2-layer random model moves the loss within a few steps. The run evaluates
+    # once, at its end.
+    args_json = train_args_json(tmp_path, max_steps=PTUNING_STEPS, save_steps=PTUNING_STEPS, eval_strategy="no",
+                                learning_rate=1.0, lr_scheduler_type="constant", logging_steps=4)
+    result = run_script("train_qlora.py", f"--train_args_json={args_json}", f"--model_dir={model_dir}",
+                        f"--train_file={sixteen_examples}", f"--dev_file={sixteen_examples}", f"--output_dir={run_dir}",
+                        "--dtype=fp32", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}", f"--prefix_projection={projection}",
+                        f"--quant_bits={bits}")
+    losses = logged_losses(run_dir, PTUNING_STEPS)
+    assert losses[PTUNING_STEPS] < 0.95 * losses[1], losses
+
+    prefix_dir = run_dir / "prefix_model"
+    assert {"config.json", "model.safetensors", "train_args.json"} == {p.name for p in prefix_dir.iterdir()}
+    weights = load_file(str(prefix_dir / "model.safetensors"))
+    expected = {"embedding.weight"} | ({"trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"} if projection else set())
+    assert set(weights) == {PREFIX + name for name in expected}
+    assert all(t.dtype == torch.float32 for t in weights.values())  # trained in fp32
+    # The trained tensors are all that trained (no LoRA beside them), and all a checkpoint holds.
+    assert f"trainable params: {sum(t.numel() for t in weights.values()):,} ||" in result.stdout
+    assert set(load_file(str(run_dir / f"checkpoint-{PTUNING_STEPS}" / "model.safetensors"))) == set(weights)
+    config = json.loads((prefix_dir / "config.json").read_text())
+    assert config["pre_seq_len"] == PRE_SEQ_LEN and config["prefix_projection"] is projection
+    assert "quantization_config" not in config  # the prefix is no quantized model
+    train_args = json.loads((prefix_dir / "train_args.json").read_text())
+    assert train_args["script"] == "train_qlora.py" and train_args["model_version"] == version
+    assert train_args["config"]["method"] == "ptuning" and train_args["config"]["quant_bits"] == bits
+
+    # On the same k-bit base the prefix gives the run's final evaluation loss again.
+    quantization = kbit_quantization_config(bits, torch.float32, ptuning=True)
+    base, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu", quantization_config=quantization,
+                                               pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection)
+    assert sum(type(m).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt") for m in base.modules()) == 4 * base.config.num_layers
+    load_prefix_checkpoint(base, prefix_dir)
+    assert mean_loss(base, tokenizer, version, sixteen_examples) == pytest.approx(train_args["metrics"]["eval_loss"], rel=1e-5)
+
+    # predict.py's way (--lora_path=<run>/prefix_model): onto the unquantized base, where it helps as well.
+    model, tokenizer = load_model_with_adapter(model_dir, prefix_dir, dtype="fp32", device="cpu")
+    assert model.transformer.pre_seq_len == PRE_SEQ_LEN
+    with adapter_disabled(model):
+        without = mean_loss(model, tokenizer, version, sixteen_examples)
+    assert mean_loss(model, tokenizer, version, sixteen_examples) < without
+
+
+def test_train_qlora_ptuning_resumed_run_ends_at_the_uninterrupted_loss(trainable_models, sixteen_examples, tmp_path):
+    """ChatGLM-6B (its own prefix encoder and model code) on NF4: the checkpoint holds the prefix alone, and the resumed
+    run ends with the prefix and losses of the uninterrupted one."""
+    args_json = train_args_json(tmp_path, max_steps=8, save_steps=4, eval_strategy="no", per_device_train_batch_size=4,
+                                learning_rate=0.1, logging_steps=2)
+    common = [f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm-6b']}", f"--train_file={sixteen_examples}",
+              "--dev_file=none.txt", "--dtype=fp32", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}"]
+    full, interrupted, _ = train_then_resume(run_script, "train_qlora.py", tmp_path, common, 4, 8)
+    assert list(load_file(str(interrupted / "checkpoint-4" / "model.safetensors"))) == [PREFIX + "embedding.weight"]
+    uninterrupted, resumed = logged_losses(full, 8), logged_losses(interrupted, 8)
+    assert resumed[6] == pytest.approx(uninterrupted[6], rel=1e-4) and resumed[8] == pytest.approx(uninterrupted[8], rel=1e-4)
+    prefixes = [load_file(str(run / "prefix_model" / "model.safetensors")) for run in (full, interrupted)]
+    torch.testing.assert_close(prefixes[1], prefixes[0], rtol=1e-4, atol=1e-6)
+
+
+def test_train_qlora_refuses_other_methods_and_bit_widths(trainable_models, sixteen_examples, tmp_path):
+    common = [f"--train_args_json={train_args_json(tmp_path, max_steps=1)}", f"--model_dir={trainable_models['chatglm2-6b']}",
+              f"--train_file={sixteen_examples}", f"--output_dir={tmp_path / 'run'}"]
+    result = run_script("train_qlora.py", *common, "--method=freeze", timeout=300, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: --method='freeze': use lora (LoRA adapters) or ptuning (a P-tuning v2 prefix)" in result.stderr
+    result = run_script("train_qlora.py", *common, "--quant_bits=2", timeout=300, check=False)
+    assert result.returncode == 1 and "error: --quant_bits=2: use 4" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()

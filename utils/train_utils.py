@@ -1,12 +1,15 @@
-"""Pieces the training scripts share: output folders that are never overwritten by accident, LoRA setup (and the
-k-bit preparation for QLoRA), the adapter export (PEFT format + train_args.json) or, for full fine-tuning, the model
-export (an official-layout model folder + train_args.json), the loss plot and a Trainer that logs peak memory."""
+"""Pieces the training scripts share: output folders that are never overwritten by accident, LoRA and P-tuning setup
+(and the bitsandbytes 4-/8-bit base of train_qlora.py), the adapter export (PEFT format + train_args.json), the
+P-tuning prefix export (official layout), or, for full fine-tuning, the model export (an official-layout model folder
++ train_args.json), the loss plot and a Trainer that logs peak memory."""
 import contextlib
+import copy
 import json
 import os
 import re
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import transformers
@@ -14,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import nested_gather
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
+from utils.config_utils import ConfigError
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
@@ -25,6 +29,7 @@ FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model fold
 # lora: train LoRA adapters on frozen weights; ptuning: train a P-tuning v2 prefix (the official ChatGLM method) on
 # frozen weights; freeze: train the last blocks only; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
 METHODS = ("lora", "ptuning", "freeze", "full")
+METHOD_HELP = {"lora": "LoRA adapters", "ptuning": "a P-tuning v2 prefix", "freeze": "the last blocks", "full": "every weight"}
 FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -50,8 +55,8 @@ def lora_target_modules(spec, chatglm=True):
 
 
 def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
-    """Ready a model with bitsandbytes 4-bit (or 8-bit) weights for LoRA training; our replacement for peft's
-    prepare_model_for_kbit_training, which casts every parameter that is not quantized to fp32.
+    """Ready a model with bitsandbytes 4-bit (or 8-bit) weights for LoRA or P-tuning training; our replacement for
+    peft's prepare_model_for_kbit_training, which casts every parameter that is not quantized to fp32.
 
     For ChatGLM2/3 that cast puts the 65024 x 4096 word embeddings and output layer in fp32 (2 GiB instead of 1 GiB
     in bf16), and with them the residual stream and the output-layer matmul of every step. Nothing needs it: RMSNorm computes
@@ -59,7 +64,8 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
     of logits to fp32. So here every unquantized parameter (embeddings, output layer, norms, biases) stays in
     `compute_dtype`, as in LoRA training on unquantized weights (train_trainer.py). Returns the model, which:
 
-    - has every parameter frozen (add_lora then adds the trainable adapters, which peft keeps in fp32);
+    - has every parameter frozen (add_lora then adds the trainable adapters, which peft keeps in fp32; or
+      train_prefix_only unfreezes the prefix encoder, back in fp32);
     - with gradient_checkpointing, checkpoints its blocks with use_reentrant=False (peft's function passed none, so
       torch fell back to the deprecated reentrant variant) and makes the embedding output require grad, as
       train_trainer.py does (only the reentrant variant needs that: it gives no gradient to the LoRA weights of a
@@ -76,11 +82,54 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
     return model
 
 
-def check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r}: use lora (LoRA adapters), ptuning (a P-tuning v2 prefix), freeze (the "
-                         "last blocks) or full (every weight)")
+def check_method(method, methods=METHODS, script=None):
+    """`method` if it is one of `methods` (what the calling script trains), else a ConfigError naming the option and
+    the choices (and, for a script that trains fewer, where the others are)."""
+    if method not in methods:
+        choices = [f"{m} ({METHOD_HELP[m]})" for m in methods]
+        others = [m for m in METHODS if m not in methods]
+        where = f"; {script} trains no {' or '.join(others)} (train_trainer.py does)" if script and others else ""
+        raise ConfigError(f"--method={method!r}: use {', '.join(choices[:-1])} or {choices[-1]}{where}")
     return method
+
+
+def prefix_settings(config):
+    """The model-config keywords of --method=ptuning (pre_seq_len, prefix_projection) for load_model_and_tokenizer:
+    the model is built with its prefix encoder, initialised as it loads."""
+    return {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]}
+
+
+def train_prefix_only(model, model_dir):
+    """P-tuning v2 (THUDM's): the prefix encoder trains, in fp32 (also on a half-precision or k-bit base, as
+    officially), and nothing else does. Refuses a model without one (P-tuning v2 here is ChatGLM's own)."""
+    if not hasattr(getattr(model, "transformer", None), "pre_seq_len"):
+        raise ConfigError(f"--method=ptuning: {model_dir} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
+    if not model.transformer.pre_seq_len:
+        raise ConfigError("--method=ptuning needs --pre_seq_len > 0 (the prefix length; the official runs used 128)")
+    model.freeze_all_but_prefix()  # again: prepare_kbit_model froze every parameter
+    model.transformer.prefix_encoder.float()
+    return model
+
+
+# What bitsandbytes must leave unquantized once any module is named (naming some replaces transformers' default
+# list, which is the output layer): ChatGLM-6B's lm_head, ChatGLM2/3's output_layer, and P-tuning's prefix encoder,
+# which trains (with prefix_projection it holds two Linear layers that would otherwise be quantized and frozen).
+PREFIX_SKIP_MODULES = ["lm_head", "transformer.output_layer", "transformer.prefix_encoder"]
+KBIT_BITS = (4, 8)
+
+
+def kbit_quantization_config(bits, compute_dtype, ptuning=False):
+    """The bitsandbytes config of train_qlora.py's base: bits=4 is NF4 with double quantization (QLoRA), bits=8 is
+    LLM.int8; both also run on CPU (bitsandbytes' CPU backend). With ptuning the prefix encoder stays a float module."""
+    from transformers import BitsAndBytesConfig
+
+    if bits not in KBIT_BITS:
+        raise ConfigError(f"--quant_bits={bits!r}: use 4 (NF4 with double quantization) or 8 (LLM.int8)")
+    skip = {"llm_int8_skip_modules": PREFIX_SKIP_MODULES} if ptuning else {}
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, **skip)
 
 
 BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")  # transformer.encoder.layers.N. (ChatGLM2/3), transformer.layers.N. (v1), model.layers.N.
@@ -134,6 +183,11 @@ def write_partial_checkpoint(folder, state, config):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if getattr(config, "quantization_config", None) is not None:
+        # A bitsandbytes base (train_qlora.py): how the run held the base is no part of the prefix, and a reader of
+        # the official layout would take the folder for a quantized model. train_args.json records it.
+        config = copy.copy(config)
+        del config.quantization_config
     config.to_json_file(str(folder / "config.json"))
 
 
@@ -262,6 +316,16 @@ def check_weights_finite(model, step):
             "The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) and train again.")
 
 
+def check_only_float_weights_train(model):
+    """Trainer's check of a k-bit model with trained tensors of its own (no PEFT wrapper): something trains, and it is
+    all float (unquantized) parameters."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    quantized = [name for name, p in trained if not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params")]
+    if not trained or quantized:
+        raise ValueError(f"a quantized model trains only float tensors beside its frozen quantized weights; "
+                         f"{'nothing trains' if not trained else f'{quantized[0]} is quantized'}")
+
+
 class _NothingLeftToTrain(Exception):
     pass
 
@@ -287,7 +351,14 @@ class Trainer(transformers.Trainer):
     - trains no extra step when resumed from the checkpoint of the last step."""
 
     def __init__(self, *args, trainable_only=False, **kwargs):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        validate = transformers.trainer.validate_quantization_for_training
+        if trainable_only and getattr(model, "is_quantized", False):
+            # transformers refuses a quantized model that is no PeftModel, assuming nothing in it could train; P-tuning
+            # on a k-bit base (train_qlora.py) trains a float prefix encoder beside the frozen quantized weights.
+            validate = check_only_float_weights_train
+        with mock.patch.object(transformers.trainer, "validate_quantization_for_training", validate):
+            super().__init__(*args, **kwargs)
         # P-tuning and freeze tuning: checkpoints hold the trained tensors (the prefix encoder, the chosen blocks),
         # not the frozen 6B weights, which resuming takes from the base again.
         self.trainable_only = trainable_only
@@ -468,7 +539,7 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     }
     if full_state is not None:
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
-    elif config.get("method") == "ptuning":  # train_qlora.py has no method: LoRA
+    elif config.get("method") == "ptuning":
         saved = f"P-tuning v2 prefix: {save_prefix(trainer.model, output_dir, train_args)}"
     else:
         saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
