@@ -11,6 +11,8 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
   lora-v2, lora-v1             LoRA r=8 on query_key_value, batch 8 x 512, AdamW, bf16 autocast (as the Trainer runs)
   qlora-v2                     NF4 + double quantization (loaded as train_qlora.py loads it), LoRA r=8 on
                                query_key_value, batch 4 x 512, gradient checkpointing, paged AdamW 32-bit
+  ptuning-v2-nf4               P-tuning v2 on the NF4 base as train_qlora.py --method=ptuning loads it, 4 x 512,
+                               gradient checkpointing, paged AdamW 32-bit (next to qlora-v2)
   ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
                                train_trainer.py --method=ptuning has it), batch 8 x 512, on the bf16 / our int4 base
   decode-glm4-b1, decode-glm4-b1-plain
@@ -36,7 +38,7 @@ from generate_6b import load_random_model, random_prompt  # noqa: E402  (this fo
 from utils.generation import time_generation  # noqa: E402
 from utils.model_utils import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.tiny_model import build_random_model, make_tiny_model  # noqa: E402
-from utils.train_utils import add_lora, prepare_kbit_model  # noqa: E402
+from utils.train_utils import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
 
 # Official remote code + transformers 4.40 + peft 0.10 on the same H200 (random 6B weights, bf16; measured 2026-12-02),
 # and the targets set by the GPU-speed issue. The official int4 figure is bitsandbytes NF4 (its own int4 kernels do not
@@ -52,6 +54,7 @@ REFERENCE = {
     "qlora-v2": ("ChatGLM2-6B QLoRA NF4, 4 x 512, GC", 7276, ">= 8,000 tok/s, <= 8 GiB"),
     "ptuning-v2": ("ChatGLM2-6B P-tuning v2 (pre_seq_len 128), 8 x 512", None, "(next to LoRA's row)"),
     "ptuning-v2-int4": ("ChatGLM2-6B P-tuning v2 on our int4 base, 8 x 512", None, "(memory)"),
+    "ptuning-v2-nf4": ("ChatGLM2-6B P-tuning v2 on an NF4 base, 4 x 512, GC", None, "(next to QLoRA's row)"),
     "decode-glm4-b1": ("GLM-4-9B decode, batch 1 (floor: 18.8 GB of weights / 4.26 TB/s = 4.4 ms, 227 tok/s)", None, "(no target)"),
     "decode-glm4-b1-plain": ("GLM-4-9B decode, batch 1, generate()'s default dynamic cache", None, "(reference)"),
     "lora-glm4": ("GLM-4-9B LoRA, 8 x 512", None, "(no target)"),
@@ -213,21 +216,25 @@ def run_rows(rows, args):
             del peft_model
         model = None
         release()
-    if "qlora-v2" in rows:
+    for name in ("qlora-v2", "ptuning-v2-nf4"):
+        if name not in rows:
+            continue
         import bitsandbytes as bnb
-        from transformers import BitsAndBytesConfig
 
         model_dir = Path(args.work_dir) / "chatglm2-6b-random"
         if not (model_dir / "config.json").exists():
             make_tiny_model("chatglm2-6b", model_dir, Path(args.config_dir) / "chatglm2-6b", dtype=torch.bfloat16, full_size=True, device="cuda")
         torch.cuda.empty_cache()
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16)
-        model, _ = load_model_and_tokenizer(model_dir, dtype="bf16", device="cuda", quantization_config=quantization)
-        model = lora(prepare_kbit_model(model, torch.bfloat16, gradient_checkpointing=True))
-        results["qlora-v2"] = train_row(model, 4, 512, args.train_steps, args.warmup_steps, optimizer_cls=bnb.optim.PagedAdamW32bit,
-                                        profile_path=profile("qlora-v2"))
-        print("qlora-v2", results["qlora-v2"], flush=True)
+        ptuning = name == "ptuning-v2-nf4"
+        model, _ = load_model_and_tokenizer(model_dir, dtype="bf16", device="cuda", **({"pre_seq_len": 128} if ptuning else {}),
+                                            quantization_config=kbit_quantization_config(4, torch.bfloat16, ptuning=ptuning))
+        model = prepare_kbit_model(model, torch.bfloat16, gradient_checkpointing=True)
+        model = train_prefix_only(model, model_dir) if ptuning else lora(model)
+        results[name] = train_row(model, 4, 512, args.train_steps, args.warmup_steps, optimizer_cls=bnb.optim.PagedAdamW32bit,
+                                  profile_path=profile(name))
+        print(name, results[name], flush=True)
+        model = None
+        release()
     return results
 
 

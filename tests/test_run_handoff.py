@@ -74,9 +74,9 @@ def test_training_scripts_share_one_vocabulary_and_its_defaults():
     defaults = {script: read_defaults(script) for script in ("train_trainer.py", "train_deepspeed.py", "train_qlora.py")}
     trainer = defaults["train_trainer.py"]
     # The two full-featured scripts take the same options; QLoRA's are a subset of them (its TrainingArguments come
-    # from --train_args_json) plus that file.
+    # from --train_args_json) plus that file and the bit width of its bitsandbytes base.
     assert set(defaults["train_deepspeed.py"]) == set(trainer)
-    assert set(defaults["train_qlora.py"]) - {"train_args_json"} <= set(trainer)
+    assert set(defaults["train_qlora.py"]) - {"train_args_json", "quant_bits"} <= set(trainer)
     for script, flat in defaults.items():
         for key, value in flat.items():
             if (script, key) not in INTENDED:
