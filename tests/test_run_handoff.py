@@ -79,7 +79,7 @@ def test_training_scripts_share_one_vocabulary_and_its_defaults():
     assert set(defaults["train_qlora.py"]) - {"train_args_json", "quant_bits"} <= set(trainer)
     for script, flat in defaults.items():
         for key, value in flat.items():
-            if (script, key) not in INTENDED:
+            if (script, key) not in INTENDED and key in trainer:
                 assert value == trainer[key], f"{script}: --{key} defaults to {value!r}, train_trainer.py to {trainer[key]!r}"
 
 
