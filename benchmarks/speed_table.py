@@ -15,10 +15,11 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
                                gradient checkpointing, paged AdamW 32-bit (next to qlora-v2)
   ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
                                train_trainer.py --method=ptuning has it), batch 8 x 512, on the bf16 / our int4 base
-  decode-glm4-b1, decode-glm4-b1-plain
-                               GLM-4-9B (transformers' GlmConfig defaults = glm-4-9b-chat-hf's config.json) through
-                               our stream path (utils.generation.stream_generate: generate() with the static cache and
-                               its compiled step; plain: generate()'s default dynamic cache, eager)
+  decode-glm4-b1               GLM-4-9B (transformers' GlmConfig defaults = glm-4-9b-chat-hf's config.json) through
+                               our stream path (utils.native_decode: static cache, the step as one CUDA graph)
+  decode-glm4-b1-generate, decode-glm4-b1-generate-static
+                               the same through transformers' generate(): its default (dynamic cache, eager), and
+                               with cache_implementation="static" (generate() then compiles its step)
   lora-glm4                    GLM-4-9B LoRA r=8 on q_proj,k_proj,v_proj (the role of query_key_value), 8 x 512
 Training rows: every position carries a label (the most loss work), steady state: the mean of --train_steps steps
 after --warmup_steps, peak memory over the timed steps.
@@ -56,7 +57,8 @@ REFERENCE = {
     "ptuning-v2-int4": ("ChatGLM2-6B P-tuning v2 on our int4 base, 8 x 512", None, "(memory)"),
     "ptuning-v2-nf4": ("ChatGLM2-6B P-tuning v2 on an NF4 base, 4 x 512, GC", None, "(next to QLoRA's row)"),
     "decode-glm4-b1": ("GLM-4-9B decode, batch 1 (floor: 18.8 GB of weights / 4.26 TB/s = 4.4 ms, 227 tok/s)", None, "(no target)"),
-    "decode-glm4-b1-plain": ("GLM-4-9B decode, batch 1, generate()'s default dynamic cache", None, "(reference)"),
+    "decode-glm4-b1-generate": ("GLM-4-9B decode, batch 1, transformers' generate() default", None, "(reference)"),
+    "decode-glm4-b1-generate-static": ("GLM-4-9B decode, batch 1, generate() with its static cache", None, "(reference)"),
     "lora-glm4": ("GLM-4-9B LoRA, 8 x 512", None, "(no target)"),
 }
 REFERENCE_PEAK = {"lora-v2": 35.1, "lora-v1": 64.7, "qlora-v2": 22.7}
@@ -107,6 +109,28 @@ def decode_row(model, batch, new_tokens, decode, repeats=3, profile_path=None):
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "detail": f"{decode}, prefill {first * 1e3:.0f} ms, warm-up {warmup_s:.0f} s",
     }
+
+
+def generate_row(model, new_tokens, repeats=3, **options):
+    """transformers' generate() at batch 1, greedy, exactly new_tokens: decode tokens/s from the time of new_tokens
+    tokens less that of one (the prefill)."""
+    input_ids = random_prompt(model, 1, 32)
+
+    def run(tokens):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=tokens,
+                       min_new_tokens=tokens, **options)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    run(new_tokens)  # warm-up (and compilation)
+    warmup_s = time.perf_counter() - started
+    torch.cuda.reset_peak_memory_stats()
+    total, first = min(run(new_tokens) for _ in range(repeats)), min(run(1) for _ in range(repeats))
+    return {"tokens_per_s": round((new_tokens - 1) / (total - first), 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "detail": f"generate() {options or 'default'}, prefill {first * 1e3:.0f} ms, warm-up {warmup_s:.0f} s"}
 
 
 def train_row(model, batch, seq, steps, warmup, optimizer_cls=torch.optim.AdamW, profile_path=None, **optimizer_kwargs):
@@ -205,9 +229,12 @@ def run_rows(rows, args):
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
         model.model_version = None
-        for name, decode in (("decode-glm4-b1", args.decode), ("decode-glm4-b1-plain", "plain")):
+        if "decode-glm4-b1" in rows:
+            results["decode-glm4-b1"] = decode_row(model, 1, 256, args.decode, profile_path=profile("decode-glm4-b1"))
+            print("decode-glm4-b1", results["decode-glm4-b1"], flush=True)
+        for name, options in (("decode-glm4-b1-generate", {}), ("decode-glm4-b1-generate-static", {"cache_implementation": "static"})):
             if name in rows:
-                results[name] = decode_row(model, 1, 256, decode, profile_path=profile(name))
+                results[name] = generate_row(model, 256, **options)
                 print(name, results[name], flush=True)
         if "lora-glm4" in rows:
             peft_model = add_lora(model, {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "q_proj,k_proj,v_proj"})

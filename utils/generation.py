@@ -1,16 +1,14 @@
 """Answers to instruction records (the prompts of utils.dataset, left-padded batches), token streams and generation
-timing, for ChatGLM models (their own stream_generate) and models that transformers supports natively (generate())."""
-import collections
-import queue
-import threading
+timing, for ChatGLM models (their own stream_generate) and models that transformers supports natively (GLM-4:
+utils.native_decode)."""
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from utils.dataset import PaddingCollator, fit_prompt, get_prompt_format, user_message
+from utils.native_decode import native_stream_generate
 
 
 def decode_answer(tokenizer, ids, stop_ids) -> str:
@@ -23,17 +21,10 @@ def decode_answer(tokenizer, ids, stop_ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-# generate() arguments that stream_generate (ChatGLM's own decode loop, with the static-cache fast path) also takes.
+# generate() arguments that the stream loops (ChatGLM's own, with the static-cache fast path; utils.native_decode
+# for other models) also take.
 STREAM_GENERATE_KWARGS = {"temperature", "top_k", "top_p", "repetition_penalty"}
-
-
-def native_decode_kwargs(model, decode):
-    """generate() options of a native model for our decode modes: on CUDA every mode but "plain" uses transformers'
-    static cache, whose decode step generate() compiles (CUDA graphs, as ChatGLM's graph mode); "plain" and the CPU
-    the dynamic cache."""
-    if decode not in ("auto", "plain", "static", "graph", "compiled"):
-        raise ValueError(f"decode={decode!r}: expected auto, plain, static, graph or compiled")
-    return {"cache_implementation": "static"} if decode != "plain" and model.device.type == "cuda" else {}
+NATIVE_STREAM_KWARGS = {"temperature", "top_p"}
 
 
 @torch.inference_mode()
@@ -41,13 +32,11 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
                      do_sample=False, show_progress=False, decode="auto", **generate_kwargs):
     """One answer string per record (greedy unless do_sample).
 
-    ChatGLM models decode with their stream_generate (decode="auto": CUDA-graph steps on CUDA, see
-    modeling_chatglm.py); other models, or generate() options stream_generate lacks (beams...), use generate()."""
+    Decoding runs through stream_generate (decode="auto": CUDA-graph steps on CUDA); generate() options that it
+    lacks (beams...) go to transformers' generate()."""
     stop_ids = prompt_format.stop_token_ids
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
-    own_loop = hasattr(model, "stream_generate") and set(generate_kwargs) <= STREAM_GENERATE_KWARGS
-    if not hasattr(model, "stream_generate"):
-        generate_kwargs = {**native_decode_kwargs(model, decode), **generate_kwargs}
+    own_loop = set(generate_kwargs) <= (STREAM_GENERATE_KWARGS if hasattr(model, "stream_generate") else NATIVE_STREAM_KWARGS)
     answers = []
     batches = range(0, len(records), batch_size)
     for start in tqdm(batches, desc="generating", disable=not show_progress):
@@ -55,8 +44,9 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
         batch = collate([{"input_ids": p} for p in prompts])
         input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
         if own_loop:
-            *_, (new_ids, _) = model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                                     eos_token_id=stop_ids, decode=decode, **generate_kwargs)
+            *_, (new_ids, _) = stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                                               eos_token_id=stop_ids, decode=decode, pad_token_id=tokenizer.pad_token_id,
+                                               **generate_kwargs)
         else:
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                     do_sample=do_sample, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
@@ -65,90 +55,16 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
     return answers
 
 
-class TokenQueue:
-    """A generate() streamer that hands each step's new token ids [B] to another thread."""
-
-    def __init__(self):
-        self.queue, self.prompt_seen = queue.Queue(), False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate() hands over the prompt first
-            self.prompt_seen = True
-            return
-        self.queue.put(value.detach().view(-1, 1).cpu())
-
-    def end(self):
-        self.queue.put(None)
-
-
-class StopFlag:
-    """A generate() stopping criterion that another thread sets (the reader stopped listening)."""
-
-    def __init__(self):
-        self.set = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.set, dtype=torch.bool, device=input_ids.device)
-
-
-def init_compiled_graph_state():
-    """Give this thread the thread-local state of torch.compile's CUDA graphs: torch before 2.12 sets it up only in the
-    thread that imported it (and autograd's), and a compiled decode step failed in any other thread (an assertion in
-    cudagraph_trees.get_obj); later versions do this themselves."""
-    from torch._inductor import cudagraph_trees
-
-    if not hasattr(cudagraph_trees.local, "tree_manager_containers") and not torch._C._is_key_in_tls("tree_manager_containers"):
-        cudagraph_trees.local.tree_manager_containers = {}
-        cudagraph_trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
-
-
-# Streamed generate() calls of native models run here, one at a time: one long-lived thread keeps one set of recorded
-# CUDA graphs (they are per thread), where a thread per request would record them anew each time.
-GENERATION_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate", initializer=init_compiled_graph_state)
-
-
 def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, eos_token_id=(), decode="auto",
-                    temperature=1.0, top_p=1.0):
-    """Yields (new ids [B, n], None) after every new token until every row stopped or max_new_tokens.
-
-    ChatGLM models: their own stream_generate (static cache and CUDA graphs on CUDA). Other models: transformers'
-    generate() in the generation thread (static cache and its compiled decode step on CUDA, native_decode_kwargs),
-    the ids handed over by a streamer; leaving the loop early stops it at its next step."""
+                    pad_token_id=0, **sampling):
+    """Yields (new ids [B, n], None) after every new token until every row stopped or max_new_tokens: ChatGLM models
+    through their own stream_generate, other models through utils.native_decode; both with a static cache and, on
+    CUDA, CUDA-graph steps (decode="plain": eager steps)."""
     if hasattr(model, "stream_generate"):
-        yield from model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                         temperature=temperature, top_p=top_p, eos_token_id=list(eos_token_id), decode=decode)
-        return
-    from transformers import StoppingCriteriaList
-
-    streamer, stop, failure = TokenQueue(), StopFlag(), []
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    eos = [i for i in eos_token_id if i >= 0]
-    # No stop token (timing runs pass [-1]): exactly max_new_tokens, the model's own eos ids held off.
-    stops = {"eos_token_id": eos} if eos else {"min_new_tokens": max_new_tokens}
-    pad_token_id = model.generation_config.pad_token_id
-
-    def work():
-        try:
-            with torch.inference_mode():
-                model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                               do_sample=do_sample, pad_token_id=eos[0] if pad_token_id is None and eos else pad_token_id,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]),
-                               **stops, **native_decode_kwargs(model, decode), **sampling)
-        except BaseException as error:  # handed to the reader, which raises it
-            failure.append(error)
-            streamer.end()
-
-    worker = GENERATION_THREAD.submit(work)
-    columns = []
-    try:
-        while (column := streamer.queue.get()) is not None:
-            columns.append(column)
-            yield torch.cat(columns, dim=1), None
-    finally:
-        stop.set = True
-        worker.result()
-    if failure:
-        raise failure[0]
+        return model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     eos_token_id=list(eos_token_id), decode=decode, **sampling)
+    return native_stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
+                                  eos_token_id=eos_token_id, decode=decode, pad_token_id=pad_token_id, **sampling)
 
 
 def synchronize(device):
