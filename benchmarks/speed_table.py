@@ -230,7 +230,8 @@ def run_rows(rows, args):
             model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
         model.model_version = None
         if "decode-glm4-b1" in rows:
-            results["decode-glm4-b1"] = decode_row(model, 1, 256, args.decode, profile_path=profile("decode-glm4-b1"))
+            # "auto": the step compiled and replayed as a CUDA graph (utils.native_decode), as the scripts decode
+            results["decode-glm4-b1"] = decode_row(model, 1, 256, "auto", profile_path=profile("decode-glm4-b1"))
             print("decode-glm4-b1", results["decode-glm4-b1"], flush=True)
         for name, options in (("decode-glm4-b1-generate", {}), ("decode-glm4-b1-generate-static", {"cache_implementation": "static"})):
             if name in rows:

@@ -16,7 +16,10 @@ import sys
 ANSWERS = os.fdopen(os.dup(1), "w", buffering=1)
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
-import deepspeed  # noqa: E402, F401  (imported to be inherited by the children)
+try:  # imported to be inherited by the children; a GPU machine without DeepSpeed still runs the other scripts
+    import deepspeed  # noqa: E402, F401
+except ImportError:
+    pass
 import peft  # noqa: E402, F401
 import torch  # noqa: E402, F401
 import transformers  # noqa: E402, F401

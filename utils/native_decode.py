@@ -34,10 +34,13 @@ class StaticDecoder:
     decode step as a CUDA graph, captured on first use. Kept on the model per (B, length) and reused: positions past
     the current one hold stale keys, which the mask hides."""
 
-    def __init__(self, model, batch, length, graph):
+    def __init__(self, model, batch, length, graph, compiled=False):
         from transformers import StaticCache
 
         self.model, self.length, self.graph_wanted = model, length, graph
+        # compiled: the step's element-wise work fused by torch.compile (no CUDA graphs of its own: ours capture it,
+        # in whatever thread the caller runs); graph alone replays transformers' eager kernels, one per small op.
+        self.step_function = torch.compile(self._forward, mode="default") if compiled else self._forward
         device, dtype = model.device, model.dtype
         self.cache = StaticCache(config=model.config, max_cache_len=length)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -96,25 +99,25 @@ class StaticDecoder:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._forward()
+                    self.step_function()
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
+                self.logits = self.step_function()
             for counter, value in zip(counters, counted):
                 counter.copy_(value)
         self.graph.replay()
         return self.logits
 
 
-def decoder_for(model, batch, length, graph):
+def decoder_for(model, batch, length, graph, compiled):
     """The model's StaticDecoder for this batch size and (bucketed) length, made on first use."""
     length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
     decoders = model.__dict__.setdefault("_static_decoders", {})
-    key = (batch, length, graph)
+    key = (batch, length, graph, compiled)
     if key not in decoders:
         decoders.clear()  # one at a time: a cache and a graph pool per shape would add up
-        decoders[key] = StaticDecoder(model, batch, length, graph)
+        decoders[key] = StaticDecoder(model, batch, length, graph, compiled)
     return decoders[key]
 
 
@@ -122,9 +125,13 @@ def decoder_for(model, batch, length, graph):
 def native_stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0,
                            eos_token_id=(), decode="auto", pad_token_id=0):
     """Yields (new ids [B, n], None) after every token, until every row wrote a stop token or max_new_tokens; rows
-    that stopped get pad_token_id. decode: "plain" = eager steps, anything else = CUDA-graph steps on CUDA."""
-    graph = decode != "plain" and model.device.type == "cuda"
-    decoder = decoder_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, graph)
+    that stopped get pad_token_id. decode on CUDA: "auto" / "compiled" = the step compiled (fused) and replayed as a
+    CUDA graph, "graph" = transformers' eager kernels replayed as a graph, "plain" / "static" = eager steps; the CPU
+    runs eager steps."""
+    if decode not in ("auto", "plain", "static", "graph", "compiled"):
+        raise ValueError(f"decode={decode!r}: expected auto, plain, static, graph or compiled")
+    graph = decode in ("auto", "graph", "compiled") and model.device.type == "cuda"
+    decoder = decoder_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, graph, graph and decode != "graph")
     logits = decoder.prefill(input_ids, attention_mask)
     stops = torch.tensor(list(eos_token_id) or [-1], device=input_ids.device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
