@@ -173,7 +173,10 @@ def run_processes(script, launcher, *args, processes=2, timeout=900):
     else:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
                    str(free_port()), script, *args]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    # One intra-op thread per rank, as torchrun and the deepspeed launcher set it: mpirun leaves torch's default (all
+    # cores) in every rank, and two ranks of two threads on two cores only wait on each other.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{' '.join(command[:8])} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
 
