@@ -139,11 +139,8 @@ class ChatTemplatePromptFormat:
             raise ValueError(f"{type(tokenizer).__name__} has no chat_template; cannot build prompts for this model")
         self.tokenizer = tokenizer
         self.turn_end = self._turn_end()
-
-    @property
-    def stop_token_ids(self):
-        ids = [self.tokenizer.eos_token_id, *self.turn_end, *folder_eos_ids(self.tokenizer.name_or_path)]
-        return list(dict.fromkeys(i for i in ids if i is not None))
+        ids = [tokenizer.eos_token_id, *self.turn_end, *folder_eos_ids(tokenizer.name_or_path)]
+        self.stop_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
 
     def _ids(self, messages, generation_prompt):
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
@@ -182,8 +179,9 @@ class ChatTemplatePromptFormat:
         """(content ids, the ids that close the turn): the assistant turn as the template renders it after a
         generation prompt, so that the model learns to end its turn the template's way."""
         _, _, tail = self._rendered_answer(answer)
-        closing = tail[len(tail) - len(self.turn_end):] if tail[len(tail) - len(self.turn_end):] == self.turn_end else []
-        return tail[: len(tail) - len(closing)], self.turn_end
+        content = tail[: len(tail) - len(self.turn_end)]
+        # The template wrote the turn end itself (Llama-style), or none (GLM-4: the next turn's role token is added).
+        return (content if tail[len(content):] == self.turn_end else tail), self.turn_end
 
 
 def folder_eos_ids(model_dir) -> list:
