@@ -101,7 +101,7 @@ DEFAULTS = {
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in output_dir, or a path
     "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
-    "deepspeed": "",  # a DeepSpeed config file; under the deepspeed launcher or mpirun defaults to deepspeed.json
+    "deepspeed": "",  # a DeepSpeed config file; under a launcher (deepspeed, torchrun, mpirun) defaults to deepspeed.json
     "local_rank": -1,  # set by the deepspeed launcher
     "report_to": "tensorboard",
 }
@@ -109,9 +109,9 @@ DEFAULTS = {
 
 def main(config):
     output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_trainer")
-    launched_by_mpi = set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launcher would set them
-    launched_by_deepspeed = config["local_rank"] >= 0 or launched_by_mpi
-    deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched_by_deepspeed else None)
+    set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launchers set them
+    launched = config["local_rank"] >= 0 or "RANK" in os.environ  # by deepspeed, torchrun or mpirun
+    deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched else None)
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 

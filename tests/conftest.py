@@ -1,3 +1,4 @@
+import contextlib
 import fcntl
 import json
 import os
@@ -18,6 +19,7 @@ TOKENIZERS = SHARED / "assets" / "tokenizers"
 VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 
 sys.path.insert(0, str(REPO_ROOT))
+from utils.distributed import free_port  # noqa: E402
 
 # DeepSpeed JIT-builds C++ ops (its CPU shm comm op, CPU Adam) into TORCH_EXTENSIONS_DIR and guards each build with a
 # bare `lock` file. A process killed inside that guard leaves the file behind, and every later DeepSpeed process then
@@ -99,11 +101,13 @@ class ScriptRunner:
         self.server = None
         self.lock = threading.Lock()
 
-    def run(self, argv, env=None, timeout=900, input=None):
-        """subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, input=input) for argv = [script, *args]."""
+    def run(self, argv, env=None, timeout=900, input=None, ranks=None):
+        """subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, input=input) for argv = [script, *args];
+        with ranks=N, `torchrun --nproc_per_node N script args` (the ranks' output together, as torchrun shows it)."""
         if not forking_is_safe():
-            return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO_ROOT, capture_output=True, text=True, input=input,
-                                  timeout=timeout, env={**os.environ, **(env or {})})
+            launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"] if ranks else []
+            return subprocess.run([sys.executable, *launcher, *map(str, argv)], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  input=input, timeout=timeout, env={**os.environ, **(env or {})})
         with self.lock, tempfile.TemporaryDirectory() as tmp:
             if self.server is None or self.server.poll() is not None:
                 self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_runner.py"))], cwd=REPO_ROOT,
@@ -112,15 +116,18 @@ class ScriptRunner:
             if input is not None:
                 stdin.write_text(input, encoding="utf-8")
             request = {"argv": [str(a) for a in argv], "cwd": str(REPO_ROOT), "stdout": str(out), "stderr": str(err),
-                       "env": {**os.environ, **(env or {})}, "stdin": str(stdin) if input is not None else None}
+                       "env": {**os.environ, **(env or {})}, "stdin": str(stdin) if input is not None else None,
+                       "ranks": ranks, "master_port": free_port() if ranks else None}
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
-            pid = json.loads(self.server.stdout.readline())["pid"]
+            pids = json.loads(self.server.stdout.readline())["pids"]
             timed_out = threading.Event()
 
             def kill():
                 timed_out.set()
-                os.kill(pid, signal.SIGKILL)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
             timer = threading.Timer(timeout, kill)
             timer.start()
@@ -146,8 +153,8 @@ def pytest_unconfigure(config):
     SCRIPTS.close()
 
 
-def run_script(script, *args, timeout=900, check=True, env=None):
-    result = SCRIPTS.run([script, *args], env=env, timeout=timeout)
+def run_script(script, *args, timeout=900, check=True, env=None, ranks=None):
+    result = SCRIPTS.run([script, *args], env=env, timeout=timeout, ranks=ranks)
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result

@@ -1,9 +1,11 @@
 """DeepSpeed on CPU (DeepSpeed's CPU accelerator, gloo): train_deepspeed.py overfits 16 real MSRA examples on the tiny
-models and its adapter decodes the trained answers, as one plain process and under the `deepspeed` launcher; a
-resumed run continues exactly; `deepspeed train_trainer.py` trains with deepspeed.json (ZeRO-2); a finished run is
-never overwritten. Two processes with ZeRO-2 and ZeRO-3, under the launcher and under mpirun, train like one process
-with the same global batch and save the whole adapter. Full fine-tuning with ZeRO-3 + CPU offload on two processes
-trains like one process, resumes from its two-process checkpoint, and saves the whole model. The first DeepSpeed
+models and its adapter decodes the trained answers; a resumed run continues exactly; `deepspeed train_trainer.py`
+trains with deepspeed.json (ZeRO-2); a finished run is never overwritten. Two processes with ZeRO-2 and ZeRO-3, under
+the `deepspeed` launcher, under mpirun and started as torchrun starts them, train like one process with the same global
+batch and save the whole adapter. Full fine-tuning with ZeRO-3 + CPU offload on two processes trains like one process,
+resumes from its two-process checkpoint, and saves the whole model. Each launcher is run once per script; the other
+multi-process runs start their ranks as torchrun does, forked from the tests' script runner (a fresh interpreter
+per rank would spend ~9 s of the two cores importing torch, transformers, peft and DeepSpeed). The first DeepSpeed
 process builds a small shm comm op once, the first offload run DeepSpeed's CPU Adam (about a minute); both are cached
 in the tests' own extensions folder (see conftest.py)."""
 import glob
@@ -29,9 +31,8 @@ DS_OVERFIT = [arg for arg in OVERFIT if not arg.startswith("--report_to")] + [WA
 # Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2. The tiny ChatGLM-6B (130k vocabulary,
 # 2-D positions) learns the slowest.
 OVERFIT_STEPS = {"chatglm-6b": 50, "chatglm2-6b": 30, "chatglm3-6b": 30}
-# How each version is started: two as a plain python process, one under the launcher (with gradient accumulation,
-# whose loss must equal the one large batch's).
-LAUNCH = {"chatglm-6b": "python", "chatglm2-6b": "deepspeed", "chatglm3-6b": "python"}
+# Micro-batches per step of each version's run: gradient accumulation's loss must equal the one large batch's.
+ACCUMULATION = {"chatglm-6b": 1, "chatglm2-6b": 2, "chatglm3-6b": 1}
 
 
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
@@ -67,17 +68,18 @@ def overfit_runs(trainable_models, sixteen_examples, tmp_path_factory):
     def get(version):
         if version not in done:
             run_dir, steps = tmp_path_factory.mktemp("ds_" + version) / "run", OVERFIT_STEPS[version]
-            batching = ["--per_device_train_batch_size=8", "--gradient_accumulation_steps=2"] if LAUNCH[version] == "deepspeed" else []
+            accumulation = ACCUMULATION[version]
+            batching = [f"--per_device_train_batch_size={16 // accumulation}", f"--gradient_accumulation_steps={accumulation}"]
             run("train_deepspeed.py", f"--model_dir={trainable_models[version]}", f"--train_file={sixteen_examples}",
                 f"--dev_file={sixteen_examples}", f"--output_dir={run_dir}", f"--max_steps={steps}", f"--save_steps={steps}",
-                f"--eval_steps={steps}", *DS_OVERFIT, *batching, launcher=LAUNCH[version])
+                f"--eval_steps={steps}", *DS_OVERFIT, *batching)
             done[version] = run_dir
         return done[version]
 
     return get
 
 
-@pytest.mark.parametrize("version", list(LAUNCH))
+@pytest.mark.parametrize("version", list(ACCUMULATION))
 def test_train_deepspeed_overfits_and_the_adapter_reproduces_the_answers(version, overfit_runs, trainable_models, sixteen_examples):
     run_dir, steps = overfit_runs(version), OVERFIT_STEPS[version]
     adapter_dir = run_dir / "adapter_model"
@@ -95,7 +97,7 @@ def test_train_deepspeed_overfits_and_the_adapter_reproduces_the_answers(version
     assert train_args["data"]["train"]["samples"] == 16 and train_args["world_size"] == 1
     ds_config = train_args["deepspeed_config"]
     assert ds_config["zero_optimization"]["stage"] == 2 and "auto" not in json.dumps(ds_config)
-    assert ds_config["gradient_accumulation_steps"] == (2 if LAUNCH[version] == "deepspeed" else 1)
+    assert ds_config["gradient_accumulation_steps"] == ACCUMULATION[version]
     metrics = train_args["metrics"]
     assert metrics["global_step"] == steps and metrics["train_tokens_per_second"] > 0 and metrics["eval_loss"] < 0.5
     assert_adapter_reproduces_answers(trainable_models[version], adapter_dir, sixteen_examples)
@@ -118,11 +120,13 @@ def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_mo
     assert final_train_loss(interrupted) == pytest.approx(final_train_loss(full), rel=1e-3)  # over all 6 steps
 
 
-def test_deepspeed_launcher_runs_train_trainer_with_zero2(trainable_models, sixteen_examples, overfit_runs, tmp_path):
+def test_deepspeed_launcher_runs_train_trainer_with_zero2_on_two_processes(trainable_models, sixteen_examples, overfit_runs, tmp_path):
     run_dir = tmp_path / "run"
-    run("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-                 "--dev_file=none.txt", f"--output_dir={run_dir}", "--max_steps=3", "--save_steps=3", *OVERFIT,
-                 WARMUP, LEARNING_RATE, "--logging_steps=1", launcher="deepspeed")
+    # Two ranks of batch 8: the global batch of 16 that train_deepspeed.py's run below has as 2 micro-batches of 8.
+    batch_16 = [arg for arg in OVERFIT if not arg.startswith("--per_device_train_batch_size")]
+    run_processes("train_trainer.py", "deepspeed", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+                  "--dev_file=none.txt", f"--output_dir={run_dir}", "--max_steps=3", "--save_steps=3", *batch_16,
+                  "--per_device_train_batch_size=8", WARMUP, LEARNING_RATE, "--logging_steps=1")
     # The Trainer ran the DeepSpeed engine with ZeRO-2 from deepspeed.json (its checkpoint is a DeepSpeed one).
     optim_states = run_dir / "checkpoint-3" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     saved = torch.load(optim_states, map_location="cpu", weights_only=False)  # written by this test's run
@@ -139,7 +143,7 @@ def test_deepspeed_launcher_runs_train_trainer_with_zero2(trainable_models, sixt
     base, _ = load_model_and_tokenizer(trainable_models["chatglm2-6b"], dtype="fp32", device="cpu")
     PeftModel.from_pretrained(base, str(adapter_dir))
     # Both scripts normalise by the target tokens of the whole step: train_deepspeed.py's first loss, over two
-    # accumulated micro-batches of 8 (before any update; LoRA B starts at 0), is the Trainer's over one batch of 16.
+    # accumulated micro-batches of 8 (before any update; LoRA B starts at 0), is the Trainer's over two ranks of 8.
     trainer_losses = logged_losses(run_dir, 3)
     assert logged_losses(overfit_runs("chatglm2-6b"), OVERFIT_STEPS["chatglm2-6b"])[1] == pytest.approx(trainer_losses[1], rel=1e-4)
 
@@ -160,11 +164,15 @@ def test_train_deepspeed_never_overwrites_a_finished_run(trainable_models, sixte
 # --- Several processes (gloo on CPU): ZeRO-2 / ZeRO-3 under the deepspeed launcher and under mpirun ---------------
 MPIRUN = shutil.which("mpirun")
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (apt-get install openmpi-bin libopenmpi-dev)")
-ZERO_CONFIGS = {2: "deepspeed.json", 3: "deepspeed_zero3.json"}
 
 
 def run_processes(script, launcher, *args, processes=2, timeout=900):
-    """The script on `processes` ranks: `deepspeed --num_gpus N` (gloo on CPU) or `mpirun -np N python`."""
+    """The script on `processes` ranks: `deepspeed --num_gpus N` (gloo on CPU), `mpirun -np N python`, or "torchrun": the
+    ranks started as torchrun starts them (conftest's script runner forks them with torchrun's variables)."""
+    if launcher == "torchrun":
+        result = run_script(script, *args, ranks=processes, timeout=timeout, check=False)
+        assert result.returncode == 0, f"{processes} ranks of {script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        return result
     if launcher == "mpirun":
         # --noprefix: Open MPI started by its full path puts its own bin folder (/usr/bin) first on the ranks' PATH,
         # where a different ninja than pip's hashes build commands differently, and every DeepSpeed process then rebuilt
@@ -212,10 +220,10 @@ def adapter_weights(run_dir):
 
 @pytest.mark.parametrize("script,launcher,zero", [
     ("train_deepspeed.py", "deepspeed", 2),
-    ("train_deepspeed.py", "deepspeed", 3),
+    ("train_deepspeed.py", "torchrun", 3),
     pytest.param("train_deepspeed.py", "mpirun", 2, marks=needs_mpirun),
-    pytest.param("train_deepspeed.py", "mpirun", 3, marks=needs_mpirun),
-    ("train_trainer.py", "deepspeed", 3),
+    ("train_trainer.py", "torchrun", 3),
+    ("train_trainer.py", "torchrun", 2),
     pytest.param("train_trainer.py", "mpirun", 2, marks=needs_mpirun),
 ])
 def test_two_processes_train_like_one_with_the_same_global_batch(script, launcher, zero, trainable_models, scale_out_data,
@@ -223,14 +231,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(script, launche
     reference = one_process_reference(script)
     out = tmp_path / "run"
     extra = ["--report_to=none"] if script == "train_trainer.py" else []
-    ds_config = REPO_ROOT / ZERO_CONFIGS[zero]
     if zero == 3:  # partition even the small LoRA matrices, so that saving must gather them
-        settings = json.loads(ds_config.read_text())
+        settings = json.loads((REPO_ROOT / "deepspeed_zero3.json").read_text())
         settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        ds_config = tmp_path / "zero3.json"
-        ds_config.write_text(json.dumps(settings))
+        (tmp_path / "zero3.json").write_text(json.dumps(settings))
+        extra.append(f"--deepspeed={tmp_path / 'zero3.json'}")
+    # ZeRO-2: no --deepspeed, the default (deepspeed.json) under every launcher.
     result = run_processes(script, launcher, f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={out}",
-                           *scale_out_data, "--per_device_train_batch_size=4", f"--deepspeed={ds_config}", *extra)
+                           *scale_out_data, "--per_device_train_batch_size=4", *extra)
     saved = json.loads((out / "adapter_model" / "train_args.json").read_text())
     expected = json.loads((reference / "adapter_model" / "train_args.json").read_text())
     assert saved["world_size"] == 2
@@ -278,7 +286,7 @@ def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and
     run("train_deepspeed.py", f"--output_dir={one}", *common, "--gradient_accumulation_steps=2")
     two = tmp_path / "two"
     offload = ["--deepspeed=deepspeed_zero3_offload.json"]
-    run_processes("train_deepspeed.py", "deepspeed", f"--output_dir={two}", *common, *offload)
+    run_processes("train_deepspeed.py", "torchrun", f"--output_dir={two}", *common, *offload)
     saved = assert_full_model_folder(two, model_dir, sixteen_examples, "train_deepspeed.py")
     zero = saved["deepspeed_config"]["zero_optimization"]
     assert saved["world_size"] == 2 and zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
@@ -293,7 +301,7 @@ def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and
     shutil.rmtree(resumed / "checkpoint-4")
     shutil.rmtree(resumed / "model")
     assert len(list((resumed / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))) == 2
-    result = run_processes("train_deepspeed.py", "deepspeed", f"--output_dir={resumed}", *common, *offload, "--resume_from_checkpoint=auto")
+    result = run_processes("train_deepspeed.py", "torchrun", f"--output_dir={resumed}", *common, *offload, "--resume_from_checkpoint=auto")
     assert "resuming from" in result.stdout and "step 2" in result.stdout
     uninterrupted, again = logged_losses(two, 4), logged_losses(resumed, 4)
     assert again[3] == pytest.approx(uninterrupted[3], rel=1e-4) and again[4] == pytest.approx(uninterrupted[4], rel=1e-4)
@@ -303,7 +311,7 @@ def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and
 def test_train_trainer_full_fine_tuning_with_zero3_on_two_processes_saves_the_whole_model(
         trainable_models, sixteen_examples, scale_out_data, tmp_path):
     out = tmp_path / "run"
-    run_processes("train_trainer.py", "deepspeed", f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={out}",
+    run_processes("train_trainer.py", "torchrun", f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={out}",
                   "--method=full", *scale_out_data, "--save_steps=0", "--per_device_train_batch_size=4",
                   "--deepspeed=deepspeed_zero3.json", "--report_to=none")
     saved = assert_full_model_folder(out, trainable_models["chatglm2-6b"], sixteen_examples, "train_trainer.py")
