@@ -18,6 +18,9 @@ from utils.model_utils import adapter_disabled, load_model_and_tokenizer, load_m
 from utils.train_utils import kbit_quantization_config
 
 LORA = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0"]
+# Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2; the tiny ChatGLM-6B (130k vocabulary,
+# 2-D positions) learns the slowest.
+OVERFIT_STEPS = {"chatglm-6b": 50, "chatglm2-6b": 40, "chatglm3-6b": 40}
 
 
 def train_args_json(tmp_path, **values):
@@ -35,14 +38,14 @@ def train_args_json(tmp_path, **values):
 def test_train_qlora_overfits_and_the_adapter_reproduces_the_answers(version, trainable_models, sixteen_examples, tmp_path):
     from transformers import BitsAndBytesConfig
 
-    run_dir = tmp_path / "run"
-    args_json = train_args_json(tmp_path, max_steps=60, save_steps=60, eval_steps=60)
+    run_dir, steps = tmp_path / "run", OVERFIT_STEPS[version]
+    args_json = train_args_json(tmp_path, max_steps=steps, save_steps=steps, eval_steps=steps, learning_rate=1.5e-2)
     result = run_script("train_qlora.py", f"--train_args_json={args_json}", f"--model_dir={trainable_models[version]}",
                         f"--train_file={sixteen_examples}", f"--dev_file={sixteen_examples}",
                         f"--output_dir={run_dir}", "--dtype=fp32", *LORA)
     assert "trainable params" in result.stdout
-    losses = logged_losses(run_dir, 60)
-    assert losses[60] < 0.5 * losses[1], losses
+    losses = logged_losses(run_dir, steps)
+    assert losses[steps] < 0.5 * losses[1], losses
     adapter_dir = run_dir / "adapter_model"
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert set(adapter_config["target_modules"]) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
