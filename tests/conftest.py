@@ -109,9 +109,7 @@ class ScriptRunner:
             return subprocess.run([sys.executable, *launcher, *map(str, argv)], cwd=REPO_ROOT, capture_output=True, text=True,
                                   input=input, timeout=timeout, env={**os.environ, **(env or {})})
         with self.lock, tempfile.TemporaryDirectory() as tmp:
-            if self.server is None or self.server.poll() is not None:
-                self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_runner.py"))], cwd=REPO_ROOT,
-                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.start()
             out, err, stdin = Path(tmp) / "stdout", Path(tmp) / "stderr", Path(tmp) / "stdin"
             if input is not None:
                 stdin.write_text(input, encoding="utf-8")
@@ -139,6 +137,12 @@ class ScriptRunner:
             if timed_out.is_set():
                 raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
             return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+
+    def start(self):
+        """Start the server (its imports take ~9 s) unless it is running."""
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_runner.py"))], cwd=REPO_ROOT,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def close(self):
         if self.server is not None and self.server.poll() is None:
@@ -203,7 +207,11 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
     """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes,
     tests/test_crash_resume.py's drivers: each keeps one core busy for tens of seconds), so that they run beside the
-    other tests."""
-    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
+    other tests. The script runner starts too where a collected test runs scripts: its imports overlap the first tests."""
+    modules = {item.module for item in session.items if getattr(item, "module", None) is not None}
+    runs_scripts = any(hasattr(module, "run_script") or hasattr(module, "SCRIPTS") for module in modules)
+    if (runs_scripts or any("trained_adapter" in getattr(item, "fixturenames", ()) for item in session.items)) and forking_is_safe():
+        SCRIPTS.start()
+    for module in modules:
         if hasattr(module, "start_background_runs"):
             module.start_background_runs()
