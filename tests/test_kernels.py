@@ -6,6 +6,7 @@ F.linear(x, dequantized weight, bias) on tiny shapes, with the launch configurat
 ones (split-K with uneven splits, both inner loops); the cases with bias run twice to check bit-identical output. The launch
 heuristic, the predicate and the import without triton run in this process.
 """
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -120,8 +121,22 @@ class InterpretedRun:
             self.process.kill()
             raise
         self.stderr.seek(0)
-        assert returncode == 0, self.stderr.read()[-5000:]
+        stderr = self.stderr.read()
+        if returncode and OLD_INTERPRETER_ERROR in stderr and triton_version() < (3, 9):
+            pytest.skip(f"the interpreter of triton {'.'.join(map(str, triton_version()))} cannot run under numpy "
+                        f"{importlib.metadata.version('numpy')} ({OLD_INTERPRETER_ERROR}); triton 3.9's can")
+        assert returncode == 0, stderr[-5000:]
         return json.loads(self.out_path.read_text())
+
+
+# The interpreters of triton 3.5/3.6 (what CUDA builds of torch 2.11 pin) int() the 1-element numpy arrays they hold a
+# program's scalars in, which numpy >= 2.4 refuses. Where that is the failure, the interpreted cases are skipped: the
+# compiled kernels run on such a GPU machine in tests/test_fast_decode.py.
+OLD_INTERPRETER_ERROR = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def triton_version():
+    return tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2])
 
 
 RUNS = {}

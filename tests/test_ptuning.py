@@ -42,7 +42,8 @@ def mean_loss(model, tokenizer, version, data_file):
     examples = InstructionDataset(data_file, tokenizer, version, max_source_length=256, max_target_length=128).examples
     collate = PaddingCollator(tokenizer.pad_token_id)
     with torch.no_grad():
-        losses = [model(**collate(examples[i:i + 4])).loss.item() for i in range(0, len(examples), 4)]
+        batches = [{k: v.to(model.device) for k, v in collate(examples[i:i + 4]).items()} for i in range(0, len(examples), 4)]
+        losses = [model(**batch).loss.item() for batch in batches]
     return sum(losses) / len(losses)
 
 

@@ -155,9 +155,10 @@ def test_train_qlora_ptuning_trains_the_prefix_alone_on_the_kbit_base_and_it_rel
     assert train_args["script"] == "train_qlora.py" and train_args["model_version"] == version
     assert train_args["config"]["method"] == "ptuning" and train_args["config"]["quant_bits"] == bits
 
-    # On the same k-bit base the prefix gives the run's final evaluation loss again.
+    # On the same k-bit base, on the device that trained (the GPU if there is one), the prefix gives the run's final
+    # evaluation loss again.
     quantization = kbit_quantization_config(bits, torch.float32, ptuning=True)
-    base, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu", quantization_config=quantization,
+    base, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="auto", quantization_config=quantization,
                                                pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection)
     assert sum(type(m).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt") for m in base.modules()) == 4 * base.config.num_layers
     load_prefix_checkpoint(base, prefix_dir)

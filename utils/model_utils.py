@@ -125,6 +125,14 @@ def load_tokenizer(model_dir, version=None):
     return remote_module(version, "tokenization_chatglm").ChatGLMTokenizer.from_pretrained(str(model_dir))
 
 
+def device_map(device, quantization_config):
+    """from_pretrained's device_map for one device. The CPU is named only for a quantized model: transformers puts a
+    bitsandbytes model without a device_map on the GPU whenever there is one."""
+    if device != "cpu":
+        return device
+    return {"": "cpu"} if quantization_config is not None else None
+
+
 def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config=None):
     """A model that transformers supports itself (e.g. GLM-4, Llama): AutoModelForCausalLM + AutoTokenizer.
     Its prompts come from the tokenizer's chat template (model_version None)."""
@@ -132,7 +140,7 @@ def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_confi
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, device_map=device if device != "cpu" else None, quantization_config=quantization_config
+        str(model_dir), dtype=dtype, device_map=device_map(device, quantization_config), quantization_config=quantization_config
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked out anyway
@@ -168,7 +176,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
         )
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
     model = model_class.from_pretrained(
-        str(model_dir), config=config, dtype=dtype, device_map=device if device != "cpu" else None,
+        str(model_dir), config=config, dtype=dtype, device_map=device_map(device, quantization_config),
         quantization_config=quantization_config,
     )
     model.model_version = version
