@@ -95,7 +95,7 @@ def forking_is_safe():
 
 class ScriptRunner:
     """`python script.py args` in a child forked from tests/script_runner.py, which has imported the heavy libraries
-    once (each fresh interpreter spends ~7 s of 2 cores importing torch, transformers, peft and DeepSpeed)."""
+    once (each fresh interpreter spends ~9 s of 2 cores importing torch, transformers, peft and DeepSpeed)."""
 
     def __init__(self):
         self.server = None

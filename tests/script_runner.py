@@ -1,16 +1,17 @@
 """Runs the project's scripts for the tests as `python script.py args` would, in a process forked from this one, which
-has imported torch, transformers, peft and DeepSpeed once: a script run then skips their ~7 s of imports.
+has imported torch, transformers, peft and DeepSpeed once: a script run then skips their ~9 s of imports.
 
-The tests start it once (conftest.script_runner) and write one JSON request per line to its stdin:
+The tests start it once (conftest.ScriptRunner) and write one JSON request per line to its stdin:
 {"argv": [script, *args], "cwd", "stdout", "stderr", "env", "stdin" (a file, or none), "ranks" (optional)}. It forks a
-child for each, answers {"pids"} at once and {"returncode"} when the child has ended. With "ranks": N it forks N
-children as torchrun starts its processes (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT
-from the request's "master_port"), their output appended to the same two files; as a launcher does, the first rank to
-fail has the others killed, and the returncode is that rank's (0 when all succeed). The child runs the script as __main__ with its stdout and stderr (file
-descriptors 1 and 2) sent to the named files, and ends as the interpreter would: SystemExit gives the exit status, an
-uncaught exception goes to sys.excepthook (the scripts install their own) and exits 1, then non-daemon threads are
-joined and atexit functions run. This process runs no torch operation itself, so no thread pool is copied into a
-child half-started."""
+child for each, answers {"pids"} at once and {"returncode"} when the child has ended. The child runs the script as
+__main__ with its stdout and stderr (file descriptors 1 and 2) sent to the named files, and ends as the interpreter
+would: SystemExit gives the exit status, an uncaught exception goes to sys.excepthook (the scripts install their own)
+and exits 1, then non-daemon threads are joined and atexit functions run. This process runs no torch operation
+itself, so no thread pool is copied into a child half-started.
+
+With "ranks": N it forks N children as torchrun starts its processes (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT from the request's "master_port"), their output appended to the same two files. As a
+launcher does, the first rank to fail has the others killed; the returncode is that rank's (0 when all succeed)."""
 import json
 import os
 import signal
@@ -77,8 +78,8 @@ def run_child(request):
 
 def rank_env(env, rank, ranks, master_port):
     # torchrun gives each of several ranks one intra-op thread unless told otherwise.
-    return {"OMP_NUM_THREADS": "1", **env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+    return {"OMP_NUM_THREADS": "1", **env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+            "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
 
 
 def main():
