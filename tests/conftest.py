@@ -208,10 +208,12 @@ def pytest_collection_finish(session):
     """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes,
     tests/test_crash_resume.py's drivers: each keeps one core busy for tens of seconds), so that they run beside the
     other tests. The script runner starts too where a collected test runs scripts: its imports overlap the first tests."""
-    modules = {item.module for item in session.items if getattr(item, "module", None) is not None}
-    runs_scripts = any(hasattr(module, "run_script") or hasattr(module, "SCRIPTS") for module in modules)
-    if (runs_scripts or any("trained_adapter" in getattr(item, "fixturenames", ()) for item in session.items)) and forking_is_safe():
+    def runs_scripts(item):
+        module = getattr(item, "module", None)
+        return hasattr(module, "run_script") or hasattr(module, "SCRIPTS") or "trained_adapter" in getattr(item, "fixturenames", ())
+
+    if any(runs_scripts(item) for item in session.items) and forking_is_safe():
         SCRIPTS.start()
-    for module in modules:
+    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
         if hasattr(module, "start_background_runs"):
             module.start_background_runs()
