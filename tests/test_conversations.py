@@ -166,6 +166,98 @@ def test_chatglm3_truncation_drops_the_oldest_rounds_and_counts(tokenizers, tmp_
                                "(max_source_length)")
 
 
+# ChatGLM3's finetune_demo format as its README gives it: top-level tools (their format left open: a ToolAlpaca-style
+# string among them), a system message, an assistant thought before a tool message (name, parameters, observation), a
+# tool message with "loss": false, an observation that is JSON data and one that is text.
+FINETUNE_RECORD = {
+    "tools": [WEATHER_TOOL, "search: 搜索网页"],
+    "conversations": [
+        {"role": "system", "content": "你是天气助手。"},
+        {"role": "user", "content": "北京明天冷吗？"},
+        {"role": "assistant", "content": "我查一下北京明天的天气。"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "北京", "days": 1, "hourly": True,
+                                                             "hours": [6, 12.5], "unit": None},
+         "observation": {"temperature": -3, "天气": "晴"}},
+        {"role": "assistant", "content": "北京明天零下 3 度，晴，很冷。"},
+        {"role": "user", "content": "那搜一下羽绒服"},
+        {"role": "tool", "name": "search", "parameters": {"query": "羽绒服"}, "observation": "找到 3 家店", "loss": False},
+        {"role": "assistant", "content": "找到了 3 家店。"},
+    ],
+}
+
+
+def official_finetune_encoding(tok, item):
+    """input_ids and labels of a finetune_demo record by the rules of ChatGLM3's own preprocessing
+    (finetune_chatmodel_demo/preprocess_utils.py, THUDM/ChatGLM3 before 2024-01-27; its finetune_hf.py since then
+    raises NotImplementedError on tools), restated here independently of utils/:
+    - [gMASK] sop; the tools first, as a system message of their own: the tool prompt, a line break and
+      json.dumps(tools, indent=4, ensure_ascii=False);
+    - each message build_single_message(role, "", content); a tool message becomes an assistant message with the
+      tool's name as metadata and "```python\n" + the unparsed call tool_call(name=constant, ...) + "\n```", then
+      an observation message with the observation (JSON text unless it is a string);
+    - loss: a message's "loss", default true, but never for system and user messages nor for the observation;
+    - </s> closes it, and a token is a target when the token before it lies in a learnt message."""
+    messages = list(item["conversations"])
+    if "tools" in item:
+        messages.insert(0, {"role": "system", "content": "Answer the following questions as best as you can. You have "
+                            "access to the following tools:\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)})
+    tokens, learnt = [GMASK, SOP], [False, False]
+    for message in messages:
+        loss = message.get("loss", True) and message["role"] not in ("system", "user")
+        if message["role"] == "tool":
+            call = ast.Call(func=ast.Name(id="tool_call"), args=[],
+                            keywords=[ast.keyword(arg=k, value=ast.Constant(v)) for k, v in message["parameters"].items()])
+            parts = [("assistant", message["name"], "```python\n" + ast.unparse(call) + "\n```", loss)]
+            observation = message["observation"]
+            parts.append(("observation", "", observation if isinstance(observation, str)
+                          else json.dumps(observation, ensure_ascii=False), False))
+        else:
+            parts = [(message["role"], "", message["content"], loss)]
+        for role, metadata, text, part_loss in parts:
+            ids = tok.build_single_message(role, metadata, text)
+            tokens += ids
+            learnt += [part_loss] * len(ids)
+    tokens.append(EOS)
+    learnt.append(False)
+    return {"input_ids": tokens, "labels": [t if m else -100 for t, m in zip(tokens, [False] + learnt[:-1])]}
+
+
+def test_chatglm3_finetune_demo_format_encodes_as_the_official_code(tokenizers, tmp_path):
+    """A finetune_demo record (role tool, top-level tools, loss) is read as it is, by the training scripts and by
+    process.py, and encodes to exactly the official preprocessing's ids and labels."""
+    tok = tokenizers["chatglm3-6b"]
+    official = official_finetune_encoding(tok, FINETUNE_RECORD)
+    assert sum(label != -100 for label in official["labels"]) > 0
+    # The training scripts read the record unchanged.
+    train = write_lines(tmp_path / "train.txt", [FINETUNE_RECORD])
+    data = InstructionDataset(train, tok, "chatglm3-6b", max_source_length=1024, max_target_length=256)
+    assert len(data) == 1 and data[0] == official
+    # process.py reads it too (also as the JSON array that the finetune_demo README shows) and writes a ChatGLM3
+    # conversation record that encodes the same way.
+    array = tmp_path / "finetune.json"
+    array.write_text(json.dumps([FINETUNE_RECORD], ensure_ascii=False, indent=2), encoding="utf-8")
+    result = run_process("--train_file", array, "--dev_file", "", "--output_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    [written] = [json.loads(line) for line in (tmp_path / "out" / "train.txt").read_text(encoding="utf-8").splitlines()]
+    assert [m["role"] for m in written["conversations"]] == [
+        "system", "system", "user", "assistant", "assistant", "observation", "assistant", "user", "assistant",
+        "observation", "assistant"]
+    assert written["conversations"][0]["tools"] == FINETUNE_RECORD["tools"]
+    assert written["conversations"][4] == {"role": "assistant", "metadata": "get_weather", "content": (
+        "```python\ntool_call(city='北京', days=1, hourly=True, hours=[6, 12.5], unit=None)\n```")}
+    assert written["conversations"][5] == {"role": "observation", "content": '{"temperature": -3, "天气": "晴"}'}
+    assert written["conversations"][8]["loss"] is False
+    again = InstructionDataset(tmp_path / "out" / "train.txt", tok, "chatglm3-6b", max_source_length=1024,
+                               max_target_length=256)
+    assert again[0] == official
+
+    # The format's other shapes: no tools (no tool prompt), tools without a system message of the data's own.
+    for record in ({"conversations": FINETUNE_RECORD["conversations"][:3]},
+                   {"tools": [WEATHER_TOOL], "conversations": FINETUNE_RECORD["conversations"][1:5]}):
+        write_lines(train, [record])
+        assert InstructionDataset(train, tok, "chatglm3-6b", max_source_length=1024)[0] == official_finetune_encoding(tok, record)
+
+
 # ---------------------------------------------------------------------------------------------------- v1 / v2
 
 

@@ -31,22 +31,37 @@ import ast
 import json
 import keyword
 
-from utils.data_io import DataError, excerpt, json_shape, parse_json, require_str, require_str_at, require_type
+from utils.data_io import (
+    DataError, check_surrogates, excerpt, json_shape, parse_json, require_str, require_str_at, require_type,
+)
 
 ROLES = ("system", "user", "assistant", "observation")
 # The role names of ShareGPT and OpenAI data -> ChatGLM3's. A ShareGPT function_call is an assistant's tool call.
 SOURCE_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "function_call": "assistant", "observation": "observation", "tool": "observation"}
+# OpenAI's roles: developer is the newer name of system; tool (and the older function) return a tool's result.
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "observation", "function": "observation"}
 # The system message that ChatGLM3's own tool demos put before the tools; used when the data has none of its own.
 TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
 def json_field(text, path, line, field):
-    """A JSON value given as text inside a record (a function_call's value, arguments, tools)."""
+    """A JSON value given as text inside a record (a function_call's value, arguments, tools). Its strings are checked
+    for lone surrogates as the file's own are (iter_json_lines): a \\ud800 escape in the embedded text decodes to one
+    only here, and it could not be written as UTF-8."""
     try:
-        return parse_json(text, path, line)
+        value = parse_json(text, path, line)
     except DataError as err:
         raise DataError(path, line, err.problem, field, "not valid JSON") from None
+    if "\\u" in text:
+        try:
+            check_surrogates(value, path, line)
+        except DataError as err:
+            inner = err.field or ""
+            raise DataError(path, line, err.problem, field + ("" if not inner or inner.startswith("[") else ".") + inner,
+                            "lone surrogate (half of a UTF-16 pair)") from None
+    return value
 
 
 def tool_call_content(arguments, path, line, field) -> str:
@@ -92,12 +107,16 @@ def one_call(calls, path, line, field):
     return calls[0]
 
 
-def read_tools(value, path, line, field):
+def read_tools(value, path, line, field, as_given=False):
     """The tools as ChatGLM3 lists them: a JSON array (or its text) of function descriptions. OpenAI's
-    {"type": "function", "function": {...}} wrapper is taken off, as ChatGLM3's own tool lists have none."""
-    if isinstance(value, str):
+    {"type": "function", "function": {...}} wrapper is taken off, as ChatGLM3's own tool lists have none.
+    as_given (ChatGLM3's own format): the array as it is, whatever its items (the finetune_demo leaves their format
+    open; ChatGLM3 writes the array as JSON text after the system prompt)."""
+    if isinstance(value, str) and not as_given:
         value = json_field(value, path, line, field) if value.strip() else []
     require_type(value, list, path, line, field)
+    if as_given:
+        return value
     tools = []
     for k, tool in enumerate(value):
         require_type(tool, dict, path, line, f"{field}[{k}]")
@@ -107,27 +126,126 @@ def read_tools(value, path, line, field):
     return tools
 
 
-def turn_messages(turn, name, role, text_key, path, line, field):
-    """The ChatGLM3 messages of one input message (two for an OpenAI message with content and a tool call)."""
+def openai_content(turn, name, role, path, line, field):
+    """The text of an OpenAI message's `content`: a string, or an array of content parts, whose texts are joined with
+    line breaks (text parts; an assistant's refusal parts too). Images, audio and files have no text for ChatGLM, and
+    `null` is content only beside an assistant's tool call (handled by the caller)."""
+    if "content" not in turn:
+        raise DataError(path, line, "missing", f"{field}.content")
+    value = turn["content"]
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise DataError(path, line, f"null; a {name} message needs content (a string or an array of text parts)",
+                        f"{field}.content", "null content")
+    if not isinstance(value, list):
+        raise DataError(path, line, f"expected a string or an array of content parts, got {json_shape(value)}",
+                        f"{field}.content")
+    texts = []
+    for k, part in enumerate(value):
+        require_type(part, dict, path, line, f"{field}.content[{k}]")
+        kind = part.get("type")
+        key = kind if kind == "text" or (kind == "refusal" and role == "assistant") else None
+        if key is None:
+            allowed = "text or refusal" if role == "assistant" else "text"
+            raise DataError(path, line, f"a content part of type {excerpt(str(kind))}; ChatGLM reads {allowed} parts "
+                            "only", f"{field}.content[{k}].type", "a content part that is not text")
+        texts.append(require_str_at(part, key, path, line, f"{field}.content[{k}]", allow_empty=True))
+    return "\n".join(texts)
+
+
+def finetune_tool_messages(turn, path, line, field):
+    """ChatGLM3 finetune_demo's tool message {"role": "tool", "name", "parameters", "observation", "loss"?}, expanded
+    as the official preprocessing does: the assistant's tool call (metadata: the name; content: the tool_call block;
+    learnt unless "loss" is false), then the observation (never learnt; a string as it is, any other JSON value as
+    its JSON text)."""
+    for key in ("content", "metadata", "tool_calls"):
+        if key in turn:
+            raise DataError(path, line, f"a ChatGLM3 tool message has name, parameters and observation, not {key} (an "
+                            "OpenAI tool result goes in a 'messages' record)", f"{field}.{key}",
+                            "a ChatGLM3 tool message has name, parameters and observation")
+    name = require_str_at(turn, "name", path, line, field)
+    if "\n" in name:
+        raise DataError(path, line, "a line break in the tool name (ChatGLM3 puts it on the role line)", f"{field}.name")
+    for key in ("parameters", "observation"):
+        if key not in turn:
+            raise DataError(path, line, "missing", f"{field}.{key}")
+    parameters = require_type(turn["parameters"], dict, path, line, f"{field}.parameters")
+    call = {"role": "assistant", "metadata": name, "content": tool_call_content(parameters, path, line, f"{field}.parameters")}
+    if learnt_flag(turn, "assistant", path, line, field) is False:
+        call["loss"] = False
+    observation = turn["observation"]
+    text = observation if isinstance(observation, str) else json.dumps(observation, ensure_ascii=False)
+    return [call, {"role": "observation", "content": text}]
+
+
+def learnt_flag(turn, role, path, line, field):
+    """A message's "loss" (None when absent); only assistant messages may be learnt."""
+    if "loss" not in turn:
+        return None
+    if not isinstance(turn["loss"], bool):
+        raise DataError(path, line, f"expected true or false, got {json_shape(turn['loss'])}", f"{field}.loss")
+    if turn["loss"] and role != "assistant":
+        raise DataError(path, line, "only assistant messages are learnt", f"{field}.loss")
+    return turn["loss"]
+
+
+def requested_call(turn, name, role, text_key, style, path, line, field):
+    """(the tool call that the message makes, as {"name", "arguments"}, and its field) or (None, None). Tool calls
+    belong to assistant messages only: anywhere else they are an error, never dropped."""
     if name == "function_call":  # ShareGPT: the value is the call as JSON
         value = require_str_at(turn, text_key, path, line, field)
         call = json_field(value, path, line, f"{field}.{text_key}")
         if isinstance(call, list):
             call = one_call(call, path, line, f"{field}.{text_key}")
-        return [tool_call_message(call, path, line, f"{field}.{text_key}")]
-    if role == "assistant" and turn.get("tool_calls"):  # OpenAI
-        calls = require_type(turn["tool_calls"], list, path, line, f"{field}.tool_calls")
-        call = require_type(one_call(calls, path, line, f"{field}.tool_calls"), dict, path, line, f"{field}.tool_calls[0]")
-        if "function" not in call:
-            raise DataError(path, line, "missing", f"{field}.tool_calls[0].function")
-        messages = []
-        if turn.get(text_key) is not None and require_str_at(turn, text_key, path, line, field, allow_empty=True).strip():
-            messages.append({"role": "assistant", "content": turn[text_key]})  # what it says before calling
-        return messages + [tool_call_message(call["function"], path, line, f"{field}.tool_calls[0].function")]
-    if role == "observation" and text_key in turn and not isinstance(turn[text_key], str):
+        return call, f"{field}.{text_key}"
+    # OpenAI's tool_calls, and its older single function_call
+    given = [key for key in ("tool_calls", "function_call") if turn.get(key)]
+    if not given:
+        return None, None
+    if role != "assistant":
+        raise DataError(path, line, f"a {name} message with {given[0]}: only assistant messages call tools",
+                        f"{field}.{given[0]}", f"{given[0]} on a message that is not an assistant's")
+    if len(given) == 2:
+        raise DataError(path, line, "both tool_calls and function_call: give the call once", f"{field}.function_call")
+    if given[0] == "function_call":
+        return turn["function_call"], f"{field}.function_call"
+    calls = require_type(turn["tool_calls"], list, path, line, f"{field}.tool_calls")
+    call = require_type(one_call(calls, path, line, f"{field}.tool_calls"), dict, path, line, f"{field}.tool_calls[0]")
+    if "function" not in call:
+        raise DataError(path, line, "missing", f"{field}.tool_calls[0].function")
+    return call["function"], f"{field}.tool_calls[0].function"
+
+
+def turn_messages(turn, name, role, text_key, style, path, line, field):
+    """The ChatGLM3 messages of one input message: one, or two for an assistant message that says something and
+    calls a tool, or for a ChatGLM3 finetune_demo tool message (the call and its observation)."""
+    if style == "chatglm3" and name == "tool":
+        return finetune_tool_messages(turn, path, line, field)
+    call, call_field = requested_call(turn, name, role, text_key, style, path, line, field)
+    if call is not None:
+        said = turn.get(text_key)
+        if style == "openai" and said is not None:
+            said = openai_content(turn, name, role, path, line, field)
+        elif name == "function_call" or said is None:
+            said = ""
+        else:
+            said = require_str_at(turn, text_key, path, line, field, allow_empty=True)
+        messages = [{"role": "assistant", "content": said}] if said.strip() else []  # what it says before calling
+        return messages + [tool_call_message(call, path, line, call_field)]
+    if style == "openai":
+        content = openai_content(turn, name, role, path, line, field)
+        if role != "observation" and not content.strip():
+            raise DataError(path, line, "empty", f"{field}.content")
+    elif role == "observation" and text_key in turn and not isinstance(turn[text_key], str):
         # A tool's result given as JSON data rather than text: ChatGLM3 reads it as JSON text.
-        return [{"role": role, "content": json.dumps(turn[text_key], ensure_ascii=False)}]
-    message = {"role": role, "content": require_str_at(turn, text_key, path, line, field, allow_empty=role == "observation")}
+        if turn[text_key] is None:
+            raise DataError(path, line, "null; give the tool's result as text or JSON data", f"{field}.{text_key}",
+                            "null content")
+        content = json.dumps(turn[text_key], ensure_ascii=False)
+    else:
+        content = require_str_at(turn, text_key, path, line, field, allow_empty=role == "observation")
+    message = {"role": role, "content": content}
     if turn.get("metadata"):
         metadata = require_str_at(turn, "metadata", path, line, field)
         if role != "assistant":
@@ -135,25 +253,22 @@ def turn_messages(turn, name, role, text_key, path, line, field):
         if "\n" in metadata:
             raise DataError(path, line, "a line break in the metadata (ChatGLM3 puts it on the role line)", f"{field}.metadata")
         message["metadata"] = metadata
-    if "loss" in turn:
-        if not isinstance(turn["loss"], bool):
-            raise DataError(path, line, f"expected true or false, got {json_shape(turn['loss'])}", f"{field}.loss")
-        if turn["loss"] and role != "assistant":
-            raise DataError(path, line, "only assistant messages are learnt", f"{field}.loss")
-        if not turn["loss"] and role == "assistant":
-            message["loss"] = False
+    if learnt_flag(turn, role, path, line, field) is False and role == "assistant":
+        message["loss"] = False
     if turn.get("tools") is not None:
         if role != "system":
             raise DataError(path, line, "only the system message has tools", f"{field}.tools")
-        message["tools"] = read_tools(turn["tools"], path, line, f"{field}.tools")
+        message["tools"] = read_tools(turn["tools"], path, line, f"{field}.tools", as_given=style == "chatglm3")
     return [message]
 
 
-def expected_roles(previous):
-    """(roles that may follow `previous`, where that is) in a ChatGLM3 conversation."""
+def expected_roles(previous, index):
+    """(roles that may follow `previous`, the message at `index` - 1, where that is) in a ChatGLM3 conversation."""
     if previous is None:
         return ("system", "user"), "first"
     if previous["role"] == "system":
+        if index == 1 and "tools" in previous:  # the finetune_demo's tool prompt, then the data's own system message
+            return ("system", "user"), "after the tools' system message"
         return ("user",), "after the system message"
     if previous["role"] in ("user", "observation"):
         return ("assistant",), f"after {'a user message' if previous['role'] == 'user' else 'an observation'}"
@@ -165,8 +280,8 @@ def expected_roles(previous):
 def check_order(messages, places, key, path, line):
     """The ChatGLM3 order rules (module docstring); `places`: (field, role as the input names it) of each message."""
     previous = None
-    for message, (field, name) in zip(messages, places):
-        expected, where = expected_roles(previous)
+    for index, (message, (field, name)) in enumerate(zip(messages, places)):
+        expected, where = expected_roles(previous, index)
         if message["role"] not in expected:
             shown = excerpt(name) + ("" if name == message["role"] else f" (ChatGLM3's {message['role']})")
             raise DataError(path, line, f"expected one of {list(expected)} {where}, got {shown}", field,
@@ -179,46 +294,89 @@ def check_order(messages, places, key, path, line):
         raise DataError(path, line, 'every assistant message has "loss": false, so nothing is learnt', key)
 
 
-def conversation_messages(record, path, line, chatglm3_only=False):
-    """The checked ChatGLM3 messages of a ShareGPT, OpenAI or ChatGLM3 conversation record (see the module's rules);
-    a bad record raises DataError naming the field. chatglm3_only: accept only the ChatGLM3 format (training data)."""
+def record_style(record, path, line, chatglm3_only):
+    """(key, style) of a conversation record: 'openai' (`messages`), 'sharegpt' (`conversations` of from/value turns)
+    or 'chatglm3' (`conversations` of role/content turns: ChatGLM3's finetune_demo format, this module's). A record
+    that mixes them is an error, not a guess. chatglm3_only: training data, the ChatGLM3 format only."""
     require_type(record, dict, path, line, None)
-    key = "messages" if "messages" in record and "conversations" not in record and not chatglm3_only else "conversations"
+    if "conversations" in record and "messages" in record:
+        raise DataError(path, line, "both conversations and messages: a record holds one conversation; keep one",
+                        "messages", "both conversations and messages")
+    key = "messages" if "messages" in record and not chatglm3_only else "conversations"
     if key not in record:
         raise DataError(path, line, "missing", key)
     turns = require_type(record[key], list, path, line, key)
-    messages, places = [], []
+    style = None
     for k, turn in enumerate(turns):
         field = f"{key}[{k}]"
         require_type(turn, dict, path, line, field)
-        if chatglm3_only:
-            role_key, text_key = "role", "content"
-            if "role" not in turn and "from" in turn:
-                raise DataError(path, line, "missing (ShareGPT's from/value: convert the file with process.py)",
-                                f"{field}.role", "missing (ShareGPT's from/value)")
-        else:
-            role_key = "from" if "from" in turn else "role"
-            text_key = "value" if "value" in turn else "content"
+        for sharegpt, other in (("from", "role"), ("value", "content")):
+            if sharegpt in turn and other in turn:
+                raise DataError(path, line, f"both {sharegpt!r} (ShareGPT) and {other!r}: a message is in one format; "
+                                "keep one", field, f"both {sharegpt!r} and {other!r}")
+        if key == "messages":
+            if "from" in turn or "value" in turn:
+                raise DataError(path, line, "ShareGPT's from/value in an OpenAI 'messages' record, whose messages have "
+                                "role and content", f"{field}.{'from' if 'from' in turn else 'value'}",
+                                "ShareGPT's from/value in an OpenAI record")
+            continue
+        if chatglm3_only and "role" not in turn and "from" in turn:
+            raise DataError(path, line, "missing (ShareGPT's from/value: convert the file with process.py)",
+                            f"{field}.role", "missing (ShareGPT's from/value)")
+        turn_style = "sharegpt" if "from" in turn or "value" in turn else "chatglm3"
+        if style and turn_style != style:
+            raise DataError(path, line, "ShareGPT from/value messages and role/content messages mixed in one "
+                            "conversation; use one format", field, "from/value and role/content mixed")
+        style = turn_style
+    return key, "openai" if key == "messages" else style or "chatglm3", turns
+
+
+def conversation_messages(record, path, line, chatglm3_only=False):
+    """The checked ChatGLM3 messages of a ShareGPT, OpenAI or ChatGLM3 conversation record (see the module's rules);
+    a bad record raises DataError naming the field. chatglm3_only: accept only the ChatGLM3 format (training data)."""
+    key, style, turns = record_style(record, path, line, chatglm3_only)
+    role_key, text_key = ("from", "value") if style == "sharegpt" else ("role", "content")
+    if style == "openai":
+        known = OPENAI_ROLES
+    elif style == "chatglm3":
+        known = dict(zip(ROLES, ROLES), tool="tool") if chatglm3_only else {**SOURCE_ROLES, "tool": "tool"}
+    else:
+        known = SOURCE_ROLES
+    messages, places = [], []
+    for k, turn in enumerate(turns):
+        field = f"{key}[{k}]"
         name = require_str_at(turn, role_key, path, line, field)
-        known = ROLES if chatglm3_only else SOURCE_ROLES
         if name not in known:
             raise DataError(path, line, f"expected one of {list(known)}, got {excerpt(name)}", f"{field}.{role_key}",
                             f"expected one of {list(known)}")
-        for message in turn_messages(turn, name, SOURCE_ROLES[name], text_key, path, line, field):
+        for message in turn_messages(turn, name, known[name], text_key, style, path, line, field):
             messages.append(message)
             places.append((f"{field}.{role_key}", name))
 
     # ShareGPT and OpenAI keep the system prompt (LLaMA-Factory) and the tools beside the messages.
     system = require_str(record, "system", path, line, allow_empty=True) if "system" in record else ""
-    tools = read_tools(record["tools"], path, line, "tools") if record.get("tools") is not None else []
     has_system = bool(messages) and messages[0]["role"] == "system"
-    if not has_system and (system.strip() or tools):
-        messages.insert(0, {"role": "system", "content": system if system.strip() else TOOL_SYSTEM_PROMPT})
-        places.insert(0, ("system", "system"))
-    if tools:
-        if "tools" in messages[0]:
-            raise DataError(path, line, "tools given both beside the messages and in the system message", "tools")
-        messages[0]["tools"] = tools
+    if style == "chatglm3":
+        # The finetune_demo's top-level tools: a system message of their own, first, before any of the data's (the
+        # official preprocessing inserts it so), with ChatGLM3's tool prompt; the array as it is.
+        tools = read_tools(record["tools"], path, line, "tools", as_given=True) if record.get("tools") is not None else None
+        if not has_system and system.strip():
+            messages.insert(0, {"role": "system", "content": system})
+            places.insert(0, ("system", "system"))
+        if tools is not None:
+            if any("tools" in message for message in messages):
+                raise DataError(path, line, "tools given both beside the messages and in a system message", "tools")
+            messages.insert(0, {"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools})
+            places.insert(0, ("tools", "system"))
+    else:
+        tools = read_tools(record["tools"], path, line, "tools") if record.get("tools") is not None else []
+        if not has_system and (system.strip() or tools):
+            messages.insert(0, {"role": "system", "content": system if system.strip() else TOOL_SYSTEM_PROMPT})
+            places.insert(0, ("system", "system"))
+        if tools:
+            if "tools" in messages[0]:
+                raise DataError(path, line, "tools given both beside the messages and in the system message", "tools")
+            messages[0]["tools"] = tools
     check_order(messages, places, key, path, line)
     return messages
 

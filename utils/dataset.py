@@ -52,6 +52,10 @@ def read_instruction_records(path, bad_lines: BadLines = None, conversations=Fal
     records = []
     for line, record in iter_json_lines(path, bad_lines):
         try:
+            if isinstance(record, dict) and "messages" in record and "conversations" not in record:
+                raise DataError(path, line, "an OpenAI messages record; the training scripts read ChatGLM3 conversation "
+                                "records: convert the file with process.py (--input_format=conversation)", "messages",
+                                "an OpenAI messages record (convert it with process.py)")
             if isinstance(record, dict) and "conversations" in record:
                 if not conversations:
                     raise DataError(path, line, "a conversation record; this reads instruction records {instruct, "
@@ -280,7 +284,8 @@ def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_tar
     last round's user message; the last message's content is cut to max_target_length. Earlier answers are never cut:
     the later turns see them whole. Returns (example, prompt cut, answer cut, learnt answers dropped with their
     rounds)."""
-    system = messages[:1] if messages[0]["role"] == "system" else []
+    # The system messages: one, or the finetune_demo's tool prompt and then the data's own.
+    system = list(itertools.takewhile(lambda message: message["role"] == "system", messages))
     rest = messages[len(system):]  # a user message first (utils/conversations.py checks the order)
     starts = [i for i, message in enumerate(rest) if message["role"] == "user"]
     *history, last_round = [rest[a:b] for a, b in zip(starts, starts[1:] + [len(rest)])]
