@@ -394,6 +394,22 @@ def test_process_converts_sharegpt_and_openai_tool_calls(tokenizers, tmp_path):
         read_instruction_records(tmp_path / "out" / "train.txt")
 
 
+def test_openai_content_parts_are_their_text(tmp_path):
+    """OpenAI content given as an array of parts is the text of its parts (joined by line breaks), for a tool result
+    too (it was written as the JSON text of the array); an assistant's null content beside its tool call is no text."""
+    messages = json.loads(json.dumps(OPENAI["messages"]))
+    messages[1]["content"] = [{"type": "text", "text": "北京天气"}, {"type": "text", "text": "怎么样？"}]
+    messages[3]["content"] = [{"type": "text", "text": '{"temperature": 22}'}]
+    messages[4]["content"] = [{"type": "text", "text": "北京现在 22 度。"}]
+    path = write_lines(tmp_path / "chat.jsonl", [{**OPENAI, "messages": messages}])
+    result = run_process("--train_file", path, "--dev_file", "", "--output_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    [written] = [json.loads(line) for line in (tmp_path / "out" / "train.txt").read_text(encoding="utf-8").splitlines()]
+    expected = json.loads(json.dumps(EXPECTED_TOOL_RECORD))
+    expected["conversations"][1]["content"] = "北京天气\n怎么样？"
+    assert written == expected
+
+
 BAD_CONVERSATIONS = {
     # name: (bad record, its field, message part)
     "function_call_json": ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{name"}]},
@@ -412,6 +428,40 @@ BAD_CONVERSATIONS = {
     "tools_type": ({**SHAREGPT, "tools": '{"name": "f"}'}, "tools", "expected a JSON array, got dict"),
     "loss_type": ({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss": "no"}]},
                   "conversations[1].loss", "expected true or false, got str"),
+    # A lone surrogate in JSON text inside a field: found where that text is read, not as a crash at write time.
+    "tools_text_surrogate": ({**SHAREGPT, "tools": json.dumps([{"name": "f", "description": "\ud800"}])},
+                             "tools[0].description", "lone surrogate '\\ud800'"),
+    "call_text_surrogate": ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": json.dumps(
+        {"name": "f", "arguments": {"q": "x\udc00"}})}, {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]},
+        "conversations[1].value.arguments.q", "lone surrogate '\\udc00'"),
+    # No silent choice between two formats, and no dropped tool call.
+    "conversations_and_messages": ({**PLAIN, "messages": OPENAI["messages"]}, "messages",
+                                   "both conversations and messages: a record holds one conversation"),
+    "from_and_role": ({"conversations": [{"from": "human", "role": "user", "value": "q"}, {"from": "gpt", "value": "a"}]},
+                      "conversations[0]", "both 'from' (ShareGPT) and 'role'"),
+    "value_and_content": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "content": "b"}]},
+                          "conversations[1]", "both 'value' (ShareGPT) and 'content'"),
+    "from_and_role_mixed": ({"conversations": [{"from": "human", "value": "q"}, {"role": "assistant", "content": "a"}]},
+                            "conversations[1]", "ShareGPT from/value messages and role/content messages mixed"),
+    "sharegpt_without_value": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
+                               "conversations[1].value", "missing"),
+    "tool_calls_on_user": ({"messages": [{"role": "user", "content": "q", "tool_calls": OPENAI["messages"][2]["tool_calls"]},
+                                         {"role": "assistant", "content": "a"}]},
+                           "messages[0].tool_calls", "a user message with tool_calls: only assistant messages call tools"),
+    # OpenAI content: null is no text (only beside a tool call), and parts other than text have none for ChatGLM.
+    "tool_result_null": ({"messages": [*OPENAI["messages"][:3], {"role": "tool", "content": None},
+                                       OPENAI["messages"][4]]}, "messages[3].content",
+                         "null; a tool message needs content (a string or an array of text parts)"),
+    "image_part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]},
+                                 {"role": "assistant", "content": "a"}]}, "messages[0].content[0].type",
+                   "a content part of type 'image_url'; ChatGLM reads text parts only"),
+    # ChatGLM3's finetune_demo tool message: name, parameters and observation, each required.
+    "finetune_tool_without_observation": ({"conversations": [{"role": "user", "content": "q"}, {"role": "tool", "name": "f",
+                                           "parameters": {}}, {"role": "assistant", "content": "a"}]},
+                                          "conversations[1].observation", "missing"),
+    "finetune_tool_with_content": ({"conversations": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
+                                                      {"role": "assistant", "content": "a"}]}, "conversations[1].content",
+                                   "a ChatGLM3 tool message has name, parameters and observation, not content"),
 }
 
 
@@ -437,4 +487,12 @@ def test_training_files_take_only_the_chatglm3_format(tokenizers, tmp_path):
     assert "missing (ShareGPT's from/value: convert the file with process.py)" in str(err.value)
     write_lines(path, [{"conversations": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]}])
     with pytest.raises(DataError, match=r"field 'conversations\[0\].role': expected one of \['system', 'user', 'assistant', "):
+        read_instruction_records(path, conversations=True)
+    # OpenAI messages: named, with the way to convert them; a record with both keys is no silent choice either.
+    write_lines(path, [OPENAI])
+    with pytest.raises(DataError, match=r"field 'messages': an OpenAI messages record; the training scripts read ChatGLM3 "
+                       r"conversation records: convert the file with process.py \(--input_format=conversation\)"):
+        read_instruction_records(path, conversations=True)
+    write_lines(path, [{**EXPECTED_TOOL_RECORD, "messages": OPENAI["messages"]}])
+    with pytest.raises(DataError, match="field 'messages': both conversations and messages"):
         read_instruction_records(path, conversations=True)

@@ -4,6 +4,7 @@ never overwritten by accident, and the committed demo data is exactly what its g
 """
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +14,7 @@ import pytest
 
 from utils import ner_data
 from utils.data_io import BadLines, DataError, iter_json_lines
+from utils.dataset import read_instruction_records
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -508,7 +510,6 @@ def test_line_break_characters_inside_json_strings(tmp_path):
     assert len(text.splitlines()) == text.count("\n") == 8 and "\\u2028" in text
     expected = [{"instruct": r["instruction"], "query": "", "answer": r["output"]} for r in records]
     assert [r for _, r in iter_json_lines(out / "train.txt")] == expected
-    from utils.dataset import read_instruction_records  # what the training scripts and predict.py read it with
 
     read = read_instruction_records(out / "train.txt")
     assert [{k: r[k] for k in ("instruct", "query", "answer")} for r in read] == expected
@@ -576,6 +577,16 @@ def test_errors_are_one_line_and_exit_1(tmp_path, case):
         result = run_process(*arguments, "--skip_bad_lines")
         assert result.returncode == 0 and "1 x field 'output': lone surrogate (half of a UTF-16 pair)" in result.stdout
         assert read_jsonl(tmp_path / "out" / "train.txt") == [{"instruct": "a", "query": "", "answer": "b"}]
+
+
+def test_a_fifo_as_input_is_named_as_such_and_never_opened(tmp_path):
+    """A FIFO is neither missing nor a file: said so at once (opening it would wait for a writer forever)."""
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    result = run_process("--train_file", fifo, "--dev_file", "", "--output_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == f"error: {fifo}: is a FIFO (named pipe), not a regular file; give a file\n"
+    with pytest.raises(DataError, match="is a FIFO"):
+        read_instruction_records(fifo)
 
 
 def test_config_mistakes_are_refused(tmp_path):

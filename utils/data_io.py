@@ -7,6 +7,7 @@ interrupted run never leaves a half-written file where a good one was.
 import json
 import os
 import re
+import stat
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -108,13 +109,26 @@ class BadLines:
         return "\n".join(lines)
 
 
+def special_file_kind(path) -> str:
+    """What a path that exists but is neither a file nor a folder is, for a message."""
+    mode = Path(path).stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "neither a file nor a folder"
+
+
 def read_text(path) -> str:
     """The file as text (UTF-8, BOM allowed); undecodable bytes are an error naming the line."""
     path = Path(path)
     if path.is_dir():
         raise DataError(path, None, "is a folder, not a file")
     if not path.is_file():
-        raise DataError(path, None, "file not found")
+        if not path.exists():
+            raise DataError(path, None, "file not found")
+        # Never opened: a FIFO would wait for a writer, a device could be read forever.
+        raise DataError(path, None, f"is {special_file_kind(path)}, not a regular file; give a file")
     try:
         raw = path.read_bytes()
     except OSError as err:
