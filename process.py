@@ -133,11 +133,14 @@ truncated, dropped = Counter(), Counter()
 entity_counts = {"train": Counter(), "dev": Counter()}  # distinct (entity, type) per sample, as in the answers
 if kind == "ner":
     unmapped = Counter()
+    raw_types_of = {}  # type name -> the raw types written as it
     examples = {"train": [], "dev": []}  # (text, entities with type names)
     for split in ("train", "dev"):
         for input_format, text, entities in items[split]:
             mapped, raw_kept = ner_data.map_types(entities, input_format)
             unmapped.update(raw_kept)
+            for (_, raw_type, _), (_, name, _) in zip(entities, mapped):
+                raw_types_of.setdefault(name, set()).add(raw_type)
             if config["max_text_chars"] and len(text) > config["max_text_chars"]:
                 text, mapped, n_dropped = ner_data.truncate(text, mapped, config["max_text_chars"])
                 truncated[split] += 1
@@ -159,6 +162,9 @@ if kind == "ner":
     print(f"instruct: {instruct}")
     if unmapped:
         print("types kept as raw names (no mapping): " + ", ".join(f"{t} {n}" for t, n in unmapped.most_common()))
+    if merged := {name: raw for name, raw in raw_types_of.items() if len(raw) > 1}:
+        # Not silent: scores per type then count these raw types as one.
+        print("types written under one name: " + "; ".join(f"{name} <- {', '.join(sorted(raw))}" for name, raw in merged.items()))
 else:
     records = items
 

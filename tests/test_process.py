@@ -79,7 +79,7 @@ def test_answer_dedup_order_and_types():
     record = ner_data.ner_record("张三去北京", [("张三", "人名", 0)])
     assert record == {"instruct": ner_data.MSRA_INSTRUCT, "query": "文本：张三去北京", "answer": "张三_人名"}
     assert [ner_data.map_type(t) for t in ("PER", "loc", "GPE.NAM", "PER.NOM", "ORG.NOM", "NAME", "EDU", "DATE")] == [
-        "人名", "地名", "地名", "人物泛称", "机构泛称", "人名", "学历", None]
+        "人名", "地名", "行政区名", "人物泛称", "机构泛称", "人名", "学历", None]
     assert ner_data.map_type("scene", "cluener") == "景点" and ner_data.map_type("PER", "cluener") is None
     assert ner_data.map_types([("今天", "DATE", 0), ("王五", "NAME", 3)]) == ([("今天", "DATE", 0), ("王五", "人名", 3)], ["DATE"])
     assert ner_data.choose_instruct(["人名", "地名"]) == ner_data.MSRA_INSTRUCT
@@ -160,7 +160,7 @@ def test_peoples_daily_weibo_resume():
     assert len(weibo) == 270 and weibo[0][1] == "口腔溃疡加上这玩意～酸酸甜甜好滋味。"  # segment digits dropped
     line, text, entities = next(e for e in weibo if e[2])
     assert (line, text) == (111, "老百姓心新乡新闻网话说这几天新乡天气还好吧偷笑")
-    assert ner_data.ner_answer(ner_data.map_types(entities)[0]) == "老百姓_人物泛称\n新乡_地名"
+    assert ner_data.ner_answer(ner_data.map_types(entities)[0]) == "老百姓_人物泛称\n新乡_行政区名"
     assert not any(ch.isdigit() for _, text, _ in weibo[:20] for ch in text)
 
     resume = list(ner_data.read_bio(DATA / "resume_ner" / "dev.char.bmes"))
@@ -171,6 +171,35 @@ def test_peoples_daily_weibo_resume():
     every_type = {raw for _, _, entities in resume for _, raw, _ in entities}
     assert every_type == {"NAME", "CONT", "RACE", "EDU", "PRO", "TITLE", "ORG", "LOC"}
     assert not ner_data.map_types([e for _, _, entities in resume for e in entities])[1]
+
+
+WEIBO_TYPES = {"PER.NAM": "人名", "PER.NOM": "人物泛称", "LOC.NAM": "地名", "LOC.NOM": "地点泛称",
+               "GPE.NAM": "行政区名", "GPE.NOM": "地区泛称", "ORG.NAM": "机构名", "ORG.NOM": "机构泛称"}
+
+
+def test_weibo_keeps_its_eight_types_apart(tmp_path):
+    """Weibo NER's 8 standard types (PER/ORG/LOC/GPE x NAM/NOM, as published results score them) get 8 distinct type
+    names, so every answer maps back to the annotation: the (entity, raw type) pairs of each sentence, exactly."""
+    files = {"train": DATA / "weibo_ner" / "weiboNER_2nd_conll.train", "dev": DATA / "weibo_ner" / "weiboNER_2nd_conll.dev"}
+    result = run_process("--data_name", "weibo", "--train_file", files["train"], "--dev_file", files["dev"],
+                         "--output_dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "types written under one name" not in result.stdout
+    raw_name = {name: raw for raw, name in WEIBO_TYPES.items()}
+    assert len(raw_name) == 8
+    for split, path in files.items():
+        raw = [{(entity, kind) for entity, kind, _ in entities} for _, _, entities in ner_data.read_bio(path)]
+        assert {kind for pairs in raw for _, kind in pairs} == set(WEIBO_TYPES)  # all 8 occur in both files
+        records = read_jsonl(tmp_path / f"{split}.txt")
+        back = [set() if r["answer"] == ner_data.NO_ENTITY
+                else {(entity, raw_name[name]) for entity, name in (line.rsplit("_", 1) for line in r["answer"].split("\n"))}
+                for r in records]
+        assert back == raw
+        assert all(name in records[0]["instruct"] for name in WEIBO_TYPES.values())
+    # Types that do share a name (here LOC and LOCATION, both places) are said so, not merged silently.
+    both = write(tmp_path / "b.txt", "北\tB-LOC\n京\tI-LOC\n\n上\tB-LOCATION\n海\tI-LOCATION\n")
+    result = run_process("--train_file", both, "--dev_file", "", "--output_dir", tmp_path / "b")
+    assert result.returncode == 0 and "types written under one name: 地名 <- LOC, LOCATION" in result.stdout
 
 
 def test_bad_real_bio_sentences_stop_or_are_counted():

@@ -32,9 +32,11 @@ Formats (`FORMATS`, `detect_format` picks one from the file name and content):
   conversation records `{"conversations": [...]}` instead (utils/conversations.py).
 
 Type names. MSRA / People's Daily PER/LOC/ORG -> 人名/地名/机构名. Other BIO/span data: PER, PERSON, NAME, NR ->
-人名; LOC, LOCATION, GPE, NS -> 地名; ORG, ORGANIZATION, NT -> 机构名 (case-insensitive). Weibo's `X.NAM` (named
+人名; LOC, LOCATION, NS -> 地名; GPE (a geo-political entity: country, province, city) -> 行政区名, kept apart from LOC
+as OntoNotes and Weibo NER keep it; ORG, ORGANIZATION, NT -> 机构名 (case-insensitive). Weibo's `X.NAM` (named
 mention) maps like X; `X.NOM` (nominal mention such as 粉丝, 老师) is not a name, so it gets its own type:
-PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.NOM -> 机构泛称. CLUENER has its own table
+PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.NOM -> 机构泛称. So Weibo's 8 standard types
+(PER/ORG/LOC/GPE x NAM/NOM) stay 8 types, and scores per type compare with published Weibo results. CLUENER has its own table
 (`CLUENER_TYPE_NAMES`). Resume NER's own types: CONT -> 国籍, RACE -> 民族, EDU -> 学历, PRO -> 专业, TITLE -> 职称, so
 every answer of a data set is in Chinese. Any other type keeps its raw name (process.py counts them).
 """
@@ -61,14 +63,15 @@ CLUENER_TYPE_NAMES = {
 }
 GENERIC_TYPE_NAMES = {
     "PER": "人名", "PERSON": "人名", "NAME": "人名", "NR": "人名",
-    "LOC": "地名", "LOCATION": "地名", "GPE": "地名", "NS": "地名",
+    "LOC": "地名", "LOCATION": "地名", "NS": "地名", "GPE": "行政区名",
     "ORG": "机构名", "ORGANIZATION": "机构名", "NT": "机构名",
     # Resume NER (Zhang & Yang 2018): country, ethnicity, education, profession, job title
     "CONT": "国籍", "RACE": "民族", "EDU": "学历", "PRO": "专业", "TITLE": "职称",
 }
 NOMINAL_TYPE_NAMES = {"PER": "人物泛称", "PERSON": "人物泛称", "LOC": "地点泛称", "GPE": "地区泛称", "ORG": "机构泛称"}
 # Order of the types in a generated instruct: these first, then the others as they first appear.
-TYPE_ORDER = tuple(dict.fromkeys(MSRA_TYPES + tuple(NOMINAL_TYPE_NAMES.values()) + tuple(CLUENER_TYPE_NAMES.values())))
+TYPE_ORDER = tuple(dict.fromkeys(MSRA_TYPES + ("行政区名",) + tuple(NOMINAL_TYPE_NAMES.values())
+                                 + tuple(CLUENER_TYPE_NAMES.values())))
 
 
 def ner_instruct(type_names) -> str:
