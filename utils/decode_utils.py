@@ -2,9 +2,10 @@
 
 NER answers are `实体_类型` lines (process.py writes them so), or `没有` for none. Parsing is forgiving about what
 models write: blank lines, surrounding spaces, duplicates, either underscore width, list markers; a line that is
-not `entity_type` is counted as malformed rather than guessed at. Entities are compared after NFKC normalisation,
-because ChatGLM-6B's tokenizer cannot write full-width punctuation and digits (it folds them to ASCII). Scoring can
-drop predicted entities that do not occur in the sentence they were extracted from (ner_metrics' sources).
+not `entity_type` is counted as malformed rather than guessed at, and an answer with one (or an empty answer) matches
+no gold answer exactly. Entities are compared after NFKC normalisation, because ChatGLM-6B's tokenizer cannot write
+full-width punctuation and digits (it folds them to ASCII). Scoring can drop predicted entities that do not occur in
+the sentence they were extracted from (ner_metrics' sources).
 """
 import re
 import unicodedata
@@ -19,12 +20,20 @@ LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.、)])\s*")
 class ParsedAnswer:
     entities: set = field(default_factory=set)  # {(entity, type)}
     malformed: list = field(default_factory=list)  # lines that are not entity_type
+    says_none: bool = False  # a line says there is none (没有)
+
+    @property
+    def well_formed(self) -> bool:
+        """An answer in the format: entity lines or 没有, nothing else. An empty or malformed answer is none."""
+        return not self.malformed and bool(self.entities or self.says_none)
 
 
 def parse_ner_answer(text: str) -> ParsedAnswer:
     parsed = ParsedAnswer()
     for line in text.replace("\r", "\n").split("\n"):
         line = LIST_MARKER.sub("", line).strip()
+        if line in NONE_ANSWERS:
+            parsed.says_none = True
         if not line or line in NONE_ANSWERS:
             continue
         entity, separator, entity_type = unicodedata.normalize("NFKC", line).rpartition("_")
@@ -79,7 +88,9 @@ def ner_metrics(predictions, references, sources=None) -> dict:
     metrics = {
         "micro": prf(sum(tp.values()), sum(predicted.values()), sum(gold.values())),
         "per_type": {t: prf(tp[t], predicted[t], gold[t]) for t in sorted(set(predicted) | set(gold))},
-        "exact_match": sum(p == g for p, g in zip(predicted_sets, gold_sets)) / len(references) if references else 0.0,
+        # A malformed or empty answer matches nothing, not even a gold 没有 (its parse is empty too).
+        "exact_match": sum(answer.well_formed and p == g for answer, p, g in zip(parsed, predicted_sets, gold_sets))
+                       / len(references) if references else 0.0,
         "malformed_lines": sum(len(p.malformed) for p in parsed),
         "samples": len(references),
     }
