@@ -10,7 +10,8 @@ A conversation record is one JSON object a line, the format of ChatGLM3's finetu
         {"role": "observation", "content": "{\\"temperature\\": 22}"},
         {"role": "assistant", "content": "北京现在 22 度。"}]}
 
-- system: optional, first only. `tools` (a JSON array) goes only here; ChatGLM3 reads it as JSON after the content.
+- system: optional, first only (or second, after a first system message with tools: the finetune_demo layout below).
+  `tools` (a JSON array) goes only here; ChatGLM3 reads it as JSON after the content.
 - Then a user message. An assistant message follows a user message, an observation or another assistant message
   (ChatGLM3 writes <|assistant|> between the parts of one answer, e.g. a thought and then a tool call).
 - A tool call is an assistant message whose `metadata` is the tool's name and whose content is a python code block
@@ -25,7 +26,14 @@ the JSON text of {"name", "arguments"}, tools a JSON array or its text), OpenAI 
 "tool_calls"?: [{"type": "function", "function": {"name", "arguments"}}]}, {"role": "tool", "content"}], "tools"?:
 [{"type": "function", "function": {...}}]}` and this format itself. Plain user/assistant turns stay an instruction
 record with `history`, as before; a conversation with tool calls, observations, consecutive assistant messages or
-`"loss": false` becomes a conversation record.
+`"loss": false` becomes a conversation record. OpenAI content may be an array of parts (their texts joined by line
+breaks); null content only stands beside a tool call.
+
+ChatGLM3's finetune_demo README writes the same format with a top-level `tools` list and `{"role": "tool", "name",
+"parameters", "observation", "loss"?}` messages; process.py and the training scripts read it as it is, expanded as
+ChatGLM3's own preprocessing expands it (finetune_tool_messages; the tools a system message of their own, first).
+A record that could be read two ways (both `conversations` and `messages`, `from` and `role`, `value` and `content`)
+is an error, as are tool calls on a message that is not an assistant's.
 """
 import ast
 import json
