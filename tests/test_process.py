@@ -583,6 +583,7 @@ ONE_LINE_ERRORS = {
                               "{dir}/o/train.txt exists and is not a file"),
     "missing_file": ({}, ["--train_file", "{dir}/nope.json"], "{dir}/nope.json: file not found"),
     "folder_as_input": ({"d/x": ""}, ["--train_file", "{dir}/d"], "{dir}/d: is a folder, not a file"),
+    "empty_file": ({"t.json": ""}, [], "{dir}/t.json: the file is empty: no records to convert"),
     "gbk": ({"t.txt": "张\tB-PER\n三\tI-PER\n".encode("gbk")}, [], "{dir}/t.txt:1: not valid UTF-8"),
     "negative_max_text_chars": ({"t.json": GOOD_SPAN}, ["--max_text_chars", "-1"], "--max_text_chars must be 0 (off) or more"),
 }
@@ -616,6 +617,12 @@ def test_a_fifo_as_input_is_named_as_such_and_never_opened(tmp_path):
     assert result.returncode == 1 and result.stderr == f"error: {fifo}: is a FIFO (named pipe), not a regular file; give a file\n"
     with pytest.raises(DataError, match="is a FIFO"):
         read_instruction_records(fifo)
+    # A symbolic link that loops is not "not found" either.
+    (tmp_path / "a.json").symlink_to(tmp_path / "b.json")
+    (tmp_path / "b.json").symlink_to(tmp_path / "a.json")
+    result = run_process("--train_file", tmp_path / "a.json", "--dev_file", "", "--output_dir", tmp_path / "out")
+    assert result.returncode == 1 and result.stderr == (f"error: {tmp_path}/a.json: is a symbolic link to {tmp_path}/b.json, "
+                                                        "which does not exist or loops back\n")
 
 
 def test_config_mistakes_are_refused(tmp_path):

@@ -144,7 +144,7 @@ def openai_content(turn, name, role, path, line, field):
     if isinstance(value, str):
         return value
     if value is None:
-        raise DataError(path, line, f"null; a {name} message needs content (a string or an array of text parts)",
+        raise DataError(path, line, f"null; {'an' if name[:1] in 'aeiou' else 'a'} {name} message needs content (a string or an array of text parts)",
                         f"{field}.content", "null content")
     if not isinstance(value, list):
         raise DataError(path, line, f"expected a string or an array of content parts, got {json_shape(value)}",

@@ -125,6 +125,8 @@ def read_text(path) -> str:
     if path.is_dir():
         raise DataError(path, None, "is a folder, not a file")
     if not path.is_file():
+        if path.is_symlink() and not path.exists():
+            raise DataError(path, None, f"is a symbolic link to {os.readlink(path)}, which does not exist or loops back")
         if not path.exists():
             raise DataError(path, None, "file not found")
         # Never opened: a FIFO would wait for a writer, a device could be read forever.

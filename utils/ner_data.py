@@ -536,6 +536,8 @@ def detect_format(path) -> str:
         return "bio_parallel"
     text = read_text(path)
     body = text.lstrip()
+    if not body:
+        raise DataError(path, None, "the file is empty: no records to convert")
     if body.startswith("["):
         sample = [r for r in parse_json(text, path) if isinstance(r, dict)][:1]
     elif body.startswith("{"):
