@@ -22,6 +22,7 @@ In BIO files an I- tag that does not continue an entity of its type opens a new 
 it; such repairs are counted per split (--strict_tags makes them errors instead). Existing output files are kept
 unless --overwrite, which also removes a dev.txt that the new run does not produce.
 """
+import difflib
 import json
 import random
 import sys
@@ -29,8 +30,8 @@ from collections import Counter
 from pathlib import Path
 
 from utils import ner_data
-from utils.config_utils import parse_config
-from utils.data_io import BadLines, DataError, write_jsonl
+from utils.config_utils import ConfigError, parse_config
+from utils.data_io import BadLines, DataError, special_file_kind, write_jsonl
 
 DEFAULTS = {
     "data_name": "demo_ner",
@@ -67,21 +68,23 @@ def prompt_key(record):
 
 # ---------------------------------------------------------------------------------------------------- checks
 if config["input_format"] != "auto" and config["input_format"] not in ner_data.FORMATS:
-    sys.exit(f"error: --input_format must be auto or one of {', '.join(ner_data.FORMATS)}, not {config['input_format']!r}")
+    close = difflib.get_close_matches(config["input_format"], ner_data.FORMATS, n=1, cutoff=0.6)
+    raise ConfigError(f"--input_format: {config['input_format']!r} is no format; auto or one of "
+                      f"{', '.join(ner_data.FORMATS)}" + (f" (did you mean {close[0]}?)" if close else ""))
 if config["train_file"] != DEFAULTS["train_file"] and config["dev_file"] == DEFAULTS["dev_file"]:
-    sys.exit("error: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, or --dev_file \"\" "
-             "(no dev set, or one split off with --dev_ratio)")
+    raise ConfigError("--dev_file: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, or "
+                      "--dev_file \"\" (no dev set, or one split off with --dev_ratio)")
 if not 0.0 <= config["dev_ratio"] < 1.0:
-    sys.exit(f"error: --dev_ratio must be in [0, 1), not {config['dev_ratio']}")
+    raise ConfigError(f"--dev_ratio: {config['dev_ratio']} is out of range; a fraction in [0, 1)")
 if config["dev_ratio"] > 0 and config["dev_file"]:
-    sys.exit("error: --dev_ratio splits dev off train when there is no --dev_file; give one or the other")
+    raise ConfigError("--dev_ratio: splits dev off train when there is no --dev_file; give one or the other")
 for key in ("augment_copies", "max_text_chars"):
     if config[key] < 0:
-        sys.exit(f"error: --{key} must be 0 (off) or more, not {config[key]}")
+        raise ConfigError(f"--{key}: {config[key]} is negative; 0 (off) or more")
 train_files = [f.strip() for f in config["train_file"].split(",") if f.strip()]
 dev_files = [f.strip() for f in config["dev_file"].split(",") if f.strip()]
 if not train_files:
-    sys.exit("error: --train_file is empty")
+    raise ConfigError("--train_file: empty; one or more files, comma-separated")
 
 output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
 outputs = {"train": output_dir / "train.txt", "dev": output_dir / "dev.txt"}
@@ -89,7 +92,8 @@ outputs = {"train": output_dir / "train.txt", "dev": output_dir / "dev.txt"}
 # folder (or anything else) where an output file should be.
 folder = next(p for p in (output_dir, *output_dir.parents) if p.exists())
 if not folder.is_dir():
-    sys.exit(f"error: {folder} is a file, not a folder; choose another --output_dir")
+    kind = "a file" if folder.is_file() else special_file_kind(folder)
+    raise ConfigError(f"--output_dir: {folder} is {kind}, not a folder; choose another")
 for path in outputs.values():
     if path.exists() and not path.is_file():
         sys.exit(f"error: {path} exists and is not a file; remove it or choose another --output_dir")

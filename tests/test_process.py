@@ -578,14 +578,17 @@ ONE_LINE_ERRORS = {
     "deep_json_array": ({"g.json": "[" * 100_000}, [], "{dir}/g.json: JSON nested too deeply to parse"),
     "huge_number": ({"g.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": ' + "1" * 5000 + "}\n"}, [],
                     "{dir}/g.jsonl:2: cannot read the JSON (Exceeds the limit (4300 digits) for integer string conversion"),
-    "output_dir_is_a_file": ({"t.json": GOOD_SPAN, "f": "x"}, ["--output_dir", "{dir}/f/sub"], "{dir}/f is a file, not a folder"),
+    "output_dir_is_a_file": ({"t.json": GOOD_SPAN, "f": "x"}, ["--output_dir", "{dir}/f/sub"], "--output_dir: {dir}/f is a file, not a folder; choose another"),
     "train_txt_is_a_folder": ({"t.json": GOOD_SPAN, "o/train.txt/x": ""}, ["--output_dir", "{dir}/o"],
                               "{dir}/o/train.txt exists and is not a file"),
     "missing_file": ({}, ["--train_file", "{dir}/nope.json"], "{dir}/nope.json: file not found"),
     "folder_as_input": ({"d/x": ""}, ["--train_file", "{dir}/d"], "{dir}/d: is a folder, not a file"),
     "empty_file": ({"t.json": ""}, [], "{dir}/t.json: the file is empty: no records to convert"),
     "gbk": ({"t.txt": "张\tB-PER\n三\tI-PER\n".encode("gbk")}, [], "{dir}/t.txt:1: not valid UTF-8"),
-    "negative_max_text_chars": ({"t.json": GOOD_SPAN}, ["--max_text_chars", "-1"], "--max_text_chars must be 0 (off) or more"),
+    "negative_max_text_chars": ({"t.json": GOOD_SPAN}, ["--max_text_chars", "-1"], "--max_text_chars: -1 is negative; 0 (off) or more"),
+    "input_format_typo": ({"t.json": GOOD_SPAN}, ["--input_format", "span-json"],
+                          "--input_format: 'span-json' is no format; auto or one of bio, bio_parallel, span_json, cluener, "
+                          "adgen, alpaca, conversation (did you mean span_json?)"),
 }
 
 
