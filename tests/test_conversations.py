@@ -251,11 +251,22 @@ def test_chatglm3_finetune_demo_format_encodes_as_the_official_code(tokenizers, 
                                max_target_length=256)
     assert again[0] == official
 
-    # The format's other shapes: no tools (no tool prompt), tools without a system message of the data's own.
-    for record in ({"conversations": FINETUNE_RECORD["conversations"][:3]},
-                   {"tools": [WEATHER_TOOL], "conversations": FINETUNE_RECORD["conversations"][1:5]}):
-        write_lines(train, [record])
-        assert InstructionDataset(train, tok, "chatglm3-6b", max_source_length=1024)[0] == official_finetune_encoding(tok, record)
+    # The format's other shapes: no tools (no tool prompt), tools without a system message of the data's own, plain
+    # turns with a system message, plain turns over two rounds (every answer learnt), one plain turn; read directly
+    # and through process.py alike (plain ones stay conversation records: an instruction record would put the system
+    # text into the question and learn only the last answer; the one plain turn encodes the same either way).
+    plain = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    shapes = [{"conversations": FINETUNE_RECORD["conversations"][:3]},
+              {"tools": [WEATHER_TOOL], "conversations": FINETUNE_RECORD["conversations"][1:5]},
+              {"conversations": [FINETUNE_RECORD["conversations"][0], *plain]},
+              {"conversations": [*plain, {"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]},
+              {"conversations": plain}]
+    write_lines(train, shapes)
+    result = run_process("--train_file", train, "--dev_file", "", "--output_dir", tmp_path / "shapes")
+    assert result.returncode == 0, result.stderr
+    expected = [official_finetune_encoding(tok, record) for record in shapes]
+    for path in (train, tmp_path / "shapes" / "train.txt"):
+        assert list(InstructionDataset(path, tok, "chatglm3-6b", max_source_length=1024)) == expected
 
 
 # ---------------------------------------------------------------------------------------------------- v1 / v2

@@ -342,6 +342,11 @@ def record_style(record, path, line, chatglm3_only):
 def conversation_messages(record, path, line, chatglm3_only=False):
     """The checked ChatGLM3 messages of a ShareGPT, OpenAI or ChatGLM3 conversation record (see the module's rules);
     a bad record raises DataError naming the field. chatglm3_only: accept only the ChatGLM3 format (training data)."""
+    return styled_messages(record, path, line, chatglm3_only)[0]
+
+
+def styled_messages(record, path, line, chatglm3_only=False):
+    """(conversation_messages, the record's style: 'openai', 'sharegpt' or 'chatglm3')."""
     key, style, turns = record_style(record, path, line, chatglm3_only)
     role_key, text_key = ("from", "value") if style == "sharegpt" else ("role", "content")
     if style == "openai":
@@ -386,7 +391,7 @@ def conversation_messages(record, path, line, chatglm3_only=False):
                 raise DataError(path, line, "tools given both beside the messages and in the system message", "tools")
             messages[0]["tools"] = tools
     check_order(messages, places, key, path, line)
-    return messages
+    return messages, style
 
 
 def plain_turns(messages):
@@ -407,10 +412,15 @@ def plain_turns(messages):
 
 def conversation_record(record, path, line):
     """process.py's record for a conversation: an instruction record {instruct (the system text), query, answer,
-    history?} when the turns are plain and all learnt, as before; else a conversation record {"conversations"}."""
-    messages = conversation_messages(record, path, line)
+    history?} when the turns are plain and all learnt, as before; else a conversation record {"conversations"}.
+    A record in ChatGLM3's own format stays a conversation record unless it is one user message and its answer: the
+    training scripts then encode it as ChatGLM3's finetune_demo does (a system message in its own role, every answer
+    learnt), which an instruction record would not (the system text joins the question, history answers are context)."""
+    messages, style = styled_messages(record, path, line)
     turns = plain_turns(messages)
     if turns is None or not all(learnt for _, _, learnt in turns[1]):
+        return {"conversations": messages}
+    if style == "chatglm3" and [m["role"] for m in messages] != ["user", "assistant"]:
         return {"conversations": messages}
     system, pairs = turns
     result = {"instruct": system, "query": pairs[-1][0], "answer": pairs[-1][1]}
