@@ -186,7 +186,7 @@ for split in ("train", "dev"):
     else:
         print(f"  with history: {sum('history' in r for r in records[split])}")
         if conversations := sum("conversations" in r for r in records[split]):
-            print(f"  conversation records (tool calls, observations or unlearnt turns): {conversations}")
+            print(f"  conversation records (tool calls, unlearnt turns, ChatGLM3-format conversations): {conversations}")
     print("  " + bad_lines[split].summary().replace("\n", "\n  "))
 if any(bad_lines[split].repaired.total for split in ("train", "dev")):
     print("repaired: an I- tag that does not continue an entity of its type opens a new entity, as conlleval and "

@@ -388,8 +388,8 @@ def test_process_converts_sharegpt_and_openai_tool_calls(tokenizers, tmp_path):
     path = write_lines(tmp_path / "chat.jsonl", [SHAREGPT, OPENAI, PLAIN])
     result = run_process("--train_file", path, "--dev_file", "", "--output_dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert ("train: 3 samples\n  with history: 0\n  conversation records (tool calls, observations or unlearnt "
-            "turns): 2\n  skipped lines: 0") in result.stdout
+    assert ("train: 3 samples\n  with history: 0\n  conversation records (tool calls, unlearnt turns, ChatGLM3-format "
+            "conversations): 2\n  skipped lines: 0") in result.stdout
     written = [json.loads(line) for line in (tmp_path / "out" / "train.txt").read_text(encoding="utf-8").splitlines()]
     assert written == [EXPECTED_TOOL_RECORD, EXPECTED_TOOL_RECORD, {"instruct": "", "query": "你好", "answer": "你好！"}]
     # Without a system prompt the tools get ChatGLM3's own tool prompt.
