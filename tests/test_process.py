@@ -439,6 +439,15 @@ BAD_CASES = {
     "bioes_e_after_o": ("b.txt", "张\tB-PER\n三\tE-PER\n\n李\tO\n四\tE-PER\n\n好\tO\n", 5, "tag", "does not continue"),
     "bio_columns": ("b.txt", "张\tB-PER\n三\tI-PER\n\n李\tO\tO\n四\tO\n\n好\tO\n", 4, "tag", "expected 'character<TAB>tag'"),
     "encoding": ("e.json", (GOOD_SPAN + GOOD_SPAN).encode() + b'{"text": "\xb9\xfa", "entity_list": []}\n', 3, None, "not valid UTF-8"),
+    # What the answer line `entity_type` cannot carry and parse back (it was written, and scored as another entity):
+    "type_with_underscore": ("a.json", GOOD_SPAN + '{"text": "张三来了", "entity_list": [{"entity_index": {"begin": 0, "end": 2}, '
+                             '"entity_type": "PER_X", "entity": "张三"}]}\n' + GOOD_SPAN, 2, "entity_list[0].entity_type",
+                             "the type 'PER_X' has no Chinese name, so it is written as it is, and its underscore"),
+    "entity_with_line_break": ("a.json", GOOD_SPAN + '{"text": "张\\n三来", "entity_list": [{"entity_index": {"begin": 0, '
+                               '"end": 3}, "entity_type": "PER", "entity": "张\\n三"}]}\n' + GOOD_SPAN, 2,
+                               "entity_list[0].entity", "holds a line break, which would split its answer line"),
+    "bio_type_with_underscore": ("b.txt", "张\tB-PER\n三\tI-PER\n\n好\tO\n李\tB-PER_X\n四\tI-PER_X\n\n好\tO\n", 5, "tag",
+                                 "the type 'PER_X' has no Chinese name"),
 }
 
 

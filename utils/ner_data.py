@@ -38,7 +38,9 @@ mention) maps like X; `X.NOM` (nominal mention such as 粉丝, 老师) is not a 
 PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.NOM -> 机构泛称. So Weibo's 8 standard types
 (PER/ORG/LOC/GPE x NAM/NOM) stay 8 types, and scores per type compare with published Weibo results. CLUENER has its own table
 (`CLUENER_TYPE_NAMES`). Resume NER's own types: CONT -> 国籍, RACE -> 民族, EDU -> 学历, PRO -> 专业, TITLE -> 职称, so
-every answer of a data set is in Chinese. Any other type keeps its raw name (process.py counts them).
+every answer of a data set is in Chinese. Any other type keeps its raw name (process.py counts them); such a name with
+an underscore or a line break, or an entity with a line break, could not be read back from its answer line, so the
+readers refuse it (check_answer_line).
 """
 import itertools
 import random
@@ -114,6 +116,19 @@ def map_types(entities, input_format="bio"):
             unmapped.append(raw_type)
         mapped.append((entity, name, begin))
     return mapped, unmapped
+
+
+def check_answer_line(entity, raw_type, input_format, path, line, field, type_field=None):
+    """Refuse an entity or type that the answer line `entity_type` cannot carry and give back: a line break in either
+    splits the line, and an underscore in a type kept as its raw name (no Chinese name) moves the split
+    (parse_ner_answer takes the type after the last underscore)."""
+    if "\n" in entity or "\r" in entity:
+        raise DataError(path, line, f"the entity {excerpt(entity)} holds a line break, which would split its answer line",
+                        field, "a line break in an entity")
+    if map_type(raw_type, input_format) is None and ("_" in raw_type or "\n" in raw_type or "\r" in raw_type):
+        raise DataError(path, line, f"the type {excerpt(raw_type)} has no Chinese name, so it is written as it is, and "
+                        "its underscore or line break would break the answer line 'entity_type'; rename the type",
+                        type_field or field, "a type with an underscore or line break")
 
 
 def choose_instruct(type_names, input_formats=()) -> str:
@@ -310,10 +325,13 @@ def read_bio(path, bad_lines: BadLines = None):
                 raise DataError(path, sentence[err.index][0], str(err), "tag", err.reason) from None
             for err in repaired:
                 bad_lines.repair(DataError(path, sentence[err.index][0], str(err), "tag", err.reason))
+            text, entities = tokens_to_example(tokens, spans)
+            for (begin, _, _), (entity, kind, _) in zip(spans, entities):
+                check_answer_line(entity, kind, "bio", path, sentence[begin][0], "tag")
         except DataError as err:
             bad_lines.handle(err)
             continue
-        yield (sentence[0][0], *tokens_to_example(tokens, spans))
+        yield sentence[0][0], text, entities
 
 
 def parallel_tags_path(path) -> Path:
@@ -355,10 +373,13 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
                 raise DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags", err.reason) from None
             for err in repaired:
                 bad_lines.repair(DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags", err.reason))
+            text, entities = tokens_to_example(tokens, spans)
+            for entity, kind, _ in entities:
+                check_answer_line(entity, kind, "bio_parallel", tags_path, number, "tags")
         except DataError as err:
             bad_lines.handle(err)
             continue
-        yield (number, *tokens_to_example(tokens, spans))
+        yield number, text, entities
 
 
 def span_json_example(record, path, line):
@@ -388,6 +409,7 @@ def span_json_example(record, path, line):
             hint = " (it matches with end inclusive, but span_json ends are exclusive)" if text[begin:end + 1] == entity else ""
             raise DataError(path, line, f"begin={begin}, end={end} gives {excerpt(text[begin:end])}, not the entity "
                             f"{excerpt(entity)}{hint}", f"{field}.entity_index", "span does not give the entity")
+        check_answer_line(entity, raw_type, "span_json", path, line, f"{field}.entity", f"{field}.entity_type")
         entities.append((entity, raw_type, begin))
     return text, sorted(entities, key=lambda e: e[2])
 
@@ -422,6 +444,7 @@ def cluener_example(record, path, line):
                 if text[begin:end + 1] != entity:
                     raise DataError(path, line, f"[{begin}, {end}] gives {excerpt(text[begin:end + 1])}, not the "
                                     f"entity {excerpt(entity)}{hint}", field, "span does not give the entity")
+                check_answer_line(entity, raw_type, "cluener", path, line, field)
                 entities.append((entity, raw_type, begin))
     return text, sorted(entities, key=lambda e: e[2])
 
