@@ -168,7 +168,8 @@ if kind == "ner":
         print("types kept as raw names (no mapping): " + ", ".join(f"{t} {n}" for t, n in unmapped.most_common()))
     if merged := {name: raw for name, raw in raw_types_of.items() if len(raw) > 1}:
         # Not silent: scores per type then count these raw types as one.
-        print("types written under one name: " + "; ".join(f"{name} <- {', '.join(sorted(raw))}" for name, raw in merged.items()))
+        print("types written under one name: "
+              + "; ".join(f"{name} <- {', '.join(sorted(raw))}" for name, raw in merged.items()))
 else:
     records = items
 

@@ -144,8 +144,9 @@ def openai_content(turn, name, role, path, line, field):
     if isinstance(value, str):
         return value
     if value is None:
-        raise DataError(path, line, f"null; {'an' if name[:1] in 'aeiou' else 'a'} {name} message needs content (a string or an array of text parts)",
-                        f"{field}.content", "null content")
+        article = "an" if name[:1] in "aeiou" else "a"
+        raise DataError(path, line, f"null; {article} {name} message needs content (a string or an array of text "
+                        "parts)", f"{field}.content", "null content")
     if not isinstance(value, list):
         raise DataError(path, line, f"expected a string or an array of content parts, got {json_shape(value)}",
                         f"{field}.content")
@@ -179,7 +180,8 @@ def finetune_tool_messages(turn, path, line, field):
         if key not in turn:
             raise DataError(path, line, "missing", f"{field}.{key}")
     parameters = require_type(turn["parameters"], dict, path, line, f"{field}.parameters")
-    call = {"role": "assistant", "metadata": name, "content": tool_call_content(parameters, path, line, f"{field}.parameters")}
+    call = {"role": "assistant", "metadata": name,
+            "content": tool_call_content(parameters, path, line, f"{field}.parameters")}
     if learnt_flag(turn, "assistant", path, line, field) is False:
         call["loss"] = False
     observation = turn["observation"]
@@ -198,7 +200,7 @@ def learnt_flag(turn, role, path, line, field):
     return turn["loss"]
 
 
-def requested_call(turn, name, role, text_key, style, path, line, field):
+def requested_call(turn, name, role, text_key, path, line, field):
     """(the tool call that the message makes, as {"name", "arguments"}, and its field) or (None, None). Tool calls
     belong to assistant messages only: anywhere else they are an error, never dropped."""
     if name == "function_call":  # ShareGPT: the value is the call as JSON
@@ -230,7 +232,7 @@ def turn_messages(turn, name, role, text_key, style, path, line, field):
     calls a tool, or for a ChatGLM3 finetune_demo tool message (the call and its observation)."""
     if style == "chatglm3" and name == "tool":
         return finetune_tool_messages(turn, path, line, field)
-    call, call_field = requested_call(turn, name, role, text_key, style, path, line, field)
+    call, call_field = requested_call(turn, name, role, text_key, path, line, field)
     if call is not None:
         said = turn.get(text_key)
         if style == "openai" and said is not None:
@@ -303,9 +305,9 @@ def check_order(messages, places, key, path, line):
 
 
 def record_style(record, path, line, chatglm3_only):
-    """(key, style) of a conversation record: 'openai' (`messages`), 'sharegpt' (`conversations` of from/value turns)
-    or 'chatglm3' (`conversations` of role/content turns: ChatGLM3's finetune_demo format, this module's). A record
-    that mixes them is an error, not a guess. chatglm3_only: training data, the ChatGLM3 format only."""
+    """(key, style, turns) of a conversation record; style 'openai' (`messages`), 'sharegpt' (`conversations` of
+    from/value turns) or 'chatglm3' (`conversations` of role/content turns: ChatGLM3's finetune_demo format, this
+    module's). A record that mixes them is an error, not a guess. chatglm3_only: training data, ChatGLM3's format only."""
     require_type(record, dict, path, line, None)
     if "conversations" in record and "messages" in record:
         raise DataError(path, line, "both conversations and messages: a record holds one conversation; keep one",

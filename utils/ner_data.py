@@ -36,8 +36,8 @@ Type names. MSRA / People's Daily PER/LOC/ORG -> 人名/地名/机构名. Other 
 as OntoNotes and Weibo NER keep it; ORG, ORGANIZATION, NT -> 机构名 (case-insensitive). Weibo's `X.NAM` (named
 mention) maps like X; `X.NOM` (nominal mention such as 粉丝, 老师) is not a name, so it gets its own type:
 PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.NOM -> 机构泛称. So Weibo's 8 standard types
-(PER/ORG/LOC/GPE x NAM/NOM) stay 8 types, and scores per type compare with published Weibo results. CLUENER has its own table
-(`CLUENER_TYPE_NAMES`). Resume NER's own types: CONT -> 国籍, RACE -> 民族, EDU -> 学历, PRO -> 专业, TITLE -> 职称, so
+(PER/ORG/LOC/GPE x NAM/NOM) stay 8 types, and scores per type compare with published Weibo results. CLUENER has its
+own table (`CLUENER_TYPE_NAMES`). Resume NER's own types: CONT -> 国籍, RACE -> 民族, EDU -> 学历, PRO -> 专业, TITLE -> 职称, so
 every answer of a data set is in Chinese. Any other type keeps its raw name (process.py counts them); such a name with
 an underscore or a line break, or an entity with a line break, could not be read back from its answer line, so the
 readers refuse it (check_answer_line).
