@@ -26,8 +26,8 @@ the JSON text of {"name", "arguments"}, tools a JSON array or its text), OpenAI 
 "tool_calls"?: [{"type": "function", "function": {"name", "arguments"}}]}, {"role": "tool", "content"}], "tools"?:
 [{"type": "function", "function": {...}}]}` and this format itself. Plain user/assistant turns stay an instruction
 record with `history`, as before; a conversation with tool calls, observations, consecutive assistant messages or
-`"loss": false` becomes a conversation record. OpenAI content may be an array of parts (their texts joined by line
-breaks); null content only stands beside a tool call.
+`"loss": false` becomes a conversation record. OpenAI content may be an array of parts (their texts joined, as
+api_server.py joins them); null content only stands beside a tool call.
 
 ChatGLM3's finetune_demo README writes the same format with a top-level `tools` list and `{"role": "tool", "name",
 "parameters", "observation", "loss"?}` messages; process.py and the training scripts read it as it is, expanded as
@@ -135,8 +135,8 @@ def read_tools(value, path, line, field, as_given=False):
 
 
 def openai_content(turn, name, role, path, line, field):
-    """The text of an OpenAI message's `content`: a string, or an array of content parts, whose texts are joined with
-    line breaks (text parts; an assistant's refusal parts too). Images, audio and files have no text for ChatGLM, and
+    """The text of an OpenAI message's `content`: a string, or an array of content parts, whose texts are joined as
+    they are, as api_server.py joins them (text parts; an assistant's refusal parts too). Images, audio and files have no text for ChatGLM, and
     `null` is content only beside an assistant's tool call (handled by the caller)."""
     if "content" not in turn:
         raise DataError(path, line, "missing", f"{field}.content")
@@ -160,7 +160,7 @@ def openai_content(turn, name, role, path, line, field):
             raise DataError(path, line, f"a content part of type {excerpt(str(kind))}; ChatGLM reads {allowed} parts "
                             "only", f"{field}.content[{k}].type", "a content part that is not text")
         texts.append(require_str_at(part, key, path, line, f"{field}.content[{k}]", allow_empty=True))
-    return "\n".join(texts)
+    return "".join(texts)
 
 
 def finetune_tool_messages(turn, path, line, field):
