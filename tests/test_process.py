@@ -647,6 +647,9 @@ def test_config_mistakes_are_refused(tmp_path):
     result = run_process("--train_file", f"{train},{mixed}", "--dev_file", "", "--output_dir", tmp_path / "o")
     assert result.returncode == 1 and "mix NER and generation" in result.stderr
     assert not (tmp_path / "o").exists()
+    # A mistyped option gets the near names, as in the other scripts (parse_config).
+    result = run_process("--trian_file", train, "--output_dir", tmp_path / "o")
+    assert result.returncode == 1 and result.stderr.startswith("error: unknown option --trian_file; did you mean --train_file")
 
 
 def test_dev_ratio_split_is_deterministic(tmp_path):
