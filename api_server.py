@@ -12,15 +12,16 @@ token as server-sent events, closed by `data: [DONE]`). Any OpenAI client works,
 
 Messages: optional system messages first, then user and assistant turns in alternation, ending with a user turn.
 ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
-message. "temperature": 0 decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
+message. "temperature": 0 (or below 1e-5) decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
 ({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
 in line (first come, first served), more get 429; a request whose client disconnects while it waits is dropped.
 
 Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests from web pages (a
 browser can reach a server on 127.0.0.1 too), the API answers 403 to a request whose Host header is not this
 machine's loopback (localhost, 127.x.x.x, [::1]) or another allowed host (--allowed_hosts, and the --host address),
-or whose Origin header is not a loopback page or one of --allowed_origins; POST bodies must be sent as
-application/json (415 otherwise), which a web page cannot do cross-site without the server's consent.
+or whose Origin header is not a loopback page or one of --allowed_origins (utils/serving.py, shared with
+web_demo.py); POST bodies must be sent as application/json (415 otherwise), which a web page cannot do cross-site
+without the server's consent. The API key must be visible ASCII, the characters an HTTP header carries.
 """
 import asyncio
 import hmac
