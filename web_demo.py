@@ -115,7 +115,8 @@ def build_demo(web_chat: WebChat, config, title):
             max_new_tokens = gr.Slider(1, config["max_new_tokens_limit"], value=config["max_new_tokens"], step=1,
                                        label="Max new tokens", elem_id="max_new_tokens")
             top_p = gr.Slider(0.01, 1.0, value=config["top_p"], step=0.01, label="Top p", elem_id="top_p")
-            temperature = gr.Slider(0.01, 2.0, value=config["temperature"], step=0.01, label="Temperature", elem_id="temperature")
+            temperature = gr.Slider(0.0, 2.0, value=config["temperature"], step=0.01, label="Temperature (0: greedy)",
+                                    elem_id="temperature")
             do_sample = gr.Checkbox(value=config["do_sample"], label="Sample (off: greedy, the same answer every time)",
                                     elem_id="do_sample")
         sampling = [max_new_tokens, top_p, temperature, do_sample]
