@@ -324,6 +324,30 @@ def test_api_host_and_origin_options():
         assert asyncio.run(answered(options, host, origin)) == expected, (options, host, origin)
 
 
+def test_host_and_origin_check_closes_websockets_of_other_sites():
+    """WebSocket requests get the same check (a browser opens them cross-site without asking): closed with 1008
+    (policy violation) before the app sees them."""
+    from utils.serving import HostAndOriginCheck
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["type"])
+
+    async def send(message):
+        sent.append(message)
+
+    check = HostAndOriginCheck(app, {"host": "127.0.0.1", "allowed_hosts": "", "allowed_origins": ""})
+    for headers, allowed in (([(b"host", b"evil.example")], False),
+                             ([(b"host", b"localhost:7860"), (b"origin", b"http://evil.example")], False),
+                             ([(b"host", b"localhost:7860"), (b"origin", b"http://localhost:7860")], True)):
+        reached.clear()
+        sent.clear()
+        asyncio.run(check({"type": "websocket", "path": "/", "headers": headers}, None, send))
+        assert reached == (["websocket"] if allowed else []), headers
+        assert sent == [] if allowed else [sent[0]["type"], sent[0]["code"]] == ["websocket.close", 1008], headers
+
+
 def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, capsys):
     """An --api_key=env:NAME without the variable, or a key that no HTTP client could send (not visible ASCII: a
     header is read as Latin-1 bytes), stops the server before the minutes of loading; a server open to the network
