@@ -12,23 +12,21 @@ token as server-sent events, closed by `data: [DONE]`). Any OpenAI client works,
 
 Messages: optional system messages first, then user and assistant turns in alternation, ending with a user turn.
 ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
-message. "temperature": 0 decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
+message. "temperature": 0 (or below 1e-5) decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
 ({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
 in line (first come, first served), more get 429; a request whose client disconnects while it waits is dropped.
 
 Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests from web pages (a
 browser can reach a server on 127.0.0.1 too), the API answers 403 to a request whose Host header is not this
 machine's loopback (localhost, 127.x.x.x, [::1]) or another allowed host (--allowed_hosts, and the --host address),
-or whose Origin header is not a loopback page or one of --allowed_origins; POST bodies must be sent as
-application/json (415 otherwise), which a web page cannot do cross-site without the server's consent.
+or whose Origin header is not a loopback page or one of --allowed_origins (utils/serving.py, shared with
+web_demo.py); POST bodies must be sent as application/json (415 otherwise), which a web page cannot do cross-site
+without the server's consent. The API key must be visible ASCII, the characters an HTTP header carries.
 """
 import asyncio
 import hmac
-import ipaddress
 import json
 import os
-import re
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -39,14 +37,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.adapters import load_run
-from utils.config_utils import parse_config
+from utils.config_utils import ConfigError, parse_config
 from utils.dataset import get_prompt_format
 from utils.generation import StableText, stream_chat_reply
-from utils.model_utils import ModelFolderError
+from utils.serving import HostAndOriginCheck, check_serving_options, warn_if_open
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -70,6 +67,9 @@ DEFAULTS = {
     "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
     "log_level": "info",
 }
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 class ApiError(Exception):
@@ -224,70 +224,22 @@ class GenerationQueue:
         self.lock.release()
 
 
-def is_loopback(host):
-    """Whether a host name or address (no port, no brackets) is this machine's loopback: localhost, 127.x.x.x, ::1."""
-    try:
-        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def authority_host(authority):
-    """The host of a Host header or URL authority ("name:port", "[::1]:port"), lowercased, without port or
-    brackets; None for anything else (user info, paths...)."""
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\[\]:@/\s]+)(:\d*)?", authority)
-    return match and match.group(1).strip("[]").lower()
-
-
-def comma_list(text):
-    """The items of a comma-separated option, lowercased, without a trailing "/" (an origin has none)."""
-    return {item.strip().lower().rstrip("/") for item in text.split(",") if item.strip()}
-
-
-class HostAndOriginCheck:
-    """ASGI middleware: refuses (403) requests meant for another host (DNS rebinding: a web page of evil.example
-    whose name now resolves to 127.0.0.1) or sent by a web page of another site (its browser adds Origin).
-    Loopback hosts and pages are always allowed; config's allowed_hosts and allowed_origins add others."""
-
-    def __init__(self, app, config):
-        self.app = app
-        self.hosts = comma_list(config["allowed_hosts"])
-        bound = config["host"].strip("[]").lower()
-        if bound not in ("", "0.0.0.0", "::"):  # a specific address: clients may name it
-            self.hosts.add(bound)
-        self.origins = comma_list(config["allowed_origins"])
-
-    def refusal(self, headers):
-        host = authority_host(headers.get("host", ""))
-        if "*" not in self.hosts and not (host and (is_loopback(host) or host in self.hosts)):
-            return ApiError(403, f"this server does not answer for the host {headers.get('host')!r} (Host header); "
-                                 "allow it with --allowed_hosts", "host_not_allowed", error_type="permission_error")
-        origin = headers.get("origin")
-        if origin is not None and origin.lower().rstrip("/") not in self.origins:
-            scheme, _, authority = origin.partition("://")
-            page_host = authority_host(authority)
-            if scheme.lower() not in ("http", "https") or not page_host or not is_loopback(page_host):
-                return ApiError(403, f"requests from web pages of {origin!r} (Origin header) are not allowed; allow "
-                                     "them with --allowed_origins", "origin_not_allowed", error_type="permission_error")
-        return None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            refusal = self.refusal(Headers(scope=scope))
-            if refusal:
-                await error_response(refusal)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def read_api_key(setting):
-    """The key of --api_key: the text itself, or for "env:NAME" the environment variable NAME (which must be set)."""
+    """The key of --api_key: the text itself, or for "env:NAME" the environment variable NAME (which must be set).
+    Visible ASCII only: HTTP headers carry no other text (a server reads their bytes as Latin-1, a client encodes
+    them as it likes), so a key with other characters, or a space or newline at an end, could never match."""
     if setting.startswith("env:"):
         name = setting[4:]
         if not os.environ.get(name):
-            raise SystemExit(f"--api_key={setting}: the environment variable {name} is not set or empty")
-        return os.environ[name]
-    return setting
+            raise ConfigError(f"--api_key={setting}: the environment variable {name} is not set or empty")
+        key, where = os.environ[name], f"the environment variable {name}"
+    else:
+        key, where = setting, "the key"
+    wrong = next((char for char in key if not "!" <= char <= "~"), None)
+    if wrong is not None:
+        raise ConfigError(f"--api_key: {where} holds {wrong!r}; a key may only have visible ASCII characters "
+                          "(letters, digits, punctuation; no spaces), the characters an Authorization header carries")
+    return key
 
 
 def create_app(model, tokenizer, config) -> FastAPI:
@@ -470,15 +422,15 @@ def create_app(model, tokenizer, config) -> FastAPI:
 def main(config):
     import uvicorn
 
+    check_serving_options(config, at_least_one=("max_input_tokens", "max_new_tokens", "max_request_bytes"),
+                         at_least_zero=("max_waiting",))
+    if config["log_level"] not in LOG_LEVELS:
+        raise ConfigError(f"--log_level: {config['log_level']!r}; use one of {', '.join(LOG_LEVELS)}")
     api_key = read_api_key(config["api_key"])  # a missing variable is reported before minutes of loading
-    if not api_key and not is_loopback(config["host"].strip("[]")):
-        print(f"WARNING: --host={config['host']} opens the API to the network without an API key: anyone who can "
-              "reach this machine can use the model. Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).",
-              file=sys.stderr, flush=True)
-    try:
-        model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
-    except ModelFolderError as err:
-        raise SystemExit(str(err)) from err
+    if not api_key:
+        warn_if_open(config["host"], "the API without an API key",
+                     "Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).")
+    model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
     app = create_app(model, tokenizer, config)
     print(f"serving {config['model_dir']}" + (f" + {config['lora_path']}" if config["lora_path"].lower() != "none" else "")
           + f" as model {config['model_name'] or Path(config['model_dir']).name!r}"

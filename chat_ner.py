@@ -13,8 +13,8 @@ from utils.adapters import default_adapter, load_run, run_instruction
 from utils.config_utils import parse_config
 from utils.dataset import get_prompt_format, user_message
 from utils.generation import StableText, stream_chat_reply
-from utils.model_utils import ModelFolderError
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
+from utils.serving import check_serving_options
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -35,11 +35,9 @@ DEFAULTS = {
 
 
 def main(config):
+    check_serving_options(config, at_least_one=("max_length",))
     lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
-    try:
-        model, tokenizer = load_run(config)
-    except ModelFolderError as err:
-        raise SystemExit(str(err)) from err
+    model, tokenizer = load_run(config)
     version = model.model_version
     instruct = "" if config["raw"] else config["instruct"] or run_instruction(lora_path) or MSRA_INSTRUCT
 

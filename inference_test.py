@@ -15,6 +15,7 @@ import json
 import resource
 from pathlib import Path
 
+import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
 import torch
 from peft import PeftModel
 

@@ -34,6 +34,7 @@ import resource
 import time
 from pathlib import Path
 
+import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
 import deepspeed
 import torch
 import torch.distributed as dist

@@ -22,6 +22,7 @@ import os
 import time
 from pathlib import Path
 
+import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 

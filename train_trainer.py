@@ -23,6 +23,7 @@ checkpoint/<data_name>/train_trainer/:
 import os
 import time
 
+import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
 import torch
 import transformers
 from transformers import TrainingArguments

@@ -7,21 +7,29 @@ then open http://127.0.0.1:7860. The answer appears token by token. The conversa
 next question (its oldest turns are left out when the prompt would pass --max_input_tokens). Regenerate answers the
 last question again, Stop ends an answer early, Clear starts a new conversation; the sampling controls are under the
 chat. One answer is generated at a time; other questions wait in Gradio's queue. The page binds 127.0.0.1 unless
---host says otherwise (--host=0.0.0.0 shows it to the whole network).
+--host says otherwise (--host=0.0.0.0 shows it to the whole network, with a warning: the page has no password).
+
+Like api_server.py, the page answers 403 to a request whose Host header is not this machine's loopback (localhost,
+127.x.x.x, [::1]), the --host address or one of --allowed_hosts, or whose Origin header is not a loopback page or one
+of --allowed_origins: other web pages cannot drive it through the browser (DNS rebinding, cross-site requests).
 """
 from pathlib import Path
 
 from utils.adapters import load_run
-from utils.config_utils import parse_config
+from utils.config_utils import ConfigError, parse_config
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import stream_chat_reply
-from utils.model_utils import ModelFolderError
+from utils.serving import HostAndOriginCheck, check_serving_options, warn_if_open
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
     "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
-    "host": "127.0.0.1",
+    "host": "127.0.0.1",  # 0.0.0.0 serves every network interface
     "port": 7860,
+    # Host header names answered besides loopback and the --host address (comma-separated, no port): the names
+    # browsers use to reach the page, e.g. through a reverse proxy; "*": any
+    "allowed_hosts": "",
+    "allowed_origins": "",  # other sites whose pages may call the page's API (e.g. https://chat.example.com)
     "max_input_tokens": 2048,  # prompt budget: the oldest turns are left out to fit it
     "max_new_tokens": 512,  # the start value of the page's slider
     "max_new_tokens_limit": 4096,  # the slider's maximum
@@ -107,7 +115,8 @@ def build_demo(web_chat: WebChat, config, title):
             max_new_tokens = gr.Slider(1, config["max_new_tokens_limit"], value=config["max_new_tokens"], step=1,
                                        label="Max new tokens", elem_id="max_new_tokens")
             top_p = gr.Slider(0.01, 1.0, value=config["top_p"], step=0.01, label="Top p", elem_id="top_p")
-            temperature = gr.Slider(0.01, 2.0, value=config["temperature"], step=0.01, label="Temperature", elem_id="temperature")
+            temperature = gr.Slider(0.0, 2.0, value=config["temperature"], step=0.01, label="Temperature (0: greedy)",
+                                    elem_id="temperature")
             do_sample = gr.Checkbox(value=config["do_sample"], label="Sample (off: greedy, the same answer every time)",
                                     elem_id="do_sample")
         sampling = [max_new_tokens, top_p, temperature, do_sample]
@@ -125,11 +134,15 @@ def build_demo(web_chat: WebChat, config, title):
 
 
 def main(config):
-    try:
-        model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
-    except ModelFolderError as err:
-        raise SystemExit(str(err)) from err
+    check_serving_options(config, at_least_one=("max_input_tokens", "max_new_tokens", "max_new_tokens_limit"))
+    if config["max_new_tokens"] > config["max_new_tokens_limit"]:
+        raise ConfigError(f"--max_new_tokens: {config['max_new_tokens']} is above --max_new_tokens_limit="
+                          f"{config['max_new_tokens_limit']} (the slider's maximum); raise the limit or ask for fewer")
+    warn_if_open(config["host"], "the chat page", "It has no password; serve it on 127.0.0.1 (the default) unless "
+                 "everyone on the network may use it.")
+    model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
     import gradio as gr
+    from starlette.middleware import Middleware
 
     adapter = config["lora_path"] if config["lora_path"].lower() != "none" else ""
     name = Path(config["model_dir"]).name
@@ -137,7 +150,9 @@ def main(config):
     web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning)
     demo = build_demo(web_chat, config, title)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=config["host"], server_port=config["port"], show_error=True, footer_links=[])
+    # Gradio builds its FastAPI app inside launch(); app_kwargs reach that app's constructor, middleware included.
+    demo.launch(server_name=config["host"], server_port=config["port"], show_error=True, footer_links=[],
+                app_kwargs={"middleware": [Middleware(HostAndOriginCheck, config=config)]})
 
 
 if __name__ == "__main__":

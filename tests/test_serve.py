@@ -3,6 +3,7 @@ served to the official openai client and to headless Chromium; bad requests; one
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_script
 from utils.dataset import get_prompt_format, read_instruction_records, user_message
 from utils.distributed import free_port
 from utils.generation import StableText, stream_chat_reply
@@ -123,6 +124,17 @@ def test_stream_chat_reply_equals_the_models_chat(version, tiny_model_dirs):
     assert "".join(stable.update(r.text, final=r.finish_reason is not None) for r in replies) == final.text
 
 
+def test_tiny_temperatures_decode_greedily(tiny_model_dirs):
+    """A temperature of 1e-300 (valid: above 0) divided the logits into inf and the probabilities into NaN; below
+    GREEDY_BELOW_TEMPERATURE sampling is greedy decoding, the same tokens as do_sample=False."""
+    model, tokenizer = load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], "none", dtype="fp32", device="cpu")
+    prompt_ids = get_prompt_format(tokenizer, "chatglm2-6b").prompt_ids("北京在哪里?", [])
+    *_, greedy = stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens=8)
+    for temperature in (1e-300, 5e-324, 1e-6):
+        *_, tiny = stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens=8, do_sample=True, temperature=temperature)
+        assert tiny == greedy, temperature
+
+
 def test_missing_adapter_is_reported_before_loading(tmp_path, tiny_model_dirs):
     with pytest.raises(ModelFolderError, match="no adapter_config.json"):
         load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], tmp_path / "no_adapter")
@@ -174,6 +186,18 @@ def test_api_answers_the_openai_client(api, served):
                                            temperature=0, max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
     assert records[0]["answer"].startswith(short.choices[0].message.content)
+
+
+def test_api_answers_a_tiny_temperature_as_greedy(api, served):
+    """"temperature": 1e-300 is valid by the schema (0 to 2); it answered 500 "probability tensor contains inf/nan"."""
+    good = {"model": "ner", "messages": [{"role": "user", "content": user_message(served["records"][0])}]}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=api.url, timeout=60, headers=headers) as client:
+        for stream in (False, True):
+            response = client.post("/v1/chat/completions", json={**good, "temperature": 1e-300, "stream": stream})
+            assert response.status_code == 200 and "error" not in response.text, response.text
+        response = client.post("/v1/chat/completions", json={**good, "temperature": 1e-300})
+        assert response.json()["choices"][0]["message"]["content"] == served["records"][0]["answer"]
 
 
 def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, served):
@@ -300,10 +324,36 @@ def test_api_host_and_origin_options():
         assert asyncio.run(answered(options, host, origin)) == expected, (options, host, origin)
 
 
+def test_host_and_origin_check_closes_websockets_of_other_sites():
+    """WebSocket requests get the same check (a browser opens them cross-site without asking): closed with 1008
+    (policy violation) before the app sees them."""
+    from utils.serving import HostAndOriginCheck
+
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["type"])
+
+    async def send(message):
+        sent.append(message)
+
+    check = HostAndOriginCheck(app, {"host": "127.0.0.1", "allowed_hosts": "", "allowed_origins": ""})
+    for headers, allowed in (([(b"host", b"evil.example")], False),
+                             ([(b"host", b"localhost:7860"), (b"origin", b"http://evil.example")], False),
+                             ([(b"host", b"localhost:7860"), (b"origin", b"http://localhost:7860")], True)):
+        reached.clear()
+        sent.clear()
+        asyncio.run(check({"type": "websocket", "path": "/", "headers": headers}, None, send))
+        assert reached == (["websocket"] if allowed else []), headers
+        assert sent == [] if allowed else [sent[0]["type"], sent[0]["code"]] == ["websocket.close", 1008], headers
+
+
 def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, capsys):
-    """An --api_key=env:NAME without the variable stops the server before the minutes of loading; a server open to
-    the network without a key warns."""
+    """An --api_key=env:NAME without the variable, or a key that no HTTP client could send (not visible ASCII: a
+    header is read as Latin-1 bytes), stops the server before the minutes of loading; a server open to the network
+    without a key warns."""
     import api_server
+    from utils.config_utils import ConfigError
     from utils.model_utils import ModelFolderError
 
     loaded = []
@@ -315,17 +365,55 @@ def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, cap
     monkeypatch.setattr(api_server, "load_run", loader)
     monkeypatch.delenv("SERVE_TEST_UNSET", raising=False)
     monkeypatch.setenv("SERVE_TEST_EMPTY", "")
+    monkeypatch.setenv("SERVE_TEST_NEWLINE", "key\n")  # as `export KEY=$(cat file)` does not strip, from some tools
+    options = dict(api_server.DEFAULTS, port=free_port())
     for name in ("SERVE_TEST_UNSET", "SERVE_TEST_EMPTY"):
-        with pytest.raises(SystemExit, match=f"environment variable {name} is not set or empty"):
-            api_server.main(dict(api_server.DEFAULTS, api_key=f"env:{name}"))
+        with pytest.raises(ConfigError, match=f"environment variable {name} is not set or empty"):
+            api_server.main(dict(options, api_key=f"env:{name}"))
+    for key, wrong in (("ключ-123", "'к'"), ("env:SERVE_TEST_NEWLINE", "'\\n'"), ("two words", "' '")):
+        with pytest.raises(ConfigError, match=f"--api_key: .* holds {re.escape(wrong)}; a key may only have visible ASCII"):
+            api_server.main(dict(options, api_key=key))
     assert loaded == []
 
-    for host, api_key, warned in (("0.0.0.0", "", True), ("192.168.1.5", "", True), ("0.0.0.0", "a-key", False),
-                                  ("127.0.0.1", "", False), ("localhost", "", False), ("::1", "", False)):
-        with pytest.raises(SystemExit, match="stopped at loading"):
-            api_server.main(dict(api_server.DEFAULTS, host=host, api_key=api_key))
+    for host, api_key, warned in (("0.0.0.0", "", True), ("0.0.0.0", "a-key", False), ("127.0.0.1", "", False),
+                                  ("localhost", "", False)):
+        with pytest.raises(ModelFolderError, match="stopped at loading"):
+            api_server.main(dict(options, host=host, api_key=api_key))
         err = capsys.readouterr().err
         assert ("WARNING" in err and f"--host={host}" in err and "--api_key" in err) == warned, (host, api_key, err)
+
+
+def test_servers_and_chat_report_bad_options_and_folders_in_one_error_line(tmp_path, tiny_model_dirs):
+    """Each in one line that starts with `error:`, exit status 1, no traceback, before the model loads: a missing
+    model folder or adapter was printed without `error:`; a bad dtype, port or host was a traceback after loading."""
+    missing = tmp_path / "no_model"
+    tiny = tiny_model_dirs["chatglm2-6b"]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = [  # (script, args, the message after "error: ")
+        ("web_demo.py", [f"--model_dir={missing}"], f"{missing}/config.json: not found"),
+        ("chat_ner.py", [f"--model_dir={missing}", "--lora_path=none"], f"{missing}/config.json: not found"),
+        ("api_server.py", [f"--model_dir={missing}"], f"{missing}/config.json: not found"),
+        ("web_demo.py", [f"--model_dir={tiny}", f"--lora_path={tmp_path}"], f"{tmp_path}: no adapter_config.json"),
+        ("web_demo.py", [f"--model_dir={tiny}", "--dtype=fp8"], "--dtype: 'fp8' is not a dtype"),
+        ("chat_ner.py", [f"--model_dir={tiny}", "--lora_path=none", "--device=gpu"], "--device: 'gpu' is not a device"),
+        ("web_demo.py", [f"--model_dir={tiny}", "--port=99999"], "--port: 99999 is not a TCP port"),
+        ("web_demo.py", [f"--model_dir={tiny}", f"--port={busy.getsockname()[1]}"], "--host=127.0.0.1 --port="),
+        ("api_server.py", [f"--model_dir={missing}", "--host=no-such-host.invalid"], "--host: 'no-such-host.invalid'"),
+        ("api_server.py", [f"--model_dir={missing}", "--api_key=ключ"], "--api_key: the key holds 'к'"),
+        ("api_server.py", [f"--model_dir={missing}", "--max_waiting=-1"], "--max_waiting: -1; use 0 or more"),
+        ("api_server.py", [f"--model_dir={missing}", "--log_level=loud"], "--log_level: 'loud'"),
+    ]
+    try:
+        for script, args, message in cases:
+            result = run_script(script, *args, check=False, timeout=120)
+            output = result.stdout + result.stderr
+            assert result.returncode == 1 and "Traceback" not in output, (script, args, output[-2000:])
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), (script, args, result.stderr[-2000:])
+    finally:
+        busy.close()
 
 
 def wait_until(condition, what, timeout=10):
@@ -472,7 +560,52 @@ def test_web_chat_streams_keeps_history_and_regenerates(served):
     assert shortened[-1] == [second, records[1]["answer"]] and len(shortened) == 3 and "oldest turns" in warnings[-1]
 
 
-def test_web_demo_in_headless_chromium(served, tmp_path):
+@pytest.fixture(scope="module")
+def web_demo(served, tmp_path_factory):
+    """web_demo.py serving the adapter greedily on a free port of 127.0.0.1."""
+    server = Server("web_demo.py", [f"--model_dir={served['base']}", f"--lora_path={served['adapter']}", "--do_sample=false",
+                                    "--max_new_tokens=64"], tmp_path_factory.mktemp("web_demo") / "web_demo.log", "/")
+    yield server
+    server.stop()
+
+
+def test_web_demo_answers_only_loopback_hosts_and_pages(web_demo, served):
+    """The API's Host/Origin rules on the page's HTTP endpoints: a web page of another site (DNS rebinding: its own
+    name as Host; a cross-site request: its Origin) gets 403 and cannot join the queue; the page and its queue work
+    for a loopback browser (the official gradio client drives a whole answer)."""
+    from gradio_client import Client
+
+    port = web_demo.port
+    join = {"data": ["你好", 8, 0.8, 0.8, False], "fn_index": 0, "session_hash": "evil", "event_data": None}
+    with httpx.Client(base_url=web_demo.url, timeout=60) as client:
+        for headers in ({"Host": "evil.example", "Origin": "http://evil.example"}, {"Host": f"evil.example:{port}"},
+                        {"Origin": "http://evil.example"}, {"Origin": "null"}, {"Host": "localhost.evil.example"}):
+            for method, path in (("GET", "/"), ("GET", "/config"), ("POST", "/gradio_api/queue/join")):
+                response = client.request(method, path, json=join if method == "POST" else None, headers=headers)
+                assert response.status_code == 403, (headers, path, response.status_code, response.text[:300])
+                assert response.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+        for headers in ({}, {"Host": f"localhost:{port}"}, {"Origin": f"http://127.0.0.1:{port}"}, {"Host": "[::1]"}):
+            assert client.get("/", headers=headers).status_code == 200, headers
+    records = served["records"]
+    chatbot, textbox = Client(web_demo.url, verbose=False).predict(user_message(records[0]), 64, 0.8, 0.8, False,
+                                                                   api_name="/submit")
+    assert chatbot[-1]["content"][0]["text"] == records[0]["answer"] and textbox == ""
+    assert "Traceback" not in web_demo.log()
+
+
+def test_web_demo_warns_when_open_to_the_network(tmp_path, capsys):
+    """The page has no password: a non-loopback --host warns at start (before the model loads)."""
+    import web_demo
+    from utils.model_utils import ModelFolderError
+
+    for host, warned in (("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)):
+        with pytest.raises(ModelFolderError, match="config.json: not found"):  # the folder: after the options
+            web_demo.main(dict(web_demo.DEFAULTS, host=host, port=free_port(), model_dir=str(tmp_path)))
+        err = capsys.readouterr().err
+        assert ("WARNING" in err and f"--host={host}" in err and "no password" in err) == warned, (host, err)
+
+
+def test_web_demo_in_headless_chromium(web_demo, served):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium, see README): no browser to drive")
@@ -481,36 +614,31 @@ def test_web_demo_in_headless_chromium(served, tmp_path):
     records = served["records"]
     first, second = user_message(records[0]), user_message(records[1])
     second_answer = greedy_chat(served, second, [(first, records[0]["answer"])])
-    server = Server("web_demo.py", [f"--model_dir={served['base']}", f"--lora_path={served['adapter']}", "--do_sample=false",
-                                    "--max_new_tokens=64"], tmp_path / "web_demo.log", "/")
-    try:
-        assert listening_address(server.port) == "127.0.0.1"
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            page.goto(server.url)
-            bot = page.locator('#chat [data-testid="bot"]')
-            question = page.locator("#question textarea")
-            question.fill(first)
-            question.press("Enter")
-            expect(bot.nth(0)).to_have_text(records[0]["answer"], timeout=120_000)
-            question.fill(second)
-            page.locator("#send").click()
-            expect(bot.nth(1)).to_have_text(second_answer, timeout=120_000)  # answered with the first turn as history
-            expect(page.locator('#chat [data-testid="user"]')).to_have_count(2)
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            screenshot = ARTIFACTS / "web_demo.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            print(f"screenshot: {screenshot}")
-            page.locator("#regenerate").click()
-            expect(bot).to_have_count(2)
-            expect(bot.nth(1)).to_have_text(second_answer, timeout=120_000)  # greedy: the same answer again
-            page.locator("#clear").click()
-            expect(bot).to_have_count(0)
-            question.fill(second)
-            question.press("Enter")  # after Clear the history is empty: the second question alone
-            expect(bot.nth(0)).to_have_text(records[1]["answer"], timeout=120_000)
-            browser.close()
-    finally:
-        server.stop()
+    assert listening_address(web_demo.port) == "127.0.0.1"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        page.goto(web_demo.url)
+        bot = page.locator('#chat [data-testid="bot"]')
+        question = page.locator("#question textarea")
+        question.fill(first)
+        question.press("Enter")
+        expect(bot.nth(0)).to_have_text(records[0]["answer"], timeout=120_000)
+        question.fill(second)
+        page.locator("#send").click()
+        expect(bot.nth(1)).to_have_text(second_answer, timeout=120_000)  # answered with the first turn as history
+        expect(page.locator('#chat [data-testid="user"]')).to_have_count(2)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        screenshot = ARTIFACTS / "web_demo.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        print(f"screenshot: {screenshot}")
+        page.locator("#regenerate").click()
+        expect(bot).to_have_count(2)
+        expect(bot.nth(1)).to_have_text(second_answer, timeout=120_000)  # greedy: the same answer again
+        page.locator("#clear").click()
+        expect(bot).to_have_count(0)
+        question.fill(second)
+        question.press("Enter")  # after Clear the history is empty: the second question alone
+        expect(bot.nth(0)).to_have_text(records[1]["answer"], timeout=120_000)
+        browser.close()
     assert screenshot.stat().st_size > 10_000

@@ -55,11 +55,19 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
     return answers
 
 
+# Sampling at a lower temperature is greedy decoding in all but name, and logits / temperature would overflow to inf
+# (then NaN probabilities) long before it reaches 0: such temperatures decode greedily.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, eos_token_id=(), decode="auto",
                     pad_token_id=0, **sampling):
     """Yields (new ids [B, n], None) after every new token until every row stopped or max_new_tokens: ChatGLM models
     through their own stream_generate, other models through utils.native_decode; both with a static cache and, on
-    CUDA, CUDA-graph steps (decode="plain": eager steps)."""
+    CUDA, CUDA-graph steps (decode="plain": eager steps). A temperature below GREEDY_BELOW_TEMPERATURE decodes
+    greedily."""
+    if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
+        do_sample = False
     if hasattr(model, "stream_generate"):
         return model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      eos_token_id=list(eos_token_id), decode=decode, **sampling)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError
+from utils.log_filters import missing_keys_expected
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_SCRIPTS = REPO_ROOT / "remote_scripts"
@@ -175,10 +176,14 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
             f"vocab_size/padded_vocab_size is {config.vocab_size}; tokenizer and weights come from different models."
         )
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
-    model = model_class.from_pretrained(
-        str(model_dir), config=config, dtype=dtype, device_map=device_map(device, quantization_config),
-        quantization_config=quantization_config,
-    )
+    # A prefix asked for here is trained, or loaded from its checkpoint, right after: its keys missing from the
+    # base's weights are no news (transformers' load report would say "Consider training").
+    expected = missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext()
+    with expected:
+        model = model_class.from_pretrained(
+            str(model_dir), config=config, dtype=dtype, device_map=device_map(device, quantization_config),
+            quantization_config=quantization_config,
+        )
     model.model_version = version
     return model.eval(), tokenizer
 

@@ -17,10 +17,11 @@ CACHE_BUCKET = 256
 
 
 def sample_next(logits, do_sample, temperature=1.0, top_p=1.0):
-    """The next token of each row of logits [B, V]: argmax, or a sample of the top-p nucleus at `temperature`."""
+    """The next token of each row of logits [B, V]: argmax, or a sample of the top-p nucleus at `temperature` (not
+    tiny: utils.generation.stream_generate decodes those greedily)."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set that reaches top_p

@@ -41,6 +41,12 @@ from .kernels import elementwise_kernels_apply
 from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
+# transformers 5.2x names the outputs' cache `cache` (`past_key_values` still works there, with a deprecation
+# warning at the first forward of every process); 5.17 knows only past_key_values.
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:CACHE_FIELD
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:InvalidScoreLogitsProcessor
 class InvalidScoreLogitsProcessor(LogitsProcessor):
     """Official NaN/Inf guard: if any score is not finite, force token id 5 (kept for identical behaviour)."""
@@ -650,7 +656,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             all_hidden_states += (hidden_states,)
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden_states,
         )
         return output if return_dict is not False else output.to_tuple()
@@ -727,7 +733,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 hidden_states = hidden_states[:, -logits_to_keep:]
             logits = self.lm_head(hidden_states)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}, hidden_states=outputs.hidden_states
         )
         return output if return_dict is not False else output.to_tuple()
 

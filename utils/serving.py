@@ -1,0 +1,138 @@
+"""What the two servers (api_server.py, web_demo.py) share before and around the model: the check of their options
+at start (chat_ner.py's too), the warning for a server open to the network, and the Host / Origin check in front of every request.
+
+A browser reaches a server on 127.0.0.1 too, on behalf of any web page it shows. Two ways for a page to use it:
+DNS rebinding (a page of evil.example whose name now resolves to 127.0.0.1: its requests carry `Host: evil.example`)
+and cross-site requests (the browser adds `Origin: <the page's site>`). HostAndOriginCheck answers both with 403
+unless the host is this machine's loopback, the --host address or one of --allowed_hosts, and the page is a loopback
+one or one of --allowed_origins (the API's options; the web demo has --allowed_hosts and --allowed_origins too)."""
+import ipaddress
+import re
+import socket
+import sys
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+
+from utils.config_utils import ConfigError
+
+DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
+
+
+def is_loopback(host):
+    """Whether a host name or address (no port, no brackets) is this machine's loopback: localhost, 127.x.x.x, ::1."""
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def authority_host(authority):
+    """The host of a Host header or URL authority ("name:port", "[::1]:port"), lowercased, without port or
+    brackets; None for anything else (user info, paths...)."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\[\]:@/\s]+)(:\d*)?", authority)
+    return match and match.group(1).strip("[]").lower()
+
+
+def comma_list(text):
+    """The items of a comma-separated option, lowercased, without a trailing "/" (an origin has none)."""
+    return {item.strip().lower().rstrip("/") for item in text.split(",") if item.strip()}
+
+
+def forbidden(code, message):
+    """A 403 answer in the OpenAI error shape (the API's own; the web demo's page never shows it)."""
+    return JSONResponse({"error": {"message": message, "type": "permission_error", "param": None, "code": code}},
+                        status_code=403)
+
+
+class HostAndOriginCheck:
+    """ASGI middleware: refuses (403) requests meant for another host or sent by a web page of another site.
+    Loopback hosts and pages are always allowed; config's allowed_hosts (and the --host address) and allowed_origins
+    add others. HTTP and WebSocket requests alike (a WebSocket is closed before it opens)."""
+
+    def __init__(self, app, config):
+        self.app = app
+        self.hosts = comma_list(config["allowed_hosts"])
+        bound = config["host"].strip("[]").lower()
+        if bound not in ("", "0.0.0.0", "::"):  # a specific address: clients may name it
+            self.hosts.add(bound)
+        self.origins = comma_list(config["allowed_origins"])
+
+    def refusal(self, headers):
+        """(code, message) of the refusal, or None for a request to answer."""
+        host = authority_host(headers.get("host", ""))
+        if "*" not in self.hosts and not (host and (is_loopback(host) or host in self.hosts)):
+            return "host_not_allowed", (f"this server does not answer for the host {headers.get('host')!r} (Host "
+                                        "header); allow it with --allowed_hosts")
+        origin = headers.get("origin")
+        if origin is not None and origin.lower().rstrip("/") not in self.origins:
+            scheme, _, authority = origin.partition("://")
+            page_host = authority_host(authority)
+            if scheme.lower() not in ("http", "https") or not page_host or not is_loopback(page_host):
+                return "origin_not_allowed", (f"requests from web pages of {origin!r} (Origin header) are not allowed; "
+                                              "allow them with --allowed_origins")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            refusal = self.refusal(Headers(scope=scope))
+            if refusal and scope["type"] == "http":
+                await forbidden(*refusal)(scope, receive, send)
+                return
+            if refusal:
+                await send({"type": "websocket.close", "code": 1008, "reason": refusal[1][:120]})  # 1008: policy
+                return
+        await self.app(scope, receive, send)
+
+
+def warn_if_open(host, what, remedy):
+    """The startup warning of a server bound to a non-loopback address: `what` is open to the network."""
+    if not is_loopback(host.strip("[]")):
+        print(f"WARNING: --host={host} opens {what} to the network: anyone who can reach this machine can use the "
+              f"model. {remedy}", file=sys.stderr, flush=True)
+
+
+def check_address(host, port):
+    """That the server can listen on host:port (a name or address of this machine, a port no other server holds),
+    found now rather than after the model has loaded: ConfigError otherwise."""
+    if not host.strip():
+        raise ConfigError("--host: empty; use an address such as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigError(f"--host: {host!r} is not an address or name of this machine ({err})") from err
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"--host={host} --port={port}: cannot listen there ({err.strerror}); another server may hold "
+                              "the port (choose another --port), or the address is not one of this machine's") from err
+
+
+def check_serving_options(config, at_least_one=(), at_least_zero=()):
+    """The options that the servers and chat_ner.py share (dtype, device, decode; port, host, temperature and top_p
+    where the script has them), and the counts it names (at least 1 / at least 0), checked before the model loads:
+    ConfigError otherwise."""
+    from utils.model_utils import DTYPES
+
+    if "port" in config and not 1 <= config["port"] <= 65535:
+        raise ConfigError(f"--port: {config['port']} is not a TCP port; use 1 to 65535")
+    if "host" in config:
+        check_address(config["host"], config["port"])
+    if config["dtype"] not in ("auto", *DTYPES):
+        raise ConfigError(f"--dtype: {config['dtype']!r} is not a dtype; use one of auto, {', '.join(DTYPES)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config["device"]):
+        raise ConfigError(f"--device: {config['device']!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if config["decode"] not in DECODE_MODES:
+        raise ConfigError(f"--decode: {config['decode']!r} is not a decoding mode; use one of {', '.join(DECODE_MODES)}")
+    if "temperature" in config and not 0 <= config["temperature"] <= 2:
+        raise ConfigError(f"--temperature: {config['temperature']} is outside 0 to 2")
+    if "top_p" in config and not 0 < config["top_p"] <= 1:
+        raise ConfigError(f"--top_p: {config['top_p']} is outside (0, 1]")
+    for key in at_least_one:
+        if config[key] < 1:
+            raise ConfigError(f"--{key}: {config[key]}; use 1 or more")
+    for key in at_least_zero:
+        if config[key] < 0:
+            raise ConfigError(f"--{key}: {config[key]}; use 0 or more")
