@@ -191,7 +191,7 @@ def test_train_trainer_trains_packed(trainable_models, sixteen_examples, tmp_pat
     run_dir = tmp_path / "run"
     args = [a for a in OVERFIT if not a.startswith("--per_device_train_batch_size")]
     result = run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-                        f"--dev_file={tmp_path / 'none.txt'}", f"--output_dir={run_dir}", "--max_steps=30", "--save_steps=30",
+                        "--dev_file=none", f"--output_dir={run_dir}", "--max_steps=30", "--save_steps=30",
                         "--packing=true", "--pack_tokens=256", "--per_device_train_batch_size=4", *args)
     assert "packing: 16 samples in " in result.stdout, result.stdout[-2000:]
     train_args = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
@@ -207,7 +207,7 @@ def test_train_deepspeed_trains_packed_chatglm_6b(trainable_models, sixteen_exam
     run_dir = tmp_path / "run"
     args = [a for a in OVERFIT if not a.startswith(("--per_device_train_batch_size", "--report_to"))]
     result = run_script("train_deepspeed.py", f"--model_dir={trainable_models['chatglm-6b']}", f"--train_file={sixteen_examples}",
-                        f"--dev_file={tmp_path / 'none.txt'}", f"--output_dir={run_dir}", "--max_steps=20", "--save_steps=20",
+                        "--dev_file=none", f"--output_dir={run_dir}", "--max_steps=20", "--save_steps=20",
                         "--packing=true", "--pack_tokens=256", "--per_device_train_batch_size=4", *args)
     assert "packing: 16 samples in " in result.stdout, result.stdout[-2000:]
     losses = logged_losses(run_dir, 20)

@@ -127,7 +127,7 @@ def test_overwrite_checks_the_data_first_and_errors_are_one_line(trainable_model
     bad = tmp_path / "train.txt"
     bad.write_text(sixteen_examples.read_text(encoding="utf-8") + '{"instruct": 1}\n', encoding="utf-8")
     args = ["train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={bad}",
-            "--dev_file=none.txt", f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--max_steps=2", "--save_steps=0",
+            "--dev_file=none", f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--max_steps=2", "--save_steps=0",
             "--report_to=none"]
     result = run_script(*args, timeout=300, check=False)
     assert result.returncode == 1
