@@ -304,8 +304,9 @@ def hold_run_folder(folder, option="--output_dir"):
         if isinstance(err, RunFolderInUse):
             raise
         release_run_folder(folder)
-        raise OutputDirError(f"{option}={folder}: cannot write there ({err.strerror or err}: "
-                             f"{err.filename or folder}); choose a folder this user can write") from err
+        in_the_way = next((p for p in Path(folder).absolute().parents if p.exists() and not p.is_dir()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way else f"{err.strerror or err}: {err.filename or folder}"
+        raise OutputDirError(f"{option}={folder}: cannot write there ({reason}); choose a folder this user can write") from err
     atexit.register(release_run_folder, folder)
     return lock_path
 
