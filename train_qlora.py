@@ -30,6 +30,7 @@ from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_
 from utils.train_utils import (
     Trainer,
     add_lora,
+    check_report_to,
     check_training_start,
     checkpoint_dir,
     finish_trainer_run,
@@ -92,6 +93,7 @@ def training_arguments(json_path, output_dir, compute_dtype, has_eval):
         (args,) = HfArgumentParser(TrainingArguments).parse_dict(values)
     except ValueError as err:
         raise ConfigError(f"--train_args_json={json_path}: {err}") from err
+    check_report_to(",".join(args.report_to), "train_qlora.py", f"--train_args_json={json_path}: report_to")
     return args
 
 

@@ -56,7 +56,7 @@ OPTION_ERRORS = [
     ("train_trainer.py", ["--dtype=fp8"], "--dtype='fp8': use auto, fp32, fp16 or bf16"),
     ("train_qlora.py", ["--dtype=fp8"], "--dtype='fp8': use auto, fp32, fp16 or bf16"),
     ("train_trainer.py", ["--report_to=wandb"],
-     "--report_to='wandb': wandb needs the package wandb, which is not installed (pip install wandb), or use --report_to=none"),
+     "--report_to='wandb': wandb needs the package wandb, which is not installed (pip install wandb), or use none"),
     ("train_trainer.py", ["--report_to=tensorbord"],
      f"--report_to='tensorbord': 'tensorbord' is not a reporter train_trainer.py knows; use none or a comma list of {REPORTERS}"),
     ("train_deepspeed.py", ["--report_to=wandb"],
@@ -96,6 +96,11 @@ def test_train_args_json_must_be_a_json_object(inputs, tmp_path):
     listed.write_text("[1, 2]")
     assert refused("train_qlora.py", *inputs, f"--train_args_json={listed}") == (
         f'error: --train_args_json={listed}: holds a JSON list; expected one object ({{"key": value, ...}})')
+    reporting = tmp_path / "wandb.json"
+    reporting.write_text(json.dumps({"max_steps": 2, "report_to": ["wandb"]}))
+    assert refused("train_qlora.py", *inputs, f"--train_args_json={reporting}") == (
+        f"error: --train_args_json={reporting}: report_to='wandb': wandb needs the package wandb, which is not installed "
+        "(pip install wandb), or use none")
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"learning_rate": 2e-2, "lerning_rate": 1}))
     assert refused("train_qlora.py", *inputs, f"--train_args_json={unknown}").startswith(

@@ -192,6 +192,7 @@ def test_a_run_folder_is_held_by_one_process_until_it_dies(trainable_models, six
     assert (tmp_path / ".run.run.lock").is_file()
     result = run_script("train_trainer.py", *common, "--max_steps=2", timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--dev_file=none: training without evaluation" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert (run_dir / "adapter_model" / "adapter_config.json").is_file()
 

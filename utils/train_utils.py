@@ -125,7 +125,7 @@ def check_lora_targets(spec, model, model_dir):
                           f"use all, or a comma list of {', '.join(names)}")
 
 
-def check_report_to(report_to, script):
+def check_report_to(report_to, script, option="--report_to"):
     """Each reporter must be one the script knows and its package installed."""
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -136,12 +136,12 @@ def check_report_to(report_to, script):
         if name in ("", "none") or (name == "all" and script != "train_deepspeed.py"):
             continue
         if name not in known:
-            raise ConfigError(f"--report_to={report_to!r}: {name!r} is not a reporter {script} knows; use none or a "
+            raise ConfigError(f"{option}={report_to!r}: {name!r} is not a reporter {script} knows; use none or a "
                               f"comma list of {', '.join(known)}")
         if name not in installed:
             package = REPORTER_PACKAGES.get(name, name)
-            raise ConfigError(f"--report_to={report_to!r}: {name} needs the package {package}, which is not installed "
-                              f"(pip install {package}), or use --report_to=none")
+            raise ConfigError(f"{option}={report_to!r}: {name} needs the package {package}, which is not installed "
+                              f"(pip install {package}), or use none")
 
 
 def check_training_options(config, model_config, script, methods=METHODS):
