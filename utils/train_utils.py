@@ -121,8 +121,8 @@ def check_lora_targets(spec, model, model_dir):
     unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
     if not targets or unknown:
         names = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ConfigError(f"--lora_target_modules={spec!r}: {unknown or 'nothing'} is no linear layer of {model_dir}; "
-                          f"use all, or a comma list of {', '.join(names)}")
+        what = f"{unknown} is no linear layer of {model_dir}" if unknown else "names no layer"
+        raise ConfigError(f"--lora_target_modules={spec!r}: {what}; use all, or a comma list of {', '.join(names)}")
 
 
 def check_report_to(report_to, script, option="--report_to"):
@@ -330,8 +330,9 @@ def freeze_selection(parameter_names, trainable_layers, trainable_modules="all",
     inside = {name.split(".layers.", 1)[1].split(".", 1)[1] for name in parameter_names if BLOCK_INDEX.search(name)}
     unknown = [m for m in modules if m != "all" and not any(f".{m}." in f".{n}" for n in inside)]
     if not modules or unknown:
-        raise ConfigError(f"--freeze_trainable_modules={trainable_modules!r}: {unknown or 'nothing'} matches nothing in a "
-                          f"block; use all, or names from a block's parameters {sorted(inside)}")
+        what = f"{unknown} matches nothing in a block" if unknown else "names no module"
+        raise ConfigError(f"--freeze_trainable_modules={trainable_modules!r}: {what}; use all, or names from a block's "
+                          f"parameters {sorted(inside)}")
     outside = [name for name in parameter_names if not BLOCK_INDEX.search(name)]
     missing = [m for m in extras if not any(m in name for name in outside)]
     if missing:
