@@ -53,6 +53,7 @@ from utils.model_folder import (
     write_model_folder,
     write_native_model_folder,
 )
+from utils.run_dirs import hold_run_folder, release_run_folder
 
 DEFAULTS = {
     "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
@@ -89,6 +90,11 @@ def resolve_remote_scripts(remote_scripts_dir, version):
     return folder / version
 
 
+def check_output_path(output_path):
+    if output_path.exists():
+        raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
+
+
 def plan(config):
     """Every check that needs no weights; returns the resolved paths and settings."""
     qbits = config["qbits"]
@@ -100,8 +106,7 @@ def plan(config):
     if not config["output_path"]:
         raise MergeError("--output_path is required: the folder to write the merged model to (it must not exist yet)")
     output_path = Path(config["output_path"])
-    if output_path.exists():
-        raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
+    check_output_path(output_path)
 
     lora_path = Path(config["lora_path"])
     prefix = prefix_checkpoint_config(lora_path)
@@ -204,6 +209,16 @@ def write_merged_folder(job, model, folder):
 
 def main(config):
     job = plan(config)
+    # One writer at a time: a second merge into the same folder stops here, naming the first.
+    hold_run_folder(job["output_path"], "--output_path")
+    try:
+        check_output_path(job["output_path"])  # again, now that no other merge can be writing it
+        return merge(config, job)
+    finally:
+        release_run_folder(job["output_path"])
+
+
+def merge(config, job):
     print(f"base: {job['model_dir']} ({job['version'] or job['base_config']['model_type']}); adapter: {job['lora_path']}; "
           f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
 

@@ -51,9 +51,9 @@ from utils.model_utils import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (
     add_lora,
     check_method,
+    check_training_start,
     check_weights_finite,
     checkpoint_dir,
-    data_paths,
     freeze_all_but,
     gathered_state_dict,
     load_datasets,
@@ -69,13 +69,14 @@ from utils.train_utils import (
     train_prefix_only,
     write_partial_checkpoint,
 )
-from utils.run_dirs import check_output_dir, finish_output_dir, find_resume_checkpoint, mark_complete, prepare_output_dir, rotate_checkpoints
+from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_checkpoint, hold_run_folder, mark_complete,
+                            prepare_output_dir, rotate_checkpoints)
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
     "data_name": "demo_ner",
     "train_file": "",  # default: data/<data_name>/instruct_data/train.txt (text_data/ for data_format=text)
-    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt, text_data/ likewise (no eval if it does not exist)
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt, text_data/ likewise, if it exists; none: no evaluation
     "output_dir": "",  # default: checkpoint/<data_name>/train_deepspeed
     "max_source_length": 256,
     "max_target_length": 128,
@@ -276,7 +277,12 @@ def memory_stats():
 # Config and the process group. The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under mpirun they
 # come from MPI (mpi4py); a plain `python train_deepspeed.py` gets a group of one.
 config = parse_config(DEFAULTS, description=__doc__)
+# Before anything slow: the model folder, the data files, the options, then the output folder (rank 0 holds it).
+train_file, dev_file = check_training_start(config, "train_deepspeed.py")
+output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_deepspeed")
 set_env_from_mpi()
+if int(os.environ.get("RANK", "0")) == 0:
+    hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
 if "RANK" not in os.environ:
     local_rank = max(config["local_rank"], 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))
@@ -292,7 +298,6 @@ else:
 master = rank == 0
 
 # The output folder: refused before anything loads if it holds a run that is neither resumed nor overwritten.
-output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_deepspeed")
 resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
 check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
@@ -319,7 +324,6 @@ if master:
     print_trainable_parameters(model)
 
 # Data: each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
-train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], config["data_format"])
 train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model_version, config["data_format"], config["max_source_length"],
                                       config["max_target_length"], config["block_size"], config["skip_bad_lines"],
                                       config["loss_on_all_turns"], config["show_example"])

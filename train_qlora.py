@@ -17,7 +17,6 @@ adapter + train_args.json) or, with --method=ptuning, prefix_model/ (the prefix 
 train_trainer.py writes it, + train_args.json; it goes on the unquantized base by --lora_path), checkpoint-N/ for
 resuming (with ptuning: the prefix only), runs/ (TensorBoard), loss.png.
 """
-import json
 import os
 import time
 from pathlib import Path
@@ -26,31 +25,32 @@ import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbyte
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from utils.config_utils import parse_config
+from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
     add_lora,
-    check_method,
+    check_report_to,
+    check_training_start,
     checkpoint_dir,
-    data_paths,
     finish_trainer_run,
     kbit_quantization_config,
     load_datasets,
+    read_json_object,
     prefix_settings,
     prepare_kbit_model,
     print_trainable_parameters,
     train_prefix_only,
 )
-from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
+from utils.run_dirs import check_output_dir, find_resume_checkpoint, hold_run_folder, prepare_output_dir
 
 DEFAULTS = {
     "train_args_json": "chatGLM_6B_QLoRA.json",
     "model_dir": "model_hub/chatglm2-small",
     "data_name": "demo_ner",
     "train_file": "",  # default: data/<data_name>/instruct_data/train.txt
-    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt (no eval if it does not exist)
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt if it exists; none: no evaluation
     "output_dir": "",  # default: the JSON's output_dir, else checkpoint/<data_name>/train_qlora
     "max_source_length": 256,
     "max_target_length": 128,
@@ -78,7 +78,7 @@ RENAMED = {"train_data_path": "train_file", "eval_data_path": "dev_file", "lora_
 
 def training_arguments(json_path, output_dir, compute_dtype, has_eval):
     """TrainingArguments from the JSON file; an unknown key is an error. The script sets what it owns."""
-    values = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    values = read_json_object(json_path, "--train_args_json")
     values.update(
         output_dir=str(output_dir),
         fp16=compute_dtype == torch.float16,
@@ -93,22 +93,24 @@ def training_arguments(json_path, output_dir, compute_dtype, has_eval):
     try:
         (args,) = HfArgumentParser(TrainingArguments).parse_dict(values)
     except ValueError as err:
-        raise SystemExit(f"{json_path}: {err}") from err
+        raise ConfigError(f"--train_args_json={json_path}: {err}") from err
+    check_report_to(",".join(args.report_to), "train_qlora.py", f"--train_args_json={json_path}: report_to")
     return args
 
 
 def main(config):
-    ptuning = check_method(config["method"], ("lora", "ptuning"), "train_qlora.py") == "ptuning"
-    json_output_dir = json.loads(Path(config["train_args_json"]).read_text(encoding="utf-8")).get("output_dir")
+    # Before anything slow: the model folder, the data files, the options (the JSON file too), then the output folder.
+    train_file, dev_file = check_training_start(config, "train_qlora.py", methods=("lora", "ptuning"))
+    ptuning = config["method"] == "ptuning"
+    json_output_dir = read_json_object(config["train_args_json"], "--train_args_json").get("output_dir")
     output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir("", config["data_name"], "train_qlora"))
-    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
-    check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
-
     device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], device)
-    train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"])
-    # Read the TrainingArguments first: a typo in the JSON should not wait for a 6B model to load.
-    args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
+    args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file is not None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
+    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    check_output_dir(output_dir, resume, config["overwrite_output_dir"])
     quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
     set_seed(args.seed)  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization,

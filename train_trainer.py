@@ -35,9 +35,9 @@ from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_
 from utils.train_utils import (
     Trainer,
     add_lora,
-    checkpoint_dir,
-    data_paths,
     check_method,
+    check_training_start,
+    checkpoint_dir,
     finish_trainer_run,
     freeze_all_but,
     gathered_state_dict,
@@ -48,13 +48,13 @@ from utils.train_utils import (
     print_trainable_parameters,
     train_prefix_only,
 )
-from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
+from utils.run_dirs import check_output_dir, find_resume_checkpoint, hold_run_folder, prepare_output_dir
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
     "data_name": "demo_ner",
     "train_file": "",  # default: data/<data_name>/instruct_data/train.txt (text_data/ for data_format=text)
-    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt, text_data/ likewise (no eval if it does not exist)
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt, text_data/ likewise, if it exists; none: no evaluation
     "output_dir": "",  # default: checkpoint/<data_name>/train_trainer
     "max_source_length": 256,
     "max_target_length": 128,
@@ -109,12 +109,16 @@ DEFAULTS = {
 
 
 def main(config):
+    # Before anything slow: the model folder, the data files, the options, then the output folder.
+    train_file, dev_file = check_training_start(config, "train_trainer.py")
     output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_trainer")
     set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launchers set them
     launched = config["local_rank"] >= 0 or "RANK" in os.environ  # by deepspeed, torchrun or mpirun
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
-    check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
+    check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
     # is chosen for the device that trains, also when the weights are loaded on the CPU first. The weights are in it
@@ -147,7 +151,6 @@ def main(config):
         model = add_lora(model, config["lora"])
         model.print_trainable_parameters()
 
-    train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], config["data_format"])
     train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
                                           config["max_target_length"], config["block_size"], config["skip_bad_lines"],
                                           config["loss_on_all_turns"], config["show_example"])

@@ -137,7 +137,7 @@ def drive(script, common, output_root, last_checkpoint, max_moments):
 
 
 def common_args(model_dir, train_file):
-    return [f"--model_dir={model_dir}", f"--train_file={train_file}", "--dev_file=none.txt", "--max_steps=6", "--save_steps=3",
+    return [f"--model_dir={model_dir}", f"--train_file={train_file}", "--dev_file=none", "--max_steps=6", "--save_steps=3",
             "--save_total_limit=1", "--per_device_train_batch_size=4", "--learning_rate=1e-2", "--warmup_steps=0",
             "--lora_dropout=0.0", "--logging_steps=2"]
 

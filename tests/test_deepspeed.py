@@ -106,7 +106,7 @@ def test_train_deepspeed_overfits_and_the_adapter_reproduces_the_answers(version
 def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_models, sixteen_examples, tmp_path):
     # 16 examples in micro-batches of 4, 3 per step: an epoch is a step of 3 micro-batches and one of 1. The
     # checkpoint at step 3 lies inside the second epoch and between two log lines, with LoRA dropout on.
-    common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+    common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none",
               "--max_steps=6", "--save_steps=3", *DS_OVERFIT, "--per_device_train_batch_size=4",
               "--gradient_accumulation_steps=3", "--learning_rate=3e-3", "--lora_dropout=0.1", "--logging_steps=2"]
     # An interruption after step 3: only checkpoint-3 survives.
@@ -125,7 +125,7 @@ def test_deepspeed_launcher_runs_train_trainer_with_zero2_on_two_processes(train
     # Two ranks of batch 8: the global batch of 16 that train_deepspeed.py's run below has as 2 micro-batches of 8.
     batch_16 = [arg for arg in OVERFIT if not arg.startswith("--per_device_train_batch_size")]
     run_processes("train_trainer.py", "deepspeed", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-                  "--dev_file=none.txt", f"--output_dir={run_dir}", "--max_steps=3", "--save_steps=3", *batch_16,
+                  "--dev_file=none", f"--output_dir={run_dir}", "--max_steps=3", "--save_steps=3", *batch_16,
                   "--per_device_train_batch_size=8", WARMUP, LEARNING_RATE, "--logging_steps=1")
     # The Trainer ran the DeepSpeed engine with ZeRO-2 from deepspeed.json (its checkpoint is a DeepSpeed one).
     optim_states = run_dir / "checkpoint-3" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"

@@ -14,7 +14,7 @@ from utils.train_utils import freeze_all_but
 def test_freeze_tuning_trains_the_last_block_only_resumes_exactly_and_writes_a_model_folder(trainable_models, sixteen_examples,
                                                                                             tmp_path):
     model_dir = trainable_models["chatglm2-6b"]
-    common = [f"--model_dir={model_dir}", f"--train_file={sixteen_examples}", "--dev_file=none.txt", "--method=freeze",
+    common = [f"--model_dir={model_dir}", f"--train_file={sixteen_examples}", "--dev_file=none", "--method=freeze",
               "--freeze_trainable_layers=1", "--freeze_extra_modules=final_layernorm", "--learning_rate=1e-2",
               "--warmup_steps=0", "--lr_scheduler_type=constant", "--per_device_train_batch_size=8", "--max_steps=12",
               "--save_steps=6", "--logging_steps=3", "--report_to=none"]

@@ -379,7 +379,7 @@ def run(*args):
 
 def test_script_merges_an_adapter_trained_by_train_trainer(trainable_models, sixteen_examples, tmp_path):
     base_dir = trainable_models["chatglm2-6b"]
-    trained = run("train_trainer.py", f"--model_dir={base_dir}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+    trained = run("train_trainer.py", f"--model_dir={base_dir}", f"--train_file={sixteen_examples}", "--dev_file=none",
                   f"--output_dir={tmp_path / 'run'}", "--max_steps=3", "--save_steps=100", "--lora_target_modules=all",
                   "--learning_rate=1e-2", "--warmup_steps=0", "--report_to=none")
     assert trained.returncode == 0, trained.stderr[-5000:]

@@ -187,11 +187,35 @@ def test_packed_dataset_stats(setups, sixteen_examples):
     assert f"{len(examples)} samples in {len(packed)} rows" in packed.describe()
 
 
+def test_samples_longer_than_pack_tokens_get_a_whole_row_each_and_the_fill_ratio_stays_honest(setups):
+    _, examples, _ = setups("chatglm2-6b")
+
+    class Data:
+        pass
+
+    data = Data()
+    data.examples, data.stats = examples, {"samples": len(examples)}
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    budget = lengths[len(lengths) // 2]  # half of the samples are longer than a row
+    packed = PackedDataset(data, pack_tokens=budget, seed=0)
+    longer = [i for i, e in enumerate(examples) if len(e["input_ids"]) > budget]
+    assert longer and packed.stats["longer_than_pack_tokens"] == len(longer)
+    for i in longer:  # alone in its row, and whole: nothing of it is cut
+        (row,) = [r for r, indices in enumerate(packed.rows) if i in indices]
+        assert packed.rows[row] == [i] and packed[row]["input_ids"] == examples[i]["input_ids"]
+    assert 0 < packed.stats["fill_ratio"] <= 1
+    # A budget below every sample: one whole sample a row, every row full (not a fill ratio of several hundred %).
+    below_all = PackedDataset(data, pack_tokens=lengths[0] // 4, seed=0)
+    assert len(below_all) == len(examples) and below_all.stats["fill_ratio"] == 1.0
+    assert packed.describe().endswith(f"; {len(longer)} samples are longer than --pack_tokens={budget} (the longest "
+                                      f"{lengths[-1]} tokens): each has a row of its own, whole, so a row can be that long")
+
+
 def test_train_trainer_trains_packed(trainable_models, sixteen_examples, tmp_path):
     run_dir = tmp_path / "run"
     args = [a for a in OVERFIT if not a.startswith("--per_device_train_batch_size")]
     result = run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-                        f"--dev_file={tmp_path / 'none.txt'}", f"--output_dir={run_dir}", "--max_steps=30", "--save_steps=30",
+                        "--dev_file=none", f"--output_dir={run_dir}", "--max_steps=30", "--save_steps=30",
                         "--packing=true", "--pack_tokens=256", "--per_device_train_batch_size=4", *args)
     assert "packing: 16 samples in " in result.stdout, result.stdout[-2000:]
     train_args = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
@@ -207,7 +231,7 @@ def test_train_deepspeed_trains_packed_chatglm_6b(trainable_models, sixteen_exam
     run_dir = tmp_path / "run"
     args = [a for a in OVERFIT if not a.startswith(("--per_device_train_batch_size", "--report_to"))]
     result = run_script("train_deepspeed.py", f"--model_dir={trainable_models['chatglm-6b']}", f"--train_file={sixteen_examples}",
-                        f"--dev_file={tmp_path / 'none.txt'}", f"--output_dir={run_dir}", "--max_steps=20", "--save_steps=20",
+                        "--dev_file=none", f"--output_dir={run_dir}", "--max_steps=20", "--save_steps=20",
                         "--packing=true", "--pack_tokens=256", "--per_device_train_batch_size=4", *args)
     assert "packing: 16 samples in " in result.stdout, result.stdout[-2000:]
     losses = logged_losses(run_dir, 20)

@@ -125,7 +125,7 @@ def test_train_deepspeed_trains_a_prefix_and_writes_it_in_the_official_layout(tr
     checkpoint-N holds the trained prefix only (frozen weights excluded)."""
     run_dir = tmp_path / "run"
     run_script("train_deepspeed.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-               "--dev_file=none.txt", f"--output_dir={run_dir}", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}",
+               "--dev_file=none", f"--output_dir={run_dir}", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}",
                "--learning_rate=0.3", "--warmup_steps=0", "--max_steps=12", "--save_steps=12",
                "--per_device_train_batch_size=16", "--logging_steps=4")
     losses = logged_losses(run_dir, 12)

@@ -100,7 +100,7 @@ def test_train_qlora_resumed_run_ends_at_the_uninterrupted_loss(trainable_models
     args_json = train_args_json(tmp_path, max_steps=20, save_steps=10, eval_strategy="no", per_device_train_batch_size=4,
                                 learning_rate=3e-3)
     common = [f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm2-6b']}",
-              f"--train_file={sixteen_examples}", "--dev_file=none.txt", "--dtype=fp32", *LORA]
+              f"--train_file={sixteen_examples}", "--dev_file=none", "--dtype=fp32", *LORA]
     full, interrupted, _ = train_then_resume(run_script, "train_qlora.py", tmp_path, common, 10, 20)
     uninterrupted, resumed = logged_losses(full, 20), logged_losses(interrupted, 20)
     assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)
@@ -178,7 +178,7 @@ def test_train_qlora_ptuning_resumed_run_ends_at_the_uninterrupted_loss(trainabl
     args_json = train_args_json(tmp_path, max_steps=8, save_steps=4, eval_strategy="no", per_device_train_batch_size=4,
                                 learning_rate=0.1, logging_steps=2)
     common = [f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm-6b']}", f"--train_file={sixteen_examples}",
-              "--dev_file=none.txt", "--dtype=fp32", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}"]
+              "--dev_file=none", "--dtype=fp32", "--method=ptuning", f"--pre_seq_len={PRE_SEQ_LEN}"]
     full, interrupted, _ = train_then_resume(run_script, "train_qlora.py", tmp_path, common, 4, 8)
     assert list(load_file(str(interrupted / "checkpoint-4" / "model.safetensors"))) == [PREFIX + "embedding.weight"]
     uninterrupted, resumed = logged_losses(full, 8), logged_losses(interrupted, 8)

@@ -2,10 +2,13 @@
 run only once the new one has loaded its data, staging folders of dead writers cleaned up, folders swapped whole; and
 the scripts' one-line errors."""
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -127,7 +130,7 @@ def test_overwrite_checks_the_data_first_and_errors_are_one_line(trainable_model
     bad = tmp_path / "train.txt"
     bad.write_text(sixteen_examples.read_text(encoding="utf-8") + '{"instruct": 1}\n', encoding="utf-8")
     args = ["train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={bad}",
-            "--dev_file=none.txt", f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--max_steps=2", "--save_steps=0",
+            "--dev_file=none", f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--max_steps=2", "--save_steps=0",
             "--report_to=none"]
     result = run_script(*args, timeout=300, check=False)
     assert result.returncode == 1
@@ -147,3 +150,83 @@ def test_overwrite_checks_the_data_first_and_errors_are_one_line(trainable_model
     assert sorted(p.name for p in run_dir.iterdir()) == ["adapter_model", "loss.png"]
     assert (run_dir / "adapter_model" / "adapter_config.json").is_file() and not (tmp_path / "run.previous").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.txt"]
+
+
+def wait_for(predicate, process, timeout=180):
+    """Poll until predicate() holds; fails if `process` ended first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"the holder ended early:\n{process.stderr.read()[-3000:] if process.stderr else ''}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_run_folder_is_held_by_one_process_until_it_dies(trainable_models, sixteen_examples, tmp_path):
+    run_dir = tmp_path / "run"
+    inputs = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none",
+              f"--output_dir={run_dir}", "--overwrite_output_dir=true"]
+    common = [*inputs, "--save_steps=0", "--report_to=none", "--per_device_train_batch_size=4"]
+    # The first run trains (for as long as it is left alone) in a process of its own.
+    first = subprocess.Popen([sys.executable, "train_trainer.py", *common, "--max_steps=100000", "--logging_steps=100000"],
+                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(run_dir.is_dir, first)  # its config, model and data have loaded
+        started = sorted(p.name for p in run_dir.iterdir())
+        # A second run into the same folder stops at once, naming the holder; overwriting does not move its folder.
+        for script in ("train_trainer.py", "train_deepspeed.py", "train_qlora.py"):
+            second = run_script(script, *(inputs if script == "train_qlora.py" else [*common, "--max_steps=2"]), timeout=300, check=False)
+            assert second.returncode == 1, (script, second.stdout[-2000:], second.stderr[-2000:])
+            line = second.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"error: --output_dir={run_dir} is in use by another run: pid {first.pid} on "
+                                   f"{socket.gethostname()}, started 20"), line
+            assert "train_trainer.py" in line and "Wait for it to end or stop it" in line and "Traceback" not in second.stderr
+            assert sorted(p.name for p in run_dir.iterdir()) == started and not (tmp_path / "run.previous").exists()
+        with pytest.raises(run_dirs.RunFolderInUse, match=f"pid {first.pid}"):
+            run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=True)
+        assert first.poll() is None and sorted(p.name for p in run_dir.iterdir()) == started
+    finally:
+        first.kill()  # SIGKILL: no clean-up of its own
+        first.wait()
+    # Its lock died with it: a new run overwrites the folder and, once finished, leaves no lock file behind.
+    assert (tmp_path / ".run.run.lock").is_file()
+    result = run_script("train_trainer.py", *common, "--max_steps=2", timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--dev_file=none: training without evaluation" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (run_dir / "adapter_model" / "adapter_config.json").is_file()
+
+    # merge_lora_and_quantize.py: a second writer of the same output folder stops before loading anything.
+    merged = tmp_path / "merged"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from utils.run_dirs import hold_run_folder
+        hold_run_folder({str(merged)!r}, "--output_path")
+        print("held", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_script("merge_lora_and_quantize.py", f"--lora_path={run_dir / 'adapter_model'}", f"--output_path={merged}",
+                             "--dtype=fp32", timeout=300, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1].startswith(
+            f"error: --output_path={merged} is in use by another run: pid {holder.pid} on {socket.gethostname()}")
+        assert not merged.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_output_folder_that_cannot_be_written_is_found_before_the_model_loads(trainable_models, sixteen_examples, tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    for output_dir in (tmp_path / "a_file" / "run", "/proc/chatglm-no-run-here"):
+        result = run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
+                            "--dev_file=none", f"--output_dir={output_dir}", "--save_steps=0", "--max_steps=2", "--report_to=none",
+                            timeout=300, check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: --output_dir={output_dir}: cannot write there (")
+        assert "trainable params" not in result.stdout  # stopped before the model loaded
+        if "a_file" in str(output_dir):
+            assert f"({tmp_path / 'a_file'} is a file, not a folder)" in result.stderr

@@ -17,7 +17,7 @@ def short_run(trainable_models, sixteen_examples, tmp_path_factory):
     """A two-step train_trainer.py run on the tiny ChatGLM2 model with a non-default max_source_length."""
     run_dir = tmp_path_factory.mktemp("handoff") / "run"
     run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-               "--dev_file=none.txt", f"--output_dir={run_dir}", "--max_steps=2", "--save_steps=0", "--max_source_length=40",
+               "--dev_file=none", f"--output_dir={run_dir}", "--max_steps=2", "--save_steps=0", "--max_source_length=40",
                "--lora_r=4", "--report_to=none")
     return run_dir / "adapter_model"
 

@@ -88,7 +88,7 @@ def test_train_trainer_overfits_and_the_adapter_reproduces_the_answers(version, 
 
 
 def test_train_trainer_resumed_run_ends_at_the_uninterrupted_loss(trainable_models, sixteen_examples, tmp_path):
-    common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+    common = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none",
               "--max_steps=30", "--save_steps=15", *OVERFIT, "--per_device_train_batch_size=4", "--learning_rate=3e-3",
               "--lora_dropout=0.1"]
     # An interruption after step 15: only checkpoint-15 survives.

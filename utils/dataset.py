@@ -551,10 +551,12 @@ class PackedDataset(torch.utils.data.Dataset):
         self.data, self.pack_tokens = data, pack_tokens
         lengths = [len(example["input_ids"]) for example in data.examples]
         self.rows = pack_lengths(lengths, pack_tokens, seed)
-        tokens = sum(lengths)
+        # A sample longer than the budget is never cut: it fills a row of its own, which counts as full.
+        capacity = sum(max(pack_tokens, sum(lengths[i] for i in row)) for row in self.rows)
         self.stats = {**data.stats, "pack_tokens": pack_tokens, "packed_rows": len(self.rows),
-                      "fill_ratio": round(tokens / (len(self.rows) * pack_tokens), 4),
-                      "longer_than_pack_tokens": sum(length > pack_tokens for length in lengths)}
+                      "fill_ratio": round(sum(lengths) / capacity, 4) if capacity else 0.0,
+                      "longer_than_pack_tokens": sum(length > pack_tokens for length in lengths),
+                      "longest_sample": max(lengths, default=0)}
 
     def __len__(self):
         return len(self.rows)
@@ -567,7 +569,8 @@ class PackedDataset(torch.utils.data.Dataset):
         text = (f"packing: {s['samples']} samples in {s['packed_rows']} rows of at most {s['pack_tokens']} tokens "
                 f"(fill ratio {s['fill_ratio']:.1%})")
         if s["longer_than_pack_tokens"]:
-            text += f"; {s['longer_than_pack_tokens']} samples are longer than pack_tokens and have a row each"
+            text += (f"; {s['longer_than_pack_tokens']} samples are longer than --pack_tokens={s['pack_tokens']} (the "
+                     f"longest {s['longest_sample']} tokens): each has a row of its own, whole, so a row can be that long")
         return text
 
 

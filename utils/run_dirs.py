@@ -9,14 +9,22 @@
   while it is written; one whose lock nobody holds was left by a dead process, and the next writer removes it.
 - Overwriting a run (--overwrite_output_dir) moves the old run to `<output_dir>.previous/` only once the new run's
   config, model and data have loaded, and deletes it once the new run has written its final output.
+- A run folder is held by one process at a time: an flock on `.<name>.run.lock` beside it (beside, not inside, so that
+  moving the old run to `.previous/` never moves the lock away from the path it guards). The kernel drops the lock
+  when its holder dies, kill -9 included; the file records who holds it, for the message a second writer gets.
 """
+import atexit
 import ctypes
+import datetime
 import errno
 import fcntl
 import json
 import os
 import re
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +40,10 @@ class CheckpointError(UserError, FileNotFoundError):
 
 
 class OutputDirError(UserError, FileExistsError):
+    pass
+
+
+class RunFolderInUse(UserError, BlockingIOError):
     pass
 
 
@@ -232,6 +244,82 @@ def rotate_checkpoints(output_dir, keep):
 
 # ------------------------------------------------------------------------------------------------ the run folder
 
+_held_run_locks = {}  # lock path -> the open file whose flock this process holds
+
+
+def run_lock_path(folder):
+    """The lock file of a run folder: a hidden sibling, found from the folder's real path (a symlinked path to the
+    same folder finds the same lock)."""
+    folder = Path(folder).resolve()
+    return folder.with_name(f".{folder.name}.run.lock")
+
+
+def _describe_holder(text):
+    try:
+        holder = json.loads(text)
+        return (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+                f" ({holder['command']})")
+    except (ValueError, KeyError, TypeError):
+        return "a process that is just starting"
+
+
+def hold_run_folder(folder, option="--output_dir"):
+    """Hold the run folder `folder` for this process until it exits (kill -9 included: the kernel drops the flock), or
+    stop with RunFolderInUse naming the holder (pid, host, start time, command). Also finds at once a folder that
+    cannot be written (its parent is created, the lock file written beside it, a probe file written into it if it
+    exists). Taking it again in the same process does nothing. Under several ranks, rank 0 holds it."""
+    lock_path = run_lock_path(folder)
+    if lock_path in _held_run_locks:
+        return lock_path
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe_holder(handle.read())
+                handle.close()
+                raise RunFolderInUse(
+                    f"{option}={folder} is in use by another run: {holder}. Wait for it to end or stop it, or choose "
+                    f"another {option}; the lock is {lock_path}, released when its holder exits") from None
+            try:  # the last holder may have removed the file between our open and our flock: lock the one at the path
+                if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                  "command": shlex.join([os.path.basename(sys.executable), *sys.argv])}
+        handle.truncate(0)
+        handle.write(json.dumps(holder))
+        handle.flush()
+        _held_run_locks[lock_path] = handle
+        if Path(folder).is_dir():
+            probe, probe_path = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+            os.close(probe)
+            os.unlink(probe_path)
+    except OSError as err:
+        if isinstance(err, RunFolderInUse):
+            raise
+        release_run_folder(folder)
+        in_the_way = next((p for p in Path(folder).absolute().parents if p.exists() and not p.is_dir()), None)
+        reason = f"{in_the_way} is a file, not a folder" if in_the_way else f"{err.strerror or err}: {err.filename or folder}"
+        raise OutputDirError(f"{option}={folder}: cannot write there ({reason}); choose a folder this user can write") from err
+    atexit.register(release_run_folder, folder)
+    return lock_path
+
+
+def release_run_folder(folder):
+    """Let go of a run folder this process holds: the lock file goes, then the lock."""
+    lock_path = run_lock_path(folder)
+    handle = _held_run_locks.pop(lock_path, None)
+    if handle is not None:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
 def previous_run_dir(output_dir):
     output_dir = Path(output_dir)
     return output_dir.with_name(output_dir.name + ".previous")
@@ -257,7 +345,8 @@ def prepare_output_dir(output_dir, resume, overwrite):
     """Create output_dir for a run whose config, model and data have loaded. Overwriting moves the old run to
     <output_dir>.previous/ (finish_output_dir deletes it once this run has written its final output). A
     .previous/ that is already there holds the last finished run, and output_dir an unfinished overwrite of it:
-    the unfinished one is replaced."""
+    the unfinished one is replaced. Nothing is moved or removed unless this process holds the folder's lock."""
+    hold_run_folder(output_dir)
     check_output_dir(output_dir, resume, overwrite)
     output_dir = Path(output_dir)
     if not resume and overwrite and holds_run(output_dir):

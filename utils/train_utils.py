@@ -17,12 +17,12 @@ from peft import LoraConfig, get_peft_model
 from transformers.trainer_pt_utils import nested_gather
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
-from utils.config_utils import ConfigError
+from utils.config_utils import ConfigError, flatten
 from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
 from utils.model_folder import folder_config, staged_folder, write_model_folder, write_native_model_folder
-from utils.model_utils import PREFIX_KEY, read_config
+from utils.model_utils import DTYPES, PREFIX_KEY, detect_model_version, read_config, remote_module
 from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
 
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
@@ -34,11 +34,191 @@ FULL_MODEL_SHARD_BYTES = 2 * 10**9
 CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
+NO_DEV_FILE = "none"  # --dev_file=none: train without evaluation
+
+
 def data_paths(data_name, train_file="", dev_file="", data_format="instruction"):
     """train/dev files: explicit paths, or data/<data_name>/instruct_data/{train,dev}.txt (process.py's output;
-    text_data/ for data_format text, build_small_model.py's corpus)."""
+    text_data/ for data_format text, build_small_model.py's corpus). The dev file is None for --dev_file=none."""
     default = Path("data") / data_name / ("text_data" if data_format == "text" else "instruct_data")
-    return Path(train_file or default / "train.txt"), Path(dev_file or default / "dev.txt")
+    dev = None if dev_file.lower() == NO_DEV_FILE else Path(dev_file or default / "dev.txt")
+    return Path(train_file or default / "train.txt"), dev
+
+
+def check_data_file(path, option, given, data_name):
+    """A data file must be a regular file; `given`: named on the command line (else it is the default of
+    --data_name, which process.py writes)."""
+    shown = f"{option}={path}" if given else str(path)
+    if not path.exists():
+        hint = "" if given else (f"; make it with process.py first (python process.py --data_name {data_name} ..., see "
+                                 f"README), or give {option}")
+        raise ConfigError(f"{shown}: not found{hint}")
+    if path.is_dir():
+        raise ConfigError(f"{shown}: a folder, not a data file (one JSON record a line)")
+    if not path.is_file():
+        raise ConfigError(f"{shown}: not a regular file (a FIFO, socket or device); give a data file (one JSON record a line)")
+
+
+def training_data_files(config, data_format="instruction"):
+    """The train file and the dev file (None: no evaluation), checked before anything loads. An explicit --dev_file
+    must exist as a file; --dev_file=none trains without evaluation; the default dev file is used if it exists."""
+    train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], data_format)
+    check_data_file(train_file, "--train_file", bool(config["train_file"]), config["data_name"])
+    if dev_file is not None and (config["dev_file"] or dev_file.exists()):
+        check_data_file(dev_file, "--dev_file", bool(config["dev_file"]), config["data_name"])
+    elif dev_file is None:
+        print("--dev_file=none: training without evaluation")
+    else:
+        print(f"{dev_file}: not found, training without evaluation (--dev_file names another, --dev_file=none says none)")
+        dev_file = None
+    return train_file, dev_file
+
+
+# Whole-number options and what they count; each must be at least 1 (where the script has it).
+COUNT_OPTIONS = {
+    "max_source_length": "tokens of a prompt", "max_target_length": "tokens of an answer",
+    "block_size": "tokens per text block", "pack_tokens": "tokens per packed row",
+    "per_device_train_batch_size": "samples (or packed rows) per step and device",
+    "per_device_eval_batch_size": "samples per evaluation batch", "gradient_accumulation_steps": "micro-batches per step",
+    "logging_steps": "steps between log lines", "eval_steps": "steps between evaluations", "lora_r": "the LoRA rank",
+}
+# What each reporter of --report_to needs installed (pip name), where it differs from the reporter's name.
+REPORTER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit", "kubeflow": "kubeflow"}
+
+
+def check_model_dir(model_dir):
+    """The model folder's config.json (read before anything loads); a folder that is not there is named as such."""
+    if not Path(model_dir).is_dir():
+        what = "not a folder" if Path(model_dir).exists() else "no such folder"
+        raise ConfigError(f"--model_dir={model_dir}: {what}; give a model folder (config.json, tokenizer and weights; "
+                          "see model_hub/README.md)")
+    return read_config(model_dir)
+
+
+def meta_model(model_dir, model_config):
+    """The model of `model_dir` built on the meta device from its config.json (no weights are read), for the names of
+    its modules and parameters."""
+    if model_config.get("model_type") not in (None, "chatglm"):  # transformers' own classes (GLM-4)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    version = detect_model_version(model_config, str(Path(model_dir) / "config.json"))
+    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
+        **{k: v for k, v in model_config.items() if k != "quantization_bit"})
+    with torch.device("meta"):
+        return remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
+
+
+def check_lora_targets(spec, model, model_dir):
+    """Every name of --lora_target_modules must be a linear layer of the model (peft's matching: the module's name,
+    or its last components)."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    chatglm = model.config.model_type == "chatglm"
+    targets = lora_target_modules(spec, chatglm)
+    if targets == "all-linear":
+        return
+    unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
+    if not targets or unknown:
+        names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        what = f"{unknown} is no linear layer of {model_dir}" if unknown else "names no layer"
+        raise ConfigError(f"--lora_target_modules={spec!r}: {what}; use all, or a comma list of {', '.join(names)}")
+
+
+def check_report_to(report_to, script, option="--report_to"):
+    """Each reporter must be one the script knows and its package installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = ["tensorboard"] if script == "train_deepspeed.py" else sorted(INTEGRATION_TO_CALLBACK)
+    installed = get_available_reporting_integrations()
+    for name in (r.strip() for r in report_to.split(",")):
+        if name in ("", "none") or (name == "all" and script != "train_deepspeed.py"):
+            continue
+        if name not in known:
+            raise ConfigError(f"{option}={report_to!r}: {name!r} is not a reporter {script} knows; use none or a "
+                              f"comma list of {', '.join(known)}")
+        if name not in installed:
+            package = REPORTER_PACKAGES.get(name, name)
+            raise ConfigError(f"{option}={report_to!r}: {name} needs the package {package}, which is not installed "
+                              f"(pip install {package}), or use none")
+
+
+def check_training_options(config, model_config, script, methods=METHODS):
+    """The options of a training script, before the model loads: values out of range, names the script or the model
+    does not know (LoRA targets and freeze modules are looked up in the model built on the meta device)."""
+    from transformers.trainer_utils import SchedulerType
+
+    method = check_method(config["method"], methods, script)
+    flat = flatten(config)
+    for key, meaning in COUNT_OPTIONS.items():
+        if key in flat and flat[key] < 1:
+            raise ConfigError(f"--{key}={flat[key]}: must be a whole number of at least 1 ({meaning})")
+    if flat.get("data_format", "instruction") not in DATA_FORMATS:
+        raise ConfigError(f"--data_format={flat['data_format']!r}: use instruction or text")
+    if config["dtype"] != "auto" and config["dtype"] not in DTYPES:
+        raise ConfigError(f"--dtype={config['dtype']!r}: use auto, fp32, fp16 or bf16")
+    if "quant_bits" in flat and flat["quant_bits"] not in KBIT_BITS:
+        raise ConfigError(f"--quant_bits={flat['quant_bits']!r}: use 4 (NF4 with double quantization) or 8 (LLM.int8)")
+    if not 0 <= flat["lora_dropout"] < 1:
+        raise ConfigError(f"--lora_dropout={flat['lora_dropout']}: a probability, at least 0 and below 1")
+    if flat["lora_alpha"] <= 0:
+        raise ConfigError(f"--lora_alpha={flat['lora_alpha']}: must be above 0 (the LoRA scale is alpha / r)")
+    if flat["pre_seq_len"] < 0 or (method == "ptuning" and flat["pre_seq_len"] == 0):
+        raise ConfigError(f"--pre_seq_len={flat['pre_seq_len']}: P-tuning's prefix length must be at least 1 "
+                          "(the official runs used 128)")
+    if "num_train_epochs" in flat and flat["num_train_epochs"] <= 0 and flat["max_steps"] <= 0:
+        raise ConfigError(f"--num_train_epochs={flat['num_train_epochs']}: must be above 0 (or set --max_steps above 0)")
+    for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm"):
+        if key in flat and flat[key] < 0:
+            raise ConfigError(f"--{key}={flat[key]}: must be 0 or more")
+    if "seed" in flat and not 0 <= flat["seed"] < 2**32:
+        raise ConfigError(f"--seed={flat['seed']}: use a whole number from 0 to {2**32 - 1}")
+    schedules = [s.value for s in SchedulerType]
+    if "lr_scheduler_type" in flat and flat["lr_scheduler_type"] not in schedules:
+        raise ConfigError(f"--lr_scheduler_type={flat['lr_scheduler_type']!r}: use one of {', '.join(schedules)}")
+    if flat.get("deepspeed") and not Path(flat["deepspeed"]).is_file():
+        raise ConfigError(f"--deepspeed={flat['deepspeed']}: no such file; give a DeepSpeed config such as deepspeed.json")
+    if "report_to" in flat:
+        check_report_to(flat["report_to"], script)
+    chatglm = model_config.get("model_type") in (None, "chatglm")
+    if method == "ptuning" and not chatglm:
+        raise ConfigError(f"--method=ptuning: {config['model_dir']} is a {model_config.get('model_type')} model; "
+                          "P-tuning v2 here is ChatGLM's own (use lora or freeze)")
+    if method in ("lora", "freeze"):
+        model = meta_model(config["model_dir"], model_config)
+        if method == "lora":
+            check_lora_targets(config["lora"]["target_modules"], model, config["model_dir"])
+        else:
+            freeze_selection((name for name, _ in model.named_parameters()), **config["freeze"])
+    return method
+
+
+def read_json_object(path, option):
+    """A JSON file that must hold one object (e.g. train_qlora.py's TrainingArguments), read before anything loads."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{option}={path}: {'not a regular file' if path.exists() else 'no such file'}; give a JSON file "
+                          "holding one object ({\"key\": value, ...})")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{option}={path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{option}={path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option}={path}: holds a JSON {type(value).__name__}; expected one object "
+                          "({\"key\": value, ...})")
+    return value
+
+
+def check_training_start(config, script, methods=METHODS):
+    """Before anything slow, in the order a user needs them: the model folder, the data files, the options. Returns
+    the train file and the dev file (None: no evaluation)."""
+    model_config = check_model_dir(config["model_dir"])
+    files = training_data_files(config, config.get("data_format", "instruction"))
+    check_training_options(config, model_config, script, methods)
+    return files
 
 
 def checkpoint_dir(output_dir, data_name, script):
@@ -135,37 +315,52 @@ def kbit_quantization_config(bits, compute_dtype, ptuning=False):
 BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")  # transformer.encoder.layers.N. (ChatGLM2/3), transformer.layers.N. (v1), model.layers.N.
 
 
+def freeze_selection(parameter_names, trainable_layers, trainable_modules="all", extra_modules=""):
+    """The names among `parameter_names` that freeze tuning trains (see freeze_all_but); an option that names a block
+    the model lacks, or a module that matches nothing, is a ConfigError that says what there is. Also used before the
+    model loads, on the names of the model built on the meta device."""
+    parameter_names = list(parameter_names)
+    blocks = sorted({int(m.group(1)) for name in parameter_names if (m := BLOCK_INDEX.search(name))})
+    if not blocks or trainable_layers == 0 or abs(trainable_layers) > len(blocks):
+        raise ConfigError(f"--freeze_trainable_layers={trainable_layers}: the model has {len(blocks)} blocks; give "
+                          f"1..{len(blocks)} (the last N) or -1..-{len(blocks)} (the first N)")
+    chosen = set(blocks[-trainable_layers:] if trainable_layers > 0 else blocks[:-trainable_layers])
+    modules = [m.strip() for m in trainable_modules.split(",") if m.strip()]
+    extras = [m.strip() for m in extra_modules.split(",") if m.strip()]
+    inside = {name.split(".layers.", 1)[1].split(".", 1)[1] for name in parameter_names if BLOCK_INDEX.search(name)}
+    unknown = [m for m in modules if m != "all" and not any(f".{m}." in f".{n}" for n in inside)]
+    if not modules or unknown:
+        what = f"{unknown} matches nothing in a block" if unknown else "names no module"
+        raise ConfigError(f"--freeze_trainable_modules={trainable_modules!r}: {what}; use all, or names from a block's "
+                          f"parameters {sorted(inside)}")
+    outside = [name for name in parameter_names if not BLOCK_INDEX.search(name)]
+    missing = [m for m in extras if not any(m in name for name in outside)]
+    if missing:
+        raise ConfigError(f"--freeze_extra_modules={extra_modules!r}: {missing} match no parameter outside the blocks; "
+                          f"those are {outside}")
+    trained = []
+    for name in parameter_names:
+        match = BLOCK_INDEX.search(name)
+        if match:
+            train = int(match.group(1)) in chosen and ("all" in modules or any(f".{m}." in name for m in modules))
+        else:
+            train = any(m in name for m in extras)
+        if train:
+            trained.append(name)
+    return trained
+
+
 def freeze_all_but(model, trainable_layers, trainable_modules="all", extra_modules=""):
     """Freeze tuning (as LLaMA-Factory's): only the last `trainable_layers` blocks train (the first ones for a
     negative number), within them only the parameters whose names contain one of the comma-separated
     `trainable_modules` ("all": the whole block), plus any parameter outside the blocks whose name contains one of
     `extra_modules` (e.g. "final_layernorm,output_layer"). Returns the trained parameter names; an option that selects
     nothing is an error that lists what there is."""
-    blocks = sorted({int(m.group(1)) for name, _ in model.named_parameters() if (m := BLOCK_INDEX.search(name))})
-    if not blocks or trainable_layers == 0 or abs(trainable_layers) > len(blocks):
-        raise ValueError(f"--freeze_trainable_layers={trainable_layers}: the model has {len(blocks)} blocks; give 1..{len(blocks)} "
-                         "(the last N) or -1..-N (the first N)")
-    chosen = set(blocks[-trainable_layers:] if trainable_layers > 0 else blocks[:-trainable_layers])
-    modules = [m.strip() for m in trainable_modules.split(",") if m.strip()]
-    extras = [m.strip() for m in extra_modules.split(",") if m.strip()]
-    trained = []
+    trained = set(freeze_selection((name for name, _ in model.named_parameters()), trainable_layers, trainable_modules,
+                                   extra_modules))
     for name, param in model.named_parameters():
-        match = BLOCK_INDEX.search(name)
-        if match:
-            train = int(match.group(1)) in chosen and (modules == ["all"] or any(f".{m}." in name for m in modules))
-        else:
-            train = any(m in name for m in extras)
-        param.requires_grad_(train)
-        if train:
-            trained.append(name)
-    inside = {name.split(".layers.", 1)[1].split(".", 1)[1] for name, _ in model.named_parameters() if BLOCK_INDEX.search(name)}
-    if modules != ["all"] and not any(f".{m}." in f".{n}" for m in modules for n in inside):
-        raise ValueError(f"--freeze_trainable_modules={trainable_modules!r} matches nothing in a block; a block holds "
-                         f"{sorted(inside)}")
-    missing = [m for m in extras if not any(m in name and not BLOCK_INDEX.search(name) for name, _ in model.named_parameters())]
-    if missing:
-        raise ValueError(f"--freeze_extra_modules: {missing} match no parameter outside the blocks")
-    return trained
+        param.requires_grad_(name in trained)
+    return [name for name, _ in model.named_parameters() if name in trained]
 
 
 def prefix_state(model):
@@ -447,13 +642,10 @@ DATA_FORMATS = ("instruction", "text")
 
 def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruction", max_source_length=256,
                   max_target_length=128, block_size=512, skip_bad_lines=False, loss_on_all_turns=False, show_example=False):
-    """Encoded train and dev sets (dev is None when its file does not exist); prints their counts. data_format:
+    """Encoded train and dev sets (dev is None when dev_file is None); prints their counts. data_format:
     "instruction" (records {instruct, query, answer}, or ChatGLM3 conversation records, cut to max_source_length /
     max_target_length; loss_on_all_turns: every answer of a record's history is learnt too) or "text" (records
     {text}, causal-LM blocks of block_size tokens). show_example: also print the first training sample's tokens."""
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"--data_format={data_format!r}: use instruction or text")
-
     def load(path):
         if data_format == "text":
             data = TextDataset(path, tokenizer, block_size, skip_bad_lines)
@@ -466,8 +658,7 @@ def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruc
     train_data = load(train_file)
     if show_example:
         print(f"the first sample of {train_file}: " + format_example(train_data[0], tokenizer))
-    if not Path(dev_file).is_file():
-        print(f"{dev_file}: not found, training without evaluation")
+    if dev_file is None:
         return train_data, None
     return train_data, load(dev_file)
 
