@@ -104,8 +104,11 @@ def plan(config):
         raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
 
     lora_path = Path(config["lora_path"])
-    prefix = prefix_checkpoint_config(lora_path) if lora_path_kind(lora_path) == "prefix" else None
-    adapter_config = read_adapter_config(lora_path) if prefix is None else {}
+    try:
+        prefix = prefix_checkpoint_config(lora_path) if lora_path_kind(lora_path) == "prefix" else None
+        adapter_config = read_adapter_config(lora_path) if prefix is None else {}
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
     peft_type = adapter_config.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise MergeError(f"{lora_path}: peft_type is {peft_type}; this script merges LoRA adapters")
@@ -137,7 +140,7 @@ def plan(config):
             raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
                              f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
                              "(bitsandbytes, as train_qlora.py does)")
-        check_lora_on_base(lora_path, model_dir)  # made for this model, fitting its layers; no P-tuning prefix
+        check_fits(lora_path, model_dir)  # made for this model, fitting its layers; no P-tuning prefix
         return {"qbits": 0, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
                 "lora_path": lora_path, "model_dir": model_dir, "version": None, "base_config": base_config,
                 "scripts": None, "prefix": None}
@@ -150,13 +153,21 @@ def plan(config):
             f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can only be merged "
             "into float weights: use the fp16/bf16 base"
         )
-    check_lora_on_base(lora_path, model_dir)  # made for this model (its run record, the base it names), fitting its layers
+    check_fits(lora_path, model_dir)  # made for this model (its run record, the base it names), fitting its layers
     scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
     return {
         "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
         "lora_path": lora_path, "model_dir": model_dir, "version": version, "base_config": base_config, "scripts": scripts,
         "prefix": prefix,
     }
+
+
+def check_fits(lora_path, model_dir):
+    """utils.adapters.check_lora_on_base, its refusal as a MergeError."""
+    try:
+        check_lora_on_base(lora_path, model_dir)
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
 
 
 def load_adapter(base, lora_path, model_dir):

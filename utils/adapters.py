@@ -330,8 +330,8 @@ def check_trained_on_base(lora_path, model_dir, base_config, what):
         if family != base:
             verb = "was trained on" if what == "adapter" else "was made for"
             raise ModelFolderError(
-                f"the {what} {lora_path} {verb} {family} but the base {model_dir} is {describe_base(base_config)} "
-                f"({family}: read from {source}); pass its {family} base with --model_dir"
+                f"the {what} {lora_path} {verb} {family} (read from {source}) but the base {model_dir} is "
+                f"{describe_base(base_config)}; pass its {family} base with --model_dir"
             )
 
 
