@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from utils.adapters import check_lora_on_base, take_run_settings, uses_adapter
+from utils.adapters import check_lora_on_base, check_model_dir, take_run_settings, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
-from utils.model_utils import check_folder, fold_adapter, load_model_and_tokenizer, load_model_with_adapter, read_config
+from utils.model_utils import fold_adapter, load_model_and_tokenizer, load_model_with_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base
@@ -78,8 +78,7 @@ def main(config):
     if not model_paths:
         raise ConfigError("--model_dir: empty; give one or more model folders, comma-separated")
     for model_path in model_paths:
-        check_folder(model_path, "--model_dir")
-        read_config(model_path)
+        check_model_dir(model_path)
     prefix = check_lora_on_base(config["lora_path"], model_paths[0]) if uses_adapter(config["lora_path"]) else None
     for index, model_path in enumerate(model_paths):
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=config["dtype"], device=config["device"])

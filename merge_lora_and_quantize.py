@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 
-from utils.adapters import check_lora_on_base, lora_path_kind, read_adapter_config, read_run_record
+from utils.adapters import check_lora_on_base, check_model_dir, lora_path_kind, read_adapter_config, read_run_record
 from utils.config_utils import parse_config
 from utils.errors import UserError
 from utils.model_utils import (
@@ -132,6 +132,7 @@ def plan(config):
                 "is not a folder here; pass the base model folder with --model_dir"
             )
     try:
+        check_model_dir(model_dir)  # a model folder, not an adapter, prefix or checkpoint-N
         base_config = read_config(model_dir)
     except ModelFolderError as err:
         raise MergeError(str(err)) from err

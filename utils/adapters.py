@@ -117,7 +117,13 @@ def uses_adapter(lora_path):
 
 def is_run_model_folder(path):
     """A model folder written by a freeze or full run (config.json and the run's train_args.json): a run of its own."""
-    return bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / RUN_RECORD).is_file()
+    return (bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / RUN_RECORD).is_file()
+            and not is_run_checkpoint(path) and not holds_prefix_only(path))
+
+
+def is_run_checkpoint(folder):
+    """A checkpoint-N folder that a training run wrote (its completion marker, or the Trainer's state)."""
+    return (Path(folder) / "checkpoint_complete.json").is_file() or (Path(folder) / "trainer_state.json").is_file()
 
 
 def lora_path_kind(lora_path):
@@ -129,7 +135,7 @@ def lora_path_kind(lora_path):
         return "adapter"
     if prefix_checkpoint_config(folder) is not None:
         return "prefix"
-    if (folder / "config.json").is_file() and ((folder / "trainer_state.json").is_file() or CHECKPOINT_NAME.fullmatch(folder.name)):
+    if (folder / "config.json").is_file() and is_run_checkpoint(folder):
         raise ModelFolderError(
             f"--lora_path={lora_path}: a checkpoint of a freeze or full run (the trained tensors only), which no script "
             f"loads; its run's model folder ({folder.parent / 'model'}) goes in --model_dir, with --lora_path=none")
@@ -171,12 +177,16 @@ def choose_lora_path(config):
         print(f"--lora_path=none: {config['model_dir']} is the model folder of a run (its train_args.json), used alone", flush=True)
         return "none"
     adapter, newer_model = newest_run(config["data_name"])
+    newer = f"; a newer run's model folder, {newer_model}, goes in --model_dir" if newer_model else ""
+    if not Path(adapter).is_dir():
+        raise ModelFolderError(
+            f"--lora_path: no adapter run of {config['data_name']} yet (checkpoint/{config['data_name']}/*/{ADAPTER_DIR} or "
+            f"{PREFIX_DIR}){newer}; train one first (python train_trainer.py --data_name={config['data_name']}) or pass "
+            "--lora_path=none for the base alone")
     config["lora_path"] = adapter
-    if Path(adapter).is_dir():
-        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(adapter).stat().st_mtime))
-        newer = f"; a newer run's model folder, {newer_model}, goes in --model_dir" if newer_model else ""
-        print(f"--lora_path: the newest run of {config['data_name']}: {adapter} (written {written}){newer}; "
-              "--lora_path=none for the base alone", flush=True)
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(adapter).stat().st_mtime))
+    print(f"--lora_path: the newest run of {config['data_name']}: {adapter} (written {written}){newer}; "
+          "--lora_path=none for the base alone", flush=True)
     return adapter
 
 
@@ -212,11 +222,31 @@ def take_run_settings(config, keys=("model_dir",)):
     return taken
 
 
+def holds_prefix_only(folder):
+    """A P-tuning v2 checkpoint (the prefix encoder's tensors alone), not a model folder that carries its prefix."""
+    if prefix_checkpoint_config(folder) is None:
+        return False
+    return all(name.startswith(PREFIX_KEY) for name in adapter_shapes(prefix_weights_file(folder)))
+
+
+def check_model_dir(model_dir, option="--model_dir"):
+    """`model_dir` is a model folder with a config.json, not a folder that goes elsewhere: an adapter or a P-tuning
+    prefix (--lora_path), or a run's checkpoint-N (its run's model/ is the model folder)."""
+    check_folder(model_dir, option)
+    folder = Path(model_dir)
+    if (folder / "adapter_config.json").is_file() or holds_prefix_only(folder):
+        what = "a LoRA adapter" if (folder / "adapter_config.json").is_file() else "a P-tuning v2 prefix"
+        raise ModelFolderError(f"{option}={model_dir}: {what}, not a model folder; it goes in --lora_path, with its base in {option}")
+    if is_run_checkpoint(folder):
+        raise ModelFolderError(f"{option}={model_dir}: a checkpoint of a run (a freeze run's holds the trained tensors only), "
+                               f"not a model folder; its run's model folder, {folder.parent / 'model'}, goes in {option}")
+    read_config(model_dir)
+
+
 def check_run(config):
-    """--model_dir is a model folder and --lora_path (unless none) an adapter or prefix made for it: checked before
-    anything slow. Returns what check_lora_on_base does."""
-    check_folder(config["model_dir"], "--model_dir")
-    read_config(config["model_dir"])
+    """--model_dir is a model folder (check_model_dir) and --lora_path (unless none) an adapter or prefix made for it:
+    checked before anything slow. Returns what check_lora_on_base does."""
+    check_model_dir(config["model_dir"])
     return check_lora_on_base(config["lora_path"], config["model_dir"]) if uses_adapter(config["lora_path"]) else None
 
 
