@@ -148,22 +148,15 @@ def lora_path_kind(lora_path):
 
 
 def newest_run(data_name, checkpoint_root="checkpoint"):
-    """(adapter or prefix folder, newest run model folder or None) of `data_name`'s runs in checkpoint/<data_name>/*/,
-    by the time their files were written; the adapter is train_trainer's adapter path where there is none yet (for
-    the error message)."""
+    """(the adapter or P-tuning prefix of the newest run of `data_name`, the model folder of a freeze or full run newer
+    than it) in checkpoint/<data_name>/*/ by the time their files were written, each None where there is none."""
     root = Path(checkpoint_root, data_name)
     adapters = sorted([*root.glob(f"*/{ADAPTER_DIR}/adapter_config.json"), *root.glob(f"*/{PREFIX_DIR}/config.json")],
                       key=lambda p: p.stat().st_mtime)
     models = sorted(root.glob(f"*/model/{RUN_RECORD}"), key=lambda p: p.stat().st_mtime)
     adapter = adapters[-1] if adapters else None
     newer_model = models[-1].parent if models and (not adapter or models[-1].stat().st_mtime > adapter.stat().st_mtime) else None
-    return (str(adapter.parent) if adapter else str(Path(checkpoint_root) / data_name / "train_trainer" / ADAPTER_DIR)), newer_model
-
-
-def default_adapter(data_name, checkpoint_root="checkpoint"):
-    """The adapter (or P-tuning prefix) of the newest training run of `data_name` (checkpoint/<data_name>/<script>/
-    adapter_model or prefix_model, by the time it was written); train_trainer's adapter path where there is none yet."""
-    return newest_run(data_name, checkpoint_root)[0]
+    return (adapter.parent if adapter else None), newer_model
 
 
 def choose_lora_path(config):
@@ -178,12 +171,12 @@ def choose_lora_path(config):
         return "none"
     adapter, newer_model = newest_run(config["data_name"])
     newer = f"; a newer run's model folder, {newer_model}, goes in --model_dir" if newer_model else ""
-    if not Path(adapter).is_dir():
+    if adapter is None:
         raise ModelFolderError(
             f"--lora_path: no adapter run of {config['data_name']} yet (checkpoint/{config['data_name']}/*/{ADAPTER_DIR} or "
             f"{PREFIX_DIR}){newer}; train one first (python train_trainer.py --data_name={config['data_name']}) or pass "
             "--lora_path=none for the base alone")
-    config["lora_path"] = adapter
+    config["lora_path"] = adapter = str(adapter)
     written = time.strftime("%Y-%m-%d %H:%M", time.localtime(Path(adapter).stat().st_mtime))
     print(f"--lora_path: the newest run of {config['data_name']}: {adapter} (written {written}){newer}; "
           "--lora_path=none for the base alone", flush=True)
