@@ -9,7 +9,7 @@ Each line you type is wrapped the way the adapter was trained: the task instruct
 """
 import sys
 
-from utils.adapters import default_adapter, load_run, run_instruction
+from utils.adapters import choose_lora_path, load_run, run_instruction, scored_run, uses_adapter
 from utils.config_utils import parse_config
 from utils.dataset import get_prompt_format, user_message
 from utils.generation import StableText, stream_chat_reply
@@ -18,8 +18,9 @@ from utils.serving import check_serving_options
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
-    # default: the newest run's checkpoint/<data_name>/*/adapter_model; "none" for the model alone. The run's
-    # train_args.json gives model_dir unless set here.
+    # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
+    # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir unless
+    # set here.
     "lora_path": "",
     "data_name": "demo_ner",
     "instruct": "",  # default: the instruction of the run's training data (else the MSRA one)
@@ -36,10 +37,10 @@ DEFAULTS = {
 
 def main(config):
     check_serving_options(config, at_least_one=("max_length",))
-    lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
+    lora_path = choose_lora_path(config)
     model, tokenizer = load_run(config)
     version = model.model_version
-    instruct = "" if config["raw"] else config["instruct"] or run_instruction(lora_path) or MSRA_INSTRUCT
+    instruct = "" if config["raw"] else config["instruct"] or run_instruction(scored_run(config)) or MSRA_INSTRUCT
 
     def message(text):
         return text if config["raw"] else user_message({"instruct": instruct, "query": QUERY_PREFIX + text})
@@ -47,7 +48,8 @@ def main(config):
     prompt_format = get_prompt_format(tokenizer, version)
     example = tokenizer.decode(prompt_format.prompt_ids(message("<你的句子>"), []))
     interactive = sys.stdin.isatty()
-    print(f"{version or model.config.model_type} + {lora_path}. The prompt of a first turn looks like:\n---\n{example}\n---\n"
+    served = f"{config['model_dir']} + {lora_path}" if uses_adapter(lora_path) else f"{config['model_dir']} alone"
+    print(f"{version or model.config.model_type}: {served}. The prompt of a first turn looks like:\n---\n{example}\n---\n"
           "Type a sentence; 'clear' forgets the history, 'exit' quits.", flush=True)
     history = []
     while True:

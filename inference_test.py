@@ -19,12 +19,12 @@ import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbyte
 import torch
 from peft import PeftModel
 
-from utils.adapters import check_adapter_fits_base, take_run_settings, uses_adapter
-from utils.config_utils import parse_config
+from utils.adapters import check_lora_on_base, check_model_dir, take_run_settings, uses_adapter
+from utils.config_utils import ConfigError, parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
-from utils.model_utils import fold_adapter, load_model_and_tokenizer, load_model_with_adapter, prefix_checkpoint_config, read_config
+from utils.model_utils import fold_adapter, load_model_and_tokenizer, load_model_with_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base
@@ -74,21 +74,29 @@ def benchmark(name, model, input_ids, config):
 def main(config):
     rows = []
     take_run_settings(config)
-    for index, model_path in enumerate(p for p in config["model_dir"].split(",") if p):
+    # Every folder, and the adapter on the first model, checked before anything is loaded or timed.
+    model_paths = [p for p in config["model_dir"].split(",") if p]
+    if not model_paths:
+        raise ConfigError("--model_dir: empty; give one or more model folders, comma-separated")
+    for model_path in model_paths:
+        check_model_dir(model_path)
+    prefix = check_lora_on_base(config["lora_path"], model_paths[0]) if uses_adapter(config["lora_path"]) else None
+    for index, model_path in enumerate(model_paths):
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=config["dtype"], device=config["device"])
         bits = getattr(model.config, "quantization_bit", 0)
         label = Path(model_path).name + (f" (int{bits})" if bits else f" ({str(model.dtype).removeprefix('torch.')})")
-        prompt = fit_prompt(get_prompt_format(tokenizer, model.model_version), PROMPT_TEXT, [], config["prompt_len"])[0]
+        try:
+            prompt = fit_prompt(get_prompt_format(tokenizer, model.model_version), PROMPT_TEXT, [], config["prompt_len"])[0]
+        except ValueError as err:  # the prompt template alone is longer
+            raise ConfigError(f"--prompt_len={config['prompt_len']}: too short for {model_path}'s prompt template ({err})") from err
         input_ids = torch.tensor([prompt] * config["batch_size"], device=model.device)
         rows.append(benchmark(label, model, input_ids, config))
-        if index == 0 and uses_adapter(config["lora_path"]) and prefix_checkpoint_config(config["lora_path"]):
-            del model  # the base rebuilt with the prefix's positions (the loader checks that it fits)
+        if index == 0 and prefix is not None:
+            del model  # the base rebuilt with the prefix's positions
             adapted, _ = load_model_with_adapter(model_path, config["lora_path"], dtype=config["dtype"], device=config["device"])
             rows.append(benchmark(label + " + P-tuning prefix", adapted, input_ids, config))
             model = adapted
         elif index == 0 and uses_adapter(config["lora_path"]):
-            if model.model_version is not None:  # ChatGLM; on transformers' own models PEFT checks the shapes
-                check_adapter_fits_base(config["lora_path"], model_path, model.model_version, read_config(model_path))
             adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
             if config["fold_adapter"]:
                 adapted = fold_adapter(adapted)

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 
-from utils.adapters import check_adapter_fits_base, check_prefix_fits_base, read_json, read_run_record
+from utils.adapters import check_lora_on_base, check_model_dir, lora_path_kind, read_adapter_config, read_run_record
 from utils.config_utils import parse_config
 from utils.errors import UserError
 from utils.model_utils import (
@@ -109,12 +109,9 @@ def plan(config):
     check_output_path(output_path)
 
     lora_path = Path(config["lora_path"])
-    prefix = prefix_checkpoint_config(lora_path)
-    if prefix is None and not (lora_path / "adapter_config.json").is_file():
-        raise MergeError(f"{lora_path}: no adapter_config.json nor a P-tuning checkpoint (config.json with pre_seq_len); "
-                         "--lora_path must be a PEFT adapter folder (e.g. <run>/adapter_model) or <run>/prefix_model")
     try:
-        adapter_config = read_json(lora_path / "adapter_config.json") if prefix is None else {}
+        prefix = prefix_checkpoint_config(lora_path) if lora_path_kind(lora_path) == "prefix" else None
+        adapter_config = read_adapter_config(lora_path) if prefix is None else {}
     except ModelFolderError as err:
         raise MergeError(str(err)) from err
     peft_type = adapter_config.get("peft_type", "LORA")
@@ -140,6 +137,7 @@ def plan(config):
                 "is not a folder here; pass the base model folder with --model_dir"
             )
     try:
+        check_model_dir(model_dir)  # a model folder, not an adapter, prefix or checkpoint-N
         base_config = read_config(model_dir)
     except ModelFolderError as err:
         raise MergeError(str(err)) from err
@@ -148,8 +146,7 @@ def plan(config):
             raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
                              f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
                              "(bitsandbytes, as train_qlora.py does)")
-        if prefix is not None:
-            raise MergeError(f"{lora_path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} is another model")
+        check_fits(lora_path, model_dir)  # made for this model, fitting its layers; no P-tuning prefix
         return {"qbits": 0, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
                 "lora_path": lora_path, "model_dir": model_dir, "version": None, "base_config": base_config,
                 "scripts": None, "prefix": None}
@@ -162,19 +159,21 @@ def plan(config):
             f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can only be merged "
             "into float weights: use the fp16/bf16 base"
         )
-    try:
-        if prefix is None:
-            check_adapter_fits_base(lora_path, model_dir, version, base_config)
-        else:
-            check_prefix_fits_base(lora_path, model_dir, version, base_config)
-    except ModelFolderError as err:
-        raise MergeError(str(err)) from err
+    check_fits(lora_path, model_dir)  # made for this model (its run record, the base it names), fitting its layers
     scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
     return {
         "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
         "lora_path": lora_path, "model_dir": model_dir, "version": version, "base_config": base_config, "scripts": scripts,
         "prefix": prefix,
     }
+
+
+def check_fits(lora_path, model_dir):
+    """utils.adapters.check_lora_on_base, its refusal as a MergeError."""
+    try:
+        check_lora_on_base(lora_path, model_dir)
+    except ModelFolderError as err:
+        raise MergeError(str(err)) from err
 
 
 def load_adapter(base, lora_path, model_dir):

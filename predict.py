@@ -4,8 +4,10 @@
     python predict.py --model_dir=model_hub/chatglm2-6b --data_name=msra --before_after
     python predict.py --model_dir=model_hub/chatglm2-6b-ner-merged --lora_path=none --dev_file=data/msra/instruct_data/dev.txt
 
-Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json next to the adapter (or in
-checkpoint/<data_name>/base/ without one) and prints the metrics: for NER entity-level precision, recall and F1,
+Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json into the folder of the run
+that was scored: the adapter's run folder (<run>/predict-checkpoint-N for a checkpoint-N), or that of a freeze / full
+run's model folder given by --model_dir (which takes no adapter by default); for a base model alone
+checkpoint/<data_name>/base/ (--output_dir sets another). It prints the metrics: for NER entity-level precision, recall and F1,
 micro and per type; for generation BLEU-4 and ROUGE-1/2/L on characters. NER scoring drops the predicted entities
 that the sentence (the query without its `文本：` prefix; not the instruction) does not contain (an entity is a span
 of the text; one that is not there was made up), counts them and also gives the scores with them
@@ -16,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import default_adapter, load_run, uses_adapter
-from utils.config_utils import parse_config
+from utils.adapters import check_run, choose_lora_path, load_run, results_folder, scored_run, take_run_settings, uses_adapter
+from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
 from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
@@ -26,12 +28,13 @@ from utils.model_utils import adapter_disabled, fold_adapter
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
-    # default: the newest run's checkpoint/<data_name>/*/adapter_model; "none" for the model alone. The run's
-    # train_args.json gives model_dir and max_source_length unless set here.
+    # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
+    # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir,
+    # data_name and max_source_length unless set here.
     "lora_path": "",
     "data_name": "demo_ner",
     "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt
-    "output_dir": "",  # default: the adapter's run folder, or checkpoint/<data_name>/base
+    "output_dir": "",  # default: the scored run's folder, or checkpoint/<data_name>/base for a base model alone
     "task": "auto",  # ner, generation, or auto (ner when every reference is an entity_type list or 没有)
     "num_samples": 0,  # 0 = the whole file
     "max_source_length": 512,
@@ -51,6 +54,24 @@ DEFAULTS = {
 }
 
 
+RUN_KEYS = ("model_dir", "data_name", "max_source_length")  # what a run's train_args.json gives unless set here
+
+
+def default_output_dir(config):
+    """The folder of the run that is scored; for a base model alone checkpoint/<data_name>/base, said on one line, and
+    refused where a training run was written there."""
+    run_folder = scored_run(config)
+    if run_folder is not None:
+        return results_folder(run_folder)
+    output_dir = Path("checkpoint") / config["data_name"] / "base"
+    runs = [*output_dir.glob("*/train_args.json"), *output_dir.glob("checkpoint-*")]
+    if runs:
+        raise ConfigError(f"--output_dir: the default for a base model alone, {output_dir}, holds a training run "
+                          f"({runs[0]}); pass --output_dir for the results of {config['model_dir']}")
+    print(f"results of the base model {config['model_dir']} alone go to {output_dir} (--output_dir sets another)", flush=True)
+    return output_dir
+
+
 def score(task, predictions, references, sources=None):
     if task == "ner":
         return ner_metrics(predictions, references, sources)
@@ -68,11 +89,15 @@ def headline(task, metrics):
 
 
 def main(config):
+    lora_path = choose_lora_path(config)
+    use_adapter = uses_adapter(lora_path)
+    # The run's base, data set and lengths, and what --lora_path names checked against the base, before any data or
+    # weights are read.
+    take_run_settings(config, RUN_KEYS)
+    check_run(config)
     data_dir = Path("data") / config["data_name"] / "instruct_data"
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
-    lora_path = config["lora_path"] = config["lora_path"] or default_adapter(config["data_name"])
-    use_adapter = uses_adapter(lora_path)
-    output_dir = Path(config["output_dir"] or (Path(lora_path).parent if use_adapter else Path("checkpoint") / config["data_name"] / "base"))
+    output_dir = Path(config["output_dir"]) if config["output_dir"] else default_output_dir(config)
 
     bad_lines = BadLines(skip=config["skip_bad_lines"])
     records = read_instruction_records(dev_file, bad_lines)
@@ -93,7 +118,7 @@ def main(config):
     # The adapter is folded into the weights for generation (base speed); with --before_after only after the base has
     # been scored with the adapter disabled, as folding changes the base weights.
     before_after = config["before_after"] and use_adapter
-    model, tokenizer = load_run(config, ("model_dir", "max_source_length"), fold=not before_after)
+    model, tokenizer = load_run(config, RUN_KEYS, fold=not before_after)
     version = model.model_version
     prompt_format = get_prompt_format(tokenizer, version)
     generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],

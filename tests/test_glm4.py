@@ -119,6 +119,21 @@ def test_lora_run_predicts_chats_merges_and_serves(glm4_dirs, lora_run, tmp_path
     assert "".join(pieces) == greedy[1]
 
 
+def test_chatglm_and_glm4_adapters_are_refused_on_each_others_base(glm4_dirs, lora_run, trained_adapter, trainable_models,
+                                                                  tmp_path):
+    """One line naming GLM-4 and the ChatGLM version, before the base loads (not PEFT's error listing module names)."""
+    chatglm_adapter = trained_adapter("chatglm2-6b") / "adapter_model"
+    for base, adapter, trained, named in ((glm4_dirs["glm"], chatglm_adapter, "chatglm2-6b", "GLM-4 (model_type 'glm')"),
+                                          (trainable_models["chatglm2-6b"], lora_run / "adapter_model", "GLM-4", "chatglm2-6b")):
+        result = run_script("predict.py", f"--model_dir={base}", f"--lora_path={adapter}", "--num_samples=2",
+                            f"--output_dir={tmp_path / 'out'}", check=False)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error: ") or "Traceback" in line]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith(f"error: the adapter {adapter} was trained on {trained} (read from ") and \
+            f"but the base {base} is {named};" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_full_and_qlora_training(glm4_dirs, tmp_path):
     run_dir = tmp_path / "full"
     run_script("train_trainer.py", f"--model_dir={glm4_dirs['glm4']}", f"--output_dir={run_dir}", "--method=full",

@@ -423,6 +423,11 @@ def test_refusals_are_clear_and_leave_nothing_behind(adapters, merged, trainable
     no_args.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (no_args / name).write_bytes((adapters["chatglm-6b"] / name).read_bytes())
+    # The base its adapter_config.json names says it, and where that says nothing, the layers do.
+    with pytest.raises(merge_script.MergeError, match=r"trained on chatglm-6b \(read from .*adapter_config.json base_model_name_or_path="):
+        merge(lora_path=no_args, model_dir=v2_base, output_path=target)
+    adapter_config = json.loads((no_args / "adapter_config.json").read_text())
+    (no_args / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": None}))
     with pytest.raises(merge_script.MergeError, match=r"does not fit the base .*\n  transformer\.layers\.0\..*: the base has no such layer"):
         merge(lora_path=no_args, model_dir=v2_base, output_path=target)
     # Same version, other sizes: both folders and the shapes are named.

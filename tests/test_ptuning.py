@@ -98,7 +98,7 @@ def test_an_official_ptuning_checkpoint_loads_with_the_same_logits(ptuning_runs,
 
 def test_a_prefix_for_another_base_or_with_foreign_weights_is_refused(ptuning_runs, trainable_models, tmp_path):
     ours = ptuning_runs("chatglm2-6b") / "prefix_model"
-    with pytest.raises(ModelFolderError, match=r"made for chatglm2-6b but the base .* is chatglm-6b"):
+    with pytest.raises(ModelFolderError, match=r"made for chatglm2-6b \(read from .*train_args.json model_version\) but the base .* is chatglm-6b"):
         load_model_with_adapter(trainable_models["chatglm-6b"], ours, device="cpu")
     mixed = tmp_path / "mixed"
     shutil.copytree(ours, mixed)

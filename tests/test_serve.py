@@ -136,7 +136,7 @@ def test_tiny_temperatures_decode_greedily(tiny_model_dirs):
 
 
 def test_missing_adapter_is_reported_before_loading(tmp_path, tiny_model_dirs):
-    with pytest.raises(ModelFolderError, match="no adapter_config.json"):
+    with pytest.raises(ModelFolderError, match="no_adapter: no such folder"):
         load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], tmp_path / "no_adapter")
 
 

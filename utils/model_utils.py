@@ -4,8 +4,11 @@ Official model folders ship `.py` files that no longer run on transformers 5.x, 
 is read from config.json and the classes come from `remote_scripts/<version>/`.
 """
 import contextlib
+import errno
 import importlib.util
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -30,8 +33,29 @@ class ModelFolderError(UserError, ValueError):
     """A model folder is missing a file or its files disagree; the message names the file and the fix."""
 
 
+def check_folder(path, option=None):
+    """`path` (given by `option`, e.g. --model_dir) is a folder: otherwise one line saying what it is instead (missing,
+    a file, a symbolic link that loops or points nowhere, unreadable)."""
+    path = Path(path)
+    name = f"{option}={path}" if option else str(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ModelFolderError(f"{name}: a symbolic link that loops (it leads back to itself)") from err
+        if err.errno == errno.EACCES:
+            raise ModelFolderError(f"{name}: cannot be read (permission denied)") from err
+        if path.is_symlink():
+            raise ModelFolderError(f"{name}: a symbolic link to {os.readlink(path)}, which does not exist") from err
+        raise ModelFolderError(f"{name}: no such folder") from err
+    if not stat.S_ISDIR(mode):
+        what = "a file" if stat.S_ISREG(mode) else "a pipe, socket or device"
+        raise ModelFolderError(f"{name}: {what}, not a folder")
+
+
 def read_config(model_dir) -> dict:
     config_path = Path(model_dir) / "config.json"
+    check_folder(model_dir)
     if not config_path.is_file():
         raise ModelFolderError(
             f"{config_path}: not found. A model folder needs the config.json of its checkpoint "
@@ -195,27 +219,14 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
       then: predict.py's --before_after scores the base with the adapter disabled first);
     - a P-tuning v2 checkpoint (ours, or the official ptuning/ scripts' output): the base built with its prefix
       length and its prefix encoder's weights (load_prefix_checkpoint).
-    A missing adapter, or one trained on another base (utils.adapters.check_adapter_fits_base), is reported before
-    the base is loaded."""
+    A missing adapter, a folder that is no adapter, or one trained on another base (utils.adapters.check_lora_on_base)
+    is reported before the base is loaded."""
     use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
-    prefix = prefix_checkpoint_config(lora_path) if use_adapter else None
-    if use_adapter and prefix is None and not (Path(lora_path) / "adapter_config.json").is_file():
-        raise ModelFolderError(
-            f"{lora_path}: no adapter_config.json (a LoRA adapter) nor a P-tuning checkpoint (config.json with "
-            "pre_seq_len). Train one first (python train_trainer.py) or pass --lora_path=none."
-        )
+    prefix = None
     if use_adapter:
-        from utils.adapters import check_adapter_fits_base, check_prefix_fits_base
+        from utils.adapters import check_lora_on_base
 
-        base_config = read_config(model_dir)
-        if base_config.get("model_type") in (None, "chatglm"):  # native transformers models: PEFT checks the shapes
-            version = detect_model_version(base_config, str(Path(model_dir) / "config.json"))
-            if prefix is None:
-                check_adapter_fits_base(lora_path, model_dir, version, base_config)
-            else:
-                check_prefix_fits_base(lora_path, model_dir, version, base_config)
-        elif prefix is not None:
-            raise ModelFolderError(f"{lora_path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} is another model")
+        prefix = check_lora_on_base(lora_path, model_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device, **(prefix or {}))
     if prefix is not None:
         load_prefix_checkpoint(model, lora_path)
@@ -252,6 +263,18 @@ def prefix_checkpoint_config(path):
     return {"pre_seq_len": int(config["pre_seq_len"]), "prefix_projection": bool(config.get("prefix_projection", False))}
 
 
+def check_prefix_tensor_names(file, names):
+    """A P-tuning checkpoint's weights file holds the prefix encoder's tensors and nothing else (a folder holding a
+    whole model, a merged one too, is no prefix to put on a base)."""
+    others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
+    if others or not names:
+        raise ModelFolderError(
+            f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 checkpoint, "
+            f"found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a whole model folder goes in --model_dir"
+            " (with --lora_path=none)"
+        )
+
+
 def read_prefix_weights(path) -> dict:
     """The prefix encoder's tensors of a P-tuning checkpoint, under the names the encoder itself uses (embedding.weight,
     trans.0.weight, ...). A legacy .bin is read with weights_only=True. Other tensors in the file are an error: a
@@ -263,12 +286,7 @@ def read_prefix_weights(path) -> dict:
         state = load_file(str(file))
     else:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
-    others = sorted(name for name in state if not name.startswith(PREFIX_KEY))
-    if others or not state:
-        raise ModelFolderError(
-            f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 checkpoint, "
-            f"found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a whole model folder goes in --model_dir"
-        )
+    check_prefix_tensor_names(file, state)
     return {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}
 
 
