@@ -144,7 +144,7 @@ def freeze_run(trainable_models, sixteen_examples, tmp_path_factory):
     """A two-step freeze run on the tiny ChatGLM2 with a checkpoint, recording max_source_length 40."""
     run_dir = tmp_path_factory.mktemp("freeze") / "run"
     run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--train_file={sixteen_examples}",
-               "--dev_file=none.txt", f"--output_dir={run_dir}", "--method=freeze", "--freeze_trainable_layers=1",
+               "--dev_file=none", f"--output_dir={run_dir}", "--method=freeze", "--freeze_trainable_layers=1",
                "--max_steps=2", "--save_steps=2", "--max_source_length=40", "--report_to=none")
     return run_dir
 
