@@ -69,6 +69,7 @@ from utils.train_utils import (
     write_partial_checkpoint,
 )
 from utils.run_dirs import check_output_dir, finish_output_dir, find_resume_checkpoint, mark_complete, prepare_output_dir, rotate_checkpoints
+from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
@@ -293,6 +294,7 @@ master = rank == 0
 # The output folder: refused before anything loads if it holds a run that is neither resumed nor overwritten.
 output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_deepspeed")
 resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+check_resume_matches(resume, config, "train_deepspeed.py")  # the run's own settings, before the model loads
 check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -400,6 +402,9 @@ if "scheduler" not in ds_config:
         return transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps)
 trainable = [p for p in model.parameters() if p.requires_grad]
 engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config, lr_scheduler=trainer_schedule)
+# The run record (train_args.json) of every checkpoint and of the final output, which adds the metrics.
+record = run_record("train_deepspeed.py", config, model_version, train_data, eval_data, world_size, ds_config,
+                    deepspeed=deepspeed.__version__)
 if master:
     print(f"ZeRO stage {engine.zero_optimization_stage()}, {world_size} process(es), {total_steps} steps "
           f"({steps_per_epoch} per epoch, warmup {warmup_steps}), {batch_size * accumulation * world_size} examples per step")
@@ -413,7 +418,7 @@ if resume:
     state.load_state_dict(client if load_path is not None else {}, resume)
     set_rng_state(torch.load(resume / f"rng_state_{rank}.pth", weights_only=True))
     if master:
-        print(f"resuming from {resume}: step {state.global_step}, epoch {state.epoch}, {state.batches_done} micro-batches into it")
+        print(f"{resumed_line(resume, state.global_step, total_steps)}: epoch {state.epoch}, {state.batches_done} micro-batches into it")
 start_step, tokens_at_start = state.global_step, state.tokens_seen
 
 tensorboard = master and "tensorboard" in config["report_to"].split(",")
@@ -456,6 +461,7 @@ def save_checkpoint():
     if master:
         trainer_state = {"global_step": state.global_step, "epoch": state.epoch_progress(), "log_history": state.log_history}
         (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_run_record(folder, record)  # the run's train_args.json, before the marker
     dist.barrier()  # every rank's part is written
     if master:
         mark_complete(folder)
@@ -547,17 +553,7 @@ metrics = {
 }
 if eval_loss is not None:
     metrics["eval_loss"] = eval_loss
-train_args = {
-    "script": "train_deepspeed.py",
-    "config": config,
-    "model_version": model_version,
-    "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data else None},
-    "metrics": metrics,
-    "deepspeed_config": ds_config,
-    "world_size": world_size,
-    "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__},
-    "wall_seconds": round(train_runtime, 1),
-}
+train_args = {**record, "metrics": metrics, "wall_seconds": round(train_runtime, 1)}
 if full or freeze:  # every rank takes part in gathering the ZeRO-3 shards, one weight at a time
     full_state = gathered_state_dict(engine.module, keep=master)
     if master:

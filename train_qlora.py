@@ -43,6 +43,7 @@ from utils.train_utils import (
     train_prefix_only,
 )
 from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
+from utils.run_record import check_resume_matches
 
 DEFAULTS = {
     "train_args_json": "chatGLM_6B_QLoRA.json",
@@ -76,8 +77,10 @@ RENAMED = {"train_data_path": "train_file", "eval_data_path": "dev_file", "lora_
 
 
 def training_arguments(json_path, output_dir, compute_dtype, has_eval):
-    """TrainingArguments from the JSON file; an unknown key is an error. The script sets what it owns."""
-    values = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    """TrainingArguments from the JSON file (an unknown key is an error; the script sets what it owns) and the
+    file's own values (the run record keeps them: a resumed run is checked against them)."""
+    file_values = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    values = dict(file_values)
     values.update(
         output_dir=str(output_dir),
         fp16=compute_dtype == torch.float16,
@@ -93,7 +96,7 @@ def training_arguments(json_path, output_dir, compute_dtype, has_eval):
         (args,) = HfArgumentParser(TrainingArguments).parse_dict(values)
     except ValueError as err:
         raise SystemExit(f"{json_path}: {err}") from err
-    return args
+    return args, file_values
 
 
 def main(config):
@@ -101,13 +104,14 @@ def main(config):
     json_output_dir = json.loads(Path(config["train_args_json"]).read_text(encoding="utf-8")).get("output_dir")
     output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir("", config["data_name"], "train_qlora"))
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    check_resume_matches(resume, config, "train_qlora.py")  # the run's own settings, before the model loads
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 
     device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], device)
     train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"])
     # Read the TrainingArguments first: a typo in the JSON should not wait for a 6B model to load.
-    args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
+    args, training_values = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file.is_file())
     quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
     set_seed(args.seed)  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization,
@@ -138,12 +142,14 @@ def main(config):
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         trainable_only=ptuning,  # checkpoints hold the prefix, not the quantized base
+        run_info={"script": "train_qlora.py", "config": config, "model_version": model.model_version,
+                  "training_arguments": training_values},
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
     if trainer.is_world_process_zero():
-        finish_trainer_run(trainer, result, final_eval, "train_qlora.py", config, model.model_version, output_dir, started)
+        finish_trainer_run(trainer, result, final_eval, output_dir, started)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from utils.train_utils import (
     train_prefix_only,
 )
 from utils.run_dirs import check_output_dir, find_resume_checkpoint, prepare_output_dir
+from utils.run_record import check_resume_matches
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
@@ -113,6 +114,7 @@ def main(config):
     launched = config["local_rank"] >= 0 or "RANK" in os.environ  # by deepspeed, torchrun or mpirun
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched else None)
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    check_resume_matches(resume, config, "train_trainer.py")  # the run's own settings, before the model loads
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])  # before the model loads
 
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
@@ -194,6 +196,7 @@ def main(config):
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         trainable_only=ptuning or freeze,
+        run_info={"script": "train_trainer.py", "config": config, "model_version": model.model_version},
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -201,11 +204,11 @@ def main(config):
     if full or freeze:  # every process takes part in gathering ZeRO-3 shards; the saved weights are in the compute dtype
         state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
         if trainer.is_world_process_zero():
-            finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started, state)
+            finish_trainer_run(trainer, result, final_eval, output_dir, started, state)
     else:
         with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
             if trainer.is_world_process_zero():
-                finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
+                finish_trainer_run(trainer, result, final_eval, output_dir, started)
     leave_process_group()
 
 

@@ -111,7 +111,7 @@ def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_mo
               "--gradient_accumulation_steps=3", "--learning_rate=3e-3", "--lora_dropout=0.1", "--logging_steps=2"]
     # An interruption after step 3: only checkpoint-3 survives.
     full, interrupted, result = train_then_resume(run, "train_deepspeed.py", tmp_path, common, 3, 6)
-    assert "resuming from" in result.stdout and "step 3, epoch 1, 3 micro-batches into it" in result.stdout
+    assert f"resumed from {interrupted / 'checkpoint-3'} (step 3 of 6): epoch 1, 3 micro-batches into it" in result.stdout
     uninterrupted, resumed = logged_losses(full, 6), logged_losses(interrupted, 6)
     assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 4, 6]
     assert resumed[4] == pytest.approx(uninterrupted[4], rel=0.01)
@@ -300,7 +300,7 @@ def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and
     shutil.rmtree(resumed / "model")
     assert len(list((resumed / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))) == 2
     result = run_processes("train_deepspeed.py", "torchrun", f"--output_dir={resumed}", *common, *offload, "--resume_from_checkpoint=auto")
-    assert "resuming from" in result.stdout and "step 2" in result.stdout
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2 of 4)" in result.stdout
     uninterrupted, again = logged_losses(two, 4), logged_losses(resumed, 4)
     assert again[3] == pytest.approx(uninterrupted[3], rel=1e-4) and again[4] == pytest.approx(uninterrupted[4], rel=1e-4)
     assert_same_weights(model_weights(resumed), model_weights(two), model_dir)
