@@ -118,6 +118,21 @@ def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_mo
     assert resumed[6] == pytest.approx(uninterrupted[6], rel=0.01)
     assert (interrupted / "adapter_model" / "adapter_model.safetensors").is_file()
     assert final_train_loss(interrupted) == pytest.approx(final_train_loss(full), rel=1e-3)  # over all 6 steps
+    # Each checkpoint holds the run record (train_args.json), listed in its marker; the final one adds the metrics.
+    final = json.loads((full / "adapter_model" / "train_args.json").read_text())
+    for step in (3, 6):
+        record = json.loads((full / f"checkpoint-{step}" / "train_args.json").read_text())
+        assert record == {key: value for key, value in final.items() if key not in ("metrics", "wall_seconds")}
+        assert "train_args.json" in json.loads((full / f"checkpoint-{step}" / "checkpoint_complete.json").read_text())["files"]
+    # Resumed onto another base, or with another LoRA shape: refused with both values, before the model loads.
+    v2, v3 = trainable_models["chatglm2-6b"], trainable_models["chatglm3-6b"]
+    for option, refused in ((f"--model_dir={v3}", f"was trained on chatglm2-6b ({v2}), this resume gives chatglm3-6b ({v3})"),
+                            ("--lora_r=4", "was trained with 32, this resume gives 4")):
+        result = run("train_deepspeed.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common, option,
+                     check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: --{option[2:].split('=')[0]}: the run in {interrupted / 'checkpoint-6'} {refused}; start a new run" in result.stderr
+        assert "trainable params" not in result.stdout
 
 
 def test_deepspeed_launcher_runs_train_trainer_with_zero2_on_two_processes(trainable_models, sixteen_examples, overfit_runs, tmp_path):
