@@ -110,18 +110,23 @@ def check_resume_matches(checkpoint, config, script):
     """Before a resumed run loads its model: `config` against the run record in `checkpoint` (train_args.json).
     An option the command line left out takes the run's value (said on one line); a given one that differs stops
     with one line naming the option and both values unless it is RESUMABLE; so does a different base model (version
-    or folder), script or process count. A checkpoint without a record (written before checkpoints held one) is resumed unchecked, with a note."""
+    or folder), script or process count. A checkpoint without a record (written before checkpoints held one) is
+    resumed unchecked, with a note."""
     if not checkpoint:
         return
     record_path = Path(checkpoint) / RECORD_NAME
     if not record_path.is_file():
-        print(f"resume: {checkpoint} holds no {RECORD_NAME} (a checkpoint of an older version): the options are not "
-              "checked against the run's")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"resume: {checkpoint} holds no {RECORD_NAME} (a checkpoint of an older version): the options are "
+                  "not checked against the run's")
         return
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConfigError(f"{record_path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise ConfigError(f"{record_path}: not a run record (a JSON object with the run's 'config' object); resume from "
+                          "another checkpoint, or start a new run")
     run = f"the run in {checkpoint}"
     if record.get("script") not in (None, script):
         raise ConfigError(f"--resume_from_checkpoint: {run} was trained by {record['script']}, not {script}; resume "
@@ -148,7 +153,7 @@ def check_resume_matches(checkpoint, config, script):
     if differing:
         key = "model_dir" if "model_dir" in differing else differing[0]
         if key == "model_dir":
-            gives = f"{recorded_name(*folder_version(current[key]))} ({current[key]})" if Path(current[key]).is_dir() else current[key]
+            gives = f"{folder_version(current[key])[1]} ({current[key]})" if Path(current[key]).is_dir() else current[key]
             values = (f"was trained on {recorded_name(record.get('model_version'), trained[key])} ({trained[key]}), "
                       f"this resume gives {gives}")
         else:
@@ -160,7 +165,7 @@ def check_resume_matches(checkpoint, config, script):
         raise ConfigError(f"--{key}: {run} {values}; start a new run, or {how}{also}")
     for key, value in taken.items():
         set_flat(config, key, value)
-    if taken:
+    if taken and int(os.environ.get("RANK", "0")) == 0:
         print(f"resume: the run's settings from {record_path}: " + " ".join(f"--{k}={as_option(v)}" for k, v in taken.items()))
 
     if "model_dir" in config:
@@ -170,9 +175,10 @@ def check_resume_matches(checkpoint, config, script):
                               "model folder with --model_dir")
         version, name = folder_version(model_dir)
         if "model_version" in record and version != record["model_version"]:
-            raise ConfigError(f"--model_dir: {run} was trained on {recorded_name(record['model_version'], trained.get('model_dir', model_dir))} "
-                              f"({trained.get('model_dir', model_dir)}), this resume gives {name} ({model_dir}); start a new "
-                              "run, or resume with the run's base model")
+            trained_dir = trained.get("model_dir", model_dir)
+            raise ConfigError(f"--model_dir: {run} was trained on {recorded_name(record['model_version'], trained_dir)} "
+                              f"({trained_dir}), this resume gives {name} ({model_dir}); start a new run, or resume with "
+                              "the run's base model")
     check_training_arguments(record, config, run)
 
 
