@@ -22,7 +22,8 @@ checkpoint/<data_name>/train_deepspeed/:
     prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
     model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    DeepSpeed checkpoints (global_stepN/: trained weights, optimizer, schedule, data position) for
-                     --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log)
+                     --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log),
+                     train_args.json (the run record: a resume takes its settings and is checked against them)
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
 import itertools
@@ -446,7 +447,7 @@ def evaluate():
 def save_checkpoint():
     """checkpoint-N/ as the Trainer lays it out under DeepSpeed: global_stepN/ (DeepSpeed state of the trainable
     weights, optimizer, schedule; client state: the TrainingState) + latest, rng_state_<rank>.pth,
-    the adapter of step N and trainer_state.json. Once every rank has written its part, the checkpoint is marked
+    the adapter of step N, trainer_state.json and the run record. Once every rank has written its part, the checkpoint is marked
     complete and only then are older checkpoints beyond save_total_limit removed (utils/run_dirs.py)."""
     folder = output_dir / f"checkpoint-{state.global_step}"
     engine.save_checkpoint(str(folder), tag=f"global_step{state.global_step}", client_state=state.state_dict(),

@@ -15,7 +15,7 @@ The JSON file holds TrainingArguments (steps, batch size, learning rate, optimiz
 checkpoint/<data_name>/train_qlora/ (unless the JSON or --output_dir names a folder): adapter_model/ (PEFT
 adapter + train_args.json) or, with --method=ptuning, prefix_model/ (the prefix in the official layout, as
 train_trainer.py writes it, + train_args.json; it goes on the unquantized base by --lora_path), checkpoint-N/ for
-resuming (with ptuning: the prefix only), runs/ (TensorBoard), loss.png.
+resuming (with ptuning: the prefix only; each with train_args.json, whose settings a resume takes), runs/ (TensorBoard), loss.png.
 """
 import json
 import os

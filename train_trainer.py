@@ -17,7 +17,8 @@ checkpoint/<data_name>/train_trainer/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
     prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
     model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
-    checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
+    checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint, with train_args.json (the run record: a resume
+                     takes its settings and is checked against them)
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
 import os
