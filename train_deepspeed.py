@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.config_utils import parse_config
+from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_dtype
@@ -212,11 +212,12 @@ class TrainingState:
 
     def load_state_dict(self, saved, source):
         if "batches_done" not in saved:
-            raise FileNotFoundError(f"{source}: not a checkpoint of train_deepspeed.py (no DeepSpeed state with its client state)")
+            raise ConfigError(f"--resume_from_checkpoint: {source}: not a checkpoint of train_deepspeed.py (no DeepSpeed state "
+                              "with its client state)")
         if (saved["world_size"], saved["micro_batches_per_epoch"]) != (self.world_size, self.micro_batches_per_epoch):
-            raise ValueError(f"{source}: saved with world_size={saved['world_size']} and {saved['micro_batches_per_epoch']} "
-                             f"micro-batches per epoch; this run has {self.world_size} and {self.micro_batches_per_epoch}: "
-                             "the data order would differ")
+            raise ConfigError(f"--resume_from_checkpoint: {source}: saved with world_size={saved['world_size']} and {saved['micro_batches_per_epoch']} "
+                              f"micro-batches per epoch; this run has {self.world_size} and {self.micro_batches_per_epoch}: "
+                              "the data order would differ")
         self.global_step, self.epoch, self.batches_done = saved["global_step"], saved["epoch"], saved["batches_done"]
         self.tokens_seen, self.log_history = saved["tokens_seen"], saved["log_history"]
         self.loss_sum_before = saved["train_loss_sum"]

@@ -102,3 +102,26 @@ def test_a_resume_takes_the_run_settings_says_where_it_resumed_and_applies_new_l
     assert resumed["metrics"]["train_loss"] == pytest.approx(full["metrics"]["train_loss"], rel=1e-4)
     log = read_json(interrupted / "checkpoint-4" / "trainer_state.json")["log_history"]
     assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 4]  # steps 1 and 2 by the first session
+
+
+def test_a_checkpoint_without_a_record_is_resumed_with_a_note_and_a_changed_prefix_shape_is_one_line(tiny_model_dirs, sixteen_examples,
+                                                                                                   tmp_path):
+    """A checkpoint written before checkpoints held the run record: resumed unchecked (said so); a P-tuning prefix of
+    another length in it is one line naming both shapes, not a RuntimeError of the copy."""
+    run_dir = tmp_path / "run"
+    args = [f"--model_dir={tiny_model_dirs['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+            "--max_steps=2", "--save_steps=2", "--per_device_train_batch_size=8", "--report_to=none", "--method=ptuning",
+            f"--output_dir={run_dir}"]
+    run_script("train_trainer.py", *args, "--pre_seq_len=4", timeout=300)
+    checkpoint = run_dir / "checkpoint-2"
+    (checkpoint / "train_args.json").unlink(missing_ok=True)
+    marker = read_json(checkpoint / COMPLETE_MARKER)
+    marker["files"].pop("train_args.json", None)
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps(marker))
+    shutil.rmtree(run_dir / "prefix_model")
+    result = run_script("train_trainer.py", *args, "--pre_seq_len=8", "--resume_from_checkpoint=auto", check=False, timeout=300)
+    assert f"resume: {checkpoint} holds no train_args.json (a checkpoint of an older version)" in result.stdout
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --resume_from_checkpoint: {checkpoint} holds transformer.prefix_encoder.embedding.weight of shape [4, 128], "
+        "this run trains it as [8, 128]; resume with the settings it was made with")

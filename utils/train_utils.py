@@ -448,9 +448,14 @@ class Trainer(transformers.Trainer):
         state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
         trained = {name for name, param in model.named_parameters() if param.requires_grad}
         if set(state) != trained:
-            raise ValueError(f"{resume_from_checkpoint}: holds {sorted(set(state) - trained)[:3]} / lacks "
+            raise ConfigError(f"--resume_from_checkpoint: {resume_from_checkpoint} holds {sorted(set(state) - trained)[:3]} / lacks "
                              f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings it was made with")
         parameters = dict(model.named_parameters())
+        reshaped = [name for name, tensor in state.items() if tensor.shape != parameters[name].shape]
+        if reshaped:
+            raise ConfigError(f"--resume_from_checkpoint: {resume_from_checkpoint} holds {reshaped[0]} of shape "
+                              f"{list(state[reshaped[0]].shape)}, this run trains it as {list(parameters[reshaped[0]].shape)}; "
+                              "resume with the settings it was made with")
         with torch.no_grad():
             for name, tensor in state.items():
                 parameters[name].copy_(tensor)
