@@ -449,7 +449,7 @@ class Trainer(transformers.Trainer):
         trained = {name for name, param in model.named_parameters() if param.requires_grad}
         if set(state) != trained:
             raise ConfigError(f"--resume_from_checkpoint: {resume_from_checkpoint} holds {sorted(set(state) - trained)[:3]} / lacks "
-                             f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings it was made with")
+                              f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings it was made with")
         parameters = dict(model.named_parameters())
         reshaped = [name for name, tensor in state.items() if tensor.shape != parameters[name].shape]
         if reshaped:
