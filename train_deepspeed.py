@@ -22,7 +22,8 @@ checkpoint/<data_name>/train_deepspeed/:
     prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
     model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
     checkpoint-N/    DeepSpeed checkpoints (global_stepN/: trained weights, optimizer, schedule, data position) for
-                     --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log)
+                     --resume_from_checkpoint, RNG states, the adapter of step N (LoRA), trainer_state.json (the log),
+                     train_args.json (the run record: a resume takes its settings and is checked against them)
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
 import itertools
@@ -44,7 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from utils.config_utils import parse_config
+from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_dtype
@@ -71,6 +72,7 @@ from utils.train_utils import (
 )
 from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_checkpoint, hold_run_folder, mark_complete,
                             prepare_output_dir, rotate_checkpoints)
+from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
@@ -212,11 +214,12 @@ class TrainingState:
 
     def load_state_dict(self, saved, source):
         if "batches_done" not in saved:
-            raise FileNotFoundError(f"{source}: not a checkpoint of train_deepspeed.py (no DeepSpeed state with its client state)")
+            raise ConfigError(f"--resume_from_checkpoint: {source}: not a checkpoint of train_deepspeed.py (no DeepSpeed state "
+                              "with its client state)")
         if (saved["world_size"], saved["micro_batches_per_epoch"]) != (self.world_size, self.micro_batches_per_epoch):
-            raise ValueError(f"{source}: saved with world_size={saved['world_size']} and {saved['micro_batches_per_epoch']} "
-                             f"micro-batches per epoch; this run has {self.world_size} and {self.micro_batches_per_epoch}: "
-                             "the data order would differ")
+            raise ConfigError(f"--resume_from_checkpoint: {source}: saved with world_size={saved['world_size']} and {saved['micro_batches_per_epoch']} "
+                              f"micro-batches per epoch; this run has {self.world_size} and {self.micro_batches_per_epoch}: "
+                              "the data order would differ")
         self.global_step, self.epoch, self.batches_done = saved["global_step"], saved["epoch"], saved["batches_done"]
         self.tokens_seen, self.log_history = saved["tokens_seen"], saved["log_history"]
         self.loss_sum_before = saved["train_loss_sum"]
@@ -277,12 +280,17 @@ def memory_stats():
 # Config and the process group. The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under mpirun they
 # come from MPI (mpi4py); a plain `python train_deepspeed.py` gets a group of one.
 config = parse_config(DEFAULTS, description=__doc__)
-# Before anything slow: the model folder, the data files, the options, then the output folder (rank 0 holds it).
-train_file, dev_file = check_training_start(config, "train_deepspeed.py")
 output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_deepspeed")
 set_env_from_mpi()
+# Before anything slow: a resumed run's own settings (its checkpoint's record), then the model folder, the data files,
+# the options, then the output folder: refused if it holds a run that is neither resumed nor overwritten, and held by
+# rank 0 for all ranks (one run at a time writes there).
+resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+check_resume_matches(resume, config, "train_deepspeed.py")
+train_file, dev_file = check_training_start(config, "train_deepspeed.py")
 if int(os.environ.get("RANK", "0")) == 0:
-    hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
+    hold_run_folder(output_dir)
+check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 if "RANK" not in os.environ:
     local_rank = max(config["local_rank"], 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))
@@ -296,10 +304,6 @@ else:
     accelerator.set_device(local_rank)
     device = torch.device(accelerator.device_name(local_rank))
 master = rank == 0
-
-# The output folder: refused before anything loads if it holds a run that is neither resumed nor overwritten.
-resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
-check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model with LoRA, or all weights trainable (--method=full). "auto" dtype follows the device the engine trains on
@@ -405,6 +409,9 @@ if "scheduler" not in ds_config:
         return transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps)
 trainable = [p for p in model.parameters() if p.requires_grad]
 engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config, lr_scheduler=trainer_schedule)
+# The run record (train_args.json) of every checkpoint and of the final output, which adds the metrics.
+record = run_record("train_deepspeed.py", config, model_version, train_data, eval_data, world_size, ds_config,
+                    deepspeed=deepspeed.__version__)
 if master:
     print(f"ZeRO stage {engine.zero_optimization_stage()}, {world_size} process(es), {total_steps} steps "
           f"({steps_per_epoch} per epoch, warmup {warmup_steps}), {batch_size * accumulation * world_size} examples per step")
@@ -418,7 +425,7 @@ if resume:
     state.load_state_dict(client if load_path is not None else {}, resume)
     set_rng_state(torch.load(resume / f"rng_state_{rank}.pth", weights_only=True))
     if master:
-        print(f"resuming from {resume}: step {state.global_step}, epoch {state.epoch}, {state.batches_done} micro-batches into it")
+        print(f"{resumed_line(resume, state.global_step, total_steps)}: epoch {state.epoch}, {state.batches_done} micro-batches into it")
 start_step, tokens_at_start = state.global_step, state.tokens_seen
 
 tensorboard = master and "tensorboard" in config["report_to"].split(",")
@@ -446,7 +453,7 @@ def evaluate():
 def save_checkpoint():
     """checkpoint-N/ as the Trainer lays it out under DeepSpeed: global_stepN/ (DeepSpeed state of the trainable
     weights, optimizer, schedule; client state: the TrainingState) + latest, rng_state_<rank>.pth,
-    the adapter of step N and trainer_state.json. Once every rank has written its part, the checkpoint is marked
+    the adapter of step N, trainer_state.json and the run record. Once every rank has written its part, the checkpoint is marked
     complete and only then are older checkpoints beyond save_total_limit removed (utils/run_dirs.py)."""
     folder = output_dir / f"checkpoint-{state.global_step}"
     engine.save_checkpoint(str(folder), tag=f"global_step{state.global_step}", client_state=state.state_dict(),
@@ -461,6 +468,7 @@ def save_checkpoint():
     if master:
         trainer_state = {"global_step": state.global_step, "epoch": state.epoch_progress(), "log_history": state.log_history}
         (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_run_record(folder, record)  # the run's train_args.json, before the marker
     dist.barrier()  # every rank's part is written
     if master:
         mark_complete(folder)
@@ -552,17 +560,7 @@ metrics = {
 }
 if eval_loss is not None:
     metrics["eval_loss"] = eval_loss
-train_args = {
-    "script": "train_deepspeed.py",
-    "config": config,
-    "model_version": model_version,
-    "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data else None},
-    "metrics": metrics,
-    "deepspeed_config": ds_config,
-    "world_size": world_size,
-    "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__},
-    "wall_seconds": round(train_runtime, 1),
-}
+train_args = {**record, "metrics": metrics, "wall_seconds": round(train_runtime, 1)}
 if full or freeze:  # every rank takes part in gathering the ZeRO-3 shards, one weight at a time
     full_state = gathered_state_dict(engine.module, keep=master)
     if master:

@@ -15,7 +15,7 @@ The JSON file holds TrainingArguments (steps, batch size, learning rate, optimiz
 checkpoint/<data_name>/train_qlora/ (unless the JSON or --output_dir names a folder): adapter_model/ (PEFT
 adapter + train_args.json) or, with --method=ptuning, prefix_model/ (the prefix in the official layout, as
 train_trainer.py writes it, + train_args.json; it goes on the unquantized base by --lora_path), checkpoint-N/ for
-resuming (with ptuning: the prefix only), runs/ (TensorBoard), loss.png.
+resuming (with ptuning: the prefix only; each with train_args.json, whose settings a resume takes), runs/ (TensorBoard), loss.png.
 """
 import os
 import time
@@ -44,6 +44,7 @@ from utils.train_utils import (
     train_prefix_only,
 )
 from utils.run_dirs import check_output_dir, find_resume_checkpoint, hold_run_folder, prepare_output_dir
+from utils.run_record import check_resume_matches
 
 DEFAULTS = {
     "train_args_json": "chatGLM_6B_QLoRA.json",
@@ -77,8 +78,10 @@ RENAMED = {"train_data_path": "train_file", "eval_data_path": "dev_file", "lora_
 
 
 def training_arguments(json_path, output_dir, compute_dtype, has_eval):
-    """TrainingArguments from the JSON file; an unknown key is an error. The script sets what it owns."""
-    values = read_json_object(json_path, "--train_args_json")
+    """TrainingArguments from the JSON file (an unknown key is an error; the script sets what it owns) and the
+    file's own values (the run record keeps them: a resumed run is checked against them)."""
+    file_values = read_json_object(json_path, "--train_args_json")
+    values = dict(file_values)
     values.update(
         output_dir=str(output_dir),
         fp16=compute_dtype == torch.float16,
@@ -95,21 +98,23 @@ def training_arguments(json_path, output_dir, compute_dtype, has_eval):
     except ValueError as err:
         raise ConfigError(f"--train_args_json={json_path}: {err}") from err
     check_report_to(",".join(args.report_to), "train_qlora.py", f"--train_args_json={json_path}: report_to")
-    return args
+    return args, file_values
 
 
 def main(config):
-    # Before anything slow: the model folder, the data files, the options (the JSON file too), then the output folder.
-    train_file, dev_file = check_training_start(config, "train_qlora.py", methods=("lora", "ptuning"))
-    ptuning = config["method"] == "ptuning"
     json_output_dir = read_json_object(config["train_args_json"], "--train_args_json").get("output_dir")
     output_dir = Path(config["output_dir"] or json_output_dir or checkpoint_dir("", config["data_name"], "train_qlora"))
+    # Before anything slow: a resumed run's own settings (its checkpoint's record), then the model folder, the data
+    # files, the options (the JSON file too), then the output folder.
+    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    check_resume_matches(resume, config, "train_qlora.py")
+    train_file, dev_file = check_training_start(config, "train_qlora.py", methods=("lora", "ptuning"))
+    ptuning = config["method"] == "ptuning"
     device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], device)
-    args = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file is not None)
+    args, training_values = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file is not None)
     if int(os.environ.get("RANK", "0")) == 0:
         hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
-    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])
     quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
     set_seed(args.seed)  # the prefix encoder is initialised as the model loads
@@ -141,12 +146,14 @@ def main(config):
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         trainable_only=ptuning,  # checkpoints hold the prefix, not the quantized base
+        run_info={"script": "train_qlora.py", "config": config, "model_version": model.model_version,
+                  "training_arguments": training_values},
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
     if trainer.is_world_process_zero():
-        finish_trainer_run(trainer, result, final_eval, "train_qlora.py", config, model.model_version, output_dir, started)
+        finish_trainer_run(trainer, result, final_eval, output_dir, started)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ checkpoint/<data_name>/train_trainer/:
     adapter_model/   the LoRA adapter in PEFT format + train_args.json
     prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
     model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
-    checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint
+    checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint, with train_args.json (the run record: a resume
+                     takes its settings and is checked against them)
     runs/            TensorBoard logs;  loss.png  the loss curve
 """
 import os
@@ -49,6 +50,7 @@ from utils.train_utils import (
     train_prefix_only,
 )
 from utils.run_dirs import check_output_dir, find_resume_checkpoint, hold_run_folder, prepare_output_dir
+from utils.run_record import check_resume_matches
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
@@ -109,15 +111,17 @@ DEFAULTS = {
 
 
 def main(config):
-    # Before anything slow: the model folder, the data files, the options, then the output folder.
-    train_file, dev_file = check_training_start(config, "train_trainer.py")
     output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_trainer")
     set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launchers set them
     launched = config["local_rank"] >= 0 or "RANK" in os.environ  # by deepspeed, torchrun or mpirun
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched else None)
+    # Before anything slow: a resumed run's own settings (its checkpoint's record), then the model folder, the data
+    # files, the options, then the output folder.
+    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
+    check_resume_matches(resume, config, "train_trainer.py")
+    train_file, dev_file = check_training_start(config, "train_trainer.py")
     if int(os.environ.get("RANK", "0")) == 0:
         hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
-    resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
     check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
@@ -198,6 +202,7 @@ def main(config):
         eval_dataset=eval_data,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         trainable_only=ptuning or freeze,
+        run_info={"script": "train_trainer.py", "config": config, "model_version": model.model_version},
     )
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -205,11 +210,11 @@ def main(config):
     if full or freeze:  # every process takes part in gathering ZeRO-3 shards; the saved weights are in the compute dtype
         state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
         if trainer.is_world_process_zero():
-            finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started, state)
+            finish_trainer_run(trainer, result, final_eval, output_dir, started, state)
     else:
         with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
             if trainer.is_world_process_zero():
-                finish_trainer_run(trainer, result, final_eval, "train_trainer.py", config, model.model_version, output_dir, started)
+                finish_trainer_run(trainer, result, final_eval, output_dir, started)
     leave_process_group()
 
 

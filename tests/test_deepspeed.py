@@ -111,13 +111,28 @@ def test_train_deepspeed_resumed_run_ends_at_the_uninterrupted_loss(trainable_mo
               "--gradient_accumulation_steps=3", "--learning_rate=3e-3", "--lora_dropout=0.1", "--logging_steps=2"]
     # An interruption after step 3: only checkpoint-3 survives.
     full, interrupted, result = train_then_resume(run, "train_deepspeed.py", tmp_path, common, 3, 6)
-    assert "resuming from" in result.stdout and "step 3, epoch 1, 3 micro-batches into it" in result.stdout
+    assert f"resumed from {interrupted / 'checkpoint-3'} (step 3 of 6): epoch 1, 3 micro-batches into it" in result.stdout
     uninterrupted, resumed = logged_losses(full, 6), logged_losses(interrupted, 6)
     assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 4, 6]
     assert resumed[4] == pytest.approx(uninterrupted[4], rel=0.01)
     assert resumed[6] == pytest.approx(uninterrupted[6], rel=0.01)
     assert (interrupted / "adapter_model" / "adapter_model.safetensors").is_file()
     assert final_train_loss(interrupted) == pytest.approx(final_train_loss(full), rel=1e-3)  # over all 6 steps
+    # Each checkpoint holds the run record (train_args.json), listed in its marker; the final one adds the metrics.
+    final = json.loads((full / "adapter_model" / "train_args.json").read_text())
+    for step in (3, 6):
+        record = json.loads((full / f"checkpoint-{step}" / "train_args.json").read_text())
+        assert record == {key: value for key, value in final.items() if key not in ("metrics", "wall_seconds")}
+        assert "train_args.json" in json.loads((full / f"checkpoint-{step}" / "checkpoint_complete.json").read_text())["files"]
+    # Resumed onto another base, or with another LoRA shape: refused with both values, before the model loads.
+    v2, v3 = trainable_models["chatglm2-6b"], trainable_models["chatglm3-6b"]
+    for option, refused in ((f"--model_dir={v3}", f"was trained on chatglm2-6b ({v2}), this resume gives chatglm3-6b ({v3})"),
+                            ("--lora_r=4", "was trained with 32, this resume gives 4")):
+        result = run("train_deepspeed.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common, option,
+                     check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"error: --{option[2:].split('=')[0]}: the run in {interrupted / 'checkpoint-6'} {refused}; start a new run" in result.stderr
+        assert "trainable params" not in result.stdout
 
 
 def test_deepspeed_launcher_runs_train_trainer_with_zero2_on_two_processes(trainable_models, sixteen_examples, overfit_runs, tmp_path):
@@ -300,7 +315,7 @@ def test_full_fine_tuning_with_zero3_offload_on_two_processes_trains_resumes_and
     shutil.rmtree(resumed / "model")
     assert len(list((resumed / "checkpoint-2" / "global_step2").glob("*optim_states.pt"))) == 2
     result = run_processes("train_deepspeed.py", "torchrun", f"--output_dir={resumed}", *common, *offload, "--resume_from_checkpoint=auto")
-    assert "resuming from" in result.stdout and "step 2" in result.stdout
+    assert f"resumed from {resumed / 'checkpoint-2'} (step 2 of 4)" in result.stdout
     uninterrupted, again = logged_losses(two, 4), logged_losses(resumed, 4)
     assert again[3] == pytest.approx(uninterrupted[3], rel=1e-4) and again[4] == pytest.approx(uninterrupted[4], rel=1e-4)
     assert_same_weights(model_weights(resumed), model_weights(two), model_dir)

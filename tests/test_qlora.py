@@ -101,11 +101,34 @@ def test_train_qlora_resumed_run_ends_at_the_uninterrupted_loss(trainable_models
                                 learning_rate=3e-3)
     common = [f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm2-6b']}",
               f"--train_file={sixteen_examples}", "--dev_file=none", "--dtype=fp32", *LORA]
-    full, interrupted, _ = train_then_resume(run_script, "train_qlora.py", tmp_path, common, 10, 20)
+    full, interrupted, result = train_then_resume(run_script, "train_qlora.py", tmp_path, common, 10, 20)
+    assert f"resumed from {interrupted / 'checkpoint-10'} (step 10 of 20)" in result.stdout
     uninterrupted, resumed = logged_losses(full, 20), logged_losses(interrupted, 20)
     assert resumed[20] == pytest.approx(uninterrupted[20], rel=0.01)
     assert resumed[15] == pytest.approx(uninterrupted[15], rel=0.01)
     assert final_train_loss(interrupted) == pytest.approx(final_train_loss(full), rel=1e-3)  # over all 20 steps
+    # The run record of checkpoint-10 is the final one's without the metrics, with the TrainingArguments file's values.
+    final = json.loads((full / "adapter_model" / "train_args.json").read_text())
+    record = json.loads((full / "checkpoint-10" / "train_args.json").read_text())
+    assert record == {key: value for key, value in final.items() if key not in ("metrics", "wall_seconds")}
+    assert record["training_arguments"] == json.loads(args_json.read_text())
+    # Another base, or another learning rate in the file: refused with both values, before the model loads.
+    v2, v3 = trainable_models["chatglm2-6b"], trainable_models["chatglm3-6b"]
+    checkpoint = interrupted / "checkpoint-20"
+    result = run_script("train_qlora.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common,
+                        f"--model_dir={v3}", check=False, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"error: --model_dir: the run in {checkpoint} was trained on chatglm2-6b ({v2}), this resume gives chatglm3-6b "
+            f"({v3}); start a new run") in result.stderr
+    (tmp_path / "faster").mkdir()
+    faster = train_args_json(tmp_path / "faster", max_steps=20, save_steps=10, eval_strategy="no", per_device_train_batch_size=4,
+                             learning_rate=1e-2)
+    result = run_script("train_qlora.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *common,
+                        f"--train_args_json={faster}", check=False, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"error: --train_args_json: {faster}: 'learning_rate': the run in {checkpoint} was trained with 0.003, this "
+            "resume gives 0.01; start a new run") in result.stderr
+    assert "trainable params" not in result.stdout
 
 
 def test_train_qlora_rejects_unknown_training_arguments(trainable_models, sixteen_examples, tmp_path):

@@ -18,12 +18,12 @@ from transformers.trainer_pt_utils import nested_gather
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError, flatten
-from utils.data_io import write_atomic
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
 from utils.model_folder import folder_config, staged_folder, write_model_folder, write_native_model_folder
 from utils.model_utils import DTYPES, PREFIX_KEY, detect_model_version, read_config, remote_module
 from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
+from utils.run_record import resumed_line, run_record, write_run_record
 
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
 # lora: train LoRA adapters on frozen weights; ptuning: train a P-tuning v2 prefix (the official ChatGLM method) on
@@ -392,7 +392,7 @@ def save_prefix(model, output_dir, train_args: dict):
     final = Path(output_dir) / PREFIX_DIR
     with staged_folder(final, replace=True) as staging:
         write_partial_checkpoint(staging, prefix_state(model), model.config)
-        write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
+        write_run_record(staging, train_args)
     return final
 
 
@@ -420,7 +420,7 @@ def save_adapter(model, output_dir, train_args: dict):
     final = Path(output_dir) / ADAPTER_DIR
     with staged_folder(final, replace=True) as staging:
         model.save_pretrained(str(staging), safe_serialization=True)
-        write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
+        write_run_record(staging, train_args)
     return final
 
 
@@ -460,7 +460,7 @@ def save_full_model(state, model_version, source_dir, output_dir, train_args: di
         else:
             write_model_folder(staging, state, folder_config(read_config(source_dir), model_version, dtype), model_version,
                                source_dir, FULL_MODEL_SHARD_BYTES)
-        write_atomic(staging / "train_args.json", json.dumps(train_args, indent=2, ensure_ascii=False, default=str))
+        write_run_record(staging, train_args)
     return final
 
 
@@ -534,18 +534,35 @@ class _StopAtPlannedEnd(transformers.TrainerCallback):
             raise _NothingLeftToTrain
 
 
+class _ResumedRun(transformers.TrainerCallback):
+    """On a resumed run: says where it resumed from, and re-applies this run's logging, eval and save frequencies,
+    which the Trainer otherwise takes from the checkpoint's trainer_state.json (utils/run_record.py lets them change)."""
+
+    def __init__(self):
+        self.checkpoint = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.checkpoint is not None:
+            state.compute_steps(args, state.max_steps)
+            if state.is_world_process_zero:
+                print(resumed_line(self.checkpoint, state.global_step, state.max_steps), flush=True)
+
+
 class Trainer(transformers.Trainer):
     """transformers.Trainer that
     - logs the peak GPU memory (tokens/s come from include_num_input_tokens_seen), and stops with TrainingDiverged once
       the trained weights are NaN/inf (checked at each training log line);
-    - marks each checkpoint complete once all of it is on disk, and only then rotates old ones out (the Trainer's own
-      rotation, which could delete the last complete checkpoint before the new one is whole, is turned off), so
+    - writes the run record (train_args.json, utils/run_record.py) into each checkpoint, marks the checkpoint
+      complete once all of it is on disk, and only then rotates old ones out (the Trainer's own rotation, which could
+      delete the last complete checkpoint before the new one is whole, is turned off), so
       --resume_from_checkpoint=auto never picks a checkpoint cut off by a crash (utils/run_dirs.py);
     - reports train_loss over all the steps of a resumed run (the Trainer averages over the resumed part only), from
       the loss sum recorded in each checkpoint's marker;
-    - trains no extra step when resumed from the checkpoint of the last step."""
+    - trains no extra step when resumed from the checkpoint of the last step.
+    run_info: what run_record takes beside the data and processes (script, config, model_version, and
+    train_qlora.py's training_arguments)."""
 
-    def __init__(self, *args, trainable_only=False, **kwargs):
+    def __init__(self, *args, run_info, trainable_only=False, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         validate = transformers.trainer.validate_quantization_for_training
         if trainable_only and getattr(model, "is_quantized", False):
@@ -560,9 +577,18 @@ class Trainer(transformers.Trainer):
         self.keep_checkpoints = self.args.save_total_limit or 0
         self.args.save_total_limit = None
         self.add_callback(_StopAtPlannedEnd)
+        self.resumed_run = _ResumedRun()
+        self.add_callback(self.resumed_run)
+        self.run_info = run_info
         self.loss_sum_at_start = 0.0
         self.first_training_log = None  # (wall clock, tokens seen) at the first training log line of this session
         self.steady_tokens_per_second = None  # real tokens/s from that line to the latest one
+
+    def run_record(self):
+        """The run's train_args.json without its final metrics (utils/run_record.py)."""
+        deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+        return run_record(**self.run_info, train_data=self.train_dataset, eval_data=self.eval_dataset,
+                          world_size=self.args.world_size, deepspeed_config=deepspeed_config)
 
     def _track_num_input_tokens(self, inputs):
         # Packed rows carry segment ids (1, 2, 3, ...) in attention_mask: count tokens, not ids.
@@ -588,6 +614,7 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint:
             record = checkpoint_record(resume_from_checkpoint)
             self.loss_sum_at_start, step_at_start = record["train_loss_sum"], record["step"]
+            self.resumed_run.checkpoint = resume_from_checkpoint
         try:
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         except _NothingLeftToTrain:  # the checkpoint's weights are loaded; finish as the Trainer would
@@ -616,9 +643,14 @@ class Trainer(transformers.Trainer):
         state = load_file(str(Path(resume_from_checkpoint) / "model.safetensors"))
         trained = {name for name, param in model.named_parameters() if param.requires_grad}
         if set(state) != trained:
-            raise ValueError(f"{resume_from_checkpoint}: holds {sorted(set(state) - trained)[:3]} / lacks "
-                             f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings it was made with")
+            raise ConfigError(f"--resume_from_checkpoint: {resume_from_checkpoint} holds {sorted(set(state) - trained)[:3]} / lacks "
+                              f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings it was made with")
         parameters = dict(model.named_parameters())
+        reshaped = [name for name, tensor in state.items() if tensor.shape != parameters[name].shape]
+        if reshaped:
+            raise ConfigError(f"--resume_from_checkpoint: {resume_from_checkpoint} holds {reshaped[0]} of shape "
+                              f"{list(state[reshaped[0]].shape)}, this run trains it as {list(parameters[reshaped[0]].shape)}; "
+                              "resume with the settings it was made with")
         with torch.no_grad():
             for name, tensor in state.items():
                 parameters[name].copy_(tensor)
@@ -632,7 +664,10 @@ class Trainer(transformers.Trainer):
         self.accelerator.wait_for_everyone()  # every process has written its part of the checkpoint
         if self.args.should_save:
             run_dir = Path(self._get_output_dir(trial=trial))
-            mark_complete(run_dir / f"checkpoint-{self.state.global_step}", {"train_loss_sum": loss_sum})
+            folder = run_dir / f"checkpoint-{self.state.global_step}"
+            # Here rather than in a callback's on_save, which runs after this method: the marker must come last.
+            write_run_record(folder, self.run_record())
+            mark_complete(folder, {"train_loss_sum": loss_sum})
             rotate_checkpoints(run_dir, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
@@ -705,7 +740,7 @@ def gathered_trainable_parameters(model):
         yield
 
 
-def finish_trainer_run(trainer, train_result, final_eval, script, config, model_version, output_dir, started, full_state=None):
+def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, full_state=None):
     """On the main process after Trainer.train() and a final evaluate() (which all processes must run): final
     metrics, the adapter with train_args.json (or, given the gathered `full_state` of a full fine-tuning, the model
     folder), the loss plot; prints where they are."""
@@ -717,17 +752,8 @@ def finish_trainer_run(trainer, train_result, final_eval, script, config, model_
     if trainer.steady_tokens_per_second is not None:
         metrics["steady_tokens_per_second"] = trainer.steady_tokens_per_second
     metrics["peak_memory_gib"] = peak_memory_gib()
-    train_args = {
-        "script": script,
-        "config": config,
-        "model_version": model_version,
-        "data": {"train": trainer.train_dataset.stats, "dev": trainer.eval_dataset.stats if trainer.eval_dataset else None},
-        "metrics": metrics,
-        "world_size": trainer.args.world_size,
-        "deepspeed_config": trainer.accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "wall_seconds": round(time.time() - started, 1),
-    }
+    train_args = {**trainer.run_record(), "metrics": metrics, "wall_seconds": round(time.time() - started, 1)}
+    config, model_version = train_args["config"], train_args["model_version"]
     if full_state is not None:
         saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
     elif config.get("method") == "ptuning":

@@ -1,0 +1,203 @@
+"""The run record, train_args.json: what a training run was given and trained on (script, config, model version,
+data, processes, versions). Every checkpoint-N of a run holds it (written before the checkpoint's completion marker),
+and the run's final adapter, prefix or model folder holds it with the run's metrics.
+
+- run_record / write_run_record: build and write it (the one way every training script does).
+- check_resume_matches: before a resumed run loads anything, its options against the checkpoint's record: what the
+  command line left out is taken from the record; a given option that differs is refused, naming both values,
+  unless it is one of RESUMABLE (options that take effect on a resumed run without changing what it trains).
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from utils.config_utils import Config, ConfigError, flatten, set_flat
+from utils.data_io import write_atomic
+from utils.model_utils import detect_model_version, read_config
+
+RECORD_NAME = "train_args.json"
+
+# Options a resumed run may be given anew, because the new value does take effect on it (and what it trains stays the
+# run's): how often it logs, evaluates and saves (the Trainer scripts re-apply them at the start of training, see
+# utils/train_utils.py), how many checkpoints it keeps, where it reports, the dev set and its batch size, printing a
+# sample, skipping bad lines (the data is read again: a line that was skipped then is skipped or refused now) and
+# activation checkpointing (memory against time, the same gradients). Every other training option must equal the
+# run's record.
+RESUMABLE = frozenset({
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size",
+    "dev_file", "show_example", "skip_bad_lines", "gradient_checkpointing",
+    "train_args_json",  # train_qlora.py: the file may move; its contents are compared key by key below
+})
+# Where and how this session resumes: neither compared nor taken from the record.
+SESSION = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank"})
+# TrainingArguments of train_qlora.py's --train_args_json file that may change on resume, as above.
+RESUMABLE_TRAINING_ARGUMENTS = frozenset({
+    "output_dir", "logging_steps", "logging_first_step", "logging_strategy", "logging_dir", "eval_steps",
+    "eval_strategy", "save_steps", "save_strategy", "save_total_limit", "report_to", "per_device_eval_batch_size",
+    "dataloader_num_workers", "disable_tqdm",
+})
+# Resolved before the resume check runs (train_trainer.py picks its DeepSpeed config first), so never taken from the
+# record: a difference is refused whether given or not.
+NOT_TAKEN = frozenset({"deepspeed"})
+
+
+def run_record(script, config, model_version, train_data, eval_data, world_size, deepspeed_config,
+               training_arguments=None, **versions):
+    """The record of a run, without its final metrics (finish_trainer_run and train_deepspeed.py add them).
+    training_arguments: train_qlora.py's --train_args_json contents. versions: library versions beside torch's and
+    transformers'."""
+    record = {
+        "script": script,
+        "config": config,
+        "model_version": model_version,
+        "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data is not None else None},
+        "world_size": world_size,
+        "deepspeed_config": deepspeed_config,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **versions},
+    }
+    if training_arguments is not None:
+        record["training_arguments"] = training_arguments
+    return record
+
+
+def write_run_record(folder, record):
+    write_atomic(Path(folder) / RECORD_NAME, json.dumps(record, indent=2, ensure_ascii=False, default=str))
+
+
+def resumed_line(checkpoint, step, total_steps):
+    """The line every training script prints when it resumes."""
+    return f"resumed from {checkpoint} (step {step} of {total_steps})"
+
+
+def folder_version(model_dir):
+    """(the ChatGLM version of a model folder, or None for a model of transformers' own classes; its name)."""
+    config = read_config(model_dir)
+    if config.get("model_type") not in (None, "chatglm"):
+        return None, config["model_type"]
+    version = detect_model_version(config, str(Path(model_dir) / "config.json"))
+    return version, version
+
+
+def recorded_name(version, model_dir):
+    if version is not None:
+        return version
+    try:
+        return folder_version(model_dir)[1]
+    except Exception:  # noqa: BLE001 - only for the message: the folder of the run may be gone or changed
+        return "a model of transformers' own classes"
+
+
+def same_folder(first, second):
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return os.path.normpath(first) == os.path.normpath(second)
+
+
+def as_recorded(value):
+    """A config value as train_args.json holds it (tuples become lists, other objects their text)."""
+    return json.loads(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def as_option(value):
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def check_resume_matches(checkpoint, config, script):
+    """Before a resumed run loads its model: `config` against the run record in `checkpoint` (train_args.json).
+    An option the command line left out takes the run's value (said on one line); a given one that differs stops
+    with one line naming the option and both values unless it is RESUMABLE; so does a different base model (version
+    or folder), script or process count. A checkpoint without a record (written before checkpoints held one) is
+    resumed unchecked, with a note."""
+    if not checkpoint:
+        return
+    record_path = Path(checkpoint) / RECORD_NAME
+    if not record_path.is_file():
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"resume: {checkpoint} holds no {RECORD_NAME} (a checkpoint of an older version): the options are "
+                  "not checked against the run's")
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{record_path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise ConfigError(f"{record_path}: not a run record (a JSON object with the run's 'config' object); resume from "
+                          "another checkpoint, or start a new run")
+    run = f"the run in {checkpoint}"
+    if record.get("script") not in (None, script):
+        raise ConfigError(f"--resume_from_checkpoint: {run} was trained by {record['script']}, not {script}; resume "
+                          f"it with {record['script']}, or start a new run")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if record.get("world_size") not in (None, world_size):
+        raise ConfigError(f"--resume_from_checkpoint: {run} trained on {record['world_size']} process(es), this resume "
+                          f"has {world_size}; resume with {record['world_size']}, or start a new run")
+
+    given = config.given if isinstance(config, Config) else set(flatten(config))  # a plain dict: every key was chosen
+    trained, current = flatten(record.get("config", {})), flatten(config)
+    taken, differing = {}, []
+    for key, value in current.items():
+        if key in SESSION or key not in trained or as_recorded(value) == trained[key]:
+            continue
+        if key == "model_dir" and key in given and (same_folder(value, trained[key]) or not Path(trained[key]).is_dir()):
+            continue  # the same folder by another path, or the run's folder is gone: the version check below decides
+        if key in given and key in RESUMABLE:
+            continue  # takes effect
+        if key in given or key in NOT_TAKEN:
+            differing.append(key)
+        else:
+            taken[key] = trained[key]
+    if differing:
+        key = "model_dir" if "model_dir" in differing else differing[0]
+        if key == "model_dir":
+            gives = f"{folder_version(current[key])[1]} ({current[key]})" if Path(current[key]).is_dir() else current[key]
+            values = (f"was trained on {recorded_name(record.get('model_version'), trained[key])} ({trained[key]}), "
+                      f"this resume gives {gives}")
+        else:
+            values = f"was trained with {as_option(trained[key])}, this resume gives {as_option(as_recorded(current[key]))}"
+        how = (f"resume with --{key}={trained[key]}" if key in NOT_TAKEN
+               else f"resume without --{key} (it takes the run's value)")
+        others = [f"--{k}" for k in differing if k != key]
+        also = f" (also different: {', '.join(others)})" if others else ""
+        raise ConfigError(f"--{key}: {run} {values}; start a new run, or {how}{also}")
+    for key, value in taken.items():
+        set_flat(config, key, value)
+    if taken and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resume: the run's settings from {record_path}: " + " ".join(f"--{k}={as_option(v)}" for k, v in taken.items()))
+
+    if "model_dir" in config:
+        model_dir = config["model_dir"]
+        if not Path(model_dir).is_dir():
+            raise ConfigError(f"--model_dir: {run} was trained on {model_dir}, which is not a folder here; pass the "
+                              "model folder with --model_dir")
+        version, name = folder_version(model_dir)
+        if "model_version" in record and version != record["model_version"]:
+            trained_dir = trained.get("model_dir", model_dir)
+            raise ConfigError(f"--model_dir: {run} was trained on {recorded_name(record['model_version'], trained_dir)} "
+                              f"({trained_dir}), this resume gives {name} ({model_dir}); start a new run, or resume with "
+                              "the run's base model")
+    check_training_arguments(record, config, run)
+
+
+def check_training_arguments(record, config, run):
+    """train_qlora.py: its --train_args_json file against the TrainingArguments the run recorded."""
+    if "training_arguments" not in record or not Path(config.get("train_args_json") or "").is_file():
+        return  # not train_qlora.py, or its file is missing (the script reports that)
+    path = config["train_args_json"]
+    try:
+        current = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return  # the script reports it with its line
+    if not isinstance(current, dict):
+        return
+    trained = record["training_arguments"]
+    for key in sorted(set(current) | set(trained)):
+        if key in RESUMABLE_TRAINING_ARGUMENTS or current.get(key) == trained.get(key):
+            continue
+        gives = json.dumps(current[key], ensure_ascii=False) if key in current else "nothing (the default)"
+        had = json.dumps(trained[key], ensure_ascii=False) if key in trained else "nothing (the default)"
+        raise ConfigError(f"--train_args_json: {path}: '{key}': {run} was trained with {had}, this resume gives {gives}; "
+                          f"start a new run, or resume with the run's '{key}'")
