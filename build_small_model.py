@@ -27,7 +27,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from utils.config_utils import parse_config
+from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, read_text, write_jsonl
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import remote_module
@@ -177,9 +177,9 @@ def model_config(config, pieces):
 def main(config):
     output_dir = Path(config["output_dir"])
     if config["tokenizer_type"] not in ("bpe", "char"):
-        raise SystemExit(f"--tokenizer_type={config['tokenizer_type']}: expected bpe or char")
+        raise ConfigError(f"--tokenizer_type={config['tokenizer_type']}: expected bpe or char")
     if output_dir.exists():
-        raise SystemExit(f"{output_dir} already exists; remove it or choose another --output_dir")
+        raise ConfigError(f"--output_dir={output_dir}: already exists; remove it or choose another --output_dir")
     texts = build_corpus(config)
     tokenizer_model = train_tokenizer(texts, config)
     pieces = spm.SentencePieceProcessor(model_proto=tokenizer_model).get_piece_size()

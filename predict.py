@@ -112,7 +112,7 @@ def main(config):
 
     drop_made_up = {"auto": task == "ner", "true": True, "false": False}.get(str(config["drop_entities_not_in_text"]).lower())
     if drop_made_up is None or (drop_made_up and task != "ner"):
-        raise SystemExit(f"--drop_entities_not_in_text={config['drop_entities_not_in_text']}: use auto, or true/false for NER")
+        raise ConfigError(f"--drop_entities_not_in_text={config['drop_entities_not_in_text']}: use auto, or true/false for NER (the entities of a generation task are not checked against a sentence)")
     sources = [source_text(r) for r in records] if drop_made_up else None  # the sentence, not the instruction
 
     # The adapter is folded into the weights for generation (base speed); with --before_after only after the base has

@@ -19,7 +19,7 @@ def finished_run(tiny_model_dirs, sixteen_examples, tmp_path_factory):
     """A LoRA run of 4 steps on the tiny ChatGLM2, checkpoints at steps 2 and 4, every step logged; and its
     arguments."""
     run_dir = tmp_path_factory.mktemp("resume-check") / "run"
-    args = [f"--model_dir={tiny_model_dirs['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+    args = [f"--model_dir={tiny_model_dirs['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none",
             "--max_steps=4", "--save_steps=2", "--save_total_limit=0", "--per_device_train_batch_size=8",
             "--lora_r=8", "--learning_rate=1e-3", "--logging_steps=1", "--report_to=none"]
     run_script("train_trainer.py", f"--output_dir={run_dir}", *args, timeout=300)
@@ -109,7 +109,7 @@ def test_a_checkpoint_without_a_record_is_resumed_with_a_note_and_a_changed_pref
     """A checkpoint written before checkpoints held the run record: resumed unchecked (said so); a P-tuning prefix of
     another length in it is one line naming both shapes, not a RuntimeError of the copy."""
     run_dir = tmp_path / "run"
-    args = [f"--model_dir={tiny_model_dirs['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none.txt",
+    args = [f"--model_dir={tiny_model_dirs['chatglm2-6b']}", f"--train_file={sixteen_examples}", "--dev_file=none",
             "--max_steps=2", "--save_steps=2", "--per_device_train_batch_size=8", "--report_to=none", "--method=ptuning",
             f"--output_dir={run_dir}"]
     run_script("train_trainer.py", *args, "--pre_seq_len=4", timeout=300)

@@ -111,8 +111,9 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(trained_adapter,
     v2, v3 = trainable_models["chatglm2-6b"], trainable_models["chatglm3-6b"]
     predicted = run_script("predict.py", f"--model_dir={v2}", f"--lora_path={checkpoint}", f"--dev_file={sixteen_examples}",
                            "--num_samples=2", "--max_new_tokens=2", f"--output_dir={tmp_path / 'out'}", check=False)
-    expected = (f"error: the adapter {checkpoint} was trained on chatglm3-6b (read from {checkpoint / 'adapter_config.json'} "
-                f"base_model_name_or_path={v3}, that folder's config.json) but the base {v2} is chatglm2-6b")
+    # Every checkpoint-N carries the run record, the first source of the model it was made for.
+    expected = (f"error: the adapter {checkpoint} was trained on chatglm3-6b (read from {checkpoint / 'train_args.json'} "
+                f"model_version) but the base {v2} is chatglm2-6b")
     assert one_error_line(predicted).startswith(expected) and not (tmp_path / "out").exists()
     merged = run_script("merge_lora_and_quantize.py", f"--model_dir={v2}", f"--lora_path={checkpoint}",
                         f"--output_path={tmp_path / 'merged'}", check=False)
@@ -121,10 +122,14 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(trained_adapter,
     from utils.adapters import check_lora_on_base
     from utils.model_utils import ModelFolderError
 
-    # The base folder gone: the run record says it (the train_args.json of the run's final adapter, as a checkpoint
-    # carries it) ...
+    # Without a record (a checkpoint of an older version), the base its adapter_config.json names ...
     moved = tmp_path / "moved"
     shutil.copytree(checkpoint, moved)
+    (moved / "train_args.json").unlink()
+    with pytest.raises(ModelFolderError, match=rf"trained on chatglm3-6b \(read from .*moved/adapter_config.json "
+                                               rf"base_model_name_or_path={v3}, that folder's config.json\) but the base .* is chatglm2-6b"):
+        check_lora_on_base(moved, v2)
+    # ... with that base folder gone, the run record says it ...
     adapter_config = json.loads((moved / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(tmp_path / "gone")}))
     shutil.copy(run_dir / "adapter_model" / "train_args.json", moved / "train_args.json")

@@ -392,10 +392,10 @@ def test_servers_and_chat_report_bad_options_and_folders_in_one_error_line(tmp_p
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     cases = [  # (script, args, the message after "error: ")
-        ("web_demo.py", [f"--model_dir={missing}"], f"{missing}/config.json: not found"),
-        ("chat_ner.py", [f"--model_dir={missing}", "--lora_path=none"], f"{missing}/config.json: not found"),
-        ("api_server.py", [f"--model_dir={missing}"], f"{missing}/config.json: not found"),
-        ("web_demo.py", [f"--model_dir={tiny}", f"--lora_path={tmp_path}"], f"{tmp_path}: no adapter_config.json"),
+        ("web_demo.py", [f"--model_dir={missing}"], f"--model_dir={missing}: no such folder"),
+        ("chat_ner.py", [f"--model_dir={missing}", "--lora_path=none"], f"--model_dir={missing}: no such folder"),
+        ("api_server.py", [f"--model_dir={missing}"], f"--model_dir={missing}: no such folder"),
+        ("web_demo.py", [f"--model_dir={tiny}", f"--lora_path={tmp_path}"], f"--lora_path={tmp_path}: an empty folder"),
         ("web_demo.py", [f"--model_dir={tiny}", "--dtype=fp8"], "--dtype: 'fp8' is not a dtype"),
         ("chat_ner.py", [f"--model_dir={tiny}", "--lora_path=none", "--device=gpu"], "--device: 'gpu' is not a device"),
         ("web_demo.py", [f"--model_dir={tiny}", "--port=99999"], "--port: 99999 is not a TCP port"),
