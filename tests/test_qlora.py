@@ -207,7 +207,10 @@ def test_train_qlora_ptuning_resumed_run_ends_at_the_uninterrupted_loss(trainabl
     uninterrupted, resumed = logged_losses(full, 8), logged_losses(interrupted, 8)
     assert resumed[6] == pytest.approx(uninterrupted[6], rel=1e-4) and resumed[8] == pytest.approx(uninterrupted[8], rel=1e-4)
     prefixes = [load_file(str(run / "prefix_model" / "model.safetensors")) for run in (full, interrupted)]
-    torch.testing.assert_close(prefixes[1], prefixes[0], rtol=1e-4, atol=1e-6)
+    # Adam at lr 0.1 turns float-rounding differences (CPU reductions in another order under load) on elements with a
+    # near-zero gradient into up to ~1e-4 (seen once in a full-suite run); a resume that lost the optimizer state or
+    # the schedule moves the prefix by the order of the learning rate.
+    torch.testing.assert_close(prefixes[1], prefixes[0], rtol=1e-3, atol=5e-4)
 
 
 def test_train_qlora_refuses_other_methods_and_bit_widths(trainable_models, sixteen_examples, tmp_path):
