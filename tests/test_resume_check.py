@@ -51,13 +51,20 @@ def test_every_checkpoint_holds_the_run_record_before_its_marker(finished_run):
         assert read_json(checkpoint / COMPLETE_MARKER)["files"]["train_args.json"] == (checkpoint / "train_args.json").stat().st_size
 
 
-def test_a_resume_onto_another_base_is_refused_before_the_model_loads(finished_run, tiny_model_dirs, tmp_path):
+def resume_with(finished_run, tmp_path, option, value):
+    """A copy of the finished run cut back to checkpoint-2, resumed with --option=value in place of the run's own:
+    (the copy, the completed process)."""
     run_dir, args = finished_run
     interrupted = interrupted_copy(run_dir, tmp_path)
-    v2, v3 = tiny_model_dirs["chatglm2-6b"], tiny_model_dirs["chatglm3-6b"]
-    other_base = [arg for arg in args if not arg.startswith("--model_dir=")] + [f"--model_dir={v3}"]
-    result = run_script("train_trainer.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *other_base,
+    changed = [arg for arg in args if not arg.startswith(f"--{option}=")] + [f"--{option}={value}"]
+    result = run_script("train_trainer.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *changed,
                         check=False, timeout=300)
+    return interrupted, result
+
+
+def test_a_resume_onto_another_base_is_refused_before_the_model_loads(finished_run, tiny_model_dirs, tmp_path):
+    v2, v3 = tiny_model_dirs["chatglm2-6b"], tiny_model_dirs["chatglm3-6b"]
+    interrupted, result = resume_with(finished_run, tmp_path, "model_dir", v3)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --model_dir: the run in {interrupted / 'checkpoint-2'} was trained on chatglm2-6b ({v2}), this resume "
@@ -73,11 +80,7 @@ def test_a_resume_onto_another_base_is_refused_before_the_model_loads(finished_r
     ("max_steps", "4", "10"),  # the schedule would end at step 4: the extra steps at learning rate 0
 ])
 def test_a_resume_with_a_changed_training_option_is_refused_naming_both_values(finished_run, tmp_path, option, recorded, given):
-    run_dir, args = finished_run
-    interrupted = interrupted_copy(run_dir, tmp_path)
-    changed = [arg for arg in args if not arg.startswith(f"--{option}=")] + [f"--{option}={given}"]
-    result = run_script("train_trainer.py", f"--output_dir={interrupted}", "--resume_from_checkpoint=auto", *changed,
-                        check=False, timeout=300)
+    interrupted, result = resume_with(finished_run, tmp_path, option, given)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --{option}: the run in {interrupted / 'checkpoint-2'} was trained with {recorded}, this resume gives "

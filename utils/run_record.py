@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 import transformers
 
+from utils.adapters import RUN_RECORD, read_run_record
 from utils.config_utils import Config, ConfigError, flatten, set_flat
 from utils.data_io import write_atomic
 from utils.model_utils import detect_model_version, read_config
-
-RECORD_NAME = "train_args.json"
 
 # Options a resumed run may be given anew, because the new value does take effect on it (and what it trains stays the
 # run's): how often it logs, evaluates and saves (the Trainer scripts re-apply them at the start of training, see
@@ -64,7 +63,7 @@ def run_record(script, config, model_version, train_data, eval_data, world_size,
 
 
 def write_run_record(folder, record):
-    write_atomic(Path(folder) / RECORD_NAME, json.dumps(record, indent=2, ensure_ascii=False, default=str))
+    write_atomic(Path(folder) / RUN_RECORD, json.dumps(record, indent=2, ensure_ascii=False, default=str))
 
 
 def resumed_line(checkpoint, step, total_steps):
@@ -114,17 +113,14 @@ def check_resume_matches(checkpoint, config, script):
     resumed unchecked, with a note."""
     if not checkpoint:
         return
-    record_path = Path(checkpoint) / RECORD_NAME
+    record_path = Path(checkpoint) / RUN_RECORD
     if not record_path.is_file():
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"resume: {checkpoint} holds no {RECORD_NAME} (a checkpoint of an older version): the options are "
+            print(f"resume: {checkpoint} holds no {RUN_RECORD} (a checkpoint of an older version): the options are "
                   "not checked against the run's")
         return
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{record_path}: line {err.lineno}: not valid JSON ({err.msg})") from err
-    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+    record = read_run_record(checkpoint)  # the hand-off's reader: a JSON object whose fields have their types
+    if not isinstance(record.get("config", {}), dict):
         raise ConfigError(f"{record_path}: not a run record (a JSON object with the run's 'config' object); resume from "
                           "another checkpoint, or start a new run")
     run = f"the run in {checkpoint}"

@@ -15,6 +15,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from utils.config_utils import ConfigError
+from utils.model_utils import DTYPES
 
 DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
 
@@ -114,8 +115,6 @@ def check_serving_options(config, at_least_one=(), at_least_zero=()):
     """The options that the servers and chat_ner.py share (dtype, device, decode; port, host, temperature and top_p
     where the script has them), and the counts it names (at least 1 / at least 0), checked before the model loads:
     ConfigError otherwise."""
-    from utils.model_utils import DTYPES
-
     if "port" in config and not 1 <= config["port"] <= 65535:
         raise ConfigError(f"--port: {config['port']} is not a TCP port; use 1 to 65535")
     if "host" in config:
