@@ -22,7 +22,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from utils.tiny_model import make_tiny_model  # noqa: E402
+from tools.tiny_models import make_tiny_model  # noqa: E402
 
 SEED_STYLE = ["--lora_r=8", "--lora_alpha=32", "--lora_dropout=0.05", "--lora_target_modules=query_key_value",
               "--max_source_length=128", "--max_target_length=32", "--learning_rate=2e-4", "--warmup_steps=0.05",

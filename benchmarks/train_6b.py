@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from utils.data_io import write_jsonl  # noqa: E402
 from utils.dataset import read_instruction_records  # noqa: E402
 from utils.distributed import free_port  # noqa: E402
-from utils.tiny_model import make_tiny_model  # noqa: E402
+from tools.tiny_models import make_tiny_model  # noqa: E402
 
 
 def long_examples(count, target_chars):

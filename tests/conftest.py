@@ -48,7 +48,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """One tiny random model folder per version, in the official layout with our .py files copied in."""
-    from utils.tiny_model import make_tiny_model
+    from tools.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {version: make_tiny_model(version, root / version, TOKENIZERS / version, seed=0) for version in VERSIONS}
@@ -71,7 +71,7 @@ def sixteen_examples(tmp_path_factory):
 def trainable_models(tmp_path_factory):
     """Tiny models whose random output layer can express confident predictions: with the default 0.02 init, a
     64-wide final RMSNorm times a frozen random output layer caps every logit near 1, so nothing can be learned."""
-    from utils.tiny_model import make_tiny_model
+    from tools.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("trainable")
     return {v: make_tiny_model(v, root / v, TOKENIZERS / v, seed=0, initializer_range=0.3) for v in VERSIONS}

@@ -1,4 +1,4 @@
-"""utils/check_copies.py: the copies across remote_scripts/<version>/ equal their sources, and --fix rewrites them.
+"""tools/check_copies.py: the copies across remote_scripts/<version>/ equal their sources, and --fix rewrites them.
 
 The edits are made in a copy of remote_scripts/ under tmp_path, never in the real files. Only the standard library
 runs here (no torch), so the whole file takes about a second.
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, VERSIONS
-from utils import check_copies
+from tools import check_copies
 
 V2_MODELING = "remote_scripts/chatglm2-6b/modeling_chatglm.py"
 V3_MODELING = "remote_scripts/chatglm3-6b/modeling_chatglm.py"
@@ -46,7 +46,7 @@ def edit(path, old, new):
 
 
 def test_the_repository_passes_the_check():
-    result = subprocess.run([sys.executable, "-m", "utils.check_copies"], cwd=REPO_ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "tools/check_copies.py"], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert {"kernels.py", "quantization.py"} <= set(check_copies.WHOLE_FILES)

@@ -144,7 +144,7 @@ def common_args(model_dir, train_file):
 
 def make_setup(root):
     """The tiny model and the 16 training lines the runs use, under `root`."""
-    from utils.tiny_model import make_tiny_model
+    from tools.tiny_models import make_tiny_model
 
     model_dir = make_tiny_model("chatglm2-6b", root / "model", TOKENIZERS / "chatglm2-6b", seed=0, initializer_range=0.3)
     lines = (REPO_ROOT.parent / "shared" / "data" / "msra" / "instruct_data" / "dev.txt").read_text(encoding="utf-8").splitlines()[:16]

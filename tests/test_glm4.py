@@ -1,5 +1,5 @@
 """GLM-4 through transformers' own classes (GlmForCausalLM: glm-4-9b-chat-hf; Glm4ForCausalLM: GLM-4-0414), on tiny
-models with a byte-level tokenizer trained here with GLM-4's special tokens and chat template (utils/tiny_model.py):
+models with a byte-level tokenizer trained here with GLM-4's special tokens and chat template (tools/tiny_models.py):
 prompts and labels as GLM-4's own finetuning lays them out, then LoRA, full and QLoRA training, predict, chat, merge
 and the API server on them."""
 import asyncio
@@ -14,7 +14,7 @@ from test_training import logged_losses
 from utils.dataset import encode_example, get_prompt_format, read_instruction_records, user_message
 from utils.generation import generate_answers, stream_chat_reply
 from utils.model_utils import load_model_and_tokenizer, load_model_with_adapter
-from utils.tiny_model import make_tiny_glm4
+from tools.tiny_models import make_tiny_glm4
 
 DEMO_TRAIN = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt"
 DEMO_DEV = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "dev.txt"

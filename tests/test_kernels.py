@@ -224,7 +224,7 @@ def test_launch_config_fills_an_h100_and_is_a_function_of_the_shape(bits, M):
 
 
 # That remote_scripts/*/kernels.py (like quantization.py) are byte-identical, self-contained copies is checked with the
-# other copies by utils/check_copies.py, in tests/test_check_copies.py.
+# other copies by tools/check_copies.py, in tests/test_check_copies.py.
 
 
 ELEMENTWISE_SCRIPT = r"""

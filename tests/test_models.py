@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from conftest import TOKENIZERS, VERSIONS
 from utils.model_utils import ModelFolderError, load_model_and_tokenizer, remote_module
-from utils.tiny_model import make_tiny_model
+from tools.tiny_models import make_tiny_model
 
 PROMPTS = ["你好", "ChatGLM-6B是清华大学开源的模型。请介绍一下自己", "Hello\nworld\t!"]
 

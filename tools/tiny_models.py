@@ -3,7 +3,7 @@
 The config keeps every field of the real config.json and shrinks only the sizes, so the same code paths run as for
 the 6B models. Weights are random. Used by the tests, and to try the scripts without downloading 12 GB:
 
-    python -m utils.tiny_model --version chatglm2-6b --tokenizer_dir path/to/chatglm2-6b --output_dir model_hub/tiny-chatglm2
+    python -m tools.tiny_models --version chatglm2-6b --tokenizer_dir path/to/chatglm2-6b --output_dir model_hub/tiny-chatglm2
 """
 import argparse
 import json

@@ -14,8 +14,8 @@ several places. Two kinds of copy are checked:
   named `Class.method`). A definition runs from its first decorator to its last line, comments indented inside it
   included. The comparison is textual, so a copied method may sit in a class that differs from its source's.
 
-    python -m utils.check_copies          # check; exits 1 listing each copy that differs, with a diff
-    python -m utils.check_copies --fix    # rewrite each copy from its source
+    python tools/check_copies.py          # check; exits 1 listing each copy that differs, with a diff
+    python tools/check_copies.py --fix    # rewrite each copy from its source
 
 Only the standard library is used, so the check runs in well under a second.
 """
@@ -243,7 +243,7 @@ def main(argv=None):
     unfixed = [p for p in problems if not (args.fix and p.fixable)]
     if unfixed:
         fixable = sum(p.fixable for p in unfixed)
-        hint = f" ({fixable} fixable with `python -m utils.check_copies --fix`)" if fixable else ""
+        hint = f" ({fixable} fixable with `python tools/check_copies.py --fix`)" if fixable else ""
         print(f"{len(unfixed)} copy problem(s){hint}.")
         return 1
     if problems:
