@@ -41,8 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.adapters import load_run
 from utils.config_utils import ConfigError, parse_config
-from utils.dataset import get_prompt_format
 from utils.generation import StableText, stream_chat_reply
+from utils.prompts import get_prompt_format
 from utils.serving import HostAndOriginCheck, check_serving_options, warn_if_open
 
 DEFAULTS = {

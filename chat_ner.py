@@ -11,9 +11,9 @@ import sys
 
 from utils.adapters import choose_lora_path, load_run, run_instruction, scored_run, uses_adapter
 from utils.config_utils import parse_config
-from utils.dataset import get_prompt_format, user_message
 from utils.generation import StableText, stream_chat_reply
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
+from utils.prompts import get_prompt_format, user_message
 from utils.serving import check_serving_options
 
 DEFAULTS = {

@@ -22,9 +22,9 @@ from peft import PeftModel
 from utils.adapters import check_lora_on_base, check_model_dir, take_run_settings, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import write_atomic
-from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
 from utils.model_utils import fold_adapter, load_model_and_tokenizer, load_model_with_adapter
+from utils.prompts import fit_prompt, get_prompt_format
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base

@@ -21,10 +21,12 @@ from pathlib import Path
 from utils.adapters import check_run, choose_lora_path, load_run, results_folder, scored_run, take_run_settings, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
-from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
-from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
+from utils.decode_utils import entities_in_text, parse_ner_answer
 from utils.generation import generate_answers
+from utils.metrics import format_ner_report, generation_metrics, ner_metrics
 from utils.model_utils import adapter_disabled, fold_adapter
+from utils.prompts import get_prompt_format, source_text, user_message
+from utils.records import read_instruction_records
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",

@@ -1,6 +1,6 @@
 """Convert raw data into instruction data: data/<data_name>/instruct_data/{train,dev}.txt, one JSON object a line,
 {"instruct", "query", "answer"} (+ "history" for multi-turn conversations), or for conversations with tool calls a
-ChatGLM3 conversation record {"conversations": [...]} (utils/conversations.py). Run from the repository root.
+ChatGLM3 conversation record {"conversations": [...]} (utils/chat_data.py). Run from the repository root.
 
     python process.py                      # the demo: data/demo_ner/raw/{train,dev}.json -> data/demo_ner/instruct_data
     python process.py --data_name msra \\

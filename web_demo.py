@@ -17,8 +17,8 @@ from pathlib import Path
 
 from utils.adapters import load_run
 from utils.config_utils import ConfigError, parse_config
-from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import stream_chat_reply
+from utils.prompts import fit_prompt, get_prompt_format
 from utils.serving import HostAndOriginCheck, check_serving_options, warn_if_open
 
 DEFAULTS = {

@@ -45,9 +45,9 @@ def run(name, command, log_dir):
 def chat_timing(model_dir, lora_path, questions, max_new_tokens):
     """Seconds to the first streamed token of the first answer (the model already loaded), and decode tokens/s of
     each answer, as chat_ner.py and the servers stream (stream_chat_reply, decode="auto")."""
-    from utils.dataset import get_prompt_format
     from utils.generation import stream_chat_reply
     from utils.model_utils import load_model_with_adapter
+    from utils.prompts import get_prompt_format
 
     model, tokenizer = load_model_with_adapter(model_dir, lora_path)
     prompt_format = get_prompt_format(tokenizer, model.model_version)

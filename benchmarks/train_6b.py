@@ -26,10 +26,10 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from utils.data_io import write_jsonl  # noqa: E402
-from utils.dataset import read_instruction_records  # noqa: E402
-from utils.distributed import free_port  # noqa: E402
 from tools.tiny_models import make_tiny_model  # noqa: E402
+from utils.data_io import write_jsonl  # noqa: E402
+from utils.distributed import free_port  # noqa: E402
+from utils.records import read_instruction_records  # noqa: E402
 
 
 def long_examples(count, target_chars):

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import REPO_ROOT, TOKENIZERS
 from utils.data_io import BadLines, DataError
-from utils.dataset import (
-    InstructionDataset, encode_example, encode_record, format_example, get_prompt_format, read_instruction_records,
-)
+from utils.dataset import InstructionDataset, encode_example, encode_record, format_example
 from utils.model_utils import remote_module
+from utils.prompts import get_prompt_format
+from utils.records import read_instruction_records
 
 GMASK, SOP, EOS = 64790, 64792, 2
 SYSTEM, USER, ASSISTANT, OBSERVATION = 64794, 64795, 64796, 64797
@@ -104,7 +104,7 @@ def test_chatglm3_tool_call_conversation_is_what_the_tokenizer_builds(tokenizers
 
 def test_tool_call_text_reads_back_as_chatglm3_reads_it():
     """ChatGLM3's chat() drops the code-fence lines of a tool call and reads `tool_call(k=v, ...)` (spec §6.3)."""
-    from utils.conversations import tool_call_content
+    from utils.chat_data import tool_call_content
 
     arguments = {"city": "北京", "days": 2, "metric": True, "hours": [6, 12.5], "extra": {"unit": "°C", "note": None}}
     content = tool_call_content(arguments, "f", 1, "arguments")

@@ -11,10 +11,12 @@ import torch
 
 from conftest import REPO_ROOT, SCRIPTS, run_script
 from test_training import logged_losses
-from utils.dataset import encode_example, get_prompt_format, read_instruction_records, user_message
+from tools.tiny_models import make_tiny_glm4
+from utils.dataset import encode_example
 from utils.generation import generate_answers, stream_chat_reply
 from utils.model_utils import load_model_and_tokenizer, load_model_with_adapter
-from tools.tiny_models import make_tiny_glm4
+from utils.prompts import get_prompt_format, user_message
+from utils.records import read_instruction_records
 
 DEMO_TRAIN = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt"
 DEMO_DEV = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "dev.txt"

@@ -10,8 +10,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 
 from conftest import TOKENIZERS, VERSIONS
-from utils.model_utils import ModelFolderError, load_model_and_tokenizer, remote_module
 from tools.tiny_models import make_tiny_model
+from utils.model_utils import ModelFolderError, load_model_and_tokenizer, remote_module
 
 PROMPTS = ["你好", "ChatGLM-6B是清华大学开源的模型。请介绍一下自己", "Hello\nworld\t!"]
 

@@ -6,8 +6,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import REPO_ROOT
-from utils.dataset import InstructionDataset, read_instruction_records
+from utils.dataset import InstructionDataset
 from utils.model_utils import load_model_and_tokenizer
+from utils.records import read_instruction_records
 
 DEMO_TRAIN = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt"
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -1,8 +1,10 @@
 """NER exact match on the demo set's real dev answers: a malformed or empty answer matches no gold answer, not even
 没有 (its parse is as empty as 没有's)."""
 from conftest import REPO_ROOT
-from utils.dataset import read_instruction_records, source_text
-from utils.decode_utils import ner_metrics, parse_ner_answer
+from utils.decode_utils import parse_ner_answer
+from utils.metrics import ner_metrics
+from utils.prompts import source_text
+from utils.records import read_instruction_records
 
 DEV = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "dev.txt"
 

@@ -6,8 +6,10 @@ import torch
 
 from conftest import SCRIPTS, VERSIONS, run_script
 from utils.data_io import write_jsonl
-from utils.dataset import read_instruction_records, source_text, user_message
-from utils.decode_utils import generation_metrics, ner_metrics, parse_ner_answer
+from utils.decode_utils import parse_ner_answer
+from utils.metrics import generation_metrics, ner_metrics
+from utils.prompts import source_text, user_message
+from utils.records import read_instruction_records
 
 
 def test_ner_answers_are_parsed_robustly():
@@ -136,9 +138,10 @@ def test_a_folded_adapter_decodes_what_the_peft_layers_decode(version, trained_a
     """predict.py, chat_ner.py, the servers and inference_test.py fold the adapter into the weights for generation."""
     from peft import PeftModel
 
-    from utils.dataset import PaddingCollator, get_prompt_format
+    from utils.dataset import PaddingCollator
     from utils.generation import generate_answers
     from utils.model_utils import fold_adapter, load_model_and_tokenizer
+    from utils.prompts import get_prompt_format
 
     base, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device="cpu")
     model = PeftModel.from_pretrained(base, str(trained_adapter(version) / "adapter_model")).eval()

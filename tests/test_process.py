@@ -14,7 +14,7 @@ import pytest
 
 from utils import ner_data
 from utils.data_io import BadLines, DataError, iter_json_lines
-from utils.dataset import read_instruction_records
+from utils.records import read_instruction_records
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

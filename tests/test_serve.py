@@ -17,10 +17,11 @@ import httpx
 import pytest
 
 from conftest import REPO_ROOT, run_script
-from utils.dataset import get_prompt_format, read_instruction_records, user_message
 from utils.distributed import free_port
 from utils.generation import StableText, stream_chat_reply
 from utils.model_utils import ModelFolderError, load_model_with_adapter
+from utils.prompts import get_prompt_format, user_message
+from utils.records import read_instruction_records
 
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"  # git-ignored; the browser test leaves its screenshot here
 API_KEY = "test-key-123"

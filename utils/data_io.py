@@ -214,6 +214,17 @@ def iter_json_records(path, bad_lines: BadLines = None):
         yield from iter_json_lines(path, bad_lines)
 
 
+def read_json_records(path, bad_lines, build):
+    """(line, build(record, path, line)) for each JSON record of path; a record that build refuses (DataError) goes to
+    bad_lines (raised, or skipped and counted)."""
+    bad_lines = bad_lines or BadLines()
+    for number, record in iter_json_records(path, bad_lines):
+        try:
+            yield number, build(record, path, number)
+        except DataError as err:
+            bad_lines.handle(err)
+
+
 def require_str(record, field, path, line, allow_empty=False):
     """record[field] as a string, or a DataError naming the problem."""
     if not isinstance(record, dict):

@@ -1,237 +1,25 @@
-"""Instruction data -> token ids and labels, the official way for each model version.
-
-A record is `{"instruct", "query", "answer"}` (plus optional `"history": [[user, assistant], ...]`), as written by
-process.py. The user message is instruct and query joined by a newline. Prompts are built by the same functions
-the models' chat() uses, so training and inference see the same text:
-
-- ChatGLM-6B:  prompt + [gMASK] <sop> + answer + <eop>; labels from <sop> on (the loss also predicts <sop>).
-- ChatGLM2-6B: [gMASK] sop + "[Round 1]\\n\\n问：...\\n\\n答：" + answer + </s>; labels on answer and </s>.
-- ChatGLM3-6B: [gMASK] sop <|user|> \\n message <|assistant|> + \\n answer + </s>; labels after <|assistant|>.
-- Other models (e.g. GLM-4, Llama): the tokenizer's chat template; labels on the assistant turn.
+"""Records -> token ids and labels (utils/prompts.py builds the prompts), collators and packing.
 
 Multi-turn data: an instruction record's `history` answers are context only, unless `loss_on_all_turns` makes every
-answer a target. A ChatGLM3 conversation record (`{"conversations": [...]}`, utils/conversations.py: tool calls and
-observations too) learns every assistant message that does not say `"loss": false`. On ChatGLM3-6B a multi-turn
-sample is one sequence laid out as ChatGLM3's finetune_demo does (encode_chatglm3_conversation): every message is
-encoded on its own there, so each turn's prompt in it is exactly what chat() builds for that turn. ChatGLM-6B and
-ChatGLM2-6B re-encode the whole history text at every turn (an answer's tokens differ inside the later prompts, and no
-</s> follows it there), and ChatGLM-6B's prompt is bidirectional, so one sequence cannot hold every turn as chat()
-sees it: each learnt answer becomes a sample of its own, its exact chat() prompt + answer (turn_records), as for
-chat-template models.
+answer a target. A ChatGLM3 conversation record learns every assistant message that does not say `"loss": false`. On
+ChatGLM3-6B a multi-turn sample is one sequence laid out as ChatGLM3's finetune_demo does
+(encode_chatglm3_conversation): each turn's prompt in it is exactly what chat() builds for that turn. ChatGLM-6B and
+ChatGLM2-6B re-encode the whole history text at every turn, and ChatGLM-6B's prompt is bidirectional, so one sequence
+cannot hold every turn as chat() sees it: each learnt answer becomes a sample of its own, its exact chat() prompt +
+answer (turn_records), as for chat-template models.
 
-Plain text for causal-LM (pre)training is the other format (`TextDataset`): records `{"text"}`, joined with </s> and
-cut into blocks, each opened by the tokenizer's prefix ([gMASK] sop for ChatGLM2/3) as every prompt is.
+Plain text for causal-LM (pre)training (`TextDataset`): records `{"text"}`, joined with </s> and cut into blocks, each
+opened by the tokenizer's prefix ([gMASK] sop for ChatGLM2/3) as every prompt is.
 """
 import itertools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from utils.conversations import conversation_messages, plain_turns
-from utils.data_io import BadLines, DataError, iter_json_lines, require_str
-from utils.model_utils import remote_module
-from utils.ner_data import QUERY_PREFIX
-
-
-def user_message(record) -> str:
-    return "\n".join(part for part in (record["instruct"], record["query"]) if part)
-
-
-def source_text(record) -> str:
-    """The text an answer is extracted from: the query without process.py's `文本：` prefix. Not the instruction: its
-    type names and wording are no entities of the text."""
-    return record["query"].removeprefix(QUERY_PREFIX)
-
-
-def read_instruction_records(path, bad_lines: BadLines = None, conversations=False) -> list:
-    """Validated records of an instruction file; bad lines raise DataError (file, line, field) or are counted.
-    conversations: ChatGLM3 conversation records are read too, as {"conversations": messages, "line"} (training)."""
-    bad_lines = bad_lines or BadLines()
-    records = []
-    for line, record in iter_json_lines(path, bad_lines):
-        try:
-            if isinstance(record, dict) and "messages" in record and "conversations" not in record:
-                raise DataError(path, line, "an OpenAI messages record; the training scripts read ChatGLM3 conversation "
-                                "records: convert the file with process.py (--input_format=conversation)", "messages",
-                                "an OpenAI messages record (convert it with process.py)")
-            if isinstance(record, dict) and "conversations" in record:
-                if not conversations:
-                    raise DataError(path, line, "a conversation record; this reads instruction records {instruct, "
-                                    "query, answer}", "conversations", "a conversation record")
-                messages = conversation_messages(record, path, line, chatglm3_only=True)
-                records.append({"conversations": messages, "line": line})
-                continue
-            instruct = require_str(record, "instruct", path, line, allow_empty=True)
-            query = require_str(record, "query", path, line, allow_empty=True)
-            if not (instruct.strip() or query.strip()):
-                raise DataError(path, line, "instruct and query are both empty", "query")
-            answer = require_str(record, "answer", path, line)
-            history = record.get("history", [])
-            if not (isinstance(history, list) and all(
-                isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
-            )):
-                raise DataError(path, line, "expected a list of [user, assistant] string pairs", "history")
-            records.append({"instruct": instruct, "query": query, "answer": answer, "history": [list(t) for t in history], "line": line})
-        except DataError as error:
-            bad_lines.handle(error)
-    if not records:
-        raise DataError(path, None, "no usable records")
-    return records
-
-
-class ChatGLMPromptFormat:
-    """Prompt and answer ids of ChatGLM-6B / 2-6B / 3-6B, built with the functions their chat() uses."""
-
-    def __init__(self, tokenizer, version):
-        self.tokenizer, self.version = tokenizer, version
-        if version == "chatglm-6b":
-            self.build_v1_prompt = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration.build_prompt
-            # The <sop> ending the prompt is also a target: [gMASK] predicts it.
-            self.labels_from_prompt_end = 1
-        else:
-            self.labels_from_prompt_end = 0
-
-    @property
-    def stop_token_ids(self):
-        if self.version == "chatglm3-6b":
-            return [self.tokenizer.eos_token_id, self.tokenizer.get_command("<|user|>"), self.tokenizer.get_command("<|observation|>")]
-        return [self.tokenizer.eos_token_id]
-
-    def prompt_ids(self, message, history, system="") -> list:
-        """Ids of the prompt that asks for the answer to `message` after the [user, assistant] turns of `history`.
-        `system`: ChatGLM3-6B's system turn; ChatGLM-6B and ChatGLM2-6B have none, so it opens the first user message."""
-        tokenizer = self.tokenizer
-        if system and self.version != "chatglm3-6b":
-            if history:
-                history = [(f"{system}\n{history[0][0]}", history[0][1]), *history[1:]]
-            else:
-                message = f"{system}\n{message}"
-        if self.version == "chatglm-6b":
-            text = self.build_v1_prompt(message, [tuple(turn) for turn in history])
-            return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
-        if self.version == "chatglm2-6b":
-            return tokenizer.encode(tokenizer.build_prompt(message, [tuple(turn) for turn in history]))
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
-        return tokenizer.build_chat_input(message, history=messages)["input_ids"][0].tolist()
-
-    def answer_parts(self, answer):
-        """(content ids, closing ids) of the answer turn; truncation cuts only the content."""
-        if self.version == "chatglm3-6b":
-            # What the model writes after <|assistant|>: an empty metadata line, then the content.
-            content = self.tokenizer.build_single_message("assistant", "", answer)[1:]
-        else:
-            content = self.tokenizer.encode(answer, add_special_tokens=False)
-        return content, [self.tokenizer.eos_token_id]
-
-
-class ChatTemplatePromptFormat:
-    """Models that transformers supports natively (GLM-4, Llama...): their tokenizer's chat template.
-
-    The answer turn ends with the special tokens the template writes after an assistant message; a template that
-    writes none there (GLM-4's) ends it with the role token that opens the next turn (<|user|>, as GLM-4's own
-    finetuning appends). Generation stops at those, the tokenizer's eos and the model folder's generation_config
-    eos ids (GLM-4: <|endoftext|>, <|user|>, <|observation|>)."""
-
-    labels_from_prompt_end = 0
-    version = None
-
-    def __init__(self, tokenizer):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{type(tokenizer).__name__} has no chat_template; cannot build prompts for this model")
-        self.tokenizer = tokenizer
-        self.turn_end = self._turn_end()
-        ids = [tokenizer.eos_token_id, *self.turn_end, *folder_eos_ids(tokenizer.name_or_path)]
-        self.stop_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
-
-    def _ids(self, messages, generation_prompt):
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-    @staticmethod
-    def _messages(message, history, system=""):
-        return ([{"role": "system", "content": system}] if system else []) + [
-            {"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)
-        ] + [{"role": "user", "content": message}]
-
-    def prompt_ids(self, message, history, system="") -> list:
-        return self._ids(self._messages(message, history, system), generation_prompt=True)
-
-    def _rendered_answer(self, answer):
-        """Ids after the generation prompt once `answer` follows it (a placeholder question: some templates skip
-        empty messages)."""
-        messages = self._messages("x", [])
-        prompt = self._ids(messages, generation_prompt=True)
-        full = self._ids(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
-        if full[: len(prompt)] != prompt:
-            raise ValueError("the chat template renders the prompt differently once an answer follows; cannot mask labels")
-        return messages, full, full[len(prompt):]
-
-    def _turn_end(self):
-        messages, full, tail = self._rendered_answer("x")
-        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}  # the placeholder may be unknown
-        closing = list(itertools.takewhile(lambda i: i in special, reversed(tail)))[::-1]
-        if closing:
-            return closing
-        longer = self._ids(messages + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "x"}], generation_prompt=False)
-        following = longer[len(full): len(full) + 1]
-        return following if following and following[0] in special else [self.tokenizer.eos_token_id]
-
-    def answer_parts(self, answer):
-        """(content ids, the ids that close the turn): the assistant turn as the template renders it after a
-        generation prompt, so that the model learns to end its turn the template's way."""
-        _, _, tail = self._rendered_answer(answer)
-        content = tail[: len(tail) - len(self.turn_end)]
-        # The template wrote the turn end itself (Llama-style), or none (GLM-4: the next turn's role token is added).
-        return (content if tail[len(content):] == self.turn_end else tail), self.turn_end
-
-
-def folder_eos_ids(model_dir) -> list:
-    """eos_token_id of a model folder's generation_config.json (else config.json), as a list; [] if there is none."""
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir or "") / name
-        if model_dir and path.is_file():
-            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-            if eos is not None:
-                return eos if isinstance(eos, list) else [eos]
-    return []
-
-
-def get_prompt_format(tokenizer, version=None):
-    """The prompt format of a ChatGLM version, or the chat template of any other model's tokenizer."""
-    if version in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b"):
-        return ChatGLMPromptFormat(tokenizer, version)
-    return ChatTemplatePromptFormat(tokenizer)
-
-
-def fit_turns(build, tokenizer, message, history, max_length):
-    """The prompt build(message, history) in at most max_length ids: the oldest history entries go first, then the
-    message's tail. Returns (ids, message, history, truncated), the message and history as kept."""
-    ids = build(message, history)
-    if len(ids) <= max_length:
-        return ids, message, history, False
-    while history and len(ids) > max_length:
-        history = history[1:]
-        ids = build(message, history)
-    message_ids = tokenizer.encode(message, add_special_tokens=False)
-    keep = len(message_ids) - (len(ids) - max_length)
-    while len(ids) > max_length:
-        if keep <= 0:
-            raise ValueError(f"max_source_length={max_length} is shorter than the prompt template itself")
-        message = tokenizer.decode(message_ids[:keep])
-        ids = build(message, history)
-        keep -= 1
-    return ids, message, history, True
-
-
-def fit_prompt(prompt_format, message, history, max_length, system=""):
-    """Prompt ids of at most max_length tokens: oldest history turns go first, then the message's tail.
-    Returns (ids, truncated)."""
-    ids, _, _, truncated = fit_turns(lambda text, turns: prompt_format.prompt_ids(text, turns, system),
-                                     prompt_format.tokenizer, message, history, max_length)
-    return ids, truncated
+from utils.chat_data import plain_turns
+from utils.data_io import BadLines, DataError
+from utils.prompts import fit_prompt, fit_turns, get_prompt_format, user_message
+from utils.records import read_instruction_records, read_text_records
 
 
 def encode_example(record, prompt_format, max_source_length, max_target_length):
@@ -286,7 +74,7 @@ def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_tar
     rounds)."""
     # The system messages: one, or the finetune_demo's tool prompt and then the data's own.
     system = list(itertools.takewhile(lambda message: message["role"] == "system", messages))
-    rest = messages[len(system):]  # a user message first (utils/conversations.py checks the order)
+    rest = messages[len(system):]  # a user message first (utils/chat_data.py checks the order)
     starts = [i for i, message in enumerate(rest) if message["role"] == "user"]
     *history, last_round = [rest[a:b] for a, b in zip(starts, starts[1:] + [len(rest)])]
     user, middle, last = last_round[0], last_round[1:-1], last_round[-1]
@@ -428,20 +216,6 @@ class InstructionDataset(EncodedDataset):
         if s["dropped_answers"]:
             text += f"; learnt answers left out with the oldest turns {s['dropped_answers']} (max_source_length)"
         return self.with_skipped(text)
-
-
-def read_text_records(path, bad_lines: BadLines = None) -> list:
-    """The text of every record `{"text": ...}` of a JSON-lines file; bad lines raise DataError or are counted."""
-    bad_lines = bad_lines or BadLines()
-    texts = []
-    for line, record in iter_json_lines(path, bad_lines):
-        try:
-            texts.append(require_str(record, "text", path, line))
-        except DataError as error:
-            bad_lines.handle(error)
-    if not texts:
-        raise DataError(path, None, "no usable records")
-    return texts
 
 
 class TextDataset(EncodedDataset):

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from utils.dataset import PaddingCollator, fit_prompt, get_prompt_format, user_message
+from utils.dataset import PaddingCollator
 from utils.native_decode import native_stream_generate
+from utils.prompts import fit_prompt, get_prompt_format, user_message
 
 
 def decode_answer(tokenizer, ids, stop_ids) -> str:

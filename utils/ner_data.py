@@ -1,62 +1,39 @@
-"""Raw data sets parsed into examples, and examples turned into instruction records.
+"""NER data sets -> instruction records `{"instruct", "query": "文本：" + text, "answer"}`, the answer `实体_类型` lines.
 
-Instruction record (one JSON object a line in `instruct_data/{train,dev}.txt`):
+NER readers take `(path, bad_lines)` and yield `(line, text, entities)`, `entities` a list of `(entity, raw_type,
+begin)` (`begin` the character offset in text); a bad line raises `DataError` (file, line, field) or, with
+`bad_lines.skip`, is counted and left out. `map_types` names the types in Chinese, `ner_record` builds the record.
+`READERS` holds these and chat_data's readers; `detect_format` picks one from a file's name and content.
 
-    {"instruct": str, "query": str, "answer": str}          # + "history": [[user, assistant], ...] for multi-turn
-
-NER readers yield `(line, text, entities)`, with `entities` a list of `(entity, raw_type, begin)`: the entity
-string, the type as the data names it, and its character offset in `text`. `map_types` turns raw types into the
-Chinese type names of the answers; `ner_record` builds the record. Generation readers yield `(line, record)`.
-Every reader takes `(path, bad_lines)`: a bad line or sentence raises `DataError` naming file, line and field, or,
-when `bad_lines.skip` is set, is counted there and left out.
-
-Formats (`FORMATS`, `detect_format` picks one from the file name and content):
-
-- bio: `char<TAB>tag` (or `char tag`) a line, blank line between sentences. Tags BIO, or BIOES / BMES (a file
-  with any E-/S-/M- tag must close every entity with E- or use S-). In BIO, an I- tag that does not continue an
-  entity of its type opens a new entity, as conlleval and seqeval read it (counted as repaired; an error with
-  `BadLines(strict_tags=True)`). Weibo's `char+segment position` tokens
-  (`口0`) are recognised per file (every token longer than one character, ending in digits) and the digits
-  dropped. Tokens are joined without spaces (character-level data).
+- bio: `char<TAB>tag` (or `char tag`) a line, a blank line between sentences; BIO, or BIOES / BMES (then every entity
+  closes with E- or is S-). In BIO an I- tag that continues no entity of its type opens one, as conlleval and seqeval
+  read it (counted as repaired; an error with `BadLines(strict_tags=True)`). Weibo's `char+segment position` tokens
+  (`口0`) are recognised per file and the digits dropped. Tokens are joined without spaces.
 - bio_parallel: `*sentences*.txt` with the matching `*tags*.txt` beside it, space-separated, line by line.
-- span_json: `{"text", "entity_list": [{"entity_index": {"begin", "end"}, "entity_type", "entity"}]}` a line.
-  `end` is EXCLUSIVE (`text[begin:end] == entity`), as in MSRA's msra_1000.txt (checked on all its entities).
-- cluener: `{"text", "label": {type: {entity: [[begin, end], ...]}}}`; `end` is INCLUSIVE (CLUENER 2020).
-- adgen: `{"content", "summary"}` or `{"instruction", "output"}` (ADGEN attributes); fixed instruction.
-- alpaca: `{"instruction", "input", "output"}`, JSON array or lines; optional LLaMA-Factory `history`
-  ([[user, assistant], ...]) and `system` (put before the instruction).
-- conversation: ShareGPT `{"conversations": [{"from": "human"|"user", "value"}, {"from": "gpt"|"assistant",
-  "value"}, ...]}` (also `messages` with `role`/`content`; an optional first `system` turn or top-level
-  `system` becomes the instruct). The last turn is query/answer, earlier turns the history. Conversations with tool
-  calls (ShareGPT function_call/observation, OpenAI tool_calls/tool, ChatGLM3 metadata/observation) become ChatGLM3
-  conversation records `{"conversations": [...]}` instead (utils/conversations.py).
+- span_json: `{"text", "entity_list": [{"entity_index": {"begin", "end"}, "entity_type", "entity"}]}`, `end`
+  EXCLUSIVE (MSRA's msra_1000.txt).
+- cluener: `{"text", "label": {type: {entity: [[begin, end], ...]}}}`, `end` INCLUSIVE (CLUENER 2020).
 
-Type names. MSRA / People's Daily PER/LOC/ORG -> 人名/地名/机构名. Other BIO/span data: PER, PERSON, NAME, NR ->
-人名; LOC, LOCATION, NS -> 地名; GPE (a geo-political entity: country, province, city) -> 行政区名, kept apart from LOC
-as OntoNotes and Weibo NER keep it; ORG, ORGANIZATION, NT -> 机构名 (case-insensitive). Weibo's `X.NAM` (named
-mention) maps like X; `X.NOM` (nominal mention such as 粉丝, 老师) is not a name, so it gets its own type:
-PER.NOM -> 人物泛称, LOC.NOM -> 地点泛称, GPE.NOM -> 地区泛称, ORG.NOM -> 机构泛称. So Weibo's 8 standard types
-(PER/ORG/LOC/GPE x NAM/NOM) stay 8 types, and scores per type compare with published Weibo results. CLUENER has its
-own table (`CLUENER_TYPE_NAMES`). Resume NER's own types: CONT -> 国籍, RACE -> 民族, EDU -> 学历, PRO -> 专业, TITLE -> 职称, so
-every answer of a data set is in Chinese. Any other type keeps its raw name (process.py counts them); such a name with
-an underscore or a line break, or an entity with a line break, could not be read back from its answer line, so the
-readers refuse it (check_answer_line).
+Type names: PER/PERSON/NAME/NR -> 人名, LOC/LOCATION/NS -> 地名, GPE -> 行政区名 (kept apart from LOC as OntoNotes and
+Weibo keep it), ORG/ORGANIZATION/NT -> 机构名, Resume's CONT/RACE/EDU/PRO/TITLE -> 国籍/民族/学历/专业/职称. Weibo's
+`X.NAM` maps like X; `X.NOM` (a nominal mention such as 粉丝) gets its own type (人物泛称, 地点泛称, 地区泛称, 机构泛称),
+so Weibo's 8 types stay 8. CLUENER has its own table. Any other type keeps its raw name; one that its answer line
+could not carry (an underscore or a line break) is refused (check_answer_line).
 """
 import itertools
 import random
 import re
 from pathlib import Path
 
-from utils.conversations import conversation_record
+from utils.chat_data import ADGEN_RE, read_adgen, read_alpaca, read_conversation
 from utils.data_io import (
-    BadLines, DataError, excerpt, iter_json_records, json_shape, parse_json, read_text, require_int, require_str,
+    BadLines, DataError, excerpt, json_shape, parse_json, read_json_records, read_text, require_int, require_str,
     require_str_at, require_type, text_lines,
 )
 
 QUERY_PREFIX = "文本："
 NO_ENTITY = "没有"
 NER_INSTRUCT_TEMPLATE = "请找出文本中的{types}，每行写一个'实体_类型'，如果没有就回答'没有'。"
-ADGEN_INSTRUCT = "请根据下面给出的商品属性，为这件商品写一段吸引人的广告文案。"
 
 MSRA_TYPES = ("人名", "地名", "机构名")
 CLUENER_TYPE_NAMES = {
@@ -88,7 +65,6 @@ GENERATION_FORMATS = ("adgen", "alpaca", "conversation")
 
 TAG_RE = re.compile(r"^([BIMES])-(\S+)$")
 SEGMENT_TOKEN_RE = re.compile(r"^(\D+|.)(\d+)$", re.DOTALL)  # Weibo: character(s) + segment position
-ADGEN_RE = re.compile(r"^[^#*]+#[^*]+(\*[^#*]+#[^*]+)*$")
 
 
 # ---------------------------------------------------------------------------------------------------- types
@@ -449,17 +425,6 @@ def cluener_example(record, path, line):
     return text, sorted(entities, key=lambda e: e[2])
 
 
-def read_json_records(path, bad_lines, build):
-    """(line, build(record, path, line)) for each JSON record of path; a record that build refuses (DataError) goes to
-    bad_lines (raised, or skipped and counted)."""
-    bad_lines = bad_lines or BadLines()
-    for number, record in iter_json_records(path, bad_lines):
-        try:
-            yield number, build(record, path, number)
-        except DataError as err:
-            bad_lines.handle(err)
-
-
 def _read_json_ner(path, bad_lines, parse):
     """(line, text, entities) per record."""
     return ((number, *parsed) for number, parsed in read_json_records(path, bad_lines, parse))
@@ -471,55 +436,6 @@ def read_span_json(path, bad_lines: BadLines = None):
 
 def read_cluener(path, bad_lines: BadLines = None):
     return _read_json_ner(path, bad_lines, cluener_example)
-
-
-# ---------------------------------------------------------------------------------------------------- generation
-
-
-def adgen_record(record, path, line):
-    if isinstance(record, dict) and "content" not in record and "instruction" in record:
-        query_field, answer_field = "instruction", "output"
-    else:
-        query_field, answer_field = "content", "summary"
-    query = require_str(record, query_field, path, line)
-    return {"instruct": ADGEN_INSTRUCT, "query": query, "answer": require_str(record, answer_field, path, line)}
-
-
-def read_history(value, path, line, field):
-    """[[user, assistant], ...] with every entry a non-empty string."""
-    require_type(value, list, path, line, field)
-    for k, pair in enumerate(value):
-        if not (isinstance(pair, list) and len(pair) == 2):
-            raise DataError(path, line, f"expected [user, assistant], got {json_shape(pair)}", f"{field}[{k}]",
-                            "expected [user, assistant]")
-        for j, text in enumerate(pair):
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(path, line, "expected a non-empty string", f"{field}[{k}][{j}]")
-    return [list(pair) for pair in value]
-
-
-def alpaca_record(record, path, line):
-    instruction = require_str(record, "instruction", path, line)
-    query = require_str(record, "input", path, line, allow_empty=True) if "input" in record else ""
-    answer = require_str(record, "output", path, line)
-    system = require_str(record, "system", path, line, allow_empty=True) if "system" in record else ""
-    result = {"instruct": f"{system}\n{instruction}" if system.strip() else instruction, "query": query, "answer": answer}
-    history = read_history(record["history"], path, line, "history") if record.get("history") is not None else []
-    if history:
-        result["history"] = history
-    return result
-
-
-def read_adgen(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, adgen_record)
-
-
-def read_alpaca(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, alpaca_record)
-
-
-def read_conversation(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, conversation_record)
 
 
 READERS = {

@@ -1,7 +1,15 @@
-"""Multi-turn conversations with tool calls, in ChatGLM3's fine-tuning format, and their conversion from ShareGPT and
-OpenAI chat data.
+"""Chat data sets -> records: ADGEN and Alpaca -> instruction records; ShareGPT, OpenAI and ChatGLM3 conversations ->
+instruction records with `history`, or ChatGLM3 conversation records when they call tools. Readers take
+`(path, bad_lines)` and yield `(line, record)`.
 
-A conversation record is one JSON object a line, the format of ChatGLM3's finetune_demo:
+- adgen: `{"content", "summary"}` or `{"instruction", "output"}` (ADGEN attributes); fixed instruction.
+- alpaca: `{"instruction", "input", "output"}`, JSON array or lines; optional LLaMA-Factory `history` and `system`.
+- conversation: ShareGPT `{"conversations": [{"from", "value"}], "system"?, "tools"?}` (a function_call's value is the
+  JSON of {"name", "arguments"}), OpenAI `{"messages": [{"role", "content", "tool_calls"?}], "tools"?}` (content a
+  string or text parts) and ChatGLM3's own format, ChatGLM3 finetune_demo's `{"role": "tool", "name", "parameters",
+  "observation"}` messages included. A record that could be read two ways is an error.
+
+A ChatGLM3 conversation record (the finetune_demo format):
 
     {"conversations": [
         {"role": "system", "content": "你是天气助手。", "tools": [{"name": "get_weather", "parameters": {...}}]},
@@ -10,39 +18,23 @@ A conversation record is one JSON object a line, the format of ChatGLM3's finetu
         {"role": "observation", "content": "{\\"temperature\\": 22}"},
         {"role": "assistant", "content": "北京现在 22 度。"}]}
 
-- system: optional, first only (or second, after a first system message with tools: the finetune_demo layout below).
-  `tools` (a JSON array) goes only here; ChatGLM3 reads it as JSON after the content.
-- Then a user message. An assistant message follows a user message, an observation or another assistant message
-  (ChatGLM3 writes <|assistant|> between the parts of one answer, e.g. a thought and then a tool call).
-- A tool call is an assistant message whose `metadata` is the tool's name and whose content is a python code block
-  holding `tool_call(name=value, ...)` with the values as Python literals: what ChatGLM3 writes and its chat() reads
-  back. Its observation (the tool's result) comes next.
-- Every assistant message is learnt unless it says `"loss": false`; system, user and observation messages never are.
-- The last message is an assistant message.
-
-process.py converts (input format `conversation`): ShareGPT `{"conversations": [{"from": "system"|"human"|"gpt"|
-"function_call"|"observation", "value"}], "system"?, "tools"?}` (LLaMA-Factory's layout: a function_call's value is
-the JSON text of {"name", "arguments"}, tools a JSON array or its text), OpenAI `{"messages": [{"role", "content",
-"tool_calls"?: [{"type": "function", "function": {"name", "arguments"}}]}, {"role": "tool", "content"}], "tools"?:
-[{"type": "function", "function": {...}}]}` and this format itself. Plain user/assistant turns stay an instruction
-record with `history`, as before; a conversation with tool calls, observations, consecutive assistant messages or
-`"loss": false` becomes a conversation record. OpenAI content may be an array of parts (their texts joined, as
-api_server.py joins them); null content only stands beside a tool call.
-
-ChatGLM3's finetune_demo README writes the same format with a top-level `tools` list and `{"role": "tool", "name",
-"parameters", "observation", "loss"?}` messages; process.py and the training scripts read it as it is, expanded as
-ChatGLM3's own preprocessing expands it (finetune_tool_messages; the tools a system message of their own, first).
-A record that could be read two ways (both `conversations` and `messages`, `from` and `role`, `value` and `content`)
-is an error, as are tool calls on a message that is not an assistant's.
+Order: an optional system message (`tools` only there; a second one may follow the tools' own), a user message, then
+assistant messages after a user message, an observation or another assistant message; a tool call (`metadata` the
+tool's name, content a `tool_call(...)` code block of Python literals) is followed by its observation; the last message
+is an assistant's. Every assistant message is learnt unless it says `"loss": false`.
 """
 import ast
 import json
 import keyword
+import re
 
 from utils.data_io import (
-    DataError, check_surrogates, excerpt, json_shape, parse_json, require_str, require_str_at, require_type,
+    BadLines, DataError, check_surrogates, excerpt, json_shape, parse_json, read_json_records, require_str,
+    require_str_at, require_type,
 )
 
+ADGEN_INSTRUCT = "请根据下面给出的商品属性，为这件商品写一段吸引人的广告文案。"
+ADGEN_RE = re.compile(r"^[^#*]+#[^*]+(\*[^#*]+#[^*]+)*$")
 ROLES = ("system", "user", "assistant", "observation")
 # The role names of ShareGPT and OpenAI data -> ChatGLM3's. A ShareGPT function_call is an assistant's tool call.
 SOURCE_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -429,3 +421,49 @@ def conversation_record(record, path, line):
     if len(pairs) > 1:
         result["history"] = [[user, assistant] for user, assistant, _ in pairs[:-1]]
     return result
+
+
+def adgen_record(record, path, line):
+    if isinstance(record, dict) and "content" not in record and "instruction" in record:
+        query_field, answer_field = "instruction", "output"
+    else:
+        query_field, answer_field = "content", "summary"
+    query = require_str(record, query_field, path, line)
+    return {"instruct": ADGEN_INSTRUCT, "query": query, "answer": require_str(record, answer_field, path, line)}
+
+
+def read_history(value, path, line, field):
+    """[[user, assistant], ...] with every entry a non-empty string."""
+    require_type(value, list, path, line, field)
+    for k, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise DataError(path, line, f"expected [user, assistant], got {json_shape(pair)}", f"{field}[{k}]",
+                            "expected [user, assistant]")
+        for j, text in enumerate(pair):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(path, line, "expected a non-empty string", f"{field}[{k}][{j}]")
+    return [list(pair) for pair in value]
+
+
+def alpaca_record(record, path, line):
+    instruction = require_str(record, "instruction", path, line)
+    query = require_str(record, "input", path, line, allow_empty=True) if "input" in record else ""
+    answer = require_str(record, "output", path, line)
+    system = require_str(record, "system", path, line, allow_empty=True) if "system" in record else ""
+    result = {"instruct": f"{system}\n{instruction}" if system.strip() else instruction, "query": query, "answer": answer}
+    history = read_history(record["history"], path, line, "history") if record.get("history") is not None else []
+    if history:
+        result["history"] = history
+    return result
+
+
+def read_adgen(path, bad_lines: BadLines = None):
+    return read_json_records(path, bad_lines, adgen_record)
+
+
+def read_alpaca(path, bad_lines: BadLines = None):
+    return read_json_records(path, bad_lines, alpaca_record)
+
+
+def read_conversation(path, bad_lines: BadLines = None):
+    return read_json_records(path, bad_lines, conversation_record)
