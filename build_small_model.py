@@ -1,22 +1,16 @@
 """Make what the project's small ChatGLM2-architecture model starts from: a Chinese pretraining corpus, a SentencePiece
-tokenizer trained on it in the ChatGLM2 format, and a model folder with random weights. Pretraining is then ordinary
-full fine-tuning with train_trainer.py on plain text (see model_hub/chatglm2-small/README.md for the whole recipe and its figures):
+tokenizer trained on it in the ChatGLM2 format, and a model folder with random weights; pretraining is then full
+fine-tuning on plain text (model_hub/chatglm2-small/README.md has the whole recipe and its figures):
 
     python build_small_model.py            # data/pretrain_zh/text_data/{train,dev}.txt and model_hub/chatglm2-small-init/
     python train_trainer.py --model_dir=model_hub/chatglm2-small-init --data_name=pretrain_zh --data_format=text \
         --method=full --block_size=512 ...
 
-Corpus: the Chinese text of the data sets in ../shared/data (--shared_data_dir): MSRA validation and msra_1000, the
-MSRA instruction file, CLUENER, People's Daily, Weibo and Resume NER (characters joined back into sentences), ADGEN
-summaries and Alpaca-zh instructions with their answers. The MSRA test set is never used: its sentences are also
-removed wherever another set holds them, so that the test figures stay clean. Texts are deduplicated, shuffled with
---seed and split into train and dev (--dev_fraction). Every set that is missing or unreadable is an error.
-
-Tokenizer: SentencePiece, one piece per character (--tokenizer_type=bpe for BPE pieces), with ChatGLM2's settings
-(identity normalisation, spaces kept, a dummy prefix, digits split, byte fallback so that no character is ever unknown;
-<unk> 0, <s> 1, </s> 2), at most --vocab_size pieces, to which the tokenizer code appends ChatGLM2's five specials
-([MASK] [gMASK] [sMASK] sop eop). The model is the ChatGLM2 network (same code as ChatGLM2-6B:
-remote_scripts/chatglm2-6b) at the sizes below, its vocabulary padded to a multiple of 64.
+Corpus: the Chinese text of the data sets in --shared_data_dir (MSRA, CLUENER, People's Daily, Weibo, Resume, ADGEN,
+Alpaca-zh), deduplicated, shuffled with --seed and split into train and dev; MSRA test sentences are left out wherever
+they occur, so the test figures stay clean. A missing or unreadable set is an error. Tokenizer: ChatGLM2's
+SentencePiece settings (one piece per character unless --tokenizer_type=bpe; byte fallback; <unk> 0, <s> 1, </s> 2),
+then ChatGLM2's five specials. The model is the ChatGLM2 network (remote_scripts/chatglm2-6b) at the sizes below.
 """
 import io
 import json
@@ -28,7 +22,7 @@ import sentencepiece as spm
 import torch
 
 from utils.config_utils import ConfigError, parse_config
-from utils.data_io import BadLines, read_text, write_jsonl
+from utils.data_io import BadLines, iter_json_records, read_text, write_jsonl
 from utils.model_folder import folder_config, staged_folder, write_model_folder
 from utils.model_utils import remote_module
 from utils.ner_data import read_bio
@@ -59,7 +53,8 @@ GLM_SPECIALS = 5  # [MASK] [gMASK] [sMASK] sop eop, appended by tokenization_cha
 # ---- the corpus: one reader per format of ../shared/data -----------------------------------------------------------
 
 def json_lines(path):
-    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
+    """The records of a JSON-lines or JSON array file."""
+    return [record for _, record in iter_json_records(path)]
 
 
 def tagged_sentences(path):
@@ -90,7 +85,7 @@ def read_sources(data_dir):
         "alpaca_zh": [
             "\n".join(part for part in (record["instruction"], record.get("input", ""), record["output"]) if part)
             for name in ("alpaca_zh_demo_llamafactory.json", "alpaca_chinese_dataset_part00_first1000.json")
-            for record in json.loads(read_text(data_dir / "alpaca_zh" / name))
+            for record in json_lines(data_dir / "alpaca_zh" / name)
         ],
     }
     if not sources["weibo"]:

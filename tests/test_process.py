@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import ner_data
+from utils import chat_data, ner_data
 from utils.data_io import BadLines, DataError, iter_json_lines
 from utils.records import read_instruction_records
 
@@ -252,9 +252,9 @@ def test_adgen_both_layouts():
     first = DATA / "adgen" / "dev_content_summary.json"
     second = DATA / "adgen" / "dev_instruction_output.jsonl"
     assert ner_data.detect_format(first) == ner_data.detect_format(second) == "adgen"
-    records = [r for _, r in ner_data.read_adgen(first)]
-    assert len(records) == 1070 and records == [r for _, r in ner_data.read_adgen(second)]
-    assert records[0]["instruct"] == ner_data.ADGEN_INSTRUCT
+    records = [r for _, r in chat_data.read_adgen(first)]
+    assert len(records) == 1070 and records == [r for _, r in chat_data.read_adgen(second)]
+    assert records[0]["instruct"] == chat_data.ADGEN_INSTRUCT
     assert records[0]["query"] == "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞"
     assert records[0]["answer"].startswith("简约而不简单的牛仔外套，白色的衣身十分百搭。")
 
@@ -262,23 +262,23 @@ def test_adgen_both_layouts():
 def test_alpaca():
     path = DATA / "alpaca_zh" / "alpaca_zh_demo_llamafactory.json"
     assert ner_data.detect_format(path) == "alpaca"
-    records = [r for _, r in ner_data.read_alpaca(path)]
+    records = [r for _, r in chat_data.read_alpaca(path)]
     assert len(records) == 1000
     assert records[1] == {"instruct": "输入三支篮球队的名称并生成一个适当的口号。",
                           "query": "输入：俄克拉荷马城雷霆队，芝加哥公牛队，布鲁克林网队。",
                           "answer": '输出： "雷霆，公牛和网队：各显神通，角逐群雄!"'}
     other = DATA / "alpaca_zh" / "alpaca_chinese_dataset_part00_first1000.json"
     with pytest.raises(DataError) as err:  # record 285 has an empty output
-        list(ner_data.read_alpaca(other))
+        list(chat_data.read_alpaca(other))
     assert (err.value.line, err.value.field, err.value.problem) == ("record 285", "output", "empty")
     bad = BadLines(skip=True)
-    assert len(list(ner_data.read_alpaca(other, bad))) == 999 and bad.count == 1
+    assert len(list(chat_data.read_alpaca(other, bad))) == 999 and bad.count == 1
 
 
 def test_history_alpaca_and_conversation(tmp_path):
     llama = write(tmp_path / "llama.json", json.dumps([{"instruction": "再说一遍", "input": "", "output": "好的：你好",
                                                           "history": [["说你好", "你好"]]}], ensure_ascii=False))
-    assert [r for _, r in ner_data.read_alpaca(llama)] == [
+    assert [r for _, r in chat_data.read_alpaca(llama)] == [
         {"instruct": "再说一遍", "query": "", "answer": "好的：你好", "history": [["说你好", "你好"]]}]
     chats = [
         {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
@@ -288,7 +288,7 @@ def test_history_alpaca_and_conversation(tmp_path):
     ]
     path = write(tmp_path / "chat.jsonl", "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
     assert ner_data.detect_format(path) == "conversation"
-    assert [r for _, r in ner_data.read_conversation(path)] == [
+    assert [r for _, r in chat_data.read_conversation(path)] == [
         {"instruct": "", "query": "1+1=?", "answer": "2", "history": [["你好", "你好！"]]},
         {"instruct": "你是助手", "query": "在吗", "answer": "在"},
     ]

@@ -1,27 +1,15 @@
 """Chat data sets -> records: ADGEN and Alpaca -> instruction records; ShareGPT, OpenAI and ChatGLM3 conversations ->
-instruction records with `history`, or ChatGLM3 conversation records when they call tools. Readers take
-`(path, bad_lines)` and yield `(line, record)`.
+instruction records with `history`, or ChatGLM3 conversation records (the finetune_demo format, README "Multi-turn
+conversations and tool calls") when they call tools. Readers take `(path, bad_lines)` and yield `(line, record)`.
 
 - adgen: `{"content", "summary"}` or `{"instruction", "output"}` (ADGEN attributes); fixed instruction.
 - alpaca: `{"instruction", "input", "output"}`, JSON array or lines; optional LLaMA-Factory `history` and `system`.
-- conversation: ShareGPT `{"conversations": [{"from", "value"}], "system"?, "tools"?}` (a function_call's value is the
-  JSON of {"name", "arguments"}), OpenAI `{"messages": [{"role", "content", "tool_calls"?}], "tools"?}` (content a
-  string or text parts) and ChatGLM3's own format, ChatGLM3 finetune_demo's `{"role": "tool", "name", "parameters",
-  "observation"}` messages included. A record that could be read two ways is an error.
+- conversation: ShareGPT `{"conversations": [{"from", "value"}], "system"?, "tools"?}`, OpenAI `{"messages", "tools"?}`
+  and ChatGLM3's own format, finetune_demo's `{"role": "tool", "name", "parameters", "observation"}` messages included.
 
-A ChatGLM3 conversation record (the finetune_demo format):
-
-    {"conversations": [
-        {"role": "system", "content": "你是天气助手。", "tools": [{"name": "get_weather", "parameters": {...}}]},
-        {"role": "user", "content": "北京天气怎么样？"},
-        {"role": "assistant", "metadata": "get_weather", "content": "```python\\ntool_call(city='北京')\\n```"},
-        {"role": "observation", "content": "{\\"temperature\\": 22}"},
-        {"role": "assistant", "content": "北京现在 22 度。"}]}
-
-Order: an optional system message (`tools` only there; a second one may follow the tools' own), a user message, then
-assistant messages after a user message, an observation or another assistant message; a tool call (`metadata` the
-tool's name, content a `tool_call(...)` code block of Python literals) is followed by its observation; the last message
-is an assistant's. Every assistant message is learnt unless it says `"loss": false`.
+ChatGLM3's order: an optional system message (`tools` only there; a second may follow the tools' own), a user message,
+then assistant messages after a user message, an observation or another assistant message; a tool call (`metadata` the
+tool's name) is followed by its observation; the last message is an assistant's.
 """
 import ast
 import json
@@ -30,7 +18,7 @@ import re
 
 from utils.data_io import (
     BadLines, DataError, check_surrogates, excerpt, json_shape, parse_json, read_json_records, require_str,
-    require_str_at, require_type,
+    require_type,
 )
 
 ADGEN_INSTRUCT = "请根据下面给出的商品属性，为这件商品写一段吸引人的广告文案。"
@@ -84,12 +72,16 @@ def tool_call_content(arguments, path, line, field) -> str:
     return "```python\ntool_call(" + ", ".join(parts) + ")\n```"
 
 
-def tool_call_message(call, path, line, field):
-    """The assistant message of one tool call {"name", "arguments"} (arguments an object, or its JSON text)."""
-    require_type(call, dict, path, line, field)
-    name = require_str_at(call, "name", path, line, field)
+def tool_name(call, path, line, field):
+    name = require_str(call, "name", path, line, prefix=field)
     if "\n" in name:
         raise DataError(path, line, "a line break in the tool name (ChatGLM3 puts it on the role line)", f"{field}.name")
+    return name
+
+
+def tool_call_message(call, path, line, field):
+    """The assistant message of one tool call {"name", "arguments"} (arguments an object, or its JSON text)."""
+    name = tool_name(require_type(call, dict, path, line, field), path, line, field)
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):
         arguments = json_field(arguments, path, line, f"{field}.arguments") if arguments.strip() else {}
@@ -108,10 +100,8 @@ def one_call(calls, path, line, field):
 
 
 def read_tools(value, path, line, field, as_given=False):
-    """The tools as ChatGLM3 lists them: a JSON array (or its text) of function descriptions. OpenAI's
-    {"type": "function", "function": {...}} wrapper is taken off, as ChatGLM3's own tool lists have none.
-    as_given (ChatGLM3's own format): the array as it is, whatever its items (the finetune_demo leaves their format
-    open; ChatGLM3 writes the array as JSON text after the system prompt)."""
+    """The tools as ChatGLM3 lists them: a JSON array (or its text) of function descriptions, OpenAI's {"type":
+    "function", "function": {...}} wrapper taken off. as_given (ChatGLM3's own format): the array as it is."""
     if isinstance(value, str) and not as_given:
         value = json_field(value, path, line, field) if value.strip() else []
     require_type(value, list, path, line, field)
@@ -127,9 +117,8 @@ def read_tools(value, path, line, field, as_given=False):
 
 
 def openai_content(turn, name, role, path, line, field):
-    """The text of an OpenAI message's `content`: a string, or an array of content parts, whose texts are joined as
-    they are, as api_server.py joins them (text parts; an assistant's refusal parts too). Images, audio and files have no text for ChatGLM, and
-    `null` is content only beside an assistant's tool call (handled by the caller)."""
+    """The text of an OpenAI message's `content`: a string, or an array of parts whose texts are joined as api_server.py
+    joins them (text parts; an assistant's refusal parts too). `null` is content only beside a tool call."""
     if "content" not in turn:
         raise DataError(path, line, "missing", f"{field}.content")
     value = turn["content"]
@@ -151,23 +140,20 @@ def openai_content(turn, name, role, path, line, field):
             allowed = "text or refusal" if role == "assistant" else "text"
             raise DataError(path, line, f"a content part of type {excerpt(str(kind))}; ChatGLM reads {allowed} parts "
                             "only", f"{field}.content[{k}].type", "a content part that is not text")
-        texts.append(require_str_at(part, key, path, line, f"{field}.content[{k}]", allow_empty=True))
+        texts.append(require_str(part, key, path, line, allow_empty=True, prefix=f"{field}.content[{k}]"))
     return "".join(texts)
 
 
 def finetune_tool_messages(turn, path, line, field):
     """ChatGLM3 finetune_demo's tool message {"role": "tool", "name", "parameters", "observation", "loss"?}, expanded
-    as the official preprocessing does: the assistant's tool call (metadata: the name; content: the tool_call block;
-    learnt unless "loss" is false), then the observation (never learnt; a string as it is, any other JSON value as
-    its JSON text)."""
+    as the official preprocessing does: the tool call (learnt unless "loss" is false), then the observation (a string
+    as it is, any other JSON value as its JSON text)."""
     for key in ("content", "metadata", "tool_calls"):
         if key in turn:
             raise DataError(path, line, f"a ChatGLM3 tool message has name, parameters and observation, not {key} (an "
                             "OpenAI tool result goes in a 'messages' record)", f"{field}.{key}",
                             "a ChatGLM3 tool message has name, parameters and observation")
-    name = require_str_at(turn, "name", path, line, field)
-    if "\n" in name:
-        raise DataError(path, line, "a line break in the tool name (ChatGLM3 puts it on the role line)", f"{field}.name")
+    name = tool_name(turn, path, line, field)
     for key in ("parameters", "observation"):
         if key not in turn:
             raise DataError(path, line, "missing", f"{field}.{key}")
@@ -196,7 +182,7 @@ def requested_call(turn, name, role, text_key, path, line, field):
     """(the tool call that the message makes, as {"name", "arguments"}, and its field) or (None, None). Tool calls
     belong to assistant messages only: anywhere else they are an error, never dropped."""
     if name == "function_call":  # ShareGPT: the value is the call as JSON
-        value = require_str_at(turn, text_key, path, line, field)
+        value = require_str(turn, text_key, path, line, prefix=field)
         call = json_field(value, path, line, f"{field}.{text_key}")
         if isinstance(call, list):
             call = one_call(call, path, line, f"{field}.{text_key}")
@@ -232,7 +218,7 @@ def turn_messages(turn, name, role, text_key, style, path, line, field):
         elif name == "function_call" or said is None:
             said = ""
         else:
-            said = require_str_at(turn, text_key, path, line, field, allow_empty=True)
+            said = require_str(turn, text_key, path, line, allow_empty=True, prefix=field)
         messages = [{"role": "assistant", "content": said}] if said.strip() else []  # what it says before calling
         return messages + [tool_call_message(call, path, line, call_field)]
     if style == "openai":
@@ -246,10 +232,10 @@ def turn_messages(turn, name, role, text_key, style, path, line, field):
                             "null content")
         content = json.dumps(turn[text_key], ensure_ascii=False)
     else:
-        content = require_str_at(turn, text_key, path, line, field, allow_empty=role == "observation")
+        content = require_str(turn, text_key, path, line, allow_empty=role == "observation", prefix=field)
     message = {"role": role, "content": content}
     if turn.get("metadata"):
-        metadata = require_str_at(turn, "metadata", path, line, field)
+        metadata = require_str(turn, "metadata", path, line, prefix=field)
         if role != "assistant":
             raise DataError(path, line, "only assistant messages have metadata (a tool's name)", f"{field}.metadata")
         if "\n" in metadata:
@@ -334,13 +320,8 @@ def record_style(record, path, line, chatglm3_only):
 
 
 def conversation_messages(record, path, line, chatglm3_only=False):
-    """The checked ChatGLM3 messages of a ShareGPT, OpenAI or ChatGLM3 conversation record (see the module's rules);
-    a bad record raises DataError naming the field. chatglm3_only: accept only the ChatGLM3 format (training data)."""
-    return styled_messages(record, path, line, chatglm3_only)[0]
-
-
-def styled_messages(record, path, line, chatglm3_only=False):
-    """(conversation_messages, the record's style: 'openai', 'sharegpt' or 'chatglm3')."""
+    """(the checked ChatGLM3 messages of a ShareGPT, OpenAI or ChatGLM3 conversation record, its style: 'openai',
+    'sharegpt' or 'chatglm3'); a bad record raises DataError naming the field. chatglm3_only: ChatGLM3's format only."""
     key, style, turns = record_style(record, path, line, chatglm3_only)
     role_key, text_key = ("from", "value") if style == "sharegpt" else ("role", "content")
     if style == "openai":
@@ -352,7 +333,7 @@ def styled_messages(record, path, line, chatglm3_only=False):
     messages, places = [], []
     for k, turn in enumerate(turns):
         field = f"{key}[{k}]"
-        name = require_str_at(turn, role_key, path, line, field)
+        name = require_str(turn, role_key, path, line, prefix=field)
         if name not in known:
             raise DataError(path, line, f"expected one of {list(known)}, got {excerpt(name)}", f"{field}.{role_key}",
                             f"expected one of {list(known)}")
@@ -410,7 +391,7 @@ def conversation_record(record, path, line):
     A record in ChatGLM3's own format stays a conversation record unless it is one user message and its answer: the
     training scripts then encode it as ChatGLM3's finetune_demo does (a system message in its own role, every answer
     learnt), which an instruction record would not (the system text joins the question, history answers are context)."""
-    messages, style = styled_messages(record, path, line)
+    messages, style = conversation_messages(record, path, line)
     turns = plain_turns(messages)
     if turns is None or not all(learnt for _, _, learnt in turns[1]):
         return {"conversations": messages}

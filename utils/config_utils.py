@@ -1,12 +1,6 @@
-"""Script configuration: a plain dict of defaults at the top of each script, overridden from the command line.
-
-    config = parse_config(DEFAULTS)            # python train_trainer.py --learning_rate=3e-4 --lora_r 16
-
-`--key=value` and `--key value` both work; nested dicts are addressed with their keys joined by `_`
-(`{"lora": {"r": 8}}` -> `--lora_r`). Values are typed from the default (bool, int, float, str; lists and dicts
-as JSON; a default of None takes any string, with `none`/`null` meaning None). An unknown key is an error that
-names the closest valid keys. `--help` lists every key with its default.
-"""
+"""Script configuration: a dict of defaults at the top of each script, overridden by `--key=value` or `--key value`;
+nested keys joined by `_` (`{"lora": {"r": 8}}` -> `--lora_r`), values typed from the default (lists and dicts as
+JSON; a default of None takes any string, `none`/`null` meaning None). `--help` lists every key with its default."""
 import copy
 import difflib
 import json

@@ -1,9 +1,5 @@
-"""Reading and writing data files with errors that name the file, the line and the field.
-
-Bad input stops with a `DataError`, unless the caller asked to skip bad lines: then `BadLines` counts what was
-skipped and why, so nothing is dropped silently. Files are written through a temporary file and renamed, so an
-interrupted run never leaves a half-written file where a good one was.
-"""
+"""Reading and writing data files. Bad input is a `DataError` naming file, line and field, unless the caller skips bad
+lines: `BadLines` then counts what was skipped and why. Files are written whole or not at all (write_atomic)."""
 import json
 import os
 import re
@@ -178,40 +174,28 @@ def check_surrogates(value, path, line):
                             "fix or remove it", field, reason="lone surrogate (half of a UTF-16 pair)")
 
 
-def iter_json_lines(path, bad_lines: BadLines = None):
-    """(line number, object) for each non-blank line of a JSON-lines file."""
+def iter_json_records(path, bad_lines: BadLines = None, lines_only=False):
+    """(line number, object) for each non-blank line of a JSON-lines file, or unless lines_only of a JSON array file
+    (detected from the first character; having no line per record, its errors name the position: "record 12")."""
     bad_lines = bad_lines or BadLines()
-    for number, line in enumerate(text_lines(read_text(path)), start=1):
-        if not line.strip():
-            continue
+    text = read_text(path)
+    if not lines_only and text.lstrip().startswith("["):
+        items = [(f"record {index}", record) for index, record in enumerate(parse_json(text, path), start=1)]
+    else:
+        items = [(number, line) for number, line in enumerate(text_lines(text), start=1) if line.strip()]
+    for where, item in items:
         try:
-            record = parse_json(line, path, number)
-            if "\\u" in line:  # the file is valid UTF-8: only an escape can make a lone surrogate
-                check_surrogates(record, path, number)
+            record = parse_json(item, path, where) if isinstance(where, int) else item
+            if "\\u" in (item if isinstance(where, int) else text):  # valid UTF-8: only an escape makes a surrogate
+                check_surrogates(record, path, where)
         except DataError as err:
             bad_lines.handle(err)
             continue
-        yield number, record
+        yield where, record
 
 
-def iter_json_records(path, bad_lines: BadLines = None):
-    """(line number, object) from a JSON array file or a JSON-lines file (detected from the first character)."""
-    bad_lines = bad_lines or BadLines()
-    text = read_text(path)
-    if text.lstrip().startswith("["):
-        records = parse_json(text, path)
-        escapes = "\\u" in text  # the file is valid UTF-8: only an escape can make a lone surrogate
-        # A JSON array has no line per record: errors name the record's position instead.
-        for index, record in enumerate(records, start=1):
-            try:
-                if escapes:
-                    check_surrogates(record, path, f"record {index}")
-            except DataError as err:
-                bad_lines.handle(err)
-                continue
-            yield f"record {index}", record
-    else:
-        yield from iter_json_lines(path, bad_lines)
+def iter_json_lines(path, bad_lines: BadLines = None):
+    return iter_json_records(path, bad_lines, lines_only=True)
 
 
 def read_json_records(path, bad_lines, build):
@@ -225,13 +209,14 @@ def read_json_records(path, bad_lines, build):
             bad_lines.handle(err)
 
 
-def require_str(record, field, path, line, allow_empty=False):
-    """record[field] as a string, or a DataError naming the problem."""
+def require_str(record, key, path, line, allow_empty=False, prefix=None):
+    """record[key] as a string; errors name the field `prefix.key` (or `key`)."""
+    field = f"{prefix}.{key}" if prefix else key
     if not isinstance(record, dict):
-        raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}")
-    if field not in record:
+        raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}", prefix and field)
+    if key not in record:
         raise DataError(path, line, "missing", field)
-    value = record[field]
+    value = record[key]
     if not isinstance(value, str):
         raise DataError(path, line, f"expected a string, got {type(value).__name__}", field)
     if not allow_empty and not value.strip():
@@ -243,14 +228,6 @@ def require_int(value, path, line, field):
     if not isinstance(value, int) or isinstance(value, bool):
         raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
     return value
-
-
-def require_str_at(record, key, path, line, prefix, allow_empty=False):
-    """record[key] as a string, with the error naming the field as `prefix.key`."""
-    try:
-        return require_str(record, key, path, line, allow_empty)
-    except DataError as err:
-        raise DataError(path, line, err.problem, f"{prefix}.{key}") from None
 
 
 def require_type(value, kind, path, line, field):

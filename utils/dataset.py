@@ -18,7 +18,7 @@ import torch
 
 from utils.chat_data import plain_turns
 from utils.data_io import BadLines, DataError
-from utils.prompts import fit_prompt, fit_turns, get_prompt_format, user_message
+from utils.prompts import chat_messages, fit_prompt, fit_turns, get_prompt_format, user_message
 from utils.records import read_instruction_records, read_text_records
 
 
@@ -47,31 +47,17 @@ def turn_records(system, turns):
     return records
 
 
-def history_messages(record):
-    """An instruction record's turns as ChatGLM3 messages, every answer learnt."""
-    turns = [*record["history"], (user_message(record), record["answer"])]
-    return [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
-
-
 def learnt(message):
     return message["role"] == "assistant" and message.get("loss", True)
 
 
 def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_target_length):
-    """input_ids and labels of a ChatGLM3 conversation, laid out as ChatGLM3's finetune_demo does: [gMASK] sop, every
-    message as the chat input has it (the tokenizer's build_message), then </s>.
-
-    Targets: every learnt assistant message after its role token, and the one token that follows the message: the
-    next message's role token, or </s> at the end. That token ends the turn at inference (chat() stops at </s>,
-    <|user|> and <|observation|>; between two parts of one answer the model writes <|assistant|>), and it is learnt
-    as the single-turn encoding (encode_example) learns its </s>: a one-turn conversation gives the same ids and labels
-    either way. Labels equal the ids at the targets; the model shifts them.
-
-    Truncation as fit_prompt: the prompt (all before the last message's content) fits max_source_length by dropping
-    the oldest rounds (a user message and all up to the next one; the system message stays), then the tail of the
-    last round's user message; the last message's content is cut to max_target_length. Earlier answers are never cut:
-    the later turns see them whole. Returns (example, prompt cut, answer cut, learnt answers dropped with their
-    rounds)."""
+    """input_ids and labels of a ChatGLM3 conversation as ChatGLM3's finetune_demo lays it out: [gMASK] sop, every
+    message as the tokenizer's build_message has it, then </s>. Targets: every learnt assistant message after its role
+    token, through the token that follows it (the next role token or </s>: where chat() stops, so a one-turn
+    conversation encodes as encode_example does). Truncation as fit_prompt: the oldest rounds go first (the system
+    messages stay), then the tail of the last user message; the last message's content is cut to max_target_length,
+    earlier answers never. Returns (example, prompt cut, answer cut, learnt answers dropped with their rounds)."""
     # The system messages: one, or the finetune_demo's tool prompt and then the data's own.
     system = list(itertools.takewhile(lambda message: message["role"] == "system", messages))
     rest = messages[len(system):]  # a user message first (utils/chat_data.py checks the order)
@@ -109,43 +95,33 @@ def encode_record(record, prompt_format, max_source_length, max_target_length, l
     """The samples of one record (an instruction or a conversation record) and its counts: (samples, truncated
     prompts, truncated answers, learnt answers dropped with the oldest rounds). See the module docstring for the
     multi-turn layouts; a conversation that only ChatGLM3-6B can express raises DataError on other models."""
-    multi_turn = "conversations" in record or (loss_on_all_turns and record.get("history"))
-    if not multi_turn:
+    if "conversations" not in record and not (loss_on_all_turns and record.get("history")):
         example, prompt_cut, answer_cut = encode_example(record, prompt_format, max_source_length, max_target_length)
         return [example], int(prompt_cut), int(answer_cut), 0
+    pairs = None if "conversations" in record else [*record["history"], (user_message(record), record["answer"])]
     if prompt_format.version == "chatglm3-6b":
-        messages = record.get("conversations") or history_messages(record)
         try:
             example, prompt_cut, answer_cut, dropped = encode_chatglm3_conversation(
-                prompt_format.tokenizer, messages, max_source_length, max_target_length)
+                prompt_format.tokenizer, record.get("conversations") or chat_messages(pairs), max_source_length,
+                max_target_length)
         except ValueError:  # what must stay (system and tools, the last round's calls and observations) is too long
             raise DataError(path, record["line"], f"longer than max_source_length={max_source_length} even with only "
                             "the last round left and its user message cut", "conversations",
                             "longer than max_source_length") from None
         return [example], int(prompt_cut), int(answer_cut), dropped
-    if "conversations" in record:
-        turns = plain_turns(record["conversations"])
-        if turns is None:
-            raise DataError(path, record["line"], f"tool calls, observations and consecutive assistant messages need "
-                            f"ChatGLM3-6B; {prompt_format.version or 'this model'} learns alternating user and "
-                            "assistant turns", "conversations", "a conversation that needs ChatGLM3-6B")
-        system, turns = turns
-    else:
-        system = ""
-        turns = [(user, assistant, True) for user, assistant in record["history"]] + [(user_message(record), record["answer"], True)]
-    samples, prompt_cuts, answer_cuts = [], 0, 0
-    for turn in turn_records(system, turns):
-        example, prompt_cut, answer_cut = encode_example(turn, prompt_format, max_source_length, max_target_length)
-        samples.append(example)
-        prompt_cuts += prompt_cut
-        answer_cuts += answer_cut
-    return samples, prompt_cuts, answer_cuts, 0
+    plain = ("", [(*pair, True) for pair in pairs]) if pairs else plain_turns(record["conversations"])
+    if plain is None:
+        raise DataError(path, record["line"], f"tool calls, observations and consecutive assistant messages need "
+                        f"ChatGLM3-6B; {prompt_format.version or 'this model'} learns alternating user and "
+                        "assistant turns", "conversations", "a conversation that needs ChatGLM3-6B")
+    encoded = [encode_example(turn, prompt_format, max_source_length, max_target_length)
+               for turn in turn_records(*plain)]
+    return [e for e, _, _ in encoded], sum(cut for _, cut, _ in encoded), sum(cut for _, _, cut in encoded), 0
 
 
 def format_example(example, tokenizer) -> str:
-    """An encoded sample as text, to check a data format by eye: one line per run of tokens in the loss (`loss`) or
-    not (`----`), each token as its piece and id. A target whose label is not its own id (no layout here makes one)
-    shows `->label`."""
+    """An encoded sample as text, to check a data format by eye: a line per run of tokens in the loss (`loss`) or not
+    (`----`), each token as its piece and id (`->label` where a label is not its own id)."""
     ids, labels = example["input_ids"], example["labels"]
     lines = [f"{len(ids)} tokens, {sum(label != -100 for label in labels)} of them in the loss"]
     tokens = zip(tokenizer.convert_ids_to_tokens(ids), ids, labels)
@@ -170,6 +146,13 @@ class EncodedDataset(torch.utils.data.Dataset):
     def with_skipped(self, text):
         return text + ("\n" + self.skipped_summary if self.stats["skipped_lines"] else "")
 
+    def count(self, path, bad_lines, records, **counts):
+        if not self.examples:
+            raise DataError(path, None, "no usable records")
+        self.stats = {"file": str(path), "records": records, "samples": len(self.examples), **counts,
+                      "skipped_lines": bad_lines.count, "tokens": sum(len(e["input_ids"]) for e in self.examples)}
+        self.skipped_summary = bad_lines.summary()
+
 
 class InstructionDataset(EncodedDataset):
     """A whole instruction file (conversation records too), encoded once. `stats` counts records, samples,
@@ -178,34 +161,20 @@ class InstructionDataset(EncodedDataset):
     def __init__(self, path, tokenizer, version=None, max_source_length=512, max_target_length=256, skip_bad_lines=False,
                  loss_on_all_turns=False):
         bad_lines = BadLines(skip=skip_bad_lines)
-        records = read_instruction_records(path, bad_lines, conversations=True)
         prompt_format = get_prompt_format(tokenizer, version)
-        self.examples, encoded, cut_prompts, cut_answers, dropped = [], 0, 0, 0, 0
-        for record in records:
+        self.examples, counts = [], []
+        for record in read_instruction_records(path, bad_lines, conversations=True):
             try:
-                examples, prompt_cuts, answer_cuts, dropped_answers = encode_record(
+                examples, *record_counts = encode_record(
                     record, prompt_format, max_source_length, max_target_length, loss_on_all_turns, path)
             except DataError as error:
                 bad_lines.handle(error)
                 continue
             self.examples += examples
-            encoded += 1
-            cut_prompts += prompt_cuts
-            cut_answers += answer_cuts
-            dropped += dropped_answers
-        if not self.examples:
-            raise DataError(path, None, "no usable records")
-        self.stats = {
-            "file": str(path),
-            "records": encoded,
-            "samples": len(self.examples),
-            "truncated_prompts": cut_prompts,
-            "truncated_answers": cut_answers,
-            "dropped_answers": dropped,
-            "skipped_lines": bad_lines.count,
-            "tokens": sum(len(e["input_ids"]) for e in self.examples),
-        }
-        self.skipped_summary = bad_lines.summary()
+            counts.append(record_counts)
+        cut_prompts, cut_answers, dropped = (sum(column) for column in zip(*counts or [(0, 0, 0)]))
+        self.count(path, bad_lines, len(counts), truncated_prompts=cut_prompts, truncated_answers=cut_answers,
+                   dropped_answers=dropped)
 
     def describe(self):
         s = self.stats
@@ -237,15 +206,7 @@ class TextDataset(EncodedDataset):
             {"input_ids": prefix + stream[start:start + step], "labels": [-100] * len(prefix) + stream[start:start + step]}
             for start in range(0, len(stream), step)
         ]
-        self.stats = {
-            "file": str(path),
-            "records": len(texts),
-            "samples": len(self.examples),
-            "text_tokens": len(stream),
-            "skipped_lines": bad_lines.count,
-            "tokens": sum(len(e["input_ids"]) for e in self.examples),
-        }
-        self.skipped_summary = bad_lines.summary()
+        self.count(path, bad_lines, len(texts), text_tokens=len(stream))
 
     def describe(self):
         s = self.stats
@@ -254,8 +215,8 @@ class TextDataset(EncodedDataset):
 
 @dataclass
 class PaddingCollator:
-    """Pads a batch to its longest example (dynamic padding). Training pads on the right: the ChatGLM models take
-    positions from the attention mask, and natively supported models count positions from the first token."""
+    """Pads a batch to its longest example. Training pads on the right: the ChatGLM models take positions from the
+    attention mask, and natively supported models count positions from the first token."""
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
@@ -278,10 +239,8 @@ class PaddingCollator:
 
 
 def pack_lengths(lengths, budget, seed=0):
-    """Rows of example indices, each holding at most `budget` tokens (an example longer than that gets a row of its
-    own): first-fit decreasing (longest first, each into the first row with room), which fills rows best; ties in
-    length are broken in an order shuffled with `seed`. The rows come out shuffled with `seed`, the examples of a row
-    in the order they were placed."""
+    """Rows of example indices of at most `budget` tokens each (a longer example gets a row of its own), by first-fit
+    decreasing; ties in length and the order of the rows are shuffled with `seed`."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=generator).tolist()
     order.sort(key=lambda i: -lengths[i])
@@ -299,11 +258,9 @@ def pack_lengths(lengths, budget, seed=0):
 
 
 def pack_examples(examples):
-    """One row of several encoded examples: input_ids and labels concatenated, attention_mask the segment ids
-    1, 2, 3, ... of the examples (the convention the ChatGLM models read, see build_attention_mask; for native models
-    `packed_inputs_hook` turns it into restarting position_ids). Each example keeps its labels, except that the first
-    token of each is never a target: an example's first label is never predicted unpacked either (the loss shifts
-    labels by one), and packed it would make the last token of the previous example predict across the boundary."""
+    """One row of several encoded examples: input_ids and labels concatenated, attention_mask their segment ids 1, 2,
+    3, ... (what the ChatGLM models read; packed_inputs_hook turns it into position_ids for native models). The first
+    token of each example is no target: unpacked it is never predicted either, packed the previous example would."""
     row = {"input_ids": [], "labels": [], "attention_mask": []}
     for segment, example in enumerate(examples, start=1):
         row["input_ids"] += example["input_ids"]
@@ -313,11 +270,9 @@ def pack_examples(examples):
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Encoded examples packed several to a row of at most `pack_tokens` tokens (pack_lengths), once, at load time
-    with the run's seed; the sampler shuffles the rows each epoch. Each example attends only to itself (see
-    pack_examples), so a packed step trains as the same examples unpacked: the training scripts divide the summed
-    token losses by the number of target tokens in the step, which packing does not change. A batch then holds
-    `per_device_train_batch_size` rows, each of several examples. `stats`: the data's, plus rows and fill ratio."""
+    """Encoded examples packed several to a row of at most `pack_tokens` tokens (pack_lengths), once, with the run's
+    seed. Each example attends only to itself (pack_examples) and the loss is divided by the step's target tokens, so a
+    packed step trains as the same examples unpacked. `stats`: the data's, plus rows and fill ratio."""
 
     def __init__(self, data: EncodedDataset, pack_tokens: int, seed=0):
         if pack_tokens <= 0:

@@ -25,12 +25,9 @@ def entity_counts(predicted_sets, gold_sets):
 
 
 def ner_metrics(predictions, references, sources=None) -> dict:
-    """Entity-level precision/recall/F1 over (entity, type) pairs: micro over all types and per type (types
-    present in the references or the predictions), plus the count of malformed predicted lines.
-
-    sources (the input text of each prediction): predicted entities that do not occur in their input are dropped
-    before scoring, since an entity is a span of the text and one that is not there was made up; how many were
-    dropped and the micro scores with them kept are reported too (`not_in_text`)."""
+    """Entity-level precision/recall/F1 over (entity, type) pairs, micro and per type, and the malformed lines.
+    sources (each prediction's input text): predicted entities not in their input were made up and are dropped; how
+    many, and the micro scores with them kept, are reported too (`not_in_text`)."""
     if len(predictions) != len(references) or (sources is not None and len(sources) != len(references)):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references"
                          + (f" and {len(sources)} sources" if sources is not None else ""))

@@ -28,7 +28,7 @@ from pathlib import Path
 from utils.chat_data import ADGEN_RE, read_adgen, read_alpaca, read_conversation
 from utils.data_io import (
     BadLines, DataError, excerpt, json_shape, parse_json, read_json_records, read_text, require_int, require_str,
-    require_str_at, require_type, text_lines,
+    require_type, text_lines,
 )
 
 QUERY_PREFIX = "文本："
@@ -61,13 +61,9 @@ MSRA_INSTRUCT = ner_instruct(MSRA_TYPES)
 CLUENER_INSTRUCT = ner_instruct(CLUENER_TYPE_NAMES.values())
 
 NER_FORMATS = ("bio", "bio_parallel", "span_json", "cluener")
-GENERATION_FORMATS = ("adgen", "alpaca", "conversation")
 
 TAG_RE = re.compile(r"^([BIMES])-(\S+)$")
 SEGMENT_TOKEN_RE = re.compile(r"^(\D+|.)(\d+)$", re.DOTALL)  # Weibo: character(s) + segment position
-
-
-# ---------------------------------------------------------------------------------------------------- types
 
 
 def map_type(raw_type: str, input_format: str = "bio"):
@@ -119,9 +115,6 @@ def choose_instruct(type_names, input_formats=()) -> str:
     return ner_instruct(known + [name for name in names if name not in known])
 
 
-# ---------------------------------------------------------------------------------------------------- records
-
-
 def ner_answer(entities) -> str:
     """`实体_类型` lines, one per distinct (entity, type) in order of first appearance, or 没有."""
     seen = dict.fromkeys((entity, name) for entity, name, _ in sorted(entities, key=lambda e: e[2]))
@@ -142,12 +135,10 @@ def truncate(text, entities, max_chars):
 
 
 def replace_mentions(examples, copies, seed=0):
-    """Mention replacement (Dai & Adel, COLING 2020): for each example with entities, `copies` new examples in which
-    every mention is swapped for a random entity of the same type from `examples` (one entity string is replaced
-    the same way throughout a text). A model then sees each context with many names and has to copy the name it
-    is given rather than recall one it has memorised: what a small model fine-tuned on a few thousand sentences
-    gets wrong most. Examples whose mentions have no position or overlap are left out of the augmentation.
-    Returns (new examples, number of examples left out)."""
+    """Mention replacement (Dai & Adel, COLING 2020): `copies` new examples per example with entities, every mention
+    swapped for a random entity of its type from `examples` (the same way throughout a text), so that a small model
+    learns to copy the name it is given rather than recall one. Examples whose mentions have no position or overlap
+    are left out. Returns (new examples, number left out)."""
     pool = {}
     for _, entities in examples:
         for entity, name, _ in entities:
@@ -177,9 +168,6 @@ def replace_mentions(examples, copies, seed=0):
     return augmented, left_out
 
 
-# ---------------------------------------------------------------------------------------------------- tags
-
-
 class TagError(ValueError):
     def __init__(self, index, problem, reason):
         self.index, self.reason = index, reason  # reason: the kind of problem, without the tags
@@ -192,16 +180,10 @@ def uses_closed_scheme(tags) -> bool:
 
 
 def tag_spans(tags, closed=False):
-    """([(begin, end, type)] (end exclusive, token indices), [TagError of each repaired tag]) from BIO / BIOES / BMES
-    tags.
-
-    BIO: an I- tag that does not continue an entity of its type (after O, at the sentence start, or after an entity
-    of another type) opens a new entity of its type, as conlleval and seqeval (by default) read it; the TagError of
-    each such tag is returned for the caller to count or refuse. BIOES / BMES (closed=True) mark where every entity
-    begins and ends, so there such a tag is an error. Raises TagError(index, problem, reason) for a tag that is not O
-    or B-/I-/M-/E-/S- + type, and (closed=True) for an I-/M-/E- that does not continue an entity of its type or an
-    entity left without its E-.
-    """
+    """([(begin, end, type)] (token indices, end exclusive), [TagError of each repaired tag]) of BIO / BIOES / BMES
+    tags. BIO: an I- tag that continues no entity of its type opens one (conlleval, seqeval), its TagError returned for
+    the caller to count or refuse; closed=True (BIOES / BMES) raises it, and for an entity left without its E-.
+    A tag that is not O or B-/I-/M-/E-/S- + type raises TagError(index, problem, reason)."""
     spans, repaired, start, kind = [], [], None, None
     for index, tag in enumerate(tags):
         if tag == "O":
@@ -246,16 +228,24 @@ def tag_spans(tags, closed=False):
     return spans, repaired
 
 
-def tokens_to_example(tokens, spans):
-    """(text, [(entity, raw_type, begin)]) from tokens joined without spaces (character-level data)."""
-    offsets = [0]
-    for token in tokens:
-        offsets.append(offsets[-1] + len(token))
+def tagged_example(tokens, tags, closed, bad_lines, path, field, line_of, tag_number=False):
+    """(text, [(entity, raw_type, begin)]) of one tagged sentence, its tokens joined without spaces (character-level
+    data); errors name the line line_of(token index) of path."""
+    def error(err):
+        return DataError(path, line_of(err.index), f"{err} (tag {err.index + 1})" if tag_number else str(err), field,
+                         err.reason)
+    try:
+        spans, repaired = tag_spans(tags, closed)
+    except TagError as err:
+        raise error(err) from None
+    for err in repaired:
+        bad_lines.repair(error(err))
+    offsets = [0, *itertools.accumulate(map(len, tokens))]
     text = "".join(tokens)
-    return text, [(text[offsets[b]:offsets[e]], kind, offsets[b]) for b, e, kind in spans]
-
-
-# ---------------------------------------------------------------------------------------------------- NER readers
+    entities = [(text[offsets[b]:offsets[e]], kind, offsets[b]) for b, e, kind in spans]
+    for (begin, _, _), (entity, kind, _) in zip(spans, entities):
+        check_answer_line(entity, kind, "bio", path, line_of(begin), field)
+    return text, entities
 
 
 def split_bio_line(line):
@@ -295,15 +285,8 @@ def read_bio(path, bad_lines: BadLines = None):
                 if token is None:
                     raise DataError(path, number, problem, "tag", "expected 'character<TAB>tag'")
             tokens = [SEGMENT_TOKEN_RE.match(t).group(1) if strip_digits else t for _, t, _ in sentence]
-            try:
-                spans, repaired = tag_spans([tag for _, _, tag in sentence], closed)
-            except TagError as err:
-                raise DataError(path, sentence[err.index][0], str(err), "tag", err.reason) from None
-            for err in repaired:
-                bad_lines.repair(DataError(path, sentence[err.index][0], str(err), "tag", err.reason))
-            text, entities = tokens_to_example(tokens, spans)
-            for (begin, _, _), (entity, kind, _) in zip(spans, entities):
-                check_answer_line(entity, kind, "bio", path, sentence[begin][0], "tag")
+            text, entities = tagged_example(tokens, [tag for _, _, tag in sentence], closed, bad_lines, path, "tag",
+                                            lambda index, rows=sentence: rows[index][0])
         except DataError as err:
             bad_lines.handle(err)
             continue
@@ -322,12 +305,10 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
     """(line, text, entities) per line of `*sentences*` (space-separated characters) and its `*tags*` file."""
     bad_lines = bad_lines or BadLines()
     tags_path = parallel_tags_path(path)
-    sentence_lines = read_text(path).split("\n")
-    tag_lines = read_text(tags_path).split("\n")
-    while sentence_lines and not sentence_lines[-1].strip():
-        sentence_lines.pop()
-    while tag_lines and not tag_lines[-1].strip():
-        tag_lines.pop()
+    sentence_lines, tag_lines = (read_text(p).split("\n") for p in (path, tags_path))
+    for lines in (sentence_lines, tag_lines):
+        while lines and not lines[-1].strip():
+            lines.pop()
     if len(sentence_lines) != len(tag_lines):
         # Not skippable: every line after the first missing one would pair the wrong tags with the wrong text.
         raise DataError(tags_path, min(len(sentence_lines), len(tag_lines)) + 1,
@@ -343,15 +324,8 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
             if len(tokens) != len(tags):
                 raise DataError(tags_path, number, f"{len(tags)} tags for the {len(tokens)} characters of line "
                                 f"{number} of {Path(path).name}", "tags", "not one tag per character")
-            try:
-                spans, repaired = tag_spans(tags, closed)
-            except TagError as err:
-                raise DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags", err.reason) from None
-            for err in repaired:
-                bad_lines.repair(DataError(tags_path, number, f"{err} (tag {err.index + 1})", "tags", err.reason))
-            text, entities = tokens_to_example(tokens, spans)
-            for entity, kind, _ in entities:
-                check_answer_line(entity, kind, "bio_parallel", tags_path, number, "tags")
+            text, entities = tagged_example(tokens, tags, closed, bad_lines, tags_path, "tags",
+                                            lambda _, at=number: at, tag_number=True)
         except DataError as err:
             bad_lines.handle(err)
             continue
@@ -368,8 +342,8 @@ def span_json_example(record, path, line):
     for k, item in enumerate(entity_list):
         field = f"entity_list[{k}]"
         require_type(item, dict, path, line, field)
-        entity = require_str_at(item, "entity", path, line, field)
-        raw_type = require_str_at(item, "entity_type", path, line, field)
+        entity = require_str(item, "entity", path, line, prefix=field)
+        raw_type = require_str(item, "entity_type", path, line, prefix=field)
         if "entity_index" not in item:
             raise DataError(path, line, "missing", f"{field}.entity_index")
         index = require_type(item["entity_index"], dict, path, line, f"{field}.entity_index")
@@ -425,17 +399,12 @@ def cluener_example(record, path, line):
     return text, sorted(entities, key=lambda e: e[2])
 
 
-def _read_json_ner(path, bad_lines, parse):
-    """(line, text, entities) per record."""
-    return ((number, *parsed) for number, parsed in read_json_records(path, bad_lines, parse))
-
-
 def read_span_json(path, bad_lines: BadLines = None):
-    return _read_json_ner(path, bad_lines, span_json_example)
+    return ((number, *example) for number, example in read_json_records(path, bad_lines, span_json_example))
 
 
 def read_cluener(path, bad_lines: BadLines = None):
-    return _read_json_ner(path, bad_lines, cluener_example)
+    return ((number, *example) for number, example in read_json_records(path, bad_lines, cluener_example))
 
 
 READERS = {
@@ -443,9 +412,6 @@ READERS = {
     "adgen": read_adgen, "alpaca": read_alpaca, "conversation": read_conversation,
 }
 FORMATS = tuple(READERS)
-
-
-# ---------------------------------------------------------------------------------------------------- detection
 
 
 def json_format(record, path):
@@ -478,17 +444,17 @@ def detect_format(path) -> str:
     if not body:
         raise DataError(path, None, "the file is empty: no records to convert")
     if body.startswith("["):
-        sample = [r for r in parse_json(text, path) if isinstance(r, dict)][:1]
+        sample = next((record for record in parse_json(text, path) if isinstance(record, dict)), None)
     elif body.startswith("{"):
-        sample = []
+        sample = None
         for number, line in enumerate(text_lines(text)[:200], start=1):
             try:
-                record = parse_json(line, path, number)
+                sample = parse_json(line, path, number)
             except DataError:
                 continue
-            if isinstance(record, dict):
-                sample = [record]
+            if isinstance(sample, dict):
                 break
+            sample = None
     else:
         lines = [line.rstrip("\r").rstrip(" \t") for line in text.split("\n")[:200] if line.strip()]
         pairs = [split_bio_line(line) for line in lines]
@@ -496,6 +462,6 @@ def detect_format(path) -> str:
             return "bio"
         raise DataError(path, None, "cannot tell the format (not JSON, not 'character<TAB>tag' lines); "
                         f"pass --input_format (one of {', '.join(FORMATS)})")
-    if not sample:
+    if sample is None:
         raise DataError(path, None, "no JSON object found to tell the format from; pass --input_format")
-    return json_format(sample[0], path)
+    return json_format(sample, path)

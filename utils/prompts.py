@@ -15,6 +15,13 @@ from utils.model_utils import remote_module
 from utils.ner_data import QUERY_PREFIX
 
 
+def chat_messages(turns, system=""):
+    """[user, assistant] turns as chat messages after the system message, if any (the last turn may be a question)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": role, "content": text}
+                       for turn in turns for role, text in zip(("user", "assistant"), turn)]
+
+
 def user_message(record) -> str:
     return "\n".join(part for part in (record["instruct"], record["query"]) if part)
 
@@ -57,9 +64,7 @@ class ChatGLMPromptFormat:
             return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
         if self.version == "chatglm2-6b":
             return tokenizer.encode(tokenizer.build_prompt(message, [tuple(turn) for turn in history]))
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": role, "content": text} for turn in history for role, text in zip(("user", "assistant"), turn)]
-        return tokenizer.build_chat_input(message, history=messages)["input_ids"][0].tolist()
+        return tokenizer.build_chat_input(message, history=chat_messages(history, system))["input_ids"][0].tolist()
 
     def answer_parts(self, answer):
         """(content ids, closing ids) of the answer turn; truncation cuts only the content."""
@@ -72,12 +77,10 @@ class ChatGLMPromptFormat:
 
 
 class ChatTemplatePromptFormat:
-    """Models that transformers supports natively (GLM-4, Llama...): their tokenizer's chat template.
-
-    The answer turn ends with the special tokens the template writes after an assistant message; a template that
-    writes none there (GLM-4's) ends it with the role token that opens the next turn (<|user|>, as GLM-4's own
-    finetuning appends). Generation stops at those, the tokenizer's eos and the model folder's generation_config
-    eos ids (GLM-4: <|endoftext|>, <|user|>, <|observation|>)."""
+    """Models that transformers supports natively (GLM-4, Llama...): their tokenizer's chat template. The answer turn
+    ends with the special tokens the template writes after an assistant message, or where it writes none (GLM-4) the
+    role token of the next turn (<|user|>, as GLM-4's own finetuning appends). Generation stops at those, the eos of
+    the tokenizer and of the folder's generation_config (GLM-4: <|endoftext|>, <|user|>, <|observation|>)."""
 
     labels_from_prompt_end = 0
     version = None
@@ -94,19 +97,13 @@ class ChatTemplatePromptFormat:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    @staticmethod
-    def _messages(message, history, system=""):
-        return ([{"role": "system", "content": system}] if system else []) + [
-            {"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)
-        ] + [{"role": "user", "content": message}]
-
     def prompt_ids(self, message, history, system="") -> list:
-        return self._ids(self._messages(message, history, system), generation_prompt=True)
+        return self._ids(chat_messages([*history, (message,)], system), generation_prompt=True)
 
     def _rendered_answer(self, answer):
         """Ids after the generation prompt once `answer` follows it (a placeholder question: some templates skip
         empty messages)."""
-        messages = self._messages("x", [])
+        messages = chat_messages([("x",)])
         prompt = self._ids(messages, generation_prompt=True)
         full = self._ids(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
         if full[: len(prompt)] != prompt:

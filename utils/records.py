@@ -28,7 +28,7 @@ def instruction_record(record, path, line, conversations):
         if not conversations:
             raise DataError(path, line, "a conversation record; this reads instruction records {instruct, "
                             "query, answer}", "conversations", "a conversation record")
-        return {"conversations": conversation_messages(record, path, line, chatglm3_only=True), "line": line}
+        return {"conversations": conversation_messages(record, path, line, chatglm3_only=True)[0], "line": line}
     instruct = require_str(record, "instruct", path, line, allow_empty=True)
     query = require_str(record, "query", path, line, allow_empty=True)
     if not (instruct.strip() or query.strip()):
