@@ -17,14 +17,13 @@ from pathlib import Path
 
 import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
 import torch
-from peft import PeftModel
 
-from utils.adapters import check_lora_on_base, check_model_dir, take_run_settings, uses_adapter
+from utils.adapters import check_lora_on_base, check_model_dir, load_trained, put_on_base, take_run_settings
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
 from utils.generation import time_generation
-from utils.model_utils import fold_adapter, load_model_and_tokenizer, load_model_with_adapter
+from utils.model_loading import load_model_and_tokenizer
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base
@@ -73,14 +72,14 @@ def benchmark(name, model, input_ids, config):
 
 def main(config):
     rows = []
-    take_run_settings(config)
+    trained = take_run_settings(config)
     # Every folder, and the adapter on the first model, checked before anything is loaded or timed.
     model_paths = [p for p in config["model_dir"].split(",") if p]
     if not model_paths:
         raise ConfigError("--model_dir: empty; give one or more model folders, comma-separated")
     for model_path in model_paths:
         check_model_dir(model_path)
-    prefix = check_lora_on_base(config["lora_path"], model_paths[0]) if uses_adapter(config["lora_path"]) else None
+    check_lora_on_base(trained, model_paths[0])
     for index, model_path in enumerate(model_paths):
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=config["dtype"], device=config["device"])
         bits = getattr(model.config, "quantization_bit", 0)
@@ -91,15 +90,12 @@ def main(config):
             raise ConfigError(f"--prompt_len={config['prompt_len']}: too short for {model_path}'s prompt template ({err})") from err
         input_ids = torch.tensor([prompt] * config["batch_size"], device=model.device)
         rows.append(benchmark(label, model, input_ids, config))
-        if index == 0 and prefix is not None:
+        if index == 0 and trained.kind == "prefix":
             del model  # the base rebuilt with the prefix's positions
-            adapted, _ = load_model_with_adapter(model_path, config["lora_path"], dtype=config["dtype"], device=config["device"])
-            rows.append(benchmark(label + " + P-tuning prefix", adapted, input_ids, config))
-            model = adapted
-        elif index == 0 and uses_adapter(config["lora_path"]):
-            adapted = PeftModel.from_pretrained(model, config["lora_path"]).eval()
-            if config["fold_adapter"]:
-                adapted = fold_adapter(adapted)
+            model, _ = load_trained(model_path, trained, dtype=config["dtype"], device=config["device"])
+            rows.append(benchmark(label + " + P-tuning prefix", model, input_ids, config))
+        elif index == 0 and trained.kind == "adapter":
+            adapted = put_on_base(model, trained, fold=config["fold_adapter"])
             rows.append(benchmark(label + (" + adapter" if config["fold_adapter"] else " + adapter (PEFT layers)"), adapted, input_ids, config))
         del model
         if torch.cuda.is_available():

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
-from utils.model_utils import load_model_and_tokenizer, resolve_dtype
+from utils.model_loading import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (
     add_lora,
     check_method,

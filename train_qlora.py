@@ -27,7 +27,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
-from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
     add_lora,

@@ -32,7 +32,7 @@ from transformers import TrainingArguments
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import leave_process_group, set_env_from_mpi
-from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
     add_lora,

@@ -61,7 +61,7 @@ def predict_workload(model, decode, args):
     from utils.data_io import BadLines
     from utils.dataset import get_prompt_format, read_instruction_records
     from utils.generation import generate_answers
-    from utils.model_utils import load_tokenizer
+    from utils.model_loading import load_tokenizer
 
     tokenizer = load_tokenizer(Path(args.config_dir) / "chatglm2-6b", "chatglm2-6b")
     records = read_instruction_records(Path(args.dev_file), BadLines(skip=False))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.model_utils import DTYPES, VERSIONS, read_config  # noqa: E402
+from utils.model_loading import DTYPES, VERSIONS, read_config  # noqa: E402
 from utils.tiny_model import build_random_model  # noqa: E402
 
 

@@ -47,7 +47,7 @@ def chat_timing(model_dir, lora_path, questions, max_new_tokens):
     each answer, as chat_ner.py and the servers stream (stream_chat_reply, decode="auto")."""
     from utils.dataset import get_prompt_format
     from utils.generation import stream_chat_reply
-    from utils.model_utils import load_model_with_adapter
+    from utils.adapters import load_model_with_adapter
 
     model, tokenizer = load_model_with_adapter(model_dir, lora_path)
     prompt_format = get_prompt_format(tokenizer, model.model_version)

@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from utils.generation import time_generation  # noqa: E402
-from utils.model_utils import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
+from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.tiny_model import build_random_model, make_tiny_model  # noqa: E402
 from utils.train_utils import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
 

@@ -14,7 +14,7 @@ from utils.data_io import BadLines, DataError
 from utils.dataset import (
     InstructionDataset, encode_example, encode_record, format_example, get_prompt_format, read_instruction_records,
 )
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 
 GMASK, SOP, EOS = 64790, 64792, 2
 SYSTEM, USER, ASSISTANT, OBSERVATION = 64794, 64795, 64796, 64797

@@ -13,7 +13,8 @@ from conftest import REPO_ROOT, SCRIPTS, run_script
 from test_training import logged_losses
 from utils.dataset import encode_example, get_prompt_format, read_instruction_records, user_message
 from utils.generation import generate_answers, stream_chat_reply
-from utils.model_utils import load_model_and_tokenizer, load_model_with_adapter
+from utils.adapters import load_model_with_adapter
+from utils.model_loading import load_model_and_tokenizer
 from utils.tiny_model import make_tiny_glm4
 
 DEMO_TRAIN = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt"

@@ -15,7 +15,7 @@ from safetensors import safe_open
 import merge_lora_and_quantize as merge_script
 import utils.model_folder as model_folder
 from conftest import TOKENIZERS, VERSIONS, run_script
-from utils.model_utils import DTYPES, load_model_and_tokenizer, remote_module
+from utils.model_loading import DTYPES, load_model_and_tokenizer, remote_module
 from utils.tiny_model import make_tiny_model
 
 LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")

@@ -14,7 +14,8 @@ from test_ptuning import mean_loss
 from test_training import final_train_loss, logged_losses, run_script
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
-from utils.model_utils import adapter_disabled, load_model_and_tokenizer, load_model_with_adapter, load_prefix_checkpoint
+from utils.adapters import adapter_disabled, load_model_with_adapter, load_prefix_checkpoint
+from utils.model_loading import load_model_and_tokenizer
 from utils.train_utils import kbit_quantization_config
 
 LORA = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0"]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_script
 from utils import run_dirs
-from utils.model_folder import staged_folder
+from utils.run_dirs import staged_folder
 
 
 def fake_checkpoint(run_dir, step, complete=True):
@@ -75,7 +75,7 @@ def test_a_staging_folder_of_a_killed_writer_is_removed_by_the_next_one_and_a_li
     writer = textwrap.dedent(f"""
         import os, signal, sys, time
         sys.path.insert(0, {str(REPO_ROOT)!r})
-        from utils.model_folder import staged_folder
+        from utils.run_dirs import staged_folder
         with staged_folder({str(output)!r}) as staging:
             (staging / "model.safetensors").write_bytes(b"x" * 100)
             print(staging.name, flush=True)

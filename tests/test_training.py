@@ -9,7 +9,7 @@ from peft import PeftModel
 from conftest import OVERFIT, VERSIONS, run_script, train_then_resume  # noqa: F401  (OVERFIT: used by other test files)
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 
 def logged_losses(run_dir, checkpoint_step):
     state = json.loads((run_dir / f"checkpoint-{checkpoint_step}" / "trainer_state.json").read_text())

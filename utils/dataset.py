@@ -31,7 +31,7 @@ import torch
 
 from utils.conversations import conversation_messages, plain_turns
 from utils.data_io import BadLines, DataError, iter_json_lines, require_str
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 from utils.ner_data import QUERY_PREFIX
 
 

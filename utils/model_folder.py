@@ -4,10 +4,7 @@ the tokenizer file with tokenizer_config.json, generation_config.json if the sou
 files. merge_lora_and_quantize.py writes merged (and quantized) models with it, the training scripts the weights of a
 full fine-tuning run (--method=full). Models that transformers supports itself (GLM-4) get their own layout:
 their config.json and tokenizer files with our safetensors weights (write_native_model_folder).
-
-Folders are written under a hidden sibling name and swapped in at the end, so a failure never leaves a half-written
-model where a good one was (or was expected)."""
-import contextlib
+Callers write into utils.run_dirs.staged_folder, so a failure never leaves a half-written model folder."""
 import json
 import re
 import shutil
@@ -16,8 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
-from utils.run_dirs import StagingFolder, current_umask, fsync_tree, replace_folder
+from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
 
 MODEL_FILES = (
     "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
@@ -145,27 +141,3 @@ def write_native_model_folder(folder, state, source_dir, max_shard_bytes):
         if path.is_file() and path.name != "config.json" and not NATIVE_WEIGHT_FILES.match(path.name):
             shutil.copy2(path, folder / path.name)
     return files
-
-
-@contextlib.contextmanager
-def staged_folder(output_path, replace=False):
-    """Yields a new hidden sibling folder of `output_path` to write into; when the block ends without error it is
-    flushed to disk and swapped in at `output_path`, otherwise removed. An existing `output_path` is an error, unless
-    `replace` (then it is replaced only by the complete new folder). A staging folder left by a killed process is
-    removed by the next one (utils/run_dirs.py)."""
-    output_path = Path(output_path)
-    staging = StagingFolder(output_path)
-    try:
-        yield staging.path
-        # mkstemp (and safetensors) create private files; a model folder gets the usual permissions
-        umask = current_umask()
-        for path in (staging.path, *staging.path.rglob("*")):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        fsync_tree(staging.path)
-        if output_path.exists() and not replace:
-            raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
-        replace_folder(staging.path, output_path)
-    except BaseException:
-        staging.release(remove=True)
-        raise
-    staging.release(remove=False)

@@ -14,6 +14,7 @@
   when its holder dies, kill -9 included; the file records who holds it, for the message a second writer gets.
 """
 import atexit
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -141,6 +142,30 @@ class StagingFolder:
             shutil.rmtree(self.path, ignore_errors=True)
         self.lock_path.unlink(missing_ok=True)
         self.lock.close()
+
+
+@contextlib.contextmanager
+def staged_folder(output_path, replace=False):
+    """Yields a new hidden sibling folder of `output_path` to write into; when the block ends without error it is
+    flushed to disk and swapped in at `output_path`, otherwise removed. An existing `output_path` is an error, unless
+    `replace` (then it is replaced only by the complete new folder). A staging folder left by a killed process is
+    removed by the next one."""
+    output_path = Path(output_path)
+    staging = StagingFolder(output_path)
+    try:
+        yield staging.path
+        # mkstemp (and safetensors) create private files; a model folder gets the usual permissions
+        umask = current_umask()
+        for path in (staging.path, *staging.path.rglob("*")):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        fsync_tree(staging.path)
+        if output_path.exists() and not replace:
+            raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
+        replace_folder(staging.path, output_path)
+    except BaseException:
+        staging.release(remove=True)
+        raise
+    staging.release(remove=False)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -2,7 +2,8 @@
 data, processes, versions). Every checkpoint-N of a run holds it (written before the checkpoint's completion marker),
 and the run's final adapter, prefix or model folder holds it with the run's metrics.
 
-- run_record / write_run_record: build and write it (the one way every training script does).
+- run_record / write_run_record: build and write it (the one way every training script does); read_run_record reads
+  it, its fields checked.
 - check_resume_matches: before a resumed run loads anything, its options against the checkpoint's record: what the
   command line left out is taken from the record; a given option that differs is refused, naming both values,
   unless it is one of RESUMABLE (options that take effect on a resumed run without changing what it trains).
@@ -14,10 +15,17 @@ from pathlib import Path
 import torch
 import transformers
 
-from utils.adapters import RUN_RECORD, read_run_record
 from utils.config_utils import Config, ConfigError, flatten, set_flat
 from utils.data_io import write_atomic
-from utils.model_utils import detect_model_version, read_config
+from utils.model_loading import ModelFolderError, detect_model_version, read_config, read_json
+
+RUN_RECORD = "train_args.json"
+# The fields of a run record that the later scripts read, and their JSON types (a config value may also be null).
+RECORD_FIELDS = {"script": str, "config": dict, "model_version": (str, type(None))}
+RECORD_CONFIG_FIELDS = {"model_dir": str, "data_name": str, "train_file": str, "train_data_path": str,
+                        "max_source_length": int}
+JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+                   list: "a list", type(None): "null"}
 
 # Options a resumed run may be given anew, because the new value does take effect on it (and what it trains stays the
 # run's): how often it logs, evaluates and saves (the Trainer scripts re-apply them at the start of training, see
@@ -59,6 +67,32 @@ def run_record(script, config, model_version, train_data, eval_data, world_size,
     }
     if training_arguments is not None:
         record["training_arguments"] = training_arguments
+    return record
+
+
+def check_json_type(path, field, value, expected, what=None):
+    """One line naming the file and the field when `value` is not of the JSON type(s) `expected`."""
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        wanted = what or " or ".join(JSON_TYPE_NAMES.get(t, t.__name__) for t in expected)
+        field = f"field '{field}': " if field else ""
+        raise ModelFolderError(f"{path}: {field}expected {wanted}, got {json.dumps(value, ensure_ascii=False)[:80]}")
+
+
+def read_run_record(folder) -> dict:
+    """train_args.json of an adapter, prefix, run model or checkpoint folder, or {} where there is none (made
+    elsewhere); the fields that the later scripts read must have their types."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    check_json_type(path, None, record, dict, "a JSON object (the record of a training run)")
+    for field, expected in RECORD_FIELDS.items():
+        if field in record:
+            check_json_type(path, field, record[field], expected)
+    for field, expected in RECORD_CONFIG_FIELDS.items():
+        if field in record.get("config", {}):
+            check_json_type(path, f"config.{field}", record["config"][field], (expected, type(None)))
     return record
 
 

@@ -22,6 +22,7 @@ REMOTE_SCRIPTS = REPO_ROOT / "remote_scripts"
 VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.model", "chatglm3-6b": "tokenizer.model"}
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
+PREFIX_KEY = "transformer.prefix_encoder."  # the P-tuning v2 prefix encoder's weights, under the official names
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -53,6 +54,16 @@ def check_folder(path, option=None):
         raise ModelFolderError(f"{name}: {what}, not a folder")
 
 
+def read_json(path):
+    """A JSON file of a model or run folder; a bad one is one line naming the file (and the line)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{path}: cannot be read ({err.strerror if isinstance(err, OSError) else err})") from err
+
+
 def read_config(model_dir) -> dict:
     config_path = Path(model_dir) / "config.json"
     check_folder(model_dir)
@@ -61,10 +72,7 @@ def read_config(model_dir) -> dict:
             f"{config_path}: not found. A model folder needs the config.json of its checkpoint "
             "(e.g. from THUDM/chatglm2-6b) next to the weights."
         )
-    try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    return read_json(config_path)
 
 
 def detect_model_version(config: dict, source="config.json") -> str:
@@ -210,130 +218,3 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
         )
     model.model_version = version
     return model.eval(), tokenizer
-
-
-def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", fold=True):
-    """Model + tokenizer for inference: the folder alone when lora_path is empty or "none" (a base model, or a merged
-    or merged-and-quantized folder of merge_lora_and_quantize.py), else the base with what lora_path holds on top:
-    - a PEFT adapter (adapter_config.json), folded into the weights (fold_adapter) unless fold=False (a PeftModel
-      then: predict.py's --before_after scores the base with the adapter disabled first);
-    - a P-tuning v2 checkpoint (ours, or the official ptuning/ scripts' output): the base built with its prefix
-      length and its prefix encoder's weights (load_prefix_checkpoint).
-    A missing adapter, a folder that is no adapter, or one trained on another base (utils.adapters.check_lora_on_base)
-    is reported before the base is loaded."""
-    use_adapter = bool(lora_path) and str(lora_path).lower() != "none"
-    prefix = None
-    if use_adapter:
-        from utils.adapters import check_lora_on_base
-
-        prefix = check_lora_on_base(lora_path, model_dir)
-    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device, **(prefix or {}))
-    if prefix is not None:
-        load_prefix_checkpoint(model, lora_path)
-    elif use_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(lora_path)).eval()
-        if fold:
-            model = fold_adapter(model)
-    return model, tokenizer
-
-
-# --- P-tuning v2 checkpoints: the prefix encoder's weights under the official names, and a config.json carrying
-# pre_seq_len / prefix_projection (what THUDM's ptuning/ scripts save and load, also in our safetensors form).
-PREFIX_KEY = "transformer.prefix_encoder."
-PREFIX_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def prefix_weights_file(path):
-    """The weights file of a P-tuning checkpoint folder (ours: model.safetensors; the official: pytorch_model.bin),
-    or None."""
-    return next((Path(path) / name for name in PREFIX_WEIGHT_FILES if (Path(path) / name).is_file()), None)
-
-
-def prefix_checkpoint_config(path):
-    """{"pre_seq_len", "prefix_projection"} of a P-tuning v2 checkpoint folder, or None for any other folder (one
-    without a config.json that sets pre_seq_len, or without a weights file)."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file() or prefix_weights_file(path) is None:
-        return None
-    config = read_config(path)
-    if not config.get("pre_seq_len"):
-        return None
-    return {"pre_seq_len": int(config["pre_seq_len"]), "prefix_projection": bool(config.get("prefix_projection", False))}
-
-
-def check_prefix_tensor_names(file, names):
-    """A P-tuning checkpoint's weights file holds the prefix encoder's tensors and nothing else (a folder holding a
-    whole model, a merged one too, is no prefix to put on a base)."""
-    others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
-    if others or not names:
-        raise ModelFolderError(
-            f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 checkpoint, "
-            f"found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a whole model folder goes in --model_dir"
-            " (with --lora_path=none)"
-        )
-
-
-def read_prefix_weights(path) -> dict:
-    """The prefix encoder's tensors of a P-tuning checkpoint, under the names the encoder itself uses (embedding.weight,
-    trans.0.weight, ...). A legacy .bin is read with weights_only=True. Other tensors in the file are an error: a
-    folder holding a whole model is not a P-tuning checkpoint to put on a base."""
-    file = prefix_weights_file(path)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    check_prefix_tensor_names(file, state)
-    return {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}
-
-
-def load_prefix_checkpoint(model, path):
-    """Put the prefix encoder of the P-tuning checkpoint `path` into `model` (built with its pre_seq_len and
-    prefix_projection), kept in fp32 as it was trained. Names and shapes must match exactly."""
-    encoder = model.transformer.prefix_encoder
-    state = read_prefix_weights(path)
-    expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
-    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    if found != expected:
-        raise ModelFolderError(f"{path}: prefix encoder tensors {found} do not fit the model's {expected}")
-    encoder.float()
-    with torch.no_grad():
-        for name, tensor in encoder.state_dict().items():
-            tensor.copy_(state[name])
-    return model
-
-
-@contextlib.contextmanager
-def adapter_disabled(model):
-    """The base model's behaviour inside the block: a PeftModel's adapter disabled, or a P-tuning model's prefix
-    switched off (prefix length 0 while inside)."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield
-        return
-    transformer = model.transformer
-    pre_seq_len = transformer.pre_seq_len
-    transformer.pre_seq_len = 0
-    try:
-        yield
-    finally:
-        transformer.pre_seq_len = pre_seq_len
-
-
-def fold_adapter(model):
-    """The base model of a PeftModel with its LoRA weights added into the base weights (W + scale * B A, computed in
-    the adapter's fp32 and rounded once to the weights' dtype) and the PEFT layers removed: generation then runs at
-    the base model's speed (PEFT's extra matmuls and Python per layer cost several times the base's decode step).
-    The base weights are changed in place. A base whose weights are quantized (int8/int4 folders) keeps the adapter
-    as PEFT layers: adding the adapter to quantized weights would round it away. A model that is no PeftModel (a
-    P-tuning prefix has nothing to fold) is returned as it is."""
-    if not hasattr(model, "merge_and_unload"):
-        return model
-    quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
-    if quantized:
-        print(f"adapter kept as separate layers: the base weights are quantized ({quantized[0]}, ...)")
-        return model
-    return model.merge_and_unload()
