@@ -1,9 +1,7 @@
-"""The hand-off from training to every later script. A run writes `<run>/adapter_model` (a PEFT LoRA adapter),
-`<run>/prefix_model` (a P-tuning v2 prefix) or `<run>/model` (a freeze or full run's model folder), each with the run's
-record, train_args.json. What a script is given on top of its --model_dir (--lora_path, or --model_dir itself where it
-is a run's model folder) is read once into a TrainedPath: its kind, record, own settings and weights file; the run's
-settings, the checks before the base loads, loading onto the base, folding and merging all use that one object.
-"""
+"""The hand-off from training to every later script. A run writes `<run>/adapter_model` (PEFT LoRA), `<run>/prefix_model`
+(P-tuning v2) or `<run>/model` (freeze, full), each with the run's record, train_args.json. What a script takes on top
+of its --model_dir (--lora_path, or --model_dir itself where it is a run's model folder) is read once into a
+TrainedPath; the run's settings, the checks before the base loads, loading, folding and merging all use it."""
 import contextlib
 import re
 import time
@@ -29,8 +27,7 @@ CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
 @dataclass(frozen=True)
 class TrainedPath:
-    """What a script puts on (or takes as) its base: kind "adapter" (PEFT LoRA), "prefix" (P-tuning v2 checkpoint),
-    "model" (a freeze or full run's model folder, given as --model_dir) or "none" (the base alone)."""
+    """kind: "adapter" (PEFT LoRA), "prefix" (P-tuning v2), "model" (a run's model folder as --model_dir) or "none"."""
     kind: str
     path: Path = None
     record: dict = field(default_factory=dict)  # train_args.json; {} for what was made elsewhere
@@ -40,15 +37,12 @@ class TrainedPath:
     @property
     def prefix(self):
         """{"pre_seq_len", "prefix_projection"} that the base is built with for a prefix, else {}."""
-        if self.kind != "prefix":
-            return {}
-        return {"pre_seq_len": int(self.own_config["pre_seq_len"]),
-                "prefix_projection": bool(self.own_config.get("prefix_projection", False))}
+        config = self.own_config if self.kind == "prefix" else {}
+        return {"pre_seq_len": int(config["pre_seq_len"]), "prefix_projection": bool(config.get("prefix_projection"))} if config else {}
 
     def base(self):
-        """The base model folder it was made on (one way for every script): model_dir in its run record, else the
-        base_model_name_or_path of its adapter_config.json; None where neither names one; one line where the named
-        one is not a folder here."""
+        """The base folder it was made on: model_dir in its run record, else adapter_config.json's
+        base_model_name_or_path; None where neither names one."""
         name, where = self.record.get("config", {}).get("model_dir"), f"model_dir in its {RUN_RECORD}"
         if not name and self.kind == "adapter":
             name, where = self.own_config.get("base_model_name_or_path"), "base_model_name_or_path in its adapter_config.json"
@@ -67,7 +61,7 @@ def first_file(folder, names):
 
 
 def prefix_checkpoint_config(folder):
-    """config.json of a P-tuning v2 checkpoint folder (it sets pre_seq_len, beside a weights file), else None."""
+    """config.json of a P-tuning v2 checkpoint (it sets pre_seq_len, beside a weights file), else None."""
     if not (Path(folder) / "config.json").is_file() or first_file(folder, PREFIX_WEIGHT_FILES) is None:
         return None
     config = read_config(folder)
@@ -87,23 +81,21 @@ def holds_prefix_only(folder):
 
 
 def is_run_model_folder(path):
-    """A model folder written by a freeze or full run (config.json and the run's train_args.json): a run of its own."""
+    """A model folder written by a freeze or full run (config.json and train_args.json): a run of its own."""
     return (bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / RUN_RECORD).is_file()
             and not is_run_checkpoint(path) and not holds_prefix_only(path))
 
 
 def read_lora_path(lora_path):
-    """The adapter or P-tuning checkpoint that --lora_path names; anything else is one line saying what the path is
-    and where it goes instead."""
+    """The adapter or P-tuning checkpoint that --lora_path names; anything else is one line saying where it goes."""
     check_folder(lora_path, "--lora_path")
     folder = Path(lora_path)
     if (folder / "adapter_config.json").is_file():
-        adapter_config = read_json(folder / "adapter_config.json")
-        check_json_type(folder / "adapter_config.json", None, adapter_config, dict, "a JSON object (a PEFT adapter's settings)")
-        return TrainedPath("adapter", folder, read_run_record(folder), adapter_config, first_file(folder, ADAPTER_WEIGHT_FILES))
-    prefix_config = prefix_checkpoint_config(folder)
-    if prefix_config is not None:
-        return TrainedPath("prefix", folder, read_run_record(folder), prefix_config, first_file(folder, PREFIX_WEIGHT_FILES))
+        settings = read_json(folder / "adapter_config.json")
+        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (a PEFT adapter's settings)")
+        return TrainedPath("adapter", folder, read_run_record(folder), settings, first_file(folder, ADAPTER_WEIGHT_FILES))
+    if (settings := prefix_checkpoint_config(folder)) is not None:
+        return TrainedPath("prefix", folder, read_run_record(folder), settings, first_file(folder, PREFIX_WEIGHT_FILES))
     if (folder / "config.json").is_file() and is_run_checkpoint(folder):
         raise ModelFolderError(
             f"--lora_path={lora_path}: a checkpoint of a freeze or full run (the trained tensors only), which no script "
@@ -111,14 +103,14 @@ def read_lora_path(lora_path):
     if (folder / "config.json").is_file():
         raise ModelFolderError(f"--lora_path={lora_path}: a model folder (config.json without pre_seq_len), not an adapter; "
                                "pass it with --model_dir (and --lora_path=none)")
-    what = "an empty folder" if not any(folder.iterdir()) else "no adapter_config.json (a LoRA adapter) nor a P-tuning checkpoint (config.json with pre_seq_len)"
-    raise ModelFolderError(f"--lora_path={lora_path}: {what}. It takes <run>/adapter_model or <run>/prefix_model "
-                           "(or a checkpoint-N of such a run); train one first (python train_trainer.py) or pass --lora_path=none.")
+    what = "an empty folder" if not any(folder.iterdir()) else ("no adapter_config.json (a LoRA adapter) nor a P-tuning "
+                                                                "checkpoint (config.json with pre_seq_len)")
+    raise ModelFolderError(f"--lora_path={lora_path}: {what}. It takes <run>/adapter_model or <run>/prefix_model (or a "
+                           "checkpoint-N of such a run); train one first (python train_trainer.py) or pass --lora_path=none.")
 
 
 def read_trained_path(lora_path, model_dir=None):
-    """The one reader of what a script uses on top of its base: --lora_path unless it is empty or none, else
-    --model_dir where it is a run's model folder, else the base alone."""
+    """The one reader of what a script uses: --lora_path unless empty or none, else --model_dir where it is a run's."""
     if uses_adapter(lora_path):
         return read_lora_path(lora_path)
     if is_run_model_folder(model_dir):
@@ -129,8 +121,8 @@ def read_trained_path(lora_path, model_dir=None):
 # --- Choosing the run and taking its settings.
 
 def newest_run(data_name, checkpoint_root="checkpoint"):
-    """(the adapter or P-tuning prefix of the newest run of `data_name`, the model folder of a freeze or full run newer
-    than it) in checkpoint/<data_name>/*/ by the time their files were written, each None where there is none."""
+    """(the adapter or prefix of the newest run of `data_name`, a freeze or full run's model folder newer than it), by
+    the time their files were written; None where there is none."""
     root = Path(checkpoint_root, data_name)
     adapters = sorted([*root.glob(f"*/{ADAPTER_DIR}/adapter_config.json"), *root.glob(f"*/{PREFIX_DIR}/config.json")],
                       key=lambda p: p.stat().st_mtime)
@@ -141,8 +133,8 @@ def newest_run(data_name, checkpoint_root="checkpoint"):
 
 
 def choose_lora_path(config):
-    """--lora_path as predict.py and chat_ner.py use it, said on one line when not given: "none" where --model_dir is
-    a run's model folder (no other run's adapter goes on it), else the newest adapter run of --data_name."""
+    """--lora_path, said on one line when not given: "none" where --model_dir is a run's model folder (no other run's
+    adapter goes on it), else the newest adapter run of --data_name."""
     if config["lora_path"]:
         return config["lora_path"]
     if is_run_model_folder(config["model_dir"]):
@@ -169,18 +161,15 @@ def scored_run(config):
 
 
 def results_folder(run_folder):
-    """Where the results of scoring `run_folder` go: its run's folder; for a checkpoint-N, <run>/predict-checkpoint-N
-    (a checkpoint may be rotated away, and the run folder holds the final adapter's results)."""
+    """Where scoring `run_folder` writes: its run's folder; for a checkpoint-N (which may be rotated away),
+    <run>/predict-checkpoint-N."""
     run_folder = Path(run_folder)
-    if CHECKPOINT_NAME.fullmatch(run_folder.name):
-        return run_folder.parent / f"predict-{run_folder.name}"
-    return run_folder.parent
+    return run_folder.parent / (f"predict-{run_folder.name}" if CHECKPOINT_NAME.fullmatch(run_folder.name) else "")
 
 
 def take_run_settings(config, keys=("model_dir",)):
-    """The TrainedPath of --lora_path (or of a run's model folder as --model_dir), and its run's values for each of
-    `keys` that the command line left out (config.given), said on one line. A recorded value must have the option's
-    type; the base comes from TrainedPath.base."""
+    """The TrainedPath of the config, its run's values (TrainedPath.base for model_dir) set for the `keys` that the
+    command line left out (config.given) and said on one line. A recorded value must have the option's type."""
     trained = read_trained_path(config["lora_path"], config["model_dir"])
     if trained.kind == "none":
         return trained
@@ -200,8 +189,7 @@ def take_run_settings(config, keys=("model_dir",)):
 
 
 def run_instruction(run_folder):
-    """The instruction of the records the run was trained on (the first record of its train file), or None where the
-    run or its train file is not known here."""
+    """The instruction of the first record the run was trained on, or None where its train file is not here."""
     trained = read_run_record(run_folder).get("config", {}) if run_folder else {}
     if not trained.get("data_name"):
         return None
@@ -221,8 +209,7 @@ NAME_HINTS = (("chatglm3", "chatglm3-6b"), ("chatglm2", "chatglm2-6b"), ("chatgl
 
 
 def model_family(config, source="config.json"):
-    """chatglm-6b / chatglm2-6b / chatglm3-6b for a ChatGLM config.json, GLM-4 for transformers' glm / glm4, else its
-    model_type."""
+    """chatglm-6b / chatglm2-6b / chatglm3-6b, GLM-4 for transformers' glm / glm4, else the model_type."""
     model_type = config.get("model_type")
     if model_type in (None, "chatglm"):
         return detect_model_version(config, source)
@@ -244,8 +231,7 @@ def family_from_name(name):
 
 
 def family_of_base(name, where):
-    """(family, where it is read) of a base named `name` by the field `where`: the folder's config.json where it is
-    here, else what its name says; None where neither tells."""
+    """(family, where it is read) of a base named `name` by the field `where`: the folder's config.json, else its name."""
     if not isinstance(name, str) or not name:
         return None
     if (Path(name) / "config.json").is_file():
@@ -258,9 +244,8 @@ def family_of_base(name, where):
 
 
 def trained_on(trained):
-    """[(family, where that is read)] of the model an adapter or P-tuning checkpoint was made for: the run record's
-    model_version (or its model_dir's config.json), and the base its own files name (adapter_config.json's
-    base_model_name_or_path, a prefix config.json's _name_or_path), read by name only where no file says."""
+    """[(family, where that is read)] of the model an adapter or prefix was made for: the run record's model_version
+    (or its model_dir's config.json) and the base its own config names, read by name only where no file says."""
     record_path = trained.path / RUN_RECORD
     found = []
     if trained.record.get("model_version"):
@@ -292,8 +277,7 @@ def check_trained_on_base(trained, model_dir, base_config):
 
 
 def check_lora_on_base(trained, model_dir):
-    """Everything that needs no weights, before the base loads: the adapter or P-tuning checkpoint `trained` was made
-    for the base's model and fits its layers and sizes. Nothing to check for a run's model folder or none."""
+    """Before the base loads, no weights read: an adapter or prefix was made for the base's model and fits its layers."""
     if trained.kind not in ("adapter", "prefix"):
         return
     check_folder(model_dir, "--model_dir")
@@ -323,8 +307,7 @@ def tensor_shapes(weights_file):
 
 
 def meta_model(version, base_config, model_dir):
-    """The base built on the meta device from its config, unquantized (a quantized folder's layers have the float
-    layers' shapes): our ChatGLM classes for a version, transformers' own otherwise."""
+    """The base built unquantized (the float layers' shapes) on the meta device: ours for a version, else transformers'."""
     with torch.device("meta"):
         if version is not None:
             config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
@@ -338,7 +321,7 @@ def meta_model(version, base_config, model_dir):
 
 
 def base_layer_shapes(version, base_config, model_dir):
-    """Module name -> (out_features, in_features) of every linear / embedding layer of the base (no weights read)."""
+    """Module name -> (out_features, in_features) of every linear / embedding layer of the base."""
     shapes = {}
     for name, module in meta_model(version, base_config, model_dir).named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -349,8 +332,7 @@ def base_layer_shapes(version, base_config, model_dir):
 
 
 def check_adapter_fits_base(trained, model_dir, version, base_config):
-    """Refuse an adapter whose target modules or layers the base lacks, or whose lora_A / lora_B shapes do not fit the
-    base's layer sizes, naming both (version None: a model of transformers' own classes)."""
+    """Refuse an adapter whose target modules or layers the base lacks, or whose lora_A / lora_B do not fit them."""
     layers = base_layer_shapes(version, base_config, model_dir)
     name = version or describe_base(base_config)
     targets = trained.own_config.get("target_modules") or []
@@ -384,8 +366,7 @@ def check_adapter_fits_base(trained, model_dir, version, base_config):
 
 
 def check_prefix_tensor_names(file, names):
-    """A P-tuning checkpoint's weights file holds the prefix encoder's tensors and nothing else (a folder holding a
-    whole model, a merged one too, is no prefix to put on a base)."""
+    """A P-tuning checkpoint holds the prefix encoder's tensors alone (a whole model, merged too, is no prefix)."""
     others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
     if others or not names:
         raise ModelFolderError(
@@ -395,8 +376,7 @@ def check_prefix_tensor_names(file, names):
 
 
 def check_prefix_fits_base(trained, model_dir, version, base_config):
-    """Refuse a P-tuning v2 checkpoint that holds other tensors than a prefix encoder, or whose prefix encoder's shapes
-    the base's layers, heads and widths do not give."""
+    """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or one whose shapes the base does not give."""
     shapes = tensor_shapes(trained.weights)
     check_prefix_tensor_names(trained.weights, shapes)
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
@@ -411,8 +391,7 @@ def check_prefix_fits_base(trained, model_dir, version, base_config):
 
 
 def check_model_dir(model_dir, option="--model_dir"):
-    """`model_dir` is a model folder with a config.json, not a folder that goes elsewhere: an adapter or a P-tuning
-    prefix (--lora_path), or a run's checkpoint-N (its run's model/ is the model folder)."""
+    """`model_dir` is a model folder, not an adapter or prefix (--lora_path) or a run's checkpoint-N (its model/ is)."""
     check_folder(model_dir, option)
     folder = Path(model_dir)
     if (folder / "adapter_config.json").is_file() or holds_prefix_only(folder):
@@ -425,7 +404,7 @@ def check_model_dir(model_dir, option="--model_dir"):
 
 
 def check_run(config, trained):
-    """--model_dir is a model folder and what `trained` holds was made for it: checked before anything slow."""
+    """--model_dir is a model folder and `trained` was made for it: checked before anything slow. Returns `trained`."""
     check_model_dir(config["model_dir"])
     check_lora_on_base(trained, config["model_dir"])
     return trained
@@ -446,8 +425,7 @@ def read_prefix_weights(file) -> dict:
 
 
 def load_prefix_checkpoint(model, path):
-    """Put the prefix encoder of the P-tuning checkpoint folder `path` into `model` (built with its pre_seq_len and
-    prefix_projection), kept in fp32 as it was trained. Names and shapes must match exactly."""
+    """The prefix encoder of the P-tuning checkpoint `path` put into `model` (built with its settings), in fp32."""
     encoder = model.transformer.prefix_encoder
     state = read_prefix_weights(first_file(path, PREFIX_WEIGHT_FILES))
     expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
@@ -462,9 +440,8 @@ def load_prefix_checkpoint(model, path):
 
 
 def fold_adapter(model):
-    """The base of a PeftModel with its LoRA weights added into the base weights in place (computed in the adapter's
-    fp32, rounded once) and the PEFT layers removed, so generation runs at the base's speed. A quantized base keeps
-    the adapter as PEFT layers (adding it to int8/int4 weights would round it away); no PeftModel: returned as is."""
+    """A PeftModel's LoRA added into its base weights in place (in fp32, rounded once), PEFT's layers removed: decoding
+    at the base's speed. A quantized base keeps PEFT's layers (int8/int4 weights would round the adapter away)."""
     if not hasattr(model, "merge_and_unload"):
         return model
     quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
@@ -475,8 +452,7 @@ def fold_adapter(model):
 
 
 def put_on_base(model, trained, fold=True):
-    """`model` (for a prefix: built with trained.prefix) with what `trained` holds on top: a prefix loaded, a LoRA
-    adapter as a PeftModel, folded into the weights unless fold=False."""
+    """`model` (built with trained.prefix) with `trained` on top; a LoRA adapter folded in unless fold=False."""
     if trained.kind == "prefix":
         return load_prefix_checkpoint(model, trained.path)
     if trained.kind != "adapter":
@@ -488,31 +464,28 @@ def put_on_base(model, trained, fold=True):
 
 
 def load_trained(model_dir, trained, dtype="auto", device="auto", fold=True):
-    """Model + tokenizer: the base at model_dir with what `trained` holds on top (put_on_base)."""
+    """Model + tokenizer: the base at model_dir with `trained` on top."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device, **trained.prefix)
     return put_on_base(model, trained, fold), tokenizer
 
 
 def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", fold=True):
-    """Model + tokenizer for inference: the folder alone when lora_path is empty or "none", else the base with the
-    adapter or P-tuning prefix of lora_path on top, refused before the base loads where it was made for another."""
+    """Model + tokenizer: the base with lora_path's adapter or prefix on top (checked first), or alone for none."""
     trained = read_trained_path(lora_path)
     check_lora_on_base(trained, model_dir)
     return load_trained(model_dir, trained, dtype, device, fold)
 
 
 def load_run(config, keys=("model_dir",), fold=True, trained=None):
-    """Model + tokenizer for a script's --model_dir and --lora_path (and --dtype, --device): the run's settings for
-    `keys` and the checks (take_run_settings, check_run) unless `trained` has been through them. The one way the
-    inference scripts load what they serve."""
+    """Model + tokenizer of a script's --model_dir, --lora_path, --dtype and --device, its run's settings for `keys`
+    taken and checked first unless `trained` has been. The one way the inference scripts load what they serve."""
     trained = trained or check_run(config, take_run_settings(config, keys))
     return load_trained(config["model_dir"], trained, config["dtype"], config["device"], fold)
 
 
 @contextlib.contextmanager
 def adapter_disabled(model):
-    """The base model's behaviour inside the block: a PeftModel's adapter disabled, or a P-tuning model's prefix
-    switched off (prefix length 0 while inside)."""
+    """The base model inside the block: a PeftModel's adapter disabled, or a P-tuning model's prefix length 0."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield
