@@ -1,23 +1,16 @@
-"""Merge a LoRA adapter into its ChatGLM base model (or put a P-tuning v2 prefix beside its weights), optionally
-quantize to int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel /
-AutoTokenizer with trust_remote_code=True). A GLM-4 (or other transformers-native) base is merged too, into a folder
-of its own layout (--qbits 0 only: int8/int4 here is ChatGLM's quantization).
+"""Merge a LoRA adapter into its base model (or put a P-tuning v2 prefix beside its weights), optionally quantize to
+int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel / AutoTokenizer
+with trust_remote_code=True). A GLM-4 (or other transformers-native) base gets a folder of its own layout (--qbits 0).
 
-    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner --qbits 0
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/adapter_model --model_dir model_hub/chatglm3-6b --output_path model_hub/chatglm3-6b-msra-int8 --qbits 8 --dtype bf16 --max_shard_size 1GB
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/chatglm2-6b-msra-ptuning --qbits 4
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/msra-ptuning-int4 --qbits 4
 
-Then, on any machine: AutoModel.from_pretrained(folder, trust_remote_code=True, dtype="auto") and AutoTokenizer.
-
-The base (--model_dir; default: the run's, model_dir in its train_args.json, else base_model_name_or_path of the
-adapter_config.json) is loaded in fp32 on the CPU so the merge is exact (a 6B model needs about 25 GB of RAM); a
-P-tuning prefix is written with the weights and pre_seq_len in config.json. --qbits 8 / 4 quantizes the four linear
-layers of every block (symmetric, one scale per output row, int4 packed two per byte: remote_scripts/<version>/
-quantization.py); the float tensors are cast to --dtype. The folder holds model.safetensors (sharded above
---max_shard_size, with its index), config.json (official auto_map, quantization_bit), the tokenizer files and the
-version's .py files from --remote_scripts_dir; it is written beside and renamed at the end, so a failed run leaves no
-half-written output. Refused before any heavy work: an existing output folder, an adapter made for another base
-(another version, layers the base lacks, other sizes), --qbits other than 0/4/8 and a quantized base.
+The base (--model_dir; default: the run's, as the adapter's files name it) is loaded in fp32 on the CPU so the merge is
+exact (a 6B model needs about 25 GB of RAM). --qbits 8 / 4 quantizes the four linear layers of every block (one scale
+per output row, int4 packed two per byte); the float tensors are cast to --dtype. The folder (weights sharded above
+--max_shard_size, config.json with the official auto_map, the tokenizer, the .py files of --remote_scripts_dir) is
+written beside and renamed at the end. Refused before any heavy work: an existing output folder, an adapter made for
+another base, --qbits other than 0/4/8, a quantized base.
 """
 import re
 import sys
@@ -27,7 +20,7 @@ from utils.adapters import check_lora_on_base, check_model_dir, load_trained, re
 from utils.config_utils import parse_config
 from utils.errors import UserError
 from utils.model_folder import MODEL_FILES, folder_config, unique_state_dict, write_model_folder, write_native_model_folder
-from utils.model_loading import DTYPES, REPO_ROOT, ModelFolderError, detect_model_version, load_model_and_tokenizer, read_config
+from utils.model_loading import DTYPES, REPO_ROOT, ModelFolderError, chatglm_version, load_model_and_tokenizer
 from utils.run_dirs import hold_run_folder, release_run_folder, staged_folder
 
 DEFAULTS = {
@@ -99,21 +92,17 @@ def plan_merge(config):
         raise MergeError(f"{trained.path}: its base is not known here (no model_dir in its train_args.json nor "
                          "base_model_name_or_path in an adapter_config.json); pass the base model folder with --model_dir")
     job["model_dir"] = model_dir = Path(base)
-    check_model_dir(model_dir)  # a model folder, not an adapter, prefix or checkpoint-N
-    job["base_config"] = base_config = read_config(model_dir)
-    if base_config.get("model_type") not in (None, "chatglm"):  # GLM-4 and others of transformers' own classes
-        if qbits:
-            raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
-                             f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
-                             "(bitsandbytes, as train_qlora.py does)")
-        check_lora_on_base(trained, model_dir)  # made for this model, fitting its layers; no P-tuning prefix
-        return {**job, "version": None, "scripts": None}
-    job["version"] = detect_model_version(base_config, str(model_dir / "config.json"))
+    job["base_config"] = base_config = check_model_dir(model_dir)  # not an adapter, prefix or checkpoint-N
+    job["version"] = version = chatglm_version(base_config, str(model_dir / "config.json"))
+    if version is None and qbits:  # GLM-4 and others of transformers' own classes
+        raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
+                         f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
+                         "(bitsandbytes, as train_qlora.py does)")
     if base_config.get("quantization_bit"):
         raise MergeError(f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can "
                          "only be merged into float weights: use the fp16/bf16 base")
     check_lora_on_base(trained, model_dir)  # made for this model (its run record, the base it names), fitting its layers
-    return {**job, "scripts": resolve_remote_scripts(config["remote_scripts_dir"], job["version"])}
+    return {**job, "scripts": resolve_remote_scripts(config["remote_scripts_dir"], version) if version else None}
 
 
 def load_adapter(base, lora_path, model_dir):

@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import (adapter_disabled, check_run, choose_lora_path, fold_adapter, load_run, results_folder, scored_run,
-                            take_run_settings, uses_adapter)
+from utils.adapters import (adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder,
+                            scored_run, take_run_settings, uses_adapter)
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
@@ -93,7 +93,8 @@ def main(config):
     use_adapter = uses_adapter(lora_path)
     # The run's base, data set and lengths, and what --lora_path names checked against the base, before any data or
     # weights are read.
-    trained = check_run(config, take_run_settings(config, RUN_KEYS))
+    trained = take_run_settings(config, RUN_KEYS)
+    check_lora_on_base(trained, config["model_dir"])
     data_dir = Path("data") / config["data_name"] / "instruct_data"
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
     output_dir = Path(config["output_dir"]) if config["output_dir"] else default_output_dir(config)

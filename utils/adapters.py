@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from utils.config_utils import Config
 from utils.data_io import iter_json_lines
-from utils.model_loading import (PREFIX_KEY, ModelFolderError, check_folder, detect_model_version,
-                                 load_model_and_tokenizer, read_config, read_json, remote_module)
+from utils.model_loading import (PREFIX_KEY, ModelFolderError, chatglm_version, check_folder, load_model_and_tokenizer,
+                                 read_config, read_json, remote_module)
 from utils.run_record import RUN_RECORD, check_json_type, read_run_record
 
 ADAPTER_DIR = "adapter_model"
@@ -210,10 +210,7 @@ NAME_HINTS = (("chatglm3", "chatglm3-6b"), ("chatglm2", "chatglm2-6b"), ("chatgl
 
 def model_family(config, source="config.json"):
     """chatglm-6b / chatglm2-6b / chatglm3-6b, GLM-4 for transformers' glm / glm4, else the model_type."""
-    model_type = config.get("model_type")
-    if model_type in (None, "chatglm"):
-        return detect_model_version(config, source)
-    return "GLM-4" if model_type in GLM4_MODEL_TYPES else str(model_type)
+    return chatglm_version(config, source) or ("GLM-4" if config["model_type"] in GLM4_MODEL_TYPES else str(config["model_type"]))
 
 
 def describe_base(config, source="config.json"):
@@ -277,17 +274,16 @@ def check_trained_on_base(trained, model_dir, base_config):
 
 
 def check_lora_on_base(trained, model_dir):
-    """Before the base loads, no weights read: an adapter or prefix was made for the base's model and fits its layers."""
+    """Before the base loads, no weights read: `model_dir` is a model folder (check_model_dir), and an adapter or
+    prefix was made for its model and fits its layers."""
+    base_config = check_model_dir(model_dir)
     if trained.kind not in ("adapter", "prefix"):
         return
-    check_folder(model_dir, "--model_dir")
-    base_config = read_config(model_dir)
-    chatglm = base_config.get("model_type") in (None, "chatglm")
     check_trained_on_base(trained, model_dir, base_config)
-    version = detect_model_version(base_config, str(Path(model_dir) / "config.json")) if chatglm else None
+    version = chatglm_version(base_config, str(Path(model_dir) / "config.json"))
     if trained.kind == "adapter":
         check_adapter_fits_base(trained, model_dir, version, base_config)
-    elif not chatglm:
+    elif version is None:
         raise ModelFolderError(f"{trained.path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} "
                                f"is {describe_base(base_config)}")
     else:
@@ -400,14 +396,7 @@ def check_model_dir(model_dir, option="--model_dir"):
     if is_run_checkpoint(folder):
         raise ModelFolderError(f"{option}={model_dir}: a checkpoint of a run (a freeze run's holds the trained tensors only), "
                                f"not a model folder; its run's model folder, {folder.parent / 'model'}, goes in {option}")
-    read_config(model_dir)
-
-
-def check_run(config, trained):
-    """--model_dir is a model folder and `trained` was made for it: checked before anything slow. Returns `trained`."""
-    check_model_dir(config["model_dir"])
-    check_lora_on_base(trained, config["model_dir"])
-    return trained
+    return read_config(model_dir)
 
 
 # --- Loading onto the base.
@@ -479,7 +468,9 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
 def load_run(config, keys=("model_dir",), fold=True, trained=None):
     """Model + tokenizer of a script's --model_dir, --lora_path, --dtype and --device, its run's settings for `keys`
     taken and checked first unless `trained` has been. The one way the inference scripts load what they serve."""
-    trained = trained or check_run(config, take_run_settings(config, keys))
+    if trained is None:
+        trained = take_run_settings(config, keys)
+        check_lora_on_base(trained, config["model_dir"])
     return load_trained(config["model_dir"], trained, config["dtype"], config["device"], fold)
 
 

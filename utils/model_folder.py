@@ -1,10 +1,7 @@
 """Writing a model folder in the official layout, loadable with transformers + torch alone (AutoModel / AutoTokenizer
-with trust_remote_code=True): weights as safetensors (sharded above a size), config.json with the official auto_map,
-the tokenizer file with tokenizer_config.json, generation_config.json if the source has one, and the version's .py
-files. merge_lora_and_quantize.py writes merged (and quantized) models with it, the training scripts the weights of a
-full fine-tuning run (--method=full). Models that transformers supports itself (GLM-4) get their own layout:
-their config.json and tokenizer files with our safetensors weights (write_native_model_folder).
-Callers write into utils.run_dirs.staged_folder, so a failure never leaves a half-written model folder."""
+with trust_remote_code=True): safetensors weights (sharded above a size), config.json with the official auto_map, the
+tokenizer files, generation_config.json and the version's .py files; for transformers' own models (GLM-4), their own
+layout (write_native_model_folder). Merges and full/freeze runs write with it, into utils.run_dirs.staged_folder."""
 import json
 import re
 import shutil
@@ -18,27 +15,17 @@ from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_ve
 MODEL_FILES = (
     "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
 )
-AUTO_MAP = {
-    "chatglm-6b": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-    },
-    "chatglm2-6b": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
-    },
-}
-AUTO_MAP["chatglm3-6b"] = AUTO_MAP["chatglm2-6b"]
+GENERATION_CLASS = "modeling_chatglm.ChatGLMForConditionalGeneration"
+AUTO_MAP = {"chatglm-6b": {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": GENERATION_CLASS,
+                           "AutoModelForSeq2SeqLM": GENERATION_CLASS}}
+AUTO_MAP["chatglm2-6b"] = AUTO_MAP["chatglm3-6b"] = {
+    **AUTO_MAP["chatglm-6b"], "AutoModelForCausalLM": GENERATION_CLASS,
+    "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"}
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 
 
 def unique_state_dict(model):
-    """The state dict with tensors that share memory (v1's lm_head tied to the embedding) copied apart, as
-    safetensors stores each tensor on its own."""
+    """The state dict with tensors that share memory (v1's tied lm_head) copied apart: safetensors stores each alone."""
     seen, state = set(), {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach()
@@ -101,9 +88,8 @@ def check_state_matches_config(state, config, version):
 
 
 def write_model_folder(folder, state, config, version, source_dir, max_shard_bytes, scripts_dir=None):
-    """Fill `folder` (existing, empty): weights from `state`, config.json from `config`, the tokenizer (and
-    generation_config.json) of the model folder `source_dir`, the .py files of `scripts_dir` (default: this
-    repository's remote_scripts/<version>). Returns the weight file names."""
+    """Fill the empty `folder`: weights from `state`, config.json from `config`, the tokenizer (and generation_config.json)
+    of `source_dir`, the .py files of `scripts_dir` (default: remote_scripts/<version>). Returns the weight files."""
     folder, source_dir = Path(folder), Path(source_dir)
     scripts_dir = Path(scripts_dir) if scripts_dir else REMOTE_SCRIPTS / version
     check_state_matches_config(state, config, version)
@@ -128,9 +114,8 @@ NATIVE_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safete
 
 
 def write_native_model_folder(folder, state, source_dir, max_shard_bytes):
-    """Fill `folder` (existing, empty) for a model that transformers loads with its own classes (GLM-4...): weights
-    from `state` (safetensors), the source folder's config.json with the saved dtype, and every other file of the
-    source folder (tokenizer, chat template, generation_config.json). Returns the weight file names."""
+    """Fill the empty `folder` for a model of transformers' own classes (GLM-4...): weights from `state`, the source's
+    config.json with the saved dtype, and the source's other files (tokenizer, chat template...). Returns the weights."""
     folder, source_dir = Path(folder), Path(source_dir)
     files = save_shards(state, folder, max_shard_bytes)
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))

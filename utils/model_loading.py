@@ -1,8 +1,6 @@
-"""Load a ChatGLM model folder with this toolkit's own model/tokenizer code.
-
-Official model folders ship `.py` files that no longer run on transformers 5.x, so we never execute them: the version
-is read from config.json and the classes come from `remote_scripts/<version>/`.
-"""
+"""Base models: read a model folder, tell its version and load it. Official ChatGLM folders ship `.py` files that no
+longer run on transformers 5.x, so we never execute them: the classes come from `remote_scripts/<version>/`; model
+types that transformers knows (GLM-4) load through its Auto classes. Adapters and prefixes are utils/adapters.py's."""
 import contextlib
 import errno
 import importlib.util
@@ -35,8 +33,7 @@ class ModelFolderError(UserError, ValueError):
 
 
 def check_folder(path, option=None):
-    """`path` (given by `option`, e.g. --model_dir) is a folder: otherwise one line saying what it is instead (missing,
-    a file, a symbolic link that loops or points nowhere, unreadable)."""
+    """`path` (given by `option`, e.g. --model_dir) is a folder, else one line saying what it is instead."""
     path = Path(path)
     name = f"{option}={path}" if option else str(path)
     try:
@@ -68,38 +65,34 @@ def read_config(model_dir) -> dict:
     config_path = Path(model_dir) / "config.json"
     check_folder(model_dir)
     if not config_path.is_file():
-        raise ModelFolderError(
-            f"{config_path}: not found. A model folder needs the config.json of its checkpoint "
-            "(e.g. from THUDM/chatglm2-6b) next to the weights."
-        )
+        raise ModelFolderError(f"{config_path}: not found. A model folder needs the config.json of its checkpoint "
+                               "(e.g. from THUDM/chatglm2-6b) next to the weights.")
     return read_json(config_path)
 
 
 def detect_model_version(config: dict, source="config.json") -> str:
-    """Which of ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B a config.json describes.
-
-    v1 has GLM-specific fields; v2 and v3 share the network and differ only in their name (the long-context variants
-    share seq_length with v2, so the name is what counts; seq_length 8192 is the fallback hint for v3)."""
+    """Which of ChatGLM-6B / 2 / 3 a config.json describes: v1 has GLM-specific fields; v2 and v3 share the network and
+    differ in their name only (seq_length 8192 is the fallback hint for v3: the long-context variants share v2's)."""
     if config.get("model_type") not in (None, "chatglm"):
-        raise ModelFolderError(
-            f"{source}: model_type is {config.get('model_type')!r}, which is neither ChatGLM (model_type 'chatglm') "
-            "nor a model type that this transformers version knows."
-        )
+        raise ModelFolderError(f"{source}: model_type is {config.get('model_type')!r}, which is neither ChatGLM (model_type "
+                               "'chatglm') nor a model type that this transformers version knows.")
     v1_fields = ("position_encoding_2d", "inner_hidden_size", "gmask_token_id", "max_sequence_length")
     if any(field in config for field in v1_fields):
         return "chatglm-6b"
     v2_fields = ("padded_vocab_size", "multi_query_attention", "kv_channels", "rmsnorm")
     if all(field in config for field in v2_fields):
         name = str(config.get("_name_or_path", "")).lower()
-        if "chatglm3" in name:
+        if "chatglm3" in name or "chatglm2" not in name and config.get("seq_length") == 8192:
             return "chatglm3-6b"
-        if "chatglm2" in name:
-            return "chatglm2-6b"
-        return "chatglm3-6b" if config.get("seq_length") == 8192 else "chatglm2-6b"
+        return "chatglm2-6b"
     raise ModelFolderError(
         f"{source}: cannot tell the ChatGLM version: expected either the ChatGLM-6B fields {v1_fields} or all of the "
-        f"ChatGLM2/3 fields {v2_fields}. Use the config.json that came with the checkpoint."
-    )
+        f"ChatGLM2/3 fields {v2_fields}. Use the config.json that came with the checkpoint.")
+
+
+def chatglm_version(config, source="config.json"):
+    """The ChatGLM version of a config.json, or None for a model of transformers' own classes (GLM-4...)."""
+    return detect_model_version(config, source) if config.get("model_type") in (None, "chatglm") else None
 
 
 def remote_module(version: str, name: str):
@@ -124,8 +117,7 @@ def find_weight_files(model_dir) -> list:
             return found
     raise ModelFolderError(
         f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
-        "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder."
-    )
+        "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
 
 
 def resolve_dtype(dtype, device: str):
@@ -151,30 +143,26 @@ def load_tokenizer(model_dir, version=None):
     version = version or detect_model_version(read_config(model_dir), str(model_dir / "config.json"))
     vocab_file = model_dir / TOKENIZER_FILES[version]
     if not vocab_file.is_file():
-        raise ModelFolderError(
-            f"{vocab_file}: not found. {version} needs its sentencepiece file {TOKENIZER_FILES[version]} "
-            "(from the official checkpoint) in the model folder."
-        )
+        raise ModelFolderError(f"{vocab_file}: not found. {version} needs its sentencepiece file {vocab_file.name} (from the "
+                               "official checkpoint) in the model folder.")
     return remote_module(version, "tokenization_chatglm").ChatGLMTokenizer.from_pretrained(str(model_dir))
 
 
 def device_map(device, quantization_config):
-    """from_pretrained's device_map for one device. The CPU is named only for a quantized model: transformers puts a
-    bitsandbytes model without a device_map on the GPU whenever there is one."""
+    """from_pretrained's device_map. The CPU is named for a quantized model only: transformers puts a bitsandbytes
+    model without one on the GPU whenever there is one."""
     if device != "cpu":
         return device
     return {"": "cpu"} if quantization_config is not None else None
 
 
 def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config=None):
-    """A model that transformers supports itself (e.g. GLM-4, Llama): AutoModelForCausalLM + AutoTokenizer.
-    Its prompts come from the tokenizer's chat template (model_version None)."""
+    """A model of transformers' own classes (GLM-4, Llama...); its prompts come from its chat template (version None)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=dtype, device_map=device_map(device, quantization_config), quantization_config=quantization_config
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, quantization_config=quantization_config,
+                                                 device_map=device_map(device, quantization_config))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked out anyway
     model.model_version = None
@@ -182,11 +170,8 @@ def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_confi
 
 
 def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=None, quantization_config=None, **model_kwargs):
-    """Model + tokenizer from an official-layout folder, built with our remote_scripts for its version; other
-    model types that transformers knows load through its Auto classes.
-
-    dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16. device: auto, cpu, cuda, cuda:N.
-    quantization_config: e.g. a transformers BitsAndBytesConfig (QLoRA). Extra keyword arguments go to the
+    """Model + tokenizer of a model folder. dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16; device:
+    auto, cpu, cuda, cuda:N; quantization_config: e.g. a BitsAndBytesConfig (QLoRA); keyword arguments go to the
     config (e.g. pre_seq_len=128 for P-tuning v2)."""
     model_dir = Path(model_dir)
     config_dict = read_config(model_dir)
@@ -205,16 +190,13 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     if len(tokenizer) > config.vocab_size:
         raise ModelFolderError(
             f"{model_dir / TOKENIZER_FILES[version]}: the tokenizer has {len(tokenizer)} tokens but config.json's "
-            f"vocab_size/padded_vocab_size is {config.vocab_size}; tokenizer and weights come from different models."
-        )
+            f"vocab_size/padded_vocab_size is {config.vocab_size}; tokenizer and weights come from different models.")
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
     # A prefix asked for here is trained, or loaded from its checkpoint, right after: its keys missing from the
     # base's weights are no news (transformers' load report would say "Consider training").
     expected = missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext()
     with expected:
-        model = model_class.from_pretrained(
-            str(model_dir), config=config, dtype=dtype, device_map=device_map(device, quantization_config),
-            quantization_config=quantization_config,
-        )
+        model = model_class.from_pretrained(str(model_dir), config=config, dtype=dtype, quantization_config=quantization_config,
+                                            device_map=device_map(device, quantization_config))
     model.model_version = version
     return model.eval(), tokenizer

@@ -17,7 +17,7 @@ import transformers
 
 from utils.config_utils import Config, ConfigError, flatten, set_flat
 from utils.data_io import write_atomic
-from utils.model_loading import ModelFolderError, detect_model_version, read_config, read_json
+from utils.model_loading import ModelFolderError, chatglm_version, read_config, read_json
 
 RUN_RECORD = "train_args.json"
 # The fields of a run record that the later scripts read, and their JSON types (a config value may also be null).
@@ -108,10 +108,8 @@ def resumed_line(checkpoint, step, total_steps):
 def folder_version(model_dir):
     """(the ChatGLM version of a model folder, or None for a model of transformers' own classes; its name)."""
     config = read_config(model_dir)
-    if config.get("model_type") not in (None, "chatglm"):
-        return None, config["model_type"]
-    version = detect_model_version(config, str(Path(model_dir) / "config.json"))
-    return version, version
+    version = chatglm_version(config, str(Path(model_dir) / "config.json"))
+    return version, version or config["model_type"]
 
 
 def recorded_name(version, model_dir):
