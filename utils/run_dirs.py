@@ -51,12 +51,6 @@ def fsync_tree(folder):
         fsync_path(root)
 
 
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def _exchange(first, second):
     """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
     try:
@@ -89,10 +83,9 @@ def replace_folder(new, final):
 
 
 def remove_dead_staging(output_path):
-    """Remove the staging folders of `output_path` whose writers died (their lock is free); returns them."""
-    output_path = Path(output_path)
-    removed = []
-    for lock_path in output_path.parent.glob(f".{glob_escape(output_path.name)}.partial-*.lock"):
+    """Remove the staging folders of `output_path` whose writers died (their lock is free)."""
+    escaped = re.sub(r"([*?\[])", r"[\1]", output_path.name)
+    for lock_path in output_path.parent.glob(f".{escaped}.partial-*.lock"):
         with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,58 +94,38 @@ def remove_dead_staging(output_path):
             staging = lock_path.with_name(lock_path.name[: -len(".lock")])
             shutil.rmtree(staging, ignore_errors=True)
             lock_path.unlink(missing_ok=True)
-            removed.append(staging)
-    for staging in removed:
-        print(f"removed {staging}: a staging folder left by an interrupted run")
-    return removed
-
-
-def glob_escape(name):
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-class StagingFolder:
-    """A new hidden folder beside `output_path` to write into, locked by this process while it exists."""
-
-    def __init__(self, output_path):
-        output_path = Path(output_path)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_staging(output_path)
-        # The lock exists (and is held) before the folder, so no folder is ever without a lock that tells its state.
-        handle, lock_path = tempfile.mkstemp(prefix=f".{output_path.name}.partial-", suffix=".lock", dir=output_path.parent)
-        self.lock = os.fdopen(handle, "w")
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
-        self.lock_path = Path(lock_path)
-        self.path = self.lock_path.with_name(self.lock_path.name[: -len(".lock")])
-        self.path.mkdir()
-
-    def release(self, remove):
-        if remove:
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.lock_path.unlink(missing_ok=True)
-        self.lock.close()
+            print(f"removed {staging}: a staging folder left by an interrupted run")
 
 
 @contextlib.contextmanager
 def staged_folder(output_path, replace=False):
-    """Yields a new hidden sibling of `output_path` to write into, flushed and swapped in when the block ends without
-    error, else removed. An existing `output_path` is an error unless `replace` (then the whole new folder replaces it)."""
+    """Yields a new hidden sibling of `output_path` to write into, locked by this process while it exists; flushed and
+    swapped in when the block ends without error, else removed. An existing `output_path` is an error unless `replace`
+    (then the whole new folder replaces it). Staging folders of dead writers are removed first."""
     output_path = Path(output_path)
-    staging = StagingFolder(output_path)
-    try:
-        yield staging.path
-        # mkstemp (and safetensors) create private files; a model folder gets the usual permissions
-        umask = current_umask()
-        for path in (staging.path, *staging.path.rglob("*")):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        fsync_tree(staging.path)
-        if output_path.exists() and not replace:
-            raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
-        replace_folder(staging.path, output_path)
-    except BaseException:
-        staging.release(remove=True)
-        raise
-    staging.release(remove=False)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(output_path)
+    # The lock exists (and is held) before the folder, so no folder is ever without a lock that tells its state.
+    handle, lock_path = tempfile.mkstemp(prefix=f".{output_path.name}.partial-", suffix=".lock", dir=output_path.parent)
+    with os.fdopen(handle, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        staging = Path(lock_path[: -len(".lock")])
+        staging.mkdir()
+        try:
+            yield staging
+            umask = os.umask(0)  # mkstemp (and safetensors) create private files; a model folder gets the usual ones
+            os.umask(umask)
+            for path in (staging, *staging.rglob("*")):
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            fsync_tree(staging)
+            if output_path.exists() and not replace:
+                raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
+            replace_folder(staging, output_path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            Path(lock_path).unlink(missing_ok=True)
 
 
 def checkpoint_step(path):
