@@ -302,13 +302,14 @@ def tensor_shapes(weights_file):
     return {name: tuple(tensor.shape) for name, tensor in state.items()}
 
 
-def meta_model(version, base_config, model_dir):
-    """The base built unquantized (the float layers' shapes) on the meta device: ours for a version, else transformers'."""
+def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGeneration", **settings):
+    """The base (or its `part`) built unquantized, the float layers' shapes, on the meta device: ours for a version,
+    else transformers' own. `settings` go to the config (a prefix's)."""
     with torch.device("meta"):
         if version is not None:
             config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
-                **{k: v for k, v in base_config.items() if k != "quantization_bit"})
-            return remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
+                **{k: v for k, v in base_config.items() if k != "quantization_bit"}, **settings)
+            return getattr(remote_module(version, "modeling_chatglm"), part)(config)
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -375,10 +376,7 @@ def check_prefix_fits_base(trained, model_dir, version, base_config):
     """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or one whose shapes the base does not give."""
     shapes = tensor_shapes(trained.weights)
     check_prefix_tensor_names(trained.weights, shapes)
-    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
-        **{k: v for k, v in base_config.items() if k != "quantization_bit"}, **trained.prefix)
-    with torch.device("meta"):
-        encoder = remote_module(version, "modeling_chatglm").PrefixEncoder(config)
+    encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)
     expected = {PREFIX_KEY + name: tuple(t.shape) for name, t in encoder.state_dict().items()}
     if shapes != expected:
         raise ModelFolderError(
@@ -481,9 +479,8 @@ def adapter_disabled(model):
         with model.disable_adapter():
             yield
         return
-    transformer, pre_seq_len = model.transformer, model.transformer.pre_seq_len
-    transformer.pre_seq_len = 0
+    pre_seq_len, model.transformer.pre_seq_len = model.transformer.pre_seq_len, 0
     try:
         yield
     finally:
-        transformer.pre_seq_len = pre_seq_len
+        model.transformer.pre_seq_len = pre_seq_len

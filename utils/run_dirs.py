@@ -177,31 +177,21 @@ def checkpoint_record(folder):
     return json.loads((Path(folder) / COMPLETE_MARKER).read_text(encoding="utf-8"))
 
 
-def latest_complete_checkpoint(output_dir):
-    """(newest complete checkpoint or None, [(newer incomplete checkpoint, reason), ...])."""
-    skipped = []
-    for folder in reversed(checkpoints(output_dir)):
-        reason = incomplete_reason(folder)
-        if reason is None:
-            return folder, skipped
-        skipped.append((folder, reason))
-    return None, skipped
-
-
 def find_resume_checkpoint(output_dir, resume_from_checkpoint):
     """None for a fresh run, the newest complete checkpoint-N for "auto" (saying which it passed over), or the given
     path, which must be complete."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint in ("auto", "true", "latest"):
-        found, skipped = latest_complete_checkpoint(output_dir)
-        for folder, reason in skipped:
+        skipped = []
+        for folder in reversed(checkpoints(output_dir)):
+            if (reason := incomplete_reason(folder)) is None:
+                return folder
             print(f"resume: skipping {folder} ({reason})")
-        if found is None:
-            detail = f"; incomplete: {', '.join(f'{f.name} ({r})' for f, r in skipped)}" if skipped else ""
-            raise CheckpointError(f"--resume_from_checkpoint=auto: no complete checkpoint-N folder in {output_dir}{detail}. "
-                                  "Start again with --overwrite_output_dir=true.")
-        return found
+            skipped.append(f"{folder.name} ({reason})")
+        detail = f"; incomplete: {', '.join(skipped)}" if skipped else ""
+        raise CheckpointError(f"--resume_from_checkpoint=auto: no complete checkpoint-N folder in {output_dir}{detail}. "
+                              "Start again with --overwrite_output_dir=true.")
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: no such folder")
@@ -237,8 +227,7 @@ def run_lock_path(folder):
 def _describe_holder(text):
     try:
         holder = json.loads(text)
-        return (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-                f" ({holder['command']})")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']} ({holder['command']})"
     except (ValueError, KeyError, TypeError):
         return "a process that is just starting"
 
@@ -299,11 +288,10 @@ def release_run_folder(folder):
 
 
 class RunFolder:
-    """A training run's output folder through its life. check(): before anything slow, rank 0 holds it for all ranks,
-    and a folder that holds a run is used only to resume or overwrite it. prepare(): on one process, once the config,
-    model and data have loaded: an overwritten run moves to <output_dir>.previous/ (where one is there already, it is
-    the last finished run and output_dir an unfinished overwrite of it, which goes). finish(): after the run's final
-    output, the run it overwrote goes. Nothing is moved or removed unless this process holds the folder."""
+    """A training run's output folder through its life. check(), before anything slow: rank 0 holds it for all ranks; a
+    folder holding a run is used only to resume or overwrite it. prepare(), on one process once the config, model and
+    data have loaded: an overwritten run moves to .previous/ (one there already is the last finished run: the unfinished
+    overwrite of it goes). finish(), after the final output: the overwritten run goes. Only the holder moves anything."""
 
     def __init__(self, path, resume=None, overwrite=False):
         self.path, self.resume, self.overwrite = Path(path), resume, overwrite

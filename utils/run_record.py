@@ -1,13 +1,6 @@
 """The run record, train_args.json: what a training run was given and trained on (script, config, model version,
-data, processes, versions). Every checkpoint-N of a run holds it (written before the checkpoint's completion marker),
-and the run's final adapter, prefix or model folder holds it with the run's metrics.
-
-- run_record / write_run_record: build and write it (the one way every training script does); read_run_record reads
-  it, its fields checked.
-- check_resume_matches: before a resumed run loads anything, its options against the checkpoint's record: what the
-  command line left out is taken from the record; a given option that differs is refused, naming both values,
-  unless it is one of RESUMABLE (options that take effect on a resumed run without changing what it trains).
-"""
+data, processes, versions), in every checkpoint-N and, with the run's metrics, in its final adapter, prefix or model
+folder. Built, written and read (its fields checked) here; check_resume_matches holds a resumed run's options to it."""
 import json
 import os
 from pathlib import Path
@@ -27,12 +20,9 @@ RECORD_CONFIG_FIELDS = {"model_dir": str, "data_name": str, "train_file": str, "
 JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
                    list: "a list", type(None): "null"}
 
-# Options a resumed run may be given anew, because the new value does take effect on it (and what it trains stays the
-# run's): how often it logs, evaluates and saves (the Trainer scripts re-apply them at the start of training, see
-# utils/train_utils.py), how many checkpoints it keeps, where it reports, the dev set and its batch size, printing a
-# sample, skipping bad lines (the data is read again: a line that was skipped then is skipped or refused now) and
-# activation checkpointing (memory against time, the same gradients). Every other training option must equal the
-# run's record.
+# Options a resumed run may be given anew: they take effect on it and what it trains stays the run's (logging, evaluating
+# and saving are re-applied at the start of training; the data is read again; activation checkpointing trades memory
+# for time, with the same gradients). Every other training option must equal the run's record.
 RESUMABLE = frozenset({
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size",
     "dev_file", "show_example", "skip_bad_lines", "gradient_checkpointing",
@@ -56,15 +46,10 @@ def run_record(script, config, model_version, train_data, eval_data, world_size,
     """The record of a run, without its final metrics (finish_trainer_run and train_deepspeed.py add them).
     training_arguments: train_qlora.py's --train_args_json contents. versions: library versions beside torch's and
     transformers'."""
-    record = {
-        "script": script,
-        "config": config,
-        "model_version": model_version,
-        "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data is not None else None},
-        "world_size": world_size,
-        "deepspeed_config": deepspeed_config,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **versions},
-    }
+    record = {"script": script, "config": config, "model_version": model_version,
+              "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data is not None else None},
+              "world_size": world_size, "deepspeed_config": deepspeed_config,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **versions}}
     if training_arguments is not None:
         record["training_arguments"] = training_arguments
     return record
@@ -138,10 +123,9 @@ def as_option(value):
 
 
 def check_resume_matches(checkpoint, config, script):
-    """Before a resumed run loads its model: `config` against the run record in `checkpoint` (train_args.json).
-    An option the command line left out takes the run's value (said on one line); a given one that differs stops
-    with one line naming the option and both values unless it is RESUMABLE; so does a different base model (version
-    or folder), script or process count. A checkpoint without a record (written before checkpoints held one) is
+    """Before a resumed run loads its model, `config` against the record in `checkpoint`: an option the command line
+    left out takes the run's value (said on one line); a given one that differs stops with one line naming both values
+    unless it is RESUMABLE; so does another base model, script or process count. No record (an older checkpoint):
     resumed unchecked, with a note."""
     if not checkpoint:
         return
@@ -151,10 +135,7 @@ def check_resume_matches(checkpoint, config, script):
             print(f"resume: {checkpoint} holds no {RUN_RECORD} (a checkpoint of an older version): the options are "
                   "not checked against the run's")
         return
-    record = read_run_record(checkpoint)  # the hand-off's reader: a JSON object whose fields have their types
-    if not isinstance(record.get("config", {}), dict):
-        raise ConfigError(f"{record_path}: not a run record (a JSON object with the run's 'config' object); resume from "
-                          "another checkpoint, or start a new run")
+    record = read_run_record(checkpoint)  # a JSON object whose fields have their types
     run = f"the run in {checkpoint}"
     if record.get("script") not in (None, script):
         raise ConfigError(f"--resume_from_checkpoint: {run} was trained by {record['script']}, not {script}; resume "
