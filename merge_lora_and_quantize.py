@@ -64,15 +64,7 @@ def check_output_path(output_path):
 
 
 def plan(config):
-    """Every check that needs no weights; returns the resolved paths and settings. The adapter's refusals (utils.adapters)
-    come as MergeError too."""
-    try:
-        return plan_merge(config)
-    except ModelFolderError as err:
-        raise MergeError(str(err)) from err
-
-
-def plan_merge(config):
+    """Every check that needs no weights; returns the resolved paths and settings."""
     qbits = config["qbits"]
     if qbits not in SUPPORTED_QBITS:
         raise MergeError(f"--qbits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
@@ -135,7 +127,10 @@ def write_merged_folder(job, model, folder):
 
 
 def main(config):
-    job = plan(config)
+    try:
+        job = plan(config)
+    except ModelFolderError as err:  # the adapter's and the base's refusals (utils.adapters), as the merge's
+        raise MergeError(str(err)) from err
     # One writer at a time: a second merge into the same folder stops here, naming the first.
     hold_run_folder(job["output_path"], "--output_path")
     try:

@@ -37,15 +37,18 @@ class TrainedPath:
     @property
     def prefix(self):
         """{"pre_seq_len", "prefix_projection"} that the base is built with for a prefix, else {}."""
-        config = self.own_config if self.kind == "prefix" else {}
-        return {"pre_seq_len": int(config["pre_seq_len"]), "prefix_projection": bool(config.get("prefix_projection"))} if config else {}
+        if self.kind != "prefix":
+            return {}
+        return {"pre_seq_len": int(self.own_config["pre_seq_len"]),
+                "prefix_projection": bool(self.own_config.get("prefix_projection"))}
 
     def base(self):
         """The base folder it was made on: model_dir in its run record, else adapter_config.json's
         base_model_name_or_path; None where neither names one."""
         name, where = self.record.get("config", {}).get("model_dir"), f"model_dir in its {RUN_RECORD}"
         if not name and self.kind == "adapter":
-            name, where = self.own_config.get("base_model_name_or_path"), "base_model_name_or_path in its adapter_config.json"
+            name = self.own_config.get("base_model_name_or_path")
+            where = "base_model_name_or_path in its adapter_config.json"
         if name and not Path(name).is_dir():
             raise ModelFolderError(f"{self.path} was made on {name} ({where}), which is not a folder here; pass the base "
                                    "with --model_dir")
@@ -77,7 +80,8 @@ def holds_prefix_only(folder):
     """A P-tuning v2 checkpoint (the prefix encoder's tensors alone), not a model folder that carries its prefix."""
     if prefix_checkpoint_config(folder) is None:
         return False
-    return all(name.startswith(PREFIX_KEY) for name in tensor_shapes(first_file(folder, PREFIX_WEIGHT_FILES)))
+    shapes = read_weights(first_file(folder, PREFIX_WEIGHT_FILES), shapes_only=True)
+    return all(name.startswith(PREFIX_KEY) for name in shapes)
 
 
 def is_run_model_folder(path):
@@ -290,16 +294,18 @@ def check_lora_on_base(trained, model_dir):
         check_prefix_fits_base(trained, model_dir, version, base_config)
 
 
-def tensor_shapes(weights_file):
-    """Tensor name -> shape of a weights file, without reading the tensors."""
+def read_weights(file, shapes_only=False):
+    """Tensor name -> tensor of a weights file (a legacy .bin read weights_only), or -> shape, no tensor read."""
     try:
-        if Path(weights_file).suffix == ".safetensors":
-            with safe_open(str(weights_file), framework="pt") as handle:
-                return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        state = torch.load(str(weights_file), map_location="meta", weights_only=True)
+        if Path(file).suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                return {name: tuple(handle.get_slice(name).get_shape()) if shapes_only else handle.get_tensor(name)
+                        for name in handle.keys()}
+        state = torch.load(str(file), map_location="meta" if shapes_only else "cpu", weights_only=True)
     except Exception as err:  # safetensors' and pickle's errors for a cut-off or foreign file have no common base
-        raise ModelFolderError(f"{weights_file}: cannot be read as a weights file ({str(err)[:200]})") from err
-    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+        raise ModelFolderError(f"{file}: cannot be read as a weights file ({str(err)[:200]})") from err
+    return {name: tuple(tensor.shape) for name, tensor in state.items()} if shapes_only else state
+
 
 
 def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGeneration", **settings):
@@ -345,7 +351,7 @@ def check_adapter_fits_base(trained, model_dir, version, base_config):
         raise ModelFolderError(f"{trained.path}: no adapter_model.safetensors (or adapter_model.bin); is this a PEFT "
                                "adapter folder?")
     problems = []
-    for key, shape in tensor_shapes(trained.weights).items():
+    for key, shape in read_weights(trained.weights, shapes_only=True).items():
         match = LORA_KEY.match(key)
         module, part = (match.group("module"), match.group("part")) if match else (None, None)
         if match and module not in layers:
@@ -374,7 +380,7 @@ def check_prefix_tensor_names(file, names):
 
 def check_prefix_fits_base(trained, model_dir, version, base_config):
     """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or one whose shapes the base does not give."""
-    shapes = tensor_shapes(trained.weights)
+    shapes = read_weights(trained.weights, shapes_only=True)
     check_prefix_tensor_names(trained.weights, shapes)
     encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)
     expected = {PREFIX_KEY + name: tuple(t.shape) for name, t in encoder.state_dict().items()}
@@ -399,22 +405,12 @@ def check_model_dir(model_dir, option="--model_dir"):
 
 # --- Loading onto the base.
 
-def read_prefix_weights(file) -> dict:
-    """The prefix encoder's tensors under the encoder's own names (embedding.weight, ...); a .bin read weights_only."""
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    check_prefix_tensor_names(file, state)
-    return {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}
-
-
 def load_prefix_checkpoint(model, path):
     """The prefix encoder of the P-tuning checkpoint `path` put into `model` (built with its settings), in fp32."""
-    encoder = model.transformer.prefix_encoder
-    state = read_prefix_weights(first_file(path, PREFIX_WEIGHT_FILES))
+    encoder, file = model.transformer.prefix_encoder, first_file(path, PREFIX_WEIGHT_FILES)
+    state = read_weights(file)
+    check_prefix_tensor_names(file, state)
+    state = {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}  # the encoder's own names
     expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
     found = {name: tuple(tensor.shape) for name, tensor in state.items()}
     if found != expected:
