@@ -16,7 +16,8 @@ from pathlib import Path
 import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
 import torch
 
-from utils.adapters import TrainedPath, check_lora_on_base, check_model_dir, load_trained, put_on_base, take_run_settings
+from utils.adapters import (TrainedPath, check_lora_on_base, check_model_dir, load_trained, put_on_base,
+                            take_run_settings)
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import write_atomic
 from utils.dataset import fit_prompt, get_prompt_format
@@ -73,7 +74,8 @@ def model_rows(model_path, trained, config):
     try:
         prompt = fit_prompt(get_prompt_format(tokenizer, model.model_version), PROMPT_TEXT, [], config["prompt_len"])[0]
     except ValueError as err:  # the prompt template alone is longer
-        raise ConfigError(f"--prompt_len={config['prompt_len']}: too short for {model_path}'s prompt template ({err})") from err
+        raise ConfigError(f"--prompt_len={config['prompt_len']}: too short for {model_path}'s prompt template "
+                          f"({err})") from err
     input_ids = torch.tensor([prompt] * config["batch_size"], device=model.device)
     rows = [benchmark(label, model, input_ids, config)]
     if trained.kind == "prefix":

@@ -19,7 +19,8 @@ from pathlib import Path
 from utils.adapters import check_lora_on_base, check_model_dir, load_trained, read_lora_path
 from utils.config_utils import parse_config
 from utils.errors import UserError
-from utils.model_folder import MODEL_FILES, folder_config, unique_state_dict, write_model_folder, write_native_model_folder
+from utils.model_folder import (MODEL_FILES, folder_config, unique_state_dict, write_model_folder,
+                                write_native_model_folder)
 from utils.model_loading import DTYPES, REPO_ROOT, ModelFolderError, chatglm_version, load_model_and_tokenizer
 from utils.run_dirs import hold_run_folder, release_run_folder, staged_folder
 
@@ -82,7 +83,7 @@ def plan(config):
     base = config["model_dir"] or trained.base()
     if not base:
         raise MergeError(f"{trained.path}: its base is not known here (no model_dir in its train_args.json nor "
-                         "base_model_name_or_path in an adapter_config.json); pass the base model folder with --model_dir")
+                         "base_model_name_or_path in an adapter_config.json); pass the base folder with --model_dir")
     job["model_dir"] = model_dir = Path(base)
     job["base_config"] = base_config = check_model_dir(model_dir)  # not an adapter, prefix or checkpoint-N
     job["version"] = version = chatglm_version(base_config, str(model_dir / "config.json"))
@@ -93,7 +94,7 @@ def plan(config):
     if base_config.get("quantization_bit"):
         raise MergeError(f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can "
                          "only be merged into float weights: use the fp16/bf16 base")
-    check_lora_on_base(trained, model_dir)  # made for this model (its run record, the base it names), fitting its layers
+    check_lora_on_base(trained, model_dir)  # made for this model (its record, the base it names), fitting its layers
     return {**job, "scripts": resolve_remote_scripts(config["remote_scripts_dir"], version) if version else None}
 
 

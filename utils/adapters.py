@@ -1,7 +1,7 @@
-"""The hand-off from training to every later script. A run writes `<run>/adapter_model` (PEFT LoRA), `<run>/prefix_model`
-(P-tuning v2) or `<run>/model` (freeze, full), each with the run's record, train_args.json. What a script takes on top
-of its --model_dir (--lora_path, or --model_dir itself where it is a run's model folder) is read once into a
-TrainedPath; the run's settings, the checks before the base loads, loading, folding and merging all use it."""
+"""The hand-off from training to every later script. A run writes `<run>/adapter_model` (PEFT LoRA),
+`<run>/prefix_model` (P-tuning v2) or `<run>/model` (freeze, full), each with the run's record, train_args.json. What
+a script takes on top of its --model_dir (--lora_path, or --model_dir itself where it is a run's model folder) is read
+once into a TrainedPath; the run's settings, the checks before the base loads, loading, folding and merging use it."""
 import contextlib
 import re
 import time
@@ -96,8 +96,10 @@ def read_lora_path(lora_path):
     folder = Path(lora_path)
     if (folder / "adapter_config.json").is_file():
         settings = read_json(folder / "adapter_config.json")
-        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (a PEFT adapter's settings)")
-        return TrainedPath("adapter", folder, read_run_record(folder), settings, first_file(folder, ADAPTER_WEIGHT_FILES))
+        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (a PEFT adapter's "
+                        "settings)")
+        weights = first_file(folder, ADAPTER_WEIGHT_FILES)
+        return TrainedPath("adapter", folder, read_run_record(folder), settings, weights)
     if (settings := prefix_checkpoint_config(folder)) is not None:
         return TrainedPath("prefix", folder, read_run_record(folder), settings, first_file(folder, PREFIX_WEIGHT_FILES))
     if (folder / "config.json").is_file() and is_run_checkpoint(folder):
@@ -214,7 +216,8 @@ NAME_HINTS = (("chatglm3", "chatglm3-6b"), ("chatglm2", "chatglm2-6b"), ("chatgl
 
 def model_family(config, source="config.json"):
     """chatglm-6b / chatglm2-6b / chatglm3-6b, GLM-4 for transformers' glm / glm4, else the model_type."""
-    return chatglm_version(config, source) or ("GLM-4" if config["model_type"] in GLM4_MODEL_TYPES else str(config["model_type"]))
+    version = chatglm_version(config, source)  # else a model of transformers' own classes, with its model_type
+    return version or ("GLM-4" if config["model_type"] in GLM4_MODEL_TYPES else str(config["model_type"]))
 
 
 def describe_base(config, source="config.json"):
@@ -232,7 +235,8 @@ def family_from_name(name):
 
 
 def family_of_base(name, where):
-    """(family, where it is read) of a base named `name` by the field `where`: the folder's config.json, else its name."""
+    """(family, where it is read) of a base named `name` by the field `where`: its folder's config.json, else its
+    name; None where neither tells."""
     if not isinstance(name, str) or not name:
         return None
     if (Path(name) / "config.json").is_file():
@@ -252,7 +256,8 @@ def trained_on(trained):
     if trained.record.get("model_version"):
         found.append((trained.record["model_version"], f"{record_path} model_version"))
     elif (Path(trained.record.get("config", {}).get("model_dir") or "") / "config.json").is_file():
-        found += filter(None, [family_of_base(trained.record["config"]["model_dir"], f"{record_path} config.model_dir")])
+        found += filter(None, [family_of_base(trained.record["config"]["model_dir"],
+                                              f"{record_path} config.model_dir")])
     if trained.kind == "adapter":
         named = trained.own_config.get("base_model_name_or_path")
         where = f"{trained.path / 'adapter_config.json'} base_model_name_or_path"
@@ -358,10 +363,11 @@ def check_adapter_fits_base(trained, model_dir, version, base_config):
             problems.append(f"{module}: the base has no such layer")
         elif part in ("A", "B"):
             out_features, in_features = layers[module]
+            base_layer = f"the base layer is [{out_features}, {in_features}]"
             if part == "A" and shape[-1] != in_features:
-                problems.append(f"{module}: lora_A {list(shape)} expects {shape[-1]} inputs, the base layer is [{out_features}, {in_features}]")
+                problems.append(f"{module}: lora_A {list(shape)} expects {shape[-1]} inputs, {base_layer}")
             elif part == "B" and shape[0] != out_features:
-                problems.append(f"{module}: lora_B {list(shape)} gives {shape[0]} outputs, the base layer is [{out_features}, {in_features}]")
+                problems.append(f"{module}: lora_B {list(shape)} gives {shape[0]} outputs, {base_layer}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ModelFolderError(f"the adapter {trained.path} does not fit the base {model_dir} ({name}); it was trained on "
@@ -379,7 +385,7 @@ def check_prefix_tensor_names(file, names):
 
 
 def check_prefix_fits_base(trained, model_dir, version, base_config):
-    """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or one whose shapes the base does not give."""
+    """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or whose shapes the base does not give."""
     shapes = read_weights(trained.weights, shapes_only=True)
     check_prefix_tensor_names(trained.weights, shapes)
     encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)
