@@ -38,25 +38,21 @@ def unique_state_dict(model):
 def save_shards(state, folder, max_shard_bytes):
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes
     (each tensor in one shard; a tensor larger than the limit gets a shard of its own). Returns the file names."""
-    shards, current, current_bytes = [], [], 0
+    shards, shard_bytes = [[]], 0
     for name, tensor in state.items():
         size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(name)
-        current_bytes += size
-    if current:
-        shards.append(current)
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
     if len(shards) == 1:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return ["model.safetensors"]
-    weight_map, names = {}, []
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+    names = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
+    for file_name, shard in zip(names, shards):
         save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
-        weight_map.update({name: file_name for name in shard})
-        names.append(file_name)
+    weight_map = {name: file_name for file_name, shard in zip(names, shards) for name in shard}
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
