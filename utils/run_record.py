@@ -98,10 +98,8 @@ def folder_version(model_dir):
 
 
 def recorded_name(version, model_dir):
-    if version is not None:
-        return version
     try:
-        return folder_version(model_dir)[1]
+        return version or folder_version(model_dir)[1]
     except Exception:  # noqa: BLE001 - only for the message: the folder of the run may be gone or changed
         return "a model of transformers' own classes"
 
@@ -193,17 +191,15 @@ def check_resume_matches(checkpoint, config, script):
 
 def check_training_arguments(record, config, run):
     """train_qlora.py: its --train_args_json file against the TrainingArguments the run recorded."""
-    if "training_arguments" not in record or not Path(config.get("train_args_json") or "").is_file():
+    path = config.get("train_args_json") or ""
+    if "training_arguments" not in record or not Path(path).is_file():
         return  # not train_qlora.py, or its file is missing (the script reports that)
-    path = config["train_args_json"]
     try:
         current = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return  # the script reports it with its line
-    if not isinstance(current, dict):
-        return
     trained = record["training_arguments"]
-    for key in sorted(set(current) | set(trained)):
+    for key in sorted(set(current) | set(trained)) if isinstance(current, dict) else ():
         if key in RESUMABLE_TRAINING_ARGUMENTS or current.get(key) == trained.get(key):
             continue
         gives = json.dumps(current[key], ensure_ascii=False) if key in current else "nothing (the default)"
