@@ -23,9 +23,10 @@ import torch
 
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, iter_json_records, read_text, write_jsonl
-from utils.model_folder import folder_config, staged_folder, write_model_folder
-from utils.model_utils import remote_module
+from utils.model_folder import folder_config, write_model_folder
+from utils.model_loading import remote_module
 from utils.ner_data import read_bio
+from utils.run_dirs import staged_folder
 
 DEFAULTS = {
     "shared_data_dir": "../shared/data",

@@ -1,59 +1,28 @@
-"""Merge a LoRA adapter into its ChatGLM base model (or put a P-tuning v2 prefix beside its weights), optionally
-quantize to int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel /
-AutoTokenizer with trust_remote_code=True). A GLM-4 (or other transformers-native) base is merged too, into a folder
-of its own layout (--qbits 0 only: int8/int4 here is ChatGLM's quantization).
+"""Merge a LoRA adapter into its base model (or put a P-tuning v2 prefix beside its weights), optionally quantize to
+int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel / AutoTokenizer
+with trust_remote_code=True). A GLM-4 (or other transformers-native) base gets a folder of its own layout (--qbits 0).
 
-    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner --qbits 0
-    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner-int4 --qbits 4
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/adapter_model --model_dir model_hub/chatglm3-6b --output_path model_hub/chatglm3-6b-msra-int8 --qbits 8 --dtype bf16 --max_shard_size 1GB
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/chatglm2-6b-msra-ptuning --qbits 4
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/msra-ptuning-int4 --qbits 4
 
-Then, on any machine:
-
-    model = AutoModel.from_pretrained("model_hub/chatglm2-6b-ner", trust_remote_code=True, dtype="auto").cuda().eval()
-    tokenizer = AutoTokenizer.from_pretrained("model_hub/chatglm2-6b-ner", trust_remote_code=True)
-
-Steps: the base (--model_dir, default: base_model_name_or_path of the adapter's adapter_config.json) is loaded in fp32
-on the CPU so the merge is exact (a 6B model needs about 25 GB of RAM), the PEFT adapter is merged into the weights
-(a P-tuning prefix is kept as it is, its encoder's weights written with the model's and pre_seq_len in config.json),
---qbits 8 / 4 quantizes the four linear layers of every block (symmetric, one scale per output row, int4 packed two
-per byte: spec section 7, remote_scripts/<version>/quantization.py), and the float tensors are cast to --dtype.
-
-The output folder holds model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json when
-the weights exceed --max_shard_size), config.json (official auto_map, quantization_bit), the tokenizer file with
-tokenizer_config.json, and the version's configuration/modeling/tokenization/quantization .py files from
---remote_scripts_dir. It is written to a hidden sibling folder and renamed at the end, so a failed run leaves no
-half-written output. Refused before any heavy work: an existing --output_path, an adapter made for another base
-(other version in train_args.json, layers the base does not have, or other layer sizes), --qbits other than 0/4/8,
-and a base that is itself quantized.
+The base (--model_dir; default: the run's, as the adapter's files name it) is loaded in fp32 on the CPU so the merge is
+exact (a 6B model needs about 25 GB of RAM). --qbits 8 / 4 quantizes the four linear layers of every block (one scale
+per output row, int4 packed two per byte); the float tensors are cast to --dtype. The folder (weights sharded above
+--max_shard_size, config.json with the official auto_map, the tokenizer, the .py files of --remote_scripts_dir) is
+written beside and renamed at the end. Refused before any heavy work: an existing output folder, an adapter made for
+another base, --qbits other than 0/4/8, a quantized base.
 """
 import re
 import sys
 from pathlib import Path
 
-
-from utils.adapters import check_lora_on_base, check_model_dir, lora_path_kind, read_adapter_config, read_run_record
+from utils.adapters import check_lora_on_base, check_model_dir, load_trained, read_lora_path
 from utils.config_utils import parse_config
 from utils.errors import UserError
-from utils.model_utils import (
-    DTYPES,
-    REPO_ROOT,
-    ModelFolderError,
-    detect_model_version,
-    load_model_and_tokenizer,
-    load_model_with_adapter,
-    prefix_checkpoint_config,
-    read_config,
-)
-from utils.model_folder import (
-    MODEL_FILES,
-    folder_config,
-    staged_folder,
-    unique_state_dict,
-    write_model_folder,
-    write_native_model_folder,
-)
-from utils.run_dirs import hold_run_folder, release_run_folder
+from utils.model_folder import (MODEL_FILES, folder_config, unique_state_dict, write_model_folder,
+                                write_native_model_folder)
+from utils.model_loading import DTYPES, REPO_ROOT, ModelFolderError, chatglm_version, load_model_and_tokenizer
+from utils.run_dirs import hold_run_folder, release_run_folder, staged_folder
 
 DEFAULTS = {
     "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
@@ -102,78 +71,31 @@ def plan(config):
         raise MergeError(f"--qbits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
     if config["dtype"] not in DTYPES:
         raise MergeError(f"--dtype={config['dtype']!r}: expected fp16, bf16 or fp32")
-    max_shard_bytes = parse_size(config["max_shard_size"])
+    job = {"qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": parse_size(config["max_shard_size"])}
     if not config["output_path"]:
         raise MergeError("--output_path is required: the folder to write the merged model to (it must not exist yet)")
-    output_path = Path(config["output_path"])
-    check_output_path(output_path)
-
-    lora_path = Path(config["lora_path"])
-    try:
-        prefix = prefix_checkpoint_config(lora_path) if lora_path_kind(lora_path) == "prefix" else None
-        adapter_config = read_adapter_config(lora_path) if prefix is None else {}
-    except ModelFolderError as err:
-        raise MergeError(str(err)) from err
-    peft_type = adapter_config.get("peft_type", "LORA")
+    job["output_path"] = Path(config["output_path"])
+    check_output_path(job["output_path"])
+    job["trained"] = trained = read_lora_path(config["lora_path"])
+    peft_type = trained.own_config.get("peft_type", "LORA") if trained.kind == "adapter" else "LORA"
     if peft_type != "LORA":
-        raise MergeError(f"{lora_path}: peft_type is {peft_type}; this script merges LoRA adapters")
-
-    if config["model_dir"]:
-        model_dir = Path(config["model_dir"])
-    elif prefix is not None:  # a P-tuning run records its base in train_args.json
-        base_name = read_run_record(lora_path).get("config", {}).get("model_dir")
-        if not base_name or not Path(base_name).is_dir():
-            raise MergeError(f"{lora_path}: the P-tuning checkpoint's base is not known here (model_dir in its "
-                             "train_args.json); pass the base model folder with --model_dir")
-        model_dir = Path(base_name)
-    else:
-        base_name = adapter_config.get("base_model_name_or_path")
-        if not base_name:
-            raise MergeError(f"{lora_path / 'adapter_config.json'} names no base_model_name_or_path; pass --model_dir")
-        model_dir = Path(base_name)
-        if not model_dir.is_dir():
-            raise MergeError(
-                f"the adapter's base {base_name!r} (base_model_name_or_path in {lora_path / 'adapter_config.json'}) "
-                "is not a folder here; pass the base model folder with --model_dir"
-            )
-    try:
-        check_model_dir(model_dir)  # a model folder, not an adapter, prefix or checkpoint-N
-        base_config = read_config(model_dir)
-    except ModelFolderError as err:
-        raise MergeError(str(err)) from err
-    if base_config.get("model_type") not in (None, "chatglm"):  # GLM-4 and others of transformers' own classes
-        if qbits:
-            raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
-                             f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
-                             "(bitsandbytes, as train_qlora.py does)")
-        check_fits(lora_path, model_dir)  # made for this model, fitting its layers; no P-tuning prefix
-        return {"qbits": 0, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
-                "lora_path": lora_path, "model_dir": model_dir, "version": None, "base_config": base_config,
-                "scripts": None, "prefix": None}
-    try:
-        version = detect_model_version(base_config, str(model_dir / "config.json"))
-    except ModelFolderError as err:
-        raise MergeError(str(err)) from err
+        raise MergeError(f"{trained.path}: peft_type is {peft_type}; this script merges LoRA adapters")
+    base = config["model_dir"] or trained.base()
+    if not base:
+        raise MergeError(f"{trained.path}: its base is not known here (no model_dir in its train_args.json nor "
+                         "base_model_name_or_path in an adapter_config.json); pass the base folder with --model_dir")
+    job["model_dir"] = model_dir = Path(base)
+    job["base_config"] = base_config = check_model_dir(model_dir)  # not an adapter, prefix or checkpoint-N
+    job["version"] = version = chatglm_version(base_config, str(model_dir / "config.json"))
+    if version is None and qbits:  # GLM-4 and others of transformers' own classes
+        raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
+                         f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
+                         "(bitsandbytes, as train_qlora.py does)")
     if base_config.get("quantization_bit"):
-        raise MergeError(
-            f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can only be merged "
-            "into float weights: use the fp16/bf16 base"
-        )
-    check_fits(lora_path, model_dir)  # made for this model (its run record, the base it names), fitting its layers
-    scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
-    return {
-        "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
-        "lora_path": lora_path, "model_dir": model_dir, "version": version, "base_config": base_config, "scripts": scripts,
-        "prefix": prefix,
-    }
-
-
-def check_fits(lora_path, model_dir):
-    """utils.adapters.check_lora_on_base, its refusal as a MergeError."""
-    try:
-        check_lora_on_base(lora_path, model_dir)
-    except ModelFolderError as err:
-        raise MergeError(str(err)) from err
+        raise MergeError(f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can "
+                         "only be merged into float weights: use the fp16/bf16 base")
+    check_lora_on_base(trained, model_dir)  # made for this model (its record, the base it names), fitting its layers
+    return {**job, "scripts": resolve_remote_scripts(config["remote_scripts_dir"], version) if version else None}
 
 
 def load_adapter(base, lora_path, model_dir):
@@ -187,8 +109,7 @@ def load_adapter(base, lora_path, model_dir):
             raise
         shapes = re.findall(
             r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
-            r"the shape in current model is torch\.Size\((\[[^\]]*\])\)", str(err)
-        )
+            r"the shape in current model is torch\.Size\((\[[^\]]*\])\)", str(err))
         details = "\n  ".join(
             f"{name.removeprefix('base_model.model.').replace('.default.', '.')}: adapter {a}, base {b}" for name, a, b in shapes[:5]
         ) or str(err)
@@ -201,13 +122,16 @@ def write_merged_folder(job, model, folder):
     if job["version"] is None:  # a model of transformers' own classes: its config and tokenizer files, our weights
         return write_native_model_folder(folder, unique_state_dict(model), job["model_dir"], job["max_shard_bytes"])
     # A P-tuning prefix travels in the folder: its weights, and pre_seq_len / prefix_projection in config.json.
-    config = folder_config({**job["base_config"], **(job["prefix"] or {})}, job["version"], job["dtype"], job["qbits"])
+    config = folder_config({**job["base_config"], **job["trained"].prefix}, job["version"], job["dtype"], job["qbits"])
     return write_model_folder(folder, unique_state_dict(model), config, job["version"], job["model_dir"],
                               job["max_shard_bytes"], scripts_dir=job["scripts"])
 
 
 def main(config):
-    job = plan(config)
+    try:
+        job = plan(config)
+    except ModelFolderError as err:  # the adapter's and the base's refusals (utils.adapters), as the merge's
+        raise MergeError(str(err)) from err
     # One writer at a time: a second merge into the same folder stops here, naming the first.
     hold_run_folder(job["output_path"], "--output_path")
     try:
@@ -218,28 +142,25 @@ def main(config):
 
 
 def merge(config, job):
-    print(f"base: {job['model_dir']} ({job['version'] or job['base_config']['model_type']}); adapter: {job['lora_path']}; "
+    trained = job["trained"]
+    print(f"base: {job['model_dir']} ({job['version'] or job['base_config']['model_type']}); adapter: {trained.path}; "
           f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
-
-    if job["prefix"]:
-        model, _ = load_model_with_adapter(job["model_dir"], job["lora_path"], dtype="fp32", device="cpu")
-        print(f"the P-tuning prefix ({job['prefix']['pre_seq_len']} positions) goes into the folder with the weights")
+    if trained.kind == "prefix":
+        model, _ = load_trained(job["model_dir"], trained, dtype="fp32", device="cpu")
+        print(f"the P-tuning prefix ({trained.prefix['pre_seq_len']} positions) goes into the folder with the weights")
     else:
         base, _ = load_model_and_tokenizer(job["model_dir"], dtype="fp32", device="cpu", version=job["version"])
-        model = load_adapter(base, job["lora_path"], job["model_dir"])
-        model = model.merge_and_unload(safe_merge=True)
+        model = load_adapter(base, trained.path, job["model_dir"]).merge_and_unload(safe_merge=True)
         print("merged the adapter into the weights (fp32)")
     if job["qbits"]:
         model.quantize(job["qbits"])
         print(f"quantized the block layers to int{job['qbits']}")
     model = model.to(job["dtype"]).eval()
-
-    output_path = job["output_path"]
-    with staged_folder(output_path) as staging:
+    with staged_folder(job["output_path"]) as staging:
         files = write_merged_folder(job, model, staging)
-    size = sum((output_path / name).stat().st_size for name in files)
-    print(f"wrote {output_path} ({len(files)} weight file(s), {size / 2**20:.1f} MiB)")
-    return output_path
+    size = sum((job["output_path"] / name).stat().st_size for name in files)
+    print(f"wrote {job['output_path']} ({len(files)} weight file(s), {size / 2**20:.1f} MiB)")
+    return job["output_path"]
 
 
 if __name__ == "__main__":

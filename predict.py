@@ -18,13 +18,13 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import check_run, choose_lora_path, load_run, results_folder, scored_run, take_run_settings, uses_adapter
+from utils.adapters import (adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder,
+                            scored_run, take_run_settings, uses_adapter)
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.decode_utils import entities_in_text, parse_ner_answer
 from utils.generation import generate_answers
 from utils.metrics import format_ner_report, generation_metrics, ner_metrics
-from utils.model_utils import adapter_disabled, fold_adapter
 from utils.prompts import get_prompt_format, source_text, user_message
 from utils.records import read_instruction_records
 
@@ -95,8 +95,8 @@ def main(config):
     use_adapter = uses_adapter(lora_path)
     # The run's base, data set and lengths, and what --lora_path names checked against the base, before any data or
     # weights are read.
-    take_run_settings(config, RUN_KEYS)
-    check_run(config)
+    trained = take_run_settings(config, RUN_KEYS)
+    check_lora_on_base(trained, config["model_dir"])
     data_dir = Path("data") / config["data_name"] / "instruct_data"
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
     output_dir = Path(config["output_dir"]) if config["output_dir"] else default_output_dir(config)
@@ -120,7 +120,7 @@ def main(config):
     # The adapter is folded into the weights for generation (base speed); with --before_after only after the base has
     # been scored with the adapter disabled, as folding changes the base weights.
     before_after = config["before_after"] and use_adapter
-    model, tokenizer = load_run(config, RUN_KEYS, fold=not before_after)
+    model, tokenizer = load_run(config, fold=not before_after, trained=trained)
     version = model.model_version
     prompt_format = get_prompt_format(tokenizer, version)
     generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],

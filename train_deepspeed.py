@@ -48,7 +48,7 @@ from tqdm import tqdm
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
-from utils.model_utils import load_model_and_tokenizer, resolve_dtype
+from utils.model_loading import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (
     add_lora,
     check_method,
@@ -70,8 +70,7 @@ from utils.train_utils import (
     train_prefix_only,
     write_partial_checkpoint,
 )
-from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_checkpoint, hold_run_folder, mark_complete,
-                            prepare_output_dir, rotate_checkpoints)
+from utils.run_dirs import RunFolder, find_resume_checkpoint, mark_complete, rotate_checkpoints
 from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record
 
 DEFAULTS = {
@@ -288,9 +287,7 @@ set_env_from_mpi()
 resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
 check_resume_matches(resume, config, "train_deepspeed.py")
 train_file, dev_file = check_training_start(config, "train_deepspeed.py")
-if int(os.environ.get("RANK", "0")) == 0:
-    hold_run_folder(output_dir)
-check_output_dir(output_dir, resume, config["overwrite_output_dir"])
+run_folder = RunFolder(output_dir, resume, config["overwrite_output_dir"]).check()
 if "RANK" not in os.environ:
     local_rank = max(config["local_rank"], 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))
@@ -354,7 +351,7 @@ if eval_data is not None:
 failure = [None]
 if master:
     try:
-        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+        run_folder.prepare()
     except Exception as error:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
         failure[0] = error
 dist.broadcast_object_list(failure, src=0)
@@ -575,7 +572,7 @@ if writer:
     writer.close()
 if master:
     plot_loss(state.log_history, output_dir / "loss.png")
-    finish_output_dir(output_dir)
+    run_folder.finish()
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"{saved}\nloss curve: {output_dir / 'loss.png'}" + (f"\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}" if tensorboard else ""))
 dist.barrier()

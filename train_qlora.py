@@ -27,7 +27,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
-from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
     add_lora,
@@ -43,7 +43,7 @@ from utils.train_utils import (
     print_trainable_parameters,
     train_prefix_only,
 )
-from utils.run_dirs import check_output_dir, find_resume_checkpoint, hold_run_folder, prepare_output_dir
+from utils.run_dirs import RunFolder, find_resume_checkpoint
 from utils.run_record import check_resume_matches
 
 DEFAULTS = {
@@ -113,9 +113,7 @@ def main(config):
     device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], device)
     args, training_values = training_arguments(config["train_args_json"], output_dir, compute_dtype, dev_file is not None)
-    if int(os.environ.get("RANK", "0")) == 0:
-        hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
-    check_output_dir(output_dir, resume, config["overwrite_output_dir"])
+    run_folder = RunFolder(output_dir, resume, config["overwrite_output_dir"]).check()  # rank 0 holds it for all ranks
     quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
     set_seed(args.seed)  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=device, quantization_config=quantization,
@@ -136,7 +134,7 @@ def main(config):
                                           show_example=config["show_example"])
     # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
     if int(os.environ.get("RANK", "0")) == 0:
-        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+        run_folder.prepare()
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     trainer = Trainer(

@@ -32,7 +32,7 @@ from transformers import TrainingArguments
 from utils.config_utils import parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import leave_process_group, set_env_from_mpi
-from utils.model_utils import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
 from utils.train_utils import (
     Trainer,
     add_lora,
@@ -49,7 +49,7 @@ from utils.train_utils import (
     print_trainable_parameters,
     train_prefix_only,
 )
-from utils.run_dirs import check_output_dir, find_resume_checkpoint, hold_run_folder, prepare_output_dir
+from utils.run_dirs import RunFolder, find_resume_checkpoint
 from utils.run_record import check_resume_matches
 
 DEFAULTS = {
@@ -120,9 +120,7 @@ def main(config):
     resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
     check_resume_matches(resume, config, "train_trainer.py")
     train_file, dev_file = check_training_start(config, "train_trainer.py")
-    if int(os.environ.get("RANK", "0")) == 0:
-        hold_run_folder(output_dir)  # one run at a time writes there; rank 0 holds it for all ranks
-    check_output_dir(output_dir, resume, config["overwrite_output_dir"])
+    run_folder = RunFolder(output_dir, resume, config["overwrite_output_dir"]).check()  # rank 0 holds it for all ranks
 
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
     # is chosen for the device that trains, also when the weights are loaded on the CPU first. The weights are in it
@@ -161,7 +159,7 @@ def main(config):
     train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"], config["seed"])
     # Config, model and data are good: only now is an overwritten run moved aside (one process does it).
     if int(os.environ.get("RANK", "0")) == 0:
-        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
+        run_folder.prepare()
 
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     args = TrainingArguments(

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from utils.generation import time_generation  # noqa: E402
-from utils.model_utils import fold_adapter, load_model_and_tokenizer  # noqa: E402
+from utils.adapters import fold_adapter  # noqa: E402
+from utils.model_loading import load_model_and_tokenizer  # noqa: E402
 from utils.train_utils import add_lora  # noqa: E402
 
 

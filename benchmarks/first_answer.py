@@ -60,7 +60,7 @@ def chat_workload(model, decode, args):
 def predict_workload(model, decode, args):
     from utils.data_io import BadLines
     from utils.generation import generate_answers
-    from utils.model_utils import load_tokenizer
+    from utils.model_loading import load_tokenizer
     from utils.prompts import get_prompt_format
     from utils.records import read_instruction_records
 

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.tiny_models import build_random_model  # noqa: E402
-from utils.model_utils import DTYPES, VERSIONS, read_config  # noqa: E402
+from utils.model_loading import DTYPES, VERSIONS, read_config  # noqa: E402
 
 
 def load_random_model(version, config_dir, dtype):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.model_utils import remote_module  # noqa: E402
+from utils.model_loading import remote_module  # noqa: E402
 
 SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (12288, 4096), (16384, 4096), (4096, 16384),
           (65024, 4096), (130528, 4096)]

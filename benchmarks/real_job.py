@@ -46,7 +46,7 @@ def chat_timing(model_dir, lora_path, questions, max_new_tokens):
     """Seconds to the first streamed token of the first answer (the model already loaded), and decode tokens/s of
     each answer, as chat_ner.py and the servers stream (stream_chat_reply, decode="auto")."""
     from utils.generation import stream_chat_reply
-    from utils.model_utils import load_model_with_adapter
+    from utils.adapters import load_model_with_adapter
     from utils.prompts import get_prompt_format
 
     model, tokenizer = load_model_with_adapter(model_dir, lora_path)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
-from utils.model_utils import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
+from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.train_utils import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
 
 # Official remote code + transformers 4.40 + peft 0.10 on the same H200 (random 6B weights, bf16; measured 2026-12-02),

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO_ROOT, TOKENIZERS
 from utils.data_io import BadLines, DataError
 from utils.dataset import InstructionDataset, encode_example, encode_record, format_example
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 from utils.prompts import get_prompt_format
 from utils.records import read_instruction_records
 

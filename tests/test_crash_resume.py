@@ -218,10 +218,10 @@ if __name__ == "__main__":  # the driver: script, setup folder, output root, las
         sys.exit(0)
     # Imported once here, shared by every forked child.
     import matplotlib.pyplot  # noqa: F401 - the loss plot
-    import utils.model_utils
+    import utils.model_loading
     import utils.train_utils  # noqa: F401 - torch, transformers, peft and the project's own modules
 
-    utils.model_utils.remote_module("chatglm2-6b", "modeling_chatglm")
+    utils.model_loading.remote_module("chatglm2-6b", "modeling_chatglm")
 
     model_dir, train_file = (setup_root / "model", setup_root / "train.txt")
     common = common_args(model_dir, train_file) + SCRIPTS[script]

@@ -22,7 +22,7 @@ from peft import PeftModel
 from conftest import OVERFIT, REPO_ROOT, run_script, train_then_resume
 from test_training import assert_adapter_reproduces_answers, assert_full_model_folder, final_train_loss, logged_losses
 from utils.distributed import free_port
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 
 # train_deepspeed.py has no report_to: it always writes TensorBoard logs. Both scripts use the Trainer's linear
 # schedule (deepspeed.json names no scheduler); two warmup steps as a realistic setting.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import VERSIONS
-from utils.model_utils import load_model_and_tokenizer, remote_module
+from utils.model_loading import load_model_and_tokenizer, remote_module
 
 PROMPTS = ["你好", "ChatGLM-6B是清华大学开源的模型。请介绍一下自己", "Hello\nworld\t!"]
 FAST_MODES = ["static"] + (["graph", "compiled"] if torch.cuda.is_available() else [])
@@ -120,7 +120,7 @@ def test_compiled_decoding_needs_cuda_and_unknown_modes_are_refused(models):
 def test_a_captured_decode_step_follows_adapter_switches_and_folding(trainable_models):
     """A CUDA graph replays the kernels and tensors it recorded: switching the adapter off, or folding it into the
     weights, must capture again rather than replay the old step."""
-    from utils.model_utils import fold_adapter
+    from utils.adapters import fold_adapter
     from utils.train_utils import add_lora
 
     model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm2-6b"], dtype="fp32", device="cuda")

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import run_script, train_then_resume
 from test_training import logged_losses
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 from utils.train_utils import freeze_all_but
 
 

@@ -14,7 +14,8 @@ from test_training import logged_losses
 from tools.tiny_models import make_tiny_glm4
 from utils.dataset import encode_example
 from utils.generation import generate_answers, stream_chat_reply
-from utils.model_utils import load_model_and_tokenizer, load_model_with_adapter
+from utils.adapters import load_model_with_adapter
+from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import get_prompt_format, user_message
 from utils.records import read_instruction_records
 

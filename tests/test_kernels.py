@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 
 REAL_SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (12288, 4096), (16384, 4096), (4096, 16384),
                (65024, 4096), (130528, 4096)]
@@ -38,7 +38,7 @@ INTERPRETER_SCRIPT = r"""
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 
 kernels = remote_module("chatglm2-6b", "kernels")
 quantization = remote_module("chatglm2-6b", "quantization")
@@ -194,7 +194,7 @@ def test_predicate_is_false_on_cpu_without_the_interpreter():
 def test_imports_without_triton_and_then_never_applies():
     script = (
         "import sys; sys.modules['triton'] = None; sys.path.insert(0, sys.argv[1]);"
-        "import torch; from utils.model_utils import remote_module;"
+        "import torch; from utils.model_loading import remote_module;"
         "k = remote_module('chatglm2-6b', 'kernels'); assert k.triton is None;"
         "assert not k.small_batch_kernel_applies(torch.randn(1, 64, dtype=torch.bfloat16), 64);"
         "raised = False\n"
@@ -231,7 +231,7 @@ ELEMENTWISE_SCRIPT = r"""
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 
 kernels = remote_module("chatglm2-6b", "kernels")
 modeling = remote_module("chatglm2-6b", "modeling_chatglm")

@@ -16,7 +16,7 @@ import merge_lora_and_quantize as merge_script
 import utils.model_folder as model_folder
 from conftest import TOKENIZERS, VERSIONS, run_script
 from tools.tiny_models import make_tiny_model
-from utils.model_utils import DTYPES, load_model_and_tokenizer, remote_module
+from utils.model_loading import DTYPES, load_model_and_tokenizer, remote_module
 
 LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 PROMPTS = ["你好", "请介绍一下北京", "Hello world", "找出句子中的人名：张三去了上海。", "1+1等于几？", "ChatGLM是什么"]

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from conftest import TOKENIZERS, VERSIONS
 from tools.tiny_models import make_tiny_model
-from utils.model_utils import ModelFolderError, load_model_and_tokenizer, remote_module
+from utils.model_loading import ModelFolderError, load_model_and_tokenizer, remote_module
 
 PROMPTS = ["你好", "ChatGLM-6B是清华大学开源的模型。请介绍一下自己", "Hello\nworld\t!"]
 
@@ -462,7 +462,7 @@ def test_loader_errors_name_the_file_and_the_fix(tiny_model_dirs, tmp_path):
 
 
 def test_version_is_detected_from_the_official_configs():
-    from utils.model_utils import detect_model_version
+    from utils.model_loading import detect_model_version
 
     for version in VERSIONS:
         assert detect_model_version(json.loads((TOKENIZERS / version / "config.json").read_text())) == version

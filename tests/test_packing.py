@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import OVERFIT, VERSIONS, run_script
 from test_training import logged_losses
 from utils.dataset import InstructionDataset, PackedDataset, PaddingCollator, pack_examples, pack_lengths, packed_inputs_hook
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 from utils.train_utils import prepare_packing
 
 MODELS = (*VERSIONS, "llama")
@@ -271,7 +271,7 @@ def test_models_that_cannot_pack_train_grouped_by_length(setups):
 def test_packed_segments_cut_at_every_segment_and_row_start():
     """The variable-length attention's cuts: where the segment id changes and where a row begins (row 1 starts with
     the id that row 0 ends with: still a new segment), padding runs as segments of their own."""
-    from utils.model_utils import remote_module
+    from utils.model_loading import remote_module
 
     modeling = remote_module("chatglm2-6b", "modeling_chatglm")
     segments = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [3, 3, 3, 3, 4, 4, 4, 4]])

@@ -140,7 +140,8 @@ def test_a_folded_adapter_decodes_what_the_peft_layers_decode(version, trained_a
 
     from utils.dataset import PaddingCollator
     from utils.generation import generate_answers
-    from utils.model_utils import fold_adapter, load_model_and_tokenizer
+    from utils.adapters import fold_adapter
+    from utils.model_loading import load_model_and_tokenizer
     from utils.prompts import get_prompt_format
 
     base, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device="cpu")

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from conftest import VERSIONS, run_script
 from test_training import logged_losses
 from utils.dataset import InstructionDataset, PaddingCollator
-from utils.model_utils import ModelFolderError, adapter_disabled, load_model_and_tokenizer, load_model_with_adapter
+from utils.adapters import adapter_disabled, load_model_with_adapter
+from utils.model_loading import ModelFolderError, load_model_and_tokenizer
 
 PRE_SEQ_LEN = 16
 STEPS = 24

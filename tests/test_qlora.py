@@ -13,7 +13,8 @@ from conftest import REPO_ROOT, VERSIONS, train_then_resume
 from test_ptuning import mean_loss
 from test_training import final_train_loss, logged_losses, run_script
 from utils.generation import generate_answers
-from utils.model_utils import adapter_disabled, load_model_and_tokenizer, load_model_with_adapter, load_prefix_checkpoint
+from utils.adapters import adapter_disabled, load_model_with_adapter, load_prefix_checkpoint
+from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import get_prompt_format
 from utils.records import read_instruction_records
 from utils.train_utils import kbit_quantization_config

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT, SCRIPTS, VERSIONS
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 
 BITSANDBYTES_NOISE = "Failed to load CPU gemm_4bit_forward"
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_script
 from utils import run_dirs
-from utils.model_folder import staged_folder
+from utils.run_dirs import staged_folder
 
 
 def fake_checkpoint(run_dir, step, complete=True):
@@ -75,7 +75,7 @@ def test_a_staging_folder_of_a_killed_writer_is_removed_by_the_next_one_and_a_li
     writer = textwrap.dedent(f"""
         import os, signal, sys, time
         sys.path.insert(0, {str(REPO_ROOT)!r})
-        from utils.model_folder import staged_folder
+        from utils.run_dirs import staged_folder
         with staged_folder({str(output)!r}) as staging:
             (staging / "model.safetensors").write_bytes(b"x" * 100)
             print(staging.name, flush=True)
@@ -106,19 +106,19 @@ def test_a_staging_folder_of_a_killed_writer_is_removed_by_the_next_one_and_a_li
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_prepare_output_dir_keeps_the_last_finished_run_until_the_new_one_finishes(tmp_path):
+def test_run_folder_prepare_keeps_the_last_finished_run_until_the_new_one_finishes(tmp_path):
     run_dir, previous = tmp_path / "run", tmp_path / "run.previous"
     (run_dir / "adapter_model").mkdir(parents=True)
     (run_dir / "adapter_model" / "old").write_text("old adapter")
     with pytest.raises(run_dirs.OutputDirError, match="already holds a run"):
-        run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=False)
-    run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=True)
+        run_dirs.RunFolder(run_dir, resume=None, overwrite=False).prepare()
+    run_dirs.RunFolder(run_dir, resume=None, overwrite=True).prepare()
     assert (previous / "adapter_model" / "old").read_text() == "old adapter" and list(run_dir.iterdir()) == []
     # The new run is killed before it finishes, and overwritten again: its leftovers go, the finished run stays.
     (run_dir / "checkpoint-3").mkdir()
-    run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=True)
+    run_dirs.RunFolder(run_dir, resume=None, overwrite=True).prepare()
     assert list(run_dir.iterdir()) == [] and (previous / "adapter_model" / "old").is_file()
-    run_dirs.finish_output_dir(run_dir)
+    run_dirs.RunFolder(run_dir).finish()
     assert not previous.exists()
 
 
@@ -183,7 +183,7 @@ def test_a_run_folder_is_held_by_one_process_until_it_dies(trainable_models, six
             assert "train_trainer.py" in line and "Wait for it to end or stop it" in line and "Traceback" not in second.stderr
             assert sorted(p.name for p in run_dir.iterdir()) == started and not (tmp_path / "run.previous").exists()
         with pytest.raises(run_dirs.RunFolderInUse, match=f"pid {first.pid}"):
-            run_dirs.prepare_output_dir(run_dir, resume=None, overwrite=True)
+            run_dirs.RunFolder(run_dir, resume=None, overwrite=True).prepare()
         assert first.poll() is None and sorted(p.name for p in run_dir.iterdir()) == started
     finally:
         first.kill()  # SIGKILL: no clean-up of its own

@@ -119,8 +119,8 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(trained_adapter,
                         f"--output_path={tmp_path / 'merged'}", check=False)
     assert one_error_line(merged).startswith(expected) and not (tmp_path / "merged").exists()
 
-    from utils.adapters import check_lora_on_base
-    from utils.model_utils import ModelFolderError
+    from utils.adapters import check_lora_on_base, read_lora_path
+    from utils.model_loading import ModelFolderError
 
     # Without a record (a checkpoint of an older version), the base its adapter_config.json names ...
     moved = tmp_path / "moved"
@@ -128,20 +128,20 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(trained_adapter,
     (moved / "train_args.json").unlink()
     with pytest.raises(ModelFolderError, match=rf"trained on chatglm3-6b \(read from .*moved/adapter_config.json "
                                                rf"base_model_name_or_path={v3}, that folder's config.json\) but the base .* is chatglm2-6b"):
-        check_lora_on_base(moved, v2)
+        check_lora_on_base(read_lora_path(moved), v2)
     # ... with that base folder gone, the run record says it ...
     adapter_config = json.loads((moved / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": str(tmp_path / "gone")}))
     shutil.copy(run_dir / "adapter_model" / "train_args.json", moved / "train_args.json")
     with pytest.raises(ModelFolderError, match=r"trained on chatglm3-6b \(read from .*moved/train_args.json model_version\) but the base .* is chatglm2-6b"):
-        check_lora_on_base(moved, v2)
-    assert check_lora_on_base(moved, v3) is None
+        check_lora_on_base(read_lora_path(moved), v2)
+    assert check_lora_on_base(read_lora_path(moved), v3) is None
     # ... and without a record, the base's name does.
     (moved / "train_args.json").unlink()
     (moved / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "/gone/chatglm3-6b"}))
     with pytest.raises(ModelFolderError, match=r"chatglm3-6b \(read from .*base_model_name_or_path=/gone/chatglm3-6b, the name"):
-        check_lora_on_base(moved, v2)
-    assert check_lora_on_base(moved, v3) is None
+        check_lora_on_base(read_lora_path(moved), v2)
+    assert check_lora_on_base(read_lora_path(moved), v3) is None
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO_ROOT, run_script
 from utils.distributed import free_port
 from utils.generation import StableText, stream_chat_reply
-from utils.model_utils import ModelFolderError, load_model_with_adapter
+from utils.adapters import load_model_with_adapter
+from utils.model_loading import ModelFolderError
 from utils.prompts import get_prompt_format, user_message
 from utils.records import read_instruction_records
 
@@ -355,7 +356,7 @@ def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, cap
     without a key warns."""
     import api_server
     from utils.config_utils import ConfigError
-    from utils.model_utils import ModelFolderError
+    from utils.model_loading import ModelFolderError
 
     loaded = []
 
@@ -597,7 +598,7 @@ def test_web_demo_answers_only_loopback_hosts_and_pages(web_demo, served):
 def test_web_demo_warns_when_open_to_the_network(tmp_path, capsys):
     """The page has no password: a non-loopback --host warns at start (before the model loads)."""
     import web_demo
-    from utils.model_utils import ModelFolderError
+    from utils.model_loading import ModelFolderError
 
     for host, warned in (("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)):
         with pytest.raises(ModelFolderError, match="config.json: not found"):  # the folder: after the options

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, SHARED, run_script
 from test_training import logged_losses
 from utils.data_io import DataError
 from utils.dataset import TextDataset
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 
 SMALL = ["--tokenizer_type=bpe", "--vocab_size=3000", "--tokenizer_sentences=3000", "--character_coverage=0.98", "--num_layers=2", "--hidden_size=64", "--num_attention_heads=4",
          "--ffn_hidden_size=128", "--seq_length=512"]

@@ -8,7 +8,7 @@ from peft import PeftModel
 
 from conftest import OVERFIT, VERSIONS, run_script, train_then_resume  # noqa: F401  (OVERFIT: used by other test files)
 from utils.generation import generate_answers
-from utils.model_utils import load_model_and_tokenizer
+from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import get_prompt_format
 from utils.records import read_instruction_records
 

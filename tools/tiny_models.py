@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from utils.model_folder import MODEL_FILES
-from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, VERSIONS, remote_module
+from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, VERSIONS, remote_module
 
 TINY_SIZES = {
     # Widths are multiples of 64 like the real ones (4096, 13696, 16384): bitsandbytes packs 4-bit weights by such blocks.

@@ -1,13 +1,7 @@
 """Writing a model folder in the official layout, loadable with transformers + torch alone (AutoModel / AutoTokenizer
-with trust_remote_code=True): weights as safetensors (sharded above a size), config.json with the official auto_map,
-the tokenizer file with tokenizer_config.json, generation_config.json if the source has one, and the version's .py
-files. merge_lora_and_quantize.py writes merged (and quantized) models with it, the training scripts the weights of a
-full fine-tuning run (--method=full). Models that transformers supports itself (GLM-4) get their own layout:
-their config.json and tokenizer files with our safetensors weights (write_native_model_folder).
-
-Folders are written under a hidden sibling name and swapped in at the end, so a failure never leaves a half-written
-model where a good one was (or was expected)."""
-import contextlib
+with trust_remote_code=True): safetensors weights (sharded above a size), config.json with the official auto_map, the
+tokenizer files, generation_config.json and the version's .py files; for transformers' own models (GLM-4), their own
+layout (write_native_model_folder). Merges and full/freeze runs write with it, into utils.run_dirs.staged_folder."""
 import json
 import re
 import shutil
@@ -16,33 +10,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from utils.model_utils import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
-from utils.run_dirs import StagingFolder, current_umask, fsync_tree, replace_folder
+from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
 
 MODEL_FILES = (
     "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
 )
-AUTO_MAP = {
-    "chatglm-6b": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-    },
-    "chatglm2-6b": {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
-    },
-}
-AUTO_MAP["chatglm3-6b"] = AUTO_MAP["chatglm2-6b"]
+GENERATION_CLASS = "modeling_chatglm.ChatGLMForConditionalGeneration"
+AUTO_MAP = {"chatglm-6b": {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": GENERATION_CLASS,
+                           "AutoModelForSeq2SeqLM": GENERATION_CLASS}}
+AUTO_MAP["chatglm2-6b"] = AUTO_MAP["chatglm3-6b"] = {
+    **AUTO_MAP["chatglm-6b"], "AutoModelForCausalLM": GENERATION_CLASS,
+    "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"}
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 
 
 def unique_state_dict(model):
-    """The state dict with tensors that share memory (v1's lm_head tied to the embedding) copied apart, as
-    safetensors stores each tensor on its own."""
+    """The state dict with tensors that share memory (v1's tied lm_head) copied apart: safetensors stores each alone."""
     seen, state = set(), {}
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach()
@@ -55,25 +38,21 @@ def unique_state_dict(model):
 def save_shards(state, folder, max_shard_bytes):
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above max_shard_bytes
     (each tensor in one shard; a tensor larger than the limit gets a shard of its own). Returns the file names."""
-    shards, current, current_bytes = [], [], 0
+    shards, shard_bytes = [[]], 0
     for name, tensor in state.items():
         size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(name)
-        current_bytes += size
-    if current:
-        shards.append(current)
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
     if len(shards) == 1:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         return ["model.safetensors"]
-    weight_map, names = {}, []
-    for index, shard in enumerate(shards, start=1):
-        file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+    names = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
+    for file_name, shard in zip(names, shards):
         save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
-        weight_map.update({name: file_name for name in shard})
-        names.append(file_name)
+    weight_map = {name: file_name for file_name, shard in zip(names, shards) for name in shard}
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -105,9 +84,8 @@ def check_state_matches_config(state, config, version):
 
 
 def write_model_folder(folder, state, config, version, source_dir, max_shard_bytes, scripts_dir=None):
-    """Fill `folder` (existing, empty): weights from `state`, config.json from `config`, the tokenizer (and
-    generation_config.json) of the model folder `source_dir`, the .py files of `scripts_dir` (default: this
-    repository's remote_scripts/<version>). Returns the weight file names."""
+    """Fill the empty `folder`: weights from `state`, config.json from `config`, the tokenizer (and generation_config.json)
+    of `source_dir`, the .py files of `scripts_dir` (default: remote_scripts/<version>). Returns the weight files."""
     folder, source_dir = Path(folder), Path(source_dir)
     scripts_dir = Path(scripts_dir) if scripts_dir else REMOTE_SCRIPTS / version
     check_state_matches_config(state, config, version)
@@ -132,9 +110,8 @@ NATIVE_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safete
 
 
 def write_native_model_folder(folder, state, source_dir, max_shard_bytes):
-    """Fill `folder` (existing, empty) for a model that transformers loads with its own classes (GLM-4...): weights
-    from `state` (safetensors), the source folder's config.json with the saved dtype, and every other file of the
-    source folder (tokenizer, chat template, generation_config.json). Returns the weight file names."""
+    """Fill the empty `folder` for a model of transformers' own classes (GLM-4...): weights from `state`, the source's
+    config.json with the saved dtype, and the source's other files (tokenizer, chat template...). Returns the weights."""
     folder, source_dir = Path(folder), Path(source_dir)
     files = save_shards(state, folder, max_shard_bytes)
     config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
@@ -145,27 +122,3 @@ def write_native_model_folder(folder, state, source_dir, max_shard_bytes):
         if path.is_file() and path.name != "config.json" and not NATIVE_WEIGHT_FILES.match(path.name):
             shutil.copy2(path, folder / path.name)
     return files
-
-
-@contextlib.contextmanager
-def staged_folder(output_path, replace=False):
-    """Yields a new hidden sibling folder of `output_path` to write into; when the block ends without error it is
-    flushed to disk and swapped in at `output_path`, otherwise removed. An existing `output_path` is an error, unless
-    `replace` (then it is replaced only by the complete new folder). A staging folder left by a killed process is
-    removed by the next one (utils/run_dirs.py)."""
-    output_path = Path(output_path)
-    staging = StagingFolder(output_path)
-    try:
-        yield staging.path
-        # mkstemp (and safetensors) create private files; a model folder gets the usual permissions
-        umask = current_umask()
-        for path in (staging.path, *staging.path.rglob("*")):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        fsync_tree(staging.path)
-        if output_path.exists() and not replace:
-            raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
-        replace_folder(staging.path, output_path)
-    except BaseException:
-        staging.release(remove=True)
-        raise
-    staging.release(remove=False)

@@ -11,7 +11,7 @@ import itertools
 import json
 from pathlib import Path
 
-from utils.model_utils import remote_module
+from utils.model_loading import remote_module
 from utils.ner_data import QUERY_PREFIX
 
 

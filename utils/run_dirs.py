@@ -1,19 +1,15 @@
 """Run folders and checkpoints that a crash at any instant (kill -9, power loss) leaves loadable.
 
-- A checkpoint-N/ folder counts only once its marker file, `checkpoint_complete.json`, exists. The marker is written
-  last, after every file of the checkpoint is on disk (fsync), and records each file's size; `auto` resumes from the
-  newest complete checkpoint and says which newer ones it skipped and why. Old checkpoints are rotated out only after
-  the new one is complete.
-- Finished outputs (the adapter, a model folder) are written into a staging folder beside their place and swapped in
-  with one rename, so the old one stays until the new one is whole. A staging folder holds an flock on its `.lock` file
-  while it is written; one whose lock nobody holds was left by a dead process, and the next writer removes it.
-- Overwriting a run (--overwrite_output_dir) moves the old run to `<output_dir>.previous/` only once the new run's
-  config, model and data have loaded, and deletes it once the new run has written its final output.
-- A run folder is held by one process at a time: an flock on `.<name>.run.lock` beside it (beside, not inside, so that
-  moving the old run to `.previous/` never moves the lock away from the path it guards). The kernel drops the lock
-  when its holder dies, kill -9 included; the file records who holds it, for the message a second writer gets.
+- A checkpoint-N/ counts only once its marker, `checkpoint_complete.json`, is written: last, after every file is on
+  disk, with each file's size. `auto` resumes from the newest complete one; old ones are rotated out after it.
+- Finished outputs (an adapter, a model folder) are written into a staging folder beside their place (locked by its
+  writer; the next writer removes one whose writer died) and swapped in with one rename.
+- A run folder (RunFolder) is held by one process at a time through an flock on `.<name>.run.lock` beside it (the
+  kernel drops it when its holder dies); an overwritten run moves to `<output_dir>.previous/` once the new run's
+  config, model and data have loaded, and goes once the new run has written its final output.
 """
 import atexit
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -47,20 +43,12 @@ class RunFolderInUse(UserError, BlockingIOError):
     pass
 
 
-# ------------------------------------------------------------------------------------------------ durable writes
-
 def fsync_tree(folder):
     """Every file and folder under `folder`, and `folder` itself, flushed to disk."""
     for root, _, files in os.walk(folder):
         for name in files:
             fsync_path(os.path.join(root, name))
         fsync_path(root)
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def _exchange(first, second):
@@ -79,9 +67,8 @@ def _exchange(first, second):
 
 
 def replace_folder(new, final):
-    """Put the folder `new` at `final`, replacing what is there, so that at every instant `final` is either the old
-    folder or the new one (one atomic exchange where the system has it; else two renames, with the old folder kept
-    under `<final>.old-<pid>` in between)."""
+    """Put the folder `new` at `final`, which is at every instant the old folder or the new one (one atomic exchange
+    where the system has it; else two renames, the old one kept under `<final>.old-<pid>` in between)."""
     new, final = Path(new), Path(final)
     if not final.exists():
         os.rename(new, final)
@@ -95,14 +82,10 @@ def replace_folder(new, final):
     fsync_path(final.parent)
 
 
-# ------------------------------------------------------------------------------------------------ staging folders
-
 def remove_dead_staging(output_path):
-    """Remove the staging folders of `output_path` left by processes that died while writing them (their lock is
-    free); returns the removed paths. Staging folders of live writers are left alone."""
-    output_path = Path(output_path)
-    removed = []
-    for lock_path in output_path.parent.glob(f".{glob_escape(output_path.name)}.partial-*.lock"):
+    """Remove the staging folders of `output_path` whose writers died (their lock is free)."""
+    escaped = re.sub(r"([*?\[])", r"[\1]", output_path.name)
+    for lock_path in output_path.parent.glob(f".{escaped}.partial-*.lock"):
         with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,39 +94,39 @@ def remove_dead_staging(output_path):
             staging = lock_path.with_name(lock_path.name[: -len(".lock")])
             shutil.rmtree(staging, ignore_errors=True)
             lock_path.unlink(missing_ok=True)
-            removed.append(staging)
-    for staging in removed:
-        print(f"removed {staging}: a staging folder left by an interrupted run")
-    return removed
+            print(f"removed {staging}: a staging folder left by an interrupted run")
 
 
-def glob_escape(name):
-    return re.sub(r"([*?\[])", r"[\1]", name)
+@contextlib.contextmanager
+def staged_folder(output_path, replace=False):
+    """Yields a new hidden sibling of `output_path` to write into, locked by this process while it exists; flushed and
+    swapped in when the block ends without error, else removed. An existing `output_path` is an error unless `replace`
+    (then the whole new folder replaces it). Staging folders of dead writers are removed first."""
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(output_path)
+    # The lock exists (and is held) before the folder, so no folder is ever without a lock that tells its state.
+    handle, lock_path = tempfile.mkstemp(prefix=f".{output_path.name}.partial-", suffix=".lock", dir=output_path.parent)
+    with os.fdopen(handle, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        staging = Path(lock_path[: -len(".lock")])
+        staging.mkdir()
+        try:
+            yield staging
+            umask = os.umask(0)  # mkstemp (and safetensors) create private files; a model folder gets the usual ones
+            os.umask(umask)
+            for path in (staging, *staging.rglob("*")):
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            fsync_tree(staging)
+            if output_path.exists() and not replace:
+                raise FileExistsError(f"{output_path} appeared while writing; nothing was written there")
+            replace_folder(staging, output_path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            Path(lock_path).unlink(missing_ok=True)
 
-
-class StagingFolder:
-    """A new hidden folder beside `output_path` to write into, locked by this process while it exists."""
-
-    def __init__(self, output_path):
-        output_path = Path(output_path)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_staging(output_path)
-        # The lock exists (and is held) before the folder, so no folder is ever without a lock that tells its state.
-        handle, lock_path = tempfile.mkstemp(prefix=f".{output_path.name}.partial-", suffix=".lock", dir=output_path.parent)
-        self.lock = os.fdopen(handle, "w")
-        fcntl.flock(self.lock, fcntl.LOCK_EX)
-        self.lock_path = Path(lock_path)
-        self.path = self.lock_path.with_name(self.lock_path.name[: -len(".lock")])
-        self.path.mkdir()
-
-    def release(self, remove):
-        if remove:
-            shutil.rmtree(self.path, ignore_errors=True)
-        self.lock_path.unlink(missing_ok=True)
-        self.lock.close()
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
 
 def checkpoint_step(path):
     match = CHECKPOINT_NAME.fullmatch(Path(path).name)
@@ -160,8 +143,8 @@ def checkpoints(output_dir):
 
 
 def mark_complete(folder, record=None):
-    """Flush every file of the checkpoint `folder` to disk, then write its marker: the step, each file's size and
-    `record` (what else a resumed run needs, e.g. the loss summed over all steps so far)."""
+    """Flush every file of the checkpoint `folder`, then write its marker: the step, each file's size and `record`
+    (what else a resumed run needs, e.g. the loss summed over all steps so far)."""
     folder = Path(folder)
     fsync_tree(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
@@ -194,31 +177,21 @@ def checkpoint_record(folder):
     return json.loads((Path(folder) / COMPLETE_MARKER).read_text(encoding="utf-8"))
 
 
-def latest_complete_checkpoint(output_dir):
-    """(newest complete checkpoint or None, [(newer incomplete checkpoint, reason), ...])."""
-    skipped = []
-    for folder in reversed(checkpoints(output_dir)):
-        reason = incomplete_reason(folder)
-        if reason is None:
-            return folder, skipped
-        skipped.append((folder, reason))
-    return None, skipped
-
-
 def find_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint to resume from: None for a fresh run, the newest complete checkpoint-N for "auto", or the given
-    path (which must be complete). Prints the incomplete checkpoints that "auto" passed over."""
+    """None for a fresh run, the newest complete checkpoint-N for "auto" (saying which it passed over), or the given
+    path, which must be complete."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint in ("auto", "true", "latest"):
-        found, skipped = latest_complete_checkpoint(output_dir)
-        for folder, reason in skipped:
+        skipped = []
+        for folder in reversed(checkpoints(output_dir)):
+            if (reason := incomplete_reason(folder)) is None:
+                return folder
             print(f"resume: skipping {folder} ({reason})")
-        if found is None:
-            detail = f"; incomplete: {', '.join(f'{f.name} ({r})' for f, r in skipped)}" if skipped else ""
-            raise CheckpointError(f"--resume_from_checkpoint=auto: no complete checkpoint-N folder in {output_dir}{detail}. "
-                                  "Start again with --overwrite_output_dir=true.")
-        return found
+            skipped.append(f"{folder.name} ({reason})")
+        detail = f"; incomplete: {', '.join(skipped)}" if skipped else ""
+        raise CheckpointError(f"--resume_from_checkpoint=auto: no complete checkpoint-N folder in {output_dir}{detail}. "
+                              "Start again with --overwrite_output_dir=true.")
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: no such folder")
@@ -230,8 +203,8 @@ def find_resume_checkpoint(output_dir, resume_from_checkpoint):
 
 
 def rotate_checkpoints(output_dir, keep):
-    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older ones and every incomplete one
-    (called right after the newest was marked complete, so an incomplete one is a leftover of a crash)."""
+    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older ones and incomplete ones (called
+    right after the newest was marked complete: an incomplete one is a crash's leftover)."""
     complete = []
     for folder in checkpoints(output_dir):
         if incomplete_reason(folder) is None:
@@ -242,14 +215,11 @@ def rotate_checkpoints(output_dir, keep):
         shutil.rmtree(folder)
 
 
-# ------------------------------------------------------------------------------------------------ the run folder
-
 _held_run_locks = {}  # lock path -> the open file whose flock this process holds
 
 
 def run_lock_path(folder):
-    """The lock file of a run folder: a hidden sibling, found from the folder's real path (a symlinked path to the
-    same folder finds the same lock)."""
+    """The lock file of a run folder: a hidden sibling of its real path (a symlink to it finds the same lock)."""
     folder = Path(folder).resolve()
     return folder.with_name(f".{folder.name}.run.lock")
 
@@ -257,17 +227,14 @@ def run_lock_path(folder):
 def _describe_holder(text):
     try:
         holder = json.loads(text)
-        return (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-                f" ({holder['command']})")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']} ({holder['command']})"
     except (ValueError, KeyError, TypeError):
         return "a process that is just starting"
 
 
 def hold_run_folder(folder, option="--output_dir"):
-    """Hold the run folder `folder` for this process until it exits (kill -9 included: the kernel drops the flock), or
-    stop with RunFolderInUse naming the holder (pid, host, start time, command). Also finds at once a folder that
-    cannot be written (its parent is created, the lock file written beside it, a probe file written into it if it
-    exists). Taking it again in the same process does nothing. Under several ranks, rank 0 holds it."""
+    """Hold `folder` for this process until it exits, or stop with RunFolderInUse naming the holder (pid, host, start
+    time, command). A folder that cannot be written is found at once (the lock written beside it, a probe in it)."""
     lock_path = run_lock_path(folder)
     if lock_path in _held_run_locks:
         return lock_path
@@ -320,50 +287,43 @@ def release_run_folder(folder):
         handle.close()
 
 
-def previous_run_dir(output_dir):
-    output_dir = Path(output_dir)
-    return output_dir.with_name(output_dir.name + ".previous")
+class RunFolder:
+    """A training run's output folder through its life. check(), before anything slow: rank 0 holds it for all ranks; a
+    folder holding a run is used only to resume or overwrite it. prepare(), on one process once the config, model and
+    data have loaded: an overwritten run moves to .previous/ (one there already is the last finished run: the unfinished
+    overwrite of it goes). finish(), after the final output: the overwritten run goes. Only the holder moves anything."""
 
+    def __init__(self, path, resume=None, overwrite=False):
+        self.path, self.resume, self.overwrite = Path(path), resume, overwrite
+        self.previous = self.path.with_name(self.path.name + ".previous")
 
-def holds_run(output_dir):
-    output_dir = Path(output_dir)
-    return output_dir.is_dir() and any(output_dir.iterdir())
+    def holds_run(self):
+        return self.path.is_dir() and any(self.path.iterdir())
 
+    def check(self):
+        if int(os.environ.get("RANK", "0")) == 0:
+            hold_run_folder(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputDirError(f"--output_dir={self.path} is a file, not a folder")
+        if not self.resume and not self.overwrite and self.holds_run():
+            raise OutputDirError(f"{self.path} already holds a run. Resume it with --resume_from_checkpoint=auto, replace "
+                                 "it with --overwrite_output_dir=true, or choose another --output_dir.")
+        return self
 
-def check_output_dir(output_dir, resume, overwrite):
-    """Before anything is loaded: a folder that already holds a run is used only to resume it or to overwrite it."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputDirError(f"--output_dir={output_dir} is a file, not a folder")
-    if not resume and not overwrite and holds_run(output_dir):
-        raise OutputDirError(
-            f"{output_dir} already holds a run. Resume it with --resume_from_checkpoint=auto, replace it with "
-            "--overwrite_output_dir=true, or choose another --output_dir.")
+    def prepare(self):
+        hold_run_folder(self.path)
+        self.check()
+        if not self.resume and self.overwrite and self.holds_run():
+            if self.previous.exists():
+                shutil.rmtree(self.path)
+                print(f"overwrite: removed the unfinished run in {self.path}; the last finished run stays in "
+                      f"{self.previous} until this one has written its final output")
+            else:
+                os.rename(self.path, self.previous)
+                print(f"overwrite: the old run is kept in {self.previous} until this one has written its final output")
+        self.path.mkdir(parents=True, exist_ok=True)
 
-
-def prepare_output_dir(output_dir, resume, overwrite):
-    """Create output_dir for a run whose config, model and data have loaded. Overwriting moves the old run to
-    <output_dir>.previous/ (finish_output_dir deletes it once this run has written its final output). A
-    .previous/ that is already there holds the last finished run, and output_dir an unfinished overwrite of it:
-    the unfinished one is replaced. Nothing is moved or removed unless this process holds the folder's lock."""
-    hold_run_folder(output_dir)
-    check_output_dir(output_dir, resume, overwrite)
-    output_dir = Path(output_dir)
-    if not resume and overwrite and holds_run(output_dir):
-        previous = previous_run_dir(output_dir)
-        if previous.exists():
-            shutil.rmtree(output_dir)
-            print(f"overwrite: removed the unfinished run in {output_dir}; the last finished run stays in {previous} "
-                  "until this one has written its final output")
-        else:
-            os.rename(output_dir, previous)
-            print(f"overwrite: the old run is kept in {previous} until this one has written its final output")
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
-def finish_output_dir(output_dir):
-    """After the run's final output is written: the run it overwrote is no longer needed."""
-    previous = previous_run_dir(output_dir)
-    if previous.exists():
-        shutil.rmtree(previous)
-        print(f"overwrite: removed the old run {previous}")
+    def finish(self):
+        if self.previous.exists():
+            shutil.rmtree(self.previous)
+            print(f"overwrite: removed the old run {self.previous}")

@@ -1,12 +1,6 @@
 """The run record, train_args.json: what a training run was given and trained on (script, config, model version,
-data, processes, versions). Every checkpoint-N of a run holds it (written before the checkpoint's completion marker),
-and the run's final adapter, prefix or model folder holds it with the run's metrics.
-
-- run_record / write_run_record: build and write it (the one way every training script does).
-- check_resume_matches: before a resumed run loads anything, its options against the checkpoint's record: what the
-  command line left out is taken from the record; a given option that differs is refused, naming both values,
-  unless it is one of RESUMABLE (options that take effect on a resumed run without changing what it trains).
-"""
+data, processes, versions), in every checkpoint-N and, with the run's metrics, in its final adapter, prefix or model
+folder. Built, written and read (its fields checked) here; check_resume_matches holds a resumed run's options to it."""
 import json
 import os
 from pathlib import Path
@@ -14,17 +8,21 @@ from pathlib import Path
 import torch
 import transformers
 
-from utils.adapters import RUN_RECORD, read_run_record
 from utils.config_utils import Config, ConfigError, flatten, set_flat
 from utils.data_io import write_atomic
-from utils.model_utils import detect_model_version, read_config
+from utils.model_loading import ModelFolderError, chatglm_version, read_config, read_json
 
-# Options a resumed run may be given anew, because the new value does take effect on it (and what it trains stays the
-# run's): how often it logs, evaluates and saves (the Trainer scripts re-apply them at the start of training, see
-# utils/train_utils.py), how many checkpoints it keeps, where it reports, the dev set and its batch size, printing a
-# sample, skipping bad lines (the data is read again: a line that was skipped then is skipped or refused now) and
-# activation checkpointing (memory against time, the same gradients). Every other training option must equal the
-# run's record.
+RUN_RECORD = "train_args.json"
+# The fields of a run record that the later scripts read, and their JSON types (a config value may also be null).
+RECORD_FIELDS = {"script": str, "config": dict, "model_version": (str, type(None))}
+RECORD_CONFIG_FIELDS = {"model_dir": str, "data_name": str, "train_file": str, "train_data_path": str,
+                        "max_source_length": int}
+JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+                   list: "a list", type(None): "null"}
+
+# Options a resumed run may be given anew: they take effect on it and what it trains stays the run's (logging, evaluating
+# and saving are re-applied at the start of training; the data is read again; activation checkpointing trades memory
+# for time, with the same gradients). Every other training option must equal the run's record.
 RESUMABLE = frozenset({
     "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size",
     "dev_file", "show_example", "skip_bad_lines", "gradient_checkpointing",
@@ -48,17 +46,38 @@ def run_record(script, config, model_version, train_data, eval_data, world_size,
     """The record of a run, without its final metrics (finish_trainer_run and train_deepspeed.py add them).
     training_arguments: train_qlora.py's --train_args_json contents. versions: library versions beside torch's and
     transformers'."""
-    record = {
-        "script": script,
-        "config": config,
-        "model_version": model_version,
-        "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data is not None else None},
-        "world_size": world_size,
-        "deepspeed_config": deepspeed_config,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **versions},
-    }
+    record = {"script": script, "config": config, "model_version": model_version,
+              "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data is not None else None},
+              "world_size": world_size, "deepspeed_config": deepspeed_config,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__, **versions}}
     if training_arguments is not None:
         record["training_arguments"] = training_arguments
+    return record
+
+
+def check_json_type(path, field, value, expected, what=None):
+    """One line naming the file and the field when `value` is not of the JSON type(s) `expected`."""
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        wanted = what or " or ".join(JSON_TYPE_NAMES.get(t, t.__name__) for t in expected)
+        field = f"field '{field}': " if field else ""
+        raise ModelFolderError(f"{path}: {field}expected {wanted}, got {json.dumps(value, ensure_ascii=False)[:80]}")
+
+
+def read_run_record(folder) -> dict:
+    """train_args.json of an adapter, prefix, run model or checkpoint folder, or {} where there is none (made
+    elsewhere); the fields that the later scripts read must have their types."""
+    path = Path(folder) / RUN_RECORD
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    check_json_type(path, None, record, dict, "a JSON object (the record of a training run)")
+    for field, expected in RECORD_FIELDS.items():
+        if field in record:
+            check_json_type(path, field, record[field], expected)
+    for field, expected in RECORD_CONFIG_FIELDS.items():
+        if field in record.get("config", {}):
+            check_json_type(path, f"config.{field}", record["config"][field], (expected, type(None)))
     return record
 
 
@@ -74,17 +93,13 @@ def resumed_line(checkpoint, step, total_steps):
 def folder_version(model_dir):
     """(the ChatGLM version of a model folder, or None for a model of transformers' own classes; its name)."""
     config = read_config(model_dir)
-    if config.get("model_type") not in (None, "chatglm"):
-        return None, config["model_type"]
-    version = detect_model_version(config, str(Path(model_dir) / "config.json"))
-    return version, version
+    version = chatglm_version(config, str(Path(model_dir) / "config.json"))
+    return version, version or config["model_type"]
 
 
 def recorded_name(version, model_dir):
-    if version is not None:
-        return version
     try:
-        return folder_version(model_dir)[1]
+        return version or folder_version(model_dir)[1]
     except Exception:  # noqa: BLE001 - only for the message: the folder of the run may be gone or changed
         return "a model of transformers' own classes"
 
@@ -106,10 +121,9 @@ def as_option(value):
 
 
 def check_resume_matches(checkpoint, config, script):
-    """Before a resumed run loads its model: `config` against the run record in `checkpoint` (train_args.json).
-    An option the command line left out takes the run's value (said on one line); a given one that differs stops
-    with one line naming the option and both values unless it is RESUMABLE; so does a different base model (version
-    or folder), script or process count. A checkpoint without a record (written before checkpoints held one) is
+    """Before a resumed run loads its model, `config` against the record in `checkpoint`: an option the command line
+    left out takes the run's value (said on one line); a given one that differs stops with one line naming both values
+    unless it is RESUMABLE; so does another base model, script or process count. No record (an older checkpoint):
     resumed unchecked, with a note."""
     if not checkpoint:
         return
@@ -119,10 +133,7 @@ def check_resume_matches(checkpoint, config, script):
             print(f"resume: {checkpoint} holds no {RUN_RECORD} (a checkpoint of an older version): the options are "
                   "not checked against the run's")
         return
-    record = read_run_record(checkpoint)  # the hand-off's reader: a JSON object whose fields have their types
-    if not isinstance(record.get("config", {}), dict):
-        raise ConfigError(f"{record_path}: not a run record (a JSON object with the run's 'config' object); resume from "
-                          "another checkpoint, or start a new run")
+    record = read_run_record(checkpoint)  # a JSON object whose fields have their types
     run = f"the run in {checkpoint}"
     if record.get("script") not in (None, script):
         raise ConfigError(f"--resume_from_checkpoint: {run} was trained by {record['script']}, not {script}; resume "
@@ -180,17 +191,15 @@ def check_resume_matches(checkpoint, config, script):
 
 def check_training_arguments(record, config, run):
     """train_qlora.py: its --train_args_json file against the TrainingArguments the run recorded."""
-    if "training_arguments" not in record or not Path(config.get("train_args_json") or "").is_file():
+    path = config.get("train_args_json") or ""
+    if "training_arguments" not in record or not Path(path).is_file():
         return  # not train_qlora.py, or its file is missing (the script reports that)
-    path = config["train_args_json"]
     try:
         current = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return  # the script reports it with its line
-    if not isinstance(current, dict):
-        return
     trained = record["training_arguments"]
-    for key in sorted(set(current) | set(trained)):
+    for key in sorted(set(current) | set(trained)) if isinstance(current, dict) else ():
         if key in RESUMABLE_TRAINING_ARGUMENTS or current.get(key) == trained.get(key):
             continue
         gives = json.dumps(current[key], ensure_ascii=False) if key in current else "nothing (the default)"

@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from utils.config_utils import ConfigError
-from utils.model_utils import DTYPES
+from utils.model_loading import DTYPES
 
 DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
 

@@ -20,9 +20,9 @@ from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError, flatten
 from utils.dataset import InstructionDataset, PackedDataset, TextDataset, format_example, packed_inputs_hook
 from utils.errors import UserError
-from utils.model_folder import folder_config, staged_folder, write_model_folder, write_native_model_folder
-from utils.model_utils import DTYPES, PREFIX_KEY, detect_model_version, read_config, remote_module
-from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, rotate_checkpoints
+from utils.model_folder import folder_config, write_model_folder, write_native_model_folder
+from utils.model_loading import DTYPES, PREFIX_KEY, detect_model_version, read_config, remote_module
+from utils.run_dirs import RunFolder, checkpoint_record, mark_complete, rotate_checkpoints, staged_folder
 from utils.run_record import resumed_line, run_record, write_run_record
 
 FULL_MODEL_DIR = "model"  # where --method=full writes the fine-tuned model folder
@@ -761,7 +761,7 @@ def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, f
     else:
         saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
     plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
-    finish_output_dir(output_dir)
+    RunFolder(output_dir).finish()
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"{saved}\nloss curve: {Path(output_dir) / 'loss.png'}\nTensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
     return metrics
