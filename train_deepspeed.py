@@ -49,27 +49,11 @@ from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
 from utils.model_utils import load_model_and_tokenizer, resolve_dtype
-from utils.train_utils import (
-    add_lora,
-    check_method,
-    check_training_start,
-    check_weights_finite,
-    checkpoint_dir,
-    freeze_all_but,
-    gathered_state_dict,
-    load_datasets,
-    prepare_packing,
-    peak_memory_gib,
-    plot_loss,
-    prefix_settings,
-    print_trainable_parameters,
-    prefix_state,
-    save_adapter,
-    save_full_model,
-    save_prefix,
-    train_prefix_only,
-    write_partial_checkpoint,
-)
+from utils.trainer import check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing
+from utils.training_methods import (add_lora, freeze_all_but, gathered_state_dict, prefix_settings, prefix_state,
+                                    print_trainable_parameters, save_adapter, save_full_model, save_prefix,
+                                    train_prefix_only, write_partial_checkpoint)
+from utils.training_options import check_method, check_training_start, checkpoint_dir
 from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_checkpoint, hold_run_folder, mark_complete,
                             prepare_output_dir, rotate_checkpoints)
 from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record

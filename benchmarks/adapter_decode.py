@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from utils.generation import time_generation  # noqa: E402
 from utils.model_utils import fold_adapter, load_model_and_tokenizer  # noqa: E402
-from utils.train_utils import add_lora  # noqa: E402
+from utils.training_methods import add_lora  # noqa: E402
 
 
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "query_key_value"}

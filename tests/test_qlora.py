@@ -15,7 +15,7 @@ from test_training import final_train_loss, logged_losses, run_script
 from utils.dataset import get_prompt_format, read_instruction_records
 from utils.generation import generate_answers
 from utils.model_utils import adapter_disabled, load_model_and_tokenizer, load_model_with_adapter, load_prefix_checkpoint
-from utils.train_utils import kbit_quantization_config
+from utils.training_methods import kbit_quantization_config
 
 LORA = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0"]
 # Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2; the tiny ChatGLM-6B (130k vocabulary,
@@ -64,7 +64,7 @@ def test_train_qlora_overfits_and_the_adapter_reproduces_the_answers(version, tr
 def test_kbit_preparation_keeps_unquantized_weights_in_the_compute_dtype(version, trainable_models):
     from transformers import BitsAndBytesConfig
 
-    from utils.train_utils import add_lora, prepare_kbit_model
+    from utils.training_methods import add_lora, prepare_kbit_model
 
     dtype = torch.bfloat16
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

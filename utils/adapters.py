@@ -257,7 +257,7 @@ def run_instruction(run_folder):
     """The instruction of the records the run was trained on (the first record of its train file), or None where the
     run or its train file is not known here."""
     from utils.data_io import iter_json_lines
-    from utils.train_utils import data_paths  # where the training scripts found the file (imports the training stack)
+    from utils.training_options import data_paths  # where the training scripts found the file (imports the training stack)
 
     trained = read_run_record(run_folder).get("config", {}) if run_folder else {}
     if not trained.get("data_name"):
