@@ -54,10 +54,8 @@ def training_arguments(config, output_dir, compute_dtype, has_eval, deepspeed=No
 
 def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruction", max_source_length=256,
                   max_target_length=128, block_size=512, skip_bad_lines=False, loss_on_all_turns=False, show_example=False):
-    """Encoded train and dev sets (dev is None when dev_file is None); prints their counts. data_format:
-    "instruction" (records {instruct, query, answer}, or ChatGLM3 conversation records, cut to max_source_length /
-    max_target_length; loss_on_all_turns: every answer of a record's history is learnt too) or "text" (records
-    {text}, causal-LM blocks of block_size tokens). show_example: also print the first training sample's tokens."""
+    """Encoded train and dev sets (dev None without a dev file), their counts printed: instruction records cut to
+    max_source_length / max_target_length, or for data_format "text" causal-LM blocks of block_size tokens."""
     def load(path):
         if data_format == "text":
             data = TextDataset(path, tokenizer, block_size, skip_bad_lines)
@@ -75,8 +73,7 @@ def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruc
 
 def can_pack(model):
     """Whether packed rows train `model` as the unpacked examples: the ChatGLM models read the segment ids in the
-    mask themselves; models of transformers' own code get restarting position_ids (packed_inputs_hook), from which
-    transformers builds a block-diagonal mask. Other (remote-code) models might attend across examples."""
+    mask; transformers' own models get restarting position_ids (packed_inputs_hook). Others might attend across."""
     if getattr(model, "model_version", None) in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b"):
         return True
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -84,10 +81,8 @@ def can_pack(model):
 
 
 def prepare_packing(model, train_data, packing, pack_tokens, seed, log=print):
-    """Returns (train data, group_by_length). packing: the training set as a PackedDataset of rows of at most
-    pack_tokens tokens (and for a native transformers model the hook that turns the rows' segment ids into
-    restarting position_ids); a model that cannot pack trains on the unpacked examples in batches grouped by length
-    instead (less padding), and the log says so."""
+    """(train data, group_by_length): with packing, rows of at most pack_tokens tokens; a model that cannot pack
+    trains on the unpacked examples in batches grouped by length instead, and the log says so."""
     if not packing:
         return train_data, False
     if not can_pack(model):
@@ -133,8 +128,8 @@ class TrainingDiverged(UserError, RuntimeError):
 
 
 def check_weights_finite(model, step):
-    """Stops a run whose trained weights hold NaN or inf: no later step can repair them, and the Trainer's log would
-    go on printing loss 0 (it leaves non-finite losses out of its averages) until a useless adapter is saved."""
+    """Stops a run whose trained weights hold NaN or inf: no later step repairs them, and the Trainer's log would
+    print loss 0 (it leaves non-finite losses out) until a useless adapter is saved."""
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.numel()]
     if not trained:
         return
@@ -170,11 +165,10 @@ def load_trained_tensors(model, checkpoint):
 
 @contextlib.contextmanager
 def quantized_base_may_train(model, trainable_only):
-    """transformers' Trainer refuses a quantized model that is no PeftModel (validate_quantization_for_training, run
-    in its __init__, reads `model.is_quantized`), assuming nothing in it could train; P-tuning on a k-bit base trains
-    a float prefix encoder beside the frozen quantized weights. No public hook lets such a model through, so once our
-    own check has passed the model shows itself unquantized while the Trainer is built, here only;
-    tests/test_qlora.py fails loudly if a transformers release checks something else."""
+    """transformers' Trainer refuses a quantized model that is no PeftModel (validate_quantization_for_training reads
+    `model.is_quantized`), but P-tuning on a k-bit base trains a float prefix beside the frozen weights. No public hook
+    lets it through: after our own check the model shows itself unquantized while the Trainer is built, here only
+    (tests/test_qlora.py fails loudly if a transformers release checks otherwise)."""
     if not (trainable_only and getattr(model, "is_quantized", False)):
         yield
         return
@@ -191,11 +185,9 @@ class NothingLeftToTrain(Exception):
 
 
 class RunCallback(transformers.TrainerCallback):
-    """Our steps at the Trainer's public hooks: at the start of training, a resumed run says where it resumed from and
-    re-applies this run's logging, eval and save frequencies (the Trainer takes them from the checkpoint's
-    trainer_state.json; utils/run_record.py lets them change); before a step, the planned end is checked (the Trainer
-    checks it only after a step, so a run resumed from the checkpoint of the last step would train one too many);
-    after each checkpoint is written, it is marked complete (Trainer.mark_checkpoint)."""
+    """At the start, a resumed run says where it resumed and re-applies this run's logging, eval and save frequencies
+    (else taken from the checkpoint); before a step, the planned end (the Trainer checks it only after a step, so a run
+    resumed at its last step would train one too many); after a checkpoint is written, Trainer.mark_checkpoint."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -216,20 +208,12 @@ class RunCallback(transformers.TrainerCallback):
 
 
 class Trainer(transformers.Trainer):
-    """transformers.Trainer that
-    - counts the real tokens of each step (packed rows carry segment ids 1, 2, 3, ... in attention_mask), logs
-      tokens/s, the steady rate (leaving out the steps before the first log line) and the peak GPU memory, and stops
-      with TrainingDiverged once the trained weights are NaN/inf (checked at each training log line);
-    - writes the run record (train_args.json) into each checkpoint once the Trainer has written it, marks it complete
-      with the loss summed so far, and only then rotates old ones out (the Trainer's own rotation, which could delete
-      the last complete checkpoint before the new one is whole, is off), so --resume_from_checkpoint=auto never picks
-      a checkpoint cut off by a crash (utils/run_dirs.py);
-    - reports train_loss over all the steps of a resumed run (the Trainer averages over the resumed part only);
-    - trains no extra step when resumed from the checkpoint of the last step;
-    - with trainable_only (P-tuning, freeze tuning): checkpoints hold the trained tensors in the official layout, not
-      the frozen weights, which resuming takes from the base again.
-    run_info: what run_record takes beside the data and processes (script, config, model_version, and
-    train_qlora.py's training_arguments)."""
+    """transformers.Trainer that counts real tokens (packed rows hold segment ids in attention_mask) and logs tokens/s,
+    the steady rate after the first log line and peak memory; stops with TrainingDiverged on NaN/inf weights; writes
+    the run record into each checkpoint, marks it complete, and only then rotates old ones (the Trainer's own rotation
+    is off), so --resume_from_checkpoint=auto never picks a cut-off checkpoint; reports train_loss over every step of
+    a resumed run; trains no extra step when resumed at the end. trainable_only (P-tuning, freeze): checkpoints hold
+    the trained tensors only. run_info: run_record's script, config, model_version (and training_arguments)."""
 
     def __init__(self, *args, run_info, trainable_only=False, **kwargs):
         with quantized_base_may_train(kwargs["model"], trainable_only):
@@ -244,7 +228,6 @@ class Trainer(transformers.Trainer):
         self.add_callback(RunCallback(self))
 
     def run_record(self):
-        """The run's train_args.json without its final metrics (utils/run_record.py)."""
         deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
         return run_record(**self.run_info, train_data=self.train_dataset, eval_data=self.eval_dataset,
                           world_size=self.args.world_size, deepspeed_config=deepspeed_config)
@@ -309,9 +292,8 @@ class Trainer(transformers.Trainer):
             torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
 
     def mark_checkpoint(self):
-        """After the Trainer has written a checkpoint (on_save): its run record, then its completion marker with the
-        loss summed over every step so far (averaged over processes as the log does; every process takes part), then
-        the rotation of older ones."""
+        """After the Trainer wrote a checkpoint: its run record, its marker with the loss summed over every step so
+        far (averaged over processes as the log does; all take part), then the rotation."""
         loss_sum = self.loss_sum_at_start + nested_gather(self.loss_sum, self.args.parallel_mode).mean().item()
         self.accelerator.wait_for_everyone()  # every process has written its part of the checkpoint
         if self.args.should_save:
@@ -323,9 +305,8 @@ class Trainer(transformers.Trainer):
 
 
 def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, full_state=None):
-    """On the main process after Trainer.train() and a final evaluate() (which all processes must run): final
-    metrics, the adapter or prefix with train_args.json (or, given the gathered `full_state` of a full or freeze
-    fine-tuning, the model folder), the loss plot; prints where they are."""
+    """On the main process after train() and evaluate(): the final metrics, the adapter or prefix (or, given the
+    gathered `full_state`, the model folder) with train_args.json, the loss plot; prints where they are."""
     metrics = {**train_result.metrics, **final_eval}
     # tokens/s of this session (a resumed run counts only its own tokens); before the first log step there is none,
     # so fall back to all tokens over this session's runtime.
@@ -350,8 +331,8 @@ def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, f
 
 
 def train_and_finish(config, run_info, model, tokenizer, data_files, args, resume, compute_dtype):
-    """The rest of a run once its model is set up: the data sets and the packing decision, the output folder made
-    ready (only now, with config, model and data good), the Trainer's training and final evaluation, the export."""
+    """A run once its model is set up: data, packing, the output folder made ready (config, model and data are
+    good), training, the final evaluation, the export."""
     method, output_dir = config["method"], Path(args.output_dir)
     train_data, eval_data = load_datasets(*data_files, tokenizer, model.model_version, config["data_format"],
                                           config["max_source_length"], config["max_target_length"], config["block_size"],

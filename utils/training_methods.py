@@ -1,7 +1,6 @@
-"""The training methods, each set up on a loaded model and exported at the end of a run: LoRA (PEFT adapter), the
-k-bit base of train_qlora.py (bitsandbytes NF4 / LLM.int8), P-tuning v2 (the official prefix layout), freeze tuning
-and full fine-tuning (an official-layout model folder). Every export is written aside and swapped in, with the run
-record (train_args.json) beside it; ZeRO-3 shards are gathered where an export needs them whole."""
+"""The training methods, set up on a loaded model and exported at the end of a run: LoRA (a PEFT adapter), the k-bit
+base of train_qlora.py, P-tuning v2 (the official prefix layout), freeze tuning and full fine-tuning (a model folder);
+each export with the run record beside it, ZeRO-3 shards gathered where it needs them whole."""
 import contextlib
 import copy
 import re
@@ -34,9 +33,8 @@ def print_trainable_parameters(model):
 
 
 def setup_method(model, config, method, master_fp32=True):
-    """Makes `model` train by `method` (lora, ptuning, freeze, full) with the config's settings and prints what
-    trains. Returns the model (a PeftModel for lora). master_fp32: freeze tuning keeps its trained blocks in fp32 (the
-    optimizer's master copy, compute in the half type); not under DeepSpeed, which keeps its own."""
+    """`model` made to train by `method` (a PeftModel for lora); prints what trains. master_fp32: freeze tuning's
+    blocks in fp32 (the optimizer's master copy; not under DeepSpeed, which keeps its own)."""
     if method == "lora":
         model = add_lora(model, config["lora"])
         model.print_trainable_parameters()
@@ -70,8 +68,7 @@ def add_lora(model, lora):
 
 @contextlib.contextmanager
 def gathered_trainable_parameters(model):
-    """Under DeepSpeed ZeRO-3 every process must take part in gathering the partitioned trainable (LoRA) weights, so
-    that rank 0 can save them whole; without ZeRO-3 partitioning this does nothing."""
+    """Under ZeRO-3 every process takes part in gathering the trainable (LoRA) weights for rank 0 to save whole."""
     partitioned = [p for p in model.parameters() if p.requires_grad and hasattr(p, "ds_id")]
     if not partitioned:
         yield
@@ -82,18 +79,24 @@ def gathered_trainable_parameters(model):
         yield
 
 
-def save_adapter(model, output_dir, train_args: dict):
-    """The adapter in PEFT format and the run's settings, in <output_dir>/adapter_model/."""
-    final = Path(output_dir) / ADAPTER_DIR
+def export(output_dir, name, train_args: dict, write):
+    """<output_dir>/<name>/: what write(folder) puts there and the run record, written aside and swapped in (a crash
+    keeps the last good one)."""
+    final = Path(output_dir) / name
     with staged_folder(final, replace=True) as staging:
-        model.save_pretrained(str(staging), safe_serialization=True)
+        write(staging)
         write_run_record(staging, train_args)
     return final
 
 
+def save_adapter(model, output_dir, train_args: dict):
+    """The adapter in PEFT format, in <output_dir>/adapter_model/."""
+    return export(output_dir, ADAPTER_DIR, train_args, lambda folder: model.save_pretrained(str(folder), safe_serialization=True))
+
+
 def kbit_quantization_config(bits, compute_dtype, ptuning=False):
-    """The bitsandbytes config of train_qlora.py's base: bits=4 is NF4 with double quantization (QLoRA), bits=8 is
-    LLM.int8; both also run on CPU (bitsandbytes' CPU backend). With ptuning the prefix encoder stays a float module."""
+    """train_qlora.py's base: 4 bits NF4 with double quantization (QLoRA), 8 bits LLM.int8 (both run on CPU too);
+    with ptuning the prefix encoder stays a float module."""
     from transformers import BitsAndBytesConfig
 
     if bits not in KBIT_BITS:
@@ -106,12 +109,9 @@ def kbit_quantization_config(bits, compute_dtype, ptuning=False):
 
 
 def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
-    """Ready a k-bit model for LoRA or P-tuning; our replacement for peft's prepare_model_for_kbit_training, which
-    casts every unquantized parameter to fp32: for ChatGLM2/3 that puts the 65024 x 4096 embeddings and output layer,
-    and with them the residual stream, in fp32, which nothing needs (the norms compute their statistics in fp32, the
-    loss upcasts its logits). So every parameter is frozen and the unquantized ones stay in `compute_dtype`; with
-    gradient_checkpointing the blocks are checkpointed with use_reentrant=False and the embedding output requires
-    grad, as train_trainer.py does."""
+    """A k-bit model readied for LoRA or P-tuning: every parameter frozen, the unquantized ones in `compute_dtype`
+    (peft's prepare_model_for_kbit_training casts them to fp32: ChatGLM2/3's embeddings, output layer and residual
+    stream, which nothing needs), blocks checkpointed with use_reentrant=False."""
     for param in model.parameters():
         param.requires_grad_(False)
         # Quantized storage (Params4bit, possibly with a float quant_storage; Int8Params) is left as it is.
@@ -124,14 +124,12 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
 
 
 def prefix_settings(config):
-    """The model-config keywords of --method=ptuning for load_model_and_tokenizer: the model is built with its
-    prefix encoder, initialised as it loads."""
+    """load_model_and_tokenizer's keywords for --method=ptuning: the prefix encoder is built as the model loads."""
     return {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]}
 
 
 def train_prefix_only(model, model_dir):
-    """P-tuning v2 (THUDM's): the prefix encoder trains, in fp32 (also on a half-precision or k-bit base, as
-    officially), and nothing else does. Refuses a model without one (P-tuning v2 here is ChatGLM's own)."""
+    """P-tuning v2 (THUDM's): the prefix encoder alone trains, in fp32 (also on a half or k-bit base, as officially)."""
     if not hasattr(getattr(model, "transformer", None), "pre_seq_len"):
         raise ConfigError(f"--method=ptuning: {model_dir} is not a ChatGLM model; P-tuning v2 here is ChatGLM's own")
     if not model.transformer.pre_seq_len:
@@ -148,8 +146,7 @@ def prefix_state(model):
 
 
 def write_partial_checkpoint(folder, state, config):
-    """The tensors a run trains (`state`, in model.safetensors) and the model's config.json: the layout of the official
-    P-tuning v2 checkpoints; freeze tuning's checkpoints use it for the chosen blocks."""
+    """The trained tensors (model.safetensors) and config.json: the official P-tuning v2 layout (and freeze tuning's)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -164,18 +161,14 @@ def write_partial_checkpoint(folder, state, config):
 
 
 def save_prefix(model, output_dir, train_args: dict):
-    """The P-tuning v2 checkpoint and the run's settings, in <output_dir>/prefix_model/ (taken by --lora_path)."""
-    final = Path(output_dir) / PREFIX_DIR
-    with staged_folder(final, replace=True) as staging:
-        write_partial_checkpoint(staging, prefix_state(model), model.config)
-        write_run_record(staging, train_args)
-    return final
+    """The P-tuning v2 checkpoint in <output_dir>/prefix_model/ (taken by --lora_path)."""
+    return export(output_dir, PREFIX_DIR, train_args,
+                  lambda folder: write_partial_checkpoint(folder, prefix_state(model), model.config))
 
 
 def freeze_selection(parameter_names, trainable_layers, trainable_modules="all", extra_modules=""):
-    """The names among `parameter_names` that freeze tuning trains (see freeze_all_but); an option that names a block
-    the model lacks, or a module that matches nothing, is a ConfigError that says what there is. Also used before the
-    model loads, on the names of the model built on the meta device."""
+    """The names among `parameter_names` that freeze tuning trains (see freeze_all_but), also on the meta model before
+    loading; an option naming a block the model lacks, or a module that matches nothing, says what there is."""
     parameter_names = list(parameter_names)
     blocks = sorted({int(m.group(1)) for name in parameter_names if (m := BLOCK_INDEX.search(name))})
     if not blocks or trainable_layers == 0 or abs(trainable_layers) > len(blocks):
@@ -206,9 +199,8 @@ def freeze_selection(parameter_names, trainable_layers, trainable_modules="all",
 
 
 def freeze_all_but(model, trainable_layers, trainable_modules="all", extra_modules=""):
-    """Freeze tuning (as LLaMA-Factory's): only the last `trainable_layers` blocks train (the first ones for a
-    negative number), within them the parameters named by the comma-separated `trainable_modules` ("all": the whole
-    block), plus those outside the blocks named by `extra_modules` (e.g. "final_layernorm,output_layer"). Returns
+    """Freeze tuning (as LLaMA-Factory's): the last `trainable_layers` blocks train (negative: the first ones), in them
+    the comma-separated `trainable_modules` ("all": whole blocks), plus `extra_modules` outside the blocks. Returns
     the trained parameter names."""
     trained = set(freeze_selection((name for name, _ in model.named_parameters()), trainable_layers, trainable_modules,
                                    extra_modules))
@@ -218,10 +210,8 @@ def freeze_all_but(model, trainable_layers, trainable_modules="all", extra_modul
 
 
 def gathered_state_dict(model, keep, dtype=None):
-    """The model's whole state dict on the CPU (cast to `dtype` if given) for the process that saves (`keep`), else
-    None. Under DeepSpeed ZeRO-3 every process must call it: each weight is gathered from its shards in turn, so no
-    GPU holds more than one whole weight beyond its shard. Tied weights (ChatGLM-6B's output layer) are copied apart,
-    as safetensors stores each tensor on its own."""
+    """The whole state dict on the CPU (cast to `dtype`) for the process that saves (`keep`), else None. Under ZeRO-3
+    every process calls it: one weight is gathered at a time. Tied weights are copied apart (safetensors wants that)."""
     state, copies = {}, {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in copies:
@@ -242,24 +232,22 @@ def gathered_state_dict(model, keep, dtype=None):
 
 
 def save_full_model(state, model_version, source_dir, output_dir, train_args: dict):
-    """A fully fine-tuned model in the official layout, <output_dir>/model/: the weights of `state`, the config.json,
-    tokenizer and our .py files (from the base model folder `source_dir`), and train_args.json; it loads like any base
-    model (--model_dir=<output_dir>/model)."""
-    final = Path(output_dir) / FULL_MODEL_DIR
+    """A fully fine-tuned model in the official layout, <output_dir>/model/ (loads as --model_dir): the weights of
+    `state`, the config, tokenizer and our .py files from the base model folder `source_dir`."""
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-    with staged_folder(final, replace=True) as staging:
+
+    def write(folder):
         if model_version is None:  # a model of transformers' own classes (GLM-4): its own config and tokenizer files
-            write_native_model_folder(staging, state, source_dir, FULL_MODEL_SHARD_BYTES)
+            write_native_model_folder(folder, state, source_dir, FULL_MODEL_SHARD_BYTES)
         else:
-            write_model_folder(staging, state, folder_config(read_config(source_dir), model_version, dtype), model_version,
-                               source_dir, FULL_MODEL_SHARD_BYTES)
-        write_run_record(staging, train_args)
-    return final
+            config = folder_config(read_config(source_dir), model_version, dtype)
+            write_model_folder(folder, state, config, model_version, source_dir, FULL_MODEL_SHARD_BYTES)
+
+    return export(output_dir, FULL_MODEL_DIR, train_args, write)
 
 
 def check_only_float_weights_train(model):
-    """A k-bit model with trained tensors of its own (no PEFT wrapper): something trains, and all of it is float
-    (unquantized) parameters; else ValueError."""
+    """A k-bit model without PEFT wrapper: something trains, and all of it is float (unquantized); else ValueError."""
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     quantized = [name for name, p in trained if not p.is_floating_point() or type(p).__name__ in QUANTIZED_PARAMETERS]
     if not trained or quantized:

@@ -18,39 +18,37 @@ DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # the shipped small model; a 6B model: see README ("Run")
     "data_name": "demo_ner",
     "train_file": "",  # default: data/<data_name>/instruct_data/train.txt (text_data/ for data_format=text)
-    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt, text_data/ likewise, if it exists; none: no evaluation
+    "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt (likewise) if it exists; none: no evaluation
     "output_dir": "",  # default: checkpoint/<data_name>/<the script's name>
     "max_source_length": 256,
     "max_target_length": 128,
-    "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records for causal-LM training
+    "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records (causal LM)
     "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
-    "loss_on_all_turns": False,  # multi-turn records: every history answer is learnt, not only the last answer
-    # (ChatGLM3 conversation records always learn every assistant message without "loss": false)
+    # Multi-turn records: every history answer is learnt, not only the last one (ChatGLM3 conversation records
+    # always learn every assistant message without "loss": false).
+    "loss_on_all_turns": False,
     "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
-    "method": "lora",  # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; freeze: the last blocks; full: every weight
+    # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; freeze: the last
+    # blocks; full: every weight
+    "method": "lora",
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
-    # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer; with
-    # prefix_projection they come from a two-layer MLP. The official runs used pre_seq_len 128 and learning rate 2e-2.
+    # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer, from a
+    # two-layer MLP with prefix_projection. The official runs used pre_seq_len 128 and learning rate 2e-2.
     "pre_seq_len": 128,
     "prefix_projection": False,
-    # method=freeze (freeze tuning): the last trainable_layers blocks train (a negative number: the first ones), within
-    # them the parameters named by trainable_modules ("all", or e.g. "mlp,self_attention"), plus those outside the
-    # blocks named by extra_modules (e.g. "final_layernorm,output_layer"). The run writes a whole model folder.
+    # method=freeze: the last trainable_layers blocks train (negative: the first ones), within them the parameters
+    # named by trainable_modules ("all", or e.g. "mlp,self_attention"), plus those outside the blocks named by
+    # extra_modules (e.g. "final_layernorm,output_layer"). The run writes a whole model folder.
     "freeze": {"trainable_layers": 2, "trainable_modules": "all", "extra_modules": ""},
     "dtype": "auto",  # weights: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), fp32, fp16, bf16
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
     "per_device_train_batch_size": 16,  # with packing: rows of packed samples (up to pack_tokens tokens each)
-    # Packed training: several samples per row, each attending only to itself (positions restart per sample), the
-    # loss normalised over the target tokens of the step as unpacked, so a packed run trains like the unpacked one on
-    # fewer, fuller rows. per_device_train_batch_size then counts rows, not samples. Models that cannot pack train
-    # unpacked in batches grouped by length (the log says so).
+    # Packing: several samples per row, each attending only to itself, the loss normalised as unpacked, so a packed
+    # run trains like the unpacked one on fewer, fuller rows. Models that cannot pack train grouped by length.
     "packing": False,
-    # Tokens per packed row (the row budget: peak memory follows it and the rows per step, not the longest sample).
-    # Measured on an H200 (ChatGLM2-6B LoRA r 8, MSRA, real tokens/s between log lines): one row of 2560 a step
-    # 15,700 at 19.4 GiB; one of 3072 18,200 at 20.9 GiB; two of 2048 17,800 at 24.0 GiB; docs/benchmarks.md.
-    "pack_tokens": 2560,
+    "pack_tokens": 2560,  # tokens per packed row (peak memory follows it; measured choices: docs/benchmarks.md)
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
     "learning_rate": 3e-3,  # for the small model; 6B models: about 2e-4
@@ -66,30 +64,43 @@ DEFAULTS = {
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in output_dir, or a path
     "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
-    "deepspeed": "",  # a DeepSpeed config file; train_trainer.py under a launcher (deepspeed, torchrun, mpirun): deepspeed.json
+    "deepspeed": "",  # a DeepSpeed config; train_trainer.py under a launcher (deepspeed, torchrun, mpirun): deepspeed.json
     "local_rank": -1,  # set by the deepspeed launcher
     "report_to": "tensorboard",
 }
-# lora: train LoRA adapters on frozen weights; ptuning: train a P-tuning v2 prefix (the official ChatGLM method) on
-# frozen weights; freeze: train the last blocks only; full: train every weight (for 6B models, with DeepSpeed ZeRO-3)
 METHODS = ("lora", "ptuning", "freeze", "full")
 METHOD_HELP = {"lora": "LoRA adapters", "ptuning": "a P-tuning v2 prefix", "freeze": "the last blocks", "full": "every weight"}
 DATA_FORMATS = ("instruction", "text")
-
 NO_DEV_FILE = "none"  # --dev_file=none: train without evaluation
+# Options with a range, and what a value out of it is told: whole numbers of at least 1 (what each counts), then others.
+COUNT_OPTIONS = {
+    "max_source_length": "tokens of a prompt", "max_target_length": "tokens of an answer",
+    "block_size": "tokens per text block", "pack_tokens": "tokens per packed row",
+    "per_device_train_batch_size": "samples (or packed rows) per step and device",
+    "per_device_eval_batch_size": "samples per evaluation batch", "gradient_accumulation_steps": "micro-batches per step",
+    "logging_steps": "steps between log lines", "eval_steps": "steps between evaluations", "lora_r": "the LoRA rank",
+}
+RANGES = {
+    **{key: (lambda v: v >= 1, f"must be a whole number of at least 1 ({meaning})") for key, meaning in COUNT_OPTIONS.items()},
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability, at least 0 and below 1"),
+    "lora_alpha": (lambda v: v > 0, "must be above 0 (the LoRA scale is alpha / r)"),
+    **{key: (lambda v: v >= 0, "must be 0 or more") for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")},
+    "seed": (lambda v: 0 <= v < 2**32, f"use a whole number from 0 to {2**32 - 1}"),
+}
+# What each reporter of --report_to needs installed (pip name), where it differs from the reporter's name.
+REPORTER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit", "kubeflow": "kubeflow"}
 
 
 def data_paths(data_name, train_file="", dev_file="", data_format="instruction"):
     """train/dev files: explicit paths, or data/<data_name>/instruct_data/{train,dev}.txt (process.py's output;
-    text_data/ for data_format text, build_small_model.py's corpus). The dev file is None for --dev_file=none."""
+    text_data/ for data_format text). The dev file is None for --dev_file=none."""
     default = Path("data") / data_name / ("text_data" if data_format == "text" else "instruct_data")
     dev = None if dev_file.lower() == NO_DEV_FILE else Path(dev_file or default / "dev.txt")
     return Path(train_file or default / "train.txt"), dev
 
 
 def check_data_file(path, option, given, data_name):
-    """A data file must be a regular file; `given`: named on the command line (else it is the default of
-    --data_name, which process.py writes)."""
+    """A data file must be a regular file; `given`: named on the command line (else --data_name's default)."""
     shown = f"{option}={path}" if given else str(path)
     if not path.exists():
         hint = "" if given else (f"; make it with process.py first (python process.py --data_name {data_name} ..., see "
@@ -98,12 +109,13 @@ def check_data_file(path, option, given, data_name):
     if path.is_dir():
         raise ConfigError(f"{shown}: a folder, not a data file (one JSON record a line)")
     if not path.is_file():
-        raise ConfigError(f"{shown}: not a regular file (a FIFO, socket or device); give a data file (one JSON record a line)")
+        raise ConfigError(f"{shown}: not a regular file (a FIFO, socket or device); give a data file "
+                          "(one JSON record a line)")
 
 
 def training_data_files(config, data_format="instruction"):
-    """The train file and the dev file (None: no evaluation), checked before anything loads. An explicit --dev_file
-    must exist as a file; --dev_file=none trains without evaluation; the default dev file is used if it exists."""
+    """The train file and the dev file (None: no evaluation), checked. An explicit --dev_file must be a file; the
+    default dev file is used if it exists."""
     train_file, dev_file = data_paths(config["data_name"], config["train_file"], config["dev_file"], data_format)
     check_data_file(train_file, "--train_file", bool(config["train_file"]), config["data_name"])
     if dev_file is not None and (config["dev_file"] or dev_file.exists()):
@@ -114,18 +126,6 @@ def training_data_files(config, data_format="instruction"):
         print(f"{dev_file}: not found, training without evaluation (--dev_file names another, --dev_file=none says none)")
         dev_file = None
     return train_file, dev_file
-
-
-# Whole-number options and what they count; each must be at least 1 (where the script has it).
-COUNT_OPTIONS = {
-    "max_source_length": "tokens of a prompt", "max_target_length": "tokens of an answer",
-    "block_size": "tokens per text block", "pack_tokens": "tokens per packed row",
-    "per_device_train_batch_size": "samples (or packed rows) per step and device",
-    "per_device_eval_batch_size": "samples per evaluation batch", "gradient_accumulation_steps": "micro-batches per step",
-    "logging_steps": "steps between log lines", "eval_steps": "steps between evaluations", "lora_r": "the LoRA rank",
-}
-# What each reporter of --report_to needs installed (pip name), where it differs from the reporter's name.
-REPORTER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit", "kubeflow": "kubeflow"}
 
 
 def check_model_dir(model_dir):
@@ -193,29 +193,20 @@ def check_training_options(config, model_config, script, methods=METHODS):
 
     method = check_method(config["method"], methods, script)
     flat = flatten(config)
-    for key, meaning in COUNT_OPTIONS.items():
-        if key in flat and flat[key] < 1:
-            raise ConfigError(f"--{key}={flat[key]}: must be a whole number of at least 1 ({meaning})")
+    for key, (valid, told) in RANGES.items():
+        if key in flat and not valid(flat[key]):
+            raise ConfigError(f"--{key}={flat[key]}: {told}")
     if flat.get("data_format", "instruction") not in DATA_FORMATS:
         raise ConfigError(f"--data_format={flat['data_format']!r}: use instruction or text")
     if config["dtype"] != "auto" and config["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype={config['dtype']!r}: use auto, fp32, fp16 or bf16")
     if "quant_bits" in flat and flat["quant_bits"] not in KBIT_BITS:
         raise ConfigError(f"--quant_bits={flat['quant_bits']!r}: use 4 (NF4 with double quantization) or 8 (LLM.int8)")
-    if not 0 <= flat["lora_dropout"] < 1:
-        raise ConfigError(f"--lora_dropout={flat['lora_dropout']}: a probability, at least 0 and below 1")
-    if flat["lora_alpha"] <= 0:
-        raise ConfigError(f"--lora_alpha={flat['lora_alpha']}: must be above 0 (the LoRA scale is alpha / r)")
     if flat["pre_seq_len"] < 0 or (method == "ptuning" and flat["pre_seq_len"] == 0):
         raise ConfigError(f"--pre_seq_len={flat['pre_seq_len']}: P-tuning's prefix length must be at least 1 "
                           "(the official runs used 128)")
     if "num_train_epochs" in flat and flat["num_train_epochs"] <= 0 and flat["max_steps"] <= 0:
         raise ConfigError(f"--num_train_epochs={flat['num_train_epochs']}: must be above 0 (or set --max_steps above 0)")
-    for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm"):
-        if key in flat and flat[key] < 0:
-            raise ConfigError(f"--{key}={flat[key]}: must be 0 or more")
-    if "seed" in flat and not 0 <= flat["seed"] < 2**32:
-        raise ConfigError(f"--seed={flat['seed']}: use a whole number from 0 to {2**32 - 1}")
     schedules = [s.value for s in SchedulerType]
     if "lr_scheduler_type" in flat and flat["lr_scheduler_type"] not in schedules:
         raise ConfigError(f"--lr_scheduler_type={flat['lr_scheduler_type']!r}: use one of {', '.join(schedules)}")
