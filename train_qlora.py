@@ -1,26 +1,20 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B on a quantized base (QLoRA): the base weights in bitsandbytes
-NF4 with double quantization (--quant_bits=4, the default) or LLM.int8 (--quant_bits=8), frozen; trained on top of
-them with the Hugging Face Trainer, either LoRA adapters on every linear layer (--method=lora, the default) or
-THUDM's P-tuning v2 prefix (--method=ptuning: only the prefix encoder trains, in fp32, as in train_trainer.py).
-Both bit widths also run on CPU (bitsandbytes' CPU backend), slowly.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B on a frozen quantized base (QLoRA): bitsandbytes NF4 with double
+quantization (--quant_bits=4) or LLM.int8 (8), also on CPU (slowly); trained on top with the Hugging Face Trainer, LoRA
+adapters (--method=lora) or THUDM's P-tuning v2 prefix (--method=ptuning, the prefix encoder alone, in fp32).
 
     python train_qlora.py --train_args_json chatGLM_6B_QLoRA.json --model_dir model_hub/chatglm2-6b \\
         --train_file data/msra/instruct_data/train.txt --dev_file data/msra/instruct_data/dev.txt \\
-        --lora_r 8 --lora_dropout 0.05 --dtype bf16
+        --lora_r 8 --dtype bf16
     python train_qlora.py --model_dir model_hub/chatglm2-6b --data_name msra --learning_rate 2e-4 --max_steps 1000
     python train_qlora.py --data_name msra --resume_from_checkpoint auto
-    python train_qlora.py --train_args_json my_ptuning.json --model_dir model_hub/chatglm2-6b --data_name msra \\
-        --method ptuning --pre_seq_len 128 --quant_bits 8     # the JSON with learning_rate 2e-2, as officially
+    python train_qlora.py --model_dir model_hub/chatglm2-6b --data_name msra --method ptuning --learning_rate 2e-2
 
-The options and their defaults are train_trainer.py's (--learning_rate, --max_steps, --seed, --lora_r, ...). The
-JSON file, if given, holds TrainingArguments (steps, batch size, learning rate, optimizer, ...): its values come
-between those defaults and the command line. Writes checkpoint/<data_name>/train_qlora/ (unless the JSON or
---output_dir names a folder): adapter_model/ (PEFT adapter + train_args.json) or, with --method=ptuning,
-prefix_model/ (the prefix in the official layout, as train_trainer.py writes it, + train_args.json; it goes on the
-unquantized base by --lora_path), checkpoint-N/ for resuming (with ptuning: the prefix only; each with
-train_args.json, whose settings a resume takes), runs/ (TensorBoard), loss.png.
+The options and defaults are train_trainer.py's; a --train_args_json file of TrainingArguments (steps, learning rate,
+optimizer, ...) comes between the defaults and the command line. Writes checkpoint/<data_name>/train_qlora/ (or the
+JSON's or --output_dir's folder): adapter_model/ or prefix_model/ (the prefix goes on the unquantized base by
+--lora_path), each with train_args.json; checkpoint-N/ for resuming; runs/ (TensorBoard); loss.png.
 """
-import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
+import utils.log_filters  # noqa: F401, I001  (first: bitsandbytes logs a known-harmless message on import)
 from transformers import set_seed
 
 from utils.config_utils import parse_config
@@ -36,7 +30,8 @@ DEFAULTS = {
     "quant_bits": 4,  # the base: 4 = bitsandbytes NF4 with double quantization (QLoRA), 8 = bitsandbytes LLM.int8
 }
 # The names this script had before the training scripts shared one vocabulary (accepted for one more release).
-RENAMED = {"train_data_path": "train_file", "eval_data_path": "dev_file", "lora_rank": "lora_r", "compute_dtype": "dtype"}
+RENAMED = {"train_data_path": "train_file", "eval_data_path": "dev_file", "lora_rank": "lora_r",
+           "compute_dtype": "dtype"}
 
 
 def main(config):
@@ -50,7 +45,8 @@ def main(config):
     quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
     set_seed(config["seed"])  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=resolve_device("auto"),
-                                                quantization_config=quantization, **(prefix_settings(config) if ptuning else {}))
+                                                quantization_config=quantization,
+                                                **(prefix_settings(config) if ptuning else {}))
     # Frozen base, unquantized weights kept in the compute dtype (no fp32 copies), non-reentrant checkpointing.
     model = prepare_kbit_model(model, compute_dtype, gradient_checkpointing=config["gradient_checkpointing"])
     set_seed(config["seed"])  # the LoRA initialisation follows --seed

@@ -1,29 +1,25 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with LoRA (or every weight), using the Hugging Face Trainer.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B with the Hugging Face Trainer: LoRA (the default), a
+P-tuning v2 prefix, freeze tuning or every weight (--method).
 
-    python train_trainer.py                          # the shipped small model on the demo NER data (the defaults)
+    python train_trainer.py                # the shipped small model on the demo NER data (the defaults)
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --learning_rate=2e-4 --num_train_epochs=3
     python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
-    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=ptuning --pre_seq_len=128 --learning_rate=2e-2
+    python train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=ptuning --learning_rate=2e-2
     deepspeed train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra     # uses deepspeed.json
-    deepspeed --num_gpus 2 train_trainer.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
+    deepspeed --num_gpus 2 train_trainer.py ... --method=full --deepspeed=deepspeed_zero3.json
 
-The default learning rate and epoch count suit the small model; a 6B model wants about 2e-4 and 3 epochs.
---method=full trains every weight instead of LoRA adapters. Without DeepSpeed the weights are then kept in fp32 and
-the compute runs in bf16/fp16 autocast; under DeepSpeed they are bf16/fp16 and DeepSpeed keeps the fp32 master copy
+The default learning rate and epochs suit the small model; a 6B model wants about 2e-4 and 3 epochs. --method=full
+keeps the weights in fp32 with bf16/fp16 autocast, or under DeepSpeed in bf16/fp16 with DeepSpeed's fp32 master copy
 (a 6B model needs ZeRO-3 over several GPUs, or deepspeed_zero3_offload.json).
 
-Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py) and writes
-checkpoint/<data_name>/train_trainer/:
-    adapter_model/   the LoRA adapter in PEFT format + train_args.json
-    prefix_model/    --method=ptuning: the P-tuning v2 prefix (official layout, safetensors) + train_args.json
-    model/           --method=full or freeze: the fine-tuned model folder (official layout, loads as --model_dir) + train_args.json
-    checkpoint-N/    Trainer checkpoints for --resume_from_checkpoint, with train_args.json (the run record: a resume
-                     takes its settings and is checked against them)
-    runs/            TensorBoard logs;  loss.png  the loss curve
+Reads data/<data_name>/instruct_data/{train,dev}.txt (made by process.py); writes checkpoint/<data_name>/train_trainer/:
+adapter_model/ (LoRA, PEFT format), prefix_model/ (ptuning, official layout) or model/ (full, freeze: a model folder),
+each with train_args.json; checkpoint-N/ for --resume_from_checkpoint (with the run record a resume is checked
+against); runs/ (TensorBoard); loss.png.
 """
 import os
 
-import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
+import utils.log_filters  # noqa: F401, I001  (first: bitsandbytes logs a known-harmless message on import)
 import torch
 import transformers
 
@@ -51,7 +47,8 @@ def main(config):
     transformers.set_seed(config["seed"])  # the prefix encoder is initialised as the model loads
     model, tokenizer = load_model_and_tokenizer(
         config["model_dir"], dtype=torch.float32 if method == "full" and not deepspeed_config else compute_dtype,
-        device="cpu" if deepspeed_config else training_device, **(prefix_settings(config) if method == "ptuning" else {}))
+        device="cpu" if deepspeed_config else training_device,
+        **(prefix_settings(config) if method == "ptuning" else {}))
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()

@@ -15,7 +15,8 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, speed_metrics
 
 from utils.config_utils import ConfigError
-from utils.dataset import InstructionDataset, PackedDataset, PaddingCollator, TextDataset, format_example, packed_inputs_hook
+from utils.dataset import (InstructionDataset, PackedDataset, PaddingCollator, TextDataset, format_example,
+                           packed_inputs_hook)
 from utils.errors import UserError
 from utils.log_filters import DropMessage
 from utils.run_dirs import checkpoint_record, finish_output_dir, mark_complete, prepare_output_dir, rotate_checkpoints
@@ -26,7 +27,8 @@ from utils.training_methods import (gathered_state_dict, gathered_trainable_para
 # The options of the training scripts that are TrainingArguments fields of the same name and meaning.
 TRAINING_ARGUMENT_KEYS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                           "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps",
-                          "lr_scheduler_type", "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit", "seed")
+                          "lr_scheduler_type", "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit",
+                          "seed")
 # transformers' report of a partial checkpoint (P-tuning, freeze tuning): the frozen weights come from the base.
 PARTIAL_LOAD_REPORT = "There were missing keys in the checkpoint model loaded"
 
@@ -36,12 +38,14 @@ def training_arguments(config, output_dir, compute_dtype, has_eval, deepspeed=No
     from train_qlora.py's --train_args_json that the config lacks, e.g. optim), then what the script owns. An unknown
     or bad field is a ConfigError naming `source` (where `extra` came from)."""
     values = {key: config[key] for key in TRAINING_ARGUMENT_KEYS}
-    values.update(logging_first_step=True, eval_strategy="steps", save_strategy="steps" if config["save_steps"] > 0 else "no",
-                  save_steps=max(config["save_steps"], 1), report_to=[r for r in config["report_to"].split(",") if r and r != "none"])
+    values.update(logging_first_step=True, eval_strategy="steps", save_steps=max(config["save_steps"], 1),
+                  save_strategy="steps" if config["save_steps"] > 0 else "no",
+                  report_to=[r for r in config["report_to"].split(",") if r and r != "none"])
     values.update(extra or {})
     # Mixed precision: trained weights (LoRA, a prefix, all of them with --method=full) fp32, compute in the half type.
     values.update(output_dir=str(output_dir), fp16=compute_dtype == torch.float16, bf16=compute_dtype == torch.bfloat16,
-                  deepspeed=deepspeed, remove_unused_columns=False, label_names=["labels"], use_cpu=not torch.cuda.is_available(),
+                  deepspeed=deepspeed, remove_unused_columns=False, label_names=["labels"],
+                  use_cpu=not torch.cuda.is_available(),
                   include_num_input_tokens_seen="no")  # counted by Trainer.training_step: packed rows hold segment ids
     if not has_eval:
         values["eval_strategy"] = "no"
@@ -53,7 +57,8 @@ def training_arguments(config, output_dir, compute_dtype, has_eval, deepspeed=No
 
 
 def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruction", max_source_length=256,
-                  max_target_length=128, block_size=512, skip_bad_lines=False, loss_on_all_turns=False, show_example=False):
+                  max_target_length=128, block_size=512, skip_bad_lines=False, loss_on_all_turns=False,
+                  show_example=False):
     """Encoded train and dev sets (dev None without a dev file), their counts printed: instruction records cut to
     max_source_length / max_target_length, or for data_format "text" causal-LM blocks of block_size tokens."""
     def load(path):
@@ -138,12 +143,13 @@ def check_weights_finite(model, step):
     if not finite.all():
         broken = [name for (name, _), ok in zip(trained, finite.tolist()) if not ok]
         raise TrainingDiverged(
-            f"training diverged at step {step}: {len(broken)} trained weight tensors hold NaN/inf (first: {broken[0]}). "
-            "The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) and train again.")
+            f"training diverged at step {step}: {len(broken)} trained weight tensors hold NaN/inf (first: "
+            f"{broken[0]}). The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) "
+            "and train again.")
 
 
 def load_trained_tensors(model, checkpoint):
-    """A P-tuning or freeze-tuning checkpoint (the trained tensors only) into `model`, checked against what it trains."""
+    """A P-tuning or freeze-tuning checkpoint (trained tensors only) into `model`, checked against what it trains."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(checkpoint) / "model.safetensors"))
@@ -151,13 +157,13 @@ def load_trained_tensors(model, checkpoint):
     trained = {name for name, param in parameters.items() if param.requires_grad}
     if set(state) != trained:
         raise ConfigError(f"--resume_from_checkpoint: {checkpoint} holds {sorted(set(state) - trained)[:3]} / lacks "
-                          f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the settings "
-                          "it was made with")
-    reshaped = [name for name, tensor in state.items() if tensor.shape != parameters[name].shape]
-    if reshaped:
-        raise ConfigError(f"--resume_from_checkpoint: {checkpoint} holds {reshaped[0]} of shape "
-                          f"{list(state[reshaped[0]].shape)}, this run trains it as {list(parameters[reshaped[0]].shape)}; "
-                          "resume with the settings it was made with")
+                          f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the "
+                          "settings it was made with")
+    for name, tensor in state.items():
+        if tensor.shape != parameters[name].shape:
+            raise ConfigError(f"--resume_from_checkpoint: {checkpoint} holds {name} of shape {list(tensor.shape)}, "
+                              f"this run trains it as {list(parameters[name].shape)}; resume with the settings it was "
+                              "made with")
     with torch.no_grad():
         for name, tensor in state.items():
             parameters[name].copy_(tensor)
@@ -228,9 +234,9 @@ class Trainer(transformers.Trainer):
         self.add_callback(RunCallback(self))
 
     def run_record(self):
-        deepspeed_config = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+        deepspeed = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
         return run_record(**self.run_info, train_data=self.train_dataset, eval_data=self.eval_dataset,
-                          world_size=self.args.world_size, deepspeed_config=deepspeed_config)
+                          world_size=self.args.world_size, deepspeed_config=deepspeed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         tokens = inputs["attention_mask"].ne(0).sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
@@ -243,7 +249,8 @@ class Trainer(transformers.Trainer):
     def log(self, logs, start_time=None):
         logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         if start_time is not None:
-            logs.update(speed_metrics("train", start_time, num_tokens=self.state.num_input_tokens_seen - self.tokens_at_start))
+            session_tokens = self.state.num_input_tokens_seen - self.tokens_at_start
+            logs.update(speed_metrics("train", start_time, num_tokens=session_tokens))
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = peak_memory_gib()
         if "loss" in logs:
@@ -275,7 +282,8 @@ class Trainer(transformers.Trainer):
             output = TrainOutput(self.state.global_step, 0.0, metrics)
         finally:
             logging.getLogger("transformers.trainer").removeFilter(quiet)
-        loss = (self.loss_sum_at_start + output.training_loss * (output.global_step - step_at_start)) / max(output.global_step, 1)
+        session_sum = output.training_loss * (output.global_step - step_at_start)
+        loss = (self.loss_sum_at_start + session_sum) / max(output.global_step, 1)
         output.metrics["train_loss"] = loss
         return TrainOutput(output.global_step, loss, output.metrics)
 
@@ -284,7 +292,8 @@ class Trainer(transformers.Trainer):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         # Under DeepSpeed every process takes part in gathering the state.
-        source = self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled else dict(self.model.named_parameters())
+        source = (self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled
+                  else dict(self.model.named_parameters()))
         if self.args.should_save:
             trained = {name for name, param in self.model.named_parameters() if param.requires_grad}
             state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in source.items() if name in trained}
@@ -310,8 +319,10 @@ def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, f
     metrics = {**train_result.metrics, **final_eval}
     # tokens/s of this session (a resumed run counts only its own tokens); before the first log step there is none,
     # so fall back to all tokens over this session's runtime.
-    rates = [entry["train_tokens_per_second"] for entry in trainer.state.log_history if "train_tokens_per_second" in entry]
-    metrics["train_tokens_per_second"] = round(rates[-1] if rates else metrics["num_input_tokens_seen"] / metrics["train_runtime"], 1)
+    rates = [entry["train_tokens_per_second"] for entry in trainer.state.log_history
+             if "train_tokens_per_second" in entry]
+    rate = rates[-1] if rates else metrics["num_input_tokens_seen"] / metrics["train_runtime"]
+    metrics["train_tokens_per_second"] = round(rate, 1)
     if trainer.steady_tokens_per_second is not None:
         metrics["steady_tokens_per_second"] = trainer.steady_tokens_per_second
     metrics["peak_memory_gib"] = peak_memory_gib()
@@ -326,7 +337,8 @@ def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, f
     plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
     finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
-    print(f"{saved}\nloss curve: {Path(output_dir) / 'loss.png'}\nTensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
+    print(f"{saved}\nloss curve: {Path(output_dir) / 'loss.png'}\n"
+          f"TensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
     return metrics
 
 
@@ -334,17 +346,20 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
     """A run once its model is set up: data, packing, the output folder made ready (config, model and data are
     good), training, the final evaluation, the export."""
     method, output_dir = config["method"], Path(args.output_dir)
-    train_data, eval_data = load_datasets(*data_files, tokenizer, model.model_version, config["data_format"],
-                                          config["max_source_length"], config["max_target_length"], config["block_size"],
-                                          config["skip_bad_lines"], config["loss_on_all_turns"], config["show_example"])
-    train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"], config["seed"])
+    train_data, eval_data = load_datasets(
+        *data_files, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
+        config["max_target_length"], config["block_size"], config["skip_bad_lines"], config["loss_on_all_turns"],
+        config["show_example"])
+    train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"],
+                                                  config["seed"])
     if group_by_length:
         args.train_sampling_strategy = "group_by_length"
     if int(os.environ.get("RANK", "0")) == 0:  # one process moves an overwritten run aside
         prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                      data_collator=PaddingCollator(tokenizer.pad_token_id), trainable_only=method in ("ptuning", "freeze"),
+                      data_collator=PaddingCollator(tokenizer.pad_token_id),
+                      trainable_only=method in ("ptuning", "freeze"),
                       run_info={**run_info, "config": config, "model_version": model.model_version})
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

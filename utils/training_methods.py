@@ -23,7 +23,8 @@ CHATGLM_LINEAR_LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_
 PREFIX_SKIP_MODULES = ["lm_head", "transformer.output_layer", "transformer.prefix_encoder"]
 KBIT_BITS = (4, 8)
 QUANTIZED_PARAMETERS = ("Params4bit", "Int8Params")  # bitsandbytes' storage types
-BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")  # transformer.encoder.layers.N. (ChatGLM2/3), transformer.layers.N. (v1), model.layers.N.
+# transformer.encoder.layers.N. (ChatGLM2/3), transformer.layers.N. (v1), model.layers.N. (GLM-4)
+BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 def print_trainable_parameters(model):
@@ -91,7 +92,8 @@ def export(output_dir, name, train_args: dict, write):
 
 def save_adapter(model, output_dir, train_args: dict):
     """The adapter in PEFT format, in <output_dir>/adapter_model/."""
-    return export(output_dir, ADAPTER_DIR, train_args, lambda folder: model.save_pretrained(str(folder), safe_serialization=True))
+    return export(output_dir, ADAPTER_DIR, train_args,
+                  lambda folder: model.save_pretrained(str(folder), safe_serialization=True))
 
 
 def kbit_quantization_config(bits, compute_dtype, ptuning=False):
@@ -115,7 +117,8 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
     for param in model.parameters():
         param.requires_grad_(False)
         # Quantized storage (Params4bit, possibly with a float quant_storage; Int8Params) is left as it is.
-        if param.is_floating_point() and type(param).__name__ not in QUANTIZED_PARAMETERS and param.dtype != compute_dtype:
+        quantized = type(param).__name__ in QUANTIZED_PARAMETERS
+        if param.is_floating_point() and not quantized and param.dtype != compute_dtype:
             param.data = param.data.to(compute_dtype)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -146,7 +149,7 @@ def prefix_state(model):
 
 
 def write_partial_checkpoint(folder, state, config):
-    """The trained tensors (model.safetensors) and config.json: the official P-tuning v2 layout (and freeze tuning's)."""
+    """The trained tensors (model.safetensors) and config.json: the official P-tuning v2 layout (freeze's too)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)

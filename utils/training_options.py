@@ -64,12 +64,13 @@ DEFAULTS = {
     "seed": 42,
     "resume_from_checkpoint": "",  # "auto" = the newest complete checkpoint-N in output_dir, or a path
     "overwrite_output_dir": False,  # replace a finished run (kept as <output_dir>.previous until this one has finished)
-    "deepspeed": "",  # a DeepSpeed config; train_trainer.py under a launcher (deepspeed, torchrun, mpirun): deepspeed.json
+    "deepspeed": "",  # a DeepSpeed config (under a launcher, train_trainer.py defaults to deepspeed.json)
     "local_rank": -1,  # set by the deepspeed launcher
     "report_to": "tensorboard",
 }
 METHODS = ("lora", "ptuning", "freeze", "full")
-METHOD_HELP = {"lora": "LoRA adapters", "ptuning": "a P-tuning v2 prefix", "freeze": "the last blocks", "full": "every weight"}
+METHOD_HELP = {"lora": "LoRA adapters", "ptuning": "a P-tuning v2 prefix", "freeze": "the last blocks",
+               "full": "every weight"}
 DATA_FORMATS = ("instruction", "text")
 NO_DEV_FILE = "none"  # --dev_file=none: train without evaluation
 # Options with a range, and what a value out of it is told: whole numbers of at least 1 (what each counts), then others.
@@ -77,14 +78,17 @@ COUNT_OPTIONS = {
     "max_source_length": "tokens of a prompt", "max_target_length": "tokens of an answer",
     "block_size": "tokens per text block", "pack_tokens": "tokens per packed row",
     "per_device_train_batch_size": "samples (or packed rows) per step and device",
-    "per_device_eval_batch_size": "samples per evaluation batch", "gradient_accumulation_steps": "micro-batches per step",
+    "per_device_eval_batch_size": "samples per evaluation batch",
+    "gradient_accumulation_steps": "micro-batches per step",
     "logging_steps": "steps between log lines", "eval_steps": "steps between evaluations", "lora_r": "the LoRA rank",
 }
 RANGES = {
-    **{key: (lambda v: v >= 1, f"must be a whole number of at least 1 ({meaning})") for key, meaning in COUNT_OPTIONS.items()},
+    **{key: (lambda v: v >= 1, f"must be a whole number of at least 1 ({what})")
+       for key, what in COUNT_OPTIONS.items()},
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability, at least 0 and below 1"),
     "lora_alpha": (lambda v: v > 0, "must be above 0 (the LoRA scale is alpha / r)"),
-    **{key: (lambda v: v >= 0, "must be 0 or more") for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")},
+    **{key: (lambda v: v >= 0, "must be 0 or more")
+       for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")},
     "seed": (lambda v: 0 <= v < 2**32, f"use a whole number from 0 to {2**32 - 1}"),
 }
 # What each reporter of --report_to needs installed (pip name), where it differs from the reporter's name.
@@ -123,7 +127,8 @@ def training_data_files(config, data_format="instruction"):
     elif dev_file is None:
         print("--dev_file=none: training without evaluation")
     else:
-        print(f"{dev_file}: not found, training without evaluation (--dev_file names another, --dev_file=none says none)")
+        print(f"{dev_file}: not found, training without evaluation (--dev_file names another, --dev_file=none says "
+              "none)")
         dev_file = None
     return train_file, dev_file
 
@@ -206,12 +211,14 @@ def check_training_options(config, model_config, script, methods=METHODS):
         raise ConfigError(f"--pre_seq_len={flat['pre_seq_len']}: P-tuning's prefix length must be at least 1 "
                           "(the official runs used 128)")
     if "num_train_epochs" in flat and flat["num_train_epochs"] <= 0 and flat["max_steps"] <= 0:
-        raise ConfigError(f"--num_train_epochs={flat['num_train_epochs']}: must be above 0 (or set --max_steps above 0)")
+        raise ConfigError(f"--num_train_epochs={flat['num_train_epochs']}: must be above 0 (or set --max_steps above "
+                          "0)")
     schedules = [s.value for s in SchedulerType]
     if "lr_scheduler_type" in flat and flat["lr_scheduler_type"] not in schedules:
         raise ConfigError(f"--lr_scheduler_type={flat['lr_scheduler_type']!r}: use one of {', '.join(schedules)}")
     if flat.get("deepspeed") and not Path(flat["deepspeed"]).is_file():
-        raise ConfigError(f"--deepspeed={flat['deepspeed']}: no such file; give a DeepSpeed config such as deepspeed.json")
+        raise ConfigError(f"--deepspeed={flat['deepspeed']}: no such file; give a DeepSpeed config such as "
+                          "deepspeed.json")
     if "report_to" in flat:
         check_report_to(flat["report_to"], script)
     chatglm = model_config.get("model_type") in (None, "chatglm")
@@ -231,8 +238,8 @@ def read_json_object(path, option):
     """A JSON file that must hold one object (e.g. train_qlora.py's TrainingArguments), read before anything loads."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{option}={path}: {'not a regular file' if path.exists() else 'no such file'}; give a JSON file "
-                          "holding one object ({\"key\": value, ...})")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise ConfigError(f"{option}={path}: {what}; give a JSON file holding one object ({{\"key\": value, ...}})")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
