@@ -25,16 +25,12 @@ DEFAULTS = {
     "data_format": "instruction",  # instruction: {instruct, query, answer} records; text: {text} records (causal LM)
     "block_size": 512,  # data_format=text: tokens per training block
     "skip_bad_lines": False,
-    # Multi-turn records: every history answer is learnt, not only the last one (ChatGLM3 conversation records
-    # always learn every assistant message without "loss": false).
-    "loss_on_all_turns": False,
+    "loss_on_all_turns": False,  # learn every history answer too (ChatGLM3 conversation records always do)
     "show_example": False,  # print the first training sample: its tokens, ids and which of them are in the loss
-    # lora: LoRA adapters on frozen weights; ptuning: a P-tuning v2 prefix on frozen weights; freeze: the last
-    # blocks; full: every weight
-    "method": "lora",
+    "method": "lora",  # lora: LoRA adapters; ptuning: a P-tuning v2 prefix; freeze: the last blocks; full: every weight
     "lora": {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"},  # all: the four linear layers of a block
-    # method=ptuning (THUDM's P-tuning v2): learnt keys and values of pre_seq_len positions in every layer, from a
-    # two-layer MLP with prefix_projection. The official runs used pre_seq_len 128 and learning rate 2e-2.
+    # method=ptuning (THUDM's P-tuning v2): keys and values of pre_seq_len positions in every layer (a two-layer MLP
+    # makes them with prefix_projection). The official runs used pre_seq_len 128 and learning rate 2e-2.
     "pre_seq_len": 128,
     "prefix_projection": False,
     # method=freeze: the last trainable_layers blocks train (negative: the first ones), within them the parameters
@@ -45,9 +41,7 @@ DEFAULTS = {
     "num_train_epochs": 8.0,
     "max_steps": -1,  # > 0 overrides num_train_epochs
     "per_device_train_batch_size": 16,  # with packing: rows of packed samples (up to pack_tokens tokens each)
-    # Packing: several samples per row, each attending only to itself, the loss normalised as unpacked, so a packed
-    # run trains like the unpacked one on fewer, fuller rows. Models that cannot pack train grouped by length.
-    "packing": False,
+    "packing": False,  # several samples a row, each attending to itself only: trains as unpacked, on fewer rows
     "pack_tokens": 2560,  # tokens per packed row (peak memory follows it; measured choices: docs/benchmarks.md)
     "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 1,
