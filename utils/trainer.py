@@ -108,10 +108,9 @@ def plot_loss(log_history, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
     figure, axes = plt.subplots(figsize=(6, 4))
-    for points, label in ((train, "train loss"), (evals, "eval loss")):
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
         if points:
             axes.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
     axes.set(xlabel="step", ylabel="loss")
