@@ -49,28 +49,13 @@ from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
 from utils.model_loading import load_model_and_tokenizer, resolve_dtype
-from utils.train_utils import (
-    add_lora,
-    check_method,
-    check_training_start,
-    check_weights_finite,
-    checkpoint_dir,
-    freeze_all_but,
-    gathered_state_dict,
-    load_datasets,
-    prepare_packing,
-    peak_memory_gib,
-    plot_loss,
-    prefix_settings,
-    print_trainable_parameters,
-    prefix_state,
-    save_adapter,
-    save_full_model,
-    save_prefix,
-    train_prefix_only,
-    write_partial_checkpoint,
-)
-from utils.run_dirs import RunFolder, find_resume_checkpoint, mark_complete, rotate_checkpoints
+from utils.trainer import check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing
+from utils.training_methods import (add_lora, freeze_all_but, gathered_state_dict, prefix_settings, prefix_state,
+                                    print_trainable_parameters, save_adapter, save_full_model, save_prefix,
+                                    train_prefix_only, write_partial_checkpoint)
+from utils.training_options import check_method, check_training_start, checkpoint_dir
+from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_checkpoint, hold_run_folder, mark_complete,
+                            prepare_output_dir, rotate_checkpoints)
 from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record
 
 DEFAULTS = {
@@ -287,7 +272,9 @@ set_env_from_mpi()
 resume = find_resume_checkpoint(output_dir, config["resume_from_checkpoint"])
 check_resume_matches(resume, config, "train_deepspeed.py")
 train_file, dev_file = check_training_start(config, "train_deepspeed.py")
-run_folder = RunFolder(output_dir, resume, config["overwrite_output_dir"]).check()
+if int(os.environ.get("RANK", "0")) == 0:
+    hold_run_folder(output_dir)
+check_output_dir(output_dir, resume, config["overwrite_output_dir"])
 if "RANK" not in os.environ:
     local_rank = max(config["local_rank"], 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank))
@@ -351,7 +338,7 @@ if eval_data is not None:
 failure = [None]
 if master:
     try:
-        run_folder.prepare()
+        prepare_output_dir(output_dir, resume, config["overwrite_output_dir"])
     except Exception as error:  # noqa: BLE001 - handed to the other ranks, then raised everywhere
         failure[0] = error
 dist.broadcast_object_list(failure, src=0)
@@ -572,7 +559,7 @@ if writer:
     writer.close()
 if master:
     plot_loss(state.log_history, output_dir / "loss.png")
-    run_folder.finish()
+    finish_output_dir(output_dir)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
     print(f"{saved}\nloss curve: {output_dir / 'loss.png'}" + (f"\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}" if tensorboard else ""))
 dist.barrier()

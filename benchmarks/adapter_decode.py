@@ -21,7 +21,7 @@ from generate_6b import load_random_model, random_prompt  # noqa: E402  (this fo
 from utils.generation import time_generation  # noqa: E402
 from utils.adapters import fold_adapter  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer  # noqa: E402
-from utils.train_utils import add_lora  # noqa: E402
+from utils.training_methods import add_lora  # noqa: E402
 
 
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "query_key_value"}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.tiny_models import TINY_SIZES, build_random_model  # noqa: E402
 from utils.dataset import InstructionDataset, PackedDataset, PaddingCollator  # noqa: E402
 from utils.model_loading import load_tokenizer, read_config  # noqa: E402
-from utils.train_utils import add_lora  # noqa: E402
+from utils.training_methods import add_lora  # noqa: E402
 
 VERSION = "chatglm2-6b"
 

@@ -39,7 +39,7 @@ from generate_6b import load_random_model, random_prompt  # noqa: E402  (this fo
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
-from utils.train_utils import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
+from utils.training_methods import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
 
 # Official remote code + transformers 4.40 + peft 0.10 on the same H200 (random 6B weights, bf16; measured 2026-12-02),
 # and the targets set by the GPU-speed issue. The official int4 figure is bitsandbytes NF4 (its own int4 kernels do not

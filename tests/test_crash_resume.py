@@ -219,7 +219,7 @@ if __name__ == "__main__":  # the driver: script, setup folder, output root, las
     # Imported once here, shared by every forked child.
     import matplotlib.pyplot  # noqa: F401 - the loss plot
     import utils.model_loading
-    import utils.train_utils  # noqa: F401 - torch, transformers, peft and the project's own modules
+    import utils.trainer
 
     utils.model_loading.remote_module("chatglm2-6b", "modeling_chatglm")
 

@@ -121,7 +121,7 @@ def test_a_captured_decode_step_follows_adapter_switches_and_folding(trainable_m
     """A CUDA graph replays the kernels and tensors it recorded: switching the adapter off, or folding it into the
     weights, must capture again rather than replay the old step."""
     from utils.adapters import fold_adapter
-    from utils.train_utils import add_lora
+    from utils.training_methods import add_lora
 
     model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm2-6b"], dtype="fp32", device="cuda")
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")

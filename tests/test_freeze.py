@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import run_script, train_then_resume
 from test_training import logged_losses
 from utils.model_loading import load_model_and_tokenizer
-from utils.train_utils import freeze_all_but
+from utils.training_methods import freeze_all_but
 
 
 def test_freeze_tuning_trains_the_last_block_only_resumes_exactly_and_writes_a_model_folder(trainable_models, sixteen_examples,

@@ -14,7 +14,7 @@ from conftest import OVERFIT, VERSIONS, run_script
 from test_training import logged_losses
 from utils.dataset import InstructionDataset, PackedDataset, PaddingCollator, pack_examples, pack_lengths, packed_inputs_hook
 from utils.model_loading import load_model_and_tokenizer
-from utils.train_utils import prepare_packing
+from utils.trainer import prepare_packing
 
 MODELS = (*VERSIONS, "llama")
 

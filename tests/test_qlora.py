@@ -17,7 +17,7 @@ from utils.adapters import adapter_disabled, load_model_with_adapter, load_prefi
 from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import get_prompt_format
 from utils.records import read_instruction_records
-from utils.train_utils import kbit_quantization_config
+from utils.training_methods import kbit_quantization_config
 
 LORA = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0"]
 # Steps (one epoch each) to memorise the 16 answers at learning rate 1.5e-2; the tiny ChatGLM-6B (130k vocabulary,
@@ -66,7 +66,7 @@ def test_train_qlora_overfits_and_the_adapter_reproduces_the_answers(version, tr
 def test_kbit_preparation_keeps_unquantized_weights_in_the_compute_dtype(version, trainable_models):
     from transformers import BitsAndBytesConfig
 
-    from utils.train_utils import add_lora, prepare_kbit_model
+    from utils.training_methods import add_lora, prepare_kbit_model
 
     dtype = torch.bfloat16
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -224,3 +224,37 @@ def test_train_qlora_refuses_other_methods_and_bit_widths(trainable_models, sixt
     result = run_script("train_qlora.py", *common, "--quant_bits=2", timeout=300, check=False)
     assert result.returncode == 1 and "error: --quant_bits=2: use 4" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_train_qlora_takes_train_trainers_flags_over_its_json_file(trainable_models, sixteen_examples, tmp_path):
+    """The options of train_trainer.py as flags: they reach the run and its record, over the --train_args_json file's
+    values, which come over the shared defaults; the file's other TrainingArguments fields (optim) reach the run."""
+    args_json = train_args_json(tmp_path, max_steps=9, learning_rate=1e-2, optim="sgd", logging_steps=1)
+    run_dir = tmp_path / "run"
+    run_script("train_qlora.py", f"--train_args_json={args_json}", f"--model_dir={trainable_models['chatglm2-6b']}",
+               f"--train_file={sixteen_examples}", "--dev_file=none", f"--output_dir={run_dir}", "--dtype=fp32",
+               "--max_steps=2", "--save_steps=2", "--learning_rate=5e-3", "--lr_scheduler_type=constant", "--seed=7")
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [(e["step"], e["learning_rate"]) for e in state["log_history"] if "loss" in e] == [(1, 5e-3), (2, 5e-3)]
+    record = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
+    config = record["config"]
+    assert (config["max_steps"], config["learning_rate"], config["seed"], config["logging_steps"]) == (2, 5e-3, 7, 1)
+    assert config["lora"] == {"r": 32, "alpha": 64, "dropout": 0.05, "target_modules": "all"}  # train_trainer.py's
+    assert record["training_arguments"]["optim"] == "sgd"
+    assert torch.load(run_dir / "checkpoint-2" / "training_args.bin", weights_only=False).optim == "sgd"
+
+
+def test_transformers_refuses_a_quantized_base_by_its_is_quantized_flag():
+    """utils/trainer.py's quantized_base_may_train lets P-tuning train on a k-bit base by showing the model
+    unquantized while the Trainer is built: this fails loudly if a transformers release checks something else."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from utils.trainer import quantized_base_may_train
+
+    model = torch.nn.Linear(2, 2)
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)
+    with quantized_base_may_train(model, trainable_only=True):
+        validate_quantization_for_training(model)
+    assert model.is_quantized

@@ -1,0 +1,373 @@
+"""The Trainer path of train_trainer.py and train_qlora.py: TrainingArguments from a config, the training data sets
+and the packing decision, a transformers.Trainer on its public hooks (checkpoints marked complete, the loss over a
+resumed run, tokens/s and peak memory, divergence), and finishing a run (metrics, export, loss plot)."""
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, speed_metrics
+
+from utils.config_utils import ConfigError
+from utils.dataset import (InstructionDataset, PackedDataset, PaddingCollator, TextDataset, format_example,
+                           packed_inputs_hook)
+from utils.errors import UserError
+from utils.log_filters import DropMessage
+from utils.run_dirs import RunFolder, checkpoint_record, mark_complete, rotate_checkpoints
+from utils.run_record import resumed_line, run_record, write_run_record
+from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, check_only_float_weights_train,
+                                    save_adapter, save_full_model, save_prefix, write_partial_checkpoint)
+
+# The options of the training scripts that are TrainingArguments fields of the same name and meaning.
+TRAINING_ARGUMENT_KEYS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                          "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps",
+                          "lr_scheduler_type", "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit",
+                          "seed")
+# transformers' report of a partial checkpoint (P-tuning, freeze tuning): the frozen weights come from the base.
+PARTIAL_LOAD_REPORT = "There were missing keys in the checkpoint model loaded"
+
+
+def training_arguments(config, output_dir, compute_dtype, has_eval, deepspeed=None, extra=None, source=None):
+    """The TrainingArguments of a run: the config's keys of the same name, then `extra` (TrainingArguments fields
+    from train_qlora.py's --train_args_json that the config lacks, e.g. optim), then what the script owns. An unknown
+    or bad field is a ConfigError naming `source` (where `extra` came from)."""
+    values = {key: config[key] for key in TRAINING_ARGUMENT_KEYS}
+    values.update(logging_first_step=True, eval_strategy="steps", save_steps=max(config["save_steps"], 1),
+                  save_strategy="steps" if config["save_steps"] > 0 else "no",
+                  report_to=[r for r in config["report_to"].split(",") if r and r != "none"])
+    values.update(extra or {})
+    # Mixed precision: trained weights (LoRA, a prefix, all of them with --method=full) fp32, compute in the half type.
+    values.update(output_dir=str(output_dir), fp16=compute_dtype == torch.float16, bf16=compute_dtype == torch.bfloat16,
+                  deepspeed=deepspeed, remove_unused_columns=False, label_names=["labels"],
+                  use_cpu=not torch.cuda.is_available(),
+                  include_num_input_tokens_seen="no")  # counted by Trainer.training_step: packed rows hold segment ids
+    if not has_eval:
+        values["eval_strategy"] = "no"
+    try:
+        (args,) = HfArgumentParser(TrainingArguments).parse_dict(values)
+    except ValueError as err:
+        raise ConfigError(f"{source or 'the training options'}: {err}") from err
+    return args
+
+
+def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruction", max_source_length=256,
+                  max_target_length=128, block_size=512, skip_bad_lines=False, loss_on_all_turns=False,
+                  show_example=False):
+    """Encoded train and dev sets (dev None without a dev file), their counts printed: instruction records cut to
+    max_source_length / max_target_length, or for data_format "text" causal-LM blocks of block_size tokens."""
+    def load(path):
+        if data_format == "text":
+            data = TextDataset(path, tokenizer, block_size, skip_bad_lines)
+        else:
+            data = InstructionDataset(path, tokenizer, version, max_source_length, max_target_length, skip_bad_lines,
+                                      loss_on_all_turns)
+        print(data.describe())
+        return data
+
+    train_data = load(train_file)
+    if show_example:
+        print(f"the first sample of {train_file}: " + format_example(train_data[0], tokenizer))
+    return train_data, None if dev_file is None else load(dev_file)
+
+
+def can_pack(model):
+    """Whether packed rows train `model` as the unpacked examples: the ChatGLM models read the segment ids in the
+    mask; transformers' own models get restarting position_ids (packed_inputs_hook). Others might attend across."""
+    if getattr(model, "model_version", None) in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b"):
+        return True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__.startswith("transformers.models.")
+
+
+def prepare_packing(model, train_data, packing, pack_tokens, seed, log=print):
+    """(train data, group_by_length): with packing, rows of at most pack_tokens tokens; a model that cannot pack
+    trains on the unpacked examples in batches grouped by length instead, and the log says so."""
+    if not packing:
+        return train_data, False
+    if not can_pack(model):
+        log(f"packing: {type(model).__name__} cannot isolate packed samples from one another; training unpacked, in "
+            "batches grouped by length instead")
+        return train_data, True
+    if getattr(model, "model_version", None) is None:
+        model.register_forward_pre_hook(packed_inputs_hook, with_kwargs=True)
+    packed = PackedDataset(train_data, pack_tokens, seed)
+    log(packed.describe())
+    return packed, False
+
+
+def plot_loss(log_history, path):
+    """Training (and eval) loss against the step, as a PNG; a crash never leaves half a picture where the last was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
+        if points:
+            axes.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+    axes.set(xlabel="step", ylabel="loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    partial = Path(path).with_name(f".{Path(path).name}.partial")
+    figure.savefig(partial, dpi=100, format="png")
+    plt.close(figure)
+    os.replace(partial, path)
+
+
+def peak_memory_gib():
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    pass
+
+
+def check_weights_finite(model, step):
+    """Stops a run whose trained weights hold NaN or inf: no later step repairs them, and the Trainer's log would
+    print loss 0 (it leaves non-finite losses out) until a useless adapter is saved."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.numel()]
+    if not trained:
+        return
+    # One sum per tensor (NaN/inf carry through it) and one host sync for all of them.
+    finite = torch.stack([torch.isfinite(p.sum(dtype=torch.float32)).to(trained[0][1].device) for _, p in trained])
+    if not finite.all():
+        broken = [name for (name, _), ok in zip(trained, finite.tolist()) if not ok]
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {len(broken)} trained weight tensors hold NaN/inf (first: "
+            f"{broken[0]}). The run stops without writing its final weights; lower --learning_rate (or the LoRA alpha) "
+            "and train again.")
+
+
+def load_trained_tensors(model, checkpoint):
+    """A P-tuning or freeze-tuning checkpoint (trained tensors only) into `model`, checked against what it trains."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(checkpoint) / "model.safetensors"))
+    parameters = dict(model.named_parameters())
+    trained = {name for name, param in parameters.items() if param.requires_grad}
+    if set(state) != trained:
+        raise ConfigError(f"--resume_from_checkpoint: {checkpoint} holds {sorted(set(state) - trained)[:3]} / lacks "
+                          f"{sorted(trained - set(state))[:3]} of the parameters this run trains; resume with the "
+                          "settings it was made with")
+    for name, tensor in state.items():
+        if tensor.shape != parameters[name].shape:
+            raise ConfigError(f"--resume_from_checkpoint: {checkpoint} holds {name} of shape {list(tensor.shape)}, "
+                              f"this run trains it as {list(parameters[name].shape)}; resume with the settings it was "
+                              "made with")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor)
+
+
+@contextlib.contextmanager
+def quantized_base_may_train(model, trainable_only):
+    """transformers' Trainer refuses a quantized model that is no PeftModel (validate_quantization_for_training reads
+    `model.is_quantized`), but P-tuning on a k-bit base trains a float prefix beside the frozen weights. No public hook
+    lets it through: after our own check the model shows itself unquantized while the Trainer is built, here only
+    (tests/test_qlora.py fails loudly if a transformers release checks otherwise)."""
+    if not (trainable_only and getattr(model, "is_quantized", False)):
+        yield
+        return
+    check_only_float_weights_train(model)
+    model.is_quantized = False
+    try:
+        yield
+    finally:
+        model.is_quantized = True
+
+
+class NothingLeftToTrain(Exception):
+    pass
+
+
+class RunCallback(transformers.TrainerCallback):
+    """At the start, a resumed run says where it resumed and re-applies this run's logging, eval and save frequencies
+    (else taken from the checkpoint); before a step, the planned end (the Trainer checks it only after a step, so a run
+    resumed at its last step would train one too many); after a checkpoint is written, Trainer.mark_checkpoint."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.tokens_at_start = state.num_input_tokens_seen
+        if self.trainer.resumed_from is not None:
+            state.compute_steps(args, state.max_steps)
+            if state.is_world_process_zero:
+                print(resumed_line(self.trainer.resumed_from, state.global_step, state.max_steps), flush=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise NothingLeftToTrain
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.mark_checkpoint()
+
+
+class Trainer(transformers.Trainer):
+    """transformers.Trainer that counts real tokens (packed rows hold segment ids in attention_mask) and logs tokens/s,
+    the steady rate after the first log line and peak memory; stops with TrainingDiverged on NaN/inf weights; writes
+    the run record into each checkpoint, marks it complete, and only then rotates old ones (the Trainer's own rotation
+    is off), so --resume_from_checkpoint=auto never picks a cut-off checkpoint; reports train_loss over every step of
+    a resumed run; trains no extra step when resumed at the end. trainable_only (P-tuning, freeze): checkpoints hold
+    the trained tensors only. run_info: run_record's script, config, model_version (and training_arguments)."""
+
+    def __init__(self, *args, run_info, trainable_only=False, **kwargs):
+        with quantized_base_may_train(kwargs["model"], trainable_only):
+            super().__init__(*args, **kwargs)
+        self.trainable_only, self.run_info = trainable_only, run_info
+        self.keep_checkpoints = self.args.save_total_limit or 0
+        self.args.save_total_limit = None
+        self.loss_sum = torch.zeros((), device=self.args.device)  # this session's step losses, summed on the device
+        self.loss_sum_at_start, self.tokens_at_start, self.resumed_from = 0.0, 0, None
+        self.first_training_log = None  # (wall clock, tokens seen) at the first training log line of this session
+        self.steady_tokens_per_second = None  # real tokens/s from that line to the latest one
+        self.add_callback(RunCallback(self))
+
+    def run_record(self):
+        deepspeed = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+        return run_record(**self.run_info, train_data=self.train_dataset, eval_data=self.eval_dataset,
+                          world_size=self.args.world_size, deepspeed_config=deepspeed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        tokens = inputs["attention_mask"].ne(0).sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)  # the log leaves non-finite losses out too
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+        return loss
+
+    def log(self, logs, start_time=None):
+        logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        if start_time is not None:
+            session_tokens = self.state.num_input_tokens_seen - self.tokens_at_start
+            logs.update(speed_metrics("train", start_time, num_tokens=session_tokens))
+        if torch.cuda.is_available():
+            logs["peak_memory_gib"] = peak_memory_gib()
+        if "loss" in logs:
+            check_weights_finite(self.model, self.state.global_step)
+            now, seen = time.perf_counter(), self.state.num_input_tokens_seen
+            if self.first_training_log is None:
+                self.first_training_log = (now, seen)
+            elif now > self.first_training_log[0]:
+                first_time, first_seen = self.first_training_log
+                self.steady_tokens_per_second = round((seen - first_seen) / (now - first_time), 1)
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        step_at_start, started = 0, time.time()
+        if resume_from_checkpoint:
+            record = checkpoint_record(resume_from_checkpoint)
+            self.loss_sum_at_start, step_at_start = record["train_loss_sum"], record["step"]
+            self.resumed_from = resume_from_checkpoint
+            if self.trainable_only and not self.is_deepspeed_enabled:  # checked here, with our one-line errors
+                load_trained_tensors(self.model, resume_from_checkpoint)
+        quiet = DropMessage(PARTIAL_LOAD_REPORT)  # the Trainer loads the partial checkpoint again and names the rest
+        logging.getLogger("transformers.trainer").addFilter(quiet)
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except NothingLeftToTrain:  # the checkpoint's weights are loaded; finish as the Trainer would
+            metrics = speed_metrics("train", started, num_samples=0, num_steps=0)
+            self.log(metrics)
+            self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+            output = TrainOutput(self.state.global_step, 0.0, metrics)
+        finally:
+            logging.getLogger("transformers.trainer").removeFilter(quiet)
+        session_sum = output.training_loss * (output.global_step - step_at_start)
+        loss = (self.loss_sum_at_start + session_sum) / max(output.global_step, 1)
+        output.metrics["train_loss"] = loss
+        return TrainOutput(output.global_step, loss, output.metrics)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.trainable_only:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        # Under DeepSpeed every process takes part in gathering the state.
+        source = (self.accelerator.get_state_dict(self.deepspeed) if self.is_deepspeed_enabled
+                  else dict(self.model.named_parameters()))
+        if self.args.should_save:
+            trained = {name for name, param in self.model.named_parameters() if param.requires_grad}
+            state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in source.items() if name in trained}
+            write_partial_checkpoint(output_dir, state, self.model.config)
+            torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+
+    def mark_checkpoint(self):
+        """After the Trainer wrote a checkpoint: its run record, its marker with the loss summed over every step so
+        far (averaged over processes as the log does; all take part), then the rotation."""
+        loss_sum = self.loss_sum_at_start + nested_gather(self.loss_sum, self.args.parallel_mode).mean().item()
+        self.accelerator.wait_for_everyone()  # every process has written its part of the checkpoint
+        if self.args.should_save:
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_run_record(folder, self.run_record())
+            mark_complete(folder, {"train_loss_sum": loss_sum})
+            rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+
+def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, full_state=None):
+    """On the main process after train() and evaluate(): the final metrics, the adapter or prefix (or, given the
+    gathered `full_state`, the model folder) with train_args.json, the loss plot; prints where they are."""
+    metrics = {**train_result.metrics, **final_eval}
+    # tokens/s of this session (a resumed run counts only its own tokens); before the first log step there is none,
+    # so fall back to all tokens over this session's runtime.
+    rates = [entry["train_tokens_per_second"] for entry in trainer.state.log_history
+             if "train_tokens_per_second" in entry]
+    rate = rates[-1] if rates else metrics["num_input_tokens_seen"] / metrics["train_runtime"]
+    metrics["train_tokens_per_second"] = round(rate, 1)
+    if trainer.steady_tokens_per_second is not None:
+        metrics["steady_tokens_per_second"] = trainer.steady_tokens_per_second
+    metrics["peak_memory_gib"] = peak_memory_gib()
+    train_args = {**trainer.run_record(), "metrics": metrics, "wall_seconds": round(time.time() - started, 1)}
+    config, model_version = train_args["config"], train_args["model_version"]
+    if full_state is not None:
+        saved = f"model: {save_full_model(full_state, model_version, config['model_dir'], output_dir, train_args)}"
+    elif config.get("method") == "ptuning":
+        saved = f"P-tuning v2 prefix: {save_prefix(trainer.model, output_dir, train_args)}"
+    else:
+        saved = f"adapter: {save_adapter(trainer.model, output_dir, train_args)}"
+    plot_loss(trainer.state.log_history, Path(output_dir) / "loss.png")
+    RunFolder(output_dir).finish()
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
+    print(f"{saved}\nloss curve: {Path(output_dir) / 'loss.png'}\n"
+          f"TensorBoard: tensorboard --logdir {Path(output_dir) / 'runs'}")
+    return metrics
+
+
+def train_and_finish(config, run_info, model, tokenizer, data_files, args, resume, compute_dtype):
+    """A run once its model is set up: data, packing, the output folder made ready (config, model and data are
+    good), training, the final evaluation, the export."""
+    method, output_dir = config["method"], Path(args.output_dir)
+    train_data, eval_data = load_datasets(
+        *data_files, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
+        config["max_target_length"], config["block_size"], config["skip_bad_lines"], config["loss_on_all_turns"],
+        config["show_example"])
+    train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"],
+                                                  config["seed"])
+    if group_by_length:
+        args.train_sampling_strategy = "group_by_length"
+    if int(os.environ.get("RANK", "0")) == 0:  # one process moves an overwritten run aside
+        RunFolder(output_dir, resume, config["overwrite_output_dir"]).prepare()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                      data_collator=PaddingCollator(tokenizer.pad_token_id),
+                      trainable_only=method in ("ptuning", "freeze"),
+                      run_info={**run_info, "config": config, "model_version": model.model_version})
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
+    if method in ("full", "freeze"):  # every process takes part in gathering ZeRO-3 shards; saved in the compute dtype
+        state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
+        if trainer.is_world_process_zero():
+            finish_trainer_run(trainer, result, final_eval, output_dir, started, state)
+        return
+    with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
+        if trainer.is_world_process_zero():
+            finish_trainer_run(trainer, result, final_eval, output_dir, started)
