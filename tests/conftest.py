@@ -260,6 +260,12 @@ class InterpreterState:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if "deepspeed" in sys.modules:  # its cached groups of the destroyed process group
+            from deepspeed.utils import groups
+
+            for name, value in vars(groups).items():
+                if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+                    setattr(groups, name, {} if isinstance(value, dict) else None)
         AcceleratorState._reset_state(reset_partial_state=True)
         unset_hf_deepspeed_config()
 
