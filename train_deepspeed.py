@@ -50,9 +50,7 @@ from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_che
                             prepare_output_dir, rotate_checkpoints)
 from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record
 
-# The training scripts' shared keys and defaults; here the DeepSpeed config is always used (its "auto" values are
-# filled from this config), the optimizer keeps fp32 master copies of what trains, and lr_scheduler_type applies
-# where --deepspeed names no "scheduler".
+# The training scripts' shared keys and defaults; here a DeepSpeed config is always used.
 DEFAULTS = {**TRAINING_DEFAULTS, "deepspeed": "deepspeed.json"}
 # What the Trainer puts into "auto" optimizer fields (TrainingArguments' defaults; train_trainer.py does not set them).
 ADAM_BETAS, ADAM_EPSILON = [0.9, 0.999], 1e-8
@@ -116,12 +114,10 @@ def memory_stats():
 
 
 class TrainingState:
-    """Where training stands: the engine (weights, optimizer, schedule), the counters, the loss sums, the log and the
-    RNG, saved with every checkpoint (save: DeepSpeed's client state and rng_state_<rank>.pth) and restored from it
-    (restore) in this one place. The counters since the last log line and this session's loss sum stay on the
-    device, per rank (no host sync per step): saving sums them over ranks, restoring gives the carried-over sums to
-    rank 0. world_size and micro_batches_per_epoch are saved to refuse a resume that would order the data
-    differently."""
+    """Where training stands: the engine (weights, optimizer, schedule), counters, loss sums, log and RNG, saved with
+    every checkpoint and restored from it in this one place. The sums since the last log line and of this session
+    stay on the device, per rank (no host sync per step): saving sums them over ranks, restoring gives them to rank 0.
+    world_size and micro_batches_per_epoch are saved to refuse a resume that would order the data differently."""
 
     def __init__(self, engine, micro_batches_per_epoch, device, writer=None):
         self.engine, self.micro_batches_per_epoch, self.device, self.writer = engine, micro_batches_per_epoch, device, writer
@@ -188,13 +184,6 @@ class TrainingState:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-
-    def step_done(self, micro_batches, step_loss):
-        self.global_step += 1
-        self.batches_done += micro_batches
-        self.loss_since_log += step_loss
-        self.session_loss += step_loss
-        self.steps_since_log += 1
 
     def log(self, entry):
         """A line of the log (rank 0 prints it; TensorBoard gets its numbers)."""
@@ -432,7 +421,11 @@ def train_step(state, micro_batches):
         engine.step()
         step_loss += loss.detach()
         state.tokens_since_log += int(batch["attention_mask"].ne(0).sum())  # packed rows: segment ids
-    state.step_done(len(micro_batches), step_loss)
+    state.global_step += 1
+    state.batches_done += len(micro_batches)
+    state.steps_since_log += 1
+    state.loss_since_log += step_loss
+    state.session_loss += step_loss
     return learning_rate
 
 
