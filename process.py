@@ -72,8 +72,8 @@ def check_options(config):
         raise ConfigError(f"--input_format: {config['input_format']!r} is no format; auto or one of "
                           f"{', '.join(ner_data.FORMATS)}" + (f" (did you mean {close[0]}?)" if close else ""))
     if config["train_file"] != DEFAULTS["train_file"] and config["dev_file"] == DEFAULTS["dev_file"]:
-        raise ConfigError("--dev_file: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, or "
-                          "--dev_file \"\" (no dev set, or one split off with --dev_ratio)")
+        raise ConfigError("--dev_file: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, "
+                          "or --dev_file \"\" (no dev set, or one split off with --dev_ratio)")
     if not 0.0 <= config["dev_ratio"] < 1.0:
         raise ConfigError(f"--dev_ratio: {config['dev_ratio']} is out of range; a fraction in [0, 1)")
     if config["dev_ratio"] > 0 and config["dev_file"]:
@@ -110,7 +110,8 @@ def read_files(config, train_files, dev_files, bad_lines):
     try:
         for split, files in (("train", train_files), ("dev", dev_files)):
             for file in files:
-                input_format = ner_data.detect_format(file) if config["input_format"] == "auto" else config["input_format"]
+                input_format = config["input_format"]
+                input_format = ner_data.detect_format(file) if input_format == "auto" else input_format
                 kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
                 kinds.add(kind)
                 formats.add(input_format)
@@ -187,12 +188,14 @@ def report(kind, records, bad_lines, stats, no_dev):
         if kind == "ner":
             by_type = entity_counts[split].most_common()
             print("  entities by type: " + (", ".join(f"{t} {n}" for t, n in by_type) or "none"))
-            print(f"  empty answers ({ner_data.NO_ENTITY}): {sum(r['answer'] == ner_data.NO_ENTITY for r in records[split])}")
+            empty = sum(r["answer"] == ner_data.NO_ENTITY for r in records[split])
+            print(f"  empty answers ({ner_data.NO_ENTITY}): {empty}")
             print(f"  truncated texts: {truncated[split]} (entities dropped: {dropped[split]})")
         else:
             print(f"  with history: {sum('history' in r for r in records[split])}")
             if conversations := sum("conversations" in r for r in records[split]):
-                print(f"  conversation records (tool calls, unlearnt turns, ChatGLM3-format conversations): {conversations}")
+                print("  conversation records (tool calls, unlearnt turns, ChatGLM3-format conversations): "
+                      f"{conversations}")
         print("  " + bad_lines[split].summary().replace("\n", "\n  "))
     if any(bad_lines[split].repaired.total for split in ("train", "dev")):
         print("repaired: an I- tag that does not continue an entity of its type opens a new entity, as conlleval and "
@@ -212,7 +215,7 @@ def write(records, outputs, debug):
             if records[split]:
                 write_jsonl(outputs[split], records[split])
                 print(f"wrote {outputs[split]} ({len(records[split])} lines)")
-            elif outputs[split].is_file():  # from an earlier run (--overwrite, or empty): it must not pass for this run's
+            elif outputs[split].is_file():  # from an earlier run (--overwrite, or empty): not to pass for this run's
                 outputs[split].unlink()
                 print(f"removed {outputs[split]}: left from an earlier run, and this run has no {split} samples")
         except OSError as err:

@@ -44,8 +44,8 @@ from utils.model_utils import load_model_and_tokenizer, resolve_dtype
 from utils.train_utils import (add_lora, check_method, check_training_start, check_weights_finite, checkpoint_dir,
                                freeze_all_but, gathered_state_dict, gathered_trainable_parameters, load_datasets,
                                peak_memory_gib, plot_loss, prefix_settings, prefix_state, prepare_packing,
-                               print_trainable_parameters, save_adapter, save_full_model, save_prefix, train_prefix_only,
-                               write_partial_checkpoint)
+                               print_trainable_parameters, save_adapter, save_full_model, save_prefix,
+                               train_prefix_only, write_partial_checkpoint)
 from utils.run_dirs import (check_output_dir, finish_output_dir, find_resume_checkpoint, hold_run_folder, mark_complete,
                             prepare_output_dir, rotate_checkpoints)
 from utils.run_record import check_resume_matches, resumed_line, run_record, write_run_record
@@ -84,7 +84,8 @@ def resolve_deepspeed_config(path, values, must_match):
     if left:
         raise ValueError(f"{path}: no value for the \"auto\" entries {left}; write numbers there")
     if mismatches:
-        raise ValueError("DeepSpeed config and script config disagree (use \"auto\" or make them equal):\n" + "\n".join(mismatches))
+        raise ValueError("DeepSpeed config and script config disagree (use \"auto\" or make them equal):\n"
+                         + "\n".join(mismatches))
     return ds_config
 
 
@@ -120,7 +121,8 @@ class TrainingState:
     world_size and micro_batches_per_epoch are saved to refuse a resume that would order the data differently."""
 
     def __init__(self, engine, micro_batches_per_epoch, device, writer=None):
-        self.engine, self.micro_batches_per_epoch, self.device, self.writer = engine, micro_batches_per_epoch, device, writer
+        self.engine, self.device, self.writer = engine, device, writer
+        self.micro_batches_per_epoch = micro_batches_per_epoch
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.master = self.rank == 0
         self.global_step = self.epoch = self.batches_done = 0  # batches_done: micro-batches of this epoch trained
@@ -168,9 +170,9 @@ class TrainingState:
             raise ConfigError(f"--resume_from_checkpoint: {checkpoint}: not a checkpoint of train_deepspeed.py (no "
                               "DeepSpeed state with its client state)")
         if (saved["world_size"], saved["micro_batches_per_epoch"]) != (self.world_size, self.micro_batches_per_epoch):
-            raise ConfigError(f"--resume_from_checkpoint: {checkpoint}: saved with world_size={saved['world_size']} and "
-                              f"{saved['micro_batches_per_epoch']} micro-batches per epoch; this run has {self.world_size} "
-                              f"and {self.micro_batches_per_epoch}: the data order would differ")
+            raise ConfigError(f"--resume_from_checkpoint: {checkpoint}: saved with world_size={saved['world_size']} "
+                              f"and {saved['micro_batches_per_epoch']} micro-batches per epoch; this run has "
+                              f"{self.world_size} and {self.micro_batches_per_epoch}: the data order would differ")
         self.global_step, self.epoch, self.batches_done = saved["global_step"], saved["epoch"], saved["batches_done"]
         self.tokens_seen, self.log_history = saved["tokens_seen"], saved["log_history"]
         self.loss_sum_before = saved["train_loss_sum"]
@@ -265,9 +267,10 @@ def load_model(config, method, device, master):
 def load_data(config, train_file, dev_file, model, tokenizer, master):
     """Each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
     Returns (train data, eval data or None, train loader, eval loader or None)."""
-    train_data, eval_data = load_datasets(train_file, dev_file, tokenizer, model.model_version, config["data_format"],
-                                          config["max_source_length"], config["max_target_length"], config["block_size"],
-                                          config["skip_bad_lines"], config["loss_on_all_turns"], config["show_example"])
+    train_data, eval_data = load_datasets(
+        train_file, dev_file, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
+        config["max_target_length"], config["block_size"], config["skip_bad_lines"], config["loss_on_all_turns"],
+        config["show_example"])
     train_data, group_by_length = prepare_packing(model, train_data, config["packing"], config["pack_tokens"],
                                                   config["seed"], log=print if master else lambda text: None)
     if group_by_length and master:
@@ -319,8 +322,8 @@ def plan_steps(config, sampler):
 
 def start_engine(config, model, total_steps, warmup_steps):
     """The DeepSpeed engine and its resolved config: the "auto" entries get what the Trainer would put there."""
-    batch_size, accumulation, world_size = (config["per_device_train_batch_size"], config["gradient_accumulation_steps"],
-                                            dist.get_world_size())
+    batch_size, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
+    world_size = dist.get_world_size()
     hidden_size, weight_dtype = model.config.hidden_size, resolve_dtype(config["dtype"], model.device.type)
     auto_values = {
         "train_micro_batch_size_per_gpu": batch_size,
@@ -343,7 +346,8 @@ def start_engine(config, model, total_steps, warmup_steps):
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
     }
     not_matched = {"scheduler.params.warmup_min_lr", "zero_optimization.reduce_bucket_size",
-                   "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold"}
+                   "zero_optimization.stage3_prefetch_bucket_size",
+                   "zero_optimization.stage3_param_persistence_threshold"}
     ds_config = resolve_deepspeed_config(config["deepspeed"], auto_values, must_match=set(auto_values) - not_matched)
     if dist.get_rank() == 0:
         print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
@@ -366,14 +370,15 @@ def save_checkpoint(state, output_dir, method, record, save_total_limit):
     checkpoint is marked complete and only then are older checkpoints beyond save_total_limit removed."""
     folder = output_dir / f"checkpoint-{state.global_step}"
     state.save(folder)
-    if method in ("lora", "ptuning"):  # the adapter or prefix of step N (otherwise the DeepSpeed state holds the weights)
+    if method in ("lora", "ptuning"):  # the adapter or prefix of step N (else the DeepSpeed state holds the weights)
         with gathered_trainable_parameters(state.engine.module):
             if state.master and method == "ptuning":
                 write_partial_checkpoint(folder, prefix_state(state.engine.module), state.engine.module.config)
             elif state.master:
                 state.engine.module.save_pretrained(str(folder), safe_serialization=True)
     if state.master:
-        trainer_state = {"global_step": state.global_step, "epoch": state.epoch_progress(), "log_history": state.log_history}
+        trainer_state = {"global_step": state.global_step, "epoch": state.epoch_progress(),
+                         "log_history": state.log_history}
         (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         write_run_record(folder, record)  # the run's train_args.json, before the marker
     dist.barrier()  # every rank's part is written
@@ -473,7 +478,8 @@ def save_final(state, config, method, output_dir, train_args):
     if method in ("full", "freeze"):  # one weight at a time
         full_state = gathered_state_dict(module, keep=state.master)
         if state.master:
-            return f"model: {save_full_model(full_state, module.model_version, config['model_dir'], output_dir, train_args)}"
+            folder = save_full_model(full_state, module.model_version, config["model_dir"], output_dir, train_args)
+            return f"model: {folder}"
         return None
     with gathered_trainable_parameters(state.engine.module):
         if state.master and method == "ptuning":
