@@ -214,7 +214,8 @@ class InterpreterState:
         self.loggers = {name: (logger.level, list(logger.handlers), list(logger.filters), logger.propagate, logger.disabled)
                         for name, logger in self.all_loggers().items()}
         self.logging_disabled = logging.root.manager.disable
-        self.rng = random.getstate(), numpy.random.get_state(), torch.get_rng_state()
+        self.rng = (random.getstate(), numpy.random.get_state(), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         self.threads, self.num_threads, self.default_dtype = set(threading.enumerate()), torch.get_num_threads(), torch.get_default_dtype()
         os.chdir(REPO_ROOT)
         return self
@@ -241,6 +242,8 @@ class InterpreterState:
         random.setstate(self.rng[0])
         numpy.random.set_state(self.rng[1])
         torch.set_rng_state(self.rng[2])
+        if self.rng[3] is not None:
+            torch.cuda.set_rng_state_all(self.rng[3])
         torch.set_num_threads(self.num_threads)
         torch.set_default_dtype(self.default_dtype)
         gc.collect()
@@ -255,7 +258,7 @@ class InterpreterState:
         """train_deepspeed.py's one-process group (left open by a run that failed), and the singletons that the
         Trainer's accelerate and DeepSpeed integration keep for the next run in this process."""
         import torch.distributed as dist
-        from accelerate.state import AcceleratorState
+        from accelerate.state import AcceleratorState, GradientState
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         if dist.is_available() and dist.is_initialized():
@@ -267,6 +270,7 @@ class InterpreterState:
                 if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
                     setattr(groups, name, {} if isinstance(value, dict) else None)
         AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         unset_hf_deepspeed_config()
 
 
