@@ -114,17 +114,36 @@ class ScriptRunner:
         return subprocess.CompletedProcess(argv, returncode, *streams.output)
 
 
+PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                          ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                          ("ignore", ResourceWarning, "")]
+SCRIPT_WARNING_FILTERS = []  # a script's filters: Python's own, then those its libraries add on import
+
+
 def import_libraries():
     """What the scripts import, imported before the first run: the state saved around each run then holds what these
-    imports set up once (utils/log_filters' filters, the libraries' loggers, handlers and warnings filters)."""
-    import utils.log_filters  # noqa: F401, I001
-    import peft  # noqa: F401
-    from transformers import Trainer  # noqa: F401
+    imports set up once (utils/log_filters' filters, the libraries' loggers and handlers), and the warning filters a
+    script sees are Python's own plus those the libraries add (pytest's own filters record warnings instead)."""
+    if SCRIPT_WARNING_FILTERS:
+        return
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in reversed(PYTHON_WARNING_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)
+        import utils.log_filters  # noqa: F401, I001
+        import peft  # noqa: F401
+        from transformers import Trainer  # noqa: F401
 
-    try:  # a GPU machine without DeepSpeed still runs the other scripts
-        import deepspeed  # noqa: F401
-    except ImportError:
-        pass
+        try:  # a GPU machine without DeepSpeed still runs the other scripts
+            import deepspeed  # noqa: F401
+        except ImportError:
+            pass
+        SCRIPT_WARNING_FILTERS.extend(warnings.filters)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """As Python shows a warning: on sys.stderr (pytest's own hook records it instead)."""
+    (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def run_main(argv, timeout):
@@ -210,7 +229,11 @@ class InterpreterState:
 
     def __enter__(self):
         self.argv, self.cwd, self.environ, self.excepthook = list(sys.argv), os.getcwd(), dict(os.environ), sys.excepthook
-        self.warning_filters, self.showwarning = list(warnings.filters), warnings.showwarning
+        self.warnings = warnings.catch_warnings()  # puts filters and showwarning back, afresh ("once" included)
+        self.warnings.__enter__()
+        warnings.resetwarnings()
+        warnings.filters[:] = SCRIPT_WARNING_FILTERS
+        warnings.showwarning = show_warning
         self.loggers = {name: (logger.level, list(logger.handlers), list(logger.filters), logger.propagate, logger.disabled)
                         for name, logger in self.all_loggers().items()}
         self.logging_disabled = logging.root.manager.disable
@@ -230,8 +253,7 @@ class InterpreterState:
         os.chdir(self.cwd)
         os.environ.clear()
         os.environ.update(self.environ)
-        warnings.filters[:] = self.warning_filters
-        warnings.showwarning = self.showwarning
+        self.warnings.__exit__(None, None, None)
         for name, logger in self.all_loggers().items():
             if name not in self.loggers:  # made during the run: kept as made
                 continue

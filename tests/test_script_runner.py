@@ -1,6 +1,6 @@
 """The tests' way of running a script (conftest.run_script): in this process as `python script.py args` would run it,
-its output captured (C-level writes to fds 1 and 2 included), stdin from `input`, its exit status as the interpreter
-gives it, and the interpreter put back afterwards; with ranks=N under torchrun, where one failing rank ends them all."""
+its output captured (C-level writes to fds 1 and 2 included, warnings as Python shows them), stdin from `input`, its
+exit status as the interpreter gives it, and the interpreter put back afterwards; with ranks=N under torchrun, where one failing rank ends them all."""
 import logging
 import os
 import sys
@@ -24,6 +24,9 @@ if config["mode"] == "exit":
     sys.exit(config["value"])
 if config["mode"] == "exit_message":
     sys.exit("error: stopped")
+if config["mode"] == "warn":
+    import warnings
+    warnings.warn("shown as Python shows it")
 """
 
 
@@ -46,6 +49,9 @@ def test_a_run_in_process_captures_output_and_gives_the_exit_status(tmp_path):
     stopped = run_script(script, "--mode=exit_message", check=False)
     assert (stopped.returncode, stopped.stderr.splitlines()[-1]) == (1, "error: stopped")
     assert run_script(script, "--mode=nonsense", "--unknown=1", check=False).returncode == 1
+    # A warning goes to stderr as in a fresh interpreter (not to pytest's record), in every run.
+    for _ in range(2):
+        assert "UserWarning: shown as Python shows it" in run_script(script, "--mode=warn").stderr
     assert sys.excepthook is hook
 
 
