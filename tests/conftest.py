@@ -151,8 +151,10 @@ def run_main(argv, timeout):
     def out_of_time(signum, frame):
         raise subprocess.TimeoutExpired(argv, timeout)
 
-    previous = signal.signal(signal.SIGALRM, out_of_time)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
+    timed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    if timed:
+        previous = signal.signal(signal.SIGALRM, out_of_time)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
     sys.argv = argv
     try:
         runpy.run_path(argv[0], run_name="__main__")
@@ -168,8 +170,9 @@ def run_main(argv, timeout):
         sys.excepthook(*sys.exc_info())
         return 1
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
         sys.stdout.flush()
         sys.stderr.flush()
 
