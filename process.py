@@ -49,12 +49,11 @@ DEFAULTS = {
     "overwrite": False,
     "debug": False,  # errors show their Python traceback
 }
-config = parse_config(DEFAULTS, description=__doc__)
 
 
-def fail(message, error=None):
+def fail(message, error, debug):
     """Stop with one line on stderr and exit status 1 (--debug: raise `error` instead, with its traceback)."""
-    if error is not None and config["debug"]:
+    if debug:
         raise error
     sys.exit(f"error: {message}")
 
@@ -66,76 +65,82 @@ def prompt_key(record):
     return record["instruct"], record["query"]
 
 
-# ---------------------------------------------------------------------------------------------------- checks
-if config["input_format"] != "auto" and config["input_format"] not in ner_data.FORMATS:
-    close = difflib.get_close_matches(config["input_format"], ner_data.FORMATS, n=1, cutoff=0.6)
-    raise ConfigError(f"--input_format: {config['input_format']!r} is no format; auto or one of "
-                      f"{', '.join(ner_data.FORMATS)}" + (f" (did you mean {close[0]}?)" if close else ""))
-if config["train_file"] != DEFAULTS["train_file"] and config["dev_file"] == DEFAULTS["dev_file"]:
-    raise ConfigError("--dev_file: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, or "
-                      "--dev_file \"\" (no dev set, or one split off with --dev_ratio)")
-if not 0.0 <= config["dev_ratio"] < 1.0:
-    raise ConfigError(f"--dev_ratio: {config['dev_ratio']} is out of range; a fraction in [0, 1)")
-if config["dev_ratio"] > 0 and config["dev_file"]:
-    raise ConfigError("--dev_ratio: splits dev off train when there is no --dev_file; give one or the other")
-for key in ("augment_copies", "max_text_chars"):
-    if config[key] < 0:
-        raise ConfigError(f"--{key}: {config[key]} is negative; 0 (off) or more")
-train_files = [f.strip() for f in config["train_file"].split(",") if f.strip()]
-dev_files = [f.strip() for f in config["dev_file"].split(",") if f.strip()]
-if not train_files:
-    raise ConfigError("--train_file: empty; one or more files, comma-separated")
+def check_options(config):
+    """The options and the output files, before any reading: returns (train files, dev files, {split: output})."""
+    if config["input_format"] != "auto" and config["input_format"] not in ner_data.FORMATS:
+        close = difflib.get_close_matches(config["input_format"], ner_data.FORMATS, n=1, cutoff=0.6)
+        raise ConfigError(f"--input_format: {config['input_format']!r} is no format; auto or one of "
+                          f"{', '.join(ner_data.FORMATS)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if config["train_file"] != DEFAULTS["train_file"] and config["dev_file"] == DEFAULTS["dev_file"]:
+        raise ConfigError("--dev_file: --train_file is set but --dev_file is still the demo's; pass --dev_file PATH, "
+                          "or --dev_file \"\" (no dev set, or one split off with --dev_ratio)")
+    if not 0.0 <= config["dev_ratio"] < 1.0:
+        raise ConfigError(f"--dev_ratio: {config['dev_ratio']} is out of range; a fraction in [0, 1)")
+    if config["dev_ratio"] > 0 and config["dev_file"]:
+        raise ConfigError("--dev_ratio: splits dev off train when there is no --dev_file; give one or the other")
+    for key in ("augment_copies", "max_text_chars"):
+        if config[key] < 0:
+            raise ConfigError(f"--{key}: {config[key]} is negative; 0 (off) or more")
+    train_files = [f.strip() for f in config["train_file"].split(",") if f.strip()]
+    dev_files = [f.strip() for f in config["dev_file"].split(",") if f.strip()]
+    if not train_files:
+        raise ConfigError("--train_file: empty; one or more files, comma-separated")
+    output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
+    outputs = {"train": output_dir / "train.txt", "dev": output_dir / "dev.txt"}
+    # Refused before any reading rather than failing on write: a file where a folder of output_dir should be, and a
+    # folder (or anything else) where an output file should be.
+    folder = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not folder.is_dir():
+        kind = "a file" if folder.is_file() else special_file_kind(folder)
+        raise ConfigError(f"--output_dir: {folder} is {kind}, not a folder; choose another")
+    for path in outputs.values():
+        if path.exists() and not path.is_file():
+            sys.exit(f"error: {path} exists and is not a file; remove it or choose another --output_dir")
+    existing = [str(p) for p in outputs.values() if p.is_file() and p.stat().st_size > 0]
+    if existing and not config["overwrite"]:
+        sys.exit(f"error: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --output_dir")
+    return train_files, dev_files, outputs
 
-output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
-outputs = {"train": output_dir / "train.txt", "dev": output_dir / "dev.txt"}
-# Refused before any reading rather than failing on write: a file where a folder of output_dir should be, and a
-# folder (or anything else) where an output file should be.
-folder = next(p for p in (output_dir, *output_dir.parents) if p.exists())
-if not folder.is_dir():
-    kind = "a file" if folder.is_file() else special_file_kind(folder)
-    raise ConfigError(f"--output_dir: {folder} is {kind}, not a folder; choose another")
-for path in outputs.values():
-    if path.exists() and not path.is_file():
-        sys.exit(f"error: {path} exists and is not a file; remove it or choose another --output_dir")
-existing = [str(p) for p in outputs.values() if p.is_file() and p.stat().st_size > 0]
-if existing and not config["overwrite"]:
-    sys.exit(f"error: {', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --output_dir")
 
-# ---------------------------------------------------------------------------------------------------- read
-bad_lines = {split: BadLines(config["skip_bad_lines"], config["strict_tags"]) for split in ("train", "dev")}
-items = {"train": [], "dev": []}  # NER: (input_format, text, raw entities); generation: records
-kinds, formats = set(), set()
-try:
-    for split, files in (("train", train_files), ("dev", dev_files)):
-        for file in files:
-            input_format = ner_data.detect_format(file) if config["input_format"] == "auto" else config["input_format"]
-            kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
-            kinds.add(kind)
-            formats.add(input_format)
-            before = len(items[split])
-            for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
-                items[split].append((input_format, *item) if kind == "ner" else item[0])
-            print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
-except DataError as err:
-    fail(f"{err}{err.hint}", err)
-if len(kinds) > 1:
-    sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
-kind = kinds.pop()
+def read_files(config, train_files, dev_files, bad_lines):
+    """{split: items} (NER: (input_format, text, raw entities); generation: records), the kind (ner or generation)
+    and the input formats seen."""
+    items = {"train": [], "dev": []}
+    kinds, formats = set(), set()
+    try:
+        for split, files in (("train", train_files), ("dev", dev_files)):
+            for file in files:
+                input_format = config["input_format"]
+                input_format = ner_data.detect_format(file) if input_format == "auto" else input_format
+                kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
+                kinds.add(kind)
+                formats.add(input_format)
+                before = len(items[split])
+                for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
+                    items[split].append((input_format, *item) if kind == "ner" else item[0])
+                print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
+    except DataError as err:
+        fail(f"{err}{err.hint}", err, config["debug"])
+    if len(kinds) > 1:
+        sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
+    return items, kinds.pop(), formats
 
-if config["dev_ratio"] > 0:
+
+def split_dev(items, dev_ratio, seed):
+    """--dev_ratio: that fraction of train, shuffled with the seed, becomes dev."""
     order = list(range(len(items["train"])))
-    random.Random(config["seed"]).shuffle(order)
-    n_dev = max(1, round(len(order) * config["dev_ratio"])) if len(order) > 1 else 0
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, round(len(order) * dev_ratio)) if len(order) > 1 else 0
     dev_index = set(order[:n_dev])
     items["dev"] = [item for i, item in enumerate(items["train"]) if i in dev_index]
     items["train"] = [item for i, item in enumerate(items["train"]) if i not in dev_index]
-    print(f"dev: {n_dev} samples split off train (dev_ratio={config['dev_ratio']}, seed={config['seed']})")
+    print(f"dev: {n_dev} samples split off train (dev_ratio={dev_ratio}, seed={seed})")
 
-# ---------------------------------------------------------------------------------------------------- convert
-records = {"train": [], "dev": []}
-truncated, dropped = Counter(), Counter()
-entity_counts = {"train": Counter(), "dev": Counter()}  # distinct (entity, type) per sample, as in the answers
-if kind == "ner":
+
+def ner_records(config, items, formats, stats):
+    """The instruction records of the NER items, one instruct for all: types mapped, long texts cut, train augmented.
+    Counts into stats (entity counts, truncated, dropped; each per split)."""
+    entity_counts, truncated, dropped = stats
     unmapped = Counter()
     raw_types_of = {}  # type name -> the raw types written as it
     examples = {"train": [], "dev": []}  # (text, entities with type names)
@@ -161,8 +166,6 @@ if kind == "ner":
             entity_counts[split].update(name for _, name in dict.fromkeys((e, name) for e, name, _ in mapped))
     type_names = [name for split in ("train", "dev") for _, mapped in examples[split] for _, name, _ in mapped]
     instruct = ner_data.choose_instruct(type_names, formats)
-    for split in ("train", "dev"):
-        records[split] = [ner_data.ner_record(text, mapped, instruct) for text, mapped in examples[split]]
     print(f"instruct: {instruct}")
     if unmapped:
         print("types kept as raw names (no mapping): " + ", ".join(f"{t} {n}" for t, n in unmapped.most_common()))
@@ -170,43 +173,67 @@ if kind == "ner":
         # Not silent: scores per type then count these raw types as one.
         print("types written under one name: "
               + "; ".join(f"{name} <- {', '.join(sorted(raw))}" for name, raw in merged.items()))
-else:
-    records = items
+    return {split: [ner_data.ner_record(text, mapped, instruct) for text, mapped in examples[split]]
+            for split in ("train", "dev")}
 
-# ---------------------------------------------------------------------------------------------------- report
-for split in ("train", "dev"):
-    if not records[split] and split == "dev" and not dev_files and not config["dev_ratio"]:
-        print("dev: none (no --dev_file, --dev_ratio 0)")
-        continue
-    print(f"{split}: {len(records[split])} samples")
-    if kind == "ner":
-        by_type = entity_counts[split].most_common()
-        print("  entities by type: " + (", ".join(f"{t} {n}" for t, n in by_type) or "none"))
-        print(f"  empty answers ({ner_data.NO_ENTITY}): {sum(r['answer'] == ner_data.NO_ENTITY for r in records[split])}")
-        print(f"  truncated texts: {truncated[split]} (entities dropped: {dropped[split]})")
-    else:
-        print(f"  with history: {sum('history' in r for r in records[split])}")
-        if conversations := sum("conversations" in r for r in records[split]):
-            print(f"  conversation records (tool calls, unlearnt turns, ChatGLM3-format conversations): {conversations}")
-    print("  " + bad_lines[split].summary().replace("\n", "\n  "))
-if any(bad_lines[split].repaired.total for split in ("train", "dev")):
-    print("repaired: an I- tag that does not continue an entity of its type opens a new entity, as conlleval and "
-          "seqeval read it; --strict_tags stops on such tags instead")
-if records["dev"]:
-    train_prompts = {prompt_key(r) for r in records["train"]}
-    print(f"dev samples whose instruct and query (or conversation) also occur in train: "
-          f"{sum(prompt_key(r) in train_prompts for r in records['dev'])}")
 
-# ---------------------------------------------------------------------------------------------------- write
-if not records["train"]:
-    sys.exit("error: no training samples")
-for split in ("train", "dev"):  # train first: a stale dev.txt is removed only once the new train.txt is in place
-    try:
-        if records[split]:
-            write_jsonl(outputs[split], records[split])
-            print(f"wrote {outputs[split]} ({len(records[split])} lines)")
-        elif outputs[split].is_file():  # from an earlier run (--overwrite, or empty): it must not pass for this run's
-            outputs[split].unlink()
-            print(f"removed {outputs[split]}: left from an earlier run, and this run has no {split} samples")
-    except OSError as err:
-        fail(f"cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})", err)
+def report(kind, records, bad_lines, stats, no_dev):
+    """What each split holds. stats: (entity counts, truncated, dropped), each per split."""
+    entity_counts, truncated, dropped = stats
+    for split in ("train", "dev"):
+        if not records[split] and split == "dev" and no_dev:
+            print("dev: none (no --dev_file, --dev_ratio 0)")
+            continue
+        print(f"{split}: {len(records[split])} samples")
+        if kind == "ner":
+            by_type = entity_counts[split].most_common()
+            print("  entities by type: " + (", ".join(f"{t} {n}" for t, n in by_type) or "none"))
+            empty = sum(r["answer"] == ner_data.NO_ENTITY for r in records[split])
+            print(f"  empty answers ({ner_data.NO_ENTITY}): {empty}")
+            print(f"  truncated texts: {truncated[split]} (entities dropped: {dropped[split]})")
+        else:
+            print(f"  with history: {sum('history' in r for r in records[split])}")
+            if conversations := sum("conversations" in r for r in records[split]):
+                print("  conversation records (tool calls, unlearnt turns, ChatGLM3-format conversations): "
+                      f"{conversations}")
+        print("  " + bad_lines[split].summary().replace("\n", "\n  "))
+    if any(bad_lines[split].repaired.total for split in ("train", "dev")):
+        print("repaired: an I- tag that does not continue an entity of its type opens a new entity, as conlleval and "
+              "seqeval read it; --strict_tags stops on such tags instead")
+    if records["dev"]:
+        train_prompts = {prompt_key(r) for r in records["train"]}
+        print(f"dev samples whose instruct and query (or conversation) also occur in train: "
+              f"{sum(prompt_key(r) in train_prompts for r in records['dev'])}")
+
+
+def write(records, outputs, debug):
+    """Train first: a stale dev.txt is removed only once the new train.txt is in place."""
+    if not records["train"]:
+        sys.exit("error: no training samples")
+    for split in ("train", "dev"):
+        try:
+            if records[split]:
+                write_jsonl(outputs[split], records[split])
+                print(f"wrote {outputs[split]} ({len(records[split])} lines)")
+            elif outputs[split].is_file():  # from an earlier run (--overwrite, or empty): not to pass for this run's
+                outputs[split].unlink()
+                print(f"removed {outputs[split]}: left from an earlier run, and this run has no {split} samples")
+        except OSError as err:
+            fail(f"cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})", err, debug)
+
+
+def main(config):
+    train_files, dev_files, outputs = check_options(config)
+    bad_lines = {split: BadLines(config["skip_bad_lines"], config["strict_tags"]) for split in ("train", "dev")}
+    items, kind, formats = read_files(config, train_files, dev_files, bad_lines)
+    if config["dev_ratio"] > 0:
+        split_dev(items, config["dev_ratio"], config["seed"])
+    # distinct (entity, type) per sample, as in the answers; texts cut and the entities dropped with them
+    stats = {"train": Counter(), "dev": Counter()}, Counter(), Counter()
+    records = ner_records(config, items, formats, stats) if kind == "ner" else items
+    report(kind, records, bad_lines, stats, no_dev=not dev_files and not config["dev_ratio"])
+    write(records, outputs, config["debug"])
+
+
+if __name__ == "__main__":
+    main(parse_config(DEFAULTS, description=__doc__))

@@ -1,13 +1,17 @@
-import contextlib
 import fcntl
+import gc
 import json
+import logging
 import os
+import random
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,6 +23,9 @@ TOKENIZERS = SHARED / "assets" / "tokenizers"
 VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 
 sys.path.insert(0, str(REPO_ROOT))
+import numpy  # noqa: E402
+import torch  # noqa: E402
+
 from utils.distributed import free_port  # noqa: E402
 
 # DeepSpeed JIT-builds C++ ops (its CPU shm comm op, CPU Adam) into TORCH_EXTENSIONS_DIR and guards each build with a
@@ -82,83 +89,229 @@ OVERFIT = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0", "--lora_targe
            "--warmup_steps=0", "--per_device_train_batch_size=16", "--logging_steps=5", "--report_to=none"]
 
 
-def forking_is_safe():
-    """On a CUDA machine the children of the fork server failed ("Cannot re-initialize CUDA in forked subprocess": an
-    import had initialised CUDA in the server), so scripts run in fresh interpreters there (CHATGLM_TESTS_NO_FORK=1 forces
-    it elsewhere)."""
-    if os.environ.get("CHATGLM_TESTS_NO_FORK") == "1":
-        return False
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 class ScriptRunner:
-    """`python script.py args` in a child forked from tests/script_runner.py, which has imported the heavy libraries
-    once (each fresh interpreter spends ~9 s of 2 cores importing torch, transformers, peft and DeepSpeed)."""
-
-    def __init__(self):
-        self.server = None
-        self.lock = threading.Lock()
+    """`python script.py args` run in this process (runpy, as __main__): the heavy libraries are imported once, not
+    ~9 s of two cores per script. What a run changes in the interpreter is put back afterwards, so that no result
+    depends on the order of the tests: sys.argv/stdin/stdout/stderr, file descriptors 0-2, the environment, the
+    working folder, sys.excepthook, logging levels and handlers, warnings filters, the RNG states, torch's thread
+    count, a process group left open, accelerate's and transformers' DeepSpeed singletons, held run-folder locks.
+    With ranks=N the script runs under torchrun, a real launcher, in N fresh processes."""
 
     def run(self, argv, env=None, timeout=900, input=None, ranks=None):
         """subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, input=input) for argv = [script, *args];
         with ranks=N, `torchrun --nproc_per_node N script args` (the ranks' output together, as torchrun shows it)."""
-        if not forking_is_safe():
-            launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"] if ranks else []
-            return subprocess.run([sys.executable, *launcher, *map(str, argv)], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  input=input, timeout=timeout, env={**os.environ, **(env or {})})
-        with self.lock, tempfile.TemporaryDirectory() as tmp:
-            self.start()
-            out, err, stdin = Path(tmp) / "stdout", Path(tmp) / "stderr", Path(tmp) / "stdin"
-            if input is not None:
-                stdin.write_text(input, encoding="utf-8")
-            request = {"argv": [str(a) for a in argv], "cwd": str(REPO_ROOT), "stdout": str(out), "stderr": str(err),
-                       "env": {**os.environ, **(env or {})}, "stdin": str(stdin) if input is not None else None,
-                       "ranks": ranks, "master_port": free_port() if ranks else None}
-            self.server.stdin.write(json.dumps(request) + "\n")
-            self.server.stdin.flush()
-            pids = json.loads(self.server.stdout.readline())["pids"]
-            timed_out = threading.Event()
+        argv = [str(arg) for arg in argv]
+        if ranks:
+            launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
+            return subprocess.run([sys.executable, *launcher, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  input=input, timeout=timeout, env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
+        import_libraries()
+        with tempfile.TemporaryDirectory() as tmp, RedirectedStreams(Path(tmp), input) as streams, InterpreterState():
+            os.environ.update(env or {})
+            if "OMP_NUM_THREADS" in (env or {}):  # torch read it at import: a run's own value is set here
+                torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+            returncode = run_main(argv, timeout)
+        return subprocess.CompletedProcess(argv, returncode, *streams.output)
 
-            def kill():
-                timed_out.set()
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
 
-            timer = threading.Timer(timeout, kill)
-            timer.start()
-            try:
-                returncode = json.loads(self.server.stdout.readline())["returncode"]
-            finally:
-                timer.cancel()
-            stdout, stderr = (path.read_text(encoding="utf-8", errors="replace") for path in (out, err))
-            if timed_out.is_set():
-                raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
-            return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                          ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                          ("ignore", ResourceWarning, "")]
+SCRIPT_WARNING_FILTERS = []  # a script's filters: Python's own, then those its libraries add on import
 
-    def start(self):
-        """Start the server (its imports take ~9 s) unless it is running."""
-        if self.server is None or self.server.poll() is not None:
-            self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("script_runner.py"))], cwd=REPO_ROOT,
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def close(self):
-        if self.server is not None and self.server.poll() is None:
-            self.server.stdin.close()
-            self.server.wait(timeout=60)
+def import_libraries():
+    """What the scripts import, imported before the first run: the state saved around each run then holds what these
+    imports set up once (utils/log_filters' filters, the libraries' loggers and handlers), and the warning filters a
+    script sees are Python's own plus those the libraries add (pytest's own filters record warnings instead)."""
+    if SCRIPT_WARNING_FILTERS:
+        return
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in reversed(PYTHON_WARNING_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)
+        import utils.log_filters  # noqa: F401, I001
+        import peft  # noqa: F401
+        from transformers import Trainer  # noqa: F401
+
+        try:  # a GPU machine without DeepSpeed still runs the other scripts
+            import deepspeed  # noqa: F401
+        except ImportError:
+            pass
+        SCRIPT_WARNING_FILTERS.extend(warnings.filters)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """As Python shows a warning: on sys.stderr (pytest's own hook records it instead)."""
+    (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_main(argv, timeout):
+    """Runs argv[0] as __main__ with sys.argv = argv; its exit status as the interpreter would give it."""
+    def out_of_time(signum, frame):
+        raise subprocess.TimeoutExpired(argv, timeout)
+
+    timed = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    if timed:
+        previous = signal.signal(signal.SIGALRM, out_of_time)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        return 0
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    except subprocess.TimeoutExpired:
+        raise
+    except BaseException:  # noqa: BLE001 - reported as a fresh interpreter would: through the script's hook
+        sys.excepthook(*sys.exc_info())
+        return 1
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class RedirectedStreams:
+    """File descriptors 0, 1 and 2 (so that C code and child processes are captured too) and sys.stdin/stdout/
+    stderr on temporary files for one run; logging handlers that wrote to the old sys.stdout/stderr write to the new
+    ones meanwhile. `output` is (stdout, stderr) once the block has ended."""
+
+    def __init__(self, folder, input):
+        self.paths = folder / "stdin", folder / "stdout", folder / "stderr"
+        self.paths[0].write_text(input or "", encoding="utf-8")
+        self.output = None
+
+    def __enter__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved_fds = [os.dup(fd) for fd in (0, 1, 2)]
+        self.saved_streams = sys.stdin, sys.stdout, sys.stderr
+        for fd, path in enumerate(self.paths):
+            target = os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stdout, sys.stderr = (open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)  # noqa: SIM115
+                                  for fd in (1, 2))
+        self.moved = self.move_handlers(dict(zip(self.saved_streams[1:], (sys.stdout, sys.stderr))))
+        return self
+
+    def __exit__(self, *exc):
+        for handler, stream in self.moved:
+            handler.setStream(stream)
+        sys.stdin.close()
+        sys.stdout.flush()
+        sys.stderr.flush()  # left open: a handler made during the run writes through them to whatever fd 1 and 2 are
+        sys.stdin, sys.stdout, sys.stderr = self.saved_streams
+        for fd, saved in enumerate(self.saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self.output = [path.read_text(encoding="utf-8", errors="replace") for path in self.paths[1:]]
+
+    @staticmethod
+    def move_handlers(new_stream_of):
+        """Points the stream handlers on the given streams to their replacements; returns (handler, old stream)."""
+        loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(logger, logging.Logger))]
+        moved = []
+        for handler in {handler for logger in loggers for handler in logger.handlers}:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and stream in new_stream_of:
+                moved.append((handler, handler.setStream(new_stream_of[stream])))
+        return moved
+
+
+class InterpreterState:
+    """What a script run may change in this interpreter, saved before it and put back after it."""
+
+    def __enter__(self):
+        self.argv, self.cwd, self.environ, self.excepthook = list(sys.argv), os.getcwd(), dict(os.environ), sys.excepthook
+        self.warnings = warnings.catch_warnings()  # puts filters and showwarning back, afresh ("once" included)
+        self.warnings.__enter__()
+        warnings.resetwarnings()
+        warnings.filters[:] = SCRIPT_WARNING_FILTERS
+        warnings.showwarning = show_warning
+        self.loggers = {name: (logger.level, list(logger.handlers), list(logger.filters), logger.propagate, logger.disabled)
+                        for name, logger in self.all_loggers().items()}
+        self.logging_disabled = logging.root.manager.disable
+        self.rng = (random.getstate(), numpy.random.get_state(), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.threads, self.num_threads, self.default_dtype = set(threading.enumerate()), torch.get_num_threads(), torch.get_default_dtype()
+        os.chdir(REPO_ROOT)
+        return self
+
+    def __exit__(self, *exc):
+        for thread in set(threading.enumerate()) - self.threads:  # as interpreter shutdown would: wait for them
+            if not thread.daemon:
+                thread.join(timeout=60)
+        self.close_process_group()
+        release_run_folders()
+        sys.argv, sys.excepthook = self.argv, self.excepthook
+        os.chdir(self.cwd)
+        os.environ.clear()
+        os.environ.update(self.environ)
+        self.warnings.__exit__(None, None, None)
+        for name, logger in self.all_loggers().items():
+            if name not in self.loggers:  # made during the run: kept as made
+                continue
+            level, handlers, filters, propagate, disabled = self.loggers[name]
+            logger.setLevel(level)
+            logger.handlers[:], logger.filters[:], logger.propagate, logger.disabled = handlers, filters, propagate, disabled
+        logging.disable(self.logging_disabled)
+        random.setstate(self.rng[0])
+        numpy.random.set_state(self.rng[1])
+        torch.set_rng_state(self.rng[2])
+        if self.rng[3] is not None:
+            torch.cuda.set_rng_state_all(self.rng[3])
+        torch.set_num_threads(self.num_threads)
+        torch.set_default_dtype(self.default_dtype)
+        gc.collect()
+
+    @staticmethod
+    def all_loggers():
+        return {"": logging.getLogger(), **{name: logger for name, logger in logging.Logger.manager.loggerDict.items()
+                                            if isinstance(logger, logging.Logger)}}
+
+    @staticmethod
+    def close_process_group():
+        """train_deepspeed.py's one-process group (left open by a run that failed), and the singletons that the
+        Trainer's accelerate and DeepSpeed integration keep for the next run in this process."""
+        import torch.distributed as dist
+        from accelerate.state import AcceleratorState, GradientState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if "deepspeed" in sys.modules:  # its cached groups of the destroyed process group
+            from deepspeed.utils import groups
+
+            for name, value in vars(groups).items():
+                if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+                    setattr(groups, name, {} if isinstance(value, dict) else None)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        unset_hf_deepspeed_config()
+
+
+def release_run_folders():
+    """The run-folder locks a run took: a process ending would drop them."""
+    from utils import run_dirs
+
+    for lock_path in list(run_dirs._held_run_locks):
+        run_dirs.release_run_folder(lock_path.with_name(lock_path.name[1:-len(".run.lock")]))
 
 
 SCRIPTS = ScriptRunner()
 
 
-def pytest_unconfigure(config):
-    SCRIPTS.close()
-
-
-def run_script(script, *args, timeout=900, check=True, env=None, ranks=None):
-    result = SCRIPTS.run([script, *args], env=env, timeout=timeout, ranks=ranks)
+def run_script(script, *args, timeout=900, check=True, env=None, ranks=None, input=None):
+    result = SCRIPTS.run([script, *args], env=env, timeout=timeout, ranks=ranks, input=input)
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -207,13 +360,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
     """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes,
     tests/test_crash_resume.py's drivers: each keeps one core busy for tens of seconds), so that they run beside the
-    other tests. The script runner starts too where a collected test runs scripts: its imports overlap the first tests."""
-    def runs_scripts(item):
-        module = getattr(item, "module", None)
-        return hasattr(module, "run_script") or hasattr(module, "SCRIPTS") or "trained_adapter" in getattr(item, "fixturenames", ())
-
-    if any(runs_scripts(item) for item in session.items) and forking_is_safe():
-        SCRIPTS.start()
+    other tests."""
     for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
         if hasattr(module, "start_background_runs"):
             module.start_background_runs()

@@ -1,11 +1,10 @@
 """DeepSpeed on CPU (DeepSpeed's CPU accelerator, gloo): train_deepspeed.py overfits 16 real MSRA examples on the tiny
 models and its adapter decodes the trained answers; a resumed run continues exactly; `deepspeed train_trainer.py`
 trains with deepspeed.json (ZeRO-2); a finished run is never overwritten. Two processes with ZeRO-2 and ZeRO-3, under
-the `deepspeed` launcher, under mpirun and started as torchrun starts them, train like one process with the same global
-batch and save the whole adapter. Full fine-tuning with ZeRO-3 + CPU offload on two processes trains like one process,
-resumes from its two-process checkpoint, and saves the whole model. Each launcher is run once per script; the other
-multi-process runs start their ranks as torchrun does, forked from the tests' script runner (a fresh interpreter
-per rank would spend ~9 s of the two cores importing torch, transformers, peft and DeepSpeed). The first DeepSpeed
+the `deepspeed` launcher, under mpirun and under torchrun, train like one process with the same global batch and save
+the whole adapter. Full fine-tuning with ZeRO-3 + CPU offload on two processes trains like one process, resumes from
+its two-process checkpoint, and saves the whole model. Each launcher is run once per script; the other multi-process
+runs use torchrun (conftest.run_script(..., ranks=N)); one-process runs run in the tests' process. The first DeepSpeed
 process builds a small shm comm op once, the first offload run DeepSpeed's CPU Adam (about a minute); both are cached
 in the tests' own extensions folder (see conftest.py)."""
 import glob
@@ -182,8 +181,7 @@ needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed (
 
 
 def run_processes(script, launcher, *args, processes=2, timeout=900):
-    """The script on `processes` ranks: `deepspeed --num_gpus N` (gloo on CPU), `mpirun -np N python`, or "torchrun": the
-    ranks started as torchrun starts them (conftest's script runner forks them with torchrun's variables)."""
+    """The script on `processes` ranks: `deepspeed --num_gpus N` (gloo on CPU), `mpirun -np N python`, or torchrun."""
     if launcher == "torchrun":
         return run_script(script, *args, ranks=processes, timeout=timeout)
     if launcher == "mpirun":

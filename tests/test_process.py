@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_script
 from utils import chat_data, ner_data
 from utils.data_io import BadLines, DataError, iter_json_lines
 from utils.records import read_instruction_records
@@ -27,8 +28,7 @@ def read_jsonl(path):
 
 
 def run_process(*args):
-    return subprocess.run([sys.executable, "process.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    return run_script("process.py", *args, check=False, timeout=60)
 
 
 def write(path, text, encoding="utf-8"):

@@ -1,9 +1,9 @@
 """The run folder as the hand-off (utils/adapters.py): later scripts read a run's base and lengths from its
 train_args.json, refuse an adapter on a base it was not trained on, and the training scripts share one option
 vocabulary (old names still accepted, with a note)."""
-import ast
 import json
 import os
+import runpy
 import shutil
 from pathlib import Path
 
@@ -59,12 +59,8 @@ def test_every_script_refuses_an_adapter_on_another_base(script, extra, short_ru
 
 
 def read_defaults(script):
-    """A script's DEFAULTS dict, read from its source (train_deepspeed.py trains when imported)."""
-    tree = ast.parse((REPO_ROOT / script).read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "DEFAULTS" for t in node.targets):
-            return flatten(ast.literal_eval(node.value))
-    raise AssertionError(f"{script} has no DEFAULTS")
+    """A script's DEFAULTS dict (importing a script runs nothing: its work is in main())."""
+    return flatten(runpy.run_path(str(REPO_ROOT / script))["DEFAULTS"])
 
 
 # Keys whose defaults differ on purpose: QLoRA's smaller LoRA and its gradient checkpointing (4-bit on small GPUs),
