@@ -41,7 +41,8 @@ from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
 from utils.model_loading import load_model_and_tokenizer, resolve_dtype
 from utils.trainer import check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing
-from utils.training_methods import (add_lora, freeze_all_but, gathered_state_dict, prefix_settings, prefix_state,
+from utils.training_methods import (add_lora, freeze_all_but, gathered_state_dict, gathered_trainable_parameters,
+                                    prefix_settings, prefix_state,
                                     print_trainable_parameters, save_adapter, save_full_model, save_prefix,
                                     train_prefix_only, write_partial_checkpoint)
 from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_method, check_run_start, checkpoint_dir
