@@ -19,42 +19,46 @@ import time
 from pathlib import Path
 
 from utils.adapters import check_run, choose_lora_path, load_run, results_folder, scored_run, take_run_settings, uses_adapter
-from utils.config_utils import ConfigError, parse_config
+from utils.config_utils import Config, ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.dataset import get_prompt_format, read_instruction_records, source_text, user_message
 from utils.decode_utils import entities_in_text, format_ner_report, generation_metrics, ner_metrics, parse_ner_answer
 from utils.generation import generate_answers
 from utils.model_utils import adapter_disabled, fold_adapter
+from utils.serving import GENERATION_DEFAULTS, check_serving_options
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
     # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
     # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir,
-    # data_name and max_source_length unless set here.
+    # data_name and max_input_tokens (its max_source_length) unless set here.
     "lora_path": "",
     "data_name": "demo_ner",
     "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt
     "output_dir": "",  # default: the scored run's folder, or checkpoint/<data_name>/base for a base model alone
     "task": "auto",  # ner, generation, or auto (ner when every reference is an entity_type list or 没有)
     "num_samples": 0,  # 0 = the whole file
-    "max_source_length": 512,
-    "max_new_tokens": 128,
+    **GENERATION_DEFAULTS,  # max_input_tokens: a longer prompt loses its history, then the end of its text
     "batch_size": 8,
-    "do_sample": False,
-    "temperature": 0.8,
-    "top_p": 0.8,
-    "top_k": 0,
     "before_after": False,
-    "dtype": "auto",
-    "device": "auto",
-    "decode": "auto",  # ChatGLM decode loop: auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
     "drop_entities_not_in_text": "auto",  # NER scoring drops predicted entities that the sentence does not contain
     # (made up, not extracted); the report also gives the scores with them. auto = true for NER; true, false
     "skip_bad_lines": False,
 }
 
 
-RUN_KEYS = ("model_dir", "data_name", "max_source_length")  # what a run's train_args.json gives unless set here
+RUN_KEYS = ("model_dir", "data_name")  # what a run's train_args.json gives unless set here; also:
+RUN_PROMPT_BUDGET = "max_source_length"  # the run's prompt budget in training, this script's --max_input_tokens
+RENAMED = {RUN_PROMPT_BUDGET: "max_input_tokens"}  # the old name works until the next release, with a note
+
+
+def take_predict_settings(config):
+    """take_run_settings for RUN_KEYS and the run's prompt budget (as --max_input_tokens)."""
+    given = getattr(config, "given", set(config))
+    view = Config({**config, RUN_PROMPT_BUDGET: config["max_input_tokens"]})
+    view.given = {*given, *([RUN_PROMPT_BUDGET] if "max_input_tokens" in given else [])}
+    take_run_settings(view, (*RUN_KEYS, RUN_PROMPT_BUDGET))
+    config.update({key: view[key] for key in RUN_KEYS}, max_input_tokens=view[RUN_PROMPT_BUDGET])
 
 
 def default_output_dir(config):
@@ -89,11 +93,12 @@ def headline(task, metrics):
 
 
 def main(config):
+    check_serving_options(config, at_least_one=("batch_size",), at_least_zero=("top_k",))
     lora_path = choose_lora_path(config)
     use_adapter = uses_adapter(lora_path)
     # The run's base, data set and lengths, and what --lora_path names checked against the base, before any data or
     # weights are read.
-    take_run_settings(config, RUN_KEYS)
+    take_predict_settings(config)
     check_run(config)
     data_dir = Path("data") / config["data_name"] / "instruct_data"
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
@@ -121,7 +126,7 @@ def main(config):
     model, tokenizer = load_run(config, RUN_KEYS, fold=not before_after)
     version = model.model_version
     prompt_format = get_prompt_format(tokenizer, version)
-    generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],
+    generation = dict(max_source_length=config["max_input_tokens"], max_new_tokens=config["max_new_tokens"],
                       batch_size=config["batch_size"], do_sample=config["do_sample"], decode=config["decode"], show_progress=True)
     if config["do_sample"]:
         generation.update(temperature=config["temperature"], top_p=config["top_p"], top_k=config["top_k"])
@@ -153,7 +158,7 @@ def main(config):
                                    results.get("base", results[main_name])["predictions"])
     ])
     summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"],
-               "lora_path": lora_path if use_adapter else None, "max_source_length": config["max_source_length"],
+               "lora_path": lora_path if use_adapter else None, "max_source_length": config["max_input_tokens"],
                **{name: result["metrics"] for name, result in results.items()}}
     write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False))
     if "base" in results:
@@ -164,4 +169,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(parse_config(DEFAULTS, description=__doc__))
+    main(parse_config(DEFAULTS, description=__doc__, renamed=RENAMED))
