@@ -3,25 +3,18 @@
     python api_server.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python api_server.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=8000 --api_key=env:CHATGLM_API_KEY
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with "stream": true the answer comes token by
-token as server-sent events, closed by `data: [DONE]`). Any OpenAI client works, e.g.
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions ("stream": true sends the answer token by token
+as server-sent events, closed by `data: [DONE]`). Any OpenAI client works (base_url="http://127.0.0.1:8000/v1").
+Messages: optional system messages (ChatGLM3's system turn; for ChatGLM-6B/2 they open the first user message), then
+user and assistant turns in alternation, ending with a user turn. "temperature": 0 (or below 1e-5) decodes greedily,
+and so does a request without one unless --do_sample. Bad requests get a 4xx answer in OpenAI's error shape. One
+generation runs at a time; up to --max_waiting requests wait in line (first come, first served), more get 429; one
+whose client disconnects while it waits is dropped.
 
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused unless --api_key is set")
-    client.chat.completions.create(model="chatglm2-6b", messages=[{"role": "user", "content": "你好"}])
-
-Messages: optional system messages first, then user and assistant turns in alternation, ending with a user turn.
-ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
-message. "temperature": 0 (or below 1e-5) decodes greedily, and so does a request without one unless --do_sample. Bad requests get a 4xx answer with an OpenAI-style JSON error
-({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
-in line (first come, first served), more get 429; a request whose client disconnects while it waits is dropped.
-
-Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests from web pages (a
-browser can reach a server on 127.0.0.1 too), the API answers 403 to a request whose Host header is not this
-machine's loopback (localhost, 127.x.x.x, [::1]) or another allowed host (--allowed_hosts, and the --host address),
-or whose Origin header is not a loopback page or one of --allowed_origins (utils/serving.py, shared with
-web_demo.py); POST bodies must be sent as application/json (415 otherwise), which a web page cannot do cross-site
-without the server's consent. The API key must be visible ASCII, the characters an HTTP header carries.
+Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests, a request gets 403 unless
+its Host is this machine's loopback, the --host address or one of --allowed_hosts, and its Origin (if any) a loopback
+page or one of --allowed_origins (utils/serving.py); POST bodies must be application/json (415 otherwise), which a web
+page cannot send cross-site without the server's consent. The API key must be visible ASCII.
 """
 import asyncio
 import hmac

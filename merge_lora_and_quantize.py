@@ -1,12 +1,12 @@
 """Merge a LoRA adapter into its ChatGLM base model (or put a P-tuning v2 prefix beside its weights), optionally
 quantize to int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel /
 AutoTokenizer with trust_remote_code=True). A GLM-4 (or other transformers-native) base is merged too, into a folder
-of its own layout (--qbits 0 only: int8/int4 here is ChatGLM's quantization).
+of its own layout (--quant_bits 0 only: int8/int4 here is ChatGLM's quantization).
 
-    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner --qbits 0
-    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner-int4 --qbits 4
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/adapter_model --model_dir model_hub/chatglm3-6b --output_path model_hub/chatglm3-6b-msra-int8 --qbits 8 --dtype bf16 --max_shard_size 1GB
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/chatglm2-6b-msra-ptuning --qbits 4
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_dir model_hub/chatglm2-6b-ner --quant_bits 0
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_dir model_hub/chatglm2-6b-ner-int4 --quant_bits 4
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/adapter_model --model_dir model_hub/chatglm3-6b --output_dir model_hub/chatglm3-6b-msra-int8 --quant_bits 8 --dtype bf16 --max_shard_size 1GB
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_dir model_hub/chatglm2-6b-msra-ptuning --quant_bits 4
 
 Then, on any machine:
 
@@ -16,15 +16,15 @@ Then, on any machine:
 Steps: the base (--model_dir, default: base_model_name_or_path of the adapter's adapter_config.json) is loaded in fp32
 on the CPU so the merge is exact (a 6B model needs about 25 GB of RAM), the PEFT adapter is merged into the weights
 (a P-tuning prefix is kept as it is, its encoder's weights written with the model's and pre_seq_len in config.json),
---qbits 8 / 4 quantizes the four linear layers of every block (symmetric, one scale per output row, int4 packed two
+--quant_bits 8 / 4 quantizes the four linear layers of every block (symmetric, one scale per output row, int4 packed two
 per byte: spec section 7, remote_scripts/<version>/quantization.py), and the float tensors are cast to --dtype.
 
 The output folder holds model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json when
 the weights exceed --max_shard_size), config.json (official auto_map, quantization_bit), the tokenizer file with
 tokenizer_config.json, and the version's configuration/modeling/tokenization/quantization .py files from
 --remote_scripts_dir. It is written to a hidden sibling folder and renamed at the end, so a failed run leaves no
-half-written output. Refused before any heavy work: an existing --output_path, an adapter made for another base
-(other version in train_args.json, layers the base does not have, or other layer sizes), --qbits other than 0/4/8,
+half-written output. Refused before any heavy work: an existing --output_dir, an adapter made for another base
+(other version in train_args.json, layers the base does not have, or other layer sizes), --quant_bits other than 0/4/8,
 and a base that is itself quantized.
 """
 import re
@@ -57,13 +57,16 @@ from utils.run_dirs import hold_run_folder, release_run_folder
 
 DEFAULTS = {
     "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
-    "output_path": "",  # required: the new model folder (must not exist yet)
+    "output_dir": "",  # required: the new model folder (must not exist yet)
     "model_dir": "",  # base model folder; default: base_model_name_or_path of adapter_config.json
-    "qbits": 0,  # 0 = keep float weights, 8 = int8, 4 = int4
-    "dtype": "fp16",  # dtype of the saved float tensors (embeddings, norms, output layer, scales, biases): fp16, bf16, fp32
+    "quant_bits": 0,  # 0 = keep float weights, 8 = int8, 4 = int4
+    # dtype of the saved float tensors (embeddings, norms, output layer, scales, biases): fp16, bf16, fp32, or auto:
+    # the base's own (torch_dtype in its config.json; fp16 where it names none)
+    "dtype": "auto",
     "max_shard_size": "2GB",  # larger weights are split into model-0000i-of-0000n.safetensors (+ index); e.g. 500MB, 4GiB
     "remote_scripts_dir": "remote_scripts",  # where <version>/{configuration,modeling,tokenization,quantization}_*.py come from
 }
+RENAMED = {"output_path": "output_dir", "qbits": "quant_bits"}  # the old names work until the next release, with a note
 SUPPORTED_QBITS = (0, 4, 8)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -92,20 +95,20 @@ def resolve_remote_scripts(remote_scripts_dir, version):
 
 def check_output_path(output_path):
     if output_path.exists():
-        raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
+        raise MergeError(f"{output_path} already exists; choose another --output_dir or remove it first")
 
 
 def plan(config):
     """Every check that needs no weights; returns the resolved paths and settings."""
-    qbits = config["qbits"]
+    qbits = config["quant_bits"]
     if qbits not in SUPPORTED_QBITS:
-        raise MergeError(f"--qbits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
-    if config["dtype"] not in DTYPES:
-        raise MergeError(f"--dtype={config['dtype']!r}: expected fp16, bf16 or fp32")
+        raise MergeError(f"--quant_bits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
+    if config["dtype"] not in ("auto", *DTYPES):
+        raise MergeError(f"--dtype={config['dtype']!r}: expected auto, fp16, bf16 or fp32")
     max_shard_bytes = parse_size(config["max_shard_size"])
-    if not config["output_path"]:
-        raise MergeError("--output_path is required: the folder to write the merged model to (it must not exist yet)")
-    output_path = Path(config["output_path"])
+    if not config["output_dir"]:
+        raise MergeError("--output_dir is required: the folder to write the merged model to (it must not exist yet)")
+    output_path = Path(config["output_dir"])
     check_output_path(output_path)
 
     lora_path = Path(config["lora_path"])
@@ -143,11 +146,11 @@ def plan(config):
         raise MergeError(str(err)) from err
     if base_config.get("model_type") not in (None, "chatglm"):  # GLM-4 and others of transformers' own classes
         if qbits:
-            raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
-                             f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
+            raise MergeError(f"--quant_bits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
+                             f"{base_config['model_type']} model; merge with --quant_bits 0 and quantize when loading "
                              "(bitsandbytes, as train_qlora.py does)")
         check_fits(lora_path, model_dir)  # made for this model, fitting its layers; no P-tuning prefix
-        return {"qbits": 0, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
+        return {"qbits": 0, "dtype": saved_dtype(config["dtype"], base_config), "max_shard_bytes": max_shard_bytes, "output_path": output_path,
                 "lora_path": lora_path, "model_dir": model_dir, "version": None, "base_config": base_config,
                 "scripts": None, "prefix": None}
     try:
@@ -162,10 +165,16 @@ def plan(config):
     check_fits(lora_path, model_dir)  # made for this model (its run record, the base it names), fitting its layers
     scripts = resolve_remote_scripts(config["remote_scripts_dir"], version)
     return {
-        "qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": max_shard_bytes, "output_path": output_path,
+        "qbits": qbits, "dtype": saved_dtype(config["dtype"], base_config), "max_shard_bytes": max_shard_bytes, "output_path": output_path,
         "lora_path": lora_path, "model_dir": model_dir, "version": version, "base_config": base_config, "scripts": scripts,
         "prefix": prefix,
     }
+
+
+def saved_dtype(dtype, base_config):
+    """The torch dtype of --dtype; auto: the base's own (torch_dtype / dtype in its config.json), else fp16."""
+    saved = base_config.get("torch_dtype") or base_config.get("dtype") if dtype == "auto" else dtype
+    return DTYPES.get(str(saved), DTYPES["fp16"])
 
 
 def check_fits(lora_path, model_dir):
@@ -209,7 +218,7 @@ def write_merged_folder(job, model, folder):
 def main(config):
     job = plan(config)
     # One writer at a time: a second merge into the same folder stops here, naming the first.
-    hold_run_folder(job["output_path"], "--output_path")
+    hold_run_folder(job["output_path"], "--output_dir")
     try:
         check_output_path(job["output_path"])  # again, now that no other merge can be writing it
         return merge(config, job)
@@ -219,7 +228,7 @@ def main(config):
 
 def merge(config, job):
     print(f"base: {job['model_dir']} ({job['version'] or job['base_config']['model_type']}); adapter: {job['lora_path']}; "
-          f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
+          f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {str(job['dtype'])[6:]}")
 
     if job["prefix"]:
         model, _ = load_model_with_adapter(job["model_dir"], job["lora_path"], dtype="fp32", device="cpu")
@@ -244,6 +253,6 @@ def merge(config, job):
 
 if __name__ == "__main__":
     try:
-        main(parse_config(DEFAULTS, description=__doc__))
+        main(parse_config(DEFAULTS, description=__doc__, renamed=RENAMED))
     except (MergeError, ModelFolderError, FileExistsError) as err:
         sys.exit(f"error: {err}")
