@@ -71,7 +71,8 @@ def test_lora_run_predicts_chats_merges_and_serves(glm4_dirs, lora_run, tmp_path
     assert metrics["adapter"]["samples"] == 8 and metrics["task"] == "ner"
 
     # chat_ner.py streams the answer of every typed line.
-    chat = SCRIPTS.run(["chat_ner.py", f"--lora_path={lora_run / 'adapter_model'}", "--max_length=96"],
+    chat = SCRIPTS.run(["chat_ner.py", f"--lora_path={lora_run / 'adapter_model'}", "--max_input_tokens=96",
+                        "--max_new_tokens=32"],
                        input="蒋玲帆傍晚从佛山回来。\nexit\n")
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert "[gMASK]<sop><|user|>" in chat.stdout and "用户：蒋玲帆傍晚从佛山回来。" in chat.stdout
