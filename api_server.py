@@ -139,7 +139,7 @@ def validation_error(err: ValidationError):
 
 
 def split_messages(messages):
-    """(system text, [[user, assistant], ...] history, last user message) of the request's messages."""
+    """(system text, [[user, assistant], ...] history, last user message)."""
     if not messages:
         raise ApiError(400, "'messages' is empty: send at least one user message", "invalid_value", "messages")
     system, index = [], 0
@@ -162,8 +162,7 @@ def split_messages(messages):
 
 
 async def client_left(request: Request):
-    """Returns once the client has disconnected. Only for after the body is read: receive() then has nothing else
-    to report."""
+    """Returns once the client has disconnected (after the body is read: receive() has nothing else to report)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
@@ -173,9 +172,7 @@ class GenerationQueue:
     in arrival order, at most `max_waiting` of them."""
 
     def __init__(self, max_waiting):
-        self.lock = asyncio.Lock()
-        self.max_waiting = max_waiting
-        self.waiting = 0
+        self.lock, self.max_waiting, self.waiting = asyncio.Lock(), max_waiting, 0
 
     def check_room(self):
         if self.waiting >= self.max_waiting and self.lock.locked():
@@ -210,9 +207,8 @@ class GenerationQueue:
 
 
 def read_api_key(setting):
-    """The key of --api_key: the text itself, or for "env:NAME" the environment variable NAME (which must be set).
-    Visible ASCII only: HTTP headers carry no other text (a server reads their bytes as Latin-1, a client encodes
-    them as it likes), so a key with other characters, or a space or newline at an end, could never match."""
+    """The key of --api_key: the text itself, or for "env:NAME" that environment variable (which must be set). Visible
+    ASCII only: headers carry no other text reliably, so a key with other characters could never match."""
     if setting.startswith("env:"):
         name = setting[4:]
         if not os.environ.get(name):

@@ -5,14 +5,12 @@
     python predict.py --model_dir=model_hub/chatglm2-6b-ner-merged --lora_path=none --dev_file=data/msra/instruct_data/dev.txt
 
 Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json into the folder of the run
-that was scored: the adapter's run folder (<run>/predict-checkpoint-N for a checkpoint-N), or that of a freeze / full
-run's model folder given by --model_dir (which takes no adapter by default); for a base model alone
-checkpoint/<data_name>/base/ (--output_dir sets another). It prints the metrics: for NER entity-level precision, recall and F1,
-micro and per type; for generation BLEU-4 and ROUGE-1/2/L on characters. NER scoring drops the predicted entities
-that the sentence (the query without its `文本：` prefix; not the instruction) does not contain (an entity is a span
-of the text; one that is not there was made up), counts them and also gives the scores with them
-(--drop_entities_not_in_text=false scores them all). --before_after also
-runs the base model without the adapter, so the gain is visible.
+scored (<run>/predict-checkpoint-N for a checkpoint-N; a freeze / full run's model folder as --model_dir takes no
+adapter by default); for a base model alone checkpoint/<data_name>/base/ (--output_dir sets another). Metrics: NER
+entity-level precision, recall and F1, micro and per type; generation BLEU-4 and ROUGE-1/2/L on characters. NER
+scoring drops (and counts) predicted entities that the sentence (the query without `文本：`) does not contain: made up,
+not extracted; the report also gives the scores with them (--drop_entities_not_in_text=false scores them all).
+--before_after also runs the base model without the adapter, so the gain is visible.
 """
 import json
 import time
@@ -76,12 +74,6 @@ def default_output_dir(config):
     return output_dir
 
 
-def score(task, predictions, references, sources=None):
-    if task == "ner":
-        return ner_metrics(predictions, references, sources)
-    return generation_metrics(predictions, references)
-
-
 def report(task, metrics):
     if task == "ner":
         return format_ner_report(metrics)
@@ -134,7 +126,8 @@ def main(config):
     def evaluate(name):
         started = time.time()
         predictions = generate_answers(model, tokenizer, prompt_format, records, **generation)
-        metrics = score(task, predictions, references, sources)
+        metrics = (ner_metrics(predictions, references, sources) if task == "ner"
+                   else generation_metrics(predictions, references))
         metrics["seconds"] = round(time.time() - started, 1)
         print(f"\n[{name}] {len(records)} samples from {dev_file} in {metrics['seconds']} s\n{report(task, metrics)}")
         return {"predictions": predictions, "metrics": metrics}

@@ -3,15 +3,11 @@
     python web_demo.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python web_demo.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=7860
 
-then open http://127.0.0.1:7860. The answer appears token by token. The conversation so far is the history of the
-next question (its oldest turns are left out when the prompt would pass --max_input_tokens). Regenerate answers the
-last question again, Stop ends an answer early, Clear starts a new conversation; the sampling controls are under the
-chat. One answer is generated at a time; other questions wait in Gradio's queue. The page binds 127.0.0.1 unless
---host says otherwise (--host=0.0.0.0 shows it to the whole network, with a warning: the page has no password).
-
-Like api_server.py, the page answers 403 to a request whose Host header is not this machine's loopback (localhost,
-127.x.x.x, [::1]), the --host address or one of --allowed_hosts, or whose Origin header is not a loopback page or one
-of --allowed_origins: other web pages cannot drive it through the browser (DNS rebinding, cross-site requests).
+then open http://127.0.0.1:7860. The answer appears token by token; the conversation so far is the next question's
+history (its oldest turns left out past --max_input_tokens). Regenerate, Stop, Clear; the sampling controls are under
+the chat. One answer is generated at a time; other questions wait in Gradio's queue. Binds 127.0.0.1 unless --host
+says otherwise (0.0.0.0: the whole network, with a warning: the page has no password). Like api_server.py, it answers
+403 to other hosts and web pages (utils/serving.py: --allowed_hosts, --allowed_origins).
 """
 from pathlib import Path
 

@@ -1,12 +1,9 @@
-"""What the chat scripts (api_server.py, web_demo.py, chat_ner.py; predict.py its generation options) share before
-and around the model: the generation options (one name and default each), their check at start, a chat turn's prompt
-within its budgets, the warning for a server open to the network, and the Host / Origin check in front of every request.
-
-A browser reaches a server on 127.0.0.1 too, on behalf of any web page it shows. Two ways for a page to use it:
-DNS rebinding (a page of evil.example whose name now resolves to 127.0.0.1: its requests carry `Host: evil.example`)
-and cross-site requests (the browser adds `Origin: <the page's site>`). HostAndOriginCheck answers both with 403
-unless the host is this machine's loopback, the --host address or one of --allowed_hosts, and the page is a loopback
-one or one of --allowed_origins (the API's options; the web demo has --allowed_hosts and --allowed_origins too)."""
+"""What the chat scripts (api_server.py, web_demo.py, chat_ner.py; predict.py its generation options) share: the
+generation options, their check at start, a chat turn's prompt within its budgets, the warning for a server open to
+the network, and the Host / Origin check in front of every request. A browser reaches a server on 127.0.0.1 too, on
+behalf of any page it shows: by DNS rebinding (`Host: evil.example`, now resolving to 127.0.0.1) or by cross-site
+requests (`Origin: <the page's site>`); HostAndOriginCheck answers both with 403 unless the host is loopback, the
+--host address or one of --allowed_hosts, and the page a loopback one or one of --allowed_origins."""
 import ipaddress
 import re
 import socket
