@@ -388,8 +388,9 @@ class ChatApi:
 
     async def events(self, request: Request, job):
         refusal = await self.stream_turn(request)
-        if refusal is not None:
+        if refusal:
             yield refusal
+        if refusal is not None:
             return
         stream, stable = self.replies(job), StableText()
         try:
