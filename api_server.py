@@ -3,25 +3,18 @@
     python api_server.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python api_server.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=8000 --api_key=env:CHATGLM_API_KEY
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (with "stream": true the answer comes token by
-token as server-sent events, closed by `data: [DONE]`). Any OpenAI client works, e.g.
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions ("stream": true sends the answer token by token
+as server-sent events, closed by `data: [DONE]`). Any OpenAI client works (base_url="http://127.0.0.1:8000/v1").
+Messages: optional system messages (ChatGLM3's system turn; for ChatGLM-6B/2 they open the first user message), then
+user and assistant turns in alternation, ending with a user turn. "temperature": 0 (or below 1e-5) decodes greedily,
+and so does a request without one unless --do_sample. Bad requests get a 4xx answer in OpenAI's error shape. One
+generation runs at a time; up to --max_waiting requests wait in line (first come, first served), more get 429; one
+whose client disconnects while it waits is dropped.
 
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused unless --api_key is set")
-    client.chat.completions.create(model="chatglm2-6b", messages=[{"role": "user", "content": "你好"}])
-
-Messages: optional system messages first, then user and assistant turns in alternation, ending with a user turn.
-ChatGLM3-6B gets the system text as its system turn; ChatGLM-6B/ChatGLM2-6B have none, so it opens the first user
-message. "temperature": 0 (or below 1e-5) decodes greedily. Bad requests get a 4xx answer with an OpenAI-style JSON error
-({"error": {"message", "type", "param", "code"}}). One generation runs at a time; up to --max_waiting requests wait
-in line (first come, first served), more get 429; a request whose client disconnects while it waits is dropped.
-
-Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests from web pages (a
-browser can reach a server on 127.0.0.1 too), the API answers 403 to a request whose Host header is not this
-machine's loopback (localhost, 127.x.x.x, [::1]) or another allowed host (--allowed_hosts, and the --host address),
-or whose Origin header is not a loopback page or one of --allowed_origins (utils/serving.py, shared with
-web_demo.py); POST bodies must be sent as application/json (415 otherwise), which a web page cannot do cross-site
-without the server's consent. The API key must be visible ASCII, the characters an HTTP header carries.
+Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests, a request gets 403 unless
+its Host is this machine's loopback, the --host address or one of --allowed_hosts, and its Origin (if any) a loopback
+page or one of --allowed_origins (utils/serving.py); POST bodies must be application/json (415 otherwise), which a web
+page cannot send cross-site without the server's consent. The API key must be visible ASCII.
 """
 import asyncio
 import hmac
@@ -43,7 +36,7 @@ from utils.adapters import load_run
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.prompts import get_prompt_format
-from utils.serving import HostAndOriginCheck, check_serving_options, warn_if_open
+from utils.serving import CHAT_DEFAULTS, HostAndOriginCheck, check_serving_options, model_context, warn_if_open
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -56,15 +49,11 @@ DEFAULTS = {
     "allowed_hosts": "",
     "allowed_origins": "",  # web pages (e.g. https://chat.example.com) allowed besides loopback ones; comma-separated
     "api_key": "",  # require "Authorization: Bearer <key>"; "env:NAME" reads the key from environment variable NAME
-    "max_input_tokens": 2048,  # longer prompts (all messages) are refused with 400 context_length_exceeded
-    "max_new_tokens": 1024,  # the largest max_tokens a request may ask for, and the default when it asks none
+    # max_input_tokens: longer prompts (all messages) are refused with 400 context_length_exceeded; max_new_tokens:
+    # the largest max_tokens a request may ask for, and the default; the sampling options: for requests without them
+    **CHAT_DEFAULTS,
     "max_waiting": 8,  # requests that may wait for the running one; more are refused with 429
     "max_request_bytes": 1_000_000,  # larger request bodies are refused with 413
-    "temperature": 0.8,  # sampling defaults for requests that leave them out
-    "top_p": 0.8,
-    "dtype": "auto",
-    "device": "auto",
-    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
     "log_level": "info",
 }
 
@@ -81,10 +70,6 @@ class ApiError(Exception):
 
     def body(self):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
-
-
-def error_response(error: ApiError):
-    return JSONResponse(error.body(), status_code=error.status)
 
 
 # ---- the request, as OpenAI documents it (the fields this server can honour; the rest are refused by name) ----
@@ -154,7 +139,7 @@ def validation_error(err: ValidationError):
 
 
 def split_messages(messages):
-    """(system text, [[user, assistant], ...] history, last user message) of the request's messages."""
+    """(system text, [[user, assistant], ...] history, last user message)."""
     if not messages:
         raise ApiError(400, "'messages' is empty: send at least one user message", "invalid_value", "messages")
     system, index = [], 0
@@ -177,8 +162,7 @@ def split_messages(messages):
 
 
 async def client_left(request: Request):
-    """Returns once the client has disconnected. Only for after the body is read: receive() then has nothing else
-    to report."""
+    """Returns once the client has disconnected (after the body is read: receive() has nothing else to report)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
@@ -188,9 +172,7 @@ class GenerationQueue:
     in arrival order, at most `max_waiting` of them."""
 
     def __init__(self, max_waiting):
-        self.lock = asyncio.Lock()
-        self.max_waiting = max_waiting
-        self.waiting = 0
+        self.lock, self.max_waiting, self.waiting = asyncio.Lock(), max_waiting, 0
 
     def check_room(self):
         if self.waiting >= self.max_waiting and self.lock.locked():
@@ -225,9 +207,8 @@ class GenerationQueue:
 
 
 def read_api_key(setting):
-    """The key of --api_key: the text itself, or for "env:NAME" the environment variable NAME (which must be set).
-    Visible ASCII only: HTTP headers carry no other text (a server reads their bytes as Latin-1, a client encodes
-    them as it likes), so a key with other characters, or a space or newline at an end, could never match."""
+    """The key of --api_key: the text itself, or for "env:NAME" that environment variable (which must be set). Visible
+    ASCII only: headers carry no other text reliably, so a key with other characters could never match."""
     if setting.startswith("env:"):
         name = setting[4:]
         if not os.environ.get(name):
@@ -242,198 +223,228 @@ def read_api_key(setting):
     return key
 
 
-def create_app(model, tokenizer, config) -> FastAPI:
-    """The API of one loaded model (config: DEFAULTS with the command line applied)."""
-    model_name = config["model_name"] or Path(config["model_dir"]).name
-    api_key = read_api_key(config["api_key"])
-    prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
-    context = getattr(model, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", None)
-    queue = GenerationQueue(config["max_waiting"])
-    created = int(time.time())
-    app = FastAPI(title="ChatGLM OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(HostAndOriginCheck, config=config)
-    app.state.queue = queue
+def served_name(config):
+    """The id clients send as "model": --model_name, else the folder name of --model_dir."""
+    return config["model_name"] or Path(config["model_dir"]).name
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, error: ApiError):
-        return error_response(error)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, error):
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
-                                       codes.get(error.status_code)))
+def sse(payload):
+    """One server-sent event."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    @app.exception_handler(Exception)
-    async def server_error(request, error):
-        return error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}", error_type="server_error"))
 
-    async def check_key(request: Request):
-        if not api_key:
+async def read_json_body(request: Request, max_bytes):
+    """The request's JSON body, read up to max_bytes: ApiError for anything else."""
+    # A web page may POST text/plain to any site without asking (no CORS preflight); JSON it may not.
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "send the request body as JSON, with the header 'Content-Type: application/json'",
+                       "unsupported_media_type")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ApiError(413, f"the request body is larger than {max_bytes} bytes", "request_too_large")
+    try:
+        payload = json.loads(body)
+        # An escape of half a UTF-16 pair ("\ud800") decodes to a string that no tokenizer or answer can encode.
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError as err:
+        raise ApiError(400, "the request body has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                            "not a character", "invalid_json") from err
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, an integer of > 4300 digits
+        reason = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise ApiError(400, f"the request body is not valid JSON: {reason}", "invalid_json") from err
+    return payload
+
+
+def parse_chat_request(payload) -> ChatRequest:
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+    try:
+        chat = ChatRequest.model_validate(payload)
+    except ValidationError as err:
+        raise validation_error(err) from err
+    check_unsupported(chat)
+    return chat
+
+
+def usage(reply):
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+async def api_error(request, error: ApiError):
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def http_error(request, error):
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return await api_error(request, ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
+                                             codes.get(error.status_code)))
+
+
+async def server_error(request, error):
+    return await api_error(request, ApiError(500, f"internal error: {type(error).__name__}: {error}",
+                                             error_type="server_error"))
+
+
+class ChatApi:
+    """The routes of one loaded model (config: DEFAULTS with the command line applied)."""
+
+    def __init__(self, model, tokenizer, config):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model_name, self.api_key = served_name(config), read_api_key(config["api_key"])
+        self.prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
+        self.context = model_context(model)
+        self.queue = GenerationQueue(config["max_waiting"])
+        self.created = int(time.time())
+
+    async def check_key(self, request: Request):
+        if not self.api_key:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", "invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           "invalid_api_key")
 
-    def model_card():
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "local"}
+    async def list_models(self):
+        return {"object": "list", "data": [await self.get_model(self.model_name)]}
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def list_models():
-        return {"object": "list", "data": [model_card()]}
+    async def get_model(self, name: str):
+        if name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "model_not_found", "model")
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "local"}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
-    async def get_model(name: str):
-        if name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model_not_found", "model")
-        return model_card()
-
-    async def read_request(request: Request) -> ChatRequest:
-        # A web page may POST text/plain to any site without asking (no CORS preflight); JSON it may not.
-        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
-            raise ApiError(415, "send the request body as JSON, with the header 'Content-Type: application/json'",
-                           "unsupported_media_type")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > config["max_request_bytes"]:
-                raise ApiError(413, f"the request body is larger than {config['max_request_bytes']} bytes", "request_too_large")
-        try:
-            payload = json.loads(body)
-            # An escape of half a UTF-16 pair ("\ud800") decodes to a string that no tokenizer or answer can encode.
-            json.dumps(payload, ensure_ascii=False).encode()
-        except UnicodeEncodeError as err:
-            raise ApiError(400, "the request body has a lone surrogate escape (\\ud800-\\udfff without its pair): "
-                                "not a character", "invalid_json") from err
-        except (ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8, an integer of > 4300 digits
-            reason = "nested too deeply" if isinstance(err, RecursionError) else err
-            raise ApiError(400, f"the request body is not valid JSON: {reason}", "invalid_json") from err
-        if not isinstance(payload, dict):
-            raise ApiError(400, "the request body must be a JSON object", "invalid_json")
-        try:
-            parsed = ChatRequest.model_validate(payload)
-        except ValidationError as err:
-            raise validation_error(err) from err
-        check_unsupported(parsed)
-        return parsed
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(request: Request):
-        chat = await read_request(request)
-        if chat.model != model_name:
-            raise ApiError(404, f"the model {chat.model!r} does not exist; this server serves {model_name!r}", "model_not_found", "model")
+    def generation_job(self, chat: ChatRequest):
+        """What to generate for a valid request: its prompt ids, stream_chat_reply's options, and the answer's id."""
         system, history, message = split_messages(chat.messages)
-        prompt_ids = prompt_format.prompt_ids(message, history, system)
-        if len(prompt_ids) > config["max_input_tokens"]:
+        prompt_ids, limits = self.prompt_format.prompt_ids(message, history, system), self.config
+        if len(prompt_ids) > limits["max_input_tokens"]:
             raise ApiError(400, f"the messages take {len(prompt_ids)} tokens; this server accepts at most "
-                                f"{config['max_input_tokens']}. Shorten the messages or leave out old turns.",
+                                f"{limits['max_input_tokens']}. Shorten the messages or leave out old turns.",
                            "context_length_exceeded", "messages")
-        max_tokens = chat.max_completion_tokens or chat.max_tokens or config["max_new_tokens"]
-        if max_tokens > config["max_new_tokens"]:
+        max_tokens = chat.max_completion_tokens or chat.max_tokens or limits["max_new_tokens"]
+        if max_tokens > limits["max_new_tokens"]:
             param = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
-            raise ApiError(400, f"'{param}' is {max_tokens}; this server allows at most {config['max_new_tokens']}",
+            raise ApiError(400, f"'{param}' is {max_tokens}; this server allows at most {limits['max_new_tokens']}",
                            "invalid_value", param)
-        if context and len(prompt_ids) + max_tokens > context:
-            raise ApiError(400, f"{len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's context of "
-                                f"{context} tokens; ask for fewer tokens", "context_length_exceeded", "max_tokens")
-        temperature = config["temperature"] if chat.temperature is None else chat.temperature
-        top_p = config["top_p"] if chat.top_p is None else chat.top_p
-        generation = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                          top_p=top_p, decode=config["decode"])
+        if self.context and len(prompt_ids) + max_tokens > self.context:
+            raise ApiError(400, f"{len(prompt_ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                                f"context of {self.context} tokens; ask for fewer tokens", "context_length_exceeded",
+                           "max_tokens")
+        temperature = limits["temperature"] if chat.temperature is None else chat.temperature
+        do_sample = limits["do_sample"] if chat.temperature is None else temperature > 0
+        generation = dict(max_new_tokens=max_tokens, do_sample=do_sample and temperature > 0,
+                          temperature=temperature or 1.0, top_p=limits["top_p"] if chat.top_p is None else chat.top_p,
+                          decode=limits["decode"])
+        return {"prompt_ids": prompt_ids, "generation": generation, "seed": chat.seed, "created": int(time.time()),
+                "id": f"chatcmpl-{uuid.uuid4().hex}", "usage": bool(chat.stream_options and chat.stream_options.include_usage)}
 
-        def replies():
-            if chat.seed is not None:
-                torch.manual_seed(chat.seed)
-            return stream_chat_reply(model, tokenizer, prompt_ids, **generation)
+    def replies(self, job):
+        if job["seed"] is not None:
+            torch.manual_seed(job["seed"])
+        return stream_chat_reply(self.model, self.tokenizer, job["prompt_ids"], **job["generation"])
 
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
+    def last_reply(self, job):
+        *_, reply = self.replies(job)
+        return reply
 
-        def usage(reply):
-            return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                    "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+    def answer(self, job, kind, choice, **extra):
+        return {"id": job["id"], "object": kind, "created": job["created"], "model": self.model_name,
+                "choices": [{"index": 0, **choice}] if choice else [], **extra}
 
-        def last_reply():
-            for reply in replies():
-                pass
-            return reply
+    async def complete(self, request: Request, job):
+        if not await self.queue.take_turn(request):
+            raise ApiError(499, "the client closed the connection while the request waited", "client_closed_request")
+        try:
+            reply = await run_in_threadpool(self.last_reply, job)
+        finally:
+            self.queue.release()
+        message = {"role": "assistant", "content": reply.text}
+        return self.answer(job, "chat.completion", {"message": message, "finish_reason": reply.finish_reason},
+                           usage=usage(reply))
 
+    def delta(self, job, delta, finish_reason=None):
+        return sse(self.answer(job, "chat.completion.chunk", {"delta": delta, "finish_reason": finish_reason}))
+
+    def reply_events(self, job, stable, reply):
+        """The events of one step of the answer: its new text, and at the end its finish reason (and usage)."""
+        piece = stable.update(reply.text, final=reply.finish_reason is not None)
+        if piece:
+            yield self.delta(job, {"content": piece})
+        if reply.finish_reason:
+            yield self.delta(job, {}, reply.finish_reason)
+        if reply.finish_reason and job["usage"]:
+            yield sse(self.answer(job, "chat.completion.chunk", None, usage=usage(reply)))
+
+    async def stream_turn(self, request: Request):
+        """None once it is this request's turn on the model; otherwise the event to send before closing ("" for a
+        client that left while it waited)."""
+        try:
+            return None if await self.queue.take_turn(request) else ""
+        except ApiError as err:  # grew busy since the check before the stream started
+            return sse(err.body())
+
+    async def events(self, request: Request, job):
+        refusal = await self.stream_turn(request)
+        if refusal:
+            yield refusal
+        if refusal is not None:
+            return
+        stream, stable = self.replies(job), StableText()
+        try:
+            yield self.delta(job, {"role": "assistant", "content": ""})
+            # One token per thread hop; a client that goes away cancels us between tokens, and the finally below
+            # ends the generation before the next request may start.
+            while (reply := await run_in_threadpool(next, stream, None)) is not None:
+                for event in self.reply_events(job, stable, reply):
+                    yield event
+        except Exception as err:  # headers are out: report it as an event in the error shape
+            yield sse(ApiError(500, f"generation failed: {type(err).__name__}: {err}", error_type="server_error").body())
+        finally:
+            stream.close()  # not running: a cancelled thread hop waits for its token to finish
+            self.queue.release()
+        yield "data: [DONE]\n\n"
+
+    async def chat_completions(self, request: Request):
+        chat = parse_chat_request(await read_json_body(request, self.config["max_request_bytes"]))
+        await self.get_model(chat.model)
+        job = self.generation_job(chat)
         if not chat.stream:
-            if not await queue.take_turn(request):
-                raise ApiError(499, "the client closed the connection while the request waited", "client_closed_request")
-            try:
-                reply = await run_in_threadpool(last_reply)
-            finally:
-                queue.release()
-            return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                                 "finish_reason": reply.finish_reason}],
-                    "usage": usage(reply)}
+            return await self.complete(request, job)
+        self.queue.check_room()  # refuse before the stream starts: a 429 answer rather than an error event
+        return StreamingResponse(self.events(request, job), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
-        queue.check_room()  # refuse before the stream starts: a 429 answer rather than an error event
 
-        def event(delta, finish_reason=None, **extra):
-            chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-        async def events():
-            done = object()
-            try:
-                if not await queue.take_turn(request):
-                    return
-            except ApiError as err:  # grew busy since the check above
-                yield f"data: {json.dumps(err.body())}\n\n"
-                return
-            try:
-                yield event({"role": "assistant", "content": ""})
-                stream = replies()
-                stable = StableText()
-                try:
-                    while True:
-                        # One token per thread hop; a client that goes away cancels us between tokens, and the
-                        # finally below ends the generation before the next request may start.
-                        reply = await run_in_threadpool(next, stream, done)
-                        if reply is done:
-                            break
-                        piece = stable.update(reply.text, final=reply.finish_reason is not None)
-                        if piece:
-                            yield event({"content": piece})
-                        if reply.finish_reason:
-                            yield event({}, reply.finish_reason)
-                            if chat.stream_options and chat.stream_options.include_usage:
-                                chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": now,
-                                         "model": model_name, "choices": [], "usage": usage(reply)}
-                                yield f"data: {json.dumps(chunk)}\n\n"
-                except Exception as err:  # headers are out: report it as an event in the error shape
-                    failure = ApiError(500, f"generation failed: {type(err).__name__}: {err}", error_type="server_error")
-                    yield f"data: {json.dumps(failure.body(), ensure_ascii=False)}\n\n"
-                finally:
-                    stream.close()  # not running: a cancelled thread hop waits for its token to finish
-            finally:
-                queue.release()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
+def create_app(model, tokenizer, config) -> FastAPI:
+    """The API of one loaded model (config: DEFAULTS with the command line applied)."""
+    api = ChatApi(model, tokenizer, config)
+    app = FastAPI(title="ChatGLM OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostAndOriginCheck, config=config)
+    app.state.queue = api.queue
+    for error, handler in ((ApiError, api_error), (StarletteHTTPException, http_error), (Exception, server_error)):
+        app.add_exception_handler(error, handler)
+    guarded = [Depends(api.check_key)]
+    app.get("/v1/models", dependencies=guarded)(api.list_models)
+    app.get("/v1/models/{name:path}", dependencies=guarded)(api.get_model)
+    app.post("/v1/chat/completions", dependencies=guarded)(api.chat_completions)
     return app
 
 
 def main(config):
     import uvicorn
 
-    check_serving_options(config, at_least_one=("max_input_tokens", "max_new_tokens", "max_request_bytes"),
-                         at_least_zero=("max_waiting",))
+    check_serving_options(config, at_least_one=("max_request_bytes",), at_least_zero=("max_waiting",))
     if config["log_level"] not in LOG_LEVELS:
         raise ConfigError(f"--log_level: {config['log_level']!r}; use one of {', '.join(LOG_LEVELS)}")
-    api_key = read_api_key(config["api_key"])  # a missing variable is reported before minutes of loading
-    if not api_key:
-        warn_if_open(config["host"], "the API without an API key",
-                     "Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).")
+    if not read_api_key(config["api_key"]):  # a missing variable is reported before minutes of loading
+        warn_if_open(config["host"], "the API without an API key", "Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).")
     model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
     app = create_app(model, tokenizer, config)
-    print(f"serving {config['model_dir']}" + (f" + {config['lora_path']}" if config["lora_path"].lower() != "none" else "")
-          + f" as model {config['model_name'] or Path(config['model_dir']).name!r}"
+    adapter = f" + {config['lora_path']}" if config["lora_path"].lower() != "none" else ""
+    print(f"serving {config['model_dir']}{adapter} as model {served_name(config)!r}"
           + (", API key required" if config["api_key"] else ""), flush=True)
     uvicorn.run(app, host=config["host"], port=config["port"], log_level=config["log_level"])
 

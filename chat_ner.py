@@ -5,7 +5,8 @@
     printf '张三在北京工作。\\n他去了上海。\\nexit\\n' | python chat_ner.py    # stdin may be piped
 
 Each line you type is wrapped the way the adapter was trained: the task instruction, then `文本：` + your text
-(--raw sends it as it is). The conversation history is kept; `clear` forgets it, `exit` (or end of input) quits.
+(--raw sends it as it is). The conversation history is kept (its oldest turns left out of a prompt longer than
+--max_input_tokens); `clear` forgets it, `exit` (or end of input) quits.
 """
 import sys
 
@@ -14,7 +15,7 @@ from utils.config_utils import parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 from utils.prompts import get_prompt_format, user_message
-from utils.serving import check_serving_options
+from utils.serving import CHAT_DEFAULTS, chat_prompt, check_serving_options
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -25,18 +26,40 @@ DEFAULTS = {
     "data_name": "demo_ner",
     "instruct": "",  # default: the instruction of the run's training data (else the MSRA one)
     "raw": False,  # send typed text as it is, without instruction and 文本： prefix
-    "max_length": 2048,
-    "do_sample": False,
-    "temperature": 0.8,
-    "top_p": 0.8,
-    "dtype": "auto",
-    "device": "auto",
-    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
+    **CHAT_DEFAULTS,
 }
+RENAMED = {"max_length": "max_input_tokens"}  # the old name works until the next release, with a note
+
+
+def typed_lines(interactive):
+    """The non-empty lines typed (or piped) until `exit` or the end of input, each echoed after its prompt."""
+    while True:
+        if interactive:
+            print("\n用户：", end="", flush=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text == "exit":
+            return
+        if text and not interactive:
+            print(f"\n用户：{text}", flush=True)
+        if text:
+            yield text
+
+
+def print_reply(model, tokenizer, prompt_ids, budget, config):
+    """Streams the answer to stdout as it grows; returns its text."""
+    print("ChatGLM：", end="", flush=True)
+    stable = StableText()
+    for reply in stream_chat_reply(model, tokenizer, prompt_ids, budget, do_sample=config["do_sample"],
+                                   temperature=config["temperature"], top_p=config["top_p"], decode=config["decode"]):
+        piece = stable.update(reply.text, final=reply.finish_reason is not None)
+        print("\n" + reply.text if piece is None else piece, end="", flush=True)
+    print(flush=True)
+    return reply.text
 
 
 def main(config):
-    check_serving_options(config, at_least_one=("max_length",))
+    check_serving_options(config)
     lora_path = choose_lora_path(config)
     model, tokenizer = load_run(config)
     version = model.model_version
@@ -47,42 +70,22 @@ def main(config):
 
     prompt_format = get_prompt_format(tokenizer, version)
     example = tokenizer.decode(prompt_format.prompt_ids(message("<你的句子>"), []))
-    interactive = sys.stdin.isatty()
     served = f"{config['model_dir']} + {lora_path}" if uses_adapter(lora_path) else f"{config['model_dir']} alone"
     print(f"{version or model.config.model_type}: {served}. The prompt of a first turn looks like:\n---\n{example}\n---\n"
           "Type a sentence; 'clear' forgets the history, 'exit' quits.", flush=True)
     history = []
-    while True:
-        if interactive:
-            print("\n用户：", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.strip()
-        if text == "exit":
-            break
+    for text in typed_lines(sys.stdin.isatty()):
         if text == "clear":
             history = []
             print("(history cleared)", flush=True)
             continue
-        if not text:
-            continue
-        if not interactive:
-            print(f"\n用户：{text}", flush=True)
-        print("ChatGLM：", end="", flush=True)
-        prompt_ids = prompt_format.prompt_ids(message(text), history)
-        if len(prompt_ids) >= config["max_length"]:
-            print(f"(the prompt has {len(prompt_ids)} tokens, no room under --max_length={config['max_length']}; type 'clear')", flush=True)
-            continue
-        stable = StableText()
-        for reply in stream_chat_reply(model, tokenizer, prompt_ids, config["max_length"] - len(prompt_ids),
-                                       do_sample=config["do_sample"], temperature=config["temperature"],
-                                       top_p=config["top_p"], decode=config["decode"]):
-            piece = stable.update(reply.text, final=reply.finish_reason is not None)
-            print("\n" + reply.text if piece is None else piece, end="", flush=True)
-        print(flush=True)
-        history = history + [(message(text), reply.text)]
+        prompt_ids, budget, notes = chat_prompt(model, prompt_format, message(text), history,
+                                                config["max_input_tokens"], config["max_new_tokens"])
+        for note in notes:
+            print(f"({note})", flush=True)
+        if prompt_ids is not None:
+            history = history + [(message(text), print_reply(model, tokenizer, prompt_ids, budget, config))]
 
 
 if __name__ == "__main__":
-    main(parse_config(DEFAULTS, description=__doc__))
+    main(parse_config(DEFAULTS, description=__doc__, renamed=RENAMED))

@@ -1,16 +1,16 @@
 """Merge a LoRA adapter into its base model (or put a P-tuning v2 prefix beside its weights), optionally quantize to
 int8 / int4, and write one model folder that loads anywhere with transformers + torch alone (AutoModel / AutoTokenizer
-with trust_remote_code=True). A GLM-4 (or other transformers-native) base gets a folder of its own layout (--qbits 0).
+with trust_remote_code=True). A GLM-4 (or other transformers-native) base gets a folder of its own layout (--quant_bits 0).
 
-    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_path model_hub/chatglm2-6b-ner
-    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_path model_hub/msra-ptuning-int4 --qbits 4
+    python merge_lora_and_quantize.py --lora_path checkpoint/demo_ner/train_trainer/adapter_model --output_dir model_hub/chatglm2-6b-ner
+    python merge_lora_and_quantize.py --lora_path checkpoint/msra/train_trainer/prefix_model --output_dir model_hub/msra-ptuning-int4 --quant_bits 4
 
 The base (--model_dir; default: the run's, as the adapter's files name it) is loaded in fp32 on the CPU so the merge is
-exact (a 6B model needs about 25 GB of RAM). --qbits 8 / 4 quantizes the four linear layers of every block (one scale
+exact (a 6B model needs about 25 GB of RAM). --quant_bits 8 / 4 quantizes the four linear layers of every block (one scale
 per output row, int4 packed two per byte); the float tensors are cast to --dtype. The folder (weights sharded above
 --max_shard_size, config.json with the official auto_map, the tokenizer, the .py files of --remote_scripts_dir) is
 written beside and renamed at the end. Refused before any heavy work: an existing output folder, an adapter made for
-another base, --qbits other than 0/4/8, a quantized base.
+another base, --quant_bits other than 0/4/8, a quantized base.
 """
 import re
 import sys
@@ -26,13 +26,16 @@ from utils.run_dirs import hold_run_folder, release_run_folder, staged_folder
 
 DEFAULTS = {
     "lora_path": "checkpoint/demo_ner/train_trainer/adapter_model",  # PEFT folder: adapter_config.json + adapter_model.safetensors
-    "output_path": "",  # required: the new model folder (must not exist yet)
+    "output_dir": "",  # required: the new model folder (must not exist yet)
     "model_dir": "",  # base model folder; default: base_model_name_or_path of adapter_config.json
-    "qbits": 0,  # 0 = keep float weights, 8 = int8, 4 = int4
-    "dtype": "fp16",  # dtype of the saved float tensors (embeddings, norms, output layer, scales, biases): fp16, bf16, fp32
+    "quant_bits": 0,  # 0 = keep float weights, 8 = int8, 4 = int4
+    # dtype of the saved float tensors (embeddings, norms, output layer, scales, biases): fp16, bf16, fp32, or auto:
+    # the base's own (torch_dtype in its config.json; fp16 where it names none)
+    "dtype": "auto",
     "max_shard_size": "2GB",  # larger weights are split into model-0000i-of-0000n.safetensors (+ index); e.g. 500MB, 4GiB
     "remote_scripts_dir": "remote_scripts",  # where <version>/{configuration,modeling,tokenization,quantization}_*.py come from
 }
+RENAMED = {"output_path": "output_dir", "qbits": "quant_bits"}  # the old names work until the next release, with a note
 SUPPORTED_QBITS = (0, 4, 8)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -61,20 +64,20 @@ def resolve_remote_scripts(remote_scripts_dir, version):
 
 def check_output_path(output_path):
     if output_path.exists():
-        raise MergeError(f"{output_path} already exists; choose another --output_path or remove it first")
+        raise MergeError(f"{output_path} already exists; choose another --output_dir or remove it first")
 
 
 def plan(config):
     """Every check that needs no weights; returns the resolved paths and settings."""
-    qbits = config["qbits"]
+    qbits = config["quant_bits"]
     if qbits not in SUPPORTED_QBITS:
-        raise MergeError(f"--qbits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
-    if config["dtype"] not in DTYPES:
-        raise MergeError(f"--dtype={config['dtype']!r}: expected fp16, bf16 or fp32")
-    job = {"qbits": qbits, "dtype": DTYPES[config["dtype"]], "max_shard_bytes": parse_size(config["max_shard_size"])}
-    if not config["output_path"]:
-        raise MergeError("--output_path is required: the folder to write the merged model to (it must not exist yet)")
-    job["output_path"] = Path(config["output_path"])
+        raise MergeError(f"--quant_bits={qbits}: expected 0 (no quantization), 8 (int8) or 4 (int4)")
+    if config["dtype"] not in ("auto", *DTYPES):
+        raise MergeError(f"--dtype={config['dtype']!r}: expected auto, fp16, bf16 or fp32")
+    job = {"qbits": qbits, "max_shard_bytes": parse_size(config["max_shard_size"])}
+    if not config["output_dir"]:
+        raise MergeError("--output_dir is required: the folder to write the merged model to (it must not exist yet)")
+    job["output_path"] = Path(config["output_dir"])
     check_output_path(job["output_path"])
     job["trained"] = trained = read_lora_path(config["lora_path"])
     peft_type = trained.own_config.get("peft_type", "LORA") if trained.kind == "adapter" else "LORA"
@@ -86,10 +89,13 @@ def plan(config):
                          "base_model_name_or_path in an adapter_config.json); pass the base folder with --model_dir")
     job["model_dir"] = model_dir = Path(base)
     job["base_config"] = base_config = check_model_dir(model_dir)  # not an adapter, prefix or checkpoint-N
+    # auto: the base's own dtype (its config.json's torch_dtype / dtype), fp16 where it names none
+    saved = base_config.get("torch_dtype") or base_config.get("dtype") if config["dtype"] == "auto" else config["dtype"]
+    job["dtype"] = DTYPES.get(str(saved), DTYPES["fp16"])
     job["version"] = version = chatglm_version(base_config, str(model_dir / "config.json"))
     if version is None and qbits:  # GLM-4 and others of transformers' own classes
-        raise MergeError(f"--qbits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
-                         f"{base_config['model_type']} model; merge with --qbits 0 and quantize when loading "
+        raise MergeError(f"--quant_bits={qbits}: int8/int4 here is ChatGLM's own quantization and {model_dir} is a "
+                         f"{base_config['model_type']} model; merge with --quant_bits 0 and quantize when loading "
                          "(bitsandbytes, as train_qlora.py does)")
     if base_config.get("quantization_bit"):
         raise MergeError(f"{model_dir} is quantized (quantization_bit={base_config['quantization_bit']}); an adapter can "
@@ -133,7 +139,7 @@ def main(config):
     except ModelFolderError as err:  # the adapter's and the base's refusals (utils.adapters), as the merge's
         raise MergeError(str(err)) from err
     # One writer at a time: a second merge into the same folder stops here, naming the first.
-    hold_run_folder(job["output_path"], "--output_path")
+    hold_run_folder(job["output_path"], "--output_dir")
     try:
         check_output_path(job["output_path"])  # again, now that no other merge can be writing it
         return merge(config, job)
@@ -144,7 +150,7 @@ def main(config):
 def merge(config, job):
     trained = job["trained"]
     print(f"base: {job['model_dir']} ({job['version'] or job['base_config']['model_type']}); adapter: {trained.path}; "
-          f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {config['dtype']}")
+          f"quantization: {'int%d' % job['qbits'] if job['qbits'] else 'none'}; dtype: {str(job['dtype'])[6:]}")
     if trained.kind == "prefix":
         model, _ = load_trained(job["model_dir"], trained, dtype="fp32", device="cpu")
         print(f"the P-tuning prefix ({trained.prefix['pre_seq_len']} positions) goes into the folder with the weights")
@@ -165,6 +171,6 @@ def merge(config, job):
 
 if __name__ == "__main__":
     try:
-        main(parse_config(DEFAULTS, description=__doc__))
+        main(parse_config(DEFAULTS, description=__doc__, renamed=RENAMED))
     except (MergeError, ModelFolderError, FileExistsError) as err:
         sys.exit(f"error: {err}")

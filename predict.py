@@ -5,21 +5,18 @@
     python predict.py --model_dir=model_hub/chatglm2-6b-ner-merged --lora_path=none --dev_file=data/msra/instruct_data/dev.txt
 
 Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json into the folder of the run
-that was scored: the adapter's run folder (<run>/predict-checkpoint-N for a checkpoint-N), or that of a freeze / full
-run's model folder given by --model_dir (which takes no adapter by default); for a base model alone
-checkpoint/<data_name>/base/ (--output_dir sets another). It prints the metrics: for NER entity-level precision, recall and F1,
-micro and per type; for generation BLEU-4 and ROUGE-1/2/L on characters. NER scoring drops the predicted entities
-that the sentence (the query without its `文本：` prefix; not the instruction) does not contain (an entity is a span
-of the text; one that is not there was made up), counts them and also gives the scores with them
-(--drop_entities_not_in_text=false scores them all). --before_after also
-runs the base model without the adapter, so the gain is visible.
+scored (<run>/predict-checkpoint-N for a checkpoint-N; a freeze / full run's model folder as --model_dir takes no
+adapter by default); for a base model alone checkpoint/<data_name>/base/ (--output_dir sets another). Metrics: NER
+entity-level precision, recall and F1, micro and per type; generation BLEU-4 and ROUGE-1/2/L on characters. NER
+scoring drops (and counts) predicted entities that the sentence (the query without `文本：`) does not contain: made up,
+not extracted; the report also gives the scores with them (--drop_entities_not_in_text=false scores them all).
+--before_after also runs the base model without the adapter, so the gain is visible.
 """
 import json
 import time
 from pathlib import Path
 
-from utils.adapters import (adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder,
-                            scored_run, take_run_settings, uses_adapter)
+from utils.adapters import adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder, scored_run, take_run_settings, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.decode_utils import entities_in_text, parse_ner_answer
@@ -27,36 +24,30 @@ from utils.generation import generate_answers
 from utils.metrics import format_ner_report, generation_metrics, ner_metrics
 from utils.prompts import get_prompt_format, source_text, user_message
 from utils.records import read_instruction_records
+from utils.serving import GENERATION_DEFAULTS, check_serving_options
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
     # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
     # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir,
-    # data_name and max_source_length unless set here.
+    # data_name and max_input_tokens (its max_source_length) unless set here.
     "lora_path": "",
     "data_name": "demo_ner",
     "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt
     "output_dir": "",  # default: the scored run's folder, or checkpoint/<data_name>/base for a base model alone
     "task": "auto",  # ner, generation, or auto (ner when every reference is an entity_type list or 没有)
     "num_samples": 0,  # 0 = the whole file
-    "max_source_length": 512,
-    "max_new_tokens": 128,
+    **GENERATION_DEFAULTS,  # max_input_tokens: a longer prompt loses its history, then the end of its text
     "batch_size": 8,
-    "do_sample": False,
-    "temperature": 0.8,
-    "top_p": 0.8,
-    "top_k": 0,
     "before_after": False,
-    "dtype": "auto",
-    "device": "auto",
-    "decode": "auto",  # ChatGLM decode loop: auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
     "drop_entities_not_in_text": "auto",  # NER scoring drops predicted entities that the sentence does not contain
     # (made up, not extracted); the report also gives the scores with them. auto = true for NER; true, false
     "skip_bad_lines": False,
 }
 
 
-RUN_KEYS = ("model_dir", "data_name", "max_source_length")  # what a run's train_args.json gives unless set here
+RUN_KEYS = ("model_dir", "data_name", "max_input_tokens")  # what a run's train_args.json gives unless set here
+RENAMED = {"max_source_length": "max_input_tokens"}  # the old name works until the next release, with a note
 
 
 def default_output_dir(config):
@@ -74,12 +65,6 @@ def default_output_dir(config):
     return output_dir
 
 
-def score(task, predictions, references, sources=None):
-    if task == "ner":
-        return ner_metrics(predictions, references, sources)
-    return generation_metrics(predictions, references)
-
-
 def report(task, metrics):
     if task == "ner":
         return format_ner_report(metrics)
@@ -91,6 +76,7 @@ def headline(task, metrics):
 
 
 def main(config):
+    check_serving_options(config, at_least_one=("batch_size",), at_least_zero=("top_k",))
     lora_path = choose_lora_path(config)
     use_adapter = uses_adapter(lora_path)
     # The run's base, data set and lengths, and what --lora_path names checked against the base, before any data or
@@ -123,7 +109,7 @@ def main(config):
     model, tokenizer = load_run(config, fold=not before_after, trained=trained)
     version = model.model_version
     prompt_format = get_prompt_format(tokenizer, version)
-    generation = dict(max_source_length=config["max_source_length"], max_new_tokens=config["max_new_tokens"],
+    generation = dict(max_source_length=config["max_input_tokens"], max_new_tokens=config["max_new_tokens"],
                       batch_size=config["batch_size"], do_sample=config["do_sample"], decode=config["decode"], show_progress=True)
     if config["do_sample"]:
         generation.update(temperature=config["temperature"], top_p=config["top_p"], top_k=config["top_k"])
@@ -131,7 +117,8 @@ def main(config):
     def evaluate(name):
         started = time.time()
         predictions = generate_answers(model, tokenizer, prompt_format, records, **generation)
-        metrics = score(task, predictions, references, sources)
+        metrics = (ner_metrics(predictions, references, sources) if task == "ner"
+                   else generation_metrics(predictions, references))
         metrics["seconds"] = round(time.time() - started, 1)
         print(f"\n[{name}] {len(records)} samples from {dev_file} in {metrics['seconds']} s\n{report(task, metrics)}")
         return {"predictions": predictions, "metrics": metrics}
@@ -155,7 +142,7 @@ def main(config):
                                    results.get("base", results[main_name])["predictions"])
     ])
     summary = {"task": task, "drop_entities_not_in_text": drop_made_up, "dev_file": str(dev_file), "model_dir": config["model_dir"],
-               "lora_path": lora_path if use_adapter else None, "max_source_length": config["max_source_length"],
+               "lora_path": lora_path if use_adapter else None, "max_source_length": config["max_input_tokens"],
                **{name: result["metrics"] for name, result in results.items()}}
     write_atomic(output_dir / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False))
     if "base" in results:
@@ -166,4 +153,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-    main(parse_config(DEFAULTS, description=__doc__))
+    main(parse_config(DEFAULTS, description=__doc__, renamed=RENAMED))

@@ -3,23 +3,19 @@
     python web_demo.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python web_demo.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=7860
 
-then open http://127.0.0.1:7860. The answer appears token by token. The conversation so far is the history of the
-next question (its oldest turns are left out when the prompt would pass --max_input_tokens). Regenerate answers the
-last question again, Stop ends an answer early, Clear starts a new conversation; the sampling controls are under the
-chat. One answer is generated at a time; other questions wait in Gradio's queue. The page binds 127.0.0.1 unless
---host says otherwise (--host=0.0.0.0 shows it to the whole network, with a warning: the page has no password).
-
-Like api_server.py, the page answers 403 to a request whose Host header is not this machine's loopback (localhost,
-127.x.x.x, [::1]), the --host address or one of --allowed_hosts, or whose Origin header is not a loopback page or one
-of --allowed_origins: other web pages cannot drive it through the browser (DNS rebinding, cross-site requests).
+then open http://127.0.0.1:7860. The answer appears token by token; the conversation so far is the next question's
+history (its oldest turns left out past --max_input_tokens). Regenerate, Stop, Clear; the sampling controls are under
+the chat. One answer is generated at a time; other questions wait in Gradio's queue. Binds 127.0.0.1 unless --host
+says otherwise (0.0.0.0: the whole network, with a warning: the page has no password). Like api_server.py, it answers
+403 to other hosts and web pages (utils/serving.py: --allowed_hosts, --allowed_origins).
 """
 from pathlib import Path
 
 from utils.adapters import load_run
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import stream_chat_reply
-from utils.prompts import fit_prompt, get_prompt_format
-from utils.serving import HostAndOriginCheck, check_serving_options, warn_if_open
+from utils.prompts import get_prompt_format
+from utils.serving import CHAT_DEFAULTS, HostAndOriginCheck, chat_prompt, check_serving_options, warn_if_open
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -30,15 +26,8 @@ DEFAULTS = {
     # browsers use to reach the page, e.g. through a reverse proxy; "*": any
     "allowed_hosts": "",
     "allowed_origins": "",  # other sites whose pages may call the page's API (e.g. https://chat.example.com)
-    "max_input_tokens": 2048,  # prompt budget: the oldest turns are left out to fit it
-    "max_new_tokens": 512,  # the start value of the page's slider
+    **CHAT_DEFAULTS,  # max_new_tokens and the sampling options: the start values of the page's controls
     "max_new_tokens_limit": 4096,  # the slider's maximum
-    "do_sample": True,
-    "temperature": 0.8,
-    "top_p": 0.8,
-    "dtype": "auto",
-    "device": "auto",
-    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
 }
 
 
@@ -60,22 +49,14 @@ class WebChat:
         so that an answer stopped early stays in the conversation."""
         history = [list(turn) for turn in history or []]
         yield chat_messages(history + [[message, ""]]), history + [[message, ""]]
-        try:
-            prompt_ids, truncated = fit_prompt(self.prompt_format, message, history, self.max_input_tokens)
-        except ValueError as err:
-            self.warn(f"cannot build a prompt within max_input_tokens={self.max_input_tokens}: {err}")
+        prompt_ids, budget, notes = chat_prompt(self.model, self.prompt_format, message, history,
+                                                self.max_input_tokens, max_new_tokens)
+        for note in notes:
+            self.warn(note)
+        if prompt_ids is None:
             yield chat_messages(history), history
             return
-        if truncated:
-            self.warn(f"the conversation is longer than max_input_tokens={self.max_input_tokens}: its oldest turns "
-                      "(or the end of a very long question) were left out of the prompt")
-        context = getattr(self.model, "max_sequence_length", None)  # the model's position limit
-        max_new_tokens = min(int(max_new_tokens), context - len(prompt_ids)) if context else int(max_new_tokens)
-        if max_new_tokens < 1:
-            self.warn(f"the prompt ({len(prompt_ids)} tokens) fills the model's context of {context} tokens; Clear and ask again")
-            yield chat_messages(history), history
-            return
-        for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, max_new_tokens, do_sample=bool(do_sample),
+        for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, budget, do_sample=bool(do_sample),
                                        temperature=float(temperature), top_p=float(top_p), decode=self.decode):
             turns = history + [[message, reply.text]]
             yield chat_messages(turns), turns
@@ -134,7 +115,7 @@ def build_demo(web_chat: WebChat, config, title):
 
 
 def main(config):
-    check_serving_options(config, at_least_one=("max_input_tokens", "max_new_tokens", "max_new_tokens_limit"))
+    check_serving_options(config, at_least_one=("max_new_tokens_limit",))
     if config["max_new_tokens"] > config["max_new_tokens_limit"]:
         raise ConfigError(f"--max_new_tokens: {config['max_new_tokens']} is above --max_new_tokens_limit="
                           f"{config['max_new_tokens_limit']} (the slider's maximum); raise the limit or ask for fewer")

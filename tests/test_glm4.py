@@ -74,14 +74,15 @@ def test_lora_run_predicts_chats_merges_and_serves(glm4_dirs, lora_run, tmp_path
     assert metrics["adapter"]["samples"] == 8 and metrics["task"] == "ner"
 
     # chat_ner.py streams the answer of every typed line.
-    chat = SCRIPTS.run(["chat_ner.py", f"--lora_path={lora_run / 'adapter_model'}", "--max_length=96"],
+    chat = SCRIPTS.run(["chat_ner.py", f"--lora_path={lora_run / 'adapter_model'}", "--max_input_tokens=96",
+                        "--max_new_tokens=32"],
                        input="蒋玲帆傍晚从佛山回来。\nexit\n")
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert "[gMASK]<sop><|user|>" in chat.stdout and "用户：蒋玲帆傍晚从佛山回来。" in chat.stdout
 
     # merge: the merged folder gives the logits of base + adapter.
     merged = tmp_path / "merged"
-    run_script("merge_lora_and_quantize.py", f"--lora_path={lora_run / 'adapter_model'}", f"--output_path={merged}", "--dtype=fp32")
+    run_script("merge_lora_and_quantize.py", f"--lora_path={lora_run / 'adapter_model'}", f"--output_dir={merged}", "--dtype=fp32")
     with_adapter, tokenizer = load_model_with_adapter(glm4_dirs["glm"], lora_run / "adapter_model", dtype="fp32", device="cpu", fold=False)
     model, merged_tokenizer = load_model_and_tokenizer(merged, dtype="fp32", device="cpu")
     assert type(model).__name__ == "GlmForCausalLM" and merged_tokenizer.chat_template == tokenizer.chat_template
@@ -91,7 +92,7 @@ def test_lora_run_predicts_chats_merges_and_serves(glm4_dirs, lora_run, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
     refused = run_script("merge_lora_and_quantize.py", f"--lora_path={lora_run / 'adapter_model'}",
-                         f"--output_path={tmp_path / 'int4'}", "--qbits=4", check=False)
+                         f"--output_dir={tmp_path / 'int4'}", "--quant_bits=4", check=False)
     assert refused.returncode != 0 and "ChatGLM's own quantization" in refused.stderr
 
     # Chat streaming: the reply grows token by token to generate()'s greedy answer; leaving early stops the worker.

@@ -22,9 +22,9 @@ LAYERS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 PROMPTS = ["你好", "请介绍一下北京", "Hello world", "找出句子中的人名：张三去了上海。", "1+1等于几？", "ChatGLM是什么"]
 # Each version's adapter is merged three ways. fp32 is sharded (20MB shards) to exercise the index; int4 is saved in fp16.
 MERGES = {
-    "fp32": dict(qbits=0, dtype="fp32", max_shard_size="20MB"),
-    "int8": dict(qbits=8, dtype="fp32"),
-    "int4": dict(qbits=4, dtype="fp16"),
+    "fp32": dict(quant_bits=0, dtype="fp32", max_shard_size="20MB"),
+    "int8": dict(quant_bits=8, dtype="fp32"),
+    "int4": dict(quant_bits=4, dtype="fp16"),
 }
 NEW_TOKENS = 8
 LORA_B_STD = 0.1
@@ -129,7 +129,7 @@ def adapters(trainable_models, tmp_path_factory):
 def merged(adapters, tmp_path_factory):
     """(version, kind) -> merged folder, made by the script's main() with the adapter's own base."""
     root = tmp_path_factory.mktemp("merged")
-    return {(v, kind): merge(lora_path=adapters[v], output_path=root / f"{v}-{kind}", **options)
+    return {(v, kind): merge(lora_path=adapters[v], output_dir=root / f"{v}-{kind}", **options)
             for v in VERSIONS for kind, options in MERGES.items()}
 
 
@@ -201,7 +201,7 @@ def test_merged_folders_load_standalone_in_a_fresh_process(version, merged, fres
         assert result["module"].startswith("transformers_modules"), result["module"]
         assert ("QuantizedLinear" in result["layer_types"]) == (kind != "fp32")
         config = json.loads((folder / "config.json").read_text())
-        assert config["quantization_bit"] == MERGES[kind]["qbits"]
+        assert config["quantization_bit"] == MERGES[kind]["quant_bits"]
         assert config["auto_map"]["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
         assert ("AutoModelForCausalLM" in config["auto_map"]) == (version != "chatglm-6b")
         assert json.loads((folder / "tokenizer_config.json").read_text())["auto_map"]["AutoTokenizer"][0] == "tokenization_chatglm.ChatGLMTokenizer"
@@ -234,7 +234,7 @@ def fake_quantized_logits(fp32_folder, version, bits, float_dtype, batch):
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_quantized_folder_computes_exactly_the_dequantized_weights(version, kind, merged, reference, in_process_logits):
-    bits, float_dtype = MERGES[kind]["qbits"], DTYPES[MERGES[kind]["dtype"]]
+    bits, float_dtype = MERGES[kind]["quant_bits"], DTYPES[MERGES[kind]["dtype"]]
     expected = fake_quantized_logits(merged[version, "fp32"], version, bits, float_dtype, reference[version]["batch"])
     error = max_rel_error(in_process_logits[version, kind], expected)
     assert error < 1e-5, f"{kind} folder vs fp32 model with dequantized weights: max rel error {error:.2e}"
@@ -276,7 +276,7 @@ def test_int4_loads_and_generates(version, merged, fresh_process, in_process_log
 def test_quantized_checkpoint_has_the_official_keys_shapes_and_dtypes(version, kind, merged):
     folder = merged[version, kind]
     config = json.loads((folder / "config.json").read_text())
-    bits, float_dtype = MERGES[kind]["qbits"], DTYPES[MERGES[kind]["dtype"]]
+    bits, float_dtype = MERGES[kind]["quant_bits"], DTYPES[MERGES[kind]["dtype"]]
     assert saved_state(folder) == expected_quantized_state(version, config, bits, float_dtype)
     assert config["torch_dtype"] == str(float_dtype).replace("torch.", "")
 
@@ -384,7 +384,7 @@ def test_script_merges_an_adapter_trained_by_train_trainer(trainable_models, six
                   "--learning_rate=1e-2", "--warmup_steps=0", "--report_to=none")
     assert trained.returncode == 0, trained.stderr[-5000:]
     adapter_dir, output = tmp_path / "run" / "adapter_model", tmp_path / "merged"
-    merged = run("merge_lora_and_quantize.py", f"--lora_path={adapter_dir}", "--output_path", str(output), "--qbits", "0", "--dtype=fp32")
+    merged = run("merge_lora_and_quantize.py", f"--lora_path={adapter_dir}", "--output_dir", str(output), "--quant_bits", "0", "--dtype=fp32")
     assert merged.returncode == 0, merged.stderr[-5000:]
     assert f"wrote {output}" in merged.stdout
 
@@ -404,20 +404,20 @@ def test_refusals_are_clear_and_leave_nothing_behind(adapters, merged, trainable
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(merge_script.MergeError, match="already exists"):
-        merge(lora_path=adapters["chatglm2-6b"], output_path=out)
+        merge(lora_path=adapters["chatglm2-6b"], output_dir=out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     target = tmp_path / "new"
 
     # qbits other than 0/4/8, also from the command line (clear message, exit status 1, no folder).
-    with pytest.raises(merge_script.MergeError, match="--qbits=3: expected 0"):
-        merge(lora_path=adapters["chatglm2-6b"], output_path=target, qbits=3)
-    cli = run("merge_lora_and_quantize.py", f"--lora_path={adapters['chatglm2-6b']}", f"--output_path={target}", "--qbits=16")
-    assert cli.returncode == 1 and "error: --qbits=16: expected 0 (no quantization), 8 (int8) or 4 (int4)" in cli.stderr
+    with pytest.raises(merge_script.MergeError, match="--quant_bits=3: expected 0"):
+        merge(lora_path=adapters["chatglm2-6b"], output_dir=target, quant_bits=3)
+    cli = run("merge_lora_and_quantize.py", f"--lora_path={adapters['chatglm2-6b']}", f"--output_dir={target}", "--quant_bits=16")
+    assert cli.returncode == 1 and "error: --quant_bits=16: expected 0 (no quantization), 8 (int8) or 4 (int4)" in cli.stderr
 
     # An adapter from ChatGLM-6B on ChatGLM2-6B: train_args.json names the version ...
     v2_base = trainable_models["chatglm2-6b"]
     with pytest.raises(merge_script.MergeError, match=r"trained on chatglm-6b .* but .* is chatglm2-6b"):
-        merge(lora_path=adapters["chatglm-6b"], model_dir=v2_base, output_path=target)
+        merge(lora_path=adapters["chatglm-6b"], model_dir=v2_base, output_dir=target)
     # ... and without it the layer names do not exist in the base.
     no_args = tmp_path / "v1-adapter-without-train-args"
     no_args.mkdir()
@@ -425,15 +425,15 @@ def test_refusals_are_clear_and_leave_nothing_behind(adapters, merged, trainable
         (no_args / name).write_bytes((adapters["chatglm-6b"] / name).read_bytes())
     # The base its adapter_config.json names says it, and where that says nothing, the layers do.
     with pytest.raises(merge_script.MergeError, match=r"trained on chatglm-6b \(read from .*adapter_config.json base_model_name_or_path="):
-        merge(lora_path=no_args, model_dir=v2_base, output_path=target)
+        merge(lora_path=no_args, model_dir=v2_base, output_dir=target)
     adapter_config = json.loads((no_args / "adapter_config.json").read_text())
     (no_args / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": None}))
     with pytest.raises(merge_script.MergeError, match=r"does not fit the base .*\n  transformer\.layers\.0\..*: the base has no such layer"):
-        merge(lora_path=no_args, model_dir=v2_base, output_path=target)
+        merge(lora_path=no_args, model_dir=v2_base, output_dir=target)
     # Same version, other sizes: both folders and the shapes are named.
     wider = make_tiny_model("chatglm2-6b", tmp_path / "wider", TOKENIZERS / "chatglm2-6b", hidden_size=128)
     with pytest.raises(merge_script.MergeError) as refused:
-        merge(lora_path=adapters["chatglm2-6b"], model_dir=wider, output_path=target)
+        merge(lora_path=adapters["chatglm2-6b"], model_dir=wider, output_dir=target)
     message = str(refused.value)
     assert str(adapters["chatglm2-6b"]) in message and str(wider) in message
     assert "self_attention.query_key_value: lora_A [4, 64] expects 64 inputs, the base layer is [128, 128]" in message
@@ -446,7 +446,7 @@ def test_refusals_are_clear_and_leave_nothing_behind(adapters, merged, trainable
     assert "query_key_value.lora_A.weight: adapter [4, 64], base [4, 128]" in message
     # A quantized base cannot take an adapter.
     with pytest.raises(merge_script.MergeError, match="is quantized .quantization_bit=8."):
-        merge(lora_path=adapters["chatglm2-6b"], model_dir=merged["chatglm2-6b", "int8"], output_path=target)
+        merge(lora_path=adapters["chatglm2-6b"], model_dir=merged["chatglm2-6b", "int8"], output_dir=target)
 
     # A failure while writing leaves neither the output nor the staging folder.
     def broken_save(*args):
@@ -454,6 +454,6 @@ def test_refusals_are_clear_and_leave_nothing_behind(adapters, merged, trainable
 
     monkeypatch.setattr(model_folder, "save_shards", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        merge(lora_path=adapters["chatglm2-6b"], output_path=target)
+        merge(lora_path=adapters["chatglm2-6b"], output_dir=target)
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v1-adapter-without-train-args", "wider"]

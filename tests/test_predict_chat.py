@@ -5,11 +5,36 @@ import pytest
 import torch
 
 from conftest import SCRIPTS, VERSIONS, run_script
+from utils.config_utils import apply_overrides
 from utils.data_io import write_jsonl
 from utils.decode_utils import parse_ner_answer
 from utils.metrics import generation_metrics, ner_metrics
 from utils.prompts import source_text, user_message
 from utils.records import read_instruction_records
+from utils.serving import GENERATION_DEFAULTS
+
+
+def test_the_generating_scripts_share_one_name_and_default_per_option(capsys):
+    """predict, chat_ner, web_demo and api_server: the same generation options with the same defaults (top_k:
+    predict's only); the old names still work for one release, with a note."""
+    import api_server
+    import chat_ner
+    import merge_lora_and_quantize
+    import predict
+    import web_demo
+
+    shared = ("max_input_tokens", "max_new_tokens", "do_sample", "temperature", "top_p", "dtype", "device", "decode")
+    for script in (predict, chat_ner, web_demo, api_server):
+        assert {key: script.DEFAULTS[key] for key in shared} == {key: GENERATION_DEFAULTS[key] for key in shared}
+    assert predict.DEFAULTS["top_k"] == GENERATION_DEFAULTS["top_k"]
+    assert merge_lora_and_quantize.DEFAULTS["dtype"] == "auto"
+    for script, old, new, value in ((predict, "max_source_length", "max_input_tokens", 96),
+                                    (chat_ner, "max_length", "max_input_tokens", 96),
+                                    (merge_lora_and_quantize, "output_path", "output_dir", "out"),
+                                    (merge_lora_and_quantize, "qbits", "quant_bits", 4)):
+        config = apply_overrides(script.DEFAULTS, [f"--{old}={value}"], script.RENAMED)
+        assert config[new] == value and old not in config
+        assert f"note: --{old} is now --{new}; the old name will be removed" in capsys.readouterr().err
 
 
 def test_ner_answers_are_parsed_robustly():

@@ -141,7 +141,7 @@ def test_train_deepspeed_trains_a_prefix_and_writes_it_in_the_official_layout(tr
 def test_merge_writes_a_folder_whose_config_carries_the_prefix_and_inference_test_takes_it(ptuning_runs, trainable_models, tmp_path):
     run_dir = ptuning_runs("chatglm2-6b")
     merged = tmp_path / "merged"
-    run_script("merge_lora_and_quantize.py", f"--lora_path={run_dir / 'prefix_model'}", f"--output_path={merged}", "--dtype=fp32")
+    run_script("merge_lora_and_quantize.py", f"--lora_path={run_dir / 'prefix_model'}", f"--output_dir={merged}", "--dtype=fp32")
     assert json.loads((merged / "config.json").read_text())["pre_seq_len"] == PRE_SEQ_LEN  # the base from train_args.json
     ids = torch.tensor([[64790, 64792, 30910, 54761, 31211, 39701, 30992]])
     folder_model, _ = load_model_and_tokenizer(merged, dtype="fp32", device="cpu")

@@ -61,6 +61,6 @@ def test_chat_answers_carry_no_deprecation_warning(version, tiny_model_dirs):
     """transformers 5.2x renamed the outputs' past_key_values to cache: our model outputs used the old name, and the
     warning came out inside chat_ner's first answer."""
     result = SCRIPTS.run(["chat_ner.py", f"--model_dir={tiny_model_dirs[version]}", "--lora_path=none", "--raw",
-                          "--max_length=48"], input="张三在北京工作。\nexit\n")
+                          "--max_input_tokens=48", "--max_new_tokens=16"], input="张三在北京工作。\nexit\n")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ChatGLM：" in result.stdout and "deprecated" not in result.stdout + result.stderr, result.stdout + result.stderr

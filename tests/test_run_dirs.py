@@ -208,11 +208,11 @@ def test_a_run_folder_is_held_by_one_process_until_it_dies(trainable_models, six
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        refused = run_script("merge_lora_and_quantize.py", f"--lora_path={run_dir / 'adapter_model'}", f"--output_path={merged}",
+        refused = run_script("merge_lora_and_quantize.py", f"--lora_path={run_dir / 'adapter_model'}", f"--output_dir={merged}",
                              "--dtype=fp32", timeout=300, check=False)
         assert refused.returncode == 1
         assert refused.stderr.strip().splitlines()[-1].startswith(
-            f"error: --output_path={merged} is in use by another run: pid {holder.pid} on {socket.gethostname()}")
+            f"error: --output_dir={merged} is in use by another run: pid {holder.pid} on {socket.gethostname()}")
         assert not merged.exists()
     finally:
         holder.kill()

@@ -44,7 +44,7 @@ def test_predict_takes_the_base_and_lengths_of_the_run(short_run, trainable_mode
     ("web_demo.py", []),
     ("api_server.py", []),
     ("inference_test.py", ["--max_new_tokens=2"]),
-    ("merge_lora_and_quantize.py", ["--output_path={tmp}/merged"]),
+    ("merge_lora_and_quantize.py", ["--output_dir={tmp}/merged"]),
 ])
 def test_every_script_refuses_an_adapter_on_another_base(script, extra, short_run, trainable_models, sixteen_examples, tmp_path):
     other = trainable_models["chatglm-6b"]
@@ -112,7 +112,7 @@ def test_a_checkpoint_of_another_version_is_refused_naming_both(trained_adapter,
                 f"model_version) but the base {v2} is chatglm2-6b")
     assert one_error_line(predicted).startswith(expected) and not (tmp_path / "out").exists()
     merged = run_script("merge_lora_and_quantize.py", f"--model_dir={v2}", f"--lora_path={checkpoint}",
-                        f"--output_path={tmp_path / 'merged'}", check=False)
+                        f"--output_dir={tmp_path / 'merged'}", check=False)
     assert one_error_line(merged).startswith(expected) and not (tmp_path / "merged").exists()
 
     from utils.adapters import check_lora_on_base, read_lora_path
@@ -230,7 +230,7 @@ def test_what_is_no_adapter_is_refused_before_anything_loads(script, kind, train
     lora_path, refusal = lora_path_kinds(tmp_path, trainable_models, freeze_run)[kind]
     args = [f"--model_dir={trainable_models['chatglm2-6b']}", f"--lora_path={lora_path}"]
     args += {"predict.py": [f"--dev_file={sixteen_examples}", f"--output_dir={tmp_path / 'out'}"], "inference_test.py": ["--max_new_tokens=2"],
-             "merge_lora_and_quantize.py": [f"--output_path={tmp_path / 'merged'}"]}.get(script, [])
+             "merge_lora_and_quantize.py": [f"--output_dir={tmp_path / 'merged'}"]}.get(script, [])
     result = SCRIPTS.run([script, *args], input="", timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"--lora_path={lora_path}: {refusal}" in result.stderr, result.stderr[-3000:]

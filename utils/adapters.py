@@ -173,6 +173,10 @@ def results_folder(run_folder):
     return run_folder.parent / (f"predict-{run_folder.name}" if CHECKPOINT_NAME.fullmatch(run_folder.name) else "")
 
 
+# The run record's names of options that the generating scripts call otherwise.
+RECORDED_AS = {"max_input_tokens": "max_source_length"}
+
+
 def take_run_settings(config, keys=("model_dir",)):
     """The TrainedPath of the config, its run's values (TrainedPath.base for model_dir) set for the `keys` that the
     command line left out (config.given) and said on one line. A recorded value must have the option's type."""
@@ -183,7 +187,7 @@ def take_run_settings(config, keys=("model_dir",)):
     given = config.given if isinstance(config, Config) else set(config)  # a plain dict: every key was chosen
     taken = {}
     for key in (k for k in keys if k not in given):
-        value = trained.base() if key == "model_dir" and trained.kind != "model" else recorded.get(key)
+        value = trained.base() if key == "model_dir" and trained.kind != "model" else recorded.get(RECORDED_AS.get(key, key))
         if value in ("", None) or value == config.get(key):
             continue
         if config.get(key) is not None:

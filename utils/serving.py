@@ -1,11 +1,9 @@
-"""What the two servers (api_server.py, web_demo.py) share before and around the model: the check of their options
-at start (chat_ner.py's too), the warning for a server open to the network, and the Host / Origin check in front of every request.
-
-A browser reaches a server on 127.0.0.1 too, on behalf of any web page it shows. Two ways for a page to use it:
-DNS rebinding (a page of evil.example whose name now resolves to 127.0.0.1: its requests carry `Host: evil.example`)
-and cross-site requests (the browser adds `Origin: <the page's site>`). HostAndOriginCheck answers both with 403
-unless the host is this machine's loopback, the --host address or one of --allowed_hosts, and the page is a loopback
-one or one of --allowed_origins (the API's options; the web demo has --allowed_hosts and --allowed_origins too)."""
+"""What the chat scripts (api_server.py, web_demo.py, chat_ner.py; predict.py its generation options) share: the
+generation options, their check at start, a chat turn's prompt within its budgets, the warning for a server open to
+the network, and the Host / Origin check in front of every request. A browser reaches a server on 127.0.0.1 too, on
+behalf of any page it shows: by DNS rebinding (`Host: evil.example`, now resolving to 127.0.0.1) or by cross-site
+requests (`Origin: <the page's site>`); HostAndOriginCheck answers both with 403 unless the host is loopback, the
+--host address or one of --allowed_hosts, and the page a loopback one or one of --allowed_origins."""
 import ipaddress
 import re
 import socket
@@ -15,9 +13,24 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from utils.config_utils import ConfigError
+from utils.prompts import fit_prompt
 from utils.model_loading import DTYPES
 
 DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
+# The options of every script that generates (predict.py, chat_ner.py, web_demo.py, api_server.py): one name, one default.
+GENERATION_DEFAULTS = {
+    "max_input_tokens": 2048,  # prompt budget: the oldest turns (then the question's start) are left out to fit it
+    "max_new_tokens": 512,  # answer budget
+    "do_sample": False,  # false: greedy, the same answer every time
+    "temperature": 0.8,
+    "top_p": 0.8,
+    "top_k": 0,  # 0: no top-k cut
+    "dtype": "auto",
+    "device": "auto",
+    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
+}
+# The chat scripts' share: utils.generation.stream_chat_reply takes no top_k (yet).
+CHAT_DEFAULTS = {key: value for key, value in GENERATION_DEFAULTS.items() if key != "top_k"}
 
 
 def is_loopback(host):
@@ -112,8 +125,8 @@ def check_address(host, port):
 
 
 def check_serving_options(config, at_least_one=(), at_least_zero=()):
-    """The options that the servers and chat_ner.py share (dtype, device, decode; port, host, temperature and top_p
-    where the script has them), and the counts it names (at least 1 / at least 0), checked before the model loads:
+    """The options that the chat scripts share (dtype, device, decode, the generation options; port and host where
+    the script has them), and the counts it names (at least 1 / at least 0), checked before the model loads:
     ConfigError otherwise."""
     if "port" in config and not 1 <= config["port"] <= 65535:
         raise ConfigError(f"--port: {config['port']} is not a TCP port; use 1 to 65535")
@@ -125,13 +138,35 @@ def check_serving_options(config, at_least_one=(), at_least_zero=()):
         raise ConfigError(f"--device: {config['device']!r} is not a device; use auto, cpu, cuda or cuda:N")
     if config["decode"] not in DECODE_MODES:
         raise ConfigError(f"--decode: {config['decode']!r} is not a decoding mode; use one of {', '.join(DECODE_MODES)}")
-    if "temperature" in config and not 0 <= config["temperature"] <= 2:
+    if not 0 <= config["temperature"] <= 2:
         raise ConfigError(f"--temperature: {config['temperature']} is outside 0 to 2")
-    if "top_p" in config and not 0 < config["top_p"] <= 1:
+    if not 0 < config["top_p"] <= 1:
         raise ConfigError(f"--top_p: {config['top_p']} is outside (0, 1]")
-    for key in at_least_one:
+    for key in ("max_input_tokens", "max_new_tokens", *at_least_one):
         if config[key] < 1:
             raise ConfigError(f"--{key}: {config[key]}; use 1 or more")
     for key in at_least_zero:
         if config[key] < 0:
             raise ConfigError(f"--{key}: {config[key]}; use 0 or more")
+
+
+def model_context(model):
+    """The model's position limit (ChatGLM's max_sequence_length, else max_position_embeddings), or None."""
+    return getattr(model, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", None)
+
+
+def chat_prompt(model, prompt_format, message, history, max_input_tokens, max_new_tokens):
+    """(prompt ids of one chat turn within max_input_tokens, its answer budget within the model's context, the notes
+    for the user); ids None where no prompt fits (the notes say why)."""
+    try:
+        prompt_ids, truncated = fit_prompt(prompt_format, message, history, max_input_tokens)
+    except ValueError as err:
+        return None, 0, [f"cannot build a prompt within max_input_tokens={max_input_tokens}: {err}"]
+    notes = [f"the conversation is longer than max_input_tokens={max_input_tokens}: its oldest turns (or the end of "
+             "a very long question) were left out of the prompt"] if truncated else []
+    context = model_context(model)
+    budget = min(int(max_new_tokens), context - len(prompt_ids)) if context else int(max_new_tokens)
+    if budget < 1:
+        return None, 0, [f"the prompt ({len(prompt_ids)} tokens) fills the model's context of {context} tokens; "
+                         "clear the conversation and ask again"]
+    return prompt_ids, budget, notes
