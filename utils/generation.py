@@ -1,6 +1,6 @@
-"""Answers to instruction records (the prompts of utils.dataset, left-padded batches), token streams and generation
-timing, for ChatGLM models (their own stream_generate) and models that transformers supports natively (GLM-4:
-utils.native_decode)."""
+"""Answers to instruction records (the prompts of utils.dataset, left-padded batches), chat replies as they grow and
+generation timing, for every model, on the one decode engine (utils.decode_engine)."""
+import functools
 import time
 from dataclasses import dataclass
 
@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dataset import PaddingCollator, fit_prompt, get_prompt_format, user_message
-from utils.native_decode import native_stream_generate
+from utils import decode_engine
 
 
 def decode_answer(tokenizer, ids, stop_ids) -> str:
@@ -21,10 +21,8 @@ def decode_answer(tokenizer, ids, stop_ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-# generate() arguments that the stream loops (ChatGLM's own, with the static-cache fast path; utils.native_decode
-# for other models) also take.
+# generate() arguments that the decode engine also takes.
 STREAM_GENERATE_KWARGS = {"temperature", "top_k", "top_p", "repetition_penalty"}
-NATIVE_STREAM_KWARGS = {"temperature", "top_p"}
 
 
 @torch.inference_mode()
@@ -36,7 +34,7 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
     lacks (beams...) go to transformers' generate()."""
     stop_ids = prompt_format.stop_token_ids
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
-    own_loop = set(generate_kwargs) <= (STREAM_GENERATE_KWARGS if hasattr(model, "stream_generate") else NATIVE_STREAM_KWARGS)
+    own_loop = set(generate_kwargs) <= STREAM_GENERATE_KWARGS
     answers = []
     batches = range(0, len(records), batch_size)
     for start in tqdm(batches, desc="generating", disable=not show_progress):
@@ -62,17 +60,17 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, eos_token_id=(), decode="auto",
                     pad_token_id=0, **sampling):
-    """Yields (new ids [B, n], None) after every new token until every row stopped or max_new_tokens: ChatGLM models
-    through their own stream_generate, other models through utils.native_decode; both with a static cache and, on
-    CUDA, CUDA-graph steps (decode="plain": eager steps). A temperature below GREEDY_BELOW_TEMPERATURE decodes
-    greedily."""
+    """Yields (new ids [B, n], cache) after every new token until every row stopped or max_new_tokens, through the
+    decode engine (ChatGLM models: their stream_generate, which our loader binds to the engine). A temperature below
+    GREEDY_BELOW_TEMPERATURE decodes greedily."""
     if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
         do_sample = False
     if hasattr(model, "stream_generate"):
-        return model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     eos_token_id=list(eos_token_id), decode=decode, **sampling)
-    return native_stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
-                                  eos_token_id=eos_token_id, decode=decode, pad_token_id=pad_token_id, **sampling)
+        stream = model.stream_generate
+    else:
+        stream = functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)
+    return stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                  eos_token_id=list(eos_token_id), decode=decode, **sampling)
 
 
 def synchronize(device):

@@ -11,9 +11,11 @@ import os
 import stat
 import sys
 from pathlib import Path
+from types import MethodType
 
 import torch
 
+from utils import decode_engine
 from utils.errors import UserError
 from utils.log_filters import missing_keys_expected
 
@@ -209,6 +211,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
             quantization_config=quantization_config,
         )
     model.model_version = version
+    model.stream_generate = MethodType(decode_engine.stream_generate, model)  # chat() and stream_chat() too
     return model.eval(), tokenizer
 
 
