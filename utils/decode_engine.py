@@ -1,28 +1,22 @@
-"""The one decode engine, for every model we load: ChatGLM-6B/2/3 (our model files' static KV cache and decode step)
-and the models transformers supports natively (GLM-4...: its StaticCache, the attention mask as a static 4-D buffer).
-The prompt is prefilled, then each token costs one fixed-shape step on the static cache; on CUDA that step is captured
-once per (batch, cache size) as a CUDA graph and replayed: one launch per token instead of a Python walk through the
-layers (the gpt-fast recipe; figures in docs/benchmarks.md). The step after the first token runs, and is captured,
-before the first token is handed out, so that an answer streams at the replayed pace from its start.
+"""The one decode engine, for ChatGLM-6B/2/3 (our model files' static KV cache and step) and the models transformers
+supports natively (GLM-4...: its StaticCache): the prompt prefilled, then per token one fixed-shape step on the static
+cache, on CUDA captured once per (batch, cache size) as a CUDA graph and replayed (figures: docs/benchmarks.md). A
+step about to be captured runs before the first token is handed out: the answer streams at the replayed pace at once.
 
 decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; other models: eager static steps),
 "static" = eager static steps, "graph" = the step captured as a CUDA graph, "compiled" = the step fused by
-torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM and "compiled" for the others (each the faster),
+torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM, "compiled" for the others (each the faster one),
 "plain" elsewhere. All give the same tokens.
-
-Left-padded batches of native models: a query sees the keys of its own row that are no padding and not in its future;
-a padding position sees itself only (a query with every key masked gives NaN, which poisons later sums even at weight
-0). Positions count real tokens (cumsum of the mask), as generate() gives them.
 """
 import inspect
+import weakref
 
 import torch
 from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 MODES = ("auto", "plain", "static", "graph", "compiled")
-# Native caches' lengths are rounded up to this, so that one captured graph serves prompts and answers of similar
-# lengths (our model files size theirs in powers of two: static_cache_capacity).
+# Native caches' lengths are rounded up to this: one captured graph serves similar lengths (ChatGLM: powers of two).
 CACHE_BUCKET = 256
 
 
@@ -38,23 +32,20 @@ def resolve_mode(decode, device, auto_on_cuda):
 
 def logits_processors(model, do_sample, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                       logits_processor=None):
-    """What turns logits into scores, in the order of our model files' stream_generate (ChatGLM: its own list, with
-    the official NaN guard)."""
+    """Logits -> scores as our model files' stream_generate does it (ChatGLM: its own list, with the NaN guard)."""
     if hasattr(model, "logits_processors"):
         return model.logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
-    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1.0 else [])
-    processors.extend(logits_processor or [])
-    if do_sample:
-        processors.extend([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
-        processors.extend([TopKLogitsWarper(top_k)] if top_k else [])
-        processors.extend([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    penalty = [RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1.0 else []
+    processors = LogitsProcessorList(penalty + list(logits_processor or []))
+    warpers = ((TemperatureLogitsWarper, temperature, temperature != 1.0), (TopKLogitsWarper, top_k, top_k),
+               (TopPLogitsWarper, top_p, top_p < 1.0))
+    processors.extend(warper(value) for warper, value, wanted in warpers if do_sample and wanted)
     return processors
 
 
 def weights_key(model):
-    """What a captured step depends on besides its buffers: every layer, the address of every weight and the switches
-    of adapter layers (PEFT's disable_adapter(), merging). A graph replays the kernels it recorded on the tensors it
-    recorded, so any change here means capturing again."""
+    """What a captured step (its kernels on its tensors) depends on besides its buffers: every layer, the address of
+    every weight, the switches of adapter layers (PEFT's disable_adapter(), merging); a change means capturing again."""
     modules = list(model.modules())
     switches = tuple((module.disable_adapters, tuple(module.active_adapters), tuple(module.merged_adapters))
                      for module in modules if hasattr(module, "merged_adapters"))  # PEFT's adapter layers
@@ -86,32 +77,27 @@ class CapturedStep:
 
 
 class StepRunner:
-    """A model's decode step as `mode` runs it: eagerly, or captured on first use and replayed while the cache
-    buffers, layers, weights and adapter switches stay as they were (one captured step per model at a time: a graph
-    pool per shape would add up)."""
+    """A model's decode step as `mode` runs it: eagerly, or captured and replayed while the cache buffers, layers,
+    weights and adapter switches stay as they were (one captured step per model: a graph pool per shape adds up)."""
 
     def __init__(self, model, steps, mode):
-        self.model, self.steps, self.mode = model, steps, mode
-        self.captured = None
-
-    @property
-    def capturing(self):
-        """Whether the next step is captured (so worth running before the first token is handed out)."""
-        return self.mode in ("graph", "compiled") and self.captured is None
+        self.model, self.steps, self.mode, self.captured = model, steps, mode, None
+        if mode in ("graph", "compiled") and steps.owner is not None:
+            self.key = (weakref.ref(steps.owner), mode, weights_key(model))  # a dead buffer owner matches nothing
+            slot = model.__dict__.get("_decode_graph")
+            self.captured = slot[1] if slot and slot[0] == self.key else None
+        self.capturing = mode in ("graph", "compiled") and self.captured is None  # does the next step capture?
 
     def __call__(self, tokens):
         self.steps.advance()
         if self.mode in ("plain", "static"):
             return self.steps.forward(tokens)
-        key = (self.steps.owner, self.mode, weights_key(self.model)) if self.captured is None else None
-        if self.captured is None and self.model.__dict__.get("_decode_graph", (None,))[0] == key:
-            self.captured = self.model.__dict__["_decode_graph"][1]
         if self.captured is not None:
             return self.captured(tokens)
         self.model.__dict__.pop("_decode_graph", None)  # free the old graph's pool first
         function = self.steps.compiled_forward() if self.mode == "compiled" else self.steps.forward
-        self.captured = CapturedStep(function, tokens)
-        self.model.__dict__["_decode_graph"] = (key, self.captured)
+        self.captured, self.capturing = CapturedStep(function, tokens), False
+        self.model.__dict__["_decode_graph"] = (self.key, self.captured)
         return self.captured.first_logits
 
 
@@ -135,7 +121,8 @@ class ChatGLMSteps:
                        past_key_values=self.past, logits_to_keep=1).logits[:, -1].float()
         if max_new_tokens > 1:
             needed = self.past.get_seq_length() + max_new_tokens - 1
-            self.owner = model.static_cache(input_ids.shape[0], needed, self.past.layers[0].keys.dtype, input_ids.device)
+            dtype = self.past.layers[0].keys.dtype
+            self.owner = model.static_cache(input_ids.shape[0], needed, dtype, input_ids.device)
             self.ref_type = type(self.owner.load(self.past, attention_mask, model.transformer.pre_seq_len,
                                                  model.advance_positions(positions[..., -1:].clone())))
         return logits
@@ -160,14 +147,18 @@ class ChatGLMSteps:
 
 class NativeSteps:
     """A transformers StaticCache with the step's inputs as fixed buffers (batch B, up to `length` positions), kept on
-    the model per (B, length) and reused: positions past the current one hold stale keys, which the mask hides."""
+    the model per (B, length) and reused: positions past the current one hold stale keys, which the mask hides.
+
+    Left-padded batches: a query sees the keys of its own row that are no padding and not in its future; a padding
+    position sees itself only (all keys masked would give NaN, which poisons later sums even at weight 0). Positions
+    count real tokens (cumsum of the mask), as generate() gives them."""
 
     auto_on_cuda = "compiled"  # fused element-wise work; "graph" replays transformers' eager kernels, one per small op
 
     def __init__(self, model, batch, length):
-        self.model, self.owner, self.compiled = model, self, None
+        self.model, self.compiled = model, None
         device, dtype = model.device, model.dtype
-        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.cache = self.owner = StaticCache(config=model.config, max_cache_len=length)  # new with these buffers
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.blocked = torch.finfo(dtype).min
@@ -180,11 +171,10 @@ class NativeSteps:
     def of(cls, model, batch, length):
         """The model's steps for this batch size and (bucketed) length, made on first use (one at a time)."""
         key = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
-        steps = model.__dict__.get("_native_steps", {}).get(key)
-        if steps is None:
+        if model.__dict__.get("_native_steps", (None,))[0] != key:
             model.__dict__["_native_steps"] = None  # free the old buffers first
-            model.__dict__["_native_steps"] = {key: (steps := cls(model, *key))}
-        return steps
+            model.__dict__["_native_steps"] = (key, cls(model, *key))
+        return model.__dict__["_native_steps"][1]
 
     def prefill(self, input_ids, attention_mask, past_key_values, max_new_tokens):
         if past_key_values is not None:
@@ -193,7 +183,8 @@ class NativeSteps:
         real = attention_mask.bool()
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         sees = (real[:, None, :] & causal) | torch.eye(length, dtype=torch.bool, device=input_ids.device)
-        mask = torch.full((batch, 1, length, self.mask.shape[-1]), self.blocked, dtype=self.mask.dtype, device=input_ids.device)
+        mask = torch.full((batch, 1, length, self.mask.shape[-1]), self.blocked, dtype=self.mask.dtype,
+                          device=real.device)
         mask[:, 0, :, :length].masked_fill_(sees, 0.0)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.cache.reset()  # transformers >= 5.2x: its layers count the positions written, whatever cache_position says
@@ -226,14 +217,6 @@ class NativeSteps:
         return self.compiled
 
 
-def new_token_budget(model, attention_mask, max_length, max_new_tokens):
-    if max_new_tokens is None:
-        max_new_tokens = (max_length or model.max_sequence_length) - attention_mask.shape[1]
-    if max_new_tokens < 1:
-        raise ValueError(f"prompt of {attention_mask.shape[1]} tokens leaves no room under max_length={max_length}")
-    return max_new_tokens
-
-
 @torch.inference_mode()
 def stream_generate(model, input_ids, attention_mask=None, past_key_values=None, max_length=None, max_new_tokens=None,
                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None,
@@ -244,17 +227,20 @@ def stream_generate(model, input_ids, attention_mask=None, past_key_values=None,
     The cache handed out continues a ChatGLM conversation (past_key_values); native models hand out None."""
     chatglm = hasattr(model, "static_decode_step")
     mode = resolve_mode(decode, input_ids.device, ChatGLMSteps.auto_on_cuda if chatglm else NativeSteps.auto_on_cuda)
-    arguments = dict(max_length=max_length, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                     logits_processor=logits_processor)
     if chatglm and mode == "plain":
-        yield from type(model).stream_generate(model, input_ids, attention_mask, past_key_values, **arguments)
+        yield from type(model).stream_generate(model, input_ids, attention_mask, past_key_values, max_length,
+                                               max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                                               eos_token_id, logits_processor)
         return
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    max_new_tokens = new_token_budget(model, attention_mask, max_length, max_new_tokens)
+    if max_new_tokens is None:
+        max_new_tokens = (max_length or model.max_sequence_length) - attention_mask.shape[1]
+    if max_new_tokens < 1:
+        raise ValueError(f"prompt of {attention_mask.shape[1]} tokens leaves no room under max_length={max_length}")
     stops = torch.tensor(eos_token_id if eos_token_id is not None else model.config.eos_token_id).flatten()
     stops = (stops if stops.numel() else torch.tensor([-1])).to(input_ids.device)
-    steps = ChatGLMSteps(model) if chatglm else NativeSteps.of(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    batch, length = input_ids.shape
+    steps = ChatGLMSteps(model) if chatglm else NativeSteps.of(model, batch, length + max_new_tokens)
     logits = steps.prefill(input_ids, attention_mask, past_key_values, max_new_tokens)
     processors = logits_processors(model, do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
     fill = stops[0] if pad_token_id is None else pad_token_id

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from utils.dataset import PaddingCollator, fit_prompt, get_prompt_format, user_message
 from utils import decode_engine
+from utils.dataset import PaddingCollator, fit_prompt, get_prompt_format, user_message
 
 
 def decode_answer(tokenizer, ids, stop_ids) -> str:
@@ -65,30 +65,23 @@ def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=
     GREEDY_BELOW_TEMPERATURE decodes greedily."""
     if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
         do_sample = False
-    if hasattr(model, "stream_generate"):
-        stream = model.stream_generate
-    else:
-        stream = functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)
+    own = getattr(model, "stream_generate", None)  # ChatGLM's, which our loader binds to the engine
+    stream = own or functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)
     return stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                   eos_token_id=list(eos_token_id), decode=decode, **sampling)
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_generation(model, input_ids, max_new_tokens, decode="auto"):
     """(seconds to the first token, seconds in all) of one greedy stream_generate() run of exactly max_new_tokens
     tokens (no stop token) on input_ids [B, S]. Decode tokens/s = B * (max_new_tokens - 1) / (total - first)."""
-    synchronize(input_ids.device)
-    started = time.perf_counter()
-    first = None
+    synchronize = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+    synchronize()
+    started, first = time.perf_counter(), None
     for _ in stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, eos_token_id=[-1], decode=decode):
         if first is None:
-            synchronize(input_ids.device)
+            synchronize()
             first = time.perf_counter() - started
-    synchronize(input_ids.device)
+    synchronize()
     return first, time.perf_counter() - started
 
 
