@@ -120,8 +120,7 @@ class ChatGLMSteps:
         logits = model(input_ids=input_ids, position_ids=positions, attention_mask=attention_mask, use_cache=True,
                        past_key_values=self.past, logits_to_keep=1).logits[:, -1].float()
         if max_new_tokens > 1:
-            needed = self.past.get_seq_length() + max_new_tokens - 1
-            dtype = self.past.layers[0].keys.dtype
+            needed, dtype = self.past.get_seq_length() + max_new_tokens - 1, self.past.layers[0].keys.dtype
             self.owner = model.static_cache(input_ids.shape[0], needed, dtype, input_ids.device)
             self.ref_type = type(self.owner.load(self.past, attention_mask, model.transformer.pre_seq_len,
                                                  model.advance_positions(positions[..., -1:].clone())))
@@ -227,10 +226,11 @@ def stream_generate(model, input_ids, attention_mask=None, past_key_values=None,
     The cache handed out continues a ChatGLM conversation (past_key_values); native models hand out None."""
     chatglm = hasattr(model, "static_decode_step")
     mode = resolve_mode(decode, input_ids.device, ChatGLMSteps.auto_on_cuda if chatglm else NativeSteps.auto_on_cuda)
-    if chatglm and mode == "plain":
-        yield from type(model).stream_generate(model, input_ids, attention_mask, past_key_values, max_length,
-                                               max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-                                               eos_token_id, logits_processor)
+    if chatglm and mode == "plain":  # the model file's own loop (on a PEFT model's base, its adapter layers inside)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        yield from type(base).stream_generate(base, input_ids, attention_mask, past_key_values, max_length,
+                                              max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                                              eos_token_id, logits_processor)
         return
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if max_new_tokens is None:

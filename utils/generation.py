@@ -61,12 +61,12 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, eos_token_id=(), decode="auto",
                     pad_token_id=0, **sampling):
     """Yields (new ids [B, n], cache) after every new token until every row stopped or max_new_tokens, through the
-    decode engine (ChatGLM models: their stream_generate, which our loader binds to the engine). A temperature below
-    GREEDY_BELOW_TEMPERATURE decodes greedily."""
+    decode engine. A temperature below GREEDY_BELOW_TEMPERATURE decodes greedily."""
     if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
         do_sample = False
-    own = getattr(model, "stream_generate", None)  # ChatGLM's, which our loader binds to the engine
-    stream = own or functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)
+    stream = getattr(model, "stream_generate", None)  # ChatGLM's: our loader binds it to the engine, tests wrap it
+    if getattr(stream, "__func__", decode_engine.stream_generate) is not decode_engine.stream_generate or not stream:
+        stream = functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)  # none, or plain
     return stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                   eos_token_id=list(eos_token_id), decode=decode, **sampling)
 
