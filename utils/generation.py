@@ -65,7 +65,7 @@ def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=
     if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
         do_sample = False
     stream = getattr(model, "stream_generate", None)  # ChatGLM's: our loader binds it to the engine, tests wrap it
-    if getattr(stream, "__func__", decode_engine.stream_generate) is not decode_engine.stream_generate or not stream:
+    if stream is None or getattr(stream, "__func__", None) not in (None, decode_engine.stream_generate):
         stream = functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)  # none, or plain
     return stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                   eos_token_id=list(eos_token_id), decode=decode, **sampling)
