@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.tiny_models import build_random_model  # noqa: E402
+from utils.decode_engine import stream_generate  # noqa: E402
 from utils.model_loading import DTYPES, VERSIONS, read_config  # noqa: E402
 
 
@@ -62,10 +63,10 @@ def measure(version, args):
                 input_ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0
             ),
             "stream_generate plain": lambda n: list(
-                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="plain")
+                stream_generate(model, input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="plain")
             ),
             "stream_generate graph": lambda n: list(
-                model.stream_generate(input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="graph")
+                stream_generate(model, input_ids, mask, do_sample=False, max_new_tokens=n, eos_token_id=[-1], decode="graph")
             ),
         }
         for name in args.loops.split(","):

@@ -16,7 +16,7 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
   ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
                                train_trainer.py --method=ptuning has it), batch 8 x 512, on the bf16 / our int4 base
   decode-glm4-b1               GLM-4-9B (transformers' GlmConfig defaults = glm-4-9b-chat-hf's config.json) through
-                               our stream path (utils.native_decode: static cache, the step as one CUDA graph)
+                               our stream path (utils.decode_engine: static cache, the step as one CUDA graph)
   decode-glm4-b1-generate, decode-glm4-b1-generate-static
                                the same through transformers' generate(): its default (dynamic cache, eager), and
                                with cache_implementation="static" (generate() then compiles its step)
@@ -230,7 +230,7 @@ def run_rows(rows, args):
             model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
         model.model_version = None
         if "decode-glm4-b1" in rows:
-            # "auto": the step compiled and replayed as a CUDA graph (utils.native_decode), as the scripts decode
+            # "auto": the step compiled and replayed as a CUDA graph (utils.decode_engine), as the scripts decode
             results["decode-glm4-b1"] = decode_row(model, 1, 256, "auto", profile_path=profile("decode-glm4-b1"))
             print("decode-glm4-b1", results["decode-glm4-b1"], flush=True)
         for name, options in (("decode-glm4-b1-generate", {}), ("decode-glm4-b1-generate-static", {"cache_implementation": "static"})):

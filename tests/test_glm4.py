@@ -97,7 +97,7 @@ def test_lora_run_predicts_chats_merges_and_serves(glm4_dirs, lora_run, tmp_path
 
     # Chat streaming: the reply grows token by token to generate()'s greedy answer; leaving early stops the worker.
     greedy = generate_answers(model, merged_tokenizer, prompt_format, records, max_new_tokens=24, batch_size=2)
-    # Our decode loop (utils/native_decode.py) on a left-padded batch gives transformers' generate() answers (num_beams
+    # Our decode engine (utils/decode_engine.py) on a left-padded batch gives transformers' generate() answers (num_beams
     # is an option only generate() takes, so it decodes those).
     assert generate_answers(model, merged_tokenizer, prompt_format, records, max_new_tokens=24, batch_size=2, num_beams=1) == greedy
     replies = list(stream_chat_reply(model, merged_tokenizer, ids[0].tolist(), max_new_tokens=24))

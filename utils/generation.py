@@ -1,14 +1,14 @@
-"""Answers to instruction records (the prompts of utils.dataset, left-padded batches), token streams and generation
-timing, for ChatGLM models (their own stream_generate) and models that transformers supports natively (GLM-4:
-utils.native_decode)."""
+"""Answers to instruction records (the prompts of utils.dataset, left-padded batches), chat replies as they grow and
+generation timing, for every model, on the one decode engine (utils.decode_engine)."""
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from utils import decode_engine
 from utils.dataset import PaddingCollator
-from utils.native_decode import native_stream_generate
 from utils.prompts import fit_prompt, get_prompt_format, user_message
 
 
@@ -22,10 +22,8 @@ def decode_answer(tokenizer, ids, stop_ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-# generate() arguments that the stream loops (ChatGLM's own, with the static-cache fast path; utils.native_decode
-# for other models) also take.
+# generate() arguments that the decode engine also takes.
 STREAM_GENERATE_KWARGS = {"temperature", "top_k", "top_p", "repetition_penalty"}
-NATIVE_STREAM_KWARGS = {"temperature", "top_p"}
 
 
 @torch.inference_mode()
@@ -37,7 +35,7 @@ def generate_answers(model, tokenizer, prompt_format, records, max_source_length
     lacks (beams...) go to transformers' generate()."""
     stop_ids = prompt_format.stop_token_ids
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
-    own_loop = set(generate_kwargs) <= (STREAM_GENERATE_KWARGS if hasattr(model, "stream_generate") else NATIVE_STREAM_KWARGS)
+    own_loop = set(generate_kwargs) <= STREAM_GENERATE_KWARGS
     answers = []
     batches = range(0, len(records), batch_size)
     for start in tqdm(batches, desc="generating", disable=not show_progress):
@@ -63,35 +61,28 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, eos_token_id=(), decode="auto",
                     pad_token_id=0, **sampling):
-    """Yields (new ids [B, n], None) after every new token until every row stopped or max_new_tokens: ChatGLM models
-    through their own stream_generate, other models through utils.native_decode; both with a static cache and, on
-    CUDA, CUDA-graph steps (decode="plain": eager steps). A temperature below GREEDY_BELOW_TEMPERATURE decodes
-    greedily."""
+    """Yields (new ids [B, n], cache) after every new token until every row stopped or max_new_tokens, through the
+    decode engine. A temperature below GREEDY_BELOW_TEMPERATURE decodes greedily."""
     if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
         do_sample = False
-    if hasattr(model, "stream_generate"):
-        return model.stream_generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     eos_token_id=list(eos_token_id), decode=decode, **sampling)
-    return native_stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
-                                  eos_token_id=eos_token_id, decode=decode, pad_token_id=pad_token_id, **sampling)
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    stream = getattr(model, "stream_generate", None)  # ChatGLM's: our loader binds it to the engine, tests wrap it
+    if stream is None or getattr(stream, "__func__", None) not in (None, decode_engine.stream_generate):
+        stream = functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)  # none, or plain
+    return stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                  eos_token_id=list(eos_token_id), decode=decode, **sampling)
 
 
 def time_generation(model, input_ids, max_new_tokens, decode="auto"):
     """(seconds to the first token, seconds in all) of one greedy stream_generate() run of exactly max_new_tokens
     tokens (no stop token) on input_ids [B, S]. Decode tokens/s = B * (max_new_tokens - 1) / (total - first)."""
-    synchronize(input_ids.device)
-    started = time.perf_counter()
-    first = None
+    synchronize = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+    synchronize()
+    started, first = time.perf_counter(), None
     for _ in stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, eos_token_id=[-1], decode=decode):
         if first is None:
-            synchronize(input_ids.device)
+            synchronize()
             first = time.perf_counter() - started
-    synchronize(input_ids.device)
+    synchronize()
     return first, time.perf_counter() - started
 
 

@@ -9,9 +9,11 @@ import os
 import stat
 import sys
 from pathlib import Path
+from types import MethodType
 
 import torch
 
+from utils import decode_engine
 from utils.errors import UserError
 from utils.log_filters import missing_keys_expected
 
@@ -199,4 +201,5 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
         model = model_class.from_pretrained(str(model_dir), config=config, dtype=dtype, quantization_config=quantization_config,
                                             device_map=device_map(device, quantization_config))
     model.model_version = version
+    model.stream_generate = MethodType(decode_engine.stream_generate, model)  # chat() and stream_chat() too
     return model.eval(), tokenizer

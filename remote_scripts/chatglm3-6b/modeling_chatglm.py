@@ -325,8 +325,6 @@ class StaticKVCache:
         self.positions = torch.zeros(batch, *position_shape, dtype=torch.long, device=device)  # of the next token
         self.length = 0  # host-side count of filled slots (prefix included), kept in step with `slot`
         self.serial = 0  # bumped by every load, so that stale handles can be detected
-        self.graph = None  # the decode step captured as a CUDA graph (graph_step), with its key, input and output
-        self.graph_key = self.graph_ids = self.graph_logits = None
         for tensor in (*self.keys, *self.values, self.valid, self.slot, self.positions):
             torch._dynamo.mark_static_address(tensor)
 
@@ -356,32 +354,6 @@ class StaticKVCache:
         self.keys[layer_idx].index_copy_(2, self.slot, key)
         self.values[layer_idx].index_copy_(2, self.slot, value)
         return self.keys[layer_idx], self.values[layer_idx]
-
-    def keep_graph_for(self, key):
-        """Drop the captured step unless it was captured for `key` (the model's layers and weights, decode_graph_key)."""
-        if key != self.graph_key:
-            self.graph, self.graph_key = None, key
-
-    def graph_step(self, step, input_ids):
-        """`step(input_ids, self)` replayed from a CUDA graph. The first call (and the first after keep_graph_for
-        dropped the graph) runs the step eagerly, then records it: recording runs nothing, so the state advances once.
-        The logits returned are overwritten by the next replay."""
-        if self.graph is not None:
-            self.graph_ids.copy_(input_ids)
-            self.graph.replay()
-            return self.graph_logits
-        current = torch.cuda.current_stream(input_ids.device)
-        warmup = torch.cuda.Stream(input_ids.device)
-        warmup.wait_stream(current)
-        with torch.cuda.stream(warmup):  # first run off the capture stream, as CUDA graphs require (lazy set-up)
-            logits = step(input_ids, self)
-        current.wait_stream(warmup)
-        self.graph_ids = input_ids.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.graph_logits = step(self.graph_ids, self)
-        self.graph = graph
-        return logits
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:StaticCacheRef
@@ -830,6 +802,23 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             inputs["logits_to_keep"] = logits_to_keep
         return inputs
 
+    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.logits_processors
+    def logits_processors(self, do_sample, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, logits_processor=None):
+        """What stream_generate does to the logits, in order (utils.decode_engine applies the same list)."""
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        processors.extend(logits_processor or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        if do_sample:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        return processors
+
     # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.stream_generate
     @torch.inference_mode()
     def stream_generate(
@@ -846,19 +835,17 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         repetition_penalty=1.0,
         eos_token_id=None,
         logits_processor=None,
-        decode="auto",
+        decode="plain",
     ):
-        """Token-by-token decoding with a KV cache. Yields (new_token_ids [B, n], cache) after every step.
+        """Token-by-token decoding with a growing DynamicCache, on a plain loop. Yields (new_token_ids [B, n], cache)
+        after every step.
 
         attention_mask covers the cached tokens too (excluding any P-tuning prefix). Stops when every sequence has
-        produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`.
-
-        decode: "plain" runs forward() with a growing DynamicCache for every token. The others prefill with forward(),
-        then decode into a StaticKVCache with one fixed-shape step (static_decode_step): "static" runs it eagerly,
-        "graph" replays it as a CUDA graph (captured in well under a second), "compiled" replays inductor's fused
-        version of it (compiling takes a minute or more per process and batch size). "auto": "graph" on CUDA,
-        "plain" elsewhere. All give the same tokens."""
-        decode = self.resolve_decode_mode(decode, input_ids)
+        produced one of `eos_token_id`, or at `max_new_tokens` / total `max_length`. A model loaded by the project's
+        utils.model_loading decodes through utils.decode_engine instead (the same tokens, from a static cache with the
+        step replayed as a CUDA graph); this loop is its decode="plain"."""
+        if decode not in ("plain", "auto"):
+            raise ValueError(f"decode={decode!r}: this loop decodes plainly (utils.decode_engine has the other modes)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if isinstance(past_key_values, StaticCacheRef):
@@ -871,77 +858,32 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             max_new_tokens = (max_length or self.max_sequence_length) - attention_mask.shape[1]
         if max_new_tokens < 1:
             raise ValueError(f"prompt of {attention_mask.shape[1]} tokens leaves no room under max_length={max_length}")
-        processors = LogitsProcessorList()
-        if repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        processors.extend(logits_processor or [])
-        processors.append(InvalidScoreLogitsProcessor())
-        if do_sample:
-            if temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
+        processors = self.logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         sequence, step_ids = input_ids, input_ids  # step_ids: tokens the cache has not seen yet
-        static = None  # the StaticKVCache once the prompt is in
-        lookahead = None  # logits of the next step, computed early (see the capture below)
-        for step in range(max_new_tokens):
-            if static is None:
-                position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
-                outputs = self(
-                    input_ids=step_ids,
-                    position_ids=position_ids,
-                    attention_mask=attention_mask,
-                    past_key_values=past_key_values,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                logits = outputs.logits[:, -1].float()
-            elif lookahead is not None:  # this step ran before the previous token was handed out
-                logits, lookahead = lookahead, None
-            else:
-                logits = self.static_decode_step(step_ids, static, decode)
-                static.length += 1
-            scores = processors(sequence, logits)
+        for _ in range(max_new_tokens):
+            position_ids = self.get_position_ids(sequence, attention_mask)[..., -step_ids.shape[1]:]
+            outputs = self(
+                input_ids=step_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            scores = processors(sequence, outputs.logits[:, -1].float())
             if do_sample:
                 next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             else:
                 next_tokens = scores.argmax(-1)
             next_tokens = torch.where(unfinished, next_tokens, eos[0])
-            if step == 0 and decode != "plain" and max_new_tokens > 1:
-                needed = past_key_values.get_seq_length() + max_new_tokens - 1
-                static = self.static_cache(input_ids.shape[0], needed, past_key_values.layers[0].keys.dtype, input_ids.device)
-                next_positions = self.advance_positions(position_ids[..., -1:].clone())
-                static.load(past_key_values, attention_mask, self.transformer.pre_seq_len, next_positions)
-                if decode == "graph":
-                    static.keep_graph_for(self.decode_graph_key())
             step_ids = next_tokens[:, None]
             sequence = torch.cat((sequence, step_ids), dim=1)
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)), dim=1)
             unfinished &= ~torch.isin(next_tokens, eos)
-            if step == 0 and decode == "graph" and static.graph is None and max_new_tokens > 1 and unfinished.any():
-                # The first step on a new cache is run eagerly and captured (and its kernels set up): done before the
-                # first token is handed out, so that the answer then streams at the replayed step's pace instead of
-                # pausing after its first token.
-                lookahead = self.static_decode_step(step_ids, static, decode)
-                static.length += 1
-            yield sequence[:, prompt_len:], (StaticCacheRef(static) if static is not None else past_key_values)
+            yield sequence[:, prompt_len:], past_key_values
             if not unfinished.any():
                 break
-
-    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.resolve_decode_mode
-    @staticmethod
-    def resolve_decode_mode(decode, input_ids):
-        modes = ("auto", "plain", "static", "graph", "compiled")
-        if decode not in modes:
-            raise ValueError(f"decode={decode!r}: use one of {', '.join(modes)}")
-        if decode in ("graph", "compiled") and not input_ids.is_cuda:
-            raise ValueError(f"decode={decode!r} replays CUDA graphs and needs the model on a CUDA device")
-        if decode == "auto":
-            return "graph" if input_ids.is_cuda else "plain"
-        return decode
 
     # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.advance_positions
     @staticmethod
@@ -964,41 +906,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return cache
 
     # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.static_decode_step
-    def static_decode_step(self, input_ids, cache, mode="static"):
-        """fp32 logits [B, vocab] of one new token per sequence; advances the cache. mode: "static" runs the step
-        eagerly, "graph" replays it as a CUDA graph (one launch per token instead of hundreds), "compiled" runs it
-        through torch.compile(mode="reduce-overhead") (fused kernels, also replayed as a CUDA graph)."""
-        if mode == "static":
-            return self._static_decode_step(input_ids, cache)
-        if mode == "graph":
-            return cache.graph_step(self._static_decode_step, input_ids)
-        step = self.__dict__.get("_compiled_decode_step")
-        if step is None:
-            step = torch.compile(self._static_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-            self.__dict__["_compiled_decode_step"] = step
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        return step(input_ids, cache)
-
-    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration._static_decode_step
-    def _static_decode_step(self, input_ids, cache):
+    def static_decode_step(self, input_ids, cache):
+        """fp32 logits [B, vocab] of one new token per sequence from the static cache, which it advances (the
+        step utils.decode_engine runs eagerly or replays)."""
         cache.valid.index_fill_(1, cache.slot, True)
         hidden_states = self.transformer.decode_hidden_states(input_ids, cache)
         logits = self.transformer.output_layer(hidden_states[:, -1]).float()
         cache.slot.add_(1)
         self.advance_positions(cache.positions)
         return logits
-
-    # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:ChatGLMForConditionalGeneration.decode_graph_key
-    def decode_graph_key(self):
-        """What a captured decode step depends on besides its cache: every layer and the address of every weight, and
-        the switches of adapter layers (PEFT's disable_adapter(), merging). A graph replays the kernels it recorded on
-        the tensors it recorded, so any change here means capturing again."""
-        modules = list(self.modules())
-        switches = tuple(
-            (module.disable_adapters, tuple(module.active_adapters), tuple(module.merged_adapters))
-            for module in modules if hasattr(module, "merged_adapters")  # PEFT's adapter layers
-        )
-        return tuple(map(type, modules)), switches, tuple(param.data_ptr() for param in self.parameters())
 
     @staticmethod
     def process_response(output, history):

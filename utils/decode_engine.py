@@ -1,0 +1,269 @@
+"""The one decode engine, for ChatGLM-6B/2/3 (our model files' static KV cache and step) and the models transformers
+supports natively (GLM-4...: its StaticCache): the prompt prefilled, then per token one fixed-shape step on the static
+cache, on CUDA captured once per (batch, cache size) as a CUDA graph and replayed (figures: docs/benchmarks.md). A
+step about to be captured runs before the first token is handed out: the answer streams at the replayed pace at once.
+
+decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; other models: eager static steps),
+"static" = eager static steps, "graph" = the step captured as a CUDA graph, "compiled" = the step fused by
+torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM, "compiled" for the others (each the faster one),
+"plain" elsewhere. All give the same tokens.
+"""
+import inspect
+import weakref
+
+import torch
+from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+MODES = ("auto", "plain", "static", "graph", "compiled")
+# Native caches' lengths are rounded up to this: one captured graph serves similar lengths (ChatGLM: powers of two).
+CACHE_BUCKET = 256
+
+
+def resolve_mode(decode, device, auto_on_cuda):
+    if decode not in MODES:
+        raise ValueError(f"decode={decode!r}: use one of {', '.join(MODES)}")
+    if decode in ("graph", "compiled") and device.type != "cuda":
+        raise ValueError(f"decode={decode!r} replays CUDA graphs and needs the model on a CUDA device")
+    if decode == "auto":
+        return auto_on_cuda if device.type == "cuda" else "plain"
+    return decode
+
+
+def logits_processors(model, do_sample, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                      logits_processor=None):
+    """Logits -> scores as our model files' stream_generate does it (ChatGLM: its own list, with the NaN guard)."""
+    if hasattr(model, "logits_processors"):
+        return model.logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
+    penalty = [RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1.0 else []
+    processors = LogitsProcessorList(penalty + list(logits_processor or []))
+    warpers = ((TemperatureLogitsWarper, temperature, temperature != 1.0), (TopKLogitsWarper, top_k, top_k),
+               (TopPLogitsWarper, top_p, top_p < 1.0))
+    processors.extend(warper(value) for warper, value, wanted in warpers if do_sample and wanted)
+    return processors
+
+
+def weights_key(model):
+    """What a captured step (its kernels on its tensors) depends on besides its buffers: every layer, the address of
+    every weight, the switches of adapter layers (PEFT's disable_adapter(), merging); a change means capturing again."""
+    modules = list(model.modules())
+    switches = tuple((module.disable_adapters, tuple(module.active_adapters), tuple(module.merged_adapters))
+                     for module in modules if hasattr(module, "merged_adapters"))  # PEFT's adapter layers
+    return tuple(map(type, modules)), switches, tuple(param.data_ptr() for param in model.parameters())
+
+
+class CapturedStep:
+    """`function(tokens [B, 1])` -> logits, captured as a CUDA graph: replays copy the tokens into a fixed buffer and
+    return the logits in a fixed tensor (overwritten by the next replay)."""
+
+    def __init__(self, function, tokens):
+        # One real run off the capture stream first (lazy set-up, compilation), as CUDA graphs require; recording
+        # runs nothing, so the step's state advances once, and this run's logits are the step's.
+        self.tokens = tokens.clone()
+        current = torch.cuda.current_stream(tokens.device)
+        side = torch.cuda.Stream(tokens.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self.first_logits = function(self.tokens)
+        current.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = function(self.tokens)
+
+    def __call__(self, tokens):
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
+class StepRunner:
+    """A model's decode step as `mode` runs it: eagerly, or captured and replayed while the cache buffers, layers,
+    weights and adapter switches stay as they were (one captured step per model: a graph pool per shape adds up)."""
+
+    def __init__(self, model, steps, mode):
+        self.model, self.steps, self.mode, self.captured = model, steps, mode, None
+        if mode in ("graph", "compiled") and steps.owner is not None:
+            self.key = (weakref.ref(steps.owner), mode, weights_key(model))  # a dead buffer owner matches nothing
+            slot = model.__dict__.get("_decode_graph")
+            self.captured = slot[1] if slot and slot[0] == self.key else None
+        self.capturing = mode in ("graph", "compiled") and self.captured is None  # does the next step capture?
+
+    def __call__(self, tokens):
+        self.steps.advance()
+        if self.mode in ("plain", "static"):
+            return self.steps.forward(tokens)
+        if self.captured is not None:
+            return self.captured(tokens)
+        self.model.__dict__.pop("_decode_graph", None)  # free the old graph's pool first
+        function = self.steps.compiled_forward() if self.mode == "compiled" else self.steps.forward
+        self.captured, self.capturing = CapturedStep(function, tokens), False
+        self.model.__dict__["_decode_graph"] = (self.key, self.captured)
+        return self.captured.first_logits
+
+
+class ChatGLMSteps:
+    """Our model files' static cache (a StaticKVCache, kept on the model and reused while it fits) and decode step
+    (static_decode_step: one token, advancing the cache). The prompt goes through forward() into a DynamicCache, or
+    continues the cache of an earlier turn, and is copied in."""
+
+    auto_on_cuda = "graph"
+
+    def __init__(self, model):
+        self.model, self.owner, self.past = model, None, None
+
+    def prefill(self, input_ids, attention_mask, past_key_values, max_new_tokens):
+        model = self.model
+        if hasattr(past_key_values, "to_dynamic"):  # the StaticCacheRef of an earlier turn
+            past_key_values = past_key_values.to_dynamic(model.config)
+        self.past = past_key_values if past_key_values is not None else DynamicCache(config=model.config)
+        positions = model.get_position_ids(input_ids, attention_mask)[..., -input_ids.shape[1]:]
+        logits = model(input_ids=input_ids, position_ids=positions, attention_mask=attention_mask, use_cache=True,
+                       past_key_values=self.past, logits_to_keep=1).logits[:, -1].float()
+        if max_new_tokens > 1:
+            needed, dtype = self.past.get_seq_length() + max_new_tokens - 1, self.past.layers[0].keys.dtype
+            self.owner = model.static_cache(input_ids.shape[0], needed, dtype, input_ids.device)
+            self.ref_type = type(self.owner.load(self.past, attention_mask, model.transformer.pre_seq_len,
+                                                 model.advance_positions(positions[..., -1:].clone())))
+        return logits
+
+    def handle(self):
+        """The cache to hand out: the filled part of the static one (valid until the model's next generation)."""
+        return self.past if self.owner is None else self.ref_type(self.owner)
+
+    def advance(self):
+        self.owner.length += 1
+
+    def forward(self, tokens):
+        return self.model.static_decode_step(tokens, self.owner)
+
+    def compiled_forward(self):
+        compiled = self.model.__dict__.get("_compiled_decode_step")
+        if compiled is None:
+            compiled = torch.compile(self.model.static_decode_step, fullgraph=True, dynamic=False)
+            self.model.__dict__["_compiled_decode_step"] = compiled
+        return lambda tokens: compiled(tokens, self.owner)
+
+
+class NativeSteps:
+    """A transformers StaticCache with the step's inputs as fixed buffers (batch B, up to `length` positions), kept on
+    the model per (B, length) and reused: positions past the current one hold stale keys, which the mask hides.
+
+    Left-padded batches: a query sees the keys of its own row that are no padding and not in its future; a padding
+    position sees itself only (all keys masked would give NaN, which poisons later sums even at weight 0). Positions
+    count real tokens (cumsum of the mask), as generate() gives them."""
+
+    auto_on_cuda = "compiled"  # fused element-wise work; "graph" replays transformers' eager kernels, one per small op
+
+    def __init__(self, model, batch, length):
+        self.model, self.compiled = model, None
+        device, dtype = model.device, model.dtype
+        self.cache = self.owner = StaticCache(config=model.config, max_cache_len=length)  # new with these buffers
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.blocked = torch.finfo(dtype).min
+        self.mask = torch.full((batch, 1, 1, length), self.blocked, dtype=dtype, device=device)  # the step's query row
+        # transformers 5.2x renamed forward's past_key_values to cache (the old name warns); 5.17 knows only the old.
+        forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+    @classmethod
+    def of(cls, model, batch, length):
+        """The model's steps for this batch size and (bucketed) length, made on first use (one at a time)."""
+        key = (batch, -(-length // CACHE_BUCKET) * CACHE_BUCKET)
+        if model.__dict__.get("_native_steps", (None,))[0] != key:
+            model.__dict__["_native_steps"] = None  # free the old buffers first
+            model.__dict__["_native_steps"] = (key, cls(model, *key))
+        return model.__dict__["_native_steps"][1]
+
+    def prefill(self, input_ids, attention_mask, past_key_values, max_new_tokens):
+        if past_key_values is not None:
+            raise ValueError("past_key_values: only ChatGLM models continue from a cache here")
+        batch, length = input_ids.shape
+        real = attention_mask.bool()
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        sees = (real[:, None, :] & causal) | torch.eye(length, dtype=torch.bool, device=input_ids.device)
+        mask = torch.full((batch, 1, length, self.mask.shape[-1]), self.blocked, dtype=self.mask.dtype,
+                          device=real.device)
+        mask[:, 0, :, :length].masked_fill_(sees, 0.0)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.cache.reset()  # transformers >= 5.2x: its layers count the positions written, whatever cache_position says
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            cache_position=torch.arange(length, device=input_ids.device), logits_to_keep=1,
+                            **{self.cache_kwarg: self.cache}).logits[:, -1]
+        self.position.copy_(positions[:, -1:])
+        self.cache_position.fill_(length - 1)
+        self.index = length - 1  # the host counts the steps: no device sync to know where the next key goes
+        self.mask.fill_(self.blocked)  # stale keys of an earlier use, past the prompt, stay hidden
+        self.mask[:, 0, 0, :length].masked_fill_(real, 0.0)
+        return logits
+
+    def handle(self):
+        return None
+
+    def advance(self):
+        self.position += 1
+        self.cache_position += 1
+        self.index += 1
+        self.mask[:, 0, 0, self.index] = 0.0  # the new token is a key for every row from now on
+
+    def forward(self, tokens):
+        return self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.position, use_cache=True,
+                          cache_position=self.cache_position, **{self.cache_kwarg: self.cache}).logits[:, -1]
+
+    def compiled_forward(self):
+        # No CUDA graphs of torch.compile's own: ours capture the fused step, in whatever thread the caller runs.
+        self.compiled = self.compiled or torch.compile(self.forward, mode="default")
+        return self.compiled
+
+
+@torch.inference_mode()
+def stream_generate(model, input_ids, attention_mask=None, past_key_values=None, max_length=None, max_new_tokens=None,
+                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None,
+                    logits_processor=None, decode="auto", pad_token_id=None):
+    """Yields (new ids [B, n], cache) after every token, until every row wrote one of eos_token_id or at
+    max_new_tokens (or the total max_length); rows that stopped get pad_token_id (default: the first stop token).
+    The arguments of our model files' stream_generate, which a model of utils.model_loading's loader runs through this.
+    The cache handed out continues a ChatGLM conversation (past_key_values); native models hand out None."""
+    chatglm = hasattr(model, "static_decode_step")
+    mode = resolve_mode(decode, input_ids.device, ChatGLMSteps.auto_on_cuda if chatglm else NativeSteps.auto_on_cuda)
+    if chatglm and mode == "plain":  # the model file's own loop (on a PEFT model's base, its adapter layers inside)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        yield from type(base).stream_generate(base, input_ids, attention_mask, past_key_values, max_length,
+                                              max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+                                              eos_token_id, logits_processor)
+        return
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if max_new_tokens is None:
+        max_new_tokens = (max_length or model.max_sequence_length) - attention_mask.shape[1]
+    if max_new_tokens < 1:
+        raise ValueError(f"prompt of {attention_mask.shape[1]} tokens leaves no room under max_length={max_length}")
+    stops = torch.tensor(eos_token_id if eos_token_id is not None else model.config.eos_token_id).flatten()
+    stops = (stops if stops.numel() else torch.tensor([-1])).to(input_ids.device)
+    batch, length = input_ids.shape
+    steps = ChatGLMSteps(model) if chatglm else NativeSteps.of(model, batch, length + max_new_tokens)
+    logits = steps.prefill(input_ids, attention_mask, past_key_values, max_new_tokens)
+    processors = logits_processors(model, do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
+    fill = stops[0] if pad_token_id is None else pad_token_id
+    yield from decode_loop(StepRunner(model, steps, mode), steps, logits, input_ids, max_new_tokens, stops, fill,
+                           processors, do_sample)
+
+
+def decode_loop(step, steps, logits, input_ids, max_new_tokens, stops, fill, processors, do_sample):
+    """The tokens after a prefill's logits: pick one per row, hand them out, run the step on them."""
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    sequence = input_ids
+    for index in range(max_new_tokens):
+        scores = processors(sequence, logits.float())
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1) if do_sample else scores.argmax(-1)
+        tokens = torch.where(unfinished, tokens, fill)
+        sequence = torch.cat((sequence, tokens[:, None]), dim=1)
+        unfinished &= ~torch.isin(tokens, stops)
+        more = index + 1 < max_new_tokens and bool(unfinished.any())
+        ahead = more and step.capturing  # captured before the token is handed out: no pause after the first token
+        if ahead:
+            logits = step(tokens[:, None])
+        yield sequence[:, input_ids.shape[1]:], steps.handle()
+        if not more:
+            return
+        if not ahead:
+            logits = step(tokens[:, None])
