@@ -263,10 +263,10 @@ class Trainer(transformers.Trainer):
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        step_at_start, started = 0, time.time()
+        started = time.time()
         if resume_from_checkpoint:
             record = checkpoint_record(resume_from_checkpoint)
-            self.loss_sum_at_start, step_at_start = record["train_loss_sum"], record["step"]
+            self.loss_sum_at_start = record["train_loss_sum"]
             self.resumed_from = resume_from_checkpoint
             if self.trainable_only and not self.is_deepspeed_enabled:  # checked here, with our one-line errors
                 load_trained_tensors(self.model, resume_from_checkpoint)
@@ -281,7 +281,9 @@ class Trainer(transformers.Trainer):
             output = TrainOutput(self.state.global_step, 0.0, metrics)
         finally:
             logging.getLogger("transformers.trainer").removeFilter(quiet)
-        session_sum = output.training_loss * (output.global_step - step_at_start)
+        # Over every step of the run, from our own sum (the Trainer's training_loss averages this session, or, in
+        # transformers 5.17, the whole run over this session's loss alone).
+        session_sum = nested_gather(self.loss_sum, self.args.parallel_mode).mean().item()
         loss = (self.loss_sum_at_start + session_sum) / max(output.global_step, 1)
         output.metrics["train_loss"] = loss
         return TrainOutput(output.global_step, loss, output.metrics)
