@@ -36,7 +36,7 @@ from utils.adapters import load_run
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.prompts import get_prompt_format
-from utils.serving import CHAT_DEFAULTS, HostAndOriginCheck, check_serving_options, model_context, warn_if_open
+from utils.serving import GENERATION_DEFAULTS, HostAndOriginCheck, check_serving_options, model_context, warn_if_open
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -51,7 +51,7 @@ DEFAULTS = {
     "api_key": "",  # require "Authorization: Bearer <key>"; "env:NAME" reads the key from environment variable NAME
     # max_input_tokens: longer prompts (all messages) are refused with 400 context_length_exceeded; max_new_tokens:
     # the largest max_tokens a request may ask for, and the default; the sampling options: for requests without them
-    **CHAT_DEFAULTS,
+    **GENERATION_DEFAULTS,
     "max_waiting": 8,  # requests that may wait for the running one; more are refused with 429
     "max_request_bytes": 1_000_000,  # larger request bodies are refused with 413
     "log_level": "info",
@@ -337,7 +337,7 @@ class ChatApi:
         do_sample = limits["do_sample"] if chat.temperature is None else temperature > 0
         generation = dict(max_new_tokens=max_tokens, do_sample=do_sample and temperature > 0,
                           temperature=temperature or 1.0, top_p=limits["top_p"] if chat.top_p is None else chat.top_p,
-                          decode=limits["decode"])
+                          top_k=limits["top_k"], decode=limits["decode"])
         return {"prompt_ids": prompt_ids, "generation": generation, "seed": chat.seed, "created": int(time.time()),
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "usage": bool(chat.stream_options and chat.stream_options.include_usage)}
 

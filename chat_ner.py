@@ -15,7 +15,7 @@ from utils.config_utils import parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 from utils.prompts import get_prompt_format, user_message
-from utils.serving import CHAT_DEFAULTS, chat_prompt, check_serving_options
+from utils.serving import GENERATION_DEFAULTS, chat_prompt, check_serving_options
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -26,7 +26,7 @@ DEFAULTS = {
     "data_name": "demo_ner",
     "instruct": "",  # default: the instruction of the run's training data (else the MSRA one)
     "raw": False,  # send typed text as it is, without instruction and 文本： prefix
-    **CHAT_DEFAULTS,
+    **GENERATION_DEFAULTS,
 }
 RENAMED = {"max_length": "max_input_tokens"}  # the old name works until the next release, with a note
 
@@ -51,7 +51,8 @@ def print_reply(model, tokenizer, prompt_ids, budget, config):
     print("ChatGLM：", end="", flush=True)
     stable = StableText()
     for reply in stream_chat_reply(model, tokenizer, prompt_ids, budget, do_sample=config["do_sample"],
-                                   temperature=config["temperature"], top_p=config["top_p"], decode=config["decode"]):
+                                   temperature=config["temperature"], top_p=config["top_p"], top_k=config["top_k"],
+                                   decode=config["decode"]):
         piece = stable.update(reply.text, final=reply.finish_reason is not None)
         print("\n" + reply.text if piece is None else piece, end="", flush=True)
     print(flush=True)

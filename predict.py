@@ -76,7 +76,7 @@ def headline(task, metrics):
 
 
 def main(config):
-    check_serving_options(config, at_least_one=("batch_size",), at_least_zero=("top_k",))
+    check_serving_options(config, at_least_one=("batch_size",))
     lora_path = choose_lora_path(config)
     use_adapter = uses_adapter(lora_path)
     # The run's base, data set and lengths, and what --lora_path names checked against the base, before any data or

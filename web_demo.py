@@ -15,7 +15,7 @@ from utils.adapters import load_run
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import stream_chat_reply
 from utils.prompts import get_prompt_format
-from utils.serving import CHAT_DEFAULTS, HostAndOriginCheck, chat_prompt, check_serving_options, warn_if_open
+from utils.serving import GENERATION_DEFAULTS, HostAndOriginCheck, chat_prompt, check_serving_options, warn_if_open
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -26,7 +26,7 @@ DEFAULTS = {
     # browsers use to reach the page, e.g. through a reverse proxy; "*": any
     "allowed_hosts": "",
     "allowed_origins": "",  # other sites whose pages may call the page's API (e.g. https://chat.example.com)
-    **CHAT_DEFAULTS,  # max_new_tokens and the sampling options: the start values of the page's controls
+    **GENERATION_DEFAULTS,  # max_new_tokens and the sampling options: the start values of the page's controls
     "max_new_tokens_limit": 4096,  # the slider's maximum
 }
 
@@ -39,8 +39,8 @@ def chat_messages(turns):
 class WebChat:
     """The page's actions on one model. History is a list of [user, assistant] turns (the page keeps it in a State)."""
 
-    def __init__(self, model, tokenizer, max_input_tokens=2048, decode="auto", warn=print):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, max_input_tokens=2048, decode="auto", warn=print, top_k=0):
+        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
         self.prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
         self.max_input_tokens, self.decode, self.warn = max_input_tokens, decode, warn
 
@@ -57,7 +57,8 @@ class WebChat:
             yield chat_messages(history), history
             return
         for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, budget, do_sample=bool(do_sample),
-                                       temperature=float(temperature), top_p=float(top_p), decode=self.decode):
+                                       temperature=float(temperature), top_p=float(top_p), top_k=self.top_k,
+                                       decode=self.decode):
             turns = history + [[message, reply.text]]
             yield chat_messages(turns), turns
 
@@ -128,7 +129,7 @@ def main(config):
     adapter = config["lora_path"] if config["lora_path"].lower() != "none" else ""
     name = Path(config["model_dir"]).name
     title = (name if name == model.model_version else f"{name} ({model.model_version})") + (f" + {adapter}" if adapter else "")
-    web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning)
+    web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning, top_k=config["top_k"])
     demo = build_demo(web_chat, config, title)
     demo.queue(default_concurrency_limit=1)
     # Gradio builds its FastAPI app inside launch(); app_kwargs reach that app's constructor, middleware included.

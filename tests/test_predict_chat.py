@@ -15,18 +15,18 @@ from utils.serving import GENERATION_DEFAULTS
 
 
 def test_the_generating_scripts_share_one_name_and_default_per_option(capsys):
-    """predict, chat_ner, web_demo and api_server: the same generation options with the same defaults (top_k:
-    predict's only); the old names still work for one release, with a note."""
+    """predict, chat_ner, web_demo and api_server: the same generation options with the same defaults; the old names
+    still work for one release, with a note."""
     import api_server
     import chat_ner
     import merge_lora_and_quantize
     import predict
     import web_demo
 
-    shared = ("max_input_tokens", "max_new_tokens", "do_sample", "temperature", "top_p", "dtype", "device", "decode")
+    shared = ("max_input_tokens", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "dtype", "device",
+              "decode")
     for script in (predict, chat_ner, web_demo, api_server):
         assert {key: script.DEFAULTS[key] for key in shared} == {key: GENERATION_DEFAULTS[key] for key in shared}
-    assert predict.DEFAULTS["top_k"] == GENERATION_DEFAULTS["top_k"]
     assert merge_lora_and_quantize.DEFAULTS["dtype"] == "auto"
     for script, old, new, value in ((predict, "max_source_length", "max_input_tokens", 96),
                                     (chat_ner, "max_length", "max_input_tokens", 96),

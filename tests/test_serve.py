@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from conftest import REPO_ROOT, run_script
 from utils.distributed import free_port
@@ -135,6 +136,12 @@ def test_tiny_temperatures_decode_greedily(tiny_model_dirs):
     for temperature in (1e-300, 5e-324, 1e-6):
         *_, tiny = stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens=8, do_sample=True, temperature=temperature)
         assert tiny == greedy, temperature
+    # The chat scripts' --top_k reaches the sampler: sampling from the top 1 token is greedy at any temperature.
+    for seed in range(3):
+        torch.manual_seed(seed)
+        *_, top_one = stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens=8, do_sample=True, temperature=2.0,
+                                        top_k=1)
+        assert top_one == greedy, seed
 
 
 def test_missing_adapter_is_reported_before_loading(tmp_path, tiny_model_dirs):

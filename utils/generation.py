@@ -110,7 +110,8 @@ def reply_text(model, tokenizer, ids) -> str:
 
 
 @torch.inference_mode()
-def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, decode="auto"):
+def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
+                      decode="auto"):
     """Answers one prompt (ids of utils.dataset's prompt formats) token by token (stream_generate): yields a
     ChatReply after each token that completes a character, the last one with its finish_reason.
 
@@ -120,7 +121,8 @@ def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=Fa
     stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
     input_ids = torch.tensor([list(prompt_ids)], device=model.device)
     for new_ids, _ in stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, do_sample=do_sample,
-                                      eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p):
+                                      eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p,
+                                      top_k=top_k):
         ids = new_ids[0].tolist()
         finish = "stop" if ids[-1] in stop_ids else "length" if len(ids) >= max_new_tokens else None
         if finish == "stop":

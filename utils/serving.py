@@ -29,8 +29,6 @@ GENERATION_DEFAULTS = {
     "device": "auto",
     "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain on CPU), plain, static, graph, compiled
 }
-# The chat scripts' share: utils.generation.stream_chat_reply takes no top_k (yet).
-CHAT_DEFAULTS = {key: value for key, value in GENERATION_DEFAULTS.items() if key != "top_k"}
 
 
 def is_loopback(host):
@@ -145,7 +143,7 @@ def check_serving_options(config, at_least_one=(), at_least_zero=()):
     for key in ("max_input_tokens", "max_new_tokens", *at_least_one):
         if config[key] < 1:
             raise ConfigError(f"--{key}: {config[key]}; use 1 or more")
-    for key in at_least_zero:
+    for key in ("top_k", *at_least_zero):
         if config[key] < 0:
             raise ConfigError(f"--{key}: {config[key]}; use 0 or more")
 
