@@ -29,12 +29,12 @@ def test_predict_takes_the_base_and_lengths_of_the_run(short_run, trainable_mode
     result = run_script("predict.py", f"--lora_path={short_run}", f"--dev_file={sixteen_examples}", "--num_samples=3",
                         "--max_new_tokens=4", f"--output_dir={tmp_path}")
     base = str(trainable_models["chatglm2-6b"])
-    assert f"--model_dir={base}" in result.stdout and "--max_source_length=40" in result.stdout, result.stdout[-2000:]
+    assert f"--model_dir={base}" in result.stdout and "--max_input_tokens=40" in result.stdout, result.stdout[-2000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["model_dir"] == base and metrics["max_source_length"] == 40
     # A flag still overrides what the run recorded.
     result = run_script("predict.py", f"--lora_path={short_run}", f"--dev_file={sixteen_examples}", "--num_samples=3",
-                        "--max_new_tokens=4", f"--output_dir={tmp_path}", "--max_source_length=64")
+                        "--max_new_tokens=4", f"--output_dir={tmp_path}", "--max_input_tokens=64")
     assert json.loads((tmp_path / "metrics.json").read_text())["max_source_length"] == 64
 
 
