@@ -43,8 +43,7 @@ class TrainedPath:
                 "prefix_projection": bool(self.own_config.get("prefix_projection"))}
 
     def base(self):
-        """The base folder it was made on: model_dir in its run record, else adapter_config.json's
-        base_model_name_or_path; None where neither names one."""
+        """Its base folder: its record's model_dir, else adapter_config.json's base_model_name_or_path, else None."""
         name, where = self.record.get("config", {}).get("model_dir"), f"model_dir in its {RUN_RECORD}"
         if not name and self.kind == "adapter":
             name = self.own_config.get("base_model_name_or_path")
@@ -96,8 +95,7 @@ def read_lora_path(lora_path):
     folder = Path(lora_path)
     if (folder / "adapter_config.json").is_file():
         settings = read_json(folder / "adapter_config.json")
-        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (a PEFT adapter's "
-                        "settings)")
+        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (PEFT settings)")
         weights = first_file(folder, ADAPTER_WEIGHT_FILES)
         return TrainedPath("adapter", folder, read_run_record(folder), settings, weights)
     if (settings := prefix_checkpoint_config(folder)) is not None:
@@ -127,8 +125,7 @@ def read_trained_path(lora_path, model_dir=None):
 # --- Choosing the run and taking its settings.
 
 def newest_run(data_name, checkpoint_root="checkpoint"):
-    """(the adapter or prefix of the newest run of `data_name`, a freeze or full run's model folder newer than it), by
-    the time their files were written; None where there is none."""
+    """(the newest run's adapter or prefix of `data_name`, a newer freeze or full run's model folder), None for none."""
     root = Path(checkpoint_root, data_name)
     adapters = sorted([*root.glob(f"*/{ADAPTER_DIR}/adapter_config.json"), *root.glob(f"*/{PREFIX_DIR}/config.json")],
                       key=lambda p: p.stat().st_mtime)
@@ -139,8 +136,7 @@ def newest_run(data_name, checkpoint_root="checkpoint"):
 
 
 def choose_lora_path(config):
-    """--lora_path, said on one line when not given: "none" where --model_dir is a run's model folder (no other run's
-    adapter goes on it), else the newest adapter run of --data_name."""
+    """--lora_path; when not given (said on one line): none on a run's model folder, else --data_name's newest run."""
     if config["lora_path"]:
         return config["lora_path"]
     if is_run_model_folder(config["model_dir"]):
@@ -167,8 +163,7 @@ def scored_run(config):
 
 
 def results_folder(run_folder):
-    """Where scoring `run_folder` writes: its run's folder; for a checkpoint-N (which may be rotated away),
-    <run>/predict-checkpoint-N."""
+    """Where scoring `run_folder` writes: its run's folder, <run>/predict-checkpoint-N for a checkpoint-N."""
     run_folder = Path(run_folder)
     return run_folder.parent / (f"predict-{run_folder.name}" if CHECKPOINT_NAME.fullmatch(run_folder.name) else "")
 
@@ -178,8 +173,7 @@ RECORDED_AS = {"max_input_tokens": "max_source_length"}
 
 
 def take_run_settings(config, keys=("model_dir",)):
-    """The TrainedPath of the config, its run's values (TrainedPath.base for model_dir) set for the `keys` that the
-    command line left out (config.given) and said on one line. A recorded value must have the option's type."""
+    """The config's TrainedPath; its run's values (of the option's type) set, and said, for the `keys` not given."""
     trained = read_trained_path(config["lora_path"], config["model_dir"])
     if trained.kind == "none":
         return trained
@@ -210,9 +204,8 @@ def run_instruction(run_folder):
     return None
 
 
-# --- Which model an adapter was made for. ChatGLM2-6B and ChatGLM3-6B have the same layers and shapes, so only what
-# the adapter's files say tells them apart: the run record's model_version, and the base named in adapter_config.json
-# (or, for a P-tuning checkpoint, in its config.json): that folder's config.json where it is here, else its name.
+# --- Which model an adapter was made for. ChatGLM2-6B and ChatGLM3-6B have the same layers, so only the adapter's files
+# tell them apart: the run record's model_version, and the base its own config names (that folder's config, else name).
 GLM4_MODEL_TYPES = ("glm", "glm4")
 NAME_HINTS = (("chatglm3", "chatglm3-6b"), ("chatglm2", "chatglm2-6b"), ("chatglm-6b", "chatglm-6b"), ("chatglm_6b", "chatglm-6b"),
               ("glm-4", "GLM-4"), ("glm4", "GLM-4"))
@@ -239,8 +232,7 @@ def family_from_name(name):
 
 
 def family_of_base(name, where):
-    """(family, where it is read) of a base named `name` by the field `where`: its folder's config.json, else its
-    name; None where neither tells."""
+    """(family, where it is read) of the base `name` named by `where`: its config.json, else its name; or None."""
     if not isinstance(name, str) or not name:
         return None
     if (Path(name) / "config.json").is_file():
@@ -253,8 +245,7 @@ def family_of_base(name, where):
 
 
 def trained_on(trained):
-    """[(family, where that is read)] of the model an adapter or prefix was made for: the run record's model_version
-    (or its model_dir's config.json) and the base its own config names, read by name only where no file says."""
+    """[(family, where that is read)] of the model an adapter or prefix was made for (by name where no file says)."""
     record_path = trained.path / RUN_RECORD
     found = []
     if trained.record.get("model_version"):
@@ -287,8 +278,7 @@ def check_trained_on_base(trained, model_dir, base_config):
 
 
 def check_lora_on_base(trained, model_dir):
-    """Before the base loads, no weights read: `model_dir` is a model folder (check_model_dir), and an adapter or
-    prefix was made for its model and fits its layers."""
+    """Before the base loads: `model_dir` is a model folder, and an adapter or prefix was made for it and fits it."""
     base_config = check_model_dir(model_dir)
     if trained.kind not in ("adapter", "prefix"):
         return
@@ -316,10 +306,8 @@ def read_weights(file, shapes_only=False):
     return {name: tuple(tensor.shape) for name, tensor in state.items()} if shapes_only else state
 
 
-
 def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGeneration", **settings):
-    """The base (or its `part`) built unquantized, the float layers' shapes, on the meta device: ours for a version,
-    else transformers' own. `settings` go to the config (a prefix's)."""
+    """The base (or its `part`), unquantized, on the meta device; `settings` (a prefix's) go to the config."""
     with torch.device("meta"):
         if version is not None:
             config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
@@ -420,21 +408,15 @@ def load_prefix_checkpoint(model, path):
     encoder, file = model.transformer.prefix_encoder, first_file(path, PREFIX_WEIGHT_FILES)
     state = read_weights(file)
     check_prefix_tensor_names(file, state)
-    state = {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}  # the encoder's own names
-    expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
-    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    if found != expected:
-        raise ModelFolderError(f"{path}: prefix encoder tensors {found} do not fit the model's {expected}")
-    encoder.float()
-    with torch.no_grad():
-        for name, tensor in encoder.state_dict().items():
-            tensor.copy_(state[name])
+    try:  # strict: every tensor of the encoder, each of its shape
+        encoder.float().load_state_dict({name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()})
+    except RuntimeError as err:
+        raise ModelFolderError(f"{path}: the prefix encoder's tensors do not fit the model's: {err}") from err
     return model
 
 
 def fold_adapter(model):
-    """A PeftModel's LoRA added into its base weights in place (in fp32, rounded once), PEFT's layers removed: decoding
-    at the base's speed. A quantized base keeps PEFT's layers (int8/int4 weights would round the adapter away)."""
+    """A PeftModel's LoRA folded into its base weights (the base's speed); a quantized base keeps PEFT's layers."""
     if not hasattr(model, "merge_and_unload"):
         return model
     quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
@@ -470,8 +452,7 @@ def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="aut
 
 
 def load_run(config, keys=("model_dir",), fold=True, trained=None):
-    """Model + tokenizer of a script's --model_dir, --lora_path, --dtype and --device, its run's settings for `keys`
-    taken and checked first unless `trained` has been. The one way the inference scripts load what they serve."""
+    """Model + tokenizer of a script's config, its run's settings for `keys` taken and checked first unless given."""
     if trained is None:
         trained = take_run_settings(config, keys)
         check_lora_on_base(trained, config["model_dir"])

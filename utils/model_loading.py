@@ -23,11 +23,8 @@ VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.model", "chatglm3-6b": "tokenizer.model"}
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
 PREFIX_KEY = "transformer.prefix_encoder."  # the P-tuning v2 prefix encoder's weights, under the official names
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 class ModelFolderError(UserError, ValueError):
@@ -175,18 +172,16 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     """Model + tokenizer of a model folder. dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16; device:
     auto, cpu, cuda, cuda:N; quantization_config: e.g. a BitsAndBytesConfig (QLoRA); keyword arguments go to the
     config (e.g. pre_seq_len=128 for P-tuning v2)."""
-    model_dir = Path(model_dir)
+    model_dir, device = Path(model_dir), resolve_device(device)
     config_dict = read_config(model_dir)
+    dtype = resolve_dtype(dtype, device)
     if version is None and config_dict.get("model_type") not in (None, "chatglm"):
         from transformers import CONFIG_MAPPING
 
         if config_dict["model_type"] in CONFIG_MAPPING:
-            device = resolve_device(device)
-            return load_native_model_and_tokenizer(model_dir, resolve_dtype(dtype, device), device, quantization_config)
+            return load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config)
     version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
     find_weight_files(model_dir)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
     tokenizer = load_tokenizer(model_dir, version)
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig.from_pretrained(str(model_dir), **model_kwargs)
     if len(tokenizer) > config.vocab_size:

@@ -67,8 +67,7 @@ def _exchange(first, second):
 
 
 def replace_folder(new, final):
-    """Put the folder `new` at `final`, which is at every instant the old folder or the new one (one atomic exchange
-    where the system has it; else two renames, the old one kept under `<final>.old-<pid>` in between)."""
+    """Put the folder `new` at `final`: one atomic exchange, else two renames (the old one at `<final>.old-<pid>`)."""
     new, final = Path(new), Path(final)
     if not final.exists():
         os.rename(new, final)
@@ -99,9 +98,8 @@ def remove_dead_staging(output_path):
 
 @contextlib.contextmanager
 def staged_folder(output_path, replace=False):
-    """Yields a new hidden sibling of `output_path` to write into, locked by this process while it exists; flushed and
-    swapped in when the block ends without error, else removed. An existing `output_path` is an error unless `replace`
-    (then the whole new folder replaces it). Staging folders of dead writers are removed first."""
+    """Yields a new locked hidden sibling of `output_path` to write into: swapped in when the block ends without error
+    (an existing `output_path` is an error unless `replace`), else removed. Dead writers' staging folders go first."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_staging(output_path)
@@ -143,8 +141,7 @@ def checkpoints(output_dir):
 
 
 def mark_complete(folder, record=None):
-    """Flush every file of the checkpoint `folder`, then write its marker: the step, each file's size and `record`
-    (what else a resumed run needs, e.g. the loss summed over all steps so far)."""
+    """Flush the checkpoint `folder`, then write its marker: the step, each file's size and `record` (for a resume)."""
     folder = Path(folder)
     fsync_tree(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
@@ -178,8 +175,7 @@ def checkpoint_record(folder):
 
 
 def find_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """None for a fresh run, the newest complete checkpoint-N for "auto" (saying which it passed over), or the given
-    path, which must be complete."""
+    """None for a fresh run, the newest complete checkpoint-N for "auto", or the given path, which must be complete."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint in ("auto", "true", "latest"):
@@ -203,8 +199,7 @@ def find_resume_checkpoint(output_dir, resume_from_checkpoint):
 
 
 def rotate_checkpoints(output_dir, keep):
-    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older ones and incomplete ones (called
-    right after the newest was marked complete: an incomplete one is a crash's leftover)."""
+    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older and incomplete ones (leftovers)."""
     complete = []
     for folder in checkpoints(output_dir):
         if incomplete_reason(folder) is None:
@@ -233,8 +228,8 @@ def _describe_holder(text):
 
 
 def hold_run_folder(folder, option="--output_dir"):
-    """Hold `folder` for this process until it exits, or stop with RunFolderInUse naming the holder (pid, host, start
-    time, command). A folder that cannot be written is found at once (the lock written beside it, a probe in it)."""
+    """Hold `folder` for this process until it exits, or stop with RunFolderInUse naming the holder; an unwritable
+    folder is found at once (the lock written beside it, a probe in it)."""
     lock_path = run_lock_path(folder)
     if lock_path in _held_run_locks:
         return lock_path
