@@ -15,6 +15,7 @@ from utils.config_utils import Config
 from utils.data_io import iter_json_lines
 from utils.model_loading import (PREFIX_KEY, ModelFolderError, chatglm_version, check_folder, load_model_and_tokenizer,
                                  read_config, read_json, remote_module)
+from utils.run_dirs import COMPLETE_MARKER, checkpoint_step
 from utils.run_record import RUN_RECORD, check_json_type, read_run_record
 
 ADAPTER_DIR = "adapter_model"
@@ -22,7 +23,6 @@ PREFIX_DIR = "prefix_model"  # what --method=ptuning writes
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # ours; the official ptuning/ scripts'
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
-CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def prefix_checkpoint_config(folder):
 
 def is_run_checkpoint(folder):
     """A checkpoint-N folder that a training run wrote (its completion marker, or the Trainer's state)."""
-    return (Path(folder) / "checkpoint_complete.json").is_file() or (Path(folder) / "trainer_state.json").is_file()
+    return (Path(folder) / COMPLETE_MARKER).is_file() or (Path(folder) / "trainer_state.json").is_file()
 
 
 def holds_prefix_only(folder):
@@ -96,8 +96,7 @@ def read_lora_path(lora_path):
     if (folder / "adapter_config.json").is_file():
         settings = read_json(folder / "adapter_config.json")
         check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (PEFT settings)")
-        weights = first_file(folder, ADAPTER_WEIGHT_FILES)
-        return TrainedPath("adapter", folder, read_run_record(folder), settings, weights)
+        return TrainedPath("adapter", folder, read_run_record(folder), settings, first_file(folder, ADAPTER_WEIGHT_FILES))
     if (settings := prefix_checkpoint_config(folder)) is not None:
         return TrainedPath("prefix", folder, read_run_record(folder), settings, first_file(folder, PREFIX_WEIGHT_FILES))
     if (folder / "config.json").is_file() and is_run_checkpoint(folder):
@@ -165,7 +164,7 @@ def scored_run(config):
 def results_folder(run_folder):
     """Where scoring `run_folder` writes: its run's folder, <run>/predict-checkpoint-N for a checkpoint-N."""
     run_folder = Path(run_folder)
-    return run_folder.parent / (f"predict-{run_folder.name}" if CHECKPOINT_NAME.fullmatch(run_folder.name) else "")
+    return run_folder.parent / (f"predict-{run_folder.name}" if checkpoint_step(run_folder) is not None else "")
 
 
 # The run record's names of options that the generating scripts call otherwise.
@@ -251,16 +250,14 @@ def trained_on(trained):
     if trained.record.get("model_version"):
         found.append((trained.record["model_version"], f"{record_path} model_version"))
     elif (Path(trained.record.get("config", {}).get("model_dir") or "") / "config.json").is_file():
-        found += filter(None, [family_of_base(trained.record["config"]["model_dir"],
-                                              f"{record_path} config.model_dir")])
-    if trained.kind == "adapter":
-        named = trained.own_config.get("base_model_name_or_path")
-        where = f"{trained.path / 'adapter_config.json'} base_model_name_or_path"
-    else:
-        named, where = trained.own_config.get("_name_or_path"), f"{trained.path / 'config.json'} _name_or_path"
-        if not named and any(field in trained.own_config for field in ("position_encoding_2d", "inner_hidden_size")):
-            found.append(("chatglm-6b", f"{trained.path / 'config.json'}: the ChatGLM-6B fields"))
-    base = family_of_base(named, where)
+        found += filter(None, [family_of_base(trained.record["config"]["model_dir"], f"{record_path} config.model_dir")])
+    file, key = ("adapter_config.json", "base_model_name_or_path")
+    if trained.kind != "adapter":
+        file, key = "config.json", "_name_or_path"  # a P-tuning checkpoint's
+    named = trained.own_config.get(key)
+    if not named and any(field in trained.own_config for field in ("position_encoding_2d", "inner_hidden_size")):
+        found.append(("chatglm-6b", f"{trained.path / file}: the ChatGLM-6B fields"))  # a v1 prefix's config.json
+    base = family_of_base(named, f"{trained.path / file} {key}")
     if base and (not found or isinstance(named, str) and (Path(named) / "config.json").is_file()):
         found.append(base)
     return found
@@ -446,9 +443,7 @@ def load_trained(model_dir, trained, dtype="auto", device="auto", fold=True):
 
 def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", fold=True):
     """Model + tokenizer: the base with lora_path's adapter or prefix on top (checked first), or alone for none."""
-    trained = read_trained_path(lora_path)
-    check_lora_on_base(trained, model_dir)
-    return load_trained(model_dir, trained, dtype, device, fold)
+    return load_run({"model_dir": model_dir, "lora_path": lora_path, "dtype": dtype, "device": device}, (), fold)
 
 
 def load_run(config, keys=("model_dir",), fold=True, trained=None):

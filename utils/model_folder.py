@@ -61,11 +61,8 @@ def save_shards(state, folder, max_shard_bytes):
 
 def folder_config(base_config, version, dtype, qbits=0):
     """The base's config.json with the official auto_map, quantization_bit and the saved dtype."""
-    config = dict(base_config)
-    config["auto_map"] = AUTO_MAP[version]
-    config["quantization_bit"] = qbits
-    config["torch_dtype"] = str(dtype).replace("torch.", "")
-    config.pop("dtype", None)
+    config = {**{key: value for key, value in base_config.items() if key != "dtype"}, "auto_map": AUTO_MAP[version],
+              "quantization_bit": qbits, "torch_dtype": str(dtype).replace("torch.", "")}
     if detect_model_version(config) != version:  # v2/v3 are told apart by name: keep it explicit
         config["_name_or_path"] = f"THUDM/{version}"
     return config

@@ -38,13 +38,11 @@ def check_folder(path, option=None):
     try:
         mode = path.stat().st_mode
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ModelFolderError(f"{name}: a symbolic link that loops (it leads back to itself)") from err
-        if err.errno == errno.EACCES:
-            raise ModelFolderError(f"{name}: cannot be read (permission denied)") from err
-        if path.is_symlink():
-            raise ModelFolderError(f"{name}: a symbolic link to {os.readlink(path)}, which does not exist") from err
-        raise ModelFolderError(f"{name}: no such folder") from err
+        reason = {errno.ELOOP: "a symbolic link that loops (it leads back to itself)",
+                  errno.EACCES: "cannot be read (permission denied)"}.get(err.errno)
+        if reason is None:
+            reason = f"a symbolic link to {os.readlink(path)}, which does not exist" if path.is_symlink() else "no such folder"
+        raise ModelFolderError(f"{name}: {reason}") from err
     if not stat.S_ISDIR(mode):
         what = "a file" if stat.S_ISREG(mode) else "a pipe, socket or device"
         raise ModelFolderError(f"{name}: {what}, not a folder")

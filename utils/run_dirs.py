@@ -1,13 +1,6 @@
-"""Run folders and checkpoints that a crash at any instant (kill -9, power loss) leaves loadable.
-
-- A checkpoint-N/ counts only once its marker, `checkpoint_complete.json`, is written: last, after every file is on
-  disk, with each file's size. `auto` resumes from the newest complete one; old ones are rotated out after it.
-- Finished outputs (an adapter, a model folder) are written into a staging folder beside their place (locked by its
-  writer; the next writer removes one whose writer died) and swapped in with one rename.
-- A run folder (RunFolder) is held by one process at a time through an flock on `.<name>.run.lock` beside it (the
-  kernel drops it when its holder dies); an overwritten run moves to `<output_dir>.previous/` once the new run's
-  config, model and data have loaded, and goes once the new run has written its final output.
-"""
+"""Run folders and checkpoints that a crash at any instant leaves loadable (the README's "What a crash leaves"):
+checkpoint markers written last, finished outputs staged beside their place and swapped in with one rename, one
+holder per run folder (an flock that the kernel drops when its holder dies), and the output folder's lifecycle."""
 import atexit
 import contextlib
 import ctypes
