@@ -367,10 +367,9 @@ def check_prefix_tensor_names(file, names):
     """A P-tuning checkpoint holds the prefix encoder's tensors alone (a whole model, merged too, is no prefix)."""
     others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
     if others or not names:
-        raise ModelFolderError(
-            f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 checkpoint, "
-            f"found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a whole model folder goes in --model_dir"
-            " (with --lora_path=none)")
+        raise ModelFolderError(f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 "
+                               f"checkpoint, found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a "
+                               "whole model folder goes in --model_dir (with --lora_path=none)")
 
 
 def check_prefix_fits_base(trained, model_dir, version, base_config):

@@ -12,9 +12,8 @@ from safetensors.torch import save_file
 
 from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
 
-MODEL_FILES = (
-    "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
-)
+MODEL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py",
+               "kernels.py")
 GENERATION_CLASS = "modeling_chatglm.ChatGLMForConditionalGeneration"
 AUTO_MAP = {"chatglm-6b": {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": GENERATION_CLASS,
                            "AutoModelForSeq2SeqLM": GENERATION_CLASS}}

@@ -23,19 +23,17 @@ JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: 
 # Options a resumed run may be given anew: they take effect on it and what it trains stays the run's (logging, evaluating
 # and saving are re-applied at the start of training; the data is read again; activation checkpointing trades memory
 # for time, with the same gradients). Every other training option must equal the run's record.
-RESUMABLE = frozenset({
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size",
-    "dev_file", "show_example", "skip_bad_lines", "gradient_checkpointing",
-    "train_args_json",  # train_qlora.py: the file may move; its contents are compared key by key below
-})
+# train_qlora.py's --train_args_json file may move: its contents are compared key by key (check_training_arguments).
+RESUMABLE = frozenset({"logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "dev_file",
+                       "per_device_eval_batch_size", "show_example", "skip_bad_lines", "gradient_checkpointing",
+                       "train_args_json"})
 # Where and how this session resumes: neither compared nor taken from the record.
 SESSION = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank"})
 # TrainingArguments of train_qlora.py's --train_args_json file that may change on resume, as above.
 RESUMABLE_TRAINING_ARGUMENTS = frozenset({
     "output_dir", "logging_steps", "logging_first_step", "logging_strategy", "logging_dir", "eval_steps",
     "eval_strategy", "save_steps", "save_strategy", "save_total_limit", "report_to", "per_device_eval_batch_size",
-    "dataloader_num_workers", "disable_tqdm",
-})
+    "dataloader_num_workers", "disable_tqdm"})
 # Resolved before the resume check runs (train_trainer.py picks its DeepSpeed config first), so never taken from the
 # record: a difference is refused whether given or not.
 NOT_TAKEN = frozenset({"deepspeed"})
