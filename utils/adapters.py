@@ -277,17 +277,10 @@ def check_trained_on_base(trained, model_dir, base_config):
 def check_lora_on_base(trained, model_dir):
     """Before the base loads: `model_dir` is a model folder, and an adapter or prefix was made for it and fits it."""
     base_config = check_model_dir(model_dir)
-    if trained.kind not in ("adapter", "prefix"):
-        return
-    check_trained_on_base(trained, model_dir, base_config)
-    version = chatglm_version(base_config, str(Path(model_dir) / "config.json"))
-    if trained.kind == "adapter":
-        check_adapter_fits_base(trained, model_dir, version, base_config)
-    elif version is None:
-        raise ModelFolderError(f"{trained.path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} "
-                               f"is {describe_base(base_config)}")
-    else:
-        check_prefix_fits_base(trained, model_dir, version, base_config)
+    if trained.kind in ("adapter", "prefix"):
+        check_trained_on_base(trained, model_dir, base_config)
+        fits = check_adapter_fits_base if trained.kind == "adapter" else check_prefix_fits_base
+        fits(trained, model_dir, chatglm_version(base_config, str(Path(model_dir) / "config.json")), base_config)
 
 
 def read_weights(file, shapes_only=False):
@@ -374,6 +367,9 @@ def check_prefix_tensor_names(file, names):
 
 def check_prefix_fits_base(trained, model_dir, version, base_config):
     """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or whose shapes the base does not give."""
+    if version is None:
+        raise ModelFolderError(f"{trained.path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} "
+                               f"is {describe_base(base_config)}")
     shapes = read_weights(trained.weights, shapes_only=True)
     check_prefix_tensor_names(trained.weights, shapes)
     encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)

@@ -106,15 +106,11 @@ def remote_module(version: str, name: str):
     return importlib.import_module(f"{package}.{name}")
 
 
-def find_weight_files(model_dir) -> list:
-    model_dir = Path(model_dir)
-    for pattern in WEIGHT_PATTERNS:
-        found = sorted(model_dir.glob(pattern))
-        if found:
-            return found
-    raise ModelFolderError(
-        f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
-        "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
+def check_weight_files(model_dir):
+    if not any(any(Path(model_dir).glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelFolderError(
+            f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
+            "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
 
 
 def resolve_dtype(dtype, device: str):
@@ -179,7 +175,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
         if config_dict["model_type"] in CONFIG_MAPPING:
             return load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config)
     version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
-    find_weight_files(model_dir)
+    check_weight_files(model_dir)
     tokenizer = load_tokenizer(model_dir, version)
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig.from_pretrained(str(model_dir), **model_kwargs)
     if len(tokenizer) > config.vocab_size:

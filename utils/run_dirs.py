@@ -126,11 +126,8 @@ def checkpoint_step(path):
 
 def checkpoints(output_dir):
     """The checkpoint-N folders of a run, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
+    found = Path(output_dir).iterdir() if Path(output_dir).is_dir() else ()
+    return sorted((p for p in found if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def mark_complete(folder, record=None):
@@ -184,8 +181,7 @@ def find_resume_checkpoint(output_dir, resume_from_checkpoint):
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: no such folder")
-    reason = incomplete_reason(path)
-    if reason:
+    if reason := incomplete_reason(path):
         raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: not a complete checkpoint ({reason}); "
                               "--resume_from_checkpoint=auto takes the newest complete one")
     return path
