@@ -311,14 +311,9 @@ def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGener
 
 
 def base_layer_shapes(version, base_config, model_dir):
-    """Module name -> (out_features, in_features) of every linear / embedding layer of the base."""
-    shapes = {}
-    for name, module in meta_model(version, base_config, model_dir).named_modules():
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-        elif isinstance(module, torch.nn.Embedding):
-            shapes[name] = (module.num_embeddings, module.embedding_dim)
-    return shapes
+    """Module name -> (out_features, in_features) of every linear / embedding layer of the base (its weight's shape)."""
+    modules = meta_model(version, base_config, model_dir).named_modules()
+    return {name: tuple(m.weight.shape) for name, m in modules if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
 
 
 def check_adapter_fits_base(trained, model_dir, version, base_config):

@@ -51,9 +51,8 @@ def save_shards(state, folder, max_shard_bytes):
     names = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
     for file_name, shard in zip(names, shards):
         save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
-    weight_map = {name: file_name for file_name, shard in zip(names, shards) for name in shard}
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {name: file_name for file_name, shard in zip(names, shards) for name in shard}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names
 
