@@ -234,11 +234,9 @@ def family_of_base(name, where):
     """(family, where it is read) of the base `name` named by `where`: its config.json, else its name; or None."""
     if not isinstance(name, str) or not name:
         return None
-    if (Path(name) / "config.json").is_file():
-        try:
+    with contextlib.suppress(ModelFolderError):  # a config.json that does not tell: the name may
+        if (Path(name) / "config.json").is_file():
             return model_family(read_config(name), str(Path(name) / "config.json")), f"{where}={name}, that folder's config.json"
-        except ModelFolderError:
-            pass
     family = family_from_name(name)
     return (family, f"{where}={name}, the name (no such model folder here)") if family else None
 

@@ -185,8 +185,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
     # A prefix asked for here is trained, or loaded from its checkpoint, right after: its keys missing from the
     # base's weights are no news (transformers' load report would say "Consider training").
-    expected = missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext()
-    with expected:
+    with missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext():
         model = model_class.from_pretrained(str(model_dir), config=config, dtype=dtype, quantization_config=quantization_config,
                                             device_map=device_map(device, quantization_config))
     model.model_version = version
