@@ -15,6 +15,7 @@ from utils.config_utils import Config
 from utils.data_io import iter_json_lines
 from utils.model_loading import (PREFIX_KEY, ModelFolderError, chatglm_version, check_folder, load_model_and_tokenizer,
                                  read_config, read_json, remote_module)
+from utils.run_dirs import COMPLETE_MARKER, checkpoint_step
 from utils.run_record import RUN_RECORD, check_json_type, read_run_record
 
 ADAPTER_DIR = "adapter_model"
@@ -22,7 +23,6 @@ PREFIX_DIR = "prefix_model"  # what --method=ptuning writes
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # ours; the official ptuning/ scripts'
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
-CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ class TrainedPath:
                 "prefix_projection": bool(self.own_config.get("prefix_projection"))}
 
     def base(self):
-        """The base folder it was made on: model_dir in its run record, else adapter_config.json's
-        base_model_name_or_path; None where neither names one."""
+        """Its base folder: its record's model_dir, else adapter_config.json's base_model_name_or_path, else None."""
         name, where = self.record.get("config", {}).get("model_dir"), f"model_dir in its {RUN_RECORD}"
         if not name and self.kind == "adapter":
             name = self.own_config.get("base_model_name_or_path")
@@ -73,7 +72,7 @@ def prefix_checkpoint_config(folder):
 
 def is_run_checkpoint(folder):
     """A checkpoint-N folder that a training run wrote (its completion marker, or the Trainer's state)."""
-    return (Path(folder) / "checkpoint_complete.json").is_file() or (Path(folder) / "trainer_state.json").is_file()
+    return (Path(folder) / COMPLETE_MARKER).is_file() or (Path(folder) / "trainer_state.json").is_file()
 
 
 def holds_prefix_only(folder):
@@ -96,10 +95,8 @@ def read_lora_path(lora_path):
     folder = Path(lora_path)
     if (folder / "adapter_config.json").is_file():
         settings = read_json(folder / "adapter_config.json")
-        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (a PEFT adapter's "
-                        "settings)")
-        weights = first_file(folder, ADAPTER_WEIGHT_FILES)
-        return TrainedPath("adapter", folder, read_run_record(folder), settings, weights)
+        check_json_type(folder / "adapter_config.json", None, settings, dict, "a JSON object (PEFT settings)")
+        return TrainedPath("adapter", folder, read_run_record(folder), settings, first_file(folder, ADAPTER_WEIGHT_FILES))
     if (settings := prefix_checkpoint_config(folder)) is not None:
         return TrainedPath("prefix", folder, read_run_record(folder), settings, first_file(folder, PREFIX_WEIGHT_FILES))
     if (folder / "config.json").is_file() and is_run_checkpoint(folder):
@@ -127,8 +124,7 @@ def read_trained_path(lora_path, model_dir=None):
 # --- Choosing the run and taking its settings.
 
 def newest_run(data_name, checkpoint_root="checkpoint"):
-    """(the adapter or prefix of the newest run of `data_name`, a freeze or full run's model folder newer than it), by
-    the time their files were written; None where there is none."""
+    """(the newest run's adapter or prefix of `data_name`, a newer freeze or full run's model folder), None for none."""
     root = Path(checkpoint_root, data_name)
     adapters = sorted([*root.glob(f"*/{ADAPTER_DIR}/adapter_config.json"), *root.glob(f"*/{PREFIX_DIR}/config.json")],
                       key=lambda p: p.stat().st_mtime)
@@ -139,8 +135,7 @@ def newest_run(data_name, checkpoint_root="checkpoint"):
 
 
 def choose_lora_path(config):
-    """--lora_path, said on one line when not given: "none" where --model_dir is a run's model folder (no other run's
-    adapter goes on it), else the newest adapter run of --data_name."""
+    """--lora_path; when not given (said on one line): none on a run's model folder, else --data_name's newest run."""
     if config["lora_path"]:
         return config["lora_path"]
     if is_run_model_folder(config["model_dir"]):
@@ -167,10 +162,9 @@ def scored_run(config):
 
 
 def results_folder(run_folder):
-    """Where scoring `run_folder` writes: its run's folder; for a checkpoint-N (which may be rotated away),
-    <run>/predict-checkpoint-N."""
+    """Where scoring `run_folder` writes: its run's folder, <run>/predict-checkpoint-N for a checkpoint-N."""
     run_folder = Path(run_folder)
-    return run_folder.parent / (f"predict-{run_folder.name}" if CHECKPOINT_NAME.fullmatch(run_folder.name) else "")
+    return run_folder.parent / (f"predict-{run_folder.name}" if checkpoint_step(run_folder) is not None else "")
 
 
 # The run record's names of options that the generating scripts call otherwise.
@@ -178,8 +172,7 @@ RECORDED_AS = {"max_input_tokens": "max_source_length"}
 
 
 def take_run_settings(config, keys=("model_dir",)):
-    """The TrainedPath of the config, its run's values (TrainedPath.base for model_dir) set for the `keys` that the
-    command line left out (config.given) and said on one line. A recorded value must have the option's type."""
+    """The config's TrainedPath; its run's values (of the option's type) set, and said, for the `keys` not given."""
     trained = read_trained_path(config["lora_path"], config["model_dir"])
     if trained.kind == "none":
         return trained
@@ -210,9 +203,8 @@ def run_instruction(run_folder):
     return None
 
 
-# --- Which model an adapter was made for. ChatGLM2-6B and ChatGLM3-6B have the same layers and shapes, so only what
-# the adapter's files say tells them apart: the run record's model_version, and the base named in adapter_config.json
-# (or, for a P-tuning checkpoint, in its config.json): that folder's config.json where it is here, else its name.
+# --- Which model an adapter was made for. ChatGLM2-6B and ChatGLM3-6B have the same layers, so only the adapter's files
+# tell them apart: the run record's model_version, and the base its own config names (that folder's config, else name).
 GLM4_MODEL_TYPES = ("glm", "glm4")
 NAME_HINTS = (("chatglm3", "chatglm3-6b"), ("chatglm2", "chatglm2-6b"), ("chatglm-6b", "chatglm-6b"), ("chatglm_6b", "chatglm-6b"),
               ("glm-4", "GLM-4"), ("glm4", "GLM-4"))
@@ -239,37 +231,31 @@ def family_from_name(name):
 
 
 def family_of_base(name, where):
-    """(family, where it is read) of a base named `name` by the field `where`: its folder's config.json, else its
-    name; None where neither tells."""
+    """(family, where it is read) of the base `name` named by `where`: its config.json, else its name; or None."""
     if not isinstance(name, str) or not name:
         return None
-    if (Path(name) / "config.json").is_file():
-        try:
+    with contextlib.suppress(ModelFolderError):  # a config.json that does not tell: the name may
+        if (Path(name) / "config.json").is_file():
             return model_family(read_config(name), str(Path(name) / "config.json")), f"{where}={name}, that folder's config.json"
-        except ModelFolderError:
-            pass
     family = family_from_name(name)
     return (family, f"{where}={name}, the name (no such model folder here)") if family else None
 
 
 def trained_on(trained):
-    """[(family, where that is read)] of the model an adapter or prefix was made for: the run record's model_version
-    (or its model_dir's config.json) and the base its own config names, read by name only where no file says."""
+    """[(family, where that is read)] of the model an adapter or prefix was made for (by name where no file says)."""
     record_path = trained.path / RUN_RECORD
     found = []
     if trained.record.get("model_version"):
         found.append((trained.record["model_version"], f"{record_path} model_version"))
     elif (Path(trained.record.get("config", {}).get("model_dir") or "") / "config.json").is_file():
-        found += filter(None, [family_of_base(trained.record["config"]["model_dir"],
-                                              f"{record_path} config.model_dir")])
-    if trained.kind == "adapter":
-        named = trained.own_config.get("base_model_name_or_path")
-        where = f"{trained.path / 'adapter_config.json'} base_model_name_or_path"
-    else:
-        named, where = trained.own_config.get("_name_or_path"), f"{trained.path / 'config.json'} _name_or_path"
-        if not named and any(field in trained.own_config for field in ("position_encoding_2d", "inner_hidden_size")):
-            found.append(("chatglm-6b", f"{trained.path / 'config.json'}: the ChatGLM-6B fields"))
-    base = family_of_base(named, where)
+        found += filter(None, [family_of_base(trained.record["config"]["model_dir"], f"{record_path} config.model_dir")])
+    file, key = ("adapter_config.json", "base_model_name_or_path")
+    if trained.kind != "adapter":
+        file, key = "config.json", "_name_or_path"  # a P-tuning checkpoint's
+    named = trained.own_config.get(key)
+    if not named and any(field in trained.own_config for field in ("position_encoding_2d", "inner_hidden_size")):
+        found.append(("chatglm-6b", f"{trained.path / file}: the ChatGLM-6B fields"))  # a v1 prefix's config.json
+    base = family_of_base(named, f"{trained.path / file} {key}")
     if base and (not found or isinstance(named, str) and (Path(named) / "config.json").is_file()):
         found.append(base)
     return found
@@ -287,20 +273,12 @@ def check_trained_on_base(trained, model_dir, base_config):
 
 
 def check_lora_on_base(trained, model_dir):
-    """Before the base loads, no weights read: `model_dir` is a model folder (check_model_dir), and an adapter or
-    prefix was made for its model and fits its layers."""
+    """Before the base loads: `model_dir` is a model folder, and an adapter or prefix was made for it and fits it."""
     base_config = check_model_dir(model_dir)
-    if trained.kind not in ("adapter", "prefix"):
-        return
-    check_trained_on_base(trained, model_dir, base_config)
-    version = chatglm_version(base_config, str(Path(model_dir) / "config.json"))
-    if trained.kind == "adapter":
-        check_adapter_fits_base(trained, model_dir, version, base_config)
-    elif version is None:
-        raise ModelFolderError(f"{trained.path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} "
-                               f"is {describe_base(base_config)}")
-    else:
-        check_prefix_fits_base(trained, model_dir, version, base_config)
+    if trained.kind in ("adapter", "prefix"):
+        check_trained_on_base(trained, model_dir, base_config)
+        fits = check_adapter_fits_base if trained.kind == "adapter" else check_prefix_fits_base
+        fits(trained, model_dir, chatglm_version(base_config, str(Path(model_dir) / "config.json")), base_config)
 
 
 def read_weights(file, shapes_only=False):
@@ -316,10 +294,8 @@ def read_weights(file, shapes_only=False):
     return {name: tuple(tensor.shape) for name, tensor in state.items()} if shapes_only else state
 
 
-
 def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGeneration", **settings):
-    """The base (or its `part`) built unquantized, the float layers' shapes, on the meta device: ours for a version,
-    else transformers' own. `settings` go to the config (a prefix's)."""
+    """The base (or its `part`), unquantized, on the meta device; `settings` (a prefix's) go to the config."""
     with torch.device("meta"):
         if version is not None:
             config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
@@ -333,14 +309,9 @@ def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGener
 
 
 def base_layer_shapes(version, base_config, model_dir):
-    """Module name -> (out_features, in_features) of every linear / embedding layer of the base."""
-    shapes = {}
-    for name, module in meta_model(version, base_config, model_dir).named_modules():
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-        elif isinstance(module, torch.nn.Embedding):
-            shapes[name] = (module.num_embeddings, module.embedding_dim)
-    return shapes
+    """Module name -> (out_features, in_features) of every linear / embedding layer of the base (its weight's shape)."""
+    modules = meta_model(version, base_config, model_dir).named_modules()
+    return {name: tuple(m.weight.shape) for name, m in modules if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
 
 
 def check_adapter_fits_base(trained, model_dir, version, base_config):
@@ -382,14 +353,16 @@ def check_prefix_tensor_names(file, names):
     """A P-tuning checkpoint holds the prefix encoder's tensors alone (a whole model, merged too, is no prefix)."""
     others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
     if others or not names:
-        raise ModelFolderError(
-            f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 checkpoint, "
-            f"found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a whole model folder goes in --model_dir"
-            " (with --lora_path=none)")
+        raise ModelFolderError(f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 "
+                               f"checkpoint, found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a "
+                               "whole model folder goes in --model_dir (with --lora_path=none)")
 
 
 def check_prefix_fits_base(trained, model_dir, version, base_config):
     """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or whose shapes the base does not give."""
+    if version is None:
+        raise ModelFolderError(f"{trained.path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} "
+                               f"is {describe_base(base_config)}")
     shapes = read_weights(trained.weights, shapes_only=True)
     check_prefix_tensor_names(trained.weights, shapes)
     encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)
@@ -420,21 +393,15 @@ def load_prefix_checkpoint(model, path):
     encoder, file = model.transformer.prefix_encoder, first_file(path, PREFIX_WEIGHT_FILES)
     state = read_weights(file)
     check_prefix_tensor_names(file, state)
-    state = {name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()}  # the encoder's own names
-    expected = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
-    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    if found != expected:
-        raise ModelFolderError(f"{path}: prefix encoder tensors {found} do not fit the model's {expected}")
-    encoder.float()
-    with torch.no_grad():
-        for name, tensor in encoder.state_dict().items():
-            tensor.copy_(state[name])
+    try:  # strict: every tensor of the encoder, each of its shape
+        encoder.float().load_state_dict({name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()})
+    except RuntimeError as err:
+        raise ModelFolderError(f"{path}: the prefix encoder's tensors do not fit the model's: {err}") from err
     return model
 
 
 def fold_adapter(model):
-    """A PeftModel's LoRA added into its base weights in place (in fp32, rounded once), PEFT's layers removed: decoding
-    at the base's speed. A quantized base keeps PEFT's layers (int8/int4 weights would round the adapter away)."""
+    """A PeftModel's LoRA folded into its base weights (the base's speed); a quantized base keeps PEFT's layers."""
     if not hasattr(model, "merge_and_unload"):
         return model
     quantized = [name for name, p in model.named_parameters() if not p.is_floating_point()]
@@ -464,14 +431,11 @@ def load_trained(model_dir, trained, dtype="auto", device="auto", fold=True):
 
 def load_model_with_adapter(model_dir, lora_path=None, dtype="auto", device="auto", fold=True):
     """Model + tokenizer: the base with lora_path's adapter or prefix on top (checked first), or alone for none."""
-    trained = read_trained_path(lora_path)
-    check_lora_on_base(trained, model_dir)
-    return load_trained(model_dir, trained, dtype, device, fold)
+    return load_run({"model_dir": model_dir, "lora_path": lora_path, "dtype": dtype, "device": device}, (), fold)
 
 
 def load_run(config, keys=("model_dir",), fold=True, trained=None):
-    """Model + tokenizer of a script's --model_dir, --lora_path, --dtype and --device, its run's settings for `keys`
-    taken and checked first unless `trained` has been. The one way the inference scripts load what they serve."""
+    """Model + tokenizer of a script's config, its run's settings for `keys` taken and checked first unless given."""
     if trained is None:
         trained = take_run_settings(config, keys)
         check_lora_on_base(trained, config["model_dir"])

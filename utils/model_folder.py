@@ -12,9 +12,8 @@ from safetensors.torch import save_file
 
 from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
 
-MODEL_FILES = (
-    "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py", "kernels.py",
-)
+MODEL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py",
+               "kernels.py")
 GENERATION_CLASS = "modeling_chatglm.ChatGLMForConditionalGeneration"
 AUTO_MAP = {"chatglm-6b": {"AutoConfig": "configuration_chatglm.ChatGLMConfig", "AutoModel": GENERATION_CLASS,
                            "AutoModelForSeq2SeqLM": GENERATION_CLASS}}
@@ -52,20 +51,16 @@ def save_shards(state, folder, max_shard_bytes):
     names = [f"model-{index:05d}-of-{len(shards):05d}.safetensors" for index in range(1, len(shards) + 1)]
     for file_name, shard in zip(names, shards):
         save_file({name: state[name] for name in shard}, str(folder / file_name), metadata={"format": "pt"})
-    weight_map = {name: file_name for file_name, shard in zip(names, shards) for name in shard}
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {name: file_name for file_name, shard in zip(names, shards) for name in shard}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names
 
 
 def folder_config(base_config, version, dtype, qbits=0):
     """The base's config.json with the official auto_map, quantization_bit and the saved dtype."""
-    config = dict(base_config)
-    config["auto_map"] = AUTO_MAP[version]
-    config["quantization_bit"] = qbits
-    config["torch_dtype"] = str(dtype).replace("torch.", "")
-    config.pop("dtype", None)
+    config = {**{key: value for key, value in base_config.items() if key != "dtype"}, "auto_map": AUTO_MAP[version],
+              "quantization_bit": qbits, "torch_dtype": str(dtype).replace("torch.", "")}
     if detect_model_version(config) != version:  # v2/v3 are told apart by name: keep it explicit
         config["_name_or_path"] = f"THUDM/{version}"
     return config

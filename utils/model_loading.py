@@ -23,11 +23,8 @@ VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.model", "chatglm3-6b": "tokenizer.model"}
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
 PREFIX_KEY = "transformer.prefix_encoder."  # the P-tuning v2 prefix encoder's weights, under the official names
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 class ModelFolderError(UserError, ValueError):
@@ -41,13 +38,11 @@ def check_folder(path, option=None):
     try:
         mode = path.stat().st_mode
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ModelFolderError(f"{name}: a symbolic link that loops (it leads back to itself)") from err
-        if err.errno == errno.EACCES:
-            raise ModelFolderError(f"{name}: cannot be read (permission denied)") from err
-        if path.is_symlink():
-            raise ModelFolderError(f"{name}: a symbolic link to {os.readlink(path)}, which does not exist") from err
-        raise ModelFolderError(f"{name}: no such folder") from err
+        reason = {errno.ELOOP: "a symbolic link that loops (it leads back to itself)",
+                  errno.EACCES: "cannot be read (permission denied)"}.get(err.errno)
+        if reason is None:
+            reason = f"a symbolic link to {os.readlink(path)}, which does not exist" if path.is_symlink() else "no such folder"
+        raise ModelFolderError(f"{name}: {reason}") from err
     if not stat.S_ISDIR(mode):
         what = "a file" if stat.S_ISREG(mode) else "a pipe, socket or device"
         raise ModelFolderError(f"{name}: {what}, not a folder")
@@ -111,15 +106,11 @@ def remote_module(version: str, name: str):
     return importlib.import_module(f"{package}.{name}")
 
 
-def find_weight_files(model_dir) -> list:
-    model_dir = Path(model_dir)
-    for pattern in WEIGHT_PATTERNS:
-        found = sorted(model_dir.glob(pattern))
-        if found:
-            return found
-    raise ModelFolderError(
-        f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
-        "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
+def check_weight_files(model_dir):
+    if not any(any(Path(model_dir).glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelFolderError(
+            f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
+            "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
 
 
 def resolve_dtype(dtype, device: str):
@@ -175,18 +166,16 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     """Model + tokenizer of a model folder. dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16; device:
     auto, cpu, cuda, cuda:N; quantization_config: e.g. a BitsAndBytesConfig (QLoRA); keyword arguments go to the
     config (e.g. pre_seq_len=128 for P-tuning v2)."""
-    model_dir = Path(model_dir)
+    model_dir, device = Path(model_dir), resolve_device(device)
     config_dict = read_config(model_dir)
+    dtype = resolve_dtype(dtype, device)
     if version is None and config_dict.get("model_type") not in (None, "chatglm"):
         from transformers import CONFIG_MAPPING
 
         if config_dict["model_type"] in CONFIG_MAPPING:
-            device = resolve_device(device)
-            return load_native_model_and_tokenizer(model_dir, resolve_dtype(dtype, device), device, quantization_config)
+            return load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config)
     version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
-    find_weight_files(model_dir)
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    check_weight_files(model_dir)
     tokenizer = load_tokenizer(model_dir, version)
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig.from_pretrained(str(model_dir), **model_kwargs)
     if len(tokenizer) > config.vocab_size:
@@ -196,8 +185,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
     # A prefix asked for here is trained, or loaded from its checkpoint, right after: its keys missing from the
     # base's weights are no news (transformers' load report would say "Consider training").
-    expected = missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext()
-    with expected:
+    with missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext():
         model = model_class.from_pretrained(str(model_dir), config=config, dtype=dtype, quantization_config=quantization_config,
                                             device_map=device_map(device, quantization_config))
     model.model_version = version

@@ -1,13 +1,6 @@
-"""Run folders and checkpoints that a crash at any instant (kill -9, power loss) leaves loadable.
-
-- A checkpoint-N/ counts only once its marker, `checkpoint_complete.json`, is written: last, after every file is on
-  disk, with each file's size. `auto` resumes from the newest complete one; old ones are rotated out after it.
-- Finished outputs (an adapter, a model folder) are written into a staging folder beside their place (locked by its
-  writer; the next writer removes one whose writer died) and swapped in with one rename.
-- A run folder (RunFolder) is held by one process at a time through an flock on `.<name>.run.lock` beside it (the
-  kernel drops it when its holder dies); an overwritten run moves to `<output_dir>.previous/` once the new run's
-  config, model and data have loaded, and goes once the new run has written its final output.
-"""
+"""Run folders and checkpoints that a crash at any instant leaves loadable (the README's "What a crash leaves"):
+checkpoint markers written last, finished outputs staged beside their place and swapped in with one rename, one
+holder per run folder (an flock that the kernel drops when its holder dies), and the output folder's lifecycle."""
 import atexit
 import contextlib
 import ctypes
@@ -67,8 +60,7 @@ def _exchange(first, second):
 
 
 def replace_folder(new, final):
-    """Put the folder `new` at `final`, which is at every instant the old folder or the new one (one atomic exchange
-    where the system has it; else two renames, the old one kept under `<final>.old-<pid>` in between)."""
+    """Put the folder `new` at `final`: one atomic exchange, else two renames (the old one at `<final>.old-<pid>`)."""
     new, final = Path(new), Path(final)
     if not final.exists():
         os.rename(new, final)
@@ -99,9 +91,8 @@ def remove_dead_staging(output_path):
 
 @contextlib.contextmanager
 def staged_folder(output_path, replace=False):
-    """Yields a new hidden sibling of `output_path` to write into, locked by this process while it exists; flushed and
-    swapped in when the block ends without error, else removed. An existing `output_path` is an error unless `replace`
-    (then the whole new folder replaces it). Staging folders of dead writers are removed first."""
+    """Yields a new locked hidden sibling of `output_path` to write into: swapped in when the block ends without error
+    (an existing `output_path` is an error unless `replace`), else removed. Dead writers' staging folders go first."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_staging(output_path)
@@ -135,16 +126,12 @@ def checkpoint_step(path):
 
 def checkpoints(output_dir):
     """The checkpoint-N folders of a run, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
+    found = Path(output_dir).iterdir() if Path(output_dir).is_dir() else ()
+    return sorted((p for p in found if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def mark_complete(folder, record=None):
-    """Flush every file of the checkpoint `folder`, then write its marker: the step, each file's size and `record`
-    (what else a resumed run needs, e.g. the loss summed over all steps so far)."""
+    """Flush the checkpoint `folder`, then write its marker: the step, each file's size and `record` (for a resume)."""
     folder = Path(folder)
     fsync_tree(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
@@ -178,8 +165,7 @@ def checkpoint_record(folder):
 
 
 def find_resume_checkpoint(output_dir, resume_from_checkpoint):
-    """None for a fresh run, the newest complete checkpoint-N for "auto" (saying which it passed over), or the given
-    path, which must be complete."""
+    """None for a fresh run, the newest complete checkpoint-N for "auto", or the given path, which must be complete."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint in ("auto", "true", "latest"):
@@ -195,16 +181,14 @@ def find_resume_checkpoint(output_dir, resume_from_checkpoint):
     path = Path(resume_from_checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: no such folder")
-    reason = incomplete_reason(path)
-    if reason:
+    if reason := incomplete_reason(path):
         raise CheckpointError(f"--resume_from_checkpoint={resume_from_checkpoint}: not a complete checkpoint ({reason}); "
                               "--resume_from_checkpoint=auto takes the newest complete one")
     return path
 
 
 def rotate_checkpoints(output_dir, keep):
-    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older ones and incomplete ones (called
-    right after the newest was marked complete: an incomplete one is a crash's leftover)."""
+    """Keep the `keep` newest complete checkpoints (all if keep <= 0); remove older and incomplete ones (leftovers)."""
     complete = []
     for folder in checkpoints(output_dir):
         if incomplete_reason(folder) is None:
@@ -233,8 +217,8 @@ def _describe_holder(text):
 
 
 def hold_run_folder(folder, option="--output_dir"):
-    """Hold `folder` for this process until it exits, or stop with RunFolderInUse naming the holder (pid, host, start
-    time, command). A folder that cannot be written is found at once (the lock written beside it, a probe in it)."""
+    """Hold `folder` for this process until it exits, or stop with RunFolderInUse naming the holder; an unwritable
+    folder is found at once (the lock written beside it, a probe in it)."""
     lock_path = run_lock_path(folder)
     if lock_path in _held_run_locks:
         return lock_path

@@ -23,19 +23,17 @@ JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: 
 # Options a resumed run may be given anew: they take effect on it and what it trains stays the run's (logging, evaluating
 # and saving are re-applied at the start of training; the data is read again; activation checkpointing trades memory
 # for time, with the same gradients). Every other training option must equal the run's record.
-RESUMABLE = frozenset({
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "per_device_eval_batch_size",
-    "dev_file", "show_example", "skip_bad_lines", "gradient_checkpointing",
-    "train_args_json",  # train_qlora.py: the file may move; its contents are compared key by key below
-})
+# train_qlora.py's --train_args_json file may move: its contents are compared key by key (check_training_arguments).
+RESUMABLE = frozenset({"logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "dev_file",
+                       "per_device_eval_batch_size", "show_example", "skip_bad_lines", "gradient_checkpointing",
+                       "train_args_json"})
 # Where and how this session resumes: neither compared nor taken from the record.
 SESSION = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank"})
 # TrainingArguments of train_qlora.py's --train_args_json file that may change on resume, as above.
 RESUMABLE_TRAINING_ARGUMENTS = frozenset({
     "output_dir", "logging_steps", "logging_first_step", "logging_strategy", "logging_dir", "eval_steps",
     "eval_strategy", "save_steps", "save_strategy", "save_total_limit", "report_to", "per_device_eval_batch_size",
-    "dataloader_num_workers", "disable_tqdm",
-})
+    "dataloader_num_workers", "disable_tqdm"})
 # Resolved before the resume check runs (train_trainer.py picks its DeepSpeed config first), so never taken from the
 # record: a difference is refused whether given or not.
 NOT_TAKEN = frozenset({"deepspeed"})
@@ -43,9 +41,7 @@ NOT_TAKEN = frozenset({"deepspeed"})
 
 def run_record(script, config, model_version, train_data, eval_data, world_size, deepspeed_config,
                training_arguments=None, **versions):
-    """The record of a run, without its final metrics (finish_trainer_run and train_deepspeed.py add them).
-    training_arguments: train_qlora.py's --train_args_json contents. versions: library versions beside torch's and
-    transformers'."""
+    """A run's record without its final metrics; training_arguments: train_qlora.py's file; versions: more libraries'"""
     record = {"script": script, "config": config, "model_version": model_version,
               "data": {"train": train_data.stats, "dev": eval_data.stats if eval_data is not None else None},
               "world_size": world_size, "deepspeed_config": deepspeed_config,
@@ -65,8 +61,7 @@ def check_json_type(path, field, value, expected, what=None):
 
 
 def read_run_record(folder) -> dict:
-    """train_args.json of an adapter, prefix, run model or checkpoint folder, or {} where there is none (made
-    elsewhere); the fields that the later scripts read must have their types."""
+    """train_args.json of a folder, {} where there is none; the fields that the later scripts read have their types."""
     path = Path(folder) / RUN_RECORD
     if not path.is_file():
         return {}
@@ -121,10 +116,8 @@ def as_option(value):
 
 
 def check_resume_matches(checkpoint, config, script):
-    """Before a resumed run loads its model, `config` against the record in `checkpoint`: an option the command line
-    left out takes the run's value (said on one line); a given one that differs stops with one line naming both values
-    unless it is RESUMABLE; so does another base model, script or process count. No record (an older checkpoint):
-    resumed unchecked, with a note."""
+    """Before a resumed run loads its model, `config` against the record in `checkpoint`: an option not given takes the
+    run's value; a given one that differs stops (unless RESUMABLE), as does another base, script or process count."""
     if not checkpoint:
         return
     record_path = Path(checkpoint) / RUN_RECORD
