@@ -224,21 +224,23 @@ def require_str(record, key, path, line, allow_empty=False, prefix=None):
     return value
 
 
-def require_int(value, path, line, field):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
-    return value
-
-
 def require_type(value, kind, path, line, field):
-    if not isinstance(value, kind):
-        raise DataError(path, line, f"expected a JSON {kind.__name__.replace('dict', 'object').replace('list', 'array')}, "
-                        f"got {type(value).__name__}", field)
+    """value, if it is of JSON type `kind` (dict, list, or int: a bool is no integer here)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        name = {dict: "a JSON object", list: "a JSON array", int: "an integer"}[kind]
+        raise DataError(path, line, f"expected {name}, got {type(value).__name__}", field)
     return value
+
+
+def require_key(record, key, kind, path, line, prefix=None):
+    """record[key] of type `kind`; errors name the field `prefix.key` (or `key`)."""
+    field = f"{prefix}.{key}" if prefix else key
+    if key not in record:
+        raise DataError(path, line, "missing", field)
+    return require_type(record[key], kind, path, line, field)
 
 
 def fsync_path(path):
-    """Flush a file's data (or a folder's entries) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
