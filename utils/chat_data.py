@@ -1,11 +1,6 @@
 """Chat data sets -> records: ADGEN and Alpaca -> instruction records; ShareGPT, OpenAI and ChatGLM3 conversations ->
-instruction records with `history`, or ChatGLM3 conversation records (the finetune_demo format, README "Multi-turn
-conversations and tool calls") when they call tools. Readers take `(path, bad_lines)` and yield `(line, record)`.
-
-- adgen: `{"content", "summary"}` or `{"instruction", "output"}` (ADGEN attributes); fixed instruction.
-- alpaca: `{"instruction", "input", "output"}`, JSON array or lines; optional LLaMA-Factory `history` and `system`.
-- conversation: ShareGPT `{"conversations": [{"from", "value"}], "system"?, "tools"?}`, OpenAI `{"messages", "tools"?}`
-  and ChatGLM3's own format, finetune_demo's `{"role": "tool", "name", "parameters", "observation"}` messages included.
+instruction records with `history`, or ChatGLM3 conversation records (README "Multi-turn conversations and tool
+calls") when they call tools. Readers take `(path, bad_lines)` and yield `(line, record)`; the formats are the README's.
 
 ChatGLM3's order: an optional system message (`tools` only there; a second may follow the tools' own), a user message,
 then assistant messages after a user message, an observation or another assistant message; a tool call (`metadata` the
@@ -17,8 +12,7 @@ import keyword
 import re
 
 from utils.data_io import (
-    BadLines, DataError, check_surrogates, excerpt, json_shape, parse_json, read_json_records, require_str,
-    require_type,
+    DataError, check_surrogates, excerpt, json_reader, json_shape, parse_json, require_key, require_str, require_type,
 )
 
 ADGEN_INSTRUCT = "请根据下面给出的商品属性，为这件商品写一段吸引人的广告文案。"
@@ -291,9 +285,7 @@ def record_style(record, path, line, chatglm3_only):
         raise DataError(path, line, "both conversations and messages: a record holds one conversation; keep one",
                         "messages", "both conversations and messages")
     key = "messages" if "messages" in record and not chatglm3_only else "conversations"
-    if key not in record:
-        raise DataError(path, line, "missing", key)
-    turns = require_type(record[key], list, path, line, key)
+    turns = require_key(record, key, list, path, line)
     style = None
     for k, turn in enumerate(turns):
         field = f"{key}[{k}]"
@@ -405,12 +397,11 @@ def conversation_record(record, path, line):
 
 
 def adgen_record(record, path, line):
-    if isinstance(record, dict) and "content" not in record and "instruction" in record:
-        query_field, answer_field = "instruction", "output"
-    else:
-        query_field, answer_field = "content", "summary"
-    query = require_str(record, query_field, path, line)
-    return {"instruct": ADGEN_INSTRUCT, "query": query, "answer": require_str(record, answer_field, path, line)}
+    """ADGEN's `{"content", "summary"}`, or `{"instruction", "output"}` (its attributes), with a fixed instruction."""
+    alpaca_style = isinstance(record, dict) and "content" not in record and "instruction" in record
+    query_field, answer_field = ("instruction", "output") if alpaca_style else ("content", "summary")
+    return {"instruct": ADGEN_INSTRUCT, "query": require_str(record, query_field, path, line),
+            "answer": require_str(record, answer_field, path, line)}
 
 
 def read_history(value, path, line, field):
@@ -438,13 +429,5 @@ def alpaca_record(record, path, line):
     return result
 
 
-def read_adgen(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, adgen_record)
-
-
-def read_alpaca(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, alpaca_record)
-
-
-def read_conversation(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, conversation_record)
+read_adgen, read_alpaca = json_reader(adgen_record), json_reader(alpaca_record)
+read_conversation = json_reader(conversation_record)

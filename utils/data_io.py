@@ -198,15 +198,19 @@ def iter_json_lines(path, bad_lines: BadLines = None):
     return iter_json_records(path, bad_lines, lines_only=True)
 
 
-def read_json_records(path, bad_lines, build):
-    """(line, build(record, path, line)) for each JSON record of path; a record that build refuses (DataError) goes to
-    bad_lines (raised, or skipped and counted)."""
-    bad_lines = bad_lines or BadLines()
-    for number, record in iter_json_records(path, bad_lines):
-        try:
-            yield number, build(record, path, number)
-        except DataError as err:
-            bad_lines.handle(err)
+def json_reader(build, spread=False):
+    """A reader (path, bad_lines) of (line, build(record, path, line)) per JSON record, `(line, *built)` with spread; a
+    record that build refuses (DataError) goes to bad_lines (raised, or skipped and counted)."""
+    def read(path, bad_lines: BadLines = None):
+        bad_lines = bad_lines or BadLines()
+        for number, record in iter_json_records(path, bad_lines):
+            try:
+                built = build(record, path, number)
+            except DataError as err:
+                bad_lines.handle(err)
+                continue
+            yield (number, *built) if spread else (number, built)
+    return read
 
 
 def require_str(record, key, path, line, allow_empty=False, prefix=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from utils.chat_data import ADGEN_RE, read_adgen, read_alpaca, read_conversation
 from utils.data_io import (
-    BadLines, DataError, excerpt, json_shape, parse_json, read_json_records, read_text, require_key, require_str,
+    BadLines, DataError, excerpt, json_shape, json_reader, parse_json, read_text, require_key, require_str,
     require_type, text_lines,
 )
 
@@ -380,11 +380,7 @@ def cluener_example(record, path, line):
     return text, sorted(entities, key=lambda e: e[2])
 
 
-def example_reader(build):
-    return lambda path, bad_lines=None: ((number, *ex) for number, ex in read_json_records(path, bad_lines, build))
-
-
-read_span_json, read_cluener = example_reader(span_json_example), example_reader(cluener_example)
+read_span_json, read_cluener = json_reader(span_json_example, spread=True), json_reader(cluener_example, spread=True)
 
 
 READERS = {
