@@ -194,7 +194,7 @@ def iter_json_records(path, bad_lines: BadLines = None, lines_only=False):
         yield where, record
 
 
-def iter_json_lines(path, bad_lines: BadLines = None):
+def iter_json_lines(path, bad_lines: BadLines = None):  # JSON lines only, not an array
     return iter_json_records(path, bad_lines, lines_only=True)
 
 
@@ -273,13 +273,10 @@ def write_atomic(path, text: str):
     fsync_path(path.parent)
 
 
-def json_line(record) -> str:
-    """One JSON-lines line: UTF-8 text kept readable, the characters other line readers split at escaped."""
-    line = json.dumps(record, ensure_ascii=False)
-    for char, escape in LINE_BREAKS_IN_STRINGS.items():
-        line = line.replace(char, escape)
-    return line + "\n"
-
-
 def write_jsonl(path, records):
-    write_atomic(path, "".join(json_line(r) for r in records))
+    """One JSON object a line, UTF-8 text kept readable; the characters other line readers split at (only ever inside
+    strings) escaped."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    for char, escape in LINE_BREAKS_IN_STRINGS.items():
+        text = text.replace(char, escape)
+    write_atomic(path, text)
