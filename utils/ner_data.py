@@ -74,14 +74,9 @@ def map_type(raw_type: str, input_format: str = "bio"):
 
 def map_types(entities, input_format="bio"):
     """(entities with type names, raw types kept as they are for want of a mapping)."""
-    mapped, unmapped = [], []
-    for entity, raw_type, begin in entities:
-        name = map_type(raw_type, input_format)
-        if name is None:
-            name = raw_type
-            unmapped.append(raw_type)
-        mapped.append((entity, name, begin))
-    return mapped, unmapped
+    names = [map_type(raw_type, input_format) for _, raw_type, _ in entities]
+    return ([(entity, name or raw_type, begin) for (entity, raw_type, begin), name in zip(entities, names)],
+            [raw_type for (_, raw_type, _), name in zip(entities, names) if name is None])
 
 
 def check_answer_line(entity, raw_type, input_format, path, line, field, type_field=None):
@@ -133,20 +128,16 @@ def replace_mentions(examples, copies, seed=0):
     learns to copy the name it is given rather than recall one. Examples whose mentions have no position or overlap
     are left out. Returns (new examples, number left out)."""
     pool = {}
-    for _, entities in examples:
-        for entity, name, _ in entities:
-            pool.setdefault(name, {})[entity] = None
+    for entity, name, _ in (mention for _, entities in examples for mention in entities):
+        pool.setdefault(name, {})[entity] = None  # a dict: the entities in order of first appearance, once each
     pool = {name: list(entities) for name, entities in pool.items()}
     rng = random.Random(seed)
     augmented, left_out = [], 0
     for text, entities in examples:
         if not entities:
             continue
-        if any(begin is None for _, _, begin in entities):
-            left_out += 1
-            continue
-        spans = sorted(entities, key=lambda e: e[2])
-        if any(b[2] < a[2] + len(a[0]) for a, b in itertools.pairwise(spans)):
+        spans = None if any(begin is None for _, _, begin in entities) else sorted(entities, key=lambda e: e[2])
+        if spans is None or any(b[2] < a[2] + len(a[0]) for a, b in itertools.pairwise(spans)):
             left_out += 1
             continue
         for _ in range(copies):

@@ -37,12 +37,9 @@ class ChatGLMPromptFormat:
 
     def __init__(self, tokenizer, version):
         self.tokenizer, self.version = tokenizer, version
+        self.labels_from_prompt_end = int(version == "chatglm-6b")  # ChatGLM-6B: [gMASK] predicts the <sop> ending it
         if version == "chatglm-6b":
             self.build_v1_prompt = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration.build_prompt
-            # The <sop> ending the prompt is also a target: [gMASK] predicts it.
-            self.labels_from_prompt_end = 1
-        else:
-            self.labels_from_prompt_end = 0
 
     @property
     def stop_token_ids(self):
