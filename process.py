@@ -81,7 +81,8 @@ def check_options(config):
     for key in ("augment_copies", "max_text_chars"):
         if config[key] < 0:
             raise ConfigError(f"--{key}: {config[key]} is negative; 0 (off) or more")
-    train_files, dev_files = ([f.strip() for f in config[key].split(",") if f.strip()] for key in ("train_file", "dev_file"))
+    train_files, dev_files = ([f.strip() for f in config[key].split(",") if f.strip()]
+                              for key in ("train_file", "dev_file"))
     if not train_files:
         raise ConfigError("--train_file: empty; one or more files, comma-separated")
     output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
