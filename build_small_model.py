@@ -59,9 +59,8 @@ def json_lines(path):
 
 
 def tagged_sentences(path):
-    """The sentences of a one-character-a-line tagged file (MSRA, People's Daily, Weibo, Resume), read as process.py
-    reads them (utils.ner_data.read_bio: Weibo's segment positions removed). Sentences whose tags are broken are left
-    out and counted (Resume's train file has one)."""
+    """The sentences of a one-character-a-line tagged file, read as process.py reads them; those with broken tags are
+    left out and counted (Resume's train file has one)."""
     bad_lines = BadLines(skip=True)
     sentences = [text for _, text, _ in read_bio(path, bad_lines)]
     if bad_lines.count:

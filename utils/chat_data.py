@@ -29,9 +29,8 @@ TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You hav
 
 
 def json_field(text, path, line, field):
-    """A JSON value given as text inside a record (a function_call's value, arguments, tools). Its strings are checked
-    for lone surrogates as the file's own are (iter_json_lines): a \\ud800 escape in the embedded text decodes to one
-    only here, and it could not be written as UTF-8."""
+    """A JSON value given as text inside a record (a function_call, arguments, tools), its strings checked for lone
+    surrogates as iter_json_lines checks the file's: an escape in the embedded text decodes to one only here."""
     try:
         value = parse_json(text, path, line)
     except DataError as err:
@@ -139,9 +138,8 @@ def openai_content(turn, name, role, path, line, field):
 
 
 def finetune_tool_messages(turn, path, line, field):
-    """ChatGLM3 finetune_demo's tool message {"role": "tool", "name", "parameters", "observation", "loss"?}, expanded
-    as the official preprocessing does: the tool call (learnt unless "loss" is false), then the observation (a string
-    as it is, any other JSON value as its JSON text)."""
+    """finetune_demo's tool message {"role": "tool", "name", "parameters", "observation", "loss"?} expanded as its
+    preprocessing does: the tool call (learnt unless "loss" is false), then the observation (non-strings as JSON)."""
     for key in ("content", "metadata", "tool_calls"):
         if key in turn:
             raise DataError(path, line, f"a ChatGLM3 tool message has name, parameters and observation, not {key} (an "
@@ -277,9 +275,8 @@ def check_order(messages, places, key, path, line):
 
 
 def record_style(record, path, line, chatglm3_only):
-    """(key, style, turns) of a conversation record; style 'openai' (`messages`), 'sharegpt' (`conversations` of
-    from/value turns) or 'chatglm3' (`conversations` of role/content turns: ChatGLM3's finetune_demo format, this
-    module's). A record that mixes them is an error, not a guess. chatglm3_only: training data, ChatGLM3's format only."""
+    """(key, style, turns) of a conversation record; style 'openai', 'sharegpt' or 'chatglm3'. A record that mixes them
+    is an error, not a guess. chatglm3_only: training data, ChatGLM3's format only."""
     require_type(record, dict, path, line, None)
     if "conversations" in record and "messages" in record:
         raise DataError(path, line, "both conversations and messages: a record holds one conversation; keep one",
@@ -362,9 +359,8 @@ def conversation_messages(record, path, line, chatglm3_only=False):
 
 
 def plain_turns(messages):
-    """(system text, [(user, assistant, learnt)]) of a conversation of alternating user and assistant messages (after
-    an optional system message without tools), or None when it has tool calls, observations or consecutive assistant
-    messages: what ChatGLM-6B, ChatGLM2-6B and chat-template models can be trained on."""
+    """(system text, [(user, assistant, learnt)]) of alternating user and assistant messages after an optional system
+    message without tools, else None: what ChatGLM-6B, ChatGLM2-6B and chat-template models can be trained on."""
     system = ""
     if messages[0]["role"] == "system":
         if "tools" in messages[0]:
@@ -378,11 +374,9 @@ def plain_turns(messages):
 
 
 def conversation_record(record, path, line):
-    """process.py's record for a conversation: an instruction record {instruct (the system text), query, answer,
-    history?} when the turns are plain and all learnt, as before; else a conversation record {"conversations"}.
-    A record in ChatGLM3's own format stays a conversation record unless it is one user message and its answer: the
-    training scripts then encode it as ChatGLM3's finetune_demo does (a system message in its own role, every answer
-    learnt), which an instruction record would not (the system text joins the question, history answers are context)."""
+    """process.py's record: an instruction record {instruct, query, answer, history?} when the turns are plain and all
+    learnt, else a conversation record. ChatGLM3's own format stays one unless it is a single question and answer: the
+    training scripts encode it as finetune_demo does, unlike an instruction record (system role, learnt history)."""
     messages, style = conversation_messages(record, path, line)
     turns = plain_turns(messages)
     if turns is None or not all(learnt for _, _, learnt in turns[1]):

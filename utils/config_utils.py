@@ -110,9 +110,8 @@ def describe(defaults: dict) -> str:
 
 
 def parse_config(defaults: dict, argv=None, description="", renamed=None) -> dict:
-    """The script's config: defaults overridden by the command line. Exits with a clear message on bad input. Also
-    installs the error hook of utils/errors.py: from here on an error that is the input's fault prints one line and
-    exits 1 (`--debug`, accepted by every script, shows its traceback too)."""
+    """The script's config: defaults overridden by the command line (bad input exits with a message). Installs
+    utils/errors.py's hook: an input error prints one line and exits 1 (`--debug`, any script's, adds the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     own_debug_key = "debug" in flatten(defaults)  # a script may list it among its options
     debug = not own_debug_key and "--debug" in argv

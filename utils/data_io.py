@@ -34,9 +34,8 @@ def json_shape(value) -> str:
 
 
 class DataError(UserError, ValueError):
-    """A problem in an input file. `reason` is what BadLines counts by: the field with its indices left out, then
-    `reason` (the kind of problem, given where the problem quotes the data) or else the problem. `skippable`: set
-    when BadLines raised it, i.e. --skip_bad_lines would have skipped it."""
+    """A problem in an input file. BadLines counts by `reason`: the field without indices, then the kind of problem.
+    `skippable`: BadLines raised it, i.e. --skip_bad_lines would have skipped it."""
 
     skippable = False
 

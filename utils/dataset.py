@@ -247,9 +247,8 @@ def pack_lengths(lengths, budget, seed=0):
 
 
 def pack_examples(examples):
-    """One row of several encoded examples: input_ids and labels concatenated, attention_mask their segment ids 1, 2,
-    3, ... (what the ChatGLM models read; packed_inputs_hook turns it into position_ids for native models). The first
-    token of each example is no target: unpacked it is never predicted either, packed the previous example would."""
+    """One row of several encoded examples, attention_mask their segment ids 1, 2, 3, ... The first token of each
+    example is no target: unpacked it is never predicted either, packed the previous example would predict it."""
     row = {"input_ids": [], "labels": [], "attention_mask": []}
     for segment, example in enumerate(examples, start=1):
         row["input_ids"] += example["input_ids"]
@@ -293,10 +292,9 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 def packed_inputs_hook(module, args, kwargs):
-    """Forward pre-hook (with_kwargs) for models that transformers supports natively: a packed batch's mask of
-    segment ids becomes position_ids that restart at each example, and no attention_mask. transformers then finds
-    the packed sequences from the positions (masking_utils.find_packed_sequence_indices, used when there is neither
-    mask nor cache) and builds a block-diagonal causal mask, for sdpa and eager attention alike. A 0/1 mask passes."""
+    """Forward pre-hook (with_kwargs) for native transformers models: a packed batch's mask of segment ids becomes
+    position_ids that restart at each example and no mask, from which transformers builds a block-diagonal causal mask
+    (masking_utils.find_packed_sequence_indices, when there is neither mask nor cache). A 0/1 mask passes."""
     mask = kwargs.get("attention_mask")
     if mask is None or mask.dim() != 2 or not bool((mask > 1).any()):
         return args, kwargs

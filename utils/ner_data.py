@@ -80,9 +80,8 @@ def map_types(entities, input_format="bio"):
 
 
 def check_answer_line(entity, raw_type, input_format, path, line, field, type_field=None):
-    """Refuse an entity or type that the answer line `entity_type` cannot carry and give back: a line break in either
-    splits the line, and an underscore in a type kept as its raw name (no Chinese name) moves the split
-    (parse_ner_answer takes the type after the last underscore)."""
+    """Refuse an entity or type that the answer line `entity_type` cannot carry: a line break splits it, and an
+    underscore in a raw type name moves the split (parse_ner_answer splits at the last underscore)."""
     if "\n" in entity or "\r" in entity:
         raise DataError(path, line, f"the entity {excerpt(entity)} holds a line break, which would split its answer line",
                         field, "a line break in an entity")
@@ -123,10 +122,9 @@ def truncate(text, entities, max_chars):
 
 
 def replace_mentions(examples, copies, seed=0):
-    """Mention replacement (Dai & Adel, COLING 2020): `copies` new examples per example with entities, every mention
-    swapped for a random entity of its type from `examples` (the same way throughout a text), so that a small model
-    learns to copy the name it is given rather than recall one. Examples whose mentions have no position or overlap
-    are left out. Returns (new examples, number left out)."""
+    """Mention replacement (Dai & Adel, COLING 2020): `copies` new examples per example with entities, each mention
+    swapped for a random entity of its type (the same way throughout a text), so a small model learns to copy names.
+    Examples whose mentions have no position or overlap are left out. Returns (new examples, number left out)."""
     pool = {}
     for entity, name, _ in (mention for _, entities in examples for mention in entities):
         pool.setdefault(name, {})[entity] = None  # a dict: the entities in order of first appearance, once each
@@ -165,9 +163,7 @@ def uses_closed_scheme(tags) -> bool:
 
 def tag_spans(tags, closed=False):
     """([(begin, end, type)] (token indices, end exclusive), [TagError of each repaired tag]) of BIO / BIOES / BMES
-    tags. BIO: an I- tag that continues no entity of its type opens one (conlleval, seqeval), its TagError returned for
-    the caller to count or refuse; closed=True (BIOES / BMES) raises it, and for an entity left without its E-.
-    A tag that is not O or B-/I-/M-/E-/S- + type raises TagError(index, problem, reason)."""
+    tags; see the module docstring for repairs. closed=True (BIOES / BMES) raises them, and for an entity lacking E-."""
     spans, repaired, start, kind = [], [], None, None
     for index, tag in enumerate(tags):
         if tag == "O":
