@@ -10,17 +10,13 @@ ChatGLM3 conversation record {"conversations": [...]} (utils/chat_data.py). Run 
         --dev_file ../shared/data/cluener/dev.json
     python process.py --data_name adgen --train_file ../shared/data/adgen/dev_content_summary.json \\
         --dev_file "" --dev_ratio 0.1
-    python process.py --data_name weibo --train_file ../shared/data/weibo_ner/weiboNER_2nd_conll.train \\
-        --dev_file ../shared/data/weibo_ner/weiboNER_2nd_conll.dev
 
 train_file and dev_file take a comma-separated list of files; each file's format is detected from its name and
 content (bio, bio_parallel, span_json, cluener, adgen, alpaca, conversation; see utils/ner_data.py) unless
---input_format names one for all; conversation reads ShareGPT, OpenAI and ChatGLM3 chat data, tool calls included.
-For NER the answer is one `实体_类型` line per distinct entity, or 没有.
+--input_format names one for all. For NER the answer is one `实体_类型` line per distinct entity, or 没有.
 Bad input stops with the file, line and field; --skip_bad_lines skips such lines (or sentences) and counts them.
-In BIO files an I- tag that does not continue an entity of its type opens a new entity, as conlleval and seqeval read
-it; such repairs are counted per split (--strict_tags makes them errors instead). Existing output files are kept
-unless --overwrite, which also removes a dev.txt that the new run does not produce.
+BIO repairs (an I- tag that opens an entity) are counted per split; --strict_tags makes them errors. Existing output
+files are kept unless --overwrite, which also removes a dev.txt that the new run does not produce.
 """
 import difflib
 import json
@@ -150,11 +146,10 @@ def ner_records(config, items, formats, stats):
             unmapped.update(raw_kept)
             for (_, raw_type, _), (_, name, _) in zip(entities, mapped):
                 raw_types_of.setdefault(name, set()).add(raw_type)
-            if config["max_text_chars"] and len(text) > config["max_text_chars"]:
-                text, mapped, n_dropped = ner_data.truncate(text, mapped, config["max_text_chars"])
-                truncated[split] += 1
-                dropped[split] += n_dropped
-            examples[split].append((text, mapped))
+            cut, mapped, n_dropped = ner_data.truncate(text, mapped, config["max_text_chars"])
+            truncated[split] += len(cut) < len(text)
+            dropped[split] += n_dropped
+            examples[split].append((cut, mapped))
     if config["augment_copies"] > 0:
         augmented, left_out = ner_data.replace_mentions(examples["train"], config["augment_copies"], config["seed"])
         examples["train"] += augmented

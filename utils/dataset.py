@@ -125,9 +125,6 @@ def format_example(example, tokenizer) -> str:
 class EncodedDataset(torch.utils.data.Dataset):
     """Examples encoded once at load time ({input_ids, labels}), with `stats` and the skipped-lines summary."""
 
-    examples: list
-    skipped_summary: str
-
     def __len__(self):
         return len(self.examples)
 
