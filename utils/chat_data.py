@@ -100,13 +100,9 @@ def read_tools(value, path, line, field, as_given=False):
     require_type(value, list, path, line, field)
     if as_given:
         return value
-    tools = []
-    for k, tool in enumerate(value):
-        require_type(tool, dict, path, line, f"{field}[{k}]")
-        if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
-            tool = tool["function"]
-        tools.append(tool)
-    return tools
+    tools = [require_type(tool, dict, path, line, f"{field}[{k}]") for k, tool in enumerate(value)]
+    return [tool["function"] if tool.get("type") == "function" and isinstance(tool.get("function"), dict) else tool
+            for tool in tools]
 
 
 def openai_content(turn, name, role, path, line, field):
@@ -313,12 +309,8 @@ def conversation_messages(record, path, line, chatglm3_only=False):
     'sharegpt' or 'chatglm3'); a bad record raises DataError naming the field. chatglm3_only: ChatGLM3's format only."""
     key, style, turns = record_style(record, path, line, chatglm3_only)
     role_key, text_key = ("from", "value") if style == "sharegpt" else ("role", "content")
-    if style == "openai":
-        known = OPENAI_ROLES
-    elif style == "chatglm3":
-        known = dict(zip(ROLES, ROLES), tool="tool") if chatglm3_only else {**SOURCE_ROLES, "tool": "tool"}
-    else:
-        known = SOURCE_ROLES
+    known = {"openai": OPENAI_ROLES, "sharegpt": SOURCE_ROLES}.get(style) or (  # chatglm3: + finetune_demo's tool
+        dict(zip(ROLES, ROLES), tool="tool") if chatglm3_only else {**SOURCE_ROLES, "tool": "tool"})
     messages, places = [], []
     for k, turn in enumerate(turns):
         field = f"{key}[{k}]"
