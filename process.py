@@ -27,7 +27,7 @@ from pathlib import Path
 
 from utils import ner_data
 from utils.config_utils import ConfigError, parse_config
-from utils.data_io import BadLines, DataError, special_file_kind, write_jsonl
+from utils.data_io import BadLines, special_file_kind, write_jsonl
 
 DEFAULTS = {
     "data_name": "demo_ner",
@@ -103,20 +103,16 @@ def read_files(config, train_files, dev_files, bad_lines):
     and the input formats seen."""
     items = {"train": [], "dev": []}
     kinds, formats = set(), set()
-    try:
-        for split, files in (("train", train_files), ("dev", dev_files)):
-            for file in files:
-                input_format = config["input_format"]
-                input_format = ner_data.detect_format(file) if input_format == "auto" else input_format
-                kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
-                kinds.add(kind)
-                formats.add(input_format)
-                before = len(items[split])
-                for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
-                    items[split].append((input_format, *item) if kind == "ner" else item[0])
-                print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
-    except DataError as err:
-        fail(f"{err}{err.hint}", err, config["debug"])
+    for split, files in (("train", train_files), ("dev", dev_files)):
+        for file in files:
+            input_format = ner_data.detect_format(file) if config["input_format"] == "auto" else config["input_format"]
+            kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
+            kinds.add(kind)
+            formats.add(input_format)
+            before = len(items[split])
+            for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
+                items[split].append((input_format, *item) if kind == "ner" else item[0])
+            print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
     if len(kinds) > 1:
         sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
     return items, kinds.pop(), formats
