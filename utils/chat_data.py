@@ -65,16 +65,17 @@ def tool_call_content(arguments, path, line, field) -> str:
     return "```python\ntool_call(" + ", ".join(parts) + ")\n```"
 
 
-def tool_name(call, path, line, field):
-    name = require_str(call, "name", path, line, prefix=field)
-    if "\n" in name:
-        raise DataError(path, line, "a line break in the tool name (ChatGLM3 puts it on the role line)", f"{field}.name")
-    return name
+def role_line_text(record, key, what, path, line, field):
+    """record[key], a string that ChatGLM3 writes on the role line (a tool's name, the metadata): no line break."""
+    text = require_str(record, key, path, line, prefix=field)
+    if "\n" in text:
+        raise DataError(path, line, f"a line break in the {what} (ChatGLM3 puts it on the role line)", f"{field}.{key}")
+    return text
 
 
 def tool_call_message(call, path, line, field):
     """The assistant message of one tool call {"name", "arguments"} (arguments an object, or its JSON text)."""
-    name = tool_name(require_type(call, dict, path, line, field), path, line, field)
+    name = role_line_text(require_type(call, dict, path, line, field), "name", "tool name", path, line, field)
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):
         arguments = json_field(arguments, path, line, f"{field}.arguments") if arguments.strip() else {}
@@ -141,7 +142,7 @@ def finetune_tool_messages(turn, path, line, field):
             raise DataError(path, line, f"a ChatGLM3 tool message has name, parameters and observation, not {key} (an "
                             "OpenAI tool result goes in a 'messages' record)", f"{field}.{key}",
                             "a ChatGLM3 tool message has name, parameters and observation")
-    name = tool_name(turn, path, line, field)
+    name = role_line_text(turn, "name", "tool name", path, line, field)
     for key in ("parameters", "observation"):
         if key not in turn:
             raise DataError(path, line, "missing", f"{field}.{key}")
@@ -223,11 +224,9 @@ def turn_messages(turn, name, role, text_key, style, path, line, field):
         content = require_str(turn, text_key, path, line, allow_empty=role == "observation", prefix=field)
     message = {"role": role, "content": content}
     if turn.get("metadata"):
-        metadata = require_str(turn, "metadata", path, line, prefix=field)
+        metadata = role_line_text(turn, "metadata", "metadata", path, line, field)
         if role != "assistant":
             raise DataError(path, line, "only assistant messages have metadata (a tool's name)", f"{field}.metadata")
-        if "\n" in metadata:
-            raise DataError(path, line, "a line break in the metadata (ChatGLM3 puts it on the role line)", f"{field}.metadata")
         message["metadata"] = metadata
     if learnt_flag(turn, role, path, line, field) is False and role == "assistant":
         message["loss"] = False

@@ -239,19 +239,13 @@ def split_bio_line(line):
 def read_bio(path, bad_lines: BadLines = None):
     """(line of the sentence's first token, text, entities) per sentence of a char-per-line tagged file."""
     bad_lines = bad_lines or BadLines()
-    sentences, current = [], []  # each sentence: [(line, token, tag) or (line, None, problem)]
-    for number, raw in enumerate(read_text(path).split("\n"), start=1):
-        line = raw.rstrip("\r").rstrip(" \t")
-        if not line.strip(" \t"):
-            if current:
-                sentences.append(current)
-            current = []
-            continue
-        pair = split_bio_line(line)
-        current.append((number, *pair) if pair
-                       else (number, None, f"expected 'character<TAB>tag', got {excerpt(line)}"))
-    if current:
-        sentences.append(current)
+    numbered = enumerate((raw.rstrip("\r").rstrip(" \t") for raw in read_text(path).split("\n")), start=1)
+    sentences = []  # each [(line, token, tag) or (line, None, problem)]; blank lines end one
+    for filled, rows in itertools.groupby(numbered, key=lambda row: bool(row[1])):
+        if filled:
+            sentences.append([(number, *pair) if (pair := split_bio_line(line))
+                              else (number, None, f"expected 'character<TAB>tag', got {excerpt(line)}")
+                              for number, line in rows])
 
     rows = [row for sentence in sentences for row in sentence if row[1] is not None]
     # Weibo style when every token is longer than one character and ends in its segment position. The character
