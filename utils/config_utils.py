@@ -45,10 +45,8 @@ def convert(key: str, text: str, default):
             if lowered in TRUE | FALSE:
                 return lowered in TRUE
             raise ValueError(f"expected one of {sorted(TRUE | FALSE)}")
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
+        if isinstance(default, (int, float)):
+            return type(default)(text)
         if isinstance(default, (list, dict)):
             value = json.loads(text)
             if not isinstance(value, type(default)):

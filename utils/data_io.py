@@ -20,9 +20,7 @@ FIELD_INDEX = re.compile(r"\[\d+\]")
 
 def excerpt(text: str, limit=80) -> str:
     """repr of text for a message, cut after `limit` characters (with the full length) so a huge line stays short."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def json_shape(value) -> str:
@@ -55,8 +53,7 @@ class Tally:
     """Counts of problems by reason, with the locations of the first few of each."""
 
     def __init__(self):
-        self.counts = Counter()
-        self.examples = {}
+        self.counts, self.examples = Counter(), {}
 
     def add(self, error: DataError):
         self.counts[error.reason] += 1
@@ -107,11 +104,9 @@ class BadLines:
 def special_file_kind(path) -> str:
     """What a path that exists but is neither a file nor a folder is, for a message."""
     mode = Path(path).stat().st_mode
-    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "neither a file nor a folder"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "neither a file nor a folder")
 
 
 def read_text(path) -> str:

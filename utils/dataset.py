@@ -216,8 +216,7 @@ class PaddingCollator:
             pad = longest - len(feature["input_ids"])
             # A packed row (PackedDataset) brings its own mask: segment ids 1, 2, 3, ... (padding stays 0).
             rows = (feature["input_ids"], feature.get("attention_mask") or [1] * len(feature["input_ids"]), feature.get("labels"))
-            fills = (self.pad_token_id, 0, -100)
-            for key, row, fill in zip(batch, rows, fills):
+            for key, row, fill in zip(batch, rows, (self.pad_token_id, 0, -100)):
                 if row is None:
                     continue
                 batch[key].append(row + [fill] * pad if self.padding_side == "right" else [fill] * pad + row)
