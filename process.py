@@ -47,13 +47,6 @@ DEFAULTS = {
 }
 
 
-def fail(message, error, debug):
-    """Stop with one line on stderr and exit status 1 (--debug: raise `error` instead, with its traceback)."""
-    if debug:
-        raise error
-    sys.exit(f"error: {message}")
-
-
 def prompt_key(record):
     """What a sample asks: instruct and query, or a conversation's messages before its last answer."""
     if "conversations" in record:
@@ -210,7 +203,9 @@ def write(records, outputs, debug):
                 outputs[split].unlink()
                 print(f"removed {outputs[split]}: left from an earlier run, and this run has no {split} samples")
         except OSError as err:
-            fail(f"cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})", err, debug)
+            if debug:  # the traceback; else one line and exit status 1
+                raise
+            sys.exit(f"error: cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})")
 
 
 def main(config):
