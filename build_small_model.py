@@ -6,11 +6,9 @@ fine-tuning on plain text (model_hub/chatglm2-small/README.md has the whole reci
     python train_trainer.py --model_dir=model_hub/chatglm2-small-init --data_name=pretrain_zh --data_format=text \
         --method=full --block_size=512 ...
 
-Corpus: the Chinese text of the data sets in --shared_data_dir (MSRA, CLUENER, People's Daily, Weibo, Resume, ADGEN,
-Alpaca-zh), deduplicated, shuffled with --seed and split into train and dev; MSRA test sentences are left out wherever
-they occur, so the test figures stay clean. A missing or unreadable set is an error. Tokenizer: ChatGLM2's
-SentencePiece settings (one piece per character unless --tokenizer_type=bpe; byte fallback; <unk> 0, <s> 1, </s> 2),
-then ChatGLM2's five specials. The model is the ChatGLM2 network (remote_scripts/chatglm2-6b) at the sizes below.
+Corpus: the Chinese text of the data sets in --shared_data_dir, deduplicated, shuffled with --seed and split into
+train and dev; MSRA test sentences are left out wherever they occur, so the test figures stay clean. Tokenizer:
+ChatGLM2's SentencePiece settings, then its five specials. Model: the ChatGLM2 network at the sizes below.
 """
 import io
 import json
@@ -59,9 +57,8 @@ def json_lines(path):
 
 
 def tagged_sentences(path):
-    """The sentences of a one-character-a-line tagged file (MSRA, People's Daily, Weibo, Resume), read as process.py
-    reads them (utils.ner_data.read_bio: Weibo's segment positions removed). Sentences whose tags are broken are left
-    out and counted (Resume's train file has one)."""
+    """The sentences of a one-character-a-line tagged file, read as process.py reads them; those with broken tags are
+    left out and counted (Resume's train file has one)."""
     bad_lines = BadLines(skip=True)
     sentences = [text for _, text, _ in read_bio(path, bad_lines)]
     if bad_lines.count:

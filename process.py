@@ -10,17 +10,13 @@ ChatGLM3 conversation record {"conversations": [...]} (utils/chat_data.py). Run 
         --dev_file ../shared/data/cluener/dev.json
     python process.py --data_name adgen --train_file ../shared/data/adgen/dev_content_summary.json \\
         --dev_file "" --dev_ratio 0.1
-    python process.py --data_name weibo --train_file ../shared/data/weibo_ner/weiboNER_2nd_conll.train \\
-        --dev_file ../shared/data/weibo_ner/weiboNER_2nd_conll.dev
 
 train_file and dev_file take a comma-separated list of files; each file's format is detected from its name and
 content (bio, bio_parallel, span_json, cluener, adgen, alpaca, conversation; see utils/ner_data.py) unless
---input_format names one for all; conversation reads ShareGPT, OpenAI and ChatGLM3 chat data, tool calls included.
-For NER the answer is one `实体_类型` line per distinct entity, or 没有.
+--input_format names one for all. For NER the answer is one `实体_类型` line per distinct entity, or 没有.
 Bad input stops with the file, line and field; --skip_bad_lines skips such lines (or sentences) and counts them.
-In BIO files an I- tag that does not continue an entity of its type opens a new entity, as conlleval and seqeval read
-it; such repairs are counted per split (--strict_tags makes them errors instead). Existing output files are kept
-unless --overwrite, which also removes a dev.txt that the new run does not produce.
+BIO repairs (an I- tag that opens an entity) are counted per split; --strict_tags makes them errors. Existing output
+files are kept unless --overwrite, which also removes a dev.txt that the new run does not produce.
 """
 import difflib
 import json
@@ -31,7 +27,7 @@ from pathlib import Path
 
 from utils import ner_data
 from utils.config_utils import ConfigError, parse_config
-from utils.data_io import BadLines, DataError, special_file_kind, write_jsonl
+from utils.data_io import BadLines, special_file_kind, write_jsonl
 
 DEFAULTS = {
     "data_name": "demo_ner",
@@ -49,13 +45,6 @@ DEFAULTS = {
     "overwrite": False,
     "debug": False,  # errors show their Python traceback
 }
-
-
-def fail(message, error, debug):
-    """Stop with one line on stderr and exit status 1 (--debug: raise `error` instead, with its traceback)."""
-    if debug:
-        raise error
-    sys.exit(f"error: {message}")
 
 
 def prompt_key(record):
@@ -81,8 +70,8 @@ def check_options(config):
     for key in ("augment_copies", "max_text_chars"):
         if config[key] < 0:
             raise ConfigError(f"--{key}: {config[key]} is negative; 0 (off) or more")
-    train_files = [f.strip() for f in config["train_file"].split(",") if f.strip()]
-    dev_files = [f.strip() for f in config["dev_file"].split(",") if f.strip()]
+    train_files, dev_files = ([f.strip() for f in config[key].split(",") if f.strip()]
+                              for key in ("train_file", "dev_file"))
     if not train_files:
         raise ConfigError("--train_file: empty; one or more files, comma-separated")
     output_dir = Path(config["output_dir"] or Path("data") / config["data_name"] / "instruct_data")
@@ -107,20 +96,16 @@ def read_files(config, train_files, dev_files, bad_lines):
     and the input formats seen."""
     items = {"train": [], "dev": []}
     kinds, formats = set(), set()
-    try:
-        for split, files in (("train", train_files), ("dev", dev_files)):
-            for file in files:
-                input_format = config["input_format"]
-                input_format = ner_data.detect_format(file) if input_format == "auto" else input_format
-                kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
-                kinds.add(kind)
-                formats.add(input_format)
-                before = len(items[split])
-                for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
-                    items[split].append((input_format, *item) if kind == "ner" else item[0])
-                print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
-    except DataError as err:
-        fail(f"{err}{err.hint}", err, config["debug"])
+    for split, files in (("train", train_files), ("dev", dev_files)):
+        for file in files:
+            input_format = ner_data.detect_format(file) if config["input_format"] == "auto" else config["input_format"]
+            kind = "ner" if input_format in ner_data.NER_FORMATS else "generation"
+            kinds.add(kind)
+            formats.add(input_format)
+            before = len(items[split])
+            for line, *item in ner_data.READERS[input_format](file, bad_lines[split]):
+                items[split].append((input_format, *item) if kind == "ner" else item[0])
+            print(f"{split}: {file} ({input_format}): {len(items[split]) - before} samples")
     if len(kinds) > 1:
         sys.exit("error: the files mix NER and generation formats; convert them in separate runs")
     return items, kinds.pop(), formats
@@ -150,11 +135,10 @@ def ner_records(config, items, formats, stats):
             unmapped.update(raw_kept)
             for (_, raw_type, _), (_, name, _) in zip(entities, mapped):
                 raw_types_of.setdefault(name, set()).add(raw_type)
-            if config["max_text_chars"] and len(text) > config["max_text_chars"]:
-                text, mapped, n_dropped = ner_data.truncate(text, mapped, config["max_text_chars"])
-                truncated[split] += 1
-                dropped[split] += n_dropped
-            examples[split].append((text, mapped))
+            cut, mapped, n_dropped = ner_data.truncate(text, mapped, config["max_text_chars"])
+            truncated[split] += len(cut) < len(text)
+            dropped[split] += n_dropped
+            examples[split].append((cut, mapped))
     if config["augment_copies"] > 0:
         augmented, left_out = ner_data.replace_mentions(examples["train"], config["augment_copies"], config["seed"])
         examples["train"] += augmented
@@ -219,7 +203,9 @@ def write(records, outputs, debug):
                 outputs[split].unlink()
                 print(f"removed {outputs[split]}: left from an earlier run, and this run has no {split} samples")
         except OSError as err:
-            fail(f"cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})", err, debug)
+            if debug:  # the traceback; else one line and exit status 1
+                raise
+            sys.exit(f"error: cannot {'write' if records[split] else 'remove'} {outputs[split]} ({err})")
 
 
 def main(config):

@@ -1,11 +1,6 @@
 """Chat data sets -> records: ADGEN and Alpaca -> instruction records; ShareGPT, OpenAI and ChatGLM3 conversations ->
-instruction records with `history`, or ChatGLM3 conversation records (the finetune_demo format, README "Multi-turn
-conversations and tool calls") when they call tools. Readers take `(path, bad_lines)` and yield `(line, record)`.
-
-- adgen: `{"content", "summary"}` or `{"instruction", "output"}` (ADGEN attributes); fixed instruction.
-- alpaca: `{"instruction", "input", "output"}`, JSON array or lines; optional LLaMA-Factory `history` and `system`.
-- conversation: ShareGPT `{"conversations": [{"from", "value"}], "system"?, "tools"?}`, OpenAI `{"messages", "tools"?}`
-  and ChatGLM3's own format, finetune_demo's `{"role": "tool", "name", "parameters", "observation"}` messages included.
+instruction records with `history`, or ChatGLM3 conversation records (README "Multi-turn conversations and tool
+calls") when they call tools. Readers take `(path, bad_lines)` and yield `(line, record)`; the formats are the README's.
 
 ChatGLM3's order: an optional system message (`tools` only there; a second may follow the tools' own), a user message,
 then assistant messages after a user message, an observation or another assistant message; a tool call (`metadata` the
@@ -17,8 +12,7 @@ import keyword
 import re
 
 from utils.data_io import (
-    BadLines, DataError, check_surrogates, excerpt, json_shape, parse_json, read_json_records, require_str,
-    require_type,
+    DataError, check_surrogates, excerpt, json_reader, json_shape, parse_json, require_key, require_str, require_type,
 )
 
 ADGEN_INSTRUCT = "请根据下面给出的商品属性，为这件商品写一段吸引人的广告文案。"
@@ -35,9 +29,8 @@ TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You hav
 
 
 def json_field(text, path, line, field):
-    """A JSON value given as text inside a record (a function_call's value, arguments, tools). Its strings are checked
-    for lone surrogates as the file's own are (iter_json_lines): a \\ud800 escape in the embedded text decodes to one
-    only here, and it could not be written as UTF-8."""
+    """A JSON value given as text inside a record (a function_call, arguments, tools), its strings checked for lone
+    surrogates as iter_json_lines checks the file's: an escape in the embedded text decodes to one only here."""
     try:
         value = parse_json(text, path, line)
     except DataError as err:
@@ -72,16 +65,17 @@ def tool_call_content(arguments, path, line, field) -> str:
     return "```python\ntool_call(" + ", ".join(parts) + ")\n```"
 
 
-def tool_name(call, path, line, field):
-    name = require_str(call, "name", path, line, prefix=field)
-    if "\n" in name:
-        raise DataError(path, line, "a line break in the tool name (ChatGLM3 puts it on the role line)", f"{field}.name")
-    return name
+def role_line_text(record, key, what, path, line, field):
+    """record[key], a string that ChatGLM3 writes on the role line (a tool's name, the metadata): no line break."""
+    text = require_str(record, key, path, line, prefix=field)
+    if "\n" in text:
+        raise DataError(path, line, f"a line break in the {what} (ChatGLM3 puts it on the role line)", f"{field}.{key}")
+    return text
 
 
 def tool_call_message(call, path, line, field):
     """The assistant message of one tool call {"name", "arguments"} (arguments an object, or its JSON text)."""
-    name = tool_name(require_type(call, dict, path, line, field), path, line, field)
+    name = role_line_text(require_type(call, dict, path, line, field), "name", "tool name", path, line, field)
     arguments = call.get("arguments", {})
     if isinstance(arguments, str):
         arguments = json_field(arguments, path, line, f"{field}.arguments") if arguments.strip() else {}
@@ -107,13 +101,9 @@ def read_tools(value, path, line, field, as_given=False):
     require_type(value, list, path, line, field)
     if as_given:
         return value
-    tools = []
-    for k, tool in enumerate(value):
-        require_type(tool, dict, path, line, f"{field}[{k}]")
-        if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
-            tool = tool["function"]
-        tools.append(tool)
-    return tools
+    tools = [require_type(tool, dict, path, line, f"{field}[{k}]") for k, tool in enumerate(value)]
+    return [tool["function"] if tool.get("type") == "function" and isinstance(tool.get("function"), dict) else tool
+            for tool in tools]
 
 
 def openai_content(turn, name, role, path, line, field):
@@ -145,15 +135,14 @@ def openai_content(turn, name, role, path, line, field):
 
 
 def finetune_tool_messages(turn, path, line, field):
-    """ChatGLM3 finetune_demo's tool message {"role": "tool", "name", "parameters", "observation", "loss"?}, expanded
-    as the official preprocessing does: the tool call (learnt unless "loss" is false), then the observation (a string
-    as it is, any other JSON value as its JSON text)."""
+    """finetune_demo's tool message {"role": "tool", "name", "parameters", "observation", "loss"?} expanded as its
+    preprocessing does: the tool call (learnt unless "loss" is false), then the observation (non-strings as JSON)."""
     for key in ("content", "metadata", "tool_calls"):
         if key in turn:
             raise DataError(path, line, f"a ChatGLM3 tool message has name, parameters and observation, not {key} (an "
                             "OpenAI tool result goes in a 'messages' record)", f"{field}.{key}",
                             "a ChatGLM3 tool message has name, parameters and observation")
-    name = tool_name(turn, path, line, field)
+    name = role_line_text(turn, "name", "tool name", path, line, field)
     for key in ("parameters", "observation"):
         if key not in turn:
             raise DataError(path, line, "missing", f"{field}.{key}")
@@ -235,11 +224,9 @@ def turn_messages(turn, name, role, text_key, style, path, line, field):
         content = require_str(turn, text_key, path, line, allow_empty=role == "observation", prefix=field)
     message = {"role": role, "content": content}
     if turn.get("metadata"):
-        metadata = require_str(turn, "metadata", path, line, prefix=field)
+        metadata = role_line_text(turn, "metadata", "metadata", path, line, field)
         if role != "assistant":
             raise DataError(path, line, "only assistant messages have metadata (a tool's name)", f"{field}.metadata")
-        if "\n" in metadata:
-            raise DataError(path, line, "a line break in the metadata (ChatGLM3 puts it on the role line)", f"{field}.metadata")
         message["metadata"] = metadata
     if learnt_flag(turn, role, path, line, field) is False and role == "assistant":
         message["loss"] = False
@@ -283,17 +270,14 @@ def check_order(messages, places, key, path, line):
 
 
 def record_style(record, path, line, chatglm3_only):
-    """(key, style, turns) of a conversation record; style 'openai' (`messages`), 'sharegpt' (`conversations` of
-    from/value turns) or 'chatglm3' (`conversations` of role/content turns: ChatGLM3's finetune_demo format, this
-    module's). A record that mixes them is an error, not a guess. chatglm3_only: training data, ChatGLM3's format only."""
+    """(key, style, turns) of a conversation record; style 'openai', 'sharegpt' or 'chatglm3'. A record that mixes them
+    is an error, not a guess. chatglm3_only: training data, ChatGLM3's format only."""
     require_type(record, dict, path, line, None)
     if "conversations" in record and "messages" in record:
         raise DataError(path, line, "both conversations and messages: a record holds one conversation; keep one",
                         "messages", "both conversations and messages")
     key = "messages" if "messages" in record and not chatglm3_only else "conversations"
-    if key not in record:
-        raise DataError(path, line, "missing", key)
-    turns = require_type(record[key], list, path, line, key)
+    turns = require_key(record, key, list, path, line)
     style = None
     for k, turn in enumerate(turns):
         field = f"{key}[{k}]"
@@ -324,12 +308,8 @@ def conversation_messages(record, path, line, chatglm3_only=False):
     'sharegpt' or 'chatglm3'); a bad record raises DataError naming the field. chatglm3_only: ChatGLM3's format only."""
     key, style, turns = record_style(record, path, line, chatglm3_only)
     role_key, text_key = ("from", "value") if style == "sharegpt" else ("role", "content")
-    if style == "openai":
-        known = OPENAI_ROLES
-    elif style == "chatglm3":
-        known = dict(zip(ROLES, ROLES), tool="tool") if chatglm3_only else {**SOURCE_ROLES, "tool": "tool"}
-    else:
-        known = SOURCE_ROLES
+    known = {"openai": OPENAI_ROLES, "sharegpt": SOURCE_ROLES}.get(style) or (  # chatglm3: + finetune_demo's tool
+        dict(zip(ROLES, ROLES), tool="tool") if chatglm3_only else {**SOURCE_ROLES, "tool": "tool"})
     messages, places = [], []
     for k, turn in enumerate(turns):
         field = f"{key}[{k}]"
@@ -370,9 +350,8 @@ def conversation_messages(record, path, line, chatglm3_only=False):
 
 
 def plain_turns(messages):
-    """(system text, [(user, assistant, learnt)]) of a conversation of alternating user and assistant messages (after
-    an optional system message without tools), or None when it has tool calls, observations or consecutive assistant
-    messages: what ChatGLM-6B, ChatGLM2-6B and chat-template models can be trained on."""
+    """(system text, [(user, assistant, learnt)]) of alternating user and assistant messages after an optional system
+    message without tools, else None: what ChatGLM-6B, ChatGLM2-6B and chat-template models can be trained on."""
     system = ""
     if messages[0]["role"] == "system":
         if "tools" in messages[0]:
@@ -386,11 +365,9 @@ def plain_turns(messages):
 
 
 def conversation_record(record, path, line):
-    """process.py's record for a conversation: an instruction record {instruct (the system text), query, answer,
-    history?} when the turns are plain and all learnt, as before; else a conversation record {"conversations"}.
-    A record in ChatGLM3's own format stays a conversation record unless it is one user message and its answer: the
-    training scripts then encode it as ChatGLM3's finetune_demo does (a system message in its own role, every answer
-    learnt), which an instruction record would not (the system text joins the question, history answers are context)."""
+    """process.py's record: an instruction record {instruct, query, answer, history?} when the turns are plain and all
+    learnt, else a conversation record. ChatGLM3's own format stays one unless it is a single question and answer: the
+    training scripts encode it as finetune_demo does, unlike an instruction record (system role, learnt history)."""
     messages, style = conversation_messages(record, path, line)
     turns = plain_turns(messages)
     if turns is None or not all(learnt for _, _, learnt in turns[1]):
@@ -405,12 +382,11 @@ def conversation_record(record, path, line):
 
 
 def adgen_record(record, path, line):
-    if isinstance(record, dict) and "content" not in record and "instruction" in record:
-        query_field, answer_field = "instruction", "output"
-    else:
-        query_field, answer_field = "content", "summary"
-    query = require_str(record, query_field, path, line)
-    return {"instruct": ADGEN_INSTRUCT, "query": query, "answer": require_str(record, answer_field, path, line)}
+    """ADGEN's `{"content", "summary"}`, or `{"instruction", "output"}` (its attributes), with a fixed instruction."""
+    alpaca_style = isinstance(record, dict) and "content" not in record and "instruction" in record
+    query_field, answer_field = ("instruction", "output") if alpaca_style else ("content", "summary")
+    return {"instruct": ADGEN_INSTRUCT, "query": require_str(record, query_field, path, line),
+            "answer": require_str(record, answer_field, path, line)}
 
 
 def read_history(value, path, line, field):
@@ -438,13 +414,5 @@ def alpaca_record(record, path, line):
     return result
 
 
-def read_adgen(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, adgen_record)
-
-
-def read_alpaca(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, alpaca_record)
-
-
-def read_conversation(path, bad_lines: BadLines = None):
-    return read_json_records(path, bad_lines, conversation_record)
+read_adgen, read_alpaca = json_reader(adgen_record), json_reader(alpaca_record)
+read_conversation = json_reader(conversation_record)

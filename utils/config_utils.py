@@ -15,28 +15,26 @@ class ConfigError(UserError, ValueError):
     pass
 
 
-def flatten(config: dict, prefix="") -> dict:
-    flat = {}
+def slots(config: dict, prefix="") -> dict:
+    """{flat key: (the dict that holds the value, its key there)}."""
+    found = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "_"))
+            found.update(slots(value, name + "_"))
         else:
-            flat[name] = value
-    return flat
+            found[name] = (config, key)
+    return found
 
 
-def set_flat(config: dict, flat_key: str, value, prefix=""):
-    """Write `value` at the nested position that `flat_key` names."""
-    for key, current in config.items():
-        name = f"{prefix}{key}"
-        if name == flat_key:
-            config[key] = value
-            return True
-        if isinstance(current, dict) and current and flat_key.startswith(name + "_"):
-            if set_flat(current, flat_key, value, name + "_"):
-                return True
-    return False
+def flatten(config: dict) -> dict:
+    return {name: holder[key] for name, (holder, key) in slots(config).items()}
+
+
+def set_flat(config: dict, flat_key: str, value):
+    """Write `value` at the nested place that `flat_key` names (nowhere if it names none)."""
+    holder, key = slots(config).get(flat_key, ({}, None))
+    holder[key] = value
 
 
 def convert(key: str, text: str, default):
@@ -47,10 +45,8 @@ def convert(key: str, text: str, default):
             if lowered in TRUE | FALSE:
                 return lowered in TRUE
             raise ValueError(f"expected one of {sorted(TRUE | FALSE)}")
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
+        if isinstance(default, (int, float)):
+            return type(default)(text)
         if isinstance(default, (list, dict)):
             value = json.loads(text)
             if not isinstance(value, type(default)):
@@ -76,7 +72,7 @@ def apply_overrides(defaults: dict, argv, renamed=None) -> dict:
     config = Config(copy.deepcopy(defaults))
     given = set()
     renamed = renamed or {}
-    flat = flatten(config)
+    flat = slots(config)
     index = 0
     while index < len(argv):
         arg = argv[index]
@@ -91,17 +87,16 @@ def apply_overrides(defaults: dict, argv, renamed=None) -> dict:
             close = difflib.get_close_matches(key, flat, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown option --{key}{hint} (--help lists all)")
+        holder, name = flat[key]
         if not has_value:
             if index + 1 < len(argv) and not argv[index + 1].startswith("--"):
                 index += 1
                 text = argv[index]
-            elif isinstance(flat[key], bool):
+            elif isinstance(holder[name], bool):
                 text = "true"  # a bare boolean flag switches it on
             else:
                 raise ConfigError(f"--{key} needs a value")
-        value = convert(key, text, flat[key])
-        flat[key] = value
-        set_flat(config, key, value)
+        holder[name] = convert(key, text, holder[name])
         given.add(key)
         index += 1
     config.given = frozenset(given)
@@ -113,9 +108,8 @@ def describe(defaults: dict) -> str:
 
 
 def parse_config(defaults: dict, argv=None, description="", renamed=None) -> dict:
-    """The script's config: defaults overridden by the command line. Exits with a clear message on bad input. Also
-    installs the error hook of utils/errors.py: from here on an error that is the input's fault prints one line and
-    exits 1 (`--debug`, accepted by every script, shows its traceback too)."""
+    """The script's config: defaults overridden by the command line (bad input exits with a message). Installs
+    utils/errors.py's hook: an input error prints one line and exits 1 (`--debug`, any script's, adds the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     own_debug_key = "debug" in flatten(defaults)  # a script may list it among its options
     debug = not own_debug_key and "--debug" in argv

@@ -20,9 +20,7 @@ FIELD_INDEX = re.compile(r"\[\d+\]")
 
 def excerpt(text: str, limit=80) -> str:
     """repr of text for a message, cut after `limit` characters (with the full length) so a huge line stays short."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def json_shape(value) -> str:
@@ -34,9 +32,8 @@ def json_shape(value) -> str:
 
 
 class DataError(UserError, ValueError):
-    """A problem in an input file. `reason` is what BadLines counts by: the field with its indices left out, then
-    `reason` (the kind of problem, given where the problem quotes the data) or else the problem. `skippable`: set
-    when BadLines raised it, i.e. --skip_bad_lines would have skipped it."""
+    """A problem in an input file. BadLines counts by `reason`: the field without indices, then the kind of problem.
+    `skippable`: BadLines raised it, i.e. --skip_bad_lines would have skipped it."""
 
     skippable = False
 
@@ -56,8 +53,7 @@ class Tally:
     """Counts of problems by reason, with the locations of the first few of each."""
 
     def __init__(self):
-        self.counts = Counter()
-        self.examples = {}
+        self.counts, self.examples = Counter(), {}
 
     def add(self, error: DataError):
         self.counts[error.reason] += 1
@@ -108,11 +104,9 @@ class BadLines:
 def special_file_kind(path) -> str:
     """What a path that exists but is neither a file nor a folder is, for a message."""
     mode = Path(path).stat().st_mode
-    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "neither a file nor a folder"
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((kind for test, kind in kinds if test(mode)), "neither a file nor a folder")
 
 
 def read_text(path) -> str:
@@ -194,19 +188,23 @@ def iter_json_records(path, bad_lines: BadLines = None, lines_only=False):
         yield where, record
 
 
-def iter_json_lines(path, bad_lines: BadLines = None):
+def iter_json_lines(path, bad_lines: BadLines = None):  # JSON lines only, not an array
     return iter_json_records(path, bad_lines, lines_only=True)
 
 
-def read_json_records(path, bad_lines, build):
-    """(line, build(record, path, line)) for each JSON record of path; a record that build refuses (DataError) goes to
-    bad_lines (raised, or skipped and counted)."""
-    bad_lines = bad_lines or BadLines()
-    for number, record in iter_json_records(path, bad_lines):
-        try:
-            yield number, build(record, path, number)
-        except DataError as err:
-            bad_lines.handle(err)
+def json_reader(build, spread=False):
+    """A reader (path, bad_lines) of (line, build(record, path, line)) per JSON record, `(line, *built)` with spread; a
+    record that build refuses (DataError) goes to bad_lines (raised, or skipped and counted)."""
+    def read(path, bad_lines: BadLines = None):
+        bad_lines = bad_lines or BadLines()
+        for number, record in iter_json_records(path, bad_lines):
+            try:
+                built = build(record, path, number)
+            except DataError as err:
+                bad_lines.handle(err)
+                continue
+            yield (number, *built) if spread else (number, built)
+    return read
 
 
 def require_str(record, key, path, line, allow_empty=False, prefix=None):
@@ -224,21 +222,23 @@ def require_str(record, key, path, line, allow_empty=False, prefix=None):
     return value
 
 
-def require_int(value, path, line, field):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DataError(path, line, f"expected an integer, got {type(value).__name__}", field)
-    return value
-
-
 def require_type(value, kind, path, line, field):
-    if not isinstance(value, kind):
-        raise DataError(path, line, f"expected a JSON {kind.__name__.replace('dict', 'object').replace('list', 'array')}, "
-                        f"got {type(value).__name__}", field)
+    """value, if it is of JSON type `kind` (dict, list, or int: a bool is no integer here)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        name = {dict: "a JSON object", list: "a JSON array", int: "an integer"}[kind]
+        raise DataError(path, line, f"expected {name}, got {type(value).__name__}", field)
     return value
+
+
+def require_key(record, key, kind, path, line, prefix=None):
+    """record[key] of type `kind`; errors name the field `prefix.key` (or `key`)."""
+    field = f"{prefix}.{key}" if prefix else key
+    if key not in record:
+        raise DataError(path, line, "missing", field)
+    return require_type(record[key], kind, path, line, field)
 
 
 def fsync_path(path):
-    """Flush a file's data (or a folder's entries) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -267,13 +267,10 @@ def write_atomic(path, text: str):
     fsync_path(path.parent)
 
 
-def json_line(record) -> str:
-    """One JSON-lines line: UTF-8 text kept readable, the characters other line readers split at escaped."""
-    line = json.dumps(record, ensure_ascii=False)
-    for char, escape in LINE_BREAKS_IN_STRINGS.items():
-        line = line.replace(char, escape)
-    return line + "\n"
-
-
 def write_jsonl(path, records):
-    write_atomic(path, "".join(json_line(r) for r in records))
+    """One JSON object a line, UTF-8 text kept readable; the characters other line readers split at (only ever inside
+    strings) escaped."""
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    for char, escape in LINE_BREAKS_IN_STRINGS.items():
+        text = text.replace(char, escape)
+    write_atomic(path, text)

@@ -1,15 +1,10 @@
 """Records -> token ids and labels (utils/prompts.py builds the prompts), collators and packing.
 
 Multi-turn data: an instruction record's `history` answers are context only, unless `loss_on_all_turns` makes every
-answer a target. A ChatGLM3 conversation record learns every assistant message that does not say `"loss": false`. On
-ChatGLM3-6B a multi-turn sample is one sequence laid out as ChatGLM3's finetune_demo does
-(encode_chatglm3_conversation): each turn's prompt in it is exactly what chat() builds for that turn. ChatGLM-6B and
-ChatGLM2-6B re-encode the whole history text at every turn, and ChatGLM-6B's prompt is bidirectional, so one sequence
-cannot hold every turn as chat() sees it: each learnt answer becomes a sample of its own, its exact chat() prompt +
-answer (turn_records), as for chat-template models.
-
-Plain text for causal-LM (pre)training (`TextDataset`): records `{"text"}`, joined with </s> and cut into blocks, each
-opened by the tokenizer's prefix ([gMASK] sop for ChatGLM2/3) as every prompt is.
+answer a target; a conversation record learns every assistant message without `"loss": false`. On ChatGLM3-6B a
+multi-turn sample is one sequence (encode_chatglm3_conversation). ChatGLM-6B and ChatGLM2-6B re-encode the whole
+history at every turn (and ChatGLM-6B's prompt is bidirectional), so one sequence cannot hold every turn as chat() sees
+it: each learnt answer becomes a sample of its own (turn_records), as for chat-template models.
 """
 import itertools
 from dataclasses import dataclass
@@ -23,8 +18,7 @@ from utils.records import read_instruction_records, read_text_records
 
 
 def encode_example(record, prompt_format, max_source_length, max_target_length):
-    """input_ids and labels (-100 on the prompt) of one record, plus which parts were truncated. A record made by
-    turn_records may carry a `system` text."""
+    """(input_ids and labels (-100 on the prompt), prompt cut, answer cut) of one record (`system`: turn_records')."""
     prompt, prompt_cut = fit_prompt(prompt_format, user_message(record), record.get("history", []), max_source_length,
                                     record.get("system", ""))
     content, closing = prompt_format.answer_parts(record["answer"])
@@ -52,12 +46,11 @@ def learnt(message):
 
 
 def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_target_length):
-    """input_ids and labels of a ChatGLM3 conversation as ChatGLM3's finetune_demo lays it out: [gMASK] sop, every
-    message as the tokenizer's build_message has it, then </s>. Targets: every learnt assistant message after its role
-    token, through the token that follows it (the next role token or </s>: where chat() stops, so a one-turn
-    conversation encodes as encode_example does). Truncation as fit_prompt: the oldest rounds go first (the system
-    messages stay), then the tail of the last user message; the last message's content is cut to max_target_length,
-    earlier answers never. Returns (example, prompt cut, answer cut, learnt answers dropped with their rounds)."""
+    """input_ids and labels of a ChatGLM3 conversation laid out as ChatGLM3's finetune_demo does (README). Targets:
+    every learnt assistant message after its role token, through the token that follows it (where chat() stops).
+    Truncation as fit_prompt: the oldest rounds go first (the system messages stay), then the last user message's
+    tail; only the last message's content is cut to max_target_length. Returns (example, prompt cut, answer cut,
+    learnt answers dropped with their rounds)."""
     # The system messages: one, or the finetune_demo's tool prompt and then the data's own.
     system = list(itertools.takewhile(lambda message: message["role"] == "system", messages))
     rest = messages[len(system):]  # a user message first (utils/chat_data.py checks the order)
@@ -92,9 +85,8 @@ def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_tar
 
 
 def encode_record(record, prompt_format, max_source_length, max_target_length, loss_on_all_turns=False, path=""):
-    """The samples of one record (an instruction or a conversation record) and its counts: (samples, truncated
-    prompts, truncated answers, learnt answers dropped with the oldest rounds). See the module docstring for the
-    multi-turn layouts; a conversation that only ChatGLM3-6B can express raises DataError on other models."""
+    """(samples, truncated prompts, truncated answers, learnt answers dropped with the oldest rounds) of one record;
+    a conversation that only ChatGLM3-6B can express raises DataError on other models."""
     if "conversations" not in record and not (loss_on_all_turns and record.get("history")):
         example, prompt_cut, answer_cut = encode_example(record, prompt_format, max_source_length, max_target_length)
         return [example], int(prompt_cut), int(answer_cut), 0
@@ -120,8 +112,7 @@ def encode_record(record, prompt_format, max_source_length, max_target_length, l
 
 
 def format_example(example, tokenizer) -> str:
-    """An encoded sample as text, to check a data format by eye: a line per run of tokens in the loss (`loss`) or not
-    (`----`), each token as its piece and id (`->label` where a label is not its own id)."""
+    """An encoded sample as text, to check by eye: a line per run of tokens in the loss (`loss`) or not (`----`)."""
     ids, labels = example["input_ids"], example["labels"]
     lines = [f"{len(ids)} tokens, {sum(label != -100 for label in labels)} of them in the loss"]
     tokens = zip(tokenizer.convert_ids_to_tokens(ids), ids, labels)
@@ -133,9 +124,6 @@ def format_example(example, tokenizer) -> str:
 
 class EncodedDataset(torch.utils.data.Dataset):
     """Examples encoded once at load time ({input_ids, labels}), with `stats` and the skipped-lines summary."""
-
-    examples: list
-    skipped_summary: str
 
     def __len__(self):
         return len(self.examples)
@@ -155,8 +143,7 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 class InstructionDataset(EncodedDataset):
-    """A whole instruction file (conversation records too), encoded once. `stats` counts records, samples,
-    truncations and skipped lines. loss_on_all_turns: every answer of a record's history is a target too."""
+    """A whole instruction file (conversation records too), encoded once."""
 
     def __init__(self, path, tokenizer, version=None, max_source_length=512, max_target_length=256, skip_bad_lines=False,
                  loss_on_all_turns=False):
@@ -188,9 +175,8 @@ class InstructionDataset(EncodedDataset):
 
 
 class TextDataset(EncodedDataset):
-    """Plain text for causal-LM training: every record's tokens followed by </s>, all of them in file order, cut into
-    blocks of `block_size` tokens. Each block starts with the tokenizer's prefix (ChatGLM2/3: [gMASK] sop), which
-    carries no label; every other token is a target. Nothing is dropped: the last block is just shorter."""
+    """Plain text records `{"text"}` for causal-LM training: each followed by </s>, in file order, cut into blocks of
+    `block_size` tokens, each opened by the tokenizer's prefix (ChatGLM2/3: [gMASK] sop) with no label on it."""
 
     def __init__(self, path, tokenizer, block_size=512, skip_bad_lines=False):
         bad_lines = BadLines(skip=skip_bad_lines)
@@ -230,8 +216,7 @@ class PaddingCollator:
             pad = longest - len(feature["input_ids"])
             # A packed row (PackedDataset) brings its own mask: segment ids 1, 2, 3, ... (padding stays 0).
             rows = (feature["input_ids"], feature.get("attention_mask") or [1] * len(feature["input_ids"]), feature.get("labels"))
-            fills = (self.pad_token_id, 0, -100)
-            for key, row, fill in zip(batch, rows, fills):
+            for key, row, fill in zip(batch, rows, (self.pad_token_id, 0, -100)):
                 if row is None:
                     continue
                 batch[key].append(row + [fill] * pad if self.padding_side == "right" else [fill] * pad + row)
@@ -258,9 +243,8 @@ def pack_lengths(lengths, budget, seed=0):
 
 
 def pack_examples(examples):
-    """One row of several encoded examples: input_ids and labels concatenated, attention_mask their segment ids 1, 2,
-    3, ... (what the ChatGLM models read; packed_inputs_hook turns it into position_ids for native models). The first
-    token of each example is no target: unpacked it is never predicted either, packed the previous example would."""
+    """One row of several encoded examples, attention_mask their segment ids 1, 2, 3, ... The first token of each
+    example is no target: unpacked it is never predicted either, packed the previous example would predict it."""
     row = {"input_ids": [], "labels": [], "attention_mask": []}
     for segment, example in enumerate(examples, start=1):
         row["input_ids"] += example["input_ids"]
@@ -270,9 +254,9 @@ def pack_examples(examples):
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Encoded examples packed several to a row of at most `pack_tokens` tokens (pack_lengths), once, with the run's
-    seed. Each example attends only to itself (pack_examples) and the loss is divided by the step's target tokens, so a
-    packed step trains as the same examples unpacked. `stats`: the data's, plus rows and fill ratio."""
+    """Encoded examples packed several to a row of at most `pack_tokens` tokens (pack_lengths). Each example attends
+    only to itself (pack_examples) and the loss is divided by the step's target tokens, so a packed step trains as the
+    same examples unpacked."""
 
     def __init__(self, data: EncodedDataset, pack_tokens: int, seed=0):
         if pack_tokens <= 0:
@@ -304,10 +288,9 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 def packed_inputs_hook(module, args, kwargs):
-    """Forward pre-hook (with_kwargs) for models that transformers supports natively: a packed batch's mask of
-    segment ids becomes position_ids that restart at each example, and no attention_mask. transformers then finds
-    the packed sequences from the positions (masking_utils.find_packed_sequence_indices, used when there is neither
-    mask nor cache) and builds a block-diagonal causal mask, for sdpa and eager attention alike. A 0/1 mask passes."""
+    """Forward pre-hook (with_kwargs) for native transformers models: a packed batch's mask of segment ids becomes
+    position_ids that restart at each example and no mask, from which transformers builds a block-diagonal causal mask
+    (masking_utils.find_packed_sequence_indices, when there is neither mask nor cache). A 0/1 mask passes."""
     mask = kwargs.get("attention_mask")
     if mask is None or mask.dim() != 2 or not bool((mask > 1).any()):
         return args, kwargs

@@ -1,24 +1,18 @@
 """NER data sets -> instruction records `{"instruct", "query": "文本：" + text, "answer"}`, the answer `实体_类型` lines.
 
-NER readers take `(path, bad_lines)` and yield `(line, text, entities)`, `entities` a list of `(entity, raw_type,
-begin)` (`begin` the character offset in text); a bad line raises `DataError` (file, line, field) or, with
-`bad_lines.skip`, is counted and left out. `map_types` names the types in Chinese, `ner_record` builds the record.
-`READERS` holds these and chat_data's readers; `detect_format` picks one from a file's name and content.
+NER readers take `(path, bad_lines)` and yield `(line, text, entities)`, each entity `(entity, raw_type, begin)`
+(`begin` a character offset). `READERS` holds them and chat_data's; `detect_format` picks one by name and content.
 
-- bio: `char<TAB>tag` (or `char tag`) a line, a blank line between sentences; BIO, or BIOES / BMES (then every entity
-  closes with E- or is S-). In BIO an I- tag that continues no entity of its type opens one, as conlleval and seqeval
-  read it (counted as repaired; an error with `BadLines(strict_tags=True)`). Weibo's `char+segment position` tokens
-  (`口0`) are recognised per file and the digits dropped. Tokens are joined without spaces.
+- bio: `char<TAB>tag` (or `char tag`) lines, a blank line between sentences; BIO, BIOES or BMES. In BIO an I- tag
+  that continues no entity of its type opens one, as conlleval and seqeval read it (counted as repaired; an error with
+  `BadLines(strict_tags=True)`). Weibo's `char+segment position` tokens (`口0`) lose the digits.
 - bio_parallel: `*sentences*.txt` with the matching `*tags*.txt` beside it, space-separated, line by line.
 - span_json: `{"text", "entity_list": [{"entity_index": {"begin", "end"}, "entity_type", "entity"}]}`, `end`
   EXCLUSIVE (MSRA's msra_1000.txt).
 - cluener: `{"text", "label": {type: {entity: [[begin, end], ...]}}}`, `end` INCLUSIVE (CLUENER 2020).
 
-Type names: PER/PERSON/NAME/NR -> 人名, LOC/LOCATION/NS -> 地名, GPE -> 行政区名 (kept apart from LOC as OntoNotes and
-Weibo keep it), ORG/ORGANIZATION/NT -> 机构名, Resume's CONT/RACE/EDU/PRO/TITLE -> 国籍/民族/学历/专业/职称. Weibo's
-`X.NAM` maps like X; `X.NOM` (a nominal mention such as 粉丝) gets its own type (人物泛称, 地点泛称, 地区泛称, 机构泛称),
-so Weibo's 8 types stay 8. CLUENER has its own table. Any other type keeps its raw name; one that its answer line
-could not carry (an underscore or a line break) is refused (check_answer_line).
+Type names (the tables below): GPE stays apart from LOC as OntoNotes and Weibo keep it; Weibo's `X.NOM` (a nominal
+mention such as 粉丝) gets a type of its own, so Weibo's 8 types stay 8. Any other type keeps its raw name.
 """
 import itertools
 import random
@@ -27,7 +21,7 @@ from pathlib import Path
 
 from utils.chat_data import ADGEN_RE, read_adgen, read_alpaca, read_conversation
 from utils.data_io import (
-    BadLines, DataError, excerpt, json_shape, parse_json, read_json_records, read_text, require_int, require_str,
+    BadLines, DataError, excerpt, json_shape, json_reader, parse_json, read_text, require_key, require_str,
     require_type, text_lines,
 )
 
@@ -79,21 +73,15 @@ def map_type(raw_type: str, input_format: str = "bio"):
 
 
 def map_types(entities, input_format="bio"):
-    """(entities with type names, raw types that had no mapping and were kept as they are)."""
-    mapped, unmapped = [], []
-    for entity, raw_type, begin in entities:
-        name = map_type(raw_type, input_format)
-        if name is None:
-            name = raw_type
-            unmapped.append(raw_type)
-        mapped.append((entity, name, begin))
-    return mapped, unmapped
+    """(entities with type names, raw types kept as they are for want of a mapping)."""
+    names = [map_type(raw_type, input_format) for _, raw_type, _ in entities]
+    return ([(entity, name or raw_type, begin) for (entity, raw_type, begin), name in zip(entities, names)],
+            [raw_type for (_, raw_type, _), name in zip(entities, names) if name is None])
 
 
 def check_answer_line(entity, raw_type, input_format, path, line, field, type_field=None):
-    """Refuse an entity or type that the answer line `entity_type` cannot carry and give back: a line break in either
-    splits the line, and an underscore in a type kept as its raw name (no Chinese name) moves the split
-    (parse_ner_answer takes the type after the last underscore)."""
+    """Refuse an entity or type that the answer line `entity_type` cannot carry: a line break splits it, and an
+    underscore in a raw type name moves the split (parse_ner_answer splits at the last underscore)."""
     if "\n" in entity or "\r" in entity:
         raise DataError(path, line, f"the entity {excerpt(entity)} holds a line break, which would split its answer line",
                         field, "a line break in an entity")
@@ -122,7 +110,6 @@ def ner_answer(entities) -> str:
 
 
 def ner_record(text, entities, instruct=MSRA_INSTRUCT) -> dict:
-    """The instruction record of one NER example (`entities` with type names already mapped)."""
     return {"instruct": instruct, "query": QUERY_PREFIX + text, "answer": ner_answer(entities)}
 
 
@@ -135,25 +122,20 @@ def truncate(text, entities, max_chars):
 
 
 def replace_mentions(examples, copies, seed=0):
-    """Mention replacement (Dai & Adel, COLING 2020): `copies` new examples per example with entities, every mention
-    swapped for a random entity of its type from `examples` (the same way throughout a text), so that a small model
-    learns to copy the name it is given rather than recall one. Examples whose mentions have no position or overlap
-    are left out. Returns (new examples, number left out)."""
+    """Mention replacement (Dai & Adel, COLING 2020): `copies` new examples per example with entities, each mention
+    swapped for a random entity of its type (the same way throughout a text), so a small model learns to copy names.
+    Examples whose mentions have no position or overlap are left out. Returns (new examples, number left out)."""
     pool = {}
-    for _, entities in examples:
-        for entity, name, _ in entities:
-            pool.setdefault(name, {})[entity] = None
+    for entity, name, _ in (mention for _, entities in examples for mention in entities):
+        pool.setdefault(name, {})[entity] = None  # a dict: the entities in order of first appearance, once each
     pool = {name: list(entities) for name, entities in pool.items()}
     rng = random.Random(seed)
     augmented, left_out = [], 0
     for text, entities in examples:
         if not entities:
             continue
-        if any(begin is None for _, _, begin in entities):
-            left_out += 1
-            continue
-        spans = sorted(entities, key=lambda e: e[2])
-        if any(b[2] < a[2] + len(a[0]) for a, b in itertools.pairwise(spans)):
+        spans = None if any(begin is None for _, _, begin in entities) else sorted(entities, key=lambda e: e[2])
+        if spans is None or any(b[2] < a[2] + len(a[0]) for a, b in itertools.pairwise(spans)):
             left_out += 1
             continue
         for _ in range(copies):
@@ -175,15 +157,13 @@ class TagError(ValueError):
 
 
 def uses_closed_scheme(tags) -> bool:
-    """True for BIOES / BMES tag sets (any E-, S- or M- tag): entities must then end with E- or be S-."""
+    """BIOES / BMES (an E-, S- or M- tag): entities must then end with E- or be S-."""
     return any(tag[:2] in ("E-", "S-", "M-") for tag in tags)
 
 
 def tag_spans(tags, closed=False):
     """([(begin, end, type)] (token indices, end exclusive), [TagError of each repaired tag]) of BIO / BIOES / BMES
-    tags. BIO: an I- tag that continues no entity of its type opens one (conlleval, seqeval), its TagError returned for
-    the caller to count or refuse; closed=True (BIOES / BMES) raises it, and for an entity left without its E-.
-    A tag that is not O or B-/I-/M-/E-/S- + type raises TagError(index, problem, reason)."""
+    tags; see the module docstring for repairs. closed=True (BIOES / BMES) raises them, and for an entity lacking E-."""
     spans, repaired, start, kind = [], [], None, None
     for index, tag in enumerate(tags):
         if tag == "O":
@@ -249,7 +229,7 @@ def tagged_example(tokens, tags, closed, bad_lines, path, field, line_of, tag_nu
 
 
 def split_bio_line(line):
-    """(token, tag) of a `token<TAB>tag` / `token tag` line, or None when it does not have exactly two columns."""
+    """(token, tag) of a `token<TAB>tag` / `token tag` line, or None."""
     parts = line.split("\t") if "\t" in line else line.split(" ")
     if len(parts) != 2 or not parts[0] or not parts[1]:
         return None
@@ -259,19 +239,13 @@ def split_bio_line(line):
 def read_bio(path, bad_lines: BadLines = None):
     """(line of the sentence's first token, text, entities) per sentence of a char-per-line tagged file."""
     bad_lines = bad_lines or BadLines()
-    sentences, current = [], []  # each sentence: [(line, token, tag) or (line, None, problem)]
-    for number, raw in enumerate(read_text(path).split("\n"), start=1):
-        line = raw.rstrip("\r").rstrip(" \t")
-        if not line.strip(" \t"):
-            if current:
-                sentences.append(current)
-            current = []
-            continue
-        pair = split_bio_line(line)
-        current.append((number, *pair) if pair
-                       else (number, None, f"expected 'character<TAB>tag', got {excerpt(line)}"))
-    if current:
-        sentences.append(current)
+    numbered = enumerate((raw.rstrip("\r").rstrip(" \t") for raw in read_text(path).split("\n")), start=1)
+    sentences = []  # each [(line, token, tag) or (line, None, problem)]; blank lines end one
+    for filled, rows in itertools.groupby(numbered, key=lambda row: bool(row[1])):
+        if filled:
+            sentences.append([(number, *pair) if (pair := split_bio_line(line))
+                              else (number, None, f"expected 'character<TAB>tag', got {excerpt(line)}")
+                              for number, line in rows])
 
     rows = [row for sentence in sentences for row in sentence if row[1] is not None]
     # Weibo style when every token is longer than one character and ends in its segment position. The character
@@ -335,23 +309,14 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
 def span_json_example(record, path, line):
     """(text, entities) of one span-JSON record; `end` is exclusive."""
     text = require_str(record, "text", path, line)
-    if "entity_list" not in record:
-        raise DataError(path, line, "missing", "entity_list")
-    entity_list = require_type(record["entity_list"], list, path, line, "entity_list")
     entities = []
-    for k, item in enumerate(entity_list):
+    for k, item in enumerate(require_key(record, "entity_list", list, path, line)):
         field = f"entity_list[{k}]"
         require_type(item, dict, path, line, field)
         entity = require_str(item, "entity", path, line, prefix=field)
         raw_type = require_str(item, "entity_type", path, line, prefix=field)
-        if "entity_index" not in item:
-            raise DataError(path, line, "missing", f"{field}.entity_index")
-        index = require_type(item["entity_index"], dict, path, line, f"{field}.entity_index")
-        for key in ("begin", "end"):
-            if key not in index:
-                raise DataError(path, line, "missing", f"{field}.entity_index.{key}")
-        begin = require_int(index["begin"], path, line, f"{field}.entity_index.begin")
-        end = require_int(index["end"], path, line, f"{field}.entity_index.end")
+        index = require_key(item, "entity_index", dict, path, line, field)
+        begin, end = (require_key(index, key, int, path, line, f"{field}.entity_index") for key in ("begin", "end"))
         if not 0 <= begin < end <= len(text):
             raise DataError(path, line, f"begin={begin}, end={end} is out of range: the text has {len(text)} "
                             f"characters (0 <= begin < end <= {len(text)})", f"{field}.entity_index", "span out of range")
@@ -367,11 +332,8 @@ def span_json_example(record, path, line):
 def cluener_example(record, path, line):
     """(text, entities) of one CLUENER record; its `end` is inclusive."""
     text = require_str(record, "text", path, line)
-    if "label" not in record:
-        raise DataError(path, line, "missing", "label")
-    label = require_type(record["label"], dict, path, line, "label")
     entities = []
-    for raw_type, by_entity in label.items():
+    for raw_type, by_entity in require_key(record, "label", dict, path, line).items():
         field = f"label.{raw_type}"  # each message names the entity: in the field, it would count every one apart
         require_type(by_entity, dict, path, line, field)
         for entity, spans in by_entity.items():
@@ -399,12 +361,7 @@ def cluener_example(record, path, line):
     return text, sorted(entities, key=lambda e: e[2])
 
 
-def read_span_json(path, bad_lines: BadLines = None):
-    return ((number, *example) for number, example in read_json_records(path, bad_lines, span_json_example))
-
-
-def read_cluener(path, bad_lines: BadLines = None):
-    return ((number, *example) for number, example in read_json_records(path, bad_lines, cluener_example))
+read_span_json, read_cluener = json_reader(span_json_example, spread=True), json_reader(cluener_example, spread=True)
 
 
 READERS = {

@@ -37,12 +37,9 @@ class ChatGLMPromptFormat:
 
     def __init__(self, tokenizer, version):
         self.tokenizer, self.version = tokenizer, version
+        self.labels_from_prompt_end = int(version == "chatglm-6b")  # ChatGLM-6B: [gMASK] predicts the <sop> ending it
         if version == "chatglm-6b":
             self.build_v1_prompt = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration.build_prompt
-            # The <sop> ending the prompt is also a target: [gMASK] predicts it.
-            self.labels_from_prompt_end = 1
-        else:
-            self.labels_from_prompt_end = 0
 
     @property
     def stop_token_ids(self):
@@ -77,10 +74,9 @@ class ChatGLMPromptFormat:
 
 
 class ChatTemplatePromptFormat:
-    """Models that transformers supports natively (GLM-4, Llama...): their tokenizer's chat template. The answer turn
-    ends with the special tokens the template writes after an assistant message, or where it writes none (GLM-4) the
-    role token of the next turn (<|user|>, as GLM-4's own finetuning appends). Generation stops at those, the eos of
-    the tokenizer and of the folder's generation_config (GLM-4: <|endoftext|>, <|user|>, <|observation|>)."""
+    """Native transformers models (GLM-4, Llama...): their tokenizer's chat template. The answer turn ends with the
+    special tokens the template writes after it, or (GLM-4: none) the next turn's role token, as GLM-4's own finetuning
+    does. Generation stops at those and the eos ids of the tokenizer and of generation_config."""
 
     labels_from_prompt_end = 0
     version = None
