@@ -23,6 +23,7 @@ import math
 import os
 import random
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -217,11 +218,15 @@ class TrainingState:
 def start_process_group(local_rank):
     """The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under mpirun they come from MPI (set before);
     a plain `python train_deepspeed.py` gets a group of one. Returns this rank's device."""
-    if "RANK" not in os.environ:
+    rendezvous = {}
+    if "RANK" not in os.environ:  # a group of one meets through a file: no port that another process could take first
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK=str(max(local_rank, 0)))
+                          LOCAL_RANK=str(max(local_rank, 0)))  # MASTER_PORT also names DeepSpeed's shared memory
+        handle, store = tempfile.mkstemp(prefix="train_deepspeed-group-")
+        os.close(handle)  # torch removes the file when the group ends
+        rendezvous = {"init_method": f"file://{store}", "rank": 0, "world_size": 1}
     accelerator = get_accelerator()  # cuda on GPUs, cpu otherwise (backend nccl / gloo)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), **rendezvous)
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")
     accelerator.set_device(int(os.environ["LOCAL_RANK"]))
