@@ -17,12 +17,15 @@ prefix_model/ (ptuning) or model/ (full, freeze; loads as --model_dir), each wit
 (DeepSpeed state global_stepN/, RNG states, the adapter of step N, trainer_state.json, train_args.json) for
 --resume_from_checkpoint; runs/ (TensorBoard) and loss.png.
 """
+import contextlib
+import io
 import itertools
 import json
 import math
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,57 +39,31 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from transformers.integrations import HfTrainerDeepSpeedConfig
 
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, set_env_from_mpi
 from utils.model_loading import load_model_and_tokenizer, resolve_dtype
-from utils.trainer import check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing
-from utils.training_methods import (add_lora, freeze_all_but, gathered_state_dict, gathered_trainable_parameters,
-                                    prefix_settings, prefix_state,
-                                    print_trainable_parameters, save_adapter, save_full_model, save_prefix,
-                                    train_prefix_only, write_partial_checkpoint)
+from utils.trainer import (check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing,
+                           training_arguments)
+from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, prefix_settings, prefix_state,
+                                    save_adapter, save_full_model, save_prefix, setup_method, write_partial_checkpoint)
 from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_method, check_run_start, checkpoint_dir
 from utils.run_dirs import RunFolder, mark_complete, rotate_checkpoints
 from utils.run_record import resumed_line, run_record, write_run_record
 
 # The training scripts' shared keys and defaults; here a DeepSpeed config is always used.
 DEFAULTS = {**TRAINING_DEFAULTS, "deepspeed": "deepspeed.json"}
-# What the Trainer puts into "auto" optimizer fields (TrainingArguments' defaults; train_trainer.py does not set them).
-ADAM_BETAS, ADAM_EPSILON = [0.9, 0.999], 1e-8
 
 
-def resolve_deepspeed_config(path, values, must_match):
-    """The DeepSpeed config file with every "auto" replaced from `values` (dotted keys). A value written out in the
-    file that disagrees with the script's config is an error, as in the Trainer's DeepSpeed integration."""
-    ds_config = json.loads(Path(path).read_text(encoding="utf-8"))
-    mismatches = []
-    for dotted, value in values.items():
-        *parents, key = dotted.split(".")
-        node = ds_config
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or key not in node:
-            continue
-        if node[key] == "auto":
-            node[key] = value
-        elif dotted in must_match and node[key] != value:
-            mismatches.append(f"{path}: {dotted}={node[key]!r} but the config gives {value!r}")
-
-    def autos(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from autos(value, f"{prefix}{key}.")
-            elif value == "auto":
-                yield prefix + key
-
-    left = list(autos(ds_config))
-    if left:
-        raise ValueError(f"{path}: no value for the \"auto\" entries {left}; write numbers there")
-    if mismatches:
-        raise ValueError("DeepSpeed config and script config disagree (use \"auto\" or make them equal):\n"
-                         + "\n".join(mismatches))
-    return ds_config
+def unresolved_autos(node, prefix=""):
+    """The dotted keys still "auto" in a DeepSpeed config."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from unresolved_autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            yield prefix + key
 
 
 class ResumableSampler(DistributedSampler):
@@ -244,14 +221,9 @@ def load_model(config, method, device, master):
     if config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    if method == "ptuning":
-        train_prefix_only(model, config["model_dir"])
-    elif method == "freeze":
-        freeze_all_but(model, **config["freeze"])
-    elif method == "lora":
-        model = add_lora(model, config["lora"])
-    if master:
-        print_trainable_parameters(model)
+    # What trains is said once, by rank 0; DeepSpeed keeps fp32 master copies of it.
+    with contextlib.redirect_stdout(sys.stdout if master else io.StringIO()):
+        model = setup_method(model, config, method, master_fp32=False)
     return model, tokenizer
 
 
@@ -311,35 +283,17 @@ def plan_steps(config, sampler):
     return micro_batches_per_epoch, steps_per_epoch, total_steps, num_epochs, warmup_steps
 
 
-def start_engine(config, model, total_steps, warmup_steps):
+def start_engine(config, model, output_dir, total_steps, warmup_steps):
     """The DeepSpeed engine and its resolved config: the "auto" entries get what the Trainer would put there."""
-    batch_size, accumulation = config["per_device_train_batch_size"], config["gradient_accumulation_steps"]
-    world_size = dist.get_world_size()
-    hidden_size, weight_dtype = model.config.hidden_size, resolve_dtype(config["dtype"], model.device.type)
-    auto_values = {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": batch_size * accumulation * world_size,
-        "gradient_clipping": config["max_grad_norm"],
-        "optimizer.params.lr": config["learning_rate"],
-        "optimizer.params.betas": ADAM_BETAS,
-        "optimizer.params.eps": ADAM_EPSILON,
-        "optimizer.params.weight_decay": config["weight_decay"],
-        "scheduler.params.warmup_min_lr": 0,
-        "scheduler.params.warmup_max_lr": config["learning_rate"],
-        # DeepSpeed refuses 0 warmup steps (and warms up for at least 2): the Trainer passes max(1, warmup), so do we.
-        "scheduler.params.warmup_num_steps": max(1, warmup_steps),
-        "scheduler.params.total_num_steps": total_steps,
-        "fp16.enabled": weight_dtype == torch.float16,
-        "bf16.enabled": weight_dtype == torch.bfloat16,
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-    not_matched = {"scheduler.params.warmup_min_lr", "zero_optimization.reduce_bucket_size",
-                   "zero_optimization.stage3_prefetch_bucket_size",
-                   "zero_optimization.stage3_param_persistence_threshold"}
-    ds_config = resolve_deepspeed_config(config["deepspeed"], auto_values, must_match=set(auto_values) - not_matched)
+    # transformers fills them from the TrainingArguments the Trainer would run with, and refuses a value written out
+    # in the file that disagrees with the script's config.
+    args = training_arguments(config, output_dir, resolve_dtype(config["dtype"], model.device.type), False)
+    resolved = HfTrainerDeepSpeedConfig(config["deepspeed"])
+    resolved.trainer_config_process(args)
+    resolved.trainer_config_finalize(args, model, total_steps)
+    ds_config = resolved.config
+    if left := list(unresolved_autos(ds_config)):
+        raise ValueError(f"{config['deepspeed']}: no value for the \"auto\" entries {left}; write numbers there")
     if dist.get_rank() == 0:
         print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
     # A config without a "scheduler" gets the Trainer's schedule of that name (default: linear warmup then linear
@@ -523,7 +477,7 @@ def main(config):
     prepare_output_dir_once(output_dir, resume, config["overwrite_output_dir"])
     plan = plan_steps(config, train_loader.sampler)
     micro_batches_per_epoch, steps_per_epoch, total_steps, _, warmup_steps = plan
-    engine, ds_config = start_engine(config, model, total_steps, warmup_steps)
+    engine, ds_config = start_engine(config, model, output_dir, total_steps, warmup_steps)
     # The run record (train_args.json) of every checkpoint and of the final output, which adds the metrics.
     record = run_record("train_deepspeed.py", config, model.model_version, train_data, eval_data, world_size, ds_config,
                         deepspeed=deepspeed.__version__)
