@@ -8,13 +8,10 @@
     deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
 
 The defaults are the shipped small model's; with a 6B model add about --learning_rate=2e-4 --num_train_epochs=3.
-The same training as train_trainer.py (same config keys, data, methods, loss normalisation and outputs) as a loop
-around `deepspeed.initialize`, every step visible. ZeRO stage and optimizer come from --deepspeed; its "auto" values
-are filled as the Trainer fills them; without a "scheduler" section the Trainer's schedule (--lr_scheduler_type) is
-used. A step's loss is normalised by the target tokens of all its micro-batches on all processes, so accumulation and
-data parallelism change nothing. Writes checkpoint/<data_name>/train_deepspeed/: adapter_model/ (LoRA, PEFT format),
-prefix_model/ (ptuning) or model/ (full, freeze; loads as --model_dir), each with train_args.json; checkpoint-N/
-(DeepSpeed state global_stepN/, RNG states, the adapter of step N, trainer_state.json, train_args.json) for
+train_trainer.py's training (config keys, data, methods, loss normalisation, outputs) as a loop around
+`deepspeed.initialize`. ZeRO stage and optimizer come from --deepspeed, its "auto" values filled as the Trainer fills
+them; without a "scheduler" section the Trainer's --lr_scheduler_type is used. Writes checkpoint/<data_name>/
+train_deepspeed/: adapter_model/, prefix_model/ or model/ with train_args.json; checkpoint-N/ (DeepSpeed state) for
 --resume_from_checkpoint; runs/ (TensorBoard) and loss.png.
 """
 import contextlib
@@ -92,10 +89,9 @@ def memory_stats():
 
 
 class TrainingState:
-    """Where training stands: the engine (weights, optimizer, schedule), counters, loss sums, log and RNG, saved with
-    every checkpoint and restored from it in this one place. The sums since the last log line and of this session
-    stay on the device, per rank (no host sync per step): saving sums them over ranks, restoring gives them to rank 0.
-    world_size and micro_batches_per_epoch are saved to refuse a resume that would order the data differently."""
+    """Where training stands (engine, counters, loss sums, log, RNG), saved with every checkpoint and restored here.
+    Loss sums stay on the device per rank (no host sync per step): saving sums them over ranks, restoring gives them
+    to rank 0. world_size and micro_batches_per_epoch are saved to refuse a resume that would reorder the data."""
 
     def __init__(self, engine, micro_batches_per_epoch, device, writer=None):
         self.engine, self.device, self.writer = engine, device, writer
@@ -125,8 +121,8 @@ class TrainingState:
         return (self.loss_sum_before + self.sum(self.session_loss).item()) / max(self.global_step, 1)
 
     def save(self, folder):
-        """DeepSpeed's checkpoint in folder/global_stepN (trained weights, optimizer, schedule; client state: where
-        training stands, its counters summed over ranks) and this rank's RNG states (collective)."""
+        """DeepSpeed's checkpoint in folder/global_stepN, where training stands as its client state, and this rank's
+        RNG states (collective)."""
         client = {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
                   "tokens_seen": self.tokens_seen, "log_history": self.log_history, "world_size": self.world_size,
                   "micro_batches_per_epoch": self.micro_batches_per_epoch,
@@ -193,8 +189,7 @@ class TrainingState:
 
 
 def start_process_group(local_rank):
-    """The deepspeed launcher sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under mpirun they come from MPI (set before);
-    a plain `python train_deepspeed.py` gets a group of one. Returns this rank's device."""
+    """The process group (a plain `python train_deepspeed.py`: a group of one); returns this rank's device."""
     rendezvous = {}
     if "RANK" not in os.environ:  # a group of one meets through a file: no port that another process could take first
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -211,9 +206,7 @@ def start_process_group(local_rank):
 
 
 def load_model(config, method, device, master):
-    """The model with LoRA, a P-tuning prefix, the last blocks or every weight to train. "auto" dtype follows the
-    device (bf16/fp16 on GPUs, fp32 on CPU); with half-precision weights the engine keeps fp32 master copies of what
-    it trains (the prefix encoder trains in fp32)."""
+    """The model set up to train by `method`; "auto" dtype follows the device (bf16/fp16 on GPUs, fp32 on CPU)."""
     transformers.set_seed(config["seed"])  # the LoRA weights, or the prefix encoder as the model loads, follow --seed
     prefix = prefix_settings(config) if method == "ptuning" else {}
     model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=resolve_dtype(config["dtype"], device.type),
@@ -228,8 +221,7 @@ def load_model(config, method, device, master):
 
 
 def load_data(config, train_file, dev_file, model, tokenizer, master):
-    """Each rank trains on its share of a seeded shuffle (a new one per epoch) and evaluates on its share of dev.
-    Returns (train data, eval data or None, train loader, eval loader or None)."""
+    """(train data, eval data, their loaders): each rank's share of a seeded shuffle per epoch, and of dev."""
     train_data, eval_data = load_datasets(
         train_file, dev_file, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
         config["max_target_length"], config["block_size"], config["skip_bad_lines"], config["loss_on_all_turns"],
@@ -254,8 +246,7 @@ def load_data(config, train_file, dev_file, model, tokenizer, master):
 
 
 def prepare_output_dir_once(output_dir, resume, overwrite):
-    """Config, model and data are good: only now is an overwritten run moved aside. Rank 0 does it; every rank learns
-    whether that failed."""
+    """Rank 0 moves an overwritten run aside (config, model and data are good); every rank learns if that failed."""
     failure = [None]
     if dist.get_rank() == 0:
         try:
@@ -284,9 +275,8 @@ def plan_steps(config, sampler):
 
 
 def start_engine(config, model, output_dir, total_steps, warmup_steps):
-    """The DeepSpeed engine and its resolved config: the "auto" entries get what the Trainer would put there."""
-    # transformers fills them from the TrainingArguments the Trainer would run with, and refuses a value written out
-    # in the file that disagrees with the script's config.
+    """The DeepSpeed engine and its config, the "auto" entries filled by transformers from the TrainingArguments the
+    Trainer would run with (a value written out that disagrees with the script's config is refused)."""
     args = training_arguments(config, output_dir, resolve_dtype(config["dtype"], model.device.type), False)
     resolved = HfTrainerDeepSpeedConfig(config["deepspeed"])
     resolved.trainer_config_process(args)
@@ -296,9 +286,7 @@ def start_engine(config, model, output_dir, total_steps, warmup_steps):
         raise ValueError(f"{config['deepspeed']}: no value for the \"auto\" entries {left}; write numbers there")
     if dist.get_rank() == 0:
         print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
-    # A config without a "scheduler" gets the Trainer's schedule of that name (default: linear warmup then linear
-    # decay to 0, which, unlike DeepSpeed's WarmupDecayLR, takes warmup 0 and starts at the full rate after
-    # warmup_steps steps).
+    # No "scheduler": the Trainer's schedule, which unlike DeepSpeed's WarmupDecayLR takes warmup 0.
     trainer_schedule = None
     if "scheduler" not in ds_config:
         def trainer_schedule(optimizer):
@@ -310,9 +298,8 @@ def start_engine(config, model, output_dir, total_steps, warmup_steps):
 
 
 def save_checkpoint(state, output_dir, method, record, save_total_limit):
-    """checkpoint-N/ as the Trainer lays it out under DeepSpeed: global_stepN/ + latest, rng_state_<rank>.pth, the
-    adapter or prefix of step N, trainer_state.json and the run record. Once every rank has written its part, the
-    checkpoint is marked complete and only then are older checkpoints beyond save_total_limit removed."""
+    """checkpoint-N/ as the Trainer lays it out under DeepSpeed, marked complete once every rank has written its
+    part; only then are checkpoints beyond save_total_limit removed."""
     folder = output_dir / f"checkpoint-{state.global_step}"
     state.save(folder)
     if method in ("lora", "ptuning"):  # the adapter or prefix of step N (else the DeepSpeed state holds the weights)
@@ -417,8 +404,8 @@ def train(state, config, train_loader, eval_loader, plan, save):
 
 
 def save_final(state, config, method, output_dir, train_args):
-    """The adapter in PEFT format, the P-tuning prefix or the fine-tuned model folder, with the run's record and
-    metrics (every rank takes part in gathering ZeRO-3 shards); returns what rank 0 wrote, as a line."""
+    """The adapter, prefix or model folder with `train_args` (every rank gathers ZeRO-3 shards); rank 0 returns what
+    it wrote, as a line."""
     module = state.engine.module
     if method in ("full", "freeze"):  # one weight at a time
         full_state = gathered_state_dict(module, keep=state.master)
@@ -435,8 +422,8 @@ def save_final(state, config, method, output_dir, train_args):
 
 
 def finish(state, config, method, output_dir, record, eval_loss, session):
-    """The final output with the run's settings and metrics, the loss curve; every rank leaves the process group once
-    rank 0 has written. session: (start time, step and tokens seen when this session started)."""
+    """The final output with the run's record and metrics, the loss curve; then every rank leaves the process group.
+    session: (start time, step and tokens seen when this session started)."""
     started, start_step, tokens_at_start = session
     train_runtime = time.time() - started
     metrics = {
