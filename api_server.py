@@ -3,18 +3,12 @@
     python api_server.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python api_server.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=8000 --api_key=env:CHATGLM_API_KEY
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions ("stream": true sends the answer token by token
-as server-sent events, closed by `data: [DONE]`). Any OpenAI client works (base_url="http://127.0.0.1:8000/v1").
-Messages: optional system messages (ChatGLM3's system turn; for ChatGLM-6B/2 they open the first user message), then
-user and assistant turns in alternation, ending with a user turn. "temperature": 0 (or below 1e-5) decodes greedily,
-and so does a request without one unless --do_sample. Bad requests get a 4xx answer in OpenAI's error shape. One
-generation runs at a time; up to --max_waiting requests wait in line (first come, first served), more get 429; one
-whose client disconnects while it waits is dropped.
-
-Binds 127.0.0.1 unless --host says otherwise. Against DNS rebinding and cross-site requests, a request gets 403 unless
-its Host is this machine's loopback, the --host address or one of --allowed_hosts, and its Origin (if any) a loopback
-page or one of --allowed_origins (utils/serving.py); POST bodies must be application/json (415 otherwise), which a web
-page cannot send cross-site without the server's consent. The API key must be visible ASCII.
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions ("stream": true: server-sent events, closed
+by `data: [DONE]`), for any OpenAI client (base_url="http://127.0.0.1:8000/v1"). Messages: optional system messages
+(ChatGLM3's system turn; for ChatGLM-6B/2 they open the first user message), then user and assistant turns in
+alternation, ending with a user turn. One generation runs at a time; up to --max_waiting requests wait in line, more
+get 429. Binds 127.0.0.1 unless --host says otherwise; other hosts and web pages get 403 (utils/serving.py), and POST
+bodies must be application/json (415 otherwise), which a web page cannot send cross-site without consent.
 """
 import asyncio
 import hmac
@@ -32,22 +26,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from utils.adapters import load_run
+from utils.adapters import load_run, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.prompts import get_prompt_format
-from utils.serving import GENERATION_DEFAULTS, HostAndOriginCheck, check_serving_options, model_context, warn_if_open
+from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, HostAndOriginCheck, check_serving_options, model_context,
+                           warn_if_open)
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-small",
-    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
+    **SERVER_DEFAULTS,  # set an --api_key with --host=0.0.0.0
     "model_name": "",  # the id clients send as "model"; default: the folder name of model_dir
-    "host": "127.0.0.1",  # 0.0.0.0 serves every network interface (set an --api_key then)
     "port": 8000,
-    # Host header names answered besides loopback and the --host address (comma-separated, no port): the names
-    # clients use to reach the server, e.g. through a reverse proxy; "*": any
-    "allowed_hosts": "",
-    "allowed_origins": "",  # web pages (e.g. https://chat.example.com) allowed besides loopback ones; comma-separated
     "api_key": "",  # require "Authorization: Bearer <key>"; "env:NAME" reads the key from environment variable NAME
     # max_input_tokens: longer prompts (all messages) are refused with 400 context_length_exceeded; max_new_tokens:
     # the largest max_tokens a request may ask for, and the default; the sampling options: for requests without them
@@ -126,10 +115,9 @@ def validation_error(err: ValidationError):
     first = max(errors, key=lambda e: len(e["loc"]))  # the deepest: for a union, the member that fits the input best
     # loc names fields and list indices, and for a union also the member type tried ("str", "list[TextPart]"): left out
     fields = {name for model in (ChatRequest, Message, TextPart, StreamOptions) for name in model.model_fields}
-    loc = [part for part in first["loc"] if isinstance(part, int) or part in fields]
-    if first["type"] == "extra_forbidden":  # the unknown name itself ends loc
-        loc = [part for part in first["loc"][:-1] if isinstance(part, int) or part in fields] + [first["loc"][-1]]
-    param = ".".join(str(part) for part in loc) or None
+    unknown = list(first["loc"][-1:]) if first["type"] == "extra_forbidden" else []  # the unknown name itself ends loc
+    loc = [part for part in first["loc"][:len(first["loc"]) - len(unknown)] if isinstance(part, int) or part in fields]
+    param = ".".join(str(part) for part in loc + unknown) or None
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"unrecognized request argument supplied: {param}", "unsupported_parameter", param)
     if first["type"] == "missing":
@@ -180,8 +168,7 @@ class GenerationQueue:
                            "server_busy", error_type="rate_limit_error")
 
     async def take_turn(self, request: Request):
-        """Wait for the model. True: it is this request's (release() it after); False: the client went away first,
-        and its place in line was given up at once (nobody would read the answer)."""
+        """Wait for the model. True: it is this request's (release() it after); False: the client went away first."""
         self.check_room()
         self.waiting += 1
         turn = asyncio.ensure_future(self.lock.acquire())
@@ -207,8 +194,7 @@ class GenerationQueue:
 
 
 def read_api_key(setting):
-    """The key of --api_key: the text itself, or for "env:NAME" that environment variable (which must be set). Visible
-    ASCII only: headers carry no other text reliably, so a key with other characters could never match."""
+    """The key of --api_key: the text, or for "env:NAME" that (set) variable; visible ASCII, as headers carry."""
     if setting.startswith("env:"):
         name = setting[4:]
         if not os.environ.get(name):
@@ -378,19 +364,12 @@ class ChatApi:
         if reply.finish_reason and job["usage"]:
             yield sse(self.answer(job, "chat.completion.chunk", None, usage=usage(reply)))
 
-    async def stream_turn(self, request: Request):
-        """None once it is this request's turn on the model; otherwise the event to send before closing ("" for a
-        client that left while it waited)."""
-        try:
-            return None if await self.queue.take_turn(request) else ""
-        except ApiError as err:  # grew busy since the check before the stream started
-            return sse(err.body())
-
     async def events(self, request: Request, job):
-        refusal = await self.stream_turn(request)
-        if refusal:
-            yield refusal
-        if refusal is not None:
+        try:
+            if not await self.queue.take_turn(request):
+                return  # the client left while it waited
+        except ApiError as err:  # grew busy since the check before the stream started
+            yield sse(err.body())
             return
         stream, stable = self.replies(job), StableText()
         try:
@@ -443,7 +422,7 @@ def main(config):
         warn_if_open(config["host"], "the API without an API key", "Set --api_key (e.g. --api_key=env:CHATGLM_API_KEY).")
     model, tokenizer = load_run(config)  # an adapter brings its run's base unless --model_dir is given
     app = create_app(model, tokenizer, config)
-    adapter = f" + {config['lora_path']}" if config["lora_path"].lower() != "none" else ""
+    adapter = f" + {config['lora_path']}" if uses_adapter(config["lora_path"]) else ""
     print(f"serving {config['model_dir']}{adapter} as model {served_name(config)!r}"
           + (", API key required" if config["api_key"] else ""), flush=True)
     uvicorn.run(app, host=config["host"], port=config["port"], log_level=config["log_level"])

@@ -11,29 +11,19 @@ says otherwise (0.0.0.0: the whole network, with a warning: the page has no pass
 """
 from pathlib import Path
 
-from utils.adapters import load_run
+from utils.adapters import load_run, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import stream_chat_reply
-from utils.prompts import get_prompt_format
-from utils.serving import GENERATION_DEFAULTS, HostAndOriginCheck, chat_prompt, check_serving_options, warn_if_open
+from utils.prompts import chat_messages, get_prompt_format  # chat_messages(turns): the chatbot's value
+from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, HostAndOriginCheck, chat_prompt, check_serving_options,
+                           warn_if_open)
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-small",
-    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
-    "host": "127.0.0.1",  # 0.0.0.0 serves every network interface
+    **SERVER_DEFAULTS,  # the page has no password: --host=0.0.0.0 opens it to the network
     "port": 7860,
-    # Host header names answered besides loopback and the --host address (comma-separated, no port): the names
-    # browsers use to reach the page, e.g. through a reverse proxy; "*": any
-    "allowed_hosts": "",
-    "allowed_origins": "",  # other sites whose pages may call the page's API (e.g. https://chat.example.com)
     **GENERATION_DEFAULTS,  # max_new_tokens and the sampling options: the start values of the page's controls
     "max_new_tokens_limit": 4096,  # the slider's maximum
 }
-
-
-def chat_messages(turns):
-    """Gradio's chatbot value for [[user, assistant], ...] turns."""
-    return [{"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)]
 
 
 class WebChat:
@@ -126,7 +116,7 @@ def main(config):
     import gradio as gr
     from starlette.middleware import Middleware
 
-    adapter = config["lora_path"] if config["lora_path"].lower() != "none" else ""
+    adapter = config["lora_path"] if uses_adapter(config["lora_path"]) else ""
     name = Path(config["model_dir"]).name
     title = (name if name == model.model_version else f"{name} ({model.model_version})") + (f" + {adapter}" if adapter else "")
     web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning, top_k=config["top_k"])

@@ -17,6 +17,16 @@ from utils.prompts import fit_prompt
 from utils.model_loading import DTYPES
 
 DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
+# The options of both servers (web_demo.py, api_server.py) but their port.
+SERVER_DEFAULTS = {
+    "model_dir": "model_hub/chatglm2-small",
+    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
+    "host": "127.0.0.1",  # 0.0.0.0 serves every network interface (with a warning)
+    # Host header names answered besides loopback and the --host address (comma-separated, no port): the names
+    # clients use to reach the server, e.g. through a reverse proxy; "*": any
+    "allowed_hosts": "",
+    "allowed_origins": "",  # web pages (e.g. https://chat.example.com) allowed besides loopback ones; comma-separated
+}
 # The options of every script that generates (predict.py, chat_ner.py, web_demo.py, api_server.py): one name, one default.
 GENERATION_DEFAULTS = {
     "max_input_tokens": 2048,  # prompt budget: the oldest turns (then the question's start) are left out to fit it
