@@ -1,7 +1,6 @@
-"""The hand-off from training to every later script. A run writes `<run>/adapter_model` (PEFT LoRA),
-`<run>/prefix_model` (P-tuning v2) or `<run>/model` (freeze, full), each with the run's record, train_args.json. What
-a script takes on top of its --model_dir (--lora_path, or --model_dir itself where it is a run's model folder) is read
-once into a TrainedPath; the run's settings, the checks before the base loads, loading, folding and merging use it."""
+"""The hand-off from training to every later script: what a script takes on top of its --model_dir (--lora_path:
+<run>/adapter_model or <run>/prefix_model; or --model_dir itself where it is a run's model/) is read once into a
+TrainedPath, which the run's settings, the checks before the base loads, loading, folding and merging use."""
 import contextlib
 import re
 import time
@@ -43,7 +42,6 @@ class TrainedPath:
                 "prefix_projection": bool(self.own_config.get("prefix_projection"))}
 
     def base(self):
-        """Its base folder: its record's model_dir, else adapter_config.json's base_model_name_or_path, else None."""
         name, where = self.record.get("config", {}).get("model_dir"), f"model_dir in its {RUN_RECORD}"
         if not name and self.kind == "adapter":
             name = self.own_config.get("base_model_name_or_path")
@@ -71,7 +69,6 @@ def prefix_checkpoint_config(folder):
 
 
 def is_run_checkpoint(folder):
-    """A checkpoint-N folder that a training run wrote (its completion marker, or the Trainer's state)."""
     return (Path(folder) / COMPLETE_MARKER).is_file() or (Path(folder) / "trainer_state.json").is_file()
 
 
@@ -84,7 +81,7 @@ def holds_prefix_only(folder):
 
 
 def is_run_model_folder(path):
-    """A model folder written by a freeze or full run (config.json and train_args.json): a run of its own."""
+    """A model folder written by a freeze or full run: a run of its own."""
     return (bool(path) and (Path(path) / "config.json").is_file() and (Path(path) / RUN_RECORD).is_file()
             and not is_run_checkpoint(path) and not holds_prefix_only(path))
 
@@ -124,7 +121,7 @@ def read_trained_path(lora_path, model_dir=None):
 # --- Choosing the run and taking its settings.
 
 def newest_run(data_name, checkpoint_root="checkpoint"):
-    """(the newest run's adapter or prefix of `data_name`, a newer freeze or full run's model folder), None for none."""
+    """(the newest adapter or prefix run of `data_name`, a newer freeze or full run's model folder), None for none."""
     root = Path(checkpoint_root, data_name)
     adapters = sorted([*root.glob(f"*/{ADAPTER_DIR}/adapter_config.json"), *root.glob(f"*/{PREFIX_DIR}/config.json")],
                       key=lambda p: p.stat().st_mtime)
@@ -157,7 +154,7 @@ def choose_lora_path(config):
 
 
 def scored_run(config):
-    """The folder whose train_args.json describes what a script uses, or None for a base model alone."""
+    """The folder whose train_args.json describes what a script uses; None for a base model alone."""
     return read_trained_path(config["lora_path"], config["model_dir"]).path
 
 
@@ -212,7 +209,7 @@ NAME_HINTS = (("chatglm3", "chatglm3-6b"), ("chatglm2", "chatglm2-6b"), ("chatgl
 
 def model_family(config, source="config.json"):
     """chatglm-6b / chatglm2-6b / chatglm3-6b, GLM-4 for transformers' glm / glm4, else the model_type."""
-    version = chatglm_version(config, source)  # else a model of transformers' own classes, with its model_type
+    version = chatglm_version(config, source)
     return version or ("GLM-4" if config["model_type"] in GLM4_MODEL_TYPES else str(config["model_type"]))
 
 
@@ -282,7 +279,7 @@ def check_lora_on_base(trained, model_dir):
 
 
 def read_weights(file, shapes_only=False):
-    """Tensor name -> tensor of a weights file (a legacy .bin read weights_only), or -> shape, no tensor read."""
+    """Tensor name -> tensor (a legacy .bin read weights_only), or -> shape, no tensor read."""
     try:
         if Path(file).suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as handle:
@@ -309,7 +306,7 @@ def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGener
 
 
 def base_layer_shapes(version, base_config, model_dir):
-    """Module name -> (out_features, in_features) of every linear / embedding layer of the base (its weight's shape)."""
+    """Module name -> weight shape (out_features, in_features) of every linear / embedding layer of the base."""
     modules = meta_model(version, base_config, model_dir).named_modules()
     return {name: tuple(m.weight.shape) for name, m in modules if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
 
@@ -350,7 +347,7 @@ def check_adapter_fits_base(trained, model_dir, version, base_config):
 
 
 def check_prefix_tensor_names(file, names):
-    """A P-tuning checkpoint holds the prefix encoder's tensors alone (a whole model, merged too, is no prefix)."""
+    """A P-tuning checkpoint holds the prefix encoder's tensors alone (a whole model is no prefix)."""
     others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
     if others or not names:
         raise ModelFolderError(f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 "
@@ -424,7 +421,6 @@ def put_on_base(model, trained, fold=True):
 
 
 def load_trained(model_dir, trained, dtype="auto", device="auto", fold=True):
-    """Model + tokenizer: the base at model_dir with `trained` on top."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=device, **trained.prefix)
     return put_on_base(model, trained, fold), tokenizer
 

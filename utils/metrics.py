@@ -13,14 +13,12 @@ def prf(true_positives, predicted, gold):
 
 
 def entity_counts(predicted_sets, gold_sets):
+    """(true positives, predicted, gold) per type of (entity, type) sets."""
     tp, predicted, gold = Counter(), Counter(), Counter()
     for pred, ref in zip(predicted_sets, gold_sets):
-        for entity_type in {t for _, t in pred | ref}:
-            pred_t = {e for e in pred if e[1] == entity_type}
-            ref_t = {e for e in ref if e[1] == entity_type}
-            tp[entity_type] += len(pred_t & ref_t)
-            predicted[entity_type] += len(pred_t)
-            gold[entity_type] += len(ref_t)
+        tp.update(t for _, t in pred & ref)
+        predicted.update(t for _, t in pred)
+        gold.update(t for _, t in ref)
     return tp, predicted, gold
 
 

@@ -295,7 +295,6 @@ class RunFolder:
         return self
 
     def prepare(self):
-        hold_run_folder(self.path)
         self.check()
         if not self.resume and self.overwrite and self.holds_run():
             if self.previous.exists():
