@@ -15,15 +15,10 @@ from utils.config_utils import parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
 from utils.prompts import get_prompt_format, user_message
-from utils.serving import GENERATION_DEFAULTS, chat_prompt, check_serving_options
+from utils.serving import GENERATION_DEFAULTS, RUN_CHOICE_DEFAULTS, chat_prompt, check_serving_options
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-small",
-    # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
-    # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir unless
-    # set here.
-    "lora_path": "",
-    "data_name": "demo_ner",
+    **RUN_CHOICE_DEFAULTS,
     "instruct": "",  # default: the instruction of the run's training data (else the MSRA one)
     "raw": False,  # send typed text as it is, without instruction and 文本： prefix
     **GENERATION_DEFAULTS,

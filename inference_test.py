@@ -3,11 +3,9 @@
     python inference_test.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python inference_test.py --model_dir=model_hub/chatglm2-6b,model_hub/chatglm2-6b-ner-int4 --json=speed.json
 
-Each model folder in --model_dir (merged and quantized ones too) gets a row; with --lora_path the first one also gets
-a row with the adapter (folded into the weights, as predict.py and the servers decode; --fold_adapter=false: PEFT's
-layers) or the P-tuning prefix. Decoding is greedy, for exactly max_new_tokens tokens, on a batch of identical prompts
-of about prompt_len tokens; --decode picks the loop (auto: CUDA-graph steps on CUDA, plain on CPU), and a warm-up run
-before the timed ones also absorbs any compilation.
+Each model folder in --model_dir gets a row; with --lora_path the first one also gets a row with the adapter (folded
+in, as the other scripts decode; --fold_adapter=false: PEFT's layers) or the P-tuning prefix. Greedy decoding of
+exactly max_new_tokens tokens on a batch of identical prompts of about prompt_len tokens, after a warm-up run.
 """
 import json
 import resource
@@ -23,6 +21,7 @@ from utils.data_io import write_atomic
 from utils.generation import time_generation
 from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import fit_prompt, get_prompt_format
+from utils.serving import GENERATION_DEFAULTS
 
 DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",  # comma-separated model folders; with --lora_path, default: the run's base
@@ -31,9 +30,7 @@ DEFAULTS = {
     "prompt_len": 32,
     "max_new_tokens": 256,
     "repeats": 1,  # timed runs per row (the best is reported), after one warm-up
-    "dtype": "auto",
-    "device": "auto",
-    "decode": "auto",  # auto (CUDA-graph steps on CUDA, plain elsewhere), plain, static, graph, compiled
+    **{key: GENERATION_DEFAULTS[key] for key in ("dtype", "device", "decode")},
     "fold_adapter": True,  # the adapter added into the weights, as the other scripts decode; false: PEFT's layers
     "json": "",  # also write the rows here
 }

@@ -5,11 +5,9 @@
     python predict.py --model_dir=model_hub/chatglm2-6b-ner-merged --lora_path=none --dev_file=data/msra/instruct_data/dev.txt
 
 Writes predictions.jsonl ({"input", "reference", "prediction"} per line) and metrics.json into the folder of the run
-scored (<run>/predict-checkpoint-N for a checkpoint-N; a freeze / full run's model folder as --model_dir takes no
-adapter by default); for a base model alone checkpoint/<data_name>/base/ (--output_dir sets another). Metrics: NER
-entity-level precision, recall and F1, micro and per type; generation BLEU-4 and ROUGE-1/2/L on characters. NER
-scoring drops (and counts) predicted entities that the sentence (the query without `文本：`) does not contain: made up,
-not extracted; the report also gives the scores with them (--drop_entities_not_in_text=false scores them all).
+scored (<run>/predict-checkpoint-N for a checkpoint-N); for a base model alone checkpoint/<data_name>/base/
+(--output_dir sets another). Metrics: NER entity-level precision, recall and F1, micro and per type (predicted entities
+that the sentence does not contain are dropped and counted); generation BLEU-4 and ROUGE-1/2/L on characters.
 --before_after also runs the base model without the adapter, so the gain is visible.
 """
 import json
@@ -24,15 +22,10 @@ from utils.generation import generate_answers
 from utils.metrics import format_ner_report, generation_metrics, ner_metrics
 from utils.prompts import get_prompt_format, source_text, user_message
 from utils.records import read_instruction_records
-from utils.serving import GENERATION_DEFAULTS, check_serving_options
+from utils.serving import GENERATION_DEFAULTS, RUN_CHOICE_DEFAULTS, check_serving_options
 
 DEFAULTS = {
-    "model_dir": "model_hub/chatglm2-small",
-    # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
-    # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir,
-    # data_name and max_input_tokens (its max_source_length) unless set here.
-    "lora_path": "",
-    "data_name": "demo_ner",
+    **RUN_CHOICE_DEFAULTS,
     "dev_file": "",  # default: data/<data_name>/instruct_data/dev.txt
     "output_dir": "",  # default: the scored run's folder, or checkpoint/<data_name>/base for a base model alone
     "task": "auto",  # ner, generation, or auto (ner when every reference is an entity_type list or 没有)

@@ -11,12 +11,10 @@ ChatGLM3 conversation record {"conversations": [...]} (utils/chat_data.py). Run 
     python process.py --data_name adgen --train_file ../shared/data/adgen/dev_content_summary.json \\
         --dev_file "" --dev_ratio 0.1
 
-train_file and dev_file take a comma-separated list of files; each file's format is detected from its name and
-content (bio, bio_parallel, span_json, cluener, adgen, alpaca, conversation; see utils/ner_data.py) unless
---input_format names one for all. For NER the answer is one `实体_类型` line per distinct entity, or 没有.
-Bad input stops with the file, line and field; --skip_bad_lines skips such lines (or sentences) and counts them.
-BIO repairs (an I- tag that opens an entity) are counted per split; --strict_tags makes them errors. Existing output
-files are kept unless --overwrite, which also removes a dev.txt that the new run does not produce.
+train_file and dev_file take comma-separated files, each file's format detected from its name and content (see
+utils/ner_data.py) unless --input_format names one for all. For NER the answer is one `实体_类型` line per distinct
+entity, or 没有. Bad input stops with the file, line and field (--skip_bad_lines skips and counts such lines). Existing
+output files are kept unless --overwrite, which also removes a dev.txt that the new run does not produce.
 """
 import difflib
 import json

@@ -3,11 +3,10 @@
     python web_demo.py --model_dir=model_hub/chatglm2-6b --lora_path=checkpoint/msra/train_trainer/adapter_model
     python web_demo.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=7860
 
-then open http://127.0.0.1:7860. The answer appears token by token; the conversation so far is the next question's
-history (its oldest turns left out past --max_input_tokens). Regenerate, Stop, Clear; the sampling controls are under
-the chat. One answer is generated at a time; other questions wait in Gradio's queue. Binds 127.0.0.1 unless --host
-says otherwise (0.0.0.0: the whole network, with a warning: the page has no password). Like api_server.py, it answers
-403 to other hosts and web pages (utils/serving.py: --allowed_hosts, --allowed_origins).
+then open http://127.0.0.1:7860. The conversation so far is the next question's history (its oldest turns left out
+past --max_input_tokens). One answer is generated at a time; other questions wait in Gradio's queue. Binds 127.0.0.1
+unless --host says otherwise; like api_server.py, it answers 403 to other hosts and web pages (--allowed_hosts,
+--allowed_origins).
 """
 from pathlib import Path
 

@@ -22,16 +22,13 @@ def decode_answer(tokenizer, ids, stop_ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-# generate() arguments that the decode engine also takes.
 STREAM_GENERATE_KWARGS = {"temperature", "top_k", "top_p", "repetition_penalty"}
 
 
 @torch.inference_mode()
 def generate_answers(model, tokenizer, prompt_format, records, max_source_length=512, max_new_tokens=128, batch_size=8,
                      do_sample=False, show_progress=False, decode="auto", **generate_kwargs):
-    """One answer string per record (greedy unless do_sample).
-
-    Decoding runs through stream_generate (decode="auto": CUDA-graph steps on CUDA); generate() options that it
+    """One answer string per record (greedy unless do_sample), through stream_generate; generate() options that it
     lacks (beams...) go to transformers' generate()."""
     stop_ids = prompt_format.stop_token_ids
     collate = PaddingCollator(tokenizer.pad_token_id, padding_side="left")
@@ -112,10 +109,8 @@ def reply_text(model, tokenizer, ids) -> str:
 @torch.inference_mode()
 def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
                       decode="auto"):
-    """Answers one prompt (ids of utils.dataset's prompt formats) token by token (stream_generate): yields a
-    ChatReply after each token that completes a character, the last one with its finish_reason.
-
-    Not re-entrant per model: callers serialise the generations of one model (the static cache lives on the model)."""
+    """A ChatReply after each token that completes a character of the answer to `prompt_ids`, the last one with its
+    finish_reason. Not re-entrant per model: the static cache lives on the model, so callers serialise."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
@@ -136,10 +131,8 @@ def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=Fa
 
 
 class StableText:
-    """The settled part of a streamed reply, for output that cannot be taken back (a terminal, server-sent events).
-
-    The last character stays held back while the reply grows: post-processing may still rewrite it (ChatGLM-6B turns
-    ',' into '，' once a Chinese character follows it)."""
+    """The settled part of a streamed reply, for output that cannot be taken back (a terminal, server-sent events):
+    the last character is held back, as post-processing may still rewrite it (ChatGLM-6B: ',' -> '，')."""
 
     def __init__(self):
         self.shown = ""

@@ -27,8 +27,7 @@ def user_message(record) -> str:
 
 
 def source_text(record) -> str:
-    """The text an answer is extracted from: the query without process.py's `文本：` prefix. Not the instruction: its
-    type names and wording are no entities of the text."""
+    """The text an answer is extracted from: the query without `文本：` (the instruction's words are no entities)."""
     return record["query"].removeprefix(QUERY_PREFIX)
 
 
@@ -164,8 +163,7 @@ def fit_turns(build, tokenizer, message, history, max_length):
 
 
 def fit_prompt(prompt_format, message, history, max_length, system=""):
-    """Prompt ids of at most max_length tokens: oldest history turns go first, then the message's tail.
-    Returns (ids, truncated)."""
+    """(prompt ids of at most max_length tokens as fit_turns cuts them, truncated)."""
     ids, _, _, truncated = fit_turns(lambda text, turns: prompt_format.prompt_ids(text, turns, system),
                                      prompt_format.tokenizer, message, history, max_length)
     return ids, truncated

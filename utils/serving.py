@@ -1,9 +1,7 @@
-"""What the chat scripts (api_server.py, web_demo.py, chat_ner.py; predict.py its generation options) share: the
-generation options, their check at start, a chat turn's prompt within its budgets, the warning for a server open to
-the network, and the Host / Origin check in front of every request. A browser reaches a server on 127.0.0.1 too, on
-behalf of any page it shows: by DNS rebinding (`Host: evil.example`, now resolving to 127.0.0.1) or by cross-site
-requests (`Origin: <the page's site>`); HostAndOriginCheck answers both with 403 unless the host is loopback, the
---host address or one of --allowed_hosts, and the page a loopback one or one of --allowed_origins."""
+"""What the chat scripts (api_server.py, web_demo.py, chat_ner.py; predict.py its generation options) share: options
+and their check, a chat turn's prompt within its budgets, the warning for a server open to the network, and the Host /
+Origin check. A browser reaches a server on 127.0.0.1 too, for any page it shows: by DNS rebinding (`Host:
+evil.example`, now resolving to 127.0.0.1) or by cross-site requests (`Origin: <the page's site>`)."""
 import ipaddress
 import re
 import socket
@@ -17,6 +15,15 @@ from utils.prompts import fit_prompt
 from utils.model_loading import DTYPES
 
 DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
+# How predict.py and chat_ner.py choose their model.
+RUN_CHOICE_DEFAULTS = {
+    "model_dir": "model_hub/chatglm2-small",
+    # default: "none" where --model_dir is a run's model folder, else the newest run's checkpoint/<data_name>/*/
+    # adapter_model (or prefix_model); "none" for the model alone. The run's train_args.json gives model_dir unless
+    # set here (predict.py: data_name and max_input_tokens too).
+    "lora_path": "",
+    "data_name": "demo_ner",
+}
 # The options of both servers (web_demo.py, api_server.py) but their port.
 SERVER_DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -68,9 +75,8 @@ def forbidden(code, message):
 
 
 class HostAndOriginCheck:
-    """ASGI middleware: refuses (403) requests meant for another host or sent by a web page of another site.
-    Loopback hosts and pages are always allowed; config's allowed_hosts (and the --host address) and allowed_origins
-    add others. HTTP and WebSocket requests alike (a WebSocket is closed before it opens)."""
+    """ASGI middleware: 403 for HTTP and WebSocket requests meant for another host or sent by a web page of another
+    site than loopback, the --host address, --allowed_hosts and --allowed_origins."""
 
     def __init__(self, app, config):
         self.app = app
@@ -115,8 +121,7 @@ def warn_if_open(host, what, remedy):
 
 
 def check_address(host, port):
-    """That the server can listen on host:port (a name or address of this machine, a port no other server holds),
-    found now rather than after the model has loaded: ConfigError otherwise."""
+    """ConfigError unless the server can listen on host:port, found now rather than after the model has loaded."""
     if not host.strip():
         raise ConfigError("--host: empty; use an address such as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
     try:
@@ -133,9 +138,7 @@ def check_address(host, port):
 
 
 def check_serving_options(config, at_least_one=(), at_least_zero=()):
-    """The options that the chat scripts share (dtype, device, decode, the generation options; port and host where
-    the script has them), and the counts it names (at least 1 / at least 0), checked before the model loads:
-    ConfigError otherwise."""
+    """The chat scripts' shared options and the counts named (at least 1 / 0), checked before the model loads."""
     if "port" in config and not 1 <= config["port"] <= 65535:
         raise ConfigError(f"--port: {config['port']} is not a TCP port; use 1 to 65535")
     if "host" in config:
