@@ -90,6 +90,16 @@ class BadLines:
             raise error
         self.repaired.add(error)
 
+    def kept(self, items, build):
+        """(where, build(where, item)) for each (where, item) that build accepts; handle() takes the others' error."""
+        for where, item in items:
+            try:
+                built = build(where, item)
+            except DataError as err:
+                self.handle(err)
+                continue
+            yield where, built
+
     @property
     def count(self):
         return self.skipped.total
@@ -177,15 +187,13 @@ def iter_json_records(path, bad_lines: BadLines = None, lines_only=False):
         items = [(f"record {index}", record) for index, record in enumerate(parse_json(text, path), start=1)]
     else:
         items = [(number, line) for number, line in enumerate(text_lines(text), start=1) if line.strip()]
-    for where, item in items:
-        try:
-            record = parse_json(item, path, where) if isinstance(where, int) else item
-            if "\\u" in (item if isinstance(where, int) else text):  # valid UTF-8: only an escape makes a surrogate
-                check_surrogates(record, path, where)
-        except DataError as err:
-            bad_lines.handle(err)
-            continue
-        yield where, record
+
+    def record(where, item):
+        value = parse_json(item, path, where) if isinstance(where, int) else item
+        if "\\u" in (item if isinstance(where, int) else text):  # valid UTF-8: only an escape makes a surrogate
+            check_surrogates(value, path, where)
+        return value
+    yield from bad_lines.kept(items, record)
 
 
 def iter_json_lines(path, bad_lines: BadLines = None):  # JSON lines only, not an array
@@ -197,12 +205,8 @@ def json_reader(build, spread=False):
     record that build refuses (DataError) goes to bad_lines (raised, or skipped and counted)."""
     def read(path, bad_lines: BadLines = None):
         bad_lines = bad_lines or BadLines()
-        for number, record in iter_json_records(path, bad_lines):
-            try:
-                built = build(record, path, number)
-            except DataError as err:
-                bad_lines.handle(err)
-                continue
+        records = iter_json_records(path, bad_lines)
+        for number, built in bad_lines.kept(records, lambda number, record: build(record, path, number)):
             yield (number, *built) if spread else (number, built)
     return read
 

@@ -149,14 +149,10 @@ class InstructionDataset(EncodedDataset):
                  loss_on_all_turns=False):
         bad_lines = BadLines(skip=skip_bad_lines)
         prompt_format = get_prompt_format(tokenizer, version)
+        records = ((record["line"], record) for record in read_instruction_records(path, bad_lines, conversations=True))
         self.examples, counts = [], []
-        for record in read_instruction_records(path, bad_lines, conversations=True):
-            try:
-                examples, *record_counts = encode_record(
-                    record, prompt_format, max_source_length, max_target_length, loss_on_all_turns, path)
-            except DataError as error:
-                bad_lines.handle(error)
-                continue
+        for _, (examples, *record_counts) in bad_lines.kept(records, lambda _, record: encode_record(
+                record, prompt_format, max_source_length, max_target_length, loss_on_all_turns, path)):
             self.examples += examples
             counts.append(record_counts)
         cut_prompts, cut_answers, dropped = (sum(column) for column in zip(*counts or [(0, 0, 0)]))

@@ -253,18 +253,16 @@ def read_bio(path, bad_lines: BadLines = None):
     # the position (or the first character when it is itself a digit: "115" is "1" at position 15).
     strip_digits = bool(rows) and all(len(token) > 1 and SEGMENT_TOKEN_RE.match(token) for _, token, _ in rows)
     closed = uses_closed_scheme([tag for _, _, tag in rows])
-    for sentence in sentences:
-        try:
-            for number, token, problem in sentence:
-                if token is None:
-                    raise DataError(path, number, problem, "tag", "expected 'character<TAB>tag'")
-            tokens = [SEGMENT_TOKEN_RE.match(t).group(1) if strip_digits else t for _, t, _ in sentence]
-            text, entities = tagged_example(tokens, [tag for _, _, tag in sentence], closed, bad_lines, path, "tag",
-                                            lambda index, rows=sentence: rows[index][0])
-        except DataError as err:
-            bad_lines.handle(err)
-            continue
-        yield sentence[0][0], text, entities
+
+    def example(_, sentence):
+        for number, token, problem in sentence:
+            if token is None:
+                raise DataError(path, number, problem, "tag", "expected 'character<TAB>tag'")
+        tokens = [SEGMENT_TOKEN_RE.match(t).group(1) if strip_digits else t for _, t, _ in sentence]
+        return tagged_example(tokens, [tag for _, _, tag in sentence], closed, bad_lines, path, "tag",
+                              lambda index: sentence[index][0])
+    for line, (text, entities) in bad_lines.kept(((sentence[0][0], sentence) for sentence in sentences), example):
+        yield line, text, entities
 
 
 def parallel_tags_path(path) -> Path:
@@ -290,19 +288,15 @@ def read_bio_parallel(path, bad_lines: BadLines = None):
                         "the two files must be parallel", "tags")
     split = lambda line: [part for part in re.split(r"[ \t]+", line.strip(" \t\r")) if part]  # noqa: E731
     closed = uses_closed_scheme([tag for line in tag_lines for tag in split(line)])
-    for number, (sentence_line, tag_line) in enumerate(zip(sentence_lines, tag_lines), start=1):
-        tokens, tags = split(sentence_line), split(tag_line)
-        if not tokens and not tags:
-            continue
-        try:
-            if len(tokens) != len(tags):
-                raise DataError(tags_path, number, f"{len(tags)} tags for the {len(tokens)} characters of line "
-                                f"{number} of {Path(path).name}", "tags", "not one tag per character")
-            text, entities = tagged_example(tokens, tags, closed, bad_lines, tags_path, "tags",
-                                            lambda _, at=number: at, tag_number=True)
-        except DataError as err:
-            bad_lines.handle(err)
-            continue
+
+    def example(number, pair):
+        tokens, tags = pair
+        if len(tokens) != len(tags):
+            raise DataError(tags_path, number, f"{len(tags)} tags for the {len(tokens)} characters of line {number} "
+                            f"of {Path(path).name}", "tags", "not one tag per character")
+        return tagged_example(tokens, tags, closed, bad_lines, tags_path, "tags", lambda _: number, tag_number=True)
+    pairs = enumerate(((split(line), split(tag_line)) for line, tag_line in zip(sentence_lines, tag_lines)), start=1)
+    for number, (text, entities) in bad_lines.kept(((n, pair) for n, pair in pairs if any(pair)), example):
         yield number, text, entities
 
 

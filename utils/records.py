@@ -6,14 +6,9 @@ from utils.data_io import BadLines, DataError, iter_json_lines, require_str
 
 
 def read_records(path, bad_lines, check) -> list:
-    """check(record, line) of every line of a JSON-lines file; an error on there being none."""
+    """check(line, record) of every line of a JSON-lines file; an error on there being none."""
     bad_lines = bad_lines or BadLines()
-    records = []
-    for line, record in iter_json_lines(path, bad_lines):
-        try:
-            records.append(check(record, line))
-        except DataError as error:
-            bad_lines.handle(error)
+    records = [record for _, record in bad_lines.kept(iter_json_lines(path, bad_lines), check)]
     if not records:
         raise DataError(path, None, "no usable records")
     return records
@@ -44,9 +39,9 @@ def instruction_record(record, path, line, conversations):
 def read_instruction_records(path, bad_lines: BadLines = None, conversations=False) -> list:
     """The checked records of an instruction file. conversations: ChatGLM3 conversation records are read too, as
     {"conversations": messages, "line"} (training)."""
-    return read_records(path, bad_lines, lambda record, line: instruction_record(record, path, line, conversations))
+    return read_records(path, bad_lines, lambda line, record: instruction_record(record, path, line, conversations))
 
 
 def read_text_records(path, bad_lines: BadLines = None) -> list:
     """The text of every record `{"text": ...}` of a JSON-lines file."""
-    return read_records(path, bad_lines, lambda record, line: require_str(record, "text", path, line))
+    return read_records(path, bad_lines, lambda line, record: require_str(record, "text", path, line))
