@@ -10,7 +10,7 @@ Each line you type is wrapped the way the adapter was trained: the task instruct
 """
 import sys
 
-from utils.adapters import choose_lora_path, load_run, run_instruction, scored_run, uses_adapter
+from utils.adapters import choose_lora_path, load_run, read_trained_path, run_instruction, uses_adapter
 from utils.config_utils import parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
@@ -59,7 +59,8 @@ def main(config):
     lora_path = choose_lora_path(config)
     model, tokenizer = load_run(config)
     version = model.model_version
-    instruct = "" if config["raw"] else config["instruct"] or run_instruction(scored_run(config)) or MSRA_INSTRUCT
+    run_folder = read_trained_path(config["lora_path"], config["model_dir"]).path
+    instruct = "" if config["raw"] else config["instruct"] or run_instruction(run_folder) or MSRA_INSTRUCT
 
     def message(text):
         return text if config["raw"] else user_message({"instruct": instruct, "query": QUERY_PREFIX + text})

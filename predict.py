@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder, scored_run, take_run_settings, uses_adapter
+from utils.adapters import adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder, take_run_settings, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.decode_utils import entities_in_text, parse_ner_answer
@@ -43,10 +43,9 @@ RUN_KEYS = ("model_dir", "data_name", "max_input_tokens")  # what a run's train_
 RENAMED = {"max_source_length": "max_input_tokens"}  # the old name works until the next release, with a note
 
 
-def default_output_dir(config):
-    """The folder of the run that is scored; for a base model alone checkpoint/<data_name>/base, said on one line, and
-    refused where a training run was written there."""
-    run_folder = scored_run(config)
+def default_output_dir(config, run_folder):
+    """Where the results of `run_folder` go; for a base model alone (None) checkpoint/<data_name>/base, said on one
+    line, and refused where a training run was written there."""
     if run_folder is not None:
         return results_folder(run_folder)
     output_dir = Path("checkpoint") / config["data_name"] / "base"
@@ -78,7 +77,7 @@ def main(config):
     check_lora_on_base(trained, config["model_dir"])
     data_dir = Path("data") / config["data_name"] / "instruct_data"
     dev_file = Path(config["dev_file"] or data_dir / "dev.txt")
-    output_dir = Path(config["output_dir"]) if config["output_dir"] else default_output_dir(config)
+    output_dir = Path(config["output_dir"]) if config["output_dir"] else default_output_dir(config, trained.path)
 
     bad_lines = BadLines(skip=config["skip_bad_lines"])
     records = read_instruction_records(dev_file, bad_lines)

@@ -153,11 +153,6 @@ def choose_lora_path(config):
     return adapter
 
 
-def scored_run(config):
-    """The folder whose train_args.json describes what a script uses; None for a base model alone."""
-    return read_trained_path(config["lora_path"], config["model_dir"]).path
-
-
 def results_folder(run_folder):
     """Where scoring `run_folder` writes: its run's folder, <run>/predict-checkpoint-N for a checkpoint-N."""
     run_folder = Path(run_folder)

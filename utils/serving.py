@@ -68,12 +68,6 @@ def comma_list(text):
     return {item.strip().lower().rstrip("/") for item in text.split(",") if item.strip()}
 
 
-def forbidden(code, message):
-    """A 403 answer in the OpenAI error shape (the API's own; the web demo's page never shows it)."""
-    return JSONResponse({"error": {"message": message, "type": "permission_error", "param": None, "code": code}},
-                        status_code=403)
-
-
 class HostAndOriginCheck:
     """ASGI middleware: 403 for HTTP and WebSocket requests meant for another host or sent by a web page of another
     site than loopback, the --host address, --allowed_hosts and --allowed_origins."""
@@ -104,8 +98,9 @@ class HostAndOriginCheck:
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             refusal = self.refusal(Headers(scope=scope))
-            if refusal and scope["type"] == "http":
-                await forbidden(*refusal)(scope, receive, send)
+            if refusal and scope["type"] == "http":  # in the API's error shape (the web demo's page never shows it)
+                error = {"message": refusal[1], "type": "permission_error", "param": None, "code": refusal[0]}
+                await JSONResponse({"error": error}, status_code=403)(scope, receive, send)
                 return
             if refusal:
                 await send({"type": "websocket.close", "code": 1008, "reason": refusal[1][:120]})  # 1008: policy
