@@ -36,12 +36,7 @@ def json_field(text, path, line, field):
     except DataError as err:
         raise DataError(path, line, err.problem, field, "not valid JSON") from None
     if "\\u" in text:
-        try:
-            check_surrogates(value, path, line)
-        except DataError as err:
-            inner = err.field or ""
-            raise DataError(path, line, err.problem, field + ("" if not inner or inner.startswith("[") else ".") + inner,
-                            "lone surrogate (half of a UTF-16 pair)") from None
+        check_surrogates(value, path, line, field)
     return value
 
 

@@ -161,10 +161,10 @@ def parse_json(text, path, line=None):
         raise DataError(path, line, "JSON nested too deeply to parse; flatten or remove it") from None
 
 
-def check_surrogates(value, path, line):
-    """Raise a DataError naming the field of the first string with a lone surrogate (half of a UTF-16 pair, which a
-    \\ud800-style escape can leave in a JSON string; it cannot be written as UTF-8)."""
-    stack = [(None, value)]
+def check_surrogates(value, path, line, field=None):
+    """Raise a DataError naming the field (below `field`) of the first string with a lone surrogate (half of a UTF-16
+    pair, which a \\ud800-style escape can leave in a JSON string; it cannot be written as UTF-8)."""
+    stack = [(field, value)]
     while stack:  # iterative: a record may be nested deeper than Python's recursion limit allows
         field, item = stack.pop()
         if isinstance(item, dict):
