@@ -1,10 +1,6 @@
 """Chat data sets -> records: ADGEN and Alpaca -> instruction records; ShareGPT, OpenAI and ChatGLM3 conversations ->
 instruction records with `history`, or ChatGLM3 conversation records (README "Multi-turn conversations and tool
-calls") when they call tools. Readers take `(path, bad_lines)` and yield `(line, record)`; the formats are the README's.
-
-ChatGLM3's order: an optional system message (`tools` only there; a second may follow the tools' own), a user message,
-then assistant messages after a user message, an observation or another assistant message; a tool call (`metadata` the
-tool's name) is followed by its observation; the last message is an assistant's.
+calls"; the order they keep: expected_roles). Readers take `(path, bad_lines)` and yield `(line, record)`.
 """
 import ast
 import json
@@ -29,8 +25,8 @@ TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You hav
 
 
 def json_field(text, path, line, field):
-    """A JSON value given as text inside a record (a function_call, arguments, tools), its strings checked for lone
-    surrogates as iter_json_lines checks the file's: an escape in the embedded text decodes to one only here."""
+    """A JSON value given as text in a record (a function_call, arguments, tools), checked for lone surrogates: an
+    escape in the embedded text decodes to one only here."""
     try:
         value = parse_json(text, path, line)
     except DataError as err:
@@ -248,7 +244,7 @@ def expected_roles(previous, index):
 
 
 def check_order(messages, places, key, path, line):
-    """The ChatGLM3 order rules (module docstring); `places`: (field, role as the input names it) of each message."""
+    """The ChatGLM3 order (expected_roles) and a learnt end; `places`: (field, role as the input names it) of each."""
     previous = None
     for index, (message, (field, name)) in enumerate(zip(messages, places)):
         expected, where = expected_roles(previous, index)

@@ -24,8 +24,7 @@ def excerpt(text: str, limit=80) -> str:
 
 
 def json_shape(value) -> str:
-    """A JSON value described by its types for a message ("[int, str]", "dict"): never the value itself, which may be
-    huge or nested too deeply to print."""
+    """A JSON value's types for a message ("[int, str]", "dict"), never the value: it may be huge or deeply nested."""
     if isinstance(value, list):
         return "[" + ", ".join(type(v).__name__ for v in value[:4]) + (", ..." if len(value) > 4 else "") + "]"
     return type(value).__name__
@@ -148,8 +147,7 @@ def text_lines(text):
 
 
 def parse_json(text, path, line=None):
-    """json.loads, with invalid JSON and JSON that Python cannot read as DataError (line: where text starts; None
-    for a whole file, whose error names the line)."""
+    """json.loads, DataError for what it cannot read (line: where text starts; None: a whole file, line in the error)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -201,8 +199,7 @@ def iter_json_lines(path, bad_lines: BadLines = None):  # JSON lines only, not a
 
 
 def json_reader(build, spread=False):
-    """A reader (path, bad_lines) of (line, build(record, path, line)) per JSON record, `(line, *built)` with spread; a
-    record that build refuses (DataError) goes to bad_lines (raised, or skipped and counted)."""
+    """A reader (path, bad_lines) of (line, build(record, path, line)) per JSON record, `(line, *built)` with spread."""
     def read(path, bad_lines: BadLines = None):
         bad_lines = bad_lines or BadLines()
         records = iter_json_records(path, bad_lines)
@@ -272,8 +269,7 @@ def write_atomic(path, text: str):
 
 
 def write_jsonl(path, records):
-    """One JSON object a line, UTF-8 text kept readable; the characters other line readers split at (only ever inside
-    strings) escaped."""
+    """One JSON object a line, UTF-8 kept readable but for LINE_BREAKS_IN_STRINGS."""
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     for char, escape in LINE_BREAKS_IN_STRINGS.items():
         text = text.replace(char, escape)

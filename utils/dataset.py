@@ -1,10 +1,6 @@
-"""Records -> token ids and labels (utils/prompts.py builds the prompts), collators and packing.
-
-Multi-turn data: an instruction record's `history` answers are context only, unless `loss_on_all_turns` makes every
-answer a target; a conversation record learns every assistant message without `"loss": false`. On ChatGLM3-6B a
-multi-turn sample is one sequence (encode_chatglm3_conversation). ChatGLM-6B and ChatGLM2-6B re-encode the whole
-history at every turn (and ChatGLM-6B's prompt is bidirectional), so one sequence cannot hold every turn as chat() sees
-it: each learnt answer becomes a sample of its own (turn_records), as for chat-template models.
+"""Records -> token ids and labels (utils/prompts.py builds the prompts), collators and packing. Multi-turn data as
+README "Multi-turn conversations and tool calls" says: one sequence on ChatGLM3-6B (encode_chatglm3_conversation);
+the other models re-encode the history at every turn, so each learnt answer is a sample of its own (turn_records).
 """
 import itertools
 from dataclasses import dataclass
@@ -46,11 +42,8 @@ def learnt(message):
 
 
 def encode_chatglm3_conversation(tokenizer, messages, max_source_length, max_target_length):
-    """input_ids and labels of a ChatGLM3 conversation laid out as ChatGLM3's finetune_demo does (README). Targets:
-    every learnt assistant message after its role token, through the token that follows it (where chat() stops).
-    Truncation as fit_prompt: the oldest rounds go first (the system messages stay), then the last user message's
-    tail; only the last message's content is cut to max_target_length. Returns (example, prompt cut, answer cut,
-    learnt answers dropped with their rounds)."""
+    """(input_ids and labels, prompt cut, answer cut, learnt answers dropped with their rounds) of a ChatGLM3
+    conversation laid out and learnt as the README says; only the last message's content is cut to max_target_length."""
     # The system messages: one, or the finetune_demo's tool prompt and then the data's own.
     system = list(itertools.takewhile(lambda message: message["role"] == "system", messages))
     rest = messages[len(system):]  # a user message first (utils/chat_data.py checks the order)

@@ -209,8 +209,7 @@ def tag_spans(tags, closed=False):
 
 
 def tagged_example(tokens, tags, closed, bad_lines, path, field, line_of, tag_number=False):
-    """(text, [(entity, raw_type, begin)]) of one tagged sentence, its tokens joined without spaces (character-level
-    data); errors name the line line_of(token index) of path."""
+    """(text, [(entity, raw_type, begin)]) of one tagged sentence, tokens joined; errors at line_of(token index)."""
     def error(err):
         return DataError(path, line_of(err.index), f"{err} (tag {err.index + 1})" if tag_number else str(err), field,
                          err.reason)
