@@ -50,8 +50,7 @@ DEFAULTS = {
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
-class ApiError(Exception):
-    """An answer in the OpenAI error shape."""
+class ApiError(Exception):  # an answer in the OpenAI error shape
 
     def __init__(self, status, message, code=None, param=None, error_type="invalid_request_error"):
         super().__init__(message)
@@ -215,7 +214,6 @@ def served_name(config):
 
 
 def sse(payload):
-    """One server-sent event."""
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 

@@ -55,7 +55,6 @@ DEFAULTS = {**TRAINING_DEFAULTS, "deepspeed": "deepspeed.json"}
 
 
 def unresolved_autos(node, prefix=""):
-    """The dotted keys still "auto" in a DeepSpeed config."""
     for key, value in node.items():
         if isinstance(value, dict):
             yield from unresolved_autos(value, f"{prefix}{key}.")

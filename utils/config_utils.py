@@ -38,7 +38,6 @@ def set_flat(config: dict, flat_key: str, value):
 
 
 def convert(key: str, text: str, default):
-    """`text` as the type of `default`."""
     try:
         if isinstance(default, bool):
             lowered = text.lower()

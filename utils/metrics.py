@@ -13,7 +13,6 @@ def prf(true_positives, predicted, gold):
 
 
 def entity_counts(predicted_sets, gold_sets):
-    """(true positives, predicted, gold) per type of (entity, type) sets."""
     tp, predicted, gold = Counter(), Counter(), Counter()
     for pred, ref in zip(predicted_sets, gold_sets):
         tp.update(t for _, t in pred & ref)

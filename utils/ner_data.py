@@ -365,7 +365,6 @@ FORMATS = tuple(READERS)
 
 
 def json_format(record, path):
-    """The format of a JSON record, from its keys."""
     keys = set(record)
     if keys & {"conversations", "messages"}:
         return "conversation"

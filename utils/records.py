@@ -43,5 +43,4 @@ def read_instruction_records(path, bad_lines: BadLines = None, conversations=Fal
 
 
 def read_text_records(path, bad_lines: BadLines = None) -> list:
-    """The text of every record `{"text": ...}` of a JSON-lines file."""
     return read_records(path, bad_lines, lambda line, record: require_str(record, "text", path, line))

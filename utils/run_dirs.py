@@ -37,7 +37,6 @@ class RunFolderInUse(UserError, BlockingIOError):
 
 
 def fsync_tree(folder):
-    """Every file and folder under `folder`, and `folder` itself, flushed to disk."""
     for root, _, files in os.walk(folder):
         for name in files:
             fsync_path(os.path.join(root, name))
@@ -159,8 +158,7 @@ def incomplete_reason(folder):
     return None
 
 
-def checkpoint_record(folder):
-    """The marker of a complete checkpoint (step, files and what the training script recorded)."""
+def checkpoint_record(folder):  # step, files and what the training script recorded
     return json.loads((Path(folder) / COMPLETE_MARKER).read_text(encoding="utf-8"))
 
 

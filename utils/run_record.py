@@ -80,8 +80,7 @@ def write_run_record(folder, record):
     write_atomic(Path(folder) / RUN_RECORD, json.dumps(record, indent=2, ensure_ascii=False, default=str))
 
 
-def resumed_line(checkpoint, step, total_steps):
-    """The line every training script prints when it resumes."""
+def resumed_line(checkpoint, step, total_steps):  # what every training script prints when it resumes
     return f"resumed from {checkpoint} (step {step} of {total_steps})"
 
 
