@@ -394,16 +394,10 @@ def detect_format(path) -> str:
         raise DataError(path, None, "the file is empty: no records to convert")
     if body.startswith("["):
         sample = next((record for record in parse_json(text, path) if isinstance(record, dict)), None)
-    elif body.startswith("{"):
-        sample = None
-        for number, line in enumerate(text_lines(text)[:200], start=1):
-            try:
-                sample = parse_json(line, path, number)
-            except DataError:
-                continue
-            if isinstance(sample, dict):
-                break
-            sample = None
+    elif body.startswith("{"):  # the first object among the first 200 lines that parse
+        parsed = BadLines(skip=True).kept(enumerate(text_lines(text)[:200], start=1),
+                                          lambda number, line: parse_json(line, path, number))
+        sample = next((record for _, record in parsed if isinstance(record, dict)), None)
     else:
         lines = [line.rstrip("\r").rstrip(" \t") for line in text.split("\n")[:200] if line.strip()]
         pairs = [split_bio_line(line) for line in lines]
