@@ -259,7 +259,7 @@ def prepare_output_dir_once(output_dir, resume, overwrite):
 
 def plan_steps(config, sampler):
     """Steps as the Trainer counts them (an epoch's last optimizer step takes the micro-batches that are left):
-    (micro-batches per epoch, steps per epoch, total steps, epochs, warmup steps)."""
+    (micro-batches per epoch, steps per epoch, total steps, epochs)."""
     micro_batches_per_epoch = math.ceil(sampler.num_samples / config["per_device_train_batch_size"])
     steps_per_epoch = max(math.ceil(micro_batches_per_epoch / config["gradient_accumulation_steps"]), 1)
     if config["max_steps"] > 0:
@@ -268,15 +268,14 @@ def plan_steps(config, sampler):
     else:
         total_steps = math.ceil(config["num_train_epochs"] * steps_per_epoch)
         num_epochs = math.ceil(config["num_train_epochs"])
-    warmup = config["warmup_steps"]
-    warmup_steps = int(warmup) if warmup >= 1 else math.ceil(total_steps * warmup)
-    return micro_batches_per_epoch, steps_per_epoch, total_steps, num_epochs, warmup_steps
+    return micro_batches_per_epoch, steps_per_epoch, total_steps, num_epochs
 
 
-def start_engine(config, model, output_dir, total_steps, warmup_steps):
-    """The DeepSpeed engine and its config, the "auto" entries filled by transformers from the TrainingArguments the
-    Trainer would run with (a value written out that disagrees with the script's config is refused)."""
+def start_engine(config, model, output_dir, total_steps):
+    """(The DeepSpeed engine, its config, warmup steps): the "auto" entries filled by transformers from the
+    TrainingArguments the Trainer would run with (a value written out that disagrees with the config is refused)."""
     args = training_arguments(config, output_dir, resolve_dtype(config["dtype"], model.device.type), False)
+    warmup_steps = args.get_warmup_steps(total_steps)
     resolved = HfTrainerDeepSpeedConfig(config["deepspeed"])
     resolved.trainer_config_process(args)
     resolved.trainer_config_finalize(args, model, total_steps)
@@ -293,7 +292,7 @@ def start_engine(config, model, output_dir, total_steps, warmup_steps):
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                            lr_scheduler=trainer_schedule)
-    return engine, ds_config
+    return engine, ds_config, warmup_steps
 
 
 def save_checkpoint(state, output_dir, method, record, save_total_limit):
@@ -367,7 +366,7 @@ def train_step(state, micro_batches):
 
 def train(state, config, train_loader, eval_loader, plan, save):
     """The training loop from where `state` stands to the planned end; returns the last eval loss (None if none)."""
-    _, _, total_steps, num_epochs, _ = plan
+    _, _, total_steps, num_epochs = plan
     state.engine.train()
     progress = tqdm(total=total_steps, initial=state.global_step, desc="training", disable=not state.master,
                     dynamic_ncols=True)
@@ -462,8 +461,8 @@ def main(config):
     train_data, eval_data, train_loader, eval_loader = load_data(config, train_file, dev_file, model, tokenizer, master)
     prepare_output_dir_once(output_dir, resume, config["overwrite_output_dir"])
     plan = plan_steps(config, train_loader.sampler)
-    micro_batches_per_epoch, steps_per_epoch, total_steps, _, warmup_steps = plan
-    engine, ds_config = start_engine(config, model, output_dir, total_steps, warmup_steps)
+    micro_batches_per_epoch, steps_per_epoch, total_steps, _ = plan
+    engine, ds_config, warmup_steps = start_engine(config, model, output_dir, total_steps)
     # The run record (train_args.json) of every checkpoint and of the final output, which adds the metrics.
     record = run_record("train_deepspeed.py", config, model.model_version, train_data, eval_data, world_size, ds_config,
                         deepspeed=deepspeed.__version__)
