@@ -330,10 +330,6 @@ class ChatApi:
             torch.manual_seed(job["seed"])
         return stream_chat_reply(self.model, self.tokenizer, job["prompt_ids"], **job["generation"])
 
-    def last_reply(self, job):
-        *_, reply = self.replies(job)
-        return reply
-
     def answer(self, job, kind, choice, **extra):
         return {"id": job["id"], "object": kind, "created": job["created"], "model": self.model_name,
                 "choices": [{"index": 0, **choice}] if choice else [], **extra}
@@ -342,7 +338,7 @@ class ChatApi:
         if not await self.queue.take_turn(request):
             raise ApiError(499, "the client closed the connection while the request waited", "client_closed_request")
         try:
-            reply = await run_in_threadpool(self.last_reply, job)
+            *_, reply = await run_in_threadpool(list, self.replies(job))
         finally:
             self.queue.release()
         message = {"role": "assistant", "content": reply.text}

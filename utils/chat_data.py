@@ -37,8 +37,7 @@ def json_field(text, path, line, field):
 
 
 def tool_call_content(arguments, path, line, field) -> str:
-    """The content of ChatGLM3's tool-call message for `arguments` (a dict): `tool_call(k=v, ...)` in a python code
-    block, each value a Python literal, so that ChatGLM3's chat() reads back the same dict."""
+    """ChatGLM3's tool-call content: `tool_call(k=v, ...)` of Python literals, which its chat() reads back as is."""
     parts = []
     for name, value in arguments.items():
         if not name.isidentifier() or keyword.iskeyword(name):
@@ -85,8 +84,7 @@ def one_call(calls, path, line, field):
 
 
 def read_tools(value, path, line, field, as_given=False):
-    """The tools as ChatGLM3 lists them: a JSON array (or its text) of function descriptions, OpenAI's {"type":
-    "function", "function": {...}} wrapper taken off. as_given (ChatGLM3's own format): the array as it is."""
+    """The tools as ChatGLM3 lists them: function descriptions (OpenAI's wrapper taken off), or the array as_given."""
     if isinstance(value, str) and not as_given:
         value = json_field(value, path, line, field) if value.strip() else []
     require_type(value, list, path, line, field)
@@ -159,8 +157,7 @@ def learnt_flag(turn, role, path, line, field):
 
 
 def requested_call(turn, name, role, text_key, path, line, field):
-    """(the tool call that the message makes, as {"name", "arguments"}, and its field) or (None, None). Tool calls
-    belong to assistant messages only: anywhere else they are an error, never dropped."""
+    """(the message's tool call {"name", "arguments"}, its field) or (None, None); an error on a non-assistant."""
     if name == "function_call":  # ShareGPT: the value is the call as JSON
         value = require_str(turn, text_key, path, line, prefix=field)
         call = json_field(value, path, line, f"{field}.{text_key}")
@@ -186,8 +183,8 @@ def requested_call(turn, name, role, text_key, path, line, field):
 
 
 def turn_messages(turn, name, role, text_key, style, path, line, field):
-    """The ChatGLM3 messages of one input message: one, or two for an assistant message that says something and
-    calls a tool, or for a ChatGLM3 finetune_demo tool message (the call and its observation)."""
+    """The ChatGLM3 messages of one input message: two for one that says something and calls a tool, or for a
+    finetune_demo tool message (the call and its observation)."""
     if style == "chatglm3" and name == "tool":
         return finetune_tool_messages(turn, path, line, field)
     call, call_field = requested_call(turn, name, role, text_key, path, line, field)
@@ -261,8 +258,7 @@ def check_order(messages, places, key, path, line):
 
 
 def record_style(record, path, line, chatglm3_only):
-    """(key, style, turns) of a conversation record; style 'openai', 'sharegpt' or 'chatglm3'. A record that mixes them
-    is an error, not a guess. chatglm3_only: training data, ChatGLM3's format only."""
+    """(key, style: 'openai', 'sharegpt' or 'chatglm3', turns); a mixed record is an error, not a guess."""
     require_type(record, dict, path, line, None)
     if "conversations" in record and "messages" in record:
         raise DataError(path, line, "both conversations and messages: a record holds one conversation; keep one",
@@ -295,8 +291,7 @@ def record_style(record, path, line, chatglm3_only):
 
 
 def conversation_messages(record, path, line, chatglm3_only=False):
-    """(the checked ChatGLM3 messages of a ShareGPT, OpenAI or ChatGLM3 conversation record, its style: 'openai',
-    'sharegpt' or 'chatglm3'); a bad record raises DataError naming the field. chatglm3_only: ChatGLM3's format only."""
+    """(the checked ChatGLM3 messages of a conversation record, its style); chatglm3_only: training data."""
     key, style, turns = record_style(record, path, line, chatglm3_only)
     role_key, text_key = ("from", "value") if style == "sharegpt" else ("role", "content")
     known = {"openai": OPENAI_ROLES, "sharegpt": SOURCE_ROLES}.get(style) or (  # chatglm3: + finetune_demo's tool

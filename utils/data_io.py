@@ -177,8 +177,8 @@ def check_surrogates(value, path, line, field=None):
 
 
 def iter_json_records(path, bad_lines: BadLines = None, lines_only=False):
-    """(line number, object) for each non-blank line of a JSON-lines file, or unless lines_only of a JSON array file
-    (detected from the first character; having no line per record, its errors name the position: "record 12")."""
+    """(line number, object) per non-blank line of a JSON-lines file, or unless lines_only ("record N", object) of a
+    JSON array file."""
     bad_lines = bad_lines or BadLines()
     text = read_text(path)
     if not lines_only and text.lstrip().startswith("["):
@@ -248,8 +248,8 @@ def fsync_path(path):
 
 
 def write_atomic(path, text: str):
-    """Write text to path through a temporary file in the same folder, flushed to disk and then renamed into place
-    (the rename flushed too): after a crash or power loss the path holds the old text or the new, never a part."""
+    """Write text through a flushed temporary file renamed into place: after a crash the path holds the old text or
+    the new, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -92,8 +92,7 @@ def check_answer_line(entity, raw_type, input_format, path, line, field, type_fi
 
 
 def choose_instruct(type_names, input_formats=()) -> str:
-    """The instruct for a data set whose answers use `type_names`: the MSRA or CLUENER constant when the types
-    fit that label set, else one that lists the types (known ones in TYPE_ORDER, then as given)."""
+    """The instruct for answers of `type_names`: MSRA's or CLUENER's where the types fit, else one listing them."""
     names = list(dict.fromkeys(type_names))
     if "cluener" in input_formats and set(names) <= set(CLUENER_TYPE_NAMES.values()):
         return CLUENER_INSTRUCT
@@ -162,8 +161,8 @@ def uses_closed_scheme(tags) -> bool:
 
 
 def tag_spans(tags, closed=False):
-    """([(begin, end, type)] (token indices, end exclusive), [TagError of each repaired tag]) of BIO / BIOES / BMES
-    tags; see the module docstring for repairs. closed=True (BIOES / BMES) raises them, and for an entity lacking E-."""
+    """([(begin, end exclusive, type)], [TagError of each repaired tag]); closed (BIOES / BMES) raises them instead,
+    and for an entity lacking E-."""
     spans, repaired, start, kind = [], [], None, None
     for index, tag in enumerate(tags):
         if tag == "O":

@@ -90,8 +90,8 @@ def remove_dead_staging(output_path):
 
 @contextlib.contextmanager
 def staged_folder(output_path, replace=False):
-    """Yields a new locked hidden sibling of `output_path` to write into: swapped in when the block ends without error
-    (an existing `output_path` is an error unless `replace`), else removed. Dead writers' staging folders go first."""
+    """A locked hidden sibling of `output_path` to write into, swapped in when the block ends without error (over an
+    existing one only if `replace`), else removed."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_staging(output_path)
@@ -215,8 +215,8 @@ def _describe_holder(text):
 
 
 def hold_run_folder(folder, option="--output_dir"):
-    """Hold `folder` for this process until it exits, or stop with RunFolderInUse naming the holder; an unwritable
-    folder is found at once (the lock written beside it, a probe in it)."""
+    """Hold `folder` until this process exits, else RunFolderInUse naming the holder; an unwritable folder is found
+    at once."""
     lock_path = run_lock_path(folder)
     if lock_path in _held_run_locks:
         return lock_path
