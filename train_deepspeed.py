@@ -40,7 +40,7 @@ from transformers.integrations import HfTrainerDeepSpeedConfig
 
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
-from utils.distributed import free_port, set_env_from_mpi
+from utils.distributed import free_port, leave_process_group, set_env_from_mpi
 from utils.model_loading import load_model_and_tokenizer, resolve_dtype
 from utils.trainer import (check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing,
                            training_arguments)
@@ -446,8 +446,7 @@ def finish(state, config, method, output_dir, record, eval_loss, session):
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
         print(f"{saved}\nloss curve: {output_dir / 'loss.png'}"
               + (f"\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}" if state.writer else ""))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def main(config):

@@ -10,11 +10,11 @@ import sys
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
+from utils import decode_engine
 from utils.config_utils import ConfigError
 from utils.prompts import fit_prompt
 from utils.model_loading import DTYPES
 
-DECODE_MODES = ("auto", "plain", "static", "graph", "compiled")
 # How predict.py and chat_ner.py choose their model.
 RUN_CHOICE_DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
@@ -142,8 +142,9 @@ def check_serving_options(config, at_least_one=(), at_least_zero=()):
         raise ConfigError(f"--dtype: {config['dtype']!r} is not a dtype; use one of auto, {', '.join(DTYPES)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config["device"]):
         raise ConfigError(f"--device: {config['device']!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if config["decode"] not in DECODE_MODES:
-        raise ConfigError(f"--decode: {config['decode']!r} is not a decoding mode; use one of {', '.join(DECODE_MODES)}")
+    if config["decode"] not in decode_engine.MODES:
+        raise ConfigError(f"--decode: {config['decode']!r} is not a decoding mode; use one of "
+                          f"{', '.join(decode_engine.MODES)}")
     if not 0 <= config["temperature"] <= 2:
         raise ConfigError(f"--temperature: {config['temperature']} is outside 0 to 2")
     if not 0 < config["top_p"] <= 1:
