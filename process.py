@@ -6,8 +6,6 @@ ChatGLM3 conversation record {"conversations": [...]} (utils/chat_data.py). Run 
     python process.py --data_name msra \\
         --train_file ../shared/data/msra/bio/val_sentences.txt,../shared/data/msra/ori_data/msra_1000.txt \\
         --dev_file ../shared/data/msra/bio/test.txt
-    python process.py --data_name cluener --train_file ../shared/data/cluener/train.json \\
-        --dev_file ../shared/data/cluener/dev.json
     python process.py --data_name adgen --train_file ../shared/data/adgen/dev_content_summary.json \\
         --dev_file "" --dev_ratio 0.1
 

@@ -1,11 +1,8 @@
 """Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B (LoRA, P-tuning v2, freeze or full) in a plain DeepSpeed loop.
 
-    deepspeed train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra
-    deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --per_device_train_batch_size=2
-    deepspeed train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
+    deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra
     python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # one process, no launcher
-    mpirun -np 2 python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # ranks from MPI
-    deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --method=full --deepspeed=deepspeed_zero3.json
+    mpirun -np 2 python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
 
 The defaults are the shipped small model's; with a 6B model add about --learning_rate=2e-4 --num_train_epochs=3.
 train_trainer.py's training (config keys, data, methods, loss normalisation, outputs) as a loop around
