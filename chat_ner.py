@@ -59,8 +59,8 @@ def main(config):
     lora_path = choose_lora_path(config)
     model, tokenizer = load_run(config)
     version = model.model_version
-    run_folder = read_trained_path(config["lora_path"], config["model_dir"]).path
-    instruct = "" if config["raw"] else config["instruct"] or run_instruction(run_folder) or MSRA_INSTRUCT
+    record = read_trained_path(config["lora_path"], config["model_dir"]).record
+    instruct = "" if config["raw"] else config["instruct"] or run_instruction(record) or MSRA_INSTRUCT
 
     def message(text):
         return text if config["raw"] else user_message({"instruct": instruct, "query": QUERY_PREFIX + text})

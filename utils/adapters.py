@@ -183,9 +183,9 @@ def take_run_settings(config, keys=("model_dir",)):
     return trained
 
 
-def run_instruction(run_folder):
-    """The instruction of the first record the run was trained on, or None where its train file is not here."""
-    trained = read_run_record(run_folder).get("config", {}) if run_folder else {}
+def run_instruction(record):
+    """The instruction of the first record a run (its record) trained on, or None where its train file is not here."""
+    trained = record.get("config", {})
     if not trained.get("data_name"):
         return None
     train_file = str(trained.get("train_file") or trained.get("train_data_path") or "").split(",")[0]
