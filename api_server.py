@@ -6,9 +6,7 @@
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions ("stream": true: server-sent events, closed
 by `data: [DONE]`), for any OpenAI client (base_url="http://127.0.0.1:8000/v1"). Messages: optional system messages
 (ChatGLM3's system turn; for ChatGLM-6B/2 they open the first user message), then user and assistant turns in
-alternation, ending with a user turn. One generation runs at a time; up to --max_waiting requests wait in line, more
-get 429. Binds 127.0.0.1 unless --host says otherwise; other hosts and web pages get 403 (utils/serving.py), and POST
-bodies must be application/json (415 otherwise), which a web page cannot send cross-site without consent.
+alternation, ending with a user turn. Queueing, the Host / Origin checks and the rest: README "Serve".
 """
 import asyncio
 import hmac

@@ -223,7 +223,7 @@ def family_from_name(name):
 
 
 def family_of_base(name, where):
-    """(family, where it is read) of the base `name` named by `where`: its config.json, else its name; or None."""
+    """(family, where it is read) of the base `name` (named by `where`) from its config.json, else its name; or None."""
     if not isinstance(name, str) or not name:
         return None
     with contextlib.suppress(ModelFolderError):  # a config.json that does not tell: the name may

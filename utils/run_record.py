@@ -20,10 +20,9 @@ RECORD_CONFIG_FIELDS = {"model_dir": str, "data_name": str, "train_file": str, "
 JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
                    list: "a list", type(None): "null"}
 
-# Options a resumed run may be given anew: they take effect on it and what it trains stays the run's (logging, evaluating
-# and saving are re-applied at the start of training; the data is read again; activation checkpointing trades memory
-# for time, with the same gradients). Every other training option must equal the run's record.
-# train_qlora.py's --train_args_json file may move: its contents are compared key by key (check_training_arguments).
+# Options a resumed run may be given anew: they change how it logs, evaluates, saves or reads its data, not what it
+# trains (activation checkpointing trades memory for time, with the same gradients); --train_args_json's file may move
+# (its contents are compared key by key). Every other training option must equal the run's record.
 RESUMABLE = frozenset({"logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "dev_file",
                        "per_device_eval_batch_size", "show_example", "skip_bad_lines", "gradient_checkpointing",
                        "train_args_json"})
