@@ -28,8 +28,8 @@ from utils.adapters import load_run, uses_adapter
 from utils.config_utils import ConfigError, parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.prompts import get_prompt_format
-from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, HostAndOriginCheck, check_serving_options, model_context,
-                           warn_if_open)
+from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, HostAndOriginCheck, check_serving_options,
+                           model_context, warn_if_open)
 
 DEFAULTS = {
     **SERVER_DEFAULTS,  # set an --api_key with --host=0.0.0.0

@@ -14,7 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder, take_run_settings, uses_adapter
+from utils.adapters import (adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder,
+                            take_run_settings, uses_adapter)
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
 from utils.decode_utils import entities_in_text, parse_ner_answer

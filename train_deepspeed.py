@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra
     python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # one process, no launcher
-    mpirun -np 2 python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra --resume_from_checkpoint=auto
+    mpirun -np 2 python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # ranks from MPI
 
 The defaults are the shipped small model's; with a 6B model add about --learning_rate=2e-4 --num_train_epochs=3.
 train_trainer.py's training (config keys, data, methods, loss normalisation, outputs) as a loop around

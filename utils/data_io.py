@@ -147,7 +147,7 @@ def text_lines(text):
 
 
 def parse_json(text, path, line=None):
-    """json.loads, DataError for what it cannot read (line: where text starts; None: a whole file, line in the error)."""
+    """json.loads, DataError for what it cannot read (line: where text starts; None: a whole file, its error's)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:

@@ -27,7 +27,7 @@ RUN_CHOICE_DEFAULTS = {
 # The options of both servers (web_demo.py, api_server.py) but their port.
 SERVER_DEFAULTS = {
     "model_dir": "model_hub/chatglm2-small",
-    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged or quantized)
+    "lora_path": "none",  # a PEFT adapter folder to put on model_dir; "none": model_dir alone (base, merged, quantized)
     "host": "127.0.0.1",  # 0.0.0.0 serves every network interface (with a warning)
     # Host header names answered besides loopback and the --host address (comma-separated, no port): the names
     # clients use to reach the server, e.g. through a reverse proxy; "*": any
