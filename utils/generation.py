@@ -1,6 +1,7 @@
 """Answers to instruction records (the prompts of utils.dataset, left-padded batches), chat replies as they grow and
 generation timing, for every model, on the one decode engine (utils.decode_engine)."""
 import functools
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -15,11 +16,8 @@ from utils.prompts import fit_prompt, get_prompt_format, user_message
 def decode_answer(tokenizer, ids, stop_ids) -> str:
     """Text of generated ids up to the first stop token. ChatGLM3 starts its turn with an (empty) metadata line,
     which strip() removes like the official post-processing does."""
-    for index, token in enumerate(ids):
-        if token in stop_ids:
-            ids = ids[:index]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    ids = itertools.takewhile(lambda token: token not in stop_ids, ids)
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
 STREAM_GENERATE_KWARGS = {"temperature", "top_k", "top_p", "repetition_penalty"}
