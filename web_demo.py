@@ -34,8 +34,8 @@ class WebChat:
         self.max_input_tokens, self.decode, self.warn = max_input_tokens, decode, warn
 
     def answer(self, message, history, max_new_tokens, top_p, temperature, do_sample):
-        """Yields (chatbot value, history) as the answer to `message` grows; the history includes the partial turn,
-        so that an answer stopped early stays in the conversation."""
+        """Yields (chatbot value, history) as the answer grows; the history holds the partial turn, so that an answer
+        stopped early stays in the conversation."""
         history = [list(turn) for turn in history or []]
         yield chat_messages(history + [[message, ""]]), history + [[message, ""]]
         prompt_ids, budget, notes = chat_prompt(self.model, self.prompt_format, message, history,

@@ -14,8 +14,7 @@ from utils.prompts import fit_prompt, get_prompt_format, user_message
 
 
 def decode_answer(tokenizer, ids, stop_ids) -> str:
-    """Text of generated ids up to the first stop token. ChatGLM3 starts its turn with an (empty) metadata line,
-    which strip() removes like the official post-processing does."""
+    """Text of generated ids up to the first stop token, stripped (of ChatGLM3's empty metadata line too)."""
     ids = itertools.takewhile(lambda token: token not in stop_ids, ids)
     return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
@@ -68,8 +67,7 @@ def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=
 
 
 def time_generation(model, input_ids, max_new_tokens, decode="auto"):
-    """(seconds to the first token, seconds in all) of one greedy stream_generate() run of exactly max_new_tokens
-    tokens (no stop token) on input_ids [B, S]. Decode tokens/s = B * (max_new_tokens - 1) / (total - first)."""
+    """(seconds to the first token, seconds in all) of one greedy run of exactly max_new_tokens tokens on input_ids."""
     synchronize = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     synchronize()
     started, first = time.perf_counter(), None

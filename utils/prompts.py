@@ -75,7 +75,7 @@ class ChatGLMPromptFormat:
 class ChatTemplatePromptFormat:
     """Native transformers models (GLM-4, Llama...): their tokenizer's chat template. The answer turn ends with the
     special tokens the template writes after it, or (GLM-4: none) the next turn's role token, as GLM-4's own finetuning
-    does. Generation stops at those and the eos ids of the tokenizer and of generation_config."""
+    does; generation stops at those and the eos ids."""
 
     labels_from_prompt_end = 0
     version = None
@@ -96,8 +96,7 @@ class ChatTemplatePromptFormat:
         return self._ids(chat_messages([*history, (message,)], system), generation_prompt=True)
 
     def _rendered_answer(self, answer):
-        """Ids after the generation prompt once `answer` follows it (a placeholder question: some templates skip
-        empty messages)."""
+        """Ids after the generation prompt once `answer` follows it (after a placeholder question, not an empty one)."""
         messages = chat_messages([("x",)])
         prompt = self._ids(messages, generation_prompt=True)
         full = self._ids(messages + [{"role": "assistant", "content": answer}], generation_prompt=False)
