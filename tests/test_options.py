@@ -119,8 +119,13 @@ def test_checks_come_in_the_order_a_user_needs_them(tiny_model_dirs, sixteen_exa
     # The model folder comes first.
     missing_model = tmp_path / "no_model"
     assert refused("train_deepspeed.py", f"--model_dir={missing_model}", f"--train_file={typo}", "--lora_r=0") == (
-        f"error: --model_dir={missing_model}: no such folder; give a model folder (config.json, tokenizer and weights; "
-        "see model_hub/README.md)")
+        f"error: --model_dir={missing_model}: no such folder")
+    adapter = tmp_path / "an_adapter"  # what --lora_path takes, given as the base
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert refused("train_trainer.py", f"--model_dir={adapter}") == (
+        f"error: --model_dir={adapter}: a LoRA adapter, not a model folder; it goes in --lora_path, with its base in "
+        "--model_dir")
     # The default data files of a data set that process.py has not made yet.
     assert refused("train_qlora.py", model, "--data_name=no_such_set") == (
         "error: data/no_such_set/instruct_data/train.txt: not found; make it with process.py first (python process.py "

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from utils.config_utils import ConfigError, flatten, set_flat
-from utils.model_loading import DTYPES, detect_model_version, read_config, remote_module
+from utils.adapters import check_model_dir, meta_model
+from utils.model_loading import DTYPES, chatglm_version
 from utils.run_dirs import RunFolder, find_resume_checkpoint
 from utils.run_record import check_resume_matches
 from utils.training_methods import KBIT_BITS, freeze_selection, lora_target_modules
@@ -126,30 +127,6 @@ def training_data_files(config, data_format="instruction"):
     return train_file, dev_file
 
 
-def check_model_dir(model_dir):
-    """The model folder's config.json (read before anything loads); a folder that is not there is named as such."""
-    if not Path(model_dir).is_dir():
-        what = "not a folder" if Path(model_dir).exists() else "no such folder"
-        raise ConfigError(f"--model_dir={model_dir}: {what}; give a model folder (config.json, tokenizer and weights; "
-                          "see model_hub/README.md)")
-    return read_config(model_dir)
-
-
-def meta_model(model_dir, model_config):
-    """The model of `model_dir` built on the meta device from its config.json (no weights are read), for the names of
-    its modules and parameters."""
-    if model_config.get("model_type") not in (None, "chatglm"):  # transformers' own classes (GLM-4)
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
-    version = detect_model_version(model_config, str(Path(model_dir) / "config.json"))
-    config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
-        **{k: v for k, v in model_config.items() if k != "quantization_bit"})
-    with torch.device("meta"):
-        return remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
-
-
 def check_lora_targets(spec, model, model_dir):
     """Every name of --lora_target_modules must be a linear layer of the model (peft's matching: the module's name,
     or its last components)."""
@@ -219,7 +196,7 @@ def check_training_options(config, model_config, script, methods=METHODS):
         raise ConfigError(f"--method=ptuning: {config['model_dir']} is a {model_config.get('model_type')} model; "
                           "P-tuning v2 here is ChatGLM's own (use lora or freeze)")
     if method in ("lora", "freeze"):
-        model = meta_model(config["model_dir"], model_config)
+        model = meta_model(chatglm_version(model_config), model_config, config["model_dir"])
         if method == "lora":
             check_lora_targets(config["lora"]["target_modules"], model, config["model_dir"])
         else:
