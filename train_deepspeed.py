@@ -38,11 +38,11 @@ from transformers.integrations import HfTrainerDeepSpeedConfig
 from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, leave_process_group, set_env_from_mpi
-from utils.model_loading import load_model_and_tokenizer, resolve_dtype
+from utils.model_loading import resolve_dtype
 from utils.trainer import (check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing,
                            training_arguments)
-from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, prefix_settings, prefix_state,
-                                    save_adapter, save_full_model, save_prefix, setup_method, write_partial_checkpoint)
+from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, load_model_to_train, prefix_state,
+                                    save_adapter, save_full_model, save_prefix, write_partial_checkpoint)
 from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_method, check_run_start, checkpoint_dir
 from utils.run_dirs import RunFolder, mark_complete, rotate_checkpoints
 from utils.run_record import resumed_line, run_record, write_run_record
@@ -201,19 +201,11 @@ def start_process_group(local_rank):
     return torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
 
 
-def load_model(config, method, device, master):
-    """The model set up to train by `method`; "auto" dtype follows the device (bf16/fp16 on GPUs, fp32 on CPU)."""
-    transformers.set_seed(config["seed"])  # the LoRA weights, or the prefix encoder as the model loads, follow --seed
-    prefix = prefix_settings(config) if method == "ptuning" else {}
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=resolve_dtype(config["dtype"], device.type),
-                                                device=str(device), **prefix)
-    if config["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    # What trains is said once, by rank 0; DeepSpeed keeps fp32 master copies of it.
+def load_model(config, device, master):
+    """The model set up to train by --method (said once, by rank 0; DeepSpeed keeps fp32 master copies of what
+    trains); "auto" dtype follows the device (bf16/fp16 on GPUs, fp32 on CPU)."""
     with contextlib.redirect_stdout(sys.stdout if master else io.StringIO()):
-        model = setup_method(model, config, method, master_fp32=False)
-    return model, tokenizer
+        return load_model_to_train(config, resolve_dtype(config["dtype"], device.type), str(device), master_fp32=False)
 
 
 def load_data(config, train_file, dev_file, model, tokenizer, master):
@@ -453,7 +445,7 @@ def main(config):
     device = start_process_group(config["local_rank"])
     master, world_size = dist.get_rank() == 0, dist.get_world_size()
     method = check_method(config["method"])
-    model, tokenizer = load_model(config, method, device, master)
+    model, tokenizer = load_model(config, device, master)
     train_data, eval_data, train_loader, eval_loader = load_data(config, train_file, dev_file, model, tokenizer, master)
     prepare_output_dir_once(output_dir, resume, config["overwrite_output_dir"])
     plan = plan_steps(config, train_loader.sampler)

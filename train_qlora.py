@@ -15,12 +15,11 @@ JSON's or --output_dir's folder): adapter_model/ or prefix_model/ (the prefix go
 --lora_path), each with train_args.json; checkpoint-N/ for resuming; runs/ (TensorBoard); loss.png.
 """
 import utils.log_filters  # noqa: F401, I001  (first: bitsandbytes logs a known-harmless message on import)
-from transformers import set_seed
 
 from utils.config_utils import parse_config
-from utils.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.model_loading import resolve_device, resolve_dtype
 from utils.trainer import train_and_finish, training_arguments
-from utils.training_methods import kbit_quantization_config, prefix_settings, prepare_kbit_model, setup_method
+from utils.training_methods import kbit_quantization_config, load_model_to_train
 from utils.training_options import DEFAULTS as SHARED_DEFAULTS
 from utils.training_options import check_run_start, checkpoint_dir, layer_train_args_json
 
@@ -43,14 +42,9 @@ def main(config):
                               extra_training_arguments, source=f"--train_args_json={config['train_args_json']}")
     ptuning = config["method"] == "ptuning"
     quantization = kbit_quantization_config(config["quant_bits"], compute_dtype, ptuning=ptuning)
-    set_seed(config["seed"])  # the prefix encoder is initialised as the model loads
-    model, tokenizer = load_model_and_tokenizer(config["model_dir"], dtype=compute_dtype, device=resolve_device("auto"),
-                                                quantization_config=quantization,
-                                                **(prefix_settings(config) if ptuning else {}))
-    # Frozen base, unquantized weights kept in the compute dtype (no fp32 copies), non-reentrant checkpointing.
-    model = prepare_kbit_model(model, compute_dtype, gradient_checkpointing=config["gradient_checkpointing"])
-    set_seed(config["seed"])  # the LoRA initialisation follows --seed
-    model = setup_method(model, config, config["method"])  # ptuning: the prefix encoder alone trains, in fp32
+    # Frozen base, unquantized weights kept in the compute dtype (no fp32 copies), non-reentrant checkpointing;
+    # ptuning: the prefix encoder alone trains, in fp32.
+    model, tokenizer = load_model_to_train(config, compute_dtype, resolve_device("auto"), quantization_config=quantization)
     run_info = {"script": "train_qlora.py", "training_arguments": file_values}
     train_and_finish(config, run_info, model, tokenizer, data_files, args, resume, compute_dtype)
 

@@ -21,13 +21,12 @@ import os
 
 import utils.log_filters  # noqa: F401, I001  (first: bitsandbytes logs a known-harmless message on import)
 import torch
-import transformers
 
 from utils.config_utils import parse_config
 from utils.distributed import leave_process_group, set_env_from_mpi
-from utils.model_loading import load_model_and_tokenizer, resolve_device, resolve_dtype
+from utils.model_loading import resolve_device, resolve_dtype
 from utils.trainer import train_and_finish, training_arguments
-from utils.training_methods import prefix_settings, setup_method
+from utils.training_methods import load_model_to_train
 from utils.training_options import DEFAULTS, check_run_start, checkpoint_dir
 
 
@@ -44,16 +43,9 @@ def main(config):
     method = config["method"]
     training_device = resolve_device("auto")
     compute_dtype = resolve_dtype(config["dtype"], training_device)
-    transformers.set_seed(config["seed"])  # the prefix encoder is initialised as the model loads
-    model, tokenizer = load_model_and_tokenizer(
-        config["model_dir"], dtype=torch.float32 if method == "full" and not deepspeed_config else compute_dtype,
-        device="cpu" if deepspeed_config else training_device,
-        **(prefix_settings(config) if method == "ptuning" else {}))
-    if config["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    transformers.set_seed(config["seed"])  # the LoRA initialisation follows --seed
-    model = setup_method(model, config, method, master_fp32=not deepspeed_config)
+    weights_dtype = torch.float32 if method == "full" and not deepspeed_config else compute_dtype
+    model, tokenizer = load_model_to_train(config, weights_dtype, "cpu" if deepspeed_config else training_device,
+                                           master_fp32=not deepspeed_config)
     # After the model has loaded: TrainingArguments with a ZeRO-3 config would make from_pretrained partition it.
     args = training_arguments(config, output_dir, compute_dtype, data_files[1] is not None, deepspeed_config)
     train_and_finish(config, {"script": "train_trainer.py"}, model, tokenizer, data_files, args, resume, compute_dtype)

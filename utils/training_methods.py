@@ -6,13 +6,14 @@ import copy
 import re
 from pathlib import Path
 
+import transformers
 from peft import LoraConfig, get_peft_model
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError
 from utils.model_folder import folder_config, write_model_folder, write_native_model_folder
 from utils.run_dirs import staged_folder
-from utils.model_loading import PREFIX_KEY, read_config
+from utils.model_loading import PREFIX_KEY, load_model_and_tokenizer, read_config
 from utils.run_record import write_run_record
 
 FULL_MODEL_DIR = "model"  # where --method=full (and freeze) writes the fine-tuned model folder
@@ -50,6 +51,23 @@ def setup_method(model, config, method, master_fp32=True):
                 param.data = param.data.float()
     print_trainable_parameters(model)
     return model
+
+
+def load_model_to_train(config, dtype, device, master_fp32=True, quantization_config=None):
+    """(model, tokenizer) of --model_dir set up to train by --method. The prefix encoder is initialised as the model
+    loads, the LoRA weights after it: both follow --seed. A quantized base (QLoRA) is readied by prepare_kbit_model."""
+    ptuning = config["method"] == "ptuning"
+    transformers.set_seed(config["seed"])
+    model, tokenizer = load_model_and_tokenizer(
+        config["model_dir"], dtype=dtype, device=device, quantization_config=quantization_config,
+        **({"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]} if ptuning else {}))
+    if quantization_config is not None:
+        model = prepare_kbit_model(model, dtype, gradient_checkpointing=config["gradient_checkpointing"])
+    elif config["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    transformers.set_seed(config["seed"])
+    return setup_method(model, config, config["method"], master_fp32=master_fp32), tokenizer
 
 
 def lora_target_modules(spec, chatglm=True):
@@ -125,11 +143,6 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
-
-
-def prefix_settings(config):
-    """load_model_and_tokenizer's keywords for --method=ptuning: the prefix encoder is built as the model loads."""
-    return {"pre_seq_len": config["pre_seq_len"], "prefix_projection": config["prefix_projection"]}
 
 
 def train_prefix_only(model, model_dir):
