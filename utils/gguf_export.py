@@ -306,12 +306,12 @@ def chat_template(family, tokenizer):
 
 # Ollama's TEMPLATE (Go templates) of each prompt format. Go templates cannot count, so ChatGLM2's is its one-round
 # form ("[Round 1]"); Ollama repeats it for earlier turns of a conversation.
+OLLAMA_ROLE = '<|{{ if eq .Role "tool" }}observation{{ else }}{{ .Role }}{{ end }}|>'  # OpenAI's tool: observation
 OLLAMA_TEMPLATES = {
-    "chatglm2-6b": "[gMASK]sop[Round 1]\n\n问：{{ if .System }}{{ .System }}\n{{ end }}{{ .Prompt }}\n\n答：{{ .Response }}",
-    "chatglm3-6b": ('[gMASK]sop{{ range .Messages }}<|{{ if eq .Role "tool" }}observation{{ else }}{{ .Role }}{{ end }}|>'
-                    "\n {{ .Content }}{{ end }}<|assistant|>"),
-    "glm": ('[gMASK]<sop>{{ range .Messages }}<|{{ if eq .Role "tool" }}observation{{ else }}{{ .Role }}{{ end }}|>'
-            "\n{{ .Content }}{{ end }}<|assistant|>"),
+    "chatglm2-6b": ("[gMASK]sop[Round 1]\n\n问：{{ if .System }}{{ .System }}\n{{ end }}{{ .Prompt }}\n\n答："
+                    "{{ .Response }}"),
+    "chatglm3-6b": f"[gMASK]sop{{{{ range .Messages }}}}{OLLAMA_ROLE}\n {{{{ .Content }}}}{{{{ end }}}}<|assistant|>",
+    "glm": f"[gMASK]<sop>{{{{ range .Messages }}}}{OLLAMA_ROLE}\n{{{{ .Content }}}}{{{{ end }}}}<|assistant|>",
 }
 OLLAMA_TEMPLATES["glm4"] = OLLAMA_TEMPLATES["glm"]
 # ChatGLM's own chat defaults (the official chat() and our web demo): sampling at temperature 0.8, top_p 0.8.
