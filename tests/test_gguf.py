@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFReader
 
 import merge_lora_and_quantize as merge_script
 import utils.gguf_export as gguf_export
@@ -54,12 +55,13 @@ def long_answer_records():
     return [json.loads(line) for line in lines if json.loads(line)["answer"].count("\n") >= 3][:8]
 
 
-def lora_run(model_dir, root):
-    """train_trainer.py's LoRA on every linear layer, long enough to learn the long-answer records."""
+def lora_run(model_dir, root, steps):
+    """train_trainer.py's LoRA on every linear layer on the long-answer records (a random tiny model needs about 40
+    steps to learn them; the shipped small model, pretrained, continues them decisively after a few)."""
     train = root / "train.txt"
     train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in long_answer_records()), encoding="utf-8")
     run_script("train_trainer.py", f"--model_dir={model_dir}", f"--train_file={train}", "--dev_file=none",
-               f"--output_dir={root / 'run'}", "--max_steps=40", "--save_steps=100", *OVERFIT)
+               f"--output_dir={root / 'run'}", f"--max_steps={steps}", "--save_steps=100", *OVERFIT)
     return root / "run" / "adapter_model"
 
 
@@ -85,13 +87,13 @@ def exported_set(root, lora_path="none", model_dir=""):
 def small(tmp_path_factory):
     """The shipped small model (ChatGLM2) with a LoRA run, exported as f16, q8_0 and q4_0."""
     root = tmp_path_factory.mktemp("gguf-small")
-    return exported_set(root, lora_path=lora_run(SMALL_MODEL, root)) | {"version": "chatglm2-6b"}
+    return exported_set(root, lora_path=lora_run(SMALL_MODEL, root, steps=3)) | {"version": "chatglm2-6b"}
 
 
 @pytest.fixture(scope="module")
 def chatglm3(trainable_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-chatglm3")
-    return exported_set(root, lora_path=lora_run(trainable_models["chatglm3-6b"], root)) | {"version": "chatglm3-6b"}
+    return exported_set(root, lora_path=lora_run(trainable_models["chatglm3-6b"], root, 40)) | {"version": "chatglm3-6b"}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def glm_exports(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"gguf-{kind}")
             texts = [f"{user_message(r)}\n{r['answer']}" for r in msra_records(300)] + list(TEXTS.values())
             model_dir = make_tiny_glm4(root / "model", texts, model_type=kind)
-            made[kind] = exported_set(root, lora_path=lora_run(model_dir, root), model_dir=model_dir) | {"version": None}
+            made[kind] = exported_set(root, lora_path=lora_run(model_dir, root, 40), model_dir=model_dir) | {"version": None}
         return made[kind]
 
     return export_layout
@@ -223,3 +225,61 @@ def test_modelfile_names_the_file_and_stops_on_special_tokens(exported):
         for stop in stops:  # each one token of the vocabulary that ends generation
             tokens = llm.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
             assert len(tokens) == 1 and llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), tokens[0]), stop
+
+
+def gguf_tensors(path):
+    """name -> (GGUF type, shape, bytes) of a GGUF file's tensors."""
+    return {t.name: (t.tensor_type, tuple(t.shape), t.data.tobytes()) for t in GGUFReader(path).tensors}
+
+
+def test_a_model_folder_alone_gives_the_same_file(exported, tmp_path):
+    """--lora_path=none on the merged folder: the same tensors as from the base and its adapter (the names of the
+    folders, written into the file, differ)."""
+    for gguf_type in ("f16", "q4_0"):
+        from_adapter = exported["files"][gguf_type]
+        alone = export(tmp_path / gguf_type, gguf_type, model_dir=exported["files"]["f16"].parent)
+        assert gguf_tensors(alone) == gguf_tensors(from_adapter)
+
+
+def refused(*args):
+    """A refused merge_lora_and_quantize.py run: (its one error line, whether it left anything in the output)."""
+    result = run_script("merge_lora_and_quantize.py", *args, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()
+
+
+def test_what_llama_cpp_cannot_run_is_refused_in_one_line(trainable_models, small, tmp_path):
+    target = tmp_path / "out"
+    v1 = refused("--lora_path=none", f"--model_dir={trainable_models['chatglm-6b']}", f"--output_dir={target}",
+                 "--gguf=f16")
+    assert v1 == ["error: --gguf: ChatGLM-6B (v1) has no llama.cpp architecture (llama.cpp runs ChatGLM2-6B, "
+                  "ChatGLM3-6B and GLM-4); it cannot be written as a GGUF"]
+    bad_type = refused("--lora_path=none", f"--model_dir={SMALL_MODEL}", f"--output_dir={target}", "--gguf=q4_k_m")
+    assert bad_type == ["error: --gguf='q4_k_m': expected one of f16, q8_0, q4_0 (gguf-py cannot write k-quants such "
+                        "as q4_k_m; llama.cpp's llama-quantize makes them from the f16 file)"]
+    # Our int8 folder: the GGUF is made from float weights (q8_0 is llama.cpp's own 8 bits).
+    int8 = merge_script.main(dict(merge_script.DEFAULTS, lora_path="none", model_dir=str(SMALL_MODEL),
+                                  output_dir=str(tmp_path / "int8"), quant_bits=8))
+    quantized = refused("--lora_path=none", f"--model_dir={int8}", f"--output_dir={target}", "--gguf=q8_0")
+    assert len(quantized) == 1 and "is quantized (quantization_bit=8)" in quantized[0]
+    assert not target.exists()
+
+
+def test_p_tuning_prefix_is_refused(trainable_models, tmp_path):
+    run_dir = tmp_path / "ptuning"
+    run_script("train_trainer.py", f"--model_dir={trainable_models['chatglm2-6b']}", f"--output_dir={run_dir}",
+               "--method=ptuning", "--pre_seq_len=4", "--max_steps=1", "--save_steps=100", "--dev_file=none",
+               "--report_to=none")
+    lines = refused(f"--lora_path={run_dir / 'prefix_model'}", f"--output_dir={tmp_path / 'out'}", "--gguf=f16")
+    assert len(lines) == 1 and "is a P-tuning v2 prefix" in lines[0] and "llama.cpp has no place for" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_gguf_write_leaves_nothing(small, tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_export, "encode_tensor", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        export(tmp_path / "out", "f16", model_dir=small["files"]["f16"].parent)
+    assert list(tmp_path.iterdir()) == []
