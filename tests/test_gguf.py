@@ -3,7 +3,8 @@ The shipped small model with a LoRA run (ChatGLM2), a tiny ChatGLM3 with an adap
 transformers layout (GlmForCausalLM with an adapter, Glm4ForCausalLM from its folder alone): llama.cpp tokenizes as
 our tokenizer does, continues an MSRA prompt greedily as our model does (f16: all 16 tokens, q8_0: at least 12, q4_0:
 it loads and answers), and its chat completion builds our prompt ids; what llama.cpp cannot take is refused in one
-line. Ollama itself is not run: its Modelfile is checked against the GGUF's vocabulary only. About a minute on 2 cores."""
+line. Ollama itself is not run: its Modelfile is checked against the GGUF's vocabulary only. About two minutes on
+2 CPU cores (most of it the four LoRA runs)."""
 import json
 
 import numpy as np
@@ -38,7 +39,8 @@ TOOL_CHAT = [
     {"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": TOOLS},
     {"role": "user", "content": "北京今天天气怎么样？"},
     {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='北京')\n```"},
-    {"role": "observation", "content": json.dumps({"city": "北京", "weather": "晴", "temperature": 25}, ensure_ascii=False)},
+    {"role": "observation", "content": json.dumps({"city": "北京", "weather": "晴", "temperature": 25},
+                                                  ensure_ascii=False)},
     {"role": "assistant", "content": "北京今天晴，气温25度。"},
     {"role": "user", "content": "那上海呢？"},
 ]
@@ -93,7 +95,8 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chatglm3(trainable_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-chatglm3")
-    return exported_set(root, lora_path=lora_run(trainable_models["chatglm3-6b"], root, 40)) | {"version": "chatglm3-6b"}
+    adapter = lora_run(trainable_models["chatglm3-6b"], root, 40)
+    return exported_set(root, lora_path=adapter) | {"version": "chatglm3-6b"}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,8 @@ def glm_exports(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"gguf-{kind}")
             texts = [f"{user_message(r)}\n{r['answer']}" for r in msra_records(300)] + list(TEXTS.values())
             model_dir = make_tiny_glm4(root / "model", texts, model_type=kind)
-            made[kind] = exported_set(root, lora_path=lora_run(model_dir, root, 40), model_dir=model_dir) | {"version": None}
+            adapter = lora_run(model_dir, root, 40)
+            made[kind] = exported_set(root, lora_path=adapter, model_dir=model_dir) | {"version": None}
         return made[kind]
 
     return export_layout
@@ -184,7 +188,6 @@ def test_greedy_continuation_of_an_msra_prompt(exported):
     assert sum(a == b for a, b in zip(q8_0, ours)) >= 12, (q8_0, ours)
     q4_0 = quantized_choices(exported["files"]["q4_0"], prompt, ours)
     assert len(q4_0) == NEW_TOKENS and exported["tokenizer"].decode(q4_0).strip(), q4_0
-    print(f"q8_0 agrees on {sum(a == b for a, b in zip(q8_0, ours))}/16, q4_0 on {sum(a == b for a, b in zip(q4_0, ours))}/16")
 
 
 def llama_chat_prompt_ids(llm, messages):
@@ -219,12 +222,13 @@ def test_modelfile_names_the_file_and_stops_on_special_tokens(exported):
     for gguf_type, path in exported["files"].items():
         lines = (path.parent / "Modelfile").read_text(encoding="utf-8").splitlines()
         assert f"FROM ./{path.name}" in lines and any(line.startswith('TEMPLATE """[gMASK]') for line in lines)
-        stops = [json.loads(line.removeprefix("PARAMETER stop ")) for line in lines if line.startswith("PARAMETER stop ")]
+        stops = [json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("PARAMETER stop ")]
         assert stops, lines
         llm = exported["vocab"][gguf_type]
         for stop in stops:  # each one token of the vocabulary that ends generation
             tokens = llm.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
-            assert len(tokens) == 1 and llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), tokens[0]), stop
+            vocab = llama_cpp.llama_model_get_vocab(llm.model)
+            assert len(tokens) == 1 and llama_cpp.llama_vocab_is_eog(vocab, tokens[0]), stop
 
 
 def gguf_tensors(path):
