@@ -345,8 +345,9 @@ def add_metadata(writer, family, config, tokenizer, name, gguf_type):
 
 
 def write_gguf(path, family, config, tokenizer, tensors, gguf_type, name):
-    """Write `path`: `tensors` maps our tensor names to tensors or to functions that return one (read only when
-    its turn comes). Header and tensor table first, then one tensor at a time."""
+    """Write `path`: `tensors` maps our tensor names to torch tensors, or to (shape, function) pairs whose function
+    makes the tensor when its turn comes (a model that never is in memory whole). Header and tensor table first,
+    then one tensor at a time: converted, quantized, appended, dropped."""
     shapes = {key: tuple(value.shape) if hasattr(value, "shape") else tuple(value[0]) for key, value in tensors.items()}
     planned = plan_tensors(family, shapes, gguf_type)
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[family.arch])
