@@ -188,11 +188,6 @@ def plan_tensors(family, tensors, gguf_type):
     return planned
 
 
-def planned_size(planned):
-    """The bytes that the tensors of plan_tensors take in the file (without header and padding)."""
-    return sum(tensor_nbytes(shape, qtype) for _, _, shape, qtype in planned)
-
-
 def sentencepiece_vocabulary(tokenizer, vocab_size):
     """ChatGLM2/3: the SentencePiece pieces with their scores and types, then the GLM specials after them ([gMASK],
     sop, role tokens: control tokens), then unused padding up to the embedding's rows."""
