@@ -13,6 +13,7 @@ for every token (the int4 kernels are CUDA-only).
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -63,6 +64,7 @@ def llama_cpp_decode(path, prompt, new_tokens, threads):
     """(prefill tokens/s, decode tokens/s) of greedy batch-1 decoding in llama.cpp."""
     import llama_cpp
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's load log: errors only
     params = llama_cpp.llama_model_default_params()
     params.use_extra_bufts = False
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
