@@ -25,36 +25,35 @@ GGUF_TYPES = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q8_0),
     "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0),
 }
-BLOCK = r"\.(?P<bid>\d+)\."
-# Our tensor names (without .weight / .bias) -> llama.cpp's, per layout (llama.cpp's tensor_mapping.py lists the same).
-CHATGLM_TENSORS = [
-    (r"transformer\.embedding\.word_embeddings", T.TOKEN_EMBD),
-    (r"transformer\.encoder\.final_layernorm", T.OUTPUT_NORM),
-    (r"transformer\.output_layer", T.OUTPUT),
-    (rf"transformer\.encoder\.layers{BLOCK}input_layernorm", T.ATTN_NORM),
-    (rf"transformer\.encoder\.layers{BLOCK}self_attention\.query_key_value", T.ATTN_QKV),
-    (rf"transformer\.encoder\.layers{BLOCK}self_attention\.dense", T.ATTN_OUT),
-    (rf"transformer\.encoder\.layers{BLOCK}post_attention_layernorm", T.FFN_NORM),
-    (rf"transformer\.encoder\.layers{BLOCK}mlp\.dense_h_to_4h", T.FFN_UP),  # gate and up, stacked: llama.cpp splits
-    (rf"transformer\.encoder\.layers{BLOCK}mlp\.dense_4h_to_h", T.FFN_DOWN),
+CHATGLM_BLOCK, GLM_BLOCK = "transformer.encoder.layers.{bid}.", "model.layers.{bid}."
+# llama.cpp's tensors and ours (without .weight / .bias): (llama.cpp, ChatGLM2/3, GLM-4 of transformers), as llama.cpp's
+# tensor_mapping.py lists them; None where a layout has no such tensor.
+TENSOR_TABLE = [
+    (T.TOKEN_EMBD, "transformer.embedding.word_embeddings", "model.embed_tokens"),
+    (T.OUTPUT_NORM, "transformer.encoder.final_layernorm", "model.norm"),
+    (T.OUTPUT, "transformer.output_layer", "lm_head"),
+    (T.ATTN_NORM, CHATGLM_BLOCK + "input_layernorm", GLM_BLOCK + "input_layernorm"),
+    (T.ATTN_QKV, CHATGLM_BLOCK + "self_attention.query_key_value", None),
+    (T.ATTN_Q, None, GLM_BLOCK + "self_attn.q_proj"),
+    (T.ATTN_K, None, GLM_BLOCK + "self_attn.k_proj"),
+    (T.ATTN_V, None, GLM_BLOCK + "self_attn.v_proj"),
+    (T.ATTN_OUT, CHATGLM_BLOCK + "self_attention.dense", GLM_BLOCK + "self_attn.o_proj"),
+    (T.FFN_NORM, CHATGLM_BLOCK + "post_attention_layernorm", GLM_BLOCK + "post_attention_layernorm"),
+    # gate and up stacked in one matrix in both; llama.cpp splits it
+    (T.FFN_UP, CHATGLM_BLOCK + "mlp.dense_h_to_4h", GLM_BLOCK + "mlp.gate_up_proj"),
+    (T.FFN_DOWN, CHATGLM_BLOCK + "mlp.dense_4h_to_h", GLM_BLOCK + "mlp.down_proj"),
+    (T.ATTN_POST_NORM, None, GLM_BLOCK + "post_self_attn_layernorm"),  # Glm4ForCausalLM's extra norms
+    (T.FFN_POST_NORM, None, GLM_BLOCK + "post_mlp_layernorm"),
 ]
-GLM_TENSORS = [
-    (r"model\.embed_tokens", T.TOKEN_EMBD),
-    (r"model\.norm", T.OUTPUT_NORM),
-    (r"lm_head", T.OUTPUT),
-    (rf"model\.layers{BLOCK}input_layernorm", T.ATTN_NORM),
-    (rf"model\.layers{BLOCK}self_attn\.q_proj", T.ATTN_Q),
-    (rf"model\.layers{BLOCK}self_attn\.k_proj", T.ATTN_K),
-    (rf"model\.layers{BLOCK}self_attn\.v_proj", T.ATTN_V),
-    (rf"model\.layers{BLOCK}self_attn\.o_proj", T.ATTN_OUT),
-    (rf"model\.layers{BLOCK}post_attention_layernorm", T.FFN_NORM),
-    (rf"model\.layers{BLOCK}mlp\.gate_up_proj", T.FFN_UP),
-    (rf"model\.layers{BLOCK}mlp\.down_proj", T.FFN_DOWN),
-]
-GLM4_TENSORS = GLM_TENSORS + [
-    (rf"model\.layers{BLOCK}post_self_attn_layernorm", T.ATTN_POST_NORM),
-    (rf"model\.layers{BLOCK}post_mlp_layernorm", T.FFN_POST_NORM),
-]
+
+
+def tensor_patterns(column):
+    """[(regex of our name, llama.cpp tensor)] of one layout (column 1: ChatGLM2/3, 2: GLM-4) of TENSOR_TABLE."""
+    return [(re.escape(row[column]).replace(re.escape("{bid}"), r"(?P<bid>\d+)"), row[0])
+            for row in TENSOR_TABLE if row[column]]
+
+
+CHATGLM_TENSORS, GLM_TENSORS = tensor_patterns(1), tensor_patterns(2)
 # Buffers that llama.cpp computes itself.
 SKIPPED_TENSORS = re.compile(r".*rotary_pos_emb\.inv_freq$")
 # tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer names. GLM-4's split regex is the cl100k one
@@ -81,7 +80,7 @@ FAMILIES = {
     "chatglm3-6b": Family("chatglm3-6b", gguf.MODEL_ARCH.CHATGLM, CHATGLM_TENSORS,
                           ("</s>", "<|user|>", "<|observation|>")),
     "glm": Family("glm", gguf.MODEL_ARCH.CHATGLM, GLM_TENSORS, ("<|endoftext|>", "<|user|>", "<|observation|>")),
-    "glm4": Family("glm4", gguf.MODEL_ARCH.GLM4, GLM4_TENSORS, ("<|endoftext|>", "<|user|>", "<|observation|>")),
+    "glm4": Family("glm4", gguf.MODEL_ARCH.GLM4, GLM_TENSORS, ("<|endoftext|>", "<|user|>", "<|observation|>")),
 }
 
 
