@@ -1,10 +1,10 @@
 """merge_lora_and_quantize.py --gguf: the GGUF files run in llama.cpp (through llama-cpp-python) as our models do. The
-shipped small model with a LoRA run (ChatGLM2), a tiny ChatGLM3 with an adapter, a tiny GLM-4 of each transformers
-layout (GlmForCausalLM with an adapter, Glm4ForCausalLM from its folder alone): llama.cpp tokenizes as our tokenizer
-does, continues an MSRA prompt greedily as our model does (f16: all 16 tokens, q8_0: at least 12, q4_0: it loads and
-answers), and its chat completion builds our prompt ids; what llama.cpp cannot take is refused in one line. Ollama
-itself is not run: its Modelfile is checked against the GGUF's vocabulary only. Two to three minutes on 2 CPU cores
-(most of it the four LoRA runs)."""
+shipped small model (ChatGLM2), a tiny ChatGLM3 and a tiny GLM-4 of each transformers layout (GlmForCausalLM,
+Glm4ForCausalLM), each after a LoRA run: llama.cpp tokenizes as our tokenizer does, continues an MSRA prompt
+greedily as our model does (f16: all 16 tokens; q8_0: our token at 12 or more of the 16 steps; q4_0: it loads and
+answers), its chat completion builds our prompt ids, and the merged folder alone (--lora_path=none) gives the same
+tensors; what llama.cpp cannot take is refused in one line. Ollama itself is not run: its Modelfile is checked
+against the GGUF's vocabulary only. Two to three minutes on 2 CPU cores (most of it the four LoRA runs)."""
 import json
 
 import numpy as np
