@@ -288,6 +288,14 @@ class Trainer(transformers.Trainer):
         output.metrics["train_loss"] = loss
         return TrainOutput(output.global_step, loss, output.metrics)
 
+    def final_evaluation(self):
+        """The metrics of the evaluation at the last step: the Trainer's own when it ran one there (transformers 5
+        evaluates at the last step), else one run now (every process takes part), so the end is evaluated once."""
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        if evaluations and evaluations[-1]["step"] == self.state.global_step:
+            return {key: value for key, value in evaluations[-1].items() if key != "step"}
+        return self.evaluate()
+
     def save_model(self, output_dir=None, _internal_call=False):
         if not self.trainable_only:
             return super().save_model(output_dir, _internal_call)
@@ -364,7 +372,7 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
                       run_info={**run_info, "config": config, "model_version": model.model_version})
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
+    final_eval = trainer.final_evaluation() if eval_data is not None else {}
     if method in ("full", "freeze"):  # every process takes part in gathering ZeRO-3 shards; saved in the compute dtype
         state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
         if trainer.is_world_process_zero():
