@@ -3,6 +3,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import REPO_ROOT
 from utils.dataset import PaddingCollator
 from utils.model_loading import load_model_and_tokenizer
 from utils.trainer import Trainer, load_datasets, training_arguments
@@ -24,7 +25,7 @@ def tiny_trainer(model_dir, data_file, output_dir, callbacks=(), **options):
     """Our Trainer on a tiny model with LoRA, training and evaluating on data_file, as train_trainer.py builds it."""
     transformers.set_seed(0)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
-    model = add_lora(model, DEFAULTS["lora"])
+    model = add_lora(model, {**DEFAULTS["lora"], "dropout": 0.0})  # the same loss at every call in training mode
     config = {**DEFAULTS, "save_steps": 0, "report_to": "none", "per_device_train_batch_size": 4, "warmup_steps": 0,
               **options}
     args = training_arguments(config, output_dir, torch.float32, has_eval=True)
@@ -47,3 +48,37 @@ def test_each_evaluation_point_is_evaluated_once(max_steps, evaluated_at, tiny_m
     # The run's final figures are those logged at the last step.
     assert final == {key: value for key, value in logged[-1].items() if key != "step"}
     assert final["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+
+
+def eval_loss_as_before(trainer, batch_size):
+    """eval_loss as the Trainer's own loop gives it: the model's loss (mean over a batch's target tokens) of each
+    batch of batch_size consecutive dev samples, weighted by the batch's samples."""
+    data, total = trainer.eval_dataset, 0.0
+    trainer.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            total += trainer.model(**trainer.data_collator(batch)).loss.item() * len(batch)
+    return total / len(data)
+
+
+@pytest.fixture(scope="module")
+def glm4_dir(tmp_path_factory):
+    from tools.tiny_models import make_tiny_glm4
+    from utils.records import read_instruction_records
+    from utils.prompts import user_message
+
+    records = read_instruction_records(REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt")
+    return make_tiny_glm4(tmp_path_factory.mktemp("glm") / "model", [f"{user_message(r)}\n{r['answer']}" for r in records])
+
+
+@pytest.mark.parametrize("model", ["chatglm-6b", "chatglm2-6b", "glm"])
+def test_evaluation_in_length_batches_gives_the_eval_loss_of_the_trainers_loop(model, tiny_model_dirs, glm4_dir,
+                                                                                sixteen_examples, tmp_path):
+    model_dir = glm4_dir if model == "glm" else tiny_model_dirs[model]
+    trainer = tiny_trainer(model_dir, sixteen_examples, tmp_path, max_steps=2, eval_steps=100)
+    trainer.train()  # LoRA weights that are not zero
+    for eval_tokens in (64, 100_000):  # batches of one or two samples; all samples in one batch
+        for batch_size in (1, 3, 4):
+            trainer.eval_tokens, trainer.args.per_device_eval_batch_size = eval_tokens, batch_size
+            assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss_as_before(trainer, batch_size), rel=1e-5)
