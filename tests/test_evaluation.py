@@ -69,7 +69,8 @@ def glm4_dir(tmp_path_factory):
     from utils.prompts import user_message
 
     records = read_instruction_records(REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt")
-    return make_tiny_glm4(tmp_path_factory.mktemp("glm") / "model", [f"{user_message(r)}\n{r['answer']}" for r in records])
+    texts = [f"{user_message(r)}\n{r['answer']}" for r in records]
+    return make_tiny_glm4(tmp_path_factory.mktemp("glm") / "model", texts)
 
 
 @pytest.mark.parametrize("model", ["chatglm-6b", "chatglm2-6b", "glm"])

@@ -316,7 +316,8 @@ class Trainer(transformers.Trainer):
         Anything else: the Trainer's own loop."""
         data = dataloader.dataset
         if not prediction_loss_only or not isinstance(data, EncodedDataset):
-            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
         model, device, world = self.model_wrapped, self.args.device, self.args.world_size
         model.eval()
         batches = length_batches([len(example["input_ids"]) for example in data], self.eval_tokens)
