@@ -63,23 +63,52 @@ def eval_loss_as_before(trainer, batch_size):
 
 
 @pytest.fixture(scope="module")
-def glm4_dir(tmp_path_factory):
+def glm4_dirs(tmp_path_factory):
+    """Tiny GLM-4 folders of both layouts (tools/tiny_models.py), their tokenizers trained on the demo data."""
     from tools.tiny_models import make_tiny_glm4
     from utils.records import read_instruction_records
     from utils.prompts import user_message
 
     records = read_instruction_records(REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt")
     texts = [f"{user_message(r)}\n{r['answer']}" for r in records]
-    return make_tiny_glm4(tmp_path_factory.mktemp("glm") / "model", texts)
+    return {kind: make_tiny_glm4(tmp_path_factory.mktemp(kind) / "model", texts, model_type=kind)
+            for kind in ("glm", "glm4")}
 
 
 @pytest.mark.parametrize("model", ["chatglm-6b", "chatglm2-6b", "glm"])
-def test_evaluation_in_length_batches_gives_the_eval_loss_of_the_trainers_loop(model, tiny_model_dirs, glm4_dir,
+def test_evaluation_in_length_batches_gives_the_eval_loss_of_the_trainers_loop(model, tiny_model_dirs, glm4_dirs,
                                                                                 sixteen_examples, tmp_path):
-    model_dir = glm4_dir if model == "glm" else tiny_model_dirs[model]
+    model_dir = glm4_dirs["glm"] if model == "glm" else tiny_model_dirs[model]
     trainer = tiny_trainer(model_dir, sixteen_examples, tmp_path, max_steps=2, eval_steps=100)
     trainer.train()  # LoRA weights that are not zero
     for eval_tokens in (64, 100_000):  # batches of one or two samples; all samples in one batch
         for batch_size in (1, 3, 4):
             trainer.eval_tokens, trainer.args.per_device_eval_batch_size = eval_tokens, batch_size
             assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss_as_before(trainer, batch_size), rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["glm", "glm4"])
+def test_glm4_training_loss_is_chunked_and_equals_the_models_own(layout, glm4_dirs, sixteen_examples, tmp_path):
+    trainer = tiny_trainer(glm4_dirs[layout], sixteen_examples, tmp_path, max_steps=2, eval_steps=100)
+    trainer.train()  # LoRA weights that are not zero
+    model, batch = trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    trainer.loss_chunk_rows = 16
+    assert targets > 3 * trainer.loss_chunk_rows
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    expected = model(**batch).loss
+    expected_grads = torch.autograd.grad(expected, trained)
+    logit_rows = []
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, output: logit_rows.append(output.shape[:-1].numel()))
+    try:
+        loss = trainer.compute_loss(model, batch)
+        grads = torch.autograd.grad(loss, trained)
+    finally:
+        hook.remove()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    # The output layer saw the last position of each row (8 rows) and chunks of target rows, forward and backward.
+    assert max(logit_rows) == trainer.loss_chunk_rows and sum(logit_rows) == 8 + 2 * targets, logit_rows

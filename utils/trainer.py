@@ -308,6 +308,18 @@ class Trainer(transformers.Trainer):
         return run_record(**self.run_info, train_data=self.train_dataset, eval_data=self.eval_dataset,
                           world_size=self.args.world_size, deepspeed_config=deepspeed)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """transformers' own models (GLM-4): the loss from target_losses, so that training holds no full-vocabulary
+        fp32 logits (151,552 wide on GLM-4), scaled as the Trainer scales their own loss. The ChatGLM models chunk
+        their loss themselves."""
+        if return_outputs or not is_native(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        losses, _ = target_losses(model, inputs, self.loss_chunk_rows)
+        if num_items_in_batch is None:
+            return losses.sum() / len(losses)
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return losses.sum() / num_items_in_batch * scale
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """The loss alone (no compute_metrics) of encoded samples: in batches of similar length of up to eval_tokens
