@@ -163,7 +163,8 @@ def main():
 
     rows += whole_job(rows)
     device = "CPU (--tiny)" if args.tiny else torch.cuda.get_device_name()
-    print(f"\n# {device}, torch {torch.__version__}, {args.model_dir or 'ChatGLM2-6B random weights'}, {time.strftime('%Y-%m-%d')}")
+    model = args.model_dir or "ChatGLM2-6B random weights"
+    print(f"\n# {device}, torch {torch.__version__}, {model}, {time.strftime('%Y-%m-%d')}")
     columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "between_logs_tokens_per_s", "peak_gib", "train_loss",
                "first_token_s", "chat_tokens_per_s", "of_component"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
