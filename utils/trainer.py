@@ -339,8 +339,10 @@ class Trainer(transformers.Trainer):
         for step in range(self.args.process_index, -(-len(batches) // world) * world, world):
             batch = batches[step % len(batches)]
             inputs = {key: value.to(device) for key, value in self.data_collator([data[i] for i in batch]).items()}
+            # The batch's targets in one chunk (at most eval_tokens rows): every process calls the output layer as
+            # often, as ZeRO-3's gathering of its weights needs.
             with torch.no_grad(), self.compute_loss_context_manager():
-                losses, rows = target_losses(model, inputs, self.loss_chunk_rows)
+                losses, rows = target_losses(model, inputs, inputs["input_ids"].numel())
             if step < len(batches):
                 samples = torch.tensor(batch, device=device)[rows]
                 sums.index_add_(0, samples, losses.double())
