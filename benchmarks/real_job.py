@@ -2,11 +2,13 @@
 real config.json): process MSRA (val + msra_1000 as train, test as dev) -> train one epoch with the seed-style settings
 (LoRA r 8 on query_key_value, batch 12, max_source_length 128, max_target_length 32), unpacked and packed -> predict.py
 over the whole MSRA test set with the adapter (32 new tokens) -> chat: time to the first streamed token and tokens/s.
-Prints one table: wall time of each stage, real (non-padding) tokens/s, peak GPU memory.
+Prints one table: wall time of each stage, real (non-padding) tokens/s, peak GPU memory, and the whole job as one row:
+process -> the first packed training (else the unpacked one) -> the first predict run, each stage's wall and the sum.
 
     python benchmarks/real_job.py --tokenizer_dir ../shared/assets/tokenizers/chatglm2-6b --msra_dir ../shared/data/msra \
         --work_dir /tmp/real_job --json real_job.json
     python benchmarks/real_job.py ... --tiny      # a tiny model on the CPU, a few steps: checks the stages, measures nothing
+    python benchmarks/real_job.py ... --tiny --model_dir model_hub/chatglm2-small   # the shipped small model
 
 Each stage runs as a user would run it (a new process per script), so the wall times include start-up, loading and
 compilation; the table also gives the scripts' own figures (train_runtime, predict seconds) without them.
@@ -26,7 +28,7 @@ from tools.tiny_models import make_tiny_model  # noqa: E402
 
 SEED_STYLE = ["--lora_r=8", "--lora_alpha=32", "--lora_dropout=0.05", "--lora_target_modules=query_key_value",
               "--max_source_length=128", "--max_target_length=32", "--learning_rate=2e-4", "--warmup_steps=0.05",
-              "--save_steps=0", "--eval_steps=100000", "--logging_steps=10", "--report_to=none", "--dev_file=none.txt"]
+              "--save_steps=0", "--eval_steps=100000", "--logging_steps=10", "--report_to=none", "--dev_file=none"]
 
 
 def run(name, command, log_dir):
@@ -64,6 +66,18 @@ def chat_timing(model_dir, lora_path, questions, max_new_tokens):
     return rows
 
 
+def whole_job(rows):
+    """The job a user runs, as one row: process, the first packed training (else the unpacked one), the first
+    predict run; each stage's wall and their sum. None where a stage did not run."""
+    trainings = sorted((row for row in rows if row.get("kind") == "train"), key=lambda row: not row["packed"])
+    parts = [next((row for row in rows if row["stage"].startswith("process.py")), None), next(iter(trainings), None),
+             next((row for row in rows if row.get("kind") == "predict"), None)]
+    if None in parts:
+        return []
+    walls = " + ".join(f"{name} {row['wall_s']}" for name, row in zip(("process", "train", "predict"), parts))
+    return [{"stage": f"the whole job ({walls} s)", "wall_s": round(sum(row["wall_s"] for row in parts), 1)}]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer_dir", required=True, help="the real chatglm2-6b config.json and tokenizer.model")
@@ -73,13 +87,14 @@ def main():
     parser.add_argument("--predict_batch_sizes", default="32", help="predict.py runs, comma-separated batch sizes")
     parser.add_argument("--stages", default="process,train,packed,predict,chat,components")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model_dir", default="", help="a model folder to use instead of random weights")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (or --tiny)")
     work, msra = Path(args.work_dir), Path(args.msra_dir)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, data_dir = work / ("tiny-model" if args.tiny else "model"), work / "data"
+    model_dir, data_dir = Path(args.model_dir or work / ("tiny-model" if args.tiny else "model")), work / "data"
     if not model_dir.exists():
         started = time.time()
         if args.tiny:
@@ -108,7 +123,7 @@ def main():
                               f"--output_dir={run_dir}", "--overwrite_output_dir=true", "--num_train_epochs=1", *SEED_STYLE, *extra, *limit], work)
         record = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
         metrics = record["metrics"]
-        rows.append({"stage": f"train_trainer.py, 1 epoch, {title}", "kind": "train",
+        rows.append({"stage": f"train_trainer.py, 1 epoch, {title}", "kind": "train", "packed": "packed" in title,
                      "wall_s": round(seconds, 1), "script_s": round(metrics["train_runtime"], 1),
                      "real_tokens_per_s": round(metrics["num_input_tokens_seen"] / metrics["train_runtime"]),
                      "between_logs_tokens_per_s": metrics.get("steady_tokens_per_second"),
@@ -124,7 +139,7 @@ def main():
         metrics = json.loads((out / "metrics.json").read_text())
         samples = sum(1 for _ in open(out / "predictions.jsonl", encoding="utf-8"))
         rows.append({"stage": f"predict.py with the adapter, {samples} sentences, 32 new tokens, batch {batch_size}",
-                     "wall_s": round(seconds, 1), "script_s": metrics["adapter"]["seconds"]})
+                     "kind": "predict", "wall_s": round(seconds, 1), "script_s": metrics["adapter"]["seconds"]})
 
     if "chat" in stages:
         started = time.perf_counter()
@@ -146,8 +161,10 @@ def main():
                      "real_tokens_per_s": " / ".join(str(found[k]["tokens_per_s"]) for k in ("decode-v2-b1", "decode-v2-b16", "lora-v2")),
                      "peak_gib": found["lora-v2"]["peak_gib"]})
 
+    rows += whole_job(rows)
     device = "CPU (--tiny)" if args.tiny else torch.cuda.get_device_name()
-    print(f"\n# {device}, torch {torch.__version__}, ChatGLM2-6B random weights, {time.strftime('%Y-%m-%d')}")
+    model = args.model_dir or "ChatGLM2-6B random weights"
+    print(f"\n# {device}, torch {torch.__version__}, {model}, {time.strftime('%Y-%m-%d')}")
     columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "between_logs_tokens_per_s", "peak_gib", "train_loss",
                "first_token_s", "chat_tokens_per_s", "of_component"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

@@ -187,7 +187,11 @@ def test_train_qlora_ptuning_trains_the_prefix_alone_on_the_kbit_base_and_it_rel
                                                pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection)
     assert sum(type(m).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt") for m in base.modules()) == 4 * base.config.num_layers
     load_prefix_checkpoint(base, prefix_dir)
-    assert mean_loss(base, tokenizer, version, sixteen_examples) == pytest.approx(train_args["metrics"]["eval_loss"], rel=1e-5)
+    # The run evaluated in batches sorted by length; LLM.int8 picks its fp16 outlier columns per batch, so there the
+    # figure of other batches differs in the sixth digit.
+    tolerance = 1e-5 if bits == 4 else 1e-4
+    assert mean_loss(base, tokenizer, version, sixteen_examples) == pytest.approx(train_args["metrics"]["eval_loss"],
+                                                                                  rel=tolerance)
 
     # predict.py's way (--lora_path=<run>/prefix_model): onto the unquantized base, where it helps as well.
     model, tokenizer = load_model_with_adapter(model_dir, prefix_dir, dtype="fp32", device="cpu")

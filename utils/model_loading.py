@@ -6,8 +6,10 @@ import errno
 import importlib.util
 import json
 import os
+import pickle
 import stat
 import sys
+import time
 from pathlib import Path
 from types import MethodType
 
@@ -21,7 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_SCRIPTS = REPO_ROOT / "remote_scripts"
 VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.model", "chatglm3-6b": "tokenizer.model"}
-WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
+# The weights of a folder as transformers reads them: the single file, else the shards its index names.
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 PREFIX_KEY = "transformer.prefix_encoder."  # the P-tuning v2 prefix encoder's weights, under the official names
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -106,11 +110,59 @@ def remote_module(version: str, name: str):
     return importlib.import_module(f"{package}.{name}")
 
 
-def check_weight_files(model_dir):
-    if not any(any(Path(model_dir).glob(pattern)) for pattern in WEIGHT_PATTERNS):
-        raise ModelFolderError(
-            f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
-            "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
+def weight_files(model_dir):
+    """The weight files of a model folder, safetensors before the legacy .bin."""
+    model_dir = Path(model_dir)
+    for single, index in WEIGHT_FILES:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            return [model_dir / name for name in dict.fromkeys(read_json(model_dir / index)["weight_map"].values())]
+    raise ModelFolderError(
+        f"{model_dir}: no weights found. Put the checkpoint's model.safetensors (or model-*-of-*.safetensors with "
+        "model.safetensors.index.json, or pytorch_model*.bin with its index) into this folder.")
+
+
+def read_weights(model_dir, device, dtype):
+    """The weights of a model folder read straight onto `device`, each file's float matrices cast there to `dtype` as
+    it is read (a folder of another precision never needs the memory of both; from_pretrained casts the small rest to
+    what the model keeps them in, e.g. the rotary inv_freq in fp32): safetensors, else the legacy .bin (weights_only,
+    memory-mapped)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in weight_files(model_dir):
+        if file.suffix == ".safetensors":
+            shard = load_file(str(file), device=str(device))
+        else:
+            try:
+                shard = torch.load(file, map_location=device, weights_only=True, mmap=True)
+            except pickle.UnpicklingError as err:
+                raise ModelFolderError(f"{file}: holds more than tensors, which is not loaded ({err})") from err
+        state.update({name: t.to(dtype) if t.is_floating_point() and t.dim() > 1 else t for name, t in shard.items()})
+    return state
+
+
+def from_folder(model_class, model_dir, config, dtype, device, quantization_config):
+    """model_class's model of a folder, its load time logged. Without a bitsandbytes config the weights are read
+    straight onto the device in `dtype` (read_weights) and from_pretrained takes them as they are, on a model built on
+    the meta device (nothing is initialised that is then overwritten); a bitsandbytes base is quantized by transformers
+    as it reads the files."""
+    started = time.perf_counter()
+    if quantization_config is None:
+        model = model_class.from_pretrained(None, config=config, state_dict=read_weights(model_dir, device, dtype),
+                                            dtype=dtype, device_map=device_map(device, None))
+        model.name_or_path = model.config._name_or_path = str(model_dir)  # what from_pretrained of a folder sets
+        if (Path(model_dir) / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    else:
+        model = model_class.from_pretrained(str(model_dir), config=config, dtype=dtype,
+                                            quantization_config=quantization_config,
+                                            device_map=device_map(device, quantization_config))
+    print(f"{model_dir}: loaded onto {device} in {time.perf_counter() - started:.1f} s", flush=True)
+    return model
 
 
 def resolve_dtype(dtype, device: str):
@@ -151,11 +203,12 @@ def device_map(device, quantization_config):
 
 def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config=None):
     """A model of transformers' own classes (GLM-4, Llama...); its prompts come from its chat template (version None)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, quantization_config=quantization_config,
-                                                 device_map=device_map(device, quantization_config))
+    config = AutoConfig.from_pretrained(str(model_dir))
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = from_folder(model_class, model_dir, config, dtype, device, quantization_config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked out anyway
     model.model_version = None
@@ -175,7 +228,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
         if config_dict["model_type"] in CONFIG_MAPPING:
             return load_native_model_and_tokenizer(model_dir, dtype, device, quantization_config)
     version = version or detect_model_version(config_dict, str(model_dir / "config.json"))
-    check_weight_files(model_dir)
+    weight_files(model_dir)  # a folder without weights is told before the tokenizer loads
     tokenizer = load_tokenizer(model_dir, version)
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig.from_pretrained(str(model_dir), **model_kwargs)
     if len(tokenizer) > config.vocab_size:
@@ -186,8 +239,7 @@ def load_model_and_tokenizer(model_dir, dtype="auto", device="auto", version=Non
     # A prefix asked for here is trained, or loaded from its checkpoint, right after: its keys missing from the
     # base's weights are no news (transformers' load report would say "Consider training").
     with missing_keys_expected(PREFIX_KEY) if model_kwargs.get("pre_seq_len") else contextlib.nullcontext():
-        model = model_class.from_pretrained(str(model_dir), config=config, dtype=dtype, quantization_config=quantization_config,
-                                            device_map=device_map(device, quantization_config))
+        model = from_folder(model_class, model_dir, config, dtype, device, quantization_config)
     model.model_version = version
     model.stream_generate = MethodType(decode_engine.stream_generate, model)  # chat() and stream_chat() too
     return model.eval(), tokenizer

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate.utils import extract_model_from_parallel
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput, speed_metrics
 
 from utils.config_utils import ConfigError
-from utils.dataset import (InstructionDataset, PackedDataset, PaddingCollator, TextDataset, format_example,
-                           packed_inputs_hook)
+from utils.dataset import (EncodedDataset, InstructionDataset, PackedDataset, PaddingCollator, TextDataset,
+                           format_example, packed_inputs_hook)
 from utils.errors import UserError
 from utils.log_filters import DropMessage
 from utils.run_dirs import RunFolder, checkpoint_record, mark_complete, rotate_checkpoints
@@ -29,6 +30,9 @@ TRAINING_ARGUMENT_KEYS = ("num_train_epochs", "max_steps", "per_device_train_bat
                           "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps",
                           "lr_scheduler_type", "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit",
                           "seed")
+# Target tokens that go through the output layer at once in target_losses: 1024 rows of fp32 logits are 0.6 GiB at
+# GLM-4's 151,552 tokens (as the ChatGLM models' own chunked loss, remote_scripts/*/modeling_chatglm.py).
+LOSS_CHUNK_ROWS = 1024
 # transformers' report of a partial checkpoint (P-tuning, freeze tuning): the frozen weights come from the base.
 PARTIAL_LOAD_REPORT = "There were missing keys in the checkpoint model loaded"
 
@@ -76,13 +80,78 @@ def load_datasets(train_file, dev_file, tokenizer, version, data_format="instruc
     return train_data, None if dev_file is None else load(dev_file)
 
 
+def causal_lm(model):
+    """The causal LM inside the wrappers of a run (DeepSpeed, DDP, PEFT)."""
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_native(model):
+    """Whether `model` is of transformers' own classes (GLM-4...), not our ChatGLM code nor other remote code."""
+    lm = causal_lm(model)
+    return getattr(lm, "model_version", None) is None and type(lm).__module__.startswith("transformers.models.")
+
+
 def can_pack(model):
     """Whether packed rows train `model` as the unpacked examples: the ChatGLM models read the segment ids in the
     mask; transformers' own models get restarting position_ids (packed_inputs_hook). Others might attend across."""
-    if getattr(model, "model_version", None) in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b"):
-        return True
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__module__.startswith("transformers.models.")
+    return getattr(model, "model_version", None) in ("chatglm-6b", "chatglm2-6b", "chatglm3-6b") or is_native(model)
+
+
+def chunk_losses(head, hidden_states, targets):
+    return torch.nn.functional.cross_entropy(head(hidden_states).float(), targets, reduction="none")
+
+
+def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
+    """(the fp32 cross-entropy of each target token of a batch, the batch row of each); position i predicts
+    labels[i + 1], -100 is none. The model runs with logits for its last position only; its final hidden states,
+    caught at the network below the output layer, go through the output layer at the targets' positions only,
+    `chunk_rows` at a time, so that no logits beyond one chunk's exist. Under autograd each chunk is checkpointed
+    (its logits are made again in backward)."""
+    lm = causal_lm(model)
+    caught = []
+    hook = lm.base_model.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+    try:
+        model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    head, hidden_states = lm.get_output_embeddings(), caught[-1]
+    targets = inputs["labels"][:, 1:].to(hidden_states.device)
+    keep = targets != -100
+    hidden_states, targets = hidden_states[:, :-1][keep], targets[keep]
+    parts = []
+    # At least one chunk, even an empty one: a batch without targets still gives a loss on the graph.
+    for start in range(0, max(len(targets), 1), chunk_rows):
+        chunk = (head, hidden_states[start:start + chunk_rows], targets[start:start + chunk_rows])
+        grad = torch.is_grad_enabled()
+        parts.append(torch.utils.checkpoint.checkpoint(chunk_losses, *chunk, use_reentrant=False) if grad
+                     else chunk_losses(*chunk))
+    return torch.cat(parts), keep.nonzero()[:, 0]
+
+
+def length_batches(lengths, tokens):
+    """Sample indices in batches of similar length, longest first, each of at most `tokens` tokens with its padding
+    (a longer sample: a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, tokens // lengths[order[start]])
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def batch_loss_mean(sums, counts, batch_size):
+    """The Trainer's eval_loss from each sample's summed target loss and target count: the mean over the samples of
+    their batch's loss per target token, batches of `batch_size` consecutive samples; a batch without targets is left
+    out (its loss is NaN)."""
+    total, samples = 0.0, 0
+    for start in range(0, len(sums), batch_size):
+        batch_sums, batch_counts = sums[start:start + batch_size], counts[start:start + batch_size]
+        if sum(batch_counts):
+            total += sum(batch_sums) / sum(batch_counts) * len(batch_sums)
+            samples += len(batch_sums)
+    return total / samples if samples else float("nan")
 
 
 def prepare_packing(model, train_data, packing, pack_tokens, seed, log=print):
@@ -218,12 +287,14 @@ class Trainer(transformers.Trainer):
     the run record into each checkpoint, marks it complete, and only then rotates old ones (the Trainer's own rotation
     is off), so --resume_from_checkpoint=auto never picks a cut-off checkpoint; reports train_loss over every step of
     a resumed run; trains no extra step when resumed at the end. trainable_only (P-tuning, freeze): checkpoints hold
-    the trained tensors only. run_info: run_record's script, config, model_version (and training_arguments)."""
+    the trained tensors only. run_info: run_record's script, config, model_version (and training_arguments).
+    eval_tokens: the tokens of one evaluation batch (evaluation_loop)."""
+    loss_chunk_rows = LOSS_CHUNK_ROWS
 
-    def __init__(self, *args, run_info, trainable_only=False, **kwargs):
+    def __init__(self, *args, run_info, trainable_only=False, eval_tokens=2560, **kwargs):
         with quantized_base_may_train(kwargs["model"], trainable_only):
             super().__init__(*args, **kwargs)
-        self.trainable_only, self.run_info = trainable_only, run_info
+        self.trainable_only, self.run_info, self.eval_tokens = trainable_only, run_info, eval_tokens
         self.keep_checkpoints = self.args.save_total_limit or 0
         self.args.save_total_limit = None
         self.loss_sum = torch.zeros((), device=self.args.device)  # this session's step losses, summed on the device
@@ -236,6 +307,51 @@ class Trainer(transformers.Trainer):
         deepspeed = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
         return run_record(**self.run_info, train_data=self.train_dataset, eval_data=self.eval_dataset,
                           world_size=self.args.world_size, deepspeed_config=deepspeed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """transformers' own models (GLM-4): the loss from target_losses, so that training holds no full-vocabulary
+        fp32 logits (151,552 wide on GLM-4), scaled as the Trainer scales their own loss. The ChatGLM models chunk
+        their loss themselves."""
+        if return_outputs or not is_native(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        losses, _ = target_losses(model, inputs, self.loss_chunk_rows)
+        if num_items_in_batch is None:
+            return losses.sum() / len(losses)
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return losses.sum() / num_items_in_batch * scale
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The loss alone (no compute_metrics) of encoded samples: in batches of similar length of up to eval_tokens
+        tokens, the output layer on the targets only (target_losses), each sample's loss then combined into the
+        Trainer's own figure over its batches (batch_loss_mean), so eval_loss does not depend on how it was computed.
+        Anything else: the Trainer's own loop."""
+        data = dataloader.dataset
+        if not prediction_loss_only or not isinstance(data, EncodedDataset):
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        model, device, world = self.model_wrapped, self.args.device, self.args.world_size
+        model.eval()
+        batches = length_batches([len(example["input_ids"]) for example in data], self.eval_tokens)
+        sums, counts = (torch.zeros(len(data), dtype=torch.float64, device=device) for _ in range(2))
+        # Every process runs as many forwards (ZeRO-3 gathers the weights in each): one short of a batch repeats the
+        # first and leaves it out.
+        for step in range(self.args.process_index, -(-len(batches) // world) * world, world):
+            batch = batches[step % len(batches)]
+            inputs = {key: value.to(device) for key, value in self.data_collator([data[i] for i in batch]).items()}
+            # The batch's targets in one chunk (at most eval_tokens rows): every process calls the output layer as
+            # often, as ZeRO-3's gathering of its weights needs.
+            with torch.no_grad(), self.compute_loss_context_manager():
+                losses, rows = target_losses(model, inputs, inputs["input_ids"].numel())
+            if step < len(batches):
+                samples = torch.tensor(batch, device=device)[rows]
+                sums.index_add_(0, samples, losses.double())
+                counts.index_add_(0, samples, torch.ones_like(sums[samples]))
+        if world > 1:
+            sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
+        loss = batch_loss_mean(sums.tolist(), counts.tolist(), self.args.eval_batch_size * world)
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss},
+                              num_samples=len(data))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         tokens = inputs["attention_mask"].ne(0).sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
@@ -287,6 +403,14 @@ class Trainer(transformers.Trainer):
         loss = (self.loss_sum_at_start + session_sum) / max(output.global_step, 1)
         output.metrics["train_loss"] = loss
         return TrainOutput(output.global_step, loss, output.metrics)
+
+    def final_evaluation(self):
+        """The metrics of the evaluation at the last step: the Trainer's own when it ran one there (transformers 5
+        evaluates at the last step), else one run now (every process takes part), so the end is evaluated once."""
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        if evaluations and evaluations[-1]["step"] == self.state.global_step:
+            return {key: value for key, value in evaluations[-1].items() if key != "step"}
+        return self.evaluate()
 
     def save_model(self, output_dir=None, _internal_call=False):
         if not self.trainable_only:
@@ -360,11 +484,11 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                       data_collator=PaddingCollator(tokenizer.pad_token_id),
-                      trainable_only=method in ("ptuning", "freeze"),
+                      trainable_only=method in ("ptuning", "freeze"), eval_tokens=config["pack_tokens"],
                       run_info={**run_info, "config": config, "model_version": model.model_version})
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    final_eval = trainer.evaluate() if eval_data is not None else {}  # every process takes part
+    final_eval = trainer.final_evaluation() if eval_data is not None else {}
     if method in ("full", "freeze"):  # every process takes part in gathering ZeRO-3 shards; saved in the compute dtype
         state = gathered_state_dict(trainer.model, keep=trainer.is_world_process_zero(), dtype=compute_dtype)
         if trainer.is_world_process_zero():
