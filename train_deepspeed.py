@@ -264,10 +264,8 @@ def start_engine(config, model, output_dir, total_steps):
     if dist.get_rank() == 0:
         print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
     # No "scheduler": the Trainer's schedule, which unlike DeepSpeed's WarmupDecayLR takes warmup 0.
-    trainer_schedule = None
-    if "scheduler" not in ds_config:
-        def trainer_schedule(optimizer):
-            return transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps)
+    trainer_schedule = None if "scheduler" in ds_config else (
+        lambda optimizer: transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                            lr_scheduler=trainer_schedule)
