@@ -343,9 +343,10 @@ def check_prefix_fits_base(trained, model_dir, version, base_config):
     shapes = read_weights(trained.weights, shapes_only=True)
     others = sorted(name for name in shapes if not name.startswith(PREFIX_KEY))  # a whole model is no prefix
     if others or not shapes:
+        more = " ..." if len(others) > 3 else ""
         raise ModelFolderError(f"{trained.weights}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a "
-                               f"P-tuning v2 checkpoint, found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''};"
-                               " a whole model folder goes in --model_dir (with --lora_path=none)")
+                               f"P-tuning v2 checkpoint, found {others[:3] or 'nothing'}{more}; a whole model folder "
+                               "goes in --model_dir (with --lora_path=none)")
     encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)
     expected = {PREFIX_KEY + name: tuple(t.shape) for name, t in encoder.state_dict().items()}
     if shapes != expected:
