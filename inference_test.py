@@ -8,7 +8,6 @@ in, as the other scripts decode; --fold_adapter=false: PEFT's layers) or the P-t
 exactly max_new_tokens tokens on a batch of identical prompts of about prompt_len tokens, after a warm-up run.
 """
 import json
-import resource
 from pathlib import Path
 
 import utils.log_filters  # noqa: F401, I001  (before the libraries: bitsandbytes logs a known-harmless message on import)
@@ -18,7 +17,7 @@ from utils.adapters import (TrainedPath, check_lora_on_base, check_model_dir, lo
                             take_run_settings)
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import write_atomic
-from utils.generation import time_generation
+from utils.generation import peak_memory_gib, time_generation
 from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import fit_prompt, get_prompt_format
 from utils.serving import GENERATION_DEFAULTS
@@ -39,12 +38,6 @@ COLUMNS = ("model", "batch_size", "prompt_len", "new_tokens", "ttft_ms", "prefil
            "peak_memory_gib")
 
 
-def peak_memory_gib(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
-
-
 def benchmark(name, model, input_ids, config):
     device, new_tokens = input_ids.device, config["max_new_tokens"]
     # Full-length warm-up (and, for decode=compiled, the compilation): a short one left the first run of a process slow.
@@ -58,7 +51,7 @@ def benchmark(name, model, input_ids, config):
         "model": name, "batch_size": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "ttft_ms": round(ttft * 1e3, 1), "prefill_tokens_per_s": round(batch * prompt_len / ttft, 1),
         "decode_tokens_per_s": round(batch * (new_tokens - 1) / (total - ttft), 1) if total > ttft else None,
-        "peak_memory_gib": round(peak_memory_gib(device), 2),
+        "peak_memory_gib": peak_memory_gib(device),
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
     }
 

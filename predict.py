@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from utils.adapters import (adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run, results_folder,
+from utils.adapters import (adapter_disabled, check_lora_on_base, choose_lora_path, fold_adapter, load_run,
                             take_run_settings, uses_adapter)
 from utils.config_utils import ConfigError, parse_config
 from utils.data_io import BadLines, write_atomic, write_jsonl
@@ -23,6 +23,7 @@ from utils.generation import generate_answers
 from utils.metrics import format_ner_report, generation_metrics, ner_metrics
 from utils.prompts import get_prompt_format, source_text, user_message
 from utils.records import read_instruction_records
+from utils.run_dirs import checkpoint_step
 from utils.serving import GENERATION_DEFAULTS, RUN_CHOICE_DEFAULTS, check_serving_options
 
 DEFAULTS = {
@@ -45,10 +46,10 @@ RENAMED = {"max_source_length": "max_input_tokens"}  # the old name works until 
 
 
 def default_output_dir(config, run_folder):
-    """Where the results of `run_folder` go; for a base model alone (None) checkpoint/<data_name>/base, said on one
-    line, and refused where a training run was written there."""
+    """Where the results of `run_folder` go: its run's folder (<run>/predict-checkpoint-N for a checkpoint-N); for a
+    base model alone (None) checkpoint/<data_name>/base, said on one line, and refused where a run was written there."""
     if run_folder is not None:
-        return results_folder(run_folder)
+        return run_folder.parent / (f"predict-{run_folder.name}" if checkpoint_step(run_folder) is not None else "")
     output_dir = Path("checkpoint") / config["data_name"] / "base"
     runs = [*output_dir.glob("*/train_args.json"), *output_dir.glob("checkpoint-*")]
     if runs:

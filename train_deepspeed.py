@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -39,11 +38,11 @@ from utils.config_utils import ConfigError, parse_config
 from utils.dataset import PaddingCollator
 from utils.distributed import free_port, leave_process_group, set_env_from_mpi
 from utils.model_loading import resolve_dtype
-from utils.trainer import (check_weights_finite, load_datasets, peak_memory_gib, plot_loss, prepare_packing,
-                           training_arguments)
+from utils.generation import peak_memory_gib
+from utils.trainer import check_weights_finite, load_datasets, plot_loss, prepare_packing, training_arguments
 from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, load_model_to_train, prefix_state,
                                     save_adapter, save_full_model, save_prefix, write_partial_checkpoint)
-from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_method, check_run_start, checkpoint_dir
+from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_run_start, checkpoint_dir
 from utils.run_dirs import RunFolder, mark_complete, rotate_checkpoints
 from utils.run_record import resumed_line, run_record, write_run_record
 
@@ -78,10 +77,8 @@ def all_reduce_sum(value, device):
     return tensor
 
 
-def memory_stats():
-    if torch.cuda.is_available():
-        return {"peak_memory_gib": peak_memory_gib()}
-    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # Linux: KiB
+def memory_stats(device):
+    return {"peak_memory_gib" if device.type == "cuda" else "peak_rss_gib": peak_memory_gib(device)}
 
 
 class TrainingState:
@@ -178,7 +175,7 @@ class TrainingState:
         grad_norm = self.engine.get_global_grad_norm()
         self.log({"loss": round(mean_loss, 6), "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "learning_rate": learning_rate, "tokens_per_second": round(tokens / seconds, 1),
-                  "num_input_tokens_seen": self.tokens_seen, **memory_stats()})
+                  "num_input_tokens_seen": self.tokens_seen, **memory_stats(self.device)})
         self.loss_since_log.zero_()
         self.steps_since_log = self.tokens_since_log = 0
         return mean_loss
@@ -199,13 +196,6 @@ def start_process_group(local_rank):
         return torch.device("cpu")
     accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.device(accelerator.device_name(int(os.environ["LOCAL_RANK"])))
-
-
-def load_model(config, device, master):
-    """The model set up to train by --method (said once, by rank 0; DeepSpeed keeps fp32 master copies of what
-    trains); "auto" dtype follows the device (bf16/fp16 on GPUs, fp32 on CPU)."""
-    with contextlib.redirect_stdout(sys.stdout if master else io.StringIO()):
-        return load_model_to_train(config, resolve_dtype(config["dtype"], device.type), str(device), master_fp32=False)
 
 
 def load_data(config, train_file, dev_file, model, tokenizer, master):
@@ -274,10 +264,8 @@ def start_engine(config, model, output_dir, total_steps):
     if dist.get_rank() == 0:
         print(f"DeepSpeed config ({config['deepspeed']}, resolved):\n{json.dumps(ds_config, indent=2)}")
     # No "scheduler": the Trainer's schedule, which unlike DeepSpeed's WarmupDecayLR takes warmup 0.
-    trainer_schedule = None
-    if "scheduler" not in ds_config:
-        def trainer_schedule(optimizer):
-            return transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps)
+    trainer_schedule = None if "scheduler" in ds_config else (
+        lambda optimizer: transformers.get_scheduler(config["lr_scheduler_type"], optimizer, warmup_steps, total_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                            lr_scheduler=trainer_schedule)
@@ -421,7 +409,7 @@ def finish(state, config, method, output_dir, record, eval_loss, session):
         "global_step": state.global_step,
         "num_input_tokens_seen": state.tokens_seen,
         "train_tokens_per_second": round((state.tokens_seen - tokens_at_start) / train_runtime, 1),  # this run's tokens
-        **memory_stats(),
+        **memory_stats(state.device),
     }
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
@@ -444,8 +432,11 @@ def main(config):
     resume, (train_file, dev_file) = check_run_start(config, "train_deepspeed.py", output_dir)
     device = start_process_group(config["local_rank"])
     master, world_size = dist.get_rank() == 0, dist.get_world_size()
-    method = check_method(config["method"])
-    model, tokenizer = load_model(config, device, master)
+    method = config["method"]  # checked by check_run_start
+    # Said once, by rank 0; DeepSpeed keeps the fp32 master copies of what trains.
+    with contextlib.redirect_stdout(sys.stdout if master else io.StringIO()):
+        model, tokenizer = load_model_to_train(config, resolve_dtype(config["dtype"], device.type), str(device),
+                                               master_fp32=False)
     train_data, eval_data, train_loader, eval_loader = load_data(config, train_file, dev_file, model, tokenizer, master)
     prepare_output_dir_once(output_dir, resume, config["overwrite_output_dir"])
     plan = plan_steps(config, train_loader.sampler)

@@ -115,9 +115,9 @@ def main(config):
     import gradio as gr
     from starlette.middleware import Middleware
 
-    adapter = config["lora_path"] if uses_adapter(config["lora_path"]) else ""
     name = Path(config["model_dir"]).name
-    title = (name if name == model.model_version else f"{name} ({model.model_version})") + (f" + {adapter}" if adapter else "")
+    title = ((name if name == model.model_version else f"{name} ({model.model_version})")
+             + (f" + {config['lora_path']}" if uses_adapter(config["lora_path"]) else ""))
     web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning, top_k=config["top_k"])
     demo = build_demo(web_chat, config, title)
     demo.queue(default_concurrency_limit=1)

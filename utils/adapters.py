@@ -14,7 +14,7 @@ from utils.config_utils import Config
 from utils.data_io import iter_json_lines
 from utils.model_loading import (PREFIX_KEY, ModelFolderError, chatglm_version, check_folder, load_model_and_tokenizer,
                                  read_config, read_json, remote_module)
-from utils.run_dirs import COMPLETE_MARKER, checkpoint_step
+from utils.run_dirs import COMPLETE_MARKER
 from utils.run_record import RUN_RECORD, check_json_type, read_run_record
 
 ADAPTER_DIR = "adapter_model"
@@ -151,12 +151,6 @@ def choose_lora_path(config):
     print(f"--lora_path: the newest run of {config['data_name']}: {adapter} (written {written}){newer}; "
           "--lora_path=none for the base alone", flush=True)
     return adapter
-
-
-def results_folder(run_folder):
-    """Where scoring `run_folder` writes: its run's folder, <run>/predict-checkpoint-N for a checkpoint-N."""
-    run_folder = Path(run_folder)
-    return run_folder.parent / (f"predict-{run_folder.name}" if checkpoint_step(run_folder) is not None else "")
 
 
 # The run record's names of options that the generating scripts call otherwise.
@@ -341,22 +335,18 @@ def check_adapter_fits_base(trained, model_dir, version, base_config):
                                "another base:\n  " + "\n  ".join(problems[:5]) + more)
 
 
-def check_prefix_tensor_names(file, names):
-    """A P-tuning checkpoint holds the prefix encoder's tensors alone (a whole model is no prefix)."""
-    others = sorted(name for name in names if not name.startswith(PREFIX_KEY))
-    if others or not names:
-        raise ModelFolderError(f"{file}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a P-tuning v2 "
-                               f"checkpoint, found {others[:3] or 'nothing'}{' ...' if len(others) > 3 else ''}; a "
-                               "whole model folder goes in --model_dir (with --lora_path=none)")
-
-
 def check_prefix_fits_base(trained, model_dir, version, base_config):
     """Refuse a P-tuning checkpoint with other tensors than a prefix encoder, or whose shapes the base does not give."""
     if version is None:
         raise ModelFolderError(f"{trained.path}: a P-tuning v2 checkpoint, which only the ChatGLM models take; {model_dir} "
                                f"is {describe_base(base_config)}")
     shapes = read_weights(trained.weights, shapes_only=True)
-    check_prefix_tensor_names(trained.weights, shapes)
+    others = sorted(name for name in shapes if not name.startswith(PREFIX_KEY))  # a whole model is no prefix
+    if others or not shapes:
+        more = " ..." if len(others) > 3 else ""
+        raise ModelFolderError(f"{trained.weights}: expected only the prefix encoder's weights ({PREFIX_KEY}*) of a "
+                               f"P-tuning v2 checkpoint, found {others[:3] or 'nothing'}{more}; a whole model folder "
+                               "goes in --model_dir (with --lora_path=none)")
     encoder = meta_model(version, base_config, model_dir, "PrefixEncoder", **trained.prefix)
     expected = {PREFIX_KEY + name: tuple(t.shape) for name, t in encoder.state_dict().items()}
     if shapes != expected:
@@ -381,10 +371,9 @@ def check_model_dir(model_dir, option="--model_dir"):
 # --- Loading onto the base.
 
 def load_prefix_checkpoint(model, path):
-    """The prefix encoder of the P-tuning checkpoint `path` put into `model` (built with its settings), in fp32."""
-    encoder, file = model.transformer.prefix_encoder, first_file(path, PREFIX_WEIGHT_FILES)
-    state = read_weights(file)
-    check_prefix_tensor_names(file, state)
+    """The prefix encoder of the P-tuning checkpoint `path` put into `model` (built with its settings), in fp32; its
+    tensor names were checked before the base loaded (check_lora_on_base)."""
+    encoder, state = model.transformer.prefix_encoder, read_weights(first_file(path, PREFIX_WEIGHT_FILES))
     try:  # strict: every tensor of the encoder, each of its shape
         encoder.float().load_state_dict({name[len(PREFIX_KEY):]: tensor for name, tensor in state.items()})
     except RuntimeError as err:

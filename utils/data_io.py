@@ -211,22 +211,16 @@ def json_reader(build, spread=False):
 def require_str(record, key, path, line, allow_empty=False, prefix=None):
     """record[key] as a string; errors name the field `prefix.key` (or `key`)."""
     field = f"{prefix}.{key}" if prefix else key
-    if not isinstance(record, dict):
-        raise DataError(path, line, f"expected a JSON object, got {type(record).__name__}", prefix and field)
-    if key not in record:
-        raise DataError(path, line, "missing", field)
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(path, line, f"expected a string, got {type(value).__name__}", field)
+    value = require_key(require_type(record, dict, path, line, prefix and field), key, str, path, line, prefix)
     if not allow_empty and not value.strip():
         raise DataError(path, line, "empty", field)
     return value
 
 
 def require_type(value, kind, path, line, field):
-    """value, if it is of JSON type `kind` (dict, list, or int: a bool is no integer here)."""
+    """value, if it is of JSON type `kind` (dict, list, str, or int: a bool is no integer here)."""
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        name = {dict: "a JSON object", list: "a JSON array", int: "an integer"}[kind]
+        name = {dict: "a JSON object", list: "a JSON array", str: "a string", int: "an integer"}[kind]
         raise DataError(path, line, f"expected {name}, got {type(value).__name__}", field)
     return value
 

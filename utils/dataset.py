@@ -194,12 +194,10 @@ class PaddingCollator:
     attention mask, and natively supported models count positions from the first token."""
 
     pad_token_id: int
-    pad_to_multiple_of: int = 1
     padding_side: str = "right"
 
     def __call__(self, features):
         longest = max(len(f["input_ids"]) for f in features)
-        longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for feature in features:
             pad = longest - len(feature["input_ids"])

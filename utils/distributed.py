@@ -11,10 +11,6 @@ import socket
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
-def launched_by_mpi():
-    return "RANK" not in os.environ and any(name in os.environ for name in MPI_ENV_MARKERS)
-
-
 def free_port():
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -22,9 +18,9 @@ def free_port():
 
 
 def set_env_from_mpi():
-    """Under mpirun, fill the torch.distributed variables from MPI (mpi4py); returns True if it did."""
-    if not launched_by_mpi():
-        return False
+    """Under mpirun (MPI's variables, no launcher's RANK), fill the torch.distributed variables from MPI (mpi4py)."""
+    if "RANK" in os.environ or not any(name in os.environ for name in MPI_ENV_MARKERS):
+        return
     try:
         from mpi4py import MPI
     except ImportError as error:
@@ -43,7 +39,6 @@ def set_env_from_mpi():
         MASTER_ADDR=os.environ.get("MASTER_ADDR", master[0]),
         MASTER_PORT=os.environ.get("MASTER_PORT", str(master[1])),
     )
-    return True
 
 
 def leave_process_group():

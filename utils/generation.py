@@ -1,7 +1,8 @@
 """Answers to instruction records (the prompts of utils.dataset, left-padded batches), chat replies as they grow and
-generation timing, for every model, on the one decode engine (utils.decode_engine)."""
+generation timing and peak memory, for every model, on the one decode engine (utils.decode_engine)."""
 import functools
 import itertools
+import resource
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,13 @@ def time_generation(model, input_ids, max_new_tokens, decode="auto"):
             first = time.perf_counter() - started
     synchronize()
     return first, time.perf_counter() - started
+
+
+def peak_memory_gib(device):
+    """Peak memory in GiB: what torch allocated on a CUDA device, else the process's peak RSS (Linux: KiB)."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 @dataclass

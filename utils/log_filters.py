@@ -1,8 +1,9 @@
 """Filters for library log messages that are known to be harmless here and would bury a script's own output. Each
 drops one exact message on the one logger that emits it; everything else those libraries log still shows.
 
-utils/__init__.py installs them (install()), so importing anything from utils/ first puts them in place; the scripts
-that import libraries before utils/ import this module first, since some messages come at import time."""
+Importing this module installs them, and utils/__init__.py imports it, so importing anything from utils/ first puts
+them in place; the scripts that import libraries before utils/ import this module first, since some messages come at
+import time."""
 import contextlib
 import logging
 import re
@@ -54,12 +55,5 @@ def missing_keys_expected(prefix):
         logger.removeFilter(drop)
 
 
-def install():
-    """Puts the filters of known-harmless messages in place (once)."""
-    name, start = BITSANDBYTES_CPU_KERNEL
-    logger = logging.getLogger(name)
-    if not any(isinstance(f, DropMessage) and f.start == start for f in logger.filters):
-        logger.addFilter(DropMessage(start))
-
-
-install()  # on import: utils/__init__.py imports this module
+# On import (utils/__init__.py imports this module, once a process).
+logging.getLogger(BITSANDBYTES_CPU_KERNEL[0]).addFilter(DropMessage(BITSANDBYTES_CPU_KERNEL[1]))

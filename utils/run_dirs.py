@@ -246,9 +246,7 @@ def hold_run_folder(folder, option="--output_dir"):
         handle.flush()
         _held_run_locks[lock_path] = handle
         if Path(folder).is_dir():
-            probe, probe_path = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
-            os.close(probe)
-            os.unlink(probe_path)
+            tempfile.TemporaryFile(dir=folder).close()  # a folder this user cannot write is found now
     except OSError as err:
         if isinstance(err, RunFolderInUse):
             raise

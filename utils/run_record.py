@@ -97,13 +97,6 @@ def recorded_name(version, model_dir):
         return "a model of transformers' own classes"
 
 
-def same_folder(first, second):
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return os.path.normpath(first) == os.path.normpath(second)
-
-
 def as_recorded(value):
     """A config value as train_args.json holds it (tuples become lists, other objects their text)."""
     return json.loads(json.dumps(value, ensure_ascii=False, default=str))
@@ -140,7 +133,8 @@ def check_resume_matches(checkpoint, config, script):
     for key, value in current.items():
         if key in SESSION or key not in trained or as_recorded(value) == trained[key]:
             continue
-        if key == "model_dir" and key in given and (same_folder(value, trained[key]) or not Path(trained[key]).is_dir()):
+        if key == "model_dir" and key in given and (not Path(trained[key]).is_dir() or (
+                os.path.isdir(value) and os.path.samefile(value, trained[key]))):
             continue  # the same folder by another path, or the run's folder is gone: the version check below decides
         if key in given and key in RESUMABLE:
             continue  # takes effect
