@@ -1,4 +1,4 @@
-"""Filters for library log messages that are known to be harmless here and would bury a script's own output. Each
+"""Filters for library log messages and warnings that are known to be harmless here and would bury a script's own output. Each
 drops one exact message on the one logger that emits it; everything else those libraries log still shows.
 
 Importing this module installs them, and utils/__init__.py imports it, so importing anything from utils/ first puts
@@ -7,6 +7,7 @@ import time."""
 import contextlib
 import logging
 import re
+import warnings
 
 # bitsandbytes (imported by transformers' TrainingArguments through accelerate, and by peft) tries at import to fetch
 # a CPU 4-bit kernel from the Hugging Face Hub, which it does not trust by default, and falls back to its own code.
@@ -57,3 +58,6 @@ def missing_keys_expected(prefix):
 
 # On import (utils/__init__.py imports this module, once a process).
 logging.getLogger(BITSANDBYTES_CPU_KERNEL[0]).addFilter(DropMessage(BITSANDBYTES_CPU_KERNEL[1]))
+# peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model (PeftModel.__init__),
+# which warns on every adapter load from transformers 5.2x; nothing of ours calls it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
