@@ -255,6 +255,8 @@ def start_engine(config, model, output_dir, total_steps):
     TrainingArguments the Trainer would run with (a value written out that disagrees with the config is refused)."""
     args = training_arguments(config, output_dir, resolve_dtype(config["dtype"], model.device.type), False)
     warmup_steps = args.get_warmup_steps(total_steps)
+    # DeepSpeed refuses 0 warmup steps: transformers 5.25 fills and checks max(1, warmup), 5.17 the warmup itself.
+    args.warmup_steps = max(1, warmup_steps)
     resolved = HfTrainerDeepSpeedConfig(config["deepspeed"])
     resolved.trainer_config_process(args)
     resolved.trainer_config_finalize(args, model, total_steps)
