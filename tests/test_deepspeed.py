@@ -329,3 +329,22 @@ def test_train_trainer_full_fine_tuning_with_zero3_on_two_processes_saves_the_wh
     assert saved["world_size"] == 2 and saved["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert not list(out.glob("checkpoint-*"))  # --save_steps=0: no checkpoints, the final model all the same
 
+
+
+def test_zero3_ranks_with_unequal_answer_lengths_train(trainable_models, tmp_path):
+    """ZeRO-3 gathers the output layer's weight at every call: the chunked loss must call it as often on every rank,
+    also when one rank's answer needs more chunks (1,024 target tokens each) than the other's. Before the ranks agreed
+    on the count, gloo stopped with a collective mismatch here (NCCL would hang)."""
+    long_answer = "，".join(f"人名{i}" for i in range(700))  # ~2,100 tokens: three chunks against the other's one
+    rows = [{"instruct": "找出人名", "query": "张三去了上海。", "answer": long_answer},
+            {"instruct": "找出人名", "query": "李四在北京。", "answer": "李四"}]
+    train = tmp_path / "train.txt"
+    train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    run_processes("train_trainer.py", "torchrun", f"--model_dir={trainable_models['chatglm2-6b']}",
+                  f"--train_file={train}", "--dev_file=none", f"--output_dir={out}", "--max_steps=2", "--save_steps=0",
+                  "--per_device_train_batch_size=1", "--max_source_length=64", "--max_target_length=4000",
+                  "--deepspeed=deepspeed_zero3.json", "--report_to=none")
+    record = json.loads((out / "adapter_model" / "train_args.json").read_text())
+    # Both steps trained the long answer whole (over 2,048 tokens a step, both samples together ~4,000).
+    assert record["world_size"] == 2 and record["metrics"]["num_input_tokens_seen"] > 2 * 2 * 1024

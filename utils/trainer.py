@@ -102,6 +102,19 @@ def chunk_losses(head, hidden_states, targets):
     return torch.nn.functional.cross_entropy(head(hidden_states).float(), targets, reduction="none")
 
 
+def loss_rows(count, head):
+    """Rows that target_losses's chunks cover: the targets, at least one chunk. Under DeepSpeed ZeRO-3 each call of
+    the output layer gathers its weight from all ranks, so each rank covers the most rows any rank has (the extra
+    chunks are empty), as the ChatGLM model files' causal_lm_loss does."""
+    rows = max(count, 1)
+    weight = getattr(head, "weight", None)
+    if hasattr(weight, "ds_id") and torch.distributed.is_initialized():
+        most = torch.tensor([rows], device=weight.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        rows = int(most)
+    return rows
+
+
 def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     """(the fp32 cross-entropy of each target token of a batch, the batch row of each); position i predicts
     labels[i + 1], -100 is none. The model runs with logits for its last position only; its final hidden states,
@@ -121,7 +134,7 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     hidden_states, targets = hidden_states[:, :-1][keep], targets[keep]
     parts = []
     # At least one chunk, even an empty one: a batch without targets still gives a loss on the graph.
-    for start in range(0, max(len(targets), 1), chunk_rows):
+    for start in range(0, loss_rows(len(targets), head), chunk_rows):
         chunk = (head, hidden_states[start:start + chunk_rows], targets[start:start + chunk_rows])
         grad = torch.is_grad_enabled()
         parts.append(torch.utils.checkpoint.checkpoint(chunk_losses, *chunk, use_reentrant=False) if grad

@@ -74,6 +74,20 @@ def _chunk_loss(output_layer, hidden_states, targets):
     return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:_loss_rows
+def _loss_rows(count, output_layer):
+    """Rows that causal_lm_loss's chunks cover: the targets, at least one chunk. Under DeepSpeed ZeRO-3 every call of
+    the output layer gathers its weight from all ranks, so each rank covers the most rows any rank has (its extra
+    chunks are empty): ranks with different target counts would otherwise call it unequally often and deadlock."""
+    rows = max(count, 1)
+    weight = getattr(output_layer, "weight", None)
+    if hasattr(weight, "ds_id") and torch.distributed.is_initialized():
+        most = torch.tensor([rows], device=weight.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        rows = int(most)
+    return rows
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:causal_lm_loss
 def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None, chunk_rows=None):
     """Position i predicts labels[i+1]; cross-entropy in fp32; -100 is ignored.
@@ -96,7 +110,7 @@ def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None,
     count = targets.shape[0]
     total = None
     # At least one chunk, even an empty one: a batch without targets still gives a loss on the graph, as before.
-    for start in range(0, max(count, 1), chunk_rows):
+    for start in range(0, _loss_rows(count, output_layer), chunk_rows):
         rows = slice(start, start + chunk_rows)
         if torch.is_grad_enabled():
             part = torch.utils.checkpoint.checkpoint(
