@@ -6,7 +6,8 @@
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions ("stream": true: server-sent events, closed
 by `data: [DONE]`), for any OpenAI client (base_url="http://127.0.0.1:8000/v1"). Messages: optional system messages
 (ChatGLM3's system turn; for ChatGLM-6B/2 they open the first user message), then user and assistant turns in
-alternation, ending with a user turn. Queueing, the Host / Origin checks and the rest: README "Serve".
+alternation, ending with a user turn. Requests are answered together (up to --max_batch at once, one decode step
+for all; README "Serve"); the Host / Origin checks and the rest: README "Serve" too.
 """
 import asyncio
 import hmac
@@ -15,9 +16,9 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import torch
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,9 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.adapters import load_run, uses_adapter
 from utils.config_utils import ConfigError, parse_config
-from utils.generation import StableText, stream_chat_reply
-from utils.prompts import get_prompt_format
-from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, HostAndOriginCheck, check_serving_options,
+from utils.generation import StableText
+from utils.scheduler import Sampling, ServerBusy
+from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, BatchedChat, HostAndOriginCheck, check_serving_options,
                            model_context, warn_if_open)
 
 DEFAULTS = {
@@ -39,7 +40,6 @@ DEFAULTS = {
     # max_input_tokens: longer prompts (all messages) are refused with 400 context_length_exceeded; max_new_tokens:
     # the largest max_tokens a request may ask for, and the default; the sampling options: for requests without them
     **GENERATION_DEFAULTS,
-    "max_waiting": 8,  # requests that may wait for the running one; more are refused with 429
     "max_request_bytes": 1_000_000,  # larger request bodies are refused with 413
     "log_level": "info",
 }
@@ -93,15 +93,15 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=-2**63, lt=2**63)  # 64-bit, as OpenAI documents it
     n: Literal[1] | None = None  # one answer per request
-    stop: str | list[str] | None = None  # refused unless empty (see check_unsupported)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # up to 4 texts that end the answer (not shown)
     frequency_penalty: float | None = None  # accepted only as 0
     presence_penalty: float | None = None  # accepted only as 0
     user: str | None = None  # ignored
 
 
 def check_unsupported(request: ChatRequest):
-    if request.stop:
-        raise ApiError(400, "'stop' sequences are not supported by this server; leave it out", "unsupported_parameter", "stop")
+    if any(not text for text in stop_texts(request)):
+        raise ApiError(400, "'stop': an empty text would end every answer at once; leave it out", "invalid_value", "stop")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(request, name):
             raise ApiError(400, f"'{name}' is not supported by this server; leave it out or send 0", "unsupported_parameter", name)
@@ -121,6 +121,14 @@ def validation_error(err: ValidationError):
         return ApiError(400, f"missing required parameter: '{param}'", "missing_required_parameter", param)
     given = f" (got {json.dumps(first.get('input'), ensure_ascii=False)[:80]})" if "input" in first else ""
     return ApiError(400, f"invalid value for '{param}': {first['msg']}{given}", "invalid_value", param)
+
+
+def busy(err: ServerBusy):
+    return ApiError(429, str(err), "server_busy", error_type="rate_limit_error")
+
+
+def stop_texts(request: ChatRequest):
+    return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
 
 
 def split_messages(messages):
@@ -150,44 +158,6 @@ async def client_left(request: Request):
     """Returns once the client has disconnected (after the body is read: receive() has nothing else to report)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-class GenerationQueue:
-    """One generation at a time on the model (its KV cache and compiled decode step are shared); the others wait
-    in arrival order, at most `max_waiting` of them."""
-
-    def __init__(self, max_waiting):
-        self.lock, self.max_waiting, self.waiting = asyncio.Lock(), max_waiting, 0
-
-    def check_room(self):
-        if self.waiting >= self.max_waiting and self.lock.locked():
-            raise ApiError(429, f"the server is busy: {self.waiting} requests are already waiting; try again later",
-                           "server_busy", error_type="rate_limit_error")
-
-    async def take_turn(self, request: Request):
-        """Wait for the model. True: it is this request's (release() it after); False: the client went away first."""
-        self.check_room()
-        self.waiting += 1
-        turn = asyncio.ensure_future(self.lock.acquire())
-        left = asyncio.ensure_future(client_left(request))
-        try:
-            await asyncio.wait((turn, left), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # this request was cancelled while in line
-            if not turn.cancel():  # its acquire had already finished
-                self.lock.release()
-            raise
-        finally:
-            self.waiting -= 1
-            left.cancel()
-        if turn.cancel():  # still in line (a cancelled acquire never takes the lock): the client left
-            return False
-        if await request.is_disconnected():  # left just as its turn came
-            self.lock.release()
-            return False
-        return True
-
-    def release(self):
-        self.lock.release()
 
 
 def read_api_key(setting):
@@ -250,6 +220,20 @@ def parse_chat_request(payload) -> ChatRequest:
     return chat
 
 
+async def next_reply(running, replies):
+    """The next of a request's replies, read in a worker thread (None after the last). If the caller is cancelled
+    meanwhile (its client left), the request is cancelled at once, so that a waiting one leaves the line and a running
+    one its row at the next token, and the read ends before the caller goes on."""
+    read = asyncio.ensure_future(anyio.to_thread.run_sync(next, replies, None))
+    try:
+        return await asyncio.shield(read)
+    except BaseException:
+        running.cancel()
+        with anyio.CancelScope(shield=True):
+            await read
+        raise
+
+
 def usage(reply):
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
@@ -276,9 +260,8 @@ class ChatApi:
     def __init__(self, model, tokenizer, config):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_name, self.api_key = served_name(config), read_api_key(config["api_key"])
-        self.prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
-        self.context = model_context(model)
-        self.queue = GenerationQueue(config["max_waiting"])
+        self.chat = BatchedChat(model, tokenizer, config, config["max_new_tokens"])
+        self.prompt_format, self.context = self.chat.prompt_format, model_context(model)
         self.created = int(time.time())
 
     async def check_key(self, request: Request):
@@ -299,7 +282,7 @@ class ChatApi:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "local"}
 
     def generation_job(self, chat: ChatRequest):
-        """What to generate for a valid request: its prompt ids, stream_chat_reply's options, and the answer's id."""
+        """What to generate for a valid request: its prompt ids, budget, sampling and stop texts, and the answer's id."""
         system, history, message = split_messages(chat.messages)
         prompt_ids, limits = self.prompt_format.prompt_ids(message, history, system), self.config
         if len(prompt_ids) > limits["max_input_tokens"]:
@@ -317,28 +300,35 @@ class ChatApi:
                            "max_tokens")
         temperature = limits["temperature"] if chat.temperature is None else chat.temperature
         do_sample = limits["do_sample"] if chat.temperature is None else temperature > 0
-        generation = dict(max_new_tokens=max_tokens, do_sample=do_sample and temperature > 0,
-                          temperature=temperature or 1.0, top_p=limits["top_p"] if chat.top_p is None else chat.top_p,
-                          top_k=limits["top_k"], decode=limits["decode"])
-        return {"prompt_ids": prompt_ids, "generation": generation, "seed": chat.seed, "created": int(time.time()),
-                "id": f"chatcmpl-{uuid.uuid4().hex}", "usage": bool(chat.stream_options and chat.stream_options.include_usage)}
+        sampling = Sampling(do_sample=do_sample and temperature > 0, temperature=temperature or 1.0,
+                            top_p=limits["top_p"] if chat.top_p is None else chat.top_p, top_k=limits["top_k"],
+                            seed=chat.seed)
+        return {"prompt_ids": prompt_ids, "max_tokens": max_tokens, "sampling": sampling, "stop": stop_texts(chat),
+                "created": int(time.time()), "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "usage": bool(chat.stream_options and chat.stream_options.include_usage)}
 
-    def replies(self, job):
-        if job["seed"] is not None:
-            torch.manual_seed(job["seed"])
-        return stream_chat_reply(self.model, self.tokenizer, job["prompt_ids"], **job["generation"])
+    def start(self, job):
+        """(the request in the running batch, its ChatReplies); ApiError 429 if the batch and its line are full."""
+        try:
+            return self.chat.start(job["prompt_ids"], job["max_tokens"], job["sampling"], job["stop"])
+        except ServerBusy as err:
+            raise busy(err) from err
 
     def answer(self, job, kind, choice, **extra):
         return {"id": job["id"], "object": kind, "created": job["created"], "model": self.model_name,
                 "choices": [{"index": 0, **choice}] if choice else [], **extra}
 
     async def complete(self, request: Request, job):
-        if not await self.queue.take_turn(request):
-            raise ApiError(499, "the client closed the connection while the request waited", "client_closed_request")
-        try:
-            *_, reply = await run_in_threadpool(list, self.replies(job))
-        finally:
-            self.queue.release()
+        running, replies = self.start(job)
+        answer = asyncio.ensure_future(run_in_threadpool(list, replies))
+        left = asyncio.ensure_future(client_left(request))
+        await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
+        left.cancel()
+        if not answer.done():  # the client went away: its row is freed at the next token
+            running.cancel()
+            await answer
+            raise ApiError(499, "the client closed the connection before the answer was ready", "client_closed_request")
+        reply = answer.result()[-1]
         message = {"role": "assistant", "content": reply.text}
         return self.answer(job, "chat.completion", {"message": message, "finish_reason": reply.finish_reason},
                            usage=usage(reply))
@@ -356,26 +346,22 @@ class ChatApi:
         if reply.finish_reason and job["usage"]:
             yield sse(self.answer(job, "chat.completion.chunk", None, usage=usage(reply)))
 
-    async def events(self, request: Request, job):
+    async def events(self, job):
         try:
-            if not await self.queue.take_turn(request):
-                return  # the client left while it waited
+            running, replies = self.start(job)
         except ApiError as err:  # grew busy since the check before the stream started
             yield sse(err.body())
             return
-        stream, stable = self.replies(job), StableText()
+        stable = StableText()
         try:
             yield self.delta(job, {"role": "assistant", "content": ""})
-            # One token per thread hop; a client that goes away cancels us between tokens, and the finally below
-            # ends the generation before the next request may start.
-            while (reply := await run_in_threadpool(next, stream, None)) is not None:
+            while (reply := await next_reply(running, replies)) is not None:
                 for event in self.reply_events(job, stable, reply):
                     yield event
         except Exception as err:  # headers are out: report it as an event in the error shape
             yield sse(ApiError(500, f"generation failed: {type(err).__name__}: {err}", error_type="server_error").body())
         finally:
-            stream.close()  # not running: a cancelled thread hop waits for its token to finish
-            self.queue.release()
+            replies.close()  # not being read (next_reply waits for its read): frees the request's row
         yield "data: [DONE]\n\n"
 
     async def chat_completions(self, request: Request):
@@ -384,8 +370,11 @@ class ChatApi:
         job = self.generation_job(chat)
         if not chat.stream:
             return await self.complete(request, job)
-        self.queue.check_room()  # refuse before the stream starts: a 429 answer rather than an error event
-        return StreamingResponse(self.events(request, job), media_type="text/event-stream",
+        try:  # refuse before the stream starts: a 429 answer rather than an error event
+            self.chat.scheduler.check_room()
+        except ServerBusy as err:
+            raise busy(err) from err
+        return StreamingResponse(self.events(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
 
@@ -394,7 +383,7 @@ def create_app(model, tokenizer, config) -> FastAPI:
     api = ChatApi(model, tokenizer, config)
     app = FastAPI(title="ChatGLM OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(HostAndOriginCheck, config=config)
-    app.state.queue = api.queue
+    app.state.scheduler = api.chat.scheduler
     for error, handler in ((ApiError, api_error), (StarletteHTTPException, http_error), (Exception, server_error)):
         app.add_exception_handler(error, handler)
     guarded = [Depends(api.check_key)]
@@ -407,7 +396,7 @@ def create_app(model, tokenizer, config) -> FastAPI:
 def main(config):
     import uvicorn
 
-    check_serving_options(config, at_least_one=("max_request_bytes",), at_least_zero=("max_waiting",))
+    check_serving_options(config, at_least_one=("max_request_bytes", "max_batch"), at_least_zero=("max_waiting",))
     if config["log_level"] not in LOG_LEVELS:
         raise ConfigError(f"--log_level: {config['log_level']!r}; use one of {', '.join(LOG_LEVELS)}")
     if not read_api_key(config["api_key"]):  # a missing variable is reported before minutes of loading

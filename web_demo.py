@@ -4,7 +4,8 @@
     python web_demo.py --model_dir=model_hub/chatglm2-6b-msra-int4 --port=7860
 
 then open http://127.0.0.1:7860. The conversation so far is the next question's history (its oldest turns left out
-past --max_input_tokens). One answer is generated at a time; other questions wait in Gradio's queue. Binds 127.0.0.1
+past --max_input_tokens). Several tabs chat at once: up to --max_batch answers are generated together (one decode step
+for all, the servers' shared path), more questions wait in Gradio's queue (at most --max_waiting). Binds 127.0.0.1
 unless --host says otherwise; like api_server.py, it answers 403 to other hosts and web pages (--allowed_hosts,
 --allowed_origins).
 """
@@ -12,10 +13,10 @@ from pathlib import Path
 
 from utils.adapters import load_run, uses_adapter
 from utils.config_utils import ConfigError, parse_config
-from utils.generation import stream_chat_reply
-from utils.prompts import chat_messages, get_prompt_format  # chat_messages(turns): the chatbot's value
-from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, HostAndOriginCheck, chat_prompt, check_serving_options,
-                           warn_if_open)
+from utils.prompts import chat_messages  # chat_messages(turns): the chatbot's value
+from utils.scheduler import Sampling
+from utils.serving import (GENERATION_DEFAULTS, SERVER_DEFAULTS, BatchedChat, HostAndOriginCheck, chat_prompt,
+                           check_serving_options, warn_if_open)
 
 DEFAULTS = {
     **SERVER_DEFAULTS,  # the page has no password: --host=0.0.0.0 opens it to the network
@@ -28,10 +29,11 @@ DEFAULTS = {
 class WebChat:
     """The page's actions on one model. History is a list of [user, assistant] turns (the page keeps it in a State)."""
 
-    def __init__(self, model, tokenizer, max_input_tokens=2048, decode="auto", warn=print, top_k=0):
-        self.model, self.tokenizer, self.top_k = model, tokenizer, top_k
-        self.prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
-        self.max_input_tokens, self.decode, self.warn = max_input_tokens, decode, warn
+    def __init__(self, model, tokenizer, config=None, warn=print):
+        config = {**DEFAULTS, **(config or {})}
+        self.model, self.warn, self.top_k, self.max_input_tokens = model, warn, config["top_k"], config["max_input_tokens"]
+        self.chat = BatchedChat(model, tokenizer, config, config["max_new_tokens_limit"])
+        self.prompt_format = self.chat.prompt_format
 
     def answer(self, message, history, max_new_tokens, top_p, temperature, do_sample):
         """Yields (chatbot value, history) as the answer grows; the history holds the partial turn, so that an answer
@@ -45,11 +47,14 @@ class WebChat:
         if prompt_ids is None:
             yield chat_messages(history), history
             return
-        for reply in stream_chat_reply(self.model, self.tokenizer, prompt_ids, budget, do_sample=bool(do_sample),
-                                       temperature=float(temperature), top_p=float(top_p), top_k=self.top_k,
-                                       decode=self.decode):
-            turns = history + [[message, reply.text]]
-            yield chat_messages(turns), turns
+        sampling = Sampling(do_sample=bool(do_sample), temperature=float(temperature), top_p=float(top_p), top_k=self.top_k)
+        _, replies = self.chat.start(prompt_ids, budget, sampling)
+        try:
+            for reply in replies:
+                turns = history + [[message, reply.text]]
+                yield chat_messages(turns), turns
+        finally:
+            replies.close()  # Stop, Clear or a closed tab: the answer's place in the batch is freed at the next token
 
     def submit(self, message, history, *sampling):
         """Send: yields (chatbot value, history, text box value)."""
@@ -91,8 +96,8 @@ def build_demo(web_chat: WebChat, config, title):
             do_sample = gr.Checkbox(value=config["do_sample"], label="Sample (off: greedy, the same answer every time)",
                                     elem_id="do_sample")
         sampling = [max_new_tokens, top_p, temperature, do_sample]
-        # One concurrency group for every event that generates: never two generations on the model at once.
-        common = dict(concurrency_limit=1, concurrency_id="generate", show_progress="hidden")
+        # One concurrency group for every event that generates: at most max_batch answers at once (the batch's rows).
+        common = dict(concurrency_limit=config["max_batch"], concurrency_id="generate", show_progress="hidden")
         answering = [
             question.submit(web_chat.submit, [question, history, *sampling], [chatbot, history, question], **common),
             send.click(web_chat.submit, [question, history, *sampling], [chatbot, history, question], **common),
@@ -105,7 +110,7 @@ def build_demo(web_chat: WebChat, config, title):
 
 
 def main(config):
-    check_serving_options(config, at_least_one=("max_new_tokens_limit",))
+    check_serving_options(config, at_least_one=("max_new_tokens_limit", "max_batch"), at_least_zero=("max_waiting",))
     if config["max_new_tokens"] > config["max_new_tokens_limit"]:
         raise ConfigError(f"--max_new_tokens: {config['max_new_tokens']} is above --max_new_tokens_limit="
                           f"{config['max_new_tokens_limit']} (the slider's maximum); raise the limit or ask for fewer")
@@ -118,9 +123,9 @@ def main(config):
     name = Path(config["model_dir"]).name
     title = ((name if name == model.model_version else f"{name} ({model.model_version})")
              + (f" + {config['lora_path']}" if uses_adapter(config["lora_path"]) else ""))
-    web_chat = WebChat(model, tokenizer, config["max_input_tokens"], config["decode"], warn=gr.Warning, top_k=config["top_k"])
+    web_chat = WebChat(model, tokenizer, config, warn=gr.Warning)
     demo = build_demo(web_chat, config, title)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=config["max_waiting"])
     # Gradio builds its FastAPI app inside launch(); app_kwargs reach that app's constructor, middleware included.
     demo.launch(server_name=config["host"], server_port=config["port"], show_error=True, footer_links=[],
                 app_kwargs={"middleware": [Middleware(HostAndOriginCheck, config=config)]})

@@ -236,7 +236,8 @@ def test_api_rejects_bad_requests_with_openai_errors_and_keeps_serving(api, serv
         ({**good, "n": 2}, 400, "invalid_value", "n"),
         ({**good, "seed": 2**63}, 400, "invalid_value", "seed"),  # seeds are 64-bit signed, as OpenAI documents
         ({**good, "seed": 2**64}, 400, "invalid_value", "seed"),  # more than torch.manual_seed takes
-        ({**good, "stop": ["\n"]}, 400, "unsupported_parameter", "stop"),
+        ({**good, "stop": ["\n", ""]}, 400, "invalid_value", "stop"),
+        ({**good, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
         ({**good, "tools": []}, 400, "unsupported_parameter", "tools"),
         ({**good, "messages": [{"role": "user", "content": "x" * 100_001}]}, 413, "request_too_large", None),
     ]
@@ -412,6 +413,9 @@ def test_servers_and_chat_report_bad_options_and_folders_in_one_error_line(tmp_p
         ("api_server.py", [f"--model_dir={missing}", "--host=no-such-host.invalid"], "--host: 'no-such-host.invalid'"),
         ("api_server.py", [f"--model_dir={missing}", "--api_key=ключ"], "--api_key: the key holds 'к'"),
         ("api_server.py", [f"--model_dir={missing}", "--max_waiting=-1"], "--max_waiting: -1; use 0 or more"),
+        ("api_server.py", [f"--model_dir={missing}", "--max_batch=0"], "--max_batch: 0; use 1 or more"),
+        # the KV cache of the running batch, checked against free memory once the model has loaded
+        ("api_server.py", [f"--model_dir={tiny}", "--max_batch=1000000000000"], "--max_batch=1000000000000: the KV cache"),
         ("api_server.py", [f"--model_dir={missing}", "--log_level=loud"], "--log_level: 'loud'"),
     ]
     try:
@@ -432,87 +436,26 @@ def wait_until(condition, what, timeout=10):
         time.sleep(0.02)
 
 
-def record_generations(model, log, gate=None):
-    """Wrap model.stream_generate to log (event, call number); with a gate, every token waits for it."""
-    original, calls = model.stream_generate, iter(range(1000))
-
-    def logged(*args, **kwargs):
-        call = next(calls)
-        log.append(("start", call))
-        try:
-            for item in original(*args, **kwargs):
-                log.append(("token", call))
-                if gate is not None:
-                    assert gate.wait(timeout=120)
-                yield item
-        finally:
-            log.append(("end", call))
-
-    model.stream_generate = logged
-
-
-def test_api_runs_one_generation_at_a_time_and_refuses_past_max_waiting(tiny_model_dirs):
-    import api_server
-
-    model, tokenizer = load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], "none", dtype="fp32", device="cpu")
-    log = []
-    record_generations(model, log)
-    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_new_tokens=16))
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 16, "temperature": 0}
-
-    async def concurrently():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=120) as client:
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json={**body, "stream": stream})
-                                          for stream in (True, False, True)))
-
-    responses = asyncio.run(concurrently())
-    assert [r.status_code for r in responses] == [200, 200, 200]
-    # Each generation's events are contiguous: start, its tokens, end, then the next one.
-    calls = [call for _, call in log]
-    assert calls == sorted(calls) and [e for e, _ in log].count("start") == 3
-    streamed = ["".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
-                        for line in response.text.splitlines() if line.startswith("data: {")) for response in responses[::2]]
-    assert streamed == [responses[1].json()["choices"][0]["message"]["content"]] * 2  # the same greedy answer
-
-    # max_waiting=0: while one generation runs, the next request is refused with 429 (JSON, before any stream).
-    gate = threading.Event()
-    record_generations(model, [], gate)
-    busy_app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_waiting=0))
-
-    async def busy():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=busy_app), base_url="http://localhost", timeout=120) as client:
-            running = asyncio.create_task(client.post("/v1/chat/completions", json=body))
-            for _ in range(6000):  # until the first request holds the model
-                if busy_app.state.queue.lock.locked():
-                    break
-                await asyncio.sleep(0.01)
-            refused = [await client.post("/v1/chat/completions", json={**body, "stream": s}) for s in (False, True)]
-            gate.set()
-            return refused, await running
-
-    refused, finished = asyncio.run(busy())
-    assert [r.status_code for r in refused] == [429, 429]
-    assert all(r.json()["error"]["code"] == "server_busy" for r in refused)
-    assert finished.status_code == 200
-
-
-def test_api_drops_requests_whose_client_left_while_waiting(tiny_model_dirs):
-    """Over real HTTP (uvicorn in a thread, so that the test can hold the model): requests waiting for the model
-    whose clients disconnect leave the line at once and are never generated."""
+def test_api_drops_requests_whose_client_left(tiny_model_dirs):
+    """Over real HTTP (uvicorn in a thread, so that the test can hold the decode steps): with the batch's only row
+    taken, requests whose clients disconnect while they wait leave the line at once and are never prefilled; a
+    streaming client that leaves mid-answer frees its row for the next request."""
     import uvicorn
 
     import api_server
 
     model, tokenizer = load_model_with_adapter(tiny_model_dirs["chatglm2-6b"], "none", dtype="fp32", device="cpu")
-    log, gate = [], threading.Event()
-    record_generations(model, log, gate)
-    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_new_tokens=4))
-    queue = app.state.queue
+    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="tiny", max_new_tokens=64,
+                                                       max_batch=1, max_waiting=4))
+    scheduler = app.state.scheduler
+    prefilled, admit, run_step, permits = [], scheduler.rows.admit, scheduler.run_step, threading.Semaphore(0)
+    scheduler.rows.admit = lambda row, prompt: (prefilled.append(prompt), admit(row, prompt))[1]
+    scheduler.run_step = lambda bucket, tokens: (permits.acquire(timeout=120), run_step(bucket, tokens))[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4, "temperature": 0}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 64, "temperature": 0}
 
     def send_and_leave_open(request):
         data = json.dumps(request).encode()
@@ -523,20 +466,21 @@ def test_api_drops_requests_whose_client_left_while_waiting(tiny_model_dirs):
 
     try:
         wait_until(lambda: server.started, "uvicorn started")
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(httpx.post, url, json=body, timeout=120)
-            wait_until(lambda: log, "the first request generates")  # and holds the model: its tokens wait for the gate
-            abandoned = [send_and_leave_open({**body, "stream": stream}) for stream in (False, True)]
-            wait_until(lambda: queue.waiting == 2, "two requests wait")
-            for sock in abandoned:
-                sock.close()
-            wait_until(lambda: queue.waiting == 0, "the requests whose clients left no longer wait")
-            gate.set()
-            assert running.result().status_code == 200
-        assert httpx.post(url, json=body, timeout=120).status_code == 200  # still serving
-        assert [event for event, _ in log].count("start") == 2  # the first and the last: the abandoned ones never ran
+        streaming = send_and_leave_open({**body, "stream": True})
+        wait_until(lambda: scheduler.running, "the streaming request holds the row")  # its steps wait for permits
+        abandoned = [send_and_leave_open({**body, "stream": stream}) for stream in (False, True)]
+        wait_until(lambda: len(scheduler.waiting) == 2, "two requests wait")
+        for sock in abandoned:
+            sock.close()
+        wait_until(lambda: not scheduler.waiting, "the requests whose clients left no longer wait")
+        permits.release(3)
+        streaming.close()  # mid-answer
+        permits.release(1000)
+        wait_until(lambda: not scheduler.running, "the row is free again")
+        assert httpx.post(url, json={**body, "max_tokens": 4}, timeout=120).status_code == 200  # still serving
+        assert len(prefilled) == 2  # the streaming request and the last: the abandoned ones never ran
     finally:
-        gate.set()
+        permits.release(1000)
         server.should_exit = True
         thread.join(timeout=30)
 
@@ -563,8 +507,8 @@ def test_web_chat_streams_keeps_history_and_regenerates(served):
     *_, (chatbot, regenerated) = chat.regenerate(history, *sampling)
     assert regenerated == history and len(chatbot) == 4
     # A conversation longer than the prompt budget loses its oldest turns, with a warning.
-    short = web_demo.WebChat(served["model"], served["tokenizer"], max_input_tokens=len(
-        get_prompt_format(served["tokenizer"], "chatglm2-6b").prompt_ids(second, [])) + 5, warn=warnings.append)
+    short = web_demo.WebChat(served["model"], served["tokenizer"], config=dict(max_input_tokens=len(
+        get_prompt_format(served["tokenizer"], "chatglm2-6b").prompt_ids(second, [])) + 5), warn=warnings.append)
     *_, (_, shortened, _) = short.submit(second, history, *sampling)
     assert shortened[-1] == [second, records[1]["answer"]] and len(shortened) == 3 and "oldest turns" in warnings[-1]
 

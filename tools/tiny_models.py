@@ -126,11 +126,12 @@ def train_glm4_tokenizer(texts, vocab_size=1500):
     return tokenizer
 
 
-def make_tiny_glm4(output_dir, texts, model_type="glm", seed=0, **overrides):
+def make_tiny_glm4(output_dir, texts, model_type="glm", seed=0, dtype=torch.float32, device="cpu", **overrides):
     """A tiny GLM-4 folder as transformers' own classes load it: model_type "glm" (glm-4-9b-chat-hf layout,
     GlmForCausalLM) or "glm4" (GLM-4-0414, Glm4ForCausalLM); the real config's fields with small sizes, random
     weights, a tokenizer trained on `texts` (train_glm4_tokenizer). Its stop tokens are those of the real
-    generation config: <|endoftext|>, <|user|>, <|observation|>."""
+    generation config: <|endoftext|>, <|user|>, <|observation|>. With the real sizes as overrides (and dtype / device
+    for speed), a full-size model with random weights for GPU benchmarks."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     output_dir = Path(output_dir)
@@ -138,10 +139,11 @@ def make_tiny_glm4(output_dir, texts, model_type="glm", seed=0, **overrides):
         raise FileExistsError(f"{output_dir}: exists and is not empty; choose another --output_dir or remove it")
     tokenizer = train_glm4_tokenizer(texts)
     stop_ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), eos_token_id=stop_ids, pad_token_id=stop_ids[0],
-                                  **{**GLM4_TINY_SIZES, **overrides})
+    config = AutoConfig.for_model(model_type, eos_token_id=stop_ids, pad_token_id=stop_ids[0],
+                                  **{"vocab_size": len(tokenizer), **GLM4_TINY_SIZES, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=stop_ids[0], do_sample=False)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

@@ -8,7 +8,10 @@ decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; oth
 torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM, "compiled" for the others (each the faster one),
 "plain" elsewhere. All give the same tokens.
 """
+import copy
+import functools
 import inspect
+import sys
 import weakref
 
 import torch
@@ -162,9 +165,13 @@ class NativeSteps:
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.blocked = torch.finfo(dtype).min
         self.mask = torch.full((batch, 1, 1, length), self.blocked, dtype=dtype, device=device)  # the step's query row
+        self.cache_kwarg = self.cache_kwarg_of(model)
+
+    @staticmethod
+    def cache_kwarg_of(model):
         # transformers 5.2x renamed forward's past_key_values to cache (the old name warns); 5.17 knows only the old.
         forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     @classmethod
     def of(cls, model, batch, length):
@@ -267,3 +274,193 @@ def decode_loop(step, steps, logits, input_ids, max_new_tokens, stops, fill, pro
             return
         if not ahead:
             logits = step(tokens[:, None])
+
+
+# ---- Rows of a continuous batch (utils.scheduler): requests join and leave between steps ----
+#
+# All rows write their next key at one shared column of a static cache of `row_tokens` columns (after P-tuning's
+# prefix); a row's prompt is placed so that it ends at that column, and each row sees only its own columns (ChatGLM's
+# `valid`, native models' mask). When the column reaches the end, every row's columns move left by the free space
+# before the oldest row, which exists while a prompt and its answer take fewer than `row_tokens` columns. Positions
+# are per row, so where a row's keys lie in the buffer does not change what it computes.
+
+
+class ChatGLMRows:
+    """The rows on our model files' StaticKVCache (prefix columns of P-tuning first, shared by every row)."""
+
+    def __init__(self, model, rows, row_tokens):
+        self.model, self.rows, self.cache = model, rows, None
+        self.prefix = self.column = model.transformer.pre_seq_len
+        self.capacity = self.prefix + row_tokens
+
+    def prefill(self, prompt_ids):
+        """(logits [vocab] of the prompt's last token, its DynamicCache, the positions of the next token)."""
+        model = self.model
+        input_ids = torch.tensor([prompt_ids], device=model.device)
+        mask = torch.ones_like(input_ids)
+        past = DynamicCache(config=model.config)
+        positions = model.get_position_ids(input_ids, mask)
+        logits = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                       past_key_values=past, logits_to_keep=1).logits[0, -1].float()
+        return logits, past, model.advance_positions(positions[..., -1:].clone())
+
+    def admit(self, row, prompt_ids):
+        """Prefill a prompt alone and place it in `row`, ending at the shared column: the logits of its last token."""
+        logits, past, next_positions = self.prefill(prompt_ids)
+        if self.cache is None:
+            self.allocate(past, next_positions)
+        length = len(prompt_ids)
+        self.make_room(length)
+        start = self.column - length
+        for index, layer in enumerate(past.layers):
+            self.cache.keys[index][row, :, start:self.column] = layer.keys[0, :, self.prefix:]
+            self.cache.values[index][row, :, start:self.column] = layer.values[0, :, self.prefix:]
+        self.cache.valid[row, self.prefix:] = False
+        self.cache.valid[row, start:self.column] = True
+        self.cache.positions[row] = next_positions[0]
+        return logits
+
+    def allocate(self, past, next_positions):
+        """The buffers, shaped after the first prompt's cache (the prefix, the same for every row, copied in)."""
+        keys = past.layers[0].keys  # [1, kv_heads, n, head_dim]
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        static_kv_cache = sys.modules[type(base).__module__].StaticKVCache  # the class of the model's own file
+        self.cache = static_kv_cache(len(past.layers), self.rows, keys.shape[1], self.capacity, keys.shape[3],
+                                     tuple(next_positions.shape[1:]), keys.dtype, keys.device)
+        for index, layer in enumerate(past.layers):
+            self.cache.keys[index][:, :, :self.prefix] = layer.keys[:, :, :self.prefix]
+            self.cache.values[index][:, :, :self.prefix] = layer.values[:, :, :self.prefix]
+        self.cache.valid[:, :self.prefix] = True
+        self.set_column(self.prefix)
+
+    def release(self, row):
+        self.cache.valid[row, self.prefix:] = False
+        self.cache.positions[row] = 0  # an empty row's positions advance with the others': kept small
+
+    def move(self, source, target):
+        cache = self.cache
+        for tensor in (*cache.keys, *cache.values, cache.valid, cache.positions):
+            tensor[target] = tensor[source]
+
+    def shift(self, offset):
+        """Every row's columns after the prefix `offset` to the right (< 0: to the left)."""
+        start, end = self.prefix, self.column
+        cache = self.cache
+        for tensor in (*cache.keys, *cache.values):  # [rows, heads, columns, dim]
+            tensor[:, :, start + max(offset, 0):end + offset] = tensor[:, :, start - min(offset, 0):end].clone()
+        cache.valid[:, start + max(offset, 0):end + offset] = cache.valid[:, start - min(offset, 0):end].clone()
+        cache.valid[:, max(end + offset, start):end] = False
+        cache.valid[:, start:start + max(offset, 0)] = False
+        self.set_column(end + offset)
+
+    def make_room(self, length):
+        if self.column - self.prefix < length:
+            self.shift(length - (self.column - self.prefix))
+
+    def set_column(self, column):
+        self.column = self.cache.length = column
+        self.cache.slot.fill_(column)
+
+    def step(self, bucket):
+        """The step of rows [0, bucket): tokens [bucket, 1] -> logits [bucket, vocab], advancing the shared column."""
+        view = copy.copy(self.cache)  # the same buffers, the first `bucket` rows
+        view.keys, view.values = [t[:bucket] for t in self.cache.keys], [t[:bucket] for t in self.cache.values]
+        view.valid, view.positions = self.cache.valid[:bucket], self.cache.positions[:bucket]
+        return functools.partial(self.model.static_decode_step, cache=view)
+
+    def advance(self):
+        self.column += 1
+        self.cache.length = self.column
+
+
+class NativeRows:
+    """The rows on a transformers StaticCache (GLM-4 and the other models transformers runs natively), the mask and
+    positions as fixed buffers: a row sees the columns of its own prompt and answer."""
+
+    def __init__(self, model, rows, row_tokens):
+        self.model, self.rows, self.capacity, self.cache = model, rows, row_tokens, None
+        self.prefix = self.column = 0
+        self.cache_kwarg = NativeSteps.cache_kwarg_of(model)
+
+    def prefill(self, prompt_ids):
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        past = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                            **{self.cache_kwarg: past}).logits[0, -1].float()
+        return logits, past
+
+    def allocate(self, keys):
+        """The buffers, shaped after the first prompt's keys [1, kv_heads, n, head_dim]."""
+        device, dtype = keys.device, self.model.dtype
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.capacity)
+        self.cache.early_initialization(self.rows, keys.shape[1], keys.shape[3], keys.dtype, device)
+        self.blocked = torch.finfo(dtype).min
+        self.mask = torch.full((self.rows, 1, 1, self.capacity), self.blocked, dtype=dtype, device=device)
+        self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+
+    def admit(self, row, prompt_ids):
+        logits, past = self.prefill(prompt_ids)
+        if self.cache is None:
+            self.allocate(past.layers[0].keys)
+        length = len(prompt_ids)
+        self.make_room(length)
+        start = self.column - length
+        for layer, filled in zip(self.cache.layers, past.layers):
+            layer.keys[row, :, start:self.column] = filled.keys[0]
+            layer.values[row, :, start:self.column] = filled.values[0]
+        self.mask[row].fill_(self.blocked)
+        self.mask[row, 0, 0, start:self.column] = 0.0
+        self.position[row] = length
+        return logits
+
+    def release(self, row):
+        self.mask[row].fill_(self.blocked)
+        self.position[row] = 0
+
+    def move(self, source, target):
+        for tensor in (*(layer.keys for layer in self.cache.layers), *(layer.values for layer in self.cache.layers),
+                       self.mask, self.position):
+            tensor[target] = tensor[source]
+
+    def shift(self, offset):
+        end = self.column
+        for layer in self.cache.layers:
+            for tensor in (layer.keys, layer.values):  # [rows, heads, columns, dim]
+                tensor[:, :, max(offset, 0):end + offset] = tensor[:, :, -min(offset, 0):end].clone()
+        columns = self.mask[:, 0, 0]
+        columns[:, max(offset, 0):end + offset] = columns[:, -min(offset, 0):end].clone()
+        columns[:, max(end + offset, 0):] = self.blocked
+        columns[:, :max(offset, 0)] = self.blocked
+        self.set_column(end + offset)
+
+    def make_room(self, length):
+        if self.column < length:
+            self.shift(length - self.column)
+
+    def set_column(self, column):
+        # Where the layers write the next key: the count of the layers (transformers 5.x) and the cache_position
+        self.column = column
+        self.cache_position.fill_(column)
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(column)
+
+    def step(self, bucket):
+        view = copy.copy(self.cache)
+        view.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in view.layers:
+            layer.keys, layer.values = layer.keys[:bucket], layer.values[:bucket]
+        mask, position, cache_position = self.mask[:bucket], self.position[:bucket], self.cache_position
+
+        def forward(tokens):
+            mask[:, 0, 0].index_fill_(1, cache_position, 0.0)  # the new token is a key of its own row
+            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
+                                cache_position=cache_position, **{self.cache_kwarg: view}).logits[:, -1].float()
+            position.add_(1)
+            cache_position.add_(1)
+            return logits
+
+        return forward
+
+    def advance(self):
+        self.column += 1

@@ -114,24 +114,49 @@ def reply_text(model, tokenizer, ids) -> str:
 def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, top_k=0,
                       decode="auto"):
     """A ChatReply after each token that completes a character of the answer to `prompt_ids`, the last one with its
-    finish_reason. Not re-entrant per model: the static cache lives on the model, so callers serialise."""
+    finish_reason. Not re-entrant per model: the static cache lives on the model, so callers serialise (servers
+    answer many requests at once through utils.scheduler instead)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
     input_ids = torch.tensor([list(prompt_ids)], device=model.device)
-    for new_ids, _ in stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, do_sample=do_sample,
-                                      eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p,
-                                      top_k=top_k):
-        ids = new_ids[0].tolist()
+    steps = stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, do_sample=do_sample,
+                            eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p, top_k=top_k)
+    yield from chat_replies(model, tokenizer, len(prompt_ids), (new_ids[0].tolist() for new_ids, _ in steps),
+                            max_new_tokens)
+
+
+def chat_replies(model, tokenizer, prompt_tokens, id_lists, max_new_tokens):
+    """ChatReplies of the lists of an answer's ids so far (the last may end in a stop token): one per list that
+    completes a character, the last with its finish_reason (none if the lists end early: a cancelled request)."""
+    stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
+    for ids in id_lists:
         finish = "stop" if ids[-1] in stop_ids else "length" if len(ids) >= max_new_tokens else None
         if finish == "stop":
             ids = ids[:-1]
         text = reply_text(model, tokenizer, ids)
         if finish is None and text.endswith("\ufffd"):
             continue  # half of a multi-byte character: wait for the rest
-        yield ChatReply(text.rstrip("\ufffd"), len(prompt_ids), len(ids), finish)
+        yield ChatReply(text.rstrip("\ufffd"), prompt_tokens, len(ids), finish)
         if finish:
             return
+
+
+def cut_at_stop(replies, stop_texts, on_stop):
+    """The replies up to the first of `stop_texts` in the answer (OpenAI's `stop`): the reply where one appears ends
+    before it, with finish_reason "stop", and on_stop() is called. Until a reply ends, a tail that may begin a stop
+    text is held back, so streamed text never shows part of one."""
+    for reply in replies:
+        found = [index for index in (reply.text.find(stop) for stop in stop_texts) if index >= 0]
+        if found:
+            on_stop()
+            yield ChatReply(reply.text[:min(found)], reply.prompt_tokens, reply.completion_tokens, "stop")
+            return
+        if reply.finish_reason is None:
+            held = max((size for stop in stop_texts for size in range(1, len(stop))
+                        if reply.text.endswith(stop[:size])), default=0)
+            reply = ChatReply(reply.text[:len(reply.text) - held], reply.prompt_tokens, reply.completion_tokens)
+        yield reply
 
 
 class StableText:

@@ -3,17 +3,21 @@ and their check, a chat turn's prompt within its budgets, the warning for a serv
 Origin check. A browser reaches a server on 127.0.0.1 too, for any page it shows: by DNS rebinding (`Host:
 evil.example`, now resolving to 127.0.0.1) or by cross-site requests (`Origin: <the page's site>`)."""
 import ipaddress
+import os
 import re
 import socket
 import sys
 
+import torch
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 from utils import decode_engine
 from utils.config_utils import ConfigError
-from utils.prompts import fit_prompt
+from utils.generation import chat_replies, cut_at_stop
 from utils.model_loading import DTYPES
+from utils.prompts import fit_prompt, get_prompt_format
+from utils.scheduler import Sampling, Scheduler, kv_bytes_per_token
 
 # How predict.py and chat_ner.py choose their model.
 RUN_CHOICE_DEFAULTS = {
@@ -33,6 +37,8 @@ SERVER_DEFAULTS = {
     # clients use to reach the server, e.g. through a reverse proxy; "*": any
     "allowed_hosts": "",
     "allowed_origins": "",  # web pages (e.g. https://chat.example.com) allowed besides loopback ones; comma-separated
+    "max_batch": 16,  # requests answered at once: one decode step serves them all (their KV cache is kept from the start)
+    "max_waiting": 8,  # requests that may wait for a place in the batch; more are refused (API: 429)
 }
 # The options of every script that generates (predict.py, chat_ner.py, web_demo.py, api_server.py): one name, one default.
 GENERATION_DEFAULTS = {
@@ -177,3 +183,52 @@ def chat_prompt(model, prompt_format, message, history, max_input_tokens, max_ne
         return None, 0, [f"the prompt ({len(prompt_ids)} tokens) fills the model's context of {context} tokens; "
                          "clear the conversation and ask again"]
     return prompt_ids, budget, notes
+
+
+def free_memory(device):
+    """Bytes free on a CUDA device, or in the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_kv_memory(model, max_batch, row_tokens):
+    """ConfigError unless the KV cache of max_batch rows of row_tokens tokens fits in 90 % of the free memory."""
+    per_row = kv_bytes_per_token(model) * row_tokens
+    free = free_memory(model.device)
+    fits = int(free * 0.9) // per_row
+    if max_batch > fits:
+        raise ConfigError(
+            f"--max_batch={max_batch}: the KV cache of {max_batch} requests of {row_tokens} tokens (max_input_tokens + "
+            f"max_new_tokens) takes {max_batch * per_row / 2**30:.2f} GiB, and {free / 2**30:.2f} GiB is free on "
+            f"{model.device}; the largest batch that fits is {fits}"
+            + ("" if fits else ": lower --max_input_tokens or --max_new_tokens"))
+
+
+class BatchedChat:
+    """How both servers answer: requests join the model's running batch (utils.scheduler) and their answers come back
+    as ChatReplies. `max_new_tokens`: the most any request may ask for (a row holds max_input_tokens + that)."""
+
+    def __init__(self, model, tokenizer, config, max_new_tokens):
+        self.model, self.tokenizer = model, tokenizer
+        self.prompt_format = get_prompt_format(tokenizer, getattr(model, "model_version", None))
+        context = model_context(model)
+        row_tokens = config["max_input_tokens"] + max_new_tokens
+        row_tokens = min(row_tokens, context) if context else row_tokens
+        check_kv_memory(model, config["max_batch"], row_tokens)
+        self.scheduler = Scheduler(model, self.prompt_format.stop_token_ids, config["max_batch"], config["max_waiting"],
+                                   row_tokens, config["decode"])
+        self.scheduler.warm_up(self.prompt_format.prompt_ids("hi", []))
+
+    def start(self, prompt_ids, max_new_tokens, sampling: Sampling, stop_texts=()):
+        """(the request in the batch, its ChatReplies): closing the replies early cancels the request."""
+        request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling)
+
+        def replies():
+            try:
+                answer = chat_replies(self.model, self.tokenizer, len(prompt_ids), request.new_ids(), max_new_tokens)
+                yield from cut_at_stop(answer, stop_texts, request.cancel) if stop_texts else answer
+            finally:
+                request.cancel()  # a reader that stops early (its client gone) frees the row at the next token
+
+        return request, replies()

@@ -1,0 +1,250 @@
+"""Concurrent requests decoded together (continuous batching) on the one decode engine: a request joins the running
+batch at a token boundary (its prompt prefilled alone, then one shared step for every row) and leaves it when it ends
+(a stop token, its max_new_tokens) or is cancelled (a client gone, a stop sequence seen by the caller): its row is free
+at the next token. Each request has its own sampling (greedy or temperature / top_p / top_k, an optional seed).
+
+One thread owns the model and runs the loop; callers submit from any thread and read a request's token ids as they
+come. The step runs on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept
+packed at the front), eagerly or, on CUDA, captured once per bucket as a CUDA graph (utils.decode_engine).
+"""
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from utils import decode_engine
+from utils.generation import GREEDY_BELOW_TEMPERATURE
+
+
+class ServerBusy(Exception):
+    """Every row is taken and `max_waiting` requests already wait."""
+
+
+@dataclass
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # the request's own random stream (sampling only); None: the process's
+
+
+class Request:
+    """One request in the scheduler. `new_ids()` yields the ids generated so far after every token (the last one
+    may be a stop token) and ends when the request does; `cancel()` frees its row at the next token."""
+
+    def __init__(self, prompt_ids, max_new_tokens, sampling):
+        self.prompt_ids, self.max_new_tokens, self.sampling = list(prompt_ids), max_new_tokens, sampling
+        self.ids, self.start = [], None
+        self.updates = collections.deque()
+        self.ready = threading.Condition()
+        self.cancelled = threading.Event()
+        self.generator, self.scheduler = None, None
+
+    def cancel(self):
+        self.cancelled.set()
+        if self.scheduler is not None:
+            self.scheduler.withdraw(self)
+
+    def publish(self, item):
+        """From the scheduler: a list of ids, an exception, or None for the end."""
+        with self.ready:
+            self.updates.append(item)
+            self.ready.notify()
+
+    def new_ids(self):
+        """The ids so far after each token; a reader that falls behind gets the newest list only."""
+        while True:
+            with self.ready:
+                self.ready.wait_for(lambda: self.updates)
+                items = list(self.updates)
+                self.updates.clear()
+            error = next((item for item in items if isinstance(item, BaseException)), None)
+            if error is not None:
+                raise error
+            lists = [item for item in items if item is not None]
+            if lists:
+                yield lists[-1]
+            if None in items:
+                return
+
+
+def next_bucket(rows, largest):
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, largest)
+
+
+def kv_bytes_per_token(model):
+    """Bytes of keys and values one token takes in the cache (all layers), in the model's compute dtype."""
+    config = model.config
+    if hasattr(model, "static_decode_step"):  # our model files
+        transformer = model.transformer
+        layers, heads, head_dim = transformer.num_layers, transformer.num_kv_heads, transformer.head_dim
+    else:
+        layers = config.num_hidden_layers
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    return layers * 2 * heads * head_dim * element
+
+
+class Scheduler:
+    """The running batch of one model: at most `max_batch` rows, each with room for `row_tokens` tokens of a prompt and
+    its answer; at most `max_waiting` requests wait for a row, more are refused (ServerBusy)."""
+
+    def __init__(self, model, stop_ids, max_batch, max_waiting, row_tokens, decode="auto"):
+        self.model, self.stop_ids, self.max_batch, self.max_waiting = model, set(stop_ids), max_batch, max_waiting
+        chatglm = hasattr(model, "static_decode_step")
+        self.mode = decode_engine.resolve_mode(decode, model.device, "graph")
+        self.rows = (decode_engine.ChatGLMRows if chatglm else decode_engine.NativeRows)(model, max_batch, row_tokens)
+        self.row_tokens = row_tokens
+        self.running, self.waiting, self.steps = [], collections.deque(), {}
+        self.changed = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.loop, name="decode-scheduler", daemon=True)
+        self.thread.start()
+
+    # ---- callers ----
+
+    def check_room(self):
+        with self.changed:
+            self.refuse_if_full()
+
+    def refuse_if_full(self):
+        free_rows = self.max_batch - len(self.running)
+        if len(self.waiting) - free_rows >= self.max_waiting:
+            raise ServerBusy(f"the server is busy: {self.max_batch} requests are being answered and "
+                             f"{len(self.waiting) - free_rows} are waiting; try again later")
+
+    def submit(self, prompt_ids, max_new_tokens, sampling=None):
+        if len(prompt_ids) + max_new_tokens > self.row_tokens:
+            raise ValueError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the "
+                             f"{self.row_tokens} tokens of a row of the running batch")
+        request = Request(prompt_ids, max_new_tokens, sampling or Sampling())
+        request.scheduler = self
+        with self.changed:
+            self.refuse_if_full()
+            self.waiting.append(request)
+            self.changed.notify()
+        return request
+
+    def withdraw(self, request):
+        """A cancelled request that still waits leaves the line at once (a running one at the next token)."""
+        with self.changed:
+            if request in self.waiting:
+                self.waiting.remove(request)
+                request.publish(None)
+
+    def warm_up(self, prompt_ids):
+        """On CUDA, the step of every batch size captured now rather than while users wait for their answers."""
+        if self.mode not in ("graph", "compiled"):
+            return
+        for size in sorted({next_bucket(rows, self.max_batch) for rows in range(1, self.max_batch + 1)}):
+            with self.changed:  # all of them join at the same token boundary
+                requests = [self.submit(prompt_ids, 2) for _ in range(size)]
+            for request in requests:
+                for _ in request.new_ids():
+                    pass
+
+    def close(self):
+        with self.changed:
+            self.stopping = True
+            self.changed.notify()
+        self.thread.join()
+
+    # ---- the scheduler's thread ----
+
+    def loop(self):
+        with torch.inference_mode():
+            while True:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.running or self.waiting or self.stopping)
+                    if self.stopping:
+                        return
+                    newcomers = [self.waiting.popleft()
+                                 for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
+                try:
+                    for request in newcomers:
+                        self.start(request)
+                    if self.running:
+                        self.decode_step()
+                except Exception as err:  # every request in the batch gets the error; the loop goes on
+                    for request in self.running + [r for r in newcomers if r not in self.running]:
+                        request.publish(err)
+                        request.publish(None)
+                    self.running = []
+
+    def start(self, request):
+        if request.cancelled.is_set():
+            request.publish(None)
+            return
+        if request.sampling.do_sample and request.sampling.seed is not None:
+            request.generator = torch.Generator(self.model.device).manual_seed(request.sampling.seed)
+        if not self.running and self.rows.cache is not None:
+            self.rows.set_column(self.rows.prefix)  # an empty batch starts at the front again
+        row = len(self.running)
+        logits = self.rows.admit(row, request.prompt_ids)
+        request.start = self.rows.column - len(request.prompt_ids)
+        self.running.append(request)
+        self.emit([request], logits[None])
+
+    def decode_step(self):
+        if self.rows.column >= self.rows.capacity:  # the end of the buffer: move every row to the left
+            offset = self.rows.prefix - min(request.start for request in self.running)
+            self.rows.shift(offset)
+            for request in self.running:
+                request.start += offset
+        bucket = next_bucket(len(self.running), self.max_batch)
+        tokens = torch.zeros(bucket, 1, dtype=torch.long)
+        tokens[:len(self.running), 0] = torch.tensor([request.ids[-1] for request in self.running])
+        logits = self.run_step(bucket, tokens.to(self.model.device))
+        self.rows.advance()
+        self.emit(list(self.running), logits)
+
+    def run_step(self, bucket, tokens):
+        step = self.steps.get(bucket)
+        if step is not None:
+            return step(tokens)
+        function = self.rows.step(bucket)
+        if self.mode not in ("graph", "compiled"):
+            self.steps[bucket] = function
+            return function(tokens)
+        if self.mode == "compiled":
+            function = torch.compile(function, mode="default")
+        captured = decode_engine.CapturedStep(function, tokens)  # runs this step, then records it
+        self.steps[bucket] = captured
+        return captured.first_logits
+
+    def pick(self, requests, logits):
+        """The next token of each request (row i of logits for requests[i]), with its own sampling."""
+        tokens = logits[:len(requests)].argmax(-1).tolist()
+        for index, request in enumerate(requests):
+            sampling = request.sampling
+            if sampling.do_sample and sampling.temperature >= GREEDY_BELOW_TEMPERATURE:
+                processors = decode_engine.logits_processors(self.model, True, sampling.temperature, sampling.top_k,
+                                                             sampling.top_p)
+                scores = processors(torch.empty(1, 0, dtype=torch.long, device=logits.device), logits[index:index + 1])
+                probabilities = torch.softmax(scores.float(), dim=-1)
+                tokens[index] = int(torch.multinomial(probabilities, 1, generator=request.generator))
+        return tokens
+
+    def emit(self, requests, logits):
+        """Hand each request its next token; requests that end (or were cancelled) leave the batch."""
+        for request, token in zip(requests, self.pick(requests, logits)):
+            request.ids.append(token)
+            request.publish(list(request.ids))
+        for request in requests:
+            if request.ids[-1] in self.stop_ids or len(request.ids) >= request.max_new_tokens or request.cancelled.is_set():
+                self.leave(request)
+
+    def leave(self, request):
+        row, last = self.running.index(request), len(self.running) - 1
+        if row != last:  # keep the running rows packed at the front
+            self.rows.move(last, row)
+            self.running[row] = self.running[last]
+        self.rows.release(last)
+        self.running.pop()
+        request.publish(None)
