@@ -162,7 +162,9 @@ class Scheduler:
             while True:
                 with self.changed:
                     self.changed.wait_for(lambda: self.running or self.waiting or self.stopping)
-                    if self.stopping:
+                    if self.stopping:  # the requests still here end without an answer
+                        for request in [*self.running, *self.waiting]:
+                            request.publish(None)
                         return
                     newcomers = [self.waiting.popleft()
                                  for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
