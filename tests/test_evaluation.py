@@ -21,11 +21,11 @@ class EvaluationSteps(transformers.TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def tiny_trainer(model_dir, data_file, output_dir, callbacks=(), **options):
+def tiny_trainer(model_dir, data_file, output_dir, callbacks=(), dropout=0.0, **options):
     """Our Trainer on a tiny model with LoRA, training and evaluating on data_file, as train_trainer.py builds it."""
     transformers.set_seed(0)
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
-    model = add_lora(model, {**DEFAULTS["lora"], "dropout": 0.0})  # the same loss at every call in training mode
+    model = add_lora(model, {**DEFAULTS["lora"], "dropout": dropout})  # 0: the same loss at every call in training mode
     config = {**DEFAULTS, "save_steps": 0, "report_to": "none", "per_device_train_batch_size": 4, "warmup_steps": 0,
               **options}
     args = training_arguments(config, output_dir, torch.float32, has_eval=True)
@@ -48,6 +48,19 @@ def test_each_evaluation_point_is_evaluated_once(max_steps, evaluated_at, tiny_m
     # The run's final figures are those logged at the last step.
     assert final == {key: value for key, value in logged[-1].items() if key != "step"}
     assert final["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_evaluating_leaves_the_training_as_it_was(tiny_model_dirs, sixteen_examples, tmp_path):
+    """Evaluation draws nothing from the random streams of training (LoRA dropout here): the training losses after an
+    evaluation equal those of the same run without one. (transformers' own loop drew a seed for its data loader, so a
+    run's result depended on how often it was evaluated.)"""
+    losses = []
+    for eval_steps in (2, 1000):
+        trainer = tiny_trainer(tiny_model_dirs["chatglm2-6b"], sixteen_examples, tmp_path / str(eval_steps), dropout=0.3,
+                               max_steps=4, eval_steps=eval_steps, logging_steps=1)
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
 def eval_loss_as_before(trainer, batch_size):
