@@ -10,7 +10,8 @@ Each line you type is wrapped the way the adapter was trained: the task instruct
 """
 import sys
 
-from utils.adapters import choose_lora_path, load_run, read_trained_path, run_instruction, uses_adapter
+from utils.adapters import (check_lora_on_base, choose_lora_path, load_run, run_instruction, take_run_settings,
+                            uses_adapter)
 from utils.config_utils import parse_config
 from utils.generation import StableText, stream_chat_reply
 from utils.ner_data import MSRA_INSTRUCT, QUERY_PREFIX
@@ -57,9 +58,11 @@ def print_reply(model, tokenizer, prompt_ids, budget, config):
 def main(config):
     check_serving_options(config)
     lora_path = choose_lora_path(config)
-    model, tokenizer = load_run(config)
+    trained = take_run_settings(config)  # read once: the run's base and its instruction
+    check_lora_on_base(trained, config["model_dir"])
+    model, tokenizer = load_run(config, trained=trained)
     version = model.model_version
-    record = read_trained_path(config["lora_path"], config["model_dir"]).record
+    record = trained.record
     instruct = "" if config["raw"] else config["instruct"] or run_instruction(record) or MSRA_INSTRUCT
 
     def message(text):
