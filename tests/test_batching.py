@@ -257,3 +257,20 @@ def test_web_page_answers_two_tabs_at_once(learnt):
     for thread in tabs:
         thread.join(timeout=300)
     assert answers == [r["answer"] for r in records] and 2 in rows, rows
+
+
+def test_the_shipped_small_model_answers_eight_clients_as_it_answers_one(tmp_path):
+    """The README's model behind the API: eight concurrent clients share the decode steps, and each answer equals
+    the answer to the same request alone (the throughput ratio is benchmarks/serve_load.py's)."""
+    import api_server
+
+    model, tokenizer = load_model_and_tokenizer(REPO_ROOT / "model_hub" / "chatglm2-small", dtype="fp32", device="cpu")
+    app = api_server.create_app(model, tokenizer, dict(api_server.DEFAULTS, model_dir="small", max_new_tokens=24,
+                                                       max_input_tokens=200, max_batch=8))
+    rows = record_steps(app.state.scheduler)
+    bodies = [{"model": "small", "messages": [{"role": "user", "content": user_message(record)}], "max_tokens": 24,
+               "temperature": 0} for record in read_instruction_records(DEMO_DEV)[:8]]
+    alone = [post_all(app, [body])[0].json()["choices"][0]["message"]["content"] for body in bodies]
+    rows.clear()
+    together = [response.json()["choices"][0]["message"]["content"] for response in post_all(app, bodies)]
+    assert together == alone and max(rows) == 8, rows
