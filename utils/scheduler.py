@@ -3,8 +3,8 @@ batch at a token boundary (its prompt prefilled alone, then one shared step for 
 (a stop token, its max_new_tokens) or is cancelled (a client gone, a stop sequence seen by the caller): its row is free
 at the next token. Each request has its own sampling (greedy or temperature / top_p / top_k, an optional seed).
 
-One thread owns the model and runs the loop; callers submit from any thread and read a request's token ids as they
-come. The step runs on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept
+One thread owns the model and runs the loop while there are requests (an idle scheduler has none: it holds nothing
+at exit and can be freed); callers submit from any thread and read a request's token ids as they come. The step runs on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept
 packed at the front), eagerly or, on CUDA, captured once per bucket as a CUDA graph (utils.decode_engine).
 """
 import collections
@@ -98,14 +98,13 @@ class Scheduler:
     def __init__(self, model, stop_ids, max_batch, max_waiting, row_tokens, decode="auto"):
         self.model, self.stop_ids, self.max_batch, self.max_waiting = model, set(stop_ids), max_batch, max_waiting
         chatglm = hasattr(model, "static_decode_step")
-        self.mode = decode_engine.resolve_mode(decode, model.device, "graph")
+        self.device = model.device
+        self.mode = decode_engine.resolve_mode(decode, self.device, "graph")
         self.rows = (decode_engine.ChatGLMRows if chatglm else decode_engine.NativeRows)(model, max_batch, row_tokens)
         self.row_tokens = row_tokens
         self.running, self.waiting, self.steps = [], collections.deque(), {}
         self.changed = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self.loop, name="decode-scheduler", daemon=True)
-        self.thread.start()
+        self.stopping, self.thread = False, None
 
     # ---- callers ----
 
@@ -126,9 +125,13 @@ class Scheduler:
         request = Request(prompt_ids, max_new_tokens, sampling or Sampling())
         request.scheduler = self
         with self.changed:
+            if self.stopping:
+                raise RuntimeError("this scheduler was closed")
             self.refuse_if_full()
             self.waiting.append(request)
-            self.changed.notify()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.loop, name="decode-scheduler", daemon=True)
+                self.thread.start()
         return request
 
     def withdraw(self, request):
@@ -150,10 +153,11 @@ class Scheduler:
                     pass
 
     def close(self):
+        """The requests still here end without an answer (at the next token); no more are taken."""
         with self.changed:
-            self.stopping = True
-            self.changed.notify()
-        self.thread.join()
+            self.stopping, thread = True, self.thread
+        if thread is not None:
+            thread.join()
 
     # ---- the scheduler's thread ----
 
@@ -161,10 +165,11 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.changed:
-                    self.changed.wait_for(lambda: self.running or self.waiting or self.stopping)
-                    if self.stopping:  # the requests still here end without an answer
+                    if self.stopping or not (self.running or self.waiting):  # the next submit starts a new thread
                         for request in [*self.running, *self.waiting]:
                             request.publish(None)
+                        self.running, self.thread = [], None
+                        self.waiting.clear()
                         return
                     newcomers = [self.waiting.popleft()
                                  for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
@@ -184,7 +189,7 @@ class Scheduler:
             request.publish(None)
             return
         if request.sampling.do_sample and request.sampling.seed is not None:
-            request.generator = torch.Generator(self.model.device).manual_seed(request.sampling.seed)
+            request.generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
         if not self.running and self.rows.cache is not None:
             self.rows.set_column(self.rows.prefix)  # an empty batch starts at the front again
         row = len(self.running)
@@ -202,7 +207,7 @@ class Scheduler:
         bucket = next_bucket(len(self.running), self.max_batch)
         tokens = torch.zeros(bucket, 1, dtype=torch.long)
         tokens[:len(self.running), 0] = torch.tensor([request.ids[-1] for request in self.running])
-        logits = self.run_step(bucket, tokens.to(self.model.device))
+        logits = self.run_step(bucket, tokens.to(self.device))
         self.rows.advance()
         self.emit(list(self.running), logits)
 
