@@ -285,7 +285,26 @@ def decode_loop(step, steps, logits, input_ids, max_new_tokens, stops, fill, pro
 # are per row, so where a row's keys lie in the buffer does not change what it computes.
 
 
-class ChatGLMRows:
+class Rows:
+    """What both kinds of rows share: moving the columns after the prefix (`column_tensors`: (tensor with the columns
+    on its last dimension, the value of an empty column or None))."""
+
+    def make_room(self, length):
+        if self.column - self.prefix < length:
+            self.shift(length - (self.column - self.prefix))
+
+    def shift(self, offset):
+        """Every row's columns after the prefix `offset` to the right (< 0: to the left)."""
+        start, end = self.prefix, self.column
+        for tensor, empty in self.column_tensors():
+            tensor[..., start + max(offset, 0):end + offset] = tensor[..., start - min(offset, 0):end].clone()
+            if empty is not None:
+                tensor[..., max(end + offset, start):end] = empty
+                tensor[..., start:start + max(offset, 0)] = empty
+        self.set_column(end + offset)
+
+
+class ChatGLMRows(Rows):
     """The rows on our model files' StaticKVCache (prefix columns of P-tuning first, shared by every row)."""
 
     def __init__(self, model, rows, row_tokens):
@@ -342,23 +361,12 @@ class ChatGLMRows:
         for tensor in (*cache.keys, *cache.values, cache.valid, cache.positions):
             tensor[target] = tensor[source]
 
-    def shift(self, offset):
-        """Every row's columns after the prefix `offset` to the right (< 0: to the left)."""
-        start, end = self.prefix, self.column
+    def column_tensors(self):
         cache = self.cache
-        for tensor in (*cache.keys, *cache.values):  # [rows, heads, columns, dim]
-            tensor[:, :, start + max(offset, 0):end + offset] = tensor[:, :, start - min(offset, 0):end].clone()
-        cache.valid[:, start + max(offset, 0):end + offset] = cache.valid[:, start - min(offset, 0):end].clone()
-        cache.valid[:, max(end + offset, start):end] = False
-        cache.valid[:, start:start + max(offset, 0)] = False
-        self.set_column(end + offset)
-
-    def make_room(self, length):
-        if self.column - self.prefix < length:
-            self.shift(length - (self.column - self.prefix))
+        return [(tensor.transpose(-1, -2), None) for tensor in (*cache.keys, *cache.values)] + [(cache.valid, False)]
 
     def set_column(self, column):
-        self.column = self.cache.length = column
+        self.column = column
         self.cache.slot.fill_(column)
 
     def step(self, bucket):
@@ -370,10 +378,9 @@ class ChatGLMRows:
 
     def advance(self):
         self.column += 1
-        self.cache.length = self.column
 
 
-class NativeRows:
+class NativeRows(Rows):
     """The rows on a transformers StaticCache (GLM-4 and the other models transformers runs natively), the mask and
     positions as fixed buffers: a row sees the columns of its own prompt and answer."""
 
@@ -423,20 +430,9 @@ class NativeRows:
                        self.mask, self.position):
             tensor[target] = tensor[source]
 
-    def shift(self, offset):
-        end = self.column
-        for layer in self.cache.layers:
-            for tensor in (layer.keys, layer.values):  # [rows, heads, columns, dim]
-                tensor[:, :, max(offset, 0):end + offset] = tensor[:, :, -min(offset, 0):end].clone()
-        columns = self.mask[:, 0, 0]
-        columns[:, max(offset, 0):end + offset] = columns[:, -min(offset, 0):end].clone()
-        columns[:, max(end + offset, 0):] = self.blocked
-        columns[:, :max(offset, 0)] = self.blocked
-        self.set_column(end + offset)
-
-    def make_room(self, length):
-        if self.column < length:
-            self.shift(length - self.column)
+    def column_tensors(self):
+        caches = [tensor.transpose(-1, -2) for layer in self.cache.layers for tensor in (layer.keys, layer.values)]
+        return [(tensor, None) for tensor in caches] + [(self.mask[:, 0, 0], self.blocked)]
 
     def set_column(self, column):
         # Where the layers write the next key: the count of the layers (transformers 5.x) and the cache_position

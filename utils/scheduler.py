@@ -40,7 +40,7 @@ class Request:
         self.updates = collections.deque()
         self.ready = threading.Condition()
         self.cancelled = threading.Event()
-        self.generator, self.scheduler = None, None
+        self.generator = self.processors = self.scheduler = None
 
     def cancel(self):
         self.cancelled.set()
@@ -188,8 +188,12 @@ class Scheduler:
         if request.cancelled.is_set():
             request.publish(None)
             return
-        if request.sampling.do_sample and request.sampling.seed is not None:
-            request.generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
+        sampling = request.sampling
+        if sampling.do_sample and sampling.temperature >= GREEDY_BELOW_TEMPERATURE:  # else greedy
+            request.processors = decode_engine.logits_processors(self.model, True, sampling.temperature,
+                                                                 sampling.top_k, sampling.top_p)
+            if sampling.seed is not None:
+                request.generator = torch.Generator(self.device).manual_seed(sampling.seed)
         if not self.running and self.rows.cache is not None:
             self.rows.set_column(self.rows.prefix)  # an empty batch starts at the front again
         row = len(self.running)
@@ -229,11 +233,9 @@ class Scheduler:
         """The next token of each request (row i of logits for requests[i]), with its own sampling."""
         tokens = logits[:len(requests)].argmax(-1).tolist()
         for index, request in enumerate(requests):
-            sampling = request.sampling
-            if sampling.do_sample and sampling.temperature >= GREEDY_BELOW_TEMPERATURE:
-                processors = decode_engine.logits_processors(self.model, True, sampling.temperature, sampling.top_k,
-                                                             sampling.top_p)
-                scores = processors(torch.empty(1, 0, dtype=torch.long, device=logits.device), logits[index:index + 1])
+            if request.processors is not None:
+                scores = request.processors(torch.empty(1, 0, dtype=torch.long, device=logits.device),
+                                            logits[index:index + 1])
                 probabilities = torch.softmax(scores.float(), dim=-1)
                 tokens[index] = int(torch.multinomial(probabilities, 1, generator=request.generator))
         return tokens
