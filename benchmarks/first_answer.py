@@ -1,19 +1,22 @@
 """How long a user waits for the first answer, and how fast decoding is from then on, for each decode loop of
-stream_generate: random ChatGLM2-6B weights with the real config.json, bf16, each option in new processes with empty
-compile caches (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR in a fresh folder), as on a user's first run.
+stream_generate: random ChatGLM2-6B weights with the real config.json (or, --model glm-4-9b, GLM-4-9B: transformers'
+GlmConfig defaults = glm-4-9b-chat-hf's config.json), bf16, each option in new processes with empty compile caches
+(TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR in a fresh folder), as on a user's first run.
 
 Two workloads per option, each in its own process, timed from the loaded model:
 - chat: the first streamed token and the whole first answer (batch 1, --chat_tokens new tokens, a 48-token prompt),
-  the decode speed of the first answer and of the next two, then the steady decode speed at batch 1 and batch 16
-  (and how long the first batch-16 run took: a new batch size);
+  the decode speed of the first answer and of the next two, as a chat has them (not waiting for torch.compile), then,
+  once every compilation has ended (compile_wait_s: how long that still took), the steady decode speed at batch 1
+  and batch 16 (and how long the first batch-16 run took: a new batch size);
 - predict (with --dev_file): the predict.py loop (utils.generation.generate_answers) over that file's records, batch
   32, 32 new tokens, from the first batch (compilation included) to the last answer.
 Needs CUDA.
 
     python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --dev_file data/msra/instruct_data/dev.txt \
         --options graph,graph-warm,compiled,graph-eager-elementwise --json first_answer.json
+    python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --model glm-4-9b --options auto,compiled
 
-Options: plain, static, graph, compiled (the `decode` modes); "-warm" reuses the caches of the option's earlier run
+Options: auto, plain, static, graph, compiled (the `decode` modes); "-warm" reuses the caches of the option's earlier run
 (a persistent compile cache); "-eager-elementwise" also turns off the compiled element-wise kernels (norms, rotary,
 SwiGLU) that prefill and the step use on CUDA.
 """
@@ -34,18 +37,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def chat_workload(model, decode, args):
     from generate_6b import random_prompt, timed
+    from utils.decode_engine import NativeCompiler
     from utils.generation import time_generation
 
+    def chat(tokens):  # as utils.generation.stream_chat_reply decodes: a chat does not wait for torch.compile
+        return time_generation(model, random_prompt(model, 1, 48), tokens, decode, wait_for_compile=False)
+
     row = {}
-    first, total = time_generation(model, random_prompt(model, 1, 48), args.chat_tokens, decode)
+    first, total = chat(args.chat_tokens)
     row.update(first_token_s=round(first, 2), first_answer_s=round(total, 2),
                first_answer_tokens_per_s=round((args.chat_tokens - 1) / (total - first), 1))
     speeds = []
     for _ in range(2):
-        first, total = time_generation(model, random_prompt(model, 1, 48), args.chat_tokens, decode)
+        first, total = chat(args.chat_tokens)
         speeds.append(round((args.chat_tokens - 1) / (total - first), 1))
     row["next_answers_tokens_per_s"] = speeds
-    time_generation(model, random_prompt(model, 1, 48), 256, decode)  # a longer cache: captured again
+    chat(256)  # a longer cache: captured again
+    if not hasattr(model, "static_decode_step"):  # a native model: until its compilations in the background end
+        (_, row["compile_wait_s"]) = timed(NativeCompiler.of(model).wait)
     first, total = time_generation(model, random_prompt(model, 1, 48), 256, decode)
     row["b1_tokens_per_s"] = round(255 / (total - first), 1)
     if decode != "plain":
@@ -74,16 +83,29 @@ def predict_workload(model, decode, args):
     return {"predict_records": len(answers), "predict_s": round(time.perf_counter() - started, 1)}
 
 
+def random_glm4():
+    from transformers import AutoModelForCausalLM, GlmConfig
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
+    model.model_version = None
+    return model
+
+
 def measure(option, workload, args):
     """One option and workload, in this process: returns its row."""
     from generate_6b import load_random_model, timed
 
     decode = option.split("-")[0]
-    (model, load_s) = timed(lambda: load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16))
+    if args.model == "glm-4-9b":
+        (model, load_s) = timed(random_glm4)
+    else:
+        (model, load_s) = timed(lambda: load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16))
+        model.model_version = "chatglm2-6b"
     args.loaded_at = time.perf_counter()
     if "eager-elementwise" in option:
         sys.modules[type(model).__module__].COMPILE_ELEMENTWISE = False
-    model.model_version = "chatglm2-6b"
     with torch.inference_mode():
         row = {"load_s": round(load_s, 1)} | (chat_workload if workload == "chat" else predict_workload)(model, decode, args)
     compilations = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # graphs torch.compile made in this process
@@ -93,6 +115,7 @@ def measure(option, workload, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_dir", required=True, help="folder with chatglm2-6b/config.json and its tokenizer files")
+    parser.add_argument("--model", choices=("chatglm2-6b", "glm-4-9b"), default="chatglm2-6b")
     parser.add_argument("--options", default="graph,graph-warm,compiled,graph-eager-elementwise")
     parser.add_argument("--dev_file", default="", help="instruction records for the predict loop (process.py's dev.txt)")
     parser.add_argument("--chat_tokens", type=int, default=64)
@@ -101,6 +124,8 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
+    if args.model == "glm-4-9b" and (args.dev_file or "eager-elementwise" in args.options):
+        sys.exit("--model glm-4-9b: the predict workload (--dev_file) and -eager-elementwise are ChatGLM2-6B's only")
     if args.one:
         option, workload = args.one.split(":")
         print("ROW " + json.dumps(measure(option, workload, args)), flush=True)
@@ -120,7 +145,7 @@ def main():
             if workload == "predict" and base.startswith("plain"):
                 continue
             command = [sys.executable, __file__, "--one", f"{base}:{workload}", "--config_dir", args.config_dir,
-                       "--dev_file", args.dev_file, "--chat_tokens", str(args.chat_tokens)]
+                       "--model", args.model, "--dev_file", args.dev_file, "--chat_tokens", str(args.chat_tokens)]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
             if done.returncode or not lines:
@@ -132,9 +157,9 @@ def main():
         print(json.dumps(row), flush=True)
         rows.append(row)
 
-    print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, ChatGLM2-6B random weights, bf16, {time.strftime('%Y-%m-%d')}")
+    print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model} random weights, bf16, {time.strftime('%Y-%m-%d')}")
     columns = ["option", "first_token_s", "first_answer_s", "first_answer_tokens_per_s", "next_answers_tokens_per_s",
-               "b1_tokens_per_s", "b16_first_run_s", "b16_tokens_per_s", "compilations", "predict_s", "predict_compilations",
+               "compile_wait_s", "b1_tokens_per_s", "b16_first_run_s", "b16_tokens_per_s", "compilations", "predict_s", "predict_compilations",
                "peak_gib", "predict_peak_gib"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:

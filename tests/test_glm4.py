@@ -13,6 +13,7 @@ from conftest import REPO_ROOT, SCRIPTS, run_script
 from test_training import logged_losses
 from tools.tiny_models import make_tiny_glm4
 from utils.dataset import encode_example
+from utils.decode_engine import NativeCompiler, NativeSteps
 from utils.generation import generate_answers, stream_chat_reply
 from utils.adapters import load_model_with_adapter
 from utils.model_loading import load_model_and_tokenizer
@@ -164,6 +165,24 @@ def test_full_and_qlora_training(glm4_dirs, tmp_path):
     assert type(model).__name__ == "GlmForCausalLM"
 
 
+@torch.inference_mode()
+def test_the_step_compiled_in_the_background_serves_steps_of_its_shapes(glm4_dirs):
+    """A chat does not wait for torch.compile: the step compiles in a thread, on buffers of its own; the steps of an
+    answer with those shapes then run that code without compiling again, and it computes what the eager step does."""
+    model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cpu")
+    ids = torch.tensor([get_prompt_format(tokenizer, None).prompt_ids("今天北京天气怎么样", [])])
+    steps = NativeSteps.of(model, 1, ids.shape[1] + 8)
+    assert not steps.compiled_ready()  # starts the compilation
+    NativeCompiler.of(model).wait()
+    assert steps.compiled_ready()
+    token = steps.prefill(ids, torch.ones_like(ids), None, 8).argmax(-1, keepdim=True)
+    steps.advance()
+    eager = steps.forward(token)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = steps.compiled_forward()(token)  # rewrites the same key and value at this position
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)  # fused kernels round in their own order
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_decode_on_cuda_equals_the_eager_loop(glm4_dirs):
     model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cuda")
@@ -175,3 +194,7 @@ def test_graph_decode_on_cuda_equals_the_eager_loop(glm4_dirs):
     streamed = [r.text for r in stream_chat_reply(model, tokenizer, ids, max_new_tokens=24, decode="auto")]
     # (a random model writes broken UTF-8 too: the streamed reply drops a trailing half character)
     assert streamed[-1] == generate_answers(model, tokenizer, prompt_format, records[:1], max_new_tokens=24, decode="plain")[0].rstrip("\ufffd")
+    # The chat did not wait for torch.compile (its step compiled in the background): once ready, the next answer runs on
+    # the compiled step, with the same answer.
+    NativeCompiler.of(model).wait()
+    assert [r.text for r in stream_chat_reply(model, tokenizer, ids, max_new_tokens=24, decode="auto")] == streamed

@@ -6,17 +6,23 @@ step about to be captured runs before the first token is handed out: the answer 
 decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; other models: eager static steps),
 "static" = eager static steps, "graph" = the step captured as a CUDA graph, "compiled" = the step fused by
 torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM, "compiled" for the others (each the faster one),
-"plain" elsewhere. All give the same tokens.
+"plain" elsewhere. All give the same tokens. A chat (wait_for_compile=False) does not wait for torch.compile: until
+the compiled step of its shapes is ready (NativeCompiler, in a thread of its own), answers run on the eager step
+captured as a graph, and the answer after it is ready on the compiled one.
 """
 import copy
 import functools
 import inspect
+import logging
 import sys
+import threading
 import weakref
 
 import torch
 from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+logger = logging.getLogger(__name__)
 
 MODES = ("auto", "plain", "static", "graph", "compiled")
 # Native caches' lengths are rounded up to this: one captured graph serves similar lengths (ChatGLM: powers of two).
@@ -83,7 +89,9 @@ class StepRunner:
     """A model's decode step as `mode` runs it: eagerly, or captured and replayed while the cache buffers, layers,
     weights and adapter switches stay as they were (one captured step per model: a graph pool per shape adds up)."""
 
-    def __init__(self, model, steps, mode):
+    def __init__(self, model, steps, mode, wait_for_compile=True):
+        if mode == "compiled" and not wait_for_compile and not steps.compiled_ready():
+            mode = "graph"  # this answer on the eager step; the compiled one from the answer after it is ready
         self.model, self.steps, self.mode, self.captured = model, steps, mode, None
         if mode in ("graph", "compiled") and steps.owner is not None:
             self.key = (weakref.ref(steps.owner), mode, weights_key(model))  # a dead buffer owner matches nothing
@@ -158,7 +166,7 @@ class NativeSteps:
     auto_on_cuda = "compiled"  # fused element-wise work; "graph" replays transformers' eager kernels, one per small op
 
     def __init__(self, model, batch, length):
-        self.model, self.compiled = model, None
+        self.model, self.key = model, (batch, length)
         device, dtype = model.device, model.dtype
         self.cache = self.owner = StaticCache(config=model.config, max_cache_len=length)  # new with these buffers
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -213,22 +221,82 @@ class NativeSteps:
         self.index += 1
         self.mask[:, 0, 0, self.index] = 0.0  # the new token is a key for every row from now on
 
+    def inputs(self, tokens):
+        return self.model, self.cache_kwarg, self.cache, tokens, self.mask, self.position, self.cache_position
+
     def forward(self, tokens):
-        return self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.position, use_cache=True,
-                          cache_position=self.cache_position, **{self.cache_kwarg: self.cache}).logits[:, -1]
+        return native_step(*self.inputs(tokens))
 
     def compiled_forward(self):
+        step = NativeCompiler.of(self.model).step
+        return lambda tokens: step(*self.inputs(tokens))
+
+    def compiled_ready(self):
+        return NativeCompiler.of(self.model).ready(self.key)
+
+
+def native_step(model, cache_kwarg, cache, tokens, mask, position, cache_position):
+    """One token of every row on a native model's static cache: logits [B, vocab]."""
+    return model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
+                 cache_position=cache_position, **{cache_kwarg: cache}).logits[:, -1]
+
+
+class NativeCompiler:
+    """A native model's step through torch.compile (one per model). The compiled code guards on the shapes of the
+    step's tensors, not on which tensors they are, so it is made on buffers of its own (a twin of the steps) in a
+    thread of its own, while answers run on the eager step; steps of those shapes then use it without compiling."""
+
+    def __init__(self, model):
         # No CUDA graphs of torch.compile's own: ours capture the fused step, in whatever thread the caller runs.
-        self.compiled = self.compiled or torch.compile(self.forward, mode="default")
-        return self.compiled
+        self.model_ref, self.step = weakref.ref(model), torch.compile(native_step, mode="default")
+        self.compiled, self.threads = set(), {}  # keys (batch, length) compiled; the thread started for each key
+
+    @classmethod
+    def of(cls, model):
+        if "_native_compiler" not in model.__dict__:
+            model.__dict__["_native_compiler"] = cls(model)
+        return model.__dict__["_native_compiler"]
+
+    def ready(self, key):
+        """Whether the step of these shapes is compiled; if not, its compilation starts (once) in the background."""
+        if key not in self.compiled and key not in self.threads:
+            self.threads[key] = threading.Thread(target=self.compile, args=(key,), daemon=True,
+                                                 name=f"compile decode step {key}")
+            self.threads[key].start()
+        return key in self.compiled
+
+    def wait(self):
+        """Until every compilation started has ended."""
+        for thread in list(self.threads.values()):
+            thread.join()
+
+    def compile(self, key):
+        model = self.model_ref()
+        if model is None:
+            return
+        stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        try:
+            with torch.inference_mode(), torch.cuda.stream(stream):  # off the answers' stream; the same grad mode
+                twin = NativeSteps(model, *key)
+                prompt = torch.zeros(key[0], 1, dtype=torch.long, device=model.device)
+                twin.prefill(prompt, torch.ones_like(prompt), None, 2)
+                twin.advance()
+                self.step(*twin.inputs(prompt))
+                if stream is not None:
+                    stream.synchronize()
+            self.compiled.add(key)
+        except Exception as error:  # noqa: BLE001 (answers go on with the eager step: a slower decode, said once)
+            logger.warning("compiling the decode step for batch %d, %d positions failed (%s: %s); answers go on with "
+                           "the eager step", *key, type(error).__name__, error)
 
 
 @torch.inference_mode()
 def stream_generate(model, input_ids, attention_mask=None, past_key_values=None, max_length=None, max_new_tokens=None,
                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None,
-                    logits_processor=None, decode="auto", pad_token_id=None):
+                    logits_processor=None, decode="auto", pad_token_id=None, wait_for_compile=True):
     """Yields (new ids [B, n], cache) after every token, until every row wrote one of eos_token_id or at
     max_new_tokens (or the total max_length); rows that stopped get pad_token_id (default: the first stop token).
+    wait_for_compile=False (with decode="auto"): an answer never waits for torch.compile (see the module's doc).
     The arguments of our model files' stream_generate, which a model of utils.model_loading's loader runs through this.
     The cache handed out continues a ChatGLM conversation (past_key_values); native models hand out None."""
     chatglm = hasattr(model, "static_decode_step")
@@ -251,7 +319,8 @@ def stream_generate(model, input_ids, attention_mask=None, past_key_values=None,
     logits = steps.prefill(input_ids, attention_mask, past_key_values, max_new_tokens)
     processors = logits_processors(model, do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
     fill = stops[0] if pad_token_id is None else pad_token_id
-    yield from decode_loop(StepRunner(model, steps, mode), steps, logits, input_ids, max_new_tokens, stops, fill,
+    runner = StepRunner(model, steps, mode, wait_for_compile or decode != "auto")
+    yield from decode_loop(runner, steps, logits, input_ids, max_new_tokens, stops, fill,
                            processors, do_sample)
 
 

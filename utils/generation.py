@@ -55,24 +55,26 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 def stream_generate(model, input_ids, attention_mask, max_new_tokens, do_sample=False, eos_token_id=(), decode="auto",
-                    pad_token_id=0, **sampling):
+                    pad_token_id=0, wait_for_compile=True, **sampling):
     """Yields (new ids [B, n], cache) after every new token until every row stopped or max_new_tokens, through the
-    decode engine. A temperature below GREEDY_BELOW_TEMPERATURE decodes greedily."""
+    decode engine. A temperature below GREEDY_BELOW_TEMPERATURE decodes greedily. wait_for_compile=False: a chat's
+    answers start on the eager step while torch.compile works (decode_engine)."""
     if do_sample and sampling.get("temperature", 1.0) < GREEDY_BELOW_TEMPERATURE:
         do_sample = False
     stream = getattr(model, "stream_generate", None)  # ChatGLM's: our loader binds it to the engine, tests wrap it
     if stream is None or getattr(stream, "__func__", None) not in (None, decode_engine.stream_generate):
         stream = functools.partial(decode_engine.stream_generate, model, pad_token_id=pad_token_id)  # none, or plain
     return stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                  eos_token_id=list(eos_token_id), decode=decode, **sampling)
+                  eos_token_id=list(eos_token_id), decode=decode, wait_for_compile=wait_for_compile, **sampling)
 
 
-def time_generation(model, input_ids, max_new_tokens, decode="auto"):
+def time_generation(model, input_ids, max_new_tokens, decode="auto", wait_for_compile=True):
     """(seconds to the first token, seconds in all) of one greedy run of exactly max_new_tokens tokens on input_ids."""
     synchronize = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     synchronize()
     started, first = time.perf_counter(), None
-    for _ in stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, eos_token_id=[-1], decode=decode):
+    for _ in stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, eos_token_id=[-1],
+                             decode=decode, wait_for_compile=wait_for_compile):
         if first is None:
             synchronize()
             first = time.perf_counter() - started
@@ -121,7 +123,8 @@ def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=Fa
     stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
     input_ids = torch.tensor([list(prompt_ids)], device=model.device)
     steps = stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, do_sample=do_sample,
-                            eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p, top_k=top_k)
+                            eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p, top_k=top_k,
+                            wait_for_compile=False)  # a person waits: the first answers on the eager step
     yield from chat_replies(model, tokenizer, len(prompt_ids), (new_ids[0].tolist() for new_ids, _ in steps),
                             max_new_tokens)
 
