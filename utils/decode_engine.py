@@ -1,7 +1,8 @@
 """The one decode engine, for ChatGLM-6B/2/3 (our model files' static KV cache and step) and the models transformers
 supports natively (GLM-4...: its StaticCache): the prompt prefilled, then per token one fixed-shape step on the static
-cache, on CUDA captured once per (batch, cache size) as a CUDA graph and replayed (figures: docs/benchmarks.md). A
-step about to be captured runs before the first token is handed out: the answer streams at the replayed pace at once.
+cache, on CUDA captured once per (batch, cache size) as a CUDA graph and replayed (figures: docs/benchmarks.md). On
+CUDA each token's step is queued before the token is read back and handed out, so the host's work per token overlaps
+the GPU's (decode_loop), and a step about to be captured runs before the first token is handed out.
 
 decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; other models: eager static steps),
 "static" = eager static steps, "graph" = the step captured as a CUDA graph, "compiled" = the step fused by
@@ -97,7 +98,6 @@ class StepRunner:
             self.key = (weakref.ref(steps.owner), mode, weights_key(model))  # a dead buffer owner matches nothing
             slot = model.__dict__.get("_decode_graph")
             self.captured = slot[1] if slot and slot[0] == self.key else None
-        self.capturing = mode in ("graph", "compiled") and self.captured is None  # does the next step capture?
 
     def __call__(self, tokens):
         self.steps.advance()
@@ -107,7 +107,7 @@ class StepRunner:
             return self.captured(tokens)
         self.model.__dict__.pop("_decode_graph", None)  # free the old graph's pool first
         function = self.steps.compiled_forward() if self.mode == "compiled" else self.steps.forward
-        self.captured, self.capturing = CapturedStep(function, tokens), False
+        self.captured = CapturedStep(function, tokens)
         self.model.__dict__["_decode_graph"] = (self.key, self.captured)
         return self.captured.first_logits
 
@@ -325,23 +325,39 @@ def stream_generate(model, input_ids, attention_mask=None, past_key_values=None,
 
 
 def decode_loop(step, steps, logits, input_ids, max_new_tokens, stops, fill, processors, do_sample):
-    """The tokens after a prefill's logits: pick one per row, hand them out, run the step on them."""
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    """The tokens after a prefill's logits: pick one per row, run the step on them, hand them out (as host tensors).
+
+    On CUDA the step on token n is queued before the host reads token n (a copy to pinned memory, then an event), so
+    the GPU computes token n + 1 while the host hands token n out: the host's work per token (picking, the stop check,
+    the caller's text) no longer leaves the GPU idle. After a stop token the queued step is wasted, not waited for.
+    On the CPU the step runs after the token is handed out."""
+    batch, device = input_ids.shape[0], input_ids.device
+    queue_ahead = device.type == "cuda"
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     sequence = input_ids
+    new_ids = torch.empty(batch, max_new_tokens, dtype=torch.long)  # what is handed out
+    landing = torch.empty(batch + 1, dtype=torch.long, pin_memory=queue_ahead)  # this token, and "any row goes on"
+    copied = torch.cuda.Event() if queue_ahead else None
     for index in range(max_new_tokens):
         scores = processors(sequence, logits.float())
         tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1) if do_sample else scores.argmax(-1)
         tokens = torch.where(unfinished, tokens, fill)
         sequence = torch.cat((sequence, tokens[:, None]), dim=1)
         unfinished &= ~torch.isin(tokens, stops)
-        more = index + 1 < max_new_tokens and bool(unfinished.any())
-        ahead = more and step.capturing  # captured before the token is handed out: no pause after the first token
-        if ahead:
-            logits = step(tokens[:, None])
-        yield sequence[:, input_ids.shape[1]:], steps.handle()
+        handle = steps.handle()  # the cache of the tokens before this one, as the plain loop hands it out
+        landing.copy_(torch.cat((tokens, unfinished.any()[None].long())), non_blocking=queue_ahead)
+        last = index + 1 == max_new_tokens
+        if queue_ahead:
+            copied.record()
+            if not last:
+                logits = step(tokens[:, None])
+            copied.synchronize()  # the copy only, not the step queued after it
+        new_ids[:, index] = landing[:batch]
+        more = not last and bool(landing[batch])
+        yield new_ids[:, :index + 1], handle
         if not more:
             return
-        if not ahead:
+        if not queue_ahead:
             logits = step(tokens[:, None])
 
 
