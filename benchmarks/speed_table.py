@@ -20,7 +20,8 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
   decode-glm4-b1-generate, decode-glm4-b1-generate-static
                                the same through transformers' generate(): its default (dynamic cache, eager), and
                                with cache_implementation="static" (generate() then compiles its step)
-  lora-glm4                    GLM-4-9B LoRA r=8 on q_proj,k_proj,v_proj (the role of query_key_value), 8 x 512
+  lora-glm4                    GLM-4-9B LoRA r=8 on q_proj,k_proj,v_proj (the role of query_key_value), 8 x 512, with
+                               the loss our Trainer computes for it (utils.trainer.target_losses: chunked, no full logits)
 Training rows: every position carries a label (the most loss work), steady state: the mean of --train_steps steps
 after --warmup_steps, peak memory over the timed steps.
 """
@@ -39,6 +40,7 @@ from generate_6b import load_random_model, random_prompt  # noqa: E402  (this fo
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
+from utils.trainer import is_native, target_losses  # noqa: E402
 from utils.training_methods import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
 
 # Official remote code + transformers 4.40 + peft 0.10 on the same H200 (random 6B weights, bf16; measured 2026-12-02),
@@ -140,12 +142,13 @@ def train_row(model, batch, seq, steps, warmup, optimizer_cls=torch.optim.AdamW,
     input_ids = random_prompt(model, batch, seq)
     if hasattr(model.config, "gmask_token_id"):  # v1: [gMASK] <sop> mid-sequence, so half is the bidirectional context
         input_ids = torch.cat((input_ids[:, -2:], input_ids[:, :-2]), dim=1).roll(seq // 2, dims=1)
-    labels = input_ids.clone()
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    native = is_native(model)  # transformers' own models (GLM-4): the loss our Trainer computes for them
     losses = []
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
+            loss = target_losses(model, inputs)[0].mean() if native else model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
