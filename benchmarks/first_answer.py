@@ -54,7 +54,7 @@ def chat_workload(model, decode, args):
     row["next_answers_tokens_per_s"] = speeds
     chat(256)  # a longer cache: captured again
     if not hasattr(model, "static_decode_step"):  # a native model: until its compilations in the background end
-        (_, row["compile_wait_s"]) = timed(NativeCompiler.of(model).wait)
+        row["compile_wait_s"] = round(timed(NativeCompiler.of(model).wait)[1], 1)
     first, total = time_generation(model, random_prompt(model, 1, 48), 256, decode)
     row["b1_tokens_per_s"] = round(255 / (total - first), 1)
     if decode != "plain":
