@@ -17,11 +17,11 @@ import httpx
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, SHARED, TOKENIZERS, run_script
 from utils.distributed import free_port
-from utils.generation import StableText, stream_chat_reply
+from utils.generation import GrowingText, StableText, stream_chat_reply
 from utils.adapters import load_model_with_adapter
-from utils.model_loading import ModelFolderError
+from utils.model_loading import ModelFolderError, load_tokenizer
 from utils.prompts import get_prompt_format, user_message
 from utils.records import read_instruction_records
 
@@ -103,6 +103,34 @@ def test_stable_text_holds_back_what_post_processing_may_rewrite():
     rewritten = StableText()
     rewritten.update("[[训练时")
     assert rewritten.update("2023年", final=True) is None  # what was shown cannot be taken back
+
+
+@pytest.mark.parametrize("version", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b"])
+def test_growing_text_is_the_whole_decode_after_every_token(version):
+    """A streamed answer's text grows a token's decode at a time (the servers' readers): after every token it equals
+    decoding all the ids so far, up to the last complete character, on real answers (Alpaca-zh, MSRA: spaces, newlines,
+    code, emoji) and on ids mostly of single bytes, as random models write them."""
+    tokenizer = load_tokenizer(TOKENIZERS / version, version)
+    alpaca = json.loads((SHARED / "data" / "alpaca_zh" / "alpaca_zh_demo_llamafactory.json").read_text(encoding="utf-8"))
+    texts = [record["output"] for record in alpaca[:40]] + ["  def f(x):\n\treturn x  # 注释\n\n\n😀🎉，!?"]
+    texts += [record["answer"] for record in read_instruction_records(SHARED / "data" / "msra" / "instruct_data" / "dev.txt")[:20]]
+    id_lists = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    byte_ids = [tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>") for byte in range(256)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        picks = torch.randint(300, 60000, (60,), generator=generator).tolist()
+        bytes_first = torch.randint(0, 256, (60,), generator=generator).tolist()
+        id_lists.append([byte_ids[b] if i % 3 else pick for i, (b, pick) in enumerate(zip(bytes_first, picks))])
+    checked = 0
+    for ids in id_lists:
+        growing = GrowingText(tokenizer)
+        for end in range(1, len(ids) + 1):
+            whole = tokenizer.decode(ids[:end])
+            growing.update(ids[:end])
+            if not whole.endswith("\ufffd"):
+                assert growing.text == whole, (version, ids[:end])
+                checked += 1
+    assert checked > 3000
 
 
 @pytest.mark.parametrize("version", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b"])
@@ -364,7 +392,7 @@ def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, cap
     without a key warns."""
     import api_server
     from utils.config_utils import ConfigError
-    from utils.model_loading import ModelFolderError
+    from utils.model_loading import ModelFolderError, load_tokenizer
 
     loaded = []
 
@@ -549,7 +577,7 @@ def test_web_demo_answers_only_loopback_hosts_and_pages(web_demo, served):
 def test_web_demo_warns_when_open_to_the_network(tmp_path, capsys):
     """The page has no password: a non-loopback --host warns at start (before the model loads)."""
     import web_demo
-    from utils.model_loading import ModelFolderError
+    from utils.model_loading import ModelFolderError, load_tokenizer
 
     for host, warned in (("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)):
         with pytest.raises(ModelFolderError, match="config.json: not found"):  # the folder: after the options

@@ -99,10 +99,9 @@ class ChatReply:
     finish_reason: str = None  # set on the last one: "stop" (the model ended its turn) or "length" (max_new_tokens)
 
 
-def reply_text(model, tokenizer, ids) -> str:
-    """The answer text of generated ids (stop token removed), post-processed by the model's own process_response:
-    ChatGLM-6B restores full-width punctuation, ChatGLM3-6B drops the empty metadata line of its turn."""
-    text = tokenizer.decode(ids)
+def reply_text(model, text) -> str:
+    """An answer's decoded text (stop token removed), post-processed by the model's own process_response: ChatGLM-6B
+    restores full-width punctuation, ChatGLM3-6B drops the empty metadata line of its turn."""
     version = getattr(model, "model_version", None)
     if version == "chatglm3-6b":
         content, _ = model.process_response(text, [])
@@ -110,6 +109,26 @@ def reply_text(model, tokenizer, ids) -> str:
     if version in ("chatglm-6b", "chatglm2-6b"):
         return model.process_response(text)
     return text.strip()
+
+
+class GrowingText:
+    """The decoded text of ids that grow, decoding only the tokens since the last complete character (the offsets of
+    vLLM's incremental detokenizer: the piece is decoded with the token before it, whose text is then cut off, so a
+    tokenizer's leading-space rule sees the same context as in the whole). Per token the cost stays flat where
+    decoding the whole answer grows with it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.text, self.start, self.end = tokenizer, "", 0, 0  # ids[start:end]: the last piece
+
+    def update(self, ids):
+        """The text of `ids` (which extend the last ones) up to its last complete character; whether it grew."""
+        settled = self.tokenizer.decode(ids[self.start:self.end])
+        grown = self.tokenizer.decode(ids[self.start:])
+        if len(grown) <= len(settled) or grown.endswith("\ufffd"):
+            return False  # no new character yet (or half of a multi-byte one)
+        self.text += grown[len(settled):]
+        self.start, self.end = self.end, len(ids)
+        return True
 
 
 @torch.inference_mode()
@@ -131,18 +150,19 @@ def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=Fa
 
 def chat_replies(model, tokenizer, prompt_tokens, id_lists, max_new_tokens):
     """ChatReplies of the lists of an answer's ids so far (the last may end in a stop token): one per list that
-    completes a character, the last with its finish_reason (none if the lists end early: a cancelled request)."""
+    completes a character, the last with its finish_reason (none if the lists end early: a cancelled request). The
+    last one's text is decoded from all its ids at once; the others grow a token's text at a time (GrowingText)."""
     stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
+    growing = GrowingText(tokenizer)
     for ids in id_lists:
         finish = "stop" if ids[-1] in stop_ids else "length" if len(ids) >= max_new_tokens else None
         if finish == "stop":
             ids = ids[:-1]
-        text = reply_text(model, tokenizer, ids)
-        if finish is None and text.endswith("\ufffd"):
-            continue  # half of a multi-byte character: wait for the rest
-        yield ChatReply(text.rstrip("\ufffd"), prompt_tokens, len(ids), finish)
         if finish:
+            yield ChatReply(reply_text(model, tokenizer.decode(ids)).rstrip("\ufffd"), prompt_tokens, len(ids), finish)
             return
+        if growing.update(ids):
+            yield ChatReply(reply_text(model, growing.text), prompt_tokens, len(ids))
 
 
 def cut_at_stop(replies, stop_texts, on_stop):
