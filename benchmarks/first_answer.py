@@ -83,23 +83,13 @@ def predict_workload(model, decode, args):
     return {"predict_records": len(answers), "predict_s": round(time.perf_counter() - started, 1)}
 
 
-def random_glm4():
-    from transformers import AutoModelForCausalLM, GlmConfig
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
-    model.model_version = None
-    return model
-
-
 def measure(option, workload, args):
     """One option and workload, in this process: returns its row."""
-    from generate_6b import load_random_model, timed
+    from generate_6b import load_random_glm4, load_random_model, timed
 
     decode = option.split("-")[0]
     if args.model == "glm-4-9b":
-        (model, load_s) = timed(random_glm4)
+        (model, load_s) = timed(load_random_glm4)
     else:
         (model, load_s) = timed(lambda: load_random_model("chatglm2-6b", args.config_dir, torch.bfloat16))
         model.model_version = "chatglm2-6b"

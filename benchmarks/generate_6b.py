@@ -25,6 +25,17 @@ def load_random_model(version, config_dir, dtype):
     return model.eval()
 
 
+def load_random_glm4():
+    """GLM-4-9B with random weights, bf16, on CUDA: transformers' GlmConfig defaults (glm-4-9b-chat-hf's config.json)."""
+    from transformers import AutoModelForCausalLM, GlmConfig
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
+    model.model_version = None
+    return model
+
+
 def random_prompt(model, batch, prompt_len):
     body = torch.randint(5, 60000, (batch, prompt_len - 2), device="cuda")
     config = model.config

@@ -36,7 +36,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from generate_6b import load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
+from generate_6b import load_random_glm4, load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
@@ -226,12 +226,7 @@ def run_rows(rows, args):
             model = None
             release()
     if any(r.endswith("glm4") or "-glm4-" in r for r in rows):
-        from transformers import AutoModelForCausalLM, GlmConfig
-
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
-        model.model_version = None
+        model = load_random_glm4()
         if "decode-glm4-b1" in rows:
             # "auto": the step compiled and replayed as a CUDA graph (utils.decode_engine), as the scripts decode
             results["decode-glm4-b1"] = decode_row(model, 1, 256, "auto", profile_path=profile("decode-glm4-b1"))

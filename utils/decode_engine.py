@@ -535,8 +535,7 @@ class NativeRows(Rows):
 
         def forward(tokens):
             mask[:, 0, 0].index_fill_(1, cache_position, 0.0)  # the new token is a key of its own row
-            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
-                                cache_position=cache_position, **{self.cache_kwarg: view}).logits[:, -1].float()
+            logits = native_step(self.model, self.cache_kwarg, view, tokens, mask, position, cache_position).float()
             position.add_(1)
             cache_position.add_(1)
             return logits

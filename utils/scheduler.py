@@ -4,8 +4,9 @@ batch at a token boundary (its prompt prefilled alone, then one shared step for 
 at the next token. Each request has its own sampling (greedy or temperature / top_p / top_k, an optional seed).
 
 One thread owns the model and runs the loop while there are requests (an idle scheduler has none: it holds nothing
-at exit and can be freed); callers submit from any thread and read a request's token ids as they come. The step runs on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept
-packed at the front), eagerly or, on CUDA, captured once per bucket as a CUDA graph (utils.decode_engine).
+at exit and can be freed); callers submit from any thread and read a request's token ids as they come. The step runs
+on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept packed at the front),
+eagerly or, on CUDA, captured once per bucket as a CUDA graph (utils.decode_engine).
 """
 import collections
 import threading
