@@ -18,11 +18,9 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.adapters import load_run, uses_adapter
@@ -220,18 +218,8 @@ def parse_chat_request(payload) -> ChatRequest:
     return chat
 
 
-async def next_reply(running, replies):
-    """The next of a request's replies, read in a worker thread (None after the last). If the caller is cancelled
-    meanwhile (its client left), the request is cancelled at once, so that a waiting one leaves the line and a running
-    one its row at the next token, and the read ends before the caller goes on."""
-    read = asyncio.ensure_future(anyio.to_thread.run_sync(next, replies, None))
-    try:
-        return await asyncio.shield(read)
-    except BaseException:
-        running.cancel()
-        with anyio.CancelScope(shield=True):
-            await read
-        raise
+async def collect(replies):
+    return [reply async for reply in replies]
 
 
 def usage(reply):
@@ -319,14 +307,14 @@ class ChatApi:
                 "choices": [{"index": 0, **choice}] if choice else [], **extra}
 
     async def complete(self, request: Request, job):
-        running, replies = self.start(job)
-        answer = asyncio.ensure_future(run_in_threadpool(list, replies))
+        _, replies = self.start(job)
+        answer = asyncio.ensure_future(collect(replies))
         left = asyncio.ensure_future(client_left(request))
         await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
         left.cancel()
         if not answer.done():  # the client went away: its row is freed at the next token
-            running.cancel()
-            await answer
+            answer.cancel()
+            await asyncio.wait((answer,))
             raise ApiError(499, "the client closed the connection before the answer was ready", "client_closed_request")
         reply = answer.result()[-1]
         message = {"role": "assistant", "content": reply.text}
@@ -348,20 +336,20 @@ class ChatApi:
 
     async def events(self, job):
         try:
-            running, replies = self.start(job)
+            _, replies = self.start(job)
         except ApiError as err:  # grew busy since the check before the stream started
             yield sse(err.body())
             return
         stable = StableText()
         try:
             yield self.delta(job, {"role": "assistant", "content": ""})
-            while (reply := await next_reply(running, replies)) is not None:
+            async for reply in replies:
                 for event in self.reply_events(job, stable, reply):
                     yield event
         except Exception as err:  # headers are out: report it as an event in the error shape
             yield sse(ApiError(500, f"generation failed: {type(err).__name__}: {err}", error_type="server_error").body())
         finally:
-            replies.close()  # not being read (next_reply waits for its read): frees the request's row
+            await replies.aclose()  # a client gone mid-answer: frees the request's row at the next token
         yield "data: [DONE]\n\n"
 
     async def chat_completions(self, request: Request):

@@ -35,9 +35,10 @@ class WebChat:
         self.chat = BatchedChat(model, tokenizer, config, config["max_new_tokens_limit"])
         self.prompt_format = self.chat.prompt_format
 
-    def answer(self, message, history, max_new_tokens, top_p, temperature, do_sample):
+    async def answer(self, message, history, max_new_tokens, top_p, temperature, do_sample):
         """Yields (chatbot value, history) as the answer grows; the history holds the partial turn, so that an answer
-        stopped early stays in the conversation."""
+        stopped early stays in the conversation. Async generators, as the page's actions: Gradio runs them on its event
+        loop, where the answer's tokens arrive (no thread per tab)."""
         history = [list(turn) for turn in history or []]
         yield chat_messages(history + [[message, ""]]), history + [[message, ""]]
         prompt_ids, budget, notes = chat_prompt(self.model, self.prompt_format, message, history,
@@ -50,27 +51,28 @@ class WebChat:
         sampling = Sampling(do_sample=bool(do_sample), temperature=float(temperature), top_p=float(top_p), top_k=self.top_k)
         _, replies = self.chat.start(prompt_ids, budget, sampling)
         try:
-            for reply in replies:
+            async for reply in replies:
                 turns = history + [[message, reply.text]]
                 yield chat_messages(turns), turns
         finally:
-            replies.close()  # Stop, Clear or a closed tab: the answer's place in the batch is freed at the next token
+            await replies.aclose()  # Stop, Clear or a closed tab: the answer's place in the batch is freed at the next token
 
-    def submit(self, message, history, *sampling):
+    async def submit(self, message, history, *sampling):
         """Send: yields (chatbot value, history, text box value)."""
         if not message or not message.strip():
             yield chat_messages(history or []), history or [], ""
             return
-        for chat, turns in self.answer(message, history, *sampling):
+        async for chat, turns in self.answer(message, history, *sampling):
             yield chat, turns, ""
 
-    def regenerate(self, history, *sampling):
+    async def regenerate(self, history, *sampling):
         """Answer the last question again: yields (chatbot value, history)."""
         if not history:
             yield [], []
             return
         *earlier, (question, _) = history
-        yield from self.answer(question, earlier, *sampling)
+        async for chat, turns in self.answer(question, earlier, *sampling):
+            yield chat, turns
 
 
 def build_demo(web_chat: WebChat, config, title):

@@ -5,13 +5,14 @@ alone (one client, one request at a time).
 
     python benchmarks/serve_load.py --model_dir model_hub/chatglm2-small --dev_file data/demo_ner/instruct_data/dev.txt
     python benchmarks/serve_load.py --model_dir /path/chatglm2-6b --dev_file data/msra/instruct_data/dev.txt \
-        --clients 1,16 --server_args "--max_batch=16 --dtype=bf16"
+        --clients 1,16 -- --max_batch=16 --dtype=bf16
+
+The options after `--` are api_server.py's own (its batch, dtype, decoding mode...).
 
 The server runs as a user starts it (`python api_server.py ...`, a process of its own, on a free port of 127.0.0.1).
 """
 import argparse
 import json
-import shlex
 import socket
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ def free_port():
 def start_server(args, port, log_path):
     command = [sys.executable, "api_server.py", f"--model_dir={args.model_dir}", f"--lora_path={args.lora_path}",
                f"--port={port}", "--do_sample=false", f"--max_new_tokens={args.max_tokens}",
-               f"--max_input_tokens={args.max_input_tokens}", "--log_level=warning", *shlex.split(args.server_args)]
+               f"--max_input_tokens={args.max_input_tokens}", "--log_level=warning", *args.server_args]
     log = open(log_path, "w")
     server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     started = time.perf_counter()
@@ -103,11 +104,13 @@ def main():
     parser.add_argument("--requests_per_client", type=int, default=4)
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--max_input_tokens", type=int, default=512)
-    parser.add_argument("--server_args", default="", help="more api_server.py options, e.g. \"--max_batch=16\"")
     parser.add_argument("--start_timeout", type=float, default=600)
     parser.add_argument("--log_dir", default="/tmp/serve_load")
     parser.add_argument("--json", default="")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    ours, server_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = parser.parse_args(ours)
+    args.server_args = server_args  # api_server.py's own options, after `--`
 
     counts = [int(count) for count in args.clients.split(",")]
     records = read_instruction_records(args.dev_file)
@@ -136,7 +139,7 @@ def main():
         server.terminate()
         server.wait(timeout=60)
     one = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
-    print(f"\n# api_server.py {args.model_dir} {args.server_args}; ready in {start_s:.1f} s; {args.max_tokens} tokens "
+    print(f"\n# api_server.py {args.model_dir} {' '.join(args.server_args)}; ready in {start_s:.1f} s; {args.max_tokens} tokens "
           f"at most per answer, greedy; {time.strftime('%Y-%m-%d')}")
     print("| clients | requests | tokens/s (all) | x one client | TTFT p50 | TTFT p95 | tokens/s per client | errors | "
           "equal to alone |")

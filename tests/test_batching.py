@@ -4,11 +4,9 @@ budgets, stop texts and sampling, 429 past --max_waiting, the KV-memory check; t
 import asyncio
 import json
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from conftest import REPO_ROOT, TOKENIZERS
 from tools.tiny_models import make_tiny_glm4, make_tiny_model
@@ -245,17 +243,15 @@ def test_web_page_answers_two_tabs_at_once(learnt):
     chat = web_demo.WebChat(model, tokenizer, dict(max_input_tokens=200, max_new_tokens_limit=64, max_batch=2))
     rows = record_steps(chat.chat.scheduler)
     sampling = (40, 0.8, 0.8, False)
-    answers = [None, None]
 
-    def tab(index):
-        *_, (_, history, _) = chat.submit(user_message(records[index]), [], *sampling)
-        answers[index] = history[-1][1]
+    async def tab(index):  # both tabs' answers on one event loop, as Gradio runs them
+        states = [state async for state in chat.submit(user_message(records[index]), [], *sampling)]
+        return states[-1][1][-1][1]
 
-    tabs = [threading.Thread(target=tab, args=(index,)) for index in range(2)]
-    for thread in tabs:
-        thread.start()
-    for thread in tabs:
-        thread.join(timeout=300)
+    async def both():
+        return list(await asyncio.gather(tab(0), tab(1)))
+
+    answers = asyncio.run(both())
     assert answers == [r["answer"] for r in records] and 2 in rows, rows
 
 

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -392,7 +391,7 @@ def test_api_server_checks_its_options_before_loading_the_model(monkeypatch, cap
     without a key warns."""
     import api_server
     from utils.config_utils import ConfigError
-    from utils.model_loading import ModelFolderError, load_tokenizer
+    from utils.model_loading import ModelFolderError
 
     loaded = []
 
@@ -515,6 +514,14 @@ def test_api_drops_requests_whose_client_left(tiny_model_dirs):
 
 # ---- web_demo.py ----
 
+def states_of(action):
+    """Every state a page action (an async generator, as Gradio runs it) yields, on an event loop of its own."""
+    async def read():
+        return [state async for state in action]
+
+    return asyncio.run(read())
+
+
 def test_web_chat_streams_keeps_history_and_regenerates(served):
     import web_demo
 
@@ -523,21 +530,21 @@ def test_web_chat_streams_keeps_history_and_regenerates(served):
     chat = web_demo.WebChat(served["model"], served["tokenizer"], warn=warnings.append)
     sampling = (64, 0.8, 0.8, False)  # max new tokens, top_p, temperature, greedy
     first = user_message(records[0])
-    states = list(chat.submit(first, [], *sampling))
+    states = states_of(chat.submit(first, [], *sampling))
     answers = [history[-1][1] for _, history, _ in states]
     assert answers[0] == "" and answers[-1] == records[0]["answer"]
     assert len(set(answers)) >= 3 and all(records[0]["answer"].startswith(a) for a in answers)  # grows token by token
     chatbot, history, textbox = states[-1]
     assert textbox == "" and chatbot == [{"role": "user", "content": first}, {"role": "assistant", "content": answers[-1]}]
     second = user_message(records[1])
-    *_, (chatbot, history, _) = chat.submit(second, history, *sampling)
+    *_, (chatbot, history, _) = states_of(chat.submit(second, history, *sampling))
     assert history == [[first, records[0]["answer"]], [second, greedy_chat(served, second, [(first, records[0]["answer"])])]]
-    *_, (chatbot, regenerated) = chat.regenerate(history, *sampling)
+    *_, (chatbot, regenerated) = states_of(chat.regenerate(history, *sampling))
     assert regenerated == history and len(chatbot) == 4
     # A conversation longer than the prompt budget loses its oldest turns, with a warning.
     short = web_demo.WebChat(served["model"], served["tokenizer"], config=dict(max_input_tokens=len(
         get_prompt_format(served["tokenizer"], "chatglm2-6b").prompt_ids(second, [])) + 5), warn=warnings.append)
-    *_, (_, shortened, _) = short.submit(second, history, *sampling)
+    *_, (_, shortened, _) = states_of(short.submit(second, history, *sampling))
     assert shortened[-1] == [second, records[1]["answer"]] and len(shortened) == 3 and "oldest turns" in warnings[-1]
 
 
@@ -577,7 +584,7 @@ def test_web_demo_answers_only_loopback_hosts_and_pages(web_demo, served):
 def test_web_demo_warns_when_open_to_the_network(tmp_path, capsys):
     """The page has no password: a non-loopback --host warns at start (before the model loads)."""
     import web_demo
-    from utils.model_loading import ModelFolderError, load_tokenizer
+    from utils.model_loading import ModelFolderError
 
     for host, warned in (("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)):
         with pytest.raises(ModelFolderError, match="config.json: not found"):  # the folder: after the options

@@ -144,42 +144,42 @@ def stream_chat_reply(model, tokenizer, prompt_ids, max_new_tokens, do_sample=Fa
     steps = stream_generate(model, input_ids, torch.ones_like(input_ids), max_new_tokens, do_sample=do_sample,
                             eos_token_id=stop_ids, decode=decode, temperature=temperature, top_p=top_p, top_k=top_k,
                             wait_for_compile=False)  # a person waits: the first answers on the eager step
-    yield from chat_replies(model, tokenizer, len(prompt_ids), (new_ids[0].tolist() for new_ids, _ in steps),
-                            max_new_tokens)
+    answer = AnswerReplies(model, tokenizer, len(prompt_ids), max_new_tokens)
+    for new_ids, _ in steps:
+        if reply := answer.reply(new_ids[0].tolist()):
+            yield reply
 
 
-def chat_replies(model, tokenizer, prompt_tokens, id_lists, max_new_tokens):
-    """ChatReplies of the lists of an answer's ids so far (the last may end in a stop token): one per list that
-    completes a character, the last with its finish_reason (none if the lists end early: a cancelled request). The
-    last one's text is decoded from all its ids at once; the others grow a token's text at a time (GrowingText)."""
-    stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
-    growing = GrowingText(tokenizer)
-    for ids in id_lists:
-        finish = "stop" if ids[-1] in stop_ids else "length" if len(ids) >= max_new_tokens else None
+class AnswerReplies:
+    """The ChatReplies of an answer whose ids grow a token at a time (the last list may end in a stop token): `reply(ids)`
+    gives one per list that completes a character, the last with its finish_reason: "stop" for a stop token or the
+    first of `stop_texts` (OpenAI's `stop`: the text ends before it), "length" at max_new_tokens. The last reply's text
+    is decoded from all its ids at once; the others grow a token's text at a time (GrowingText). Until the answer
+    ends, a tail that may begin a stop text is held back, so streamed text never shows part of one."""
+
+    def __init__(self, model, tokenizer, prompt_tokens, max_new_tokens, stop_texts=()):
+        self.model, self.tokenizer, self.prompt_tokens, self.max_new_tokens = model, tokenizer, prompt_tokens, max_new_tokens
+        self.stop_ids = get_prompt_format(tokenizer, getattr(model, "model_version", None)).stop_token_ids
+        self.stop_texts, self.growing = [stop for stop in stop_texts if stop], GrowingText(tokenizer)
+
+    def reply(self, ids):
+        """The reply after `ids`, the answer's ids so far; None while they complete no new character."""
+        finish = "stop" if ids[-1] in self.stop_ids else "length" if len(ids) >= self.max_new_tokens else None
         if finish == "stop":
             ids = ids[:-1]
         if finish:
-            yield ChatReply(reply_text(model, tokenizer.decode(ids)).rstrip("\ufffd"), prompt_tokens, len(ids), finish)
-            return
-        if growing.update(ids):
-            yield ChatReply(reply_text(model, growing.text), prompt_tokens, len(ids))
-
-
-def cut_at_stop(replies, stop_texts, on_stop):
-    """The replies up to the first of `stop_texts` in the answer (OpenAI's `stop`): the reply where one appears ends
-    before it, with finish_reason "stop", and on_stop() is called. Until a reply ends, a tail that may begin a stop
-    text is held back, so streamed text never shows part of one."""
-    for reply in replies:
-        found = [index for index in (reply.text.find(stop) for stop in stop_texts) if index >= 0]
+            text = reply_text(self.model, self.tokenizer.decode(ids)).rstrip("\ufffd")
+        elif self.growing.update(ids):
+            text = reply_text(self.model, self.growing.text)
+        else:
+            return None
+        found = [index for index in (text.find(stop) for stop in self.stop_texts) if index >= 0]
         if found:
-            on_stop()
-            yield ChatReply(reply.text[:min(found)], reply.prompt_tokens, reply.completion_tokens, "stop")
-            return
-        if reply.finish_reason is None:
-            held = max((size for stop in stop_texts for size in range(1, len(stop))
-                        if reply.text.endswith(stop[:size])), default=0)
-            reply = ChatReply(reply.text[:len(reply.text) - held], reply.prompt_tokens, reply.completion_tokens)
-        yield reply
+            return ChatReply(text[:min(found)], self.prompt_tokens, len(ids), "stop")
+        if not finish:
+            text = text[:len(text) - max((size for stop in self.stop_texts for size in range(1, len(stop))
+                                          if text.endswith(stop[:size])), default=0)]
+        return ChatReply(text, self.prompt_tokens, len(ids), finish)
 
 
 class StableText:

@@ -8,6 +8,7 @@ at exit and can be freed); callers submit from any thread and read a request's t
 on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept packed at the front),
 eagerly or, on CUDA, captured once per bucket as a CUDA graph (utils.decode_engine).
 """
+import asyncio
 import collections
 import threading
 from dataclasses import dataclass
@@ -32,14 +33,16 @@ class Sampling:
 
 
 class Request:
-    """One request in the scheduler. `new_ids()` yields the ids generated so far after every token (the last one
-    may be a stop token) and ends when the request does; `cancel()` frees its row at the next token."""
+    """One request in the scheduler. Its ids so far come after every token (the last may be a stop token) through
+    `new_ids()` in a thread or `new_ids_async()` on an event loop (the servers'), and end when the request does;
+    `cancel()` frees its row at the next token."""
 
     def __init__(self, prompt_ids, max_new_tokens, sampling):
         self.prompt_ids, self.max_new_tokens, self.sampling = list(prompt_ids), max_new_tokens, sampling
         self.ids, self.start = [], None
         self.updates = collections.deque()
         self.ready = threading.Condition()
+        self.wake_loop = None  # set by new_ids_async: wakes its event loop from the scheduler's thread
         self.cancelled = threading.Event()
         self.generator = self.processors = self.scheduler = None
 
@@ -53,22 +56,54 @@ class Request:
         with self.ready:
             self.updates.append(item)
             self.ready.notify()
+            wake = self.wake_loop
+        if wake is not None:
+            wake()
+
+    def take(self):
+        """(the newest list of ids or None, whether the request has ended) from what was published since the last
+        call; raises the scheduler's error. A reader that falls behind gets the newest list only."""
+        with self.ready:
+            items = list(self.updates)
+            self.updates.clear()
+        error = next((item for item in items if isinstance(item, BaseException)), None)
+        if error is not None:
+            raise error
+        lists = [item for item in items if item is not None]
+        return (lists[-1] if lists else None), None in items
 
     def new_ids(self):
-        """The ids so far after each token; a reader that falls behind gets the newest list only."""
+        """The ids so far after each token, read in a thread."""
         while True:
             with self.ready:
                 self.ready.wait_for(lambda: self.updates)
-                items = list(self.updates)
-                self.updates.clear()
-            error = next((item for item in items if isinstance(item, BaseException)), None)
-            if error is not None:
-                raise error
-            lists = [item for item in items if item is not None]
-            if lists:
-                yield lists[-1]
-            if None in items:
+            ids, ended = self.take()
+            if ids is not None:
+                yield ids
+            if ended:
                 return
+
+    async def new_ids_async(self):
+        """The ids so far after each token, read on the running event loop: the scheduler's thread wakes the loop, so
+        no thread is woken per token in between."""
+        loop, published = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake():
+            try:
+                loop.call_soon_threadsafe(published.set)
+            except RuntimeError:  # the loop is closed: nobody reads this request any more
+                self.cancelled.set()
+
+        self.wake_loop = wake
+        while True:
+            published.clear()
+            ids, ended = self.take()
+            if ids is not None:
+                yield ids
+            if ended:
+                return
+            if ids is None:
+                await published.wait()
 
 
 def next_bucket(rows, largest):

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from utils import decode_engine
 from utils.config_utils import ConfigError
-from utils.generation import chat_replies, cut_at_stop
+from utils.generation import AnswerReplies
 from utils.model_loading import DTYPES
 from utils.prompts import fit_prompt, get_prompt_format
 from utils.scheduler import Sampling, Scheduler, kv_bytes_per_token
@@ -221,14 +221,20 @@ class BatchedChat:
         self.scheduler.warm_up(self.prompt_format.prompt_ids("hi", []))
 
     def start(self, prompt_ids, max_new_tokens, sampling: Sampling, stop_texts=()):
-        """(the request in the batch, its ChatReplies): closing the replies early cancels the request."""
+        """(the request in the batch, its ChatReplies as an async generator, read on the server's event loop): closing
+        the replies early, or cancelling their reader, cancels the request. ServerBusy at once if the batch and its
+        line are full."""
         request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling)
 
-        def replies():
+        async def replies():
             try:
-                answer = chat_replies(self.model, self.tokenizer, len(prompt_ids), request.new_ids(), max_new_tokens)
-                yield from cut_at_stop(answer, stop_texts, request.cancel) if stop_texts else answer
+                answer = AnswerReplies(self.model, self.tokenizer, len(prompt_ids), max_new_tokens, stop_texts)
+                async for ids in request.new_ids_async():
+                    if reply := answer.reply(ids):
+                        yield reply
+                        if reply.finish_reason:
+                            return
             finally:
-                request.cancel()  # a reader that stops early (its client gone) frees the row at the next token
+                request.cancel()  # a reader that stops early (its client gone, a stop text) frees the row at the next token
 
         return request, replies()
