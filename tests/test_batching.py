@@ -164,11 +164,18 @@ def test_the_kv_cache_must_fit_in_free_memory(learnt):
 
 # ---- the servers on that path ----
 
-def post_all(app, bodies):
+def post_all(app, bodies, new_threads=None):
+    """The responses to `bodies` sent at once; `new_threads` gets the names of the threads started meanwhile that are
+    still there at the end (the scheduler's own aside)."""
     async def send():
+        before = set(threading.enumerate())
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=300) as client:
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for body in bodies))
+            responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for body in bodies))
+        if new_threads is not None:
+            new_threads.extend(thread.name for thread in set(threading.enumerate()) - before
+                               if thread.name != "decode-scheduler")
+        return responses
     return asyncio.run(send())
 
 
@@ -194,8 +201,10 @@ def test_api_answers_concurrent_requests_with_their_own_budgets_and_stop_texts(l
     bodies = [{**ask[0], "max_tokens": 3}, {**ask[1], "stop": ["不会出现", stop], "stream": True},
               {**ask[2], "stream": True, "max_tokens": 2}, ask[3]]
     rows.clear()
-    responses = post_all(app, bodies)
+    new_threads = []
+    responses = post_all(app, bodies, new_threads)
     assert [r.status_code for r in responses] == [200] * 4 and max(rows) >= 2, rows
+    assert new_threads == []  # the answers reach the event loop from the scheduler's thread: no thread per request
     first = responses[0].json()
     assert first["usage"]["completion_tokens"] == 3 and first["choices"][0]["finish_reason"] == "length"
     text, events = streamed_text(responses[1])
