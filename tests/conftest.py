@@ -357,6 +357,13 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: hasattr(getattr(item, "module", None), "start_background_runs"))
 
 
+def background_priority():
+    """preexec_fn of the background runs' processes: one thread, lowest CPU priority (inherited by their children), so
+    that they take the cores the tests leave idle (a process starting, a test waiting) instead of slowing the tests
+    down (two processes' OpenMP threads sharing two cores wait on each other)."""
+    os.nice(19)
+
+
 def pytest_collection_finish(session):
     """Start the collected test modules' background runs (tests/test_kernels.py's Triton-interpreter processes,
     tests/test_crash_resume.py's drivers: each keeps one core busy for tens of seconds), so that they run beside the

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, TOKENIZERS
+from conftest import REPO_ROOT, TOKENIZERS, background_priority
 
 # Audit events that change files; an "open" counts only when it writes.
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
@@ -168,7 +168,8 @@ def start_background_runs():
 
     def run_all():
         # The tiny model is made in a process of its own: the drivers must run no torch operation before they fork.
-        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True)
+        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True,
+                               preexec_fn=background_priority)
         for script in SCRIPTS:
             if setup.returncode:
                 RUNS[script]["result"], _ = setup, RUNS[script]["done"].set()
@@ -177,7 +178,7 @@ def start_background_runs():
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
                 RUNS[script]["result"] = subprocess.run(
                     [sys.executable, __file__, script, str(root), str(root / script), "6", "10"], cwd=REPO_ROOT,
-                    capture_output=True, text=True, timeout=900, env=env)
+                    capture_output=True, text=True, timeout=1500, env=env, preexec_fn=background_priority)
             except Exception as error:  # noqa: BLE001 - the test reports it
                 RUNS[script]["result"] = error
             finally:

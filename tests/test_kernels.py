@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, background_priority
 from utils.model_loading import remote_module
 
 REAL_SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (12288, 4096), (16384, 4096), (4096, 16384),
@@ -111,8 +111,8 @@ class InterpretedRun:
         self.out_path = Path(self.folder.name) / "results.json"
         self.stderr = open(Path(self.folder.name) / "stderr", "w+")  # noqa: SIM115 - read back in result()
         self.process = subprocess.Popen([sys.executable, "-c", script, str(REPO_ROOT), *map(str, args), str(self.out_path)],
-                                        cwd=REPO_ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
-                                        stdout=subprocess.DEVNULL, stderr=self.stderr)
+                                        cwd=REPO_ROOT, env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+                                        stdout=subprocess.DEVNULL, stderr=self.stderr, preexec_fn=background_priority)
 
     def result(self):
         try:
