@@ -307,12 +307,13 @@ class ChatApi:
                 "choices": [{"index": 0, **choice}] if choice else [], **extra}
 
     async def complete(self, request: Request, job):
-        _, replies = self.start(job)
+        running, replies = self.start(job)
         answer = asyncio.ensure_future(collect(replies))
         left = asyncio.ensure_future(client_left(request))
         await asyncio.wait((answer, left), return_when=asyncio.FIRST_COMPLETED)
         left.cancel()
         if not answer.done():  # the client went away: its row is freed at the next token
+            running.cancel()  # also where the replies were never read
             answer.cancel()
             await asyncio.wait((answer,))
             raise ApiError(499, "the client closed the connection before the answer was ready", "client_closed_request")
@@ -336,7 +337,7 @@ class ChatApi:
 
     async def events(self, job):
         try:
-            _, replies = self.start(job)
+            running, replies = self.start(job)
         except ApiError as err:  # grew busy since the check before the stream started
             yield sse(err.body())
             return
@@ -348,8 +349,9 @@ class ChatApi:
                     yield event
         except Exception as err:  # headers are out: report it as an event in the error shape
             yield sse(ApiError(500, f"generation failed: {type(err).__name__}: {err}", error_type="server_error").body())
-        finally:
-            await replies.aclose()  # a client gone mid-answer: frees the request's row at the next token
+        finally:  # a client gone, even before the first reply: the request's row is free at the next token
+            await replies.aclose()
+            running.cancel()
         yield "data: [DONE]\n\n"
 
     async def chat_completions(self, request: Request):

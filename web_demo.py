@@ -49,13 +49,14 @@ class WebChat:
             yield chat_messages(history), history
             return
         sampling = Sampling(do_sample=bool(do_sample), temperature=float(temperature), top_p=float(top_p), top_k=self.top_k)
-        _, replies = self.chat.start(prompt_ids, budget, sampling)
+        request, replies = self.chat.start(prompt_ids, budget, sampling)
         try:
             async for reply in replies:
                 turns = history + [[message, reply.text]]
                 yield chat_messages(turns), turns
-        finally:
-            await replies.aclose()  # Stop, Clear or a closed tab: the answer's place in the batch is freed at the next token
+        finally:  # Stop, Clear or a closed tab: the answer's place in the batch is free at the next token
+            await replies.aclose()
+            request.cancel()
 
     async def submit(self, message, history, *sampling):
         """Send: yields (chatbot value, history, text box value)."""

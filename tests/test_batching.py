@@ -214,6 +214,39 @@ def test_api_answers_concurrent_requests_with_their_own_budgets_and_stop_texts(l
     assert responses[3].json()["choices"][0]["message"]["content"] == alone[3]
 
 
+def test_a_stream_left_before_its_first_reply_frees_its_row(learnt):
+    """A streaming client that leaves right after the opening event, before a reply was read: its request ends at the
+    next token rather than running to the end of its answer."""
+    import api_server
+
+    model, tokenizer, records = learnt
+    api = api_server.ChatApi(model, tokenizer, dict(api_server.DEFAULTS, model_dir="small", max_new_tokens=40,
+                                                    max_input_tokens=200, max_batch=1))
+    scheduler = api.chat.scheduler
+    permits, submitted, submit = gate_steps(scheduler), [], scheduler.submit
+    scheduler.submit = lambda *args: submitted.append(submit(*args)) or submitted[-1]
+    record = max(records, key=lambda r: len(r["answer"]))
+    assert len(tokenizer.encode(record["answer"], add_special_tokens=False)) > 4
+    job = api.generation_job(api_server.parse_chat_request(
+        {"model": "small", "messages": [{"role": "user", "content": user_message(record)}], "max_tokens": 40,
+         "temperature": 0, "stream": True}))
+
+    async def open_then_leave():
+        events = api.events(job)
+        opening = await events.__anext__()
+        await events.aclose()
+        return opening
+
+    opening = asyncio.run(open_then_leave())
+    [request] = submitted
+    assert '"role": "assistant"' in opening
+    permits.release(100)
+    thread = scheduler.thread
+    if thread is not None:  # the batch is empty once the request has left: the scheduler's thread ends
+        thread.join(timeout=120)
+    assert request.cancelled.is_set() and len(request.ids) <= 2, request.ids  # its first token, at most one more
+
+
 def test_api_refuses_past_max_waiting_while_the_batch_is_full(learnt):
     import api_server
 

@@ -222,8 +222,8 @@ class BatchedChat:
 
     def start(self, prompt_ids, max_new_tokens, sampling: Sampling, stop_texts=()):
         """(the request in the batch, its ChatReplies as an async generator, read on the server's event loop): closing
-        the replies early, or cancelling their reader, cancels the request. ServerBusy at once if the batch and its
-        line are full."""
+        the replies early, or cancelling their reader, cancels the request; a caller that may stop before it reads
+        them cancels the request itself. ServerBusy at once if the batch and its line are full."""
         request = self.scheduler.submit(prompt_ids, max_new_tokens, sampling)
 
         async def replies():
