@@ -5,8 +5,10 @@ process. `mpirun -np N python train_deepspeed.py` sets only MPI's own variables:
 (ranks sharing a node) and rank 0's address and a free port are learned through mpi4py and written into the same
 variables, so that DeepSpeed, the Trainer and torch.distributed start as under the launcher.
 """
+import gc
 import os
 import socket
+import sys
 
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
@@ -44,9 +46,16 @@ def set_env_from_mpi():
 def leave_process_group():
     """At the end of a run on several processes: every rank waits until rank 0 has saved, then leaves the process
     group. A rank that exits while another still works tears its communication threads down under it ("terminate
-    called without an active exception"), and the launcher then kills the whole job."""
+    called without an active exception"), and the launcher then kills the whole job. So does a group that outlives
+    the interpreter: DeepSpeed keeps its own references to the groups it made (ZeRO-3's among them), which only its
+    destroy_process_group releases; what is left in reference cycles goes now too, not at the interpreter's exit."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()  # torch's, then DeepSpeed's own references
+        else:
+            dist.destroy_process_group()
+        gc.collect()
