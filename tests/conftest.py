@@ -358,7 +358,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def background_priority():
-    """preexec_fn of the background runs' processes (which also run with OMP_NUM_THREADS=1): the lowest CPU priority,
+    """preexec_fn of the background runs' processes (the long ones also get OMP_NUM_THREADS=1): the lowest CPU priority,
     inherited by their children, so that they take the cores the tests leave idle (a process starting, a test
     waiting) instead of slowing the tests down (two processes' OpenMP threads sharing two cores wait on each other)."""
     os.nice(19)
