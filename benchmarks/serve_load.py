@@ -107,6 +107,8 @@ def main():
     parser.add_argument("--start_timeout", type=float, default=600)
     parser.add_argument("--log_dir", default="/tmp/serve_load")
     parser.add_argument("--json", default="")
+    parser.add_argument("--skip_alone", action="store_true",
+                        help="skip the round that answers each request alone (one client): no 'equal to alone' column")
     argv = sys.argv[1:]
     ours, server_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = parser.parse_args(ours)
@@ -121,7 +123,7 @@ def main():
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
     model = client.models.list().data[0].id
     try:
-        alone, alone_errors, _ = load_round(client, model, questions, 1, args.max_tokens)
+        alone, alone_errors = ({}, []) if args.skip_alone else load_round(client, model, questions, 1, args.max_tokens)[:2]
         rows = []
         for clients in counts:
             subset = questions[:clients * args.requests_per_client]
@@ -133,7 +135,7 @@ def main():
                          "ttft_p50_s": round(percentile([r[2] for r in results.values()], 0.5), 3),
                          "ttft_p95_s": round(percentile([r[2] for r in results.values()], 0.95), 3),
                          "client_tokens_per_s": round(statistics.mean(r[1] / r[3] for r in results.values()), 1),
-                         "errors": len(errors), "equal_to_alone": f"{equal}/{len(results)}",
+                         "errors": len(errors), "equal_to_alone": "" if args.skip_alone else f"{equal}/{len(results)}",
                          "first_error": errors[0] if errors else ""})
     finally:
         server.terminate()

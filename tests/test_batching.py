@@ -7,6 +7,7 @@ import threading
 
 import httpx
 import pytest
+import torch
 
 from conftest import REPO_ROOT, TOKENIZERS
 from tools.tiny_models import make_tiny_glm4, make_tiny_model
@@ -152,6 +153,35 @@ def test_each_request_keeps_its_own_sampling_in_a_mixed_batch(learnt):
     greedy = answer(scheduler.submit(prompts[1], 30))
     scheduler.close()
     assert alone[1] != greedy  # the sampled answer is not the greedy one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the queued-ahead step and its CUDA graphs need CUDA")
+def test_on_cuda_the_queued_ahead_batch_answers_as_each_request_alone(trained_adapter, trainable_models, sixteen_examples):
+    """On CUDA each step is queued before its tokens are read: requests joining and leaving mid-batch (the buffer
+    short enough that the rows move left), greedy and seeded sampled ones, still get their answers alone, the greedy
+    ones what the model learnt, through the captured steps of every bucket."""
+    adapter = trained_adapter("chatglm2-6b") / "adapter_model"
+    model, tokenizer = load_model_with_adapter(trainable_models["chatglm2-6b"], adapter, dtype="fp32", device="cuda")
+    records = read_instruction_records(sixteen_examples)[:6]
+    prompts, stop_ids = prompts_of(tokenizer, model, records)
+    samplings = [Sampling(), Sampling(do_sample=True, temperature=1.5, top_p=0.95, seed=7)] + [Sampling()] * 4
+    budgets = [32, 32, 3, 32, 1, 32]
+    scheduler = Scheduler(model, stop_ids, max_batch=4, max_waiting=8, row_tokens=max(map(len, prompts)) + 32)
+    assert scheduler.mode == "graph" and scheduler.queue_ahead
+    alone = [answer(scheduler.submit(p, b, s)) for p, b, s in zip(prompts, budgets, samplings)]
+    shifts, rows = count_shifts(scheduler.rows), record_steps(scheduler)
+    with scheduler.changed:
+        first = [scheduler.submit(p, b, s) for p, b, s in zip(prompts[:2], budgets, samplings)]
+    updates = first[0].new_ids()
+    next(updates), next(updates)  # decoding
+    order = [2, 3, 4, 5, 1, 2, 3, 4, 5]  # the sampled request again: the batch runs long enough to reach the end
+    later = [scheduler.submit(prompts[i], budgets[i], samplings[i]) for i in order]
+    together = [list(updates)[-1]] + [answer(request) for request in first[1:] + later]
+    scheduler.close()
+    assert together == alone[:2] + [alone[i] for i in order]
+    assert 4 in rows and any(offset < 0 for offset in shifts), (rows, shifts)
+    assert [len(ids) for ids in alone[2::2]] == [3, 1] and all(len(ids) <= b for ids, b in zip(alone, budgets))
+    assert [tokenizer.decode(alone[i][:-1]) for i in (0, 3, 5)] == [records[i]["answer"] for i in (0, 3, 5)]
 
 
 def test_the_kv_cache_must_fit_in_free_memory(learnt):

@@ -7,6 +7,11 @@ One thread owns the model and runs the loop while there are requests (an idle sc
 at exit and can be freed); callers submit from any thread and read a request's token ids as they come. The step runs
 on the rows [0, bucket) for the smallest power-of-two bucket that holds the running rows (kept packed at the front),
 eagerly or, on CUDA, captured once per bucket as a CUDA graph (utils.decode_engine).
+
+Each row's next token is picked on the device. On CUDA the step on those tokens is queued before the host reads them
+(as utils.decode_engine.decode_loop does), so the GPU computes the next tokens while the host hands these out and the
+servers turn them into replies; a request that ends has had one step too many, whose token is dropped. On the CPU the
+tokens are handed out first and the step runs on the rows still running.
 """
 import asyncio
 import collections
@@ -139,6 +144,13 @@ class Scheduler:
         self.rows = (decode_engine.ChatGLMRows if chatglm else decode_engine.NativeRows)(model, max_batch, row_tokens)
         self.row_tokens = row_tokens
         self.running, self.waiting, self.steps = [], collections.deque(), {}
+        # Each running row's next input token, on the device: picked after its prefill or a step, read by the host
+        # (handed out) before or, on CUDA, after the step on it is queued.
+        self.next_tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.queue_ahead = self.device.type == "cuda"
+        if self.queue_ahead:
+            self.landing = torch.zeros(max_batch, dtype=torch.long, pin_memory=True)
+            self.copied = torch.cuda.Event()
         self.changed = threading.Condition()
         self.stopping, self.thread = False, None
 
@@ -236,20 +248,34 @@ class Scheduler:
         logits = self.rows.admit(row, request.prompt_ids)
         request.start = self.rows.column - len(request.prompt_ids)
         self.running.append(request)
-        self.emit([request], logits[None])
+        self.next_tokens[row] = self.pick([request], logits[None])[0]  # its first token, handed out with the next step
 
     def decode_step(self):
+        """One token boundary: the running rows' next tokens handed out, and the step on them (queued first on CUDA)."""
+        requests = list(self.running)
+        if self.queue_ahead:
+            self.landing[:len(requests)].copy_(self.next_tokens[:len(requests)], non_blocking=True)
+            self.copied.record()
+            self.launch()
+            self.copied.synchronize()  # the copy only, not the step queued after it
+            tokens = self.landing[:len(requests)].tolist()
+        else:
+            tokens = self.next_tokens[:len(requests)].tolist()
+        self.hand_out(requests, tokens)
+        if not self.queue_ahead and self.running:
+            self.launch()
+
+    def launch(self):
+        """The step on the running rows' next tokens; their tokens after it picked into next_tokens."""
         if self.rows.column >= self.rows.capacity:  # the end of the buffer: move every row to the left
             offset = self.rows.prefix - min(request.start for request in self.running)
             self.rows.shift(offset)
             for request in self.running:
                 request.start += offset
         bucket = next_bucket(len(self.running), self.max_batch)
-        tokens = torch.zeros(bucket, 1, dtype=torch.long)
-        tokens[:len(self.running), 0] = torch.tensor([request.ids[-1] for request in self.running])
-        logits = self.run_step(bucket, tokens.to(self.device))
+        logits = self.run_step(bucket, self.next_tokens[:bucket, None])
         self.rows.advance()
-        self.emit(list(self.running), logits)
+        self.next_tokens[:len(self.running)] = self.pick(self.running, logits)
 
     def run_step(self, bucket, tokens):
         step = self.steps.get(bucket)
@@ -266,19 +292,20 @@ class Scheduler:
         return captured.first_logits
 
     def pick(self, requests, logits):
-        """The next token of each request (row i of logits for requests[i]), with its own sampling."""
-        tokens = logits[:len(requests)].argmax(-1).tolist()
+        """The next token of each request (row i of logits for requests[i]), with its own sampling: a tensor on the
+        device, so nothing here waits for the GPU."""
+        tokens = logits[:len(requests)].argmax(-1)
         for index, request in enumerate(requests):
             if request.processors is not None:
                 scores = request.processors(torch.empty(1, 0, dtype=torch.long, device=logits.device),
                                             logits[index:index + 1])
                 probabilities = torch.softmax(scores.float(), dim=-1)
-                tokens[index] = int(torch.multinomial(probabilities, 1, generator=request.generator))
+                tokens[index] = torch.multinomial(probabilities, 1, generator=request.generator)[0, 0]
         return tokens
 
-    def emit(self, requests, logits):
-        """Hand each request its next token; requests that end (or were cancelled) leave the batch."""
-        for request, token in zip(requests, self.pick(requests, logits)):
+    def hand_out(self, requests, tokens):
+        """Each request its next token; requests that end (or were cancelled) leave the batch."""
+        for request, token in zip(requests, tokens):
             request.ids.append(token)
             request.publish(list(request.ids))
         for request in requests:
@@ -289,6 +316,7 @@ class Scheduler:
         row, last = self.running.index(request), len(self.running) - 1
         if row != last:  # keep the running rows packed at the front
             self.rows.move(last, row)
+            self.next_tokens[row] = self.next_tokens[last]
             self.running[row] = self.running[last]
         self.rows.release(last)
         self.running.pop()
