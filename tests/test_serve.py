@@ -476,7 +476,7 @@ def test_api_drops_requests_whose_client_left(tiny_model_dirs):
                                                        max_batch=1, max_waiting=4))
     scheduler = app.state.scheduler
     prefilled, admit, run_step, permits = [], scheduler.rows.admit, scheduler.run_step, threading.Semaphore(0)
-    scheduler.rows.admit = lambda row, prompt: (prefilled.append(prompt), admit(row, prompt))[1]
+    scheduler.rows.admit = lambda row, prompts: (prefilled.extend(prompts), admit(row, prompts))[1]
     scheduler.run_step = lambda bucket, tokens: (permits.acquire(timeout=120), run_step(bucket, tokens))[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -370,9 +370,22 @@ def decode_loop(step, steps, logits, input_ids, max_new_tokens, stops, fill, pro
 # are per row, so where a row's keys lie in the buffer does not change what it computes.
 
 
+def left_padded(prompts, device):
+    """input_ids and attention_mask [n, longest] of token-id lists, padded on the left (so every prompt ends at the
+    last column, where the next token's logits are)."""
+    longest = max(map(len, prompts))
+    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for index, prompt in enumerate(prompts):
+        input_ids[index, longest - len(prompt):] = torch.tensor(prompt)
+        mask[index, longest - len(prompt):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
 class Rows:
     """What both kinds of rows share: moving the columns after the prefix (`column_tensors`: (tensor with the columns
-    on its last dimension, the value of an empty column or None))."""
+    on its last dimension, the value of an empty column or None)). `admit` prefills several prompts in one forward
+    pass (left-padded), so requests that arrive together wait for one prefill, not one after another."""
 
     def make_room(self, length):
         if self.column - self.prefix < length:
@@ -397,31 +410,33 @@ class ChatGLMRows(Rows):
         self.prefix = self.column = model.transformer.pre_seq_len
         self.capacity = self.prefix + row_tokens
 
-    def prefill(self, prompt_ids):
-        """(logits [vocab] of the prompt's last token, its DynamicCache, the positions of the next token)."""
+    def prefill(self, prompts):
+        """(logits [n, vocab] of each prompt's last token, their DynamicCache (left-padded), the positions of each
+        prompt's next token)."""
         model = self.model
-        input_ids = torch.tensor([prompt_ids], device=model.device)
-        mask = torch.ones_like(input_ids)
+        input_ids, mask = left_padded(prompts, model.device)
         past = DynamicCache(config=model.config)
         positions = model.get_position_ids(input_ids, mask)
         logits = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                       past_key_values=past, logits_to_keep=1).logits[0, -1].float()
+                       past_key_values=past, logits_to_keep=1).logits[:, -1].float()
         return logits, past, model.advance_positions(positions[..., -1:].clone())
 
-    def admit(self, row, prompt_ids):
-        """Prefill a prompt alone and place it in `row`, ending at the shared column: the logits of its last token."""
-        logits, past, next_positions = self.prefill(prompt_ids)
+    def admit(self, first_row, prompts):
+        """Prefill prompts together and place prompt i in row first_row + i, ending at the shared column: the logits
+        [n, vocab] of their last tokens."""
+        logits, past, next_positions = self.prefill(prompts)
         if self.cache is None:
             self.allocate(past, next_positions)
-        length = len(prompt_ids)
-        self.make_room(length)
-        start = self.column - length
-        for index, layer in enumerate(past.layers):
-            self.cache.keys[index][row, :, start:self.column] = layer.keys[0, :, self.prefix:]
-            self.cache.values[index][row, :, start:self.column] = layer.values[0, :, self.prefix:]
-        self.cache.valid[row, self.prefix:] = False
-        self.cache.valid[row, start:self.column] = True
-        self.cache.positions[row] = next_positions[0]
+        longest = max(map(len, prompts))
+        self.make_room(longest)
+        for index, prompt in enumerate(prompts):
+            row, start, padding = first_row + index, self.column - len(prompt), longest - len(prompt)
+            for layer_index, layer in enumerate(past.layers):
+                self.cache.keys[layer_index][row, :, start:self.column] = layer.keys[index, :, self.prefix + padding:]
+                self.cache.values[layer_index][row, :, start:self.column] = layer.values[index, :, self.prefix + padding:]
+            self.cache.valid[row, self.prefix:] = False
+            self.cache.valid[row, start:self.column] = True
+            self.cache.positions[row] = next_positions[index]
         return logits
 
     def allocate(self, past, next_positions):
@@ -432,8 +447,8 @@ class ChatGLMRows(Rows):
         self.cache = static_kv_cache(len(past.layers), self.rows, keys.shape[1], self.capacity, keys.shape[3],
                                      tuple(next_positions.shape[1:]), keys.dtype, keys.device)
         for index, layer in enumerate(past.layers):
-            self.cache.keys[index][:, :, :self.prefix] = layer.keys[:, :, :self.prefix]
-            self.cache.values[index][:, :, :self.prefix] = layer.values[:, :, :self.prefix]
+            self.cache.keys[index][:, :, :self.prefix] = layer.keys[:1, :, :self.prefix]
+            self.cache.values[index][:, :, :self.prefix] = layer.values[:1, :, :self.prefix]
         self.cache.valid[:, :self.prefix] = True
         self.set_column(self.prefix)
 
@@ -474,11 +489,12 @@ class NativeRows(Rows):
         self.prefix = self.column = 0
         self.cache_kwarg = NativeSteps.cache_kwarg_of(model)
 
-    def prefill(self, prompt_ids):
-        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+    def prefill(self, prompts):
+        input_ids, mask = left_padded(prompts, self.model.device)
         past = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
-                            **{self.cache_kwarg: past}).logits[0, -1].float()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each prompt's first real token
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{self.cache_kwarg: past}).logits[:, -1].float()
         return logits, past
 
     def allocate(self, keys):
@@ -491,19 +507,20 @@ class NativeRows(Rows):
         self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
 
-    def admit(self, row, prompt_ids):
-        logits, past = self.prefill(prompt_ids)
+    def admit(self, first_row, prompts):
+        logits, past = self.prefill(prompts)
         if self.cache is None:
             self.allocate(past.layers[0].keys)
-        length = len(prompt_ids)
-        self.make_room(length)
-        start = self.column - length
-        for layer, filled in zip(self.cache.layers, past.layers):
-            layer.keys[row, :, start:self.column] = filled.keys[0]
-            layer.values[row, :, start:self.column] = filled.values[0]
-        self.mask[row].fill_(self.blocked)
-        self.mask[row, 0, 0, start:self.column] = 0.0
-        self.position[row] = length
+        longest = max(map(len, prompts))
+        self.make_room(longest)
+        for index, prompt in enumerate(prompts):
+            row, start, padding = first_row + index, self.column - len(prompt), longest - len(prompt)
+            for layer, filled in zip(self.cache.layers, past.layers):
+                layer.keys[row, :, start:self.column] = filled.keys[index, :, padding:]
+                layer.values[row, :, start:self.column] = filled.values[index, :, padding:]
+            self.mask[row].fill_(self.blocked)
+            self.mask[row, 0, 0, start:self.column] = 0.0
+            self.position[row] = len(prompt)
         return logits
 
     def release(self, row):

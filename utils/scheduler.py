@@ -111,6 +111,26 @@ class Request:
                 await published.wait()
 
 
+# Prompts prefilled in one forward pass hold at most this many token slots (padded): joining requests share their
+# prefill, and its activations and temporary cache stay small beside the running batch's.
+PREFILL_TOKENS = 4096
+
+
+def prefill_groups(requests):
+    """Consecutive groups of requests whose prompts, padded to the group's longest, fit in PREFILL_TOKENS (a longer
+    prompt alone)."""
+    groups, longest = [], 0
+    for request in requests:
+        longest_with = max(longest, len(request.prompt_ids))
+        if groups and longest_with * (len(groups[-1]) + 1) <= PREFILL_TOKENS:
+            groups[-1].append(request)
+            longest = longest_with
+        else:
+            groups.append([request])
+            longest = len(request.prompt_ids)
+    return groups
+
+
 def next_bucket(rows, largest):
     bucket = 1
     while bucket < rows:
@@ -222,8 +242,8 @@ class Scheduler:
                     newcomers = [self.waiting.popleft()
                                  for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
                 try:
-                    for request in newcomers:
-                        self.start(request)
+                    for group in prefill_groups(newcomers):
+                        self.start(group)
                     if self.running:
                         self.decode_step()
                 except Exception as err:  # every request in the batch gets the error; the loop goes on
@@ -232,23 +252,30 @@ class Scheduler:
                         request.publish(None)
                     self.running = []
 
-    def start(self, request):
-        if request.cancelled.is_set():
-            request.publish(None)
+    def start(self, requests):
+        """Requests join the batch: their prompts prefilled together, each in a row of its own, its first token
+        picked (handed out with the next step)."""
+        for request in requests:
+            if request.cancelled.is_set():  # its client left while it waited
+                request.publish(None)
+        requests = [request for request in requests if not request.cancelled.is_set()]
+        if not requests:
             return
-        sampling = request.sampling
-        if sampling.do_sample and sampling.temperature >= GREEDY_BELOW_TEMPERATURE:  # else greedy
-            request.processors = decode_engine.logits_processors(self.model, True, sampling.temperature,
-                                                                 sampling.top_k, sampling.top_p)
-            if sampling.seed is not None:
-                request.generator = torch.Generator(self.device).manual_seed(sampling.seed)
+        for request in requests:
+            sampling = request.sampling
+            if sampling.do_sample and sampling.temperature >= GREEDY_BELOW_TEMPERATURE:  # else greedy
+                request.processors = decode_engine.logits_processors(self.model, True, sampling.temperature,
+                                                                     sampling.top_k, sampling.top_p)
+                if sampling.seed is not None:
+                    request.generator = torch.Generator(self.device).manual_seed(sampling.seed)
         if not self.running and self.rows.cache is not None:
             self.rows.set_column(self.rows.prefix)  # an empty batch starts at the front again
-        row = len(self.running)
-        logits = self.rows.admit(row, request.prompt_ids)
-        request.start = self.rows.column - len(request.prompt_ids)
-        self.running.append(request)
-        self.next_tokens[row] = self.pick([request], logits[None])[0]  # its first token, handed out with the next step
+        first_row = len(self.running)
+        logits = self.rows.admit(first_row, [request.prompt_ids for request in requests])
+        for request in requests:
+            request.start = self.rows.column - len(request.prompt_ids)
+        self.running.extend(requests)
+        self.next_tokens[first_row:first_row + len(requests)] = self.pick(requests, logits)
 
     def decode_step(self):
         """One token boundary: the running rows' next tokens handed out, and the step on them (queued first on CUDA)."""
