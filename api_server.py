@@ -12,6 +12,7 @@ for all; README "Serve"); the Host / Origin checks and the rest: README "Serve" 
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -44,6 +45,7 @@ DEFAULTS = {
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+logger = logging.getLogger("api_server")
 
 
 class ApiError(Exception):  # an answer in the OpenAI error shape
@@ -222,6 +224,15 @@ async def collect(replies):
     return [reply async for reply in replies]
 
 
+def log_answer(job, running):
+    """One line per answer (INFO): its latency as the server sees it, whatever its text (benchmarks/serve_load.py
+    reads the first-token time from here: a client sees only text, which may start later than the first token)."""
+    if running.first_token_after is not None:
+        logger.info("%s: %d prompt tokens, %d new; first token after %.3f s, done after %.3f s", job["id"],
+                    len(job["prompt_ids"]), len(running.ids), running.first_token_after,
+                    time.perf_counter() - running.submitted)
+
+
 def usage(reply):
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
@@ -318,6 +329,7 @@ class ChatApi:
             await asyncio.wait((answer,))
             raise ApiError(499, "the client closed the connection before the answer was ready", "client_closed_request")
         reply = answer.result()[-1]
+        log_answer(job, running)
         message = {"role": "assistant", "content": reply.text}
         return self.answer(job, "chat.completion", {"message": message, "finish_reason": reply.finish_reason},
                            usage=usage(reply))
@@ -352,6 +364,7 @@ class ChatApi:
         finally:  # a client gone, even before the first reply: the request's row is free at the next token
             await replies.aclose()
             running.cancel()
+            log_answer(job, running)
         yield "data: [DONE]\n\n"
 
     async def chat_completions(self, request: Request):
@@ -396,6 +409,10 @@ def main(config):
     adapter = f" + {config['lora_path']}" if uses_adapter(config["lora_path"]) else ""
     print(f"serving {config['model_dir']}{adapter} as model {served_name(config)!r}"
           + (", API key required" if config["api_key"] else ""), flush=True)
+    handler = logging.StreamHandler()  # our lines beside uvicorn's, at the same level, in its format
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(5 if config["log_level"] == "trace" else config["log_level"].upper())
     uvicorn.run(app, host=config["host"], port=config["port"], log_level=config["log_level"])
 
 

@@ -3,6 +3,8 @@ of model, requests joining and leaving mid-batch, a cancelled request freeing it
 budgets, stop texts and sampling, 429 past --max_waiting, the KV-memory check; the API and the web page on that path."""
 import asyncio
 import json
+import logging
+import re
 import threading
 
 import httpx
@@ -214,8 +216,10 @@ def streamed_text(response):
     return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices")), events
 
 
-def test_api_answers_concurrent_requests_with_their_own_budgets_and_stop_texts(learnt):
+def test_api_answers_concurrent_requests_with_their_own_budgets_and_stop_texts(learnt, caplog):
     import api_server
+
+    caplog.set_level(logging.INFO, logger="api_server")
 
     model, tokenizer, records = learnt
     records = records[:4]
@@ -242,6 +246,11 @@ def test_api_answers_concurrent_requests_with_their_own_budgets_and_stop_texts(l
     text, events = streamed_text(responses[2])
     assert events[-1]["choices"][0]["finish_reason"] == "length" and alone[2].startswith(text)
     assert responses[3].json()["choices"][0]["message"]["content"] == alone[3]
+    # One line per answer with its latency as the server sees it (benchmarks/serve_load.py reads the first token's)
+    lines = [record.getMessage() for record in caplog.records if "first token after" in record.getMessage()]
+    assert len(lines) == 8 and all(re.search(r"^chatcmpl-\w+: \d+ prompt tokens, \d+ new; first token after "
+                                             r"[\d.]+ s, done after [\d.]+ s$", line) for line in lines), lines
+    assert {2, 3} <= {int(re.search(r"(\d+) new", line)[1]) for line in lines[4:]}  # the budgets of 2 and 3
 
 
 def test_a_stream_left_before_its_first_reply_frees_its_row(learnt):

@@ -16,6 +16,7 @@ tokens are handed out first and the step runs on the rows still running.
 import asyncio
 import collections
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class Request:
     def __init__(self, prompt_ids, max_new_tokens, sampling):
         self.prompt_ids, self.max_new_tokens, self.sampling = list(prompt_ids), max_new_tokens, sampling
         self.ids, self.start = [], None
+        # Latency as the server sees it: submitted (perf_counter), and seconds from then to the first token handed out
+        self.submitted, self.first_token_after = time.perf_counter(), None
         self.updates = collections.deque()
         self.ready = threading.Condition()
         self.wake_loop = None  # set by new_ids_async: wakes its event loop from the scheduler's thread
@@ -332,7 +335,10 @@ class Scheduler:
 
     def hand_out(self, requests, tokens):
         """Each request its next token; requests that end (or were cancelled) leave the batch."""
+        now = time.perf_counter()
         for request, token in zip(requests, tokens):
+            if not request.ids:
+                request.first_token_after = now - request.submitted
             request.ids.append(token)
             request.publish(list(request.ids))
         for request in requests:
