@@ -127,6 +127,7 @@ def main():
                      "wall_s": round(seconds, 1), "script_s": round(metrics["train_runtime"], 1),
                      "real_tokens_per_s": round(metrics["num_input_tokens_seen"] / metrics["train_runtime"]),
                      "between_logs_tokens_per_s": metrics.get("steady_tokens_per_second"),
+                     "first_step_s": metrics.get("first_step_seconds"),
                      "peak_gib": metrics.get("peak_memory_gib"), "train_loss": round(metrics["train_loss"], 4)})
 
     adapter = next(work / "runs" / stage / "adapter_model" for stage in ["train", *(f"train-packed-{p}" for p in args.packs.split(","))]
@@ -165,8 +166,8 @@ def main():
     device = "CPU (--tiny)" if args.tiny else torch.cuda.get_device_name()
     model = args.model_dir or "ChatGLM2-6B random weights"
     print(f"\n# {device}, torch {torch.__version__}, {model}, {time.strftime('%Y-%m-%d')}")
-    columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "between_logs_tokens_per_s", "peak_gib", "train_loss",
-               "first_token_s", "chat_tokens_per_s", "of_component"]
+    columns = ["stage", "wall_s", "script_s", "real_tokens_per_s", "between_logs_tokens_per_s", "first_step_s", "peak_gib",
+               "train_loss", "first_token_s", "chat_tokens_per_s", "of_component"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")

@@ -221,6 +221,8 @@ def test_train_trainer_trains_packed(trainable_models, sixteen_examples, tmp_pat
     train_args = json.loads((run_dir / "adapter_model" / "train_args.json").read_text())
     stats = train_args["data"]["train"]
     assert 1 < stats["packed_rows"] < 16 and 0 < stats["fill_ratio"] <= 1
+    metrics = train_args["metrics"]  # the first step's seconds (its one-time costs) within the run's
+    assert 0 < metrics["first_step_seconds"] < metrics["train_runtime"], metrics
     state = json.loads((run_dir / "checkpoint-30" / "trainer_state.json").read_text())
     losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
     assert losses[30] < 0.5 * losses[1], losses

@@ -281,6 +281,7 @@ class RunCallback(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.tokens_at_start = state.num_input_tokens_seen
+        self.trainer.train_began = time.perf_counter()
         if self.trainer.resumed_from is not None:
             state.compute_steps(args, state.max_steps)
             if state.is_world_process_zero:
@@ -289,6 +290,12 @@ class RunCallback(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             raise NothingLeftToTrain
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # The first step holds the one-time costs (compiles, autotuning, the allocator's growth): its seconds say
+        # how much of a short run they take. The step's losses were read back, so its backward has run.
+        if self.trainer.first_step_seconds is None:
+            self.trainer.first_step_seconds = round(time.perf_counter() - self.trainer.train_began, 2)
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.mark_checkpoint()
@@ -314,6 +321,7 @@ class Trainer(transformers.Trainer):
         self.loss_sum_at_start, self.tokens_at_start, self.resumed_from = 0.0, 0, None
         self.first_training_log = None  # (wall clock, tokens seen) at the first training log line of this session
         self.steady_tokens_per_second = None  # real tokens/s from that line to the latest one
+        self.train_began = self.first_step_seconds = None  # perf_counter at this session's start; its first step's
         self.add_callback(RunCallback(self))
 
     def run_record(self):
@@ -463,6 +471,8 @@ def finish_trainer_run(trainer, train_result, final_eval, output_dir, started, f
     metrics["train_tokens_per_second"] = round(rate, 1)
     if trainer.steady_tokens_per_second is not None:
         metrics["steady_tokens_per_second"] = trainer.steady_tokens_per_second
+    if trainer.first_step_seconds is not None:
+        metrics["first_step_seconds"] = trainer.first_step_seconds
     metrics["peak_memory_gib"] = peak_memory_gib()
     train_args = {**trainer.run_record(), "metrics": metrics, "wall_seconds": round(time.time() - started, 1)}
     config, model_version = train_args["config"], train_args["model_version"]
