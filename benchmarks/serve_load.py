@@ -4,10 +4,10 @@ time to first token p50/p95, per-client tokens/s and errors, and how many answer
 alone (one client, one request at a time).
 
 Time to first token is the server's (its INFO line per answer: from the request entering the scheduler's line to its
-first token, the wait for a row included). A client
-sees only text, and the server holds back leading whitespace and the last character (ChatGLM's post-processing), so
-the first text can come many tokens later; with random weights, whose greedy answers often begin with such tokens, it
-says little about the server. It is shown too, as "first text p95".
+first token, the wait for a row included). A client sees only text, and the server holds back leading whitespace and
+the last character (ChatGLM's post-processing), so the first text can come many tokens later; with random weights,
+whose greedy answers often begin with such tokens, it says little about the server. It is shown too, as "first text
+p95".
 
     python benchmarks/serve_load.py --model_dir model_hub/chatglm2-small --dev_file data/demo_ner/instruct_data/dev.txt
     python benchmarks/serve_load.py --model_dir /path/chatglm2-6b --dev_file data/msra/instruct_data/dev.txt \

@@ -387,6 +387,18 @@ class Rows:
     on its last dimension, the value of an empty column or None)). `admit` prefills several prompts in one forward
     pass (left-padded), so requests that arrive together wait for one prefill, not one after another."""
 
+    def admit(self, first_row, prompts):
+        """Prefill prompts together and place prompt i in row first_row + i, ending at the shared column: the logits
+        [n, vocab] of their last tokens."""
+        logits, past, next_positions = self.prefill(prompts)
+        if self.cache is None:
+            self.allocate(past, next_positions)
+        longest = max(map(len, prompts))
+        self.make_room(longest)
+        for index, prompt in enumerate(prompts):
+            self.place(first_row + index, self.column - len(prompt), past, index, longest - len(prompt), next_positions)
+        return logits
+
     def make_room(self, length):
         if self.column - self.prefix < length:
             self.shift(length - (self.column - self.prefix))
@@ -421,27 +433,18 @@ class ChatGLMRows(Rows):
                        past_key_values=past, logits_to_keep=1).logits[:, -1].float()
         return logits, past, model.advance_positions(positions[..., -1:].clone())
 
-    def admit(self, first_row, prompts):
-        """Prefill prompts together and place prompt i in row first_row + i, ending at the shared column: the logits
-        [n, vocab] of their last tokens."""
-        logits, past, next_positions = self.prefill(prompts)
-        if self.cache is None:
-            self.allocate(past, next_positions)
-        longest = max(map(len, prompts))
-        self.make_room(longest)
-        for index, prompt in enumerate(prompts):
-            row, start, padding = first_row + index, self.column - len(prompt), longest - len(prompt)
-            for layer_index, layer in enumerate(past.layers):
-                self.cache.keys[layer_index][row, :, start:self.column] = layer.keys[index, :, self.prefix + padding:]
-                self.cache.values[layer_index][row, :, start:self.column] = layer.values[index, :, self.prefix + padding:]
-            self.cache.valid[row, self.prefix:] = False
-            self.cache.valid[row, start:self.column] = True
-            self.cache.positions[row] = next_positions[index]
-        return logits
+    def place(self, row, start, past, index, padding, next_positions):
+        """Prompt `index` of a prefill (after its `padding` pad columns) into `row`, columns [start, column)."""
+        for layer_index, layer in enumerate(past.layers):
+            self.cache.keys[layer_index][row, :, start:self.column] = layer.keys[index, :, self.prefix + padding:]
+            self.cache.values[layer_index][row, :, start:self.column] = layer.values[index, :, self.prefix + padding:]
+        self.cache.valid[row, self.prefix:] = False
+        self.cache.valid[row, start:self.column] = True
+        self.cache.positions[row] = next_positions[index]
 
     def allocate(self, past, next_positions):
-        """The buffers, shaped after the first prompt's cache (the prefix, the same for every row, copied in)."""
-        keys = past.layers[0].keys  # [1, kv_heads, n, head_dim]
+        """The buffers, shaped after the first prefill's cache (the prefix, the same for every row, copied in)."""
+        keys = past.layers[0].keys  # [n, kv_heads, prefix + length, head_dim]
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         static_kv_cache = sys.modules[type(base).__module__].StaticKVCache  # the class of the model's own file
         self.cache = static_kv_cache(len(past.layers), self.rows, keys.shape[1], self.capacity, keys.shape[3],
@@ -495,10 +498,11 @@ class NativeRows(Rows):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each prompt's first real token
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{self.cache_kwarg: past}).logits[:, -1].float()
-        return logits, past
+        return logits, past, mask.sum(-1)  # each prompt's length: its next position
 
-    def allocate(self, keys):
-        """The buffers, shaped after the first prompt's keys [1, kv_heads, n, head_dim]."""
+    def allocate(self, past, next_positions):
+        """The buffers, shaped after the first prefill's keys [n, kv_heads, length, head_dim]."""
+        keys = past.layers[0].keys
         device, dtype = keys.device, self.model.dtype
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.capacity)
         self.cache.early_initialization(self.rows, keys.shape[1], keys.shape[3], keys.dtype, device)
@@ -507,21 +511,13 @@ class NativeRows(Rows):
         self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=device)
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
 
-    def admit(self, first_row, prompts):
-        logits, past = self.prefill(prompts)
-        if self.cache is None:
-            self.allocate(past.layers[0].keys)
-        longest = max(map(len, prompts))
-        self.make_room(longest)
-        for index, prompt in enumerate(prompts):
-            row, start, padding = first_row + index, self.column - len(prompt), longest - len(prompt)
-            for layer, filled in zip(self.cache.layers, past.layers):
-                layer.keys[row, :, start:self.column] = filled.keys[index, :, padding:]
-                layer.values[row, :, start:self.column] = filled.values[index, :, padding:]
-            self.mask[row].fill_(self.blocked)
-            self.mask[row, 0, 0, start:self.column] = 0.0
-            self.position[row] = len(prompt)
-        return logits
+    def place(self, row, start, past, index, padding, next_positions):
+        for layer, filled in zip(self.cache.layers, past.layers):
+            layer.keys[row, :, start:self.column] = filled.keys[index, :, padding:]
+            layer.values[row, :, start:self.column] = filled.values[index, :, padding:]
+        self.mask[row].fill_(self.blocked)
+        self.mask[row, 0, 0, start:self.column] = 0.0
+        self.position[row] = next_positions[index]
 
     def release(self, row):
         self.mask[row].fill_(self.blocked)

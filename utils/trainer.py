@@ -321,7 +321,8 @@ class Trainer(transformers.Trainer):
         self.loss_sum_at_start, self.tokens_at_start, self.resumed_from = 0.0, 0, None
         self.first_training_log = None  # (wall clock, tokens seen) at the first training log line of this session
         self.steady_tokens_per_second = None  # real tokens/s from that line to the latest one
-        self.train_began = self.first_step_seconds = None  # perf_counter at this session's start; its first step's
+        self.train_began = None  # perf_counter at this session's start (RunCallback)
+        self.first_step_seconds = None  # from then to the end of this session's first step
         self.add_callback(RunCallback(self))
 
     def run_record(self):
