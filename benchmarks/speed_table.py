@@ -292,7 +292,7 @@ def main():
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--profile_dir", help="write kernel profiles here: one training step, or one decode run, per row")
     parser.add_argument("--eager_elementwise", action="store_true",
-                        help="training rows with the element-wise functions eager (COMPILE_ELEMENTWISE=False): fewer host "
+                        help="training rows with the element-wise functions eager (FUSE_ELEMENTWISE=False): fewer host "
                              "calls, more kernels; a comparison for host-bound steps such as QLoRA's")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
@@ -304,7 +304,7 @@ def main():
         sys.exit(f"unknown rows {sorted(unknown)}; choose from {', '.join(REFERENCE)}")
     if args.eager_elementwise:
         for version in VERSION.values():
-            remote_module(version, "modeling_chatglm").COMPILE_ELEMENTWISE = False
+            remote_module(version, "modeling_chatglm").FUSE_ELEMENTWISE = False
     results = run_rows(rows, args)
     print_table(results)
     if args.json:

@@ -141,9 +141,10 @@ def test_a_captured_decode_step_follows_adapter_switches_and_folding(trainable_m
     assert decode(folded, batch, "graph", do_sample=False)[0].tolist() == adapter_ids.tolist()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled element-wise kernels run on CUDA only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused element-wise kernels run on CUDA only")
 @pytest.mark.parametrize("version", VERSIONS)
-def test_compiled_elementwise_kernels_give_the_eager_loss_and_gradients(version, trainable_models):
+def test_fused_elementwise_kernels_give_the_eager_loss_and_gradients(version, trainable_models):
+    """ChatGLM2/3: our Triton kernels with their backward passes; ChatGLM-6B: its functions through torch.compile."""
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp32", device="cuda")
@@ -153,17 +154,17 @@ def test_compiled_elementwise_kernels_give_the_eager_loss_and_gradients(version,
             if "lora_B" in name:
                 param.normal_(std=0.1)  # non-zero B, so that every LoRA weight gets a gradient
     # The class was loaded from the model folder's own copy of modeling_chatglm.py: switch that module's flag.
-    modeling = __import__(type(model.base_model.model).__module__, fromlist=["COMPILE_ELEMENTWISE"])
+    modeling = __import__(type(model.base_model.model).__module__, fromlist=["FUSE_ELEMENTWISE"])
     batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     results = {}
-    for compiled in (False, True):
-        modeling.COMPILE_ELEMENTWISE = compiled
+    for fused in (False, True):
+        modeling.FUSE_ELEMENTWISE = fused
         model.zero_grad()
         loss = model(**batch, labels=labels).loss
         loss.backward()
-        results[compiled] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    modeling.COMPILE_ELEMENTWISE = True
+        results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    modeling.FUSE_ELEMENTWISE = True
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -211,12 +212,12 @@ def test_quantized_decoding_kernels_match_the_dequantizing_path(version, bits, t
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
 
 
-def test_elementwise_functions_compile_once_for_training_batches(monkeypatch):
-    """In training (gradients on) the element-wise functions (RMSNorm, SwiGLU, rotary) compile once each, for every
-    batch size and length, and give the eager values; generation, without gradients, takes Triton kernels instead
-    (tests/test_kernels.py). Run on CPU with a backend that only counts what torch.compile hands it, on fresh copies of
-    the functions (the module's own keep their state)."""
-    modeling = remote_module("chatglm2-6b", "modeling_chatglm")
+def test_elementwise_functions_without_a_kernel_compile_once_for_training_batches(monkeypatch):
+    """ChatGLM-6B's element-wise functions (the DeepNorm residual, the 2D rotary) have no Triton kernel of ours: in
+    training (gradients on) they compile once each, for every batch size and length, and give the eager values. Run
+    on CPU with a backend that only counts what torch.compile hands it, on fresh copies of the functions (the module's
+    own keep their state). ChatGLM2/3's functions take Triton kernels instead (tests/test_kernels.py)."""
+    modeling = remote_module("chatglm-6b", "modeling_chatglm")
     compilations = []
 
     def counting_backend(graph_module, example_inputs):
@@ -225,22 +226,20 @@ def test_elementwise_functions_compile_once_for_training_batches(monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=counting_backend, **kwargs))
-    monkeypatch.setattr(modeling, "COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(modeling, "FUSE_DEVICES", ("cuda", "cpu"))
     torch._dynamo.reset()
-    rms_norm = modeling.compiled_on_cuda()(modeling.rms_norm.__wrapped__)
-    swiglu = modeling.compiled_on_cuda()(modeling.swiglu.__wrapped__)
-    apply_rotary = modeling.compiled_on_cuda()(modeling.apply_rotary.__wrapped__)
-    hidden, heads, head_dim = 64, 6, 16  # 4 query heads and 2 key groups rotated, 2 value groups not
-    weight, projection = torch.randn(hidden), torch.randn((heads + 2) * head_dim, hidden)
-    rotary = modeling.RotaryEmbedding(head_dim // 2)
+    scaled_residual = modeling.fused_on_cuda()(modeling.scaled_residual.__wrapped__)
+    apply_rotary_2d = modeling.fused_on_cuda()(modeling.apply_rotary_2d.__wrapped__)
+    heads, head_dim = 4, 16
     for batch, seq in [(2, 48), (4, 60), (3, 7), (12, 160)]:
-        states = torch.randn(batch, seq, hidden, requires_grad=True)
-        qkv = F.linear(states, projection)  # the projection's output, as attention passes it
-        cos, sin = rotary(torch.arange(seq).expand(batch, seq), torch.float32)
-        outputs = (rms_norm(states, weight, 1e-5), swiglu(torch.cat((qkv, qkv), -1)), apply_rotary(qkv, cos, sin, heads, head_dim))
-        expected = (modeling.rms_norm.__wrapped__(states, weight, 1e-5), modeling.swiglu.__wrapped__(torch.cat((qkv, qkv), -1)),
-                    modeling.apply_rotary.__wrapped__(qkv, cos, sin, heads, head_dim))
+        normed = torch.randn(batch, seq, heads * head_dim, requires_grad=True)
+        update = torch.randn(batch, seq, heads * head_dim, requires_grad=True)
+        x = torch.randn(seq, batch, heads, head_dim, requires_grad=True)
+        main, block = ((torch.randn(seq, batch, 1, head_dim // 2), torch.randn(seq, batch, 1, head_dim // 2)) for _ in "mb")
+        outputs = (scaled_residual(normed, 1.5, update), apply_rotary_2d(x, main, block))
+        expected = (modeling.scaled_residual.__wrapped__(normed, 1.5, update),
+                    modeling.apply_rotary_2d.__wrapped__(x, main, block))
         for output, reference in zip(outputs, expected):
             torch.testing.assert_close(output, reference, atol=1e-5, rtol=1e-5)
         sum(output.sum() for output in outputs).backward()
-    assert len(compilations) == 3
+    assert len(compilations) == 2

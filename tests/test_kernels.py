@@ -262,7 +262,37 @@ for dtype_name, dtype in {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32":
         out = kernels.triton_rotary(qkv, cos, sin, heads + groups, head_dim)
         results[f"rotary/{dtype_name}/{heads}+{groups}x{head_dim}"] = [relative_error(out, expected), out.shape == expected.shape]
 
-# A tiny ChatGLM2 without gradients takes these kernels once its device compiles (on CUDA; here the CPU, interpreted).
+# Backward passes against float64 autograd of the model's own functions, for a random upstream gradient.
+def gradients(function, inputs, upstream):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    function(*inputs).backward(upstream)
+    return [t.grad for t in inputs]
+
+for dtype_name, dtype in {"bf16": torch.bfloat16, "fp32": torch.float32}.items():
+    # 1,100 rows: each backward program sums the weight gradient of 3 rows (the last one 2): partials added up after.
+    for rows, hidden in ((15, 96), (1100, 64)):
+        x, weight = torch.randn(rows, hidden, generator=generator).to(dtype), torch.randn(hidden, generator=generator).to(dtype)
+        upstream = torch.randn(rows, hidden, generator=generator).to(dtype)
+        ours = gradients(lambda x, w: kernels.triton_rms_norm(x, w, 1e-5), (x, weight), upstream)
+        exact = gradients(lambda x, w: modeling.rms_norm.__wrapped__(x, w, 1e-5), (x.double(), weight.double()), upstream.double())
+        results[f"rms_norm_backward/{dtype_name}/{rows}x{hidden}"] = [relative_error(o, e) for o, e in zip(ours, exact)]
+    gate_and_up, upstream = torch.randn(2, 3, 2 * 1100, generator=generator).to(dtype), torch.randn(2, 3, 1100, generator=generator).to(dtype)
+    ours = gradients(kernels.triton_swiglu, (gate_and_up,), upstream)
+    exact = gradients(modeling.swiglu.__wrapped__, (gate_and_up.double(),), upstream.double())
+    results[f"swiglu_backward/{dtype_name}"] = [relative_error(o, e) for o, e in zip(ours, exact)]
+    heads, groups, head_dim = 4, 2, 16
+    qkv = torch.randn(2, 5, (heads + 2 * groups) * head_dim, generator=generator).to(dtype)
+    cos, sin = modeling.RotaryEmbedding(head_dim // 2)(torch.arange(5).expand(2, 5), dtype)
+    upstream = torch.randn(2, 5, heads + groups, head_dim, generator=generator).to(dtype)
+    ours = gradients(lambda t: kernels.triton_rotary(t, cos, sin, heads + groups, head_dim), (qkv,), upstream)
+    exact = gradients(lambda t: modeling.apply_rotary.__wrapped__(t, cos.double(), sin.double(), heads + groups, head_dim),
+                      (qkv.double(),), upstream.double())
+    results[f"rotary_backward/{dtype_name}"] = [relative_error(o, e) for o, e in zip(ours, exact)]
+    # the value heads (after the rotated ones) get exactly zero from the rotary
+    results[f"rotary_backward/{dtype_name}"].append(bool((ours[0][..., (heads + groups) * head_dim:] == 0).all()))
+
+# A tiny ChatGLM2 takes these kernels once its device fuses (on CUDA; here the CPU, interpreted), with and without
+# gradients.
 model = modeling.ChatGLMForConditionalGeneration(modeling.ChatGLMConfig(
     num_layers=2, hidden_size=64, ffn_hidden_size=160, kv_channels=16, num_attention_heads=4, multi_query_group_num=2,
     padded_vocab_size=128, seq_length=64, multi_query_attention=True)).eval()
@@ -276,7 +306,8 @@ class Counted:  # counts the launches of a Triton kernel
         self.launches += 1
         return self.kernel[grid]
 
-counted = {name: Counted(getattr(kernels, name)) for name in ("_rms_norm_kernel", "_swiglu_kernel", "_rotary_kernel")}
+KERNELS = ("_rms_norm_kernel", "_swiglu_kernel", "_rotary_kernel", "_rms_norm_backward_kernel", "_swiglu_backward_kernel")
+counted = {name: Counted(getattr(kernels, name)) for name in KERNELS}
 for name, kernel in counted.items():
     setattr(kernels, name, kernel)
 
@@ -284,11 +315,26 @@ def no_compiling(*args, **kwargs):
     raise AssertionError("generation compiled instead of taking the Triton kernels")
 
 torch.compile = no_compiling
+def training_step():  # the loss and every weight's gradient of one step on all weights (the norms' too)
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
+
+eager_loss, eager_grads = training_step()
 with torch.no_grad():
     plain = model(input_ids=ids).logits.double()
-    modeling.COMPILE_DEVICES = ("cuda", "cpu")  # this CPU now stands for a CUDA device
+    modeling.FUSE_DEVICES = ("cuda", "cpu")  # this CPU now stands for a CUDA device
     with_kernels = model(input_ids=ids).logits
 results["model"] = {"error": relative_error(with_kernels, plain), "launches": {n: k.launches for n, k in counted.items()}}
+for kernel in counted.values():
+    kernel.launches = 0
+fused_loss, fused_grads = training_step()
+results["training"] = {
+    "loss_error": abs((fused_loss - eager_loss) / eager_loss).item(),
+    "grad_errors": {name: relative_error(fused_grads[name], eager_grads[name].double()) for name in eager_grads},
+    "launches": {n: k.launches for n, k in counted.items()},
+}
 with open(sys.argv[2], "w") as handle:
     json.dump(results, handle)
 """
@@ -302,10 +348,10 @@ def elementwise_interpreted():
 @pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rotary"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_elementwise_kernels_match_a_float64_reference(elementwise_interpreted, op, dtype):
-    """Generation's RMSNorm, SwiGLU and rotary kernels against float64 references (the rotary one: the model's own
+    """The RMSNorm, SwiGLU and rotary forward kernels against float64 references (the rotary one: the model's own
     apply_rotary in float64): rows narrower than their block, several blocks, one angle table for a whole batch."""
     cases = {key: value for key, value in elementwise_interpreted.items() if key.startswith(f"{op}/{dtype}/")}
-    assert len(cases) == 2, sorted(cases)
+    assert len(cases) == 2, sorted(cases)  # (the backward cases' keys start with "{op}_backward/")
     for key, (error, shape_ok) in cases.items():
         assert shape_ok, key
         assert error < {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-5}[dtype], f"{key}: relative error {error:.2e}"
@@ -316,5 +362,35 @@ def test_a_model_without_gradients_runs_the_elementwise_kernels_and_compiles_not
     kernels (2 layers: 2 norms each + the final one, one SwiGLU and one rotary call each) and never torch.compile,
     and gives the eager model's logits."""
     model = elementwise_interpreted["model"]
-    assert model["launches"] == {"_rms_norm_kernel": 5, "_swiglu_kernel": 2, "_rotary_kernel": 2}, model
+    assert model["launches"] == {"_rms_norm_kernel": 5, "_swiglu_kernel": 2, "_rotary_kernel": 2,
+                                 "_rms_norm_backward_kernel": 0, "_swiglu_backward_kernel": 0}, model
     assert model["error"] < 1e-5, model
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rotary"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_elementwise_backward_kernels_match_float64_autograd(elementwise_interpreted, op, dtype):
+    """The backward passes (RMSNorm's input and weight gradients, the latter summed over programs of several rows
+    with a ragged last one; SwiGLU's; rotary's, which gives the value heads exactly zero) against float64 autograd of
+    the model's own functions."""
+    cases = {key: value for key, value in elementwise_interpreted.items() if key.startswith(f"{op}_backward/{dtype}")}
+    assert len(cases) == (2 if op == "rms_norm" else 1), sorted(cases)
+    for key, errors in cases.items():
+        if op == "rotary":
+            assert errors.pop() is True, f"{key}: the value heads got a gradient from the rotary"
+        for error in errors:
+            assert error < {"bf16": 1e-2, "fp32": 1e-5}[dtype], f"{key}: relative errors {errors}"
+
+
+def test_a_training_step_runs_the_backward_kernels_and_gives_the_eager_gradients(elementwise_interpreted):
+    """One training step on all weights of the tiny fp32 ChatGLM2 with the kernels (forward and backward: 5 norms, 2
+    SwiGLU and 2 rotary calls, each once each way; the rotary's backward is its forward kernel with the angles negated)
+    and without (eager autograd): the same loss and the same gradient for every weight, norms included, and no
+    torch.compile."""
+    training = elementwise_interpreted["training"]
+    assert training["launches"] == {"_rms_norm_kernel": 5, "_swiglu_kernel": 2, "_rotary_kernel": 4,
+                                    "_rms_norm_backward_kernel": 5, "_swiglu_backward_kernel": 2}, training["launches"]
+    assert training["loss_error"] < 1e-6, training
+    assert len(training["grad_errors"]) > 10
+    for name, error in training["grad_errors"].items():
+        assert error < 1e-5, (name, error)

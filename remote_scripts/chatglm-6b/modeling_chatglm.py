@@ -154,24 +154,23 @@ class RotaryEmbedding(nn.Module):
 
 
 # Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_ELEMENTWISE
-COMPILE_ELEMENTWISE = True
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:FUSE_ELEMENTWISE
+FUSE_ELEMENTWISE = True
 
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_DEVICES
-COMPILE_DEVICES = ("cuda",)
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:FUSE_DEVICES
+FUSE_DEVICES = ("cuda",)
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
-def compiled_on_cuda(generation_kernel=None):
-    """Run the decorated function through torch.compile (dynamic shapes) when its first argument is on a CUDA device:
-    one fused kernel forward and one backward instead of a chain of small ones, and only the inputs saved for backward
-    instead of every intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode
-    step inlines it).
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fused_on_cuda
+def fused_on_cuda(kernel=None):
+    """Run the decorated function as one fused kernel forward (and one backward) instead of a chain of small ones,
+    saving only what its backward needs, when its first argument is on a CUDA device: `kernel`, a Triton function of
+    kernels.py with a backward pass of its own, where one is given and applies; torch.compile (dynamic shapes)
+    otherwise. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
 
-    generation_kernel: a Triton kernel of kernels.py computing the same without gradients (prefill and decoding),
-    where it applies. It is ready in a fraction of a second, where torch.compile takes seconds per function and
-    compiles again for each pattern of sizes of 1 (a decode step, batch 1), so a first answer does not wait for a
-    compiler. Both round once, from fp32."""
+    Our kernels are ready in a fraction of a second (Triton keeps them on disk), where torch.compile takes seconds per
+    function and graph, in every new process: the first training step and the first answer wait for neither. Both
+    round once, from fp32."""
 
     def wrap(fn):
         compiled = None
@@ -179,10 +178,10 @@ def compiled_on_cuda(generation_kernel=None):
         @functools.wraps(fn)
         def run(*args):
             nonlocal compiled
-            if not COMPILE_ELEMENTWISE or args[0].device.type not in COMPILE_DEVICES or torch.compiler.is_compiling():
+            if not FUSE_ELEMENTWISE or args[0].device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
                 return fn(*args)
-            if generation_kernel is not None and not torch.is_grad_enabled() and elementwise_kernels_apply(args[0]):
-                return generation_kernel(*args)
+            if kernel is not None and elementwise_kernels_apply(args[0]):
+                return kernel(*args)
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True)
             return compiled(*args)
@@ -192,7 +191,7 @@ def compiled_on_cuda(generation_kernel=None):
     return wrap
 
 
-@compiled_on_cuda()
+@fused_on_cuda()
 def scaled_residual(normed, alpha, update):
     """DeepNorm residual: alpha * normalised input + the sublayer's output."""
     return normed * alpha + update
@@ -203,7 +202,7 @@ def rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
-@compiled_on_cuda()
+@fused_on_cuda()
 def apply_rotary_2d(x, main, block):
     """First half of each head rotated by the main position, second half by the block position (rotate-half pairs)."""
     x_main, x_block = x.chunk(2, dim=-1)

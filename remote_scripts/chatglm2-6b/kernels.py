@@ -268,8 +268,9 @@ if triton is not None:
     # fp32, one rounding at the store, as torch.compile's fused kernels do.
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, row_stride, H, eps, BLOCK: tl.constexpr):
-        """out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps)."""
+    def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, inv_rms_ptr, row_stride, H, eps,
+                         SAVE_INV_RMS: tl.constexpr, BLOCK: tl.constexpr):
+        """out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps); for training also inv_rms[r] (fp32), for backward."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -277,6 +278,34 @@ if triton is not None:
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * H + cols, (weight * (x * inv_rms)).to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE_INV_RMS:
+            tl.store(inv_rms_ptr + row, inv_rms)
+
+    @triton.jit(do_not_specialize=["rows", "rows_per_program"])
+    def _rms_norm_backward_kernel(x_ptr, weight_ptr, inv_rms_ptr, grad_ptr, dx_ptr, dweight_ptr, rows, rows_per_program,
+                                  H, WEIGHT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """dx[r] = inv_rms * (w * g - x_hat * mean(w * g * x_hat)) with x_hat = x[r] * inv_rms[r], for the rows
+        [p * rows_per_program, (p + 1) * rows_per_program) of program p (x, grad and dx contiguous rows of H). With
+        WEIGHT_GRAD, the program's share of dweight, sum over its rows of g * x_hat, goes to row p of dweight (fp32
+        partials, summed by the caller in a fixed order: no atomics)."""
+        program = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dweight = tl.zeros((BLOCK,), dtype=tl.float32)
+        first = program * rows_per_program
+        for row in range(first, tl.minimum(first + rows_per_program, rows)):
+            x = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(grad_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            inv_rms = tl.load(inv_rms_ptr + row)
+            x_hat = x * inv_rms
+            wg = weight * g
+            dx = inv_rms * (wg - x_hat * (tl.sum(wg * x_hat, axis=0) / H))
+            tl.store(dx_ptr + row * H + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if WEIGHT_GRAD:
+                dweight += g * x_hat
+        if WEIGHT_GRAD:
+            tl.store(dweight_ptr + program * H + cols, dweight, mask=mask)
 
     @triton.jit
     def _swiglu_kernel(x_ptr, out_ptr, row_stride, F, BLOCK: tl.constexpr):
@@ -289,16 +318,31 @@ if triton is not None:
         tl.store(out_ptr + row * F + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, heads,
+    def _swiglu_backward_kernel(x_ptr, grad_ptr, dx_ptr, F, BLOCK: tl.constexpr):
+        """The gradient of silu(gate) * up for contiguous rows [gate | up] of 2F: dx[r] = [d_gate | d_up]."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F
+        gate = tl.load(x_ptr + row * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + row * F + cols, mask=mask, other=0.0).to(tl.float32)
+        sigmoid = tl.sigmoid(gate)
+        dtype = dx_ptr.dtype.element_ty
+        tl.store(dx_ptr + row * 2 * F + cols, (g * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))).to(dtype), mask=mask)
+        tl.store(dx_ptr + row * 2 * F + F + cols, (g * gate * sigmoid).to(dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, out_row_stride, heads,
                        HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, HEADS_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr):
         """The first `heads` heads of a fused qkv row: pairs (2i, 2i+1), i < PAIRS, rotated by angle i (interleaved,
-        GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied."""
+        GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied. The backward pass is the same kernel with the
+        angles negated (a rotation's transpose is its inverse)."""
         row = tl.program_id(0).to(tl.int64)
         head = tl.arange(0, HEADS_BLOCK)[:, None]
         pair = tl.arange(0, PAIRS)[None, :]
         head_mask = head < heads
         source = qkv_ptr + row * row_stride + head * HEAD_DIM
-        target = out_ptr + row * heads * HEAD_DIM + head * HEAD_DIM
+        target = out_ptr + row * out_row_stride + head * HEAD_DIM
         even = tl.load(source + 2 * pair, mask=head_mask, other=0.0).to(tl.float32)
         odd = tl.load(source + 2 * pair + 1, mask=head_mask, other=0.0).to(tl.float32)
         cos = tl.load(cos_ptr + row * PAIRS + pair).to(tl.float32)
@@ -441,8 +485,8 @@ def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=No
 
 def elementwise_kernels_apply(x):
     """Whether triton_rms_norm, triton_swiglu and triton_rotary can take x (and the other arguments of the same call):
-    Triton available, x on CUDA (or any device under TRITON_INTERPRET=1), a float dtype. They have no backward:
-    callers use them without gradients only."""
+    Triton available, x on CUDA (or any device under TRITON_INTERPRET=1), a float dtype. They have backward passes
+    of their own, so training takes them too."""
     return triton is not None and (x.is_cuda or _INTERPRETED) and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -456,26 +500,74 @@ def _warps(block):
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def triton_rms_norm(hidden_states, weight, eps):
-    """RMSNorm over the last dim (statistics in fp32, one rounding), in hidden_states' dtype."""
-    rows = _rows(hidden_states)
-    out = torch.empty(rows.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-    if rows.numel():
-        H = rows.shape[1]
-        block = triton.next_power_of_2(H)
-        _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, rows.stride(0), H, eps, BLOCK=block, num_warps=_warps(block))
-    return out.view(hidden_states.shape)
+def _programs(device):
+    """How many programs fill the device: several per SM."""
+    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
+        else DEFAULT_SM_COUNT
+    return PROGRAMS_PER_SM * sm_count
 
 
-def triton_swiglu(gate_and_up):
-    """silu(gate) * up for fused rows [gate | up] [..., 2F] -> [..., F]."""
-    rows = _rows(gate_and_up)
-    F = rows.shape[1] // 2
-    out = torch.empty(rows.shape[0], F, dtype=gate_and_up.dtype, device=gate_and_up.device)
-    if rows.numel():
-        block = min(triton.next_power_of_2(F), 1024)
-        _swiglu_kernel[(rows.shape[0], _ceil_div(F, block))](rows, out, rows.stride(0), F, BLOCK=block, num_warps=4)
-    return out.view(*gate_and_up.shape[:-1], F)
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_states, weight, eps):
+        rows = _rows(hidden_states)
+        out = torch.empty(rows.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        training = any(ctx.needs_input_grad)  # (forward itself runs with grad mode off)
+        inv_rms = torch.empty(rows.shape[0] if training else 0, dtype=torch.float32, device=hidden_states.device)
+        if rows.numel():
+            H = rows.shape[1]
+            block = triton.next_power_of_2(H)
+            _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, inv_rms, rows.stride(0), H, eps,
+                                               SAVE_INV_RMS=training, BLOCK=block, num_warps=_warps(block))
+        if training:  # the input in its own dtype and one fp32 per row, no fp32 copy of the input
+            ctx.save_for_backward(rows if rows.stride(0) == rows.shape[1] else rows.contiguous(), weight, inv_rms)
+        return out.view(hidden_states.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight, inv_rms = ctx.saved_tensors
+        R, H = rows.shape
+        grad_rows = grad.reshape(R, H).contiguous()
+        dx = torch.empty_like(rows)
+        weight_grad = ctx.needs_input_grad[1]
+        # One row per program where only dx is needed; with the weight's gradient, a fixed number of programs, each
+        # summing its rows' share in registers (few fp32 partials to add up).
+        programs = min(R, _programs(rows.device)) if weight_grad else R
+        rows_per_program = _ceil_div(R, programs) if R else 0
+        programs = _ceil_div(R, rows_per_program) if R else 0
+        partials = torch.empty((programs, H) if weight_grad else (0,), dtype=torch.float32, device=rows.device)
+        if R:
+            block = triton.next_power_of_2(H)
+            _rms_norm_backward_kernel[(programs,)](rows, weight.contiguous(), inv_rms, grad_rows, dx, partials, R,
+                                                   rows_per_program, H, WEIGHT_GRAD=weight_grad, BLOCK=block,
+                                                   num_warps=_warps(block))
+        dweight = partials.sum(0).to(weight.dtype) if weight_grad else None
+        return dx.view(grad.shape), dweight, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_and_up):
+        rows = _rows(gate_and_up)
+        F = rows.shape[1] // 2
+        out = torch.empty(rows.shape[0], F, dtype=gate_and_up.dtype, device=gate_and_up.device)
+        if rows.numel():
+            block = min(triton.next_power_of_2(F), 1024)
+            _swiglu_kernel[(rows.shape[0], _ceil_div(F, block))](rows, out, rows.stride(0), F, BLOCK=block, num_warps=4)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(rows if rows.stride(0) == rows.shape[1] else rows.contiguous())
+        return out.view(*gate_and_up.shape[:-1], F)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        F = rows.shape[1] // 2
+        grad_rows = grad.reshape(-1, F).contiguous()
+        dx = torch.empty_like(rows)
+        if rows.numel():
+            block = min(triton.next_power_of_2(F), 1024)
+            _swiglu_backward_kernel[(rows.shape[0], _ceil_div(F, block))](rows, grad_rows, dx, F, BLOCK=block, num_warps=4)
+        return dx.view(*grad.shape[:-1], 2 * F)
 
 
 def _angle_rows(table, qkv):
@@ -483,16 +575,56 @@ def _angle_rows(table, qkv):
     return table.expand(*qkv.shape[:-1], 1, table.shape[-1]).reshape(-1, table.shape[-1]).contiguous()
 
 
-def triton_rotary(qkv, cos, sin, heads, head_dim):
-    """The first `heads` heads of fused rows qkv [B, S, (heads + ...) * head_dim], rotated by cos, sin [B, S, 1, P]
-    (interleaved pairs over the first 2P dims of each head; P a power of two): [B, S, heads, head_dim]."""
-    rows = _rows(qkv)
-    pairs = cos.shape[-1]
-    out = torch.empty(rows.shape[0], heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    if rows.numel():
-        _rotary_kernel[(rows.shape[0],)](
-            rows, _angle_rows(cos, qkv), _angle_rows(sin, qkv), out, rows.stride(0), heads,
+def _rotate(source_rows, cos_rows, sin_rows, out_rows, heads, head_dim):
+    """_rotary_kernel over rows (unit stride along the last dim; source and target rows may be wider than the heads)."""
+    if source_rows.numel():
+        pairs = cos_rows.shape[-1]
+        _rotary_kernel[(source_rows.shape[0],)](
+            source_rows, cos_rows, sin_rows, out_rows, source_rows.stride(0), out_rows.stride(0), heads,
             HEAD_DIM=head_dim, PAIRS=pairs, HEADS_BLOCK=triton.next_power_of_2(heads),
             PASS_BLOCK=max(triton.next_power_of_2(head_dim - 2 * pairs), 1), num_warps=4,
         )
-    return out.view(*qkv.shape[:-1], heads, head_dim)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads, head_dim):
+        if cos.requires_grad or sin.requires_grad:
+            raise ValueError("triton_rotary has no gradient for the angles (positions are not trained)")
+        rows = _rows(qkv)
+        cos_rows, sin_rows = _angle_rows(cos, qkv), _angle_rows(sin, qkv)
+        out = torch.empty(rows.shape[0], heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+        _rotate(rows, cos_rows, sin_rows, out, heads, head_dim)
+        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept
+            ctx.save_for_backward(cos_rows, sin_rows)
+            ctx.heads, ctx.head_dim, ctx.width = heads, head_dim, rows.shape[1]
+        return out.view(*qkv.shape[:-1], heads, head_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos_rows, sin_rows = ctx.saved_tensors
+        heads, head_dim = ctx.heads, ctx.head_dim
+        grad_rows = grad.reshape(-1, heads * head_dim).contiguous()
+        dqkv = torch.empty(grad_rows.shape[0], ctx.width, dtype=grad.dtype, device=grad.device)
+        dqkv[:, heads * head_dim:].zero_()  # the heads after the rotated ones (the values) get no gradient here
+        _rotate(grad_rows, cos_rows, -sin_rows, dqkv, heads, head_dim)
+        return dqkv.view(*grad.shape[:-2], ctx.width), None, None, None, None
+
+
+def triton_rms_norm(hidden_states, weight, eps):
+    """RMSNorm over the last dim (statistics in fp32, one rounding), in hidden_states' dtype; differentiable (the
+    backward saves the input and one fp32 per row)."""
+    return _RMSNorm.apply(hidden_states, weight, eps)
+
+
+def triton_swiglu(gate_and_up):
+    """silu(gate) * up for fused rows [gate | up] [..., 2F] -> [..., F]; differentiable (the backward saves the
+    input only)."""
+    return _SwiGLU.apply(gate_and_up)
+
+
+def triton_rotary(qkv, cos, sin, heads, head_dim):
+    """The first `heads` heads of fused rows qkv [B, S, (heads + ...) * head_dim], rotated by cos, sin [B, S, 1, P]
+    (interleaved pairs over the first 2P dims of each head; P a power of two): [B, S, heads, head_dim].
+    Differentiable in qkv (the angles take no gradient)."""
+    return _Rotary.apply(qkv, cos, sin, heads, head_dim)

@@ -123,24 +123,23 @@ def causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None,
 
 
 # Set to False to run the element-wise functions below eagerly on CUDA too (tests compare both).
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_ELEMENTWISE
-COMPILE_ELEMENTWISE = True
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:FUSE_ELEMENTWISE
+FUSE_ELEMENTWISE = True
 
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:COMPILE_DEVICES
-COMPILE_DEVICES = ("cuda",)
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:FUSE_DEVICES
+FUSE_DEVICES = ("cuda",)
 
-# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:compiled_on_cuda
-def compiled_on_cuda(generation_kernel=None):
-    """Run the decorated function through torch.compile (dynamic shapes) when its first argument is on a CUDA device:
-    one fused kernel forward and one backward instead of a chain of small ones, and only the inputs saved for backward
-    instead of every intermediate. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode
-    step inlines it).
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fused_on_cuda
+def fused_on_cuda(kernel=None):
+    """Run the decorated function as one fused kernel forward (and one backward) instead of a chain of small ones,
+    saving only what its backward needs, when its first argument is on a CUDA device: `kernel`, a Triton function of
+    kernels.py with a backward pass of its own, where one is given and applies; torch.compile (dynamic shapes)
+    otherwise. Eager elsewhere (CPU), and inside an enclosing compiled region (the compiled decode step inlines it).
 
-    generation_kernel: a Triton kernel of kernels.py computing the same without gradients (prefill and decoding),
-    where it applies. It is ready in a fraction of a second, where torch.compile takes seconds per function and
-    compiles again for each pattern of sizes of 1 (a decode step, batch 1), so a first answer does not wait for a
-    compiler. Both round once, from fp32."""
+    Our kernels are ready in a fraction of a second (Triton keeps them on disk), where torch.compile takes seconds per
+    function and graph, in every new process: the first training step and the first answer wait for neither. Both
+    round once, from fp32."""
 
     def wrap(fn):
         compiled = None
@@ -148,10 +147,10 @@ def compiled_on_cuda(generation_kernel=None):
         @functools.wraps(fn)
         def run(*args):
             nonlocal compiled
-            if not COMPILE_ELEMENTWISE or args[0].device.type not in COMPILE_DEVICES or torch.compiler.is_compiling():
+            if not FUSE_ELEMENTWISE or args[0].device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
                 return fn(*args)
-            if generation_kernel is not None and not torch.is_grad_enabled() and elementwise_kernels_apply(args[0]):
-                return generation_kernel(*args)
+            if kernel is not None and elementwise_kernels_apply(args[0]):
+                return kernel(*args)
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True)
             return compiled(*args)
@@ -162,7 +161,7 @@ def compiled_on_cuda(generation_kernel=None):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:rms_norm
-@compiled_on_cuda(generation_kernel=triton_rms_norm)
+@fused_on_cuda(kernel=triton_rms_norm)
 def rms_norm(hidden_states, weight, eps):
     # Statistics in fp32 (fp16 squares overflow), one cast back at the end, as the official code does.
     hidden_fp32 = hidden_states.float()
@@ -171,7 +170,7 @@ def rms_norm(hidden_states, weight, eps):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:swiglu
-@compiled_on_cuda(generation_kernel=triton_swiglu)
+@fused_on_cuda(kernel=triton_swiglu)
 def swiglu(gate_and_up):
     """Fused rows [gate | up] -> silu(gate) * up."""
     gate, up = gate_and_up.chunk(2, dim=-1)
@@ -210,7 +209,7 @@ class RotaryEmbedding(nn.Module):
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:apply_rotary
-@compiled_on_cuda(generation_kernel=triton_rotary)
+@fused_on_cuda(kernel=triton_rotary)
 def apply_rotary(qkv, cos, sin, heads, head_dim):
     """Interleaved (GPT-J style) rotation of the first 2*cos.shape[-1] dims of each head; the rest pass through.
     qkv: fused rows [B, S, (heads + ...) * head_dim], of which the first `heads` heads are rotated (the queries and
