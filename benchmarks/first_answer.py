@@ -17,7 +17,7 @@ Needs CUDA.
     python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --model glm-4-9b --options auto,compiled
 
 Options: auto, plain, static, graph, compiled (the `decode` modes); "-warm" reuses the caches of the option's earlier run
-(a persistent compile cache); "-eager-elementwise" also turns off the compiled element-wise kernels (norms, rotary,
+(a persistent compile cache); "-eager-elementwise" also turns off the fused element-wise kernels (norms, rotary,
 SwiGLU) that prefill and the step use on CUDA.
 """
 import argparse
