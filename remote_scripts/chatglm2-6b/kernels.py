@@ -118,6 +118,13 @@ def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_sm_count(device):
+    """The SM count of a CUDA device; DEFAULT_SM_COUNT elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 if triton is not None:
 
     @triton.jit
@@ -374,10 +381,8 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     # Checked here, not in small_batch_linear: torch.compile traces this body, and storage_offset() breaks its graph.
     if bits == 4 and (weight.storage_offset() % 4 or weight.stride(0) % 4):  # storages themselves are aligned
         raise ValueError("int4 weights are read as int32 words: the tensor and its rows must start at multiples of 4 bytes")
-    sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda \
-        else DEFAULT_SM_COUNT
     block_n, block_k, split_k, num_warps, num_stages, use_dot = (
-        config if config is not None else launch_config(M, N, K, bits, sm_count))
+        config if config is not None else launch_config(M, N, K, bits, _device_sm_count(x.device)))
     if K % block_k or not (use_dot or M == 1):
         raise ValueError(f"config {config}: block_k must divide K={K}, and the FMA loop (use_dot 0) serves M == 1 only")
     chunks = K // block_k
@@ -500,27 +505,21 @@ def _warps(block):
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def _programs(device):
-    """How many programs fill the device: several per SM."""
-    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" \
-        else DEFAULT_SM_COUNT
-    return PROGRAMS_PER_SM * sm_count
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, weight, eps):
         rows = _rows(hidden_states)
         out = torch.empty(rows.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         training = any(ctx.needs_input_grad)  # (forward itself runs with grad mode off)
-        inv_rms = torch.empty(rows.shape[0] if training else 0, dtype=torch.float32, device=hidden_states.device)
+        # (unused pointer arguments get any tensor; the constexpr flag keeps the kernel from writing it)
+        inv_rms = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden_states.device) if training else out
         if rows.numel():
             H = rows.shape[1]
             block = triton.next_power_of_2(H)
             _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, inv_rms, rows.stride(0), H, eps,
                                                SAVE_INV_RMS=training, BLOCK=block, num_warps=_warps(block))
         if training:  # the input in its own dtype and one fp32 per row, no fp32 copy of the input
-            ctx.save_for_backward(rows if rows.stride(0) == rows.shape[1] else rows.contiguous(), weight, inv_rms)
+            ctx.save_for_backward(rows.contiguous(), weight, inv_rms)
         return out.view(hidden_states.shape)
 
     @staticmethod
@@ -532,10 +531,10 @@ class _RMSNorm(torch.autograd.Function):
         weight_grad = ctx.needs_input_grad[1]
         # One row per program where only dx is needed; with the weight's gradient, a fixed number of programs, each
         # summing its rows' share in registers (few fp32 partials to add up).
-        programs = min(R, _programs(rows.device)) if weight_grad else R
+        programs = min(R, PROGRAMS_PER_SM * _device_sm_count(rows.device)) if weight_grad else R
         rows_per_program = _ceil_div(R, programs) if R else 0
         programs = _ceil_div(R, rows_per_program) if R else 0
-        partials = torch.empty((programs, H) if weight_grad else (0,), dtype=torch.float32, device=rows.device)
+        partials = torch.empty(programs, H, dtype=torch.float32, device=rows.device) if weight_grad else dx
         if R:
             block = triton.next_power_of_2(H)
             _rms_norm_backward_kernel[(programs,)](rows, weight.contiguous(), inv_rms, grad_rows, dx, partials, R,
@@ -555,7 +554,7 @@ class _SwiGLU(torch.autograd.Function):
             block = min(triton.next_power_of_2(F), 1024)
             _swiglu_kernel[(rows.shape[0], _ceil_div(F, block))](rows, out, rows.stride(0), F, BLOCK=block, num_warps=4)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(rows if rows.stride(0) == rows.shape[1] else rows.contiguous())
+            ctx.save_for_backward(rows.contiguous())
         return out.view(*gate_and_up.shape[:-1], F)
 
     @staticmethod
