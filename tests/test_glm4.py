@@ -4,8 +4,6 @@ prompts and labels as GLM-4's own finetuning lays them out, then LoRA, full and 
 and the API server on them."""
 import asyncio
 import json
-import sys
-import time
 
 import httpx
 import pytest
@@ -15,7 +13,6 @@ from conftest import REPO_ROOT, SCRIPTS, run_script
 from test_training import logged_losses
 from tools.tiny_models import make_tiny_glm4
 from utils.dataset import encode_example
-from utils import decode_engine
 from utils.decode_engine import NativeCompiler, NativeSteps
 from utils.generation import generate_answers, stream_chat_reply
 from utils.adapters import load_model_with_adapter
@@ -175,15 +172,9 @@ def test_the_step_compiled_in_the_background_serves_steps_of_its_shapes(glm4_dir
     model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cpu")
     ids = torch.tensor([get_prompt_format(tokenizer, None).prompt_ids("今天北京天气怎么样", [])])
     steps = NativeSteps.of(model, 1, ids.shape[1] + 8)
-    interval = sys.getswitchinterval()
     assert not steps.compiled_ready()  # starts the compilation
-    # While it runs, the interpreter passes between threads more often (answers are not starved by the compiler).
-    deadline = time.monotonic() + 30
-    while sys.getswitchinterval() == interval and time.monotonic() < deadline and not steps.compiled_ready():
-        time.sleep(0.01)
-    assert sys.getswitchinterval() == decode_engine.COMPILING_SWITCH_INTERVAL < interval
     NativeCompiler.of(model).wait()
-    assert steps.compiled_ready() and sys.getswitchinterval() == interval
+    assert steps.compiled_ready()
     token = steps.prefill(ids, torch.ones_like(ids), None, 8).argmax(-1, keepdim=True)
     steps.advance()
     eager = steps.forward(token)

@@ -11,7 +11,6 @@ torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM, "compiled" f
 the compiled step of its shapes is ready (NativeCompiler, in a thread of its own), answers run on the eager step
 captured as a graph, and the answer after it is ready on the compiled one.
 """
-import contextlib
 import copy
 import functools
 import inspect
@@ -242,32 +241,6 @@ def native_step(model, cache_kwarg, cache, tokens, mask, position, cache_positio
                  cache_position=cache_position, **{cache_kwarg: cache}).logits[:, -1]
 
 
-# While a compilation runs in its thread, the interpreter passes between threads every this many seconds instead of
-# Python's 5 ms: the answers' thread needs it several times per token (launch, read-back), and with the default it
-# waited behind the compiler for most of each token (GLM-4-9B on an H100: 10 tok/s while compiling, 38 after).
-COMPILING_SWITCH_INTERVAL = 0.0005
-_compilations = {"running": 0, "switch_interval": None}
-_compilations_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def interpreter_shared_often():
-    """sys.setswitchinterval(COMPILING_SWITCH_INTERVAL) while any compilation runs; the earlier interval after the
-    last one ends."""
-    with _compilations_lock:
-        if _compilations["running"] == 0:
-            _compilations["switch_interval"] = sys.getswitchinterval()
-            sys.setswitchinterval(min(COMPILING_SWITCH_INTERVAL, _compilations["switch_interval"]))
-        _compilations["running"] += 1
-    try:
-        yield
-    finally:
-        with _compilations_lock:
-            _compilations["running"] -= 1
-            if _compilations["running"] == 0:
-                sys.setswitchinterval(_compilations["switch_interval"])
-
-
 class NativeCompiler:
     """A native model's step through torch.compile (one per model). The compiled code guards on the shapes of the
     step's tensors, not on which tensors they are, so it is made on buffers of its own (a twin of the steps) in a
@@ -303,8 +276,7 @@ class NativeCompiler:
             return
         stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
         try:
-            # off the answers' stream; the same grad mode
-            with interpreter_shared_often(), torch.inference_mode(), torch.cuda.stream(stream):
+            with torch.inference_mode(), torch.cuda.stream(stream):  # off the answers' stream; the same grad mode
                 twin = NativeSteps(model, *key)
                 prompt = torch.zeros(key[0], 1, dtype=torch.long, device=model.device)
                 twin.prefill(prompt, torch.ones_like(prompt), None, 2)
