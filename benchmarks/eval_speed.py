@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=4, help="the Trainer's loop: samples per batch")
     parser.add_argument("--eval_tokens", type=int, default=2560, help="ours: tokens per batch (--pack_tokens)")
     parser.add_argument("--rounds", type=int, default=2, help="each loop this many times, alternating")
+    parser.add_argument("--loops", default="trainer,ours", help="which loops to time: trainer, ours or both")
     args = parser.parse_args()
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
@@ -45,6 +46,8 @@ def main():
                       run_info={"script": "eval_speed.py", "config": config, "model_version": model.model_version})
     loops = {f"Trainer's loop, batches of {args.batch_size}": transformers.Trainer.evaluation_loop,
              f"ours, length batches of {args.eval_tokens} tokens": Trainer.evaluation_loop}
+    chosen = args.loops.split(",")
+    loops = {name: loop for (key, (name, loop)) in zip(("trainer", "ours"), loops.items()) if key in chosen}
     for _ in range(args.rounds):
         for name, loop in loops.items():
             if device == "cuda":

@@ -295,34 +295,72 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable
     return out
 
 
+def test_attends_in_runs_takes_packed_rows_and_rows_padded_on_either_side_only():
+    """The rows the variable-length path may take (each run of equal mask values attends to itself alone): packed
+    segment ids, and padded rows with a single run of tokens; not a row with two runs of tokens (the dense mask lets
+    the second see the first), not an unpadded batch (no mask at all), not a decode step or a step after a cache."""
+    from utils.model_loading import remote_module
+
+    runs = remote_module("chatglm2-6b", "modeling_chatglm").attends_in_runs
+    mask = torch.tensor
+    assert runs(mask([[1, 1, 2, 2, 0], [3, 3, 3, 0, 0]]), 5, 0)
+    assert runs(mask([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 5, 0)  # left padding
+    assert runs(mask([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), 5, 0)  # right padding
+    assert runs(mask([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), 5, 0)
+    assert not runs(mask([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]), 5, 0)
+    assert not runs(mask([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), 5, 0)
+    assert not runs(mask([[0, 0, 1, 1, 1]]), 1, 4) and not runs(mask([[0, 0, 1, 1, 1]]), 2, 3) and not runs(None, 5, 0)
+
+
+@pytest.mark.parametrize("layout", ["packed", "right-padded", "left-padded"])
 @pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
-def test_the_variable_length_attention_path_gives_the_masked_logits(setups, version, monkeypatch):
-    """The packed path of ChatGLM2/3 on CUDA (flash attention over segments, no dense mask), with the kernel replaced
-    by a per-segment reference: q, k, v reach it flattened and cut where they should, and the result is put back in
-    place, so the logits equal the dense block-diagonal mask's."""
+def test_the_variable_length_attention_path_gives_the_masked_logits(setups, version, layout, monkeypatch):
+    """The variable-length path of ChatGLM2/3 on CUDA (flash attention over segments, no dense mask), with the kernel
+    replaced by a per-segment reference: q, k, v reach it flattened and cut where they should, and the result is put
+    back in place, so the logits equal the dense mask's: the block-diagonal one of packed rows, and the padding mask of
+    an evaluation batch (padded on the right) or of a batch of prompts (padded on the left). A prompt's prefill fills
+    the cache as the dense path does: the next token's logits after it are equal too."""
     model, examples, pad_id = setups(version)
     modeling = __import__(type(model).__module__, fromlist=["PackedSegments"])
-    batch = {k: v for k, v in packed_batch(examples, pad_id).items() if k != "labels"}
+    if layout == "packed":
+        batch = packed_batch(examples, pad_id)
+    else:
+        batch = PaddingCollator(pad_id, layout.split("-")[0])(examples)
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    next_batch = {"input_ids": torch.arange(len(batch["input_ids"]))[:, None] + 7,
+                  "attention_mask": F.pad(batch["attention_mask"], (0, 1), value=1)}
+
+    def prefill_and_next():
+        output = forward(model, batch, use_cache=True)
+        return output.logits, forward(model, next_batch, past_key_values=output.past_key_values).logits
+
     with torch.no_grad():
-        masked = forward(model, batch).logits
+        masked, masked_next = prefill_and_next()
         calls = []
         monkeypatch.setattr(modeling, "varlen_attn", lambda *a, **kw: calls.append(1) or reference_varlen_attn(*a, **kw))
-        monkeypatch.setattr(modeling.PackedSegments, "applies", staticmethod(lambda mask, q, past, *rest: modeling.is_packed(mask, q, past)))
-        varlen = forward(model, batch).logits
+        monkeypatch.setattr(modeling.PackedSegments, "applies",
+                            staticmethod(lambda mask, q, past, *rest: modeling.attends_in_runs(mask, q, past)))
+        varlen, varlen_next = prefill_and_next()
     assert len(calls) == model.config.num_layers
+    if layout == "left-padded":
+        torch.testing.assert_close(varlen_next, masked_next, atol=2e-5, rtol=1e-4)
     real = batch["attention_mask"] != 0  # padding's outputs are never used (the dense mask lets it see every key)
     assert (~real).any()
     torch.testing.assert_close(varlen[real], masked[real], atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs CUDA")
+@pytest.mark.parametrize("layout", ["packed", "right-padded"])
 @pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
 def test_packed_training_on_cuda_uses_flash_segments_and_gives_the_masked_loss_and_gradients(trainable_models,
-                                                                                             sixteen_examples, version):
+                                                                                             sixteen_examples, version,
+                                                                                             layout):
+    """Packed rows, and unpacked rows padded on the right (training without packing, evaluation batches)."""
     model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="bf16", device="cuda")
     modeling = __import__(type(model).__module__, fromlist=["PackedSegments"])
     examples = InstructionDataset(sixteen_examples, tokenizer, version, max_source_length=64, max_target_length=32).examples
-    batch = {k: v.cuda() for k, v in packed_batch(examples, tokenizer.pad_token_id).items()}
+    batch = packed_batch(examples, tokenizer.pad_token_id) if layout == "packed" else PaddingCollator(tokenizer.pad_token_id)(examples[:6])
+    batch = {k: v.cuda() for k, v in batch.items()}
     model.train()
     results = []
     for use_varlen in (True, False):
