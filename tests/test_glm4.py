@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, SCRIPTS, run_script
 from test_training import logged_losses
 from tools.tiny_models import make_tiny_glm4
 from utils.dataset import encode_example
-from utils.decode_engine import NativeCompiler, NativeSteps
+from utils.decode_engine import NativeCompiler, NativeSteps, StepRunner
 from utils.generation import generate_answers, stream_chat_reply
 from utils.adapters import load_model_with_adapter
 from utils.model_loading import load_model_and_tokenizer
@@ -167,14 +167,20 @@ def test_full_and_qlora_training(glm4_dirs, tmp_path):
 
 @torch.inference_mode()
 def test_the_step_compiled_in_the_background_serves_steps_of_its_shapes(glm4_dirs):
-    """A chat does not wait for torch.compile: the step compiles in a thread, on buffers of its own; the steps of an
-    answer with those shapes then run that code without compiling again, and it computes what the eager step does."""
+    """A chat does not wait for torch.compile: its first answer runs on the eager step with no compiler beside it,
+    and its end starts the compilation in a thread, on buffers of its own; the steps of an answer with those shapes
+    then run that code without compiling again, and it computes what the eager step does."""
     model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cpu")
     ids = torch.tensor([get_prompt_format(tokenizer, None).prompt_ids("今天北京天气怎么样", [])])
     steps = NativeSteps.of(model, 1, ids.shape[1] + 8)
-    assert not steps.compiled_ready()  # starts the compilation
-    NativeCompiler.of(model).wait()
-    assert steps.compiled_ready()
+    compiler = NativeCompiler.of(model)
+    first = StepRunner(model, steps, "compiled", wait_for_compile=False)
+    assert first.mode == "graph" and not compiler.threads  # nothing compiles while the first answer runs
+    first.answer_done()
+    assert list(compiler.threads) == [steps.key]
+    compiler.wait()
+    assert steps.compiled_ready(start=False)
+    assert StepRunner(model, steps, "compiled", wait_for_compile=False).mode == "compiled"  # the next answer
     token = steps.prefill(ids, torch.ones_like(ids), None, 8).argmax(-1, keepdim=True)
     steps.advance()
     eager = steps.forward(token)
