@@ -101,6 +101,34 @@ def test_kv_cache_decoding_equals_full_forward(version, tiny_model_dirs):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_last_position_logits_come_from_one_plain_product(version, tiny_model_dirs):
+    """logits_to_keep=1 (every prefill for generation, the evaluation's forward) gives the full logits' last column,
+    through one matrix product of the kept rows: a strided slice would make F.linear a batched product that reads the
+    whole output layer once per row."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm"):
+                self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model, tokenizer = load_auto(tiny_model_dirs[version])
+    model.requires_grad_(False)  # frozen, as under an adapter (a trainable weight makes F.linear copy the rows instead)
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model(**batch).logits
+        with Products() as products:
+            last = model(**batch, logits_to_keep=1).logits
+    torch.testing.assert_close(last, full[:, -1:], atol=2e-5, rtol=1e-4)
+    assert "bmm" not in products.names[-1] and products.names[-1] in ("mm", "addmm"), products.names[-3:]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_save_and_load_round_trip_exactly(version, tiny_model_dirs, tmp_path):
     model, tokenizer = load_auto(tiny_model_dirs[version])
     model.save_pretrained(tmp_path)

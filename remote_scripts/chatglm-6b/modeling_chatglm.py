@@ -715,7 +715,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits = None
         if labels is None or not self.training:
             if logits_to_keep:
-                hidden_states = hidden_states[:, -logits_to_keep:]
+                # made dense: on a strided slice F.linear runs a batched product that reads the whole output
+                # layer once per row (5 ms per 25-row batch on an H100, where the product itself takes 0.2)
+                hidden_states = hidden_states[:, -logits_to_keep:].contiguous()
             logits = self.lm_head(hidden_states)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}, hidden_states=outputs.hidden_states
