@@ -10,6 +10,7 @@ blocks and the tokens of a batch for the activation part of the peak.
 
     python benchmarks/saved_activations.py                      # LoRA r 8 on q,k,v, dropout 0.1 (the lora-glm4 row)
     python benchmarks/saved_activations.py --lora_dropout 0     # the same without dropout
+    python benchmarks/saved_activations.py --peft_casts_inputs  # LoRA's inputs cast to fp32 (peft's default)
 """
 import argparse
 import collections
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.trainer import target_losses  # noqa: E402
@@ -35,7 +37,7 @@ def build_model(model_type):
     return model
 
 
-def saved_bytes_by_module(model, tokens):
+def saved_bytes_by_module(model, tokens, uncast=True):
     """{module path within the measured block: bytes saved for backward}, from one forward pass of the loss."""
     stack, saved, seen = [None], collections.Counter(), {p.untyped_storage().data_ptr() for p in model.parameters()}
     for name, module in model.named_modules():
@@ -53,7 +55,8 @@ def saved_bytes_by_module(model, tokens):
 
     input_ids = torch.randint(5, 4000, (1, tokens))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.autocast("cpu", dtype=torch.bfloat16):
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.autocast("cpu", dtype=torch.bfloat16),
+          disable_input_dtype_casting(model, active=uncast)):  # LoRA's inputs as our Trainer leaves them under autocast
         target_losses(model, inputs)
     return saved
 
@@ -67,6 +70,8 @@ def main():
     parser.add_argument("--lora_dropout", type=float, default=0.1)
     parser.add_argument("--lora_target_modules", default="q_proj,k_proj,v_proj")
     parser.add_argument("--batch_tokens", type=int, default=8 * 512, help="for the extrapolation: tokens of a batch")
+    parser.add_argument("--peft_casts_inputs", action="store_true",
+                        help="LoRA's inputs cast to the fp32 adapter's dtype (peft's default; our Trainer turns it off)")
     args = parser.parse_args()
     from transformers import AutoConfig
 
@@ -75,11 +80,12 @@ def main():
     model = add_lora(model, {"r": args.lora_r, "alpha": 4 * args.lora_r, "dropout": args.lora_dropout,
                              "target_modules": args.lora_target_modules})
     model.train()
-    saved = saved_bytes_by_module(model, args.tokens)
+    saved = saved_bytes_by_module(model, args.tokens, uncast=not args.peft_casts_inputs)
     per_token = {path: size / args.tokens / 1024 for path, size in saved.items()}
     total = sum(per_token.values())
     print(f"# GLM-4-9B block ({args.model_type}), LoRA r {args.lora_r} on {args.lora_target_modules}, dropout "
-          f"{args.lora_dropout}: saved for backward per token, the second of {model.config.num_hidden_layers} blocks")
+          f"{args.lora_dropout}{', inputs cast by peft' if args.peft_casts_inputs else ''}: saved for backward per token, "
+          f"the second of {model.config.num_hidden_layers} blocks")
     print("| module | KiB per token |\n|---|---|")
     for path, kib in sorted(per_token.items(), key=lambda item: -item[1]):
         print(f"| {path} | {kib:.1f} |")

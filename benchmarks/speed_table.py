@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -154,17 +155,18 @@ def train_row(model, batch, seq, steps, warmup, optimizer_cls=torch.optim.AdamW,
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    for _ in range(warmup):
-        losses.append(step())
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for _ in range(steps):
-        losses.append(step())
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / steps
-    if profile_path:
-        write_profile(profile_path, step)
+    with disable_input_dtype_casting(model):  # LoRA's bf16 inputs uncast under autocast, as our Trainer runs
+        for _ in range(warmup):
+            losses.append(step())
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for _ in range(steps):
+            losses.append(step())
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - started) / steps
+        if profile_path:
+            write_profile(profile_path, step)
     return {
         "tokens_per_s": round(batch * seq / seconds),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import transformers
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from conftest import REPO_ROOT
 from utils.dataset import PaddingCollator
@@ -9,6 +10,20 @@ from utils.model_loading import load_model_and_tokenizer
 from utils.trainer import Trainer, load_datasets, training_arguments
 from utils.training_methods import add_lora
 from utils.training_options import DEFAULTS
+
+
+class LoraInputCasting(transformers.TrainerCallback):
+    """Whether peft casts the LoRA layers' inputs to their weights' dtype, at every step (the Trainer's public hook)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.steps.append({layer.cast_input_dtype_enabled for layer in lora_layers(model)})
+
+
+def lora_layers(model):
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
 class EvaluationSteps(transformers.TrainerCallback):
@@ -21,14 +36,15 @@ class EvaluationSteps(transformers.TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def tiny_trainer(model_dir, data_file, output_dir, callbacks=(), dropout=0.0, **options):
-    """Our Trainer on a tiny model with LoRA, training and evaluating on data_file, as train_trainer.py builds it."""
+def tiny_trainer(model_dir, data_file, output_dir, callbacks=(), dropout=0.0, dtype=torch.float32, **options):
+    """Our Trainer on a tiny model with LoRA, training and evaluating on data_file, as train_trainer.py builds it
+    (dtype bf16: the weights in bf16, the adapters in fp32, bf16 mixed precision)."""
     transformers.set_seed(0)
-    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device="cpu")
     model = add_lora(model, {**DEFAULTS["lora"], "dropout": dropout})  # 0: the same loss at every call in training mode
     config = {**DEFAULTS, "save_steps": 0, "report_to": "none", "per_device_train_batch_size": 4, "warmup_steps": 0,
               **options}
-    args = training_arguments(config, output_dir, torch.float32, has_eval=True)
+    args = training_arguments(config, output_dir, dtype, has_eval=True)
     train_data, eval_data = load_datasets(data_file, data_file, tokenizer, model.model_version)
     return Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                    data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=list(callbacks),
@@ -125,3 +141,23 @@ def test_glm4_training_loss_is_chunked_and_equals_the_models_own(layout, glm4_di
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     # The output layer saw the last position of each row (8 rows) and chunks of target rows, forward and backward.
     assert max(logit_rows) == trainer.loss_chunk_rows and sum(logit_rows) == 8 + 2 * targets, logit_rows
+
+
+def test_bf16_training_takes_lora_inputs_uncast_and_loses_exactly_as_when_they_are_cast(tiny_model_dirs, sixteen_examples,
+                                                                                       tmp_path):
+    """Under bf16 mixed precision (autocast, here on the CPU) our Trainer lets peft's LoRA layers take their bf16
+    inputs as they are (no fp32 copy for autocast to cast back): the losses of every step and the evaluation equal
+    those of the Trainer's own train(), where peft casts them; the casting is back on after training. (Without LoRA
+    dropout: the CPU's bf16 dropout rounds its 1 / (1 - p) to bf16, where CUDA's scales in fp32.)"""
+    options = dict(max_steps=3, eval_steps=100, logging_steps=1, dropout=0.0, dtype=torch.bfloat16)
+    seen = LoraInputCasting()
+    ours = tiny_trainer(tiny_model_dirs["chatglm2-6b"], sixteen_examples, tmp_path / "ours", callbacks=[seen], **options)
+    ours.train()
+    reference = tiny_trainer(tiny_model_dirs["chatglm2-6b"], sixteen_examples, tmp_path / "reference", **options)
+    transformers.Trainer.train(reference)
+    assert ours.accelerator.mixed_precision == "bf16" and {p.dtype for p in ours.model.parameters() if p.requires_grad} == {torch.float32}
+    assert seen.steps == [{False}] * 3
+    assert all(layer.cast_input_dtype_enabled for layer in lora_layers(ours.model))
+    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (ours, reference)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert ours.evaluate()["eval_loss"] == reference.evaluate()["eval_loss"]
