@@ -281,7 +281,7 @@ class PackedSegments:
     tokens, cut where the mask's value changes or a row begins. Each segment (padding runs included: their outputs are
     never used) attends causally to itself only, as build_attention_mask's dense mask has it, but with no [S, S] mask,
     no work on the blocks outside the diagonal, and nothing that depends on the shape: SDPA with a dense mask goes to
-    cuDNN first, which builds a plan for every new (batch, length), ~0.4 s each on a Hopper card."""
+    cuDNN first, which builds a plan for every new (batch, length): 40 ms to 1.8 s each on an H100."""
 
     def __init__(self, segments):
         batch, seq = segments.shape
