@@ -436,10 +436,9 @@ class Trainer(transformers.Trainer):
         fewer in the forward pass, two of its gradient in the backward pass, and no fp32 copy saved for backward
         (GLM-4-9B, LoRA on q, k, v with dropout 0.1: 24 KiB per token and block; benchmarks/saved_activations.py).
         Autocast makes the products from the same half-precision values either way (LoRA dropout then runs on the
-        half-precision input; CUDA's kernel scales it in fp32 as before). Without autocast (fp32, or
-        DeepSpeed, which runs the whole model in its own precision) nothing changes."""
-        autocast = self.accelerator.mixed_precision in ("bf16", "fp16") and not self.is_deepspeed_enabled
-        return disable_input_dtype_casting(self.model, active=autocast)
+        half-precision input; CUDA's kernel scales it in fp32 as before). Only where accelerate autocasts (native_amp):
+        not in fp32, not under DeepSpeed (which runs the whole model in its own precision), not fp16 on a CPU."""
+        return disable_input_dtype_casting(self.model, active=self.accelerator.native_amp)
 
     def final_evaluation(self):
         """The metrics of the evaluation at the last step: the Trainer's own when it ran one there (transformers 5
