@@ -44,10 +44,9 @@ def main():
                       eval_dataset=dev, data_collator=PaddingCollator(tokenizer.pad_token_id),
                       eval_tokens=args.eval_tokens,
                       run_info={"script": "eval_speed.py", "config": config, "model_version": model.model_version})
-    loops = {f"Trainer's loop, batches of {args.batch_size}": transformers.Trainer.evaluation_loop,
-             f"ours, length batches of {args.eval_tokens} tokens": Trainer.evaluation_loop}
-    chosen = args.loops.split(",")
-    loops = {name: loop for (key, (name, loop)) in zip(("trainer", "ours"), loops.items()) if key in chosen}
+    loops = {"trainer": (f"Trainer's loop, batches of {args.batch_size}", transformers.Trainer.evaluation_loop),
+             "ours": (f"ours, length batches of {args.eval_tokens} tokens", Trainer.evaluation_loop)}
+    loops = dict(loops[key] for key in args.loops.split(","))
     for _ in range(args.rounds):
         for name, loop in loops.items():
             if device == "cuda":
