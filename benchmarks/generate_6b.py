@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.tiny_models import build_random_model  # noqa: E402
 from utils.decode_engine import stream_generate  # noqa: E402
-from utils.model_loading import DTYPES, VERSIONS, read_config  # noqa: E402
+from utils.glm_layers import fuse_norms_and_mlps  # noqa: E402
+from utils.model_loading import DTYPES, VERSIONS, read_config, remote_module  # noqa: E402
 
 
 def load_random_model(version, config_dir, dtype):
@@ -25,13 +26,16 @@ def load_random_model(version, config_dir, dtype):
     return model.eval()
 
 
-def load_random_glm4():
-    """GLM-4-9B with random weights, bf16, on CUDA: transformers' GlmConfig defaults (glm-4-9b-chat-hf's config.json)."""
+def load_random_glm4(fused=True):
+    """GLM-4-9B with random weights, bf16, on CUDA: transformers' GlmConfig defaults (glm-4-9b-chat-hf's config.json);
+    its norms and MLPs on our kernels as the loader gives them (utils/glm_layers.py), or transformers' own layers."""
     from transformers import AutoModelForCausalLM, GlmConfig
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(GlmConfig(), dtype=torch.bfloat16).eval()
+    if fused:
+        fuse_norms_and_mlps(model, remote_module("chatglm2-6b", "kernels"))
     model.model_version = None
     return model
 

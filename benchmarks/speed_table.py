@@ -228,10 +228,10 @@ def run_rows(rows, args):
             model = None
             release()
     if any(r.endswith("glm4") or "-glm4-" in r for r in rows):
-        model = load_random_glm4()
+        model = load_random_glm4(fused=not args.eager_elementwise)
         if "decode-glm4-b1" in rows:
             # "auto": the step compiled and replayed as a CUDA graph (utils.decode_engine), as the scripts decode
-            results["decode-glm4-b1"] = decode_row(model, 1, 256, "auto", profile_path=profile("decode-glm4-b1"))
+            results["decode-glm4-b1"] = decode_row(model, 1, 256, args.glm4_decode, profile_path=profile("decode-glm4-b1"))
             print("decode-glm4-b1", results["decode-glm4-b1"], flush=True)
         for name, options in (("decode-glm4-b1-generate", {}), ("decode-glm4-b1-generate-static", {"cache_implementation": "static"})):
             if name in rows:
@@ -295,7 +295,10 @@ def main():
     parser.add_argument("--profile_dir", help="write kernel profiles here: one training step, or one decode run, per row")
     parser.add_argument("--eager_elementwise", action="store_true",
                         help="training rows with the element-wise functions eager (FUSE_ELEMENTWISE=False): fewer host "
-                             "calls, more kernels; a comparison for host-bound steps such as QLoRA's")
+                             "calls, more kernels; a comparison for host-bound steps such as QLoRA's; GLM-4 rows with "
+                             "transformers' own norms and MLPs (utils/glm_layers.py)")
+    parser.add_argument("--glm4_decode", default="auto", choices=["auto", "graph", "compiled"],
+                        help="decode-glm4-b1's loop: auto (compiled, as the scripts decode) or the eager step as a graph")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -165,6 +165,67 @@ def test_full_and_qlora_training(glm4_dirs, tmp_path):
     assert type(model).__name__ == "GlmForCausalLM"
 
 
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                        reason="needs CUDA"))])
+def test_the_loaders_fused_layers_give_transformers_loss_and_gradients(glm4_dirs, kind, device):
+    """The loader puts GLM-4's norms and MLPs on our kernels (utils/glm_layers.py) under their own names: on the CPU
+    they run transformers' formula bit for bit; on CUDA the kernels, equal to bf16's rounding."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, _ = load_model_and_tokenizer(glm4_dirs[kind], dtype=dtype, device=device)
+    reference = AutoModelForCausalLM.from_pretrained(glm4_dirs[kind], dtype=dtype).to(device)
+    fused = {type(module).__name__ for module in model.modules()} - {type(module).__name__ for module in reference.modules()}
+    assert fused == {"FusedRMSNorm", "FusedSwiGLUMLP"}
+    assert list(model.state_dict()) == list(reference.state_dict())
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    for each in (model, reference):
+        each.train()
+        loss = each(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {name: param.grad for name, param in each.named_parameters()}))
+    (loss, grads), (expected_loss, expected_grads) = results
+    tolerance = {"atol": 0, "rtol": 0} if device == "cpu" else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(loss, expected_loss, **tolerance)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **tolerance, msg=name)
+
+
+def test_last_position_logits_of_prefill_and_loss_come_from_plain_products(glm4_dirs):
+    """A prefill for generation and target_losses's forward (which wants no logits) ask transformers for the last
+    position only with an index, not `logits_to_keep=1`: its strided [:, -1:] slice would make a frozen output layer a
+    batched product that reads the whole layer once per row (151,552 x 4,096 on GLM-4-9B)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from utils.trainer import target_losses
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm"):
+                self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model, _ = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cpu")
+    model.requires_grad_(False)  # frozen, as under an adapter
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        with Products() as prefill:
+            logits = NativeSteps.of(model, 3, 16).prefill(ids, mask, None, 4)
+        with Products() as loss:
+            target_losses(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert "bmm" not in prefill.names and "bmm" not in loss.names, (prefill.names[-3:], loss.names[-3:])
+
+
 @torch.inference_mode()
 def test_the_step_compiled_in_the_background_serves_steps_of_its_shapes(glm4_dirs):
     """A chat does not wait for torch.compile: its first answer runs on the eager step with no compiler beside it,

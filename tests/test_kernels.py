@@ -335,6 +335,33 @@ results["training"] = {
     "grad_errors": {name: relative_error(fused_grads[name], eager_grads[name].double()) for name in eager_grads},
     "launches": {n: k.launches for n, k in counted.items()},
 }
+
+# GLM-4 (transformers' Glm and Glm4 classes) with its norms and MLPs on the same kernels (utils/glm_layers.py).
+from transformers import AutoConfig, AutoModelForCausalLM
+from utils.glm_layers import fuse_norms_and_mlps
+
+for kind in ("glm", "glm4"):
+    config = AutoConfig.for_model(kind, num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, eos_token_id=[1])
+    torch.manual_seed(0)
+    glm = AutoModelForCausalLM.from_config(config)
+
+    def glm_step():
+        glm.zero_grad()
+        loss = glm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: param.grad.clone() for name, param in glm.named_parameters()}
+
+    eager_loss, eager_grads = glm_step()
+    replaced = fuse_norms_and_mlps(glm, kernels)
+    for kernel in counted.values():
+        kernel.launches = 0
+    fused_loss, fused_grads = glm_step()
+    results[f"glm/{kind}"] = {
+        "replaced": replaced, "loss_error": abs((fused_loss - eager_loss) / eager_loss).item(),
+        "grad_errors": {name: relative_error(fused_grads[name], eager_grads[name].double()) for name in eager_grads},
+        "launches": {n: k.launches for n, k in counted.items()},
+    }
 with open(sys.argv[2], "w") as handle:
     json.dump(results, handle)
 """
@@ -393,4 +420,19 @@ def test_a_training_step_runs_the_backward_kernels_and_gives_the_eager_gradients
     assert training["loss_error"] < 1e-6, training
     assert len(training["grad_errors"]) > 10
     for name, error in training["grad_errors"].items():
+        assert error < 1e-5, (name, error)
+
+
+@pytest.mark.parametrize("kind,norms", [("glm", 5), ("glm4", 9)])
+def test_glm4_layers_on_the_kernels_give_transformers_loss_and_gradients(elementwise_interpreted, kind, norms):
+    """A tiny fp32 GLM-4 of each layout (glm-4-9b-chat-hf's, GLM-4-0414's two extra norms per block) with its norms and
+    MLPs replaced (utils/glm_layers.py): one training step launches our norm and SwiGLU kernels once each way per
+    module and gives the loss and every gradient of transformers' own layers, without torch.compile."""
+    glm = elementwise_interpreted[f"glm/{kind}"]
+    assert glm["replaced"] == norms + 2
+    assert glm["launches"] == {"_rms_norm_kernel": norms, "_swiglu_kernel": 2, "_rotary_kernel": 0,
+                               "_rms_norm_backward_kernel": norms, "_swiglu_backward_kernel": 2}, glm["launches"]
+    assert glm["loss_error"] < 1e-6, glm
+    assert len(glm["grad_errors"]) > 10
+    for name, error in glm["grad_errors"].items():
         assert error < 1e-5, (name, error)

@@ -212,7 +212,8 @@ class NativeSteps:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.cache.reset()  # transformers >= 5.2x: its layers count the positions written, whatever cache_position says
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            cache_position=torch.arange(length, device=input_ids.device), logits_to_keep=1,
+                            cache_position=torch.arange(length, device=input_ids.device),
+                            logits_to_keep=torch.tensor([length - 1]),  # an index: 1 makes a per-row product
                             **{self.cache_kwarg: self.cache}).logits[:, -1]
         self.position.copy_(positions[:, -1:])
         self.cache_position.fill_(length - 1)
@@ -510,7 +511,8 @@ class NativeRows(Rows):
         past = DynamicCache(config=self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each prompt's first real token
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **{self.cache_kwarg: past}).logits[:, -1].float()
+                            logits_to_keep=torch.tensor([input_ids.shape[1] - 1]),  # as NativeSteps.prefill
+                            **{self.cache_kwarg: past}).logits[:, -1].float()
         return logits, past, mask.sum(-1)  # each prompt's length: its next position
 
     def allocate(self, past, next_positions):

@@ -17,6 +17,7 @@ import torch
 
 from utils import decode_engine
 from utils.errors import UserError
+from utils.glm_layers import fuse_norms_and_mlps
 from utils.log_filters import missing_keys_expected
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +210,7 @@ def load_native_model_and_tokenizer(model_dir, dtype, device, quantization_confi
     config = AutoConfig.from_pretrained(str(model_dir))
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     model = from_folder(model_class, model_dir, config, dtype, device, quantization_config)
+    fuse_norms_and_mlps(model, remote_module("chatglm2-6b", "kernels"))  # GLM-4: our kernels where they apply
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; padding is masked out anyway
     model.model_version = None

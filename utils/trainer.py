@@ -125,8 +125,11 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     lm = causal_lm(model)
     caught = []
     hook = lm.base_model.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+    # transformers' models slice [:, -1:] for 1, a strided view, and F.linear then reads a frozen output layer once
+    # per row (a batched product): an index keeps one product. (Our model files copy the rows themselves.)
+    last = 1 if not is_native(lm) else torch.tensor([inputs["input_ids"].shape[1] - 1])
     try:
-        model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=1, use_cache=False)
+        model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=last, use_cache=False)
     finally:
         hook.remove()
     head, hidden_states = lm.get_output_embeddings(), caught[-1]
