@@ -11,6 +11,7 @@ blocks and the tokens of a batch for the activation part of the peak.
     python benchmarks/saved_activations.py                      # LoRA r 8 on q,k,v, dropout 0.1 (the lora-glm4 row)
     python benchmarks/saved_activations.py --lora_dropout 0     # the same without dropout
     python benchmarks/saved_activations.py --peft_casts_inputs  # LoRA's inputs cast to fp32 (peft's default)
+    TRITON_INTERPRET=1 python benchmarks/saved_activations.py --fused_layers  # norms and MLPs as the loader fuses them
 """
 import argparse
 import collections
@@ -21,6 +22,8 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.glm_layers import fuse_norms_and_mlps  # noqa: E402
+from utils.model_loading import remote_module  # noqa: E402
 from utils.trainer import target_losses  # noqa: E402
 from utils.training_methods import add_lora  # noqa: E402
 
@@ -72,11 +75,19 @@ def main():
     parser.add_argument("--batch_tokens", type=int, default=8 * 512, help="for the extrapolation: tokens of a batch")
     parser.add_argument("--peft_casts_inputs", action="store_true",
                         help="LoRA's inputs cast to the fp32 adapter's dtype (peft's default; our Trainer turns it off)")
+    parser.add_argument("--fused_layers", action="store_true",
+                        help="the norms and MLPs on our kernels, as the loader gives them on CUDA (utils/glm_layers.py); "
+                             "on this CPU the kernels run in Triton's interpreter: set TRITON_INTERPRET=1")
     args = parser.parse_args()
     from transformers import AutoConfig
 
     real_blocks = AutoConfig.for_model(args.model_type).num_hidden_layers  # the defaults: GLM-4-9B's 40
     model = build_model(args.model_type)
+    if args.fused_layers:
+        kernels = remote_module("chatglm2-6b", "kernels")
+        if not kernels._INTERPRETED:
+            sys.exit("--fused_layers: set TRITON_INTERPRET=1 (the kernels run on the CPU in Triton's interpreter)")
+        fuse_norms_and_mlps(model, kernels)
     model = add_lora(model, {"r": args.lora_r, "alpha": 4 * args.lora_r, "dropout": args.lora_dropout,
                              "target_modules": args.lora_target_modules})
     model.train()
@@ -84,7 +95,8 @@ def main():
     per_token = {path: size / args.tokens / 1024 for path, size in saved.items()}
     total = sum(per_token.values())
     print(f"# GLM-4-9B block ({args.model_type}), LoRA r {args.lora_r} on {args.lora_target_modules}, dropout "
-          f"{args.lora_dropout}{', inputs cast by peft' if args.peft_casts_inputs else ''}: saved for backward per token, "
+          f"{args.lora_dropout}{', inputs cast by peft' if args.peft_casts_inputs else ''}"
+          f"{', norms and MLPs fused' if args.fused_layers else ''}: saved for backward per token, "
           f"the second of {model.config.num_hidden_layers} blocks")
     print("| module | KiB per token |\n|---|---|")
     for path, kib in sorted(per_token.items(), key=lambda item: -item[1]):
