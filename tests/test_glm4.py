@@ -226,6 +226,41 @@ def test_last_position_logits_of_prefill_and_loss_come_from_plain_products(glm4_
     assert "bmm" not in prefill.names and "bmm" not in loss.names, (prefill.names[-3:], loss.names[-3:])
 
 
+def test_prefills_training_and_evaluation_leave_cudnn_attention_out(glm4_dirs, tmp_path):
+    """The calls of a transformers model that meet new shapes all the time (prompt prefills, alone or joined, training
+    steps with their backward passes, which run checkpointed layers again, evaluation's length batches) run with
+    cuDNN's attention off (it plans every new shape: up to 1.8 s); torch's flags are as they were afterwards."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from test_evaluation import tiny_trainer
+    from utils.decode_engine import NativeRows
+
+    class Attention(TorchDispatchMode):  # each attention op, forward and backward, and whether cuDNN's was enabled
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                self.calls.append((func.__name__.split(".")[0], torch.backends.cuda.cudnn_sdp_enabled()))
+            return func(*args, **(kwargs or {}))
+
+    trainer = tiny_trainer(glm4_dirs["glm"], DEMO_TRAIN, tmp_path, max_steps=1)
+    trainer.model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    with Attention() as training:
+        trainer.train()
+    assert any(name.endswith("_backward") for name, _ in training.calls), training.calls
+    with Attention() as evaluation:
+        trainer.evaluate()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), Attention() as prefills:
+        NativeSteps.of(trainer.model, 2, 16).prefill(ids, torch.ones_like(ids), None, 4)
+        NativeRows(trainer.model, 2, 32).prefill([ids[0].tolist(), ids[1, :5].tolist()])
+    for calls in (training.calls, evaluation.calls, prefills.calls):
+        assert calls and not any(enabled for _, enabled in calls), calls
+    assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
 @torch.inference_mode()
 def test_the_step_compiled_in_the_background_serves_steps_of_its_shapes(glm4_dirs):
     """A chat does not wait for torch.compile: its first answer runs on the eager step with no compiler beside it,

@@ -25,6 +25,8 @@ import torch
 from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from utils.sdpa_backends import without_per_shape_plans
+
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "plain", "static", "graph", "compiled")
@@ -211,10 +213,11 @@ class NativeSteps:
         mask[:, 0, :, :length].masked_fill_(sees, 0.0)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.cache.reset()  # transformers >= 5.2x: its layers count the positions written, whatever cache_position says
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            cache_position=torch.arange(length, device=input_ids.device),
-                            logits_to_keep=torch.tensor([length - 1]),  # an index: 1 makes a per-row product
-                            **{self.cache_kwarg: self.cache}).logits[:, -1]
+        with without_per_shape_plans():  # every prompt length is a new shape
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                cache_position=torch.arange(length, device=input_ids.device),
+                                logits_to_keep=torch.tensor([length - 1]),  # an index: 1 makes a per-row product
+                                **{self.cache_kwarg: self.cache}).logits[:, -1]
         self.position.copy_(positions[:, -1:])
         self.cache_position.fill_(length - 1)
         self.index = length - 1  # the host counts the steps: no device sync to know where the next key goes
@@ -510,9 +513,10 @@ class NativeRows(Rows):
         input_ids, mask = left_padded(prompts, self.model.device)
         past = DynamicCache(config=self.model.config)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each prompt's first real token
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=torch.tensor([input_ids.shape[1] - 1]),  # as NativeSteps.prefill
-                            **{self.cache_kwarg: past}).logits[:, -1].float()
+        with without_per_shape_plans():
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                logits_to_keep=torch.tensor([input_ids.shape[1] - 1]),  # as NativeSteps.prefill
+                                **{self.cache_kwarg: past}).logits[:, -1].float()
         return logits, past, mask.sum(-1)  # each prompt's length: its next position
 
     def allocate(self, past, next_positions):

@@ -23,6 +23,7 @@ from utils.errors import UserError
 from utils.log_filters import DropMessage
 from utils.run_dirs import RunFolder, checkpoint_record, mark_complete, rotate_checkpoints
 from utils.run_record import resumed_line, run_record, write_run_record
+from utils.sdpa_backends import without_per_shape_plans
 from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, check_only_float_weights_train,
                                     save_adapter, save_full_model, save_prefix, write_partial_checkpoint)
 
@@ -127,9 +128,12 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     hook = lm.base_model.register_forward_hook(lambda module, args, output: caught.append(output[0]))
     # transformers' models slice [:, -1:] for 1, a strided view, and F.linear then reads a frozen output layer once
     # per row (a batched product): an index keeps one product. (Our model files copy the rows themselves.)
-    last = 1 if not is_native(lm) else torch.tensor([inputs["input_ids"].shape[1] - 1])
-    try:
-        model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=last, use_cache=False)
+    native = is_native(lm)
+    last = torch.tensor([inputs["input_ids"].shape[1] - 1]) if native else 1
+    try:  # (transformers' models: length batches are new shapes all the time)
+        with without_per_shape_plans() if native else contextlib.nullcontext():
+            model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=last,
+                  use_cache=False)
     finally:
         hook.remove()
     head, hidden_states = lm.get_output_embeddings(), caught[-1]
@@ -383,7 +387,9 @@ class Trainer(transformers.Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         tokens = inputs["attention_mask"].ne(0).sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # transformers' models: the backward pass too (gradient checkpointing runs the forward again in it)
+        with without_per_shape_plans() if is_native(model) else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)  # the log leaves non-finite losses out too
         tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
