@@ -336,6 +336,50 @@ results["training"] = {
     "launches": {n: k.launches for n, k in counted.items()},
 }
 
+# ChatGLM-6B's 2D rotary (rotate-half pairs in each half of a head, two positions), on the strided key view the model
+# passes, against the model's own function in float64, both ways; then a tiny ChatGLM-6B's training step on it.
+v1 = remote_module("chatglm-6b", "modeling_chatglm")
+v1_kernels = remote_module("chatglm-6b", "kernels")  # the model's own copy of this file
+v1_launches = Counted(v1_kernels._rotary_2d_kernel)
+v1_kernels._rotary_2d_kernel = v1_launches
+v1_rotary = v1.RotaryEmbedding(8)
+for dtype_name, dtype in {"bf16": torch.bfloat16, "fp32": torch.float32}.items():
+    qkv = torch.randn(2, 5, 3, 3 * 16, generator=generator).to(dtype)  # [B, S, heads, q | k | v] as the model splits it
+    x = qkv[..., 16:32].transpose(1, 2)
+    main = v1_rotary(torch.arange(5).expand(2, 5), dtype)
+    block = v1_rotary(torch.randint(0, 3, (2, 5), generator=generator), dtype)
+    wide = [tuple(t.double() for t in angles) for angles in (main, block)]
+    out = v1_kernels.triton_rotary_2d(x, main, block)
+    exact = v1.apply_rotary_2d.__wrapped__(x.double(), *wide)
+    upstream = torch.randn(2, 3, 5, 16, generator=generator).to(dtype)
+    ours = gradients(lambda t: v1_kernels.triton_rotary_2d(t, main, block), (x,), upstream)
+    expected = gradients(lambda t: v1.apply_rotary_2d.__wrapped__(t, *wide), (x.double(),), upstream.double())
+    results[f"rotary_2d/{dtype_name}"] = [relative_error(out, exact), out.shape == x.shape,
+                                          relative_error(ours[0], expected[0])]
+
+from tools.tiny_models import TINY_SIZES, build_random_model
+
+v1_model = build_random_model("chatglm-6b", dict(TINY_SIZES["chatglm-6b"]))
+v1_ids = torch.cat((torch.randint(5, 1000, (2, 6), generator=generator),
+                    torch.tensor([[v1_model.config.gmask_token_id, v1_model.config.bos_token_id]] * 2),
+                    torch.randint(5, 1000, (2, 3), generator=generator)), dim=1)
+
+def v1_step():
+    v1_model.zero_grad()
+    loss = v1_model(input_ids=v1_ids, labels=v1_ids).loss
+    loss.backward()
+    return loss.detach(), {name: param.grad.clone() for name, param in v1_model.named_parameters() if param.grad is not None}
+
+eager_loss, eager_grads = v1_step()
+v1.FUSE_DEVICES = ("cuda", "cpu")
+v1_launches.launches = 0
+fused_loss, fused_grads = v1_step()
+results["chatglm-6b"] = {
+    "loss_error": abs((fused_loss - eager_loss) / eager_loss).item(),
+    "grad_errors": {name: relative_error(fused_grads[name], eager_grads[name].double()) for name in eager_grads},
+    "launches": v1_launches.launches,
+}
+
 # GLM-4 (transformers' Glm and Glm4 classes) with its norms and MLPs on the same kernels (utils/glm_layers.py).
 from transformers import AutoConfig, AutoModelForCausalLM
 from utils.glm_layers import fuse_norms_and_mlps
@@ -435,4 +479,26 @@ def test_glm4_layers_on_the_kernels_give_transformers_loss_and_gradients(element
     assert glm["loss_error"] < 1e-6, glm
     assert len(glm["grad_errors"]) > 10
     for name, error in glm["grad_errors"].items():
+        assert error < 1e-5, (name, error)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_chatglm_6b_2d_rotary_kernel_matches_the_models_function_both_ways(elementwise_interpreted, dtype):
+    """triton_rotary_2d on the strided key view ChatGLM-6B passes (main and block positions, rotate-half pairs in each
+    half of a head) against the model's own apply_rotary_2d in float64, forward and backward."""
+    forward_error, shape_ok, backward_error = elementwise_interpreted[f"rotary_2d/{dtype}"]
+    assert shape_ok
+    tolerance = {"bf16": 1e-2, "fp32": 1e-5}[dtype]
+    assert forward_error < tolerance and backward_error < tolerance, (forward_error, backward_error)
+
+
+def test_a_chatglm_6b_training_step_takes_the_2d_rotary_kernel_and_compiles_nothing(elementwise_interpreted):
+    """A tiny fp32 ChatGLM-6B's training step with its fused functions on (the CPU standing for a CUDA device): the 2D
+    rotary kernel for queries and keys of both blocks, each way, no torch.compile (the residual is one eager add), the
+    eager loss and gradients."""
+    v1 = elementwise_interpreted["chatglm-6b"]
+    assert v1["launches"] == 8, v1["launches"]
+    assert v1["loss_error"] < 1e-6, v1
+    assert len(v1["grad_errors"]) > 10
+    for name, error in v1["grad_errors"].items():
         assert error < 1e-5, (name, error)

@@ -37,7 +37,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_chatglm import ChatGLMConfig
-from .kernels import elementwise_kernels_apply
+from .kernels import elementwise_kernels_apply, triton_rotary_2d
 from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
@@ -191,10 +191,10 @@ def fused_on_cuda(kernel=None):
     return wrap
 
 
-@fused_on_cuda()
 def scaled_residual(normed, alpha, update):
-    """DeepNorm residual: alpha * normalised input + the sublayer's output."""
-    return normed * alpha + update
+    """DeepNorm residual: alpha * normalised input + the sublayer's output, in one kernel (one rounding, as compiled
+    code has it)."""
+    return torch.add(update, normed, alpha=alpha)
 
 
 def rotate_half(x):
@@ -202,7 +202,7 @@ def rotate_half(x):
     return torch.cat((-second, first), dim=-1)
 
 
-@fused_on_cuda()
+@fused_on_cuda(kernel=triton_rotary_2d)
 def apply_rotary_2d(x, main, block):
     """First half of each head rotated by the main position, second half by the block position (rotate-half pairs)."""
     x_main, x_block = x.chunk(2, dim=-1)

@@ -361,6 +361,29 @@ if triton is not None:
         rest_mask = head_mask & (rest < HEAD_DIM)
         tl.store(target + rest, tl.load(source + rest, mask=rest_mask, other=0.0), mask=rest_mask)
 
+    @triton.jit
+    def _rotary_2d_kernel(x_ptr, angles_ptr, out_ptr, stride_b, stride_s, stride_h, seq, heads, sign,
+                          QUARTER: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+        """ChatGLM-6B's 2D rotary for token (b, s) of x [B, H, S, 4 * QUARTER] (any strides, unit along the last
+        dim): each head's first half rotated by the main position's angles, its second half by the block position's,
+        as pairs (j, j + QUARTER) within each half (the rotate-half layout). angles [B * S, 4, QUARTER]: cos, sin of
+        the main position, cos, sin of the block position; sign -1 rotates back (the backward pass). out: [B, S, H,
+        4 * QUARTER], contiguous."""
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.arange(0, HEADS_BLOCK)[:, None]
+        j = tl.arange(0, QUARTER)[None, :]
+        mask = head < heads
+        source = x_ptr + (row // seq) * stride_b + (row % seq) * stride_s + head * stride_h
+        target = out_ptr + row * heads * 4 * QUARTER + head * 4 * QUARTER
+        dtype = out_ptr.dtype.element_ty
+        for half in tl.static_range(2):
+            cos = tl.load(angles_ptr + row * 4 * QUARTER + 2 * half * QUARTER + j).to(tl.float32)
+            sin = sign * tl.load(angles_ptr + row * 4 * QUARTER + (2 * half + 1) * QUARTER + j).to(tl.float32)
+            first = tl.load(source + 2 * half * QUARTER + j, mask=mask, other=0.0).to(tl.float32)
+            second = tl.load(source + (2 * half + 1) * QUARTER + j, mask=mask, other=0.0).to(tl.float32)
+            tl.store(target + 2 * half * QUARTER + j, (first * cos - second * sin).to(dtype), mask=mask)
+            tl.store(target + (2 * half + 1) * QUARTER + j, (second * cos + first * sin).to(dtype), mask=mask)
+
     # Under TRITON_INTERPRET=1, triton.jit gives interpreted functions that take CPU tensors.
     _INTERPRETED = type(_small_batch_linear_kernel).__name__ == "InterpretedFunction"
 else:
@@ -610,6 +633,38 @@ class _Rotary(torch.autograd.Function):
         return dqkv.view(*grad.shape[:-2], ctx.width), None, None, None, None
 
 
+def _rotate_2d(x, angles, sign):
+    """_rotary_2d_kernel over x [B, H, S, D]: the rotated copy as [B, H, S, D] (a view of a contiguous [B, S, H, D])."""
+    B, H, S, D = x.shape
+    out = torch.empty(B, S, H, D, dtype=x.dtype, device=x.device)
+    if x.numel():
+        _rotary_2d_kernel[(B * S,)](x, angles, out, x.stride(0), x.stride(2), x.stride(1), S, H, sign,
+                                    QUARTER=D // 4, HEADS_BLOCK=triton.next_power_of_2(H), num_warps=4)
+    return out.transpose(1, 2)
+
+
+class _Rotary2D(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, main_cos, main_sin, block_cos, block_sin):
+        if any(t.requires_grad for t in (main_cos, main_sin, block_cos, block_sin)):
+            raise ValueError("triton_rotary_2d has no gradient for the angles (positions are not trained)")
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        B, H, S, D = x.shape
+        quarter = D // 4
+        # [B, 1, S, D / 2] tables in the rotate-half layout (each angle twice): the first quarter of each is all.
+        tables = [t[..., :quarter].expand(B, 1, S, quarter) for t in (main_cos, main_sin, block_cos, block_sin)]
+        angles = torch.stack(tables, dim=3).reshape(B * S, 4, quarter).contiguous()
+        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept
+            ctx.save_for_backward(angles)
+        return _rotate_2d(x, angles, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (angles,) = ctx.saved_tensors
+        return _rotate_2d(grad if grad.stride(-1) == 1 else grad.contiguous(), angles, -1.0), None, None, None, None
+
+
 def triton_rms_norm(hidden_states, weight, eps):
     """RMSNorm over the last dim (statistics in fp32, one rounding), in hidden_states' dtype; differentiable (the
     backward saves the input and one fp32 per row)."""
@@ -627,3 +682,10 @@ def triton_rotary(qkv, cos, sin, heads, head_dim):
     (interleaved pairs over the first 2P dims of each head; P a power of two): [B, S, heads, head_dim].
     Differentiable in qkv (the angles take no gradient)."""
     return _Rotary.apply(qkv, cos, sin, heads, head_dim)
+
+
+def triton_rotary_2d(x, main, block):
+    """ChatGLM-6B's 2D rotary of x [B, H, S, D]: the first half of each head by the main position's (cos, sin), the
+    second half by the block position's, each [B or 1, 1, S, D / 2] in the rotate-half layout; [B, H, S, D].
+    Differentiable in x (the angles take no gradient)."""
+    return _Rotary2D.apply(x, *main, *block)
