@@ -3,6 +3,7 @@ models with a byte-level tokenizer trained here with GLM-4's special tokens and 
 prompts and labels as GLM-4's own finetuning lays them out, then LoRA, full and QLoRA training, predict, chat, merge
 and the API server on them."""
 import asyncio
+import copy
 import json
 
 import httpx
@@ -179,6 +180,7 @@ def test_the_loaders_fused_layers_give_transformers_loss_and_gradients(glm4_dirs
     fused = {type(module).__name__ for module in model.modules()} - {type(module).__name__ for module in reference.modules()}
     assert fused == {"FusedRMSNorm", "FusedSwiGLUMLP"}
     assert list(model.state_dict()) == list(reference.state_dict())
+    copy.deepcopy(model)  # as a reference model for a later stage would be made (a module attribute would refuse)
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for each in (model, reference):

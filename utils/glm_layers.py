@@ -21,12 +21,14 @@ class FusedRMSNorm(nn.Module):
 
     def __init__(self, norm, kernels):
         super().__init__()
-        self.weight, self.variance_epsilon, self.kernels = norm.weight, norm.variance_epsilon, kernels
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+        # the functions, not their module: a model holding a module object can be neither copied nor pickled
+        self.kernel_applies, self.rms_norm = kernels.elementwise_kernels_apply, kernels.triton_rms_norm
 
     def forward(self, hidden_states):
         if (not torch.compiler.is_compiling() and self.weight.dtype == hidden_states.dtype
-                and self.kernels.elementwise_kernels_apply(hidden_states)):
-            return self.kernels.triton_rms_norm(hidden_states, self.weight, self.variance_epsilon)
+                and self.kernel_applies(hidden_states)):
+            return self.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype  # transformers' GlmRMSNorm / Glm4RMSNorm
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -43,12 +45,12 @@ class FusedSwiGLUMLP(nn.Module):
     def __init__(self, mlp, kernels):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.activation_fn = mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn
-        self.kernels = kernels
+        self.kernel_applies, self.swiglu = kernels.elementwise_kernels_apply, kernels.triton_swiglu
 
     def forward(self, hidden_states):
         gate_and_up = self.gate_up_proj(hidden_states)
-        if not torch.compiler.is_compiling() and self.kernels.elementwise_kernels_apply(gate_and_up):
-            return self.down_proj(self.kernels.triton_swiglu(gate_and_up))
+        if not torch.compiler.is_compiling() and self.kernel_applies(gate_and_up):
+            return self.down_proj(self.swiglu(gate_and_up))
         gate, up = gate_and_up.chunk(2, dim=-1)
         return self.down_proj(up * self.activation_fn(gate))
 
