@@ -206,11 +206,15 @@ def test_api_answers_the_openai_client(api, served):
     second = user_message(records[1])
     messages = [{"role": "user", "content": first}, {"role": "assistant", "content": records[0]["answer"]},
                 {"role": "user", "content": second}]
-    stream = client.chat.completions.create(model="ner", messages=messages, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
-    chunks = list(stream)
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert len(pieces) > 1  # token by token, not one block
+    # Token by token, not one block. A reader that falls behind gets the newest text only (utils.scheduler), so on a
+    # busy machine a short answer can arrive whole: one of three streams must come in pieces.
+    for _ in range(3):
+        chunks = list(client.chat.completions.create(model="ner", messages=messages, temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        if len(pieces) > 1:
+            break
+    assert len(pieces) > 1
     assert "".join(pieces) == greedy_chat(served, second, [(first, records[0]["answer"])])
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].usage.completion_tokens > 1 and not chunks[-1].choices
