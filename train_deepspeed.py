@@ -1,4 +1,5 @@
-"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B (LoRA, P-tuning v2, freeze or full) in a plain DeepSpeed loop.
+"""Fine-tune ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B or GLM-4 (LoRA, P-tuning v2, freeze or full) in a plain DeepSpeed
+loop.
 
     deepspeed --num_gpus 2 train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra
     python train_deepspeed.py --model_dir=model_hub/chatglm2-6b --data_name=msra    # one process, no launcher
@@ -39,7 +40,9 @@ from utils.dataset import PaddingCollator
 from utils.distributed import free_port, leave_process_group, set_env_from_mpi
 from utils.model_loading import resolve_dtype
 from utils.generation import peak_memory_gib
-from utils.trainer import check_weights_finite, load_datasets, plot_loss, prepare_packing, training_arguments
+from utils.sdpa_backends import without_per_shape_plans
+from utils.trainer import (check_weights_finite, is_native, load_datasets, native_batch_loss, plot_loss, prepare_packing,
+                           training_arguments)
 from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, load_model_to_train, prefix_state,
                                     save_adapter, save_full_model, save_prefix, write_partial_checkpoint)
 from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_run_start, checkpoint_dir
@@ -297,6 +300,14 @@ def save_checkpoint(state, output_dir, method, record, save_total_limit):
     dist.barrier()
 
 
+def batch_loss(engine, batch, num_items_in_batch=None):
+    """The loss as train_trainer.py's Trainer computes it: the ChatGLM models' own (chunked), transformers' own models
+    (GLM-4) through target_losses (no full-vocabulary logits)."""
+    if is_native(engine):
+        return native_batch_loss(engine, batch, num_items_in_batch)
+    return engine(**batch, num_items_in_batch=num_items_in_batch).loss
+
+
 def evaluate(engine, eval_loader, device):
     """Eval loss as the Trainer computes it: each batch's mean over its target tokens, averaged over the examples.
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights in them); extra ones are not counted."""
@@ -310,7 +321,7 @@ def evaluate(engine, eval_loader, device):
             batch = next(batches, None)
             counted = batch is not None
             batch = {key: value.to(device) for key, value in (batch or eval_loader.collate_fn([eval_data[0]])).items()}
-            loss = engine(**batch).loss.float()
+            loss = batch_loss(engine, batch).float()
             if counted:
                 total += loss * len(batch["input_ids"])
                 count += len(batch["input_ids"])
@@ -329,9 +340,10 @@ def train_step(state, micro_batches):
     for index, batch in enumerate(micro_batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-        loss = engine(**batch, num_items_in_batch=num_targets).loss
-        # DeepSpeed averages gradients over ranks; the loss is already normalised over all of them.
-        engine.backward(loss * state.world_size, scale_wrt_gas=False)
+        with without_per_shape_plans() if is_native(engine) else contextlib.nullcontext():  # as the Trainer's steps
+            loss = batch_loss(engine, batch, num_targets)
+            # DeepSpeed averages gradients over ranks; the loss is already normalised over all of them.
+            engine.backward(loss * state.world_size, scale_wrt_gas=False)
         engine.step()
         step_loss += loss.detach()
         state.tokens_since_log += int(batch["attention_mask"].ne(0).sum())  # packed rows: segment ids

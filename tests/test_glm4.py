@@ -228,6 +228,31 @@ def test_last_position_logits_of_prefill_and_loss_come_from_plain_products(glm4_
     assert "bmm" not in prefill.names and "bmm" not in loss.names, (prefill.names[-3:], loss.names[-3:])
 
 
+def test_train_deepspeed_trains_glm4_without_full_vocabulary_logits(glm4_dirs, tmp_path):
+    """train_deepspeed.py computes GLM-4's loss as the Trainer does (target_losses): the output layer sees the last
+    position of each row and the target rows, never every position of a batch; and the run learns."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(glm4_dirs["glm"]).vocab_size
+    wide = []  # the shapes of every output as wide as the vocabulary
+
+    def record(module, args, output):
+        if isinstance(output, torch.Tensor) and output.shape[-1] == vocab:
+            wide.append(tuple(output.shape))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_dir = tmp_path / "run"
+        run_script("train_deepspeed.py", f"--model_dir={glm4_dirs['glm']}", f"--train_file={DEMO_TRAIN}",
+                   f"--dev_file={DEMO_DEV}", f"--output_dir={run_dir}", "--max_steps=12", "--per_device_train_batch_size=8",
+                   "--learning_rate=1e-2", "--warmup_steps=0", "--logging_steps=4", "--eval_steps=12", "--save_steps=12")
+    finally:
+        hook.remove()
+    assert wide and all(len(shape) == 2 or shape[1] == 1 for shape in wide), sorted(set(wide))[-3:]
+    losses = logged_losses(run_dir, 12)
+    assert losses[12] < 0.7 * losses[4], losses
+
+
 def test_prefills_training_and_evaluation_leave_cudnn_attention_out(glm4_dirs, tmp_path):
     """The calls of a transformers model that meet new shapes all the time (prompt prefills, alone or joined, training
     steps with their backward passes, which run checkpointed layers again, evaluation's length batches) run with

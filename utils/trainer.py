@@ -150,6 +150,14 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     return torch.cat(parts), keep.nonzero()[:, 0]
 
 
+def native_batch_loss(model, inputs, num_items_in_batch=None, chunk_rows=LOSS_CHUNK_ROWS):
+    """The loss of a batch of transformers' own models (GLM-4) as training computes it: target_losses summed over the
+    targets, over num_items_in_batch (the targets of the whole step: accumulation, all ranks), else their count. No
+    full-vocabulary fp32 logits exist (151,552 wide on GLM-4); the ChatGLM models chunk their own loss."""
+    losses, _ = target_losses(model, inputs, chunk_rows)
+    return losses.sum() / (len(losses) if num_items_in_batch is None else num_items_in_batch)
+
+
 def length_batches(lengths, tokens):
     """Sample indices in batches of similar length, longest first, each of at most `tokens` tokens with its padding
     (a longer sample: a batch of its own)."""
@@ -344,11 +352,10 @@ class Trainer(transformers.Trainer):
         their loss themselves."""
         if return_outputs or not is_native(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        losses, _ = target_losses(model, inputs, self.loss_chunk_rows)
-        if num_items_in_batch is None:
-            return losses.sum() / len(losses)
-        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        return losses.sum() / num_items_in_batch * scale
+        loss = native_batch_loss(model, inputs, num_items_in_batch, self.loss_chunk_rows)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
