@@ -362,23 +362,28 @@ if triton is not None:
         tl.store(target + rest, tl.load(source + rest, mask=rest_mask, other=0.0), mask=rest_mask)
 
     @triton.jit
-    def _rotary_2d_kernel(x_ptr, angles_ptr, out_ptr, stride_b, stride_s, stride_h, seq, heads, sign,
+    def _rotary_2d_kernel(x_ptr, main_cos_ptr, main_sin_ptr, block_cos_ptr, block_sin_ptr, out_ptr, stride_b, stride_s,
+                          stride_h, angle_stride_b, angle_stride_s, seq, heads, sign,
                           QUARTER: tl.constexpr, HEADS_BLOCK: tl.constexpr):
         """ChatGLM-6B's 2D rotary for token (b, s) of x [B, H, S, 4 * QUARTER] (any strides, unit along the last
         dim): each head's first half rotated by the main position's angles, its second half by the block position's,
-        as pairs (j, j + QUARTER) within each half (the rotate-half layout). angles [B * S, 4, QUARTER]: cos, sin of
-        the main position, cos, sin of the block position; sign -1 rotates back (the backward pass). out: [B, S, H,
-        4 * QUARTER], contiguous."""
+        as pairs (j, j + QUARTER) within each half (the rotate-half layout). The four angle tables (cos, sin of each
+        position) share their strides, angle_stride_b 0 for one table for the whole batch; their first QUARTER
+        columns are read. sign -1 rotates back (the backward pass). out: [B, S, H, 4 * QUARTER], contiguous."""
         row = tl.program_id(0).to(tl.int64)
+        b, s = row // seq, row % seq
         head = tl.arange(0, HEADS_BLOCK)[:, None]
         j = tl.arange(0, QUARTER)[None, :]
         mask = head < heads
-        source = x_ptr + (row // seq) * stride_b + (row % seq) * stride_s + head * stride_h
+        source = x_ptr + b * stride_b + s * stride_s + head * stride_h
         target = out_ptr + row * heads * 4 * QUARTER + head * 4 * QUARTER
+        angle = b * angle_stride_b + s * angle_stride_s + j
         dtype = out_ptr.dtype.element_ty
         for half in tl.static_range(2):
-            cos = tl.load(angles_ptr + row * 4 * QUARTER + 2 * half * QUARTER + j).to(tl.float32)
-            sin = sign * tl.load(angles_ptr + row * 4 * QUARTER + (2 * half + 1) * QUARTER + j).to(tl.float32)
+            cos_ptr = main_cos_ptr if half == 0 else block_cos_ptr
+            sin_ptr = main_sin_ptr if half == 0 else block_sin_ptr
+            cos = tl.load(cos_ptr + angle).to(tl.float32)
+            sin = sign * tl.load(sin_ptr + angle).to(tl.float32)
             first = tl.load(source + 2 * half * QUARTER + j, mask=mask, other=0.0).to(tl.float32)
             second = tl.load(source + (2 * half + 1) * QUARTER + j, mask=mask, other=0.0).to(tl.float32)
             tl.store(target + 2 * half * QUARTER + j, (first * cos - second * sin).to(dtype), mask=mask)
@@ -633,12 +638,14 @@ class _Rotary(torch.autograd.Function):
         return dqkv.view(*grad.shape[:-2], ctx.width), None, None, None, None
 
 
-def _rotate_2d(x, angles, sign):
+def _rotate_2d(x, tables, sign):
     """_rotary_2d_kernel over x [B, H, S, D]: the rotated copy as [B, H, S, D] (a view of a contiguous [B, S, H, D])."""
     B, H, S, D = x.shape
     out = torch.empty(B, S, H, D, dtype=x.dtype, device=x.device)
+    first = tables[0]
     if x.numel():
-        _rotary_2d_kernel[(B * S,)](x, angles, out, x.stride(0), x.stride(2), x.stride(1), S, H, sign,
+        _rotary_2d_kernel[(B * S,)](x, *tables, out, x.stride(0), x.stride(2), x.stride(1),
+                                    first.stride(0) if first.shape[0] > 1 else 0, first.stride(2), S, H, sign,
                                     QUARTER=D // 4, HEADS_BLOCK=triton.next_power_of_2(H), num_warps=4)
     return out.transpose(1, 2)
 
@@ -646,23 +653,23 @@ def _rotate_2d(x, angles, sign):
 class _Rotary2D(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, main_cos, main_sin, block_cos, block_sin):
-        if any(t.requires_grad for t in (main_cos, main_sin, block_cos, block_sin)):
+        tables = (main_cos, main_sin, block_cos, block_sin)
+        if any(t.requires_grad for t in tables):
             raise ValueError("triton_rotary_2d has no gradient for the angles (positions are not trained)")
+        # The model's tables [B or 1, 1, S, D / 2], read in place (one launch, nothing copied) where they share one
+        # layout with a unit last stride; a copy of each otherwise.
+        if any(t.stride() != main_cos.stride() or t.shape != main_cos.shape or t.stride(-1) != 1 for t in tables):
+            tables = tuple(t.expand(x.shape[0], 1, x.shape[2], t.shape[-1]).contiguous() for t in tables)
         if x.stride(-1) != 1:
             x = x.contiguous()
-        B, H, S, D = x.shape
-        quarter = D // 4
-        # [B, 1, S, D / 2] tables in the rotate-half layout (each angle twice): the first quarter of each is all.
-        tables = [t[..., :quarter].expand(B, 1, S, quarter) for t in (main_cos, main_sin, block_cos, block_sin)]
-        angles = torch.stack(tables, dim=3).reshape(B * S, 4, quarter).contiguous()
-        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept
-            ctx.save_for_backward(angles)
-        return _rotate_2d(x, angles, 1.0)
+        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept (the model's own tensors)
+            ctx.save_for_backward(*tables)
+        return _rotate_2d(x, tables, 1.0)
 
     @staticmethod
     def backward(ctx, grad):
-        (angles,) = ctx.saved_tensors
-        return _rotate_2d(grad if grad.stride(-1) == 1 else grad.contiguous(), angles, -1.0), None, None, None, None
+        tables = ctx.saved_tensors
+        return _rotate_2d(grad if grad.stride(-1) == 1 else grad.contiguous(), tables, -1.0), None, None, None, None
 
 
 def triton_rms_norm(hidden_states, weight, eps):
