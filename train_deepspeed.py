@@ -340,7 +340,7 @@ def train_step(state, micro_batches):
     for index, batch in enumerate(micro_batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-        with without_per_shape_plans() if is_native(engine) else contextlib.nullcontext():  # as the Trainer's steps
+        with without_per_shape_plans(active=is_native(engine)):  # the backward too, as the Trainer's steps
             loss = batch_loss(engine, batch, num_targets)
             # DeepSpeed averages gradients over ranks; the loss is already normalised over all of them.
             engine.backward(loss * state.world_size, scale_wrt_gas=False)

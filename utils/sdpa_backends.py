@@ -20,7 +20,11 @@ _FLAGS = threading.RLock()
 
 
 @contextlib.contextmanager
-def without_per_shape_plans():
-    """SDPA inside this block takes flash, memory-efficient or math attention, never cuDNN's."""
+def without_per_shape_plans(active=True):
+    """SDPA inside this block takes flash, memory-efficient or math attention, never cuDNN's (with active=False:
+    torch's choice, as outside)."""
+    if not active:
+        yield
+        return
     with _FLAGS, sdpa_kernel(NO_PER_SHAPE_PLANS):
         yield

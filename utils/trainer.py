@@ -131,7 +131,7 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     native = is_native(lm)
     last = torch.tensor([inputs["input_ids"].shape[1] - 1]) if native else 1
     try:  # (transformers' models: length batches are new shapes all the time)
-        with without_per_shape_plans() if native else contextlib.nullcontext():
+        with without_per_shape_plans(active=native):
             model(**{key: value for key, value in inputs.items() if key != "labels"}, logits_to_keep=last,
                   use_cache=False)
     finally:
@@ -395,7 +395,7 @@ class Trainer(transformers.Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         tokens = inputs["attention_mask"].ne(0).sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
         # transformers' models: the backward pass too (gradient checkpointing runs the forward again in it)
-        with without_per_shape_plans() if is_native(model) else contextlib.nullcontext():
+        with without_per_shape_plans(active=is_native(model)):
             loss = super().training_step(model, inputs, num_items_in_batch)
         self.loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)  # the log leaves non-finite losses out too
         tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
