@@ -389,6 +389,119 @@ if triton is not None:
             tl.store(target + 2 * half * QUARTER + j, (first * cos - second * sin).to(dtype), mask=mask)
             tl.store(target + (2 * half + 1) * QUARTER + j, (second * cos + first * sin).to(dtype), mask=mask)
 
+    # Decode-time attention of ChatGLM2/3 (grouped queries, interleaved rotary on the first 2 * PAIRS dims of a head)
+    # for one new token per sequence over a static KV cache: rotary, the cache write and attention in one launch,
+    # where eagerly they are a rotary kernel, two index_copy and SDPA's kernels with a mask conversion.
+
+    @triton.jit
+    def _rotated_head(row_ptr, cos_row_ptr, sin_row_ptr, offs, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr):
+        """The head rows at row_ptr + offs ([..., 1], one per row) rotated, fp32 [..., HEAD_DIM]: dim d < 2 * PAIRS
+        is x[d] cos - x[d + 1] sin (d even) or x[d] cos + x[d - 1] sin (d odd), angle d // 2; the rest pass."""
+        d = tl.arange(0, HEAD_DIM)
+        rotated = d < 2 * PAIRS
+        angle = tl.where(rotated, d // 2, 0)
+        cos = tl.where(rotated, tl.load(cos_row_ptr + angle).to(tl.float32), 1.0)
+        sin = tl.load(sin_row_ptr + angle).to(tl.float32)
+        sin = tl.where(rotated, tl.where(d % 2 == 0, -sin, sin), 0.0)
+        x = tl.load(row_ptr + offs + d[None, :]).to(tl.float32)
+        x_partner = tl.load(row_ptr + offs + (d ^ 1)[None, :]).to(tl.float32)
+        return x * cos[None, :] + x_partner * sin[None, :]
+
+    @triton.jit(do_not_specialize=["chunk"])
+    def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, valid_ptr, slot_ptr, out_ptr,
+                                 partial_ptr, stats_ptr, qkv_row_stride, cache_stride_b, cache_stride_g,
+                                 valid_stride_b, chunk, scale,
+                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 PAIRS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        """Program (b * KV_HEADS + g, s): the GROUP = HEADS / KV_HEADS query heads of key/value group g of sequence
+        b, over the cache slots [s * chunk, min((s + 1) * chunk, slot)) that `valid` marks, plus (split 0) the new
+        token itself, whose rotated key and value split 0 also writes at `slot`. One split: the normalized output;
+        several: fp32 partials (unnormalized output, running max and sum) for _decode_attention_combine_kernel."""
+        GROUP: tl.constexpr = HEADS // KV_HEADS
+        bg = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bg // KV_HEADS).to(tl.int64)
+        g = bg % KV_HEADS
+        slot = tl.load(slot_ptr)
+        dtype = keys_ptr.dtype.element_ty
+        h = tl.arange(0, GROUP_BLOCK)
+        h_mask = h < GROUP
+        d = tl.arange(0, HEAD_DIM)
+        row = qkv_ptr + b * qkv_row_stride
+        cos_row, sin_row = cos_ptr + b * PAIRS, sin_ptr + b * PAIRS
+        q_heads = tl.where(h_mask, g * GROUP + h, g * GROUP)  # padding rows repeat the first head
+        q = _rotated_head(row, cos_row, sin_row, q_heads[:, None] * HEAD_DIM, HEAD_DIM, PAIRS)
+        q = q.to(dtype)  # rounded once, as the rotary kernel's output is
+        cache_k = keys_ptr + b * cache_stride_b + g * cache_stride_g
+        cache_v = values_ptr + b * cache_stride_b + g * cache_stride_g
+
+        m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_BLOCK], tl.float32)
+        acc = tl.zeros([GROUP_BLOCK, HEAD_DIM], tl.float32)
+        if split == 0:  # the new token: attended to directly, and written to the cache for the next steps
+            key = _rotated_head(row, cos_row, sin_row, (HEADS + g) * HEAD_DIM + tl.zeros([1, 1], tl.int32),
+                                   HEAD_DIM, PAIRS)
+            key = key.to(dtype)
+            value = tl.load(row + (HEADS + KV_HEADS + g) * HEAD_DIM + d)
+            tl.store(cache_k + slot * HEAD_DIM + d[None, :], key)
+            tl.store(cache_v + slot * HEAD_DIM + d, value)
+            m = tl.sum(q.to(tl.float32) * key.to(tl.float32), axis=1) * scale
+            total = tl.full([GROUP_BLOCK], 1.0, tl.float32)
+            acc = tl.zeros([GROUP_BLOCK, HEAD_DIM], tl.float32) + value.to(tl.float32)[None, :]
+        start = split * chunk
+        end = tl.minimum(start + chunk, slot)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            in_range = n < end
+            attend = in_range & (tl.load(valid_ptr + b * valid_stride_b + n, mask=in_range, other=0) != 0)
+            k = tl.load(cache_k + n[:, None] * HEAD_DIM + d[None, :], mask=in_range[:, None], other=0.0)
+            v = tl.load(cache_v + n[:, None] * HEAD_DIM + d[None, :], mask=in_range[:, None], other=0.0)
+            scores = _dot(q, tl.trans(k), tl.zeros([GROUP_BLOCK, BLOCK_N], tl.float32), DOT_IN_FP32) * scale
+            scores = tl.where(attend[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing attended yet: keep everything at 0
+            p = tl.exp(scores - m_safe[:, None])
+            correction = tl.exp(m - m_safe)
+            total = total * correction + tl.sum(p, axis=1)
+            # p in tf32 (10 mantissa bits, where bf16 has 7): the values are exact in it
+            acc = tl.dot(p, v.to(tl.float32), acc * correction[:, None], input_precision="tf32")
+            m = m_new
+
+        heads_out = g * GROUP + h
+        if SPLIT:
+            program = bg * tl.num_programs(1) + split
+            tl.store(partial_ptr + (program * GROUP_BLOCK + h[:, None]) * HEAD_DIM + d[None, :], acc)
+            tl.store(stats_ptr + (program * 2) * GROUP_BLOCK + h, m)
+            tl.store(stats_ptr + (program * 2 + 1) * GROUP_BLOCK + h, total)
+        else:
+            out = acc / total[:, None]
+            tl.store(out_ptr + b * HEADS * HEAD_DIM + heads_out[:, None] * HEAD_DIM + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
+
+    @triton.jit
+    def _decode_attention_combine_kernel(partial_ptr, stats_ptr, out_ptr, splits, HEADS: tl.constexpr,
+                                         KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+                                         SPLITS_BLOCK: tl.constexpr):
+        """The output of group program bg from its splits' partials: sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s,
+        one query head per program (axis 1)."""
+        GROUP: tl.constexpr = HEADS // KV_HEADS
+        bg = tl.program_id(0)
+        h = tl.program_id(1)
+        b = bg // KV_HEADS
+        s = tl.arange(0, SPLITS_BLOCK)
+        s_mask = s < splits
+        d = tl.arange(0, HEAD_DIM)
+        program = bg * splits + s
+        m = tl.load(stats_ptr + (program * 2) * GROUP_BLOCK + h, mask=s_mask, other=float("-inf"))
+        total = tl.load(stats_ptr + (program * 2 + 1) * GROUP_BLOCK + h, mask=s_mask, other=0.0)
+        weight = tl.exp(m - tl.max(m, axis=0))  # split 0 always holds the new token: the max is finite
+        acc = tl.load(partial_ptr + (program[:, None] * GROUP_BLOCK + h) * HEAD_DIM + d[None, :], mask=s_mask[:, None],
+                      other=0.0)
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
+        head = (bg % KV_HEADS) * GROUP + h
+        tl.store(out_ptr + b * HEADS * HEAD_DIM + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
     # Under TRITON_INTERPRET=1, triton.jit gives interpreted functions that take CPU tensors.
     _INTERPRETED = type(_small_batch_linear_kernel).__name__ == "InterpretedFunction"
 else:
@@ -696,3 +809,61 @@ def triton_rotary_2d(x, main, block):
     second half by the block position's, each [B or 1, 1, S, D / 2] in the rotate-half layout; [B, H, S, D].
     Differentiable in x (the angles take no gradient)."""
     return _Rotary2D.apply(x, *main, *block)
+
+
+DECODE_BLOCK_N = 32  # cache slots per step of the attention loop
+DECODE_CHUNK = 1024  # slots per program: caches up to this size take one program per sequence and group (one launch)
+
+
+def decode_attention_applies(qkv, keys, values, heads, kv_heads, head_dim, pairs):
+    """Whether triton_decode_attention can take this step: Triton available, on CUDA (or any device under
+    TRITON_INTERPRET=1), one bf16/fp16 token per sequence, contiguous cache buffers of qkv's dtype, whole groups, and
+    power-of-two head and rotary widths (on a GPU at least 16 wide, tl.dot's minimum); no gradient needed."""
+    if triton is None or not (qkv.is_cuda or _INTERPRETED):
+        return False
+    if qkv.dtype not in (torch.bfloat16, torch.float16) or keys.dtype != qkv.dtype or values.dtype != qkv.dtype:
+        return False
+    if qkv.dim() != 3 or qkv.shape[1] != 1 or qkv.stride(-1) != 1 or not (keys.is_contiguous() and values.is_contiguous()):
+        return False
+    if heads % kv_heads or head_dim & (head_dim - 1) or pairs & (pairs - 1) or 2 * pairs > head_dim:
+        return False
+    if not _INTERPRETED and head_dim < 16:
+        return False
+    return not (torch.is_grad_enabled() and qkv.requires_grad)
+
+
+def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_heads, head_dim):
+    """One decode step's attention over a static cache, with the rotary and the cache write in the same launch.
+
+    qkv: the new tokens' fused rows [B, 1, (heads + 2 * kv_heads) * head_dim] ([q | k | v], as the projection gives
+    them); cos, sin: [B or 1, 1, 1, P] (the first 2P dims of each head rotated, interleaved pairs); keys, values:
+    one layer's buffers [B, kv_heads, capacity, head_dim]; valid: [B, capacity] bool, the slots attended to; slot: a
+    one-element long tensor, where the new key and value go (read on the device: a CUDA graph replays this). The new
+    token attends to the valid slots before `slot` and to itself. Returns the attention output [B, 1, heads *
+    head_dim] (before the output projection), in qkv's dtype. Check decode_attention_applies() first."""
+    B, capacity = qkv.shape[0], keys.shape[2]
+    pairs = cos.shape[-1]
+    cos_rows, sin_rows = _angle_rows(cos, qkv), _angle_rows(sin, qkv)
+    group_block = max(16, triton.next_power_of_2(heads // kv_heads))
+    splits = _ceil_div(capacity, DECODE_CHUNK)
+    chunk = _ceil_div(_ceil_div(capacity, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    out = torch.empty(B, 1, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    if splits > 1:
+        partial = torch.empty(B * kv_heads * splits * group_block * head_dim, dtype=torch.float32, device=qkv.device)
+        stats = torch.empty(B * kv_heads * splits * 2 * group_block, dtype=torch.float32, device=qkv.device)
+    else:  # unused pointer arguments get any tensor; SPLIT keeps the kernel from writing them
+        partial = stats = out
+    if B:
+        _decode_attention_kernel[(B * kv_heads, splits)](
+            qkv, cos_rows, sin_rows, keys, values, valid, slot, out, partial, stats, qkv.stride(0), keys.stride(0),
+            keys.stride(1), valid.stride(0), chunk, head_dim ** -0.5,
+            HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs, GROUP_BLOCK=group_block,
+            BLOCK_N=DECODE_BLOCK_N, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,
+            num_warps=4,
+        )
+        if splits > 1:
+            _decode_attention_combine_kernel[(B * kv_heads, heads // kv_heads)](
+                partial, stats, out, splits, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
+                GROUP_BLOCK=group_block, SPLITS_BLOCK=triton.next_power_of_2(splits), num_warps=4,
+            )
+    return out

@@ -36,7 +36,14 @@ except ImportError:
     varlen_attn = None
 
 from .configuration_chatglm import ChatGLMConfig
-from .kernels import elementwise_kernels_apply, triton_rms_norm, triton_rotary, triton_swiglu
+from .kernels import (
+    decode_attention_applies,
+    elementwise_kernels_apply,
+    triton_decode_attention,
+    triton_rms_norm,
+    triton_rotary,
+    triton_swiglu,
+)
 from .quantization import QuantizedLinear, check_bits, quantize_model
 
 
@@ -393,6 +400,17 @@ def static_cache_capacity(needed, limit):
         capacity *= 2
     return max(min(capacity, limit), needed)
 
+def fused_decode_attention(qkv, rotary, cache, layer_idx, heads, kv_heads, head_dim):
+    """A decode step's rotary, cache write and attention as one Triton kernel (kernels.triton_decode_attention), on
+    the devices that fuse (see fused_on_cuda); None where the eager path runs (CPU, inside torch.compile)."""
+    keys, values = cache.keys[layer_idx], cache.values[layer_idx]
+    if not FUSE_ELEMENTWISE or qkv.device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
+        return None
+    if not decode_attention_applies(qkv, keys, values, heads, kv_heads, head_dim, rotary[0].shape[-1]):
+        return None
+    return triton_decode_attention(qkv, *rotary, keys, values, cache.valid, cache.slot, heads, kv_heads, head_dim)
+
+
 def make_linear(config, in_features, out_features, bias, device=None):
     """A block's linear layer: nn.Linear, or QuantizedLinear (int8 / packed int4 weight + per-row scale) when
     config.quantization_bit is 4 or 8, so that a quantized checkpoint loads directly."""
@@ -422,6 +440,12 @@ class SelfAttention(nn.Module):
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         batch, seq, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states)
+        if isinstance(past_key_values, StaticKVCache) and not self.training:
+            context = fused_decode_attention(
+                qkv, rotary, past_key_values, self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
+            )
+            if context is not None:
+                return self.dense(context)
         # Fused rows: [q of all heads | k of all groups | v of all groups]; q and k are rotated in one call.
         rotated_heads = self.num_heads + self.num_kv_heads
         qk = apply_rotary(qkv, *rotary, rotated_heads, self.head_dim)
