@@ -473,10 +473,19 @@ with torch.no_grad():
     eager_ids, eager_scores = decode_tokens()
     modeling.decode_attention_applies = applies
     counted["_decode_attention_kernel"].launches = 0
+    counted["_add_rms_norm_kernel"] = Counted(kernels._add_rms_norm_kernel)
+    kernels._add_rms_norm_kernel = counted["_add_rms_norm_kernel"]
     fused_ids, fused_scores = decode_tokens()
+    launches = {name: counted[name].launches for name in ("_decode_attention_kernel", "_add_rms_norm_kernel")}
+    fused_adds = modeling.add_rms_norm
+    modeling.add_rms_norm = lambda hidden, update, norm: (hidden, norm(hidden)) if update is None else (hidden + update, norm(hidden + update))
+    _, unfused_add_scores = decode_tokens()
+    modeling.add_rms_norm = fused_adds
 results["decode"] = {"same_tokens": fused_ids.tolist() == eager_ids.tolist(), "distinct": len(set(eager_ids[1].tolist())),
                      "max_score_difference": (fused_scores - eager_scores).abs().max().item(),
-                     "launches": counted["_decode_attention_kernel"].launches}
+                     "launches": launches["_decode_attention_kernel"],
+                     "add_norm_launches": launches["_add_rms_norm_kernel"],
+                     "fused_adds_bitwise": torch.equal(fused_scores, unfused_add_scores)}
 with open(sys.argv[2], "w") as handle:
     json.dump(results, handle)
 """
@@ -590,8 +599,11 @@ def test_decode_attention_kernel_matches_float64_and_writes_the_cache(elementwis
 
 def test_static_decoding_takes_the_decode_attention_kernel(elementwise_interpreted):
     """A tiny fp16 ChatGLM2 decoding 12 tokens on the static cache: one fused attention launch per layer and step (2
-    layers, 11 steps after the prefill), the tokens of the eager attention, and scores within fp16 rounding of its."""
+    layers, 11 steps after the prefill), the tokens of the eager attention, and scores within fp16 rounding of its;
+    the residual adds fused into the norms after them, bit for bit what separate adds give."""
     decode = elementwise_interpreted["decode"]
     assert decode["launches"] == 22, decode
+    # each block's two residual adds run in the norm after them (the first block has none before its first norm)
+    assert decode["add_norm_launches"] == 11 * 4 and decode["fused_adds_bitwise"], decode
     assert decode["same_tokens"] and decode["distinct"] > 3, decode
     assert decode["max_score_difference"] < 2e-2, decode

@@ -288,6 +288,20 @@ if triton is not None:
         if SAVE_INV_RMS:
             tl.store(inv_rms_ptr + row, inv_rms)
 
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, update_ptr, weight_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+        """sum[r] = x[r] + update[r] (rounded to the dtype, as an eager add is), out[r] = RMSNorm(sum[r])."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < H
+        total = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0) + tl.load(update_ptr + row * H + cols, mask=mask,
+                                                                               other=0.0)
+        tl.store(sum_ptr + row * H + cols, total, mask=mask)
+        x = total.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * H + cols, (weight * (x * inv_rms)).to(out_ptr.dtype.element_ty), mask=mask)
+
     @triton.jit(do_not_specialize=["rows", "rows_per_program"])
     def _rms_norm_backward_kernel(x_ptr, weight_ptr, inv_rms_ptr, grad_ptr, dx_ptr, dweight_ptr, rows, rows_per_program,
                                   H, WEIGHT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -789,6 +803,24 @@ def triton_rms_norm(hidden_states, weight, eps):
     """RMSNorm over the last dim (statistics in fp32, one rounding), in hidden_states' dtype; differentiable (the
     backward saves the input and one fp32 per row)."""
     return _RMSNorm.apply(hidden_states, weight, eps)
+
+
+def triton_add_rms_norm(hidden_states, update, weight, eps):
+    """(hidden_states + update, RMSNorm of that sum) in one launch, for passes without gradients (decoding): the
+    residual add of a pre-norm block and the norm after it. Both [..., H] of one shape and dtype."""
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or update.requires_grad or weight.requires_grad):
+        raise ValueError("triton_add_rms_norm has no backward pass; use it without gradients")
+    if update.shape != hidden_states.shape or update.dtype != hidden_states.dtype:
+        raise ValueError(f"update {tuple(update.shape)} {update.dtype} does not match {tuple(hidden_states.shape)} "
+                         f"{hidden_states.dtype}")
+    x, u = hidden_states.contiguous(), update.contiguous()
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    H = x.shape[-1]
+    if x.numel():
+        block = triton.next_power_of_2(H)
+        _add_rms_norm_kernel[(x.numel() // H,)](x, u, weight.contiguous(), total, out, H, eps, BLOCK=block,
+                                                num_warps=_warps(block))
+    return total, out
 
 
 def triton_swiglu(gate_and_up):

@@ -39,6 +39,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .kernels import (
     decode_attention_applies,
     elementwise_kernels_apply,
+    triton_add_rms_norm,
     triton_decode_attention,
     triton_rms_norm,
     triton_rotary,
@@ -179,6 +180,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states):
         return rms_norm(hidden_states, self.weight, self.eps)
+
+
+def add_rms_norm(hidden_states, update, norm):
+    """(hidden_states + update, norm of that sum): the residual add and the RMSNorm after it as one kernel on the
+    devices that fuse, in passes without gradients (decoding); the add and the norm's forward elsewhere. update None:
+    nothing to add."""
+    if update is None:
+        return hidden_states, norm(hidden_states)
+    if (FUSE_ELEMENTWISE and isinstance(norm, RMSNorm) and hidden_states.device.type in FUSE_DEVICES
+            and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and elementwise_kernels_apply(hidden_states)):
+        return triton_add_rms_norm(hidden_states, update, norm.weight, norm.eps)
+    hidden_states = hidden_states + update
+    return hidden_states, norm(hidden_states)
 
 
 class RotaryEmbedding(nn.Module):
@@ -521,6 +536,15 @@ class GLMBlock(GradientCheckpointingLayer):
         residual = normed if self.post_norm_residual else hidden_states
         return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training)
 
+    def decode(self, hidden_states, update, attention_mask, rotary, cache):
+        """forward() of a pre-norm block for one step on the static cache, without gradients, with the residual stream
+        carried as (hidden_states, update): the block's last add is left to the next block, so that every add runs
+        fused into the norm after it. Returns the new (hidden_states, update)."""
+        hidden_states, normed = add_rms_norm(hidden_states, update, self.input_layernorm)
+        attention_out = self.self_attention(normed, attention_mask, rotary, past_key_values=cache)
+        hidden_states, normed = add_rms_norm(hidden_states, attention_out, self.post_attention_layernorm)
+        return hidden_states, self.mlp(normed)
+
 
 class GLMTransformer(nn.Module):
     def __init__(self, config, device=None):
@@ -727,11 +751,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         hidden_states = self.embedding(input_ids)
         rotary = self.rotary_pos_emb(cache.positions, hidden_states.dtype)
         mask = cache.valid[:, None, None, :]
+        final_norm = self.encoder.final_layernorm
+        if self.config.apply_residual_connection_post_layernorm or final_norm is None:
+            for layer in self.encoder.layers:
+                hidden_states = layer(hidden_states, mask, rotary, past_key_values=cache)
+            return hidden_states if final_norm is None else final_norm(hidden_states)
+        update = None  # pre-norm blocks: each residual add fused into the norm after it
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states, mask, rotary, past_key_values=cache)
-        if self.encoder.final_layernorm is not None:
-            hidden_states = self.encoder.final_layernorm(hidden_states)
-        return hidden_states
+            hidden_states, update = layer.decode(hidden_states, update, mask, rotary, cache)
+        return add_rms_norm(hidden_states, update, final_norm)[1]
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
