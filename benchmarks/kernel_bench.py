@@ -17,6 +17,13 @@ The eager column is one plain Python call of small_batch_linear, launch overhead
 
 --sweep also times a few neighbouring launch configurations per row (other split count, block size, inner loop)
 and prints the best one next to launch_config's choice, to retune the heuristic (a few minutes more).
+
+--attention times the decode step's attention instead: triton_decode_attention (rotary, cache write and grouped
+attention in one launch) against what the step runs without it (the rotary kernel, two index_copy, SDPA over the
+static cache with its mask), for ChatGLM2's heads (32 queries, 2 key/value groups, 128 wide) at batch 1 and 16 and
+several cache sizes and fill levels, with the error of both against float64 attention.
+
+    python benchmarks/kernel_bench.py --attention
 """
 import argparse
 import json
@@ -139,8 +146,54 @@ def sweep_configs(M, N, K, bits, default):
     return unique
 
 
+ATTENTION_CASES = [(1, 256, 40), (1, 512, 300), (1, 2048, 1500), (1, 8192, 8000), (16, 256, 200), (16, 2048, 1000)]
+
+
+def attention_rows(heads=32, groups=2, head_dim=128, dtype=torch.bfloat16):
+    """The decode attention rows (see --attention); returns the failures (error above the eager step's + 1e-2)."""
+    modeling = remote_module("chatglm2-6b", "modeling_chatglm")
+    print("| batch | cache slots | filled | fused ms | eager ms | speed-up | fused err | eager err |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    failures = []
+    for batch, capacity, slot in ATTENTION_CASES:
+        qkv = torch.randn(batch, 1, (heads + 2 * groups) * head_dim, device="cuda", dtype=dtype)
+        cos, sin = modeling.RotaryEmbedding(head_dim // 2, device="cuda")(torch.full((batch, 1), slot, device="cuda"), dtype)
+        keys, values = (torch.randn(batch, groups, capacity, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        valid = torch.zeros(batch, capacity, dtype=torch.bool, device="cuda")
+        valid[:, : slot + 1] = True
+        slot_tensor = torch.tensor([slot], device="cuda")
+        eager_keys, eager_values = keys.clone(), values.clone()
+
+        def fused():
+            return kernels.triton_decode_attention(qkv, cos, sin, keys, values, valid, slot_tensor, heads, groups, head_dim)
+
+        def eager():  # SelfAttention.forward's static-cache step without the fused kernel
+            rotated = kernels.triton_rotary(qkv, cos, sin, heads + groups, head_dim)
+            q, k = rotated.transpose(1, 2).split([heads, groups], dim=1)
+            v = qkv[..., (heads + groups) * head_dim :].unflatten(-1, (groups, head_dim)).transpose(1, 2)
+            eager_keys.index_copy_(2, slot_tensor, k)
+            eager_values.index_copy_(2, slot_tensor, v)
+            grouped = q.reshape(batch, groups, heads // groups, head_dim)
+            out = F.scaled_dot_product_attention(grouped, eager_keys, eager_values, attn_mask=valid[:, None, None, :])
+            return out.reshape(batch, 1, heads * head_dim)
+
+        fused_ms, fused_out = gpu_time_ms(fused)
+        eager_ms, eager_out = gpu_time_ms(eager)
+        queries = kernels.triton_rotary(qkv, cos, sin, heads + groups, head_dim)[:, 0, :heads]
+        exact = F.scaled_dot_product_attention(
+            queries.reshape(batch, groups, heads // groups, head_dim).double(), eager_keys.double(),
+            eager_values.double(), attn_mask=valid[:, None, None, :]).reshape(batch, 1, -1)
+        fused_err, eager_err = relative_error(fused_out, exact.float()), relative_error(eager_out, exact.float())
+        if fused_err > eager_err + 1e-2 or not (torch.equal(keys, eager_keys) and torch.equal(values, eager_values)):
+            failures.append(f"batch {batch}, {slot + 1} of {capacity} slots: error {fused_err:.1e}, or the cache differs")
+        print(f"| {batch} | {capacity} | {slot + 1} | {fused_ms:.4f} | {eager_ms:.4f} | {eager_ms / fused_ms:.2f}x | "
+              f"{fused_err:.1e} | {eager_err:.1e} |", flush=True)
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attention", action="store_true", help="time the decode attention kernel instead")
     parser.add_argument("--sweep", action="store_true", help="also time neighbouring launch configurations")
     parser.add_argument("--no_compile_check", action="store_true")
     parser.add_argument("--json", help="write the rows here")
@@ -154,6 +207,11 @@ def main():
     device_name = torch.cuda.get_device_name()
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"# {device_name} ({sm_count} SMs), torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    if args.attention:
+        failures = attention_rows()
+        if failures:
+            sys.exit("FAILED:\n" + "\n".join(failures))
+        return
     compile_ok = True
     if not args.no_compile_check:
         verdict, compile_ok = compile_check()
