@@ -437,7 +437,7 @@ if triton is not None:
         split = tl.program_id(1)
         b = (bg // KV_HEADS).to(tl.int64)
         g = bg % KV_HEADS
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr).to(tl.int32)  # (a long tensor; caches stay far below 2^31 slots)
         dtype = keys_ptr.dtype.element_ty
         h = tl.arange(0, GROUP_BLOCK)
         h_mask = h < GROUP
