@@ -6,6 +6,7 @@ F.linear(x, dequantized weight, bias) on tiny shapes, with the launch configurat
 ones (split-K with uneven splits, both inner loops); the cases with bias run twice to check bit-identical output. The launch
 heuristic, the predicate and the import without triton run in this process.
 """
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -607,3 +608,48 @@ def test_static_decoding_takes_the_decode_attention_kernel(elementwise_interpret
     assert decode["add_norm_launches"] == 11 * 4 and decode["fused_adds_bitwise"], decode
     assert decode["same_tokens"] and decode["distinct"] > 3, decode
     assert decode["max_score_difference"] < 2e-2, decode
+
+
+def compile_for_hopper(kernel, signature, constexprs):
+    """PTX of `kernel` compiled ahead of time for an H100/H200 (sm_90) by the ptxas that ships with triton: no GPU
+    needed, and the compile errors the interpreter cannot show (types of loop bounds, dot shapes) show here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return compiled.asm["ptx"]
+
+
+triton = importlib.import_module("triton") if importlib.util.find_spec("triton") else None
+
+
+@pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_kernels_compile_for_hopper_without_spills(split):
+    """The decode attention kernel at ChatGLM2/3's shapes (32 query heads in 2 groups of 128 dims, bf16), unsplit and
+    split with its combine kernel, and the add + RMSNorm kernel at 4096 wide, compile for sm_90: tensor-core products
+    in the attention, nothing spilled to local memory."""
+    kernels = remote_module("chatglm2-6b", "kernels")
+    pointers = ["qkv", "cos", "sin", "keys", "values", "valid", "slot", "out", "partial", "stats"]
+    types = ["*bf16"] * 5 + ["*i1", "*i64", "*bf16", "*fp32", "*fp32"]
+    signature = {f"{name}_ptr": kind for name, kind in zip(pointers, types)}
+    signature.update({name: "i32" for name in ("qkv_row_stride", "cache_stride_b", "cache_stride_g", "valid_stride_b",
+                                                "chunk")}, scale="fp32")
+    constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "PAIRS": 32, "GROUP_BLOCK": 16, "BLOCK_N": 32,
+                  "SPLIT": split, "DOT_IN_FP32": False}
+    signature.update({name: "constexpr" for name in constexprs})
+    attention = compile_for_hopper(kernels._decode_attention_kernel, signature, constexprs)
+    assert "mma" in attention
+    ptx = [attention]
+    if split:
+        constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "GROUP_BLOCK": 16, "SPLITS_BLOCK": 8}
+        ptx.append(compile_for_hopper(kernels._decode_attention_combine_kernel,
+                                      {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32",
+                                       **{name: "constexpr" for name in constexprs}}, constexprs))
+    else:
+        ptx.append(compile_for_hopper(kernels._add_rms_norm_kernel,
+                                      {"x_ptr": "*bf16", "update_ptr": "*bf16", "weight_ptr": "*bf16", "sum_ptr": "*bf16",
+                                       "out_ptr": "*bf16", "H": "i32", "eps": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 4096}))
+    for text in ptx:
+        assert "ld.local" not in text and "st.local" not in text
