@@ -23,7 +23,9 @@ attention in one launch) against what the step runs without it (the rotary kerne
 static cache with its mask), for ChatGLM2's heads (32 queries, 2 key/value groups, 128 wide) at batch 1 and 16 and
 several cache sizes and fill levels, with the error of both against float64 attention.
 
-    python benchmarks/kernel_bench.py --attention
+    python benchmarks/kernel_bench.py --attention [--sweep]
+
+With --sweep, each attention row also times other (block_n, chunk) launch choices and prints the fastest.
 """
 import argparse
 import json
@@ -149,11 +151,17 @@ def sweep_configs(M, N, K, bits, default):
 ATTENTION_CASES = [(1, 256, 40), (1, 512, 300), (1, 2048, 1500), (1, 8192, 8000), (16, 256, 200), (16, 2048, 1000)]
 
 
-def attention_rows(heads=32, groups=2, head_dim=128, dtype=torch.bfloat16):
-    """The decode attention rows (see --attention); returns the failures (error above the eager step's + 1e-2)."""
+ATTENTION_SWEEP = [(block_n, chunk) for block_n in (32, 64, 128) for chunk in (128, 256, 512, 1024)]
+
+
+def attention_rows(sweep=False, heads=32, groups=2, head_dim=128, dtype=torch.bfloat16):
+    """The decode attention rows (see --attention); returns the failures (error above the eager step's + 1e-2).
+    sweep: also time each (block_n, chunk) of ATTENTION_SWEEP and print the fastest."""
     modeling = remote_module("chatglm2-6b", "modeling_chatglm")
-    print("| batch | cache slots | filled | fused ms | eager ms | speed-up | fused err | eager err |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    default = (kernels.DECODE_BLOCK_N, kernels.DECODE_CHUNK)
+    columns = "| batch | cache slots | filled | fused ms | eager ms | speed-up | fused err | eager err |"
+    print(columns + (" best (block_n, chunk) | best ms |" if sweep else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if sweep else ""), flush=True)
     failures = []
     for batch, capacity, slot in ATTENTION_CASES:
         qkv = torch.randn(batch, 1, (heads + 2 * groups) * head_dim, device="cuda", dtype=dtype)
@@ -164,8 +172,9 @@ def attention_rows(heads=32, groups=2, head_dim=128, dtype=torch.bfloat16):
         slot_tensor = torch.tensor([slot], device="cuda")
         eager_keys, eager_values = keys.clone(), values.clone()
 
-        def fused():
-            return kernels.triton_decode_attention(qkv, cos, sin, keys, values, valid, slot_tensor, heads, groups, head_dim)
+        def fused(config=None):
+            return kernels.triton_decode_attention(qkv, cos, sin, keys, values, valid, slot_tensor, heads, groups,
+                                                   head_dim, config=config)
 
         def eager():  # SelfAttention.forward's static-cache step without the fused kernel
             rotated = kernels.triton_rotary(qkv, cos, sin, heads + groups, head_dim)
@@ -186,8 +195,19 @@ def attention_rows(heads=32, groups=2, head_dim=128, dtype=torch.bfloat16):
         fused_err, eager_err = relative_error(fused_out, exact.float()), relative_error(eager_out, exact.float())
         if fused_err > eager_err + 1e-2 or not (torch.equal(keys, eager_keys) and torch.equal(values, eager_values)):
             failures.append(f"batch {batch}, {slot + 1} of {capacity} slots: error {fused_err:.1e}, or the cache differs")
+        best = ""
+        if sweep:
+            timings = [(fused_ms, default)]
+            for config in ATTENTION_SWEEP:
+                if config != default:
+                    ms, out = gpu_time_ms(lambda: fused(config))
+                    if relative_error(out, exact.float()) > eager_err + 1e-2:
+                        failures.append(f"batch {batch}, {slot + 1} of {capacity} slots, config {config}: error")
+                    timings.append((ms, config))
+            best_ms, best_config = min(timings)
+            best = f" {best_config} | {best_ms:.4f} |"
         print(f"| {batch} | {capacity} | {slot + 1} | {fused_ms:.4f} | {eager_ms:.4f} | {eager_ms / fused_ms:.2f}x | "
-              f"{fused_err:.1e} | {eager_err:.1e} |", flush=True)
+              f"{fused_err:.1e} | {eager_err:.1e} |{best}", flush=True)
     return failures
 
 
@@ -208,7 +228,7 @@ def main():
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"# {device_name} ({sm_count} SMs), torch {torch.__version__}, triton {triton.__version__}", flush=True)
     if args.attention:
-        failures = attention_rows()
+        failures = attention_rows(sweep=args.sweep)
         if failures:
             sys.exit("FAILED:\n" + "\n".join(failures))
         return

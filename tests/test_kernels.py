@@ -625,10 +625,10 @@ triton = importlib.import_module("triton") if importlib.util.find_spec("triton")
 
 
 @pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
-@pytest.mark.parametrize("split", [False, True])
-def test_decode_kernels_compile_for_hopper_without_spills(split):
+@pytest.mark.parametrize("split,block_n", [(False, 32), (True, 32), (False, 128)])
+def test_decode_kernels_compile_for_hopper_without_spills(split, block_n):
     """The decode attention kernel at ChatGLM2/3's shapes (32 query heads in 2 groups of 128 dims, bf16), unsplit and
-    split with its combine kernel, and the add + RMSNorm kernel at 4096 wide, compile for sm_90: tensor-core products
+    split with its combine kernel, with the default slots per step and the largest that kernel_bench.py sweeps, and the add + RMSNorm kernel at 4096 wide, compile for sm_90: tensor-core products
     in the attention, nothing spilled to local memory."""
     kernels = remote_module("chatglm2-6b", "kernels")
     pointers = ["qkv", "cos", "sin", "keys", "values", "valid", "slot", "out", "partial", "stats"]
@@ -636,7 +636,7 @@ def test_decode_kernels_compile_for_hopper_without_spills(split):
     signature = {f"{name}_ptr": kind for name, kind in zip(pointers, types)}
     signature.update({name: "i32" for name in ("qkv_row_stride", "cache_stride_b", "cache_stride_g", "valid_stride_b",
                                                 "chunk")}, scale="fp32")
-    constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "PAIRS": 32, "GROUP_BLOCK": 16, "BLOCK_N": 32,
+    constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "PAIRS": 32, "GROUP_BLOCK": 16, "BLOCK_N": block_n,
                   "SPLIT": split, "DOT_IN_FP32": False}
     signature.update({name: "constexpr" for name in constexprs})
     attention = compile_for_hopper(kernels._decode_attention_kernel, signature, constexprs)

@@ -864,7 +864,7 @@ def decode_attention_applies(qkv, keys, values, heads, kv_heads, head_dim, pairs
     return not (torch.is_grad_enabled() and qkv.requires_grad)
 
 
-def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_heads, head_dim):
+def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_heads, head_dim, *, config=None):
     """One decode step's attention over a static cache, with the rotary and the cache write in the same launch.
 
     qkv: the new tokens' fused rows [B, 1, (heads + 2 * kv_heads) * head_dim] ([q | k | v], as the projection gives
@@ -872,13 +872,15 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
     one layer's buffers [B, kv_heads, capacity, head_dim]; valid: [B, capacity] bool, the slots attended to; slot: a
     one-element long tensor, where the new key and value go (read on the device: a CUDA graph replays this). The new
     token attends to the valid slots before `slot` and to itself. Returns the attention output [B, 1, heads *
-    head_dim] (before the output projection), in qkv's dtype. Check decode_attention_applies() first."""
+    head_dim] (before the output projection), in qkv's dtype. Check decode_attention_applies() first. `config`
+    (block_n, chunk) overrides DECODE_BLOCK_N and DECODE_CHUNK (benchmarks; block_n a power of two >= 16)."""
+    block_n, max_chunk = config if config is not None else (DECODE_BLOCK_N, DECODE_CHUNK)
     B, capacity = qkv.shape[0], keys.shape[2]
     pairs = cos.shape[-1]
     cos_rows, sin_rows = _angle_rows(cos, qkv), _angle_rows(sin, qkv)
     group_block = max(16, triton.next_power_of_2(heads // kv_heads))
-    splits = _ceil_div(capacity, DECODE_CHUNK)
-    chunk = _ceil_div(_ceil_div(capacity, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    splits = _ceil_div(capacity, max_chunk)
+    chunk = _ceil_div(_ceil_div(capacity, splits), block_n) * block_n
     out = torch.empty(B, 1, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if splits > 1:
         partial = torch.empty(B * kv_heads * splits * group_block * head_dim, dtype=torch.float32, device=qkv.device)
@@ -890,7 +892,7 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
             qkv, cos_rows, sin_rows, keys, values, valid, slot, out, partial, stats, qkv.stride(0), keys.stride(0),
             keys.stride(1), valid.stride(0), chunk, head_dim ** -0.5,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs, GROUP_BLOCK=group_block,
-            BLOCK_N=DECODE_BLOCK_N, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,
+            BLOCK_N=block_n, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,
             num_warps=4,
         )
         if splits > 1:
