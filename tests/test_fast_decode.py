@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import VERSIONS
 from utils.model_loading import load_model_and_tokenizer, remote_module
@@ -168,6 +167,29 @@ def test_fused_elementwise_kernels_give_the_eager_loss_and_gradients(version, tr
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused decode kernels run on CUDA only")
+@pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
+def test_fused_decode_step_on_cuda_gives_the_eager_attentions_tokens(version, trainable_models):
+    """fp16 on CUDA, the step captured as a CUDA graph: the fused attention (rotary, cache write, attention in one
+    kernel) and the adds inside the norms give the tokens of the same step with the eager attention, and scores
+    within fp16 rounding. (On the CPU, tests/test_kernels.py runs the same kernels in Triton's interpreter.)"""
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="fp16", device="cuda")
+    modeling = sys.modules[type(model).__module__]
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt").to("cuda")
+    fused_ids, fused_scores, _ = decode(model, batch, "graph", do_sample=False, repetition_penalty=1.5)
+    applies = modeling.decode_attention_applies
+    modeling.decode_attention_applies = lambda *args: False
+    model.__dict__.pop("_decode_graph", None)  # the captured step would replay the fused kernel
+    try:
+        eager_ids, eager_scores, _ = decode(model, batch, "graph", do_sample=False, repetition_penalty=1.5)
+    finally:
+        modeling.decode_attention_applies = applies
+        model.__dict__.pop("_decode_graph", None)
+    assert fused_ids.tolist() == eager_ids.tolist()
+    assert len(set(eager_ids[0].tolist())) > 3
+    torch.testing.assert_close(fused_scores, eager_scores, atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the int8/int4 decode kernels run on CUDA only")
