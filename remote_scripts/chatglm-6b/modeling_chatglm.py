@@ -161,6 +161,14 @@ FUSE_ELEMENTWISE = True
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:FUSE_DEVICES
 FUSE_DEVICES = ("cuda",)
 
+
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fuses
+def fuses(tensor):
+    """Whether work on `tensor` takes the fused paths: fusing on, its device one that fuses, and not inside an
+    enclosing compiled region (which fuses the eager formulas itself)."""
+    return FUSE_ELEMENTWISE and tensor.device.type in FUSE_DEVICES and not torch.compiler.is_compiling()
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fused_on_cuda
 def fused_on_cuda(kernel=None):
     """Run the decorated function as one fused kernel forward (and one backward) instead of a chain of small ones,
@@ -178,7 +186,7 @@ def fused_on_cuda(kernel=None):
         @functools.wraps(fn)
         def run(*args):
             nonlocal compiled
-            if not FUSE_ELEMENTWISE or args[0].device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
+            if not fuses(args[0]):
                 return fn(*args)
             if kernel is not None and elementwise_kernels_apply(args[0]):
                 return kernel(*args)

@@ -138,6 +138,13 @@ FUSE_ELEMENTWISE = True
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:FUSE_DEVICES
 FUSE_DEVICES = ("cuda",)
 
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fuses
+def fuses(tensor):
+    """Whether work on `tensor` takes the fused paths: fusing on, its device one that fuses, and not inside an
+    enclosing compiled region (which fuses the eager formulas itself)."""
+    return FUSE_ELEMENTWISE and tensor.device.type in FUSE_DEVICES and not torch.compiler.is_compiling()
+
+
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fused_on_cuda
 def fused_on_cuda(kernel=None):
     """Run the decorated function as one fused kernel forward (and one backward) instead of a chain of small ones,
@@ -155,7 +162,7 @@ def fused_on_cuda(kernel=None):
         @functools.wraps(fn)
         def run(*args):
             nonlocal compiled
-            if not FUSE_ELEMENTWISE or args[0].device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
+            if not fuses(args[0]):
                 return fn(*args)
             if kernel is not None and elementwise_kernels_apply(args[0]):
                 return kernel(*args)
@@ -203,8 +210,7 @@ def add_rms_norm(hidden_states, update, norm):
     nothing to add."""
     if update is None:
         return hidden_states, norm(hidden_states)
-    if (FUSE_ELEMENTWISE and isinstance(norm, RMSNorm) and hidden_states.device.type in FUSE_DEVICES
-            and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    if (isinstance(norm, RMSNorm) and fuses(hidden_states) and not torch.is_grad_enabled()
             and elementwise_kernels_apply(hidden_states)):
         return triton_add_rms_norm(hidden_states, update, norm.weight, norm.eps)
     hidden_states = hidden_states + update
@@ -444,11 +450,10 @@ def static_cache_capacity(needed, limit):
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:fused_decode_attention
 def fused_decode_attention(qkv, rotary, cache, layer_idx, heads, kv_heads, head_dim):
     """A decode step's rotary, cache write and attention as one Triton kernel (kernels.triton_decode_attention), on
-    the devices that fuse (see fused_on_cuda); None where the eager path runs (CPU, inside torch.compile)."""
+    the devices that fuse (see fuses); None where the eager path runs (CPU, inside torch.compile)."""
     keys, values = cache.keys[layer_idx], cache.values[layer_idx]
-    if not FUSE_ELEMENTWISE or qkv.device.type not in FUSE_DEVICES or torch.compiler.is_compiling():
-        return None
-    if not decode_attention_applies(qkv, keys, values, heads, kv_heads, head_dim, rotary[0].shape[-1]):
+    pairs = rotary[0].shape[-1]
+    if not fuses(qkv) or not decode_attention_applies(qkv, keys, values, heads, kv_heads, head_dim, pairs):
         return None
     return triton_decode_attention(qkv, *rotary, keys, values, cache.valid, cache.slot, heads, kv_heads, head_dim)
 
