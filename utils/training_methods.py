@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError
+from utils.lora_dropout import drop_inside_lora_a
 from utils.model_folder import folder_config, write_model_folder, write_native_model_folder
 from utils.run_dirs import staged_folder
 from utils.model_loading import PREFIX_KEY, load_model_and_tokenizer, read_config
@@ -79,11 +80,14 @@ def lora_target_modules(spec, chatglm=True):
 
 
 def add_lora(model, lora):
-    """Wrap the model with LoRA adapters (kept in fp32 on half-precision weights by peft)."""
+    """Wrap the model with LoRA adapters (kept in fp32 on half-precision weights by peft), their dropout drawn again
+    in backward rather than kept (utils/lora_dropout.py)."""
     chatglm = getattr(model, "model_version", None) is not None
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
                         target_modules=lora_target_modules(lora["target_modules"], chatglm=chatglm))
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    drop_inside_lora_a(model)
+    return model
 
 
 @contextlib.contextmanager
