@@ -158,12 +158,13 @@ def attention_rows(sweep=False, heads=32, groups=2, head_dim=128, dtype=torch.bf
     """The decode attention rows (see --attention); returns the failures (error above the eager step's + 1e-2).
     sweep: also time each (block_n, chunk) of ATTENTION_SWEEP and print the fastest."""
     modeling = remote_module("chatglm2-6b", "modeling_chatglm")
-    default = (kernels.DECODE_BLOCK_N, kernels.DECODE_CHUNK)
     columns = "| batch | cache slots | filled | fused ms | eager ms | speed-up | fused err | eager err |"
     print(columns + (" best (block_n, chunk) | best ms |" if sweep else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|---|" if sweep else ""), flush=True)
     failures = []
     for batch, capacity, slot in ATTENTION_CASES:
+        default = (kernels.DECODE_BLOCK_N, kernels.decode_attention_chunk(
+            batch * groups, capacity, kernels.DECODE_BLOCK_N, torch.cuda.get_device_properties(0).multi_processor_count))
         qkv = torch.randn(batch, 1, (heads + 2 * groups) * head_dim, device="cuda", dtype=dtype)
         cos, sin = modeling.RotaryEmbedding(head_dim // 2, device="cuda")(torch.full((batch, 1), slot, device="cuda"), dtype)
         keys, values = (torch.randn(batch, groups, capacity, head_dim, device="cuda", dtype=dtype) for _ in range(2))

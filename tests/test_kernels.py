@@ -408,13 +408,13 @@ for kind in ("glm", "glm4"):
         "launches": {n: k.launches for n, k in counted.items()},
     }
 # Decode attention: one step's rotary, cache write and attention in one kernel, against float64 (SDPA of the rotated
-# query over the cache holding the new key and value) and against the eager step's SDPA; DECODE_CHUNK 32 splits the
-# cache over several programs and combines them.
-full_chunk = kernels.DECODE_CHUNK
+# query over the cache holding the new key and value) and against the eager step's SDPA; DECODE_MIN_CHUNK 32 splits
+# the cache over several programs and combines them.
+full_chunk = kernels.DECODE_MIN_CHUNK
 for dtype_name, dtype in {"bf16": torch.bfloat16, "fp16": torch.float16}.items():
     for batch, heads, groups, head_dim, capacity, slot, chunk in ((2, 4, 2, 16, 64, 37, full_chunk),
                                                                    (1, 32, 2, 128, 128, 100, 32), (3, 4, 4, 16, 64, 0, 32)):
-        kernels.DECODE_CHUNK = chunk
+        kernels.DECODE_MIN_CHUNK = chunk
         qkv = torch.randn(batch, 1, (heads + 2 * groups) * head_dim, generator=generator).to(dtype)
         cos, sin = modeling.RotaryEmbedding(head_dim // 2)(torch.randint(0, 100, (batch, 1), generator=generator), dtype)
         keys, values = (torch.randn(batch, groups, capacity, head_dim, generator=generator).to(dtype) for _ in range(2))
@@ -438,7 +438,7 @@ for dtype_name, dtype in {"bf16": torch.bfloat16, "fp16": torch.float16}.items()
             torch.equal(keys, full_keys) and torch.equal(values, full_values),
             torch.equal(keys[:, :, untouched], old_keys[:, :, untouched]),
         ]
-kernels.DECODE_CHUNK = full_chunk
+kernels.DECODE_MIN_CHUNK = full_chunk
 
 # A tiny fp16 ChatGLM2 decoding 12 tokens on the static cache (the CPU standing for a CUDA device): the fused step
 # against the same step with the eager attention.
