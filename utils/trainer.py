@@ -536,9 +536,13 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
     if int(os.environ.get("RANK", "0")) == 0:  # one process moves an overwritten run aside
         RunFolder(output_dir, resume, config["overwrite_output_dir"]).prepare()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
+    # Packed, an evaluation batch holds a training step's tokens: without activations kept for backward it fits
+    # wherever the step does, and larger batches keep the GPU busier (H200, MSRA dev: 7.8 s at 2,560, 7.0 at 8,192).
+    packed = isinstance(train_data, PackedDataset)
+    eval_tokens = config["pack_tokens"] * (args.per_device_train_batch_size if packed else 1)
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                       data_collator=PaddingCollator(tokenizer.pad_token_id),
-                      trainable_only=method in ("ptuning", "freeze"), eval_tokens=config["pack_tokens"],
+                      trainable_only=method in ("ptuning", "freeze"), eval_tokens=eval_tokens,
                       run_info={**run_info, "config": config, "model_version": model.model_version})
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
