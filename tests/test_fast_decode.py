@@ -189,7 +189,11 @@ def test_fused_decode_step_on_cuda_gives_the_eager_attentions_tokens(version, tr
         model.__dict__.pop("_decode_graph", None)
     assert fused_ids.tolist() == eager_ids.tolist()
     assert len(set(eager_ids[0].tolist())) > 3
-    torch.testing.assert_close(fused_scores, eager_scores, atol=2e-2, rtol=1e-2)
+    # fp16 scores of two attention orders differ by a few units in their last place, relative to the scores' scale
+    # (the interpreter on this model: 1.9e-3 of the largest score), not element by element: near-zero scores differ
+    # by as much as the largest
+    difference = (fused_scores.float() - eager_scores.float()).abs().max()
+    assert difference <= 5e-3 * eager_scores.float().abs().max(), difference
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the int8/int4 decode kernels run on CUDA only")

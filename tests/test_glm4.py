@@ -189,10 +189,17 @@ def test_the_loaders_fused_layers_give_transformers_loss_and_gradients(glm4_dirs
         loss.backward()
         results.append((loss.detach(), {name: param.grad for name, param in each.named_parameters()}))
     (loss, grads), (expected_loss, expected_grads) = results
-    tolerance = {"atol": 0, "rtol": 0} if device == "cpu" else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(loss, expected_loss, **tolerance)
+    if device == "cpu":
+        torch.testing.assert_close(loss, expected_loss, atol=0, rtol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], atol=0, rtol=0, msg=name)
+        return
+    # bf16 on CUDA: each gradient as a whole within bf16's rounding of two orders of the same sums (element by element,
+    # entries near zero differ relatively as much as the largest ones do absolutely)
+    torch.testing.assert_close(loss, expected_loss, atol=2e-2, rtol=2e-2)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], **tolerance, msg=name)
+        error = ((grad.float() - expected_grads[name].float()).norm() / expected_grads[name].float().norm()).item()
+        assert error < 2e-2, (name, error)
 
 
 def test_last_position_logits_of_prefill_and_loss_come_from_plain_products(glm4_dirs):
