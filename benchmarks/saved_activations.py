@@ -22,12 +22,14 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import lora_dropout  # noqa: E402
 from utils.glm_layers import fuse_norms_and_mlps  # noqa: E402
 from utils.model_loading import remote_module  # noqa: E402
 from utils.trainer import target_losses  # noqa: E402
 from utils.training_methods import add_lora  # noqa: E402
 
 MEASURED_BLOCK = ".layers.1"  # the second block: the first one's input comes from the embedding
+lora_dropout.REDRAW_DEVICES = ("cuda", "cpu")  # this CPU stands for the GPU: LoRA's dropout as CUDA runs it
 
 
 def build_model(model_type):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
+from utils import lora_dropout
 from utils.lora_dropout import DroppedInputLinear, DropoutLinear, dropped
 from utils.model_loading import load_model_and_tokenizer
 from utils.training_methods import add_lora
@@ -80,7 +81,13 @@ def saved_bytes(model, ids):
     return total
 
 
-def test_q_k_and_v_keep_their_input_once_and_keep_peft_names():
+@pytest.fixture
+def redraw_on_cpu(monkeypatch):
+    """The CPU standing for a CUDA device: masks drawn again there too."""
+    monkeypatch.setattr(lora_dropout, "REDRAW_DEVICES", ("cuda", "cpu"))
+
+
+def test_q_k_and_v_keep_their_input_once_and_keep_peft_names(redraw_on_cpu):
     """GLM-4's q, k and v read one input: with dropout they now keep what they keep without it (peft's dropout keeps
     a dropped copy and a mask per layer). The adapter's tensors keep peft's names, and evaluation applies no dropout."""
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -102,7 +109,7 @@ def test_q_k_and_v_keep_their_input_once_and_keep_peft_names():
         assert torch.equal(models[0.1](input_ids=ids).logits, models[0.0](input_ids=ids).logits)
 
 
-def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dirs):
+def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dirs, redraw_on_cpu):
     """Checkpointed blocks run their forward again in backward; the seeds come from the CPU generator, which the
     checkpoint restores, so the gradients are those of the run without checkpointing."""
     grads = []
@@ -124,3 +131,21 @@ def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dirs):
     for name, grad in grads[0].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], grad, atol=0, rtol=0, msg=name)
+
+
+def test_on_the_cpu_the_dropout_is_torchs_as_peft_applies_it():
+    """Off REDRAW_DEVICES, DropoutLinear applies torch's dropout: the same draws, the same training forward as peft's
+    own layers."""
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    lora = {"r": 4, "alpha": 8, "dropout": 0.3, "target_modules": "q_proj,k_proj,v_proj"}
+    ours = add_lora(tiny_glm(), lora).train()
+    plain = get_peft_model(tiny_glm(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False,
+                                                  target_modules=["q_proj", "k_proj", "v_proj"])).train()
+    ours.load_state_dict(plain.state_dict())  # lora_B nonzero, so that the masks show in the output
+    logits = []
+    for model in (ours, plain):
+        torch.manual_seed(5)
+        logits.append(model(input_ids=ids).logits)
+    assert torch.equal(logits[0], logits[1])
+    torch.manual_seed(6)
+    assert not torch.equal(ours(input_ids=ids).logits, logits[0])  # dropout is on
