@@ -15,6 +15,8 @@ Needs CUDA.
     python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --dev_file data/msra/instruct_data/dev.txt \
         --options graph,graph-warm,compiled,graph-eager-elementwise --json first_answer.json
     python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --model glm-4-9b --options auto,compiled
+    python benchmarks/first_answer.py --config_dir ../shared/assets/tokenizers --model glm-4-9b --options auto \
+        --profile first_answer.txt   # where the first answer's time goes (cProfile)
 
 Options: auto, plain, static, graph, compiled (the `decode` modes); "-warm" reuses the caches of the option's earlier run
 (a persistent compile cache); "-eager-elementwise" also turns off the fused element-wise kernels that prefill and the
@@ -44,7 +46,18 @@ def chat_workload(model, decode, args):
         return time_generation(model, random_prompt(model, 1, 48), tokens, decode, wait_for_compile=False)
 
     row = {}
-    first, total = chat(args.chat_tokens)
+    if args.profile:  # cProfile of the first answer alone, by cumulative time, into that file
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        first, total = profiler.runcall(chat, args.chat_tokens)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(80)
+        Path(args.profile).write_text(text.getvalue())
+    else:
+        first, total = chat(args.chat_tokens)
     row.update(first_token_s=round(first, 2), first_answer_s=round(total, 2),
                first_answer_tokens_per_s=round((args.chat_tokens - 1) / (total - first), 1))
     print(f"first answer: {row}", flush=True)  # what a chat user waits for, before the longer measurements below
@@ -111,6 +124,8 @@ def main():
     parser.add_argument("--dev_file", default="", help="instruction records for the predict loop (process.py's dev.txt)")
     parser.add_argument("--chat_tokens", type=int, default=64)
     parser.add_argument("--json", default="")
+    parser.add_argument("--profile", default="", help="with --options of one option: where the cProfile of its "
+                        "first answer goes (text, by cumulative time)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this option here and print its row
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -119,6 +134,8 @@ def main():
         option, workload = args.one.split(":")
         print("ROW " + json.dumps(measure(option, workload, args)), flush=True)
         return
+    if args.profile and "," in args.options:
+        sys.exit("--profile: name one option in --options (each would write the same file)")
     if args.model == "glm-4-9b" and args.dev_file:
         sys.exit("--model glm-4-9b: the predict workload (--dev_file) is ChatGLM2-6B's only")
 
@@ -136,7 +153,8 @@ def main():
             if workload == "predict" and base.startswith("plain"):
                 continue
             command = [sys.executable, __file__, "--one", f"{base}:{workload}", "--config_dir", args.config_dir,
-                       "--model", args.model, "--dev_file", args.dev_file, "--chat_tokens", str(args.chat_tokens)]
+                       "--model", args.model, "--dev_file", args.dev_file, "--chat_tokens", str(args.chat_tokens),
+                       "--profile", args.profile if workload == "chat" else ""]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
             if done.returncode or not lines:
