@@ -29,7 +29,6 @@ from utils.trainer import target_losses  # noqa: E402
 from utils.training_methods import add_lora  # noqa: E402
 
 MEASURED_BLOCK = ".layers.1"  # the second block: the first one's input comes from the embedding
-lora_dropout.REDRAW_DEVICES = ("cuda", "cpu")  # this CPU stands for the GPU: LoRA's dropout as CUDA runs it
 
 
 def build_model(model_type):
@@ -81,6 +80,7 @@ def main():
                         help="the norms and MLPs on our kernels, as the loader gives them on CUDA (utils/glm_layers.py); "
                              "on this CPU the kernels run in Triton's interpreter: set TRITON_INTERPRET=1")
     args = parser.parse_args()
+    lora_dropout.REDRAW_DEVICES = ("cuda", "cpu")  # this CPU stands for the GPU: LoRA's dropout as CUDA runs it
     from transformers import AutoConfig
 
     real_blocks = AutoConfig.for_model(args.model_type).num_hidden_layers  # the defaults: GLM-4-9B's 40
