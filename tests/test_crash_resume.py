@@ -165,17 +165,19 @@ def start_background_runs():
         return RUNS
     root = Path(tempfile.mkdtemp(prefix="crash-resume-"))
     RUNS.update({script: {"done": threading.Event(), "result": None} for script in SCRIPTS})
+    # The environment as it is now, before any test runs: an in-process run of train_deepspeed.py sets RANK and
+    # MASTER_PORT for its own process group while it runs, and a driver that copied them would rendezvous on that port.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def run_all():
         # The tiny model is made in a process of its own: the drivers must run no torch operation before they fork.
-        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True,
+        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
                                preexec_fn=background_priority)
         for script in SCRIPTS:
             if setup.returncode:
                 RUNS[script]["result"], _ = setup, RUNS[script]["done"].set()
                 continue
             try:
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
                 RUNS[script]["result"] = subprocess.run(
                     [sys.executable, __file__, script, str(root), str(root / script), "6", "10"], cwd=REPO_ROOT,
                     capture_output=True, text=True, timeout=1500, env=env, preexec_fn=background_priority)
