@@ -171,8 +171,8 @@ def start_background_runs():
 
     def run_all():
         # The tiny model is made in a process of its own: the drivers must run no torch operation before they fork.
-        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True, env=env,
-                               preexec_fn=background_priority)
+        setup = subprocess.run([sys.executable, __file__, "setup", str(root)], cwd=REPO_ROOT, capture_output=True, text=True,
+                               env=env, preexec_fn=background_priority)
         for script in SCRIPTS:
             if setup.returncode:
                 RUNS[script]["result"], _ = setup, RUNS[script]["done"].set()
