@@ -16,7 +16,8 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
   ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
                                train_trainer.py --method=ptuning has it), batch 8 x 512, on the bf16 / our int4 base
   decode-glm4-b1               GLM-4-9B (transformers' GlmConfig defaults = glm-4-9b-chat-hf's config.json) through
-                               our stream path (utils.decode_engine: static cache, the step as one CUDA graph)
+                               our stream path (utils.decode_engine: ChatGLM2's static cache and fused step,
+                               utils.glm_decode, as one CUDA graph)
   decode-glm4-b1-generate, decode-glm4-b1-generate-static
                                the same through transformers' generate(): its default (dynamic cache, eager), and
                                with cache_implementation="static" (generate() then compiles its step)
@@ -230,7 +231,7 @@ def run_rows(rows, args):
     if any(r.endswith("glm4") or "-glm4-" in r for r in rows):
         model = load_random_glm4(fused=not args.eager_elementwise)
         if "decode-glm4-b1" in rows:
-            # "auto": the step compiled and replayed as a CUDA graph (utils.decode_engine), as the scripts decode
+            # "auto": ChatGLM2's fused step replayed as a CUDA graph (utils.decode_engine), as the scripts decode
             results["decode-glm4-b1"] = decode_row(model, 1, 256, args.glm4_decode, profile_path=profile("decode-glm4-b1"))
             print("decode-glm4-b1", results["decode-glm4-b1"], flush=True)
         for name, options in (("decode-glm4-b1-generate", {}), ("decode-glm4-b1-generate-static", {"cache_implementation": "static"})):
@@ -297,8 +298,9 @@ def main():
                         help="training rows with the element-wise functions eager (FUSE_ELEMENTWISE=False): fewer host "
                              "calls, more kernels; a comparison for host-bound steps such as QLoRA's; GLM-4 rows with "
                              "transformers' own norms and MLPs (utils/glm_layers.py)")
-    parser.add_argument("--glm4_decode", default="auto", choices=["auto", "graph", "compiled"],
-                        help="decode-glm4-b1's loop: auto (compiled, as the scripts decode) or the eager step as a graph")
+    parser.add_argument("--glm4_decode", default="auto", choices=["auto", "graph", "compiled", "plain"],
+                        help="decode-glm4-b1's loop: auto (= graph: ChatGLM2's fused step as a CUDA graph, as the "
+                             "scripts decode), that step compiled, or plain (transformers' own step, eager)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, SCRIPTS, run_script
 from test_training import logged_losses
 from tools.tiny_models import make_tiny_glm4
 from utils.dataset import encode_example
-from utils.decode_engine import NativeCompiler, NativeSteps, StepRunner
+from utils.decode_engine import GlmRows, NativeCompiler, NativeSteps, StepRunner, rows_class, stream_generate
 from utils.generation import generate_answers, stream_chat_reply
 from utils.adapters import load_model_with_adapter
 from utils.model_loading import load_model_and_tokenizer
@@ -296,6 +296,59 @@ def test_prefills_training_and_evaluation_leave_cudnn_attention_out(glm4_dirs, t
     for calls in (training.calls, evaluation.calls, prefills.calls):
         assert calls and not any(enabled for _, enabled in calls), calls
     assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
+class RecordScores:
+    """Logits processor that keeps a copy of the scores of every step and changes nothing."""
+
+    def __init__(self):
+        self.scores = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        return scores
+
+
+def decode(model, batch, mode, **kwargs):
+    recorder = RecordScores()
+    *_, (new_ids, _) = stream_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
+                                       eos_token_id=[-1], decode=mode, logits_processor=[recorder], **kwargs)
+    return new_ids, torch.stack(recorder.scores)
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_chatglm2s_static_step_gives_transformers_tokens_and_scores(kind, glm4_dirs):
+    """GLM-4 decodes on ChatGLM2's static cache and step (utils/glm_decode.py: on CUDA its fused kernels, captured as
+    a CUDA graph; here eager): on a left-padded batch, the tokens and scores of transformers' own step ("plain"),
+    greedy and sampled; the server's rows take the same step."""
+    model, tokenizer = load_model_and_tokenizer(glm4_dirs[kind], dtype="fp32", device="cpu")
+    batch = tokenizer(["你好", "蒋玲帆傍晚从佛山回来。请找出句子中的人名和地名"], padding=True, return_tensors="pt")
+    assert (batch["attention_mask"][:, 0] == 0).any(), "left padding must be exercised"
+    plain_ids, plain_scores = decode(model, batch, "plain", do_sample=False, repetition_penalty=1.5)
+    assert "_glm_static_kv" not in model.__dict__  # transformers' step on its own cache
+    ours_ids, ours_scores = decode(model, batch, "static", do_sample=False, repetition_penalty=1.5)
+    assert model.__dict__["_glm_static_kv"].length == batch["input_ids"].shape[1] + 19
+    assert ours_ids.tolist() == plain_ids.tolist() and len(set(plain_ids[1].tolist())) > 3
+    torch.testing.assert_close(ours_scores, plain_scores, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(3)
+    sampled_plain = decode(model, batch, "plain", do_sample=True, top_p=0.9, temperature=0.8)[0]
+    torch.manual_seed(3)
+    assert decode(model, batch, "static", do_sample=True, top_p=0.9, temperature=0.8)[0].tolist() == sampled_plain.tolist()
+    assert rows_class(model) is GlmRows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused decode kernels run on CUDA only")
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_the_fused_step_on_cuda_gives_transformers_tokens(kind, glm4_dirs):
+    """fp16 on CUDA, the step captured as a CUDA graph: the fused attention and the adds inside the norms give the
+    tokens of transformers' own step, and scores within fp16 rounding of its (relative to their scale)."""
+    model, tokenizer = load_model_and_tokenizer(glm4_dirs[kind], dtype="fp16", device="cuda")
+    batch = tokenizer(["你好", "蒋玲帆傍晚从佛山回来。请找出句子中的人名和地名"], padding=True, return_tensors="pt").to("cuda")
+    plain_ids, plain_scores = decode(model, batch, "plain", do_sample=False, repetition_penalty=1.5)
+    fused_ids, fused_scores = decode(model, batch, "graph", do_sample=False, repetition_penalty=1.5)
+    assert fused_ids.tolist() == plain_ids.tolist() and len(set(plain_ids[1].tolist())) > 3
+    difference = (fused_scores.float() - plain_scores.float()).abs().max()
+    assert difference <= 5e-3 * plain_scores.float().abs().max(), difference
 
 
 @torch.inference_mode()

@@ -487,6 +487,36 @@ results["decode"] = {"same_tokens": fused_ids.tolist() == eager_ids.tolist(), "d
                      "launches": launches["_decode_attention_kernel"],
                      "add_norm_launches": launches["_add_rms_norm_kernel"],
                      "fused_adds_bitwise": torch.equal(fused_scores, unfused_add_scores)}
+
+# Tiny fp16 GLM-4s (transformers' classes, norms and MLPs on our kernels) decoding 12 tokens on ChatGLM2's static step
+# (utils/glm_decode.py) against transformers' own step.
+from utils.decode_engine import stream_generate as engine_generate
+
+def glm_tokens(glm, mode):
+    recorder = RecordScores()
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :2] = 0
+    *_, (new_ids, _) = engine_generate(glm, ids, attention_mask, max_new_tokens=12, eos_token_id=[-1], decode=mode,
+                                       do_sample=False, repetition_penalty=1.5, logits_processor=[recorder])
+    return new_ids, torch.stack(recorder.scores)
+
+for kind in ("glm", "glm4"):
+    config = AutoConfig.for_model(kind, num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, vocab_size=128, pad_token_id=0, eos_token_id=[1])
+    torch.manual_seed(0)
+    glm = AutoModelForCausalLM.from_config(config).eval().half()
+    with torch.no_grad():
+        for param in glm.parameters():
+            param.normal_(std=0.3)
+    fuse_norms_and_mlps(glm, kernels)
+    with torch.no_grad():
+        plain_ids, plain_scores = glm_tokens(glm, "plain")
+        counted["_decode_attention_kernel"].launches = 0
+        ours_ids, ours_scores = glm_tokens(glm, "static")
+    results[f"glm_decode/{kind}"] = {
+        "same_tokens": ours_ids.tolist() == plain_ids.tolist(), "distinct": len(set(plain_ids[1].tolist())),
+        "max_score_difference": (ours_scores - plain_scores).abs().max().item(),
+        "max_score": plain_scores.abs().max().item(), "launches": counted["_decode_attention_kernel"].launches}
 with open(sys.argv[2], "w") as handle:
     json.dump(results, handle)
 """
@@ -608,6 +638,16 @@ def test_static_decoding_takes_the_decode_attention_kernel(elementwise_interpret
     assert decode["add_norm_launches"] == 11 * 4 and decode["fused_adds_bitwise"], decode
     assert decode["same_tokens"] and decode["distinct"] > 3, decode
     assert decode["max_score_difference"] < 2e-2, decode
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4"])
+def test_glm4_decodes_on_the_decode_attention_kernel(elementwise_interpreted, kind):
+    """Tiny fp16 GLM-4s of both layouts on ChatGLM2's static step (utils/glm_decode.py): one fused attention launch per
+    layer and step, transformers' tokens, and scores within fp16 rounding of its (relative to their scale)."""
+    decode = elementwise_interpreted[f"glm_decode/{kind}"]
+    assert decode["launches"] == 22, decode
+    assert decode["same_tokens"] and decode["distinct"] > 3, decode
+    assert decode["max_score_difference"] < 5e-3 * decode["max_score"], decode
 
 
 def compile_for_hopper(kernel, signature, constexprs):

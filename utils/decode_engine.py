@@ -1,17 +1,19 @@
-"""The one decode engine, for ChatGLM-6B/2/3 (our model files' static KV cache and step) and the models transformers
-supports natively (GLM-4...: its StaticCache): the prompt prefilled, then per token one fixed-shape step on the static
-cache, on CUDA captured once per (batch, cache size) as a CUDA graph and replayed (figures: docs/benchmarks.md). On
-CUDA each token's step is queued before the token is read back and handed out, so the host's work per token overlaps
-the GPU's (decode_loop), and a step about to be captured runs before the first token is handed out.
+"""The one decode engine, for ChatGLM-6B/2/3 (our model files' static KV cache and step), GLM-4 (transformers' classes on
+ChatGLM2's cache and step: utils.glm_decode) and the other models transformers supports natively (its StaticCache): the
+prompt prefilled, then per token one fixed-shape step on the static cache, on CUDA captured once per (batch, cache size)
+as a CUDA graph and replayed (figures: docs/benchmarks.md). On CUDA each token's step is queued before the token is read
+back and handed out, so the host's work per token overlaps the GPU's (decode_loop), and a step about to be captured runs
+before the first token is handed out.
 
-decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; other models: eager static steps),
-"static" = eager static steps, "graph" = the step captured as a CUDA graph, "compiled" = the step fused by
-torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM, "compiled" for the others (each the faster one),
-"plain" elsewhere. All give the same tokens. A chat (wait_for_compile=False) does not wait for torch.compile: until
-the compiled step of its shapes is ready (NativeCompiler, in a thread of its own), answers run on the eager step
-captured as a graph, and the answer after it is ready on the compiled one. The compilation starts when the first such
-answer ends, not while it runs: the compiler's thread holds the interpreter most of the time, and the answer a person
-waits for would decode at a fraction of its speed (GLM-4-9B on an H100: 8-10 tok/s beside the compiler, 38 without).
+decode: "plain" = ChatGLM's own loop (forward() with a growing DynamicCache; other models: transformers' eager steps on
+its static cache), "static" = eager static steps, "graph" = the step captured as a CUDA graph, "compiled" = the step
+fused by torch.compile, then captured; "auto" = on CUDA "graph" for ChatGLM and GLM-4, "compiled" for the others (each
+the faster one), "plain" elsewhere. All give the same tokens. A chat (wait_for_compile=False) does not wait for
+torch.compile (the models that "auto" compiles for): until the compiled step of its shapes is ready (NativeCompiler, in
+a thread of its own), answers run on the eager step captured as a graph, and the answer after it is ready on the
+compiled one. The compilation starts when the first such answer ends, not while it runs: the compiler's thread holds the
+interpreter most of the time, and the answer a person waits for would decode at a fraction of its speed (GLM-4-9B on an
+H100: 8-10 tok/s beside the compiler, 38 without).
 """
 import copy
 import functools
@@ -25,6 +27,7 @@ import torch
 from transformers import (DynamicCache, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StaticCache,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from utils import glm_decode
 from utils.sdpa_backends import without_per_shape_plans
 
 logger = logging.getLogger(__name__)
@@ -166,6 +169,44 @@ class ChatGLMSteps:
         return lambda tokens: compiled(tokens, self.owner)
 
 
+class GlmSteps:
+    """GLM-4 (transformers' Glm and Glm4 classes) on utils.glm_decode's step, as ChatGLM on its own: the prompt goes
+    through the model's forward into a DynamicCache (positions counted over real tokens, as generate() gives them) and
+    is copied into the model's StaticKVCache. A first answer waits for no compilation: "graph" is the fast step."""
+
+    auto_on_cuda = "graph"
+
+    def __init__(self, model):
+        self.model, self.owner = model, None
+
+    def prefill(self, input_ids, attention_mask, past_key_values, max_new_tokens):
+        if past_key_values is not None:
+            raise ValueError("past_key_values: only ChatGLM models continue from a cache here")
+        model, (batch, length) = self.model, input_ids.shape
+        logits, past = native_prefill(model, input_ids, attention_mask)
+        if max_new_tokens > 1:
+            keys = past.layers[0].keys
+            self.owner = glm_decode.static_cache(model, batch, length + max_new_tokens - 1, keys.dtype, keys.device)
+            self.owner.load(past, attention_mask, 0, attention_mask.long().sum(-1, keepdim=True))
+        return logits
+
+    def handle(self):
+        return None
+
+    def advance(self):
+        self.owner.length += 1
+
+    def forward(self, tokens):
+        return glm_decode.static_decode_step(self.model, tokens, self.owner)
+
+    def compiled_forward(self):
+        compiled = self.model.__dict__.get("_compiled_glm_step")
+        if compiled is None:
+            compiled = torch.compile(glm_decode.static_decode_step, dynamic=False)
+            self.model.__dict__["_compiled_glm_step"] = compiled
+        return lambda tokens: compiled(self.model, tokens, self.owner)
+
+
 class NativeSteps:
     """A transformers StaticCache with the step's inputs as fixed buffers (batch B, up to `length` positions), kept on
     the model per (B, length) and reused: positions past the current one hold stale keys, which the mask hides.
@@ -248,6 +289,18 @@ class NativeSteps:
         return NativeCompiler.of(self.model).ready(self.key, start)
 
 
+def native_prefill(model, input_ids, attention_mask):
+    """A native model's forward over left-padded prompts into a new DynamicCache: (logits [B, vocab] of the last
+    column, the cache). Positions count each row's real tokens, as generate() gives them."""
+    past = DynamicCache(config=model.config)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with without_per_shape_plans():  # every prompt length is a new shape
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=torch.tensor([input_ids.shape[1] - 1]),  # an index: 1 makes a per-row product
+                       **{NativeSteps.cache_kwarg_of(model): past}).logits[:, -1]
+    return logits, past
+
+
 def native_step(model, cache_kwarg, cache, tokens, mask, position, cache_position):
     """One token of every row on a native model's static cache: logits [B, vocab]."""
     return model(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
@@ -314,7 +367,9 @@ def stream_generate(model, input_ids, attention_mask=None, past_key_values=None,
     The arguments of our model files' stream_generate, which a model of utils.model_loading's loader runs through this.
     The cache handed out continues a ChatGLM conversation (past_key_values); native models hand out None."""
     chatglm = hasattr(model, "static_decode_step")
-    mode = resolve_mode(decode, input_ids.device, ChatGLMSteps.auto_on_cuda if chatglm else NativeSteps.auto_on_cuda)
+    glm = not chatglm and glm_decode.serves(model)  # GLM-4: "plain" is transformers' own step, the others ours
+    steps_class = ChatGLMSteps if chatglm else GlmSteps if glm else NativeSteps
+    mode = resolve_mode(decode, input_ids.device, steps_class.auto_on_cuda)
     if chatglm and mode == "plain":  # the model file's own loop (on a PEFT model's base, its adapter layers inside)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         yield from type(base).stream_generate(base, input_ids, attention_mask, past_key_values, max_length,
@@ -329,7 +384,10 @@ def stream_generate(model, input_ids, attention_mask=None, past_key_values=None,
     stops = torch.tensor(eos_token_id if eos_token_id is not None else model.config.eos_token_id).flatten()
     stops = (stops if stops.numel() else torch.tensor([-1])).to(input_ids.device)
     batch, length = input_ids.shape
-    steps = ChatGLMSteps(model) if chatglm else NativeSteps.of(model, batch, length + max_new_tokens)
+    if steps_class is NativeSteps or mode == "plain":
+        steps = NativeSteps.of(model, batch, length + max_new_tokens)
+    else:
+        steps = steps_class(model)
     logits = steps.prefill(input_ids, attention_mask, past_key_values, max_new_tokens)
     processors = logits_processors(model, do_sample, temperature, top_k, top_p, repetition_penalty, logits_processor)
     fill = stops[0] if pad_token_id is None else pad_token_id
@@ -385,6 +443,13 @@ def decode_loop(step, steps, logits, input_ids, max_new_tokens, stops, fill, pro
 # `valid`, native models' mask). When the column reaches the end, every row's columns move left by the free space
 # before the oldest row, which exists while a prompt and its answer take fewer than `row_tokens` columns. Positions
 # are per row, so where a row's keys lie in the buffer does not change what it computes.
+
+
+def rows_class(model):
+    """The rows that serve `model`: ChatGLM's, GLM-4's (on ChatGLM's cache and step) or transformers' own."""
+    if hasattr(model, "static_decode_step"):
+        return ChatGLMRows
+    return GlmRows if glm_decode.serves(model) else NativeRows
 
 
 def left_padded(prompts, device):
@@ -462,15 +527,17 @@ class ChatGLMRows(Rows):
     def allocate(self, past, next_positions):
         """The buffers, shaped after the first prefill's cache (the prefix, the same for every row, copied in)."""
         keys = past.layers[0].keys  # [n, kv_heads, prefix + length, head_dim]
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        static_kv_cache = sys.modules[type(base).__module__].StaticKVCache  # the class of the model's own file
-        self.cache = static_kv_cache(len(past.layers), self.rows, keys.shape[1], self.capacity, keys.shape[3],
+        self.cache = self.static_kv_cache()(len(past.layers), self.rows, keys.shape[1], self.capacity, keys.shape[3],
                                      tuple(next_positions.shape[1:]), keys.dtype, keys.device)
         for index, layer in enumerate(past.layers):
             self.cache.keys[index][:, :, :self.prefix] = layer.keys[:1, :, :self.prefix]
             self.cache.values[index][:, :, :self.prefix] = layer.values[:1, :, :self.prefix]
         self.cache.valid[:, :self.prefix] = True
         self.set_column(self.prefix)
+
+    def static_kv_cache(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return sys.modules[type(base).__module__].StaticKVCache  # the class of the model's own file
 
     def release(self, row):
         self.cache.valid[row, self.prefix:] = False
@@ -494,10 +561,34 @@ class ChatGLMRows(Rows):
         view = copy.copy(self.cache)  # the same buffers, the first `bucket` rows
         view.keys, view.values = [t[:bucket] for t in self.cache.keys], [t[:bucket] for t in self.cache.values]
         view.valid, view.positions = self.cache.valid[:bucket], self.cache.positions[:bucket]
-        return functools.partial(self.model.static_decode_step, cache=view)
+        return self.step_on(view)
+
+    def step_on(self, cache):
+        return functools.partial(self.model.static_decode_step, cache=cache)
 
     def advance(self):
         self.column += 1
+
+
+class GlmRows(ChatGLMRows):
+    """GLM-4's rows: ChatGLM's, on ChatGLM2's StaticKVCache and utils.glm_decode's step, without a prefix; the prompts
+    prefilled by the model's forward as NativeRows does."""
+
+    def __init__(self, model, rows, row_tokens):
+        self.model, self.rows, self.cache = model, rows, None
+        self.prefix = self.column = 0
+        self.capacity = row_tokens
+
+    def prefill(self, prompts):
+        input_ids, mask = left_padded(prompts, self.model.device)
+        logits, past = native_prefill(self.model, input_ids, mask)
+        return logits.float(), past, mask.sum(-1, keepdim=True)  # each prompt's next position, [n, 1]
+
+    def static_kv_cache(self):
+        return glm_decode.chatglm2_modeling().StaticKVCache
+
+    def step_on(self, cache):
+        return functools.partial(glm_decode.static_decode_step, self.model, cache=cache)
 
 
 class NativeRows(Rows):
@@ -511,13 +602,8 @@ class NativeRows(Rows):
 
     def prefill(self, prompts):
         input_ids, mask = left_padded(prompts, self.model.device)
-        past = DynamicCache(config=self.model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # counted from each prompt's first real token
-        with without_per_shape_plans():
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                logits_to_keep=torch.tensor([input_ids.shape[1] - 1]),  # as NativeSteps.prefill
-                                **{self.cache_kwarg: past}).logits[:, -1].float()
-        return logits, past, mask.sum(-1)  # each prompt's length: its next position
+        logits, past = native_prefill(self.model, input_ids, mask)
+        return logits.float(), past, mask.sum(-1)  # each prompt's length: its next position
 
     def allocate(self, past, next_positions):
         """The buffers, shaped after the first prefill's keys [n, kv_heads, length, head_dim]."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from utils.model_loading import REMOTE_SCRIPTS, TOKENIZER_FILES, detect_model_version, remote_module
+from utils.model_loading import TOKENIZER_FILES, detect_model_version
+from utils.remote_code import REMOTE_SCRIPTS, remote_module
 
 MODEL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py",
                "kernels.py")

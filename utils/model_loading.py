@@ -3,7 +3,6 @@ longer run on transformers 5.x, so we never execute them: the classes come from 
 types that transformers knows (GLM-4) load through its Auto classes. Adapters and prefixes are utils/adapters.py's."""
 import contextlib
 import errno
-import importlib.util
 import json
 import os
 import pickle
@@ -19,10 +18,9 @@ from utils import decode_engine
 from utils.errors import UserError
 from utils.glm_layers import fuse_norms_and_mlps
 from utils.log_filters import missing_keys_expected
+from utils.remote_code import REMOTE_SCRIPTS, VERSIONS, remote_module  # noqa: F401 - also imported from here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REMOTE_SCRIPTS = REPO_ROOT / "remote_scripts"
-VERSIONS = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b")
 TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.model", "chatglm3-6b": "tokenizer.model"}
 # The weights of a folder as transformers reads them: the single file, else the shards its index names.
 WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
@@ -95,20 +93,6 @@ def detect_model_version(config: dict, source="config.json") -> str:
 def chatglm_version(config, source="config.json"):
     """The ChatGLM version of a config.json, or None for a model of transformers' own classes (GLM-4...)."""
     return detect_model_version(config, source) if config.get("model_type") in (None, "chatglm") else None
-
-
-def remote_module(version: str, name: str):
-    """`remote_scripts/<version>/<name>.py` imported as a submodule of its folder (the files use relative imports)."""
-    if version not in VERSIONS:
-        raise ValueError(f"unknown ChatGLM version {version!r}; expected one of {VERSIONS}")
-    package = "chatglm_remote_" + version.replace("-", "_")
-    if package not in sys.modules:
-        folder = REMOTE_SCRIPTS / version
-        spec = importlib.util.spec_from_file_location(package, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
 
 
 def weight_files(model_dir):

@@ -11,8 +11,8 @@ import itertools
 import json
 from pathlib import Path
 
-from utils.model_loading import remote_module
 from utils.ner_data import QUERY_PREFIX
+from utils.remote_code import remote_module
 
 
 def chat_messages(turns, system=""):

@@ -161,10 +161,9 @@ class Scheduler:
 
     def __init__(self, model, stop_ids, max_batch, max_waiting, row_tokens, decode="auto"):
         self.model, self.stop_ids, self.max_batch, self.max_waiting = model, set(stop_ids), max_batch, max_waiting
-        chatglm = hasattr(model, "static_decode_step")
         self.device = model.device
         self.mode = decode_engine.resolve_mode(decode, self.device, "graph")
-        self.rows = (decode_engine.ChatGLMRows if chatglm else decode_engine.NativeRows)(model, max_batch, row_tokens)
+        self.rows = decode_engine.rows_class(model)(model, max_batch, row_tokens)
         self.row_tokens = row_tokens
         self.running, self.waiting, self.steps = [], collections.deque(), {}
         # Each running row's next input token, on the device: picked after its prefill or a step, read by the host

@@ -1,0 +1,111 @@
+"""GLM-4's decode step (transformers' GlmForCausalLM, Glm4ForCausalLM) on ChatGLM2's static KV cache and kernels.
+
+GLM-4 keeps ChatGLM2's block: grouped queries, the interleaved rotary on the first half of each head, RMSNorms, a
+SwiGLU MLP. So its step runs what ChatGLM2's runs: each residual add fused into the norm after it, and the rotary,
+the cache write and attention in one launch (kernels.triton_decode_attention), where transformers' step runs a chain
+of small kernels and attends over the whole static cache. No torch.compile is involved, so the first answer of a
+chat decodes at full speed at once (utils.decode_engine captures the step as a CUDA graph). The projections, the MLP,
+the norms' weights and the output layer are the model's own modules, PEFT's adapter layers and quantized layers
+included. Where the kernels do not apply (CPU, fp32), the same step runs eagerly: rotary, cache write, grouped SDPA
+over the valid slots.
+"""
+import torch
+import torch.nn.functional as F
+
+from utils.remote_code import remote_module
+
+MODEL_TYPES = ("glm", "glm4")
+
+
+def chatglm2_modeling():
+    """ChatGLM2's model file: its StaticKVCache, rotary and fused decode attention serve GLM-4 unchanged."""
+    return remote_module("chatglm2-6b", "modeling_chatglm")
+
+
+def chatglm2_kernels():
+    return remote_module("chatglm2-6b", "kernels")
+
+
+def decoder_of(model):
+    """The GlmForCausalLM / Glm4ForCausalLM under a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def serves(model):
+    """Whether this step can decode `model`: a GLM-4 of transformers' classes with SiLU MLPs and grouped queries."""
+    config = getattr(decoder_of(model), "config", None)
+    return (getattr(config, "model_type", None) in MODEL_TYPES and getattr(config, "hidden_act", None) in ("silu", "swish")
+            and config.num_attention_heads % config.num_key_value_heads == 0)
+
+
+def static_cache(model, batch, needed, dtype, device):
+    """The model's StaticKVCache for this batch size with room for `needed` slots, kept on the model and reused while
+    it fits (the buffers' addresses are what a captured step reads)."""
+    modeling, config = chatglm2_modeling(), decoder_of(model).config
+    capacity = modeling.static_cache_capacity(needed, config.max_position_embeddings)
+    cache = model.__dict__.get("_glm_static_kv")
+    if cache is None or not cache.fits(batch, capacity, dtype, device):
+        model.__dict__["_glm_static_kv"] = None  # free the old buffers before allocating new ones
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache = modeling.StaticKVCache(config.num_hidden_layers, batch, config.num_key_value_heads, capacity, head_dim,
+                                       (1,), dtype, device)
+        model.__dict__["_glm_static_kv"] = cache
+    return cache
+
+
+def add_norm(modeling, kernels, hidden_states, update, norm):
+    """(hidden_states + update, norm of the sum): one kernel where the element-wise kernels apply; update None: the
+    norm alone."""
+    if update is None:
+        return hidden_states, norm(hidden_states)
+    if (modeling.fuses(hidden_states) and kernels.elementwise_kernels_apply(hidden_states)
+            and norm.weight.dtype == hidden_states.dtype):
+        return kernels.triton_add_rms_norm(hidden_states, update, norm.weight, norm.variance_epsilon)
+    hidden_states = hidden_states + update
+    return hidden_states, norm(hidden_states)
+
+
+def attention(modeling, attn, normed, rotary, cache, layer_idx):
+    """One token's self-attention [B, 1, heads * head_dim] before the output projection, its key and value written
+    into the cache."""
+    heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    qkv = torch.cat((attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)), dim=-1)
+    context = modeling.fused_decode_attention(qkv, rotary, cache, layer_idx, heads, kv_heads, attn.head_dim)
+    if context is not None:
+        return context
+    batch, head_dim = qkv.shape[0], attn.head_dim
+    qk = modeling.apply_rotary(qkv, *rotary, heads + kv_heads, head_dim).transpose(1, 2)
+    value = qkv[..., (heads + kv_heads) * head_dim:].unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
+    query, key = qk.split([heads, kv_heads], dim=1)
+    keys, values = cache.update(key, value, layer_idx)
+    # query head n reads key/value group n // (heads / kv_heads): each group's heads become its queries
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=cache.valid[:, None, None, :])
+    return context.reshape(batch, 1, heads * head_dim)
+
+
+def static_decode_step(model, input_ids, cache):
+    """fp32 logits [B, vocab] of one new token per sequence (input_ids [B, 1]) at `cache.positions`, attending to the
+    cache's valid slots and itself; advances the cache. Nothing here depends on host values: a CUDA graph replays it."""
+    modeling, kernels, decoder = chatglm2_modeling(), chatglm2_kernels(), decoder_of(model)
+    body = decoder.model
+    cache.valid.index_fill_(1, cache.slot, True)
+    hidden_states = body.embed_tokens(input_ids)
+    cos, sin = body.rotary_emb(hidden_states, cache.positions)  # [B, 1, rotary dims], each angle twice
+    pairs = cos.shape[-1] // 2
+    rotary = (cos[..., None, :pairs], sin[..., None, :pairs])  # ChatGLM2's layout: [B, 1, 1, pairs]
+    update = None  # the residual add of each sublayer runs fused into the norm after it
+    for layer_idx, layer in enumerate(body.layers):
+        hidden_states, normed = add_norm(modeling, kernels, hidden_states, update, layer.input_layernorm)
+        update = layer.self_attn.o_proj(attention(modeling, layer.self_attn, normed, rotary, cache, layer_idx))
+        if hasattr(layer, "post_self_attn_layernorm"):  # GLM-4-0414 (glm4): sublayer outputs are normed too
+            update = layer.post_self_attn_layernorm(update)
+        hidden_states, normed = add_norm(modeling, kernels, hidden_states, update, layer.post_attention_layernorm)
+        update = layer.mlp(normed)
+        if hasattr(layer, "post_mlp_layernorm"):
+            update = layer.post_mlp_layernorm(update)
+    hidden_states = add_norm(modeling, kernels, hidden_states, update, body.norm)[1]
+    logits = decoder.lm_head(hidden_states[:, -1]).float()
+    cache.slot.add_(1)
+    cache.positions.add_(1)
+    return logits
