@@ -32,9 +32,10 @@ TRAINING_ARGUMENT_KEYS = ("num_train_epochs", "max_steps", "per_device_train_bat
                           "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps",
                           "lr_scheduler_type", "max_grad_norm", "logging_steps", "eval_steps", "save_total_limit",
                           "seed")
-# Target tokens that go through the output layer at once in target_losses: 1024 rows of fp32 logits are 0.6 GiB at
-# GLM-4's 151,552 tokens (as the ChatGLM models' own chunked loss, remote_scripts/*/modeling_chatglm.py).
-LOSS_CHUNK_ROWS = 1024
+# fp32 logits of one chunk of target_losses: the ChatGLM models' own chunks (1,024 rows of 65,024 tokens,
+# remote_scripts/*/modeling_chatglm.py). A chunk's backward holds about three times this beside every saved activation
+# (the peak of a training step): GLM-4's 151,552 tokens get 384 rows, not 1,024 (1.1 GiB less).
+LOSS_CHUNK_BYTES = 1024 * 65024 * 4
 # transformers' report of a partial checkpoint (P-tuning, freeze tuning): the frozen weights come from the base.
 PARTIAL_LOAD_REPORT = "There were missing keys in the checkpoint model loaded"
 
@@ -117,12 +118,17 @@ def loss_rows(count, head):
     return rows
 
 
-def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
+def loss_chunk_rows(head):
+    """Rows of a loss chunk for the output layer `head`: LOSS_CHUNK_BYTES of fp32 logits, a multiple of 64 rows."""
+    return max(64, LOSS_CHUNK_BYTES // (4 * head.out_features) // 64 * 64)
+
+
+def target_losses(model, inputs, chunk_rows=None):
     """(the fp32 cross-entropy of each target token of a batch, the batch row of each); position i predicts
-    labels[i + 1], -100 is none. The model runs with logits for its last position only; its final hidden states,
-    caught at the network below the output layer, go through the output layer at the targets' positions only,
-    `chunk_rows` at a time, so that no logits beyond one chunk's exist. Under autograd each chunk is checkpointed
-    (its logits are made again in backward)."""
+    labels[i + 1], -100 is none. The model runs with logits for its last position only; its final hidden states, caught
+    at the network below the output layer, go through the output layer at the targets' positions only, `chunk_rows` at
+    a time (default: loss_chunk_rows), so that no logits beyond one chunk's exist. Under autograd each chunk is
+    checkpointed (its logits are made again in backward)."""
     lm = causal_lm(model)
     caught = []
     hook = lm.base_model.register_forward_hook(lambda module, args, output: caught.append(output[0]))
@@ -140,7 +146,7 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     targets = inputs["labels"][:, 1:].to(hidden_states.device)
     keep = targets != -100
     hidden_states, targets = hidden_states[:, :-1][keep], targets[keep]
-    parts = []
+    parts, chunk_rows = [], chunk_rows or loss_chunk_rows(head)
     # At least one chunk, even an empty one: a batch without targets still gives a loss on the graph.
     for start in range(0, loss_rows(len(targets), head), chunk_rows):
         chunk = (head, hidden_states[start:start + chunk_rows], targets[start:start + chunk_rows])
@@ -150,7 +156,7 @@ def target_losses(model, inputs, chunk_rows=LOSS_CHUNK_ROWS):
     return torch.cat(parts), keep.nonzero()[:, 0]
 
 
-def native_batch_loss(model, inputs, num_items_in_batch=None, chunk_rows=LOSS_CHUNK_ROWS):
+def native_batch_loss(model, inputs, num_items_in_batch=None, chunk_rows=None):
     """The loss of a batch of transformers' own models (GLM-4) as training computes it: target_losses summed over the
     targets, over num_items_in_batch (the targets of the whole step: accumulation, all ranks), else their count. No
     full-vocabulary fp32 logits exist (151,552 wide on GLM-4); the ChatGLM models chunk their own loss."""
@@ -325,7 +331,7 @@ class Trainer(transformers.Trainer):
     a resumed run; trains no extra step when resumed at the end. trainable_only (P-tuning, freeze): checkpoints hold
     the trained tensors only. run_info: run_record's script, config, model_version (and training_arguments).
     eval_tokens: the tokens of one evaluation batch (evaluation_loop)."""
-    loss_chunk_rows = LOSS_CHUNK_ROWS
+    loss_chunk_rows = None  # target_losses's default
 
     def __init__(self, *args, run_info, trainable_only=False, eval_tokens=2560, **kwargs):
         with quantized_base_may_train(kwargs["model"], trainable_only):
