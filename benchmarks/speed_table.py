@@ -40,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_glm4, load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
+from utils.glm_layers import recompute_mlps  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.trainer import is_native, target_losses  # noqa: E402
@@ -240,6 +241,7 @@ def run_rows(rows, args):
                 print(name, results[name], flush=True)
         if "lora-glm4" in rows:
             peft_model = add_lora(model, {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": "q_proj,k_proj,v_proj"})
+            recompute_mlps(peft_model, args.recompute_mlp_blocks)
             results["lora-glm4"] = train_row(peft_model, 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-glm4"))
             print("lora-glm4", results["lora-glm4"], flush=True)
             del peft_model
@@ -301,6 +303,9 @@ def main():
     parser.add_argument("--glm4_decode", default="auto", choices=["auto", "graph", "compiled", "plain"],
                         help="decode-glm4-b1's loop: auto (= graph: ChatGLM2's fused step as a CUDA graph, as the "
                              "scripts decode), that step compiled, or plain (transformers' own step, eager)")
+    parser.add_argument("--recompute_mlp_blocks", type=int, default=0,
+                        help="lora-glm4: the MLPs of this many blocks recompute gate_up in backward (the training "
+                             "option of the same name)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError
+from utils.glm_layers import recompute_mlps
 from utils.lora_dropout import drop_inside_lora_a
 from utils.model_folder import folder_config, write_model_folder, write_native_model_folder
 from utils.run_dirs import staged_folder
@@ -67,6 +68,11 @@ def load_model_to_train(config, dtype, device, master_fp32=True, quantization_co
     elif config["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    if config["recompute_mlp_blocks"]:
+        try:
+            recompute_mlps(model, config["recompute_mlp_blocks"])
+        except ValueError as error:
+            raise ConfigError(f"--recompute_mlp_blocks: {error}") from None
     transformers.set_seed(config["seed"])
     return setup_method(model, config, config["method"], master_fp32=master_fp32), tokenizer
 

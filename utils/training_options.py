@@ -51,6 +51,10 @@ DEFAULTS = {
     "lr_scheduler_type": "linear",
     "max_grad_norm": 1.0,
     "gradient_checkpointing": False,
+    # GLM-4: the MLPs of the first N blocks make their largest activation again in backward instead of keeping it (on
+    # GLM-4-9B 45.5 KiB less per token and block, each ~0.7 % slower); less memory than none, faster than all of
+    # gradient_checkpointing
+    "recompute_mlp_blocks": 0,
     "logging_steps": 10,
     "eval_steps": 100,
     "save_steps": 100,  # <= 0: no checkpoint-N folders (the final adapter / model is written all the same)
@@ -82,7 +86,7 @@ RANGES = {
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability, at least 0 and below 1"),
     "lora_alpha": (lambda v: v > 0, "must be above 0 (the LoRA scale is alpha / r)"),
     **{key: (lambda v: v >= 0, "must be 0 or more")
-       for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")},
+       for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "recompute_mlp_blocks")},
     "seed": (lambda v: 0 <= v < 2**32, f"use a whole number from 0 to {2**32 - 1}"),
 }
 # What each reporter of --report_to needs installed (pip name), where it differs from the reporter's name.
