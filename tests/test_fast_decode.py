@@ -34,8 +34,9 @@ class ForceTokens:
         self.tokens, self.step = tokens, 0
 
     def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, self.tokens[:, self.step:self.step + 1].to(scores.device), 0.0)
+        # 1 at the token, 0 elsewhere: finite (ChatGLM's guard replaces scores with an infinity by a fixed token)
+        forced = torch.zeros_like(scores)
+        forced.scatter_(1, self.tokens[:, self.step:self.step + 1].to(scores.device), 1.0)
         self.step += 1
         return forced
 
