@@ -358,6 +358,33 @@ def test_chatglm2s_static_step_gives_transformers_tokens_and_scores(kind, glm4_d
     assert rows_class(model) is GlmRows
 
 
+def test_the_fused_qkv_product_follows_the_weights_and_steps_aside_for_adapters(glm4_dirs, monkeypatch):
+    """Where the kernels fuse (the CPU standing for CUDA here), q, k and v run as one product whose weights are copied
+    at each generation's start: a weight changed between answers (training, merging) is read by the next one; q, k
+    and v under a LoRA adapter run as their own modules."""
+    from peft import LoraConfig, get_peft_model
+
+    from utils.glm_decode import chatglm2_modeling
+
+    model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cpu")
+    monkeypatch.setattr(chatglm2_modeling(), "FUSE_DEVICES", ("cuda", "cpu"))
+    batch = tokenizer(["你好", "蒋玲帆傍晚从佛山回来。请找出句子中的人名和地名"], padding=True, return_tensors="pt")
+    for change in range(2):
+        if change:
+            with torch.no_grad():
+                model.model.layers[0].self_attn.k_proj.weight.mul_(-2.0)  # in place: the same tensor, new values
+        plain_ids, plain_scores, _ = decode(model, batch, "plain", do_sample=False, repetition_penalty=1.5)
+        ours_ids, ours_scores, _ = decode(model, batch, "static", do_sample=False, repetition_penalty=1.5)
+        assert len(model.__dict__["_glm_fused_qkv"]) == 2
+        assert ours_ids.tolist() == plain_ids.tolist()
+        torch.testing.assert_close(ours_scores, plain_scores, atol=1e-4, rtol=1e-4)
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    plain_ids, plain_scores, _ = decode(adapted, batch, "plain", do_sample=False, repetition_penalty=1.5)
+    ours_ids, ours_scores, _ = decode(adapted, batch, "static", do_sample=False, repetition_penalty=1.5)
+    assert "_glm_fused_qkv" not in adapted.__dict__ and ours_ids.tolist() == plain_ids.tolist()
+    torch.testing.assert_close(ours_scores, plain_scores, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused decode kernels run on CUDA only")
 @pytest.mark.parametrize("kind", ["glm", "glm4"])
 def test_the_fused_step_on_cuda_gives_transformers_scores(kind, glm4_dirs):

@@ -185,6 +185,7 @@ class GlmSteps:
         model, (batch, length) = self.model, input_ids.shape
         logits, past = native_prefill(model, input_ids, attention_mask)
         if max_new_tokens > 1:
+            glm_decode.refresh_fused_projections(model)
             keys = past.layers[0].keys
             self.owner = glm_decode.static_cache(model, batch, length + max_new_tokens - 1, keys.dtype, keys.device)
             self.owner.load(past, attention_mask, 0, attention_mask.long().sum(-1, keepdim=True))
@@ -582,6 +583,7 @@ class GlmRows(ChatGLMRows):
     def prefill(self, prompts):
         input_ids, mask = left_padded(prompts, self.model.device)
         logits, past = native_prefill(self.model, input_ids, mask)
+        glm_decode.refresh_fused_projections(self.model)
         return logits.float(), past, mask.sum(-1, keepdim=True)  # each prompt's next position, [n, 1]
 
     def static_kv_cache(self):
