@@ -40,11 +40,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_glm4, load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
-from utils.glm_layers import recompute_mlps  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.trainer import is_native, target_losses  # noqa: E402
-from utils.training_methods import add_lora, kbit_quantization_config, prepare_kbit_model, train_prefix_only  # noqa: E402
+from utils.training_methods import (add_lora, kbit_quantization_config, prepare_kbit_model, recompute_mlps,  # noqa: E402
+                                    train_prefix_only)
 
 # Official remote code + transformers 4.40 + peft 0.10 on the same H200 (random 6B weights, bf16; measured 2026-12-02),
 # and the targets set by the GPU-speed issue. The official int4 figure is bitsandbytes NF4 (its own int4 kernels do not
@@ -194,6 +194,7 @@ def run_rows(rows, args):
                 print(name, results[name], flush=True)
         if "lora-v2" in rows:
             peft_model = lora(model)
+            recompute_mlps(peft_model, args.recompute_mlp_blocks)
             results["lora-v2"] = train_row(peft_model, 8, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile("lora-v2"))
             print("lora-v2", results["lora-v2"], flush=True)
             del peft_model
@@ -304,8 +305,8 @@ def main():
                         help="decode-glm4-b1's loop: auto (= graph: ChatGLM2's fused step as a CUDA graph, as the "
                              "scripts decode), that step compiled, or plain (transformers' own step, eager)")
     parser.add_argument("--recompute_mlp_blocks", type=int, default=0,
-                        help="lora-glm4: the MLPs of this many blocks recompute gate_up in backward (the training "
-                             "option of the same name)")
+                        help="lora-v2, lora-glm4: the MLPs of this many blocks recompute their up-projection in "
+                             "backward (the training option of the same name)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

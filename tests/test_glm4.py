@@ -18,12 +18,9 @@ from utils.dataset import encode_example
 from utils.decode_engine import GlmRows, NativeCompiler, NativeSteps, StepRunner, rows_class
 from utils.generation import generate_answers, stream_chat_reply
 from utils.adapters import load_model_with_adapter
-from utils.config_utils import ConfigError
 from utils.model_loading import load_model_and_tokenizer
 from utils.prompts import get_prompt_format, user_message
 from utils.records import read_instruction_records
-from utils.training_methods import load_model_to_train
-from utils.training_options import DEFAULTS as TRAINING_DEFAULTS
 
 DEMO_TRAIN = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "train.txt"
 DEMO_DEV = REPO_ROOT / "data" / "demo_ner" / "instruct_data" / "dev.txt"
@@ -211,34 +208,6 @@ def test_the_loaders_fused_layers_give_transformers_loss_and_gradients(glm4_dirs
     for name, grad in grads.items():
         assert error(grad, name) <= 1.5 * error(expected_grads[name], name) + 2e-3, (name, error(grad, name),
                                                                                     error(expected_grads[name], name))
-
-
-def test_recomputed_mlps_run_gate_up_again_in_backward_and_give_the_same_gradients(glm4_dirs, tiny_model_dirs):
-    """--recompute_mlp_blocks=1: the first block's MLP keeps its input only and runs gate_up_proj again in backward;
-    the loss and every gradient (LoRA with dropout on every linear layer: the masks drawn again alike) are those of
-    the run that keeps everything, bit for bit. A model without GLM-4 MLPs refuses the option."""
-    config = {**TRAINING_DEFAULTS, "model_dir": str(glm4_dirs["glm"]), "lora": {"r": 8, "alpha": 16, "dropout": 0.1,
-                                                                               "target_modules": "all"}}
-    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    runs = []
-    for blocks in (0, 1):
-        model, _ = load_model_to_train({**config, "recompute_mlp_blocks": blocks}, torch.float32, "cpu")
-        model.train()
-        calls = []
-        for index, layer in enumerate(model.get_base_model().model.layers):
-            layer.mlp.gate_up_proj.register_forward_hook(lambda *_, index=index: calls.append(index))
-        torch.manual_seed(1)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        runs.append((calls, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (calls, loss, grads), (recomputed_calls, recomputed_loss, recomputed_grads) = runs
-    assert calls == [0, 1] and recomputed_calls == [0, 1, 0]
-    assert torch.equal(recomputed_loss, loss) and grads.keys() == recomputed_grads.keys()
-    for name, grad in grads.items():
-        assert torch.equal(recomputed_grads[name], grad), name
-    with pytest.raises(ConfigError, match="recompute_mlp_blocks=1, but the model has 0 GLM-4 MLPs"):
-        load_model_to_train({**config, "model_dir": str(tiny_model_dirs["chatglm2-6b"]), "recompute_mlp_blocks": 1},
-                            torch.float32, "cpu")
 
 
 def test_last_position_logits_of_prefill_and_loss_come_from_plain_products(glm4_dirs):

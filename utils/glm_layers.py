@@ -7,7 +7,7 @@ formula itself), the layers below run them; elsewhere they run transformers' for
 - training: each norm keeps its bf16 input and one fp32 per row for backward, not an fp32 copy of the input; the MLP
   keeps its gate_up output only, not also the SiLU's output (GLM-4-9B: 43 KiB less per token and block, of 178);
 - decoding (utils/glm_decode.py's step, captured as a CUDA graph): fewer, larger kernels per block;
-- recompute_mlps: the MLPs of some blocks keep their input only and make gate_up's output again in backward (the
+- with recompute_activation set, an MLP keeps its input only and makes gate_up's output again in backward (the
   training option --recompute_mlp_blocks), for a step that must fit in less memory.
 The modules keep the originals' parameters under the same names, so state dicts, adapters and exports are unchanged.
 """
@@ -42,18 +42,18 @@ class FusedRMSNorm(nn.Module):
 
 
 class FusedSwiGLUMLP(nn.Module):
-    """A GLM MLP (`gate_up_proj`, SiLU, `down_proj`) with silu(gate) * up through triton_swiglu. With `recompute` set
-    (recompute_mlps), gate_up_proj and the SiLU run again in backward: the block keeps the MLP's input, not gate_up's
-    output, which is its largest saved activation."""
+    """A GLM MLP (`gate_up_proj`, SiLU, `down_proj`) with silu(gate) * up through triton_swiglu. With
+    `recompute_activation` set (as our model files' MLPs: utils.training_methods.recompute_mlps), gate_up_proj and the
+    SiLU run again in backward: the block keeps the MLP's input, not gate_up's output, its largest saved activation."""
 
     def __init__(self, mlp, kernels):
         super().__init__()
         self.gate_up_proj, self.down_proj, self.activation_fn = mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn
         self.kernel_applies, self.swiglu = kernels.elementwise_kernels_apply, kernels.triton_swiglu
-        self.recompute = False
+        self.recompute_activation = False
 
     def forward(self, hidden_states):
-        if self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.recompute_activation and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # the region ends before down_proj, whose backward needs no input when its weight is frozen
             return self.down_proj(checkpoint(self.activated, hidden_states, use_reentrant=False))
         return self.down_proj(self.activated(hidden_states))
@@ -87,15 +87,3 @@ def fuse_norms_and_mlps(model, kernels):
         model.set_submodule(name, module)
     return len(replaced)
 
-
-def recompute_mlps(model, blocks):
-    """The MLPs of the first `blocks` blocks of a GLM-4 model (its layers fused by fuse_norms_and_mlps) recompute
-    gate_up_proj and the SiLU in backward (GLM-4-9B: 45.5 KiB less kept per token and block, for ~2/3 of the MLP's
-    forward products again); the others keep their activations. Returns how many MLPs the model has."""
-    mlps = [module for module in model.modules() if isinstance(module, FusedSwiGLUMLP)]
-    if blocks > len(mlps):
-        raise ValueError(f"recompute_mlp_blocks={blocks}, but the model has {len(mlps)} GLM-4 MLPs on our kernels "
-                         "(the option applies to GLM-4 models)")
-    for index, mlp in enumerate(mlps):
-        mlp.recompute = index < blocks
-    return len(mlps)

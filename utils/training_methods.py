@@ -11,7 +11,6 @@ from peft import LoraConfig, get_peft_model
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError
-from utils.glm_layers import recompute_mlps
 from utils.lora_dropout import drop_inside_lora_a
 from utils.model_folder import folder_config, write_model_folder, write_native_model_folder
 from utils.run_dirs import staged_folder
@@ -75,6 +74,19 @@ def load_model_to_train(config, dtype, device, master_fp32=True, quantization_co
             raise ConfigError(f"--recompute_mlp_blocks: {error}") from None
     transformers.set_seed(config["seed"])
     return setup_method(model, config, config["method"], master_fp32=master_fp32), tokenizer
+
+
+def recompute_mlps(model, blocks):
+    """The MLPs of the first `blocks` blocks (ours: remote_scripts/*/modeling_chatglm.py's, GLM-4's of
+    utils/glm_layers.py) run their up-projection and activation again in backward, keeping their input instead of the
+    up-projection's output, the largest activation a block saves (ChatGLM2-6B and GLM-4-9B: 53.5 KiB a token); the
+    others keep everything. Returns how many such MLPs the model has."""
+    mlps = [module for module in model.modules() if hasattr(module, "recompute_activation")]
+    if blocks > len(mlps):
+        raise ValueError(f"recompute_mlp_blocks={blocks}, but the model has {len(mlps)} blocks whose MLP can recompute")
+    for index, mlp in enumerate(mlps):
+        mlp.recompute_activation = index < blocks
+    return len(mlps)
 
 
 def lora_target_modules(spec, chatglm=True):

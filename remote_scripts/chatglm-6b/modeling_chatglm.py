@@ -363,9 +363,17 @@ class GLU(nn.Module):
         inner = config.inner_hidden_size or 4 * config.hidden_size
         self.dense_h_to_4h = make_linear(config, config.hidden_size, inner, device=device)
         self.dense_4h_to_h = make_linear(config, inner, config.hidden_size, device=device)
+        # True: dense_h_to_4h and the activation run again in backward, and the block keeps the MLP's input instead of
+        # dense_h_to_4h's output, its largest saved activation (the training option --recompute_mlp_blocks)
+        self.recompute_activation = False
 
     def forward(self, hidden_states):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
+        if self.recompute_activation and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.dense_4h_to_h(torch.utils.checkpoint.checkpoint(self.activated, hidden_states, use_reentrant=False))
+        return self.dense_4h_to_h(self.activated(hidden_states))
+
+    def activated(self, hidden_states):
+        return F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh")
 
 
 class GLMBlock(GradientCheckpointingLayer):

@@ -511,9 +511,17 @@ class MLP(nn.Module):
         self.dense_4h_to_h = make_linear(
             config, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device
         )
+        # True: dense_h_to_4h and the activation run again in backward, and the block keeps the MLP's input instead of
+        # dense_h_to_4h's output, its largest saved activation (the training option --recompute_mlp_blocks)
+        self.recompute_activation = False
 
     def forward(self, hidden_states):
-        return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(hidden_states)))
+        if self.recompute_activation and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.dense_4h_to_h(torch.utils.checkpoint.checkpoint(self.activated, hidden_states, use_reentrant=False))
+        return self.dense_4h_to_h(self.activated(hidden_states))
+
+    def activated(self, hidden_states):
+        return swiglu(self.dense_h_to_4h(hidden_states))
 
 
 def make_norm(config, device=None):
