@@ -5,6 +5,7 @@ and the API server on them."""
 import asyncio
 import copy
 import json
+import logging
 
 import httpx
 import pytest
@@ -327,12 +328,13 @@ def test_chatglm2s_static_step_gives_transformers_tokens_and_scores(kind, glm4_d
     assert rows_class(model) is GlmRows
 
 
-def test_the_fused_qkv_product_follows_the_weights_and_steps_aside_for_adapters(glm4_dirs, monkeypatch):
+def test_the_fused_qkv_product_follows_the_weights_and_steps_aside_for_adapters(glm4_dirs, monkeypatch, caplog):
     """Where the kernels fuse (the CPU standing for CUDA here), q, k and v run as one product whose weights are copied
-    at each generation's start: a weight changed between answers (training, merging) is read by the next one; q, k
-    and v under a LoRA adapter run as their own modules."""
+    at each generation's start: a weight changed between answers (training, merging) is read by the next one. Without
+    room for the copy, and under a LoRA adapter, q, k and v run as their own modules."""
     from peft import LoraConfig, get_peft_model
 
+    from utils import glm_decode
     from utils.glm_decode import chatglm2_modeling
 
     model, tokenizer = load_model_and_tokenizer(glm4_dirs["glm"], dtype="fp32", device="cpu")
@@ -347,6 +349,14 @@ def test_the_fused_qkv_product_follows_the_weights_and_steps_aside_for_adapters(
         assert len(model.__dict__["_glm_fused_qkv"]) == 2
         assert ours_ids.tolist() == plain_ids.tolist()
         torch.testing.assert_close(ours_scores, plain_scores, atol=1e-4, rtol=1e-4)
+    # A device with too little memory beside the weights for the copy: the three products, said once.
+    model.__dict__.pop("_glm_fused_qkv")
+    monkeypatch.setattr(glm_decode, "device_bytes_free", lambda device: glm_decode.FUSED_COPY_HEADROOM)
+    with caplog.at_level(logging.WARNING, logger="utils.glm_decode"):
+        for _ in range(2):
+            ours_ids, _, _ = decode(model, batch, "static", do_sample=False, repetition_penalty=1.5)
+    assert model.__dict__["_glm_fused_qkv"] is False and ours_ids.tolist() == plain_ids.tolist()
+    assert [r.getMessage()[:43] for r in caplog.records] == ["GLM-4 decodes q, k and v as three products "]
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     plain_ids, plain_scores, _ = decode(adapted, batch, "plain", do_sample=False, repetition_penalty=1.5)
     ours_ids, ours_scores, _ = decode(adapted, batch, "static", do_sample=False, repetition_penalty=1.5)

@@ -10,12 +10,19 @@ other projections, the MLP, the norms' weights and the output layer are the mode
 and quantized layers included (so are q, k and v there). Where the kernels do not apply (CPU, fp32), the same step
 runs eagerly: rotary, cache write, grouped SDPA over the valid slots.
 """
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from utils.remote_code import remote_module
 
 MODEL_TYPES = ("glm", "glm4")
+# The fused q/k/v copy is made only where the device keeps this much free beside it: on a card that the weights nearly
+# fill, GLM-4 decodes on the three products rather than running out of memory later (the KV cache, a longer answer).
+FUSED_COPY_HEADROOM = 2 * 2**30
+
+logger = logging.getLogger(__name__)
 
 
 def chatglm2_modeling():
@@ -59,7 +66,8 @@ def refresh_fused_projections(model):
     at each generation's start (the weights may have changed since: training, merging), where the kernels fuse (CUDA)
     and the three are plain linear layers (no adapter, no quantization). At batch 1 the three separate products cost
     as much as two of the fused one (k's and v's 2 MB weights are read at a fraction of the bandwidth): GLM-4-9B on an
-    H100, 30.3 against 16.0 us per layer. The price is a second copy of those weights (1.5 GB on GLM-4-9B)."""
+    H100, 30.3 against 16.0 us per layer. The price is a second copy of those weights (1.5 GB on GLM-4-9B), made only
+    with FUSED_COPY_HEADROOM to spare (else, once said, this model keeps the three products)."""
     layers = decoder_of(model).model.layers
     projections = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
     weight = projections[0][0].weight
@@ -68,7 +76,17 @@ def refresh_fused_projections(model):
         model.__dict__.pop("_glm_fused_qkv", None)
         return
     fused = model.__dict__.get("_glm_fused_qkv")
+    if fused is False:  # no room for the copy
+        return
     if fused is None or fused[0][0].dtype != weight.dtype or fused[0][0].device != weight.device:
+        model.__dict__.pop("_glm_fused_qkv", None)  # the old copy's memory counts as free
+        size = sum(linear.weight.numel() for three in projections for linear in three) * weight.element_size()
+        free = device_bytes_free(weight.device)
+        if free is not None and free < size + FUSED_COPY_HEADROOM:
+            logger.warning("GLM-4 decodes q, k and v as three products (%.2f GiB free on %s: one fused product would "
+                           "take %.2f GiB of it)", free / 2**30, weight.device, size / 2**30)
+            model.__dict__["_glm_fused_qkv"] = False
+            return
         with torch.inference_mode(False):  # ordinary tensors, written again under any grad mode
             fused = [(torch.empty(sum(linear.out_features for linear in three), weight.shape[1], dtype=weight.dtype,
                                   device=weight.device),
@@ -81,6 +99,15 @@ def refresh_fused_projections(model):
             torch.cat([linear.weight for linear in three], out=fused_weight)
             if fused_bias is not None:
                 torch.cat([linear.bias for linear in three], out=fused_bias)
+
+
+def device_bytes_free(device):
+    """Bytes the caching allocator can still hand out on `device`: the driver's free memory and what the allocator
+    holds unused; None off CUDA (no limit known)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def add_norm(modeling, kernels, hidden_states, update, norm):
