@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from conftest import REPO_ROOT
 from utils.dataset import PaddingCollator
 from utils.model_loading import load_model_and_tokenizer
-from utils.trainer import Trainer, load_datasets, training_arguments
+from utils.trainer import Trainer, load_datasets, shared_prefix_length, training_arguments
 from utils.training_methods import add_lora
 from utils.training_options import DEFAULTS
 
@@ -114,6 +114,39 @@ def test_evaluation_in_length_batches_gives_the_eval_loss_of_the_trainers_loop(m
         for batch_size in (1, 3, 4):
             trainer.eval_tokens, trainer.args.per_device_eval_batch_size = eval_tokens, batch_size
             assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss_as_before(trainer, batch_size), rel=1e-5)
+
+
+@pytest.mark.parametrize("model", ["chatglm-6b", "chatglm2-6b", "chatglm3-6b", "glm", "glm4"])
+def test_evaluation_runs_the_shared_prompt_prefix_once_and_gives_the_eval_loss_of_whole_samples(model, tiny_model_dirs,
+                                                                                              glm4_dirs,
+                                                                                              sixteen_examples,
+                                                                                              tmp_path):
+    """Every MSRA sample begins with the same instruction: where prompts attend causally, evaluation runs those tokens
+    once and each batch continues their cache, with the eval_loss of the samples run whole. ChatGLM-6B's prompt
+    attends both ways (its tokens depend on what follows): it runs whole samples."""
+    model_dir = glm4_dirs[model] if model in glm4_dirs else tiny_model_dirs[model]
+    trainer = tiny_trainer(model_dir, sixteen_examples, tmp_path, max_steps=2, eval_steps=100)
+    trainer.train()  # LoRA weights that are not zero
+    prefix = trainer.shared_eval_prefix(trainer.eval_dataset)
+    assert prefix == 0 if model == "chatglm-6b" else prefix >= 20
+    losses = {}
+    for share in (True, False):
+        trainer.share_eval_prefix = share
+        losses[share] = []
+        for eval_tokens in (64, 100_000):  # batches of one or two samples; all samples in one batch
+            trainer.eval_tokens = eval_tokens
+            losses[share].append(trainer.evaluate()["eval_loss"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_the_shared_prefix_ends_before_the_first_prediction_of_a_target_and_leaves_a_token():
+    def example(ids, first_target):
+        return {"input_ids": ids, "labels": [-100] * first_target + ids[first_target:]}
+
+    assert shared_prefix_length([example([1, 2, 3, 4, 5], 4), example([1, 2, 3, 4, 6], 4)]) == 3  # 3 predicts 4
+    assert shared_prefix_length([example([1, 2, 3, 4, 5], 5), example([1, 2, 3], 3)]) == 2  # one token left
+    assert shared_prefix_length([example([1, 2, 3, 4, 5], 5), example([1, 7, 3, 4, 5], 5)]) == 1
+    assert shared_prefix_length([example([1, 2], 2), example([9, 2], 2)]) == 0
 
 
 @pytest.mark.parametrize("layout", ["glm", "glm4"])

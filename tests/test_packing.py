@@ -14,7 +14,7 @@ from conftest import OVERFIT, VERSIONS, run_script
 from test_training import logged_losses
 from utils.dataset import InstructionDataset, PackedDataset, PaddingCollator, pack_examples, pack_lengths, packed_inputs_hook
 from utils.model_loading import load_model_and_tokenizer
-from utils.trainer import prepare_packing
+from utils.trainer import prefix_cache, prepare_packing, repeated_rows, shared_prefix_length
 
 MODELS = (*VERSIONS, "llama")
 
@@ -284,21 +284,26 @@ def test_packed_segments_cut_at_every_segment_and_row_start():
 
 
 def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa=False):
-    """What flash attention's variable-length kernel computes, segment by segment (window (-1, 0): causal)."""
-    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
-    bounds = cu_q.tolist()
-    assert max(b - a for a, b in zip(bounds, bounds[1:])) == max_q
+    """What flash attention's variable-length kernel computes, segment by segment (window (-1, 0): causal, a query run
+    aligned to the end of its keys)."""
+    assert window_size == (-1, 0)
+    q_bounds, k_bounds = cu_q.tolist(), cu_k.tolist()
+    assert max(b - a for a, b in zip(q_bounds, q_bounds[1:])) == max_q
+    assert max(b - a for a, b in zip(k_bounds, k_bounds[1:])) == max_k
     out = torch.empty_like(q)
-    for start, end in zip(bounds, bounds[1:]):
-        part = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(*part, is_causal=True, enable_gqa=True).transpose(0, 1)
+    for (start, end), (k_start, k_end) in zip(zip(q_bounds, q_bounds[1:]), zip(k_bounds, k_bounds[1:])):
+        allowed = torch.ones(end - start, k_end - k_start, dtype=torch.bool).tril(k_end - k_start - (end - start))
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[k_start:k_end].transpose(0, 1), v[k_start:k_end].transpose(0, 1),
+            attn_mask=allowed, enable_gqa=True).transpose(0, 1)
     return out
 
 
 def test_attends_in_runs_takes_packed_rows_and_rows_padded_on_either_side_only():
     """The rows the variable-length path may take (each run of equal mask values attends to itself alone): packed
     segment ids, and padded rows with a single run of tokens; not a row with two runs of tokens (the dense mask lets
-    the second see the first), not an unpadded batch (no mask at all), not a decode step or a step after a cache."""
+    the second see the first), not an unpadded batch (no mask at all), not a decode step. After a cache: one run of
+    new tokens per row (padded or not; the cached part as it is), 0/1 masks only."""
     from utils.model_loading import remote_module
 
     runs = remote_module("chatglm2-6b", "modeling_chatglm").attends_in_runs
@@ -309,21 +314,31 @@ def test_attends_in_runs_takes_packed_rows_and_rows_padded_on_either_side_only()
     assert runs(mask([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), 5, 0)
     assert not runs(mask([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]), 5, 0)
     assert not runs(mask([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), 5, 0)
-    assert not runs(mask([[0, 0, 1, 1, 1]]), 1, 4) and not runs(mask([[0, 0, 1, 1, 1]]), 2, 3) and not runs(None, 5, 0)
+    assert not runs(mask([[0, 0, 1, 1, 1]]), 1, 4) and not runs(None, 5, 0)
+    assert runs(mask([[0, 0, 1, 1, 1]]), 2, 3) and runs(mask([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]), 3, 2)
+    assert not runs(mask([[1, 1, 1, 0, 1]]), 3, 2) and not runs(mask([[1, 1, 2, 2, 2]]), 3, 2)
 
 
-@pytest.mark.parametrize("layout", ["packed", "right-padded", "left-padded"])
+@pytest.mark.parametrize("layout", ["packed", "right-padded", "left-padded", "after-a-shared-prefix"])
 @pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
 def test_the_variable_length_attention_path_gives_the_masked_logits(setups, version, layout, monkeypatch):
     """The variable-length path of ChatGLM2/3 on CUDA (flash attention over segments, no dense mask), with the kernel
     replaced by a per-segment reference: q, k, v reach it flattened and cut where they should, and the result is put
     back in place, so the logits equal the dense mask's: the block-diagonal one of packed rows, and the padding mask of
     an evaluation batch (padded on the right) or of a batch of prompts (padded on the left). A prompt's prefill fills
-    the cache as the dense path does: the next token's logits after it are equal too."""
+    the cache as the dense path does: the next token's logits after it are equal too. After a shared prefix (as
+    evaluation runs it, utils/trainer.py): rows padded on the right continue one cache row repeated, each segment's
+    keys the cached tokens and then its own."""
     model, examples, pad_id = setups(version)
     modeling = __import__(type(model).__module__, fromlist=["PackedSegments"])
+    prefix = 0
     if layout == "packed":
         batch = packed_batch(examples, pad_id)
+    elif layout == "after-a-shared-prefix":
+        prefix = shared_prefix_length(examples)
+        assert prefix > 10
+        batch = PaddingCollator(pad_id)([{"input_ids": e["input_ids"][prefix:]} for e in examples])
+        batch["attention_mask"] = F.pad(batch["attention_mask"], (prefix, 0), value=1)
     else:
         batch = PaddingCollator(pad_id, layout.split("-")[0])(examples)
     batch = {k: v for k, v in batch.items() if k != "labels"}
@@ -331,7 +346,11 @@ def test_the_variable_length_attention_path_gives_the_masked_logits(setups, vers
                   "attention_mask": F.pad(batch["attention_mask"], (0, 1), value=1)}
 
     def prefill_and_next():
-        output = forward(model, batch, use_cache=True)
+        past = {}
+        if prefix:
+            past["past_key_values"] = repeated_rows(prefix_cache(model, examples[0]["input_ids"][:prefix], "cpu"),
+                                                    len(examples))
+        output = forward(model, batch, use_cache=True, **past)
         return output.logits, forward(model, next_batch, past_key_values=output.past_key_values).logits
 
     with torch.no_grad():
@@ -344,9 +363,42 @@ def test_the_variable_length_attention_path_gives_the_masked_logits(setups, vers
     assert len(calls) == model.config.num_layers
     if layout == "left-padded":
         torch.testing.assert_close(varlen_next, masked_next, atol=2e-5, rtol=1e-4)
-    real = batch["attention_mask"] != 0  # padding's outputs are never used (the dense mask lets it see every key)
+    real = batch["attention_mask"][:, prefix:] != 0  # padding's outputs are never used (the dense mask lets it see all)
     assert (~real).any()
     torch.testing.assert_close(varlen[real], masked[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs CUDA")
+@pytest.mark.parametrize("version", ["chatglm2-6b", "chatglm3-6b"])
+def test_rows_after_a_shared_prefix_on_cuda_take_flash_segments_and_give_the_whole_samples_logits(trainable_models,
+                                                                                                 sixteen_examples,
+                                                                                                 version):
+    """Evaluation's batches after the shared prompt prefix, on flash attention itself: its causal alignment of a
+    query run to the end of its keys (the cached tokens, then its own) gives each token what the whole sample gives."""
+    model, tokenizer = load_model_and_tokenizer(trainable_models[version], dtype="bf16", device="cuda")
+    model.eval()
+    modeling = __import__(type(model).__module__, fromlist=["PackedSegments"])
+    examples = InstructionDataset(sixteen_examples, tokenizer, version, max_source_length=64, max_target_length=32).examples[:6]
+    prefix = shared_prefix_length(examples)
+    whole = {k: v.cuda() for k, v in PaddingCollator(tokenizer.pad_token_id)(examples).items() if k != "labels"}
+    rest = PaddingCollator(tokenizer.pad_token_id)([{"input_ids": e["input_ids"][prefix:]} for e in examples])
+    rest = {"input_ids": rest["input_ids"].cuda(), "attention_mask": F.pad(rest["attention_mask"], (prefix, 0), value=1).cuda()}
+    calls = []
+    original = modeling.varlen_attn
+    modeling.varlen_attn = lambda q, k, v, cu_q, cu_k, *args, **kwargs: calls.append(torch.equal(cu_q, cu_k)) or original(
+        q, k, v, cu_q, cu_k, *args, **kwargs)
+    try:
+        with torch.no_grad():
+            expected = forward(model, whole).logits[:, prefix:].float()
+            past = repeated_rows(prefix_cache(model, examples[0]["input_ids"][:prefix], "cuda"), len(examples))
+            logits = forward(model, rest, past_key_values=past, use_cache=True).logits.float()
+    finally:
+        modeling.varlen_attn = original
+    layers = model.config.num_layers
+    assert calls == [True] * layers + [False] * layers  # whole samples (segments), then the rows after the prefix
+    real = rest["attention_mask"][:, prefix:] != 0
+    torch.testing.assert_close(logits[real], expected[real], atol=3e-2, rtol=3e-2)
+    assert (logits[real].argmax(-1) == expected[real].argmax(-1)).float().mean() > 0.95
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention's variable-length kernel needs CUDA")

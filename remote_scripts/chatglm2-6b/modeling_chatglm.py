@@ -243,12 +243,16 @@ def attends_in_runs(attention_mask, query_len, past_len):
     """Whether a prefill's attention_mask makes each run of equal values attend causally to itself alone: packed
     samples (segment ids), or padded rows with one run of tokens, padding on either side (the padding run then attends
     to itself, where the dense mask lets it see every key; its outputs are never used either way). A row without
-    padding has no mask at all (plain causal attention)."""
-    if attention_mask is None or past_len or query_len < 2:
+    padding has no mask at all (plain causal attention). Over a cache (past_len > 0, a 0/1 mask): each row's one run
+    of new tokens, which then also attends to the cached tokens its mask marks (PackedSegments' past)."""
+    if attention_mask is None or query_len < 2:
         return False
-    tokens = attention_mask == 1
+    new = attention_mask[:, past_len:]
+    tokens = new == 1
     token_runs = tokens[:, 0].int() + (tokens[:, 1:] & ~tokens[:, :-1]).sum(-1)
-    return bool((attention_mask > 1).any() | ((token_runs.max() <= 1) & ~tokens.all()))  # one host sync
+    if past_len:
+        return bool((token_runs.max() <= 1) & (attention_mask <= 1).all())  # one host sync
+    return bool((new > 1).any() | ((token_runs.max() <= 1) & ~tokens.all()))  # one host sync
 
 
 def build_attention_mask(attention_mask, query_len, past_len, prefix_len):
@@ -288,18 +292,49 @@ class PackedSegments:
     tokens, cut where the mask's value changes or a row begins. Each segment (padding runs included: their outputs are
     never used) attends causally to itself only, as build_attention_mask's dense mask has it, but with no [S, S] mask,
     no work on the blocks outside the diagonal, and nothing that depends on the shape: SDPA with a dense mask goes to
-    cuDNN first, which builds a plan for every new (batch, length): 40 ms to 1.8 s each on an H100."""
+    cuDNN first, which builds a plan for every new (batch, length): 40 ms to 1.8 s each on an H100.
 
-    def __init__(self, segments):
-        batch, seq = segments.shape
-        flat = segments.reshape(-1)
+    Over a cache of past_len tokens per row (a DynamicCache: evaluation's shared prompt prefix, a padded prefill after
+    earlier turns), each segment's keys are the cached tokens its row's mask marks, then its own tokens; flash
+    attention aligns a causal query run to the end of its keys, so token i sees the cached ones and its run up to i."""
+
+    def __init__(self, segments, past_len=0):
+        batch, seq = segments.shape[0], segments.shape[1] - past_len
+        flat = segments[:, past_len:].reshape(-1)
         starts = torch.ones_like(flat, dtype=torch.bool)
         starts[1:] = flat[1:] != flat[:-1]
         starts[::seq] = True
         bounds = torch.cat((starts.nonzero().flatten(), flat.new_tensor([flat.numel()])))
-        self.cu_seqlens = bounds.to(torch.int32)
-        self.max_len = int((bounds[1:] - bounds[:-1]).max())  # the one host sync, once per forward
-        self.batch, self.seq = batch, seq
+        lengths = bounds[1:] - bounds[:-1]
+        self.cu_seqlens = self.cu_seqlens_k = bounds.to(torch.int32)
+        self.max_len = self.max_len_k = int(lengths.max())  # the one host sync, once per forward (three over a cache)
+        self.batch, self.seq, self.past_len, self.key_index = batch, seq, past_len, None
+        if past_len:
+            self._add_past(segments[:, :past_len] != 0, bounds, lengths)
+
+    def _add_past(self, cached, bounds, lengths):
+        """key_index: for each segment, its row's marked cached positions, then its own, as indices into the rows'
+        keys flattened [B * (past_len + seq)]; cu_seqlens_k and max_len_k to match."""
+        seq, width = self.seq, self.past_len + self.seq
+        segments = torch.arange(len(lengths), device=bounds.device)
+        counts = cached.sum(-1)[bounds[:-1] // seq]  # cached keys of each segment: its row's
+        key_lengths = counts + lengths
+        cu_keys = torch.cat((key_lengths.new_zeros(1), key_lengths.cumsum(0)))
+        total_cached, total = int(counts.sum()), int(cu_keys[-1])
+        self.cu_seqlens_k = cu_keys.to(torch.int32)
+        self.max_len_k = int(key_lengths.max())
+        rows, positions = cached.nonzero().unbind(-1)  # row-major: each row's cached positions in order
+        row_counts = cached.sum(-1)
+        row_first = row_counts.cumsum(0) - row_counts
+        owner = torch.repeat_interleave(segments, counts, output_size=total_cached)
+        rank = torch.arange(total_cached, device=bounds.device) - (counts.cumsum(0) - counts)[owner]
+        cached_keys = (rows * width + positions)[row_first[bounds[owner] // seq] + rank]
+        token = torch.arange(self.batch * seq, device=bounds.device)
+        token_owner = torch.repeat_interleave(segments, lengths, output_size=len(token))
+        own_keys = token // seq * width + self.past_len + token % seq
+        self.key_index = torch.empty(total, dtype=torch.long, device=bounds.device)
+        self.key_index[cu_keys[owner] + rank] = cached_keys
+        self.key_index[cu_keys[token_owner] + counts[token_owner] + token - bounds[token_owner]] = own_keys
 
     @staticmethod
     def applies(attention_mask, query_len, past_len, prefix_len, hidden_states, dropout):
@@ -308,12 +343,19 @@ class PackedSegments:
         return (varlen_attn is not None and hidden_states.is_cuda and hidden_states.dtype in (torch.float16, torch.bfloat16)
                 and not prefix_len and not dropout and attends_in_runs(attention_mask, query_len, past_len))
 
+    def keys_of_segments(self, k):
+        """k [B, S, kv_heads, d] (with a past: [B, past_len + S, kv_heads, d], the cache's rows) -> the keys of
+        each segment in turn, [cu_seqlens_k[-1], kv_heads, d]."""
+        k = k.reshape(-1, *k.shape[2:])
+        return k if self.key_index is None else k.index_select(0, self.key_index)
+
     def attend(self, q, k, v):
-        """q [B, S, heads, d], k and v [B, S, kv_heads, d] -> [B, S, heads * d]. Fewer key/value heads than query
-        heads are passed as they are (flash attention's grouped-query support)."""
-        tokens = self.batch * self.seq
-        q, k, v = (t.reshape(tokens, *t.shape[2:]) for t in (q, k, v))
-        out = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, window_size=(-1, 0),
+        """q [B, S, heads, d], k and v [B, S, kv_heads, d] (with a past: the cache's rows, [B, past_len + S,
+        kv_heads, d]) -> [B, S, heads * d]. Fewer key/value heads than query heads are passed as they are (flash
+        attention's grouped-query support)."""
+        q = q.reshape(self.batch * self.seq, *q.shape[2:])
+        k, v = self.keys_of_segments(k), self.keys_of_segments(v)
+        out = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens_k, self.max_len, self.max_len_k, window_size=(-1, 0),
                           **({"enable_gqa": True} if VARLEN_HAS_GQA_FLAG and k.shape[1] != q.shape[1] else {}))
         return out.reshape(self.batch, self.seq, -1)
 
@@ -473,7 +515,9 @@ class SelfAttention(nn.Module):
         if isinstance(attention_mask, PackedSegments):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
             if past_key_values is not None:  # a padded prompt's prefill: the cache keeps every position, padding too
-                past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+                keys, values = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+                if attention_mask.past_len:  # the new tokens see the cached ones too
+                    k, v = keys.transpose(1, 2), values.transpose(1, 2)
             return self.dense(attention_mask.attend(q, k, v))
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.transpose(1, 2)
@@ -736,9 +780,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             else:
                 position_ids = torch.arange(past_len, past_len + seq, device=hidden_states.device).expand(batch, -1)
         rotary = self.rotary_pos_emb(position_ids, hidden_states.dtype)
-        if PackedSegments.applies(attention_mask, seq, past_len, self.pre_seq_len, hidden_states,
-                                  self.training and self.config.attention_dropout):
-            mask = PackedSegments(attention_mask)
+        # (over a cache, only one whose update returns each row's past and new keys: not the static cache's buffers)
+        if (PackedSegments.applies(attention_mask, seq, past_len, self.pre_seq_len, hidden_states,
+                                   self.training and self.config.attention_dropout)
+                and not (past_len and isinstance(past_key_values, StaticKVCache))):
+            mask = PackedSegments(attention_mask, past_len)
         else:
             mask = build_attention_mask(attention_mask, seq, past_len, self.pre_seq_len)
 
