@@ -152,9 +152,10 @@ def shared_prefix_length(examples):
 
 def prefix_cache(model, prefix_ids, device):
     """Every layer's keys and values for prefix_ids (one row): a DynamicCache, which the forward pass fills."""
-    input_ids, cache = torch.tensor([prefix_ids], device=device), DynamicCache()
-    model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1,
-          **{NativeSteps.cache_kwarg_of(causal_lm(model)): cache})
+    input_ids, cache, lm = torch.tensor([prefix_ids], device=device), DynamicCache(), causal_lm(model)
+    with without_per_shape_plans(active=is_native(lm)):
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True, logits_to_keep=1,
+              **{NativeSteps.cache_kwarg_of(lm): cache})
     return cache
 
 
