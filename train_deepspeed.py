@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers.integrations import HfTrainerDeepSpeedConfig
@@ -41,8 +41,8 @@ from utils.distributed import free_port, leave_process_group, set_env_from_mpi
 from utils.model_loading import resolve_dtype
 from utils.generation import peak_memory_gib
 from utils.sdpa_backends import without_per_shape_plans
-from utils.trainer import (check_weights_finite, is_native, load_datasets, native_batch_loss, plot_loss, prepare_packing,
-                           training_arguments)
+from utils.trainer import (check_weights_finite, eval_batch_tokens, eval_prefix_length, evaluation_loss, is_native,
+                           load_datasets, native_batch_loss, plot_loss, prepare_packing, training_arguments)
 from utils.training_methods import (gathered_state_dict, gathered_trainable_parameters, load_model_to_train, prefix_state,
                                     save_adapter, save_full_model, save_prefix, write_partial_checkpoint)
 from utils.training_options import DEFAULTS as TRAINING_DEFAULTS, check_run_start, checkpoint_dir
@@ -202,7 +202,7 @@ def start_process_group(local_rank):
 
 
 def load_data(config, train_file, dev_file, model, tokenizer, master):
-    """(train data, eval data, their loaders): each rank's share of a seeded shuffle per epoch, and of dev."""
+    """(train data, eval data, the train loader: each rank's share of a seeded shuffle per epoch, the collator)."""
     train_data, eval_data = load_datasets(
         train_file, dev_file, tokenizer, model.model_version, config["data_format"], config["max_source_length"],
         config["max_target_length"], config["block_size"], config["skip_bad_lines"], config["loss_on_all_turns"],
@@ -218,12 +218,7 @@ def load_data(config, train_file, dev_file, model, tokenizer, master):
     # same dropout masks as an uninterrupted one.
     train_loader = DataLoader(train_data, batch_size=config["per_device_train_batch_size"], sampler=sampler,
                               collate_fn=collate, generator=torch.Generator().manual_seed(config["seed"]))
-    eval_loader = None
-    if eval_data is not None:
-        eval_loader = DataLoader(Subset(eval_data, range(rank, len(eval_data), world_size)), collate_fn=collate,
-                                 batch_size=config["per_device_eval_batch_size"],
-                                 generator=torch.Generator().manual_seed(config["seed"]))
-    return train_data, eval_data, train_loader, eval_loader
+    return train_data, eval_data, train_loader, collate
 
 
 def prepare_output_dir_once(output_dir, resume, overwrite):
@@ -308,25 +303,24 @@ def batch_loss(engine, batch, num_items_in_batch=None):
     return engine(**batch, num_items_in_batch=num_items_in_batch).loss
 
 
-def evaluate(engine, eval_loader, device):
-    """Eval loss as the Trainer computes it: each batch's mean over its target tokens, averaged over the examples.
-    Every rank runs the same number of forward passes (ZeRO-3 gathers weights in them); extra ones are not counted."""
-    eval_data, world_size = eval_loader.dataset.dataset, dist.get_world_size()
-    eval_batches = math.ceil(math.ceil(len(eval_data) / world_size) / eval_loader.batch_size)
-    engine.eval()
-    total, count = torch.zeros((), device=device), 0
-    with torch.no_grad():
-        batches = iter(eval_loader)
-        for _ in range(eval_batches):
-            batch = next(batches, None)
-            counted = batch is not None
-            batch = {key: value.to(device) for key, value in (batch or eval_loader.collate_fn([eval_data[0]])).items()}
-            loss = batch_loss(engine, batch).float()
-            if counted:
-                total += loss * len(batch["input_ids"])
-                count += len(batch["input_ids"])
-    engine.train()
-    return (all_reduce_sum(total, device) / all_reduce_sum(count, device)).item()
+def evaluator(engine, config, train_data, eval_data, collate, device):
+    """A function giving the eval loss as train_trainer.py's Trainer computes it (utils.trainer.evaluation_loss: length
+    batches of as many tokens, the prompt prefix every sample shares run once), or None without dev data."""
+    if eval_data is None:
+        return None
+    prefix = eval_prefix_length(engine, eval_data, collate)
+    eval_tokens = eval_batch_tokens(config["pack_tokens"], config["per_device_train_batch_size"], train_data)
+
+    def evaluate():
+        engine.eval()
+        with torch.no_grad():
+            loss = evaluation_loss(engine, eval_data, collate, prefix, eval_tokens, config["per_device_eval_batch_size"],
+                                   device, dist.get_rank(), dist.get_world_size(),
+                                   lambda tensor: all_reduce_sum(tensor, device))
+        engine.train()
+        return loss
+
+    return evaluate
 
 
 def train_step(state, micro_batches):
@@ -355,8 +349,9 @@ def train_step(state, micro_batches):
     return learning_rate
 
 
-def train(state, config, train_loader, eval_loader, plan, save):
-    """The training loop from where `state` stands to the planned end; returns the last eval loss (None if none)."""
+def train(state, config, train_loader, evaluate, plan, save):
+    """The training loop from where `state` stands to the planned end, evaluating with `evaluate` (None: no dev data);
+    returns the last eval loss (None if none)."""
     _, _, total_steps, num_epochs = plan
     state.engine.train()
     progress = tqdm(total=total_steps, initial=state.global_step, desc="training", disable=not state.master,
@@ -380,8 +375,8 @@ def train(state, config, train_loader, eval_loader, plan, save):
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 log_started = time.time()
             paused = time.time()  # evaluation and saving do not count in the next line's tokens/s
-            if eval_loader is not None and (state.every(config["eval_steps"]) or final):
-                eval_loss = evaluate(state.engine, eval_loader, state.device)
+            if evaluate is not None and (state.every(config["eval_steps"]) or final):
+                eval_loss = evaluate()
                 state.log({"eval_loss": round(eval_loss, 6)})
             if state.every(config["save_steps"]) or (final and config["save_steps"] > 0):
                 save()
@@ -451,7 +446,7 @@ def main(config):
     with contextlib.redirect_stdout(sys.stdout if master else io.StringIO()):
         model, tokenizer = load_model_to_train(config, resolve_dtype(config["dtype"], device.type), str(device),
                                                master_fp32=False)
-    train_data, eval_data, train_loader, eval_loader = load_data(config, train_file, dev_file, model, tokenizer, master)
+    train_data, eval_data, train_loader, collate = load_data(config, train_file, dev_file, model, tokenizer, master)
     prepare_output_dir_once(output_dir, resume, config["overwrite_output_dir"])
     plan = plan_steps(config, train_loader.sampler)
     micro_batches_per_epoch, steps_per_epoch, total_steps, _ = plan
@@ -472,7 +467,8 @@ def main(config):
     if master and "tensorboard" in config["report_to"].split(","):
         state.writer = SummaryWriter(str(output_dir / "runs"), purge_step=state.global_step if resume else None)
     session = time.time(), state.global_step, state.tokens_seen
-    eval_loss = train(state, config, train_loader, eval_loader, plan,
+    evaluate = evaluator(engine, config, train_data, eval_data, collate, device)
+    eval_loss = train(state, config, train_loader, evaluate, plan,
                       save=lambda: save_checkpoint(state, output_dir, method, record, config["save_total_limit"]))
     finish(state, config, method, output_dir, record, eval_loss, session)
 

@@ -21,10 +21,10 @@ def final_train_loss(run_dir):
     return json.loads((run_dir / "adapter_model" / "train_args.json").read_text())["metrics"]["train_loss"]
 
 
-def saved_model_eval_loss(model_dir, data_file, batch_size=4, world_size=1):
-    """Eval loss of a saved model folder on data_file as the training scripts compute it: each batch's mean over its
-    target tokens, averaged over the examples. With several processes each evaluates examples rank, rank + world_size,
-    ... (train_deepspeed.py's split; the batches, and so the figure, depend on it)."""
+def saved_model_eval_loss(model_dir, data_file, batch_size=4):
+    """Eval loss of a saved model folder on data_file as the training scripts compute it (transformers' Trainer's
+    figure): each batch's mean over its target tokens, averaged over the examples; batches of batch_size consecutive
+    examples (per process, times the processes)."""
     from utils.dataset import InstructionDataset, PaddingCollator
 
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu")
@@ -32,12 +32,10 @@ def saved_model_eval_loss(model_dir, data_file, batch_size=4, world_size=1):
     collate = PaddingCollator(tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
-        for rank in range(world_size):
-            share = list(range(rank, len(data), world_size))
-            for start in range(0, len(share), batch_size):
-                batch = [data[i] for i in share[start:start + batch_size]]
-                total += model(**collate(batch)).loss.item() * len(batch)
-                count += len(batch)
+        for start in range(0, len(data), batch_size):
+            batch = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            total += model(**collate(batch)).loss.item() * len(batch)
+            count += len(batch)
     return total / count
 
 
@@ -55,11 +53,11 @@ def assert_full_model_folder(run_dir, base_dir, data_file, script):
     changed = [name for name in base if not torch.equal(trained[name], base[name])]
     unchanged = sorted(set(base) - set(changed) - {name for name in base if name.endswith("inv_freq")})
     assert not unchanged, unchanged
-    # train_deepspeed.py gives each process every world_size-th example in batches of 4; the Trainer's figure is that of
-    # consecutive batches of 4 x world_size (it normalises over the target tokens of all processes' batches).
+    # Both scripts give the Trainer's figure: consecutive batches of 4 x world_size (normalised over the target tokens
+    # of all processes' batches).
     world_size = train_args["world_size"]
-    split = {"world_size": world_size} if script == "train_deepspeed.py" else {"batch_size": 4 * world_size}
-    assert saved_model_eval_loss(model_dir, data_file, **split) == pytest.approx(train_args["metrics"]["eval_loss"], rel=1e-4)
+    assert saved_model_eval_loss(model_dir, data_file, 4 * world_size) == pytest.approx(train_args["metrics"]["eval_loss"],
+                                                                                        rel=1e-4)
     return train_args
 
 

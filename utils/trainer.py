@@ -235,6 +235,57 @@ def batch_loss_mean(sums, counts, batch_size):
     return total / samples if samples else float("nan")
 
 
+def eval_prefix_length(model, data, collator):
+    """The prompt tokens every sample of `data` begins with, for evaluation to run once (shared_prefix_length); 0 where
+    it cannot: prompts that attend both ways (causal_prompts), or a collator other than the training one (padding on
+    the right, so that positions follow the cached tokens)."""
+    if not (causal_prompts(model) and isinstance(collator, PaddingCollator) and collator.padding_side == "right"):
+        return 0
+    return shared_prefix_length(data.examples)
+
+
+def eval_batch_tokens(pack_tokens, train_batch_size, train_data):
+    """Tokens of an evaluation batch: packed, a training step's (train_batch_size rows of pack_tokens: without
+    activations kept for backward it fits wherever the step does, and larger batches keep the GPU busier; H200, MSRA
+    dev: 7.8 s at 2,560, 7.0 at 8,192), else pack_tokens."""
+    return pack_tokens * (train_batch_size if isinstance(train_data, PackedDataset) else 1)
+
+
+def evaluation_loss(model, data, collator, prefix, eval_tokens, batch_size, device, process_index=0, world=1,
+                    reduce_sum=None):
+    """eval_loss of encoded samples as transformers' Trainer defines it (batch_loss_mean over batches of batch_size x
+    world consecutive samples), computed otherwise: in batches of similar length of up to eval_tokens tokens (of what
+    follows the prefix), the output layer on the targets only (target_losses), and the first `prefix` tokens, which
+    every sample shares (eval_prefix_length), run once, each batch continuing their cache. Process process_index of
+    `world` runs every world-th batch; every process runs as many forwards (ZeRO-3 gathers the weights in each: one
+    short of a batch repeats the first and leaves it out); reduce_sum sums a tensor over the processes. Call it under
+    no_grad and the run's precision (autocast)."""
+    batches = length_batches([len(example["input_ids"]) - prefix for example in data], eval_tokens)
+    sums, counts = (torch.zeros(len(data), dtype=torch.float64, device=device) for _ in range(2))
+    shared = prefix_cache(model, data[0]["input_ids"][:prefix], device) if prefix else None
+    for step in range(process_index, -(-len(batches) // world) * world, world):
+        batch = batches[step % len(batches)]
+        features = [data[i] for i in batch]
+        if prefix:
+            features = [{key: example[key][prefix:] for key in ("input_ids", "labels")} for example in features]
+        inputs = {key: value.to(device) for key, value in collator(features).items()}
+        past = None
+        if prefix:
+            mask = inputs["attention_mask"]
+            inputs["attention_mask"] = torch.cat((mask.new_ones(len(batch), prefix), mask), dim=1)
+            past = repeated_rows(shared, len(batch))
+        # The batch's targets in one chunk (at most eval_tokens rows): every process calls the output layer as often,
+        # as ZeRO-3's gathering of its weights needs.
+        losses, rows = target_losses(model, inputs, inputs["input_ids"].numel(), past_key_values=past)
+        if step < len(batches):
+            samples = torch.tensor(batch, device=device)[rows]
+            sums.index_add_(0, samples, losses.double())
+            counts.index_add_(0, samples, torch.ones_like(sums[samples]))
+    if world > 1:
+        sums, counts = reduce_sum(sums), reduce_sum(counts)
+    return batch_loss_mean(sums.tolist(), counts.tolist(), batch_size * world)
+
+
 def prepare_packing(model, train_data, packing, pack_tokens, seed, log=print):
     """(train data, group_by_length): with packing, rows of at most pack_tokens tokens; a model that cannot pack
     trains on the unpacked examples in batches grouped by length instead, and the log says so."""
@@ -413,59 +464,30 @@ class Trainer(transformers.Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        """The loss alone (no compute_metrics) of encoded samples: in batches of similar length of up to eval_tokens
-        tokens, the output layer on the targets only (target_losses), each sample's loss then combined into the
-        Trainer's own figure over its batches (batch_loss_mean), so eval_loss does not depend on how it was computed.
-        Where the prompts attend causally, the prefix that every sample shares (shared_prefix_length) runs once, and
-        the batches continue its cache. Anything else: the Trainer's own loop."""
+        """The loss alone (no compute_metrics) of encoded samples: evaluation_loss, the Trainer's own figure computed
+        in length batches of eval_tokens tokens with the shared prompt prefix run once. Anything else: the Trainer's own
+        loop."""
         data = dataloader.dataset
         if not prediction_loss_only or not isinstance(data, EncodedDataset):
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                            metric_key_prefix)
-        model, device, world = self.model_wrapped, self.args.device, self.args.world_size
-        model.eval()
-        prefix = self.shared_eval_prefix(data)
-        batches = length_batches([len(example["input_ids"]) - prefix for example in data], self.eval_tokens)
-        sums, counts = (torch.zeros(len(data), dtype=torch.float64, device=device) for _ in range(2))
-        # Every process runs as many forwards (ZeRO-3 gathers the weights in each): one short of a batch repeats the
-        # first and leaves it out.
         # Under the training's autocast (accelerate applies it to a prepared model's forward; evaluate() may come
         # before any), with LoRA's inputs uncast as in training.
+        self.model_wrapped.eval()
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast(), self.lora_inputs_uncast():
-            shared = prefix_cache(model, data[0]["input_ids"][:prefix], device) if prefix else None
-            for step in range(self.args.process_index, -(-len(batches) // world) * world, world):
-                batch = batches[step % len(batches)]
-                features = [data[i] for i in batch]
-                if prefix:
-                    features = [{key: example[key][prefix:] for key in ("input_ids", "labels")} for example in features]
-                inputs = {key: value.to(device) for key, value in self.data_collator(features).items()}
-                past = None
-                if prefix:
-                    mask = inputs["attention_mask"]
-                    inputs["attention_mask"] = torch.cat((mask.new_ones(len(batch), prefix), mask), dim=1)
-                    past = repeated_rows(shared, len(batch))
-                # The batch's targets in one chunk (at most eval_tokens rows): every process calls the output layer as
-                # often, as ZeRO-3's gathering of its weights needs.
-                losses, rows = target_losses(model, inputs, inputs["input_ids"].numel(), past_key_values=past)
-                if step < len(batches):
-                    samples = torch.tensor(batch, device=device)[rows]
-                    sums.index_add_(0, samples, losses.double())
-                    counts.index_add_(0, samples, torch.ones_like(sums[samples]))
-        if world > 1:
-            sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
-        loss = batch_loss_mean(sums.tolist(), counts.tolist(), self.args.eval_batch_size * world)
+            loss = evaluation_loss(self.model_wrapped, data, self.data_collator, self.shared_eval_prefix(data),
+                                   self.eval_tokens, self.args.eval_batch_size, self.args.device,
+                                   self.args.process_index, self.args.world_size,
+                                   lambda tensor: self.accelerator.reduce(tensor, "sum"))
         return EvalLoopOutput(predictions=None, label_ids=None, metrics={f"{metric_key_prefix}_loss": loss},
                               num_samples=len(data))
 
     def shared_eval_prefix(self, data):
-        """The prompt tokens every sample of `data` begins with, for evaluation to run once (0: none, or not here:
-        prompts that attend both ways, a collator that pads on the left). Counted once per data set."""
-        collator = self.data_collator
-        if not (self.share_eval_prefix and causal_prompts(self.model) and isinstance(collator, PaddingCollator)
-                and collator.padding_side == "right"):
+        """eval_prefix_length of `data`, counted once per data set (0 with share_eval_prefix off)."""
+        if not self.share_eval_prefix:
             return 0
         if self.eval_prefix is None or self.eval_prefix[0] is not data:
-            self.eval_prefix = (data, shared_prefix_length(data.examples))
+            self.eval_prefix = (data, eval_prefix_length(self.model, data, self.data_collator))
         return self.eval_prefix[1]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -612,13 +634,10 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
     if int(os.environ.get("RANK", "0")) == 0:  # one process moves an overwritten run aside
         RunFolder(output_dir, resume, config["overwrite_output_dir"]).prepare()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
-    # Packed, an evaluation batch holds a training step's tokens: without activations kept for backward it fits
-    # wherever the step does, and larger batches keep the GPU busier (H200, MSRA dev: 7.8 s at 2,560, 7.0 at 8,192).
-    packed = isinstance(train_data, PackedDataset)
-    eval_tokens = config["pack_tokens"] * (args.per_device_train_batch_size if packed else 1)
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                       data_collator=PaddingCollator(tokenizer.pad_token_id),
-                      trainable_only=method in ("ptuning", "freeze"), eval_tokens=eval_tokens,
+                      trainable_only=method in ("ptuning", "freeze"),
+                      eval_tokens=eval_batch_tokens(config["pack_tokens"], args.per_device_train_batch_size, train_data),
                       run_info={**run_info, "config": config, "model_version": model.model_version})
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
