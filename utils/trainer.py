@@ -147,7 +147,7 @@ def shared_prefix_length(examples):
             length += 1
         if not length:
             break
-    return max(length, 0)
+    return length
 
 
 def prefix_cache(model, prefix_ids, device):
@@ -442,8 +442,8 @@ class Trainer(transformers.Trainer):
         self.first_training_log = None  # (wall clock, tokens seen) at the first training log line of this session
         self.steady_tokens_per_second = None  # real tokens/s from that line to the latest one
         self.train_began = None  # perf_counter at this session's start (RunCallback)
-        self.eval_prefix = None  # (the evaluation data set, the length of the prompt prefix its samples share)
         self.first_step_seconds = None  # from then to the end of this session's first step
+        self.eval_prefix = None  # (the evaluation data set, the length of the prompt prefix its samples share)
         self.add_callback(RunCallback(self))
 
     def run_record(self):
