@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from conftest import REPO_ROOT
 from utils.dataset import PaddingCollator
 from utils.model_loading import load_model_and_tokenizer
-from utils.trainer import Trainer, load_datasets, shared_prefix_length, training_arguments
+from utils.trainer import Trainer, causal_prompts, load_datasets, shared_prefix_length, training_arguments
 from utils.training_methods import add_lora
 from utils.training_options import DEFAULTS
 
@@ -137,6 +137,17 @@ def test_evaluation_runs_the_shared_prompt_prefix_once_and_gives_the_eval_loss_o
             trainer.eval_tokens = eval_tokens
             losses[share].append(trainer.evaluate()["eval_loss"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_only_models_whose_prompts_attend_causally_share_them(tiny_model_dirs, glm4_dirs):
+    """ChatGLM-6B's prompt attends both ways, and a P-tuning model's cache begins with its prefix: neither shares."""
+    for name, model_dir, options, shares in (("chatglm2", tiny_model_dirs["chatglm2-6b"], {}, True),
+                                             ("chatglm3", tiny_model_dirs["chatglm3-6b"], {}, True),
+                                             ("glm", glm4_dirs["glm"], {}, True),
+                                             ("chatglm2 P-tuning", tiny_model_dirs["chatglm2-6b"], {"pre_seq_len": 4}, False),
+                                             ("chatglm-6b", tiny_model_dirs["chatglm-6b"], {}, False)):
+        model, _ = load_model_and_tokenizer(model_dir, dtype="fp32", device="cpu", **options)
+        assert causal_prompts(model) is shares, name
 
 
 def test_the_shared_prefix_ends_before_the_first_prediction_of_a_target_and_leaves_a_token():
