@@ -314,9 +314,9 @@ def evaluator(engine, config, train_data, eval_data, collate, device):
     def evaluate():
         engine.eval()
         with torch.no_grad():
-            loss = evaluation_loss(engine, eval_data, collate, prefix, eval_tokens, config["per_device_eval_batch_size"],
-                                   device, dist.get_rank(), dist.get_world_size(),
-                                   lambda tensor: all_reduce_sum(tensor, device))
+            loss = evaluation_loss(engine, eval_data, collate, prefix, eval_tokens,
+                                   config["per_device_eval_batch_size"], device, dist.get_rank(),
+                                   dist.get_world_size(), lambda tensor: all_reduce_sum(tensor, device))
         engine.train()
         return loss
 

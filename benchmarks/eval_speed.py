@@ -2,8 +2,9 @@
 Trainer.evaluation_loop (samples sorted by length in batches of up to --eval_tokens tokens, the output layer on the
 target tokens only) next to transformers.Trainer.evaluation_loop (batches of --batch_size in file order, full logits).
 Both give eval_loss; they must agree. Ours runs the prompt prefix that every sample shares once and the batches from
-its cache (ours-unshared: every sample whole, to compare). A model folder with a LoRA of r 8 on every linear layer of the blocks (freshly
-initialised: the speed is that of any adapter) in the compute dtype, as train_trainer.py evaluates it.
+its cache (ours-unshared: every sample whole, to compare). A model folder with a LoRA of r 8 on every linear layer of
+the blocks (freshly initialised: the speed is that of any adapter) in the compute dtype, as train_trainer.py
+evaluates it.
 
     python benchmarks/eval_speed.py --model_dir model_hub/chatglm2-6b --dev_file data/msra/instruct_data/dev.txt
     python benchmarks/eval_speed.py --model_dir model_hub/chatglm2-small --dev_file data/demo_ner/instruct_data/dev.txt
@@ -34,7 +35,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="each loop this many times, alternating")
     parser.add_argument("--loops", default="trainer,ours",
                         help="which loops to time, of trainer, ours and ours-unshared (ours without the shared prefix)")
-    parser.add_argument("--profile", help="after the timed rounds, profile one more round of the last loop: kernel table here")
+    parser.add_argument("--profile",
+                        help="after the timed rounds, profile one more round of the last loop: kernel table here")
     args = parser.parse_args()
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)

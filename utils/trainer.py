@@ -637,7 +637,8 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                       data_collator=PaddingCollator(tokenizer.pad_token_id),
                       trainable_only=method in ("ptuning", "freeze"),
-                      eval_tokens=eval_batch_tokens(config["pack_tokens"], args.per_device_train_batch_size, train_data),
+                      eval_tokens=eval_batch_tokens(config["pack_tokens"], args.per_device_train_batch_size,
+                                                    train_data),
                       run_info={**run_info, "config": config, "model_version": model.model_version})
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)

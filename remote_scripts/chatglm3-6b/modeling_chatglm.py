@@ -329,7 +329,7 @@ class PackedSegments:
         bounds = torch.cat((starts.nonzero().flatten(), flat.new_tensor([flat.numel()])))
         lengths = bounds[1:] - bounds[:-1]
         self.cu_seqlens = self.cu_seqlens_k = bounds.to(torch.int32)
-        self.max_len = self.max_len_k = int(lengths.max())  # the one host sync, once per forward (three over a cache)
+        self.max_len = self.max_len_k = int(lengths.max())  # the one host sync per forward (a few over a cache)
         self.batch, self.seq, self.past_len, self.key_index = batch, seq, past_len, None
         if past_len:
             self._add_past(segments[:, :past_len] != 0, bounds, lengths)
@@ -338,21 +338,22 @@ class PackedSegments:
         """key_index: for each segment, its row's marked cached positions, then its own, as indices into the rows'
         keys flattened [B * (past_len + seq)]; cu_seqlens_k and max_len_k to match."""
         seq, width = self.seq, self.past_len + self.seq
-        segments = torch.arange(len(lengths), device=bounds.device)
-        counts = cached.sum(-1)[bounds[:-1] // seq]  # cached keys of each segment: its row's
+        segment_ids = torch.arange(len(lengths), device=bounds.device)
+        segment_rows = bounds[:-1] // seq
+        row_counts = cached.sum(-1)
+        counts = row_counts[segment_rows]  # cached keys of each segment: its row's
         key_lengths = counts + lengths
         cu_keys = torch.cat((key_lengths.new_zeros(1), key_lengths.cumsum(0)))
         total_cached, total = int(counts.sum()), int(cu_keys[-1])
         self.cu_seqlens_k = cu_keys.to(torch.int32)
         self.max_len_k = int(key_lengths.max())
         rows, positions = cached.nonzero().unbind(-1)  # row-major: each row's cached positions in order
-        row_counts = cached.sum(-1)
         row_first = row_counts.cumsum(0) - row_counts
-        owner = torch.repeat_interleave(segments, counts, output_size=total_cached)
+        owner = torch.repeat_interleave(segment_ids, counts, output_size=total_cached)
         rank = torch.arange(total_cached, device=bounds.device) - (counts.cumsum(0) - counts)[owner]
-        cached_keys = (rows * width + positions)[row_first[bounds[owner] // seq] + rank]
+        cached_keys = (rows * width + positions)[row_first[segment_rows[owner]] + rank]
         token = torch.arange(self.batch * seq, device=bounds.device)
-        token_owner = torch.repeat_interleave(segments, lengths, output_size=len(token))
+        token_owner = torch.repeat_interleave(segment_ids, lengths, output_size=len(token))
         own_keys = token // seq * width + self.past_len + token % seq
         self.key_index = torch.empty(total, dtype=torch.long, device=bounds.device)
         self.key_index[cu_keys[owner] + rank] = cached_keys
@@ -377,7 +378,8 @@ class PackedSegments:
         attention's grouped-query support)."""
         q = q.reshape(self.batch * self.seq, *q.shape[2:])
         k, v = self.keys_of_segments(k), self.keys_of_segments(v)
-        out = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens_k, self.max_len, self.max_len_k, window_size=(-1, 0),
+        out = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens_k, self.max_len, self.max_len_k,
+                          window_size=(-1, 0),
                           **({"enable_gqa": True} if VARLEN_HAS_GQA_FLAG and k.shape[1] != q.shape[1] else {}))
         return out.reshape(self.batch, self.seq, -1)
 
