@@ -406,7 +406,7 @@ def save_final(state, config, method, output_dir, train_args):
 
 
 def finish(state, config, method, output_dir, record, eval_loss, session):
-    """The final output with the run's record and metrics, the loss curve; then every rank leaves the process group.
+    """The final output with the run's record and metrics, the loss curve; the engine released.
     session: (start time, step and tokens seen when this session started)."""
     started, start_step, tokens_at_start = session
     train_runtime = time.time() - started
@@ -432,10 +432,14 @@ def finish(state, config, method, output_dir, record, eval_loss, session):
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
         print(f"{saved}\nloss curve: {output_dir / 'loss.png'}"
               + (f"\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}" if state.writer else ""))
-    leave_process_group()
+    # The engine's gradient hooks hold it, the model and its process groups in a cycle through C++ that the garbage
+    # collector cannot see. Released here, the groups end (their threads stop) before main returns, not during the
+    # interpreter's shutdown, where a communication thread that releases a Python object aborts the rank.
+    # (ZeRO-3 still keeps the model in DeepSpeed's own module-level state.)
+    state.engine.destroy()
 
 
-def main(config):
+def run_training(config):
     output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_deepspeed")
     set_env_from_mpi()
     resume, (train_file, dev_file) = check_run_start(config, "train_deepspeed.py", output_dir)
@@ -471,6 +475,11 @@ def main(config):
     eval_loss = train(state, config, train_loader, evaluate, plan,
                       save=lambda: save_checkpoint(state, output_dir, method, record, config["save_total_limit"]))
     finish(state, config, method, output_dir, record, eval_loss, session)
+
+
+def main(config):
+    run_training(config)
+    leave_process_group()  # once the run's model and engine are gone: the process groups they hold end with them
 
 
 if __name__ == "__main__":

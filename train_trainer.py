@@ -30,11 +30,15 @@ from utils.training_methods import load_model_to_train
 from utils.training_options import DEFAULTS, check_run_start, checkpoint_dir
 
 
-def main(config):
+def run_training(config):
     output_dir = checkpoint_dir(config["output_dir"], config["data_name"], "train_trainer")
     set_env_from_mpi()  # mpirun: ranks and rank 0's address from MPI, as the launchers set them
     launched = config["local_rank"] >= 0 or "RANK" in os.environ  # by deepspeed, torchrun or mpirun
     deepspeed_config = config["deepspeed"] or ("deepspeed.json" if launched else None)
+    if deepspeed_config:
+        # Before the process group exists: DeepSpeed's barrier takes the world group as a default argument when it is
+        # imported, and would keep a group made earlier (and its threads) alive into the interpreter's shutdown.
+        import deepspeed.comm  # noqa: F401
     resume, data_files = check_run_start(config, "train_trainer.py", output_dir)
 
     # Model: under DeepSpeed the engine places it; otherwise straight onto the GPU if there is one. The compute dtype
@@ -49,7 +53,11 @@ def main(config):
     # After the model has loaded: TrainingArguments with a ZeRO-3 config would make from_pretrained partition it.
     args = training_arguments(config, output_dir, compute_dtype, data_files[1] is not None, deepspeed_config)
     train_and_finish(config, {"script": "train_trainer.py"}, model, tokenizer, data_files, args, resume, compute_dtype)
-    leave_process_group()
+
+
+def main(config):
+    run_training(config)
+    leave_process_group()  # once the run's model and engine are gone: the process groups they hold end with them
 
 
 if __name__ == "__main__":

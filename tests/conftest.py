@@ -89,6 +89,10 @@ OVERFIT = ["--lora_r=32", "--lora_alpha=64", "--lora_dropout=0.0", "--lora_targe
            "--warmup_steps=0", "--per_device_train_batch_size=16", "--logging_steps=5", "--report_to=none"]
 
 
+# A rank that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack: the failing test then shows where.
+FATAL_SIGNAL_TRACEBACKS = {"PYTHONFAULTHANDLER": "1"}
+
+
 class ScriptRunner:
     """`python script.py args` run in this process (runpy, as __main__): the heavy libraries are imported once, not
     ~9 s of two cores per script. What a run changes in the interpreter is put back afterwards, so that no result
@@ -104,7 +108,8 @@ class ScriptRunner:
         if ranks:
             launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
             return subprocess.run([sys.executable, *launcher, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  input=input, timeout=timeout, env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {})})
+                                  input=input, timeout=timeout, env={"OMP_NUM_THREADS": "1", **os.environ, **(env or {}),
+                                                                     **FATAL_SIGNAL_TRACEBACKS})
         import_libraries()
         with tempfile.TemporaryDirectory() as tmp, RedirectedStreams(Path(tmp), input) as streams, InterpreterState():
             os.environ.update(env or {})

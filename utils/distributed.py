@@ -47,10 +47,13 @@ def leave_process_group():
     """At the end of a run on several processes: every rank waits until rank 0 has saved, then leaves the process
     group. A rank that exits while another still works tears its communication threads down under it ("terminate
     called without an active exception"), and the launcher then kills the whole job. So does a group that outlives
-    the interpreter: DeepSpeed keeps its own references to the groups it made (ZeRO-3's among them), which only its
-    destroy_process_group releases; what is left in reference cycles goes now too, not at the interpreter's exit."""
+    main: its threads would still run during the interpreter's shutdown, where one that releases a Python object
+    aborts the process. What the run left in reference cycles (its model, whose parameters hold DeepSpeed's groups)
+    goes first; DeepSpeed keeps its own references to the groups it made (ZeRO-3's among them), which only its
+    destroy_process_group releases."""
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         deepspeed_comm = sys.modules.get("deepspeed.comm")
