@@ -354,26 +354,24 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, out_row_stride, heads,
-                       HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, HEADS_BLOCK: tl.constexpr, PASS_BLOCK: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
         """The first `heads` heads of a fused qkv row: pairs (2i, 2i+1), i < PAIRS, rotated by angle i (interleaved,
-        GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied. The backward pass is the same kernel with the
-        angles negated (a rotation's transpose is its inverse)."""
+        GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied. Each head is read and written whole (coalesced)
+        and split into its even and odd dims in registers; the copied pairs get cos 1, sin 0. The backward pass is the
+        same kernel with the angles negated (a rotation's transpose is its inverse)."""
+        HALF: tl.constexpr = HEAD_DIM // 2
         row = tl.program_id(0).to(tl.int64)
         head = tl.arange(0, HEADS_BLOCK)[:, None]
-        pair = tl.arange(0, PAIRS)[None, :]
+        dim = tl.arange(0, HEAD_DIM)[None, :]
         head_mask = head < heads
-        source = qkv_ptr + row * row_stride + head * HEAD_DIM
-        target = out_ptr + row * out_row_stride + head * HEAD_DIM
-        even = tl.load(source + 2 * pair, mask=head_mask, other=0.0).to(tl.float32)
-        odd = tl.load(source + 2 * pair + 1, mask=head_mask, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + row * PAIRS + pair).to(tl.float32)
-        sin = tl.load(sin_ptr + row * PAIRS + pair).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        tl.store(target + 2 * pair, (even * cos - odd * sin).to(dtype), mask=head_mask)
-        tl.store(target + 2 * pair + 1, (odd * cos + even * sin).to(dtype), mask=head_mask)
-        rest = 2 * PAIRS + tl.arange(0, PASS_BLOCK)[None, :]
-        rest_mask = head_mask & (rest < HEAD_DIM)
-        tl.store(target + rest, tl.load(source + rest, mask=rest_mask, other=0.0), mask=rest_mask)
+        x = tl.load(qkv_ptr + row * row_stride + head * HEAD_DIM + dim, mask=head_mask, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, [HEADS_BLOCK, HALF, 2]))
+        pair = tl.arange(0, HALF)[None, :]
+        cos = tl.load(cos_ptr + row * PAIRS + pair, mask=pair < PAIRS, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + row * PAIRS + pair, mask=pair < PAIRS, other=0.0).to(tl.float32)
+        out = tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), [HEADS_BLOCK, HEAD_DIM])
+        tl.store(out_ptr + row * out_row_stride + head * HEAD_DIM + dim, out.to(out_ptr.dtype.element_ty),
+                 mask=head_mask)
 
     @triton.jit
     def _rotary_2d_kernel(x_ptr, main_cos_ptr, main_sin_ptr, block_cos_ptr, block_sin_ptr, out_ptr, stride_b, stride_s,
@@ -735,8 +733,7 @@ def _rotate(source_rows, cos_rows, sin_rows, out_rows, heads, head_dim):
         pairs = cos_rows.shape[-1]
         _rotary_kernel[(source_rows.shape[0],)](
             source_rows, cos_rows, sin_rows, out_rows, source_rows.stride(0), out_rows.stride(0), heads,
-            HEAD_DIM=head_dim, PAIRS=pairs, HEADS_BLOCK=triton.next_power_of_2(heads),
-            PASS_BLOCK=max(triton.next_power_of_2(head_dim - 2 * pairs), 1), num_warps=4,
+            HEAD_DIM=head_dim, PAIRS=pairs, HEADS_BLOCK=triton.next_power_of_2(heads), num_warps=4,
         )
 
 
