@@ -14,4 +14,7 @@ sys.argv = [script, *arguments]
 sys.path.insert(0, str(Path(script).resolve().parent))
 runpy.run_path(script, run_name="__main__")
 names = sorted(task.joinpath("comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
-print(f"threads at exit (rank {os.environ.get('RANK')}): {', '.join(names)}", flush=True)
+# One write for the whole line: the ranks share the launcher's pipe, and `python -u` (the deepspeed launcher's) would
+# write the text and its newline apart, letting another rank's line in between.
+sys.stdout.flush()
+os.write(sys.stdout.fileno(), f"threads at exit (rank {os.environ.get('RANK')}): {', '.join(names)}\n".encode())
