@@ -432,11 +432,7 @@ def finish(state, config, method, output_dir, record, eval_loss, session):
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, indent=2))
         print(f"{saved}\nloss curve: {output_dir / 'loss.png'}"
               + (f"\nTensorBoard: tensorboard --logdir {output_dir / 'runs'}" if state.writer else ""))
-    # The engine's gradient hooks hold it, the model and its process groups in a cycle through C++ that the garbage
-    # collector cannot see. Released here, the groups end (their threads stop) before main returns, not during the
-    # interpreter's shutdown, where a communication thread that releases a Python object aborts the rank.
-    # (ZeRO-3 still keeps the model in DeepSpeed's own module-level state.)
-    state.engine.destroy()
+    state.engine.destroy()  # its gradient hooks hold the model and the process groups (as in utils/trainer)
 
 
 def run_training(config):

@@ -50,7 +50,7 @@ def leave_process_group():
     main: its threads would still run during the interpreter's shutdown, where one that releases a Python object
     aborts the process. What the run left in reference cycles (its model, whose parameters hold DeepSpeed's groups)
     goes first; DeepSpeed keeps its own references to the groups it made (ZeRO-3's among them), which only its
-    destroy_process_group releases."""
+    destroy_process_group releases. (ZeRO-3 also keeps the model in DeepSpeed's module-level state: its groups stay.)"""
     import torch.distributed as dist
 
     gc.collect()

@@ -651,8 +651,7 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
         with gathered_trainable_parameters(trainer.model):  # ZeRO-3: whole LoRA weights for the save, gathered by all
             if trainer.is_world_process_zero():
                 finish_trainer_run(trainer, result, final_eval, output_dir, started)
-    # The DeepSpeed engine's gradient hooks hold it, the model and its process groups in a cycle through C++ that
-    # the garbage collector cannot see. Released here, the groups end (their threads stop) with the run, not during
-    # the interpreter's shutdown, where a communication thread that releases a Python object aborts the rank.
-    # (ZeRO-3 still keeps the model in DeepSpeed's own module-level state.)
+    # DeepSpeed's engine holds itself, the model and the process groups in a cycle through C++ (its gradient hooks)
+    # that no garbage collection frees: released here, so that the groups end before the process does
+    # (distributed.leave_process_group says why).
     trainer.accelerator.free_memory()
