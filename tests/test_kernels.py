@@ -283,15 +283,17 @@ for dtype_name, dtype in {"bf16": torch.bfloat16, "fp32": torch.float32}.items()
     exact = gradients(modeling.swiglu.__wrapped__, (gate_and_up.double(),), upstream.double())
     results[f"swiglu_backward/{dtype_name}"] = [relative_error(o, e) for o, e in zip(ours, exact)]
     heads, groups, head_dim = 4, 2, 16
-    qkv = torch.randn(2, 5, (heads + 2 * groups) * head_dim, generator=generator).to(dtype)
-    cos, sin = modeling.RotaryEmbedding(head_dim // 2)(torch.arange(5).expand(2, 5), dtype)
-    upstream = torch.randn(2, 5, heads + groups, head_dim, generator=generator).to(dtype)
-    ours = gradients(lambda t: kernels.triton_rotary(t, cos, sin, heads + groups, head_dim), (qkv,), upstream)
-    exact = gradients(lambda t: modeling.apply_rotary.__wrapped__(t, cos.double(), sin.double(), heads + groups, head_dim),
-                      (qkv.double(),), upstream.double())
-    results[f"rotary_backward/{dtype_name}"] = [relative_error(o, e) for o, e in zip(ours, exact)]
-    # the value heads (after the rotated ones) get exactly zero from the rotary
-    results[f"rotary_backward/{dtype_name}"].append(bool((ours[0][..., (heads + groups) * head_dim:] == 0).all()))
+    for angle_batch in (2, 1):  # 1: one table for the batch
+        qkv = torch.randn(2, 5, (heads + 2 * groups) * head_dim, generator=generator).to(dtype)
+        cos, sin = modeling.RotaryEmbedding(head_dim // 2)(torch.arange(5).expand(angle_batch, 5) + angle_batch, dtype)
+        upstream = torch.randn(2, 5, heads + groups, head_dim, generator=generator).to(dtype)
+        ours = gradients(lambda t: kernels.triton_rotary(t, cos, sin, heads + groups, head_dim), (qkv,), upstream)
+        exact = gradients(lambda t: modeling.apply_rotary.__wrapped__(t, cos.double(), sin.double(), heads + groups, head_dim),
+                          (qkv.double(),), upstream.double())
+        key = f"rotary_backward/{dtype_name}/{angle_batch}"
+        results[key] = [relative_error(o, e) for o, e in zip(ours, exact)]
+        # the value heads (after the rotated ones) get exactly zero from the rotary
+        results[key].append(bool((ours[0][..., (heads + groups) * head_dim:] == 0).all()))
 
 # A tiny ChatGLM2 takes these kernels once its device fuses (on CUDA; here the CPU, interpreted), with and without
 # gradients.
@@ -554,10 +556,10 @@ def test_a_model_without_gradients_runs_the_elementwise_kernels_and_compiles_not
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_elementwise_backward_kernels_match_float64_autograd(elementwise_interpreted, op, dtype):
     """The backward passes (RMSNorm's input and weight gradients, the latter summed over programs of several rows
-    with a ragged last one; SwiGLU's; rotary's, which gives the value heads exactly zero) against float64 autograd of
-    the model's own functions."""
+    with a ragged last one; SwiGLU's; rotary's, with angles per row and one table for the batch, which gives the
+    value heads exactly zero) against float64 autograd of the model's own functions."""
     cases = {key: value for key, value in elementwise_interpreted.items() if key.startswith(f"{op}_backward/{dtype}")}
-    assert len(cases) == (2 if op == "rms_norm" else 1), sorted(cases)
+    assert len(cases) == (1 if op == "swiglu" else 2), sorted(cases)
     for key, errors in cases.items():
         if op == "rotary":
             assert errors.pop() is True, f"{key}: the value heads got a gradient from the rotary"
@@ -678,8 +680,8 @@ def test_decode_kernels_compile_for_hopper_without_spills(split, block_n):
     pointers = ["qkv", "cos", "sin", "keys", "values", "valid", "slot", "out", "partial", "stats"]
     types = ["*bf16"] * 5 + ["*i1", "*i64", "*bf16", "*fp32", "*fp32"]
     signature = {f"{name}_ptr": kind for name, kind in zip(pointers, types)}
-    signature.update({name: "i32" for name in ("qkv_row_stride", "cache_stride_b", "cache_stride_g", "valid_stride_b",
-                                                "chunk")}, scale="fp32")
+    signature.update({name: "i32" for name in ("qkv_row_stride", "angle_stride_b", "cache_stride_b", "cache_stride_g",
+                                                "valid_stride_b", "chunk")}, scale="fp32")
     constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "PAIRS": 32, "GROUP_BLOCK": 16, "BLOCK_N": block_n,
                   "SPLIT": split, "DOT_IN_FP32": False}
     signature.update({name: "constexpr" for name in constexprs})
@@ -706,11 +708,13 @@ def test_rotary_kernel_moves_whole_heads_in_16_byte_accesses_on_hopper():
     and written one at a time: 91 µs a call at 4 x 512 tokens on an H100, ~0.4 TB/s), and spills nothing."""
     kernels = remote_module("chatglm2-6b", "kernels")
     signature = {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16", "row_stride": "i32",
-                 "out_row_stride": "i32", "heads": "i32"}
+                 "out_row_stride": "i32", "heads": "i32", "seq": "i32", "angle_stride_b": "i32", "angle_stride_s": "i32",
+                 "sign": "fp32"}
     constexprs = {"HEAD_DIM": 128, "PAIRS": 32, "HEADS_BLOCK": 64}
     signature.update({name: "constexpr" for name in constexprs})
     ptx = compile_for_hopper(kernels._rotary_kernel, signature, constexprs,
-                             aligned=("qkv_ptr", "cos_ptr", "sin_ptr", "out_ptr", "row_stride", "out_row_stride"))
+                             aligned=("qkv_ptr", "cos_ptr", "sin_ptr", "out_ptr", "row_stride", "out_row_stride",
+                                      "angle_stride_b", "angle_stride_s"))
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx) and re.search(r"st\.global(\.\w+)*\.v4", ptx), ptx[-2000:]
     assert not re.search(r"(ld|st)\.global(\.\w+)*\.b16", ptx)
     assert "ld.local" not in ptx and "st.local" not in ptx

@@ -353,12 +353,13 @@ if triton is not None:
         tl.store(dx_ptr + row * 2 * F + F + cols, (g * gate * sigmoid).to(dtype), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, out_row_stride, heads,
-                       HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
-        """The first `heads` heads of a fused qkv row: pairs (2i, 2i+1), i < PAIRS, rotated by angle i (interleaved,
-        GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied. Each head is read and written whole (coalesced)
-        and split into its even and odd dims in registers; the copied pairs get cos 1, sin 0. The backward pass is the
-        same kernel with the angles negated (a rotation's transpose is its inverse)."""
+    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, out_row_stride, heads, seq, angle_stride_b,
+                       angle_stride_s, sign, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, HEADS_BLOCK: tl.constexpr):
+        """The first `heads` heads of a fused qkv row (token (b, s) of [B, seq] rows): pairs (2i, 2i+1), i < PAIRS,
+        rotated by angle i (interleaved, GPT-J style), the remaining HEAD_DIM - 2 * PAIRS dims copied. Each head is
+        read and written whole (coalesced) and split into its even and odd dims in registers; the copied pairs get
+        cos 1, sin 0. The angle tables are read in place (angle_stride_b 0: one table for the batch). sign -1 is the
+        backward pass (a rotation's transpose is its inverse)."""
         HALF: tl.constexpr = HEAD_DIM // 2
         row = tl.program_id(0).to(tl.int64)
         head = tl.arange(0, HEADS_BLOCK)[:, None]
@@ -367,8 +368,9 @@ if triton is not None:
         x = tl.load(qkv_ptr + row * row_stride + head * HEAD_DIM + dim, mask=head_mask, other=0.0).to(tl.float32)
         even, odd = tl.split(tl.reshape(x, [HEADS_BLOCK, HALF, 2]))
         pair = tl.arange(0, HALF)[None, :]
-        cos = tl.load(cos_ptr + row * PAIRS + pair, mask=pair < PAIRS, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + row * PAIRS + pair, mask=pair < PAIRS, other=0.0).to(tl.float32)
+        angle = (row // seq) * angle_stride_b + (row % seq) * angle_stride_s + pair
+        cos = tl.load(cos_ptr + angle, mask=pair < PAIRS, other=1.0).to(tl.float32)
+        sin = sign * tl.load(sin_ptr + angle, mask=pair < PAIRS, other=0.0).to(tl.float32)
         out = tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), [HEADS_BLOCK, HEAD_DIM])
         tl.store(out_ptr + row * out_row_stride + head * HEAD_DIM + dim, out.to(out_ptr.dtype.element_ty),
                  mask=head_mask)
@@ -421,8 +423,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["chunk"])
     def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, valid_ptr, slot_ptr, out_ptr,
-                                 partial_ptr, stats_ptr, qkv_row_stride, cache_stride_b, cache_stride_g,
-                                 valid_stride_b, chunk, scale,
+                                 partial_ptr, stats_ptr, qkv_row_stride, angle_stride_b, cache_stride_b,
+                                 cache_stride_g, valid_stride_b, chunk, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  PAIRS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                                  SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
@@ -441,7 +443,7 @@ if triton is not None:
         h_mask = h < GROUP
         d = tl.arange(0, HEAD_DIM)
         row = qkv_ptr + b * qkv_row_stride
-        cos_row, sin_row = cos_ptr + b * PAIRS, sin_ptr + b * PAIRS
+        cos_row, sin_row = cos_ptr + b * angle_stride_b, sin_ptr + b * angle_stride_b
         q_heads = tl.where(h_mask, g * GROUP + h, g * GROUP)  # padding rows repeat the first head
         q = _rotated_head(row, cos_row, sin_row, q_heads[:, None] * HEAD_DIM, HEAD_DIM, PAIRS)
         q = q.to(dtype)  # rounded once, as the rotary kernel's output is
@@ -722,18 +724,23 @@ class _SwiGLU(torch.autograd.Function):
         return dx.view(*grad.shape[:-1], 2 * F)
 
 
-def _angle_rows(table, qkv):
-    """cos or sin [B or 1, S, 1, P] as one row [B * S, P] per row of qkv [B, S, ...]."""
-    return table.expand(*qkv.shape[:-1], 1, table.shape[-1]).reshape(-1, table.shape[-1]).contiguous()
+def _angle_tables(cos, sin, qkv):
+    """cos, sin [B or 1, S, 1, P] as tables the rotary kernel reads in place for qkv [B, S, ...]: both with qkv's
+    (B, S) and the strides (stride_b, stride_s) of a (b, s) row, a unit last stride (a copy only where they lack it)."""
+    tables = [t.expand(*qkv.shape[:2], 1, t.shape[-1]) for t in (cos, sin)]
+    if any(t.stride() != tables[0].stride() or t.stride(-1) != 1 for t in tables):
+        tables = [t.contiguous() for t in tables]
+    return tables[0], tables[1], tables[0].stride(0), tables[0].stride(1)
 
 
-def _rotate(source_rows, cos_rows, sin_rows, out_rows, heads, head_dim):
-    """_rotary_kernel over rows (unit stride along the last dim; source and target rows may be wider than the heads)."""
+def _rotate(source_rows, tables, seq, out_rows, heads, head_dim, sign):
+    """_rotary_kernel over rows (unit stride along the last dim; source and target rows may be wider than the heads)
+    with the angle tables of _angle_tables."""
     if source_rows.numel():
-        pairs = cos_rows.shape[-1]
+        cos, sin, stride_b, stride_s = tables
         _rotary_kernel[(source_rows.shape[0],)](
-            source_rows, cos_rows, sin_rows, out_rows, source_rows.stride(0), out_rows.stride(0), heads,
-            HEAD_DIM=head_dim, PAIRS=pairs, HEADS_BLOCK=triton.next_power_of_2(heads), num_warps=4,
+            source_rows, cos, sin, out_rows, source_rows.stride(0), out_rows.stride(0), heads, seq, stride_b, stride_s,
+            sign, HEAD_DIM=head_dim, PAIRS=cos.shape[-1], HEADS_BLOCK=triton.next_power_of_2(heads), num_warps=4,
         )
 
 
@@ -742,23 +749,26 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, heads, head_dim):
         if cos.requires_grad or sin.requires_grad:
             raise ValueError("triton_rotary has no gradient for the angles (positions are not trained)")
+        if qkv.dim() != 3:
+            raise ValueError(f"triton_rotary takes qkv [B, S, width], got {tuple(qkv.shape)}")
         rows = _rows(qkv)
-        cos_rows, sin_rows = _angle_rows(cos, qkv), _angle_rows(sin, qkv)
+        tables = _angle_tables(cos, sin, qkv)
         out = torch.empty(rows.shape[0], heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-        _rotate(rows, cos_rows, sin_rows, out, heads, head_dim)
-        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept
-            ctx.save_for_backward(cos_rows, sin_rows)
+        _rotate(rows, tables, qkv.shape[1], out, heads, head_dim, 1.0)
+        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept (the model's own tables)
+            ctx.save_for_backward(*tables[:2])
+            ctx.strides, ctx.seq = tables[2:], qkv.shape[1]
             ctx.heads, ctx.head_dim, ctx.width = heads, head_dim, rows.shape[1]
         return out.view(*qkv.shape[:-1], heads, head_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        cos_rows, sin_rows = ctx.saved_tensors
+        cos, sin = ctx.saved_tensors
         heads, head_dim = ctx.heads, ctx.head_dim
         grad_rows = grad.reshape(-1, heads * head_dim).contiguous()
         dqkv = torch.empty(grad_rows.shape[0], ctx.width, dtype=grad.dtype, device=grad.device)
         dqkv[:, heads * head_dim:].zero_()  # the heads after the rotated ones (the values) get no gradient here
-        _rotate(grad_rows, cos_rows, -sin_rows, dqkv, heads, head_dim)
+        _rotate(grad_rows, (cos, sin, *ctx.strides), ctx.seq, dqkv, heads, head_dim, -1.0)
         return dqkv.view(*grad.shape[:-2], ctx.width), None, None, None, None
 
 
@@ -892,7 +902,7 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
         chunk = decode_attention_chunk(B * kv_heads, capacity, block_n, _device_sm_count(qkv.device))
     splits = _ceil_div(capacity, chunk)
     pairs = cos.shape[-1]
-    cos_rows, sin_rows = _angle_rows(cos, qkv), _angle_rows(sin, qkv)
+    cos, sin, angle_stride_b, _ = _angle_tables(cos, sin, qkv)
     group_block = max(16, triton.next_power_of_2(heads // kv_heads))
     out = torch.empty(B, 1, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if splits > 1:
@@ -902,8 +912,8 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
         partial = stats = out
     if B:
         _decode_attention_kernel[(B * kv_heads, splits)](
-            qkv, cos_rows, sin_rows, keys, values, valid, slot, out, partial, stats, qkv.stride(0), keys.stride(0),
-            keys.stride(1), valid.stride(0), chunk, head_dim ** -0.5,
+            qkv, cos, sin, keys, values, valid, slot, out, partial, stats, qkv.stride(0), angle_stride_b,
+            keys.stride(0), keys.stride(1), valid.stride(0), chunk, head_dim ** -0.5,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs, GROUP_BLOCK=group_block,
             BLOCK_N=block_n, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,
             num_warps=4,
