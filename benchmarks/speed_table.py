@@ -10,9 +10,10 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
                                ChatGLM2-6B quantized with the layout merge_lora_and_quantize.py writes (model.quantize)
   lora-v2, lora-v1             LoRA r=8 on query_key_value, batch 8 x 512, AdamW, bf16 autocast (as the Trainer runs)
   qlora-v2                     NF4 + double quantization (loaded as train_qlora.py loads it), LoRA r=8 on
-                               query_key_value, batch 4 x 512, gradient checkpointing, paged AdamW 32-bit
+                               query_key_value, batch 4 x 512, gradient checkpointing, torch's fused AdamW (as
+                               chatGLM_6B_QLoRA.json)
   ptuning-v2-nf4               P-tuning v2 on the NF4 base as train_qlora.py --method=ptuning loads it, 4 x 512,
-                               gradient checkpointing, paged AdamW 32-bit (next to qlora-v2)
+                               gradient checkpointing, fused AdamW (next to qlora-v2)
   ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
                                train_trainer.py --method=ptuning has it), batch 8 x 512, on the bf16 / our int4 base
   decode-glm4-b1               GLM-4-9B (transformers' GlmConfig defaults = glm-4-9b-chat-hf's config.json) through
@@ -251,8 +252,6 @@ def run_rows(rows, args):
     for name in ("qlora-v2", "ptuning-v2-nf4"):
         if name not in rows:
             continue
-        import bitsandbytes as bnb
-
         model_dir = Path(args.work_dir) / "chatglm2-6b-random"
         if not (model_dir / "config.json").exists():
             make_tiny_model("chatglm2-6b", model_dir, Path(args.config_dir) / "chatglm2-6b", dtype=torch.bfloat16, full_size=True, device="cuda")
@@ -262,8 +261,7 @@ def run_rows(rows, args):
                                             quantization_config=kbit_quantization_config(4, torch.bfloat16, ptuning=ptuning))
         model = prepare_kbit_model(model, torch.bfloat16, gradient_checkpointing=True)
         model = train_prefix_only(model, model_dir) if ptuning else lora(model)
-        results[name] = train_row(model, 4, 512, args.train_steps, args.warmup_steps, optimizer_cls=bnb.optim.PagedAdamW32bit,
-                                  profile_path=profile(name))
+        results[name] = train_row(model, 4, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile(name))
         print(name, results[name], flush=True)
         model = None
         release()
