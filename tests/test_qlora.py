@@ -262,35 +262,3 @@ def test_transformers_refuses_a_quantized_base_by_its_is_quantized_flag():
     with quantized_base_may_train(model, trainable_only=True):
         validate_quantization_for_training(model)
     assert model.is_quantized
-
-
-def test_unnested_4bit_statistics_give_the_same_loss_and_gradients(trainable_models):
-    """prepare_kbit_model keeps the NF4 statistics dequantized in fp32: the step computes exactly what the
-    double-quantized weights give, with one dequantization kernel per product instead of three."""
-    from utils.training_methods import add_lora, unnest_4bit_statistics
-
-    model, tokenizer = load_model_and_tokenizer(trainable_models["chatglm2-6b"], dtype=torch.bfloat16, device="cpu",
-                                                quantization_config=kbit_quantization_config(4, torch.bfloat16))
-    model = add_lora(model, {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all"}).train()
-    for name, param in model.named_parameters():  # lora_B starts at zero: make every adapter take part
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
-    batch = tokenizer(["你好", "ChatGLM-6B是清华大学开源的模型"], padding=True, return_tensors="pt")
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-    def loss_and_gradients():
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    states = [p.quant_state for p in model.parameters() if type(p).__name__ == "Params4bit"]
-    assert len(states) == 4 * model.config.num_layers and all(s.nested for s in states)
-    nested_loss, nested_grads = loss_and_gradients()
-    assert unnest_4bit_statistics(model) == len(states)
-    assert all(not s.nested and s.state2 is None and s.absmax.dtype == torch.float32 for s in states)
-    loss, grads = loss_and_gradients()
-    assert torch.equal(loss, nested_loss)
-    assert grads.keys() == nested_grads.keys() and all(torch.equal(grads[k], nested_grads[k]) for k in grads)
-    assert all(g.abs().sum() > 0 for g in grads.values())
-    assert unnest_4bit_statistics(model) == 0  # a second call finds nothing left to do

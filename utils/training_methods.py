@@ -154,9 +154,7 @@ def kbit_quantization_config(bits, compute_dtype, ptuning=False):
 def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
     """A k-bit model readied for LoRA or P-tuning: every parameter frozen, the unquantized ones in `compute_dtype`
     (peft's prepare_model_for_kbit_training casts them to fp32: ChatGLM2/3's embeddings, output layer and residual
-    stream, which nothing needs), NF4 statistics kept in fp32 (unnest_4bit_statistics), blocks checkpointed with
-    use_reentrant=False."""
-    unnest_4bit_statistics(model)
+    stream, which nothing needs), blocks checkpointed with use_reentrant=False."""
     for param in model.parameters():
         param.requires_grad_(False)
         # Quantized storage (Params4bit, possibly with a float quant_storage; Int8Params) is left as it is.
@@ -167,27 +165,6 @@ def prepare_kbit_model(model, compute_dtype, gradient_checkpointing=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
-
-
-def unnest_4bit_statistics(model):
-    """The double-quantized statistics of the 4-bit weights (8-bit absmax with their own fp32 scales) dequantized once
-    and kept in fp32, as bitsandbytes dequantizes them for every product. A training step dequantizes each weight
-    three times (forward, checkpoint's recompute, backward), and each nested dequantization is three kernels instead
-    of one: at ChatGLM2-6B's 4 x 512 that is 616 of a step's 3,371 kernels, on a step whose host launches them more
-    slowly than the GPU runs them. Costs 3 bytes per 64 weights (0.25 GiB at ChatGLM2-6B); the products are bit-identical.
-    Returns how many weights were unnested."""
-    from bitsandbytes.functional import dequantize_blockwise
-
-    unnested = 0
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if not getattr(state, "nested", False):  # 8-bit weights have no quant_state; plain NF4 is not nested
-            continue
-        absmax = dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
-        state.absmax, state.nested, state.state2, state.offset = absmax.float(), False, None, None
-        unnested += 1
-    return unnested
 
 
 def train_prefix_only(model, model_dir):
