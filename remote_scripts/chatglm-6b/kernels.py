@@ -725,22 +725,22 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def _angle_tables(cos, sin, qkv):
-    """cos, sin [B or 1, S, 1, P] as tables the rotary kernel reads in place for qkv [B, S, ...]: both with qkv's
-    (B, S) and the strides (stride_b, stride_s) of a (b, s) row, a unit last stride (a copy only where they lack it)."""
+    """cos, sin [B or 1, S, 1, P] as views [B, S, 1, P] over qkv [B, S, ...] that the kernels read in place, by their
+    (batch, position) strides: one layout for both, a unit last stride (a copy only where they lack it)."""
     tables = [t.expand(*qkv.shape[:2], 1, t.shape[-1]) for t in (cos, sin)]
     if any(t.stride() != tables[0].stride() or t.stride(-1) != 1 for t in tables):
         tables = [t.contiguous() for t in tables]
-    return tables[0], tables[1], tables[0].stride(0), tables[0].stride(1)
+    return tables
 
 
-def _rotate(source_rows, tables, seq, out_rows, heads, head_dim, sign):
-    """_rotary_kernel over rows (unit stride along the last dim; source and target rows may be wider than the heads)
-    with the angle tables of _angle_tables."""
+def _rotate(source_rows, cos, sin, out_rows, heads, head_dim, sign):
+    """_rotary_kernel over rows (unit stride along the last dim; source and target rows may be wider than the heads),
+    row b * S + s rotated by the angles (b, s) of the tables of _angle_tables."""
     if source_rows.numel():
-        cos, sin, stride_b, stride_s = tables
         _rotary_kernel[(source_rows.shape[0],)](
-            source_rows, cos, sin, out_rows, source_rows.stride(0), out_rows.stride(0), heads, seq, stride_b, stride_s,
-            sign, HEAD_DIM=head_dim, PAIRS=cos.shape[-1], HEADS_BLOCK=triton.next_power_of_2(heads), num_warps=4,
+            source_rows, cos, sin, out_rows, source_rows.stride(0), out_rows.stride(0), heads, cos.shape[1],
+            cos.stride(0), cos.stride(1), sign, HEAD_DIM=head_dim, PAIRS=cos.shape[-1],
+            HEADS_BLOCK=triton.next_power_of_2(heads), num_warps=4,
         )
 
 
@@ -752,12 +752,11 @@ class _Rotary(torch.autograd.Function):
         if qkv.dim() != 3:
             raise ValueError(f"triton_rotary takes qkv [B, S, width], got {tuple(qkv.shape)}")
         rows = _rows(qkv)
-        tables = _angle_tables(cos, sin, qkv)
+        cos, sin = _angle_tables(cos, sin, qkv)
         out = torch.empty(rows.shape[0], heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-        _rotate(rows, tables, qkv.shape[1], out, heads, head_dim, 1.0)
-        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept (the model's own tables)
-            ctx.save_for_backward(*tables[:2])
-            ctx.strides, ctx.seq = tables[2:], qkv.shape[1]
+        _rotate(rows, cos, sin, out, heads, head_dim, 1.0)
+        if ctx.needs_input_grad[0]:  # a rotation is linear: only the angles are kept (views of the model's tables)
+            ctx.save_for_backward(cos, sin)
             ctx.heads, ctx.head_dim, ctx.width = heads, head_dim, rows.shape[1]
         return out.view(*qkv.shape[:-1], heads, head_dim)
 
@@ -768,7 +767,7 @@ class _Rotary(torch.autograd.Function):
         grad_rows = grad.reshape(-1, heads * head_dim).contiguous()
         dqkv = torch.empty(grad_rows.shape[0], ctx.width, dtype=grad.dtype, device=grad.device)
         dqkv[:, heads * head_dim:].zero_()  # the heads after the rotated ones (the values) get no gradient here
-        _rotate(grad_rows, (cos, sin, *ctx.strides), ctx.seq, dqkv, heads, head_dim, -1.0)
+        _rotate(grad_rows, cos, sin, dqkv, heads, head_dim, -1.0)
         return dqkv.view(*grad.shape[:-2], ctx.width), None, None, None, None
 
 
@@ -902,7 +901,7 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
         chunk = decode_attention_chunk(B * kv_heads, capacity, block_n, _device_sm_count(qkv.device))
     splits = _ceil_div(capacity, chunk)
     pairs = cos.shape[-1]
-    cos, sin, angle_stride_b, _ = _angle_tables(cos, sin, qkv)
+    cos, sin = _angle_tables(cos, sin, qkv)
     group_block = max(16, triton.next_power_of_2(heads // kv_heads))
     out = torch.empty(B, 1, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if splits > 1:
@@ -912,7 +911,7 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
         partial = stats = out
     if B:
         _decode_attention_kernel[(B * kv_heads, splits)](
-            qkv, cos, sin, keys, values, valid, slot, out, partial, stats, qkv.stride(0), angle_stride_b,
+            qkv, cos, sin, keys, values, valid, slot, out, partial, stats, qkv.stride(0), cos.stride(0),
             keys.stride(0), keys.stride(1), valid.stride(0), chunk, head_dim ** -0.5,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs, GROUP_BLOCK=group_block,
             BLOCK_N=block_n, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,
