@@ -79,6 +79,9 @@ for name, N, K, config in shapes:
                         "shape_ok": out.shape == x.shape[:-1] + (N,) and out.dtype == dtype,
                     }
 
+# The split programs' counters are zero again after every call (the split configs above ran).
+results["tickets_zero"] = all(int(t.abs().sum()) == 0 for t in kernels._SPLIT_TICKETS.values()) and bool(kernels._SPLIT_TICKETS)
+
 def applies(x, k=None):
     return kernels.small_batch_kernel_applies(x, x.shape[-1] if k is None else k)
 
@@ -97,6 +100,38 @@ results["predicate"] = {
     "fp32": applies(torch.randn(1, 64)),
     "grad": applies(needs_grad),
     "grad_under_no_grad": no_grad_ok,
+}
+one = torch.randn(1, 1, 256, generator=generator).to(bf16)
+layer = torch.nn.Linear(256, 130).to(bf16)
+exact = one.double() @ layer.weight.double().T + layer.bias.double()
+
+class Doubled(torch.nn.Linear):  # not a plain nn.Linear: decode_product calls it as it is
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+doubled = Doubled(256, 130).to(bf16)
+with torch.no_grad():
+    doubled.load_state_dict(layer.state_dict())
+    out = kernels.decode_product(layer, one)
+    rows2 = kernels.decode_product(layer, torch.cat((one, one), dim=1))
+    doubled_out = kernels.decode_product(doubled, one)
+rows2_exact = torch.nn.functional.linear(torch.cat((one, one), dim=1), layer.weight, layer.bias)
+one_row = kernels.one_row_kernel_applies
+with torch.no_grad():
+    no_grad_ok = one_row(one, layer.weight, layer.bias)
+results["one_row"] = {
+    "error": ((out.double() - exact).norm() / exact.norm()).item(),
+    "shape_ok": out.shape == (1, 1, 130) and out.dtype == bf16,
+    "two_rows_are_cublas": torch.equal(rows2, rows2_exact),
+    "other_module_called": torch.equal(doubled_out, 2 * torch.nn.functional.linear(one, layer.weight, layer.bias)),
+    "the_kernel_ran": torch.equal(out, kernels.small_batch_linear(one, layer.weight.detach(), layer.bias.detach())),
+    "no_grad": no_grad_ok,
+    "weight_needs_grad": one_row(one, layer.weight, layer.bias),  # grad mode on, the weight trainable
+    "frozen": one_row(one, layer.weight.detach(), layer.bias.detach()),
+    "two_rows": one_row(torch.cat((one, one), dim=1), layer.weight.detach()),
+    "fp32_weight": one_row(one, layer.weight.detach().float()),
+    "fp32_bias": one_row(one, layer.weight.detach(), layer.bias.detach().float()),
+    "programmatic_launch": kernels._programmatic_launch(one),
 }
 with open(out_path, "w") as handle:
     json.dump(results, handle)
@@ -176,6 +211,23 @@ def test_matches_float64_reference_and_repeats_bit_identically(interpreted, name
         assert case["identical"], f"{key}: two calls gave different bits"
 
 
+def test_split_counters_are_zero_after_every_call(interpreted):
+    assert interpreted["tickets_zero"]
+
+
+def test_one_row_float_products_run_the_kernel_only_where_nothing_needs_a_gradient(interpreted):
+    """decode_product (a decode step's linear layers) computes one row of a plain nn.Linear with small_batch_linear,
+    as F.linear would; more rows, a weight or bias of another dtype, or a weight that training updates go to F.linear,
+    and other modules (adapters, quantized layers) are called as they are. The interpreter never launches
+    programmatically (a CUDA launch option)."""
+    verdict = interpreted["one_row"]
+    assert verdict["shape_ok"] and verdict["error"] < TOLERANCE["bf16"], verdict
+    assert verdict["the_kernel_ran"] and verdict["two_rows_are_cublas"] and verdict["other_module_called"], verdict
+    assert verdict["no_grad"] and verdict["frozen"], verdict
+    assert not (verdict["weight_needs_grad"] or verdict["two_rows"] or verdict["fp32_weight"] or verdict["fp32_bias"])
+    assert verdict["programmatic_launch"] is False
+
+
 def test_predicate_under_the_interpreter(interpreted):
     verdict = interpreted["predicate"]
     assert verdict["valid"] and verdict["m16"] and verdict["grad_under_no_grad"]
@@ -221,8 +273,11 @@ def test_launch_config_fills_an_h100_and_is_a_function_of_the_shape(bits, M):
         steps = K // block_k
         per_split = -(-steps // split_k)
         assert 1 <= split_k <= steps and -(-steps // per_split) == split_k, "no empty split"
-        assert -(-N // block_n) * split_k >= 2 * 132, (N, K, config)  # at least ~2 programs per SM
-        assert use_dot == (M > 1 or bits == 4)
+        # every SM busy: one row block each where the batch-1 loop runs unsplit, about 2 programs each otherwise
+        assert -(-N // block_n) * split_k >= (132 if M == 1 and split_k == 1 else 2 * 132), (N, K, config)
+        assert use_dot == (M > 1)
+        if not use_dot:  # the FMA loop's fp32 accumulator [block_n, stored values a step]: 64 registers a thread at most
+            assert block_n * block_k // (8 if bits == 4 else 1) <= 64 * 32 * num_warps
 
 
 # That remote_scripts/*/kernels.py (like quantization.py) are byte-identical, self-contained copies is checked with the
@@ -683,22 +738,60 @@ def test_decode_kernels_compile_for_hopper_without_spills(split, block_n):
     signature.update({name: "i32" for name in ("qkv_row_stride", "angle_stride_b", "cache_stride_b", "cache_stride_g",
                                                 "valid_stride_b", "chunk")}, scale="fp32")
     constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "PAIRS": 32, "GROUP_BLOCK": 16, "BLOCK_N": block_n,
-                  "SPLIT": split, "DOT_IN_FP32": False}
+                  "SPLIT": split, "DOT_IN_FP32": False, "PDL": True}
     signature.update({name: "constexpr" for name in constexprs})
     attention = compile_for_hopper(kernels._decode_attention_kernel, signature, constexprs)
     assert "mma" in attention
     ptx = [attention]
     if split:
-        constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "GROUP_BLOCK": 16, "SPLITS_BLOCK": 8}
+        constexprs = {"HEADS": 32, "KV_HEADS": 2, "HEAD_DIM": 128, "GROUP_BLOCK": 16, "SPLITS_BLOCK": 8, "PDL": True}
         ptx.append(compile_for_hopper(kernels._decode_attention_combine_kernel,
                                       {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32",
                                        **{name: "constexpr" for name in constexprs}}, constexprs))
     else:
         ptx.append(compile_for_hopper(kernels._add_rms_norm_kernel,
                                       {"x_ptr": "*bf16", "update_ptr": "*bf16", "weight_ptr": "*bf16", "sum_ptr": "*bf16",
-                                       "out_ptr": "*bf16", "H": "i32", "eps": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 4096}))
+                                       "out_ptr": "*bf16", "H": "i32", "eps": "fp32", "BLOCK": "constexpr",
+                                       "PDL": "constexpr"}, {"BLOCK": 4096, "PDL": True}))
     for text in ptx:
         assert "ld.local" not in text and "st.local" not in text
+        # launched programmatically: the next kernel may start at once, and this one waits for the one before
+        assert text.index("griddepcontrol.launch_dependents") < text.index("griddepcontrol.wait") < text.index("st.global")
+
+
+@pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hopper(bits):
+    """The batch-1 loop as launch_config runs ChatGLM2's 4096 x 4096 layer (unsplit for float and int8, split for
+    int4), compiled for sm_90 and launched programmatically: it lets the next kernel start, loads its first weight
+    step in 16-byte accesses, only then waits for the kernel before it (whose output is x), and spills nothing; a split
+    takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes its counter."""
+    kernels = remote_module("chatglm2-6b", "kernels")
+    block_n, block_k, split_k, num_warps, num_stages, use_dot = kernels.launch_config(1, 4096, 4096, bits, 132)
+    assert not use_dot and (split_k > 1) == (bits == 4)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*i8" if bits else "*bf16", "scale_ptr": "*bf16", "bias_ptr": "*bf16",
+                "out_ptr": "*bf16", "partial_ptr": "*fp32", "ticket_ptr": "*i32"}
+    signature = {**pointers, **{name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_wn", "chunks_per_split",
+                                                          "split_k")}}
+    constexprs = {"BITS": bits, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": 1, "USE_DOT": False,
+                  "PARTIAL": split_k > 1, "HAS_SCALE": bits > 0, "HAS_BIAS": False, "DOT_IN_FP32": False, "PDL": True}
+    signature.update({name: "constexpr" for name in constexprs})
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    aligned = list(pointers) + ["K", "stride_xm", "stride_wn"]
+    attrs = {(list(signature).index(name),): [["tt.divisibility", 16]] for name in aligned}
+    ptx = triton.compile(ASTSource(fn=kernels._small_batch_linear_kernel, signature=signature, constexprs=constexprs,
+                                   attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx.index("griddepcontrol.launch_dependents") < wait
+    assert re.search(r"ld\.global(\.\w+)*\.v4", ptx[:wait]), "the first weight step is read before the wait"
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    if split_k > 1:
+        ticket = re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
+        assert ticket and ptx.rindex("bar.sync", 0, ticket.start()) > wait
+        assert re.search(r"atom\.global\.gpu\.acq_rel\.exch", ptx)
 
 
 @pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")

@@ -1,10 +1,10 @@
 """A Triton kernel for decode-time linear layers: y = x W^T (+ b) with few activation rows (M <= 16).
 
 Why: generating one token at a time turns every linear layer into a matrix-vector product whose speed is the speed of
-streaming the weight from memory. cuBLAS launches too few blocks for that on 4096-wide layers with M=1 (no split-K:
-about 1.1 TB/s of the ~2.95 TB/s an H100 can copy), and our int8/int4 layers (quantization.py) dequantize the whole
-weight before every matmul. This kernel streams the stored weight once, in any of three formats:
-- float [N, K] in the dtype of x (plain nn.Linear weights);
+streaming the weight from memory. cuBLAS reads a bf16 weight at one row at 2.1-2.8 TB/s of an H100's ~3.0 (this
+kernel: 2.4-3.0), and our int8/int4 layers (quantization.py) would otherwise dequantize the whole weight before every
+matmul. This kernel streams the stored weight once, in any of three formats:
+- float [N, K] in the dtype of x (plain nn.Linear weights; decode steps send one-row products here);
 - int8 [N, K] with one scale per output row: w[n, k] = scale[n] * q[n, k];
 - int4 packed two per byte, int8 [N, K/2] (the layout of quantization.py: byte j of a row holds column 2j in its high
   nibble and column 2j+1 in its low nibble, both signed), with one scale per output row.
@@ -12,17 +12,19 @@ The scale is applied to the fp32 accumulator, the bias added, and the result cas
 
 Design:
 - grid (N blocks, K splits); each program streams [BLOCK_N, BLOCK_K] weight tiles (coalesced along K) over its share
-  of K. The split count is chosen per shape (launch_config) so that every SM gets several programs; a second kernel
-  then sums the fp32 partials [SPLIT_K, M, N] in a fixed order, scales, adds the bias and casts (a single split
-  finishes in the first kernel). No atomics: the same input gives bit-identical output on every call (decoding tests
-  compare tokens).
+  of K. The split count is chosen per shape (launch_config) so that every SM gets work. Split programs write fp32
+  partials [SPLIT_K, M, N] and take a ticket from their row block's counter; the last one sums the partials in split
+  order, scales, adds the bias and casts: one launch per product, and the same input gives bit-identical output on
+  every call (decoding tests compare tokens).
 - Two inner loops. FMA: multiply-and-add on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 accumulator, summed over K
-  once at the end; for M == 1 with float and int8 weights, where a tensor-core tile would be 15/16 padding. Dot:
-  tl.dot of the weight tile with x^T padded to 16 rows (masked), the weight as the large operand so that one pass
-  over it serves all rows; for 1 < M <= 16, and for int4 at any M (fewer instructions per byte than its FMA loop).
+  once at the end; for M == 1, where a tensor-core tile would be 15/16 padding. Dot: tl.dot of the weight tile with
+  x^T padded to 16 rows (masked), the weight as the large operand so that one pass over it serves all rows; for
+  1 < M <= 16.
 - No int-to-float conversion instructions (a quarter of the FP32 rate on Hopper): an int8 q becomes fp32 by adding it
   to the bit pattern of 2^23 + 128 and subtracting 2^23 + 128; int4 nibbles go straight into the top mantissa bits
   of 1.0 (see _int4_offset_fp32), two values per shift and logic op for tensor-core operands.
+- On Hopper the decode kernels here launch programmatically (_programmatic_launch): each starts while the one before
+  it finishes, and a product reads its first weight step before waiting for its input.
 
 Use (callers fall back to F.linear wherever the predicate says no):
 
@@ -41,10 +43,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # programmatic launch (triton >= 3.3)
 except Exception:  # not installed (CPU installs) or unusable: callers fall back to F.linear
     triton = None
 
@@ -62,6 +66,8 @@ MAX_BYTES_PER_PROGRAM = 256 * 1024  # and split long rows further, so that the l
 MIN_STEPS_PER_SPLIT = 2  # a program runs at least 2 K steps where K allows, so its loads overlap its math
 PARTIAL_TRAFFIC = 0.5  # fp32 partial sums (written, then read; mostly in L2) stay under half the weight's bytes
 DEFAULT_SM_COUNT = 132  # H100 SXM; used where there is no CUDA device (the interpreter)
+BATCH_ONE_BLOCK_K = 512  # the batch-1 (FMA) loop's K step where K allows: 8-32 KB of weight per program and step
+MAX_ROW_BLOCKS = 1 << 16  # row blocks of one call (the split counters' buffer)
 
 
 def _ceil_div(a, b):
@@ -88,29 +94,49 @@ def split_count(M, N, K, bits, block_n, block_k, sm_count=DEFAULT_SM_COUNT):
     return _ceil_div(steps, _ceil_div(steps, split_k))
 
 
+def _batch_one_config(N, K, bits, sm_count):
+    """launch_config for M == 1: the FMA loop, from a sweep of ChatGLM2-6B's and GLM-4-9B's four layer shapes on an
+    H100 (docs/benchmarks.md, eighteenth session: ~1,000 configs, 28 distinct weights per shape in one CUDA graph).
+    Long K steps (512 values where K allows) keep more bytes in flight per program. Float and int8 weights take 16
+    rows per program and no split where there is at least one row block per SM (4 programs per SM otherwise); int4,
+    whose values cost more instructions each, takes 64 rows (128 with short K steps) and 4 programs per SM."""
+    block_k = BATCH_ONE_BLOCK_K
+    while K % block_k:
+        block_k //= 2
+    if bits == 4:
+        block_n, num_warps = (64, 4) if block_k >= 256 else (128, 8)
+    else:
+        block_n, num_warps = (16, 8) if block_k == BATCH_ONE_BLOCK_K else (32, 8)
+        if bits == 8 and _ceil_div(N, block_n) >= PROGRAMS_PER_SM * sm_count:  # tall int8: shorter steps, 4 warps
+            block_k, num_warps = block_k // 2, 4
+    row_blocks = _ceil_div(N, block_n)
+    steps = K // block_k
+    split_k = 1 if bits != 4 and row_blocks >= sm_count else min(steps, _ceil_div(PROGRAMS_PER_SM * sm_count, row_blocks))
+    split_k = _ceil_div(steps, _ceil_div(steps, split_k))  # no empty split
+    return [block_n, block_k, split_k, num_warps, 1, 0]
+
+
 def launch_config(M, N, K, bits=None, sm_count=DEFAULT_SM_COUNT):
     """[block_n, block_k, split_k, num_warps, num_stages, use_dot] for x [M, K] and a weight of N rows: a pure
     function of the shape and the SM count, so a shape always runs the same way (and gives the same bits).
 
-    Choices, from the SASS of the loops (instructions per weight byte; ~10 is the issue limit at full bandwidth on an
-    H100): float 2 (FMA) / 1 (dot), int8 4.8 (FMA) / 6 (dot), int4 8.3 (FMA) / 6.3 (dot with 128 rows). So M == 1
-    uses the FMA path for float and int8 weights, int4 always uses tensor cores, and more rows always do."""
+    M == 1 runs the FMA loop (_batch_one_config, measured). More rows use tensor cores (instructions per weight byte,
+    from the SASS: float 1, int8 6, int4 6.3 with 128 rows; ~10 is the issue limit at full bandwidth on an H100)."""
     bits = _format_bits(bits)
     if K % MIN_BLOCK_K:
         raise ValueError(f"in_features={K} is not a multiple of {MIN_BLOCK_K}")
-    use_dot = M > 1 or bits == 4
+    if M == 1:
+        return _batch_one_config(N, K, bits, sm_count)
+    use_dot = True
     block_k = PREFERRED_BLOCK_K[bits, use_dot]
     while K % block_k:
         block_k //= 2
-    if not use_dot:  # FMA path: a [block_n, block_k] fp32 accumulator, 64 registers per thread at 4 warps
-        block_n = 8192 // block_k
-    elif bits == 4:  # 128 rows halve the cost of x per weight byte, where the layer is tall enough to keep every SM busy
+    if bits == 4:  # 128 rows halve the cost of x per weight byte, where the layer is tall enough to keep every SM busy
         wide_split = split_count(M, N, K, bits, 128, block_k, sm_count)
         block_n = 128 if _ceil_div(N, 128) * wide_split >= 2 * sm_count else 64
     else:
         block_n = 64
-    num_stages = 3 if use_dot else 1  # the FMA loop is not software-pipelined either way: occupancy hides latency
-    return [block_n, block_k, split_count(M, N, K, bits, block_n, block_k, sm_count), 4, num_stages, int(use_dot)]
+    return [block_n, block_k, split_count(M, N, K, bits, block_n, block_k, sm_count), 4, 3, 1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,15 +207,69 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _programmatic_start(PDL: tl.constexpr):
+        """Under programmatic launch: let the next kernel start now, and wait for the one before (its writes)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
+    @triton.jit
+    def _batch_one_step(x_ptr, w, k0, offs_s, acc2, x_total, BITS: tl.constexpr):
+        """One K step of the batch-1 loop: w is the step's stored weight tile [BLOCK_N, stored values]."""
+        if BITS == 4:
+            for i in tl.static_range(8):
+                x_i = tl.load(x_ptr + k0 + 8 * offs_s + (i ^ 1)).to(tl.float32)
+                acc2 += _int4_offset_fp32(w, i) * x_i[None, :]
+                x_total += x_i
+        else:
+            w = _int8_to_float(w) if BITS == 8 else w.to(tl.float32)
+            acc2 += w * tl.load(x_ptr + k0 + offs_s).to(tl.float32)[None, :]
+        return acc2, x_total
+
+    @triton.jit
+    def _sum_of_splits(partials, split_stride, split_k, mask):
+        """sum over s < split_k of partials[s * split_stride], in split order: the same bits whichever split is last.
+        Read from L2 (.cg): other SMs wrote them."""
+        total = tl.load(partials, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, split_k):
+            total += tl.load(partials + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        return total
+
+    @triton.jit
+    def _batch_one_row(x_ptr, w_rows, n_mask, offs_s, k_begin, k_end, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """The FMA loop for M == 1: the fp32 result [1, BLOCK_N] over [k_begin, k_end). Its first step is peeled off,
+        so that (PDL) its weight is read before waiting for the kernel before."""
+        STORED_K: tl.constexpr = BLOCK_K // 8 if BITS == 4 else BLOCK_K
+        acc2 = tl.zeros([BLOCK_N, STORED_K], dtype=tl.float32)
+        x_total = tl.zeros([STORED_K], dtype=tl.float32)
+        w = tl.load(w_rows + (k_begin // (8 if BITS == 4 else 1) + offs_s)[None, :], mask=n_mask[:, None], other=0)
+        if PDL:
+            gdc_wait()
+        acc2, x_total = _batch_one_step(x_ptr, w, k_begin, offs_s, acc2, x_total, BITS)
+        for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
+            w = tl.load(w_rows + (k0 // (8 if BITS == 4 else 1) + offs_s)[None, :], mask=n_mask[:, None], other=0)
+            acc2, x_total = _batch_one_step(x_ptr, w, k0, offs_s, acc2, x_total, BITS)
+        result = tl.sum(acc2, axis=1)
+        if BITS == 4:
+            result = 16.0 * (result - 1.5 * tl.sum(x_total, axis=0))
+        return result[None, :]
+
+    @triton.jit
     def _small_batch_linear_kernel(
-        x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
-        M, N, K, stride_xm, stride_wn, chunks_per_split,
+        x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, ticket_ptr,
+        M, N, K, stride_xm, stride_wn, chunks_per_split, split_k,
         BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
         USE_DOT: tl.constexpr, PARTIAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr,
     ):
-        """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k; writes out[pid_k, m, n]
-        (fp32 partials) when PARTIAL, else the finished out[m, n] in out's dtype."""
+        """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k. Unsplit, it writes the
+        finished out[m, n] in out's dtype; split (PARTIAL), its fp32 partial to partial[pid_k, m, n], and the row
+        block's last split to finish (counted in ticket[pid_n]) sums all partials in split order and writes out.
+        PDL: launched ahead of the kernel before it (see _programmatic_launch); the batch-1 loop reads its first
+        weight step before waiting for that kernel, which must not be the one that wrote the weight."""
+        if PDL:
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,6 +284,8 @@ if triton is not None:
         k_end = tl.minimum(k_begin + chunks_per_split * BLOCK_K, K)
 
         if USE_DOT:
+            if PDL:
+                gdc_wait()
             offs_m = tl.arange(0, BLOCK_M)
             m_mask = offs_m < M
             x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T tiles [K step, BLOCK_M]
@@ -231,53 +313,32 @@ if triton is not None:
             result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
             out_mask = m_mask[:, None] & n_mask[None, :]
             out_offs = offs_m[:, None] * N + offs_n[None, :]
-        else:  # M == 1
-            acc2 = tl.zeros([BLOCK_N, STORED_K], dtype=tl.float32)
-            x_total = tl.zeros([STORED_K], dtype=tl.float32)
-            for k0 in range(k_begin, k_end, BLOCK_K):
-                if BITS == 4:
-                    words = tl.load(w_rows + (k0 // 8 + offs_s)[None, :], mask=n_mask[:, None], other=0)
-                    for i in tl.static_range(8):
-                        x_i = tl.load(x_ptr + k0 + 8 * offs_s + (i ^ 1)).to(tl.float32)
-                        acc2 += _int4_offset_fp32(words, i) * x_i[None, :]
-                        x_total += x_i
-                else:
-                    w = tl.load(w_rows + (k0 + offs_s)[None, :], mask=n_mask[:, None], other=0)
-                    w = _int8_to_float(w) if BITS == 8 else w.to(tl.float32)
-                    acc2 += w * tl.load(x_ptr + k0 + offs_s).to(tl.float32)[None, :]
-            result = tl.sum(acc2, axis=1)
-            if BITS == 4:
-                result = 16.0 * (result - 1.5 * tl.sum(x_total, axis=0))
-            result = result[None, :]  # [1, BLOCK_N]
+        else:
+            result = _batch_one_row(x_ptr, w_rows, n_mask, offs_s, k_begin, k_end, BITS, BLOCK_N, BLOCK_K, PDL)
             out_mask = n_mask[None, :]
             out_offs = offs_n[None, :]
 
         if PARTIAL:
-            tl.store(out_ptr + pid_k * M * N + out_offs, result, mask=out_mask)
+            tl.store(partial_ptr + pid_k * M * N + out_offs, result, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
+            ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
+            if ticket == split_k - 1:
+                result = _sum_of_splits(partial_ptr + out_offs, M * N, split_k, out_mask)
+                result = _finish(result, offs_n[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+                tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(ticket_ptr + pid_n, 0)  # zero again for the next call
         else:
             result = _finish(result, offs_n[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
             tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
-    def _sum_splits_kernel(partial_ptr, scale_ptr, bias_ptr, out_ptr, MN, N, split_k,
-                           HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """out[m, n] = cast(scale[n] * sum_s partial[s, m, n] + bias[n]). All splits are loaded at once (one memory
-        latency, not split_k in a row) and summed by tl.sum, whose order is fixed by the compiled code."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < MN
-        splits = tl.arange(0, SPLITS)
-        tile = tl.load(partial_ptr + splits[:, None] * MN + offs[None, :],
-                       mask=(splits[:, None] < split_k) & mask[None, :], other=0.0)
-        acc = _finish(tl.sum(tile, axis=0), offs % N, mask, scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     # Element-wise kernels for generation (ChatGLM2/3's RMSNorm, SwiGLU, rotary): one program per token row, math in
     # fp32, one rounding at the store, as torch.compile's fused kernels do.
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, inv_rms_ptr, row_stride, H, eps,
-                         SAVE_INV_RMS: tl.constexpr, BLOCK: tl.constexpr):
+                         SAVE_INV_RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps); for training also inv_rms[r] (fp32), for backward."""
+        _programmatic_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -289,8 +350,10 @@ if triton is not None:
             tl.store(inv_rms_ptr + row, inv_rms)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, update_ptr, weight_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, update_ptr, weight_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
         """sum[r] = x[r] + update[r] (rounded to the dtype, as an eager add is), out[r] = RMSNorm(sum[r])."""
+        _programmatic_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -329,8 +392,9 @@ if triton is not None:
             tl.store(dweight_ptr + program * H + cols, dweight, mask=mask)
 
     @triton.jit
-    def _swiglu_kernel(x_ptr, out_ptr, row_stride, F, BLOCK: tl.constexpr):
+    def _swiglu_kernel(x_ptr, out_ptr, row_stride, F, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[r, j] = silu(x[r, j]) * x[r, F + j] (rows [gate | up])."""
+        _programmatic_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < F
@@ -427,11 +491,12 @@ if triton is not None:
                                  cache_stride_g, valid_stride_b, chunk, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  PAIRS: tl.constexpr, GROUP_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                                 SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr):
         """Program (b * KV_HEADS + g, s): the GROUP = HEADS / KV_HEADS query heads of key/value group g of sequence
         b, over the cache slots [s * chunk, min((s + 1) * chunk, slot)) that `valid` marks, plus (split 0) the new
         token itself, whose rotated key and value split 0 also writes at `slot`. One split: the normalized output;
         several: fp32 partials (unnormalized output, running max and sum) for _decode_attention_combine_kernel."""
+        _programmatic_start(PDL)
         GROUP: tl.constexpr = HEADS // KV_HEADS
         bg = tl.program_id(0)
         split = tl.program_id(1)
@@ -496,9 +561,10 @@ if triton is not None:
     @triton.jit
     def _decode_attention_combine_kernel(partial_ptr, stats_ptr, out_ptr, splits, HEADS: tl.constexpr,
                                          KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_BLOCK: tl.constexpr,
-                                         SPLITS_BLOCK: tl.constexpr):
+                                         SPLITS_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """The output of group program bg from its splits' partials: sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s,
         one query head per program (axis 1)."""
+        _programmatic_start(PDL)
         GROUP: tl.constexpr = HEADS // KV_HEADS
         bg = tl.program_id(0)
         h = tl.program_id(1)
@@ -529,8 +595,11 @@ def _wrap(kernel):
 
 
 def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           scale: Optional[torch.Tensor], bits: int, config: Optional[List[int]]) -> torch.Tensor:
-    """x [M, K] (unit stride along K) -> [M, N]; the body of the registered op (also its shape function)."""
+                           scale: Optional[torch.Tensor], bits: int, config: Optional[List[int]],
+                           eager: bool) -> torch.Tensor:
+    """x [M, K] (unit stride along K) -> [M, N]; the body of the registered op (also its shape function). eager:
+    called outside torch.compile (whose tracing of this body, later, no longer says so): the split counters are the
+    device's shared ones and the launch may be programmatic."""
     M, K = x.shape
     N = weight.shape[0]
     # Checked here, not in small_batch_linear: torch.compile traces this body, and storage_offset() breaks its graph.
@@ -544,24 +613,65 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     chunks_per_split = _ceil_div(chunks, split_k)
     split_k = _ceil_div(chunks, chunks_per_split)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    target = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    row_blocks = _ceil_div(N, block_n)
+    tickets = out
+    if split_k > 1:
+        tickets = _split_tickets(x.device, row_blocks) if eager else torch.zeros(row_blocks, dtype=torch.int32,
+                                                                                   device=x.device)
     has_scale, has_bias = scale is not None, bias is not None
+    # int4's split loop ran slower launched programmatically (ChatGLM2-6B on an H100: 328 against 348 tok/s)
+    pdl = eager and bits != 4 and _programmatic_launch(x)
     # Unused pointer arguments get any tensor; the constexpr flags keep the kernel from reading them.
-    _wrap(_small_batch_linear_kernel)[(_ceil_div(N, block_n), split_k)](
-        x, weight, scale if has_scale else x, bias if has_bias else x, target,
-        M, N, K, x.stride(0), weight.stride(0), chunks_per_split,
+    _wrap(_small_batch_linear_kernel)[(row_blocks, split_k)](
+        x, weight, scale if has_scale else x, bias if has_bias else x, out, partial, tickets,
+        M, N, K, x.stride(0), weight.stride(0), chunks_per_split, split_k,
         BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS if use_dot else 1,
         USE_DOT=bool(use_dot), PARTIAL=split_k > 1, HAS_SCALE=has_scale, HAS_BIAS=has_bias,
-        DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, num_warps=num_warps, num_stages=num_stages,
+        DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        **_launch_options(pdl),
     )
-    if split_k > 1:
-        splits = triton.next_power_of_2(split_k)
-        block = max(32, 4096 // splits)  # 4096 partials per program
-        _wrap(_sum_splits_kernel)[(_ceil_div(M * N, block),)](
-            target, scale if has_scale else x, bias if has_bias else x, out, M * N, N, split_k,
-            HAS_SCALE=has_scale, HAS_BIAS=has_bias, SPLITS=splits, BLOCK=block, num_warps=4,
-        )
     return out
+
+
+_SPLIT_TICKETS = {}
+
+
+def _split_tickets(device, row_blocks):
+    """The int32 counters from which a row block's split programs take tickets (the last one sums the partials). The
+    last split zeroes its counter again, so one zeroed buffer per device serves every call, calls on a device running
+    in stream order (inside torch.compile's graphs each call gets zeroed counters of its own)."""
+    if row_blocks > MAX_ROW_BLOCKS:
+        raise ValueError(f"{row_blocks} row blocks: at most {MAX_ROW_BLOCKS}")
+    key = str(device)
+    if key not in _SPLIT_TICKETS:
+        _SPLIT_TICKETS[key] = torch.zeros(MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
+    return _SPLIT_TICKETS[key]
+
+
+PROGRAMMATIC_LAUNCH = True
+
+
+def _programmatic_launch(x):
+    """Whether the decode kernels on x's device launch programmatically (PDL, Hopper and newer): each kernel starts
+    while the one before it finishes, does what does not depend on it (a product's first weight step), then waits
+    for it (griddepcontrol.wait), and lets the next one start at once. That hides most of the gap between the ~10
+    kernels of a decoded layer. Off in the interpreter and inside torch.compile (whose launcher takes no such option)."""
+    return (PROGRAMMATIC_LAUNCH and triton is not None and x.is_cuda and not _INTERPRETED
+            and not torch.compiler.is_compiling() and _capability(x.device) >= (9, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(device_index):
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _capability(device):
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _launch_options(pdl):
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _register_op():
@@ -639,8 +749,38 @@ def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=No
         x2d = x2d.contiguous()
     scale = scale.contiguous() if bits else None
     bias = bias.contiguous() if bias is not None else None
-    out = _op(x2d, weight, bias, scale, bits, None if config is None else [int(v) for v in config])
+    out = _op(x2d, weight, bias, scale, bits, None if config is None else [int(v) for v in config],
+              not torch.compiler.is_compiling())
     return out.reshape(*x.shape[:-1], N)
+
+
+def one_row_kernel_applies(x, weight, bias=None):
+    """Whether small_batch_linear, not cuBLAS, should compute F.linear(x, weight, bias) for a float weight: x is one
+    row (a batch-1 decode step), where the batch-1 loop streams the weight faster than cuBLAS does (ChatGLM2-6B's and
+    GLM-4-9B's four layer shapes on an H100: 3-15 % per product, docs/benchmarks.md); weight and bias in x's dtype on
+    x's device, and no gradient wanted for any of them (the kernel has no backward)."""
+    if x.numel() != x.shape[-1] or weight.dim() != 2 or weight.stride(1) != 1 or weight.dtype != x.dtype:
+        return False
+    if weight.device != x.device or (bias is not None and (bias.dtype != x.dtype or bias.device != x.device)):
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return small_batch_kernel_applies(x, weight.shape[1])
+
+
+def decode_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), through small_batch_linear where one_row_kernel_applies."""
+    if one_row_kernel_applies(x, weight, bias):
+        return small_batch_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def decode_product(linear, x):
+    """linear(x) in a decode step (inference on the model's own weights: no module hooks to run): a plain nn.Linear
+    through decode_linear, any other module (an adapter's layer, a quantized one) called as it is."""
+    if type(linear) is torch.nn.Linear:
+        return decode_linear(x, linear.weight, linear.bias)
+    return linear(x)
 
 
 def elementwise_kernels_apply(x):
@@ -671,8 +811,10 @@ class _RMSNorm(torch.autograd.Function):
         if rows.numel():
             H = rows.shape[1]
             block = triton.next_power_of_2(H)
+            pdl = _programmatic_launch(rows)
             _rms_norm_kernel[(rows.shape[0],)](rows, weight.contiguous(), out, inv_rms, rows.stride(0), H, eps,
-                                               SAVE_INV_RMS=training, BLOCK=block, num_warps=_warps(block))
+                                               SAVE_INV_RMS=training, BLOCK=block, PDL=pdl, num_warps=_warps(block),
+                                               **_launch_options(pdl))
         if training:  # the input in its own dtype and one fp32 per row, no fp32 copy of the input
             ctx.save_for_backward(rows.contiguous(), weight, inv_rms)
         return out.view(hidden_states.shape)
@@ -707,7 +849,9 @@ class _SwiGLU(torch.autograd.Function):
         out = torch.empty(rows.shape[0], F, dtype=gate_and_up.dtype, device=gate_and_up.device)
         if rows.numel():
             block = min(triton.next_power_of_2(F), 1024)
-            _swiglu_kernel[(rows.shape[0], _ceil_div(F, block))](rows, out, rows.stride(0), F, BLOCK=block, num_warps=4)
+            pdl = _programmatic_launch(rows)
+            _swiglu_kernel[(rows.shape[0], _ceil_div(F, block))](rows, out, rows.stride(0), F, BLOCK=block, PDL=pdl,
+                                                                 num_warps=4, **_launch_options(pdl))
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(rows.contiguous())
         return out.view(*gate_and_up.shape[:-1], F)
@@ -824,8 +968,9 @@ def triton_add_rms_norm(hidden_states, update, weight, eps):
     H = x.shape[-1]
     if x.numel():
         block = triton.next_power_of_2(H)
-        _add_rms_norm_kernel[(x.numel() // H,)](x, u, weight.contiguous(), total, out, H, eps, BLOCK=block,
-                                                num_warps=_warps(block))
+        pdl = _programmatic_launch(x)
+        _add_rms_norm_kernel[(x.numel() // H,)](x, u, weight.contiguous(), total, out, H, eps, BLOCK=block, PDL=pdl,
+                                                num_warps=_warps(block), **_launch_options(pdl))
     return total, out
 
 
@@ -904,6 +1049,7 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
     cos, sin = _angle_tables(cos, sin, qkv)
     group_block = max(16, triton.next_power_of_2(heads // kv_heads))
     out = torch.empty(B, 1, heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    pdl = _programmatic_launch(qkv)
     if splits > 1:
         partial = torch.empty(B * kv_heads * splits * group_block * head_dim, dtype=torch.float32, device=qkv.device)
         stats = torch.empty(B * kv_heads * splits * 2 * group_block, dtype=torch.float32, device=qkv.device)
@@ -914,12 +1060,13 @@ def triton_decode_attention(qkv, cos, sin, keys, values, valid, slot, heads, kv_
             qkv, cos, sin, keys, values, valid, slot, out, partial, stats, qkv.stride(0), cos.stride(0),
             keys.stride(0), keys.stride(1), valid.stride(0), chunk, head_dim ** -0.5,
             HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, PAIRS=pairs, GROUP_BLOCK=group_block,
-            BLOCK_N=block_n, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,
-            num_warps=4,
+            BLOCK_N=block_n, SPLIT=splits > 1, DOT_IN_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16, PDL=pdl,
+            num_warps=4, **_launch_options(pdl),
         )
         if splits > 1:
             _decode_attention_combine_kernel[(B * kv_heads, heads // kv_heads)](
                 partial, stats, out, splits, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-                GROUP_BLOCK=group_block, SPLITS_BLOCK=triton.next_power_of_2(splits), num_warps=4,
+                GROUP_BLOCK=group_block, SPLITS_BLOCK=triton.next_power_of_2(splits), PDL=pdl, num_warps=4,
+                **_launch_options(pdl),
             )
     return out
