@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from utils.glm_layers import FusedSwiGLUMLP
 from utils.remote_code import remote_module
 
 MODEL_TYPES = ("glm", "glm4")
@@ -127,9 +128,10 @@ def attention(modeling, attn, normed, rotary, cache, layer_idx, fused_qkv):
     into the cache. fused_qkv: (weight, bias) of the layer's [q | k | v] product, or None (the three modules)."""
     heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
     if fused_qkv is not None:
-        qkv = F.linear(normed, *fused_qkv)
+        qkv = chatglm2_kernels().decode_linear(normed, *fused_qkv)
     else:
-        qkv = torch.cat((attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)), dim=-1)
+        qkv = torch.cat((project(attn.q_proj, normed), project(attn.k_proj, normed), project(attn.v_proj, normed)),
+                        dim=-1)
     context = modeling.fused_decode_attention(qkv, rotary, cache, layer_idx, heads, kv_heads, attn.head_dim)
     if context is not None:
         return context
@@ -142,6 +144,18 @@ def attention(modeling, attn, normed, rotary, cache, layer_idx, fused_qkv):
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     context = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=cache.valid[:, None, None, :])
     return context.reshape(batch, 1, heads * head_dim)
+
+
+def project(linear, x):
+    """linear(x), a plain nn.Linear through the kernels' one-row product (kernels.decode_product)."""
+    return chatglm2_kernels().decode_product(linear, x)
+
+
+def mlp(layer_mlp, x):
+    """A block's MLP on one token: FusedSwiGLUMLP's products through project, the module itself otherwise."""
+    if not isinstance(layer_mlp, FusedSwiGLUMLP):
+        return layer_mlp(x)
+    return project(layer_mlp.down_proj, layer_mlp.swiglu_of(project(layer_mlp.gate_up_proj, x)))
 
 
 def static_decode_step(model, input_ids, cache):
@@ -160,11 +174,11 @@ def static_decode_step(model, input_ids, cache):
     for layer_idx, layer in enumerate(body.layers):
         hidden_states, normed = add_norm(modeling, kernels, hidden_states, update, layer.input_layernorm)
         context = attention(modeling, layer.self_attn, normed, rotary, cache, layer_idx, fused_qkv[layer_idx])
-        update = layer.self_attn.o_proj(context)
+        update = project(layer.self_attn.o_proj, context)
         if hasattr(layer, "post_self_attn_layernorm"):  # GLM-4-0414 (glm4): sublayer outputs are normed too
             update = layer.post_self_attn_layernorm(update)
         hidden_states, normed = add_norm(modeling, kernels, hidden_states, update, layer.post_attention_layernorm)
-        update = layer.mlp(normed)
+        update = mlp(layer.mlp, normed)
         if hasattr(layer, "post_mlp_layernorm"):
             update = layer.post_mlp_layernorm(update)
     hidden_states = add_norm(modeling, kernels, hidden_states, update, body.norm)[1]

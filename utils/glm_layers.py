@@ -59,7 +59,9 @@ class FusedSwiGLUMLP(nn.Module):
         return self.down_proj(self.activated(hidden_states))
 
     def activated(self, hidden_states):
-        gate_and_up = self.gate_up_proj(hidden_states)
+        return self.swiglu_of(self.gate_up_proj(hidden_states))
+
+    def swiglu_of(self, gate_and_up):
         if not torch.compiler.is_compiling() and self.kernel_applies(gate_and_up):
             return self.swiglu(gate_and_up)
         gate, up = gate_and_up.chunk(2, dim=-1)

@@ -40,6 +40,7 @@ except ImportError:
 
 from .configuration_chatglm import ChatGLMConfig
 from .kernels import (
+    decode_product,
     decode_attention_applies,
     elementwise_kernels_apply,
     triton_add_rms_norm,
@@ -532,13 +533,15 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         batch, seq, _ = hidden_states.shape
-        qkv = self.query_key_value(hidden_states)
-        if isinstance(past_key_values, StaticKVCache) and not self.training:
+        if isinstance(past_key_values, StaticKVCache) and not self.training:  # a decode step
+            qkv = decode_product(self.query_key_value, hidden_states)
             context = fused_decode_attention(
                 qkv, rotary, past_key_values, self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim
             )
             if context is not None:
-                return self.dense(context)
+                return decode_product(self.dense, context)
+        else:
+            qkv = self.query_key_value(hidden_states)
         # Fused rows: [q of all heads | k of all groups | v of all groups]; q and k are rotated in one call.
         rotated_heads = self.num_heads + self.num_kv_heads
         qk = apply_rotary(qkv, *rotary, rotated_heads, self.head_dim)
@@ -599,6 +602,10 @@ class MLP(nn.Module):
     def activated(self, hidden_states):
         return swiglu(self.dense_h_to_4h(hidden_states))
 
+    def decode(self, hidden_states):
+        """forward() in a decode step (inference): plain linear layers through kernels.decode_product."""
+        return decode_product(self.dense_4h_to_h, swiglu(decode_product(self.dense_h_to_4h, hidden_states)))
+
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:make_norm
 def make_norm(config, device=None):
@@ -634,7 +641,7 @@ class GLMBlock(GradientCheckpointingLayer):
         hidden_states, normed = add_rms_norm(hidden_states, update, self.input_layernorm)
         attention_out = self.self_attention(normed, attention_mask, rotary, past_key_values=cache)
         hidden_states, normed = add_rms_norm(hidden_states, attention_out, self.post_attention_layernorm)
-        return hidden_states, self.mlp(normed)
+        return hidden_states, self.mlp.decode(normed)
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:GLMTransformer
