@@ -68,6 +68,7 @@ PARTIAL_TRAFFIC = 0.5  # fp32 partial sums (written, then read; mostly in L2) st
 DEFAULT_SM_COUNT = 132  # H100 SXM; used where there is no CUDA device (the interpreter)
 BATCH_ONE_BLOCK_K = 512  # the batch-1 (FMA) loop's K step where K allows: 8-32 KB of weight per program and step
 MAX_ROW_BLOCKS = 1 << 16  # row blocks of one call (the split counters' buffer)
+PROGRAMMATIC_LAUNCH = True  # Hopper: the decode kernels launch programmatically (see _programmatic_launch)
 
 
 def _ceil_div(a, b):
@@ -639,17 +640,15 @@ _SPLIT_TICKETS = {}
 
 def _split_tickets(device, row_blocks):
     """The int32 counters from which a row block's split programs take tickets (the last one sums the partials). The
-    last split zeroes its counter again, so one zeroed buffer per device serves every call, calls on a device running
-    in stream order (inside torch.compile's graphs each call gets zeroed counters of its own)."""
+    last split zeroes its counter again, so one zeroed buffer per device serves every call while the calls on a device
+    run one after another, as a process's decode loop runs them on its stream (inside torch.compile's graphs each call
+    gets zeroed counters of its own)."""
     if row_blocks > MAX_ROW_BLOCKS:
         raise ValueError(f"{row_blocks} row blocks: at most {MAX_ROW_BLOCKS}")
     key = str(device)
     if key not in _SPLIT_TICKETS:
         _SPLIT_TICKETS[key] = torch.zeros(MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
     return _SPLIT_TICKETS[key]
-
-
-PROGRAMMATIC_LAUNCH = True
 
 
 def _programmatic_launch(x):
