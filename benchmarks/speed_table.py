@@ -11,7 +11,7 @@ Rows (all bf16; decode: 32-token prompt, greedy, exactly N new tokens, through s
   lora-v2, lora-v1             LoRA r=8 on query_key_value, batch 8 x 512, AdamW, bf16 autocast (as the Trainer runs)
   qlora-v2                     NF4 + double quantization (loaded as train_qlora.py loads it), LoRA r=8 on
                                query_key_value, batch 4 x 512, gradient checkpointing, torch's fused AdamW (as
-                               chatGLM_6B_QLoRA.json)
+                               chatGLM_6B_QLoRA.json), the blocks as CUDA graphs (--graph_blocks)
   ptuning-v2-nf4               P-tuning v2 on the NF4 base as train_qlora.py --method=ptuning loads it, 4 x 512,
                                gradient checkpointing, fused AdamW (next to qlora-v2)
   ptuning-v2, ptuning-v2-int4  P-tuning v2 (pre_seq_len 128, no projection, the prefix encoder in fp32 as
@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_glm4, load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
+from utils.graphed_blocks import graph_blocks  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.trainer import is_native, target_losses  # noqa: E402
 from utils.training_methods import (add_lora, kbit_quantization_config, prepare_kbit_model, recompute_mlps,  # noqa: E402
@@ -261,6 +262,8 @@ def run_rows(rows, args):
                                             quantization_config=kbit_quantization_config(4, torch.bfloat16, ptuning=ptuning))
         model = prepare_kbit_model(model, torch.bfloat16, gradient_checkpointing=True)
         model = train_prefix_only(model, model_dir) if ptuning else lora(model)
+        if args.graph_blocks:
+            graph_blocks(model)
         results[name] = train_row(model, 4, 512, args.train_steps, args.warmup_steps, fused=True, profile_path=profile(name))
         print(name, results[name], flush=True)
         model = None
@@ -305,6 +308,9 @@ def main():
     parser.add_argument("--recompute_mlp_blocks", type=int, default=0,
                         help="lora-v2, lora-glm4: the MLPs of this many blocks recompute their up-projection in "
                              "backward (the training option of the same name)")
+    parser.add_argument("--graph_blocks", type=lambda v: v.lower() == "true", default=True,
+                        help="true / false: qlora-v2 trains its checkpointed blocks as CUDA graphs (the training "
+                             "option of the same name; P-tuning never does)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

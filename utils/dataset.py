@@ -195,9 +195,11 @@ class PaddingCollator:
 
     pad_token_id: int
     padding_side: str = "right"
+    multiple: int = 1  # pad to a multiple of this many tokens (graphed blocks: one capture per shape)
 
     def __call__(self, features):
         longest = max(len(f["input_ids"]) for f in features)
+        longest = -(-longest // self.multiple) * self.multiple
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for feature in features:
             pad = longest - len(feature["input_ids"])

@@ -51,24 +51,26 @@ class DroppedInputLinear(torch.autograd.Function):
     """dropout(x) @ weight.T, keeping x and the seed for backward, not the dropped x and its mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, p, seed):
+    def forward(ctx, x, weight, p, seed, keep=None):
+        """keep: a mask given instead of the seed's (a graphed block's: utils/graphed_blocks.py)."""
         dtype = product_dtype(x, weight)
         ctx.save_for_backward(x, weight)
-        ctx.p, ctx.seed, ctx.dtype = p, seed, dtype
-        return F.linear(dropped(x, p, seed).to(dtype), weight.to(dtype))
+        ctx.p, ctx.seed, ctx.dtype, ctx.keep = p, seed, dtype, keep
+        keep = keep_mask(x, p, seed) if keep is None else keep
+        return F.linear(masked(x, keep, p).to(dtype), weight.to(dtype))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.to(ctx.dtype)
-        keep = keep_mask(x, ctx.p, ctx.seed)
+        keep = keep_mask(x, ctx.p, ctx.seed) if ctx.keep is None else ctx.keep
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:  # d dropout(x) / dx is the same mask and scale
             grad_x = masked(grad @ weight.to(ctx.dtype), keep, ctx.p).to(x.dtype)
         if ctx.needs_input_grad[1]:
             inputs = masked(x, keep, ctx.p).to(ctx.dtype).reshape(-1, x.shape[-1])
             grad_weight = (grad.reshape(-1, grad.shape[-1]).t() @ inputs).to(weight.dtype)
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None, None, None
 
 
 class DropoutLinear(nn.Linear):
@@ -79,10 +81,17 @@ class DropoutLinear(nn.Linear):
         self.in_features, self.out_features, self.p = lora_a.in_features, lora_a.out_features, p
         self.weight = lora_a.weight
         self.register_parameter("bias", None)
+        # Set while a graphed block runs (utils/graphed_blocks.py): the mask to apply, drawn into it first from the
+        # device's generator where draw_kept_mask (the forward graph), reused as it is otherwise (the recompute).
+        self.kept_mask, self.draw_kept_mask = None, False
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return super().forward(x)
+        if self.kept_mask is not None:
+            if self.draw_kept_mask:
+                self.kept_mask.bernoulli_(1 - self.p)
+            return DroppedInputLinear.apply(x, self.weight, self.p, None, self.kept_mask)
         if x.device.type not in REDRAW_DEVICES:
             return super().forward(F.dropout(x, self.p, training=True))
         seed = int(torch.randint(0, 2**62, ()))  # from the CPU generator: no wait for the device

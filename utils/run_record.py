@@ -24,7 +24,7 @@ JSON_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: 
 # trains (activation checkpointing trades memory for time, with the same gradients); --train_args_json's file may move
 # (its contents are compared key by key). Every other training option must equal the run's record.
 RESUMABLE = frozenset({"logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "dev_file",
-                       "per_device_eval_batch_size", "show_example", "skip_bad_lines", "gradient_checkpointing",
+                       "per_device_eval_batch_size", "show_example", "skip_bad_lines", "gradient_checkpointing", "graph_blocks",
                        "recompute_mlp_blocks", "train_args_json"})
 # Where and how this session resumes: neither compared nor taken from the record.
 SESSION = frozenset({"output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank"})

@@ -21,6 +21,7 @@ from utils.dataset import (EncodedDataset, InstructionDataset, PackedDataset, Pa
                            format_example, packed_inputs_hook)
 from utils.decode_engine import NativeSteps
 from utils.errors import UserError
+from utils.graphed_blocks import graph_length_multiple
 from utils.log_filters import DropMessage
 from utils.run_dirs import RunFolder, checkpoint_record, mark_complete, rotate_checkpoints
 from utils.run_record import resumed_line, run_record, write_run_record
@@ -635,7 +636,7 @@ def train_and_finish(config, run_info, model, tokenizer, data_files, args, resum
         RunFolder(output_dir, resume, config["overwrite_output_dir"]).prepare()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "runs"))
     trainer = Trainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                      data_collator=PaddingCollator(tokenizer.pad_token_id),
+                      data_collator=PaddingCollator(tokenizer.pad_token_id, multiple=graph_length_multiple(model)),
                       trainable_only=method in ("ptuning", "freeze"),
                       eval_tokens=eval_batch_tokens(config["pack_tokens"], args.per_device_train_batch_size,
                                                     train_data),

@@ -3,14 +3,17 @@ base of train_qlora.py, P-tuning v2 (the official prefix layout), freeze tuning 
 each export with the run record beside it, ZeRO-3 shards gathered where it needs them whole."""
 import contextlib
 import copy
+import os
 import re
 from pathlib import Path
 
+import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
 from utils.adapters import ADAPTER_DIR, PREFIX_DIR
 from utils.config_utils import ConfigError
+from utils.graphed_blocks import graph_blocks
 from utils.lora_dropout import drop_inside_lora_a
 from utils.model_folder import folder_config, write_model_folder, write_native_model_folder
 from utils.run_dirs import staged_folder
@@ -73,7 +76,13 @@ def load_model_to_train(config, dtype, device, master_fp32=True, quantization_co
         except ValueError as error:
             raise ConfigError(f"--recompute_mlp_blocks: {error}") from None
     transformers.set_seed(config["seed"])
-    return setup_method(model, config, config["method"], master_fp32=master_fp32), tokenizer
+    model = setup_method(model, config, config["method"], master_fp32=master_fp32)
+    # DeepSpeed (train_deepspeed.py; train_trainer.py's loads on the CPU) and several processes hook into autograd's
+    # per-parameter gradients, which the graphs write directly.
+    if (config["graph_blocks"] and config["gradient_checkpointing"] and not config.get("deepspeed")
+            and torch.device(device).type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) == 1):
+        graph_blocks(model)
+    return model, tokenizer
 
 
 def recompute_mlps(model, blocks):

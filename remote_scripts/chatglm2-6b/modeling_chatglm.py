@@ -716,6 +716,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             self.prefix_encoder = PrefixEncoder(config)
             self.prefix_dropout = nn.Dropout(0.1)
         self.gradient_checkpointing = False
+        # Set by the toolkit (utils/graphed_blocks.py): a callable (hidden_states, mask, rotary) -> hidden_states that
+        # trains the blocks as CUDA graphs; used in training forwards with gradients, without cache, prefix or
+        # output_hidden_states.
+        self.block_graphs = None
         self.post_init()
         self.freeze_all_but_prefix()
 
@@ -798,10 +802,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             mask = build_attention_mask(attention_mask, seq, past_len, self.pre_seq_len)
 
         all_hidden_states = () if output_hidden_states else None
-        for layer, (prefix_key, prefix_value) in zip(self.encoder.layers, prefix_kv):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, mask, rotary, prefix_key, prefix_value, past_key_values=past_key_values)
+        if (self.block_graphs is not None and self.training and torch.is_grad_enabled() and past_key_values is None
+                and not self.pre_seq_len and not output_hidden_states):
+            hidden_states = self.block_graphs(hidden_states, mask, rotary)
+        else:
+            for layer, (prefix_key, prefix_value) in zip(self.encoder.layers, prefix_kv):
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+                hidden_states = layer(hidden_states, mask, rotary, prefix_key, prefix_value, past_key_values=past_key_values)
         if self.encoder.final_layernorm is not None:
             hidden_states = self.encoder.final_layernorm(hidden_states)
         if output_hidden_states:
