@@ -170,10 +170,11 @@ class Capture:
             for i in reversed(range(len(layers))):
                 block_input = self.checkpoints[i].detach().requires_grad_()
                 output = layers[i].forward(block_input, self.mask, self.rotary)
-                grad, *param_grads = torch.autograd.grad(output, [block_input, *params[i]], grad)
+                grad, *param_grads = torch.autograd.grad(output, [block_input, *params[i]], grad, allow_unused=True)
                 if grads is not None:
                     for total, part in zip(grads[i], param_grads):
-                        total.add_(part)
+                        if part is not None:  # a parameter this block's forward does not reach
+                            total.add_(part)
         self.grad_input.copy_(grad)
 
 
