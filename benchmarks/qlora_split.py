@@ -2,6 +2,7 @@
 
     python benchmarks/qlora_split.py --config_dir ../shared/assets/tokenizers --model full
     python benchmarks/qlora_split.py --config_dir ../shared/assets/tokenizers --model narrow
+    python benchmarks/qlora_split.py --config_dir ../shared/assets/tokenizers --model full --graph_blocks
 
 The step is speed_table.py's qlora-v2 row (NF4 + double quantization as train_qlora.py loads it, LoRA r8 on
 query_key_value, 4 x 512, gradient checkpointing) with torch's fused AdamW. `full` is ChatGLM2-6B (random weights, the
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from generate_6b import random_prompt  # noqa: E402  (this folder is on sys.path)
 from speed_table import lora  # noqa: E402
 from tools.tiny_models import make_tiny_model  # noqa: E402
+from utils.graphed_blocks import graph_blocks  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer  # noqa: E402
 from utils.training_methods import kbit_quantization_config, prepare_kbit_model  # noqa: E402
 
@@ -36,6 +38,8 @@ def main():
     parser.add_argument("--config_dir", required=True, help="folder with chatglm2-6b/config.json and tokenizer files")
     parser.add_argument("--model", choices=["full", "narrow"], default="full")
     parser.add_argument("--work_dir", default="/tmp/qlora_split", help="where the random model folder is written")
+    parser.add_argument("--graph_blocks", action="store_true",
+                        help="the blocks as CUDA graphs (utils/graphed_blocks.py), as the training scripts run them")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -46,6 +50,8 @@ def main():
     model, _ = load_model_and_tokenizer(model_dir, dtype="bf16", device="cuda",
                                         quantization_config=kbit_quantization_config(4, torch.bfloat16))
     model = lora(prepare_kbit_model(model, torch.bfloat16, gradient_checkpointing=True))
+    if args.graph_blocks:
+        graph_blocks(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     input_ids = random_prompt(model, 4, 512)
