@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from generate_6b import load_random_glm4, load_random_model, random_prompt  # noqa: E402  (this folder is on sys.path)
 from tools.tiny_models import build_random_model, make_tiny_model  # noqa: E402
 from utils.generation import time_generation  # noqa: E402
-from utils.graphed_blocks import graph_blocks  # noqa: E402
+from utils.graphed_blocks import block_graphs_of, graph_blocks  # noqa: E402
 from utils.model_loading import load_model_and_tokenizer, read_config, remote_module  # noqa: E402
 from utils.trainer import is_native, target_losses  # noqa: E402
 from utils.training_methods import (add_lora, kbit_quantization_config, prepare_kbit_model, recompute_mlps,  # noqa: E402
@@ -171,12 +171,15 @@ def train_row(model, batch, seq, steps, warmup, optimizer_cls=torch.optim.AdamW,
         seconds = (time.perf_counter() - started) / steps
         if profile_path:
             write_profile(profile_path, step)
+    # Graphed blocks' pool is reserved once and never allocated again: added to the peak, as an upper bound
+    graphs = block_graphs_of(model)
+    pool = graphs.pool_bytes() if graphs is not None else 0
+    pool_note = f", of which graph pool {pool / 2**30:.2f} GiB" if graphs is not None else ""
     return {
         "tokens_per_s": round(batch * seq / seconds),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        # CUDA graphs' memory (graphed blocks) is reserved once and never allocated again: it shows here alone
+        "peak_gib": round((torch.cuda.max_memory_allocated() + pool) / 2**30, 2),
         "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "detail": f"{seconds * 1e3:.0f} ms/step, loss {losses[0].item():.3f} -> {losses[-1].item():.3f}, "
+        "detail": f"{seconds * 1e3:.0f} ms/step, loss {losses[0].item():.3f} -> {losses[-1].item():.3f}{pool_note}, "
                   f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB",
     }
 

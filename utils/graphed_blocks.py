@@ -62,10 +62,15 @@ def graph_blocks(model, log=print):
     return True
 
 
+def block_graphs_of(model):
+    """The BlockGraphs a model (or a peft model around it) trains its blocks with, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "transformer", None), "block_graphs", None)
+
+
 def graph_length_multiple(model):
     """The multiple that training batches are padded to: LENGTH_MULTIPLE where the blocks run as graphs, else 1."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return LENGTH_MULTIPLE if getattr(getattr(base, "transformer", None), "block_graphs", None) is not None else 1
+    return LENGTH_MULTIPLE if block_graphs_of(model) is not None else 1
 
 
 class Buffers:
@@ -195,6 +200,7 @@ def capture(warm_up, work, pool):
     # thread_local: the data loader's pinning thread may call the driver while a graph is captured
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         work()
+    torch.cuda.empty_cache()  # the warm-up's blocks, cached for a side stream that never runs again
     return graph
 
 
@@ -205,14 +211,24 @@ class BlockGraphs:
         self.layers = layers
         device = next(layers.parameters()).device
         self.buffers = Buffers(device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.captures = OrderedDict()
         # A leaf that makes autograd call the backward where neither the hidden states nor anything else passed in
         # needs a gradient (the parameters' gradients are written by the graph, outside autograd).
         self.anchor = torch.zeros((), device=device, requires_grad=True)
+        self.anchor_step = torch.zeros((), device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        # A graph that holds the pool for as long as this object lives: a pool whose graphs are all gone (captures
+        # dropped for a larger shape) but which still holds memory (cuBLAS's workspace for the capture stream) cannot
+        # take new captures.
+        self.pool_holder = capture(lambda: None, lambda: self.anchor_step.add_(1), self.pool)
+        self.captures = OrderedDict()
         self.generation = 0
         self.params = self.grads = None
         self.bind_parameters()
+
+    def pool_bytes(self):
+        """Memory the graphs hold in their pool: reserved once, it never shows in torch.cuda.memory_allocated()."""
+        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                   if tuple(segment.get("segment_pool_id", ())) == tuple(self.pool))
 
     def bind_parameters(self):
         """The trainable parameters of each block and one flat gradient tensor per dtype holding theirs."""
