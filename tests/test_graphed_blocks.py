@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from utils import graphed_blocks
 from utils.dataset import PaddingCollator
 from utils.graphed_blocks import BlockGraphs, Buffers, graph_blocks, graph_length_multiple, refusal, segment_room
-from utils.lora_dropout import DroppedInputLinear, DropoutLinear
+from utils.lora_dropout import DroppedInputLinear, DropoutLinear, pack_bits, unpack_bits
 from utils.model_loading import load_model_and_tokenizer
 from utils.training_methods import add_lora
 
@@ -56,13 +56,17 @@ def test_a_kept_mask_is_drawn_once_and_reused_with_autograds_gradients():
     torch.manual_seed(0)
     layer = DropoutLinear(torch.nn.Linear(32, 8, bias=False), 0.25)
     x = torch.randn(4, 64, 32)
-    layer.kept_mask, layer.draw_kept_mask = torch.zeros(x.shape, dtype=torch.bool), True
+    layer.kept_mask, layer.draw_kept_mask = torch.zeros(x.numel() // 8, dtype=torch.uint8), True
     first = layer(x)
-    kept = layer.kept_mask.clone()
+    packed = layer.kept_mask.clone()
+    kept = unpack_bits(packed, x.shape)
     assert 0.7 < kept.float().mean() < 0.8
+    repacked = torch.zeros_like(packed)
+    pack_bits(kept, repacked)
+    assert torch.equal(repacked, packed)  # one bit a value, and back
     layer.draw_kept_mask = False
     torch.testing.assert_close(layer(x), first, atol=0, rtol=0)
-    assert torch.equal(layer.kept_mask, kept)
+    assert torch.equal(layer.kept_mask, packed)
 
     x, weight = x.requires_grad_(), layer.weight
     out = DroppedInputLinear.apply(x, weight, 0.25, None, kept)
@@ -232,7 +236,8 @@ def test_lora_dropout_in_the_graphs_is_the_eager_dropout_on_the_same_masks(tiny_
     graphed = lora_grads(model)
     (made,) = graphs.captures.values()
     masks = [pair for layer_masks in made.kept_masks for pair in layer_masks]
-    assert len(masks) == 2 * 4 and all(0.7 < kept.float().mean() < 0.9 for _, kept in masks)
+    assert len(masks) == 2 * 4
+    assert all(0.7 < unpack_bits(kept, (kept.numel() * 8,)).float().mean() < 0.9 for _, kept in masks)
     drawn = [kept.clone() for _, kept in masks]
     again = step(model, batch)  # a replay draws new masks
     assert not torch.equal(again, graph_loss) and not torch.equal(masks[0][1], drawn[0])

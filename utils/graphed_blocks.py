@@ -11,7 +11,7 @@ Everything a graph reads or writes outside itself (checkpoints, gradients, rotar
 lives in flat tensors sized for the largest shape seen, of which every capture takes views: a new shape costs a capture
 (about two eager steps), not memory. Nothing allocated inside a graph outlives its replay, so all graphs share one
 memory pool and replay in any order. LoRA's dropout draws its masks from the device generator inside the forward
-graph (new masks at each replay) and the backward graph reads the same masks.
+graph (new masks at each replay), keeps them one bit a value, and the backward graph reads the same masks.
 
 `graph_blocks(model, log)` installs it where it applies, and otherwise logs why not."""
 import copy
@@ -42,6 +42,8 @@ def refusal(model):
     layers = transformer.encoder.layers
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in layers.modules()):
         return "a dropout module in the blocks (LoRA's dropout on a device where it is not redrawn)"
+    if any(isinstance(m, DropoutLinear) and m.p > 0 and m.in_features % 8 for m in layers.modules()):
+        return "LoRA dropout on a layer whose input width is not a multiple of 8 (its mask is kept one bit a value)"
     if not any(p.requires_grad for p in layers.parameters()):
         return "nothing in the blocks trains"
     if not next(layers.parameters()).is_cuda:
@@ -124,8 +126,8 @@ class Capture:
             self.mask.cu_seqlens = self.mask.cu_seqlens_k = bounds
             self.mask.max_len = self.mask.max_len_k = seq
         dropouts = [[m for m in layer.modules() if isinstance(m, DropoutLinear) and m.p > 0] for layer in layers]
-        shapes = [(batch, seq, m.in_features) for modules in dropouts for m in modules]
-        masks = iter(take("dropout_masks", torch.bool, shapes) if shapes else [])
+        shapes = [(batch * seq * m.in_features // 8,) for modules in dropouts for m in modules]  # one bit a value
+        masks = iter(take("dropout_masks", torch.uint8, shapes) if shapes else [])
         self.kept_masks = [[(m, next(masks)) for m in modules] for modules in dropouts]
         self.grown = grown
 

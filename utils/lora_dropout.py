@@ -47,6 +47,18 @@ def product_dtype(x, weight):
     return weight.dtype
 
 
+def pack_bits(keep, packed):
+    """Write the bool mask `keep` (its size a multiple of 8) into `packed` (uint8, one bit a value)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
+    packed.copy_((keep.reshape(-1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8))
+
+
+def unpack_bits(packed, shape):
+    """The bool mask of `shape` that pack_bits wrote into `packed`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 1).bool().reshape(shape)
+
+
 class DroppedInputLinear(torch.autograd.Function):
     """dropout(x) @ weight.T, keeping x and the seed for backward, not the dropped x and its mask."""
 
@@ -81,8 +93,9 @@ class DropoutLinear(nn.Linear):
         self.in_features, self.out_features, self.p = lora_a.in_features, lora_a.out_features, p
         self.weight = lora_a.weight
         self.register_parameter("bias", None)
-        # Set while a graphed block runs (utils/graphed_blocks.py): the mask to apply, drawn into it first from the
-        # device's generator where draw_kept_mask (the forward graph), reused as it is otherwise (the recompute).
+        # Set while a graphed block runs (utils/graphed_blocks.py): the mask to apply, one bit a value (pack_bits),
+        # drawn into it first from the device's generator where draw_kept_mask (the forward graph), read as it is
+        # otherwise (the recompute).
         self.kept_mask, self.draw_kept_mask = None, False
 
     def forward(self, x):
@@ -90,8 +103,11 @@ class DropoutLinear(nn.Linear):
             return super().forward(x)
         if self.kept_mask is not None:
             if self.draw_kept_mask:
-                self.kept_mask.bernoulli_(1 - self.p)
-            return DroppedInputLinear.apply(x, self.weight, self.p, None, self.kept_mask)
+                keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - self.p)
+                pack_bits(keep, self.kept_mask)
+            else:
+                keep = unpack_bits(self.kept_mask, x.shape)
+            return DroppedInputLinear.apply(x, self.weight, self.p, None, keep)
         if x.device.type not in REDRAW_DEVICES:
             return super().forward(F.dropout(x, self.p, training=True))
         seed = int(torch.randint(0, 2**62, ()))  # from the CPU generator: no wait for the device
