@@ -219,8 +219,7 @@ class BlockGraphs:
         self.anchor_step = torch.zeros((), device=device)
         self.pool = torch.cuda.graph_pool_handle()
         # A graph that holds the pool for as long as this object lives: a pool whose graphs are all gone (captures
-        # dropped for a larger shape) but which still holds memory (cuBLAS's workspace for the capture stream) cannot
-        # take new captures.
+        # dropped for a larger shape) but which still holds memory cannot take new captures (the allocator asserts).
         self.pool_holder = capture(lambda: None, lambda: self.anchor_step.add_(1), self.pool)
         self.captures = OrderedDict()
         self.generation = 0
