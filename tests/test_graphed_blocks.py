@@ -91,6 +91,23 @@ def test_buffers_hand_out_views_of_one_flat_tensor_and_grow_for_a_larger_shape()
     assert grown and e.dtype == torch.bfloat16
 
 
+def test_loading_a_calls_inputs_leaves_the_static_tensors_out_of_autograd(tiny_model_dirs):
+    """The embedding output requires grad (enable_input_require_grads): copied under autograd, it would hang every
+    step's input and its gradient onto the checkpoint buffer (a leak of two hidden-sized tensors a step)."""
+    from types import SimpleNamespace
+
+    from utils.graphed_blocks import Capture
+
+    model = lora_model(tiny_model_dirs["chatglm2-6b"])
+    layers = model.get_base_model().transformer.encoder.layers
+    hidden = torch.randn(2, 8, model.config.hidden_size, requires_grad=True)
+    rotary = (torch.randn(2, 8, 1, 4), torch.randn(2, 8, 1, 4))
+    made = Capture(SimpleNamespace(layers=layers, buffers=Buffers("cpu")), hidden, None, rotary, (False, torch.bfloat16))
+    made.load(hidden, None, rotary)
+    assert torch.equal(made.checkpoints[0], hidden.detach())
+    assert not made.checkpoints[0].requires_grad and made.checkpoints[0].grad_fn is None
+
+
 def test_segment_room_is_a_power_of_two_that_holds_the_bounds():
     class Segments:
         def __init__(self, count):
@@ -208,6 +225,18 @@ def test_graph_gradients_accumulate_over_steps_and_evaluation_runs_eagerly(cuda_
             assert graphs.generation == generation  # not through the graphs
     finally:
         model.train()
+
+
+@needs_cuda
+def test_steps_on_the_graphs_hold_no_more_memory_than_the_first(cuda_model):
+    model, graphs = cuda_model
+    batch = batch_of("padded", model.config.padded_vocab_size, "cuda")
+    allocated = []
+    for _ in range(4):
+        step(model, batch)
+        torch.cuda.synchronize()
+        allocated.append(torch.cuda.memory_allocated())
+    assert allocated[1:] == allocated[:1] * 3, allocated
 
 
 @needs_cuda

@@ -131,6 +131,7 @@ class Capture:
         self.kept_masks = [[(m, next(masks)) for m in modules] for modules in dropouts]
         self.grown = grown
 
+    @torch.no_grad()  # a copy under autograd would chain every step's inputs onto the buffers, and keep them
     def load(self, hidden, mask, rotary):
         """Copy one call's inputs into the static tensors."""
         self.checkpoints[0].copy_(hidden)
