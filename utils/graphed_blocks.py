@@ -29,9 +29,14 @@ MAX_CAPTURES = 32
 LENGTH_MULTIPLE = 32
 
 
+def transformer_of(model):
+    """The ChatGLM-style `transformer` of a model or of the peft model around it, or None."""
+    return getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "transformer", None)
+
+
 def refusal(model):
     """Why the blocks of `model` cannot run as graphs, or None where they can."""
-    transformer = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "transformer", None)
+    transformer = transformer_of(model)
     if transformer is None or not hasattr(transformer, "block_graphs"):
         return "not ChatGLM2/3 with this toolkit's model code (remote_scripts)"
     config = transformer.config
@@ -58,7 +63,7 @@ def graph_blocks(model, log=print):
     if reason is not None:
         log(f"graph_blocks: off ({reason})")
         return False
-    transformer = (model.get_base_model() if hasattr(model, "get_base_model") else model).transformer
+    transformer = transformer_of(model)
     transformer.block_graphs = BlockGraphs(transformer.encoder.layers)
     log("graph_blocks: the blocks train as CUDA graphs (one capture per batch shape)")
     return True
@@ -66,8 +71,7 @@ def graph_blocks(model, log=print):
 
 def block_graphs_of(model):
     """The BlockGraphs a model (or a peft model around it) trains its blocks with, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "transformer", None), "block_graphs", None)
+    return getattr(transformer_of(model), "block_graphs", None)
 
 
 def graph_length_multiple(model):
@@ -87,7 +91,6 @@ class Buffers:
         flat = self.flat.get((role, dtype))
         grown = flat is None or flat.numel() < sum(sizes)
         if grown:
-            self.flat[(role, dtype)] = flat = None  # the old one goes before the new one comes
             self.flat[(role, dtype)] = flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
         views, start = [], 0
         for shape, size in zip(shapes, sizes):
@@ -100,7 +103,7 @@ class Capture:
     """The static inputs and outputs of one shape's two graphs, and the graphs."""
 
     def __init__(self, graphs, hidden, mask, rotary, autocast):
-        batch, seq, width = hidden.shape
+        batch, seq = hidden.shape[:2]
         layers = graphs.layers
         self.autocast = autocast
         self.forward_graph = self.backward_graph = None
