@@ -31,6 +31,7 @@ def lora_model(model_dir, device="cpu", dtype="fp32", lora=LORA, **overrides):
     ("hidden_dropout", "hidden_dropout"),
     ("peft_dropout", "a dropout module in the blocks"),
     ("frozen", "nothing in the blocks trains"),
+    ("spread", "the blocks are spread over 2 devices"),
     ("cpu", "not on a CUDA device"),
 ])
 def test_refused_where_graphs_would_change_the_training(tiny_model_dirs, case, reason):
@@ -43,6 +44,8 @@ def test_refused_where_graphs_would_change_the_training(tiny_model_dirs, case, r
         model = lora_model(tiny_model_dirs[version], lora=None if case in ("frozen", "ptuning") else LORA, **overrides)
         if case == "frozen":
             model.requires_grad_(False)
+        if case == "spread":  # as device_map="auto" splits a model over GPUs; "meta" stands for the second one
+            model.get_base_model().transformer.encoder.layers[-1].to("meta")
     messages = []
     assert reason in refusal(model)
     assert graph_blocks(model, log=messages.append) is False

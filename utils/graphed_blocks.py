@@ -51,6 +51,9 @@ def refusal(model):
         return "LoRA dropout on a layer whose input width is not a multiple of 8 (its mask is kept one bit a value)"
     if not any(p.requires_grad for p in layers.parameters()):
         return "nothing in the blocks trains"
+    devices = {p.device for p in layers.parameters()}
+    if len(devices) > 1:
+        return f"the blocks are spread over {len(devices)} devices (one graph runs on one)"
     if not next(layers.parameters()).is_cuda:
         return "the blocks are not on a CUDA device"
     return None
