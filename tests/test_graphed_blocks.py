@@ -2,14 +2,16 @@
 that run on any device (kept dropout masks, the flat buffers, the segment room), and on CUDA the graphs' loss and
 LoRA gradients against the eager checkpointed blocks: plain, padded and packed rows, a new shape, gradient
 accumulation, LoRA dropout, a forward run twice before its backward."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from utils import graphed_blocks
 from utils.dataset import PaddingCollator
-from utils.graphed_blocks import BlockGraphs, Buffers, graph_blocks, graph_length_multiple, refusal, segment_room
+from utils.graphed_blocks import (Buffers, Capture, block_graphs_of, graph_blocks, graph_length_multiple, refusal,
+                                  segment_room)
 from utils.lora_dropout import DroppedInputLinear, DropoutLinear, pack_bits, unpack_bits
 from utils.model_loading import load_model_and_tokenizer
 from utils.training_methods import add_lora
@@ -97,10 +99,6 @@ def test_buffers_hand_out_views_of_one_flat_tensor_and_grow_for_a_larger_shape()
 def test_loading_a_calls_inputs_leaves_the_static_tensors_out_of_autograd(tiny_model_dirs):
     """The embedding output requires grad (enable_input_require_grads): copied under autograd, it would hang every
     step's input and its gradient onto the checkpoint buffer (a leak of two hidden-sized tensors a step)."""
-    from types import SimpleNamespace
-
-    from utils.graphed_blocks import Capture
-
     model = lora_model(tiny_model_dirs["chatglm2-6b"])
     layers = model.get_base_model().transformer.encoder.layers
     hidden = torch.randn(2, 8, model.config.hidden_size, requires_grad=True)
@@ -164,19 +162,23 @@ def set_graphs(model, graphs):
     model.get_base_model().transformer.block_graphs = graphs
 
 
-@pytest.fixture(scope="module")
-def cuda_model(tiny_model_dirs):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    model = lora_model(tiny_model_dirs["chatglm2-6b"], device="cuda", dtype="bf16")
+def graphed_cuda_model(model_dir, lora=LORA):
+    """(a bf16 LoRA model on CUDA whose blocks train as graphs, its BlockGraphs)"""
+    model = lora_model(model_dir, device="cuda", dtype="bf16", lora=lora)
     with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     model.train()
     assert graph_blocks(model, log=lambda message: None)
-    graphs = model.get_base_model().transformer.block_graphs
-    return model, graphs
+    return model, block_graphs_of(model)
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tiny_model_dirs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return graphed_cuda_model(tiny_model_dirs["chatglm2-6b"])
 
 
 def assert_same_step(model, graphs, batch):
@@ -255,14 +257,7 @@ def test_a_second_forward_before_the_backward_is_refused(cuda_model):
 
 @needs_cuda
 def test_lora_dropout_in_the_graphs_is_the_eager_dropout_on_the_same_masks(tiny_model_dirs):
-    model = lora_model(tiny_model_dirs["chatglm3-6b"], device="cuda", dtype="bf16", lora={**LORA, "dropout": 0.2})
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.train()
-    assert graph_blocks(model, log=lambda message: None)
-    graphs = model.get_base_model().transformer.block_graphs
+    model, graphs = graphed_cuda_model(tiny_model_dirs["chatglm3-6b"], lora={**LORA, "dropout": 0.2})
     batch = batch_of("packed", model.config.padded_vocab_size, "cuda")
     graph_loss = step(model, batch)
     graphed = lora_grads(model)

@@ -254,7 +254,6 @@ class BlockGraphs:
                 views[id(p)] = total[start:start + p.numel()].view(p.shape)
                 start += p.numel()
         self.grads = [[views[id(p)] for p in block] for block in self.params]
-        self.flat_params = flat
         self.captures.clear()  # the graphs add into the old gradient tensors
 
     def bind_grads(self):
