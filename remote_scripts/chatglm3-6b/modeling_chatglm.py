@@ -74,6 +74,10 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
 # copies at once, and the matmuls stay large enough to run at full speed. Read at every call, so tests can force chunks.
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:LOSS_CHUNK_ROWS
 LOSS_CHUNK_ROWS = 1024
+# With the blocks trained as CUDA graphs (ChatGLMModel.block_graphs), their backward's memory is a pool of its own that
+# the loss's temporaries cannot reuse as they reuse the eager blocks' memory; smaller chunks keep the loss's share small.
+# Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:GRAPHED_LOSS_CHUNK_ROWS
+GRAPHED_LOSS_CHUNK_ROWS = 512
 
 
 # Copied from remote_scripts/chatglm2-6b/modeling_chatglm.py:_chunk_loss
@@ -931,7 +935,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         output_layer = self.transformer.output_layer
-        loss = causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch) if labels is not None else None
+        chunk_rows = GRAPHED_LOSS_CHUNK_ROWS if self.transformer.block_graphs is not None else None
+        loss = (causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch, chunk_rows)
+                if labels is not None else None)
         logits = None
         if labels is None or not self.training:
             if logits_to_keep:
