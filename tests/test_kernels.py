@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, background_priority
 from utils.model_loading import remote_module
@@ -765,7 +766,8 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
     """The batch-1 loop as launch_config runs ChatGLM2's 4096 x 4096 layer (unsplit for float and int8, split for
     int4), compiled for sm_90 and launched programmatically: it lets the next kernel start, loads its first weight
     step in 16-byte accesses, only then waits for the kernel before it (whose output is x), and spills nothing; a split
-    takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes its counter."""
+    takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes its counter. int4 makes
+    its values with byte permutes and reads x without a barrier a step."""
     kernels = remote_module("chatglm2-6b", "kernels")
     block_n, block_k, split_k, num_warps, num_stages, use_dot = kernels.launch_config(1, 4096, 4096, bits, 132)
     assert not use_dot and (split_k > 1) == (bits == 4)
@@ -774,7 +776,8 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
     signature = {**pointers, **{name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_wn", "chunks_per_split",
                                                           "split_k")}}
     constexprs = {"BITS": bits, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": 1, "USE_DOT": False,
-                  "PARTIAL": split_k > 1, "HAS_SCALE": bits > 0, "HAS_BIAS": False, "DOT_IN_FP32": False, "PDL": True}
+                  "PARTIAL": split_k > 1, "HAS_SCALE": bits > 0, "HAS_BIAS": False, "DOT_IN_FP32": False, "PDL": True,
+                  "BYTE_PERMUTE": True}
     signature.update({name: "constexpr" for name in constexprs})
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -792,6 +795,12 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
         ticket = re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
         assert ticket and ptx.rindex("bar.sync", 0, ticket.start()) > wait
         assert re.search(r"atom\.global\.gpu\.acq_rel\.exch", ptx)
+    if bits == 4:  # int4 values made by byte permutes, and x read in the weight's layout: no barrier in the loop
+        loops = [ptx[ptx.index(f"{label}:"):jump.start()] for jump in re.finditer(r"bra(\.uni)?\s+(\$L__BB\w+);", ptx)
+                 for label in [jump.group(2)] if ptx.index(f"{label}:") < jump.start()]
+        loop = max(loops, key=len)  # the K loop: the longest backward jump
+        assert loop.count("prmt.b32") >= 8 and "fma.rn.f32" in loop
+        assert "bar.sync" not in loop and "ld.shared" not in loop
 
 
 @pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
@@ -811,3 +820,18 @@ def test_rotary_kernel_moves_whole_heads_in_16_byte_accesses_on_hopper():
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx) and re.search(r"st\.global(\.\w+)*\.v4", ptx), ptx[-2000:]
     assert not re.search(r"(ld|st)\.global(\.\w+)*\.b16", ptx)
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled batch-1 loop runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batch_one_int4_product_takes_x_at_any_offset_on_cuda(dtype):
+    """The batch-1 int4 loop reads x 8 bytes at a time: an x that starts 2 bytes into its storage (a view) gives what an
+    aligned copy gives, bit for bit, and that is the float64 product's within the output's rounding."""
+    kernels = remote_module("chatglm2-6b", "kernels")
+    quantization = remote_module("chatglm2-6b", "quantization")
+    stored, scale = quantization.quantize_weight(torch.randn(4608, 4096, device="cuda") * 0.02, 4, scale_dtype=dtype)
+    x = torch.randn(1, 4097, device="cuda", dtype=dtype)[:, 1:]
+    out = kernels.small_batch_linear(x, stored, None, scale, 4)
+    assert torch.equal(out, kernels.small_batch_linear(x.clone(), stored, None, scale, 4))
+    reference = x.double() @ quantization.dequantize_weight(stored, scale, 4, torch.float64).T
+    assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
