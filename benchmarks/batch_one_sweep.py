@@ -4,7 +4,7 @@ launch configs, in bf16, int8 and int4. Each is timed as 28 products of distinct
 as a decode step streams them (no L2 reuse), and printed as µs per product with the best configs first and
 launch_config's choice. What kernels._batch_one_config's rule was read from. Needs CUDA; about 2 minutes on an H100.
 
-    python benchmarks/batch_one_sweep.py [--precompile 14] [--json sweep.json]
+    python benchmarks/batch_one_sweep.py [--formats bf16,int8,int4] [--precompile 14] [--json sweep.json]
 
 --precompile N compiles every config in N processes first (they share triton's cache), which saves most of the time.
 """
@@ -93,10 +93,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--precompile", type=int, default=0)
     parser.add_argument("--worker", type=str, default="")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="of " + ", ".join(FORMATS))
     parser.add_argument("--json")
     args = parser.parse_args()
+    formats = {name: FORMATS[name] for name in args.formats.split(",")}
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    jobs = [(N, K, fmt, config) for N, K in SHAPES for fmt, bits in FORMATS.items()
+    jobs = [(N, K, fmt, config) for N, K in SHAPES for fmt, bits in formats.items()
             for config in candidates(N, K, bits, sm)]
     if args.worker:
         index, count = map(int, args.worker.split("/"))
@@ -120,7 +122,7 @@ def main():
         print(f"precompiled in {time.perf_counter() - started:.0f} s", flush=True)
     results = []
     for N, K in SHAPES:
-        for fmt, bits in FORMATS.items():
+        for fmt, bits in formats.items():
             weights = make_weights(N, K, bits, LAYERS)
             x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
             w0, s0 = weights[0]
