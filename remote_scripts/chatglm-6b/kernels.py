@@ -100,13 +100,15 @@ def _batch_one_config(N, K, bits, sm_count):
     """launch_config for M == 1: the FMA loop, from a sweep of ChatGLM2-6B's and GLM-4-9B's four layer shapes on an
     H100 (docs/benchmarks.md, eighteenth session: ~1,000 configs, 28 distinct weights per shape in one CUDA graph).
     Long K steps (512 values where K allows) keep more bytes in flight per program. Float and int8 weights take 16
-    rows per program and no split where there is at least one row block per SM (4 programs per SM otherwise); int4,
-    whose values cost more instructions each, takes 64 rows (128 with short K steps) and 4 programs per SM."""
+    rows per program and no split where there is at least one row block per SM (4 programs per SM otherwise); int4
+    takes 32 rows in 256-value steps on 4 warps (128 rows and 8 warps where K allows only 128-value steps) and 4
+    programs per SM (the byte-permute loop, swept again in the twenty-second session)."""
     block_k = BATCH_ONE_BLOCK_K
     while K % block_k:
         block_k //= 2
     if bits == 4:
-        block_n, num_warps = (64, 4) if block_k >= 256 else (128, 8)
+        block_k = min(block_k, 256)
+        block_n, num_warps = (32, 4) if block_k == 256 else (128, 8)
     else:
         block_n, num_warps = (16, 8) if block_k == BATCH_ONE_BLOCK_K else (32, 8)
         if bits == 8 and _ceil_div(N, block_n) >= PROGRAMS_PER_SM * sm_count:  # tall int8: shorter steps, 4 warps
