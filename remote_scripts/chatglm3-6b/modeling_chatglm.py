@@ -40,8 +40,8 @@ except ImportError:
 
 from .configuration_chatglm import ChatGLMConfig
 from .kernels import (
-    decode_product,
     decode_attention_applies,
+    decode_product,
     elementwise_kernels_apply,
     triton_add_rms_norm,
     triton_decode_attention,
