@@ -195,18 +195,19 @@ if triton is not None:
                 }""",
                 "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
             c0, c1, c2, c3, c4, c5, c6, c7 = values
-        else:
-            c0 = ((((words >> 4) & 0xF) ^ 8) << 16) | 0x3F000000
-            c1 = (((words & 0xF) ^ 8) << 16) | 0x3F000000
-            c2 = ((((words >> 12) & 0xF) ^ 8) << 16) | 0x3F000000
-            c3 = ((((words >> 8) & 0xF) ^ 8) << 16) | 0x3F000000
-            c4 = ((((words >> 20) & 0xF) ^ 8) << 16) | 0x3F000000
-            c5 = ((((words >> 16) & 0xF) ^ 8) << 16) | 0x3F000000
-            c6 = ((((words >> 28) & 0xF) ^ 8) << 16) | 0x3F000000
-            c7 = ((((words >> 24) & 0xF) ^ 8) << 16) | 0x3F000000
+        else:  # byte b's high nibble (bits 8b + 4..) first, then its low one
+            c0, c1, c2, c3 = (_nibble_bits(words, 4), _nibble_bits(words, 0), _nibble_bits(words, 12),
+                              _nibble_bits(words, 8))
+            c4, c5, c6, c7 = (_nibble_bits(words, 20), _nibble_bits(words, 16), _nibble_bits(words, 28),
+                              _nibble_bits(words, 24))
         return (c0.to(tl.float32, bitcast=True), c1.to(tl.float32, bitcast=True), c2.to(tl.float32, bitcast=True),
                 c3.to(tl.float32, bitcast=True), c4.to(tl.float32, bitcast=True), c5.to(tl.float32, bitcast=True),
                 c6.to(tl.float32, bitcast=True), c7.to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _nibble_bits(words, SHIFT: tl.constexpr):
+        """The bits of fp32 0.5 + (s + 8)/256 for the nibble at bit SHIFT of each word (what one PRMT gives)."""
+        return ((((words >> SHIFT) & 0xF) ^ 8) << 16) | 0x3F000000
 
     @triton.jit
     def _half_pair_fp32(pair, DTYPE: tl.constexpr):
@@ -317,7 +318,7 @@ if triton is not None:
         else:
             acc2, x_total = _batch_one_step(x_ptr, w, k_begin, offs_s, acc2, x_total, BITS, BYTE_PERMUTE)
             for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
-                w = tl.load(w_rows + (k0 + offs_s)[None, :], mask=n_mask[:, None], other=0)
+                w = tl.load(w_rows + (k0 // VALUES_PER_STORED + offs_s)[None, :], mask=n_mask[:, None], other=0)
                 acc2, x_total = _batch_one_step(x_ptr, w, k0, offs_s, acc2, x_total, BITS, BYTE_PERMUTE)
         result = tl.sum(acc2, axis=1)
         if BITS == 4:  # sum(s * x) = 256 * (sum((0.5 + (s + 8)/256) * x) - (0.5 + 8/256) * sum(x))
