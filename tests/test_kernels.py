@@ -777,7 +777,7 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
                                                           "split_k")}}
     constexprs = {"BITS": bits, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": 1, "USE_DOT": False,
                   "PARTIAL": split_k > 1, "HAS_SCALE": bits > 0, "HAS_BIAS": False, "DOT_IN_FP32": False, "PDL": True,
-                  "BYTE_PERMUTE": True}
+                  "BYTE_PERMUTE": True, "SPLITS_BLOCK": kernels._splits_block(1, split_k)}
     signature.update({name: "constexpr" for name in constexprs})
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

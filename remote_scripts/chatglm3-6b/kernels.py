@@ -69,6 +69,7 @@ PARTIAL_TRAFFIC = 0.5  # fp32 partial sums (written, then read; mostly in L2) st
 DEFAULT_SM_COUNT = 132  # H100 SXM; used where there is no CUDA device (the interpreter)
 BATCH_ONE_BLOCK_K = 512  # the batch-1 (FMA) loop's K step where K allows: 8-32 KB of weight per program and step
 MAX_ROW_BLOCKS = 1 << 16  # row blocks of one call (the split counters' buffer)
+MAX_SPLITS_AT_ONCE = 32  # the batch-1 loop's last split program loads up to this many partials at once
 PROGRAMMATIC_LAUNCH = True  # Hopper: the decode kernels launch programmatically (see _programmatic_launch)
 
 
@@ -286,9 +287,15 @@ if triton is not None:
         return acc2, x_total
 
     @triton.jit
-    def _sum_of_splits(partials, split_stride, split_k, mask):
-        """sum over s < split_k of partials[s * split_stride], in split order: the same bits whichever split is last.
-        Read from L2 (.cg): other SMs wrote them."""
+    def _sum_of_splits(partials, split_stride, split_k, mask, SPLITS_BLOCK: tl.constexpr):
+        """sum over s < split_k of partials[s * split_stride] in a fixed order: the same bits whichever split is last.
+        Read from L2 (.cg): other SMs wrote them. SPLITS_BLOCK > 1 (>= split_k): every split in one load and one
+        reduction, so the last program waits one L2 round trip, not split_k; else one split after another."""
+        if SPLITS_BLOCK > 1:
+            s = tl.arange(0, SPLITS_BLOCK)[:, None, None]
+            parts = tl.load(partials[None, :, :] + s * split_stride, mask=mask[None, :, :] & (s < split_k), other=0.0,
+                            cache_modifier=".cg")
+            return tl.sum(parts, axis=0)
         total = tl.load(partials, mask=mask, other=0.0, cache_modifier=".cg")
         for s in range(1, split_k):
             total += tl.load(partials + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
@@ -331,7 +338,7 @@ if triton is not None:
         M, N, K, stride_xm, stride_wn, chunks_per_split, split_k,
         BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
         USE_DOT: tl.constexpr, PARTIAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr, BYTE_PERMUTE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
     ):
         """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k. Unsplit, it writes the
         finished out[m, n] in out's dtype; split (PARTIAL), its fp32 partial to partial[pid_k, m, n], and the row
@@ -394,7 +401,7 @@ if triton is not None:
             tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
             ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
             if ticket == split_k - 1:
-                result = _sum_of_splits(partial_ptr + out_offs, M * N, split_k, out_mask)
+                result = _sum_of_splits(partial_ptr + out_offs, M * N, split_k, out_mask, SPLITS_BLOCK)
                 result = _finish(result, offs_n[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
                 tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(ticket_ptr + pid_n, 0)  # zero again for the next call
@@ -702,10 +709,18 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS if use_dot else 1,
         USE_DOT=bool(use_dot), PARTIAL=split_k > 1, HAS_SCALE=has_scale, HAS_BIAS=has_bias,
         DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, PDL=pdl, BYTE_PERMUTE=not _INTERPRETED,
+        SPLITS_BLOCK=_splits_block(M, split_k),
         num_warps=num_warps, num_stages=num_stages,
         **_launch_options(pdl),
     )
     return out
+
+
+def _splits_block(M, split_k):
+    """How the last split program reads the partials: all at once (a power of two >= split_k) where they are one row
+    of at most MAX_SPLITS_AT_ONCE splits; else 1, one split after another."""
+    splits_block = triton.next_power_of_2(split_k)
+    return splits_block if M == 1 and 1 < splits_block <= MAX_SPLITS_AT_ONCE else 1
 
 
 _SPLIT_TICKETS = {}
