@@ -764,10 +764,10 @@ def test_decode_kernels_compile_for_hopper_without_spills(split, block_n):
 @pytest.mark.parametrize("bits", [0, 8, 4])
 def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hopper(bits):
     """The batch-1 loop as launch_config runs ChatGLM2's 4096 x 4096 layer (unsplit for float and int8, split for
-    int4), compiled for sm_90 and launched programmatically: float and int8 let the next kernel start (int4 does
-    not), it loads its first weight step in 16-byte accesses, only then waits for the kernel before it (whose output
-    is x), and spills nothing; a split takes its ticket with an acquire-release atomic after a barrier, and the last
-    split zeroes its counter. int4 makes its values with byte permutes and reads x without a barrier a step."""
+    int4), compiled for sm_90 and launched programmatically: it loads its first weight step in 16-byte accesses, only
+    then waits for the kernel before it (whose output is x), does not let the next kernel start before it ends, and
+    spills nothing; a split takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes
+    its counter. int4 makes its values with byte permutes and reads x without a barrier a step."""
     kernels = remote_module("chatglm2-6b", "kernels")
     block_n, block_k, split_k, num_warps, num_stages, use_dot = kernels.launch_config(1, 4096, 4096, bits, 132)
     assert not use_dot and (split_k > 1) == (bits == 4)
@@ -777,8 +777,7 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
                                                           "split_k")}}
     constexprs = {"BITS": bits, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": 1, "USE_DOT": False,
                   "PARTIAL": split_k > 1, "HAS_SCALE": bits > 0, "HAS_BIAS": False, "DOT_IN_FP32": False, "PDL": True,
-                  "START_NEXT": kernels._lets_next_start(bits), "BYTE_PERMUTE": True,
-                  "SPLITS_BLOCK": kernels._splits_block(1, split_k)}
+                  "BYTE_PERMUTE": True, "SPLITS_BLOCK": kernels._splits_block(1, split_k)}
     signature.update({name: "constexpr" for name in constexprs})
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -789,10 +788,7 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
                                    attrs=attrs), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
-    if not kernels._lets_next_start(bits):
-        assert "griddepcontrol.launch_dependents" not in ptx
-    else:
-        assert ptx.index("griddepcontrol.launch_dependents") < wait
+    assert "griddepcontrol.launch_dependents" not in ptx  # the next kernel starts when this one ends
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx[:wait]), "the first weight step is read before the wait"
     assert "ld.local" not in ptx and "st.local" not in ptx
     if split_k > 1:

@@ -338,17 +338,14 @@ if triton is not None:
         M, N, K, stride_xm, stride_wn, chunks_per_split, split_k,
         BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
         USE_DOT: tl.constexpr, PARTIAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr, START_NEXT: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
-        SPLITS_BLOCK: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr, BYTE_PERMUTE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
     ):
         """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k. Unsplit, it writes the
         finished out[m, n] in out's dtype; split (PARTIAL), its fp32 partial to partial[pid_k, m, n], and the row
         block's last split to finish (counted in ticket[pid_n]) sums all partials in split order and writes out.
         PDL: launched ahead of the kernel before it (see _programmatic_launch); the batch-1 loop reads its first
-        weight step before waiting for that kernel, which must not be the one that wrote the weight. START_NEXT (with
-        PDL): the next kernel may start at once."""
-        if PDL and START_NEXT:
-            gdc_launch_dependents()
+        weight step before waiting for that kernel, which must not be the one that wrote the weight. It does not let
+        the next kernel start early (see _small_batch_linear_2d)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -702,6 +699,10 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         tickets = _split_tickets(x.device, row_blocks) if eager else torch.zeros(row_blocks, dtype=torch.int32,
                                                                                    device=x.device)
     has_scale, has_bias = scale is not None, bias is not None
+    # Launched programmatically, the product reads its first weight step while the kernel before it ends; it lets the
+    # next kernel start only when it ends itself: started early, that kernel (and those it lets start in turn) would
+    # wait in SM slots the product's programs need (ChatGLM2-6B decode on an H100, tok/s: int4 445, bf16 220, int8 337
+    # so; 381, 213, 331 letting it start at once; int4 417 launched plainly)
     pdl = eager and _programmatic_launch(x)
     # Unused pointer arguments get any tensor; the constexpr flags keep the kernel from reading them.
     _wrap(_small_batch_linear_kernel)[(row_blocks, split_k)](
@@ -709,20 +710,12 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         M, N, K, x.stride(0), weight.stride(0), chunks_per_split, split_k,
         BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS if use_dot else 1,
         USE_DOT=bool(use_dot), PARTIAL=split_k > 1, HAS_SCALE=has_scale, HAS_BIAS=has_bias,
-        DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, PDL=pdl, START_NEXT=_lets_next_start(bits),
-        BYTE_PERMUTE=not _INTERPRETED,
+        DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, PDL=pdl, BYTE_PERMUTE=not _INTERPRETED,
         SPLITS_BLOCK=_splits_block(M, split_k),
         num_warps=num_warps, num_stages=num_stages,
         **_launch_options(pdl),
     )
     return out
-
-
-def _lets_next_start(bits):
-    """Whether a product launched programmatically lets the next kernel start at once. int4's split products do not:
-    started early, that kernel and the ones it lets start in turn wait in SM slots that the product's later programs
-    need (ChatGLM2-6B int4 decode on an H100: 445 tok/s; 381 letting it start at once, 417 launched plainly)."""
-    return bits != 4
 
 
 def _splits_block(M, split_k):
@@ -751,8 +744,8 @@ def _split_tickets(device, row_blocks):
 def _programmatic_launch(x):
     """Whether the decode kernels on x's device launch programmatically (PDL, Hopper and newer): each kernel starts
     while the one before it finishes, does what does not depend on it (a product's first weight step), then waits
-    for it (griddepcontrol.wait), and lets the next one start at once. That hides most of the gap between the ~10
-    kernels of a decoded layer. Off in the interpreter and inside torch.compile (whose launcher takes no such option)."""
+    for it (griddepcontrol.wait); all but the products let the next one start at once. That hides most of the gap
+    between the ~10 kernels of a decoded layer. Off in the interpreter and inside torch.compile (whose launcher takes no such option)."""
     return (PROGRAMMATIC_LAUNCH and triton is not None and x.is_cuda and not _INTERPRETED
             and not torch.compiler.is_compiling() and _capability(x.device) >= (9, 0))
 
