@@ -342,7 +342,7 @@ if triton is not None:
     ):
         """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k. Unsplit, it writes the
         finished out[m, n] in out's dtype; split (PARTIAL), its fp32 partial to partial[pid_k, m, n], and the row
-        block's last split to finish (counted in ticket[pid_n]) sums all partials in split order and writes out.
+        block's last split to finish (counted in ticket[pid_n]) sums all partials in a fixed order and writes out.
         PDL: launched ahead of the kernel before it (see _programmatic_launch); the batch-1 loop reads its first
         weight step before waiting for that kernel, which must not be the one that wrote the weight. It does not let
         the next kernel start early (see _small_batch_linear_2d)."""
@@ -745,7 +745,8 @@ def _programmatic_launch(x):
     """Whether the decode kernels on x's device launch programmatically (PDL, Hopper and newer): each kernel starts
     while the one before it finishes, does what does not depend on it (a product's first weight step), then waits
     for it (griddepcontrol.wait); all but the products let the next one start at once. That hides most of the gap
-    between the ~10 kernels of a decoded layer. Off in the interpreter and inside torch.compile (whose launcher takes no such option)."""
+    between the ~10 kernels of a decoded layer. Off in the interpreter and inside torch.compile (whose launcher takes
+    no such option)."""
     return (PROGRAMMATIC_LAUNCH and triton is not None and x.is_cuda and not _INTERPRETED
             and not torch.compiler.is_compiling() and _capability(x.device) >= (9, 0))
 
