@@ -765,7 +765,7 @@ def test_decode_kernels_compile_for_hopper_without_spills(split, block_n):
 def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hopper(bits):
     """The batch-1 loop as launch_config runs ChatGLM2's 4096 x 4096 layer (unsplit for float and int8, split for
     int4), compiled for sm_90 and launched programmatically: it loads its first weight step in 16-byte accesses, only
-    then waits for the kernel before it (whose output is x), does not let the next kernel start before it ends, and
+    then waits for the kernel before it (whose output is x), lets the next kernel start only after its K loop, and
     spills nothing; a split takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes
     its counter. int4 makes its values with byte permutes and reads x without a barrier a step."""
     kernels = remote_module("chatglm2-6b", "kernels")
@@ -788,7 +788,8 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
                                    attrs=attrs), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
     wait = ptx.index("griddepcontrol.wait")
-    assert "griddepcontrol.launch_dependents" not in ptx  # the next kernel starts when this one ends
+    start_next = ptx.index("griddepcontrol.launch_dependents")  # after the K loop
+    assert start_next > wait and re.search(r"fma\.rn\.f32", ptx[:start_next]) and "fma.rn.f32" not in ptx[start_next:]
     assert re.search(r"ld\.global(\.\w+)*\.v4", ptx[:wait]), "the first weight step is read before the wait"
     assert "ld.local" not in ptx and "st.local" not in ptx
     if split_k > 1:

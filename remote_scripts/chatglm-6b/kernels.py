@@ -344,8 +344,8 @@ if triton is not None:
         finished out[m, n] in out's dtype; split (PARTIAL), its fp32 partial to partial[pid_k, m, n], and the row
         block's last split to finish (counted in ticket[pid_n]) sums all partials in a fixed order and writes out.
         PDL: launched ahead of the kernel before it (see _programmatic_launch); the batch-1 loop reads its first
-        weight step before waiting for that kernel, which must not be the one that wrote the weight. It does not let
-        the next kernel start early (see _small_batch_linear_2d)."""
+        weight step before waiting for that kernel, which must not be the one that wrote the weight. It lets the next
+        kernel start once every program has read its last weight step (see _small_batch_linear_2d)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -395,6 +395,8 @@ if triton is not None:
             out_mask = n_mask[None, :]
             out_offs = offs_n[None, :]
 
+        if PDL:  # the next kernel's launch overlaps the sums and stores (it waits for this whole grid to end)
+            gdc_launch_dependents()
         if PARTIAL:
             tl.store(partial_ptr + pid_k * M * N + out_offs, result, mask=out_mask)
             tl.debug_barrier()  # every thread's partial is stored before the ticket releases them
@@ -700,9 +702,9 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
                                                                                    device=x.device)
     has_scale, has_bias = scale is not None, bias is not None
     # Launched programmatically, the product reads its first weight step while the kernel before it ends; it lets the
-    # next kernel start only when it ends itself: started early, that kernel (and those it lets start in turn) would
-    # wait in SM slots the product's programs need (ChatGLM2-6B decode on an H100, tok/s: int4 445, bf16 220, int8 337
-    # so; 381, 213, 331 letting it start at once; int4 417 launched plainly)
+    # next kernel start only after its last program's K loop: started earlier, that kernel (and those it lets start in
+    # turn) would wait in SM slots the product's programs need (ChatGLM2-6B decode on an H100, tok/s: int4 445, bf16
+    # 220, int8 337 starting it at the grid's end; 381, 213, 331 at once; int4 417 launched plainly)
     pdl = eager and _programmatic_launch(x)
     # Unused pointer arguments get any tensor; the constexpr flags keep the kernel from reading them.
     _wrap(_small_batch_linear_kernel)[(row_blocks, split_k)](
