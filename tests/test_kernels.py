@@ -134,6 +134,44 @@ results["one_row"] = {
     "fp32_bias": one_row(one, layer.weight.detach(), layer.bias.detach().float()),
     "programmatic_launch": kernels._programmatic_launch(one),
 }
+
+# gated: silu(gate) * up in the product's launch, the bits of the product followed by triton_swiglu
+gated = {}
+for name, N, K, config in shapes:
+    for fmt, bits in (("float", None), ("int8", 8), ("int4", 4)):
+        for M in (1, 3):
+            if config is not None and not config[5] and M > 1:
+                continue
+            weight = torch.randn(2 * N, K, generator=generator)
+            x = torch.randn(M, K, generator=generator).to(bf16)
+            bias = torch.randn(2 * N, generator=generator).to(bf16)
+            stored, scale = quantization.quantize_weight(weight, bits, scale_dtype=bf16) if bits else (weight.to(bf16), None)
+            unfused = kernels.triton_swiglu(kernels.small_batch_linear(x, stored, bias, scale, bits, config=config))
+            out = kernels.small_batch_linear(x, stored, bias, scale, bits, gated=True, config=config)
+            gated[f"{name}/{fmt}/M{M}"] = out.shape == (M, N) and torch.equal(out, unfused)
+results["gated"] = gated
+layer2 = torch.nn.Linear(256, 260, bias=False).to(bf16)
+quantized = quantization.QuantizedLinear.from_linear(layer2, 4)
+odd = torch.nn.Linear(256, 131).to(bf16)
+def marked(rows):
+    return kernels.triton_swiglu(rows) + 1  # a different function: shows where the caller's swiglu ran
+with torch.no_grad():
+    results["decode_swiglu"] = {
+        "plain": torch.equal(kernels.decode_swiglu_product(layer2, one, marked),
+                             kernels.triton_swiglu(kernels.decode_product(layer2, one))),
+        "quantized": torch.equal(kernels.decode_swiglu_product(quantized, one, marked),
+                                 kernels.triton_swiglu(quantized(one))),
+        "adapter_falls_back": torch.equal(kernels.decode_swiglu_product(doubled, one, marked), marked(doubled(one))),
+        "two_rows_fall_back": torch.equal(kernels.decode_swiglu_product(layer2, torch.cat((one, one), dim=1), marked),
+                                          marked(layer2(torch.cat((one, one), dim=1)))),
+        "odd_falls_back": torch.equal(kernels.decode_swiglu_product(odd, one, torch.relu),
+                                      torch.relu(kernels.decode_product(odd, one))),
+    }
+try:
+    kernels.small_batch_linear(one, odd.weight.detach(), gated=True)
+    results["odd_gated_refused"] = False
+except ValueError as error:
+    results["odd_gated_refused"] = "even" in str(error)
 with open(out_path, "w") as handle:
     json.dump(results, handle)
 """
@@ -227,6 +265,18 @@ def test_one_row_float_products_run_the_kernel_only_where_nothing_needs_a_gradie
     assert verdict["no_grad"] and verdict["frozen"], verdict
     assert not (verdict["weight_needs_grad"] or verdict["two_rows"] or verdict["fp32_weight"] or verdict["fp32_bias"])
     assert verdict["programmatic_launch"] is False
+
+
+def test_gated_products_give_the_bits_of_the_product_then_swiglu(interpreted):
+    """small_batch_linear(gated=True) computes silu(gate) * up of a [gate | up] product in its own launch: the same
+    bits as the product followed by triton_swiglu, for every format, the FMA and the dot loops, split or not, with bias.
+    decode_swiglu_product takes it for plain and quantized layers of one row, and calls the caller's swiglu after the
+    layer for anything else (another module, two rows, an odd width)."""
+    cases = interpreted["gated"]
+    assert len(cases) == 3 * (2 + 2 + 2 + 1 + 2), sorted(cases)  # per format: M 1 and 3 where the dot loop may run
+    assert all(cases.values()), [key for key, same in cases.items() if not same]
+    assert all(interpreted["decode_swiglu"].values()), interpreted["decode_swiglu"]
+    assert interpreted["odd_gated_refused"]
 
 
 def test_predicate_under_the_interpreter(interpreted):
@@ -762,12 +812,14 @@ def test_decode_kernels_compile_for_hopper_without_spills(split, block_n):
 
 @pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
 @pytest.mark.parametrize("bits", [0, 8, 4])
-def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hopper(bits):
+@pytest.mark.parametrize("gated", [False, True])
+def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hopper(bits, gated):
     """The batch-1 loop as launch_config runs ChatGLM2's 4096 x 4096 layer (unsplit for float and int8, split for
     int4), compiled for sm_90 and launched programmatically: it loads its first weight step in 16-byte accesses, only
     then waits for the kernel before it (whose output is x), lets the next kernel start only after its K loop, and
     spills nothing; a split takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes
-    its counter. int4 makes its values with byte permutes and reads x without a barrier a step."""
+    its counter. int4 makes its values with byte permutes and reads x without a barrier a step. The same with SwiGLU
+    in the launch (gated)."""
     kernels = remote_module("chatglm2-6b", "kernels")
     block_n, block_k, split_k, num_warps, num_stages, use_dot = kernels.launch_config(1, 4096, 4096, bits, 132)
     assert not use_dot and (split_k > 1) == (bits == 4)
@@ -777,7 +829,7 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
                                                           "split_k")}}
     constexprs = {"BITS": bits, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_M": 1, "USE_DOT": False,
                   "PARTIAL": split_k > 1, "HAS_SCALE": bits > 0, "HAS_BIAS": False, "DOT_IN_FP32": False, "PDL": True,
-                  "BYTE_PERMUTE": True, "SPLITS_BLOCK": kernels._splits_block(1, split_k)}
+                  "BYTE_PERMUTE": True, "SPLITS_BLOCK": kernels._splits_block(1, split_k), "GATED": gated}
     signature.update({name: "constexpr" for name in constexprs})
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -836,3 +888,20 @@ def test_batch_one_int4_product_takes_x_at_any_offset_on_cuda(dtype):
     assert torch.equal(out, kernels.small_batch_linear(x.clone(), stored, None, scale, 4))
     reference = x.double() @ quantization.dequantize_weight(stored, scale, 4, torch.float64).T
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA only")
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_gated_products_on_cuda_give_the_bits_of_the_product_then_swiglu(bits):
+    """ChatGLM2-6B's and GLM-4-9B's gate/up layer (27392 x 4096) at batch 1, compiled as the decode step runs it
+    (launch_config, launched programmatically on Hopper): SwiGLU in the product's launch gives the bits of the product
+    followed by triton_swiglu."""
+    kernels = remote_module("chatglm2-6b", "kernels")
+    quantization = remote_module("chatglm2-6b", "quantization")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    weight = torch.randn(27392, 4096, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, 4096, device="cuda", generator=generator, dtype=torch.bfloat16)
+    stored, scale = quantization.quantize_weight(weight, bits, scale_dtype=torch.bfloat16) if bits else (weight, None)
+    unfused = kernels.triton_swiglu(kernels.small_batch_linear(x, stored, None, scale, bits))
+    gated = kernels.small_batch_linear(x, stored, None, scale, bits, gated=True)
+    assert gated.shape == (1, 13696) and torch.equal(gated, unfused)

@@ -147,15 +147,17 @@ def attention(modeling, attn, normed, rotary, cache, layer_idx, fused_qkv):
 
 
 def project(linear, x):
-    """linear(x), a plain nn.Linear through the kernels' one-row product (kernels.decode_product)."""
+    """linear(x) through the kernels' one-row product where it applies (kernels.decode_product)."""
     return chatglm2_kernels().decode_product(linear, x)
 
 
 def mlp(layer_mlp, x):
-    """A block's MLP on one token: FusedSwiGLUMLP's products through project, the module itself otherwise."""
+    """A block's MLP on one token: FusedSwiGLUMLP's products through the kernels' one-row product, SwiGLU in the
+    first one's launch (kernels.decode_swiglu_product); the module itself otherwise."""
     if not isinstance(layer_mlp, FusedSwiGLUMLP):
         return layer_mlp(x)
-    return project(layer_mlp.down_proj, layer_mlp.swiglu_of(project(layer_mlp.gate_up_proj, x)))
+    activated = chatglm2_kernels().decode_swiglu_product(layer_mlp.gate_up_proj, x, layer_mlp.swiglu_of)
+    return project(layer_mlp.down_proj, activated)
 
 
 def static_decode_step(model, input_ids, cache):

@@ -39,6 +39,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .kernels import (
     decode_attention_applies,
     decode_product,
+    decode_swiglu_product,
     elementwise_kernels_apply,
     triton_add_rms_norm,
     triton_decode_attention,
@@ -576,8 +577,9 @@ class MLP(nn.Module):
         return swiglu(self.dense_h_to_4h(hidden_states))
 
     def decode(self, hidden_states):
-        """forward() in a decode step (inference): plain linear layers through kernels.decode_product."""
-        return decode_product(self.dense_4h_to_h, swiglu(decode_product(self.dense_h_to_4h, hidden_states)))
+        """forward() in a decode step (inference): the products through kernels.decode_product, SwiGLU in the first
+        one's launch (kernels.decode_swiglu_product)."""
+        return decode_product(self.dense_4h_to_h, decode_swiglu_product(self.dense_h_to_4h, hidden_states, swiglu))
 
 
 def make_norm(config, device=None):

@@ -252,6 +252,31 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _weight_rows(offs_n, pair0, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+        """The weight rows of a program's result columns offs_n, and which exist. GATED: the columns are pairs (gate
+        row j, up row N/2 + j) for j = pair0, pair0 + 1, ..."""
+        if GATED:
+            pairs = pair0 + tl.arange(0, BLOCK_N) // 2
+            return pairs + (tl.arange(0, BLOCK_N) % 2) * (N // 2), pairs < N // 2
+        return offs_n, offs_n < N
+
+    @triton.jit
+    def _store_out(out_ptr, result, offs_m, m_mask, offs_n, n_mask, pair0, N, GATED: tl.constexpr):
+        """out[m, n] = result[m, n] in out's dtype (rows offs_m of out, columns offs_n). GATED: result's columns are
+        pairs (gate j, up j) for j = pair0, pair0 + 1, ...; out, N / 2 wide, gets silu(gate) * up, the two rounded to
+        out's dtype first: the bits of the unfused product followed by _swiglu_kernel."""
+        dtype = out_ptr.dtype.element_ty
+        if GATED:
+            HALF: tl.constexpr = result.shape[1] // 2
+            gate, up = tl.split(tl.reshape(result.to(dtype).to(tl.float32), [result.shape[0], HALF, 2]))
+            cols = pair0 + tl.arange(0, HALF)
+            tl.store(out_ptr + offs_m[:, None] * (N // 2) + cols[None, :], (gate * tl.sigmoid(gate) * up).to(dtype),
+                     mask=m_mask[:, None] & (cols < N // 2)[None, :])
+        else:
+            tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], result.to(dtype),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def _programmatic_start(PDL: tl.constexpr):
         """Under programmatic launch: let the next kernel start now, and wait for the one before (its writes)."""
         if PDL:
@@ -339,31 +364,35 @@ if triton is not None:
         BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
         USE_DOT: tl.constexpr, PARTIAL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
         DOT_IN_FP32: tl.constexpr, PDL: tl.constexpr, BYTE_PERMUTE: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
+        GATED: tl.constexpr,
     ):
         """One program: rows [pid_n * BLOCK_N, +BLOCK_N) of the weight over K split pid_k. Unsplit, it writes the
         finished out[m, n] in out's dtype; split (PARTIAL), its fp32 partial to partial[pid_k, m, n], and the row
         block's last split to finish (counted in ticket[pid_n]) sums all partials in a fixed order and writes out.
         PDL: launched ahead of the kernel before it (see _programmatic_launch); the batch-1 loop reads its first
         weight step before waiting for that kernel, which must not be the one that wrote the weight. It lets the next
-        kernel start once every program has read its last weight step (see _small_batch_linear_2d)."""
+        kernel start once every program has read its last weight step (see _small_batch_linear_2d). GATED: the weight
+        is [gate rows | up rows]; a program's columns are pairs (gate row j, up row N/2 + j) and it writes
+        silu(gate) * up (_store_out)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the program's columns of the result (and of the partials)
+        pair0 = pid_n * (BLOCK_N // 2)
+        rows, n_mask = _weight_rows(offs_n, pair0, N, BLOCK_N, GATED)
         if BITS == 4:  # read as int32 words, 8 values each (see _int4_bytes_fp32)
-            w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
+            w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
         else:
-            w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # int64: 130528 x 4096 is near the int32 limit
+            w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: 130528 x 4096 is near the int32 limit
         STORED_K: tl.constexpr = BLOCK_K // 8 if BITS == 4 else BLOCK_K  # weight elements per row and step
         offs_s = tl.arange(0, STORED_K)
         k_begin = pid_k * chunks_per_split * BLOCK_K
         k_end = tl.minimum(k_begin + chunks_per_split * BLOCK_K, K)
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
 
         if USE_DOT:
             if PDL:
                 gdc_wait()
-            offs_m = tl.arange(0, BLOCK_M)
-            m_mask = offs_m < M
             x_cols = x_ptr + offs_m[None, :] * stride_xm  # x^T tiles [K step, BLOCK_M]
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             x_total = tl.zeros([STORED_K, BLOCK_M], dtype=tl.float32)  # int4: sum of x, for the offset
@@ -387,13 +416,11 @@ if triton is not None:
             if BITS == 4:
                 acc = 16.0 * (acc - 1.5 * tl.sum(x_total, axis=0)[None, :])
             result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-            out_mask = m_mask[:, None] & n_mask[None, :]
-            out_offs = offs_m[:, None] * N + offs_n[None, :]
-        else:
+        else:  # BLOCK_M is 1
             result = _batch_one_row(x_ptr, w_rows, n_mask, offs_s, k_begin, k_end, BITS, BLOCK_N, BLOCK_K, PDL,
                                     BYTE_PERMUTE)
-            out_mask = n_mask[None, :]
-            out_offs = offs_n[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        out_offs = offs_m[:, None] * N + offs_n[None, :]
 
         if PDL:  # the next kernel's launch overlaps the sums and stores (it waits for this whole grid to end)
             gdc_launch_dependents()
@@ -403,12 +430,12 @@ if triton is not None:
             ticket = tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel")
             if ticket == split_k - 1:
                 result = _sum_of_splits(partial_ptr + out_offs, M * N, split_k, out_mask, SPLITS_BLOCK)
-                result = _finish(result, offs_n[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
-                tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+                result = _finish(result, rows[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+                _store_out(out_ptr, result, offs_m, m_mask, offs_n, n_mask, pair0, N, GATED)
                 tl.atomic_xchg(ticket_ptr + pid_n, 0)  # zero again for the next call
         else:
-            result = _finish(result, offs_n[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
-            tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+            result = _finish(result, rows[None, :], n_mask[None, :], scale_ptr, bias_ptr, HAS_SCALE, HAS_BIAS)
+            _store_out(out_ptr, result, offs_m, m_mask, offs_n, n_mask, pair0, N, GATED)
 
     # Element-wise kernels for generation (ChatGLM2/3's RMSNorm, SwiGLU, rotary): one program per token row, math in
     # fp32, one rounding at the store, as torch.compile's fused kernels do.
@@ -675,8 +702,9 @@ def _wrap(kernel):
 
 def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            scale: Optional[torch.Tensor], bits: int, config: Optional[List[int]],
-                           eager: bool) -> torch.Tensor:
-    """x [M, K] (unit stride along K) -> [M, N]; the body of the registered op (also its shape function). eager:
+                           eager: bool, gated: bool) -> torch.Tensor:
+    """x [M, K] (unit stride along K) -> [M, N], or [M, N / 2] gated (see small_batch_linear); the body of the
+    registered op (also its shape function). eager:
     called outside torch.compile (whose tracing of this body, later, no longer says so): the split counters are the
     device's shared ones and the launch may be programmatic."""
     M, K = x.shape
@@ -693,7 +721,7 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     chunks = K // block_k
     chunks_per_split = _ceil_div(chunks, split_k)
     split_k = _ceil_div(chunks, chunks_per_split)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, N // 2 if gated else N), dtype=x.dtype, device=x.device)
     partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device) if split_k > 1 else out
     row_blocks = _ceil_div(N, block_n)
     tickets = out
@@ -713,7 +741,7 @@ def _small_batch_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional
         BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS if use_dot else 1,
         USE_DOT=bool(use_dot), PARTIAL=split_k > 1, HAS_SCALE=has_scale, HAS_BIAS=has_bias,
         DOT_IN_FP32=_INTERPRETED and x.dtype == torch.bfloat16, PDL=pdl, BYTE_PERMUTE=not _INTERPRETED,
-        SPLITS_BLOCK=_splits_block(M, split_k),
+        SPLITS_BLOCK=_splits_block(M, split_k), GATED=gated,
         num_warps=num_warps, num_stages=num_stages,
         **_launch_options(pdl),
     )
@@ -805,13 +833,14 @@ def small_batch_kernel_applies(x, in_features, bits=None):
     return not (x.requires_grad and torch.is_grad_enabled())
 
 
-def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=None):
+def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, gated=False, config=None):
     """F.linear(x, dequantized weight, bias) for x [..., K] with at most MAX_ROWS rows, accumulated in fp32.
 
     weight: float [N, K] in x's dtype (bits None), int8 [N, K] (bits 8) or packed int4 int8 [N, K/2] (bits 4), with
     unit stride along its last dim; scale: [N], any float dtype, required for 8 and 4 bits; bias: [N] or None. Returns
-    [..., N] in x's dtype. `config` overrides launch_config (tests, benchmarks). Check small_batch_kernel_applies()
-    first: shapes it refuses raise ValueError here."""
+    [..., N] in x's dtype; gated (N even): silu(y[..., :N/2]) * y[..., N/2:] of that result y, [..., N/2], the same
+    bits as triton_swiglu(y) in one launch. `config` overrides launch_config (tests, benchmarks). Check
+    small_batch_kernel_applies() first: shapes it refuses raise ValueError here."""
     if triton is None:
         raise RuntimeError("small_batch_linear needs Triton (pip install triton); use F.linear instead")
     bits = _format_bits(bits)
@@ -834,6 +863,8 @@ def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=No
         raise ValueError(f"{bits}-bit weights need an int8 weight and a scale of shape [{N}]")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    if gated and N % 2:
+        raise ValueError(f"gated needs an even number of output rows ([gate | up]), got {N}")
     if any(t is not None and t.device != x.device for t in (weight, bias, scale)):
         raise ValueError("x, weight, bias and scale must be on one device")
     x2d = x.reshape(M, K)
@@ -842,8 +873,8 @@ def small_batch_linear(x, weight, bias=None, scale=None, bits=None, *, config=No
     scale = scale.contiguous() if bits else None
     bias = bias.contiguous() if bias is not None else None
     out = _op(x2d, weight, bias, scale, bits, None if config is None else [int(v) for v in config],
-              not torch.compiler.is_compiling())
-    return out.reshape(*x.shape[:-1], N)
+              not torch.compiler.is_compiling(), bool(gated))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def one_row_kernel_applies(x, weight, bias=None):
@@ -867,12 +898,35 @@ def decode_linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-def decode_product(linear, x):
-    """linear(x) in a decode step (inference on the model's own weights: no module hooks to run): a plain nn.Linear
-    through decode_linear, any other module (an adapter's layer, a quantized one) called as it is."""
+def _streamed_operands(linear, x):
+    """(weight, bias, scale, bits) with which small_batch_linear computes linear(x) in a decode step: a plain
+    nn.Linear where one_row_kernel_applies, a quantized layer (an int8 `weight` with `weight_scale` and `bits` 8 or 4,
+    as quantization.QuantizedLinear) where small_batch_kernel_applies; else None (adapters' layers, and the rest)."""
     if type(linear) is torch.nn.Linear:
-        return decode_linear(x, linear.weight, linear.bias)
-    return linear(x)
+        return (linear.weight, linear.bias, None, None) if one_row_kernel_applies(x, linear.weight, linear.bias) else None
+    bits = getattr(linear, "bits", None)
+    if bits in (4, 8) and isinstance(getattr(linear, "weight_scale", None), torch.Tensor):
+        if linear.weight.dtype == torch.int8 and small_batch_kernel_applies(x, linear.in_features, bits):
+            return linear.weight, linear.bias, linear.weight_scale, bits
+    return None
+
+
+def decode_product(linear, x):
+    """linear(x) in a decode step (inference on the model's own weights: no module hooks to run): through
+    small_batch_linear where it streams the layer's weight (_streamed_operands), any other module (an adapter's layer)
+    called as it is."""
+    operands = _streamed_operands(linear, x)
+    return linear(x) if operands is None else small_batch_linear(x, *operands)
+
+
+def decode_swiglu_product(linear, x, swiglu):
+    """swiglu(linear(x)) in a decode step, for a layer of rows [gate | up]: silu(gate) * up in the product's own launch
+    where small_batch_linear streams the layer's weight, the same bits as the two launches; else
+    swiglu(decode_product(linear, x))."""
+    operands = _streamed_operands(linear, x)
+    if operands is None or linear.out_features % 2:
+        return swiglu(decode_product(linear, x))
+    return small_batch_linear(x, *operands, gated=True)
 
 
 def elementwise_kernels_apply(x):
