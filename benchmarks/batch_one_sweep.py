@@ -32,11 +32,11 @@ LAYERS = 28
 
 def candidates(N, K, bits, sm):
     out = [list(kernels.launch_config(1, N, K, bits, sm))]
-    stored_per_value = 8 if bits == 4 else 1
+    values_per_word = 8 if bits == 4 else 4  # the FMA loop's accumulator holds one value a weight word
     for block_n, block_k, warps, use_dot in itertools.product((16, 32, 64, 128, 256), (128, 256, 512), (4, 8), (0, 1)):
         if K % block_k or (bits == 4 and block_k < 128):
             continue
-        if not use_dot and block_n * block_k // stored_per_value > 64 * 32 * warps:
+        if not use_dot and block_n * block_k // values_per_word > 64 * 32 * warps:
             continue  # FMA accumulator over 64 registers a thread
         if use_dot and block_n < 64 and bits == 4:
             continue

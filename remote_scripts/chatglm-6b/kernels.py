@@ -421,15 +421,13 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the program's columns of the result (and of the partials)
         pair0 = pid_n * (BLOCK_N // 2)
         rows, n_mask = _weight_rows(offs_n, pair0, N, BLOCK_N, GATED)
-        # int4, and every format in the batch-1 loop: read as int32 words of 8 (int4), 4 (int8) or 2 (float) values
-        WORDS: tl.constexpr = BITS == 4 or not USE_DOT
-        VALUES_PER_WORD: tl.constexpr = 8 if BITS == 4 else 4
-        if WORDS:  # stride_wn is in stored elements: int8 bytes, or 2-byte floats (read as int64 words)
+        WORDS: tl.constexpr = BITS == 4 or not USE_DOT  # read as int32 words (int4, int8) or int64 words (4 floats)
+        STORED_K: tl.constexpr = BLOCK_K // (8 if BITS == 4 else 4) if WORDS else BLOCK_K  # weight elements a step
+        if WORDS:  # a word is 4 stored elements (int8 bytes, floats)
             w_rows = (w_ptr.to(tl.pointer_type(tl.int32 if BITS else tl.int64))
                       + rows.to(tl.int64)[:, None] * (stride_wn // 4))
         else:
             w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # int64: 130528 x 4096 is near the int32 limit
-        STORED_K: tl.constexpr = BLOCK_K // VALUES_PER_WORD if WORDS else BLOCK_K  # weight elements per step
         offs_s = tl.arange(0, STORED_K)
         k_begin = pid_k * chunks_per_split * BLOCK_K
         k_end = tl.minimum(k_begin + chunks_per_split * BLOCK_K, K)
