@@ -843,8 +843,8 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
     int4), compiled for sm_90 and launched programmatically: it loads its first weight step in 16-byte accesses, only
     then waits for the kernel before it (whose output is x), lets the next kernel start only after its K loop, and
     spills nothing; a split takes its ticket with an acquire-release atomic after a barrier, and the last split zeroes
-    its counter. Every format reads x without a barrier a step; int8 and int4 make their values with byte permutes. The same with SwiGLU
-    in the launch (gated)."""
+    its counter. Every format reads x without a barrier a step; int8 and int4 make their values with byte permutes.
+    The same with SwiGLU in the launch (gated)."""
     kernels = remote_module("chatglm2-6b", "kernels")
     block_n, block_k, split_k, num_warps, num_stages, use_dot = kernels.launch_config(1, 4096, 4096, bits, 132)
     assert not use_dot and (split_k > 1) == (bits == 4)
@@ -903,19 +903,22 @@ def test_rotary_kernel_moves_whole_heads_in_16_byte_accesses_on_hopper():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled batch-1 loop runs on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_batch_one_quantized_product_takes_x_at_any_offset_on_cuda(dtype, bits):
-    """The batch-1 int8 and int4 loops read x 8 bytes at a time: an x that starts 2 bytes into its storage (a view)
-    gives what an aligned copy gives, bit for bit, and that is the float64 product's within the output's rounding, at
-    ChatGLM2-6B's QKV and FFN-down shapes (unsplit and split)."""
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_batch_one_products_take_x_at_any_offset_on_cuda(dtype, bits):
+    """The batch-1 loop reads x 8 bytes at a time: an x that starts 2 bytes into its storage (a view) gives what an
+    aligned copy gives, bit for bit, and that is the float64 product's within the output's rounding, at ChatGLM2-6B's
+    QKV and FFN-down shapes (unsplit and split), for every format."""
     kernels = remote_module("chatglm2-6b", "kernels")
     quantization = remote_module("chatglm2-6b", "quantization")
     for N, K in ((4608, 4096), (4096, 13696)):
-        stored, scale = quantization.quantize_weight(torch.randn(N, K, device="cuda") * 0.02, bits, scale_dtype=dtype)
+        weight = torch.randn(N, K, device="cuda") * 0.02
+        stored, scale = (quantization.quantize_weight(weight, bits, scale_dtype=dtype) if bits
+                         else (weight.to(dtype), None))
         x = torch.randn(1, K + 1, device="cuda", dtype=dtype)[:, 1:]
         out = kernels.small_batch_linear(x, stored, None, scale, bits)
         assert torch.equal(out, kernels.small_batch_linear(x.clone(), stored, None, scale, bits))
-        reference = x.double() @ quantization.dequantize_weight(stored, scale, bits, torch.float64).T
+        exact = quantization.dequantize_weight(stored, scale, bits, torch.float64) if bits else stored.double()
+        reference = x.double() @ exact.T
         assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
         rounded = reference.to(dtype).double()  # the float64 product rounded once: what the kernel's output can reach
         assert ((out.double() - reference).norm() / (rounded - reference).norm()).item() < 1.1

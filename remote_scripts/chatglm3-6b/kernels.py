@@ -16,14 +16,16 @@ Design:
   partials [SPLIT_K, M, N] and take a ticket from their row block's counter; the last one sums the partials in split
   order, scales, adds the bias and casts: one launch per product, and the same input gives bit-identical output on
   every call (decoding tests compare tokens).
-- Two inner loops. FMA: multiply-and-add on CUDA cores into a [BLOCK_N, BLOCK_K] fp32 accumulator, summed over K
+- Two inner loops. FMA: multiply-and-add on CUDA cores into one fp32 accumulator per weight word of the tile (the
+  weight read as words of 4 stored elements, x in the same layout, so no step waits on a barrier), summed over K
   once at the end; for M == 1, where a tensor-core tile would be 15/16 padding. Dot: tl.dot of the weight tile with
   x^T padded to 16 rows (masked), the weight as the large operand so that one pass over it serves all rows; for
   1 < M <= 16.
-- No int-to-float conversion instructions (a quarter of the FP32 rate on Hopper): an int8 q becomes fp32 by adding it
-  to the bit pattern of 2^23 + 128 and subtracting 2^23 + 128; int4 nibbles become floats by their bits alone: one
-  byte permute a value in the batch-1 loop (_int4_bytes_fp32), two values per shift and logic op for tensor-core
-  operands (_int4_offset_half_pair).
+- No int-to-float conversion instructions (a quarter of the FP32 rate on Hopper). In the batch-1 loop an int8 q is
+  the low byte of an fp16 1024 + (q + 128), two a byte permute, widened to fp32 (_int8_bytes_fp32), and int4 nibbles
+  are floats by their bits alone, one byte permute a value (_int4_bytes_fp32): the offsets are undone once per program
+  from the sum of x. For tensor-core operands an int8 q becomes a float by adding it to the bit pattern of 2^23 + 128
+  and subtracting 2^23 + 128, and int4 nibbles two values per shift and logic op (_int4_offset_half_pair).
 - On Hopper the decode kernels here launch programmatically (_programmatic_launch): each starts while the one before
   it finishes, and a product reads its first weight step before waiting for its input.
 
@@ -344,7 +346,7 @@ if triton is not None:
             acc2 += w2 * x2[None, :]
             acc2 += w3 * x3[None, :]
             x_total += tl.load(x_ptr + k0 + tl.arange(0, 4 * offs_s.shape[0])).to(tl.float32)
-        else:  # 16-bit floats, two a word: x as one 4-byte load a word, in the weight's layout
+        else:  # 16-bit floats, four an int64 word: x as one 8-byte load a word, in the weight's layout
             quads = tl.load(x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4 + offs_s)
             x0, x1 = _half_pair_fp32(quads.to(tl.int32), x_ptr.dtype.element_ty)
             x2, x3 = _half_pair_fp32((quads >> 32).to(tl.int32), x_ptr.dtype.element_ty)
