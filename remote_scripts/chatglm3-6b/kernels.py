@@ -336,26 +336,21 @@ if triton is not None:
             acc2 += w6 * x6[None, :]
             acc2 += w7 * x7[None, :]
             x_total += tl.load(x_ptr + k0 + tl.arange(0, 8 * offs_s.shape[0])).to(tl.float32)  # its own layout
-        elif BITS == 8:  # as int4: x as one 8-byte load a word, in the weight's layout
-            quads = tl.load(x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4 + offs_s)
+        else:  # int8 (int32 words) and 16-bit floats (int64 words), 4 values a word: x as one 8-byte load a word
+            quads = tl.load(x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4 + offs_s)  # in the weight's layout
             x0, x1 = _half_pair_fp32(quads.to(tl.int32), x_ptr.dtype.element_ty)
             x2, x3 = _half_pair_fp32((quads >> 32).to(tl.int32), x_ptr.dtype.element_ty)
-            w0, w1, w2, w3 = _int8_bytes_fp32(w, BYTE_PERMUTE)
+            if BITS == 8:
+                w0, w1, w2, w3 = _int8_bytes_fp32(w, BYTE_PERMUTE)
+            else:
+                w0, w1 = _half_pair_fp32(w.to(tl.int32), x_ptr.dtype.element_ty)
+                w2, w3 = _half_pair_fp32((w >> 32).to(tl.int32), x_ptr.dtype.element_ty)
             acc2 += w0 * x0[None, :]
             acc2 += w1 * x1[None, :]
             acc2 += w2 * x2[None, :]
             acc2 += w3 * x3[None, :]
-            x_total += tl.load(x_ptr + k0 + tl.arange(0, 4 * offs_s.shape[0])).to(tl.float32)
-        else:  # 16-bit floats, four an int64 word: x as one 8-byte load a word, in the weight's layout
-            quads = tl.load(x_ptr.to(tl.pointer_type(tl.int64)) + k0 // 4 + offs_s)
-            x0, x1 = _half_pair_fp32(quads.to(tl.int32), x_ptr.dtype.element_ty)
-            x2, x3 = _half_pair_fp32((quads >> 32).to(tl.int32), x_ptr.dtype.element_ty)
-            w0, w1 = _half_pair_fp32(w.to(tl.int32), x_ptr.dtype.element_ty)
-            w2, w3 = _half_pair_fp32((w >> 32).to(tl.int32), x_ptr.dtype.element_ty)
-            acc2 += w0 * x0[None, :]
-            acc2 += w1 * x1[None, :]
-            acc2 += w2 * x2[None, :]
-            acc2 += w3 * x3[None, :]
+            if BITS == 8:  # the sum of x, for the offset
+                x_total += tl.load(x_ptr + k0 + tl.arange(0, 4 * offs_s.shape[0])).to(tl.float32)
         return acc2, x_total
 
     @triton.jit
