@@ -35,6 +35,7 @@ SHAPES = [
     ("split-uneven-130x192", 130, 192, [32, 64, 2, 4, 1, 1]),  # 3 K steps in 2 splits (2 + 1), dot loop
     ("split-3-100x256-fma", 100, 256, [16, 64, 3, 4, 1, 0]),  # 4 steps in 3 splits -> 2 splits of 2, FMA loop
     ("split-4-260x256", 260, 256, [64, 64, 4, 4, 3, 1]),
+    ("tall-int8-130x512-fma", 130, 512, [64, 256, 1, 4, 1, 0]),  # tall int8's rows and steps; 130 rows, 3 blocks
 ]
 
 INTERPRETER_SCRIPT = r"""
@@ -298,7 +299,7 @@ def test_gated_products_give_the_bits_of_the_product_then_swiglu(interpreted):
     decode_swiglu_product takes it for plain and quantized layers of one row, and calls the caller's swiglu after the
     layer for anything else (another module, two rows, an odd width)."""
     cases = interpreted["gated"]
-    assert len(cases) == 3 * (2 + 2 + 2 + 1 + 2), sorted(cases)  # per format: M 1 and 3 where the dot loop may run
+    assert len(cases) == 3 * (2 + 2 + 2 + 1 + 2 + 1), sorted(cases)  # per format: M 1 and 3 where the dot loop may run
     assert all(cases.values()), [key for key, same in cases.items() if not same]
     assert all(interpreted["decode_swiglu"].values()), interpreted["decode_swiglu"]
     assert interpreted["odd_gated_refused"]
@@ -352,8 +353,8 @@ def test_launch_config_fills_an_h100_and_is_a_function_of_the_shape(bits, M):
         # every SM busy: one row block each where the batch-1 loop runs unsplit, about 2 programs each otherwise
         assert -(-N // block_n) * split_k >= (132 if M == 1 and split_k == 1 else 2 * 132), (N, K, config)
         assert use_dot == (M > 1)
-        if not use_dot:  # the FMA loop's fp32 accumulator [block_n, stored values a step]: 64 registers a thread at most
-            assert block_n * block_k // (8 if bits == 4 else 1) <= 64 * 32 * num_warps
+        if not use_dot:  # the FMA loop's fp32 accumulator [block_n, weight words a step]: 64 registers a thread at most
+            assert block_n * block_k // (8 if bits == 4 else 4) <= 64 * 32 * num_warps
 
 
 # That remote_scripts/*/kernels.py (like quantization.py) are byte-identical, self-contained copies is checked with the

@@ -103,7 +103,10 @@ def _batch_one_config(N, K, bits, sm_count):
     """launch_config for M == 1: the FMA loop, from a sweep of ChatGLM2-6B's and GLM-4-9B's four layer shapes on an
     H100 (docs/benchmarks.md, eighteenth session: ~1,000 configs, 28 distinct weights per shape in one CUDA graph).
     Long K steps (512 values where K allows) keep more bytes in flight per program. Float and int8 weights take 16
-    rows per program and no split where there is at least one row block per SM (4 programs per SM otherwise); int4
+    rows per program and no split where there is at least one row block per SM (4 programs per SM otherwise); tall
+    int8 layers (the gate/up product) take 64 rows in 256-value steps on 4 warps, so that each thread's 8 rows share
+    its x values (3.5 instructions a weight byte against 4.4 at 16 rows; timed inside the chained decode step, the
+    best of 23 configs on an H100, twenty-seventh session); int4
     takes 32 rows in 256-value steps on 4 warps (128 rows and 8 warps where K allows only 128-value steps) and 4
     programs per SM (the byte-permute loop, swept again in the twenty-second session)."""
     block_k = BATCH_ONE_BLOCK_K
@@ -114,8 +117,8 @@ def _batch_one_config(N, K, bits, sm_count):
         block_n, num_warps = (32, 4) if block_k == 256 else (128, 8)
     else:
         block_n, num_warps = (16, 8) if block_k == BATCH_ONE_BLOCK_K else (32, 8)
-        if bits == 8 and _ceil_div(N, block_n) >= PROGRAMS_PER_SM * sm_count:  # tall int8: shorter steps, 4 warps
-            block_k, num_warps = block_k // 2, 4
+        if bits == 8 and _ceil_div(N, block_n) >= PROGRAMS_PER_SM * sm_count:  # tall int8: 64 rows, 4 warps
+            block_n, block_k, num_warps = 64, block_k // 2, 4
     row_blocks = _ceil_div(N, block_n)
     steps = K // block_k
     split_k = 1 if bits != 4 and row_blocks >= sm_count else min(steps, _ceil_div(PROGRAMS_PER_SM * sm_count, row_blocks))
