@@ -12,11 +12,11 @@ float weights, with an Ollama Modelfile beside it (README "Run on llama.cpp / Ol
 
 The base (--model_dir; default: the run's, as the adapter's files name it) is loaded in fp32 on the CPU so the merge is
 exact (a 6B model needs about 25 GB of RAM). --quant_bits 8 / 4 quantizes the four linear layers of every block (one scale
-per output row, int4 packed two per byte); the float tensors are cast to --dtype. The folder (weights sharded above
---max_shard_size, config.json with the official auto_map, the tokenizer, the .py files of --remote_scripts_dir) is
-written beside and renamed at the end. Refused before any heavy work: an existing output folder, an adapter made for
-another base, --quant_bits other than 0/4/8, a quantized base; with --gguf, a TYPE it cannot write, ChatGLM-6B (v1) and
-a P-tuning prefix (neither has a place in llama.cpp).
+per output row, int4 packed two per byte), and ChatGLM2/3's output layer to int8 either way; the float tensors are cast
+to --dtype. The folder (weights sharded above --max_shard_size, config.json with the official auto_map, the tokenizer,
+the .py files of --remote_scripts_dir) is written beside and renamed at the end. Refused before any heavy work: an
+existing output folder, an adapter made for another base, --quant_bits other than 0/4/8, a quantized base; with --gguf,
+a TYPE it cannot write, ChatGLM-6B (v1) and a P-tuning prefix (neither has a place in llama.cpp).
 """
 import re
 import sys
@@ -161,7 +161,8 @@ def write_merged_folder(job, model, folder):
     if job["version"] is None:  # a model of transformers' own classes: its config and tokenizer files, our weights
         return write_native_model_folder(folder, unique_state_dict(model), job["model_dir"], job["max_shard_bytes"])
     # A P-tuning prefix travels in the folder: its weights, and pre_seq_len / prefix_projection in config.json.
-    config = folder_config({**job["base_config"], **job["trained"].prefix}, job["version"], job["dtype"], job["qbits"])
+    config = folder_config({**job["base_config"], **job["trained"].prefix}, job["version"], job["dtype"], job["qbits"],
+                           getattr(model.config, "output_layer_quantization_bit", 0))
     return write_model_folder(folder, unique_state_dict(model), config, job["version"], job["model_dir"],
                               job["max_shard_bytes"], scripts_dir=job["scripts"])
 
@@ -211,7 +212,9 @@ def merge(config, job):
         gguf_file = write_gguf_file(job, model, tokenizer, staging) if job["gguf"] else None
         if job["qbits"]:
             model.quantize(job["qbits"])
-            print(f"quantized the block layers to int{job['qbits']}")
+            head_bits = getattr(model.config, "output_layer_quantization_bit", 0)  # ChatGLM2/3
+            print(f"quantized the block layers to int{job['qbits']}"
+                  + (f", the output layer to int{head_bits}" if head_bits else ""))
         model = model.to(job["dtype"]).eval()
         files = write_merged_folder(job, model, staging)
     size = sum((job["output_path"] / name).stat().st_size for name in files)

@@ -54,8 +54,8 @@ def test_merged_and_quantized_folders_load_as_from_pretrained_loads_them(kind, t
         model.quantize(bits)
     folder = tmp_path / kind
     folder.mkdir()
-    files = write_model_folder(folder, unique_state_dict(model), folder_config(read_config(base), "chatglm2-6b", dtype,
-                                                                              bits), "chatglm2-6b", base, 100_000)
+    config = folder_config(read_config(base), "chatglm2-6b", dtype, bits, model.config.output_layer_quantization_bit)
+    files = write_model_folder(folder, unique_state_dict(model), config, "chatglm2-6b", base, 100_000)
     assert len(files) > 1 and (folder / "model.safetensors.index.json").is_file()
     assert_same_logits(folder, dtype)
 

@@ -90,18 +90,26 @@ def max_rel_error(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def expected_quantized_state(version, config_dict, bits, float_dtype):
+def head_bits(version):
+    """The output layer's bits in our quantized folders: int8 for ChatGLM2/3; ChatGLM-6B's is its word embeddings."""
+    return 0 if version == "chatglm-6b" else 8
+
+
+def expected_quantized_state(version, config_dict, bits, float_dtype, output_layer_bits=0):
     """Key -> (shape, dtype) of a quantized checkpoint (spec 3.6), derived from the float model's official keys:
-    the four block layers get an int8 weight [out, in] (8 bits) or [out, in/2] (4 bits) and a weight_scale [out]."""
+    the four block layers get an int8 weight [out, in] (8 bits) or [out, in/2] (4 bits) and a weight_scale [out]; so
+    does the output layer with output_layer_bits (ours; the official checkpoints keep it in float)."""
     config = remote_module(version, "configuration_chatglm").ChatGLMConfig(**dict(config_dict, quantization_bit=0))
     with torch.device("meta"):
         model = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration(config)
     expected = {}
     for name, tensor in model.state_dict().items():
         module, _, kind = name.rpartition(".")
-        if module.rpartition(".")[2] in LAYERS and ".layers." in name and kind == "weight":
+        head = output_layer_bits and name == "transformer.output_layer.weight"
+        if (module.rpartition(".")[2] in LAYERS and ".layers." in name and kind == "weight") or head:
             out_features, in_features = tensor.shape
-            expected[name] = ((out_features, in_features if bits == 8 else in_features // 2), torch.int8)
+            layer_bits = output_layer_bits if head else bits
+            expected[name] = ((out_features, in_features if layer_bits == 8 else in_features // 2), torch.int8)
             expected[module + ".weight_scale"] = ((out_features,), float_dtype)
         else:
             expected[name] = (tuple(tensor.shape), float_dtype)
@@ -219,13 +227,15 @@ def fake_quantized_logits(fp32_folder, version, bits, float_dtype, batch):
     every other float tensor rounded to the saved dtype): what the quantized folder must compute exactly."""
     model, _ = load_model_and_tokenizer(fp32_folder, dtype="fp32", device="cpu")
     quantization = remote_module(version, "quantization")
-    blocks = set(quantization.block_linear_names(model))
+    layer_bits = dict.fromkeys(quantization.block_linear_names(model), bits)
+    if head_bits(version):
+        layer_bits["transformer.output_layer"] = head_bits(version)
     with torch.no_grad():
         for name, param in model.named_parameters():
             module, _, kind = name.rpartition(".")
-            if module in blocks and kind == "weight":
-                q, scale = quantization.quantize_weight(param, bits)
-                param.copy_(quantization.dequantize_weight(q, scale.to(float_dtype), bits, torch.float32))
+            if module in layer_bits and kind == "weight":
+                q, scale = quantization.quantize_weight(param, layer_bits[module])
+                param.copy_(quantization.dequantize_weight(q, scale.to(float_dtype), layer_bits[module], torch.float32))
             else:
                 param.copy_(param.to(float_dtype).float())
     return real_token_logits(model, batch)
@@ -277,24 +287,29 @@ def test_quantized_checkpoint_has_the_official_keys_shapes_and_dtypes(version, k
     folder = merged[version, kind]
     config = json.loads((folder / "config.json").read_text())
     bits, float_dtype = MERGES[kind]["quant_bits"], DTYPES[MERGES[kind]["dtype"]]
-    assert saved_state(folder) == expected_quantized_state(version, config, bits, float_dtype)
+    assert saved_state(folder) == expected_quantized_state(version, config, bits, float_dtype, head_bits(version))
     assert config["torch_dtype"] == str(float_dtype).replace("torch.", "")
+    assert config.get("output_layer_quantization_bit", 0) == head_bits(version)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_6b_quantized_model_has_the_official_keys_and_shapes(version, bits):
-    """At the real size (meta device): built from a quantized config.json, and quantized from the float model."""
+    """At the real size (meta device): built from an official quantized config.json (float output layer), and
+    quantized from the float model (ChatGLM2/3: an int8 output layer too), then built from that config."""
     config_dict = json.loads((TOKENIZERS / version / "config.json").read_text())
     config_class = remote_module(version, "configuration_chatglm").ChatGLMConfig
     model_class = remote_module(version, "modeling_chatglm").ChatGLMForConditionalGeneration
-    expected = expected_quantized_state(version, config_dict, bits, torch.float16)
+    official = expected_quantized_state(version, config_dict, bits, torch.float16)
+    ours = expected_quantized_state(version, config_dict, bits, torch.float16, head_bits(version))
     with torch.device("meta"):
         built = model_class(config_class(**dict(config_dict, quantization_bit=bits))).half()
         quantized = model_class(config_class(**config_dict)).half().quantize(bits)
-    for model in (built, quantized):
+        rebuilt = model_class(config_class(**quantized.config.to_dict())).half()
+    for model, expected in ((built, official), (quantized, ours), (rebuilt, ours)):
         assert {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items()} == expected
         assert model.config.quantization_bit == bits
+        assert getattr(model.config, "output_layer_quantization_bit", 0) == (0 if model is built else head_bits(version))
     # Anchors from the spec's tables (layer 27, the last of 28).
     state = built.state_dict()
     half = 2 if bits == 4 else 1

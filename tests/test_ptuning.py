@@ -185,7 +185,10 @@ def test_ptuning_on_a_quantized_base_gets_the_gradients_and_keeps_no_dequantized
     reference, reference_saved = gradient_and_saved_bytes()
     monkeypatch.setattr(quantization.QuantizedLinear, "forward", plain)
     torch.testing.assert_close(grad, reference, atol=1e-6, rtol=1e-5)
-    float_weights = sum(layer.dequantized_weight().numel() * 4 for _, layer in quantization.quantized_layers(model))
-    # The plain path keeps a float copy of each weight whose input needs a gradient (all but the first block's
-    # query_key_value); ours keeps the stored int8 / int4 weights (counted here, though they are the parameters).
+    blocks = set(quantization.block_linear_names(model))
+    float_weights = sum(layer.dequantized_weight().numel() * 4 for name, layer in quantization.quantized_layers(model)
+                        if name in blocks)
+    # The plain path keeps a float copy of each block weight whose input needs a gradient (all but the first block's
+    # query_key_value); ours keeps the stored int8 / int4 weights (counted here, though they are the parameters). The
+    # int8 output layer runs in the loss's checkpointed chunks, where neither path keeps its weight.
     assert reference_saved - saved >= 0.5 * float_weights, (reference_saved, saved, float_weights)

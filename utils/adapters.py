@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from utils.config_utils import Config
 from utils.data_io import iter_json_lines
-from utils.model_loading import (PREFIX_KEY, ModelFolderError, chatglm_version, check_folder, load_model_and_tokenizer,
-                                 read_config, read_json, remote_module)
+from utils.model_loading import (PREFIX_KEY, QUANTIZATION_KEYS, ModelFolderError, chatglm_version, check_folder,
+                                 load_model_and_tokenizer, read_config, read_json, remote_module)
 from utils.run_dirs import COMPLETE_MARKER
 from utils.run_record import RUN_RECORD, check_json_type, read_run_record
 
@@ -285,7 +285,7 @@ def meta_model(version, base_config, model_dir, part="ChatGLMForConditionalGener
     with torch.device("meta"):
         if version is not None:
             config = remote_module(version, "configuration_chatglm").ChatGLMConfig(
-                **{k: v for k, v in base_config.items() if k != "quantization_bit"}, **settings)
+                **{k: v for k, v in base_config.items() if k not in QUANTIZATION_KEYS}, **settings)
             return getattr(remote_module(version, "modeling_chatglm"), part)(config)
         from transformers import AutoConfig, AutoModelForCausalLM
 

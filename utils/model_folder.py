@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from utils.model_loading import TOKENIZER_FILES, detect_model_version
+from utils.model_loading import QUANTIZATION_KEYS, TOKENIZER_FILES, detect_model_version
 from utils.remote_code import REMOTE_SCRIPTS, remote_module
 
 MODEL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py",
@@ -58,10 +58,13 @@ def save_shards(state, folder, max_shard_bytes):
     return names
 
 
-def folder_config(base_config, version, dtype, qbits=0):
-    """The base's config.json with the official auto_map, quantization_bit and the saved dtype."""
-    config = {**{key: value for key, value in base_config.items() if key != "dtype"}, "auto_map": AUTO_MAP[version],
-              "quantization_bit": qbits, "torch_dtype": str(dtype).replace("torch.", "")}
+def folder_config(base_config, version, dtype, qbits=0, output_layer_qbits=0):
+    """The base's config.json with the official auto_map, quantization_bit, our output_layer_quantization_bit
+    (ChatGLM2/3) and the saved dtype."""
+    config = {**{key: value for key, value in base_config.items() if key not in ("dtype", *QUANTIZATION_KEYS)},
+              "auto_map": AUTO_MAP[version], "quantization_bit": qbits, "torch_dtype": str(dtype).replace("torch.", "")}
+    if output_layer_qbits:
+        config["output_layer_quantization_bit"] = output_layer_qbits
     if detect_model_version(config) != version:  # v2/v3 are told apart by name: keep it explicit
         config["_name_or_path"] = f"THUDM/{version}"
     return config

@@ -26,6 +26,8 @@ TOKENIZER_FILES = {"chatglm-6b": "ice_text.model", "chatglm2-6b": "tokenizer.mod
 WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 PREFIX_KEY = "transformer.prefix_encoder."  # the P-tuning v2 prefix encoder's weights, under the official names
+# config.json's keys of ChatGLM's own quantization: the blocks' bits (official) and the output layer's (ours).
+QUANTIZATION_KEYS = ("quantization_bit", "output_layer_quantization_bit")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 

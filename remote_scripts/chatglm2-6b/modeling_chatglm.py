@@ -47,7 +47,7 @@ from .kernels import (
     triton_rotary,
     triton_swiglu,
 )
-from .quantization import QuantizedLinear, check_bits, quantize_model
+from .quantization import OUTPUT_LAYER_BITS, QuantizedLinear, check_bits, quantize_model
 
 
 # transformers 5.2x names the outputs' cache `cache` (`past_key_values` still works there, with a deprecation
@@ -480,11 +480,12 @@ def fused_decode_attention(qkv, rotary, cache, layer_idx, heads, kv_heads, head_
     return triton_decode_attention(qkv, *rotary, keys, values, cache.valid, cache.slot, heads, kv_heads, head_dim)
 
 
-def make_linear(config, in_features, out_features, bias, device=None):
-    """A block's linear layer: nn.Linear, or QuantizedLinear (int8 / packed int4 weight + per-row scale) when
-    config.quantization_bit is 4 or 8, so that a quantized checkpoint loads directly."""
-    if config.quantization_bit:
-        return QuantizedLinear(in_features, out_features, config.quantization_bit, bias=bias, device=device)
+def make_linear(bits, in_features, out_features, bias, device=None):
+    """nn.Linear, or QuantizedLinear (int8 / packed int4 weight + per-row scale) for bits 8 or 4: the blocks' layers
+    take config.quantization_bit, the output layer config.output_layer_quantization_bit, so that a quantized
+    checkpoint loads directly."""
+    if bits:
+        return QuantizedLinear(in_features, out_features, bits, bias=bias, device=device)
     return nn.Linear(in_features, out_features, bias=bias, device=device)
 
 
@@ -498,13 +499,13 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         projection = self.num_heads * self.head_dim
         self.query_key_value = make_linear(
-            config,
+            config.quantization_bit,
             config.hidden_size,
             projection + 2 * self.num_kv_heads * self.head_dim,
             bias=config.add_bias_linear or config.add_qkv_bias,
             device=device,
         )
-        self.dense = make_linear(config, projection, config.hidden_size, bias=config.add_bias_linear, device=device)
+        self.dense = make_linear(config.quantization_bit, projection, config.hidden_size, bias=config.add_bias_linear, device=device)
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         batch, seq, _ = hidden_states.shape
@@ -559,10 +560,10 @@ class MLP(nn.Module):
         super().__init__()
         # Fused rows: [gate | up]; SiLU goes on the gate half.
         self.dense_h_to_4h = make_linear(
-            config, config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device
+            config.quantization_bit, config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device
         )
         self.dense_4h_to_h = make_linear(
-            config, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device
+            config.quantization_bit, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device
         )
         # True: dense_h_to_4h and the activation run again in backward, and the block keeps the MLP's input instead of
         # dense_h_to_4h's output, its largest saved activation (the training option --recompute_mlp_blocks)
@@ -706,16 +707,19 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 class ChatGLMModel(ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig, device=None, empty_init=True):
         super().__init__(config)
-        # 4 / 8: the blocks are built with quantized layers, so an int4/int8 checkpoint (e.g. chatglm2-6b-int4) loads.
-        if config.quantization_bit:
-            check_bits(config.quantization_bit, "config.json quantization_bit")
+        # 4 / 8: the blocks are built with quantized layers, so an int4/int8 checkpoint (e.g. chatglm2-6b-int4) loads;
+        # the output layer too where config.json says so (our quantized folders).
+        for key in ("quantization_bit", "output_layer_quantization_bit"):
+            if getattr(config, key):
+                check_bits(getattr(config, key), f"config.json {key}")
         self.num_layers = config.num_layers
         self.num_kv_heads = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
         self.head_dim = config.kv_channels
         self.embedding = Embedding(config, device=device)
         self.rotary_pos_emb = RotaryEmbedding(config.kv_channels // 2, rope_ratio=getattr(config, "rope_ratio", 1.0), device=device)
         self.encoder = GLMTransformer(config, device=device)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+        self.output_layer = make_linear(config.output_layer_quantization_bit, config.hidden_size, config.padded_vocab_size,
+                                        bias=False, device=device)
         self.pre_seq_len = config.pre_seq_len or 0
         if self.pre_seq_len:
             self.prefix_encoder = PrefixEncoder(config)
@@ -732,9 +736,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return self.embedding.word_embeddings
 
     def quantize(self, bits):
-        """Quantize the four linear layers of every block in place to int8 (bits=8) or int4 (bits=4), with one scale
-        per output row, and record it in config.quantization_bit (so the saved model reloads quantized). bits=0
-        leaves the model as it is. Returns the model."""
+        """Quantize the four linear layers of every block in place to int8 (bits=8) or int4 (bits=4), and the output
+        layer to int8 (OUTPUT_LAYER_BITS) whatever bits is, each with one scale per output row; record them in
+        config.quantization_bit and config.output_layer_quantization_bit (so the saved model reloads quantized).
+        bits=0 leaves the model as it is. Returns the model."""
         if bits == 0:
             return self
         check_bits(bits)
@@ -743,8 +748,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             return self
         if current:
             raise ValueError(f"the model is already quantized to {current} bits; load its float weights to quantize to {bits}")
+        if type(self.output_layer) is not nn.Linear:  # checked before any layer changes
+            raise TypeError(f"output_layer is a {type(self.output_layer).__name__}, not an nn.Linear: merge adapters into "
+                            "the weights (merge_and_unload) before quantizing")
         quantize_model(self, bits)
+        self.output_layer = QuantizedLinear.from_linear(self.output_layer, OUTPUT_LAYER_BITS)
         self.config.quantization_bit = bits
+        self.config.output_layer_quantization_bit = OUTPUT_LAYER_BITS
         return self
 
     def set_input_embeddings(self, value):
@@ -855,9 +865,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def quantize(self, bits):
         """Weight-only int8 (bits=8) / int4 (bits=4) quantization of the blocks in place, as the official
-        `model.quantize(bits)`; embeddings, norms and the output layer stay in full precision. Returns the model."""
+        `model.quantize(bits)`, and of the output layer to int8 (see ChatGLMModel.quantize); embeddings and norms stay
+        in full precision. Returns the model."""
         self.transformer.quantize(bits)
         self.config.quantization_bit = self.transformer.config.quantization_bit
+        self.config.output_layer_quantization_bit = self.transformer.config.output_layer_quantization_bit
         return self
 
     def set_output_embeddings(self, value):

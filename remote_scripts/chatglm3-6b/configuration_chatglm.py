@@ -35,6 +35,7 @@ class ChatGLMConfig(PretrainedConfig):
         fp32_residual_connection=False,
         original_rope=True,
         quantization_bit=0,
+        output_layer_quantization_bit=0,
         pre_seq_len=None,
         prefix_projection=False,
         initializer_range=0.02,
@@ -67,6 +68,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.fp32_residual_connection = fp32_residual_connection
         self.original_rope = original_rope
         self.quantization_bit = quantization_bit
+        self.output_layer_quantization_bit = output_layer_quantization_bit  # ours: 8 in folders of model.quantize
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
         self.initializer_range = initializer_range
