@@ -298,7 +298,8 @@ def test_prefills_training_and_evaluation_leave_cudnn_attention_out(glm4_dirs, t
     assert any(name.endswith("_backward") for name, _ in training.calls), training.calls
     with Attention() as evaluation:
         trainer.evaluate()
-    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    # on the model's device: the Trainer has moved it to the GPU where there is one
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0)).to(trainer.model.device)
     with torch.inference_mode(), Attention() as prefills:
         NativeSteps.of(trainer.model, 2, 16).prefill(ids, torch.ones_like(ids), None, 4)
         NativeRows(trainer.model, 2, 32).prefill([ids[0].tolist(), ids[1, :5].tolist()])
