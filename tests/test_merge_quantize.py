@@ -383,6 +383,15 @@ def test_quantize_rejects_bad_bits_and_double_quantization(version, tiny_model_d
     if version == "chatglm-6b":
         with pytest.raises(ValueError, match="quantization_embeddings"), torch.device("meta"):
             model_class(config_class(**dict(model.config.to_dict(), quantization_bit=4, quantization_embeddings=True)))
+        return
+    with pytest.raises(ValueError, match="output_layer_quantization_bit=3 is not supported"), torch.device("meta"):
+        model_class(config_class(**dict(model.config.to_dict(), output_layer_quantization_bit=3)))
+    # An output layer that is not a plain nn.Linear (an adapter's wrapper) is refused before any layer changes.
+    fresh, _ = load_model_and_tokenizer(tiny_model_dirs[version], dtype="fp32", device="cpu")
+    fresh.transformer.output_layer = torch.nn.Sequential(fresh.transformer.output_layer)
+    with pytest.raises(TypeError, match="output_layer is a Sequential, not an nn.Linear: merge adapters"):
+        fresh.quantize(8)
+    assert not remote_module(version, "quantization").quantized_layers(fresh) and not fresh.config.quantization_bit
 
 
 # --- the script on a trained adapter, and its refusals -----------------------------------------------------------
