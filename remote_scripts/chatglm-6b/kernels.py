@@ -104,11 +104,11 @@ def _batch_one_config(N, K, bits, sm_count):
     H100 (docs/benchmarks.md, eighteenth session: ~1,000 configs, 28 distinct weights per shape in one CUDA graph).
     Long K steps (512 values where K allows) keep more bytes in flight per program. Float and int8 weights take 16
     rows per program and no split where there is at least one row block per SM (4 programs per SM otherwise); tall
-    int8 layers (the gate/up product) take 64 rows in 256-value steps on 4 warps, so that each thread's 8 rows share
-    its x values (3.5 instructions a weight byte against 4.4 at 16 rows; timed inside the chained decode step, the
-    best of 23 configs on an H100, twenty-seventh session); int4
-    takes 32 rows in 256-value steps on 4 warps (128 rows and 8 warps where K allows only 128-value steps) and 4
-    programs per SM (the byte-permute loop, swept again in the twenty-second session)."""
+    int8 layers (gate/up, the output layer) take 64 rows in 256-value steps on 4 warps, so that each thread's 8 rows
+    share its x values (3.5 instructions a weight byte against 4.4 at 16 rows; the best config timed inside the
+    chained decode step on an H100, twenty-seventh session); int4 takes 32 rows in 256-value steps on 4 warps (128
+    rows and 8 warps where K allows only 128-value steps) and 4 programs per SM (the byte-permute loop, swept again in
+    the twenty-second session)."""
     block_k = BATCH_ONE_BLOCK_K
     while K % block_k:
         block_k //= 2

@@ -505,7 +505,8 @@ class SelfAttention(nn.Module):
             bias=config.add_bias_linear or config.add_qkv_bias,
             device=device,
         )
-        self.dense = make_linear(config.quantization_bit, projection, config.hidden_size, bias=config.add_bias_linear, device=device)
+        self.dense = make_linear(config.quantization_bit, projection, config.hidden_size, bias=config.add_bias_linear,
+                                 device=device)
 
     def forward(self, hidden_states, attention_mask, rotary, prefix_key=None, prefix_value=None, past_key_values=None):
         batch, seq, _ = hidden_states.shape
@@ -559,12 +560,9 @@ class MLP(nn.Module):
     def __init__(self, config, device=None):
         super().__init__()
         # Fused rows: [gate | up]; SiLU goes on the gate half.
-        self.dense_h_to_4h = make_linear(
-            config.quantization_bit, config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device
-        )
-        self.dense_4h_to_h = make_linear(
-            config.quantization_bit, config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device
-        )
+        bits, bias = config.quantization_bit, config.add_bias_linear
+        self.dense_h_to_4h = make_linear(bits, config.hidden_size, config.ffn_hidden_size * 2, bias=bias, device=device)
+        self.dense_4h_to_h = make_linear(bits, config.ffn_hidden_size, config.hidden_size, bias=bias, device=device)
         # True: dense_h_to_4h and the activation run again in backward, and the block keeps the MLP's input instead of
         # dense_h_to_4h's output, its largest saved activation (the training option --recompute_mlp_blocks)
         self.recompute_activation = False
