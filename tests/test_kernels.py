@@ -192,6 +192,33 @@ try:
     results["odd_gated_refused"] = False
 except ValueError as error:
     results["odd_gated_refused"] = "even" in str(error)
+
+# dequantize_weight through triton_dequantize: widths that are not a multiple of the kernel's tile
+dequantized = {}
+for bits in (8, 4):
+    for N, K in ((37, 1000), (5, 64), (3, 2050)):
+        stored, scale = quantization.quantize_weight(torch.randn(N, K, generator=generator), bits,
+                                                     scale_dtype=torch.float16)
+        unpacked = quantization.unpack_int4(stored) if bits == 4 else stored
+        for dtype_name, dtype in (("bf16", bf16), ("fp16", torch.float16), ("fp32", torch.float32)):
+            out = quantization.dequantize_weight(stored, scale, bits, dtype)
+            reference = unpacked.to(dtype) * scale.to(dtype)[:, None]
+            dequantized[f"int{bits}/{N}x{K}/{dtype_name}"] = {
+                "shape_ok": out.shape == (N, K) and out.dtype == dtype,
+                "the_kernel_ran": torch.equal(out, kernels.triton_dequantize(stored, scale.to(dtype), bits)),
+                "identical": torch.equal(out, reference),
+                "error": ((out.double() - reference.double()).abs()
+                          / reference.double().abs().clamp_min(1e-30)).max().item(),
+            }
+results["dequantize"] = dequantized
+refusals = []
+for bad in ((stored.view(torch.uint8), scale, 4), (stored, scale[:-1], 4), (stored, scale, None)):
+    try:
+        kernels.triton_dequantize(*bad)
+        refusals.append(False)
+    except ValueError as error:
+        refusals.append("int8 weight" in str(error))
+results["dequantize_refusals"] = refusals
 with open(out_path, "w") as handle:
     json.dump(results, handle)
 """
@@ -305,6 +332,22 @@ def test_gated_products_give_the_bits_of_the_product_then_swiglu(interpreted):
     assert interpreted["odd_gated_refused"]
 
 
+def test_dequantized_weights_come_from_one_kernel_with_the_torch_expansions_values(interpreted):
+    """dequantize_weight expands int8 and packed int4 weights through triton_dequantize (one launch): the bits of
+    unpack_int4(q).to(dtype) * scale in fp16 and fp32; bf16 within one rounding (the interpreter truncates fp32 to
+    bf16 where compiled Triton rounds to nearest even, whose bits the CUDA test checks). Bad weights, scales and bits
+    are refused."""
+    cases = interpreted["dequantize"]
+    assert len(cases) == 2 * 3 * 3, sorted(cases)
+    for key, case in cases.items():
+        assert case["shape_ok"] and case["the_kernel_ran"], key
+        if key.endswith("bf16"):
+            assert case["error"] <= 2**-7, key
+        else:
+            assert case["identical"], key
+    assert interpreted["dequantize_refusals"] == [True, True, True]
+
+
 def test_predicate_under_the_interpreter(interpreted):
     verdict = interpreted["predicate"]
     assert verdict["valid"] and verdict["m16"] and verdict["grad_under_no_grad"]
@@ -320,6 +363,7 @@ def test_predicate_is_false_on_cpu_without_the_interpreter():
     kernels = remote_module("chatglm2-6b", "kernels")
     assert not kernels._INTERPRETED
     assert not kernels.small_batch_kernel_applies(torch.randn(1, 64, dtype=torch.bfloat16), 64)
+    assert not kernels.dequantize_kernel_applies(torch.zeros(2, 64, dtype=torch.int8), torch.bfloat16)
 
 
 def test_imports_without_triton_and_then_never_applies():
@@ -328,6 +372,7 @@ def test_imports_without_triton_and_then_never_applies():
         "import torch; from utils.model_loading import remote_module;"
         "k = remote_module('chatglm2-6b', 'kernels'); assert k.triton is None;"
         "assert not k.small_batch_kernel_applies(torch.randn(1, 64, dtype=torch.bfloat16), 64);"
+        "assert not k.dequantize_kernel_applies(torch.zeros(2, 64, dtype=torch.int8), torch.bfloat16);"
         "raised = False\n"
         "try: k.small_batch_linear(torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16))\n"
         "except RuntimeError: raised = True\n"
@@ -923,6 +968,22 @@ def test_batch_one_products_take_x_at_any_offset_on_cuda(dtype, bits):
         assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
         rounded = reference.to(dtype).double()  # the float64 product rounded once: what the kernel's output can reach
         assert ((out.double() - reference).norm() / (rounded - reference).norm()).item() < 1.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA only")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantized_weights_on_cuda_give_the_bits_of_the_torch_expansion(bits):
+    """dequantize_weight's one Triton launch on CUDA gives the bits of unpack_int4(q).to(dtype) * scale in every
+    float dtype, at a small odd shape and at ChatGLM2-6B's FFN-down and output-layer shapes."""
+    kernels = remote_module("chatglm2-6b", "kernels")
+    quantization = remote_module("chatglm2-6b", "quantization")
+    for N, K in ((37, 1000), (4096, 13696), (65024, 4096)):
+        stored, scale = quantization.quantize_weight(torch.randn(N, K, device="cuda"), bits, scale_dtype=torch.bfloat16)
+        unpacked = quantization.unpack_int4(stored) if bits == 4 else stored
+        assert kernels.dequantize_kernel_applies(stored, torch.bfloat16)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            out = quantization.dequantize_weight(stored, scale, bits, dtype)
+            assert out.dtype == dtype and torch.equal(out, unpacked.to(dtype) * scale.to(dtype)[:, None]), (N, K, dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA only")

@@ -553,6 +553,30 @@ if triton is not None:
         tl.store(out_ptr + row * F + cols, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, N, K, BITS: tl.constexpr, ROWS: tl.constexpr,
+                           COLS: tl.constexpr):
+        """out[r, c] = q[r, c] * scale[r] for a tile of ROWS x COLS values of out [N, K], rounded once from fp32 to
+        out's dtype. int8 q is [N, K]; int4 q is packed [N, K / 2] (byte j: column 2j in its high nibble, 2j + 1 in
+        its low one)."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < N
+        if BITS == 4:
+            pairs = tl.program_id(1) * (COLS // 2) + tl.arange(0, COLS // 2)
+            mask = row_mask[:, None] & (pairs < K // 2)[None, :]
+            packed = tl.load(q_ptr + rows.to(tl.int64)[:, None] * (K // 2) + pairs[None, :], mask=mask, other=0)
+            packed = packed.to(tl.int32)  # sign-extended: an arithmetic shift gives each nibble's sign
+            q = tl.reshape(tl.join(packed >> 4, (packed << 28) >> 28), [ROWS, COLS])
+        else:
+            cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                        mask=row_mask[:, None] & (cols < K)[None, :], other=0)
+        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                 (q.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (cols < K)[None, :])
+
+    @triton.jit
     def _swiglu_backward_kernel(x_ptr, grad_ptr, dx_ptr, F, BLOCK: tl.constexpr):
         """The gradient of silu(gate) * up for contiguous rows [gate | up] of 2F: dx[r] = [d_gate | d_up]."""
         row = tl.program_id(0).to(tl.int64)
@@ -1176,6 +1200,31 @@ def triton_swiglu(gate_and_up):
     """silu(gate) * up for fused rows [gate | up] [..., 2F] -> [..., F]; differentiable (the backward saves the
     input only)."""
     return _SwiGLU.apply(gate_and_up)
+
+
+def dequantize_kernel_applies(q, dtype):
+    """Whether triton_dequantize can expand q to `dtype`: Triton available, q on CUDA (or any device under
+    TRITON_INTERPRET=1), a 16- or 32-bit float dtype."""
+    return triton is not None and (q.is_cuda or _INTERPRETED) and dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_dequantize(q, scale, bits):
+    """The float weight scale[r] * q[r, c] [N, K] in scale's dtype, in one pass over the stored int8 [N, K] (bits 8)
+    or packed int4 [N, K / 2] (bits 4) weight: the bits of q.to(dtype) * scale[:, None] (each product computed in fp32
+    and rounded once), without the int16/int8 temporaries of unpacking in torch."""
+    bits = _format_bits(bits)
+    if not bits or q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
+        raise ValueError(f"expected bits 8 or 4, an int8 weight [N, stored K] and a scale [N]; got bits={bits}, "
+                         f"weight {q.dtype} {tuple(q.shape)}, scale {tuple(scale.shape)}")
+    N, K = q.shape[0], q.shape[1] * (2 if bits == 4 else 1)
+    q, scale = q.contiguous(), scale.contiguous()
+    out = torch.empty(N, K, dtype=scale.dtype, device=q.device)
+    if out.numel():
+        cols = min(triton.next_power_of_2(K), 1024)
+        rows = max(1, 4096 // cols)
+        _dequantize_kernel[(_ceil_div(N, rows), _ceil_div(K, cols))](q, scale, out, N, K, BITS=bits, ROWS=rows,
+                                                                      COLS=cols, num_warps=4)
+    return out
 
 
 def triton_rotary(qkv, cos, sin, heads, head_dim):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import small_batch_kernel_applies, small_batch_linear
+from .kernels import dequantize_kernel_applies, small_batch_kernel_applies, small_batch_linear, triton_dequantize
 
 SUPPORTED_BITS = (4, 8)
 # The output layer (65024 x 4096) is read once a token: in bf16 it was 8 % of an int8 model's bytes and 0.13 ms of its
@@ -94,11 +94,15 @@ def quantize_weight(weight, bits, scale_dtype=None):
 
 
 def dequantize_weight(q, scale, bits, dtype=None):
-    """w = scale_row * q as a float [out, in] tensor in `dtype` (default: the scale's dtype)."""
+    """w = scale_row * q as a float [out, in] tensor in `dtype` (default: the scale's dtype). On CUDA one Triton pass
+    (kernels.triton_dequantize, the same bits): training and prefill on a quantized base dequantize every layer in
+    forward and again in backward, and unpacking int4 in torch writes and reads int16 temporaries several times."""
     bits = check_bits(bits)
+    dtype = dtype or scale.dtype
+    if dequantize_kernel_applies(q, dtype):
+        return triton_dequantize(q, scale.to(dtype), bits)
     if bits == 4:
         q = unpack_int4(q)
-    dtype = dtype or scale.dtype
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
