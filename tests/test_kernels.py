@@ -929,6 +929,24 @@ def test_batch_one_products_read_their_first_weight_step_before_waiting_on_hoppe
 
 
 @pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_dequantize_kernel_reads_and_writes_vectors_without_spills_on_hopper(bits, dtype):
+    """triton_dequantize's kernel at ChatGLM2-6B's width (tiles of 4 x 1024 values), compiled for sm_90: the stored
+    weight is read in 16-byte (int8) or 8-byte (int4: half as many bytes) vectors, the float weight written in 16-byte
+    ones, and nothing spills to local memory."""
+    kernels = remote_module("chatglm2-6b", "kernels")
+    signature = {"q_ptr": "*i8", "scale_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "N": "i32", "K": "i32"}
+    constexprs = {"BITS": bits, "ROWS": 4, "COLS": 1024}
+    signature.update({name: "constexpr" for name in constexprs})
+    ptx = compile_for_hopper(kernels._dequantize_kernel, signature, constexprs,
+                             aligned=("q_ptr", "scale_ptr", "out_ptr", "K"))
+    assert re.search(r"ld\.global(\.\w+)*\.v" + ("4" if bits == 8 else "2"), ptx), ptx[-2000:]
+    assert re.search(r"st\.global(\.\w+)*\.v4", ptx), ptx[-2000:]
+    assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+@pytest.mark.skipif(triton is None or os.environ.get("TRITON_INTERPRET") == "1", reason="needs triton, compiled")
 def test_rotary_kernel_moves_whole_heads_in_16_byte_accesses_on_hopper():
     """The training and prefill rotary (ChatGLM2/3: 34 rotated heads of 128 dims in a 4,608-wide qkv row, bf16) reads
     and writes each head in 16-byte vector accesses, never value by value (a pair's two values 2 bytes apart were read
