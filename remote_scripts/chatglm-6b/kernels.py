@@ -559,22 +559,20 @@ if triton is not None:
         out's dtype. int8 q is [N, K]; int4 q is packed [N, K / 2] (byte j: column 2j in its high nibble, 2j + 1 in
         its low one)."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
         row_mask = rows < N
+        mask = row_mask[:, None] & (cols < K)[None, :]
         if BITS == 4:
             pairs = tl.program_id(1) * (COLS // 2) + tl.arange(0, COLS // 2)
-            mask = row_mask[:, None] & (pairs < K // 2)[None, :]
-            packed = tl.load(q_ptr + rows.to(tl.int64)[:, None] * (K // 2) + pairs[None, :], mask=mask, other=0)
+            packed = tl.load(q_ptr + rows.to(tl.int64)[:, None] * (K // 2) + pairs[None, :],
+                             mask=row_mask[:, None] & (pairs < K // 2)[None, :], other=0)
             packed = packed.to(tl.int32)  # sign-extended: an arithmetic shift gives each nibble's sign
-            q = tl.reshape(tl.join(packed >> 4, (packed << 28) >> 28), [ROWS, COLS])
+            q = tl.reshape(tl.join(packed >> 4, (packed << 28) >> 28), [ROWS, COLS])  # column 2j, then 2j + 1
         else:
-            cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                        mask=row_mask[:, None] & (cols < K)[None, :], other=0)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0)
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-                 (q.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (cols < K)[None, :])
+                 (q.to(tl.float32) * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_backward_kernel(x_ptr, grad_ptr, dx_ptr, F, BLOCK: tl.constexpr):
