@@ -107,6 +107,12 @@ OUTPUT_LAYER = (65024, 4096)
 STEP = {"qkv": (4608, 4096), "dense": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
 
 
+def chain_shapes(bits):
+    """{name: (N, K, bits)} of a decode step's products; the output layer is int8 in the quantized formats, as
+    quantize() stores it."""
+    return {**{name: (N, K, bits) for name, (N, K) in STEP.items()}, "head": (*OUTPUT_LAYER, 8 if bits else None)}
+
+
 def chain_step(weights, head, bits, configs):
     """One decode step's products, each shape at configs[name] (None: launch_config), from a fixed x."""
     def product(x, name, weight_and_scale, shape_bits=bits, gated=False):
@@ -118,18 +124,17 @@ def chain_step(weights, head, bits, configs):
         attention = product(x, "qkv", qkv_w)[:, :4096].contiguous()  # stands in for the attention's output
         x = product(attention, "dense", dense_w)
         x = product(product(x, "gate_up", gate_up_w, gated=True), "down", down_w)
-    return product(x, "head", head, 8 if bits else None)
+    return product(x, "head", head, chain_shapes(bits)["head"][2])
 
 
 def sweep_in_chain(fmt, bits, sm, seconds):
     """{shape: [(ms a step, config)], fastest first} for every shape of the step, the others at launch_config."""
     weights = {name: make_weights(N, K, bits, LAYERS) for name, (N, K) in STEP.items()}
-    head, = make_weights(*OUTPUT_LAYER, 8 if bits else None, 1)
+    head, = make_weights(*chain_shapes(bits)["head"], 1)
     base_ms = graph_ms(lambda: chain_step(weights, head, bits, {}))
     print(f"\n## {fmt}: launch_config everywhere {base_ms:.4f} ms a step", flush=True)
     started, results = time.perf_counter(), {}
-    for name, (N, K) in {**STEP, "head": OUTPUT_LAYER}.items():
-        shape_bits = (8 if bits else None) if name == "head" else bits
+    for name, (N, K, shape_bits) in chain_shapes(bits).items():
         default = list(kernels.launch_config(1, N, K, shape_bits, sm))
         rows = []
         for config in candidates(N, K, shape_bits, sm):
@@ -156,8 +161,7 @@ def compile_jobs(formats, sm, chain):
                 for config in candidates(N, K, bits, sm)]
     jobs = []
     for bits in formats.values():
-        for name, (N, K) in {**STEP, "head": OUTPUT_LAYER}.items():
-            shape_bits = (8 if bits else None) if name == "head" else bits
+        for name, (N, K, shape_bits) in chain_shapes(bits).items():
             jobs += [(N, K, shape_bits, name == "gate_up", config) for config in candidates(N, K, shape_bits, sm)]
     return jobs
 
